@@ -1,0 +1,50 @@
+"""Seeding and restoring the global random state."""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["make_deterministic", "preserved_global_state"]
+
+
+def make_deterministic(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU) and make cuDNN deterministic.
+
+    This changes global state. The dltestkit checks call it inside
+    :func:`preserved_global_state`, so a user's other tests are unaffected.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+@contextlib.contextmanager
+def preserved_global_state() -> Iterator[None]:
+    """Restore the Python, NumPy and torch RNG states and the cuDNN flags on exit."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps_state = torch.mps.get_rng_state() if _mps_available() else None
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags

@@ -1,0 +1,68 @@
+"""Run a dltestkit check on a component and report what happened (not a test module)."""
+from __future__ import annotations
+
+import os
+import unittest
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
+
+#: Every check runs with this seed; CI and the determinism runs vary it.
+SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
+
+
+@dataclass
+class Outcome:
+    failures: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    skips: List[str] = field(default_factory=list)
+    ran: int = 0
+
+
+def make_case(mixin: type, set_up: Callable[[Any], None], **class_attributes: Any) -> type:
+    """A concrete test class ``(mixin, unittest.TestCase)`` whose setUp is ``set_up``."""
+    attributes: Dict[str, Any] = {"setUp": set_up, "seed": SEED, **class_attributes}
+    return type("Case", (mixin, unittest.TestCase), attributes)
+
+
+def run_check(case: type, name: str) -> Outcome:
+    result = unittest.TestResult()
+    case(name).run(result)
+    return Outcome(
+        failures=[text for _, text in result.failures],
+        errors=[text for _, text in result.errors],
+        skips=[reason for _, reason in result.skipped],
+        ran=result.testsRun,
+    )
+
+
+class CheckTestCase(unittest.TestCase):
+    """Assertions about the outcome of one check."""
+
+    def assertPasses(self, case: type, name: str) -> None:
+        outcome = run_check(case, name)
+        self.assertEqual((outcome.failures, outcome.errors, outcome.skips), ([], [], []),
+                         f"{name} should pass")
+
+    def assertFailsWith(self, case: type, name: str, *fragments: str) -> str:
+        outcome = run_check(case, name)
+        self.assertEqual(outcome.errors, [], f"{name} should fail, not error")
+        self.assertTrue(outcome.failures, f"{name} should fail")
+        text = "\n".join(outcome.failures)
+        for fragment in fragments:
+            self.assertIn(fragment, text)
+        return text
+
+    def assertSkipsWith(self, case: type, name: str, *fragments: str) -> None:
+        outcome = run_check(case, name)
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertTrue(outcome.skips, f"{name} should skip")
+        for fragment in fragments:
+            self.assertIn(fragment, "\n".join(outcome.skips))
+
+    def assertErrorsWith(self, case: type, name: str, *fragments: str) -> str:
+        outcome = run_check(case, name)
+        self.assertTrue(outcome.errors, f"{name} should raise an error")
+        text = "\n".join(outcome.errors)
+        for fragment in fragments:
+            self.assertIn(fragment, text)
+        return text

@@ -1,0 +1,130 @@
+"""The setUp contract, seeding, state restoration and the temporary-folder helper."""
+from __future__ import annotations
+
+import os
+import random
+import unittest
+from typing import Any, List
+
+import numpy as np
+import torch
+
+from checkrunner import CheckTestCase, make_case, run_check
+from dltestkit import ContractError, DatasetTests, ModelTests, TrainerTests, make_deterministic
+from test_dataset_checks import Images
+from test_model_checks import AutoEncoder, model_case
+
+
+class Contract(CheckTestCase):
+    def test_a_missing_required_attribute_names_it_the_mixin_and_setup(self) -> None:
+        def set_up(self: Any) -> None:
+            self.split = {"train": Images()}
+
+        text = self.assertErrorsWith(make_case(DatasetTests, set_up), "test_sample_shape",
+                                     "ContractError", "Case.setUp must set self.splits",
+                                     "DatasetTests needs a dict mapping split name",
+                                     "Did you mean self.split?")
+        self.assertNotIn("AttributeError", text)
+
+    def test_a_misspelled_optional_attribute_is_not_silently_ignored(self) -> None:
+        def set_up(self: Any) -> None:
+            self.splits = {"train": Images()}
+            self.value_ranges = (-1.0, 1.0)
+
+        self.assertErrorsWith(make_case(DatasetTests, set_up), "test_value_range",
+                              "sets self.value_ranges, which DatasetTests does not read",
+                              "Did you mean self.value_range")
+
+    def test_a_misspelled_class_attribute_is_caught_too(self) -> None:
+        case = model_case(AutoEncoder)
+        case.allowed_unchanged_parameter = ["x"]
+        self.assertErrorsWith(case, "test_output_shape",
+                              "Did you mean self.allowed_unchanged_parameters")
+
+    def test_a_mistyped_attribute_says_what_it_should_be(self) -> None:
+        def set_up(self: Any) -> None:
+            self.model = AutoEncoder
+            self.inputs = torch.randn(4, 1, 4, 4)
+
+        self.assertErrorsWith(make_case(ModelTests, set_up), "test_output_shape",
+                              "self.model set in Case.setUp is a type, not a torch.nn.Module")
+
+    def test_unrelated_user_attributes_are_allowed(self) -> None:
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+            self.data_root = "/nowhere"
+
+        self.assertPasses(make_case(ModelTests, set_up), "test_output_shape")
+
+    def test_a_test_class_without_testcase_is_refused(self) -> None:
+        with self.assertRaisesRegex(TypeError, "uses ModelTests but not unittest.TestCase, so "
+                                               "unittest would run none of its checks"):
+            type("TestForgotten", (ModelTests,), {})
+
+    def test_testcase_before_the_mixin_is_refused(self) -> None:
+        with self.assertRaisesRegex(TypeError, "put the mixin first"):
+            type("TestWrongOrder", (unittest.TestCase, TrainerTests), {})
+
+    def test_an_intermediate_base_without_testcase_is_allowed(self) -> None:
+        base = type("SharedModelChecks", (ModelTests,), {})
+        type("TestConcrete", (base, unittest.TestCase), {})
+
+
+class Seeding(CheckTestCase):
+    def test_setup_and_checks_are_seeded_and_global_state_is_restored(self) -> None:
+        seen: List[torch.Tensor] = []
+
+        def set_up(self: Any) -> None:
+            seen.append(torch.rand(3))
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+
+        case = make_case(ModelTests, set_up)
+        random.seed(99)
+        np.random.seed(99)
+        torch.manual_seed(99)
+        torch.backends.cudnn.deterministic = False
+        states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+        for _ in range(2):
+            self.assertPasses(case, "test_all_parameters_updated")
+        self.assertTrue(torch.equal(seen[0], seen[1]))
+        self.assertEqual(random.getstate(), states[0])
+        self.assertTrue(np.array_equal(np.random.get_state()[1], states[1]))
+        self.assertTrue(torch.equal(torch.get_rng_state(), states[2]))
+        self.assertFalse(torch.backends.cudnn.deterministic)
+
+    def test_a_failure_names_the_seed(self) -> None:
+        from test_model_checks import DeadLayer
+
+        case = model_case(DeadLayer)
+        case.seed = 1234
+        self.assertFailsWith(case, "test_all_parameters_updated", "ran with seed=1234")
+
+    def test_make_deterministic_seeds_every_generator(self) -> None:
+        draws = []
+        for _ in range(2):
+            make_deterministic(5)
+            draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+        self.assertEqual(draws[0], draws[1])
+        self.assertTrue(torch.backends.cudnn.deterministic)
+        self.assertFalse(torch.backends.cudnn.benchmark)
+
+
+class TemporaryFolder(CheckTestCase):
+    def test_the_folder_is_removed_even_when_the_check_fails(self) -> None:
+        folders: List[str] = []
+
+        def set_up(self: Any) -> None:
+            folder = self.make_temp_dir()
+            (folder / "events").write_text("x")
+            folders.append(str(folder))
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+            self.expected_output_shape = (4, 3)
+
+        outcome = run_check(make_case(ModelTests, set_up), "test_output_shape")
+        self.assertTrue(outcome.failures)
+        self.assertTrue(os.path.isabs(folders[0]))
+        self.assertFalse(os.path.exists(folders[0]))
+
+
+if __name__ == "__main__":
+    unittest.main()
