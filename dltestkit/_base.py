@@ -120,8 +120,12 @@ class CheckMixin:
     def _user_names(self) -> Iterator[str]:
         """Names the user's test class or its setUp defined."""
         for name in vars(self):
-            if name not in _UNITTEST_NAMES and not name.startswith("_"):
-                yield name
+            # pytest may set test methods on the instance; they are not configuration
+            if name in _UNITTEST_NAMES or name.startswith(("_", "test")):
+                continue
+            if callable(getattr(type(self), name, None)):
+                continue
+            yield name
         for base in type(self).__mro__:
             if issubclass(base, CheckMixin) and base.__module__.startswith("dltestkit"):
                 continue
