@@ -169,7 +169,10 @@ class DatasetTests(CheckMixin):
         try:
             for batch in loader:
                 inputs = self._input(batch, name)
-                positions = data.indices[scan.count: scan.count + len(inputs)]
+                positions = list(data.indices[scan.count: scan.count + len(inputs)])
+                for offset, index in enumerate(positions):
+                    if index in wanted:
+                        scan.kept[index] = inputs[offset].clone()
                 values = inputs.detach().reshape(len(inputs), -1).double()
                 finite = torch.isfinite(values).all(dim=1)
                 if not finite.all():
@@ -186,9 +189,6 @@ class DatasetTests(CheckMixin):
                     if float(high.max()) > scan.maximum:
                         scan.maximum = float(high.max())
                         scan.argmax = positions[int(high.argmax())]
-                for offset, index in enumerate(data.indices[scan.count: scan.count + len(inputs)]):
-                    if index in wanted:
-                        scan.kept[index] = inputs[offset].clone()
                 scan.count += len(inputs)
         except Exception as exc:
             self.fail(

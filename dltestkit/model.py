@@ -160,23 +160,30 @@ class ModelTests(CheckMixin):
                                                       "self.expected_output_shape.")
                         )
 
-    def _run(self, model: nn.Module, device: str, seed: int) -> Any:
+    def _run(self, model: nn.Module, device: str, seed: int, training: bool = False) -> Any:
         inputs = map_tensors(lambda t: t.to(device), self.inputs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            with _mode(model, training=False), torch.no_grad():
+            with _mode(model, training=training), torch.no_grad():
                 return model(*as_args(inputs))
 
     def _check_meta(self) -> None:
         moved = copy.deepcopy(self.model).to("meta")
+        # Both modes: stochastic layers (a VAE's sampling, dropout) often run in training only.
+        for training in (False, True):
+            self._check_meta_forward(moved, training)
+
+    def _check_meta_forward(self, moved: nn.Module, training: bool) -> None:
+        mode = "training" if training else "eval"
         try:
-            output = self._run(moved, "meta", self.seed)
+            output = self._run(moved, "meta", self.seed, training)
         except Exception as exc:
             text = str(exc)
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
                 self.fail(
                     "the model does not move to another device as a whole: after .to('meta') "
-                    f"its forward combines a tensor left on the CPU ({text.strip()}). Usual "
+                    f"its forward in {mode} mode combines a tensor left on the CPU "
+                    f"({text.strip()}). Usual "
                     "causes: a tensor created without device= in forward (torch.randn(shape) "
                     "-> torch.randn_like(x) or device=x.device), a tensor attribute that is not "
                     "registered (self.register_buffer), layers kept in a plain Python list "
@@ -192,7 +199,7 @@ class ModelTests(CheckMixin):
         stray = [path for path, tensor in named_tensors(output) if tensor.device.type != "meta"]
         if stray:
             self.fail(f"after .to('meta') the model returns {', '.join(stray)} on another "
-                      "device; do not move outputs to a fixed device in forward")
+                      f"device in {mode} mode; do not move outputs to a fixed device in forward")
 
     def _check_accelerator(self, device: str) -> None:
         reference = self._run(self.model, "cpu", self.seed)
@@ -214,6 +221,9 @@ class ModelTests(CheckMixin):
             for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
                 self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
                 self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
+        for path, tensor in named_tensors(self._run(moved, device, self.seed, training=True)):
+            self.assertEqual(tensor.device.type, device,
+                             f"in training mode {path} is on {tensor.device}, not on {device}")
         back = self._run(moved.to("cpu"), "cpu", self.seed)
         torch.testing.assert_close(
             back, reference, rtol=0, atol=0,

@@ -96,6 +96,16 @@ class RandnWithoutDevice(VAE):
         return torch.randn(mu.shape)
 
 
+class SamplesInTrainingOnly(VAE):
+    """Like most VAEs: eval mode returns mu, so the bug hides there."""
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(x)
+        mu, log_sigma = self.mu(hidden), self.log_sigma(hidden)
+        z = mu + torch.exp(log_sigma) * torch.randn(mu.shape) if self.training else mu
+        return self.decoder(z), mu, log_sigma
+
+
 class UnregisteredTensor(AutoEncoder):
     def __init__(self) -> None:
         super().__init__()
@@ -227,6 +237,10 @@ class DeviceMoving(CheckTestCase):
                                      "does not move to another device as a whole",
                                      "Tensor on device cpu is not on the expected device meta",
                                      "register_buffer", "nn.ModuleList")
+
+    def test_a_device_bug_in_the_training_path_only_is_caught(self) -> None:
+        self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
+                             "its forward in training mode combines a tensor left on the CPU")
 
     def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
         self.assertSkipsWith(model_case(NoMetaKernel), "test_device_moving",
