@@ -1,6 +1,7 @@
 """What the three mixins share: the setUp contract, seeding, temporary folders."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import pathlib
@@ -16,6 +17,10 @@ __all__ = ["Attribute", "CheckMixin", "ContractError", "check"]
 
 _MISSING = object()
 _UNITTEST_NAMES = frozenset(vars(unittest.TestCase(methodName="__init__")))
+
+
+def _is_dltestkit(cls: type) -> bool:
+    return cls.__module__ == "dltestkit" or cls.__module__.startswith("dltestkit.")
 
 
 class ContractError(TypeError):
@@ -52,15 +57,9 @@ def check(func: F) -> F:
     @functools.wraps(func)
     def wrapper(self: "CheckMixin", *args: Any, **kwargs: Any) -> Any:
         self._validate_contract()
-        try:
+        self._prepare()
+        with self._seed_note():
             return func(self, *args, **kwargs)
-        except self.failureException as exc:  # type: ignore[attr-defined]
-            note = (
-                f"\n[dltestkit] {type(self).__name__}.{func.__name__} ran with seed="
-                f"{self.seed}; set `seed` on the test class to try another."
-            )
-            exc.args = (f"{exc.args[0] if exc.args else ''}{note}",) + exc.args[1:]
-            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,12 +70,12 @@ class CheckMixin:
     #: Seed for every RNG during setUp and the check (Python, NumPy, torch).
     seed: int = 0
 
-    _contract: ClassVar[Tuple[Attribute, ...]] = ()
+    _contract: ClassVar[Tuple[Attribute, ...]] = ()  # set after the validators below
     _mixin_name: ClassVar[str] = "CheckMixin"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__module__ == __name__ or cls.__module__.startswith("dltestkit."):
+        if _is_dltestkit(cls):
             return
         mixin = next(base for base in cls.__mro__ if "_mixin_name" in vars(base))
         if not issubclass(cls, unittest.TestCase):
@@ -96,10 +95,34 @@ class CheckMixin:
             )
 
     # -- running -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _seed_note(self) -> Iterator[None]:
+        """Append the seed that reproduces a failure to its message."""
+        try:
+            yield
+        except self.failureException as exc:  # type: ignore[attr-defined]
+            text = exc.args[0] if exc.args else ""
+            if "[dltestkit]" not in str(text):
+                exc.args = (
+                    f"{text}\n[dltestkit] {type(self).__name__}.{self._testMethodName} ran "  # type: ignore[attr-defined]
+                    f"with seed={self.seed}; set `seed` on the test class to try another.",
+                ) + exc.args[1:]
+            raise
+
+    @contextlib.contextmanager
+    def subTest(self, *args: Any, **params: Any) -> Iterator[None]:
+        """``unittest.TestCase.subTest``; a failure inside also names the seed."""
+        with super().subTest(*args, **params), self._seed_note():  # type: ignore[misc]
+            yield
+
+    def _prepare(self) -> None:
+        """Called before each check, after the contract is validated."""
+
     def run(self, result: Optional[unittest.TestResult] = None) -> Any:
         """Run setUp, the check and the cleanups seeded, then restore the global RNGs."""
         with preserved_global_state():
-            make_deterministic(self.seed)
+            # A seed that is not an int is reported by the contract check; seed with 0 till then.
+            make_deterministic(self.seed if is_int(self.seed) is None else 0)
             return super().run(result)  # type: ignore[misc]
 
     def make_temp_dir(self) -> pathlib.Path:
@@ -127,7 +150,7 @@ class CheckMixin:
                 continue
             yield name
         for base in type(self).__mro__:
-            if issubclass(base, CheckMixin) and base.__module__.startswith("dltestkit"):
+            if issubclass(base, CheckMixin) and _is_dltestkit(base):
                 continue
             if base in (unittest.TestCase, object) or base.__module__ == "unittest.case":
                 continue
@@ -166,8 +189,9 @@ class CheckMixin:
             close = difflib.get_close_matches(name, list(attributes), n=1, cutoff=0.8)
             if close and close[0] not in user_names:
                 raise ContractError(
-                    f"{self._where()} sets self.{name}, which {mixin} does not read. Did you "
-                    f"mean self.{close[0]} ({attributes[close[0]].meaning})?"
+                    f"{type(self).__name__} sets self.{name} (in setUp or the class body), "
+                    f"which {mixin} does not read. Did you mean self.{close[0]} "
+                    f"({attributes[close[0]].meaning})?"
                 )
 
     def _get_or_skip(self, name: str) -> Any:
@@ -212,3 +236,18 @@ def is_number(value: Any) -> Optional[str]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return None
     return f"is {value!r}, not a number"
+
+
+def is_int(value: Any) -> Optional[str]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"is {value!r}, not an int"
+
+
+def is_optional_number(value: Any) -> Optional[str]:
+    return None if value is None else is_number(value)
+
+
+CheckMixin._contract = (
+    Attribute("seed", "the seed of every RNG during setUp and the check", "0", validate=is_int),
+)

@@ -14,8 +14,8 @@ __all__ = ["make_deterministic", "preserved_global_state"]
 def make_deterministic(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU) and make cuDNN deterministic.
 
-    This changes global state. The dltestkit checks call it inside
-    :func:`preserved_global_state`, so a user's other tests are unaffected.
+    This changes global state. The dltestkit checks call it before setUp and restore
+    the previous random state after the check, so a user's other tests are unaffected.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)

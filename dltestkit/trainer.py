@@ -97,6 +97,12 @@ class TrainerTests(CheckMixin):
     kl_rtol: float = 1e-4
     kl_atol: float = 1e-5
 
+    def _prepare(self) -> None:
+        """Close the trainer's writer after every check, so no event file stays open."""
+        close = getattr(getattr(self.trainer, self.writer_attribute, None), "close", None)
+        if callable(close):
+            self.addCleanup(close)
+
     def _writer(self) -> Any:
         writer = getattr(self.trainer, self.writer_attribute, None)
         if writer is None or not callable(getattr(writer, "add_scalar", None)):
@@ -104,8 +110,6 @@ class TrainerTests(CheckMixin):
                 f"self.trainer.{self.writer_attribute} is not a SummaryWriter (it has no "
                 "add_scalar); give the trainer its writer there or set self.writer_attribute"
             )
-        if callable(getattr(writer, "close", None)):
-            self.addCleanup(writer.close)
         return writer
 
     # -- the checks --------------------------------------------------------------
@@ -198,7 +202,6 @@ class TrainerTests(CheckMixin):
     def test_overfit_one_batch(self) -> None:
         """Check that training on one batch drives ``eval()`` below ``overfit_max_loss``."""
         max_loss = self._get_or_skip("overfit_max_loss")
-        self._writer()
         before = float(self.trainer.eval())
         self.trainer.train(self.overfit_epochs)
         after = float(self.trainer.eval())

@@ -32,7 +32,8 @@ class Contract(CheckTestCase):
             self.value_ranges = (-1.0, 1.0)
 
         self.assertErrorsWith(make_case(DatasetTests, set_up), "test_value_range",
-                              "sets self.value_ranges, which DatasetTests does not read",
+                              "Case sets self.value_ranges (in setUp or the class body), "
+                              "which DatasetTests does not read",
                               "Did you mean self.value_range")
 
     def test_a_misspelled_class_attribute_is_caught_too(self) -> None:
@@ -98,6 +99,20 @@ class Seeding(CheckTestCase):
         case = model_case(DeadLayer)
         case.seed = 1234
         self.assertFailsWith(case, "test_all_parameters_updated", "ran with seed=1234")
+
+    def test_a_failure_inside_a_subtest_names_the_seed_too(self) -> None:
+        from test_dataset_checks import splits_case
+
+        case = splits_case(Images(augment=True), Images(low=0.0))
+        case.seed = 77
+        self.assertFailsWith(case, "test_value_range", "split 'test' does not use",
+                             "Case.test_value_range ran with seed=77")
+
+    def test_a_seed_that_is_not_an_int_is_refused(self) -> None:
+        case = model_case(AutoEncoder)
+        case.seed = "1"
+        self.assertErrorsWith(case, "test_output_shape", "self.seed set in Case.setUp is '1', "
+                                                         "not an int")
 
     def test_make_deterministic_seeds_every_generator(self) -> None:
         draws = []

@@ -8,7 +8,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from checkrunner import CheckTestCase, make_case
+from checkrunner import CheckTestCase, make_case, run_check
 from dltestkit import ModelTests
 
 SHAPE = (1, 4, 4)
@@ -241,6 +241,13 @@ class DeviceMoving(CheckTestCase):
     def test_a_device_bug_in_the_training_path_only_is_caught(self) -> None:
         self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
                              "its forward in training mode combines a tensor left on the CPU")
+
+    def test_without_a_gpu_the_gpu_part_is_reported_as_a_skipped_subtest(self) -> None:
+        with mock.patch("dltestkit.model.accelerators", return_value=[]):
+            outcome = run_check(model_case(AutoEncoder), "test_device_moving")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1)
+        self.assertIn("no CUDA or MPS device", outcome.skips[0])
 
     def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
         self.assertSkipsWith(model_case(NoMetaKernel), "test_device_moving",

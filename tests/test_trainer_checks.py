@@ -147,7 +147,7 @@ class CorrectTrainer(CheckTestCase):
         names = unittest.TestLoader().getTestCaseNames(trainer_case(TinyVAETrainer))
         self.assertEqual(names, CHECKS)
 
-    def test_the_writer_is_closed_after_the_check(self) -> None:
+    def test_the_writer_is_closed_after_every_check(self) -> None:
         trainers: List[TinyVAETrainer] = []
 
         class Recorded(TinyVAETrainer):
@@ -155,8 +155,9 @@ class CorrectTrainer(CheckTestCase):
                 super().__init__()
                 trainers.append(self)
 
-        self.assertPasses(trainer_case(Recorded), "test_logging")
-        self.assertTrue(trainers[0].summary.closed)
+        for name in CHECKS:
+            self.assertPasses(trainer_case(Recorded), name)
+        self.assertEqual([trainer.summary.closed for trainer in trainers], [True] * 3)
 
 
 class KLReference(unittest.TestCase):
