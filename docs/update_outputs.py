@@ -1,0 +1,91 @@
+"""Rewrite the ```{testoutput} blocks of the pages whose snippets now print something else.
+
+When a check's message changes, `sphinx-build -b doctest docs <outdir>` fails on the pages
+that show it. This script runs the snippets of the pages the way the doctest builder does
+(same setup, same comparison flags) and replaces each output block that no longer matches
+with what the snippet printed, wrapped at spaces to fit the page. Blocks that still match,
+including those with "..." for varying numbers, are left alone. Review the diff afterwards
+(and put back any "..." the new text needs).
+
+    python docs/update_outputs.py                    # every page
+    python docs/update_outputs.py docs/models.md     # some pages
+"""
+from __future__ import annotations
+
+import contextlib
+import doctest
+import io
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS))
+
+import conf  # noqa: E402  (the doctest setup and flags; also selects the fork start method)
+
+BLOCK = re.compile(
+    r"^```\{(testsetup|testcode|testoutput|testcleanup)\}[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+WIDTH = 92
+
+
+def wrap(output: str) -> str:
+    """Wrap long lines at spaces, continuation lines indented by four more spaces."""
+    lines = []
+    for line in output.rstrip("\n").split("\n"):
+        indent = line[: len(line) - len(line.lstrip())]
+        lines.append(textwrap.fill(line, width=WIDTH, subsequent_indent=indent + "    ",
+                                   break_long_words=False, break_on_hyphens=False)
+                     if len(line) > WIDTH else line)
+    return "\n".join(lines) + "\n"
+
+
+def run(code: str, namespace: Dict[str, Any], where: str) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, where, "exec"), namespace)
+    return printed.getvalue()
+
+
+def update(page: Path) -> int:
+    """Run the page's snippets; rewrite its stale output blocks. Returns how many changed."""
+    text = page.read_text(encoding="utf-8")
+    blocks = list(BLOCK.finditer(text))
+    namespace: Dict[str, Any] = {}
+    exec(conf.doctest_global_setup, namespace)
+    for block in blocks:
+        if block.group(1) == "testsetup":
+            run(block.group(2), namespace, f"{page.name} (setup)")
+    checker = doctest.OutputChecker()
+    replacements: List[tuple] = []
+    printed = ""
+    for block in blocks:
+        kind, body = block.group(1), block.group(2)
+        line = text.count("\n", 0, block.start()) + 1
+        if kind == "testcode":
+            printed = run(body, namespace, f"{page.name}:{line}")
+        elif kind == "testoutput" and not checker.check_output(
+                body, printed, conf.doctest_default_flags):
+            replacements.append((block.start(2), block.end(2), wrap(printed)))
+            print(f"{page.relative_to(DOCS.parent)}:{line}: output updated")
+    for block in blocks:
+        if block.group(1) == "testcleanup":
+            run(block.group(2), namespace, f"{page.name} (cleanup)")
+    exec(conf.doctest_global_cleanup, namespace)
+    for start, end, new in reversed(replacements):
+        text = text[:start] + new + text[end:]
+    if replacements:
+        page.write_text(text, encoding="utf-8")
+    return len(replacements)
+
+
+def main(arguments: List[str]) -> None:
+    pages = [Path(argument).resolve() for argument in arguments] or sorted(DOCS.glob("*.md"))
+    changed = sum(update(page) for page in pages)
+    print(f"{changed} output block(s) updated in {len(pages)} page(s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

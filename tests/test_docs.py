@@ -1,0 +1,211 @@
+"""The documentation is complete and its code runs.
+
+- Every check of each mixin has a section on the mixin's page in docs/ (an example failure
+  produced by running it, and how to skip it), and every attribute the mixin reads is in the
+  page's attribute table.
+- Every ```python block of README.md runs as it is, and the test classes it defines pass.
+- The ```python fragments in docs/ compile, and the run.py commands shown in
+  docs/example-project.md are accepted by run.py.
+
+The snippets in docs/ themselves are executed by `sphinx-build -b doctest docs <outdir>`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import re
+import shlex
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+from dltestkit import DatasetTests, ModelTests, TrainerTests
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+EXAMPLE = ROOT / "example_project"
+
+PAGES = {DatasetTests: "datasets.md", ModelTests: "models.md", TrainerTests: "trainers.md"}
+
+HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*$")
+PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def public_checks(mixin: type) -> List[str]:
+    return sorted(name for name in dir(mixin)
+                  if name.startswith("test_") and callable(getattr(mixin, name)))
+
+
+def contract_attributes(mixin: Any) -> List[str]:
+    return sorted([*mixin._attributes(), "seed"])
+
+
+def sections(text: str) -> Dict[str, str]:
+    """Each Markdown heading's title (without backticks) -> the text under it, up to the next
+    heading of the same or a higher level. Lines inside ``` fences are no headings."""
+    headings = []  # (line index, level, title)
+    lines = text.splitlines()
+    fenced = False
+    for index, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            match = HEADING.match(line)
+            if match:
+                headings.append((index, len(match.group(1)), match.group(2).strip("`")))
+    found = {}
+    for position, (start, level, title) in enumerate(headings):
+        end = next((later for later, later_level, _ in headings[position + 1:]
+                    if later_level <= level), len(lines))
+        found[title] = "\n".join(lines[start + 1:end])
+    return found
+
+
+class MixinPages(unittest.TestCase):
+    """docs/<page>.md documents every check and every attribute of its mixin."""
+
+    def page(self, mixin: type) -> str:
+        return (DOCS / PAGES[mixin]).read_text(encoding="utf-8")
+
+    def test_every_check_has_a_section_with_a_failure_example_and_a_skip(self) -> None:
+        for mixin in PAGES:
+            page = sections(self.page(mixin))
+            for name in public_checks(mixin):
+                with self.subTest(mixin=mixin.__name__, check=name):
+                    if name not in page:
+                        self.fail(f"docs/{PAGES[mixin]} has no heading `{name}`")
+                    section = page[name]
+                    self.assertIn(f'("{name}")', section,
+                                  "the section must run the check on a broken component")
+                    self.assertIn("```{testoutput}", section,
+                                  "the section must show the output of running the check")
+                    self.assertIn("@unittest.skip(", section,
+                                  "the section must show how to skip the check")
+                    self.assertIn(f"def {name}(self)", section,
+                                  "the skip example must override the check")
+
+    def test_no_section_documents_a_check_that_does_not_exist(self) -> None:
+        for mixin in PAGES:
+            documented = {title for title in sections(self.page(mixin))
+                          if re.fullmatch(r"test_\w+", title)}
+            with self.subTest(mixin=mixin.__name__):
+                self.assertEqual(sorted(documented - set(public_checks(mixin))), [])
+
+    def test_every_attribute_is_in_the_attribute_table(self) -> None:
+        for mixin in PAGES:
+            rows = re.findall(r"^\|[ \t]*`(\w+)`[ \t]*\|", self.page(mixin), re.M)
+            for name in contract_attributes(mixin):
+                with self.subTest(mixin=mixin.__name__, attribute=name):
+                    self.assertIn(name, rows, f"docs/{PAGES[mixin]} has no table row `{name}`")
+
+    def test_every_check_is_in_the_overviews(self) -> None:
+        overviews = {"docs/index.md": (DOCS / "index.md").read_text(encoding="utf-8"),
+                     "README.md": README.read_text(encoding="utf-8")}
+        for mixin in PAGES:
+            for name in public_checks(mixin):
+                for where, text in overviews.items():
+                    with self.subTest(check=name, page=where):
+                        self.assertIn(f"`{name}`", text)
+
+
+@contextlib.contextmanager
+def working_directory(path: str) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run_test_classes(namespace: Dict[str, Any]) -> unittest.TestResult:
+    """Run the TestCase classes a snippet defined (not the ones it imported)."""
+    loader = unittest.TestLoader()
+    suite = unittest.TestSuite(
+        loader.loadTestsFromTestCase(value) for value in namespace.values()
+        if isinstance(value, type) and issubclass(value, unittest.TestCase)
+        and value.__module__ == namespace["__name__"])
+    result = unittest.TestResult()
+    suite.run(result)
+    return result
+
+
+class ReadmeSnippets(unittest.TestCase):
+    """Every ```python block of README.md runs as it is, in a fresh namespace."""
+
+    def blocks(self) -> List[str]:
+        return PYTHON_BLOCK.findall(README.read_text(encoding="utf-8"))
+
+    def test_the_readme_has_python_snippets(self) -> None:
+        self.assertTrue(self.blocks(), "README.md has no ```python block")
+
+    def test_every_python_snippet_runs_and_its_tests_pass(self) -> None:
+        for number, code in enumerate(self.blocks(), 1):
+            with self.subTest(block=number):
+                # not "__main__": an `if __name__ == "__main__": unittest.main()` stays idle
+                namespace: Dict[str, Any] = {"__name__": f"readme_block_{number}"}
+                with tempfile.TemporaryDirectory() as folder, working_directory(folder):
+                    exec(compile(code, f"README.md, python block {number}", "exec"), namespace)
+                    result = run_test_classes(namespace)
+                problems = [text for _, text in result.failures + result.errors]
+                self.assertEqual(problems, [], f"the tests of README python block {number}")
+
+
+class DocsFragments(unittest.TestCase):
+    """The ```python blocks in docs/ (fragments, not executed) are valid Python; the pages'
+    executed snippets are ```{testcode} blocks, run by the doctest build."""
+
+    def test_every_python_fragment_compiles(self) -> None:
+        pages = sorted(DOCS.glob("*.md"))
+        self.assertTrue(pages, "docs/ has no Markdown pages")
+        for page in pages:
+            for number, code in enumerate(PYTHON_BLOCK.findall(page.read_text("utf-8")), 1):
+                with self.subTest(page=page.name, block=number):
+                    compile(code, f"{page.name}, python block {number}", "exec")
+
+
+class ExampleProjectCommands(unittest.TestCase):
+    """The run.py command lines in docs/example-project.md are accepted by run.py."""
+
+    def test_the_documented_run_py_commands_parse(self) -> None:
+        text = (DOCS / "example-project.md").read_text(encoding="utf-8")
+        commands = re.findall(r"^python example_project/run\.py(.*?)(?:[ \t]+#.*)?$", text, re.M)
+        self.assertTrue(commands, "docs/example-project.md shows no run.py command")
+        run = self.import_run_py()
+        for command in commands:
+            with self.subTest(command=command.strip()):
+                output = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                        run.parse_args(shlex.split(command))
+                except SystemExit as stop:  # --help exits with 0, a bad option with 2
+                    self.assertEqual(stop.code, 0, output.getvalue())
+
+    def import_run_py(self) -> Any:
+        """run.py as a module; it imports the example's dataset, model and trainer modules."""
+        names = ("dataset", "mnist_files", "model", "trainer")
+        saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+        sys.path.insert(0, str(EXAMPLE))
+        try:
+            spec = importlib.util.spec_from_file_location("example_run", EXAMPLE / "run.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except ImportError as error:  # the example's extras are not installed
+                self.skipTest(f"run.py needs pip install -e '.[example]': {error}")
+            return module
+        finally:
+            sys.path.remove(str(EXAMPLE))
+            for name in names:
+                sys.modules.pop(name, None)
+            sys.modules.update(saved)
+
+
+if __name__ == "__main__":
+    unittest.main()
