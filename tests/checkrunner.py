@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List
 
 #: Every check runs with this seed; CI and the determinism runs vary it.
 SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
-#: The reason test_device_moving gives for its GPU subtest on CPU-only machines.
+#: The reason test_device_moving_on_gpu gives on CPU-only machines.
 NO_GPU = "no CUDA or MPS device"
 
 
@@ -41,7 +41,7 @@ class CheckTestCase(unittest.TestCase):
     """Assertions about the outcome of one check."""
 
     def assertPasses(self, case: type, name: str) -> None:
-        """No failure, no error, no skip but the GPU part of test_device_moving without a GPU."""
+        """No failure, no error, no skip but test_device_moving_on_gpu's without a GPU."""
         outcome = run_check(case, name)
         skips = [reason for reason in outcome.skips if not reason.startswith(NO_GPU)]
         self.assertEqual((outcome.failures, outcome.errors, skips), ([], [], []),

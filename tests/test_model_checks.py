@@ -8,7 +8,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from checkrunner import CheckTestCase, make_case, run_check
+from checkrunner import CheckTestCase, make_case
 from dltestkit import ModelTests
 
 SHAPE = (1, 4, 4)
@@ -176,7 +176,7 @@ def model_case(model_type: Any, inputs: Any = None, **attributes: Any) -> type:
 
 
 CHECKS = ["test_all_parameters_updated", "test_batch_independence", "test_device_moving",
-          "test_finite_outputs_and_gradients", "test_output_shape"]
+          "test_device_moving_on_gpu", "test_finite_outputs_and_gradients", "test_output_shape"]
 
 
 class CorrectModels(CheckTestCase):
@@ -193,7 +193,7 @@ class CorrectModels(CheckTestCase):
                 with self.subTest(label, check=name):
                     self.assertPasses(case, name)
 
-    def test_the_checks_contribute_five_tests(self) -> None:
+    def test_the_checks_contribute_six_tests(self) -> None:
         self.assertEqual(unittest.TestLoader().getTestCaseNames(model_case(AutoEncoder)), CHECKS)
 
     def test_checks_leave_the_model_and_its_modes_as_they_were(self) -> None:
@@ -242,12 +242,10 @@ class DeviceMoving(CheckTestCase):
         self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
                              "its forward in training mode combines a tensor left on the CPU")
 
-    def test_without_a_gpu_the_gpu_part_is_reported_as_a_skipped_subtest(self) -> None:
+    def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:
         with mock.patch("dltestkit.model.accelerators", return_value=[]):
-            outcome = run_check(model_case(AutoEncoder), "test_device_moving")
-        self.assertEqual((outcome.failures, outcome.errors), ([], []))
-        self.assertEqual(len(outcome.skips), 1)
-        self.assertIn("no CUDA or MPS device", outcome.skips[0])
+            self.assertSkipsWith(model_case(AutoEncoder), "test_device_moving_on_gpu",
+                                 "no CUDA or MPS device")
 
     def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
         self.assertSkipsWith(model_case(NoMetaKernel), "test_device_moving",
@@ -258,7 +256,7 @@ class DeviceMoving(CheckTestCase):
         with mock.patch("dltestkit.model.accelerators", return_value=["cpu"]):
             for model_type in (AutoEncoder, VAE):
                 with self.subTest(model_type.__name__):
-                    self.assertPasses(model_case(model_type), "test_device_moving")
+                    self.assertPasses(model_case(model_type), "test_device_moving_on_gpu")
 
     def test_with_an_accelerator_outputs_that_differ_on_the_device_fail(self) -> None:
         class ChangesWhenMoved(AutoEncoder):
@@ -272,7 +270,7 @@ class DeviceMoving(CheckTestCase):
                 return super().forward(x) + float(self.moved)
 
         with mock.patch("dltestkit.model.accelerators", return_value=["cpu"]):
-            self.assertFailsWith(model_case(ChangesWhenMoved), "test_device_moving",
+            self.assertFailsWith(model_case(ChangesWhenMoved), "test_device_moving_on_gpu",
                                  "the model on cpu gives other outputs than on the CPU",
                                  "Mismatched elements")
 
