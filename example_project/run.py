@@ -1,0 +1,170 @@
+"""Train a VAE on MNIST and log to TensorBoard.
+
+    python run.py --model cnn --epochs 10
+    python run.py --generate-data --epochs 1     # offline: generated MNIST-format data
+    tensorboard --logdir runs
+
+Data is read from ``<data-root>/MNIST/raw/`` (default: the ``data`` folder
+beside this file). Get it with ``--download`` (real MNIST, needs internet) or
+``--generate-data`` (writes generated digit-like images in the MNIST format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataset import MNISTNotFoundError, MyMNIST
+from mnist_files import has_mnist, write_mnist
+from model import CNNVAE, MLPVAE
+from trainer import Trainer
+
+HERE = Path(__file__).resolve().parent
+MODELS = {"mlp": MLPVAE, "cnn": CNNVAE}
+INPUT_SHAPE = (1, 32, 32)
+NO_DATA_EXIT_CODE = 2
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a VAE on MNIST, logging to TensorBoard.")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="model type (default: mlp)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--bottleneck-dim", type=int, default=16, help="latent size (default: 16)")
+    parser.add_argument(
+        "--data-root", type=Path, default=HERE / "data", help="folder holding MNIST/raw (default: data beside run.py)"
+    )
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="TensorBoard log folder (default: runs/<timestamp> beside run.py)"
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: CUDA, then MPS, else CPU"
+    )
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
+    parser.add_argument("--image-every", type=int, default=1, help="log reconstructions every N epochs; 0: never")
+    parser.add_argument("--download", action="store_true", help="download the real MNIST if it is missing")
+    parser.add_argument(
+        "--generate-data",
+        action="store_true",
+        help="if no MNIST is in the data root, write generated MNIST-format files there (works offline)",
+    )
+    parser.add_argument(
+        "--generate-sizes",
+        default="60000,10000",
+        help="train,test sizes for --generate-data (default: 60000,10000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    args = parser.parse_args(argv)
+    text = args.generate_sizes
+    try:
+        args.generate_sizes = tuple(int(n) for n in text.split(","))
+        if len(args.generate_sizes) != 2 or min(args.generate_sizes) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--generate-sizes must be two positive counts like 60000,10000, got {text!r}")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def no_data_message(root: Path) -> str:
+    return (
+        f"No MNIST data in {root / 'MNIST' / 'raw'}.\n"
+        "Get it in one of these ways:\n"
+        "  --download        download the real MNIST (needs internet)\n"
+        "  --generate-data   write generated MNIST-format files (offline)\n"
+        "  --data-root DIR   use a folder that already holds MNIST/raw"
+    )
+
+
+def load_data(args: argparse.Namespace) -> Optional[MyMNIST]:
+    """The datasets, or None (after printing how to get them) when there is no data."""
+    root = args.data_root
+    if args.generate_data and not has_mnist(root):
+        n_train, n_test = args.generate_sizes
+        print(f"Writing generated MNIST-format data ({n_train} train / {n_test} test) to {root}", file=sys.stderr)
+        write_mnist(root, n_train=n_train, n_test=n_test, seed=args.seed)
+    try:
+        return MyMNIST(root, download=args.download)
+    except MNISTNotFoundError:
+        print(no_data_message(root), file=sys.stderr)
+    except (RuntimeError, OSError) as error:  # e.g. a failed download
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"Could not load MNIST: {first_line}\n{no_data_message(root)}", file=sys.stderr)
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    data = load_data(args)
+    if data is None:
+        return NO_DATA_EXIT_CODE
+
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    log_dir = args.log_dir or HERE / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    model = MODELS[args.model](input_shape=INPUT_SHAPE, bottleneck_dim=args.bottleneck_dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    checkpoint = log_dir / "checkpoint.pt"
+
+    with Trainer(
+        model,
+        data.train_data,
+        data.test_data,
+        optimizer,
+        batch_size=args.batch_size,
+        device=device,
+        log_dir=log_dir,
+        num_workers=args.num_workers,
+        image_every=args.image_every,
+    ) as trainer:
+        test_loss = None
+        for epoch in range(args.epochs):
+            with tqdm(
+                total=len(trainer.train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch"
+            ) as bar:
+                last: Dict[str, float] = {}
+
+                def show(losses: Dict[str, float], bar: tqdm = bar, last: Dict[str, float] = last) -> None:
+                    last.update(losses)
+                    bar.set_postfix(loss=f"{losses['loss']:.2f}", refresh=False)
+                    bar.update()
+
+                test_loss = trainer.train(1, callback=show)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.2f}", test_loss=f"{test_loss:.2f}")
+        trainer.save_checkpoint(checkpoint)
+
+    final = "n/a" if test_loss is None else f"{test_loss:.4f}"
+    print(
+        f"Trained {args.model} for {args.epochs} epochs on {device}: final test loss {final}; "
+        f"logs in {log_dir}; checkpoint {checkpoint}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import unittest
+
+from dltestkit import DatasetTests
+
+from dataset import MyMNIST
+
+from .mnist_data import mnist_root
+
+
+class TestMyMNIST(DatasetTests, unittest.TestCase):
+    def setUp(self):
+        data = MyMNIST(mnist_root())
+        self.splits = {"train": data.train_data, "test": data.test_data}
+        self.sample_shape = (1, 32, 32)
+        self.value_range = (-1.0, 1.0)
+        self.augmented_splits = {"train"}
+
