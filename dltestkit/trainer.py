@@ -153,6 +153,8 @@ class TrainerTests(CheckMixin):
             "it takes the mean over the latent dimension instead of the sum":
                 elementwise / elementwise.shape[1],
             "log_sigma is treated as log-variance": as_log_var,
+            "it uses sigma (exp(log_sigma)) where sigma^2 (exp(2 * log_sigma)) belongs":
+                0.5 * (torch.exp(log_sigma64) + mu64**2 - 1) - log_sigma64,
             "the arguments are swapped (it expects (log_sigma, mu))":
                 0.5 * (torch.exp(2 * mu64) + log_sigma64**2 - 1) - mu64,
         }

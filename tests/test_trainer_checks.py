@@ -94,6 +94,11 @@ class LogSigmaAsLogVariance(TinyVAETrainer):
         return (0.5 * (torch.exp(log_sigma) + mu**2 - 1 - log_sigma)).sum(dim=1)
 
 
+class SigmaForVariance(TinyVAETrainer):
+    def kl_divergence(self, log_sigma: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        return (0.5 * (torch.exp(log_sigma) + mu**2 - 1) - log_sigma).sum(dim=1)
+
+
 class MisspelledTag(TinyVAETrainer):
     def train(self, epochs: int) -> None:
         super().train(epochs)
@@ -174,6 +179,7 @@ class KLDivergence(CheckTestCase):
             MissingHalf: "the factor 0.5 is missing",
             MeanNotSum: "mean over the latent dimension instead of the sum",
             LogSigmaAsLogVariance: "log_sigma is treated as log-variance",
+            SigmaForVariance: "it uses sigma (exp(log_sigma)) where sigma^2",
         }
         for trainer_type, diagnosis in mistakes.items():
             with self.subTest(trainer_type.__name__):
