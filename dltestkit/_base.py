@@ -64,13 +64,58 @@ def check(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# -- validators -------------------------------------------------------------------
+def is_instance(*types: type, description: str) -> Callable[[Any], Optional[str]]:
+    def validate(value: Any) -> Optional[str]:
+        if isinstance(value, types):
+            return None
+        return f"is a {type(value).__name__}, not {description}"
+
+    return validate
+
+
+def is_shape(value: Any) -> Optional[str]:
+    if isinstance(value, (tuple, list)) and all(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in value
+    ):
+        return None
+    if hasattr(value, "__len__") and all(isinstance(size, int) for size in value):
+        return None  # torch.Size
+    return f"is {value!r}, not a shape (a tuple of non-negative ints)"
+
+
+def is_positive_int(value: Any) -> Optional[str]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return None
+    return f"is {value!r}, not a positive int"
+
+
+def is_number(value: Any) -> Optional[str]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    return f"is {value!r}, not a number"
+
+
+def is_int(value: Any) -> Optional[str]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"is {value!r}, not an int"
+
+
+def is_optional_number(value: Any) -> Optional[str]:
+    return None if value is None else is_number(value)
+
+
 class CheckMixin:
     """Base of the dltestkit mixins. Not used directly."""
 
     #: Seed for every RNG during setUp and the check (Python, NumPy, torch).
     seed: int = 0
 
-    _contract: ClassVar[Tuple[Attribute, ...]] = ()  # set after the validators below
+    _contract: ClassVar[Tuple[Attribute, ...]] = (
+        Attribute("seed", "the seed of every RNG during setUp and the check", "0",
+                  validate=is_int),
+    )
     _mixin_name: ClassVar[str] = "CheckMixin"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -204,50 +249,3 @@ class CheckMixin:
                 f"e.g. self.{name} = {attribute.example}) to enable this check"
             )
         return value
-
-
-# -- validators -------------------------------------------------------------------
-def is_instance(*types: type, description: str) -> Callable[[Any], Optional[str]]:
-    def validate(value: Any) -> Optional[str]:
-        if isinstance(value, types):
-            return None
-        return f"is a {type(value).__name__}, not {description}"
-
-    return validate
-
-
-def is_shape(value: Any) -> Optional[str]:
-    if isinstance(value, (tuple, list)) and all(
-        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in value
-    ):
-        return None
-    if hasattr(value, "__len__") and all(isinstance(size, int) for size in value):
-        return None  # torch.Size
-    return f"is {value!r}, not a shape (a tuple of non-negative ints)"
-
-
-def is_positive_int(value: Any) -> Optional[str]:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return None
-    return f"is {value!r}, not a positive int"
-
-
-def is_number(value: Any) -> Optional[str]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return None
-    return f"is {value!r}, not a number"
-
-
-def is_int(value: Any) -> Optional[str]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return None
-    return f"is {value!r}, not an int"
-
-
-def is_optional_number(value: Any) -> Optional[str]:
-    return None if value is None else is_number(value)
-
-
-CheckMixin._contract = (
-    Attribute("seed", "the seed of every RNG during setUp and the check", "0", validate=is_int),
-)
