@@ -196,10 +196,16 @@ class ModelTests(CheckMixin):
                     "cannot be checked without a GPU"
                 )
             raise
-        stray = [path for path, tensor in named_tensors(output) if tensor.device.type != "meta"]
+        self._assert_outputs_on(output, "meta", mode)
+
+    def _assert_outputs_on(self, output: Any, device: str, mode: str) -> None:
+        """Every output tensor of the model's copy on ``device`` is on ``device``."""
+        stray = [f"{path} (on {tensor.device})" for path, tensor in named_tensors(output)
+                 if tensor.device.type != device]
         if stray:
-            self.fail(f"after .to('meta') the model returns {', '.join(stray)} on another "
-                      f"device in {mode} mode; do not move outputs to a fixed device in forward")
+            self.fail(f"after .to({device!r}) the model returns {', '.join(stray)} in {mode} "
+                      "mode; create outputs on the inputs' device (no fixed device, no tensor "
+                      "made without device= in forward)")
 
     def _check_accelerator(self, device: str) -> None:
         reference = self._run(self.model, "cpu", self.seed)
@@ -209,9 +215,7 @@ class ModelTests(CheckMixin):
         )
         moved = copy.deepcopy(self.model).to(device)
         on_device = self._run(moved, device, self.seed)
-        for path, tensor in named_tensors(on_device):
-            self.assertEqual(tensor.device.type, device,
-                             f"{path} is on {tensor.device}, not on the model's device {device}")
+        self._assert_outputs_on(on_device, device, "eval")
         on_device = map_tensors(lambda t: t.cpu(), on_device)
         if deterministic:
             torch.testing.assert_close(
@@ -221,9 +225,8 @@ class ModelTests(CheckMixin):
             for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
                 self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
                 self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
-        for path, tensor in named_tensors(self._run(moved, device, self.seed, training=True)):
-            self.assertEqual(tensor.device.type, device,
-                             f"in training mode {path} is on {tensor.device}, not on {device}")
+        self._assert_outputs_on(self._run(moved, device, self.seed, training=True), device,
+                                "training")
         back = self._run(moved.to("cpu"), "cpu", self.seed)
         torch.testing.assert_close(
             back, reference, rtol=0, atol=0,

@@ -40,11 +40,13 @@ class VAE(nn.Module):
     def noise(self, mu: torch.Tensor) -> torch.Tensor:
         return torch.randn_like(mu)
 
+    def bottleneck(self, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        return mu + torch.exp(log_sigma) * self.noise(mu)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden = self.encoder(x)
         mu, log_sigma = self.mu(hidden), self.log_sigma(hidden)
-        z = mu + torch.exp(log_sigma) * self.noise(mu)
-        return self.decoder(z), mu, log_sigma
+        return self.decoder(self.bottleneck(mu, log_sigma)), mu, log_sigma
 
 
 class WithBatchNorm(AutoEncoder):
@@ -96,14 +98,16 @@ class RandnWithoutDevice(VAE):
         return torch.randn(mu.shape)
 
 
-class SamplesInTrainingOnly(VAE):
+class SamplesInTrainingOnly(RandnWithoutDevice):
     """Like most VAEs: eval mode returns mu, so the bug hides there."""
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(x)
-        mu, log_sigma = self.mu(hidden), self.log_sigma(hidden)
-        z = mu + torch.exp(log_sigma) * torch.randn(mu.shape) if self.training else mu
-        return self.decoder(z), mu, log_sigma
+    def bottleneck(self, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        return super().bottleneck(mu, log_sigma) if self.training else mu
+
+
+class ReturnsAConstantMadeOnTheCPU(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return super().forward(x), torch.zeros(1)  # no device=: stays on the CPU
 
 
 class UnregisteredTensor(AutoEncoder):
@@ -241,6 +245,11 @@ class DeviceMoving(CheckTestCase):
     def test_a_device_bug_in_the_training_path_only_is_caught(self) -> None:
         self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
                              "its forward in training mode combines a tensor left on the CPU")
+
+    def test_an_output_left_on_the_cpu_fails_naming_it(self) -> None:
+        self.assertFailsWith(model_case(ReturnsAConstantMadeOnTheCPU), "test_device_moving",
+                             "after .to('meta') the model returns output[1] (on cpu) in eval mode",
+                             "no tensor made without device=")
 
     def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:
         with mock.patch("dltestkit.model.accelerators", return_value=[]):
