@@ -82,7 +82,6 @@ def peak_memory_mb() -> Dict[str, float]:
 
 
 def run_suite() -> Dict[str, Any]:
-    os.chdir(PROJECT.parent)
     suite = unittest.defaultTestLoader.discover(str(PROJECT), top_level_dir=str(PROJECT))
     result = TimingResult()
     started = time.perf_counter()
@@ -134,7 +133,6 @@ def count_loads() -> Dict[str, Dict[str, int]]:
 
 
 def child(mode: str) -> None:
-    sys.path.insert(0, str(PROJECT))
     output = run_suite() if mode == "suite" else count_loads()
     print("BENCHMARK-RESULT " + json.dumps(output))
 
