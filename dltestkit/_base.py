@@ -1,4 +1,4 @@
-"""What the three mixins share: the setUp contract, seeding, temporary folders."""
+"""What the mixins share: the setUp contract, seeding, temporary folders."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +13,11 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, Optional, Tuple, Typ
 
 from ._random import make_deterministic, preserved_global_state
 
-__all__ = ["Attribute", "CheckMixin", "ContractError", "check"]
+__all__ = ["REQUIRED", "UNSET", "Attribute", "CheckMixin", "ContractError", "check"]
 
 _MISSING = object()
 _UNITTEST_NAMES = frozenset(vars(unittest.TestCase(methodName="__init__")))
+Validator = Callable[[Any], Optional[str]]
 
 
 def _is_dltestkit(cls: type) -> bool:
@@ -27,21 +28,65 @@ class ContractError(TypeError):
     """A test class's setUp did not provide what a dltestkit mixin needs."""
 
 
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: The default of an attribute that setUp must set.
+REQUIRED: Any = _Marker("REQUIRED")
+#: The default of an optional attribute without a value: the checks that read it skip.
+UNSET: Any = _Marker("UNSET")
+
+
 @dataclass(frozen=True)
 class Attribute:
-    """One attribute of a mixin's setUp contract.
+    """One attribute of a mixin's setUp contract, declared once.
 
-    ``required`` attributes must always be set. Optional attributes either have a
-    class-level default on the mixin, or (``skip_without=True``) make the checks that
-    need them skip, with a reason naming the attribute, when they are not set.
-    ``validate`` returns an error text for a wrong value, or ``None``.
+    The mixin's class-level defaults, its docstring and the attribute tables of the
+    documentation are all derived from these declarations.
+
+    Args:
+        name: the attribute, ``self.<name>``.
+        meaning: what it is, as a noun phrase ("the model under test").
+        example: a Python expression that would be a good value, for messages and docs.
+        default: the value used when setUp does not set it; ``REQUIRED`` (setUp must set
+            it) or ``UNSET`` (the checks in ``read_by`` that need it skip, naming it).
+        validate: returns an error text for a wrong value ("is 3, not a str"), or None.
+        read_by: the checks that read it; empty means every check of the mixin.
+        default_text: how the docs describe the default, when ``repr(default)`` does not
+            say enough ("the shape of inputs").
+        details: more for the docs table, after the meaning.
     """
 
     name: str
     meaning: str
     example: str
-    required: bool = False
-    validate: Optional[Callable[[Any], Optional[str]]] = None
+    default: Any = UNSET
+    validate: Optional[Validator] = None
+    read_by: Tuple[str, ...] = ()
+    default_text: str = ""
+    details: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe_default(self) -> str:
+        """The default as the docs show it."""
+        if self.default_text:
+            return self.default_text
+        if self.default is REQUIRED:
+            return "required"
+        if self.default is UNSET:
+            if self.read_by:
+                verb = "skips" if len(self.read_by) == 1 else "skip"
+                return f"unset: {', '.join(f'`{name}`' for name in self.read_by)} {verb}"
+            return "unset: the checks that need it skip"
+        return f"`{self.default!r}`"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,31 +106,44 @@ def check(func: F) -> F:
         with self._seed_note():
             return func(self, *args, **kwargs)
 
+    wrapper.__dltestkit_check__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
-# -- validators -------------------------------------------------------------------
-def is_instance(*types: type, description: str) -> Callable[[Any], Optional[str]]:
+# -- validators: each returns None for a good value, else what is wrong ("is ..., not ...") --
+def is_instance(*types: type, description: str) -> Validator:
     def validate(value: Any) -> Optional[str]:
-        if isinstance(value, types):
+        if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
             return None
         return f"is a {type(value).__name__}, not {description}"
 
     return validate
 
 
+def optional(validate: Validator) -> Validator:
+    """``validate``, letting ``None`` through."""
+
+    def validate_optional(value: Any) -> Optional[str]:
+        return None if value is None else validate(value)
+
+    return validate_optional
+
+
+def _is_plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_shape(value: Any) -> Optional[str]:
-    if isinstance(value, (tuple, list)) and all(
-        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in value
+    """A tuple, list or torch.Size of non-negative ints (no bools)."""
+    if (isinstance(value, (tuple, list)) or type(value).__name__ == "Size") and all(
+        _is_plain_int(size) and size >= 0 for size in value
     ):
         return None
-    if hasattr(value, "__len__") and all(isinstance(size, int) for size in value):
-        return None  # torch.Size
     return f"is {value!r}, not a shape (a tuple of non-negative ints)"
 
 
 def is_positive_int(value: Any) -> Optional[str]:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if _is_plain_int(value) and value > 0:
         return None
     return f"is {value!r}, not a positive int"
 
@@ -96,31 +154,76 @@ def is_number(value: Any) -> Optional[str]:
     return f"is {value!r}, not a number"
 
 
-def is_int(value: Any) -> Optional[str]:
-    if isinstance(value, int) and not isinstance(value, bool):
+def is_non_negative_number(value: Any) -> Optional[str]:
+    if is_number(value) is None and value >= 0:
         return None
-    return f"is {value!r}, not an int"
+    return f"is {value!r}, not a non-negative number"
 
 
-def is_optional_number(value: Any) -> Optional[str]:
-    return None if value is None else is_number(value)
+def is_callable(value: Any) -> Optional[str]:
+    return None if callable(value) else f"is a {type(value).__name__}, not callable"
+
+
+def is_bool(value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else f"is {value!r}, not True or False"
+
+
+def is_str(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) else f"is {value!r}, not a str"
+
+
+def is_key(value: Any) -> Optional[str]:
+    """An index or key into a tuple, list or dict (or None)."""
+    if value is None or _is_plain_int(value) or isinstance(value, str):
+        return None
+    return f"is {value!r}, not an int index or a str key"
+
+
+def is_names(value: Any) -> Optional[str]:
+    """A collection of strings (names or glob patterns); a bare str is refused."""
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(item, str) for item in value
+    ):
+        return None
+    return f"is {value!r}, not a list of names"
+
+
+def is_keys(value: Any) -> Optional[str]:
+    """A collection of indices or keys."""
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+        is_key(item) is None and item is not None for item in value
+    ):
+        return None
+    return f"is {value!r}, not a list of indices or keys"
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def is_seed(value: Any) -> Optional[str]:
+    """An int that torch.manual_seed accepts."""
+    if _is_plain_int(value) and SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        return None
+    return f"is {value!r}, not an int in [-2**63, 2**64 - 1]"
 
 
 class CheckMixin:
     """Base of the dltestkit mixins. Not used directly."""
 
-    #: Seed for every RNG during setUp and the check (Python, NumPy, torch).
-    seed: int = 0
+    seed: int
 
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("seed", "the seed of every RNG during setUp and the check", "0",
-                  validate=is_int),
+        Attribute("seed", "the seed of every RNG during setUp and the check", "1234",
+                  default=0, validate=is_seed,
+                  details="Set it as a class attribute: the generators are seeded before "
+                          "setUp runs. See [determinism](determinism.md)."),
     )
-    _mixin_name: ClassVar[str] = "CheckMixin"
+    _mixin_name: ClassVar[str] = "dltestkit"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if _is_dltestkit(cls):
+            _install_contract(cls)
             return
         mixin = next(base for base in cls.__mro__ if "_mixin_name" in vars(base))
         if not issubclass(cls, unittest.TestCase):
@@ -166,8 +269,8 @@ class CheckMixin:
     def run(self, result: Optional[unittest.TestResult] = None) -> Any:
         """Run setUp, the check and the cleanups seeded, then restore the global RNGs."""
         with preserved_global_state():
-            # A seed that is not an int is reported by the contract check; seed with 0 till then.
-            make_deterministic(self.seed if is_int(self.seed) is None else 0)
+            # A bad seed is reported by the contract check; seed with 0 till then.
+            make_deterministic(self.seed if is_seed(self.seed) is None else 0)
             return super().run(result)  # type: ignore[misc]
 
     def make_temp_dir(self) -> pathlib.Path:
@@ -179,10 +282,16 @@ class CheckMixin:
     # -- the contract ------------------------------------------------------------
     @classmethod
     def _attributes(cls) -> Dict[str, Attribute]:
-        found: Dict[str, Attribute] = {}
+        """Every attribute the class's mixins read, by name."""
+        return {name: attribute for name, (attribute, _) in cls._declarations().items()}
+
+    @classmethod
+    def _declarations(cls) -> Dict[str, Tuple[Attribute, str]]:
+        """Every attribute the class's mixins read, with the name of the mixin declaring it."""
+        found: Dict[str, Tuple[Attribute, str]] = {}
         for base in reversed(cls.__mro__):
             for attribute in vars(base).get("_contract", ()):
-                found[attribute.name] = attribute
+                found[attribute.name] = (attribute, vars(base).get("_mixin_name", "dltestkit"))
         return found
 
     def _user_names(self) -> Iterator[str]:
@@ -208,44 +317,97 @@ class CheckMixin:
     def _where(self) -> str:
         return f"{type(self).__name__}.setUp"
 
+    def _contract_error(self, name: str, problem: str) -> ContractError:
+        """A ContractError about ``self.<name>``: what is wrong, who needs what, an example."""
+        attribute, mixin = self._declarations()[name]
+        return ContractError(
+            f"self.{name} set in {self._where()} {problem}; {mixin} needs "
+            f"{attribute.meaning}, e.g. self.{name} = {attribute.example}."
+        )
+
     def _validate_contract(self) -> None:
-        attributes = self._attributes()
+        declarations = self._declarations()
         user_names = set(self._user_names())
-        mixin = self._mixin_name
-        for attribute in attributes.values():
-            value = getattr(self, attribute.name, _MISSING)
-            if value is _MISSING:
+        if "seed" in vars(self):
+            raise ContractError(
+                f"{self._where()} sets self.seed, but setUp already ran seeded with the "
+                f"class's seed ({type(self).seed}). Set it as a class attribute instead: "
+                f"`class {type(self).__name__}(...):` with `seed = {vars(self)['seed']!r}` in "
+                "the class body."
+            )
+        for name, (attribute, mixin) in declarations.items():
+            value = getattr(self, name, _MISSING)
+            if value is _MISSING or value is UNSET:
                 if attribute.required:
-                    close = difflib.get_close_matches(attribute.name, sorted(user_names), n=1)
+                    close = difflib.get_close_matches(name, sorted(user_names), n=1)
                     hint = f" Did you mean self.{close[0]}?" if close else ""
                     raise ContractError(
-                        f"{self._where()} must set self.{attribute.name}: {mixin} needs "
-                        f"{attribute.meaning}, e.g. self.{attribute.name} = "
-                        f"{attribute.example}.{hint}"
+                        f"{self._where()} must set self.{name}: {mixin} needs "
+                        f"{attribute.meaning}, e.g. self.{name} = {attribute.example}.{hint}"
                     )
                 continue
             problem = attribute.validate(value) if attribute.validate else None
             if problem:
-                raise ContractError(
-                    f"self.{attribute.name} set in {self._where()} {problem}; {mixin} needs "
-                    f"{attribute.meaning}, e.g. self.{attribute.name} = {attribute.example}."
-                )
-        for name in sorted(user_names - set(attributes)):
-            close = difflib.get_close_matches(name, list(attributes), n=1, cutoff=0.8)
+                raise self._contract_error(name, problem)
+        for name in sorted(user_names - set(declarations)):
+            close = difflib.get_close_matches(name, list(declarations), n=1, cutoff=0.8)
             if close and close[0] not in user_names:
+                attribute, mixin = declarations[close[0]]
                 raise ContractError(
                     f"{type(self).__name__} sets self.{name} (in setUp or the class body), "
-                    f"which {mixin} does not read. Did you mean self.{close[0]} "
-                    f"({attributes[close[0]].meaning})?"
+                    f"which no dltestkit mixin reads. Did you mean self.{close[0]} "
+                    f"({mixin}: {attribute.meaning})?"
                 )
+        self._validate_combination()
+
+    def _validate_combination(self) -> None:
+        """Rules that involve several attributes; raise a ContractError when one is broken."""
+
+    def _is_set(self, name: str) -> bool:
+        return getattr(self, name, UNSET) is not UNSET
 
     def _get_or_skip(self, name: str) -> Any:
         """The attribute's value; skip the check, naming the attribute, when it is unset."""
-        value = getattr(self, name, _MISSING)
-        if value is _MISSING:
-            attribute = self._attributes()[name]
+        value = getattr(self, name, UNSET)
+        if value is UNSET:
+            attribute, _ = self._declarations()[name]
             self.skipTest(  # type: ignore[attr-defined]
                 f"self.{name} is not set in {self._where()}; set it ({attribute.meaning}, "
                 f"e.g. self.{name} = {attribute.example}) to enable this check"
             )
         return value
+
+
+def checks_of(cls: type) -> Tuple[str, ...]:
+    """The names of the dltestkit checks a class has, in definition order of the mixins."""
+    names = []
+    for base in reversed(cls.__mro__):
+        for name, value in vars(base).items():
+            if getattr(value, "__dltestkit_check__", False) and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _rst(markdown: str) -> str:
+    """Markdown inline code (`x`) as reStructuredText inline literals (``x``)."""
+    return markdown.replace("`", "``")
+
+
+def _install_contract(mixin: type) -> None:
+    """Give a mixin its declared defaults as class attributes and its contract in __doc__."""
+    own = vars(mixin).get("_contract", ())
+    for attribute in own:
+        if not attribute.required:
+            setattr(mixin, attribute.name, attribute.default)
+    if own and mixin.__doc__ and "_mixin_name" in vars(mixin):
+        required = [a for a in own if a.required]
+        optional_ = [a for a in own if not a.required]
+        lines = ["", "", "Required in setUp:"] if required else [""]
+        lines += [f"    ``self.{a.name}``: {a.meaning}, e.g. ``{a.example}``." for a in required]
+        lines += ["", "Optional (default in brackets):"]
+        lines += [f"    ``self.{a.name}``: {a.meaning} [{_rst(a.describe_default())}]."
+                  for a in optional_]
+        mixin.__doc__ = mixin.__doc__.rstrip() + "\n    ".join(lines) + "\n"
+
+
+_install_contract(CheckMixin)

@@ -10,7 +10,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from ._base import Attribute, CheckMixin, check, is_instance, is_number, is_positive_int, is_shape
+from ._base import (
+    REQUIRED,
+    Attribute,
+    CheckMixin,
+    check,
+    is_key,
+    is_names,
+    is_number,
+    is_positive_int,
+    is_shape,
+    optional,
+)
 from ._tensors import select_tensor
 
 __all__ = ["DatasetTests"]
@@ -68,19 +79,6 @@ _CACHE: "weakref.WeakKeyDictionary[type, Dict[Tuple[Any, ...], _SplitData]]" = (
 class DatasetTests(CheckMixin):
     """Checks for the splits of a dataset.
 
-    Required in setUp:
-        ``self.splits``: dict mapping a split name to a torch ``Dataset``.
-    Optional (a check that needs an unset one skips, naming it):
-        ``self.sample_shape`` (shape of one sample's input tensor),
-        ``self.value_range`` (inclusive ``(low, high)`` bounds of the inputs),
-        ``self.augmented_splits`` (names of randomly augmented splits; default none),
-        ``self.input_key`` (index/key of the input in a sample; default: a bare tensor
-        or element 0 of a tuple), ``self.num_workers`` (default 2),
-        ``self.batch_size`` (default 256), ``self.max_samples`` (cap on the samples
-        scanned per split; default all), ``self.probe_count`` (indices compared
-        sample by sample: first, last and random ones; default 8),
-        ``self.range_coverage`` (default 0.1).
-
     Each sample is loaded at most twice across all checks: one pass with worker
     processes serves the value-range, augmentation and data-loading checks, and the
     probe indices are loaded once more in the main process. The results are kept per
@@ -90,37 +88,52 @@ class DatasetTests(CheckMixin):
     _mixin_name: ClassVar[str] = "DatasetTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute("splits", "a dict mapping split name to a torch Dataset",
-                  '{"train": train_data, "test": test_data}', required=True,
-                  validate=_is_splits),
+                  '{"train": train_data, "test": test_data}', default=REQUIRED,
+                  validate=_is_splits,
+                  details="Each dataset has `__len__` and `__getitem__`."),
         Attribute("sample_shape", "the shape of one sample's input tensor", "(1, 32, 32)",
-                  validate=is_shape),
+                  validate=is_shape, read_by=("test_sample_shape",),
+                  details="Without the batch dimension."),
         Attribute("value_range", "the inclusive (low, high) bounds of the input values",
-                  "(-1.0, 1.0)", validate=_is_range),
+                  "(-1.0, 1.0)", validate=_is_range, read_by=("test_value_range",)),
         Attribute("augmented_splits", "the names of the splits that are randomly augmented",
-                  '{"train"}', validate=is_instance(set, frozenset, list, tuple,
-                                                    description="a set of split names")),
+                  '{"train"}', default=frozenset(), validate=is_names,
+                  read_by=("test_augmentation", "test_data_loading"),
+                  details="Every other split must give the same sample each time."),
         Attribute("input_key", "the index or key of the input tensor in a sample", "0",
-                  validate=is_instance(int, str, type(None), description="an int or str")),
-        Attribute("num_workers", "the worker processes used to load each split", "2",
-                  validate=is_positive_int),
-        Attribute("batch_size", "the batch size used to scan each split", "256",
-                  validate=is_positive_int),
+                  default=None, validate=is_key,
+                  details="`None`: a tensor sample itself, else the first element of a tuple "
+                          "or dict sample."),
+        Attribute("num_workers", "the worker processes of the DataLoader that scans each split",
+                  "2", default=2, validate=is_positive_int,
+                  read_by=("test_value_range", "test_augmentation", "test_data_loading"),
+                  details="At least 1: loading in workers is part of what is checked."),
+        Attribute("batch_size", "the batch size of the scan of each split", "256",
+                  default=256, validate=is_positive_int,
+                  read_by=("test_value_range", "test_augmentation", "test_data_loading")),
         Attribute("max_samples", "a cap on the samples scanned per split (None: all)",
-                  "10_000", validate=lambda v: None if v is None else is_positive_int(v)),
+                  "10_000", default=None, validate=optional(is_positive_int),
+                  details="A seeded random subset of that size is scanned. See "
+                          "[large datasets](large-datasets.md)."),
         Attribute("probe_count", "how many indices are compared sample by sample", "8",
-                  validate=is_positive_int),
+                  default=8, validate=is_positive_int,
+                  read_by=("test_sample_shape", "test_augmentation", "test_data_loading"),
+                  details="The first, the last and random ones."),
         Attribute("range_coverage",
-                  "how close (as a fraction of the range) the data must come to each bound",
-                  "0.1", validate=is_number),
+                  "how close, as a fraction of high - low, the data must come to each bound",
+                  "0.1", default=0.1, validate=is_number, read_by=("test_value_range",)),
     )
 
-    augmented_splits: Collection[str] = frozenset()
-    input_key: Optional[Any] = None
-    num_workers: int = 2
-    batch_size: int = 256
-    max_samples: Optional[int] = None
-    probe_count: int = 8
-    range_coverage: float = 0.1
+    splits: Mapping[str, Any]
+    sample_shape: Sequence[int]
+    value_range: Tuple[float, float]
+    augmented_splits: Collection[str]
+    input_key: Optional[Any]
+    num_workers: int
+    batch_size: int
+    max_samples: Optional[int]
+    probe_count: int
+    range_coverage: float
 
     # -- loading, shared by the checks -------------------------------------------
     def _input(self, sample: Any, split: str) -> torch.Tensor:
@@ -210,7 +223,11 @@ class DatasetTests(CheckMixin):
     # -- the checks --------------------------------------------------------------
     @check
     def test_sample_shape(self) -> None:
-        """Check that the first, the last and random samples of every split have ``sample_shape``."""
+        """Check that the first, the last and random samples of every split have ``sample_shape``.
+
+        Catches samples of the wrong shape: a missing channel dimension, a resize or pad
+        that is not applied to every sample.
+        """
         expected = tuple(self._get_or_skip("sample_shape"))
         for name in self._splits_to_check():
             with self.subTest(split=name):
@@ -229,7 +246,11 @@ class DatasetTests(CheckMixin):
 
     @check
     def test_value_range(self) -> None:
-        """Check that every sample of every split lies in ``value_range`` and the split uses that range."""
+        """Check that every sample of every split lies in ``value_range`` and the split uses that range.
+
+        Catches wrong scaling (0-255, data in [0, 1] declared as [-1, 1]), values out of
+        range, NaN or Inf.
+        """
         low, high = self._get_or_skip("value_range")
         slack = self.range_coverage * (high - low)
         for name in self._splits_to_check():
@@ -267,7 +288,11 @@ class DatasetTests(CheckMixin):
 
     @check
     def test_augmentation(self) -> None:
-        """Check that samples of ``augmented_splits`` change between loads and the others are identical."""
+        """Check that samples of ``augmented_splits`` change between loads and the others are identical.
+
+        Catches random augmentation leaking into evaluation data, or missing from the
+        training data.
+        """
         for name in self._splits_to_check():
             with self.subTest(split=name):
                 different = self._differences(name)
@@ -291,7 +316,12 @@ class DatasetTests(CheckMixin):
 
     @check
     def test_data_loading(self) -> None:
-        """Check that every split pickles and loads with and without worker processes, with equal results."""
+        """Check that every split pickles and loads with and without worker processes, with equal results.
+
+        Catches datasets that cannot be pickled (so fail with spawned workers), samples that
+        cannot be batched, a wrong len(), workers that load other data than the main
+        process.
+        """
         for name in self._splits_to_check():
             with self.subTest(split=name):
                 try:

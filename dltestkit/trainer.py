@@ -10,7 +10,17 @@ import numpy as np
 import torch
 from scipy import integrate, stats
 
-from ._base import Attribute, CheckMixin, check, is_number, is_positive_int
+from ._base import (
+    REQUIRED,
+    Attribute,
+    CheckMixin,
+    check,
+    is_callable,
+    is_names,
+    is_number,
+    is_positive_int,
+    is_str,
+)
 from ._random import preserved_global_state
 
 __all__ = ["TrainerTests", "kl_reference"]
@@ -31,10 +41,10 @@ def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> n
     return integrate.simpson(integrand, x=x, axis=-1)
 
 
-def _is_tags(value: Any) -> Optional[str]:
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in value):
+def _is_trainer(value: Any) -> Optional[str]:
+    if callable(getattr(value, "train", None)) and callable(getattr(value, "eval", None)):
         return None
-    return f"is {value!r}, not a list of tag strings"
+    return f"is a {type(value).__name__}, which has no train(epochs) and eval()"
 
 
 def _call_arguments(call: Any) -> Tuple[Any, Any, Any]:
@@ -57,16 +67,6 @@ def _is_finite_number(value: Any) -> bool:
 class TrainerTests(CheckMixin):
     """Checks for a trainer.
 
-    Required in setUp:
-        ``self.trainer``: an object with ``train(epochs)``, ``eval() -> float`` and a
-        ``SummaryWriter`` at ``self.trainer.summary`` (see ``writer_attribute``).
-    Optional (a check that needs an unset one skips, naming it):
-        ``self.expected_scalars`` (tags that one epoch of training must log at step 0),
-        ``self.kl_divergence`` (``(log_sigma, mu) -> KL`` to N(0, I), summed over the
-        latent dimension), ``self.overfit_max_loss`` (the ``eval()`` loss to reach),
-        ``self.overfit_epochs`` (default 100), ``self.writer_attribute`` (default
-        ``"summary"``), ``self.kl_rtol``/``self.kl_atol`` (default 1e-4/1e-5).
-
     For the overfit check the trainer built in setUp should train and evaluate on the
     same single small batch (e.g. 4 fixed, un-augmented training samples).
     """
@@ -74,28 +74,36 @@ class TrainerTests(CheckMixin):
     _mixin_name: ClassVar[str] = "TrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute("trainer", "the trainer: train(epochs), eval() -> float and a SummaryWriter",
-                  "Trainer(model, ...)", required=True,
-                  validate=lambda v: None if callable(getattr(v, "train", None))
-                  and callable(getattr(v, "eval", None)) else "has no train(epochs) and eval()"),
+                  "Trainer(model, ...)", default=REQUIRED, validate=_is_trainer),
         Attribute("expected_scalars", "the scalar tags one epoch of training must log",
-                  '["train/loss", "test/loss"]', validate=_is_tags),
+                  '["train/loss", "test/loss"]', validate=is_names, read_by=("test_logging",)),
         Attribute("kl_divergence", "a function (log_sigma, mu) -> KL divergence to N(0, I)",
-                  "self.trainer.kl_divergence",
-                  validate=lambda v: None if callable(v) else "is not callable"),
+                  "self.trainer.kl_divergence", validate=is_callable,
+                  read_by=("test_kl_divergence",),
+                  details="Summed over the latent dimension: one value per sample, or the "
+                          "total."),
         Attribute("overfit_epochs", "the epochs trained on the single batch", "200",
-                  validate=is_positive_int),
-        Attribute("overfit_max_loss", "the eval() loss the trainer must reach on one batch",
-                  "30.0", validate=is_number),
+                  default=100, validate=is_positive_int, read_by=("test_overfit_one_batch",)),
+        Attribute("overfit_max_loss", "the eval() loss the trainer must reach after "
+                  "overfit_epochs on the single batch", "30.0", validate=is_number,
+                  read_by=("test_overfit_one_batch",)),
         Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
-                  '"summary"', validate=lambda v: None if isinstance(v, str) else "is not a str"),
-        Attribute("kl_rtol", "the relative tolerance of the KL check", "1e-4", validate=is_number),
-        Attribute("kl_atol", "the absolute tolerance of the KL check", "1e-5", validate=is_number),
+                  '"writer"', default="summary", validate=is_str,
+                  read_by=("test_logging", "test_overfit_one_batch")),
+        Attribute("kl_rtol", "the relative tolerance of the KL check", "1e-3", default=1e-4,
+                  validate=is_number, read_by=("test_kl_divergence",)),
+        Attribute("kl_atol", "the absolute tolerance of the KL check", "1e-4", default=1e-5,
+                  validate=is_number, read_by=("test_kl_divergence",)),
     )
 
-    overfit_epochs: int = 100
-    writer_attribute: str = "summary"
-    kl_rtol: float = 1e-4
-    kl_atol: float = 1e-5
+    trainer: Any
+    expected_scalars: Sequence[str]
+    kl_divergence: Callable[..., Any]
+    overfit_epochs: int
+    overfit_max_loss: float
+    writer_attribute: str
+    kl_rtol: float
+    kl_atol: float
 
     def _prepare(self) -> None:
         """Close the trainer's writer after every check, so no event file stays open."""
@@ -115,7 +123,11 @@ class TrainerTests(CheckMixin):
     # -- the checks --------------------------------------------------------------
     @check
     def test_kl_divergence(self) -> None:
-        """Check that ``kl_divergence`` matches a numerical reference of KL(N(mu, sigma²) ‖ N(0, 1))."""
+        """Check that ``kl_divergence`` matches a numerical reference of KL(N(mu, sigma²) ‖ N(0, 1)).
+
+        Catches a wrong KL divergence, with the likely mistake named (a missing 0.5, the
+        mean instead of the sum, log-variance for log-sigma, swapped arguments).
+        """
         kl_divergence: Callable[..., Any] = self._get_or_skip("kl_divergence")
         generator = torch.Generator().manual_seed(self.seed)
         cases: List[Tuple[str, torch.Tensor, torch.Tensor]] = [
@@ -169,7 +181,11 @@ class TrainerTests(CheckMixin):
 
     @check
     def test_logging(self) -> None:
-        """Check that one epoch of training logs every ``expected_scalars`` tag at step 0 with a finite value."""
+        """Check that one epoch of training logs every ``expected_scalars`` tag at step 0 with a finite value.
+
+        Catches missing, misspelled or misplaced TensorBoard scalars, and scalars that are
+        not finite numbers.
+        """
         expected: Sequence[str] = self._get_or_skip("expected_scalars")
         writer = self._writer()
         with mock.patch.object(writer, "add_scalar") as add_scalar:
@@ -202,7 +218,11 @@ class TrainerTests(CheckMixin):
 
     @check
     def test_overfit_one_batch(self) -> None:
-        """Check that training on one batch drives ``eval()`` below ``overfit_max_loss``."""
+        """Check that training on one batch drives ``eval()`` below ``overfit_max_loss``.
+
+        Catches a training loop that cannot fit a single batch: a wrong loss sign, an
+        optimizer that does not step, gradients zeroed after backward, wrong targets.
+        """
         max_loss = self._get_or_skip("overfit_max_loss")
         before = float(self.trainer.eval())
         self.trainer.train(self.overfit_epochs)

@@ -1,4 +1,4 @@
-"""Rewrite the ```{testoutput} blocks of the pages whose snippets now print something else.
+"""Rewrite what the docs show of the code: stale ```{testoutput} blocks, and README's checks.
 
 When a check's message changes, `sphinx-build -b doctest docs <outdir>` fails on the pages
 that show it. This script runs the snippets of the pages the way the doctest builder does
@@ -7,8 +7,11 @@ with what the snippet printed, wrapped at spaces to fit the page. Blocks that st
 including those with "..." for varying numbers, are left alone. Review the diff afterwards
 (and put back any "..." the new text needs).
 
-    python docs/update_outputs.py                    # every page
+    python docs/update_outputs.py                    # every page, and README's list of checks
     python docs/update_outputs.py docs/models.md     # some pages
+
+README.md's table of checks (between its "checks" markers) is rewritten from the code
+(dltestkit._reference), like the tables the documentation builds with its directives.
 """
 from __future__ import annotations
 
@@ -81,9 +84,31 @@ def update(page: Path) -> int:
     return len(replacements)
 
 
+README = DOCS.parent / "README.md"
+README_CHECKS = re.compile(r"(<!-- checks: [^\n]*-->\n)(.*?)(<!-- end of checks -->)", re.S)
+
+
+def readme_checks() -> str:
+    """The table of checks README.md shows, from the code."""
+    from dltestkit import _reference
+
+    return "\n".join(_reference.check_table(_reference.public_mixins(), links=False)) + "\n"
+
+
+def update_readme() -> bool:
+    text = README.read_text(encoding="utf-8")
+    new = README_CHECKS.sub(lambda m: m.group(1) + readme_checks() + m.group(3), text)
+    if new != text:
+        README.write_text(new, encoding="utf-8")
+        print("README.md: table of checks updated")
+    return new != text
+
+
 def main(arguments: List[str]) -> None:
     pages = [Path(argument).resolve() for argument in arguments] or sorted(DOCS.glob("*.md"))
     changed = sum(update(page) for page in pages)
+    if not arguments:
+        update_readme()
     print(f"{changed} output block(s) updated in {len(pages)} page(s)")
 
 

@@ -33,8 +33,8 @@ class Contract(CheckTestCase):
 
         self.assertErrorsWith(make_case(DatasetTests, set_up), "test_value_range",
                               "Case sets self.value_ranges (in setUp or the class body), "
-                              "which DatasetTests does not read",
-                              "Did you mean self.value_range")
+                              "which no dltestkit mixin reads",
+                              "Did you mean self.value_range (DatasetTests: the inclusive")
 
     def test_a_misspelled_class_attribute_is_caught_too(self) -> None:
         case = model_case(AutoEncoder)
@@ -49,6 +49,26 @@ class Contract(CheckTestCase):
 
         self.assertErrorsWith(make_case(ModelTests, set_up), "test_output_shape",
                               "self.model set in Case.setUp is a type, not a torch.nn.Module")
+
+    def test_a_class_of_several_mixins_names_the_mixin_that_reads_the_attribute(self) -> None:
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+            self.splits = [Images()]
+
+        case = type("Case", (DatasetTests, ModelTests, unittest.TestCase), {"setUp": set_up})
+        text = self.assertErrorsWith(case, "test_output_shape", "self.splits set in Case.setUp "
+                                     "is a list, not a non-empty dict; DatasetTests needs")
+        self.assertNotIn("ModelTests needs", text)
+
+    def test_shapes_refuse_bools_and_negative_sizes(self) -> None:
+        for shape in [(4, True), (4, -1), [4, 1.0], torch.Size([4, 16]), "4, 16"]:
+            with self.subTest(shape=shape):
+                case = model_case(AutoEncoder, expected_output_shape=shape)
+                outcome = run_check(case, "test_output_shape")
+                if isinstance(shape, torch.Size):
+                    self.assertEqual(outcome.errors, [])
+                else:
+                    self.assertIn("not a shape (a tuple of non-negative ints)", outcome.errors[0])
 
     def test_unrelated_user_attributes_are_allowed(self) -> None:
         def set_up(self: Any) -> None:
@@ -113,6 +133,23 @@ class Seeding(CheckTestCase):
         case.seed = "1"
         self.assertErrorsWith(case, "test_output_shape", "self.seed set in Case.setUp is '1', "
                                                          "not an int")
+
+    def test_a_seed_outside_torchs_range_is_a_contract_error_not_a_crash(self) -> None:
+        for seed in (2**64, -(2**63) - 1):
+            with self.subTest(seed=seed):
+                case = model_case(AutoEncoder)
+                case.seed = seed
+                self.assertErrorsWith(case, "test_output_shape", "ContractError",
+                                      "not an int in [-2**63, 2**64 - 1]")
+
+    def test_a_seed_set_in_setup_is_refused_with_the_fix(self) -> None:
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+            self.seed = 5
+
+        self.assertErrorsWith(make_case(ModelTests, set_up), "test_output_shape",
+                              "Case.setUp sets self.seed, but setUp already ran seeded",
+                              "`seed = 5` in the class body")
 
     def test_make_deterministic_seeds_every_generator(self) -> None:
         draws = []

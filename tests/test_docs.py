@@ -1,8 +1,9 @@
 """The documentation is complete and its code runs.
 
 - Every check of each mixin has a section on the mixin's page in docs/ (an example failure
-  produced by running it, and how to skip it), and every attribute the mixin reads is in the
-  page's attribute table.
+  produced by running it, and how to skip it); each page shows the mixin's checks and
+  attributes with the directives that generate those tables from the code, and README's table
+  of checks is the one generated from the code.
 - Every ```python block of README.md runs as it is, and the test classes it defines pass.
 - The ```python fragments in docs/ compile, and the run.py commands shown in
   docs/example-project.md are accepted by run.py.
@@ -23,26 +24,23 @@ import unittest
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-from dltestkit import DatasetTests, ModelTests, TrainerTests
+import dltestkit
+from dltestkit import _reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 EXAMPLE = ROOT / "example_project"
 
-PAGES = {DatasetTests: "datasets.md", ModelTests: "models.md", TrainerTests: "trainers.md"}
+PAGES = {getattr(dltestkit, name): f"{page}.md" for name, page in _reference.PAGES.items()}
 
 HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*$")
 PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
 def public_checks(mixin: type) -> List[str]:
-    return sorted(name for name in dir(mixin)
-                  if name.startswith("test_") and callable(getattr(mixin, name)))
-
-
-def contract_attributes(mixin: Any) -> List[str]:
-    return sorted([*mixin._attributes(), "seed"])
+    """The checks the mixin defines itself (inherited ones are documented with their mixin)."""
+    return sorted(_reference.own_checks(mixin))
 
 
 def sections(text: str) -> Dict[str, str]:
@@ -96,21 +94,48 @@ class MixinPages(unittest.TestCase):
             with self.subTest(mixin=mixin.__name__):
                 self.assertEqual(sorted(documented - set(public_checks(mixin))), [])
 
-    def test_every_attribute_is_in_the_attribute_table(self) -> None:
+    def test_each_page_shows_the_generated_tables_of_its_mixin(self) -> None:
         for mixin in PAGES:
-            rows = re.findall(r"^\|[ \t]*`(\w+)`[ \t]*\|", self.page(mixin), re.M)
-            for name in contract_attributes(mixin):
-                with self.subTest(mixin=mixin.__name__, attribute=name):
-                    self.assertIn(name, rows, f"docs/{PAGES[mixin]} has no table row `{name}`")
+            with self.subTest(mixin=mixin.__name__):
+                page = self.page(mixin)
+                self.assertIn(f"```{{dltestkit-checks}} {mixin.__name__}\n```", page)
+                self.assertIn(f"```{{dltestkit-attributes}} {mixin.__name__}\n```", page)
+                self.assertNotRegex(page, r"(?m)^\| attribute \|",
+                                    "a hand-written attribute table drifts; use the directive")
 
-    def test_every_check_is_in_the_overviews(self) -> None:
-        overviews = {"docs/index.md": (DOCS / "index.md").read_text(encoding="utf-8"),
-                     "README.md": README.read_text(encoding="utf-8")}
+    def test_the_generated_attribute_tables_cover_every_attribute(self) -> None:
+        for mixin in PAGES:
+            table = "\n".join(_reference.attribute_table(mixin))
+            for name in mixin._attributes():
+                with self.subTest(mixin=mixin.__name__, attribute=name):
+                    self.assertIn(f"| `{name}` |", table)
+
+    def test_every_check_says_what_it_catches(self) -> None:
         for mixin in PAGES:
             for name in public_checks(mixin):
-                for where, text in overviews.items():
-                    with self.subTest(check=name, page=where):
-                        self.assertIn(f"`{name}`", text)
+                with self.subTest(check=name):
+                    self.assertTrue(_reference.summary(mixin, name).startswith("Check that "))
+                    self.assertTrue(_reference.catches(mixin, name))
+
+    def test_the_overview_is_generated_in_one_place_only(self) -> None:
+        index = (DOCS / "index.md").read_text(encoding="utf-8")
+        self.assertIn("```{dltestkit-checks}\n```", index)
+        pages = {page.name: page.read_text(encoding="utf-8") for page in DOCS.glob("*.md")}
+        copies = [name for name, text in pages.items()
+                  if re.search(r"(?m)^\| check \| catches \|", text)]
+        self.assertEqual(copies, [], "a hand-written table of checks drifts; use the directive")
+
+    def test_the_readme_shows_the_checks_as_generated_from_the_code(self) -> None:
+        sys.path.insert(0, str(DOCS))
+        try:
+            import update_outputs
+        finally:
+            sys.path.remove(str(DOCS))
+        match = update_outputs.README_CHECKS.search(README.read_text(encoding="utf-8"))
+        self.assertIsNotNone(match, "README.md has no generated table of checks")
+        assert match is not None
+        self.assertEqual(match.group(2), update_outputs.readme_checks(),
+                         "README.md's table of checks is stale: run python docs/update_outputs.py")
 
 
 @contextlib.contextmanager
