@@ -11,7 +11,15 @@ from ._base import ContractError
 from ._random import make_deterministic
 from .dataset import DatasetTests
 from .model import ModelTests
+from .sequence import SequenceModelTests
 from .trainer import TrainerTests
 
-__all__ = ["ContractError", "DatasetTests", "ModelTests", "TrainerTests", "make_deterministic"]
+__all__ = [
+    "ContractError",
+    "DatasetTests",
+    "ModelTests",
+    "SequenceModelTests",
+    "TrainerTests",
+    "make_deterministic",
+]
 __version__ = "0.1.0"

@@ -1,46 +1,45 @@
-"""Picking tensors out of samples, batches and model outputs."""
+"""Nested structures of tensors: model outputs, samples, batches, and how inputs are passed.
+
+One convention, used by every check: ``self.inputs`` is a tensor (``model(inputs)``), a
+tuple or list (positional arguments, ``model(*inputs)``) or a dict (keyword arguments,
+``model(**inputs)``, what a tokenizer returns). Outputs and samples may nest tuples, lists,
+dicts, Hugging Face ``ModelOutput`` objects and dataclasses.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+import dataclasses
+from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 Key = Optional[Union[int, str]]
 
 
-def select_tensor(obj: Any, key: Key, what: str, attribute: str) -> torch.Tensor:
-    """Return the tensor to check from ``obj``.
+# -- nested structures ---------------------------------------------------------------
+def _fields(obj: Any) -> Optional[List[Tuple[Any, Any]]]:
+    """(key, value) of a container the checks look into, or None for a leaf."""
+    if isinstance(obj, Mapping):  # dict, OrderedDict, transformers' ModelOutput
+        return list(obj.items())
+    if isinstance(obj, (tuple, list)):
+        return list(enumerate(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [(field.name, getattr(obj, field.name)) for field in dataclasses.fields(obj)]
+    return None
 
-    ``key`` is ``None`` (a tensor is used as it is, a tuple or list gives its first
-    element) or an index/key into ``obj``. ``what`` and ``attribute`` name the
-    object and the setUp attribute that chooses, for the error message.
-    """
-    if key is not None:
-        try:
-            picked = obj[key]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise TypeError(
-                f"{what} has no element {key!r} (chosen by self.{attribute}): {exc!r}"
-            ) from None
-    elif isinstance(obj, torch.Tensor):
-        picked = obj
-    elif isinstance(obj, (tuple, list)) and obj:
-        picked = obj[0]
-    else:
-        raise TypeError(
-            f"{what} is a {type(obj).__name__}; set self.{attribute} to the index or key "
-            "of the tensor to check"
-        )
-    if not isinstance(picked, torch.Tensor):
-        raise TypeError(
-            f"{what} element chosen by self.{attribute}={key!r} is a "
-            f"{type(picked).__name__}, not a torch.Tensor; set self.{attribute}"
-        )
-    return picked
+
+def named_tensors(obj: Any, prefix: str = "output") -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor in a nested structure."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+        return
+    fields = _fields(obj)
+    for key, item in fields or ():
+        path = f"{prefix}.{key}" if dataclasses.is_dataclass(obj) else f"{prefix}[{key!r}]"
+        yield from named_tensors(item, path)
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
-    """Apply ``fn`` to every tensor in a nested tuple/list/dict structure."""
+    """Apply ``fn`` to every tensor in a nested structure, keeping the containers' types."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -48,27 +47,94 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, item) for item in obj)
     if isinstance(obj, Mapping):
-        return {name: map_tensors(fn, item) for name, item in obj.items()}
+        mapped = {name: map_tensors(fn, item) for name, item in obj.items()}
+        try:
+            return type(obj)(**mapped) if type(obj) is not dict else mapped
+        except TypeError:
+            return mapped
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{  # type: ignore[arg-type]
+            field.name: map_tensors(fn, getattr(obj, field.name))
+            for field in dataclasses.fields(obj) if field.init})
     return obj
 
 
-def named_tensors(obj: Any, prefix: str = "output") -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(path, tensor)`` for every tensor in a nested structure."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, (tuple, list)):
-        for index, item in enumerate(obj):
-            yield from named_tensors(item, f"{prefix}[{index}]")
-    elif isinstance(obj, Mapping):
-        for name, item in obj.items():
-            yield from named_tensors(item, f"{prefix}[{name!r}]")
+def floating_tensors(obj: Any) -> List[Tuple[str, torch.Tensor]]:
+    """The floating-point tensors of a nested structure, with their paths."""
+    return [(path, t) for path, t in named_tensors(obj) if t.is_floating_point()]
 
 
-def as_args(inputs: Any) -> Sequence[Any]:
-    """The positional arguments for ``model(*args)``: a tuple/list is unpacked."""
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+def select_tensor(obj: Any, key: Key, what: str, attribute: str) -> torch.Tensor:
+    """Return the tensor to check from ``obj``.
+
+    ``key`` is ``None`` (a tensor is used as it is; a tuple, list, dict or dataclass gives
+    its first element) or an index/key into ``obj``. ``what`` and ``attribute`` name the
+    object and the setUp attribute that chooses, for the error message.
+    """
+    if key is not None:
+        try:
+            picked = obj[key]
+        except (KeyError, IndexError, TypeError) as exc:
+            fields = _fields(obj)
+            keys = f"; it has {[k for k, _ in fields]}" if fields and isinstance(key, str) else ""
+            raise TypeError(
+                f"{what} has no element {key!r} (chosen by self.{attribute}){keys}: {exc!r}"
+            ) from None
+    elif isinstance(obj, torch.Tensor):
+        picked = obj
+    else:
+        fields = _fields(obj)
+        if not fields:
+            raise TypeError(
+                f"{what} is a {type(obj).__name__}, not a tensor; set self.{attribute} to "
+                "the index or key of the tensor to check"
+            )
+        key, picked = fields[0]
+    if not isinstance(picked, torch.Tensor):
+        raise TypeError(
+            f"{what} element {key!r} (chosen by self.{attribute}) is a "
+            f"{type(picked).__name__}, not a torch.Tensor; set self.{attribute} to the index "
+            "or key of a tensor"
+        )
+    return picked
 
 
-def batch_tensors(inputs: Any) -> List[torch.Tensor]:
-    """The input tensors that carry a batch dimension."""
-    return [t for t in as_args(inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
+# -- inputs: how the model is called ---------------------------------------------------
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def input_entries(inputs: Any) -> List[Tuple[Key, Any]]:
+    """The arguments in ``inputs``: (key, value) for a dict, (index, value) for a tuple or
+    list, ``(None, inputs)`` for a single tensor."""
+    if isinstance(inputs, Mapping):
+        return list(inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return list(enumerate(inputs))
+    return [(None, inputs)]
+
+
+def batched_entries(inputs: Any, unbatched: Collection[Any] = ()) -> List[Tuple[Key, torch.Tensor]]:
+    """The input tensors that carry the batch dimension (first): every tensor argument with
+    at least one dimension, except those whose key or index is in ``unbatched``."""
+    return [(key, value) for key, value in input_entries(inputs)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in unbatched]
+
+
+def replace_entries(inputs: Any, new: Dict[Key, Any]) -> Any:
+    """``inputs`` with the arguments whose keys are in ``new`` replaced."""
+    if isinstance(inputs, Mapping):
+        return {key: new.get(key, value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(new.get(index, value) for index, value in enumerate(inputs))
+    return new.get(None, inputs)
+
+
+def describe_input(key: Key) -> str:
+    """How an argument is named in messages: self.inputs, self.inputs[1], self.inputs['ids']."""
+    return "self.inputs" if key is None else f"self.inputs[{key!r}]"

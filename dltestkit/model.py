@@ -4,38 +4,60 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from typing import Any, Callable, ClassVar, Collection, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._base import Attribute, CheckMixin, check, is_instance, is_optional_number, is_shape
-from ._random import _mps_available
-from ._tensors import as_args, batch_tensors, map_tensors, named_tensors, select_tensor
+from ._base import (
+    REQUIRED,
+    Attribute,
+    CheckMixin,
+    ContractError,
+    check,
+    is_callable,
+    is_instance,
+    is_keys,
+    is_names,
+    is_shape,
+    optional,
+    is_number,
+)
+from ._devices import ReplayMismatch, available_accelerators, watch_meta_forward, watching_dtypes
+from ._probes import Probe, probe_forward
+from ._tensors import (
+    Key,
+    batched_entries,
+    call_model,
+    describe_input,
+    floating_tensors,
+    input_entries,
+    map_tensors,
+    named_tensors,
+    replace_entries,
+    select_tensor,
+)
 
 __all__ = ["ModelTests"]
 
+#: How many optimisation steps test_all_parameters_updated trains a copy for, at most.
+PARAMETER_STEPS = 3
 _DEVICE_MIXING = ("is not on the expected device", "to be on the same device",
                   "Expected all tensors to be on the same device")
 
 
 def _is_inputs(value: Any) -> Optional[str]:
-    tensors = batch_tensors(value)
-    if not tensors:
-        return "holds no tensor with a batch dimension"
-    if len({t.shape[0] for t in tensors}) > 1:
-        return f"holds tensors with different batch sizes {[t.shape[0] for t in tensors]}"
-    return None
+    if isinstance(value, torch.Tensor) or isinstance(value, (tuple, list, dict)):
+        return None
+    return (f"is a {type(value).__name__}, not a tensor, a tuple of positional arguments or "
+            "a dict of keyword arguments")
 
 
-def accelerators() -> List[str]:
-    """The GPU devices present (CUDA, MPS)."""
-    found = []
-    if torch.cuda.is_available():
-        found.append("cuda")
-    if _mps_available():
-        found.append("mps")
-    return found
+def _is_dtypes(value: Any) -> Optional[str]:
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(d, torch.dtype) and d.is_floating_point for d in value):
+        return None
+    return f"is {value!r}, not a list of floating-point torch dtypes"
 
 
 @contextlib.contextmanager
@@ -50,153 +72,275 @@ def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             module.training = was_training
 
 
-class ModelTests(CheckMixin):
-    """Checks for a model.
+def _describe_mode(training: bool) -> str:
+    return "training" if training else "eval"
 
-    Required in setUp:
-        ``self.model`` (an ``nn.Module``) and ``self.inputs`` (a batch: a tensor, or a
-        tuple of tensors passed as ``model(*inputs)``; batch dimension first).
-    Optional:
-        ``self.expected_output_shape`` (the output shape for ``self.inputs``; default:
-        the shape of ``self.inputs``), ``self.output_key`` (which element of a tuple or
-        dict output is checked; default: a tensor output itself, element 0 of a tuple),
-        ``self.loss_fn`` (``output -> scalar`` used by the gradient checks; default: a
-        fixed random weighting of the checked output, summed),
-        ``self.allowed_unchanged_parameters`` (names or glob patterns of parameters that
-        may legitimately get no gradient), ``self.device_rtol``/``self.device_atol``
-        (tolerances comparing GPU with CPU outputs; default: those of
-        ``torch.testing.assert_close``).
+
+class ModelTests(CheckMixin):
+    """Checks for a model (an ``nn.Module``) on one batch of inputs.
+
+    ``self.inputs`` is passed as the model is called in your code: a tensor as
+    ``model(inputs)``, a tuple or list as positional arguments ``model(*inputs)``, a dict as
+    keyword arguments ``model(**inputs)`` (what a tokenizer returns).
     """
 
     _mixin_name: ClassVar[str] = "ModelTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("model", "the model under test", "MyModel()", required=True,
+        Attribute("model", "the model under test, on the CPU", "MyModel()", default=REQUIRED,
                   validate=is_instance(nn.Module, description="a torch.nn.Module")),
-        Attribute("inputs", "a batch of inputs, batch dimension first",
-                  "torch.randn(4, 1, 32, 32)", required=True, validate=_is_inputs),
-        Attribute("expected_output_shape", "the output shape for self.inputs",
-                  "(4, 10)", validate=is_shape),
-        Attribute("output_key", "the index or key of the output tensor to check", "0",
-                  validate=is_instance(int, str, type(None), description="an int or str")),
-        Attribute("loss_fn", "a function of the model output giving a scalar loss",
-                  "lambda out: out[0].square().mean()",
-                  validate=lambda v: None if v is None or callable(v) else "is not callable"),
+        Attribute("inputs", "one batch of inputs, batch dimension first", "torch.randn(4, 3, 32, 32)",
+                  default=REQUIRED, validate=_is_inputs,
+                  details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
+                          "arguments `model(*inputs)`, a dict as keyword arguments "
+                          "`model(**inputs)`, e.g. `{\"input_ids\": ids, \"attention_mask\": "
+                          "mask}`. Every tensor with a dimension carries the batch dimension "
+                          "first, except those in `unbatched_inputs`. 2 to 8 samples."),
+        Attribute("expected_output_shape", "the shape of the checked output for self.inputs",
+                  "(4, 10)", validate=is_shape, read_by=("test_output_shape",),
+                  default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
+                               "`test_output_shape` skips",
+                  details="It starts with the batch size of `inputs`."),
+        Attribute("output_key", "the index or key of the checked output tensor",
+                  '"last_hidden_state"', default=None, validate=optional(is_instance(
+                      int, str, description="an int index or a str key")),
+                  details="`None`: a tensor output itself, else the first element of a tuple, "
+                          "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
+                          "is what the shape, batch-independence and sequence checks look at; "
+                          "the gradient checks use every floating-point output."),
+        Attribute("unbatched_inputs", "the keys or indices of inputs without a batch dimension",
+                  '["mask"]', default=(), validate=is_keys,
+                  details="They are passed unchanged at every batch size and never "
+                          "differentiated, e.g. the `(seq, seq)` causal mask of "
+                          "`nn.TransformerEncoder`."),
+        Attribute("loss_fn", "a function of the model output giving the scalar loss",
+                  "lambda out: out.logits.square().mean()", default=None,
+                  validate=optional(is_callable),
+                  read_by=("test_all_parameters_updated", "test_finite_outputs_and_gradients"),
+                  details="`None`: every floating-point tensor of the output, weighted with fixed "
+                          "random weights (so that nothing cancels, as a plain sum of softmax "
+                          "rows would) and summed."),
         Attribute("allowed_unchanged_parameters",
-                  "names or glob patterns of parameters that may stay unchanged",
-                  '["decoder.unused.*"]',
-                  validate=is_instance(list, tuple, set, frozenset,
-                                       description="a collection of names")),
+                  "names or glob patterns of parameters that may legitimately stay untrained",
+                  '["decoder.unused.*"]', default=(), validate=is_names,
+                  read_by=("test_all_parameters_updated",)),
+        Attribute("make_model", "a zero-argument callable that builds a fresh model of the "
+                  "same architecture", "lambda: MyModel()", validate=is_callable,
+                  read_by=("test_state_dict_round_trip",)),
+        Attribute("moved_dtypes", "the floating-point dtypes a copy of the model is moved to",
+                  "[torch.bfloat16]", default=(torch.bfloat16, torch.float64),
+                  validate=_is_dtypes, read_by=("test_dtype_moving",)),
+        Attribute("accelerators", "the devices whose outputs are compared with the CPU's",
+                  '["cuda"]', validate=is_names, read_by=("test_device_moving_on_gpu",),
+                  default_text="the accelerator torch finds (CUDA, MPS, XPU, ...), if any"),
         Attribute("device_rtol", "the relative tolerance comparing GPU and CPU outputs", "1e-4",
-                  validate=is_optional_number),
+                  default=None, validate=optional(is_number),
+                  read_by=("test_device_moving_on_gpu",),
+                  details="`None`: the default of `torch.testing.assert_close` for the dtype."),
         Attribute("device_atol", "the absolute tolerance comparing GPU and CPU outputs", "1e-5",
-                  validate=is_optional_number),
+                  default=None, validate=optional(is_number),
+                  read_by=("test_device_moving_on_gpu",)),
     )
 
-    output_key: Optional[Any] = None
-    loss_fn: Optional[Callable[[Any], torch.Tensor]] = None
-    allowed_unchanged_parameters: Collection[str] = ()
-    device_rtol: Optional[float] = None
-    device_atol: Optional[float] = None
+    model: nn.Module
+    inputs: Any
+    expected_output_shape: Sequence[int]
+    output_key: Key
+    unbatched_inputs: Collection[Key]
+    loss_fn: Optional[Callable[[Any], torch.Tensor]]
+    allowed_unchanged_parameters: Collection[str]
+    make_model: Callable[[], nn.Module]
+    moved_dtypes: Sequence[torch.dtype]
+    accelerators: Sequence[str]
+    device_rtol: Optional[float]
+    device_atol: Optional[float]
 
-    # -- helpers -----------------------------------------------------------------
+    # -- the contract across attributes --------------------------------------------------
+    def _validate_combination(self) -> None:
+        super()._validate_combination()
+        keys = [key for key, _ in input_entries(self.inputs)]
+        unknown = [key for key in self.unbatched_inputs if key not in keys]
+        if unknown:
+            raise self._contract_error(
+                "unbatched_inputs", f"names {unknown}, which self.inputs does not have "
+                f"(it has {keys})")
+        entries = batched_entries(self.inputs, self.unbatched_inputs)
+        if not entries:
+            raise self._contract_error("inputs", "holds no tensor with a batch dimension")
+        sizes = ", ".join(f"{describe_input(key)} {tuple(t.shape)}" for key, t in entries)
+        if len({t.shape[0] for _, t in entries}) > 1:
+            raise self._contract_error(
+                "inputs", f"holds tensors whose first dimensions differ: {sizes}. Every tensor "
+                "carries the batch dimension first; list the ones that do not (a (seq, seq) "
+                "mask) in self.unbatched_inputs")
+        if self._is_set("expected_output_shape"):
+            expected = tuple(self.expected_output_shape)
+            if not expected or expected[0] != self._batch_size():
+                raise self._contract_error(
+                    "expected_output_shape", f"is {expected}, which does not start with the "
+                    f"batch size of self.inputs ({self._batch_size()})")
+
+    # -- calling the model: one convention for every check --------------------------------
     def _batch_size(self) -> int:
-        return batch_tensors(self.inputs)[0].shape[0]
-
-    def _output(self, output: Any) -> torch.Tensor:
-        return select_tensor(output, self.output_key, "the model output", "output_key")
-
-    def _weights(self, like: torch.Tensor) -> torch.Tensor:
-        """Fixed random weights, so that no summed output can cancel (e.g. softmax rows)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like)
-
-    def _loss(self, output: Any) -> torch.Tensor:
-        if self.loss_fn is not None:
-            return self.loss_fn(output)
-        checked = self._output(output)
-        return (checked * self._weights(checked)).sum()
-
-    def _expected_shape(self) -> Tuple[int, ...]:
-        if hasattr(self, "expected_output_shape"):
-            return tuple(self.expected_output_shape)
-        if not isinstance(self.inputs, torch.Tensor):
-            self.skipTest("self.inputs is a tuple; set self.expected_output_shape to enable "
-                          "this check")
-        return tuple(self.inputs.shape)
+        return int(batched_entries(self.inputs, self.unbatched_inputs)[0][1].shape[0])
 
     def _resized_inputs(self, size: int) -> Any:
         """self.inputs with ``size`` samples (repeating samples if needed)."""
         index = torch.arange(size) % self._batch_size()
-        return map_tensors(lambda t: t[index] if t.dim() > 0 else t, self.inputs)
+        return replace_entries(self.inputs, {key: tensor[index] for key, tensor in
+                                             batched_entries(self.inputs, self.unbatched_inputs)})
 
-    # -- the checks --------------------------------------------------------------
+    def _forward(self, model: nn.Module, inputs: Any, training: bool = False,
+                 seed: Optional[int] = None) -> Any:
+        """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
+        unless given) and restored after; every submodule's mode is restored too."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if seed is None else seed)
+            with _mode(model, training=training):
+                try:
+                    return call_model(model, inputs)
+                except Exception as exc:
+                    if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
+                        exc._dltestkit_noted = True  # type: ignore[attr-defined]
+                        exc.add_note(self._call_note(inputs, training))
+                    raise
+
+    def _call_note(self, inputs: Any, training: bool) -> str:
+        """How the model was called, for an exception raised by the model itself."""
+        entries = [f"{describe_input(key)}: " + (str(tuple(value.shape)) if isinstance(
+            value, torch.Tensor) else type(value).__name__) for key, value in input_entries(inputs)]
+        how = ("model(**inputs), keyword arguments" if isinstance(inputs, dict) else
+               "model(*inputs), positional arguments" if isinstance(inputs, (tuple, list)) else
+               "model(inputs)")
+        return (f"[dltestkit] raised by the model in {_describe_mode(training)} mode, called as "
+                f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
+                "positional arguments in its order; use a dict for keyword arguments.")
+
+    def _copy_model(self) -> nn.Module:
+        """A deep copy of self.model (the checks that train or move the model use one)."""
+        try:
+            return copy.deepcopy(self.model)
+        except Exception as exc:
+            raise ContractError(
+                f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
+                "that train, move or convert the model work on a copy, so that your model is "
+                "left as it was. Keep open files, locks, generators and other uncopyable "
+                "objects out of the model's attributes."
+            ) from exc
+
+    def _output(self, output: Any) -> torch.Tensor:
+        """The checked output tensor (chosen by output_key)."""
+        try:
+            return select_tensor(output, self.output_key, "the model output", "output_key")
+        except TypeError as exc:
+            raise ContractError(str(exc)) from None
+
+    def _weights(self, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Fixed random weights, so that no summed output can cancel (e.g. softmax rows)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
+                for t in like]
+
+    def _loss(self, output: Any) -> torch.Tensor:
+        """loss_fn(output), or every floating-point output weighted at random and summed."""
+        if self.loss_fn is not None:
+            return self.loss_fn(output)
+        tensors = [t for _, t in floating_tensors(output)]
+        if not tensors:
+            raise ContractError("the model output has no floating-point tensor to take "
+                                "gradients of; set self.loss_fn")
+        weights = self._weights(tensors)
+        return torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
+
+    def _output_hint(self, output: Any) -> str:
+        """What to do when the checked output looks wrong and output_key is unset."""
+        if self.output_key is not None or isinstance(output, torch.Tensor):
+            return ""
+        paths = [f"{path} {tuple(t.shape)}" for path, t in named_tensors(output)][:6]
+        return (f" The checked output is the first element of the {type(output).__name__} "
+                f"the model returns ({', '.join(paths)}); set self.output_key to check "
+                "another.")
+
+    # -- the checks --------------------------------------------------------------------------
     @check
     def test_output_shape(self) -> None:
-        """Check that the output shape is ``expected_output_shape`` at this and other batch sizes."""
-        expected = self._expected_shape()
+        """Check that the output shape is ``expected_output_shape`` at this and other batch sizes.
+
+        Catches a wrong output shape, a model that only works at one batch size (a
+        hard-coded batch size, a squeeze() that drops the batch dimension).
+        """
         batch = self._batch_size()
-        if expected and expected[0] != batch:
-            self.fail(f"self.expected_output_shape {expected} must start with the batch size "
-                      f"of self.inputs ({batch})")
-        with _mode(self.model, training=False), torch.no_grad():
-            for size in dict.fromkeys((batch, 1, batch + 1)):
-                with self.subTest(batch_size=size):
-                    hint = ("The model only works at the batch size of self.inputs: look for "
-                            "a hard-coded batch size or a squeeze() in forward (use x.shape[0], "
-                            "nn.Flatten/nn.Unflatten, squeeze(dim)).")
-                    try:
-                        output = self._output(self.model(*as_args(self._resized_inputs(size))))
-                    except Exception as exc:
-                        if size == batch:
-                            raise
-                        self.fail(f"at batch size {size} the model raises "
-                                  f"{type(exc).__name__}: {exc}. {hint}")
-                    wanted = (size, *expected[1:])
-                    if tuple(output.shape) != wanted:
-                        self.fail(
-                            f"at batch size {size} the output has shape {tuple(output.shape)}, "
-                            f"expected {wanted}. " + (hint if size != batch else
-                                                      "Fix the model or "
-                                                      "self.expected_output_shape.")
-                        )
+        if self._is_set("expected_output_shape"):
+            expected = tuple(self.expected_output_shape)
+        elif isinstance(self.inputs, torch.Tensor):
+            expected = tuple(self.inputs.shape)
+        else:
+            self.skipTest(f"self.inputs is a {type(self.inputs).__name__}; set "
+                          "self.expected_output_shape to enable this check")
+        with torch.no_grad():
+            base = self._forward(self.model, self.inputs)
+        checked = self._output(base)
+        if tuple(checked.shape) != expected:
+            self.fail(f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
+                      f"{batch}), expected {expected}. Fix the model or "
+                      f"self.expected_output_shape.{self._output_hint(base)}")
+        hint = ("The model works at the batch size of self.inputs only: look for a hard-coded "
+                "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
+                "squeeze(dim)).")
+        for size in dict.fromkeys((1, batch + 1)):
+            with self.subTest(batch_size=size):
+                try:
+                    with torch.no_grad():
+                        output = self._output(self._forward(self.model,
+                                                            self._resized_inputs(size)))
+                except ContractError:
+                    raise
+                except Exception as exc:
+                    self.fail(f"at batch size {size} the model raises {type(exc).__name__}: "
+                              f"{exc}. {hint}")
+                wanted = (size, *expected[1:])
+                if tuple(output.shape) != wanted:
+                    self.fail(f"at batch size {size} the output has shape "
+                              f"{tuple(output.shape)}, expected {wanted}. {hint}")
 
-    def _run(self, model: nn.Module, device: str, seed: int, training: bool = False) -> Any:
-        inputs = map_tensors(lambda t: t.to(device), self.inputs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with _mode(model, training=training), torch.no_grad():
-                return model(*as_args(inputs))
+    def _on(self, device: str) -> Any:
+        return map_tensors(lambda t: t.to(device), self.inputs)
 
-    def _check_meta(self) -> None:
-        moved = copy.deepcopy(self.model).to("meta")
-        # Both modes: stochastic layers (a VAE's sampling, dropout) often run in training only.
-        for training in (False, True):
-            self._check_meta_forward(moved, training)
-
-    def _check_meta_forward(self, moved: nn.Module, training: bool) -> None:
-        mode = "training" if training else "eval"
+    def _check_meta(self, training: bool) -> None:
+        mode = _describe_mode(training)
+        on_cpu, on_meta = self._copy_model(), self._copy_model().to("meta")
+        inputs = self._on("meta")
         try:
-            output = self._run(moved, "meta", self.seed, training)
+            output, problem = watch_meta_forward(
+                lambda: self._forward(on_cpu, self.inputs, training),
+                lambda _: self._forward(on_meta, inputs, training), on_meta)
+        except ReplayMismatch as exc:
+            self.skipTest(f"in {mode} mode the forward pass takes another path on the meta "
+                          f"device than on the CPU ({exc}), so device bugs could not be "
+                          "checked without a GPU")
         except Exception as exc:
-            text = str(exc)
+            text = str(exc).strip()
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
-                self.fail(
-                    "the model does not move to another device as a whole: after .to('meta') "
-                    f"its forward in {mode} mode combines a tensor left on the CPU "
-                    f"({text.strip()}). Usual "
-                    "causes: a tensor created without device= in forward (torch.randn(shape) "
-                    "-> torch.randn_like(x) or device=x.device), a tensor attribute that is not "
-                    "registered (self.register_buffer), layers kept in a plain Python list "
-                    "(nn.ModuleList). The same code fails on a GPU."
-                )
-            if isinstance(exc, NotImplementedError) or "meta" in text.lower():
+                problem_text = f"its forward combines a tensor left on the CPU ({text})"
+            elif isinstance(exc, NotImplementedError) or "meta" in text.lower():
                 self.skipTest(
-                    "the model uses an operation the meta device cannot run "
-                    f"({type(exc).__name__}: {text.strip().splitlines()[0]}), so device bugs "
-                    "cannot be checked without a GPU"
-                )
-            raise
-        self._assert_outputs_on(output, "meta", mode)
+                    f"the model uses an operation the meta device cannot run in {mode} mode "
+                    f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}), so "
+                    "device bugs cannot be checked without a GPU")
+            else:
+                raise
+        else:
+            if problem is None:
+                self._assert_outputs_on(output, "meta", mode)
+                return
+            problem_text = problem.describe()
+        self.fail(
+            f"the model does not move to another device as a whole: after .to('meta'), in "
+            f"{mode} mode, {problem_text}. Usual causes: a tensor created without device= in "
+            "forward (torch.arange(n) -> torch.arange(n, device=x.device), torch.randn(shape) "
+            "-> torch.randn_like(x)), a tensor attribute that is not registered "
+            "(self.register_buffer), layers kept in a plain Python list (nn.ModuleList). The "
+            "same code fails on a GPU."
+        )
 
     def _assert_outputs_on(self, output: Any, device: str, mode: str) -> None:
         """Every output tensor of the model's copy on ``device`` is on ``device``."""
@@ -208,143 +352,393 @@ class ModelTests(CheckMixin):
                       "made without device= in forward)")
 
     def _check_accelerator(self, device: str) -> None:
-        reference = self._run(self.model, "cpu", self.seed)
-        deterministic = all(
-            torch.equal(a, b) for (_, a), (_, b) in
-            zip(named_tensors(reference), named_tensors(self._run(self.model, "cpu", self.seed + 1)))
-        )
-        moved = copy.deepcopy(self.model).to(device)
-        on_device = self._run(moved, device, self.seed)
-        self._assert_outputs_on(on_device, device, "eval")
-        on_device = map_tensors(lambda t: t.cpu(), on_device)
-        if deterministic:
-            torch.testing.assert_close(
-                on_device, reference, rtol=self.device_rtol, atol=self.device_atol,
-                msg=lambda m: f"the model on {device} gives other outputs than on the CPU:\n{m}")
-        else:  # stochastic even in eval mode: GPU noise differs from CPU noise
-            for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
-                self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
-                self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
-        self._assert_outputs_on(self._run(moved, device, self.seed, training=True), device,
-                                "training")
-        back = self._run(moved.to("cpu"), "cpu", self.seed)
+        with torch.no_grad():
+            reference = self._forward(self.model, self.inputs)
+            again = self._forward(self.model, self.inputs, seed=self.seed + 1)
+            deterministic = all(torch.equal(a, b) for (_, a), (_, b) in
+                                zip(named_tensors(reference), named_tensors(again)))
+            moved = self._copy_model().to(device)
+            on_device = self._forward(moved, self._on(device))
+            self._assert_outputs_on(on_device, device, "eval")
+            on_device = map_tensors(lambda t: t.cpu(), on_device)
+            if deterministic:
+                torch.testing.assert_close(
+                    on_device, reference, rtol=self.device_rtol, atol=self.device_atol,
+                    msg=lambda m: f"the model on {device} gives other outputs than on the "
+                                  f"CPU:\n{m}")
+            else:  # random even in eval mode: GPU noise differs from CPU noise
+                for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
+                    self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
+                    self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
+            self._assert_outputs_on(self._forward(moved, self._on(device), training=True),
+                                    device, "training")
+            back = self._forward(moved.to("cpu"), self.inputs)
         torch.testing.assert_close(
             back, reference, rtol=0, atol=0,
             msg=lambda m: f"the model moved to {device} and back gives other outputs:\n{m}")
 
     @check
     def test_device_moving(self) -> None:
-        """Check that the model moves to another device as a whole (on ``meta``, no GPU needed)."""
-        self._check_meta()
+        """Check that the model moves to another device as a whole (on ``meta``, no GPU needed).
+
+        Catches a model that does not move to another device as a whole: tensors created
+        without device= (position ids, noise), unregistered tensor attributes, layers in a
+        plain list, outputs left on the CPU; found on the meta device, without a GPU.
+        """
+        for training in (False, True):
+            self._check_meta(training)
 
     @check
     def test_device_moving_on_gpu(self) -> None:
-        """Check that a copy moved to each GPU (CUDA, MPS) and back gives the CPU's outputs."""
-        found = accelerators()
+        """Check that a copy moved to each GPU (CUDA, MPS, XPU) and back gives the CPU's outputs.
+
+        Catches outputs that change when the model is moved to a real GPU and back (skips
+        without one).
+        """
+        found = self.accelerators if self._is_set("accelerators") else available_accelerators()
         if not found:
-            self.skipTest("no CUDA or MPS device: outputs on a GPU were not compared; "
-                          "test_device_moving checked device bugs on the meta device")
+            self.skipTest("no CUDA, MPS or other accelerator: outputs on a GPU were not "
+                          "compared; test_device_moving checked device bugs on the meta device")
         for device in found:
             with self.subTest(device=device):
                 self._check_accelerator(device)
 
+    # -- dependence on the inputs -------------------------------------------------------------
+    def _unprobed_inputs(self) -> Collection[Key]:
+        """Inputs that are never differentiated."""
+        return tuple(self.unbatched_inputs)
+
+    def _probe(self, model: nn.Module, inputs: Any = None
+               ) -> Tuple[Any, torch.Tensor, List[Probe]]:
+        """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
+        self.inputs)."""
+        with _mode(model, training=False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            output, probes = probe_forward(lambda batch: call_model(model, batch),
+                                           self.inputs if inputs is None else inputs,
+                                           self._batch_size(), self._unprobed_inputs())
+        if not probes:
+            integers = [describe_input(key) for key, t in
+                        batched_entries(self.inputs, self._unprobed_inputs())
+                        if not t.is_floating_point()]
+            self.skipTest(
+                "no input can be differentiated: self.inputs has no floating-point tensor, "
+                f"and its integer tensors ({', '.join(integers) or 'none'}) reach no embedding "
+                "(nn.Embedding or F.embedding) with the batch dimension first")
+        return output, self._output(output), probes
+
+    def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
+        """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
+        True where d value / d probe is non-zero. A NaN there (0 * NaN from an output that is
+        not part of ``value``, such as a fully masked padding row) is no evidence of
+        dependence and counts as False."""
+        if not value.requires_grad:
+            return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
+        grads = torch.autograd.grad(value, [p.tensor for p in probes], retain_graph=True,
+                                    allow_unused=True)
+        return [torch.zeros_like(p.tensor, dtype=torch.bool) if g is None
+                else g.ne(0) & g.isfinite() for p, g in zip(probes, grads)]
+
     @check
     def test_batch_independence(self) -> None:
-        """Check that each sample's output depends on its own input only (eval mode)."""
-        inputs = map_tensors(lambda t: t.detach().clone().requires_grad_(t.is_floating_point()),
-                             self.inputs)
-        leaves = [t for t in batch_tensors(inputs) if t.requires_grad]
-        if not leaves:
-            self.skipTest("self.inputs has no floating-point tensor to take gradients of")
+        """Check that each sample's output depends on its own input only (eval mode).
+
+        Catches samples mixed across the batch: a reshape used as a transpose, softmax or
+        normalisation over dim 0, batch statistics; for token inputs too, through their
+        embeddings.
+        """
         batch = self._batch_size()
         if batch < 2:
-            self.fail("self.inputs must hold at least 2 samples to check batch independence")
-        with _mode(self.model, training=False):
-            for index in range(batch):
-                output = self._output(self.model(*as_args(inputs)))
-                if output.shape[0] != batch:
-                    self.fail(f"the output's first dimension is {output.shape[0]}, not the "
-                              f"batch size {batch}")
-                keep = torch.ones(batch, dtype=output.dtype, device=output.device)
-                keep[index] = 0
-                weights = self._weights(output) * keep.view(-1, *[1] * (output.dim() - 1))
-                grads = torch.autograd.grad((output * weights).sum(), leaves, allow_unused=True)
-                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-                if any(g[index].ne(0).any() for g in grads):
+            raise self._contract_error("inputs", f"holds {batch} sample; test_batch_independence "
+                                       "needs at least 2 (4 is plenty)")
+        output, checked, probes = self._probe(self.model)
+        if checked.dim() == 0 or checked.shape[0] != batch:
+            self.fail(f"the checked output has shape {tuple(checked.shape)}, whose first "
+                      f"dimension is not the batch size {batch}.{self._output_hint(output)}")
+        weights = self._weights([checked])[0]
+        for index in range(batch):
+            others = [other for other in range(batch) if other != index]
+            depends = self._dependence((checked[others] * weights[others]).sum(), probes)
+            for probe, where in zip(probes, depends):
+                if where[index].any():
                     self.fail(
-                        f"sample {index}'s input gets a gradient from the outputs of the other "
-                        f"samples of the batch (its own output masked out): the model mixes "
-                        "samples. Look for a reshape/view used instead of a transpose/permute, "
-                        "softmax/normalisation over dim 0, statistics over the batch, or "
-                        "BatchNorm with track_running_stats=False."
+                        f"sample {index}'s {probe.describe()} gets a gradient from the outputs "
+                        "of the other samples of the batch (its own output masked out): the "
+                        "model mixes samples. Look for a reshape/view used instead of a "
+                        "transpose/permute, softmax/normalisation over dim 0, statistics over "
+                        "the batch, or BatchNorm with track_running_stats=False."
                     )
-                dead = [other for other in range(batch) if other != index
-                        and all(g[other].eq(0).all() for g in grads)]
-                if dead:
-                    self.fail(f"samples {dead} get no gradient from their own outputs: the "
-                              "output does not depend on the input (with sample "
-                              f"{index} masked out)")
+            dead = [other for other in others if not any(d[other].any() for d in depends)]
+            if dead:
+                self.fail(f"samples {dead} get no gradient from their own outputs (with sample "
+                          f"{index} masked out): the checked output does not depend on "
+                          f"{' or '.join(p.describe() for p in probes)}."
+                          f"{self._output_hint(output)}")
 
-    def _gradients(self, model: nn.Module) -> Tuple[Any, Dict[str, Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode step on ``model``."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        with _mode(model, training=True):
-            output = model(*as_args(self.inputs))
-            loss = self._loss(output)
-        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        return output, {name: grad for (name, _), grad in zip(named, grads)}
+    # -- training ----------------------------------------------------------------------------
+    def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def _gradients(self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]],
+                   step: int = 0) -> Tuple[Any, List[Optional[torch.Tensor]]]:
+        """Output and parameter gradients of one training-mode forward and backward pass."""
+        output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
+        loss = self._loss(output)
+        if not trainable or not loss.requires_grad:
+            return output, [None] * len(trainable)
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        return output, list(grads)
 
     def _allowed(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern)
                    for pattern in self.allowed_unchanged_parameters)
 
+    def _no_trainable_parameter(self) -> str:
+        return ("the model has no trainable parameter (every parameter has "
+                "requires_grad=False, or there is none): it cannot learn. Unfreeze the layers "
+                "that should train (p.requires_grad_(True)), or skip this check for a model "
+                "that is never trained")
+
     @check
     def test_all_parameters_updated(self) -> None:
-        """Check that one optimisation step gives every trainable parameter a gradient and changes it."""
-        model = copy.deepcopy(self.model)
-        _, grads = self._gradients(model)
-        if not grads:
-            self.fail("the model has no trainable parameter")
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        params = dict(model.named_parameters())
-        for name, grad in grads.items():
-            params[name].grad = grad
-        torch.optim.Adam([params[name] for name in grads], lr=1e-3).step()
-        problems = []
-        for name, grad in grads.items():
+        """Check that every trainable parameter gets a gradient and changes within a few optimisation steps.
+
+        Catches layers that never train: unused, cut off by .detach(), gated off by a factor
+        that stays zero, or overwritten by forward; zero-initialised gates (ReZero, LoRA,
+        zero-init BatchNorm) are no false alarm.
+        """
+        model = self._copy_model()
+        trainable = self._trainable(model)
+        if not trainable:
+            self.fail(self._no_trainable_parameter())
+        connected = [False] * len(trainable)
+        nonzero = [False] * len(trainable)
+        problems: Dict[str, str] = {}
+        optimizer = torch.optim.Adam([p for _, p in trainable], lr=1e-3)
+        steps = 0
+        for steps in range(1, PARAMETER_STEPS + 1):
+            _, grads = self._gradients(model, trainable, step=steps - 1)
+            for position, ((name, parameter), grad) in enumerate(zip(trainable, grads)):
+                parameter.grad = grad
+                if grad is None:
+                    continue
+                connected[position] = True
+                if not torch.isfinite(grad).all():
+                    problems.setdefault(name, "gradient contains NaN or Inf")
+                elif grad.ne(0).any():
+                    nonzero[position] = True
+            if problems:  # what trains after a NaN step says nothing
+                self.fail(self._untrained_message(problems, len(trainable)))
+            stepped_from = [p.detach().clone() for _, p in trainable]
+            optimizer.step()  # a zero-initialised gate opens here, so its inputs train next
+            if all(nonzero[i] or self._allowed(name) for i, (name, _) in enumerate(trainable)):
+                break
+        # One more forward pass: an update that forward undoes never trains anything.
+        stepped_to = [p.detach().clone() for _, p in trainable]
+        with torch.no_grad():
+            self._forward(model, self.inputs, training=True, seed=self.seed + steps)
+        for position, (name, parameter) in enumerate(trainable):
             if self._allowed(name):
                 continue
-            if grad is None:
-                problems.append(f"{name}: no gradient (not used in forward, or cut off by "
-                                ".detach()/.data/torch.no_grad())")
-            elif not torch.isfinite(grad).all():
-                problems.append(f"{name}: gradient contains NaN or Inf")
-            elif not grad.ne(0).any():
-                problems.append(f"{name}: gradient is exactly zero")
-            elif torch.equal(params[name].detach(), before[name]):
-                problems.append(f"{name}: value unchanged by the optimisation step")
+            if not connected[position]:
+                problems[name] = (f"no gradient in {steps} step(s): dead, not connected to the "
+                                  "loss (unused in forward, or cut off by "
+                                  ".detach()/.data/torch.no_grad())")
+            elif not nonzero[position]:
+                problems[name] = (f"gradient exactly zero in each of {steps} steps: gated off "
+                                  "by something that stays zero (a frozen zero-initialised "
+                                  "gate or scale, a mask, a ReLU that is dead for the whole "
+                                  "batch)")
+            elif not torch.equal(stepped_to[position], stepped_from[position]) and \
+                    torch.equal(parameter.detach(), stepped_from[position]):
+                problems[name] = ("the optimisation step is undone by the next forward pass, "
+                                  "which overwrites the value (through .data, or in place "
+                                  "under torch.no_grad())")
         if problems:
-            self.fail(
-                f"{len(problems)} of {len(grads)} trainable parameters would not be trained:\n  "
-                + "\n  ".join(problems)
-                + "\nUse every layer in forward and do not detach on the way to the output; if "
-                "a parameter may stay untouched, list it in self.allowed_unchanged_parameters."
+            self.fail(self._untrained_message(problems, len(trainable)))
+
+    @staticmethod
+    def _untrained_message(problems: Dict[str, str], trainable: int) -> str:
+        return (
+                f"{len(problems)} of {trainable} trainable parameters would not be trained "
+                f"(a copy of the model was trained for up to {PARAMETER_STEPS} Adam steps on "
+                "self.inputs):\n  " + "\n  ".join(f"{name}: {text}"
+                                                  for name, text in problems.items())
+                + "\nParameters behind a zero-initialised gate (ReZero, layer scale, LoRA's B, "
+                "a zero-init BatchNorm weight) get their first gradient once the gate has "
+                "trained, so they pass. Use every layer in forward and do not detach on the way "
+                "to the output; if a parameter may legitimately stay untouched (an expert that "
+                "this batch does not route to), list it in self.allowed_unchanged_parameters."
             )
 
     @check
     def test_finite_outputs_and_gradients(self) -> None:
-        """Check that the outputs and every parameter's gradient contain no NaN or Inf."""
-        output, grads = self._gradients(copy.deepcopy(self.model))
+        """Check that the outputs and every parameter's gradient contain no NaN or Inf.
+
+        Catches NaN or Inf in the outputs or in any gradient (a log or sqrt at or below
+        zero, an overflowing exp).
+        """
+        model = self._copy_model()
+        trainable = self._trainable(model)
+        output, grads = self._gradients(model, trainable)
         bad_outputs = [f"{path} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-                       for path, t in named_tensors(output)
-                       if t.is_floating_point() and not torch.isfinite(t).all()]
+                       for path, t in floating_tensors(output) if not torch.isfinite(t).all()]
         if bad_outputs:
             self.fail(f"the model's outputs contain NaN or Inf: {', '.join(bad_outputs)}. Look "
                       "for log/sqrt/division of values that can be zero or negative, or exp "
                       "overflow.")
-        bad_grads = [name for name, grad in grads.items()
+        bad_grads = [name for (name, _), grad in zip(trainable, grads)
                      if grad is not None and not torch.isfinite(grad).all()]
         if bad_grads:
             self.fail(f"the gradients of {', '.join(bad_grads)} contain NaN or Inf although "
                       "the outputs are finite. Look for sqrt/log/pow at zero or division by "
                       "a small number in forward.")
+
+    # -- determinism, persistence, dtypes ------------------------------------------------------
+    @check
+    def test_eval_deterministic(self) -> None:
+        """Check that two eval-mode forward passes under different RNG seeds give identical outputs.
+
+        Catches randomness left on at evaluation: F.dropout(x, p) without
+        training=self.training, sampling that model.eval() does not switch off.
+        """
+        with torch.no_grad():
+            first = self._forward(self.model, self.inputs)
+            second = self._forward(self.model, self.inputs, seed=self.seed + 1)
+        for (path, a), (_, b) in zip(named_tensors(first), named_tensors(second)):
+            if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
+                continue
+            if a.is_floating_point() and a.shape == b.shape and torch.isnan(a).any():
+                if torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+                        a.nan_to_num(), b.nan_to_num()):
+                    continue
+            with torch.no_grad():
+                again = self._forward(self.model, self.inputs)
+            same_seed_differs = any(not torch.equal(x.nan_to_num(), y.nan_to_num())
+                                    for (_, x), (_, y) in zip(named_tensors(first),
+                                                              named_tensors(again)))
+            if same_seed_differs:
+                self.fail(f"two eval-mode passes over self.inputs give different {path}, even "
+                          "under the same seed: the model is not deterministic (a "
+                          "non-deterministic kernel, or state that changes between calls).")
+            self.fail(
+                f"{path} changes with the random seed in eval mode (max difference "
+                f"{float((a.double() - b.double()).abs().max()) if a.shape == b.shape else 'n/a'}"
+                "): the model draws random numbers at evaluation. Usual causes: F.dropout(x, p) "
+                "without training=self.training, sampling (torch.randn, torch.multinomial) that "
+                "is not switched off by model.eval(). If the model is meant to be random at "
+                "evaluation, skip this check."
+            )
+
+    @check
+    def test_state_dict_round_trip(self) -> None:
+        """Check that ``make_model()`` loaded with the saved ``state_dict`` gives identical eval outputs.
+
+        Catches state that a saved and reloaded model loses: plain tensor attributes,
+        non-persistent buffers that matter, statistics kept in Python attributes.
+        """
+        make_model: Callable[[], nn.Module] = self._get_or_skip("make_model")
+        path = self.make_temp_dir() / "state_dict.pt"
+        torch.save(self.model.state_dict(), path)
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:
+            self.fail(f"torch.load(..., weights_only=True) cannot read the saved state_dict "
+                      f"({type(exc).__name__}: {exc}). Keep only tensors and plain Python "
+                      "values in the state dict (get_extra_state).")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1)  # state missing from the state dict shows up
+            fresh = make_model()
+        if not isinstance(fresh, nn.Module):
+            raise self._contract_error("make_model", f"returned a {type(fresh).__name__}, "
+                                       "not an nn.Module")
+        try:
+            fresh.load_state_dict(state)
+        except RuntimeError as exc:
+            self.fail(f"the model built by make_model() does not load self.model's state dict: "
+                      f"{exc}. make_model must build the same architecture as setUp.")
+        with torch.no_grad():
+            expected = self._forward(self.model, self.inputs)
+            loaded = self._forward(fresh, self.inputs)
+        differing = [path for (path, a), (_, b) in zip(named_tensors(expected),
+                                                       named_tensors(loaded))
+                     if a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num())]
+        if differing:
+            suspects = _state_outside_state_dict(self.model, fresh)
+            self.fail(
+                f"a model built by make_model() and loaded with self.model's state dict gives "
+                f"other eval outputs ({', '.join(differing)}): part of the model's state is not "
+                "in its state dict, so a saved and reloaded model behaves differently."
+                + (f" Tensors outside the state dict that differ: {', '.join(suspects)}."
+                   if suspects else "")
+                + " Register tensors with self.register_buffer(name, tensor) (persistent), "
+                "keep statistics in buffers, not in Python attributes."
+            )
+
+    @check
+    def test_dtype_moving(self) -> None:
+        """Check that a copy moved to each of ``moved_dtypes`` runs and returns outputs of that dtype.
+
+        Catches tensors created with a fixed dtype (torch.randn(shape), x.float()) that
+        break or upcast a model moved to bfloat16 or float64, named with the line that makes
+        them.
+        """
+        for dtype in self.moved_dtypes:
+            with self.subTest(dtype=str(dtype)):
+                self._check_dtype(dtype)
+
+    def _check_dtype(self, dtype: torch.dtype) -> None:
+        moved = self._copy_model().to(dtype)
+        inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, self.inputs)
+        for training in (False, True):
+            mode = _describe_mode(training)
+            with watching_dtypes(dtype, moved) as watch:
+                try:
+                    with torch.no_grad():
+                        output = self._forward(moved, inputs, training)
+                except Exception as exc:
+                    text = str(exc)
+                    if isinstance(exc, NotImplementedError) or "not implemented for" in text:
+                        self.skipTest(f"an operation of the model has no {dtype} kernel on "
+                                      f"the CPU ({type(exc).__name__}: {text.splitlines()[0]})")
+                    found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
+                    self.fail(f"a copy moved with .to({dtype}) raises in {mode} mode: "
+                              f"{type(exc).__name__}: {text.strip()}.{found} "
+                              f"{_DTYPE_ADVICE}")
+            wrong = [f"{path} ({t.dtype})" for path, t in floating_tensors(output)
+                     if t.dtype != dtype]
+            if wrong:
+                found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
+                self.fail(f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
+                          f"mode.{found} {_DTYPE_ADVICE}")
+
+
+_DTYPE_ADVICE = ("A tensor created in forward with a fixed dtype or the default float32 "
+                 "(torch.randn(shape), torch.tensor([...]), x.float()) promotes the rest; "
+                 "create it from the inputs: torch.randn_like(x), x.new_tensor([...]), "
+                 "dtype=x.dtype.")
+
+
+def _state_outside_state_dict(model: nn.Module, other: nn.Module) -> List[str]:
+    """Names of tensors of ``model`` not in its state dict that differ in ``other``."""
+    in_state = set(model.state_dict())
+    found = []
+    others = dict(other.named_modules())
+    for prefix, module in model.named_modules():
+        twin = others.get(prefix)
+        if twin is None:
+            continue
+        for name, value in vars(module).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                theirs = getattr(twin, name, None)
+                if not isinstance(theirs, torch.Tensor) or not torch.equal(value, theirs):
+                    found.append(f"{prefix + '.' if prefix else ''}{name} (plain attribute)")
+        for name, buffer in module.named_buffers(recurse=False):
+            full = f"{prefix + '.' if prefix else ''}{name}"
+            theirs = getattr(twin, name, None)
+            if full not in in_state and (theirs is None or buffer is None
+                                         or not torch.equal(buffer, theirs)):
+                found.append(f"{full} (buffer with persistent=False)")
+    return found

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import unittest
-from typing import Any, Tuple
-from unittest import mock
+from typing import Any, Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from checkrunner import CheckTestCase, make_case
+from checkrunner import CheckTestCase, make_case, run_check
 from dltestkit import ModelTests
+from dltestkit._base import checks_of
 
 SHAPE = (1, 4, 4)
 FEATURES = 16
@@ -82,15 +83,44 @@ class SequenceModel(nn.Module):
         return self.mix(seq_first).permute(1, 2, 0)
 
 
+class TokenModel(nn.Module):
+    """Token ids (and a mask) in, a dict out, like a transformers model: ``hidden`` per token
+    and a ``pooled`` vector from a layer used only for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(20, 6)
+        self.positions = nn.Embedding(16, 6)
+        self.mix = nn.Linear(6, 6)
+        self.pool = nn.Linear(6, 3)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.tokens(ids) + self.positions(positions)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: Any = None) -> Dict[str, torch.Tensor]:
+        hidden = torch.tanh(self.mix(self.embed(input_ids)))
+        if attention_mask is not None and not bool(attention_mask.all()):  # data-dependent
+            hidden = hidden * attention_mask.unsqueeze(-1)
+        return {"hidden": hidden, "pooled": self.pool(hidden.mean(dim=1))}
+
+
+def tokens(batch: int = 4, length: int = 5) -> Dict[str, torch.Tensor]:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    return {"input_ids": torch.randint(0, 20, (batch, length)), "attention_mask": mask}
+
+
 # -- one bug each ----------------------------------------------------------------
 class HardWiredBatch(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder[2](self.encoder[1](x.view(4, FEATURES))))
 
 
-class Squeezes(AutoEncoder):
+class Squeezes(Classifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).squeeze()
+        return super().forward(x).squeeze()  # meant for size-1 dimensions; drops the batch
 
 
 class RandnWithoutDevice(VAE):
@@ -131,6 +161,28 @@ class PlainListOfLayers(nn.Module):
         return self.out(x)
 
 
+class PositionIdsOnTheCPU(TokenModel):
+    """The classic: position ids made without device=; meta accepts them, a GPU does not."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+
+
+class NumpyInForward(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(x.abs().max().detach().numpy())  # fails for a tensor on a GPU
+        return super().forward(x / scale)
+
+
+class DeviceDependentPath(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            scale = float(x.abs().max())
+        else:
+            scale = x.abs().max().item()
+        return super().forward(x / scale)
+
+
 _LIBRARY = torch.library.Library("dltestkit_tests", "DEF")
 _LIBRARY.define("double(Tensor x) -> Tensor")
 _LIBRARY.impl("double", lambda x: x * 2, "CPU")
@@ -147,6 +199,17 @@ class CentresOverBatch(AutoEncoder):
         return out - out.mean(dim=0, keepdim=True)
 
 
+class TokensMixedOverBatch(TokenModel):
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        embedded = super().embed(ids)
+        return embedded - embedded.mean(dim=0)  # statistics over the batch
+
+
+class IgnoresItsInput(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(torch.zeros_like(x)))
+
+
 class DeadLayer(AutoEncoder):
     def __init__(self) -> None:
         super().__init__()
@@ -156,6 +219,38 @@ class DeadLayer(AutoEncoder):
 class DetachedEncoder(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x).detach())
+
+
+class ZeroGate(AutoEncoder):
+    """ReZero-style: a residual branch behind a gate that starts at exactly zero."""
+
+    def __init__(self, trainable_gate: bool = True) -> None:
+        super().__init__()
+        self.branch = nn.Linear(8, 8)
+        self.gate = nn.Parameter(torch.zeros(1), requires_grad=trainable_gate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        return self.decoder(hidden + self.gate * self.branch(hidden))
+
+
+class DoubleZeroGate(ZeroGate):
+    """Two zero gates in a row: each blocks the other's gradient, so neither ever trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        return self.decoder(hidden + self.gate * self.second_gate * self.branch(hidden))
+
+
+class OverwritesAWeight(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.decoder[0].bias.fill_(0.5)
+        return super().forward(x)
 
 
 class LogOfNegative(AutoEncoder):
@@ -169,45 +264,125 @@ class SqrtAtZero(AutoEncoder):
         return out + torch.sqrt(out * 0)  # finite output, NaN gradient
 
 
+class DropoutAlwaysOn(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(super().forward(x), p=0.5)  # training= left at its default, True
+
+
+class CountsCalls(AutoEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x) + self.calls
+
+
+class StatisticInAPlainAttribute(AutoEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = torch.randn(SHAPE)  # fitted statistics, but not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - self.mean)
+
+
+class ScaleNotPersistent(AutoEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.rand(()) + 0.5, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class NoiseOfFixedDtype(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out + 0.01 * torch.randn(out.shape)  # float32 whatever the model's dtype
+
+
+class CastsToFloat(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x).float())
+
+
+class ConstantOfFixedDtype(AutoEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(FEATURES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(FEATURES, 8, dtype=torch.float32)  # fixed dtype: fails in linear
+        return self.decoder(F.linear(x.flatten(1) + self.offset, weights.T))
+
+
 def model_case(model_type: Any, inputs: Any = None, **attributes: Any) -> type:
     def set_up(self: Any) -> None:
         self.model = model_type()
-        self.inputs = torch.randn(4, *SHAPE) if inputs is None else inputs
+        self.inputs = torch.randn(4, *SHAPE) if inputs is None else inputs()
         for name, value in attributes.items():
             setattr(self, name, value)
 
     return make_case(ModelTests, set_up)
 
 
-CHECKS = ["test_all_parameters_updated", "test_batch_independence", "test_device_moving",
-          "test_device_moving_on_gpu", "test_finite_outputs_and_gradients", "test_output_shape"]
+def token_case(model_type: Any, **attributes: Any) -> type:
+    return model_case(model_type, inputs=tokens, **attributes)
+
+
+CHECKS = sorted(["test_all_parameters_updated", "test_batch_independence", "test_device_moving",
+                 "test_device_moving_on_gpu", "test_dtype_moving", "test_eval_deterministic",
+                 "test_finite_outputs_and_gradients", "test_output_shape",
+                 "test_state_dict_round_trip"])
 
 
 class CorrectModels(CheckTestCase):
     def test_every_check_passes(self) -> None:
         cases = {
-            "autoencoder": model_case(AutoEncoder),
-            "vae": model_case(VAE),
-            "batchnorm": model_case(WithBatchNorm),
-            "softmax classifier": model_case(Classifier, expected_output_shape=(4, 5)),
-            "sequence": model_case(SequenceModel, inputs=torch.randn(4, 3, 5)),
+            "autoencoder": model_case(AutoEncoder, make_model=AutoEncoder),
+            "batchnorm": model_case(WithBatchNorm, make_model=WithBatchNorm),
+            "softmax classifier": model_case(Classifier, expected_output_shape=(4, 5),
+                                             make_model=Classifier),
+            "sequence": model_case(SequenceModel, inputs=lambda: torch.randn(4, 3, 5),
+                                   make_model=SequenceModel),
+            "token ids in a dict, dict out": token_case(TokenModel, expected_output_shape=(4, 5, 6),
+                                                        make_model=TokenModel),
+            "positional tuple": model_case(lambda: nn.Bilinear(2, 3, 5),
+                                           inputs=lambda: (torch.randn(4, 2), torch.randn(4, 3)),
+                                           expected_output_shape=(4, 5),
+                                           make_model=lambda: nn.Bilinear(2, 3, 5)),
         }
         for label, case in cases.items():
             for name in CHECKS:
                 with self.subTest(label, check=name):
                     self.assertPasses(case, name)
 
-    def test_the_checks_contribute_six_tests(self) -> None:
-        self.assertEqual(unittest.TestLoader().getTestCaseNames(model_case(AutoEncoder)), CHECKS)
+    def test_a_model_random_in_eval_mode_passes_the_other_checks(self) -> None:
+        case = model_case(VAE)
+        for name in CHECKS:
+            if name in ("test_eval_deterministic", "test_state_dict_round_trip"):
+                continue
+            with self.subTest(check=name):
+                self.assertPasses(case, name)
 
-    def test_checks_leave_the_model_and_its_modes_as_they_were(self) -> None:
+    def test_the_checks_contribute_nine_tests(self) -> None:
+        case = model_case(AutoEncoder)
+        self.assertEqual(unittest.TestLoader().getTestCaseNames(case), CHECKS)
+        self.assertEqual(sorted(checks_of(case)), CHECKS)
+
+    def test_checks_leave_the_model_its_modes_and_its_inputs_as_they_were(self) -> None:
         model = WithBatchNorm()
         model.encoder.train(False)
+        inputs = torch.randn(4, *SHAPE)
+        saved_inputs = inputs.clone()
         state = {k: v.clone() for k, v in model.state_dict().items()}
         modes = [m.training for m in model.modules()]
 
         def set_up(self: Any) -> None:
-            self.model, self.inputs = model, torch.randn(4, *SHAPE)
+            self.model, self.inputs = model, inputs
+            self.make_model = WithBatchNorm
 
         case = make_case(ModelTests, set_up)
         for name in CHECKS:
@@ -215,22 +390,112 @@ class CorrectModels(CheckTestCase):
         self.assertEqual([m.training for m in model.modules()], modes)
         for key, value in model.state_dict().items():
             self.assertTrue(torch.equal(value, state[key]), key)
+        self.assertTrue(all(p.grad is None for p in model.parameters()))
+        self.assertTrue(torch.equal(inputs, saved_inputs))
+        self.assertEqual(torch.get_default_dtype(), torch.float32)
+
+
+class Inputs(CheckTestCase):
+    def test_a_dict_is_passed_as_keyword_arguments(self) -> None:
+        seen = []
+
+        class Keywords(TokenModel):
+            def forward(self, *, input_ids: torch.Tensor, attention_mask: Any = None) -> Any:
+                seen.append(sorted(k for k, v in (("input_ids", input_ids),
+                                                  ("attention_mask", attention_mask)) if v is not None))
+                return super().forward(input_ids, attention_mask)
+
+        self.assertPasses(token_case(Keywords, expected_output_shape=(4, 5, 6)), "test_output_shape")
+        self.assertEqual(seen[0], ["attention_mask", "input_ids"])
+
+    def test_inputs_without_a_batch_dimension_must_be_declared(self) -> None:
+        def inputs() -> Any:
+            return {"src": torch.randn(4, 6, 8), "src_mask": torch.zeros(6, 6)}
+
+        layer = lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)  # noqa: E731
+        self.assertErrorsWith(model_case(layer, inputs=inputs), "test_output_shape",
+                              "ContractError", "whose first dimensions differ",
+                              "self.inputs['src_mask'] (6, 6)", "self.unbatched_inputs")
+        self.assertPasses(model_case(layer, inputs=inputs, unbatched_inputs=["src_mask"]),
+                          "test_batch_independence")
+
+    def test_unknown_unbatched_inputs_are_refused(self) -> None:
+        self.assertErrorsWith(token_case(TokenModel, unbatched_inputs=["mask"]),
+                              "test_output_shape", "self.unbatched_inputs set in Case.setUp "
+                              "names ['mask'], which self.inputs does not have")
+
+    def test_inputs_without_any_batched_tensor_are_refused(self) -> None:
+        self.assertErrorsWith(model_case(AutoEncoder, inputs=lambda: {"x": 3}),
+                              "test_output_shape", "holds no tensor with a batch dimension")
+
+    def test_an_expected_shape_not_starting_with_the_batch_size_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(model_case(AutoEncoder, expected_output_shape=(16,)),
+                              "test_batch_independence", "ContractError",
+                              "does not start with the batch size of self.inputs (4)")
+
+    def test_a_model_that_cannot_be_copied_is_told_why_the_checks_copy_it(self) -> None:
+        class HoldsAGenerator(AutoEncoder):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stream = (i for i in range(3))
+
+        self.assertErrorsWith(model_case(HoldsAGenerator), "test_all_parameters_updated",
+                              "self.model cannot be deep-copied", "work on a copy")
 
 
 class OutputShape(CheckTestCase):
-    def test_a_model_hard_wired_to_batch_four_fails(self) -> None:
-        self.assertFailsWith(model_case(HardWiredBatch), "test_output_shape",
-                             "at batch size 1 the model raises RuntimeError: shape '[4, 16]'",
-                             "hard-coded batch size")
+    def test_a_model_hard_wired_to_batch_four_fails_at_batch_size_one(self) -> None:
+        text = self.assertFailsWith(model_case(HardWiredBatch), "test_output_shape",
+                                    "at batch size 1 the model raises RuntimeError: "
+                                    "shape '[4, 16]'", "hard-coded batch size")
+        self.assertNotIn("batch size 4 the", text)
 
     def test_a_squeeze_that_drops_the_batch_dimension_fails(self) -> None:
-        self.assertFailsWith(model_case(Squeezes), "test_output_shape",
-                             "at batch size 1 the output has shape (4, 4), expected (1, 1, 4, 4)")
+        self.assertFailsWith(model_case(Squeezes, expected_output_shape=(4, 5)),
+                             "test_output_shape",
+                             "at batch size 1 the output has shape (5,), expected (1, 5)")
 
-    def test_a_wrong_expected_shape_fails(self) -> None:
+    def test_a_wrong_expected_shape_fails_once_without_the_batch_size_hint(self) -> None:
         case = model_case(AutoEncoder, expected_output_shape=(4, 16))
-        self.assertFailsWith(case, "test_output_shape", "at batch size 4 the output has shape "
-                             "(4, 1, 4, 4), expected (4, 16)")
+        text = self.assertFailsWith(case, "test_output_shape", "the output has shape "
+                                    "(4, 1, 4, 4) for self.inputs (batch size 4), expected "
+                                    "(4, 16). Fix the model or self.expected_output_shape.")
+        self.assertNotIn("hard-coded", text)
+        self.assertEqual(len(run_check(case, "test_output_shape").failures), 1)
+
+    def test_a_model_failing_on_the_inputs_themselves_is_one_error_saying_how_it_was_called(
+            self) -> None:
+        class WantsKeywords(TokenModel):
+            def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,  # type: ignore[override]
+                        attention_mask: Any = None) -> Any:
+                return super().forward(input_ids + token_type_ids, attention_mask)
+
+        case = model_case(WantsKeywords, inputs=lambda: (torch.randint(0, 20, (4, 5)),
+                                                         torch.ones(4, 5, dtype=torch.long)),
+                          expected_output_shape=(4, 5, 6))
+        outcome = run_check(case, "test_output_shape")
+        self.assertEqual((len(outcome.errors), outcome.failures), (1, []))
+        self.assertIn("called as model(*inputs), positional arguments", outcome.errors[0])
+        self.assertIn("use a dict for keyword arguments", outcome.errors[0])
+        self.assertNotIn("hard-coded", outcome.errors[0])
+
+    def test_a_dict_output_without_output_key_names_what_was_checked(self) -> None:
+        case = token_case(TokenModel, expected_output_shape=(4, 3))
+        self.assertFailsWith(case, "test_output_shape", "expected (4, 3)",
+                             "The checked output is the first element of the dict",
+                             "output['pooled'] (4, 3)", "set self.output_key")
+        self.assertPasses(token_case(TokenModel, expected_output_shape=(4, 3),
+                                     output_key="pooled"), "test_output_shape")
+
+    def test_an_output_key_that_selects_nothing_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(token_case(TokenModel, output_key="logits",
+                                         expected_output_shape=(4, 3)), "test_output_shape",
+                              "ContractError", "has no element 'logits' (chosen by "
+                              "self.output_key); it has ['hidden', 'pooled']")
+
+    def test_tuple_or_dict_inputs_without_an_expected_shape_skip(self) -> None:
+        self.assertSkipsWith(token_case(TokenModel), "test_output_shape",
+                             "self.inputs is a dict; set self.expected_output_shape")
 
 
 class DeviceMoving(CheckTestCase):
@@ -239,33 +504,56 @@ class DeviceMoving(CheckTestCase):
             with self.subTest(model_type.__name__):
                 self.assertFailsWith(model_case(model_type), "test_device_moving",
                                      "does not move to another device as a whole",
-                                     "Tensor on device cpu is not on the expected device meta",
-                                     "register_buffer", "nn.ModuleList")
+                                     "combines a CPU tensor", "register_buffer", "nn.ModuleList")
+
+    def test_the_message_names_the_operation_the_module_and_the_line(self) -> None:
+        self.assertFailsWith(model_case(UnregisteredTensor), "test_device_moving",
+                             "Tensor.mul combines a CPU tensor of shape (1, 4, 4) "
+                             "(torch.float32) with tensors on the model's device, in "
+                             "UnregisteredTensor, at test_model_checks.py:",
+                             "in forward")
+
+    def test_position_ids_on_the_cpu_are_caught_although_meta_accepts_them(self) -> None:
+        self.assertFailsWith(token_case(PositionIdsOnTheCPU), "test_device_moving",
+                             "F.embedding combines a CPU tensor of shape (5,) (torch.int64)",
+                             "in positions (Embedding)", "in embed")
+
+    def test_data_dependent_forward_passes_are_checked_by_replaying_the_cpu_run(self) -> None:
+        # TokenModel branches on attention_mask.all(), which the meta device cannot evaluate
+        self.assertPasses(token_case(TokenModel), "test_device_moving")
 
     def test_a_device_bug_in_the_training_path_only_is_caught(self) -> None:
         self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
-                             "its forward in training mode combines a tensor left on the CPU")
+                             "in training mode, Tensor.mul combines a CPU tensor", "in bottleneck")
 
     def test_an_output_left_on_the_cpu_fails_naming_it(self) -> None:
         self.assertFailsWith(model_case(ReturnsAConstantMadeOnTheCPU), "test_device_moving",
                              "after .to('meta') the model returns output[1] (on cpu) in eval mode",
                              "no tensor made without device=")
 
-    def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:
-        with mock.patch("dltestkit.model.accelerators", return_value=[]):
-            self.assertSkipsWith(model_case(AutoEncoder), "test_device_moving_on_gpu",
-                                 "no CUDA or MPS device")
+    def test_numpy_on_a_device_tensor_fails(self) -> None:
+        self.assertFailsWith(model_case(NumpyInForward), "test_device_moving",
+                             "Tensor.numpy() is called on a tensor on the model's device",
+                             "use .cpu().numpy()")
+
+    def test_a_forward_pass_that_depends_on_the_device_skips_saying_why(self) -> None:
+        self.assertSkipsWith(model_case(DeviceDependentPath), "test_device_moving",
+                             "takes another path on the meta device than on the CPU")
 
     def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
         self.assertSkipsWith(model_case(NoMetaKernel), "test_device_moving",
                              "meta device cannot run", "dltestkit_tests::double")
 
+    def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:
+        self.assertSkipsWith(model_case(AutoEncoder, accelerators=[]),
+                             "test_device_moving_on_gpu", "no CUDA, MPS or other accelerator")
+
     def test_with_an_accelerator_outputs_are_compared_after_moving_there_and_back(self) -> None:
-        # Stand in "cpu" for a GPU so that this part runs on CPU-only machines too.
-        with mock.patch("dltestkit.model.accelerators", return_value=["cpu"]):
-            for model_type in (AutoEncoder, VAE):
-                with self.subTest(model_type.__name__):
-                    self.assertPasses(model_case(model_type), "test_device_moving_on_gpu")
+        # "cpu" stands in for a GPU so that this part runs on CPU-only machines too.
+        for model_type in (AutoEncoder, VAE):
+            with self.subTest(model_type.__name__):
+                self.assertPasses(model_case(model_type, accelerators=["cpu"]),
+                                  "test_device_moving_on_gpu")
 
     def test_with_an_accelerator_outputs_that_differ_on_the_device_fail(self) -> None:
         class ChangesWhenMoved(AutoEncoder):
@@ -278,17 +566,17 @@ class DeviceMoving(CheckTestCase):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x) + float(self.moved)
 
-        with mock.patch("dltestkit.model.accelerators", return_value=["cpu"]):
-            self.assertFailsWith(model_case(ChangesWhenMoved), "test_device_moving_on_gpu",
-                                 "the model on cpu gives other outputs than on the CPU",
-                                 "Mismatched elements")
+        self.assertFailsWith(model_case(ChangesWhenMoved, accelerators=["cpu"]),
+                             "test_device_moving_on_gpu",
+                             "the model on cpu gives other outputs than on the CPU",
+                             "Mismatched elements")
 
 
 class BatchIndependence(CheckTestCase):
     def test_batch_mixing_bugs_fail(self) -> None:
         cases = {
             "reshape used as transpose": model_case(lambda: SequenceModel(bug=True),
-                                                    inputs=torch.randn(4, 3, 5)),
+                                                    inputs=lambda: torch.randn(4, 3, 5)),
             "softmax over dim 0": model_case(lambda: Classifier(softmax_dim=0),
                                              expected_output_shape=(4, 5)),
             "centring over the batch": model_case(CentresOverBatch),
@@ -308,24 +596,84 @@ class BatchIndependence(CheckTestCase):
                 return torch.cat([out[:2], out[2:].mean(dim=0, keepdim=True).expand(2, *SHAPE)])
 
         self.assertFailsWith(model_case(MixesLastTwo), "test_batch_independence",
-                             "sample 2's input")
+                             "sample 2's self.inputs gets a gradient")
 
-    def test_integer_inputs_skip(self) -> None:
-        case = model_case(lambda: nn.Embedding(10, 3), inputs=torch.arange(4),
-                          expected_output_shape=(4, 3))
-        self.assertSkipsWith(case, "test_batch_independence", "no floating-point tensor")
+    def test_token_inputs_are_checked_through_their_embeddings(self) -> None:
+        self.assertPasses(token_case(TokenModel), "test_batch_independence")
+        self.assertFailsWith(token_case(TokensMixedOverBatch), "test_batch_independence",
+                             "sample 0's self.inputs['input_ids'] (through its embedding) gets "
+                             "a gradient from the outputs of the other samples")
+
+    def test_an_output_that_ignores_the_input_fails(self) -> None:
+        self.assertFailsWith(model_case(IgnoresItsInput), "test_batch_independence",
+                             "samples [1, 2, 3] get no gradient from their own outputs",
+                             "does not depend on self.inputs")
+
+    def test_a_checked_output_without_the_batch_dimension_fails(self) -> None:
+        class ReturnsLossFirst(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(x)
+                return out.square().mean(), out
+
+        self.assertFailsWith(model_case(ReturnsLossFirst), "test_batch_independence",
+                             "the checked output has shape (), whose first dimension is not "
+                             "the batch size 4", "set self.output_key")
+
+    def test_integer_inputs_that_reach_no_embedding_skip_naming_them(self) -> None:
+        class OneHot(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = nn.Linear(10, 3)
+
+            def forward(self, labels: torch.Tensor) -> torch.Tensor:
+                return self.linear(F.one_hot(labels, 10).float())
+
+        case = model_case(OneHot, inputs=lambda: torch.arange(4), expected_output_shape=(4, 3))
+        self.assertSkipsWith(case, "test_batch_independence", "no input can be differentiated",
+                             "its integer tensors (self.inputs) reach no embedding")
+
+    def test_one_sample_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(model_case(AutoEncoder, inputs=lambda: torch.randn(1, *SHAPE)),
+                              "test_batch_independence", "ContractError", "holds 1 sample",
+                              "needs at least 2")
 
 
 class ParametersUpdated(CheckTestCase):
     def test_a_dead_layer_fails_naming_its_parameters(self) -> None:
         text = self.assertFailsWith(model_case(DeadLayer), "test_all_parameters_updated",
                                     "2 of 6 trainable parameters would not be trained",
-                                    "refine.weight: no gradient", "refine.bias: no gradient")
+                                    "refine.weight: no gradient in 3 step(s): dead",
+                                    "refine.bias: no gradient")
         self.assertNotIn("encoder", text)
 
     def test_a_detach_that_cuts_off_the_encoder_fails(self) -> None:
         self.assertFailsWith(model_case(DetachedEncoder), "test_all_parameters_updated",
                              "encoder.1.weight: no gradient", "encoder.1.bias")
+
+    def test_a_zero_initialised_gate_is_no_false_alarm(self) -> None:
+        self.assertPasses(model_case(ZeroGate), "test_all_parameters_updated")
+
+    def test_a_gate_that_stays_zero_is_reported_as_gated_not_dead(self) -> None:
+        text = self.assertFailsWith(model_case(lambda: ZeroGate(trainable_gate=False)),
+                                    "test_all_parameters_updated",
+                                    "branch.weight: gradient exactly zero in each of 3 steps: "
+                                    "gated off by something that stays zero")
+        self.assertNotIn("dead", text.split("\n")[2])
+        self.assertFailsWith(model_case(DoubleZeroGate), "test_all_parameters_updated",
+                             "gate: gradient exactly zero", "second_gate: gradient exactly zero")
+
+    def test_a_weight_that_forward_overwrites_fails(self) -> None:
+        self.assertFailsWith(model_case(OverwritesAWeight), "test_all_parameters_updated",
+                             "decoder.0.bias: the optimisation step is undone by the next "
+                             "forward pass")
+
+    def test_every_floating_point_output_counts_without_a_loss_fn(self) -> None:
+        self.assertPasses(token_case(TokenModel), "test_all_parameters_updated")
+        self.assertPasses(model_case(VAE), "test_all_parameters_updated")
+
+    def test_a_loss_fn_that_ignores_a_branch_reports_it(self) -> None:
+        case = token_case(TokenModel, loss_fn=lambda out: out["hidden"].square().sum())
+        self.assertFailsWith(case, "test_all_parameters_updated", "pool.weight: no gradient")
 
     def test_allowed_unchanged_parameters_are_not_reported(self) -> None:
         case = model_case(DeadLayer, allowed_unchanged_parameters=["refine.*"])
@@ -338,6 +686,24 @@ class ParametersUpdated(CheckTestCase):
             return model
 
         self.assertPasses(model_case(frozen), "test_all_parameters_updated")
+
+    def test_a_model_without_trainable_parameters_fails_once_clearly(self) -> None:
+        def frozen() -> nn.Module:
+            return AutoEncoder().requires_grad_(False)
+
+        self.assertFailsWith(model_case(frozen), "test_all_parameters_updated",
+                             "the model has no trainable parameter")
+        self.assertPasses(model_case(frozen), "test_finite_outputs_and_gradients")
+        self.assertFailsWith(model_case(lambda: LogOfNegative().requires_grad_(False)),
+                             "test_finite_outputs_and_gradients", "outputs contain NaN")
+
+    def test_an_output_without_floating_point_tensors_needs_a_loss_fn(self) -> None:
+        class ArgMax(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x).flatten(1).argmax(dim=1)
+
+        self.assertErrorsWith(model_case(ArgMax), "test_all_parameters_updated",
+                              "ContractError", "no floating-point tensor", "set self.loss_fn")
 
 
 class Finite(CheckTestCase):
@@ -352,6 +718,120 @@ class Finite(CheckTestCase):
     def test_nan_gradients_also_fail_the_parameter_check(self) -> None:
         self.assertFailsWith(model_case(SqrtAtZero), "test_all_parameters_updated",
                              "gradient contains NaN or Inf")
+
+
+class EvalDeterministic(CheckTestCase):
+    def test_dropout_that_ignores_eval_mode_fails(self) -> None:
+        self.assertFailsWith(model_case(DropoutAlwaysOn), "test_eval_deterministic",
+                             "output changes with the random seed in eval mode",
+                             "F.dropout(x, p) without training=self.training")
+
+    def test_sampling_in_eval_mode_fails_and_names_the_output(self) -> None:
+        self.assertFailsWith(model_case(VAE), "test_eval_deterministic",
+                             "output[0] changes with the random seed in eval mode")
+
+    def test_state_that_changes_between_calls_fails_as_not_deterministic(self) -> None:
+        self.assertFailsWith(model_case(CountsCalls), "test_eval_deterministic",
+                             "even under the same seed: the model is not deterministic")
+
+    def test_nan_outputs_in_the_same_places_are_deterministic(self) -> None:
+        self.assertPasses(model_case(LogOfNegative), "test_eval_deterministic")
+
+
+class StateDictRoundTrip(CheckTestCase):
+    def test_without_make_model_it_skips_naming_it(self) -> None:
+        self.assertSkipsWith(model_case(AutoEncoder), "test_state_dict_round_trip",
+                             "self.make_model is not set")
+
+    def test_a_plain_tensor_attribute_fails_naming_it(self) -> None:
+        self.assertFailsWith(model_case(StatisticInAPlainAttribute,
+                                        make_model=StatisticInAPlainAttribute),
+                             "test_state_dict_round_trip", "gives other eval outputs (output)",
+                             "Tensors outside the state dict that differ: mean (plain attribute)",
+                             "register_buffer")
+
+    def test_a_non_persistent_buffer_that_matters_fails_naming_it(self) -> None:
+        self.assertFailsWith(model_case(ScaleNotPersistent, make_model=ScaleNotPersistent),
+                             "test_state_dict_round_trip",
+                             "scale (buffer with persistent=False)")
+
+    def test_make_model_of_another_architecture_fails(self) -> None:
+        self.assertFailsWith(model_case(AutoEncoder, make_model=DeadLayer),
+                             "test_state_dict_round_trip",
+                             "does not load self.model's state dict", "refine.weight",
+                             "make_model must build the same architecture")
+
+    def test_make_model_returning_something_else_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(model_case(AutoEncoder, make_model=lambda: "model"),
+                              "test_state_dict_round_trip", "ContractError",
+                              "self.make_model set in Case.setUp returned a str")
+
+    def test_state_that_weights_only_loading_refuses_fails(self) -> None:
+        class ExtraState(AutoEncoder):
+            def get_extra_state(self) -> Any:
+                return {"fitted": object()}
+
+            def set_extra_state(self, state: Any) -> None:
+                pass
+
+        self.assertFailsWith(model_case(ExtraState, make_model=ExtraState),
+                             "test_state_dict_round_trip",
+                             "torch.load(..., weights_only=True) cannot read the saved "
+                             "state_dict", "get_extra_state")
+
+
+class DtypeMoving(CheckTestCase):
+    def test_a_tensor_made_in_float32_fails_naming_where(self) -> None:
+        self.assertFailsWith(model_case(NoiseOfFixedDtype), "test_dtype_moving",
+                             "a copy moved with .to(torch.bfloat16) returns output "
+                             "(torch.float32) in eval mode",
+                             "combines a torch.bfloat16 tensor with a torch.float32 tensor of "
+                             "shape (4, 1, 4, 4), made by torch.randn without dtype= in "
+                             "NoiseOfFixedDtype, at test_model_checks.py:",
+                             "torch.randn_like(x)")
+
+    def test_a_cast_to_float_fails_naming_it(self) -> None:
+        self.assertFailsWith(model_case(CastsToFloat), "test_dtype_moving",
+                             "made by Tensor.float with a fixed dtype")
+
+    def test_a_fixed_dtype_that_makes_forward_raise_fails_naming_the_mix(self) -> None:
+        self.assertFailsWith(model_case(ConstantOfFixedDtype), "test_dtype_moving",
+                             "a copy moved with .to(torch.bfloat16) raises in eval mode",
+                             "made by torch.ones with a fixed dtype")
+
+    def test_float64_is_checked_too(self) -> None:
+        outcome = run_check(model_case(NoiseOfFixedDtype, moved_dtypes=[torch.float64]),
+                            "test_dtype_moving")
+        self.assertEqual(outcome.failures, [])  # float32 noise promotes to float64: harmless
+
+    def test_an_operation_without_a_kernel_for_the_dtype_skips(self) -> None:
+        class HalfUnsupported(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.dtype == torch.bfloat16:
+                    raise NotImplementedError("\"addmm\" not implemented for 'BFloat16'")
+                return super().forward(x)
+
+        self.assertSkipsWith(model_case(HalfUnsupported), "test_dtype_moving",
+                             "has no torch.bfloat16 kernel on the CPU")
+
+
+class Speed(unittest.TestCase):
+    def test_the_parameter_check_trains_more_than_one_step_only_when_needed(self) -> None:
+        calls = []
+
+        def counting(base: type) -> type:
+            class Counting(base):  # type: ignore[valid-type,misc]
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    calls.append(1)
+                    return super().forward(x)
+
+            return Counting
+
+        for base, steps in ((AutoEncoder, 1), (ZeroGate, 2), (DeadLayer, 3)):
+            with self.subTest(base.__name__):
+                calls.clear()
+                run_check(model_case(counting(base)), "test_all_parameters_updated")
+                self.assertEqual(len(calls), steps + 1)  # + the pass that checks for undoing
 
 
 if __name__ == "__main__":

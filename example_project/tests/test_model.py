@@ -8,14 +8,24 @@ from dltestkit import ModelTests
 from model import CNNVAE, MLPVAE
 
 
+def mlp_vae() -> MLPVAE:
+    return MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+
+
+def cnn_vae() -> CNNVAE:
+    return CNNVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+
+
 class TestMLPVAE(ModelTests, unittest.TestCase):
     def setUp(self):
-        self.model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+        self.model = mlp_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
+        self.make_model = mlp_vae  # a fresh model of the same architecture
 
 
 class TestCNNVAE(ModelTests, unittest.TestCase):
     def setUp(self):
-        self.model = CNNVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+        self.model = cnn_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
+        self.make_model = cnn_vae
 

@@ -1,0 +1,328 @@
+"""Devices and dtypes: which GPUs there are, and watching a forward pass for device and dtype bugs.
+
+Device bugs are found without a GPU by running a copy of the model on the ``meta`` device
+(tensors with a shape but no data). Two things make that as strict as a real GPU:
+
+- ``DeviceWatch`` reports any operation that combines a tensor of the model's device with a
+  non-scalar CPU tensor, including the operations that ``meta`` silently accepts (an
+  ``nn.Embedding`` looked up with CPU position ids fails on a GPU, not on ``meta``);
+- data-dependent steps (``if mask.all():``, ``.item()``, ``.tolist()``, ``nonzero()``,
+  boolean indexing, ``.cpu()``) cannot run on ``meta``: the same forward pass is first run on
+  the CPU by a ``Recorder``, and the meta run replays what those steps returned there.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["DeviceProblem", "DtypeWatch", "ModuleTracker", "ReplayMismatch",
+           "available_accelerators", "tensors_in", "user_code_location", "watch_meta_forward",
+           "watching_dtypes"]
+
+_T = torch.Tensor
+
+
+def available_accelerators() -> List[str]:
+    """The GPU-like devices present: the current ``torch.accelerator`` (CUDA, XPU, ...), or,
+    on older torch, CUDA and MPS."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        if not accelerator.is_available():
+            return []
+        current = accelerator.current_accelerator()
+        return [current.type] if current is not None else []
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def tensors_in(obj: Any) -> List[torch.Tensor]:
+    """Every tensor in nested arguments (tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in tensors_in(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in tensors_in(item)]
+    return []
+
+
+def _name(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    owner = getattr(func, "__qualname__", name).split(".")[0]
+    if owner in ("TensorBase", "Tensor"):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    return f"torch.{name}"
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_code_location() -> str:
+    """``file:line in function`` of the innermost frame outside torch and dltestkit."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "unittest" not in path:
+            return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}"
+    return "an unknown place"
+
+
+class ModuleTracker:
+    """Which submodule's forward is running (for messages)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: List[str] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            label = f"{name} ({type(module).__name__})" if name else type(model).__name__
+            self._handles.append(module.register_forward_pre_hook(self._enter(label)))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self.stack.append(label)
+
+        return hook
+
+    def _leave(self, *_: Any) -> None:  # a forward hook that returns None keeps the output
+        if self.stack:
+            self.stack.pop()
+
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "forward"
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# -- device mixing ------------------------------------------------------------------------
+# Operations that accept a CPU tensor next to a GPU tensor: indexing with CPU indices, copies
+# between devices, shape-only arguments, and the lengths of packed sequences (which must be on
+# the CPU).
+_MIXING_ALLOWED = frozenset({
+    "__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_", "to", "copy_",
+    "type_as", "view_as", "reshape_as", "expand_as", "new_tensor", "tensor_split",
+    "_pack_padded_sequence", "pack_padded_sequence", "__get__", "__repr__", "__format__",
+    "size", "dim", "numel", "is_floating_point", "is_complex",
+})
+# Steps that read data, which the meta device cannot do: replayed from the CPU run.
+_READS = frozenset({"item", "__bool__", "__int__", "__float__", "__index__", "__complex__",
+                    "tolist", "numpy", "cpu", "equal", "allclose"})
+_SHAPE_FROM_DATA = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive",
+                              "argwhere", "nonzero_static", "repeat_interleave"})
+
+
+@dataclass
+class DeviceProblem:
+    """The first place where a forward pass broke a device rule."""
+
+    what: str
+    where: str
+    location: str
+
+    def describe(self) -> str:
+        return f"{self.what}, in {self.where}, at {self.location}"
+
+
+class ReplayMismatch(RuntimeError):
+    """The meta run took another path than the CPU run."""
+
+
+def _is_bool_indexing(func: Any, args: Tuple[Any, ...]) -> bool:
+    return getattr(func, "__name__", "") in ("__getitem__", "masked_select") and any(
+        t.dtype == torch.bool and t.dim() > 0 for t in tensors_in(args[1:]))
+
+
+def _reads_data(func: Any) -> bool:
+    """A step whose result the meta device cannot compute. ``Tensor.to`` counts too: the CPU
+    run cannot tell ``.to(x.device)`` from ``.to("cpu")``, so every call is noted, and the
+    meta run takes the CPU's result where its own call moves to the CPU."""
+    return getattr(func, "__name__", "") in _READS or getattr(func, "__name__", "") == "to"
+
+
+def _to_cpu(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    """Whether a ``Tensor.to`` call moves to the CPU."""
+    targets = [*args[1:], kwargs.get("device")]
+    return any(isinstance(a, (str, torch.device)) and str(a).startswith("cpu") for a in targets)
+
+
+def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "repeat_interleave":
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and repeats.dim() > 0
+    return name in _SHAPE_FROM_DATA or _is_bool_indexing(func, args)
+
+
+class Recorder(TorchFunctionMode):
+    """Run on the CPU, noting what each data-dependent step returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: List[Tuple[str, Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if _reads_data(func):
+            self.log.append((_name(func), result.clone() if isinstance(result, torch.Tensor)
+                             else result))
+        elif _shape_from_data(func, args, kwargs):
+            self.log.append((_name(func), [(t.shape, t.dtype) for t in tensors_in(result)]))
+        return result
+
+
+class DeviceWatch(TorchFunctionMode):
+    """Run on ``meta``: stop at the first operation that mixes in a CPU tensor, and replay
+    the data-dependent steps a ``Recorder`` saw on the CPU."""
+
+    def __init__(self, modules: ModuleTracker, log: List[Tuple[str, Any]]) -> None:
+        super().__init__()
+        self.modules = modules
+        self.log = log
+        self.position = 0
+        self.problem: Optional[DeviceProblem] = None
+
+    def _replay(self, func: Any) -> Any:
+        name = _name(func)
+        if self.position >= len(self.log) or self.log[self.position][0] != name:
+            seen = self.log[self.position][0] if self.position < len(self.log) else "nothing"
+            raise ReplayMismatch(f"{name} in {self.modules.current()}, where the CPU run "
+                                 f"called {seen}")
+        self.position += 1
+        return self.log[self.position - 1][1]
+
+    def _stop(self, what: str) -> None:
+        self.problem = DeviceProblem(what, self.modules.current(), user_code_location())
+        raise _Stop
+
+    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = tensors_in(args) + tensors_in(kwargs)
+        on_meta = any(t.is_meta for t in tensors)
+        name = getattr(func, "__name__", "")
+        if on_meta and name not in _MIXING_ALLOWED:
+            stray = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+            if stray:
+                self._stop(f"{_name(func)} combines a CPU tensor of shape "
+                           f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
+                           "model's device")
+        if name == "numpy" and on_meta:
+            self._stop("Tensor.numpy() is called on a tensor on the model's device (on a GPU "
+                       "that fails; use .cpu().numpy())")
+        if _reads_data(func):
+            recorded = self._replay(func)
+            if name == "to" and not (on_meta and _to_cpu(args, kwargs)):
+                return func(*args, **kwargs)
+            return recorded if on_meta else func(*args, **kwargs)
+        if _shape_from_data(func, args, kwargs):
+            recorded = self._replay(func)
+            if not on_meta:
+                return func(*args, **kwargs)
+            made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in recorded]
+            return made[0] if len(made) == 1 else tuple(made)
+        return func(*args, **kwargs)
+
+
+class _Stop(Exception):
+    """Raised to stop a watched forward pass at the first problem."""
+
+
+def watch_meta_forward(run_cpu: Callable[[], Any], run_meta: Callable[[ModuleTracker], Any],
+                       model: nn.Module) -> Tuple[Any, Optional[DeviceProblem]]:
+    """Run ``run_cpu()`` recording, then ``run_meta(...)`` on ``model`` (the meta copy)
+    watching; return the meta output and the first device problem (output None then)."""
+    recorder = Recorder()
+    with recorder:
+        run_cpu()
+    modules = ModuleTracker(model)
+    watch = DeviceWatch(modules, recorder.log)
+    try:
+        with watch:
+            return run_meta(modules), None
+    except _Stop:
+        return None, watch.problem
+    finally:
+        modules.remove()
+
+
+# -- dtypes --------------------------------------------------------------------------------
+_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "rand", "randn", "arange", "linspace",
+                        "logspace", "eye", "tensor", "as_tensor", "randint", "zeros_like",
+                        "ones_like", "full_like", "rand_like", "randn_like", "empty_like"})
+_CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type"})
+
+
+class DtypeWatch(TorchFunctionMode):
+    """Note where floating-point tensors of another dtype than ``target`` are made, and the
+    first operation that combines one with a ``target`` tensor."""
+
+    def __init__(self, target: torch.dtype, modules: ModuleTracker) -> None:
+        super().__init__()
+        self.target = target
+        self.modules = modules
+        self.origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", str]] = {}
+        self.first_mix: Optional[str] = None
+
+    def origin(self, tensor: torch.Tensor) -> Optional[str]:
+        found = self.origins.get(id(tensor))
+        return found[1] if found is not None and found[0]() is tensor else None
+
+    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
+        if self.first_mix is None and name not in _CASTS and name != "__get__":
+            shaped = [t for t in floats if t.dim() > 0]  # 0-dim tensors do not promote
+            others = [t for t in shaped if t.dtype != self.target]
+            if others and any(t.dtype == self.target for t in shaped):
+                other = others[0]
+                made = self.origin(other)
+                self.first_mix = (
+                    f"{_name(func)} in {self.modules.current()}, at {user_code_location()}, "
+                    f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
+                    f"{tuple(other.shape)}" + (f", made by {made}" if made else ""))
+        result = func(*args, **kwargs)
+        made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
+        if made:
+            if name in _FACTORIES or name in _CASTS:
+                how = "with a fixed dtype" if "dtype" in kwargs or name in _CASTS else \
+                    "without dtype="
+                origin: Optional[str] = (f"{_name(func)} {how} in {self.modules.current()}, at "
+                                         f"{user_code_location()}")
+            else:  # a view or a result of such a tensor: it comes from the same place
+                origin = next((found for found in map(self.origin, floats) if found), None)
+            if origin is not None:
+                for tensor in made:
+                    self.origins[id(tensor)] = (weakref.ref(tensor), origin)
+        return result
+
+
+@contextlib.contextmanager
+def watching_dtypes(target: torch.dtype, model: nn.Module) -> Iterator[DtypeWatch]:
+    modules = ModuleTracker(model)
+    try:
+        with DtypeWatch(target, modules) as watch:
+            yield watch
+    finally:
+        modules.remove()
