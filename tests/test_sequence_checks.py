@@ -1,0 +1,340 @@
+"""SequenceModelTests: causality and padding invariance, on correct and broken sequence models."""
+from __future__ import annotations
+
+import math
+import unittest
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkrunner import CheckTestCase, make_case
+from dltestkit import SequenceModelTests
+from dltestkit._base import checks_of
+
+BATCH, LENGTH, VOCAB, WIDTH = 4, 6, 20, 8
+
+
+class Attention(nn.Module):
+    """Token ids -> (batch, seq, width) through one self-attention layer, masked the
+    transformers way: ``attention_mask`` is 1 for real tokens and 0 for padding."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.out = nn.Linear(WIDTH, WIDTH)
+
+    def hidden_positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """True where key j is hidden from query i (i, j)."""
+        return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+    def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask.bool()
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
+        if self.causal:
+            scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device),
+                                        float("-inf"))
+        if attention_mask is not None:
+            scores = scores.masked_fill(~self.keep(attention_mask)[:, None, :], float("-inf"))
+        return self.out(torch.softmax(scores, dim=-1) @ v)
+
+
+class CausalConv(nn.Module):
+    """(batch, channels, seq) -> same, padded on the left only."""
+
+    def __init__(self, same_padding: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, kernel_size=3, padding="same" if same_padding else 0)
+        self.same_padding = same_padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x if self.same_padding else F.pad(x, (2, 0)))
+
+
+class MaskedMeanPool(nn.Module):
+    """(batch, seq, features) and a mask -> (batch, 3): mean over the real positions."""
+
+    def __init__(self, over_padding: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.over_padding = over_padding
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear(features)
+        if self.over_padding:
+            return hidden.mean(dim=1)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+# -- one bug each ------------------------------------------------------------------------
+class OffByOneCausalMask(Attention):
+    def hidden_positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=2)
+
+
+class MaskAcceptedNotApplied(Attention):
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return super().forward(input_ids)  # the mask is dropped on the way
+
+
+class InvertedMask(Attention):
+    def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask == 0  # treats 1 as padding
+
+
+def token_inputs(padding: bool = True) -> Dict[str, torch.Tensor]:
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    if padding:
+        mask[0, -2:] = 0
+        mask[2, -1:] = 0
+    return {"input_ids": torch.randint(0, VOCAB, (BATCH, LENGTH)), "attention_mask": mask}
+
+
+def sequence_case(model_type: Any, inputs: Any = token_inputs, **attributes: Any) -> type:
+    def set_up(self: Any) -> None:
+        self.model = model_type()
+        self.inputs = inputs()
+        self.sequence_dim = 1
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    return make_case(SequenceModelTests, set_up)
+
+
+def causal_lm(**attributes: Any) -> type:
+    return sequence_case(lambda: Attention(causal=True), causal=True, **attributes)
+
+
+class Checks(CheckTestCase):
+    def test_every_model_check_is_included(self) -> None:
+        names = sorted(checks_of(sequence_case(Attention)))
+        self.assertIn("test_batch_independence", names)
+        self.assertEqual(len(names), 11)
+        self.assertEqual(unittest.TestLoader().getTestCaseNames(sequence_case(Attention)), names)
+
+    def test_correct_sequence_models_pass_every_check(self) -> None:
+        cases = {
+            "bidirectional attention": sequence_case(Attention, padding_mask="attention_mask",
+                                                     expected_output_shape=(4, 6, 8)),
+            "causal attention": causal_lm(padding_mask="attention_mask",
+                                          expected_output_shape=(4, 6, 8)),
+            "causal convolution": sequence_case(CausalConv, causal=True, sequence_dim=2,
+                                                inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
+            "masked mean pooling": sequence_case(
+                MaskedMeanPool, padding_mask=1, expected_output_shape=(4, 3),
+                inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"])),
+        }
+        for label, case in cases.items():
+            for name in checks_of(case):
+                with self.subTest(label, check=name):
+                    if name in _RUNS[label]:
+                        self.assertPasses(case, name)
+                    else:
+                        self.assertSkipsWith(case, name)
+
+
+_ALL_MODEL = {"test_output_shape", "test_device_moving", "test_batch_independence",
+              "test_all_parameters_updated", "test_finite_outputs_and_gradients",
+              "test_eval_deterministic", "test_dtype_moving", "test_device_moving_on_gpu"}
+_RUNS = {  # the checks that run (the others skip: no make_model, causal False, no mask)
+    "bidirectional attention": _ALL_MODEL | {"test_padding_invariance"},
+    "causal attention": _ALL_MODEL | {"test_padding_invariance", "test_causality"},
+    "causal convolution": _ALL_MODEL | {"test_causality"},
+    "masked mean pooling": _ALL_MODEL | {"test_padding_invariance"},
+}
+
+
+class Causality(CheckTestCase):
+    def test_a_causal_mask_off_by_one_fails_naming_the_first_leak(self) -> None:
+        self.assertFailsWith(sequence_case(lambda: OffByOneCausalMask(causal=True), causal=True),
+                             "test_causality", "the output at position 0 depends on "
+                             "self.inputs['input_ids'] (through its embedding) at position 1, a "
+                             "later position: the model sees the future", "diagonal=1")
+
+    def test_a_same_padded_convolution_fails(self) -> None:
+        self.assertFailsWith(sequence_case(lambda: CausalConv(same_padding=True), causal=True,
+                                           sequence_dim=2,
+                                           inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
+                             "test_causality", "the output at position 0 depends on self.inputs "
+                             "at position 1", "pad kernel_size - 1 on the left only")
+
+    def test_a_bidirectional_layer_fails(self) -> None:
+        class BiGRU(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gru = nn.GRU(5, 4, batch_first=True, bidirectional=True)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.gru(x)[0]
+
+        self.assertFailsWith(sequence_case(BiGRU, causal=True,
+                                           inputs=lambda: torch.randn(BATCH, LENGTH, 5)),
+                             "test_causality", "at position 0 depends on self.inputs at position "
+                             "1", "bidirectional=True")
+
+    def test_outputs_at_padded_positions_are_not_checked(self) -> None:
+        class FullyMaskedRowsAttendEverywhere(Attention):
+            """With left padding and a finite fill value, a padded query that sees no real key
+            attends uniformly to every position, the future included: harmless, never used."""
+
+            def forward(self, input_ids: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                x = self.embed(input_ids)
+                q, k, v = self.qkv(x).chunk(3, dim=-1)
+                scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
+                lowest = torch.finfo(scores.dtype).min
+                scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device), lowest)
+                assert attention_mask is not None
+                scores = scores.masked_fill(attention_mask[:, None, :] == 0, lowest)
+                return self.out(torch.softmax(scores, dim=-1) @ v)
+
+        def left_padded() -> Dict[str, torch.Tensor]:
+            inputs = token_inputs(padding=False)
+            inputs["attention_mask"][0, :3] = 0
+            return inputs
+
+        case = sequence_case(FullyMaskedRowsAttendEverywhere, left_padded, causal=True,
+                             padding_mask="attention_mask")
+        self.assertPasses(case, "test_causality")
+        self.assertPasses(case, "test_padding_invariance")
+
+    def test_it_skips_for_a_model_not_declared_causal(self) -> None:
+        self.assertSkipsWith(sequence_case(Attention), "test_causality",
+                             "self.causal is False; set causal = True")
+
+    def test_every_position_is_checked_not_only_the_first(self) -> None:
+        class LastSeesPastTheEnd(CausalConv):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return torch.cat([out[..., :3], out[..., 3:4] + x[..., 5:6], out[..., 4:]], -1)
+
+        self.assertFailsWith(sequence_case(LastSeesPastTheEnd, causal=True, sequence_dim=2,
+                                           inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
+                             "test_causality", "the output at position 3 depends on self.inputs "
+                             "at position 5")
+
+
+class PaddingInvariance(CheckTestCase):
+    def test_a_mask_accepted_but_not_applied_fails(self) -> None:
+        self.assertFailsWith(sequence_case(MaskAcceptedNotApplied,
+                                           padding_mask="attention_mask"),
+                             "test_padding_invariance", "sample 0: its output at real position 0 "
+                             "depends on self.inputs['input_ids'] (through its embedding) at "
+                             "padded positions [4, 5]: padding leaks into the real positions",
+                             "accepted but not applied")
+
+    def test_pooling_over_padding_fails(self) -> None:
+        case = sequence_case(lambda: MaskedMeanPool(over_padding=True), padding_mask=1,
+                             inputs=lambda: (torch.randn(BATCH, LENGTH, 5),
+                                             token_inputs()["attention_mask"]))
+        self.assertFailsWith(case, "test_padding_invariance", "sample 0: its output depends on "
+                             "self.inputs[0] at padded positions [4, 5]", "pooling")
+
+    def test_an_inverted_mask_fails(self) -> None:
+        self.assertFailsWith(sequence_case(InvertedMask, padding_mask="attention_mask"),
+                             "test_padding_invariance", "padding leaks into the real positions",
+                             "inverted meaning")
+
+    def test_without_padding_in_the_inputs_the_check_pads_itself(self) -> None:
+        def unpadded() -> Dict[str, torch.Tensor]:
+            return token_inputs(padding=False)
+
+        self.assertPasses(sequence_case(Attention, unpadded, padding_mask="attention_mask"),
+                          "test_padding_invariance")
+        self.assertFailsWith(sequence_case(MaskAcceptedNotApplied, unpadded,
+                                           padding_mask="attention_mask"),
+                             "test_padding_invariance", "sample 0: its output at real position 0 "
+                             "depends on self.inputs['input_ids'] (through its embedding) at "
+                             "padded positions [5]")
+        # a causal model is padded on the left, where padding could leak into it
+        self.assertFailsWith(sequence_case(lambda: MaskAcceptedNotApplied(causal=True), unpadded,
+                                           causal=True, padding_mask="attention_mask"),
+                             "test_padding_invariance", "at padded positions [0]")
+
+    def test_a_mask_where_true_marks_padding_is_declared_with_padded_value(self) -> None:
+        def encoder() -> nn.Module:
+            return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                                         1, enable_nested_tensor=False)
+
+        def inputs() -> Dict[str, torch.Tensor]:
+            return {"src": torch.randn(BATCH, LENGTH, 8),
+                    "src_key_padding_mask": token_inputs()["attention_mask"] == 0}
+
+        case = sequence_case(encoder, inputs, padding_mask="src_key_padding_mask",
+                             padded_value=True)
+        self.assertPasses(case, "test_padding_invariance")
+        wrong = sequence_case(encoder, inputs, padding_mask="src_key_padding_mask")
+        self.assertFailsWith(wrong, "test_padding_invariance", "set self.padded_value = True")
+
+    def test_it_skips_without_a_padding_mask(self) -> None:
+        self.assertSkipsWith(sequence_case(Attention), "test_padding_invariance",
+                             "self.padding_mask is not set")
+
+    def test_a_single_position_cannot_be_padded(self) -> None:
+        def one() -> Dict[str, torch.Tensor]:
+            return {"input_ids": torch.randint(0, VOCAB, (BATCH, 1)),
+                    "attention_mask": torch.ones(BATCH, 1, dtype=torch.long)}
+
+        self.assertSkipsWith(sequence_case(Attention, one, padding_mask="attention_mask"),
+                             "test_padding_invariance", "at least 2 are needed")
+
+
+class Contract(CheckTestCase):
+    def test_sequence_dim_is_required(self) -> None:
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = Attention(), token_inputs()
+
+        self.assertErrorsWith(make_case(SequenceModelTests, set_up), "test_causality",
+                              "Case.setUp must set self.sequence_dim: SequenceModelTests needs "
+                              "the position dimension")
+
+    def test_an_unknown_padding_mask_is_refused(self) -> None:
+        self.assertErrorsWith(sequence_case(Attention, padding_mask="mask"),
+                              "test_output_shape", "self.padding_mask set in Case.setUp is "
+                              "'mask', which self.inputs does not have")
+
+    def test_a_padding_mask_that_is_not_batch_by_seq_is_refused(self) -> None:
+        def inputs() -> Any:
+            return {"input_ids": torch.randint(0, VOCAB, (BATCH, LENGTH)),
+                    "attention_mask": torch.ones(BATCH, 1, 1, LENGTH)}
+
+        self.assertErrorsWith(sequence_case(Attention, inputs, padding_mask="attention_mask"),
+                              "test_padding_invariance", "selects (4, 1, 1, 6), not a (batch, "
+                              "seq) tensor")
+
+    def test_unknown_sequence_inputs_are_refused(self) -> None:
+        self.assertErrorsWith(causal_lm(sequence_inputs=["decoder_input_ids"]),
+                              "test_causality", "names ['decoder_input_ids'], which self.inputs "
+                              "does not have")
+
+    def test_sequence_inputs_that_cannot_be_differentiated_are_refused(self) -> None:
+        self.assertErrorsWith(causal_lm(sequence_inputs=["attention_mask"]), "test_causality",
+                              "names ['attention_mask'], which have no 6 positions at "
+                              "sequence_dim=1 that can be differentiated")
+
+    def test_a_sequence_dim_where_no_input_has_the_positions_is_refused(self) -> None:
+        case = sequence_case(lambda: nn.Conv1d(3, 3, kernel_size=2, stride=2), causal=True,
+                             sequence_dim=2, inputs=lambda: torch.randn(BATCH, 3, LENGTH))
+        self.assertErrorsWith(case, "test_causality", "self.sequence_dim set in Case.setUp is "
+                              "2, but no input has 3 positions there")
+
+    def test_an_output_without_positions_is_refused_for_causality(self) -> None:
+        case = sequence_case(lambda: MaskedMeanPool(), causal=True, sequence_dim=2,
+                             inputs=lambda: (torch.randn(BATCH, LENGTH, 5),
+                                             torch.ones(BATCH, LENGTH)))
+        self.assertErrorsWith(case, "test_causality", "is 2, but the checked output has shape "
+                              "(4, 3): test_causality needs an output with a position dimension")
+
+
+if __name__ == "__main__":
+    unittest.main()
