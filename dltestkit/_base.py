@@ -9,9 +9,27 @@ import shutil
 import tempfile
 import unittest
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterator, Optional, Tuple, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+)
+
+import torch
 
 from ._random import make_deterministic, preserved_global_state
+
+if TYPE_CHECKING:  # the mixins are always combined with TestCase; tell the type checker
+    _TestCaseBase = unittest.TestCase
+else:
+    _TestCaseBase = object
 
 __all__ = ["REQUIRED", "UNSET", "Attribute", "CheckMixin", "ContractError", "check"]
 
@@ -102,11 +120,15 @@ def check(func: F) -> F:
     @functools.wraps(func)
     def wrapper(self: "CheckMixin", *args: Any, **kwargs: Any) -> Any:
         self._validate_contract()
+        self._use_threads()
         self._prepare()
+        self._failed_subtests = []
         with self._seed_note():
-            return func(self, *args, **kwargs)
+            result = func(self, *args, **kwargs)
+            self._report_failed_subtests()
+            return result
 
-    wrapper.__dltestkit_check__ = True  # type: ignore[attr-defined]
+    setattr(wrapper, "__dltestkit_check__", True)
     return wrapper  # type: ignore[return-value]
 
 
@@ -207,17 +229,28 @@ def is_seed(value: Any) -> Optional[str]:
     return f"is {value!r}, not an int in [-2**63, 2**64 - 1]"
 
 
-class CheckMixin:
+class CheckMixin(_TestCaseBase):
     """Base of the dltestkit mixins. Not used directly."""
 
     seed: int
+    num_threads: Optional[int]
 
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute("seed", "the seed of every RNG during setUp and the check", "1234",
                   default=0, validate=is_seed,
                   details="Set it as a class attribute: the generators are seeded before "
                           "setUp runs. See [determinism](determinism.md)."),
+        Attribute("num_threads", "the CPU threads PyTorch uses during setUp and each check",
+                  "2", default=1, validate=optional(is_positive_int),
+                  details="Set with `torch.set_num_threads` and restored afterwards; `None` "
+                          "leaves PyTorch's setting alone. One thread keeps the small forward "
+                          "and backward passes of the checks fast on a loaded machine and "
+                          "under `pytest -n`, where more threads than cores make them up to "
+                          "30 times slower. See [performance](performance.md)."),
     )
+    _failed_subtests: List[str]
+    _reported_by_pytest: bool = False
+    _threads_before: int = 1
     _mixin_name: ClassVar[str] = "dltestkit"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -226,7 +259,7 @@ class CheckMixin:
             _install_contract(cls)
             return
         mixin = next(base for base in cls.__mro__ if "_mixin_name" in vars(base))
-        if not issubclass(cls, unittest.TestCase):
+        if unittest.TestCase not in cls.__mro__:  # (the type checker assumes a TestCase)
             if cls.__name__.startswith("Test"):
                 raise TypeError(
                     f"class {cls.__name__} uses {mixin.__name__} but not unittest.TestCase, "
@@ -248,35 +281,69 @@ class CheckMixin:
         """Append the seed that reproduces a failure to its message."""
         try:
             yield
-        except self.failureException as exc:  # type: ignore[attr-defined]
+        except self.failureException as exc:
             text = exc.args[0] if exc.args else ""
             if "[dltestkit]" not in str(text):
                 exc.args = (
-                    f"{text}\n[dltestkit] {type(self).__name__}.{self._testMethodName} ran "  # type: ignore[attr-defined]
+                    f"{text}\n[dltestkit] {type(self).__name__}.{self._testMethodName} ran "
                     f"with seed={self.seed}; set `seed` on the test class to try another.",
                 ) + exc.args[1:]
             raise
 
     @contextlib.contextmanager
-    def subTest(self, *args: Any, **params: Any) -> Iterator[None]:
+    def subTest(self, msg: Any = _MISSING, **params: Any) -> Iterator[None]:
         """``unittest.TestCase.subTest``; a failure inside also names the seed."""
-        with super().subTest(*args, **params), self._seed_note():  # type: ignore[misc]
-            yield
+        with super().subTest(*(() if msg is _MISSING else (msg,)), **params):
+            try:
+                with self._seed_note():
+                    yield
+            except unittest.SkipTest:
+                raise
+            except Exception:
+                described = ", ".join(f"{k}={v!r}" for k, v in params.items())
+                getattr(self, "_failed_subtests", []).append(
+                    described or ("" if msg is _MISSING else str(msg)))
+                raise
+
+    def _report_failed_subtests(self) -> None:
+        """Under pytest, fail the check itself when a subtest failed.
+
+        unittest marks such a check failed; pytest 9 reports each failed subtest as SUBFAILED
+        but the check itself as PASSED, which reads as if nothing were wrong.
+        """
+        if self._failed_subtests and self._reported_by_pytest:
+            self.fail(f"{len(self._failed_subtests)} subtest(s) of this check failed "
+                      f"({'; '.join(self._failed_subtests)}); their messages are reported "
+                      "above as SUBFAILED")
+
+    def _use_threads(self) -> None:
+        """Apply num_threads (set on the class or in setUp); None: the caller's setting."""
+        if self.num_threads is None:
+            torch.set_num_threads(self._threads_before)
+        elif is_positive_int(self.num_threads) is None:
+            torch.set_num_threads(self.num_threads)
 
     def _prepare(self) -> None:
         """Called before each check, after the contract is validated."""
 
     def run(self, result: Optional[unittest.TestResult] = None) -> Any:
-        """Run setUp, the check and the cleanups seeded, then restore the global RNGs."""
-        with preserved_global_state():
-            # A bad seed is reported by the contract check; seed with 0 till then.
-            make_deterministic(self.seed if is_seed(self.seed) is None else 0)
-            return super().run(result)  # type: ignore[misc]
+        """Run setUp, the check and the cleanups seeded and with ``num_threads`` threads, then
+        restore the global RNGs and PyTorch's thread setting."""
+        self._reported_by_pytest = type(result).__module__.startswith("_pytest")
+        threads = self._threads_before = torch.get_num_threads()
+        try:
+            with preserved_global_state():
+                # A bad seed is reported by the contract check; seed with 0 till then.
+                make_deterministic(self.seed if is_seed(self.seed) is None else 0)
+                self._use_threads()
+                return super().run(result)
+        finally:
+            torch.set_num_threads(threads)
 
     def make_temp_dir(self) -> pathlib.Path:
         """Create a temporary folder that is removed after the test, even when it fails."""
         path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-")
-        self.addCleanup(shutil.rmtree, path, ignore_errors=True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
         return pathlib.Path(path)
 
     # -- the contract ------------------------------------------------------------
@@ -371,7 +438,7 @@ class CheckMixin:
         value = getattr(self, name, UNSET)
         if value is UNSET:
             attribute, _ = self._declarations()[name]
-            self.skipTest(  # type: ignore[attr-defined]
+            self.skipTest(
                 f"self.{name} is not set in {self._where()}; set it ({attribute.meaning}, "
                 f"e.g. self.{name} = {attribute.example}) to enable this check"
             )

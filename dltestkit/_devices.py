@@ -297,11 +297,11 @@ class DtypeWatch(TorchFunctionMode):
             others = [t for t in shaped if t.dtype != self.target]
             if others and any(t.dtype == self.target for t in shaped):
                 other = others[0]
-                made = self.origin(other)
+                source = self.origin(other)
                 self.first_mix = (
                     f"{_name(func)} in {self.modules.current()}, at {user_code_location()}, "
                     f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
-                    f"{tuple(other.shape)}" + (f", made by {made}" if made else ""))
+                    f"{tuple(other.shape)}" + (f", made by {source}" if source else ""))
         result = func(*args, **kwargs)
         made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
         if made:

@@ -57,7 +57,7 @@ class _EmbeddingProbe(TorchFunctionMode):
         claimed = {probe.key for probe in self.probes}
         # The same tensor passed twice (input_ids as decoder_input_ids): first come, first served.
         unclaimed = [match for match in matches if match[0] not in claimed]
-        return (unclaimed or matches or [None])[0]
+        return (unclaimed or matches)[0] if matches else None
 
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
@@ -70,7 +70,7 @@ class _EmbeddingProbe(TorchFunctionMode):
         else:
             return output
         found = self._source(indices)
-        if found is None or not output.is_floating_point():
+        if found is None or indices is None or not output.is_floating_point():
             return output
         key, source = found
         leaf = output.detach().requires_grad_(True)

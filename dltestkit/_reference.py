@@ -7,7 +7,7 @@ check's docstring has a first line "Check that ..." and a paragraph "Catches ...
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Type
 
 from ._base import Attribute, CheckMixin, checks_of
 
@@ -24,10 +24,18 @@ PAGES: Dict[str, str] = {
 }
 
 
-def public_mixins() -> List[type]:
+Mixin = Type[CheckMixin]
+
+
+def public_mixins() -> List[Mixin]:
     import dltestkit
 
     return [getattr(dltestkit, name) for name in PAGES]
+
+
+def _shared() -> List[str]:
+    """The attributes every mixin reads (declared by CheckMixin itself)."""
+    return [attribute.name for attribute in CheckMixin._contract]
 
 
 def home_mixin(mixin: type, check: str) -> str:
@@ -74,7 +82,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(row) for row in rows)]
 
 
-def check_table(mixins: Sequence[type], links: bool = True) -> List[str]:
+def check_table(mixins: Sequence[Mixin], links: bool = True) -> List[str]:
     """Markdown lines of a table of the checks: mixin (when several), check, what it catches.
     Each check appears under the mixin that defines it."""
     rows = []
@@ -91,18 +99,19 @@ def check_table(mixins: Sequence[type], links: bool = True) -> List[str]:
     return _table(header, rows)
 
 
-def _read_by(attribute: Attribute, mixin: type) -> str:
+def _read_by(attribute: Attribute, mixin: Mixin) -> str:
     if not attribute.read_by:
         return "every check"
     return ", ".join(f"`{name}`" for name in attribute.read_by)
 
 
-def attribute_table(mixin: type) -> List[str]:
+def attribute_table(mixin: Mixin) -> List[str]:
     """Markdown lines of a table of every attribute ``mixin`` reads (its own and inherited):
     attribute, default, the checks that read it, meaning."""
     rows = []
-    declarations = mixin._declarations() if issubclass(mixin, CheckMixin) else {}
-    names = [name for name in declarations if name != "seed"] + ["seed"]  # seed: shared, last
+    declarations = mixin._declarations()
+    shared = _shared()  # last: every mixin reads them
+    names = [name for name in declarations if name not in shared] + shared
     for name in names:
         attribute, _ = declarations[name]
         meaning = attribute.meaning[0].upper() + attribute.meaning[1:]
@@ -113,15 +122,16 @@ def attribute_table(mixin: type) -> List[str]:
     return _table(["attribute", "default", "read by", "meaning"], rows)
 
 
-def contract_table(mixins: Sequence[type]) -> List[str]:
+def contract_table(mixins: Sequence[Mixin]) -> List[str]:
     """Markdown lines of a table of the required and the optional attributes of each mixin
-    (``seed``, which every mixin reads, in a row of its own)."""
+    (those every mixin reads, such as ``seed``, in a row of their own)."""
     rows = []
     for mixin in mixins:
         declarations = mixin._attributes()
         required = [f"`{n}`" for n, a in declarations.items() if a.required]
-        optional = [f"`{n}`" for n, a in declarations.items() if not a.required and n != "seed"]
+        optional = [f"`{n}`" for n, a in declarations.items()
+                    if not a.required and n not in _shared()]
         rows.append([f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)", ", ".join(required),
                      ", ".join(optional)])
-    rows.append(["every mixin", "", "`seed` (default 0; see [determinism](determinism.md))"])
+    rows.append(["every mixin", "", ", ".join(f"`{name}`" for name in _shared())])
     return _table(["mixin", "required", "optional"], rows)

@@ -53,7 +53,7 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
         except TypeError:
             return mapped
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{  # type: ignore[arg-type]
+        return dataclasses.replace(obj, **{
             field.name: map_tensors(fn, getattr(obj, field.name))
             for field in dataclasses.fields(obj) if field.init})
     return obj

@@ -163,11 +163,12 @@ class SequenceModelTests(ModelTests):
         without a padding mask)."""
         if not self._is_set("padding_mask"):
             return torch.ones(self._batch_size(), length, dtype=torch.bool)
-        mask = dict(input_entries(self.inputs))[self.padding_mask]
+        mask: torch.Tensor = dict(input_entries(self.inputs))[self.padding_mask]
         if mask.shape[1] != length:
             raise self._contract_error("padding_mask", f"has {mask.shape[1]} positions, but the "
                                        f"checked output has {length}")
-        return mask != self.padded_value
+        real: torch.Tensor = mask != self.padded_value
+        return real
 
     def _padded_inputs(self) -> Tuple[Any, torch.Tensor]:
         """self.inputs with padding (the user's, or made here), and the padded positions."""

@@ -161,6 +161,36 @@ class Seeding(CheckTestCase):
         self.assertFalse(torch.backends.cudnn.benchmark)
 
 
+class Threads(CheckTestCase):
+    def threads_seen(self, **attributes: Any) -> List[int]:
+        seen: List[int] = []
+
+        class Watching(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                seen.append(torch.get_num_threads())
+                return super().forward(x)
+
+        self.assertPasses(model_case(Watching, **attributes), "test_output_shape")
+        return seen
+
+    def test_checks_run_with_one_thread_and_restore_the_setting(self) -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            self.assertEqual(set(self.threads_seen()), {1})
+            self.assertEqual(torch.get_num_threads(), 2)
+            self.assertEqual(set(self.threads_seen(num_threads=2)), {2})  # set in setUp
+            torch.set_num_threads(3)
+            self.assertEqual(set(self.threads_seen(num_threads=None)), {3})
+            self.assertEqual(torch.get_num_threads(), 3)
+        finally:
+            torch.set_num_threads(before)
+
+    def test_a_bad_thread_count_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(model_case(AutoEncoder, num_threads=0), "test_output_shape",
+                              "self.num_threads set in Case.setUp is 0, not a positive int")
+
+
 class TemporaryFolder(CheckTestCase):
     def test_the_folder_is_removed_even_when_the_check_fails(self) -> None:
         folders: List[str] = []

@@ -44,11 +44,16 @@ class Runners(unittest.TestCase):
                              "the checks wrote into the working directory")
         return completed.stdout + completed.stderr
 
-    def test_pytest_reports_the_failing_split_as_a_subtest(self) -> None:
-        output = self.run_in_temp_dir("-m", "pytest", "-q", "-p", "no:cacheprovider")
+    def test_pytest_reports_the_failing_split_as_a_subtest_and_the_check_as_failed(self) -> None:
+        output = self.run_in_temp_dir("-m", "pytest", "-v", "-p", "no:cacheprovider")
         self.assertIn("SUBFAILED(split='test') test_images.py::TestImages::test_value_range",
                       output)
-        self.assertRegex(output, r"1 failed, \d+ passed, 1 skipped")  # sample_shape unset
+        # pytest 9 prints a check whose subtests failed as PASSED unless the check itself fails
+        self.assertRegex(output, r"test_images.py::TestImages::test_value_range FAILED")
+        self.assertNotRegex(output, r"test_value_range PASSED")
+        self.assertIn("1 subtest(s) of this check failed (split='test'); their messages are "
+                      "reported above as SUBFAILED", output)
+        self.assertRegex(output, r"2 failed, \d+ passed, 1 skipped")  # sample_shape unset
 
     def test_unittest_runs_every_check(self) -> None:
         output = self.run_in_temp_dir("-m", "unittest", "-v")
