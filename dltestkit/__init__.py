@@ -10,6 +10,8 @@ Combine a mixin with ``unittest.TestCase`` (mixin first) and write only ``setUp`
 from ._base import ContractError
 from ._random import make_deterministic
 from .dataset import DatasetTests
+from .distributed import DistributedModelTests
+from .launch import DistributedError, run_distributed
 from .model import ModelTests
 from .sequence import SequenceModelTests
 from .trainer import TrainerTests
@@ -17,9 +19,12 @@ from .trainer import TrainerTests
 __all__ = [
     "ContractError",
     "DatasetTests",
+    "DistributedError",
+    "DistributedModelTests",
     "ModelTests",
     "SequenceModelTests",
     "TrainerTests",
     "make_deterministic",
+    "run_distributed",
 ]
 __version__ = "0.1.0"

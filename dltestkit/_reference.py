@@ -21,6 +21,7 @@ PAGES: Dict[str, str] = {
     "ModelTests": "models",
     "SequenceModelTests": "sequence-models",
     "TrainerTests": "trainers",
+    "DistributedModelTests": "distributed",
 }
 
 

@@ -1,42 +1,15 @@
 """ModelTests: checks for torch nn.Modules."""
 from __future__ import annotations
 
-import contextlib
-import copy
-import fnmatch
-from typing import Any, Callable, ClassVar, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List
 
 import torch
 from torch import nn
 
-from ._base import (
-    REQUIRED,
-    Attribute,
-    CheckMixin,
-    ContractError,
-    check,
-    is_callable,
-    is_instance,
-    is_keys,
-    is_names,
-    is_shape,
-    optional,
-    is_number,
-)
+from ._base import ContractError, check
 from ._devices import ReplayMismatch, available_accelerators, watch_meta_forward, watching_dtypes
-from ._probes import Probe, probe_forward
-from ._tensors import (
-    Key,
-    batched_entries,
-    call_model,
-    describe_input,
-    floating_tensors,
-    input_entries,
-    map_tensors,
-    named_tensors,
-    replace_entries,
-    select_tensor,
-)
+from ._model_base import ModelContract, describe_mode
+from ._tensors import floating_tensors, map_tensors, named_tensors
 
 __all__ = ["ModelTests"]
 
@@ -46,37 +19,7 @@ _DEVICE_MIXING = ("is not on the expected device", "to be on the same device",
                   "Expected all tensors to be on the same device")
 
 
-def _is_inputs(value: Any) -> Optional[str]:
-    if isinstance(value, torch.Tensor) or isinstance(value, (tuple, list, dict)):
-        return None
-    return (f"is a {type(value).__name__}, not a tensor, a tuple of positional arguments or "
-            "a dict of keyword arguments")
-
-
-def _is_dtypes(value: Any) -> Optional[str]:
-    if isinstance(value, (list, tuple)) and all(
-            isinstance(d, torch.dtype) and d.is_floating_point for d in value):
-        return None
-    return f"is {value!r}, not a list of floating-point torch dtypes"
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """Put every submodule in train or eval mode; restore each one's own mode after."""
-    modes = {module: module.training for module in model.modules()}
-    model.train(training)
-    try:
-        yield model
-    finally:
-        for module, was_training in modes.items():
-            module.training = was_training
-
-
-def _describe_mode(training: bool) -> str:
-    return "training" if training else "eval"
-
-
-class ModelTests(CheckMixin):
+class ModelTests(ModelContract):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 
     ``self.inputs`` is passed as the model is called in your code: a tensor as
@@ -85,182 +28,7 @@ class ModelTests(CheckMixin):
     """
 
     _mixin_name: ClassVar[str] = "ModelTests"
-    _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("model", "the model under test, on the CPU", "MyModel()", default=REQUIRED,
-                  validate=is_instance(nn.Module, description="a torch.nn.Module")),
-        Attribute("inputs", "one batch of inputs, batch dimension first", "torch.randn(4, 3, 32, 32)",
-                  default=REQUIRED, validate=_is_inputs,
-                  details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
-                          "arguments `model(*inputs)`, a dict as keyword arguments "
-                          "`model(**inputs)`, e.g. `{\"input_ids\": ids, \"attention_mask\": "
-                          "mask}`. Every tensor with a dimension carries the batch dimension "
-                          "first, except those in `unbatched_inputs`. 2 to 8 samples."),
-        Attribute("expected_output_shape", "the shape of the checked output for self.inputs",
-                  "(4, 10)", validate=is_shape, read_by=("test_output_shape",),
-                  default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
-                               "`test_output_shape` skips",
-                  details="It starts with the batch size of `inputs`."),
-        Attribute("output_key", "the index or key of the checked output tensor",
-                  '"last_hidden_state"', default=None, validate=optional(is_instance(
-                      int, str, description="an int index or a str key")),
-                  details="`None`: a tensor output itself, else the first element of a tuple, "
-                          "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
-                          "is what the shape, batch-independence and sequence checks look at; "
-                          "the gradient checks use every floating-point output."),
-        Attribute("unbatched_inputs", "the keys or indices of inputs without a batch dimension",
-                  '["mask"]', default=(), validate=is_keys,
-                  details="They are passed unchanged at every batch size and never "
-                          "differentiated, e.g. the `(seq, seq)` causal mask of "
-                          "`nn.TransformerEncoder`."),
-        Attribute("loss_fn", "a function of the model output giving the scalar loss",
-                  "lambda out: out.logits.square().mean()", default=None,
-                  validate=optional(is_callable),
-                  read_by=("test_all_parameters_updated", "test_finite_outputs_and_gradients"),
-                  details="`None`: every floating-point tensor of the output, weighted with fixed "
-                          "random weights (so that nothing cancels, as a plain sum of softmax "
-                          "rows would) and summed."),
-        Attribute("allowed_unchanged_parameters",
-                  "names or glob patterns of parameters that may legitimately stay untrained",
-                  '["decoder.unused.*"]', default=(), validate=is_names,
-                  read_by=("test_all_parameters_updated",)),
-        Attribute("make_model", "a zero-argument callable that builds a fresh model of the "
-                  "same architecture", "lambda: MyModel()", validate=is_callable,
-                  read_by=("test_state_dict_round_trip",)),
-        Attribute("moved_dtypes", "the floating-point dtypes a copy of the model is moved to",
-                  "[torch.bfloat16]", default=(torch.bfloat16, torch.float64),
-                  validate=_is_dtypes, read_by=("test_dtype_moving",)),
-        Attribute("accelerators", "the devices whose outputs are compared with the CPU's",
-                  '["cuda"]', validate=is_names, read_by=("test_device_moving_on_gpu",),
-                  default_text="the accelerator torch finds (CUDA, MPS, XPU, ...), if any"),
-        Attribute("device_rtol", "the relative tolerance comparing GPU and CPU outputs", "1e-4",
-                  default=None, validate=optional(is_number),
-                  read_by=("test_device_moving_on_gpu",),
-                  details="`None`: the default of `torch.testing.assert_close` for the dtype."),
-        Attribute("device_atol", "the absolute tolerance comparing GPU and CPU outputs", "1e-5",
-                  default=None, validate=optional(is_number),
-                  read_by=("test_device_moving_on_gpu",)),
-    )
 
-    model: nn.Module
-    inputs: Any
-    expected_output_shape: Sequence[int]
-    output_key: Key
-    unbatched_inputs: Collection[Key]
-    loss_fn: Optional[Callable[[Any], torch.Tensor]]
-    allowed_unchanged_parameters: Collection[str]
-    make_model: Callable[[], nn.Module]
-    moved_dtypes: Sequence[torch.dtype]
-    accelerators: Sequence[str]
-    device_rtol: Optional[float]
-    device_atol: Optional[float]
-
-    # -- the contract across attributes --------------------------------------------------
-    def _validate_combination(self) -> None:
-        super()._validate_combination()
-        keys = [key for key, _ in input_entries(self.inputs)]
-        unknown = [key for key in self.unbatched_inputs if key not in keys]
-        if unknown:
-            raise self._contract_error(
-                "unbatched_inputs", f"names {unknown}, which self.inputs does not have "
-                f"(it has {keys})")
-        entries = batched_entries(self.inputs, self.unbatched_inputs)
-        if not entries:
-            raise self._contract_error("inputs", "holds no tensor with a batch dimension")
-        sizes = ", ".join(f"{describe_input(key)} {tuple(t.shape)}" for key, t in entries)
-        if len({t.shape[0] for _, t in entries}) > 1:
-            raise self._contract_error(
-                "inputs", f"holds tensors whose first dimensions differ: {sizes}. Every tensor "
-                "carries the batch dimension first; list the ones that do not (a (seq, seq) "
-                "mask) in self.unbatched_inputs")
-        if self._is_set("expected_output_shape"):
-            expected = tuple(self.expected_output_shape)
-            if not expected or expected[0] != self._batch_size():
-                raise self._contract_error(
-                    "expected_output_shape", f"is {expected}, which does not start with the "
-                    f"batch size of self.inputs ({self._batch_size()})")
-
-    # -- calling the model: one convention for every check --------------------------------
-    def _batch_size(self) -> int:
-        return int(batched_entries(self.inputs, self.unbatched_inputs)[0][1].shape[0])
-
-    def _resized_inputs(self, size: int) -> Any:
-        """self.inputs with ``size`` samples (repeating samples if needed)."""
-        index = torch.arange(size) % self._batch_size()
-        return replace_entries(self.inputs, {key: tensor[index] for key, tensor in
-                                             batched_entries(self.inputs, self.unbatched_inputs)})
-
-    def _forward(self, model: nn.Module, inputs: Any, training: bool = False,
-                 seed: Optional[int] = None) -> Any:
-        """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
-        unless given) and restored after; every submodule's mode is restored too."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed if seed is None else seed)
-            with _mode(model, training=training):
-                try:
-                    return call_model(model, inputs)
-                except Exception as exc:
-                    if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
-                        exc._dltestkit_noted = True  # type: ignore[attr-defined]
-                        exc.add_note(self._call_note(inputs, training))
-                    raise
-
-    def _call_note(self, inputs: Any, training: bool) -> str:
-        """How the model was called, for an exception raised by the model itself."""
-        entries = [f"{describe_input(key)}: " + (str(tuple(value.shape)) if isinstance(
-            value, torch.Tensor) else type(value).__name__) for key, value in input_entries(inputs)]
-        how = ("model(**inputs), keyword arguments" if isinstance(inputs, dict) else
-               "model(*inputs), positional arguments" if isinstance(inputs, (tuple, list)) else
-               "model(inputs)")
-        return (f"[dltestkit] raised by the model in {_describe_mode(training)} mode, called as "
-                f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
-                "positional arguments in its order; use a dict for keyword arguments.")
-
-    def _copy_model(self) -> nn.Module:
-        """A deep copy of self.model (the checks that train or move the model use one)."""
-        try:
-            return copy.deepcopy(self.model)
-        except Exception as exc:
-            raise ContractError(
-                f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
-                "that train, move or convert the model work on a copy, so that your model is "
-                "left as it was. Keep open files, locks, generators and other uncopyable "
-                "objects out of the model's attributes."
-            ) from exc
-
-    def _output(self, output: Any) -> torch.Tensor:
-        """The checked output tensor (chosen by output_key)."""
-        try:
-            return select_tensor(output, self.output_key, "the model output", "output_key")
-        except TypeError as exc:
-            raise ContractError(str(exc)) from None
-
-    def _weights(self, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Fixed random weights, so that no summed output can cancel (e.g. softmax rows)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
-                for t in like]
-
-    def _loss(self, output: Any) -> torch.Tensor:
-        """loss_fn(output), or every floating-point output weighted at random and summed."""
-        if self.loss_fn is not None:
-            return self.loss_fn(output)
-        tensors = [t for _, t in floating_tensors(output)]
-        if not tensors:
-            raise ContractError("the model output has no floating-point tensor to take "
-                                "gradients of; set self.loss_fn")
-        weights = self._weights(tensors)
-        return torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
-
-    def _output_hint(self, output: Any) -> str:
-        """What to do when the checked output looks wrong and output_key is unset."""
-        if self.output_key is not None or isinstance(output, torch.Tensor):
-            return ""
-        paths = [f"{path} {tuple(t.shape)}" for path, t in named_tensors(output)][:6]
-        return (f" The checked output is the first element of the {type(output).__name__} "
-                f"the model returns ({', '.join(paths)}); set self.output_key to check "
-                "another.")
-
-    # -- the checks --------------------------------------------------------------------------
     @check
     def test_output_shape(self) -> None:
         """Check that the output shape is ``expected_output_shape`` at this and other batch sizes.
@@ -302,11 +70,8 @@ class ModelTests(CheckMixin):
                     self.fail(f"at batch size {size} the output has shape "
                               f"{tuple(output.shape)}, expected {wanted}. {hint}")
 
-    def _on(self, device: str) -> Any:
-        return map_tensors(lambda t: t.to(device), self.inputs)
-
     def _check_meta(self, training: bool) -> None:
-        mode = _describe_mode(training)
+        mode = describe_mode(training)
         on_cpu, on_meta = self._copy_model(), self._copy_model().to("meta")
         inputs = self._on("meta")
         try:
@@ -404,41 +169,6 @@ class ModelTests(CheckMixin):
                 self._check_accelerator(device)
 
     # -- dependence on the inputs -------------------------------------------------------------
-    def _unprobed_inputs(self) -> Collection[Key]:
-        """Inputs that are never differentiated."""
-        return tuple(self.unbatched_inputs)
-
-    def _probe(self, model: nn.Module, inputs: Any = None
-               ) -> Tuple[Any, torch.Tensor, List[Probe]]:
-        """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
-        self.inputs)."""
-        with _mode(model, training=False), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            output, probes = probe_forward(lambda batch: call_model(model, batch),
-                                           self.inputs if inputs is None else inputs,
-                                           self._batch_size(), self._unprobed_inputs())
-        if not probes:
-            integers = [describe_input(key) for key, t in
-                        batched_entries(self.inputs, self._unprobed_inputs())
-                        if not t.is_floating_point()]
-            self.skipTest(
-                "no input can be differentiated: self.inputs has no floating-point tensor, "
-                f"and its integer tensors ({', '.join(integers) or 'none'}) reach no embedding "
-                "(nn.Embedding or F.embedding) with the batch dimension first")
-        return output, self._output(output), probes
-
-    def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
-        """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
-        True where d value / d probe is non-zero. A NaN there (0 * NaN from an output that is
-        not part of ``value``, such as a fully masked padding row) is no evidence of
-        dependence and counts as False."""
-        if not value.requires_grad:
-            return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
-        grads = torch.autograd.grad(value, [p.tensor for p in probes], retain_graph=True,
-                                    allow_unused=True)
-        return [torch.zeros_like(p.tensor, dtype=torch.bool) if g is None
-                else g.ne(0) & g.isfinite() for p, g in zip(probes, grads)]
-
     @check
     def test_batch_independence(self) -> None:
         """Check that each sample's output depends on its own input only (eval mode).
@@ -476,29 +206,6 @@ class ModelTests(CheckMixin):
                           f"{self._output_hint(output)}")
 
     # -- training ----------------------------------------------------------------------------
-    def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-    def _gradients(self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]],
-                   step: int = 0) -> Tuple[Any, List[Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode forward and backward pass."""
-        output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
-        loss = self._loss(output)
-        if not trainable or not loss.requires_grad:
-            return output, [None] * len(trainable)
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        return output, list(grads)
-
-    def _allowed(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern)
-                   for pattern in self.allowed_unchanged_parameters)
-
-    def _no_trainable_parameter(self) -> str:
-        return ("the model has no trainable parameter (every parameter has "
-                "requires_grad=False, or there is none): it cannot learn. Unfreeze the layers "
-                "that should train (p.requires_grad_(True)), or skip this check for a model "
-                "that is never trained")
-
     @check
     def test_all_parameters_updated(self) -> None:
         """Check that every trainable parameter gets a gradient and changes within a few optimisation steps.
@@ -691,7 +398,7 @@ class ModelTests(CheckMixin):
         moved = self._copy_model().to(dtype)
         inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, self.inputs)
         for training in (False, True):
-            mode = _describe_mode(training)
+            mode = describe_mode(training)
             with watching_dtypes(dtype, moved) as watch:
                 try:
                     with torch.no_grad():

@@ -1,0 +1,248 @@
+"""run_distributed and DistributedModelTests, on real torch.distributed (gloo) CPU processes."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import unittest
+from multiprocessing import resource_tracker
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from checkrunner import CheckTestCase, make_case
+from dltestkit import (
+    DistributedError,
+    DistributedModelTests,
+    ModelTests,
+    SequenceModelTests,
+    run_distributed,
+)
+from dltestkit._base import checks_of
+from test_model_checks import (
+    SHAPE,
+    AutoEncoder,
+    CentresOverBatch,
+    DeadLayer,
+    TokenModel,
+    WithBatchNorm,
+    tokens,
+)
+
+
+# -- functions run on every rank (module level: picklable for the spawn start method) -------
+def rank_sum(rank: int, world_size: int, offset: float) -> Any:
+    value = torch.tensor([float(rank) + offset])
+    dist.all_reduce(value)
+    return rank, world_size, value.item()
+
+
+def fails_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one cannot go on")
+    value = torch.ones(1)
+    dist.all_reduce(value)  # waits for rank 1, which is gone
+    return rank
+
+
+def hangs_on_rank_zero(rank: int, world_size: int) -> int:
+    if rank == 0:
+        time.sleep(600)
+    return rank
+
+
+def returns_a_lambda(rank: int, world_size: int) -> Any:
+    return lambda: rank
+
+
+def child_pids() -> set:
+    """The processes this process started that are still alive."""
+    path = Path(f"/proc/{os.getpid()}/task")
+    found = set()
+    for task in path.iterdir() if path.exists() else []:
+        children = task / "children"
+        if children.exists():
+            found |= {int(pid) for pid in children.read_text().split()}
+    return found
+
+
+class RunDistributed(unittest.TestCase):
+    def setUp(self) -> None:
+        # spawn starts multiprocessing's resource tracker once per process, not per call
+        resource_tracker.ensure_running()
+        self.before = child_pids()
+
+    def tearDown(self) -> None:
+        self.assertEqual(child_pids() - self.before, set(), "a rank outlived run_distributed")
+
+    def test_each_rank_runs_in_a_process_group_and_results_come_back_in_rank_order(self) -> None:
+        results = run_distributed(rank_sum, 3, 0.5)
+        self.assertEqual(results, [(0, 3, 4.5), (1, 3, 4.5), (2, 3, 4.5)])
+
+    def test_the_spawn_start_method_works_too(self) -> None:
+        self.assertEqual(run_distributed(rank_sum, 2, 0.0, start_method="spawn"),
+                         [(0, 2, 1.0), (1, 2, 1.0)])
+
+    def test_a_failing_rank_is_reported_first_with_its_traceback(self) -> None:
+        started = time.monotonic()
+        with self.assertRaises(DistributedError) as caught:
+            run_distributed(fails_on_rank_one, 2, timeout=30)
+        self.assertLess(time.monotonic() - started, 20, "the other rank was waited for")
+        error = caught.exception
+        self.assertEqual(list(error.failures)[0], 1)
+        self.assertEqual(error.first_line(), "rank 1: ValueError: rank one cannot go on")
+        self.assertIn('in fails_on_rank_one\n    raise ValueError("rank one cannot go on")',
+                      str(error))
+        self.assertIn("rank 0 of 2", str(error))
+
+    def test_a_hung_rank_becomes_a_failure_after_the_timeout(self) -> None:
+        started = time.monotonic()
+        with self.assertRaises(DistributedError) as caught:
+            run_distributed(hangs_on_rank_zero, 2, timeout=3)
+        self.assertLess(time.monotonic() - started, 15)
+        self.assertIn("rank 0 of 2: did not finish within 3 s: it hung", str(caught.exception))
+
+    def test_a_result_that_cannot_be_pickled_is_an_error(self) -> None:
+        with self.assertRaisesRegex(DistributedError, "(?s)rank 0 of 2:.*pickle"):
+            run_distributed(returns_a_lambda, 2)
+
+    def test_a_world_of_no_process_is_refused(self) -> None:
+        with self.assertRaisesRegex(ValueError, "world_size must be at least 1"):
+            run_distributed(rank_sum, 0, 0.0)
+
+
+# -- DistributedModelTests -------------------------------------------------------------------
+class DividesByTheBatchSize(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / x.shape[0]
+
+
+def ddp_case(model_type: Any, inputs: Any = None, mixins: tuple = (DistributedModelTests,),
+             **attributes: Any) -> type:
+    def set_up(self: Any) -> None:
+        self.model = model_type()
+        self.inputs = torch.randn(4, *SHAPE) if inputs is None else inputs()
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    return type("Case", (*mixins, unittest.TestCase), {"setUp": set_up, "seed": 0})
+
+
+class DDPGradients(CheckTestCase):
+    def test_correct_models_pass(self) -> None:
+        cases = {
+            "autoencoder": ddp_case(AutoEncoder),
+            "token ids in a dict, dict out": ddp_case(TokenModel, tokens),
+            "four ranks": ddp_case(AutoEncoder, lambda: torch.randn(8, *SHAPE), world_size=4),
+            "BatchNorm declared local": ddp_case(WithBatchNorm, local_batch_statistics=["*"]),
+            "unused layer, find_unused_parameters": ddp_case(DeadLayer,
+                                                             find_unused_parameters=True),
+        }
+        for label, case in cases.items():
+            with self.subTest(label):
+                self.assertPasses(case, "test_ddp_gradients")
+
+    def test_batch_statistics_fail_suggesting_sync_batchnorm(self) -> None:
+        self.assertFailsWith(ddp_case(WithBatchNorm), "test_ddp_gradients",
+                             "at step 1 the gradient of encoder.1.weight that "
+                             "DistributedDataParallel gives rank 0 (each of 2 ranks on its shard "
+                             "of the batch) differs from the gradient of one process on the whole "
+                             "batch", "The model normalises with batch statistics (encoder.2)",
+                             "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)",
+                             "self.local_batch_statistics")
+
+    def test_an_unused_branch_fails_naming_it_with_ddps_error(self) -> None:
+        self.assertFailsWith(ddp_case(DeadLayer), "test_ddp_gradients",
+                             "DistributedDataParallel (find_unused_parameters=False) fails on the "
+                             "second step: parameters that get no gradient in forward "
+                             "(refine.weight, refine.bias)",
+                             "DDP's error: rank", "RuntimeError: Expected to have finished "
+                             "reduction in the prior iteration")
+
+    def test_a_loss_summed_per_rank_fails(self) -> None:
+        case = ddp_case(AutoEncoder, loss_fn=lambda output: output.square().sum())
+        self.assertFailsWith(case, "test_ddp_gradients",
+                             "Every gradient is 0.5 times the single-process one: the output or "
+                             "the loss depends on the batch size (a sum over the batch where a "
+                             "mean belongs")
+
+    def test_an_output_divided_by_the_batch_size_fails(self) -> None:
+        self.assertFailsWith(ddp_case(DividesByTheBatchSize), "test_ddp_gradients",
+                             "Every gradient is 2 times the single-process one")
+
+    def test_samples_mixed_across_the_batch_fail(self) -> None:
+        self.assertFailsWith(ddp_case(CentresOverBatch), "test_ddp_gradients",
+                             "A sample's output depends on the other samples of its batch (see "
+                             "test_batch_independence)")
+
+    def test_a_batch_the_ranks_cannot_share_equally_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(ddp_case(AutoEncoder, lambda: torch.randn(5, *SHAPE)),
+                              "test_ddp_gradients", "ContractError", "holds 5 samples, which 2 "
+                              "ranks cannot share equally")
+
+    def test_a_world_of_one_rank_is_refused(self) -> None:
+        self.assertErrorsWith(ddp_case(AutoEncoder, world_size=1), "test_ddp_gradients",
+                              "self.world_size set in Case.setUp is 1, not an int of at least 2")
+
+    def test_it_combines_with_the_other_model_mixins(self) -> None:
+        alone = checks_of(ddp_case(AutoEncoder))
+        self.assertEqual(alone, ("test_ddp_gradients",))
+        with_model = ddp_case(AutoEncoder, mixins=(DistributedModelTests, ModelTests))
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_model)), 10)
+        with_sequence = ddp_case(AutoEncoder, mixins=(DistributedModelTests, SequenceModelTests))
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_sequence)), 12)
+
+    def test_no_rank_outlives_a_failing_check(self) -> None:
+        before = child_pids()
+        self.assertFailsWith(ddp_case(DeadLayer), "test_ddp_gradients", "fails on the second")
+        self.assertEqual(child_pids() - before, set())
+        self.assertEqual(multiprocessing.active_children(), [])
+
+
+PARALLEL_MODULE = textwrap.dedent('''
+    import unittest
+    import torch
+    from torch import nn
+    from dltestkit import DistributedModelTests
+
+
+    class TestFirst(DistributedModelTests, unittest.TestCase):
+        def setUp(self):
+            self.model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+            self.inputs = torch.randn(4, 6)
+
+
+    class TestSecond(TestFirst):
+        world_size = 4
+
+
+    class TestThird(TestFirst):
+        pass
+''')
+
+
+class ParallelRunners(unittest.TestCase):
+    def test_distributed_checks_of_several_classes_run_side_by_side_under_xdist(self) -> None:
+        try:
+            import xdist  # noqa: F401
+        except ImportError:
+            self.skipTest("needs pytest-xdist")
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "test_parallel.py").write_text(PARALLEL_MODULE)
+            completed = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider"],
+                cwd=folder, capture_output=True, text=True, timeout=300)
+            self.assertEqual(sorted(p.name for p in Path(folder).iterdir()
+                                    if p.name != "__pycache__"), ["test_parallel.py"])
+        self.assertIn("3 passed", completed.stdout, completed.stdout + completed.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
