@@ -136,10 +136,10 @@ class SequenceModelTests(ModelTests):
                           "causal convolution)")
         output, checked, probes = self._probe(self.model)
         length = self._positions(checked, output, "test_causality")
+        real = self._real_positions(length)
         probes = self._positional_probes(probes, length)
         dim = self.sequence_dim
         weights = self._weights([checked])[0]
-        real = self._real_positions(length)
         for t in range(length - 1):
             # Outputs at padded positions are ignored: with left padding, a fully masked row
             # may attend anywhere, and its output is never used.

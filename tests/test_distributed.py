@@ -182,6 +182,28 @@ class DDPGradients(CheckTestCase):
                              "A sample's output depends on the other samples of its batch (see "
                              "test_batch_independence)")
 
+    def test_a_model_that_fails_under_ddp_fails_with_the_ranks_error(self) -> None:
+        class SingleProcessOnly(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if dist.is_initialized():
+                    raise RuntimeError("this model reads a file only rank 0 has")
+                return super().forward(x)
+
+        self.assertFailsWith(ddp_case(SingleProcessOnly), "test_ddp_gradients",
+                             "training the model with DistributedDataParallel on 2 ranks failed: "
+                             "rank", "RuntimeError: this model reads a file only rank 0 has")
+
+    def test_outputs_without_a_batch_dimension_need_a_loss_fn(self) -> None:
+        class ReturnsItsLoss(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x).square().mean()
+
+        self.assertErrorsWith(ddp_case(ReturnsItsLoss), "test_ddp_gradients", "ContractError",
+                              "no floating-point output has a batch dimension",
+                              "set self.loss_fn to the mean loss over the batch")
+        self.assertPasses(ddp_case(ReturnsItsLoss, loss_fn=lambda loss: loss),
+                          "test_ddp_gradients")
+
     def test_a_batch_the_ranks_cannot_share_equally_is_a_contract_error(self) -> None:
         self.assertErrorsWith(ddp_case(AutoEncoder, lambda: torch.randn(5, *SHAPE)),
                               "test_ddp_gradients", "ContractError", "holds 5 samples, which 2 "

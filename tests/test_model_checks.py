@@ -531,6 +531,25 @@ class DeviceMoving(CheckTestCase):
                              "after .to('meta') the model returns output[1] (on cpu) in eval mode",
                              "no tensor made without device=")
 
+    def test_mixing_hidden_from_the_operation_watch_is_still_caught_by_meta(self) -> None:
+        class HidesItsOperations(UnregisteredTensor):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this
+                    return super().forward(x)
+
+        self.assertFailsWith(model_case(HidesItsOperations), "test_device_moving",
+                             "combines a tensor left on the CPU (Tensor on device cpu is not on "
+                             "the expected device meta")
+
+    def test_a_model_that_raises_is_an_error_saying_how_it_was_called(self) -> None:
+        class Raises(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                raise KeyError("no such layer")
+
+        self.assertErrorsWith(model_case(Raises), "test_device_moving", "KeyError: 'no such "
+                              "layer'", "[dltestkit] raised by the model in eval mode, called as "
+                              "model(inputs)")
+
     def test_numpy_on_a_device_tensor_fails(self) -> None:
         self.assertFailsWith(model_case(NumpyInForward), "test_device_moving",
                              "Tensor.numpy() is called on a tensor on the model's device",
@@ -570,6 +589,22 @@ class DeviceMoving(CheckTestCase):
                              "test_device_moving_on_gpu",
                              "the model on cpu gives other outputs than on the CPU",
                              "Mismatched elements")
+
+
+    def test_with_an_accelerator_outputs_that_change_after_moving_back_fail(self) -> None:
+        class ChangesWhenMovedBack(AutoEncoder):
+            moves = 0
+
+            def _apply(self, fn: Any, recurse: bool = True) -> Any:
+                self.moves += 1
+                return super()._apply(fn, recurse)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x) + float(self.moves >= 2)
+
+        self.assertFailsWith(model_case(ChangesWhenMovedBack, accelerators=["cpu"]),
+                             "test_device_moving_on_gpu",
+                             "the model moved to cpu and back gives other outputs")
 
 
 class BatchIndependence(CheckTestCase):

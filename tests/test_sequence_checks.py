@@ -328,6 +328,17 @@ class Contract(CheckTestCase):
         self.assertErrorsWith(case, "test_causality", "self.sequence_dim set in Case.setUp is "
                               "2, but no input has 3 positions there")
 
+    def test_a_padding_mask_without_the_outputs_positions_is_refused(self) -> None:
+        class Halves(CausalConv):
+            def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return super().forward(x)[..., ::2]
+
+        case = sequence_case(Halves, causal=True, sequence_dim=2, padding_mask=1,
+                             inputs=lambda: (torch.randn(BATCH, 3, LENGTH),
+                                             torch.ones(BATCH, LENGTH)))
+        self.assertErrorsWith(case, "test_causality", "self.padding_mask set in Case.setUp has "
+                              "6 positions, but the checked output has 3")
+
     def test_an_output_without_positions_is_refused_for_causality(self) -> None:
         case = sequence_case(lambda: MaskedMeanPool(), causal=True, sequence_dim=2,
                              inputs=lambda: (torch.randn(BATCH, LENGTH, 5),
