@@ -287,6 +287,15 @@ class ModelContract(CheckMixin):
                 "(nn.Embedding or F.embedding) with the batch dimension first")
         return output, self._output(output), probes
 
+    def _connected(self, value: torch.Tensor, probes: Sequence[Probe]) -> bool:
+        """Whether ``value`` is computed from any probe (in the autograd graph), whatever the
+        values: a zero-initialised output layer gives zero gradients but is connected."""
+        if not value.requires_grad:
+            return False
+        grads = torch.autograd.grad(value.sum(), [p.tensor for p in probes], retain_graph=True,
+                                    allow_unused=True)
+        return any(grad is not None for grad in grads)
+
     def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
         """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
         True where d value / d probe is non-zero. A NaN there (0 * NaN from an output that is

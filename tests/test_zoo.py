@@ -1,7 +1,8 @@
 """The model checks on correct, widely used third-party models: no false alarm, no needless skip.
 
-timm and torchvision vision models, Hugging Face transformers (dict inputs, attention masks,
-``ModelOutput``), a PEFT LoRA adapter and PyTorch's own sequence layers, all built offline from
+timm and torchvision vision models, Hugging Face transformers (BERT, GPT-2, Llama, T5, ViT: dict
+inputs, attention masks, ``ModelOutput``), a PEFT LoRA adapter and PyTorch's own sequence
+layers, all built offline from
 small configurations with random weights. Every check must pass; the only skips allowed are
 the ones each case lists (no GPU here, no padding mask for a model without one, ...).
 
@@ -70,6 +71,15 @@ def t5() -> nn.Module:
                             eos_token_id=1))
 
 
+def llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
 def hf_vit() -> nn.Module:
     from transformers import ViTConfig, ViTModel
 
@@ -96,6 +106,15 @@ def torchvision_resnet18() -> nn.Module:
     import torchvision
 
     return torchvision.models.resnet18(num_classes=10, zero_init_residual=True)
+
+
+def torchvision_vit() -> nn.Module:
+    """Its classification head starts at exactly zero, so its output starts constant."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                num_classes=10)
 
 
 def encoder() -> nn.Module:
@@ -133,6 +152,9 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
     "torchvision resnet18, zero_init_residual": (ModelTests, dict(
         model=torchvision_resnet18, inputs=images, expected_output_shape=(BATCH, 10),
         make_model=torchvision_resnet18), ()),
+    "torchvision ViT, zero-initialised head": (ModelTests, dict(
+        model=torchvision_vit, inputs=images, expected_output_shape=(BATCH, 10),
+        make_model=torchvision_vit), ()),
     "transformers ViT, dict inputs": (ModelTests, dict(
         model=hf_vit, inputs=lambda: {"pixel_values": images()},
         expected_output_shape=(BATCH, 17, 32), make_model=hf_vit), ()),
@@ -146,6 +168,10 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
     "transformers GPT-2, causal LM, left padding": (SequenceModelTests, dict(
         model=gpt2, inputs=lambda: token_batch(left_padding=True),
         expected_output_shape=(BATCH, LENGTH, VOCAB), make_model=gpt2, sequence_dim=1,
+        causal=True, padding_mask="attention_mask"), ()),
+    "transformers Llama, causal LM, left padding": (SequenceModelTests, dict(
+        model=llama, inputs=lambda: token_batch(left_padding=True),
+        expected_output_shape=(BATCH, LENGTH, VOCAB), make_model=llama, sequence_dim=1,
         causal=True, padding_mask="attention_mask"), ()),
     "transformers T5, encoder-decoder": (SequenceModelTests, dict(
         model=t5, inputs=lambda: {**token_batch(), "decoder_input_ids":
