@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 import unittest
+import warnings
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -900,6 +902,19 @@ class Reproducible(CheckTestCase):
                              "start from different weights: model.features.0.weight differs "
                              "before any training", "torch.seed()")
 
+    def test_a_timing_scalar_fails_unless_listed_as_nondeterministic(self) -> None:
+        class LogsTheTime(ClassifierTrainer):
+            def end_of_epoch(self) -> None:
+                self.summary.add_scalar("time/clock", time.perf_counter(), self.epoch)
+
+        for name in ("test_reproducible", "test_resume"):
+            with self.subTest(name):
+                self.assertFailsWith(classifier_case(LogsTheTime), name, "'time/clock' at step",
+                                     "with equal weights: a timing? list it in "
+                                     "nondeterministic_scalars")
+                self.assertPasses(classifier_case(LogsTheTime,
+                                                  nondeterministic_scalars=["time/*"]), name)
+
     def test_a_different_number_of_logged_scalars_is_named(self) -> None:
         class LogsOnce(ClassifierTrainer):
             logged = False
@@ -943,6 +958,15 @@ class EvalLeavesModelUnchanged(CheckTestCase):
         self.assertFailsWith(classifier_case(EvalDisablesGradients), self.check,
                              "it left torch.is_grad_enabled() False, which was True before",
                              "`with torch.no_grad():`")
+
+    def test_a_torchscript_model_is_checked_without_hooks(self) -> None:
+        class Scripted(ClassifierTrainer):
+            def make_model(self) -> nn.Module:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                    return torch.jit.script(Net())
+
+        self.assertPasses(classifier_case(Scripted), self.check)
 
     def test_a_submodule_kept_in_eval_mode_stays_so(self) -> None:
         class FrozenStatistics(ClassifierTrainer):
