@@ -1,29 +1,58 @@
 """TrainerTests: checks for a training loop."""
 from __future__ import annotations
 
+import copy
 import difflib
+import fnmatch
+import itertools
 import math
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+import random
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Collection,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 from unittest import mock
 
 import numpy as np
 import torch
 from scipy import integrate, stats
+from torch import nn
 
 from ._base import (
     REQUIRED,
+    SEED_RANGE,
     Attribute,
     CheckMixin,
+    ContractError,
     check,
     is_callable,
     is_names,
+    is_non_negative_number,
     is_number,
     is_positive_int,
     is_str,
+    optional,
 )
-from ._random import preserved_global_state
+from ._random import make_deterministic, preserved_global_state
 
 __all__ = ["TrainerTests", "kl_reference"]
+
+#: The most epochs test_frozen_parameters trains: one, unless a parameter behind a
+#: zero-initialised gate (LoRA's A, ReZero) can only change once the gate has trained.
+FROZEN_EPOCHS = 3
+#: The argument orders test_kl_divergence knows, with the closed form of each.
+KL_ARGUMENTS: Dict[Tuple[str, str], str] = {
+    ("log_sigma", "mu"): "0.5 * (sigma^2 + mu^2 - 1) - log_sigma per dimension",
+    ("mu", "logvar"): "-0.5 * (1 + logvar - mu^2 - exp(logvar)) per dimension",
+}
 
 
 def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> np.ndarray:
@@ -41,55 +70,347 @@ def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> n
     return integrate.simpson(integrand, x=x, axis=-1)
 
 
+# -- validators ------------------------------------------------------------------------------
 def _is_trainer(value: Any) -> Optional[str]:
     if callable(getattr(value, "train", None)) and callable(getattr(value, "eval", None)):
         return None
     return f"is a {type(value).__name__}, which has no train(epochs) and eval()"
 
 
-def _call_arguments(call: Any) -> Tuple[Any, Any, Any]:
+def _is_kl_arguments(value: Any) -> Optional[str]:
+    if isinstance(value, (tuple, list)) and tuple(value) in KL_ARGUMENTS:
+        return None
+    return f"is {value!r}, not one of {', '.join(repr(names) for names in KL_ARGUMENTS)}"
+
+
+# -- values, logs and state ------------------------------------------------------------------
+def _as_number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is one number (a Python, NumPy or one-element tensor
+    number, not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return float(value.detach().cpu())
+    return None
+
+
+def _describe(value: Any) -> str:
+    """A value for a message: a tensor by its shape, anything else by a short repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} (a {type(value).__name__})"
+
+
+def _is_finite_number(value: Any) -> bool:
+    number = _as_number(value)
+    return number is not None and math.isfinite(number)
+
+
+def _same_number(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= atol + rtol * abs(b)
+
+
+class _Scalar(NamedTuple):
+    """One add_scalar call."""
+
+    tag: Any
+    value: Any
+    step: Any
+
+    def where(self) -> str:
+        return f"{self.tag!r} at step {self.step}"
+
+
+def _call_arguments(call: Any) -> _Scalar:
     """(tag, value, global_step) of a SummaryWriter.add_scalar call."""
     names = ("tag", "scalar_value", "global_step")
     values = list(call.args[:3]) + [None] * (3 - len(call.args[:3]))
     for position, name in enumerate(names):
         if name in call.kwargs:
             values[position] = call.kwargs[name]
-    return values[0], values[1], values[2]
+    return _Scalar(*values)
 
 
-def _is_finite_number(value: Any) -> bool:
+def _same_scalar(a: _Scalar, b: _Scalar, rtol: float, atol: float) -> bool:
+    x, y = _as_number(a.value), _as_number(b.value)
+    if x is None or y is None:
+        return bool(a.value == b.value)
+    return _same_number(x, y, rtol, atol)
+
+
+def _first_log_difference(expected: Sequence[_Scalar], actual: Sequence[_Scalar],
+                          start: int = 0) -> Optional[Tuple[Optional[_Scalar],
+                                                            Optional[_Scalar]]]:
+    """The first pair (from ``start`` on) whose tag or step differs; None if there is none."""
+    pairs = itertools.zip_longest(expected[start:], actual[start:])
+    for a, b in pairs:
+        if a is None or b is None or (a.tag, a.step) != (b.tag, b.step):
+            return a, b
+    return None
+
+
+def _describe_scalar(scalar: Optional[_Scalar]) -> str:
+    return "nothing" if scalar is None else scalar.where()
+
+
+class _Difference(NamedTuple):
+    path: Tuple[Any, ...]
+    detail: str
+
+
+def _tensor_report(text: str) -> str:
+    """assert_close's report on one line, without its first line."""
+    lines = [line.strip().rstrip(".") for line in text.strip().splitlines()[1:] if line.strip()]
+    return "; ".join(lines) if lines else text.strip()
+
+
+def _difference(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0,
+                path: Tuple[Any, ...] = ()) -> Optional[_Difference]:
+    """The first place where the nested states ``a`` (expected) and ``b`` differ; None when
+    they are equal within the tolerances (NaN equals NaN)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        try:
+            torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=rtol, atol=atol,
+                                       equal_nan=True)
+        except AssertionError as exc:
+            return _Difference(path, _tensor_report(str(exc)))
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        missing = [key for key in a if key not in b]
+        if missing:
+            return _Difference(path + (missing[0],), "is missing")
+        extra = [key for key in b if key not in a]
+        if extra:
+            return _Difference(path + (extra[0],), "is there, but was not")
+        for key in a:
+            found = _difference(a[key], b[key], rtol, atol, path + (key,))
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b)):
+            found = _difference(x, y, rtol, atol, path + (index,))
+            if found:
+                return found
+        return None
+    x, y = _as_number(a), _as_number(b)
+    if x is not None and y is not None:
+        same = _same_number(y, x, rtol, atol)
+    else:
+        try:
+            same = bool(a == b)
+        except Exception:  # e.g. arrays of another shape
+            same = repr(a) == repr(b)
+    return None if same else _Difference(path, f"is {_short(b)}, was {_short(a)}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _cloned(state: Any) -> Any:
+    """A copy of a state dict that later training cannot change (tensors are cloned)."""
     try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+        return copy.deepcopy(state)
+    except Exception:  # something in it cannot be copied; compare what can be
+        if isinstance(state, dict):
+            return {key: _cloned(value) for key, value in state.items()}
+        return repr(state)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy arrays (in random states) as lists, so that states compare with ==."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def _rng_state(value: Any) -> Any:
+    """The state of a random number generator, comparable with ==; None for anything else."""
+    if isinstance(value, torch.Generator):
+        return value.get_state().tolist()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if isinstance(value, np.random.Generator):
+        return _plain(value.bit_generator.state)
+    if isinstance(value, np.random.RandomState):
+        return _plain(value.get_state())
+    return None
+
+
+def _attributes(value: Any) -> Dict[str, Any]:
+    try:
+        return dict(vars(value))
+    except TypeError:  # no __dict__
+        return {}
+
+
+def _generators(trainer: Any) -> Dict[str, Any]:
+    """The states of the random number generators the trainer holds, directly or in its data
+    loaders, samplers and other plain objects (up to three attributes deep), each by its
+    shortest path."""
+    found: Dict[str, Any] = {}
+    seen = {id(trainer)}
+    level = [("trainer", trainer)]
+    for _ in range(3):
+        below = []
+        for path, value in level:
+            for name, attribute in _attributes(value).items():
+                if id(attribute) in seen:
+                    continue
+                seen.add(id(attribute))
+                state = _rng_state(attribute)
+                if state is not None:
+                    found[f"{path}.{name}"] = state
+                elif not isinstance(attribute, (nn.Module, torch.Tensor, torch.optim.Optimizer,
+                                                str, bytes, int, float, type)):
+                    below.append((f"{path}.{name}", attribute))
+        level = below
+    return found
+
+
+def _global_states() -> Dict[str, Any]:
+    return {"torch's global RNG": torch.get_rng_state().tolist(),
+            "Python's random": random.getstate(),
+            "NumPy's global RNG": _plain(np.random.get_state())}
+
+
+def _numbers(trainer: Any) -> Dict[str, Any]:
+    return {name: value for name, value in _attributes(trainer).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _names(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _shared_text(count: int, singular: str, plural: str) -> str:
+    return singular if count == 1 else plural
+
+
+#: Layers whose forward pass depends on the train/eval mode (named first in messages).
+_MODE_DEPENDENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                   nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class _Run(NamedTuple):
+    """A trainer the check built, and what it logged."""
+
+    trainer: Any
+    logs: List[_Scalar]
 
 
 class TrainerTests(CheckMixin):
-    """Checks for a trainer.
+    """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,
+    reproducibility, evaluation that leaves the model alone, the loss at initialisation,
+    frozen layers, and a VAE's KL divergence.
 
     For the overfit check the trainer built in setUp should train and evaluate on the
-    same single small batch (e.g. 4 fixed, un-augmented training samples).
+    same single small batch (e.g. 4 fixed, un-augmented training samples). The checks
+    that need several trainers build them with ``make_trainer``.
     """
 
     _mixin_name: ClassVar[str] = "TrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("trainer", "the trainer: train(epochs), eval() -> float and a SummaryWriter",
-                  "Trainer(model, ...)", default=REQUIRED, validate=_is_trainer),
+        Attribute("trainer", "the trainer under test: train(epochs), eval() -> loss, and its "
+                  "model, optimizer and SummaryWriter as attributes", "Trainer(model, ...)",
+                  default=REQUIRED, validate=_is_trainer,
+                  details="Built on one small fixed batch that it trains and evaluates on. "
+                          "test_resume also calls its save_checkpoint(path) and "
+                          "load_checkpoint(path). The attribute and method names are options "
+                          "below."),
+        Attribute("make_trainer", "a zero-argument callable that builds a fresh trainer exactly "
+                  "as setUp built self.trainer", "lambda: Trainer(MyModel(), ...)",
+                  validate=is_callable,
+                  read_by=("test_resume", "test_reproducible"),
+                  details="Same data, hyperparameters and model class, with the weights drawn "
+                          "from the seeded global RNG; a method `def make_trainer(self, "
+                          "rank=0, world_size=1)` on the test class, which setUp also calls, "
+                          "is the simplest. The distributed checks will call it with `rank` "
+                          "and `world_size`."),
+        Attribute("model_attribute", "the name of the trainer's attribute holding its model "
+                  "(an nn.Module)", '"net"', default="model", validate=is_str,
+                  read_by=("test_resume", "test_reproducible",
+                           "test_eval_leaves_model_unchanged", "test_frozen_parameters")),
+        Attribute("optimizer_attribute", "the name of the trainer's attribute holding its "
+                  "optimizer", '"opt"', default="optimizer", validate=optional(is_str),
+                  read_by=("test_resume", "test_frozen_parameters"),
+                  details="`None`: no single optimizer (a GAN's two); no optimizer state is "
+                          "compared."),
+        Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
+                  '"writer"', default="summary", validate=optional(is_str),
+                  read_by=("test_logging", "test_resume", "test_reproducible"),
+                  details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
+                          "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
+                          "unset and the other checks compare no logs."),
+        Attribute("save_checkpoint_method", "the name of the trainer's method that saves a "
+                  "checkpoint to a path", '"save"', default="save_checkpoint", validate=is_str,
+                  read_by=("test_resume",)),
+        Attribute("load_checkpoint_method", "the name of the trainer's method that restores a "
+                  "checkpoint from a path", '"load"', default="load_checkpoint",
+                  validate=is_str, read_by=("test_resume",)),
         Attribute("expected_scalars", "the scalar tags one epoch of training must log",
                   '["train/loss", "test/loss"]', validate=is_names, read_by=("test_logging",)),
-        Attribute("kl_divergence", "a function (log_sigma, mu) -> KL divergence to N(0, I)",
-                  "self.trainer.kl_divergence", validate=is_callable,
-                  read_by=("test_kl_divergence",),
-                  details="Summed over the latent dimension: one value per sample, or the "
-                          "total."),
         Attribute("overfit_epochs", "the epochs trained on the single batch", "200",
                   default=100, validate=is_positive_int, read_by=("test_overfit_one_batch",)),
         Attribute("overfit_max_loss", "the eval() loss the trainer must reach after "
                   "overfit_epochs on the single batch", "30.0", validate=is_number,
                   read_by=("test_overfit_one_batch",)),
-        Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
-                  '"writer"', default="summary", validate=is_str,
-                  read_by=("test_logging", "test_overfit_one_batch")),
+        Attribute("nondeterministic_scalars", "names or glob patterns of logged tags whose "
+                  "values legitimately differ between runs", '["time/*", "throughput"]',
+                  default=(), validate=is_names, read_by=("test_resume", "test_reproducible"),
+                  details="Timings, throughput, memory use: their values are not compared, "
+                          "their tags and steps are."),
+        Attribute("resume_rtol", "the relative tolerance comparing a resumed run with an "
+                  "uninterrupted one", "1e-6", default=0.0, validate=is_non_negative_number,
+                  read_by=("test_resume",),
+                  details="0: exact, as the same computation is on a CPU. Raise it on "
+                          "hardware whose kernels are not bitwise reproducible."),
+        Attribute("resume_atol", "the absolute tolerance comparing a resumed run with an "
+                  "uninterrupted one", "1e-7", default=0.0, validate=is_non_negative_number,
+                  read_by=("test_resume",)),
+        Attribute("expected_initial_loss", "the eval() loss of the untrained model",
+                  "math.log(10)", validate=is_number, read_by=("test_initial_loss",),
+                  details="For a classifier of C balanced classes the cross-entropy at "
+                          "initialisation is about log(C)."),
+        Attribute("initial_loss_rtol", "the relative tolerance of the initial loss check",
+                  "0.1", default=0.25, validate=is_non_negative_number,
+                  read_by=("test_initial_loss",)),
+        Attribute("initial_loss_atol", "the absolute tolerance of the initial loss check",
+                  "0.05", default=0.0, validate=is_non_negative_number,
+                  read_by=("test_initial_loss",)),
+        Attribute("frozen_parameters", "names or glob patterns of the model's parameters that "
+                  "training must leave exactly unchanged", '["backbone.*"]', default=(),
+                  validate=is_names, read_by=("test_frozen_parameters",),
+                  details="Names as in `model.named_parameters()`. Every other parameter must "
+                          "change."),
+        Attribute("kl_divergence", "the VAE's KL divergence of N(mu, sigma^2) to N(0, I), a "
+                  "function called with the arguments kl_arguments names",
+                  "self.trainer.kl_divergence", validate=is_callable,
+                  read_by=("test_kl_divergence",),
+                  details="Summed over the latent dimension: one value per sample, or the "
+                          "total. Only for VAEs."),
+        Attribute("kl_arguments", "the arguments kl_divergence takes, in order",
+                  '("mu", "logvar")', default=("log_sigma", "mu"), validate=_is_kl_arguments,
+                  read_by=("test_kl_divergence",),
+                  details='`("log_sigma", "mu")`, or `("mu", "logvar")` with logvar the '
+                          "log-variance, as in the pytorch/examples VAE: `-0.5 * sum(1 + "
+                          "logvar - mu^2 - exp(logvar))`."),
         Attribute("kl_rtol", "the relative tolerance of the KL check", "1e-3", default=1e-4,
                   validate=is_number, read_by=("test_kl_divergence",)),
         Attribute("kl_atol", "the absolute tolerance of the KL check", "1e-4", default=1e-5,
@@ -97,107 +418,179 @@ class TrainerTests(CheckMixin):
     )
 
     trainer: Any
+    make_trainer: Callable[..., Any]
+    model_attribute: str
+    optimizer_attribute: Optional[str]
+    writer_attribute: Optional[str]
+    save_checkpoint_method: str
+    load_checkpoint_method: str
+    nondeterministic_scalars: Collection[str]
     expected_scalars: Sequence[str]
-    kl_divergence: Callable[..., Any]
     overfit_epochs: int
     overfit_max_loss: float
-    writer_attribute: str
+    resume_rtol: float
+    resume_atol: float
+    expected_initial_loss: float
+    initial_loss_rtol: float
+    initial_loss_atol: float
+    frozen_parameters: Collection[str]
+    kl_divergence: Callable[..., Any]
+    kl_arguments: Tuple[str, str]
     kl_rtol: float
     kl_atol: float
 
-    def _prepare(self) -> None:
-        """Close the trainer's writer after every check, so no event file stays open."""
-        close = getattr(getattr(self.trainer, self.writer_attribute, None), "close", None)
-        if callable(close):
-            self.addCleanup(close)
+    def _validate_combination(self) -> None:
+        super()._validate_combination()
+        if self.writer_attribute is None and self._is_set("expected_scalars"):
+            raise self._contract_error(
+                "expected_scalars", "lists tags, but self.writer_attribute is None (the trainer "
+                "logs nothing); set writer_attribute to the name of the trainer's writer")
 
-    def _writer(self) -> Any:
-        writer = getattr(self.trainer, self.writer_attribute, None)
+    def _prepare(self) -> None:
+        """Close the writer of every trainer a check uses, and restore the grad mode."""
+        self._made: List[Any] = []
+        restore_grad_mode = torch.is_grad_enabled()
+        self.addCleanup(torch.set_grad_enabled, restore_grad_mode)  # type: ignore[attr-defined]
+        self._close_writer(self.trainer)
+
+    # -- the parts of a trainer --------------------------------------------------------------
+    def _close_writer(self, trainer: Any) -> None:
+        if self.writer_attribute is None:
+            return
+        close = getattr(getattr(trainer, self.writer_attribute, None), "close", None)
+        if callable(close):
+            self.addCleanup(close)  # type: ignore[attr-defined]
+
+    def _writer(self, trainer: Any) -> Any:
+        """The trainer's writer; None when writer_attribute is None."""
+        if self.writer_attribute is None:
+            return None
+        writer = getattr(trainer, self.writer_attribute, None)
         if writer is None or not callable(getattr(writer, "add_scalar", None)):
-            self.fail(
-                f"self.trainer.{self.writer_attribute} is not a SummaryWriter (it has no "
-                "add_scalar); give the trainer its writer there or set self.writer_attribute"
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no SummaryWriter at "
+                f"trainer.{self.writer_attribute} (writer_attribute): "
+                + ("there is no such attribute" if not hasattr(trainer, self.writer_attribute)
+                   else f"it is {_describe(writer)}, which has no add_scalar")
+                + ". Give the trainer its writer there, set self.writer_attribute to the name "
+                "of the attribute that holds it, or to None if the trainer logs nothing."
             )
         return writer
 
-    # -- the checks --------------------------------------------------------------
-    @check
-    def test_kl_divergence(self) -> None:
-        """Check that ``kl_divergence`` matches a numerical reference of KL(N(mu, sigma²) ‖ N(0, 1)).
+    def _model(self, trainer: Any) -> nn.Module:
+        model = getattr(trainer, self.model_attribute, None)
+        if not isinstance(model, nn.Module):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no nn.Module at "
+                f"trainer.{self.model_attribute} (model_attribute), it has "
+                f"{_describe(model)}; TrainerTests reads the trained model there. Set "
+                "self.model_attribute to the name of the attribute that holds it."
+            )
+        return model
 
-        Catches a wrong KL divergence, with the likely mistake named (a missing 0.5, the
-        mean instead of the sum, log-variance for log-sigma, swapped arguments).
-        """
-        kl_divergence: Callable[..., Any] = self._get_or_skip("kl_divergence")
-        generator = torch.Generator().manual_seed(self.seed)
-        cases: List[Tuple[str, torch.Tensor, torch.Tensor]] = [
-            ("mu=0, sigma=1", torch.zeros(3, 5), torch.zeros(3, 5))]
-        for draw in range(4):
-            mu = 2 * torch.randn(3, 5, generator=generator)
-            log_sigma = 3 * torch.rand(3, 5, generator=generator) - 1.5
-            cases.append((f"random draw {draw}", mu, log_sigma))
-        for label, mu, log_sigma in cases:
-            with self.subTest(case=label):
-                reference = kl_reference(mu.numpy(), log_sigma.numpy())
-                with preserved_global_state():
-                    result = kl_divergence(log_sigma.clone(), mu.clone())
-                result = torch.as_tensor(result).detach().double().cpu()
-                if result.dim() == 0:
-                    expected = torch.tensor(reference.sum())
-                elif tuple(result.shape) == (mu.shape[0],):
-                    expected = torch.from_numpy(reference.sum(axis=1))
-                else:
-                    self.fail(f"kl_divergence returned shape {tuple(result.shape)} for a batch "
-                              f"of {tuple(mu.shape)}; return one value per sample "
-                              f"({mu.shape[0]},) or the total (a scalar)")
-                torch.testing.assert_close(
-                    result, expected, rtol=self.kl_rtol, atol=self.kl_atol,
-                    msg=lambda m: self._kl_message(m, label, result, mu, log_sigma))
+    def _optimizer(self, trainer: Any) -> Optional[Any]:
+        """The trainer's optimizer; None when optimizer_attribute is None or the trainer has
+        none yet (a Lightning adapter before fitting)."""
+        if self.optimizer_attribute is None:
+            return None
+        if not hasattr(trainer, self.optimizer_attribute):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no attribute "
+                f"{self.optimizer_attribute!r} (optimizer_attribute); TrainerTests reads the "
+                "optimizer there. Set self.optimizer_attribute to the name of the attribute "
+                "that holds it, or to None if the trainer has no single optimizer."
+            )
+        optimizer = getattr(trainer, self.optimizer_attribute)
+        return optimizer if callable(getattr(optimizer, "state_dict", None)) else None
 
-    @staticmethod
-    def _kl_message(default: str, label: str, result: torch.Tensor, mu: torch.Tensor,
-                    log_sigma: torch.Tensor) -> str:
-        mu64, log_sigma64 = mu.double(), log_sigma.double()
-        elementwise = 0.5 * (torch.exp(2 * log_sigma64) + mu64**2 - 1) - log_sigma64
-        as_log_var = 0.5 * (torch.exp(log_sigma64) + mu64**2 - 1 - log_sigma64)
-        mistakes = {
-            "the factor 0.5 is missing": 2 * elementwise,
-            "it takes the mean over the latent dimension instead of the sum":
-                elementwise / elementwise.shape[1],
-            "log_sigma is treated as log-variance": as_log_var,
-            "it uses sigma (exp(log_sigma)) where sigma^2 (exp(2 * log_sigma)) belongs":
-                0.5 * (torch.exp(log_sigma64) + mu64**2 - 1) - log_sigma64,
-            "the arguments are swapped (it expects (log_sigma, mu))":
-                0.5 * (torch.exp(2 * mu64) + log_sigma64**2 - 1) - mu64,
-        }
-        reduce = (lambda t: t.sum()) if result.dim() == 0 else (lambda t: t.sum(dim=1))
-        diagnosis = [text for text, value in mistakes.items()
-                     if torch.allclose(result, reduce(value), rtol=1e-3, atol=1e-4)]
-        hint = (f"It looks like {diagnosis[0]}. " if diagnosis else "")
-        return (f"kl_divergence(log_sigma, mu) does not match the numerical reference of "
-                f"KL(N(mu, sigma^2) || N(0, 1)) summed over the latent dimension ({label}). "
-                f"{hint}The closed form is 0.5 * (sigma^2 + mu^2 - 1) - log_sigma per "
-                f"dimension.\n{default}")
+    def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
+        name = getattr(self, option)
+        method = getattr(trainer, name, None)
+        if not callable(method):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no method {name}(path) "
+                f"({option}); test_resume saves and loads checkpoints with it. Set "
+                f"self.{option} to the name of the trainer's method."
+            )
+        return method  # type: ignore[no-any-return]
 
+    def _eval_loss(self, trainer: Any) -> float:
+        """trainer.eval() as a float; a ContractError naming what it returned otherwise."""
+        value = trainer.eval()
+        number = _as_number(value)
+        if number is None:
+            raise ContractError(
+                f"trainer.eval() returned {_describe(value)}, not a number; TrainerTests needs "
+                "eval() to return the evaluation loss as one number (a float, e.g. "
+                "loss.item(); the mean over the evaluation data, not one value per batch or "
+                "sample). Wrap a trainer whose eval() returns metrics in a subclass whose "
+                "eval() returns the loss."
+            )
+        return number
+
+    def _new_trainer(self, seed: int) -> Any:
+        """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
+        make_trainer = self._get_or_skip("make_trainer")
+        make_deterministic(seed)
+        trainer = make_trainer()
+        if _is_trainer(trainer):
+            raise self._contract_error(
+                "make_trainer", f"returned a {type(trainer).__name__}, which has no "
+                "train(epochs) and eval()")
+        model = self._model(trainer)
+        for other in [self.trainer, *self._made]:
+            if trainer is other or model is getattr(other, self.model_attribute, None):
+                what = "the same trainer" if trainer is other else "a trainer with the same model"
+                raise self._contract_error(
+                    "make_trainer", f"returned {what} as before (self.trainer or an earlier "
+                    "make_trainer() call), so the trainers it builds train one another's "
+                    "weights; build a new trainer and a new model in every call")
+        self._made.append(trainer)
+        self._close_writer(trainer)
+        return trainer
+
+    def _train(self, trainer: Any, epochs: int) -> List[_Scalar]:
+        """trainer.train(epochs), recording what it logs through its writer (not writing it)."""
+        writer = self._writer(trainer)
+        if writer is None:
+            trainer.train(epochs)
+            return []
+        with mock.patch.object(writer, "add_scalar") as add_scalar:
+            trainer.train(epochs)
+        return [_call_arguments(call) for call in add_scalar.call_args_list]
+
+    def _state(self, trainer: Any) -> Dict[str, Any]:
+        """A copy of the model's state dict (parameters and persistent buffers)."""
+        return {name: value.detach().clone()
+                for name, value in self._model(trainer).state_dict().items()}
+
+    def _same_value(self, a: _Scalar, b: _Scalar, rtol: float, atol: float) -> bool:
+        """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
+        if any(fnmatch.fnmatchcase(str(a.tag), pattern)
+               for pattern in self.nondeterministic_scalars):
+            return True
+        return _same_scalar(a, b, rtol, atol)
+
+    def _other_seed(self) -> int:
+        return self.seed - 1 if self.seed == SEED_RANGE[1] else self.seed + 1
+
+    # -- the checks --------------------------------------------------------------------------
     @check
     def test_logging(self) -> None:
-        """Check that one epoch of training logs every ``expected_scalars`` tag at step 0 with a finite value.
+        """Check that one epoch of training logs every ``expected_scalars`` tag at step 0
+        with a finite value.
 
         Catches missing, misspelled or misplaced TensorBoard scalars, and scalars that are
         not finite numbers.
         """
         expected: Sequence[str] = self._get_or_skip("expected_scalars")
-        writer = self._writer()
-        with mock.patch.object(writer, "add_scalar") as add_scalar:
-            self.trainer.train(1)
-        logged: Dict[str, List[Tuple[Any, Any]]] = {}
-        for call in add_scalar.call_args_list:
-            tag, value, step = _call_arguments(call)
-            logged.setdefault(tag, []).append((step, value))
+        logged: Dict[Any, List[Tuple[Any, Any]]] = {}
+        for scalar in self._train(self.trainer, 1):
+            logged.setdefault(scalar.tag, []).append((scalar.step, scalar.value))
         problems = []
         for tag in expected:
             if tag not in logged:
-                close = difflib.get_close_matches(tag, list(logged), n=1)
+                close = difflib.get_close_matches(tag, [str(t) for t in logged], n=1)
                 problems.append(f"{tag!r} was not logged"
                                 + (f" (did you mean {close[0]!r}?)" if close else ""))
                 continue
@@ -224,9 +617,9 @@ class TrainerTests(CheckMixin):
         optimizer that does not step, gradients zeroed after backward, wrong targets.
         """
         max_loss = self._get_or_skip("overfit_max_loss")
-        before = float(self.trainer.eval())
+        before = self._eval_loss(self.trainer)
         self.trainer.train(self.overfit_epochs)
-        after = float(self.trainer.eval())
+        after = self._eval_loss(self.trainer)
         if not (math.isfinite(after) and after <= max_loss):
             self.fail(
                 f"the trainer did not overfit one batch: eval() loss {before:.6g} before and "
@@ -236,3 +629,535 @@ class TrainerTests(CheckMixin):
                 "trains and evaluates on the same single batch; raise overfit_epochs or the "
                 "learning rate if the model is merely slow to fit."
             )
+
+    # -- resuming and reproducing ------------------------------------------------------------
+    @check
+    def test_resume(self) -> None:
+        """Check that 1 epoch, a checkpoint loaded into a fresh trainer and 1 more epoch give
+        what 2 epochs straight give.
+
+        Catches a resumed run that silently differs from an uninterrupted one: optimizer state
+        (Adam moments) not saved, step or epoch counters that restart, data order or random
+        state not restored, a learning-rate scheduler left out of the checkpoint.
+        """
+        self._get_or_skip("make_trainer")
+        path = str(self.make_temp_dir() / "checkpoint")
+        straight = _Run(*self._trained(self.seed, 2))
+        first = _Run(*self._trained(self.seed, 1))
+        self._method(first.trainer, "save_checkpoint_method")(path)
+        saved = self._snapshot(first.trainer)
+        resumed_trainer = self._new_trainer(self._other_seed())
+        self._method(resumed_trainer, "load_checkpoint_method")(path)
+        loaded = self._snapshot(resumed_trainer)
+        resumed = _Run(resumed_trainer, first.logs + self._train(resumed_trainer, 1))
+        # the global generators that training draws from are the ones it must restore
+        drawn_from = [name for name, state in _global_states().items()
+                      if state != loaded["global"][name]]
+        differences = self._resume_differences(straight, resumed)
+        if not differences:
+            return
+        causes = self._not_restored(saved, loaded, drawn_from)
+        reproducible = _first_log_difference(straight.logs[:len(first.logs)], first.logs)
+        if reproducible is not None or any(
+                not self._same_value(a, b, 0.0, 0.0) for a, b in zip(straight.logs, first.logs)):
+            causes.insert(0, "reproducibility: the first epoch already differs between two "
+                             "trainers built by make_trainer() under the same seed, so the "
+                             "trainer is not reproducible (test_reproducible says why)")
+        load = self.load_checkpoint_method
+        self.fail(
+            f"a resumed run differs from an uninterrupted one. Trained 2 epochs straight, and "
+            f"1 epoch, then trainer.{self.save_checkpoint_method}(path), a fresh trainer from "
+            f"make_trainer() with trainer.{load}(path) and 1 more epoch:\n  - "
+            + "\n  - ".join(differences)
+            + (f"\nWhat {load} did not restore (the fresh trainer compared with the one that "
+               "saved the checkpoint):\n  - " + "\n  - ".join(causes) if causes else
+               f"\n{load} restored the weights, the optimizer state, the trainer's counters, "
+               "its random generators and the global random states, so the difference comes "
+               "from state kept elsewhere: a schedule held in an iterator or a closure, a "
+               "module-level variable, a data iterator kept across epochs.")
+            + "\nSave everything training depends on in the checkpoint and restore it: "
+            "model.state_dict(), optimizer.state_dict() (Adam's moments and step count), the "
+            "state of schedulers and gradient scalers, the epoch and step counters, the state "
+            "of the generator that shuffles the data (or reseed the sampler from the epoch), "
+            "and torch.get_rng_state() if training draws random numbers (dropout, sampling). "
+            "resume_rtol and resume_atol allow differences, for hardware whose kernels are not "
+            "bitwise reproducible."
+        )
+
+    def _trained(self, seed: int, epochs: int) -> Tuple[Any, List[_Scalar]]:
+        trainer = self._new_trainer(seed)
+        return trainer, self._train(trainer, epochs)
+
+    def _resume_differences(self, straight: _Run, resumed: _Run) -> List[str]:
+        rtol, atol = self.resume_rtol, self.resume_atol
+        model = self.model_attribute
+        differences = []
+        mismatch = _first_log_difference(straight.logs, resumed.logs)
+        if mismatch is not None:
+            expected, actual = mismatch
+            differences.append(
+                f"logging: the resumed run logged {_describe_scalar(actual)} where the "
+                f"uninterrupted run logged {_describe_scalar(expected)} (usually a step or "
+                "epoch counter that was not restored)")
+        found = _difference(self._state(straight.trainer), self._state(resumed.trainer),
+                            rtol, atol)
+        if found:
+            differences.append(f"weights: {model}.{found.path[0]} differs after the second "
+                               f"epoch ({found.detail})")
+        straight_optimizer = self._optimizer(straight.trainer)
+        resumed_optimizer = self._optimizer(resumed.trainer)
+        if straight_optimizer is not None and resumed_optimizer is not None:
+            found = _difference(straight_optimizer.state_dict(), resumed_optimizer.state_dict(),
+                                rtol, atol)
+            if found:
+                where = self._optimizer_place(straight_optimizer, straight.trainer, found.path)
+                differences.append(f"optimizer state: {where} differs after the second epoch "
+                                   f"({found.detail})")
+        if mismatch is None:
+            for a, b in zip(straight.logs, resumed.logs):
+                if not self._same_value(a, b, rtol, atol):
+                    hint = ("" if differences else " (with equal weights: a timing? list it "
+                            "in nondeterministic_scalars)")
+                    differences.append(f"logged values: {a.where()} is {b.value!r} in the "
+                                       f"resumed run, {a.value!r} in the uninterrupted "
+                                       f"one{hint}")
+                    break
+        return differences
+
+    def _optimizer_place(self, optimizer: Any, trainer: Any, path: Tuple[Any, ...]) -> str:
+        """Where in an optimizer's state dict ``path`` is, with parameter indices named."""
+        if len(path) >= 2 and path[0] == "state" and isinstance(path[1], int):
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            names = {id(p): name for name, p in self._model(trainer).named_parameters()}
+            index = path[1]
+            known = index < len(parameters) and id(parameters[index]) in names
+            name = (f"{self.model_attribute}.{names[id(parameters[index])]}" if known
+                    else f"parameter {index}")
+            rest = "".join(f"[{key!r}]" for key in path[2:])
+            return f"the state of {name}{rest}"
+        return "".join(f"[{key!r}]" for key in path) or "the state dict"
+
+    def _snapshot(self, trainer: Any) -> Dict[str, Any]:
+        """What a checkpoint should carry, copied from the trainer."""
+        model = self._model(trainer)
+        optimizer = self._optimizer(trainer)
+        others = {}
+        for name, value in _attributes(trainer).items():
+            if value is model or value is optimizer or not callable(
+                    getattr(value, "state_dict", None)):
+                continue
+            try:
+                others[name] = _cloned(value.state_dict())
+            except Exception:  # not a state dict after all (e.g. needs arguments)
+                continue
+        return {"model": self._state(trainer),
+                "optimizer": None if optimizer is None else _cloned(optimizer.state_dict()),
+                "numbers": _numbers(trainer), "generators": _generators(trainer),
+                "others": others, "global": _global_states()}
+
+    def _not_restored(self, saved: Dict[str, Any], loaded: Dict[str, Any],
+                      drawn_from: Sequence[str]) -> List[str]:
+        """What load_checkpoint left different from the trainer that saved the checkpoint."""
+        causes = []
+        model = self.model_attribute
+        weights = [f"{model}.{name}" for name, value in saved["model"].items()
+                   if _difference(value, loaded["model"].get(name, None))]
+        if weights:
+            causes.append(f"weights: {_names(weights)} "
+                          f"{_shared_text(len(weights), 'differs', 'differ')}")
+        if saved["optimizer"] is not None and loaded["optimizer"] is not None:
+            found = _difference(saved["optimizer"], loaded["optimizer"])
+            if found:
+                saved_state = saved["optimizer"].get("state", {})
+                if found.path[:1] == ("state",) and not loaded["optimizer"].get("state"):
+                    keys = sorted({key for entry in saved_state.values() for key in entry})
+                    causes.append(
+                        f"optimizer state: the fresh trainer's optimizer has no state, the "
+                        f"saved one had {', '.join(map(str, keys))} for {len(saved_state)} "
+                        "parameters (Adam's moments are lost, so its first steps are "
+                        "too large)")
+                else:
+                    where = "".join(f"[{key!r}]" for key in found.path)
+                    causes.append(f"optimizer state: {self.optimizer_attribute}.state_dict()"
+                                  f"{where} {found.detail}")
+        numbers = [f"trainer.{name} is {loaded['numbers'][name]!r}, was {value!r}"
+                   for name, value in saved["numbers"].items()
+                   if name in loaded["numbers"] and _difference(value, loaded["numbers"][name])]
+        if numbers:
+            causes.append("counters: " + "; ".join(numbers))
+        generators = [name for name, state in saved["generators"].items()
+                      if name in loaded["generators"] and loaded["generators"][name] != state]
+        if generators:
+            kind = _shared_text(len(generators), "generator", "generators")
+            verb = _shared_text(len(generators), "is", "are")
+            causes.append(f"data order: the random {kind} {', '.join(generators)} {verb} not "
+                          "in the saved state (checkpoint generator.get_state() and restore it "
+                          "with set_state())")
+        others = [f"trainer.{name}" for name, state in saved["others"].items()
+                  if name in loaded["others"] and _difference(state, loaded["others"][name])]
+        if others:
+            causes.append(f"other state: the state_dict() of {', '.join(others)}")
+        rngs = [name for name in drawn_from if loaded["global"][name] != saved["global"][name]]
+        if rngs:
+            causes.append(f"random state: training draws from {', '.join(rngs)} (dropout, "
+                          "sampling, DataLoader(shuffle=True) without generator=), whose "
+                          f"{_shared_text(len(rngs), 'state is', 'states are')} not restored")
+        return causes
+
+    @check
+    def test_reproducible(self) -> None:
+        """Check that two trainers from ``make_trainer()`` trained one epoch under the same
+        seed agree exactly.
+
+        Catches a run that cannot be reproduced: data shuffled by an unseeded generator, a
+        seed taken from the time, weights initialised outside the seeded RNGs, state shared
+        between trainers.
+        """
+        self._get_or_skip("make_trainer")
+        runs = []
+        for _ in range(2):
+            trainer = self._new_trainer(self.seed)
+            initial = self._state(trainer)
+            runs.append((initial, self._train(trainer, 1), self._state(trainer)))
+        (initial, logs, final), (other_initial, other_logs, other_final) = runs
+        model = self.model_attribute
+        start = _difference(initial, other_initial)
+        if start:
+            self.fail(
+                f"two trainers built by make_trainer() under the same seed start from different "
+                f"weights: {model}.{start.path[0]} differs before any training "
+                f"({start.detail}). The model is initialised from a source the global seeds do "
+                "not control: a generator seeded from the time or os.urandom (torch.seed(), "
+                "torch.Generator().seed()), weights loaded from a file that changes, a cache "
+                "shared between trainers. Draw the initial weights from torch's global RNG, or "
+                "from a generator seeded with a fixed seed."
+            )
+        found = _difference(final, other_final)
+        log = _first_log_difference(logs, other_logs)
+        if log is None:
+            log = next(((a, b) for a, b in zip(logs, other_logs)
+                        if not self._same_value(a, b, 0.0, 0.0)), None)
+        if found is None and log is None:
+            return
+        what = []
+        if log is not None:
+            a, b = log
+            hint = "" if found else "; with equal weights: a timing? list it in " \
+                "nondeterministic_scalars"
+            what.append(f"the first logged scalar that differs is {_describe_scalar(a)} "
+                        + (f"({a.value!r} and {b.value!r}{hint})"
+                           if a and b and a.where() == b.where()
+                           else f"(the other run logged {_describe_scalar(b)})"))
+        if found is not None:
+            what.append(f"the first parameter or buffer that differs is {model}.{found.path[0]} "
+                        f"({found.detail})")
+        self.fail(
+            "two trainers built by make_trainer() under the same seed and trained one epoch "
+            f"differ: {'; '.join(what)}. Usual causes: data shuffled by an unseeded generator "
+            "(np.random.default_rng() or random.Random() without a seed, "
+            "torch.Generator().seed(), a seed taken from the time), randomness in DataLoader "
+            "workers that is not derived from the loader's seed, state shared between trainers "
+            "(a module-level counter or cache), non-deterministic kernels (on a GPU, set "
+            "torch.use_deterministic_algorithms(True)). Derive every seed from the global RNGs "
+            "or from a seed argument."
+        )
+
+    # -- evaluation and initialisation -------------------------------------------------------
+    @check
+    def test_eval_leaves_model_unchanged(self) -> None:
+        """Check that ``eval()`` runs the model in eval mode and changes no parameter, buffer,
+        module mode or grad mode.
+
+        Catches an evaluation that changes what it evaluates: BatchNorm statistics updated
+        with test data, dropout left on (no model.eval()), the model left in eval mode for
+        the training that follows, gradients left disabled.
+        """
+        model = self._model(self.trainer)
+        prefix = self.model_attribute
+        names = {module: f"{prefix}.{name}" if name else prefix
+                 for name, module in model.named_modules()}
+        before = self._state(self.trainer)
+        modes = {names[module]: module.training for module in model.modules()}
+        grad_mode = torch.is_grad_enabled()
+        in_training_mode: List[nn.Module] = []
+
+        def note_mode(module: nn.Module, _: Any) -> None:
+            if module.training and module not in in_training_mode:
+                in_training_mode.append(module)
+
+        handles = []
+        for module in model.modules():
+            try:
+                handles.append(module.register_forward_pre_hook(note_mode))
+            except RuntimeError:  # a TorchScript module takes no hooks; its state is compared
+                continue
+        try:
+            loss = self._eval_loss(self.trainer)
+        finally:
+            for handle in handles:
+                handle.remove()
+        problems = []
+        parameters = dict(model.named_parameters())
+        state = model.state_dict()
+        changed = [f"{prefix}.{name} ({'parameter' if name in parameters else 'buffer'})"
+                   for name, value in before.items() if _difference(value, state.get(name))]
+        if changed:
+            problems.append(
+                f"it changed {_names(changed)}: an evaluation in training mode updates "
+                "BatchNorm's running statistics with the evaluation data, and an optimizer "
+                "step or an in-place update in eval() changes the weights. Evaluate under "
+                "model.eval() and torch.no_grad(), without stepping the optimizer")
+        after = {names[module]: module.training for module in model.modules()}
+        for was_training in (True, False):
+            switched = [name for name, training in modes.items()
+                        if training == was_training and after.get(name, training) != training]
+            if switched:
+                was, now = ("training", "eval") if was_training else ("eval", "training")
+                problems.append(
+                    f"it left {_names(switched)} in {now} mode, which "
+                    f"{_shared_text(len(switched), 'was', 'were')} in {was} mode before: the "
+                    "training that follows runs in the wrong mode. Record the mode of each "
+                    "submodule before model.eval() and restore it afterwards (at least "
+                    "was_training = model.training ... model.train(was_training))")
+        if torch.is_grad_enabled() != grad_mode:
+            problems.append(
+                f"it left torch.is_grad_enabled() {torch.is_grad_enabled()}, which was "
+                f"{grad_mode} before: torch.set_grad_enabled(False) without restoring it "
+                "makes the training that follows compute no gradients. Evaluate inside "
+                "`with torch.no_grad():` (or torch.inference_mode()) instead")
+        if in_training_mode:
+            # Only a problem when it shows: a model of Linear layers evaluates the same in
+            # either mode; dropout (a result that changes with the seed) and BatchNorm (its
+            # statistics change) do not.
+            with preserved_global_state():
+                make_deterministic(self._other_seed())
+                again = self._eval_loss(self.trainer)
+            if changed or not _same_number(loss, again, 0.0, 0.0):
+                in_training_mode.sort(key=lambda m: not isinstance(m, _MODE_DEPENDENT))
+                culprits = [f"{names[m]} ({type(m).__name__})" for m in in_training_mode]
+                problems.insert(0, (
+                    f"it ran {_names(culprits)} in training mode"
+                    + (f", so its loss changes with the random seed ({loss:.6g}, then "
+                       f"{again:.6g})" if loss != again else "")
+                    + ": in training mode dropout and sampling stay on, and BatchNorm "
+                    "normalises with (and updates) batch statistics. Call model.eval() before "
+                    "evaluating, and restore the previous mode afterwards"))
+        if problems:
+            self.fail("trainer.eval() does not leave the model as it found it:\n  - "
+                      + "\n  - ".join(problems))
+
+    @check
+    def test_initial_loss(self) -> None:
+        """Check that the ``eval()`` loss before any training is close to ``expected_initial_loss``.
+
+        Catches a loss that is wrong from the first step: summed over the batch instead of
+        averaged, the wrong reduction over classes, pixels or tokens, a final layer
+        initialised far too large, a softmax before a loss that expects logits.
+        """
+        expected = float(self._get_or_skip("expected_initial_loss"))
+        loss = self._eval_loss(self.trainer)
+        rtol, atol = self.initial_loss_rtol, self.initial_loss_atol
+        if math.isfinite(loss) and abs(loss - expected) <= atol + rtol * abs(expected):
+            return
+        ratio = f" ({loss / expected:.3g} times the expected value)" if expected else ""
+        self.fail(
+            f"trainer.eval() before any training returned {loss:.6g}, expected about "
+            f"{expected:.6g} (expected_initial_loss, within rtol={rtol}, atol={atol}){ratio}. "
+            "Usual causes: the loss summed over the batch instead of averaged (off by the batch "
+            "size; use reduction='mean'), the wrong reduction over classes, pixels or tokens, "
+            "a final layer initialised far too large (the logits of an untrained classifier "
+            "should be near 0: scale its initial weights down), a softmax or log_softmax "
+            "before a loss that expects logits, targets in the wrong form. For a classifier of "
+            "C balanced classes the loss at initialisation is about log(C)."
+        )
+
+    @check
+    def test_frozen_parameters(self) -> None:
+        """Check that training leaves ``frozen_parameters`` bitwise unchanged and changes
+        every other parameter.
+
+        Catches a layer frozen by accident (left at requires_grad=False, or missing from an
+        optimizer built before it was unfrozen), and a frozen layer that still trains (its
+        gradient zeroed but weight decay or momentum still moving it).
+        """
+        model = self._model(self.trainer)
+        names = [name for name, _ in model.named_parameters()]
+        patterns = list(self.frozen_parameters)
+        unmatched = [pattern for pattern in patterns
+                     if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+        if unmatched:
+            raise self._contract_error(
+                "frozen_parameters", f"has {unmatched}, which "
+                f"{_shared_text(len(unmatched), 'matches', 'match')} no parameter of "
+                f"trainer.{self.model_attribute} (its parameters: {_names(names, 6)})")
+        frozen = {name for name in names
+                  if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        epochs = 0
+        changed: Dict[str, bool] = {}
+        while epochs < FROZEN_EPOCHS:
+            self.trainer.train(1)
+            epochs += 1
+            model = self._model(self.trainer)
+            changed = {name: not torch.equal(p.detach(), before[name])
+                       for name, p in model.named_parameters() if name in before}
+            if any(changed.get(name) for name in frozen) or all(
+                    changed[name] for name in changed if name not in frozen):
+                break
+        parameters = dict(model.named_parameters())
+        optimizer = self._optimizer(self.trainer)
+        reasons: Dict[str, List[str]] = {}  # what is wrong -> the parameters it is wrong for
+        for name in names:
+            if name in frozen and changed.get(name):
+                reason = self._frozen_but_changed(parameters[name], optimizer)
+            elif name not in frozen and not changed.get(name, True):
+                reason = self._trainable_but_unchanged(parameters[name], optimizer)
+            else:
+                continue
+            reasons.setdefault(reason, []).append(name)
+        if reasons:
+            count = sum(len(group) for group in reasons.values())
+            self.fail(
+                f"after {epochs} epoch{'s' if epochs > 1 else ''} of trainer.train(1), "
+                f"{count} of {len(names)} parameters of trainer.{self.model_attribute} did not "
+                "do what frozen_parameters says (listed there: unchanged; all others: "
+                "changed):\n  " + "\n  ".join(f"{_names(group, 4)}: {reason}"
+                                               for reason, group in reasons.items())
+                + "\nFreeze with p.requires_grad_(False) before building the optimizer, build "
+                "the optimizer after freezing and unfreezing, and list in frozen_parameters "
+                "exactly the parameters that must not train."
+            )
+
+    def _group(self, parameter: nn.Parameter, optimizer: Any) -> Optional[Dict[str, Any]]:
+        """The optimizer's param group that holds ``parameter``, if any."""
+        for group in getattr(optimizer, "param_groups", ()):
+            if any(p is parameter for p in group["params"]):
+                return dict(group)
+        return None
+
+    def _frozen_but_changed(self, parameter: nn.Parameter, optimizer: Any) -> str:
+        if not parameter.requires_grad:
+            return ("frozen (requires_grad=False) but changed: by a gradient from before the "
+                    "freezing, which the optimizer still applies, or by a direct write (an "
+                    "in-place update under torch.no_grad(), .data)")
+        group = self._group(parameter, optimizer) or {}
+        movers = [f"{key}={group[key]}" for key in ("weight_decay", "momentum") if group.get(key)]
+        moved = (f"; the optimizer's param group has {' and '.join(movers)}, which "
+                 f"{_shared_text(len(movers), 'moves', 'move')} a parameter even when its "
+                 "gradient is zeroed" if movers else "")
+        return ("listed in frozen_parameters but changed: requires_grad is True, so the "
+                f"optimizer updates it{moved}")
+
+    def _trainable_but_unchanged(self, parameter: nn.Parameter, optimizer: Any) -> str:
+        if not parameter.requires_grad:
+            return ("unchanged, with requires_grad=False: frozen by accident (unfreeze with "
+                    "p.requires_grad_(True) before building the optimizer, or list in "
+                    "frozen_parameters what is meant to be frozen)")
+        if optimizer is not None and self._group(parameter, optimizer) is None:
+            return (f"unchanged: not in trainer.{self.optimizer_attribute}'s param groups, so "
+                    "a gradient but no update: the optimizer was built before the layer was "
+                    "unfrozen, or from a filtered parameter list")
+        if parameter.grad is None:
+            return ("unchanged, without a gradient after training: not connected to the loss "
+                    "(unused in forward, or cut off by .detach()); "
+                    "ModelTests.test_all_parameters_updated says where")
+        return ("unchanged although trainable and in the optimizer: a zero gradient (gated off "
+                "by something that stays zero, a dead ReLU), a learning rate of 0, or no "
+                "optimizer step in the epoch (gradients accumulated over more batches than it "
+                "has)")
+
+    # -- VAEs -------------------------------------------------------------------------------
+    @check
+    def test_kl_divergence(self) -> None:
+        """Check that ``kl_divergence`` matches a numerical reference of
+        KL(N(mu, sigma²) ‖ N(0, 1)).
+
+        Catches a wrong KL divergence in a VAE, with the likely mistake named (a missing 0.5,
+        the mean instead of the sum, log-variance for log-sigma, a flipped sign, swapped
+        arguments).
+        """
+        if not self._is_set("kl_divergence"):
+            self.skipTest(  # type: ignore[attr-defined]
+                f"test_kl_divergence applies to VAEs only: self.kl_divergence is not set in "
+                f"{self._where()}. A VAE's test sets it (the KL divergence of the latent "
+                "distribution to N(0, I), e.g. self.kl_divergence = "
+                "self.trainer.kl_divergence) to enable this check")
+        arguments: Tuple[str, str] = (self.kl_arguments[0], self.kl_arguments[1])
+        generator = torch.Generator().manual_seed(self.seed)
+        cases: List[Tuple[str, torch.Tensor, torch.Tensor]] = [
+            ("mu=0, sigma=1", torch.zeros(3, 5), torch.zeros(3, 5))]
+        for draw in range(4):
+            mu = 2 * torch.randn(3, 5, generator=generator)
+            log_sigma = 3 * torch.rand(3, 5, generator=generator) - 1.5
+            cases.append((f"random draw {draw}", mu, log_sigma))
+        results = []
+        for label, mu, log_sigma in cases:  # a result that is no number is one contract error
+            given = {"mu": mu, "log_sigma": log_sigma, "logvar": 2 * log_sigma}
+            with preserved_global_state():
+                returned = self.kl_divergence(*(given[name].clone() for name in arguments))
+            results.append((label, mu, log_sigma, self._kl_result(returned, arguments)))
+        for label, mu, log_sigma, result in results:
+            with self.subTest(case=label):
+                reference = kl_reference(mu.numpy(), log_sigma.numpy())
+                if result.dim() == 0:
+                    expected = torch.tensor(reference.sum())
+                elif tuple(result.shape) == (mu.shape[0],):
+                    expected = torch.from_numpy(reference.sum(axis=1))
+                else:
+                    self.fail(f"kl_divergence returned shape {tuple(result.shape)} for a batch "
+                              f"of {tuple(mu.shape)}; return one value per sample "
+                              f"({mu.shape[0]},) or the total (a scalar)")
+                torch.testing.assert_close(
+                    result, expected, rtol=self.kl_rtol, atol=self.kl_atol,
+                    msg=lambda m: self._kl_message(m, label, result, mu, log_sigma))
+
+    def _kl_result(self, returned: Any, arguments: Tuple[str, str]) -> torch.Tensor:
+        if isinstance(returned, (torch.Tensor, np.ndarray)) or _as_number(returned) is not None:
+            result = torch.as_tensor(returned)
+            if result.is_floating_point():
+                return result.detach().double().cpu()
+        raise ContractError(
+            f"self.kl_divergence({', '.join(arguments)}) returned {_describe(returned)}, not a "
+            "floating-point tensor or number; TrainerTests needs the KL divergence summed over "
+            "the latent dimension: one value per sample, shape (batch,), or the total."
+        )
+
+    def _kl_message(self, default: str, label: str, result: torch.Tensor, mu: torch.Tensor,
+                    log_sigma: torch.Tensor) -> str:
+        arguments: Tuple[str, str] = (self.kl_arguments[0], self.kl_arguments[1])
+        mu64, log_sigma64 = mu.double(), log_sigma.double()
+        elementwise = 0.5 * (torch.exp(2 * log_sigma64) + mu64**2 - 1) - log_sigma64
+        common = {
+            "the factor 0.5 is missing": 2 * elementwise,
+            "it takes the mean over the latent dimension instead of the sum":
+                elementwise / elementwise.shape[1],
+            "the sign is flipped (it returns -KL)": -elementwise,
+        }
+        if arguments == ("log_sigma", "mu"):
+            mistakes = {
+                **common,
+                "log_sigma is treated as log-variance":
+                    0.5 * (torch.exp(log_sigma64) + mu64**2 - 1 - log_sigma64),
+                "it uses sigma (exp(log_sigma)) where sigma^2 (exp(2 * log_sigma)) belongs":
+                    0.5 * (torch.exp(log_sigma64) + mu64**2 - 1) - log_sigma64,
+                "the arguments are swapped (it expects (log_sigma, mu))":
+                    0.5 * (torch.exp(2 * mu64) + log_sigma64**2 - 1) - mu64,
+            }
+        else:
+            logvar = 2 * log_sigma64
+            mistakes = {
+                **common,
+                "logvar is treated as log-sigma (it needs the log-variance)":
+                    0.5 * (torch.exp(2 * logvar) + mu64**2 - 1) - logvar,
+                "the arguments are swapped (it expects (mu, logvar))":
+                    -0.5 * (1 + mu64 - logvar**2 - torch.exp(mu64)),
+            }
+        def reduce(value: torch.Tensor) -> torch.Tensor:
+            return value.sum() if result.dim() == 0 else value.sum(dim=1)
+
+        diagnosis = [text for text, value in mistakes.items()
+                     if torch.allclose(result, reduce(value), rtol=1e-3, atol=1e-4)]
+        hint = f"It looks like {diagnosis[0]}. " if diagnosis else ""
+        return (f"kl_divergence({', '.join(arguments)}) does not match the numerical reference "
+                f"of KL(N(mu, sigma^2) || N(0, 1)) summed over the latent dimension ({label}). "
+                f"{hint}The closed form is {KL_ARGUMENTS[arguments]}.\n{default}")

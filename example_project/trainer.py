@@ -6,6 +6,12 @@
         trainer.train(epochs=10)
         trainer.save_checkpoint("runs/mnist/checkpoint.pt")
 
+Resuming is exact: ``load_checkpoint`` restores the weights, the optimizer state
+(Adam's moments), the epoch and step counters, the state of the generator that
+shuffles the training data, and torch's global random state that the VAE's
+sampling draws from. A trainer built the same way that loads the checkpoint
+and trains on gives the weights and the logs of an uninterrupted run.
+
 Loss per batch: ``recon_loss + kl_weight * kl_div_loss``, where
 ``recon_loss`` is the squared error summed over pixels and averaged over the
 batch, and ``kl_div_loss`` is KL(N(mu, sigma^2) || N(0, 1)) summed over the
@@ -83,7 +89,13 @@ class Trainer:
             persistent_workers=num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
-        self.train_loader = DataLoader(train_data, shuffle=shuffle, **loader_options)
+        # The trainer's own generator decides the data order (and the DataLoader workers'
+        # seeds); its state is checkpointed. Its seed comes from torch's global RNG, so
+        # torch.manual_seed makes the whole run reproducible.
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+        self.train_loader = DataLoader(
+            train_data, shuffle=shuffle, generator=self.generator, **loader_options
+        )
         self.test_loader = DataLoader(test_data, shuffle=False, **loader_options)
         self.epoch = 0  # epochs trained so far
         self.global_step = 0  # optimisation steps so far
@@ -183,7 +195,9 @@ class Trainer:
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: PathLike) -> None:
-        """Write model and optimizer state, epoch and step (loadable with ``weights_only=True``)."""
+        """Write everything training depends on, loadable with ``weights_only=True``:
+        model and optimizer state, epoch and step, the state of the data-order generator
+        and the global random states (CPU, and the GPU's when training on one)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = {
@@ -191,16 +205,25 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.global_step,
+            "data_order": self.generator.get_state(),
+            "rng": torch.get_rng_state(),
         }
+        if self.device.type == "cuda":
+            checkpoint["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(checkpoint, path)
 
     def load_checkpoint(self, path: PathLike) -> None:
-        """Restore what ``save_checkpoint`` wrote."""
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        """Restore what ``save_checkpoint`` wrote (this changes torch's global random state,
+        as resuming must)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.global_step = int(checkpoint["step"])
+        self.generator.set_state(checkpoint["data_order"])
+        torch.set_rng_state(checkpoint["rng"])
+        if "cuda_rng" in checkpoint and self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
 
     # ----------------------------------------------------------------- cleanup
     def close(self) -> None:

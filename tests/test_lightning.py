@@ -1,0 +1,203 @@
+"""TrainerTests on a real PyTorch Lightning LightningModule and Trainer, through the adapter
+that docs/howto-lightning.md shows (the two copies are compared below)."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import shutil
+import unittest
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from checkrunner import CheckTestCase, make_case, run_check
+from dltestkit import TrainerTests
+
+try:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+except ImportError:  # the dev extra installs it
+    raise unittest.SkipTest("pytorch-lightning is not installed (pip install -e '.[dev]')") \
+        from None
+
+HOWTO = Path(__file__).resolve().parent.parent / "docs" / "howto-lightning.md"
+_DATA = torch.Generator().manual_seed(0)
+DATA = TensorDataset(torch.randn(8, 8, generator=_DATA), torch.arange(8) % 4)
+
+
+# -- the adapter, as docs/howto-lightning.md shows it (without type hints) ------------------
+@contextlib.contextmanager
+def quiet():
+    """Lightning's info messages and warnings off (the logging level is restored)."""
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+class RandomState(pl.Callback):
+    """Puts the state of the generator that shuffles the training data and torch's global
+    random state (which dropout draws from) into Lightning's checkpoints."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"data_order": self.generator.get_state(), "torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict):
+        self.generator.set_state(state_dict["data_order"])
+        torch.set_rng_state(state_dict["torch"])
+
+
+class LightningAdapter:
+    """A LightningModule and its data loaders as TrainerTests sees a trainer: train(epochs),
+    eval(), save_checkpoint(path), load_checkpoint(path), the module as .model, the optimizer
+    and the SummaryWriter that Lightning logs to. On the CPU, without progress bar; the logs
+    and checkpoints go to log_dir."""
+
+    def __init__(self, module, train_loader, val_loader, log_dir):
+        self.model = module
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.log_dir = str(log_dir)
+        self.logger = TensorBoardLogger(self.log_dir, name="", version="",
+                                        default_hp_metric=False)
+        self.summary = self.logger.experiment  # the SummaryWriter Lightning logs to
+        self.optimizer = None  # fit() builds it
+        self.epochs = 0
+        self.last_checkpoint = None  # the next fit() resumes from it
+
+    def lightning_trainer(self, **options):
+        return pl.Trainer(accelerator="cpu", devices=1, default_root_dir=self.log_dir,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0,
+                          log_every_n_steps=1, **options)
+
+    def train(self, epochs):
+        self.epochs += epochs
+        with quiet():
+            trainer = self.lightning_trainer(max_epochs=self.epochs, logger=self.logger,
+                                             callbacks=self.callbacks())
+            trainer.fit(self.model, self.train_loader, self.val_loader,
+                        ckpt_path=self.last_checkpoint, weights_only=True)
+            self.optimizer = trainer.optimizers[0]
+            self.last_checkpoint = f"{self.log_dir}/last.ckpt"
+            trainer.save_checkpoint(self.last_checkpoint)
+
+    def callbacks(self):
+        return [RandomState(self.train_loader.generator)]
+
+    def eval(self):
+        with quiet():
+            trainer = self.lightning_trainer(logger=False)
+            metrics = trainer.validate(self.model, self.val_loader, verbose=False)
+        return metrics[0]["val/loss"]
+
+    def save_checkpoint(self, path):
+        shutil.copyfile(self.last_checkpoint, path)
+
+    def load_checkpoint(self, path):
+        checkpoint = torch.load(path, weights_only=True)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.epochs = checkpoint["epoch"]
+        self.last_checkpoint = str(path)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                                 nn.Dropout(0.1), nn.Linear(32, 4))
+
+    def loss(self, batch):
+        inputs, targets = batch
+        return F.cross_entropy(self.net(inputs), targets)
+
+    def training_step(self, batch, batch_index):
+        loss = self.loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_index):
+        self.log("val/loss", self.loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+class WithoutRandomState(LightningAdapter):
+    def callbacks(self):
+        return []  # Lightning's checkpoints alone
+
+
+def lightning_case(adapter: Any = None) -> type:
+    def make_trainer(self: Any) -> Any:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+        return (adapter or LightningAdapter)(
+            Classifier(), DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
+            DataLoader(DATA, batch_size=8), log_dir=self.make_temp_dir())
+
+    def set_up(self: Any) -> None:
+        self.trainer = self.make_trainer()
+        self.expected_scalars = ["train/loss"]
+        self.expected_initial_loss = math.log(4)
+        self.overfit_epochs = 40
+        self.overfit_max_loss = 0.5
+
+    return make_case(TrainerTests, set_up, make_trainer=make_trainer)
+
+
+class Lightning(CheckTestCase):
+    def test_every_check_passes_but_the_kl_check_which_skips(self) -> None:
+        for name in unittest.TestLoader().getTestCaseNames(lightning_case()):
+            with self.subTest(name):
+                if name == "test_kl_divergence":
+                    self.assertSkipsWith(lightning_case(), name, "applies to VAEs only")
+                else:
+                    self.assertPasses(lightning_case(), name)
+
+    def test_lightning_checkpoints_alone_lose_the_data_order_and_random_state(self) -> None:
+        self.assertFailsWith(lightning_case(WithoutRandomState), "test_resume",
+                             "a resumed run differs from an uninterrupted one",
+                             "data order: the random generator "
+                             "trainer.train_loader.generator is not in the saved state",
+                             "random state: training draws from torch's global RNG")
+
+    def test_nothing_is_printed_or_written_to_the_working_directory(self) -> None:
+        import io
+        import os
+        import tempfile
+
+        previous = os.getcwd()
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stderr(
+                io.StringIO()) as errors, contextlib.redirect_stdout(io.StringIO()) as output:
+            os.chdir(folder)
+            try:
+                outcome = run_check(lightning_case(), "test_resume")
+                self.assertEqual(os.listdir(folder), [])
+            finally:
+                os.chdir(previous)
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual((output.getvalue(), errors.getvalue()), ("", ""))
+
+    def test_the_how_to_shows_this_adapter(self) -> None:
+        page = HOWTO.read_text(encoding="utf-8")
+        for code in (quiet, RandomState, LightningAdapter, Classifier, WithoutRandomState):
+            with self.subTest(code.__name__):
+                self.assertIn(inspect.getsource(code), page)
+
+
+if __name__ == "__main__":
+    unittest.main()
