@@ -1,12 +1,9 @@
 """TrainerTests: checks for a training loop."""
 from __future__ import annotations
 
-import copy
 import difflib
 import fnmatch
-import itertools
 import math
-import random
 from typing import (
     Any,
     Callable,
@@ -19,7 +16,6 @@ from typing import (
     Sequence,
     Tuple,
 )
-from unittest import mock
 
 import numpy as np
 import torch
@@ -30,7 +26,6 @@ from ._base import (
     REQUIRED,
     SEED_RANGE,
     Attribute,
-    CheckMixin,
     ContractError,
     check,
     is_callable,
@@ -39,9 +34,28 @@ from ._base import (
     is_number,
     is_positive_int,
     is_str,
-    optional,
 )
 from ._random import make_deterministic, preserved_global_state
+from ._trainer_base import (
+    Scalar,
+    TrainerContract,
+    as_number,
+    describe,
+    describe_scalar,
+    first_log_difference,
+    is_finite_number,
+    is_trainer,
+    same_number,
+    same_scalar,
+)
+from ._trainer_state import (
+    attributes,
+    cloned,
+    difference,
+    generators,
+    global_states,
+    numbers,
+)
 
 __all__ = ["TrainerTests", "kl_reference"]
 
@@ -67,14 +81,8 @@ def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> n
     x = mu + sigma * t
     p = stats.norm(mu, sigma)
     integrand = p.pdf(x) * (p.logpdf(x) - stats.norm.logpdf(x))
-    return integrate.simpson(integrand, x=x, axis=-1)
-
-
-# -- validators ------------------------------------------------------------------------------
-def _is_trainer(value: Any) -> Optional[str]:
-    if callable(getattr(value, "train", None)) and callable(getattr(value, "eval", None)):
-        return None
-    return f"is a {type(value).__name__}, which has no train(epochs) and eval()"
+    result: np.ndarray = integrate.simpson(integrand, x=x, axis=-1)
+    return result
 
 
 def _is_kl_arguments(value: Any) -> Optional[str]:
@@ -82,215 +90,6 @@ def _is_kl_arguments(value: Any) -> Optional[str]:
         return None
     return f"is {value!r}, not one of {', '.join(repr(names) for names in KL_ARGUMENTS)}"
 
-
-# -- values, logs and state ------------------------------------------------------------------
-def _as_number(value: Any) -> Optional[float]:
-    """``value`` as a float when it is one number (a Python, NumPy or one-element tensor
-    number, not a bool), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, (int, float, np.number)):
-        return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
-        return float(value.detach().cpu())
-    return None
-
-
-def _describe(value: Any) -> str:
-    """A value for a message: a tensor by its shape, anything else by a short repr."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    text = repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{text} (a {type(value).__name__})"
-
-
-def _is_finite_number(value: Any) -> bool:
-    number = _as_number(value)
-    return number is not None and math.isfinite(number)
-
-
-def _same_number(a: float, b: float, rtol: float, atol: float) -> bool:
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return a == b or abs(a - b) <= atol + rtol * abs(b)
-
-
-class _Scalar(NamedTuple):
-    """One add_scalar call."""
-
-    tag: Any
-    value: Any
-    step: Any
-
-    def where(self) -> str:
-        return f"{self.tag!r} at step {self.step}"
-
-
-def _call_arguments(call: Any) -> _Scalar:
-    """(tag, value, global_step) of a SummaryWriter.add_scalar call."""
-    names = ("tag", "scalar_value", "global_step")
-    values = list(call.args[:3]) + [None] * (3 - len(call.args[:3]))
-    for position, name in enumerate(names):
-        if name in call.kwargs:
-            values[position] = call.kwargs[name]
-    return _Scalar(*values)
-
-
-def _same_scalar(a: _Scalar, b: _Scalar, rtol: float, atol: float) -> bool:
-    x, y = _as_number(a.value), _as_number(b.value)
-    if x is None or y is None:
-        return bool(a.value == b.value)
-    return _same_number(x, y, rtol, atol)
-
-
-def _first_log_difference(expected: Sequence[_Scalar], actual: Sequence[_Scalar],
-                          start: int = 0) -> Optional[Tuple[Optional[_Scalar],
-                                                            Optional[_Scalar]]]:
-    """The first pair (from ``start`` on) whose tag or step differs; None if there is none."""
-    pairs = itertools.zip_longest(expected[start:], actual[start:])
-    for a, b in pairs:
-        if a is None or b is None or (a.tag, a.step) != (b.tag, b.step):
-            return a, b
-    return None
-
-
-def _describe_scalar(scalar: Optional[_Scalar]) -> str:
-    return "nothing" if scalar is None else scalar.where()
-
-
-class _Difference(NamedTuple):
-    path: Tuple[Any, ...]
-    detail: str
-
-
-def _tensor_report(text: str) -> str:
-    """assert_close's report on one line, without its first line."""
-    lines = [line.strip().rstrip(".") for line in text.strip().splitlines()[1:] if line.strip()]
-    return "; ".join(lines) if lines else text.strip()
-
-
-def _difference(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0,
-                path: Tuple[Any, ...] = ()) -> Optional[_Difference]:
-    """The first place where the nested states ``a`` (expected) and ``b`` differ; None when
-    they are equal within the tolerances (NaN equals NaN)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        try:
-            torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=rtol, atol=atol,
-                                       equal_nan=True)
-        except AssertionError as exc:
-            return _Difference(path, _tensor_report(str(exc)))
-        return None
-    if isinstance(a, dict) and isinstance(b, dict):
-        missing = [key for key in a if key not in b]
-        if missing:
-            return _Difference(path + (missing[0],), "is missing")
-        extra = [key for key in b if key not in a]
-        if extra:
-            return _Difference(path + (extra[0],), "is there, but was not")
-        for key in a:
-            found = _difference(a[key], b[key], rtol, atol, path + (key,))
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        for index, (x, y) in enumerate(zip(a, b)):
-            found = _difference(x, y, rtol, atol, path + (index,))
-            if found:
-                return found
-        return None
-    x, y = _as_number(a), _as_number(b)
-    if x is not None and y is not None:
-        same = _same_number(y, x, rtol, atol)
-    else:
-        try:
-            same = bool(a == b)
-        except Exception:  # e.g. arrays of another shape
-            same = repr(a) == repr(b)
-    return None if same else _Difference(path, f"is {_short(b)}, was {_short(a)}")
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _cloned(state: Any) -> Any:
-    """A copy of a state dict that later training cannot change (tensors are cloned)."""
-    try:
-        return copy.deepcopy(state)
-    except Exception:  # something in it cannot be copied; compare what can be
-        if isinstance(state, dict):
-            return {key: _cloned(value) for key, value in state.items()}
-        return repr(state)
-
-
-def _plain(value: Any) -> Any:
-    """NumPy arrays (in random states) as lists, so that states compare with ==."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item) for item in value)
-    return value
-
-
-def _rng_state(value: Any) -> Any:
-    """The state of a random number generator, comparable with ==; None for anything else."""
-    if isinstance(value, torch.Generator):
-        return value.get_state().tolist()
-    if isinstance(value, random.Random):
-        return value.getstate()
-    if isinstance(value, np.random.Generator):
-        return _plain(value.bit_generator.state)
-    if isinstance(value, np.random.RandomState):
-        return _plain(value.get_state())
-    return None
-
-
-def _attributes(value: Any) -> Dict[str, Any]:
-    try:
-        return dict(vars(value))
-    except TypeError:  # no __dict__
-        return {}
-
-
-def _generators(trainer: Any) -> Dict[str, Any]:
-    """The states of the random number generators the trainer holds, directly or in its data
-    loaders, samplers and other plain objects (up to three attributes deep), each by its
-    shortest path."""
-    found: Dict[str, Any] = {}
-    seen = {id(trainer)}
-    level = [("trainer", trainer)]
-    for _ in range(3):
-        below = []
-        for path, value in level:
-            for name, attribute in _attributes(value).items():
-                if id(attribute) in seen:
-                    continue
-                seen.add(id(attribute))
-                state = _rng_state(attribute)
-                if state is not None:
-                    found[f"{path}.{name}"] = state
-                elif not isinstance(attribute, (nn.Module, torch.Tensor, torch.optim.Optimizer,
-                                                str, bytes, int, float, type)):
-                    below.append((f"{path}.{name}", attribute))
-        level = below
-    return found
-
-
-def _global_states() -> Dict[str, Any]:
-    return {"torch's global RNG": torch.get_rng_state().tolist(),
-            "Python's random": random.getstate(),
-            "NumPy's global RNG": _plain(np.random.get_state())}
-
-
-def _numbers(trainer: Any) -> Dict[str, Any]:
-    return {name: value for name, value in _attributes(trainer).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _names(names: Sequence[str], limit: int = 3) -> str:
@@ -312,10 +111,10 @@ class _Run(NamedTuple):
     """A trainer the check built, and what it logged."""
 
     trainer: Any
-    logs: List[_Scalar]
+    logs: List[Scalar]
 
 
-class TrainerTests(CheckMixin):
+class TrainerTests(TrainerContract):
     """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,
     reproducibility, evaluation that leaves the model alone, the loss at initialisation,
     frozen layers, and a VAE's KL divergence.
@@ -329,35 +128,11 @@ class TrainerTests(CheckMixin):
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute("trainer", "the trainer under test: train(epochs), eval() -> loss, and its "
                   "model, optimizer and SummaryWriter as attributes", "Trainer(model, ...)",
-                  default=REQUIRED, validate=_is_trainer,
+                  default=REQUIRED, validate=is_trainer,
                   details="Built on one small fixed batch that it trains and evaluates on. "
                           "test_resume also calls its save_checkpoint(path) and "
                           "load_checkpoint(path). The attribute and method names are options "
                           "below."),
-        Attribute("make_trainer", "a zero-argument callable that builds a fresh trainer exactly "
-                  "as setUp built self.trainer", "lambda: Trainer(MyModel(), ...)",
-                  validate=is_callable,
-                  read_by=("test_resume", "test_reproducible"),
-                  details="Same data, hyperparameters and model class, with the weights drawn "
-                          "from the seeded global RNG; a method `def make_trainer(self, "
-                          "rank=0, world_size=1)` on the test class, which setUp also calls, "
-                          "is the simplest. The distributed checks will call it with `rank` "
-                          "and `world_size`."),
-        Attribute("model_attribute", "the name of the trainer's attribute holding its model "
-                  "(an nn.Module)", '"net"', default="model", validate=is_str,
-                  read_by=("test_resume", "test_reproducible",
-                           "test_eval_leaves_model_unchanged", "test_frozen_parameters")),
-        Attribute("optimizer_attribute", "the name of the trainer's attribute holding its "
-                  "optimizer", '"opt"', default="optimizer", validate=optional(is_str),
-                  read_by=("test_resume", "test_frozen_parameters"),
-                  details="`None`: no single optimizer (a GAN's two); no optimizer state is "
-                          "compared."),
-        Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
-                  '"writer"', default="summary", validate=optional(is_str),
-                  read_by=("test_logging", "test_resume", "test_reproducible"),
-                  details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
-                          "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
-                          "unset and the other checks compare no logs."),
         Attribute("save_checkpoint_method", "the name of the trainer's method that saves a "
                   "checkpoint to a path", '"save"', default="save_checkpoint", validate=is_str,
                   read_by=("test_resume",)),
@@ -418,10 +193,6 @@ class TrainerTests(CheckMixin):
     )
 
     trainer: Any
-    make_trainer: Callable[..., Any]
-    model_attribute: str
-    optimizer_attribute: Optional[str]
-    writer_attribute: Optional[str]
     save_checkpoint_method: str
     load_checkpoint_method: str
     nondeterministic_scalars: Collection[str]
@@ -450,58 +221,8 @@ class TrainerTests(CheckMixin):
         """Close the writer of every trainer a check uses, and restore the grad mode."""
         self._made: List[Any] = []
         restore_grad_mode = torch.is_grad_enabled()
-        self.addCleanup(torch.set_grad_enabled, restore_grad_mode)  # type: ignore[attr-defined]
+        self.addCleanup(torch.set_grad_enabled, restore_grad_mode)
         self._close_writer(self.trainer)
-
-    # -- the parts of a trainer --------------------------------------------------------------
-    def _close_writer(self, trainer: Any) -> None:
-        if self.writer_attribute is None:
-            return
-        close = getattr(getattr(trainer, self.writer_attribute, None), "close", None)
-        if callable(close):
-            self.addCleanup(close)  # type: ignore[attr-defined]
-
-    def _writer(self, trainer: Any) -> Any:
-        """The trainer's writer; None when writer_attribute is None."""
-        if self.writer_attribute is None:
-            return None
-        writer = getattr(trainer, self.writer_attribute, None)
-        if writer is None or not callable(getattr(writer, "add_scalar", None)):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no SummaryWriter at "
-                f"trainer.{self.writer_attribute} (writer_attribute): "
-                + ("there is no such attribute" if not hasattr(trainer, self.writer_attribute)
-                   else f"it is {_describe(writer)}, which has no add_scalar")
-                + ". Give the trainer its writer there, set self.writer_attribute to the name "
-                "of the attribute that holds it, or to None if the trainer logs nothing."
-            )
-        return writer
-
-    def _model(self, trainer: Any) -> nn.Module:
-        model = getattr(trainer, self.model_attribute, None)
-        if not isinstance(model, nn.Module):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no nn.Module at "
-                f"trainer.{self.model_attribute} (model_attribute), it has "
-                f"{_describe(model)}; TrainerTests reads the trained model there. Set "
-                "self.model_attribute to the name of the attribute that holds it."
-            )
-        return model
-
-    def _optimizer(self, trainer: Any) -> Optional[Any]:
-        """The trainer's optimizer; None when optimizer_attribute is None or the trainer has
-        none yet (a Lightning adapter before fitting)."""
-        if self.optimizer_attribute is None:
-            return None
-        if not hasattr(trainer, self.optimizer_attribute):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no attribute "
-                f"{self.optimizer_attribute!r} (optimizer_attribute); TrainerTests reads the "
-                "optimizer there. Set self.optimizer_attribute to the name of the attribute "
-                "that holds it, or to None if the trainer has no single optimizer."
-            )
-        optimizer = getattr(trainer, self.optimizer_attribute)
-        return optimizer if callable(getattr(optimizer, "state_dict", None)) else None
 
     def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
         name = getattr(self, option)
@@ -514,26 +235,12 @@ class TrainerTests(CheckMixin):
             )
         return method  # type: ignore[no-any-return]
 
-    def _eval_loss(self, trainer: Any) -> float:
-        """trainer.eval() as a float; a ContractError naming what it returned otherwise."""
-        value = trainer.eval()
-        number = _as_number(value)
-        if number is None:
-            raise ContractError(
-                f"trainer.eval() returned {_describe(value)}, not a number; TrainerTests needs "
-                "eval() to return the evaluation loss as one number (a float, e.g. "
-                "loss.item(); the mean over the evaluation data, not one value per batch or "
-                "sample). Wrap a trainer whose eval() returns metrics in a subclass whose "
-                "eval() returns the loss."
-            )
-        return number
-
     def _new_trainer(self, seed: int) -> Any:
         """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
         make_trainer = self._get_or_skip("make_trainer")
         make_deterministic(seed)
         trainer = make_trainer()
-        if _is_trainer(trainer):
+        if is_trainer(trainer):
             raise self._contract_error(
                 "make_trainer", f"returned a {type(trainer).__name__}, which has no "
                 "train(epochs) and eval()")
@@ -549,27 +256,12 @@ class TrainerTests(CheckMixin):
         self._close_writer(trainer)
         return trainer
 
-    def _train(self, trainer: Any, epochs: int) -> List[_Scalar]:
-        """trainer.train(epochs), recording what it logs through its writer (not writing it)."""
-        writer = self._writer(trainer)
-        if writer is None:
-            trainer.train(epochs)
-            return []
-        with mock.patch.object(writer, "add_scalar") as add_scalar:
-            trainer.train(epochs)
-        return [_call_arguments(call) for call in add_scalar.call_args_list]
-
-    def _state(self, trainer: Any) -> Dict[str, Any]:
-        """A copy of the model's state dict (parameters and persistent buffers)."""
-        return {name: value.detach().clone()
-                for name, value in self._model(trainer).state_dict().items()}
-
-    def _same_value(self, a: _Scalar, b: _Scalar, rtol: float, atol: float) -> bool:
+    def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
         """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
         if any(fnmatch.fnmatchcase(str(a.tag), pattern)
                for pattern in self.nondeterministic_scalars):
             return True
-        return _same_scalar(a, b, rtol, atol)
+        return same_scalar(a, b, rtol, atol)
 
     def _other_seed(self) -> int:
         return self.seed - 1 if self.seed == SEED_RANGE[1] else self.seed + 1
@@ -599,7 +291,7 @@ class TrainerTests(CheckMixin):
                 steps = [step for step, _ in logged[tag]][:5]
                 problems.append(f"{tag!r} was logged at steps {steps}, never at global step 0 "
                                 "(pass global_step, counting from 0)")
-            elif not all(_is_finite_number(value) for value in at_zero):
+            elif not all(is_finite_number(value) for value in at_zero):
                 problems.append(f"{tag!r} was logged at step 0 with {at_zero[0]!r}, not a "
                                 "finite number")
         if problems:
@@ -651,13 +343,13 @@ class TrainerTests(CheckMixin):
         loaded = self._snapshot(resumed_trainer)
         resumed = _Run(resumed_trainer, first.logs + self._train(resumed_trainer, 1))
         # the global generators that training draws from are the ones it must restore
-        drawn_from = [name for name, state in _global_states().items()
+        drawn_from = [name for name, state in global_states().items()
                       if state != loaded["global"][name]]
         differences = self._resume_differences(straight, resumed)
         if not differences:
             return
         causes = self._not_restored(saved, loaded, drawn_from)
-        reproducible = _first_log_difference(straight.logs[:len(first.logs)], first.logs)
+        reproducible = first_log_difference(straight.logs[:len(first.logs)], first.logs)
         if reproducible is not None or any(
                 not self._same_value(a, b, 0.0, 0.0) for a, b in zip(straight.logs, first.logs)):
             causes.insert(0, "reproducibility: the first epoch already differs between two "
@@ -684,7 +376,7 @@ class TrainerTests(CheckMixin):
             "bitwise reproducible."
         )
 
-    def _trained(self, seed: int, epochs: int) -> Tuple[Any, List[_Scalar]]:
+    def _trained(self, seed: int, epochs: int) -> Tuple[Any, List[Scalar]]:
         trainer = self._new_trainer(seed)
         return trainer, self._train(trainer, epochs)
 
@@ -692,14 +384,14 @@ class TrainerTests(CheckMixin):
         rtol, atol = self.resume_rtol, self.resume_atol
         model = self.model_attribute
         differences = []
-        mismatch = _first_log_difference(straight.logs, resumed.logs)
+        mismatch = first_log_difference(straight.logs, resumed.logs)
         if mismatch is not None:
             expected, actual = mismatch
             differences.append(
-                f"logging: the resumed run logged {_describe_scalar(actual)} where the "
-                f"uninterrupted run logged {_describe_scalar(expected)} (usually a step or "
+                f"logging: the resumed run logged {describe_scalar(actual)} where the "
+                f"uninterrupted run logged {describe_scalar(expected)} (usually a step or "
                 "epoch counter that was not restored)")
-        found = _difference(self._state(straight.trainer), self._state(resumed.trainer),
+        found = difference(self._state(straight.trainer), self._state(resumed.trainer),
                             rtol, atol)
         if found:
             differences.append(f"weights: {model}.{found.path[0]} differs after the second "
@@ -707,7 +399,7 @@ class TrainerTests(CheckMixin):
         straight_optimizer = self._optimizer(straight.trainer)
         resumed_optimizer = self._optimizer(resumed.trainer)
         if straight_optimizer is not None and resumed_optimizer is not None:
-            found = _difference(straight_optimizer.state_dict(), resumed_optimizer.state_dict(),
+            found = difference(straight_optimizer.state_dict(), resumed_optimizer.state_dict(),
                                 rtol, atol)
             if found:
                 where = self._optimizer_place(straight_optimizer, straight.trainer, found.path)
@@ -742,18 +434,18 @@ class TrainerTests(CheckMixin):
         model = self._model(trainer)
         optimizer = self._optimizer(trainer)
         others = {}
-        for name, value in _attributes(trainer).items():
+        for name, value in attributes(trainer).items():
             if value is model or value is optimizer or not callable(
                     getattr(value, "state_dict", None)):
                 continue
             try:
-                others[name] = _cloned(value.state_dict())
+                others[name] = cloned(value.state_dict())
             except Exception:  # not a state dict after all (e.g. needs arguments)
                 continue
         return {"model": self._state(trainer),
-                "optimizer": None if optimizer is None else _cloned(optimizer.state_dict()),
-                "numbers": _numbers(trainer), "generators": _generators(trainer),
-                "others": others, "global": _global_states()}
+                "optimizer": None if optimizer is None else cloned(optimizer.state_dict()),
+                "numbers": numbers(trainer), "generators": generators(trainer),
+                "others": others, "global": global_states()}
 
     def _not_restored(self, saved: Dict[str, Any], loaded: Dict[str, Any],
                       drawn_from: Sequence[str]) -> List[str]:
@@ -761,12 +453,12 @@ class TrainerTests(CheckMixin):
         causes = []
         model = self.model_attribute
         weights = [f"{model}.{name}" for name, value in saved["model"].items()
-                   if _difference(value, loaded["model"].get(name, None))]
+                   if difference(value, loaded["model"].get(name, None))]
         if weights:
             causes.append(f"weights: {_names(weights)} "
                           f"{_shared_text(len(weights), 'differs', 'differ')}")
         if saved["optimizer"] is not None and loaded["optimizer"] is not None:
-            found = _difference(saved["optimizer"], loaded["optimizer"])
+            found = difference(saved["optimizer"], loaded["optimizer"])
             if found:
                 saved_state = saved["optimizer"].get("state", {})
                 if found.path[:1] == ("state",) and not loaded["optimizer"].get("state"):
@@ -782,7 +474,7 @@ class TrainerTests(CheckMixin):
                                   f"{where} {found.detail}")
         numbers = [f"trainer.{name} is {loaded['numbers'][name]!r}, was {value!r}"
                    for name, value in saved["numbers"].items()
-                   if name in loaded["numbers"] and _difference(value, loaded["numbers"][name])]
+                   if name in loaded["numbers"] and difference(value, loaded["numbers"][name])]
         if numbers:
             causes.append("counters: " + "; ".join(numbers))
         generators = [name for name, state in saved["generators"].items()
@@ -794,7 +486,7 @@ class TrainerTests(CheckMixin):
                           "in the saved state (checkpoint generator.get_state() and restore it "
                           "with set_state())")
         others = [f"trainer.{name}" for name, state in saved["others"].items()
-                  if name in loaded["others"] and _difference(state, loaded["others"][name])]
+                  if name in loaded["others"] and difference(state, loaded["others"][name])]
         if others:
             causes.append(f"other state: the state_dict() of {', '.join(others)}")
         rngs = [name for name in drawn_from if loaded["global"][name] != saved["global"][name]]
@@ -821,7 +513,7 @@ class TrainerTests(CheckMixin):
             runs.append((initial, self._train(trainer, 1), self._state(trainer)))
         (initial, logs, final), (other_initial, other_logs, other_final) = runs
         model = self.model_attribute
-        start = _difference(initial, other_initial)
+        start = difference(initial, other_initial)
         if start:
             self.fail(
                 f"two trainers built by make_trainer() under the same seed start from different "
@@ -832,8 +524,8 @@ class TrainerTests(CheckMixin):
                 "shared between trainers. Draw the initial weights from torch's global RNG, or "
                 "from a generator seeded with a fixed seed."
             )
-        found = _difference(final, other_final)
-        log = _first_log_difference(logs, other_logs)
+        found = difference(final, other_final)
+        log = first_log_difference(logs, other_logs)
         if log is None:
             log = next(((a, b) for a, b in zip(logs, other_logs)
                         if not self._same_value(a, b, 0.0, 0.0)), None)
@@ -844,10 +536,10 @@ class TrainerTests(CheckMixin):
             a, b = log
             hint = "" if found else "; with equal weights: a timing? list it in " \
                 "nondeterministic_scalars"
-            what.append(f"the first logged scalar that differs is {_describe_scalar(a)} "
+            what.append(f"the first logged scalar that differs is {describe_scalar(a)} "
                         + (f"({a.value!r} and {b.value!r}{hint})"
                            if a and b and a.where() == b.where()
-                           else f"(the other run logged {_describe_scalar(b)})"))
+                           else f"(the other run logged {describe_scalar(b)})"))
         if found is not None:
             what.append(f"the first parameter or buffer that differs is {model}.{found.path[0]} "
                         f"({found.detail})")
@@ -900,7 +592,7 @@ class TrainerTests(CheckMixin):
         parameters = dict(model.named_parameters())
         state = model.state_dict()
         changed = [f"{prefix}.{name} ({'parameter' if name in parameters else 'buffer'})"
-                   for name, value in before.items() if _difference(value, state.get(name))]
+                   for name, value in before.items() if difference(value, state.get(name))]
         if changed:
             problems.append(
                 f"it changed {_names(changed)}: an evaluation in training mode updates "
@@ -932,7 +624,7 @@ class TrainerTests(CheckMixin):
             with preserved_global_state():
                 make_deterministic(self._other_seed())
                 again = self._eval_loss(self.trainer)
-            if changed or not _same_number(loss, again, 0.0, 0.0):
+            if changed or not same_number(loss, again, 0.0, 0.0):
                 in_training_mode.sort(key=lambda m: not isinstance(m, _MODE_DEPENDENT))
                 culprits = [f"{names[m]} ({type(m).__name__})" for m in in_training_mode]
                 problems.insert(0, (
@@ -1077,7 +769,7 @@ class TrainerTests(CheckMixin):
         arguments).
         """
         if not self._is_set("kl_divergence"):
-            self.skipTest(  # type: ignore[attr-defined]
+            self.skipTest(
                 f"test_kl_divergence applies to VAEs only: self.kl_divergence is not set in "
                 f"{self._where()}. A VAE's test sets it (the KL divergence of the latent "
                 "distribution to N(0, I), e.g. self.kl_divergence = "
@@ -1112,12 +804,12 @@ class TrainerTests(CheckMixin):
                     msg=lambda m: self._kl_message(m, label, result, mu, log_sigma))
 
     def _kl_result(self, returned: Any, arguments: Tuple[str, str]) -> torch.Tensor:
-        if isinstance(returned, (torch.Tensor, np.ndarray)) or _as_number(returned) is not None:
+        if isinstance(returned, (torch.Tensor, np.ndarray)) or as_number(returned) is not None:
             result = torch.as_tensor(returned)
             if result.is_floating_point():
                 return result.detach().double().cpu()
         raise ContractError(
-            f"self.kl_divergence({', '.join(arguments)}) returned {_describe(returned)}, not a "
+            f"self.kl_divergence({', '.join(arguments)}) returned {describe(returned)}, not a "
             "floating-point tensor or number; TrainerTests needs the KL divergence summed over "
             "the latent dimension: one value per sample, shape (batch,), or the total."
         )

@@ -1,0 +1,223 @@
+"""The trainer contract: what the trainer mixins read, and how their checks use a trainer.
+
+A trainer is any object with ``train(epochs)`` and ``eval() -> loss``, its model, optimizer and
+writer held in attributes whose names are options. The helpers here fetch those parts with a
+``ContractError`` that names the option when one is missing, and record what the trainer logs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._base import Attribute, CheckMixin, ContractError, is_callable, is_str, optional
+
+__all__ = ["Scalar", "TrainerContract", "as_number", "describe", "is_trainer", "same_number"]
+
+
+# -- validators ------------------------------------------------------------------------------
+def is_trainer(value: Any) -> Optional[str]:
+    if callable(getattr(value, "train", None)) and callable(getattr(value, "eval", None)):
+        return None
+    return f"is a {type(value).__name__}, which has no train(epochs) and eval()"
+
+
+def as_number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is one number (a Python, NumPy or one-element tensor
+    number, not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return float(value.detach().cpu())
+    return None
+
+
+def describe(value: Any) -> str:
+    """A value for a message: a tensor by its shape, anything else by a short repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} (a {type(value).__name__})"
+
+
+def is_finite_number(value: Any) -> bool:
+    number = as_number(value)
+    return number is not None and math.isfinite(number)
+
+
+def same_number(a: float, b: float, rtol: float, atol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= atol + rtol * abs(b)
+
+
+class Scalar(NamedTuple):
+    """One add_scalar call."""
+
+    tag: Any
+    value: Any
+    step: Any
+
+    def where(self) -> str:
+        return f"{self.tag!r} at step {self.step}"
+
+
+def call_arguments(call: Any) -> Scalar:
+    """(tag, value, global_step) of a SummaryWriter.add_scalar call."""
+    names = ("tag", "scalar_value", "global_step")
+    values = list(call.args[:3]) + [None] * (3 - len(call.args[:3]))
+    for position, name in enumerate(names):
+        if name in call.kwargs:
+            values[position] = call.kwargs[name]
+    return Scalar(*values)
+
+
+def same_scalar(a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
+    x, y = as_number(a.value), as_number(b.value)
+    if x is None or y is None:
+        return bool(a.value == b.value)
+    return same_number(x, y, rtol, atol)
+
+
+def first_log_difference(expected: Sequence[Scalar], actual: Sequence[Scalar],
+                          start: int = 0) -> Optional[Tuple[Optional[Scalar],
+                                                            Optional[Scalar]]]:
+    """The first pair (from ``start`` on) whose tag or step differs; None if there is none."""
+    pairs = itertools.zip_longest(expected[start:], actual[start:])
+    for a, b in pairs:
+        if a is None or b is None or (a.tag, a.step) != (b.tag, b.step):
+            return a, b
+    return None
+
+
+def describe_scalar(scalar: Optional[Scalar]) -> str:
+    return "nothing" if scalar is None else scalar.where()
+
+
+
+
+class TrainerContract(CheckMixin):
+    """The contract of the trainer mixins (TrainerTests, DistributedTrainerTests), and how
+    their checks reach the parts of a trainer."""
+
+    _mixin_name: ClassVar[str] = "TrainerTests"
+    _contract: ClassVar[Tuple[Attribute, ...]] = (
+        Attribute("make_trainer", "a callable that builds a fresh trainer, with the same data, "
+                  "hyperparameters and model class every time", "self.make_trainer",
+                  validate=is_callable,
+                  read_by=("test_resume", "test_reproducible", "test_ddp_training"),
+                  details="The weights are drawn from the seeded global RNG. `TrainerTests` "
+                          "calls `make_trainer()`, the distributed checks "
+                          "`make_trainer(rank=rank, world_size=world_size)` in each process: a "
+                          "method `def make_trainer(self, rank=0, world_size=1)` on the test "
+                          "class, which setUp also calls, serves both."),
+        Attribute("model_attribute", "the name of the trainer's attribute holding its model "
+                  "(an nn.Module)", '"net"', default="model", validate=is_str,
+                  read_by=("test_resume", "test_reproducible",
+                           "test_eval_leaves_model_unchanged", "test_frozen_parameters",
+                           "test_ddp_training")),
+        Attribute("optimizer_attribute", "the name of the trainer's attribute holding its "
+                  "optimizer", '"opt"', default="optimizer", validate=optional(is_str),
+                  read_by=("test_resume", "test_frozen_parameters"),
+                  details="`None`: no single optimizer (a GAN's two); no optimizer state is "
+                          "compared."),
+        Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
+                  '"writer"', default="summary", validate=optional(is_str),
+                  read_by=("test_logging", "test_resume", "test_reproducible",
+                           "test_ddp_training"),
+                  details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
+                          "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
+                          "unset and the other checks compare no logs."),
+    )
+
+    make_trainer: Callable[..., Any]
+    model_attribute: str
+    optimizer_attribute: Optional[str]
+    writer_attribute: Optional[str]
+
+    # -- the parts of a trainer --------------------------------------------------------------
+    def _close_writer(self, trainer: Any) -> None:
+        if self.writer_attribute is None:
+            return
+        close = getattr(getattr(trainer, self.writer_attribute, None), "close", None)
+        if callable(close):
+            self.addCleanup(close)
+
+    def _writer(self, trainer: Any) -> Any:
+        """The trainer's writer; None when writer_attribute is None."""
+        if self.writer_attribute is None:
+            return None
+        writer = getattr(trainer, self.writer_attribute, None)
+        if writer is None or not callable(getattr(writer, "add_scalar", None)):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no SummaryWriter at "
+                f"trainer.{self.writer_attribute} (writer_attribute): "
+                + ("there is no such attribute" if not hasattr(trainer, self.writer_attribute)
+                   else f"it is {describe(writer)}, which has no add_scalar")
+                + ". Give the trainer its writer there, set self.writer_attribute to the name "
+                "of the attribute that holds it, or to None if the trainer logs nothing."
+            )
+        return writer
+
+    def _model(self, trainer: Any) -> nn.Module:
+        model = getattr(trainer, self.model_attribute, None)
+        if not isinstance(model, nn.Module):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no nn.Module at "
+                f"trainer.{self.model_attribute} (model_attribute), it has "
+                f"{describe(model)}; TrainerTests reads the trained model there. Set "
+                "self.model_attribute to the name of the attribute that holds it."
+            )
+        return model
+
+    def _optimizer(self, trainer: Any) -> Optional[Any]:
+        """The trainer's optimizer; None when optimizer_attribute is None or the trainer has
+        none yet (a Lightning adapter before fitting)."""
+        if self.optimizer_attribute is None:
+            return None
+        if not hasattr(trainer, self.optimizer_attribute):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no attribute "
+                f"{self.optimizer_attribute!r} (optimizer_attribute); TrainerTests reads the "
+                "optimizer there. Set self.optimizer_attribute to the name of the attribute "
+                "that holds it, or to None if the trainer has no single optimizer."
+            )
+        optimizer = getattr(trainer, self.optimizer_attribute)
+        return optimizer if callable(getattr(optimizer, "state_dict", None)) else None
+
+    def _eval_loss(self, trainer: Any) -> float:
+        """trainer.eval() as a float; a ContractError naming what it returned otherwise."""
+        value = trainer.eval()
+        number = as_number(value)
+        if number is None:
+            raise ContractError(
+                f"trainer.eval() returned {describe(value)}, not a number; TrainerTests needs "
+                "eval() to return the evaluation loss as one number (a float, e.g. "
+                "loss.item(); the mean over the evaluation data, not one value per batch or "
+                "sample). Wrap a trainer whose eval() returns metrics in a subclass whose "
+                "eval() returns the loss."
+            )
+        return number
+
+    def _train(self, trainer: Any, epochs: int) -> List[Scalar]:
+        """trainer.train(epochs), recording what it logs through its writer (not writing it)."""
+        writer = self._writer(trainer)
+        if writer is None:
+            trainer.train(epochs)
+            return []
+        with mock.patch.object(writer, "add_scalar") as add_scalar:
+            trainer.train(epochs)
+        return [call_arguments(call) for call in add_scalar.call_args_list]
+
+    def _state(self, trainer: Any) -> Dict[str, Any]:
+        """A copy of the model's state dict (parameters and persistent buffers)."""
+        return {name: value.detach().clone()
+                for name, value in self._model(trainer).state_dict().items()}
