@@ -11,6 +11,7 @@ from ._base import ContractError
 from ._random import make_deterministic
 from .dataset import DatasetTests
 from .distributed import DistributedModelTests
+from .distributed_trainer import DistributedTrainerTests
 from .launch import DistributedError, run_distributed
 from .model import ModelTests
 from .sequence import SequenceModelTests
@@ -21,6 +22,7 @@ __all__ = [
     "DatasetTests",
     "DistributedError",
     "DistributedModelTests",
+    "DistributedTrainerTests",
     "ModelTests",
     "SequenceModelTests",
     "TrainerTests",

@@ -251,6 +251,7 @@ class CheckMixin(_TestCaseBase):
     _failed_subtests: List[str]
     _reported_by_pytest: bool = False
     _threads_before: int = 1
+    _temp_root: Optional[str] = None
     _mixin_name: ClassVar[str] = "dltestkit"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -341,8 +342,13 @@ class CheckMixin(_TestCaseBase):
             torch.set_num_threads(threads)
 
     def make_temp_dir(self) -> pathlib.Path:
-        """Create a temporary folder that is removed after the test, even when it fails."""
-        path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-")
+        """Create a temporary folder that is removed after the test, even when it fails.
+
+        In the processes of a distributed check (which end without running the test's
+        cleanups) the folder is made inside one that the calling process removes.
+        """
+        path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-",
+                                dir=self._temp_root)
         self.addCleanup(shutil.rmtree, path, ignore_errors=True)
         return pathlib.Path(path)
 

@@ -22,6 +22,7 @@ PAGES: Dict[str, str] = {
     "SequenceModelTests": "sequence-models",
     "TrainerTests": "trainers",
     "DistributedModelTests": "distributed",
+    "DistributedTrainerTests": "distributed",
 }
 
 

@@ -111,7 +111,8 @@ class TrainerContract(CheckMixin):
     _mixin_name: ClassVar[str] = "TrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute("make_trainer", "a callable that builds a fresh trainer, with the same data, "
-                  "hyperparameters and model class every time", "self.make_trainer",
+                  "hyperparameters and model class every time",
+                  "lambda rank=0, world_size=1: Trainer(MyModel(), data)",
                   validate=is_callable,
                   read_by=("test_resume", "test_reproducible", "test_ddp_training"),
                   details="The weights are drawn from the seeded global RNG. `TrainerTests` "

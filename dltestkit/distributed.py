@@ -236,21 +236,32 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                      for w, dim in zip(full, dims)] for rank in range(ranks)]
         one_process = _sgd_steps(reference, self.inputs, full, dims, self._batch_size(),
                                  self.loss_fn, self.seed)
-        step = _Step(self._copy_model(), shards, per_rank, dims, self._batch_size(),
+        unused = {name for name, grad in one_process[0].items() if grad is None}
+        in_training = self._copy_model()
+        _, grads = self._gradients(in_training, self._trainable(in_training))
+        used_in_training = {name for (name, _), grad in
+                            zip(self._trainable(in_training), grads) if grad is not None}
+        # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
+        # is frozen for the comparison: DDP training runs it in training mode, where it is used.
+        frozen = unused & used_in_training
+        model = self._copy_model()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter.requires_grad and name not in frozen)
+        step = _Step(model, shards, per_rank, dims, self._batch_size(),
                      self.local_batch_statistics, self.find_unused_parameters, self.loss_fn,
                      self.seed)
         try:
             results = self._run_ranks(_ddp_rank, step)
         except DistributedError as error:
-            self._explain_failure(error, one_process[0])
+            self._explain_failure(error, [name for name in one_process[0]
+                                          if name in unused and name not in frozen])
         for rank, steps in enumerate(results):
             for number, (ddp, single) in enumerate(zip(steps, one_process), 1):
                 self._compare(ddp, single, rank, number, training)
 
-    def _explain_failure(self, error: DistributedError, gradients: Dict[str, Any]) -> None:
+    def _explain_failure(self, error: DistributedError, unused: List[str]) -> None:
         text = str(error)
         if _UNUSED_ERROR in text:
-            unused = [name for name, grad in gradients.items() if grad is None]
             self.fail(
                 f"DistributedDataParallel (find_unused_parameters={self.find_unused_parameters}) "
                 f"fails on the second step: parameters that get no gradient in forward"

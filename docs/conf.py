@@ -107,17 +107,22 @@ class _Report(_unittest.TestResult):
         self.lines = []
 
     @staticmethod
-    def _where(test, params=None):
-        # a subtest stands for its test case; its parameters go in parentheses
+    def _where(test, params=None, message=None):
+        # a subtest stands for its test case; its message goes in brackets, its parameters
+        # in parentheses, as unittest shows them
         params = dict(params or getattr(test, "params", {}))
+        message = message or getattr(test, "_message", None)
         where = getattr(test, "test_case", test)._testMethodName
+        if isinstance(message, str):
+            where += f" [{message}]"
         if params:
             where += " (" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
         return where
 
-    def _add(self, kind, test, err, params=None):
+    def _add(self, kind, test, err, params=None, message=None):
         exc_type, exc, _ = err
-        self.lines.append(f"{kind}: {self._where(test, params)}\n{exc_type.__name__}: {exc}")
+        self.lines.append(
+            f"{kind}: {self._where(test, params, message)}\n{exc_type.__name__}: {exc}")
 
     def addFailure(self, test, err):
         super().addFailure(test, err)
@@ -131,7 +136,7 @@ class _Report(_unittest.TestResult):
         super().addSubTest(test, subtest, err)
         if err is not None:
             kind = "FAIL" if issubclass(err[0], test.failureException) else "ERROR"
-            self._add(kind, test, err, dict(subtest.params))
+            self._add(kind, test, err, dict(subtest.params), subtest._message)
 
     def addSkip(self, test, reason):
         super().addSkip(test, reason)

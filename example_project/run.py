@@ -4,6 +4,10 @@
     python run.py --generate-data --epochs 1     # offline: generated MNIST-format data
     tensorboard --logdir runs
 
+Distributed data parallel training on several processes (CPU: gloo; GPUs: nccl):
+
+    torchrun --standalone --nproc_per_node 2 run.py --generate-data --epochs 1
+
 Data is read from ``<data-root>/MNIST/raw/`` (default: the ``data`` folder
 beside this file). Get it with ``--download`` (real MNIST, needs internet) or
 ``--generate-data`` (writes generated digit-like images in the MNIST format).
@@ -12,6 +16,7 @@ beside this file). Get it with ``--download`` (real MNIST, needs internet) or
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -20,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dataset import MNISTNotFoundError, MyMNIST
@@ -37,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a VAE on MNIST, logging to TensorBoard.")
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="model type (default: mlp)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size per process (default: 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--bottleneck-dim", type=int, default=16, help="latent size (default: 16)")
     parser.add_argument(
@@ -75,14 +81,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def start_distributed(device: torch.device) -> int:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in
+    the environment); return this process's rank (0 when not started by torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def seed_everything(seed: int) -> None:
@@ -101,15 +120,21 @@ def no_data_message(root: Path) -> str:
     )
 
 
-def load_data(args: argparse.Namespace) -> Optional[MyMNIST]:
-    """The datasets, or None (after printing how to get them) when there is no data."""
-    root = args.data_root
-    if args.generate_data and not has_mnist(root):
-        n_train, n_test = args.generate_sizes
-        print(f"Writing generated MNIST-format data ({n_train} train / {n_test} test) to {root}", file=sys.stderr)
-        write_mnist(root, n_train=n_train, n_test=n_test, seed=args.seed)
+def load_data(args: argparse.Namespace, rank: int = 0) -> Optional[MyMNIST]:
+    """The datasets, or None (after printing how to get them) when there is no data. With
+    several processes, rank 0 writes or downloads the files while the others wait."""
+    if rank != 0:
+        dist.barrier()  # rank 0 prepares the files first
+        return _open_data(args.data_root, download=False)
+    data = _prepare_data(args)
+    if dist.is_initialized():
+        dist.barrier()
+    return data
+
+
+def _open_data(root: Path, download: bool) -> Optional[MyMNIST]:
     try:
-        return MyMNIST(root, download=args.download)
+        return MyMNIST(root, download=download)
     except MNISTNotFoundError:
         print(no_data_message(root), file=sys.stderr)
     except (RuntimeError, OSError) as error:  # e.g. a failed download
@@ -118,15 +143,37 @@ def load_data(args: argparse.Namespace) -> Optional[MyMNIST]:
     return None
 
 
+def _prepare_data(args: argparse.Namespace) -> Optional[MyMNIST]:
+    root = args.data_root
+    if args.generate_data and not has_mnist(root):
+        n_train, n_test = args.generate_sizes
+        print(f"Writing generated MNIST-format data ({n_train} train / {n_test} test) to {root}", file=sys.stderr)
+        write_mnist(root, n_train=n_train, n_test=n_test, seed=args.seed)
+    return _open_data(root, download=args.download)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    data = load_data(args)
+    device = pick_device(args.device)
+    rank = start_distributed(device)
+    try:
+        return train(args, device, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
+    data = load_data(args, rank)
     if data is None:
         return NO_DATA_EXIT_CODE
 
-    seed_everything(args.seed)
-    device = pick_device(args.device)
+    seed_everything(args.seed)  # the same on every rank: the model starts the same everywhere
     log_dir = args.log_dir or HERE / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    if dist.is_initialized():  # one folder for the run, named by rank 0's clock
+        names = [str(log_dir)]
+        dist.broadcast_object_list(names, src=0)
+        log_dir = Path(names[0])
     model = MODELS[args.model](input_shape=INPUT_SHAPE, bottleneck_dim=args.bottleneck_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     checkpoint = log_dir / "checkpoint.pt"
@@ -145,7 +192,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         test_loss = None
         for epoch in range(args.epochs):
             with tqdm(
-                total=len(trainer.train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch"
+                total=len(trainer.train_loader),
+                desc=f"epoch {epoch + 1}/{args.epochs}",
+                unit="batch",
+                disable=rank != 0,
             ) as bar:
                 last: Dict[str, float] = {}
 
@@ -158,9 +208,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.2f}", test_loss=f"{test_loss:.2f}")
         trainer.save_checkpoint(checkpoint)
 
+    if rank != 0:
+        return 0
     final = "n/a" if test_loss is None else f"{test_loss:.4f}"
+    world = f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""
     print(
-        f"Trained {args.model} for {args.epochs} epochs on {device}: final test loss {final}; "
+        f"Trained {args.model} for {args.epochs} epochs on {device}{world}: final test loss {final}; "
         f"logs in {log_dir}; checkpoint {checkpoint}"
     )
     return 0

@@ -7,10 +7,16 @@
         trainer.save_checkpoint("runs/mnist/checkpoint.pt")
 
 Resuming is exact: ``load_checkpoint`` restores the weights, the optimizer state
-(Adam's moments), the epoch and step counters, the state of the generator that
-shuffles the training data, and torch's global random state that the VAE's
-sampling draws from. A trainer built the same way that loads the checkpoint
-and trains on gives the weights and the logs of an uninterrupted run.
+(Adam's moments), the epoch and step counters, the seed that shuffles the training
+data (with the epoch), and torch's global random state that the VAE's sampling draws
+from. A trainer built the same way that loads the checkpoint and trains on gives the
+weights and the logs of an uninterrupted run.
+
+Distributed data parallel training: built in a process that joined a
+``torch.distributed`` process group (``torchrun``, see run.py), the trainer wraps
+the model in ``DistributedDataParallel``, gives each rank its shard of the training
+data with ``DistributedSampler`` (reshuffled every epoch), and only rank 0 logs and
+writes checkpoints. ``batch_size`` is per process.
 
 Loss per batch: ``recon_loss + kl_weight * kl_div_loss``, where
 ``recon_loss`` is the squared error summed over pixels and averaged over the
@@ -29,17 +35,39 @@ TensorBoard logs (``self.summary``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 __all__ = ["Trainer"]
 
 PathLike = Union[str, Path]
+
+
+def process_group() -> Tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _WithLatent(nn.Module):
+    """The VAE with ``forward_with_latent`` as its forward: DistributedDataParallel
+    synchronises the gradients of what its own forward computed, so the whole training
+    step has to go through it."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.vae.forward_with_latent(x)
 
 
 class Trainer:
@@ -50,9 +78,9 @@ class Trainer:
         model: the VAE; moved to ``device`` here, once.
         train_data, test_data: datasets of ``(image, label)`` pairs (or of images).
         optimizer: an optimizer over ``model``'s parameters.
-        batch_size: batch size of both data loaders.
+        batch_size: batch size of both data loaders (per process).
         device: where the model and the batches live ("cpu", "cuda", ...).
-        log_dir: TensorBoard log folder for ``self.summary``.
+        log_dir: TensorBoard log folder for ``self.summary`` (rank 0 only; None elsewhere).
         num_workers: DataLoader worker processes; 0 loads in this process.
         image_every: log reconstructions every this many epochs; 0: never.
         kl_weight: weight of the KL term in the loss.
@@ -76,26 +104,33 @@ class Trainer:
         shuffle: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        self.rank, self.world_size = process_group()
         self.model = model.to(self.device)
+        step: nn.Module = _WithLatent(self.model)
+        if self.world_size > 1:  # broadcasts rank 0's weights, then averages the gradients
+            step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._step_model = step
         self.optimizer = optimizer
         self.kl_weight = kl_weight
         self.image_every = image_every
         self.num_images = num_images
         self.log_dir = Path(log_dir)
-        self.summary = SummaryWriter(str(self.log_dir))
+        self.summary = SummaryWriter(str(self.log_dir)) if self.rank == 0 else None
         loader_options: Dict[str, Any] = dict(
             batch_size=batch_size,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
-        # The trainer's own generator decides the data order (and the DataLoader workers'
-        # seeds); its state is checkpointed. Its seed comes from torch's global RNG, so
-        # torch.manual_seed makes the whole run reproducible.
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
-        self.train_loader = DataLoader(
-            train_data, shuffle=shuffle, generator=self.generator, **loader_options
+        # The data order is decided by a seed and the epoch: DistributedSampler shuffles
+        # with both (and shards the data when there are several processes). The seed comes
+        # from torch's global RNG, so torch.manual_seed makes the whole run reproducible; it
+        # must be the same on every rank, and it is checkpointed.
+        self.data_seed = _from_rank_zero(int(torch.randint(2**62, ()).item()))
+        self.sampler = DistributedSampler(
+            train_data, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.data_seed
         )
+        self.train_loader = DataLoader(train_data, sampler=self.sampler, **loader_options)
         self.test_loader = DataLoader(test_data, shuffle=False, **loader_options)
         self.epoch = 0  # epochs trained so far
         self.global_step = 0  # optimisation steps so far
@@ -128,23 +163,29 @@ class Trainer:
         test_loss = None
         for _ in range(epochs):
             self.model.train()
+            self.sampler.set_epoch(self.epoch)  # a new order every epoch
             for batch in self.train_loader:
                 losses = self._train_step(self._inputs(batch))
                 for name, value in losses.items():
-                    self.summary.add_scalar(f"train/{name}", value, self.global_step)
+                    self._log(f"train/{name}", value, self.global_step)
                 self.global_step += 1
                 if callback is not None:
                     callback(losses)
             test_loss = self.eval()
-            self.summary.add_scalar("test/loss", test_loss, self.epoch)
-            if self.image_every and (self.epoch + 1) % self.image_every == 0:
+            self._log("test/loss", test_loss, self.epoch)
+            if self.summary is not None and self.image_every and (self.epoch + 1) % self.image_every == 0:
                 self.log_reconstructions()
             self.epoch += 1
         return test_loss
 
+    def _log(self, tag: str, value: float, step: int) -> None:
+        """Log a scalar (on rank 0 only: every rank would write it again)."""
+        if self.summary is not None:
+            self.summary.add_scalar(tag, value, step)
+
     def _train_step(self, x: torch.Tensor) -> Dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        recon, mu, log_sigma = self.model.forward_with_latent(x)
+        recon, mu, log_sigma = self._step_model(x)
         recon_loss = self.recon_loss(recon, x).mean()
         kl_div_loss = self.kl_divergence(log_sigma, mu).mean()
         loss = recon_loss + self.kl_weight * kl_div_loss
@@ -191,47 +232,76 @@ class Trainer:
         finally:
             self.model.train(was_training)
         images = torch.cat([x, recon]).float().add(1.0).div(2.0).clamp(0.0, 1.0).cpu()
+        assert self.summary is not None, "rank 0 logs"
         self.summary.add_image("test/reconstructions", make_grid(images, nrow=x.shape[0]), self.epoch)
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: PathLike) -> None:
         """Write everything training depends on, loadable with ``weights_only=True``:
-        model and optimizer state, epoch and step, the state of the data-order generator
-        and the global random states (CPU, and the GPU's when training on one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "data_order": self.generator.get_state(),
-            "rng": torch.get_rng_state(),
-        }
+        model and optimizer state, epoch and step, the data-order seed and every rank's
+        global random states (CPU, and the GPU's when training on one). Called on every
+        rank; rank 0 writes the file."""
+        rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            checkpoint["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        torch.save(checkpoint, path)
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        every_rank = _gather(rng)
+        if self.rank == 0:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "data_seed": self.data_seed,
+                "rng": every_rank,
+            }
+            torch.save(checkpoint, path)
+        if self.world_size > 1:
+            dist.barrier()  # the file is complete before any rank may load it
 
     def load_checkpoint(self, path: PathLike) -> None:
         """Restore what ``save_checkpoint`` wrote (this changes torch's global random state,
-        as resuming must)."""
+        as resuming must). Called on every rank."""
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.global_step = int(checkpoint["step"])
-        self.generator.set_state(checkpoint["data_order"])
-        torch.set_rng_state(checkpoint["rng"])
-        if "cuda_rng" in checkpoint and self.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
+        self.data_seed = self.sampler.seed = int(checkpoint["data_seed"])
+        states = checkpoint["rng"]
+        rng = states[self.rank] if self.rank < len(states) else states[0]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # ----------------------------------------------------------------- cleanup
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
-        self.summary.close()
+        if self.summary is not None:
+            self.summary.close()
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _from_rank_zero(value: int) -> int:
+    """Rank 0's value on every rank (the value itself outside torch.distributed)."""
+    if process_group()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return int(holder[0])
+
+
+def _gather(value: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    """Every rank's ``value``, in rank order (a list of one outside torch.distributed)."""
+    rank, world_size = process_group()
+    if world_size == 1:
+        return [value]
+    gathered: List[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered

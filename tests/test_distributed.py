@@ -119,6 +119,20 @@ class RunDistributed(unittest.TestCase):
 
 
 # -- DistributedModelTests -------------------------------------------------------------------
+class TrainingOnlyBranch(AutoEncoder):
+    """Like a VAE: the noise branch (its parameters) is used in training mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        if self.training:
+            hidden = hidden + torch.exp(self.log_scale(hidden)) * torch.randn_like(hidden)
+        return self.decoder(hidden)
+
+
 class DividesByTheBatchSize(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) / x.shape[0]
@@ -144,6 +158,7 @@ class DDPGradients(CheckTestCase):
             "BatchNorm declared local": ddp_case(WithBatchNorm, local_batch_statistics=["*"]),
             "unused layer, find_unused_parameters": ddp_case(DeadLayer,
                                                              find_unused_parameters=True),
+            "a branch used in training mode only": ddp_case(TrainingOnlyBranch),
         }
         for label, case in cases.items():
             with self.subTest(label):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import unittest
 
 import torch
-from dltestkit import ModelTests
+from dltestkit import DistributedModelTests, ModelTests
 
 from model import CNNVAE, MLPVAE
 
@@ -16,14 +16,14 @@ def cnn_vae() -> CNNVAE:
     return CNNVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
 
 
-class TestMLPVAE(ModelTests, unittest.TestCase):
+class TestMLPVAE(DistributedModelTests, ModelTests, unittest.TestCase):
     def setUp(self):
         self.model = mlp_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
         self.make_model = mlp_vae  # a fresh model of the same architecture
 
 
-class TestCNNVAE(ModelTests, unittest.TestCase):
+class TestCNNVAE(DistributedModelTests, ModelTests, unittest.TestCase):
     def setUp(self):
         self.model = cnn_vae()
         self.inputs = torch.randn(4, 1, 32, 32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import unittest
 
 import torch
-from dltestkit import TrainerTests
+from dltestkit import DistributedTrainerTests, TrainerTests
 from torch.utils.data import Subset
 
 from dataset import MyMNIST
@@ -13,7 +13,7 @@ from trainer import Trainer
 from .mnist_data import mnist_root
 
 
-class TestVAETrainer(TrainerTests, unittest.TestCase):
+class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
     def setUp(self):
         # Four fixed, un-augmented training images, used for training and testing.
         self.data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
@@ -28,16 +28,17 @@ class TestVAETrainer(TrainerTests, unittest.TestCase):
         self.expected_initial_loss = images.pow(2).sum(dim=(1, 2, 3)).mean().item()
 
     def make_trainer(self, rank=0, world_size=1):
-        """A new trainer, built as setUp builds self.trainer (the checks that resume or
-        repeat training call it). rank and world_size are for distributed checks; this
-        trainer runs in one process."""
+        """A new trainer, built as setUp builds self.trainer. The checks that resume or
+        repeat training call make_trainer(); the distributed check calls it in each of its
+        processes with rank and world_size, where the Trainer trains with
+        DistributedDataParallel on its shard of the four images."""
         model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
         return Trainer(
             model,
             train_data=self.data,
             test_data=self.data,
             optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            batch_size=4,
+            batch_size=4 // world_size,
             device="cpu",
             log_dir=self.make_temp_dir(),
             num_workers=0,

@@ -1,0 +1,258 @@
+"""DistributedTrainerTests on a correct data-parallel trainer and on one bug each, with real
+torch.distributed (gloo) processes."""
+from __future__ import annotations
+
+import unittest
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from checkrunner import CheckTestCase
+from dltestkit import ContractError, DistributedTrainerTests, TrainerTests
+from dltestkit._base import checks_of
+
+SAMPLES, FEATURES, CLASSES = 24, 6, 3
+
+
+class Writer:
+    """Stands in for a SummaryWriter."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ClassifierTrainer:
+    """Trains a small classifier with distributed data parallel training, done right: DDP,
+    DistributedSampler reshuffled every epoch, logging on rank 0, a mean loss."""
+
+    def __init__(self, data: TensorDataset, rank: int = 0, world_size: int = 1,
+                 global_batch: int = 8) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model = self.build_model()
+        self.net = self.wrap(self.model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.sampler = self.make_sampler(data)
+        self.train_loader = self.make_loader(data, global_batch // world_size)
+        self.summary: Optional[Writer] = Writer() if rank == 0 else None
+        self.data = data
+        self.epoch = 0
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model
+
+    def make_sampler(self, data: TensorDataset) -> Any:
+        return DistributedSampler(data, num_replicas=self.world_size, rank=self.rank,
+                                  shuffle=True, seed=7)
+
+    def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, sampler=self.sampler)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def start_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+
+    def log(self, tag: str, value: float, step: int) -> None:
+        if self.summary is not None:
+            self.summary.add_scalar(tag, value, step)
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.start_epoch()
+            for x, y in self.train_loader:
+                self.optimizer.zero_grad()
+                loss = self.loss(x, y)
+                loss.backward()
+                self.step()
+                self.log("train/loss", loss.item(), self.epoch)
+            self.epoch += 1
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def eval(self) -> float:
+        with torch.no_grad():
+            x, y = self.data.tensors
+            return float(nn.functional.cross_entropy(self.model(x), y))
+
+
+# -- one bug each ----------------------------------------------------------------------------
+class SeededPerRankWithoutBroadcast(ClassifierTrainer):
+    """Averages gradients by hand, but the ranks start from their own random weights."""
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(100 + self.rank)
+        return super().build_model()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def step(self) -> None:
+        for parameter in self.model.parameters():
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= self.world_size
+        super().step()
+
+
+class GradientsNotAveraged(ClassifierTrainer):
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model  # no DDP: every rank trains on its own
+
+
+class NoDistributedSampler(ClassifierTrainer):
+    def make_sampler(self, data: TensorDataset) -> Any:
+        return torch.utils.data.RandomSampler(data)
+
+    def start_epoch(self) -> None:
+        pass
+
+
+class SetEpochForgotten(ClassifierTrainer):
+    def start_epoch(self) -> None:
+        pass
+
+
+class LogsOnEveryRank(ClassifierTrainer):
+    def __init__(self, data: TensorDataset, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(data, rank, world_size)
+        self.summary = Writer()
+
+
+class LossSummedPerRank(ClassifierTrainer):
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(x), y, reduction="sum")
+
+
+def data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(3)
+    return TensorDataset(torch.randn(SAMPLES, FEATURES, generator=generator),
+                         torch.randint(0, CLASSES, (SAMPLES,), generator=generator))
+
+
+def ddp_trainer_case(trainer_type: Any, mixins: tuple = (DistributedTrainerTests,),
+                     **attributes: Any) -> type:
+    def make_trainer(self: Any, rank: int = 0, world_size: int = 1) -> Any:
+        return trainer_type(self.data, rank, world_size)
+
+    def set_up(self: Any) -> None:
+        self.data = data()
+        self.trainer = self.make_trainer()
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    return type("Case", (*mixins, unittest.TestCase),
+                {"setUp": set_up, "make_trainer": make_trainer, "seed": 0})
+
+
+def outcome_of(case: type) -> Dict[str, List[str]]:
+    """What test_ddp_training reported, per subtest (or "check" outside any)."""
+    found: Dict[str, List[str]] = {}
+
+    class Result(unittest.TestResult):
+        def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
+            super().addSubTest(test, subtest, err)
+            if err is not None:
+                found.setdefault(subtest._message, []).append(str(err[1]))
+
+    result = Result()
+    case("test_ddp_training").run(result)
+    for _, text in result.failures + result.errors:
+        found.setdefault("check", []).append(text)
+    for _, reason in result.skipped:
+        found.setdefault("skipped", []).append(reason)
+    return found
+
+
+class DDPTraining(CheckTestCase):
+    def assertOnlySubtestFails(self, case: type, subtest: str, *fragments: str) -> None:
+        found = outcome_of(case)
+        failed = {name for name in found if name not in ("skipped", "check")}
+        self.assertEqual(failed, {subtest}, found)
+        for fragment in fragments:
+            self.assertIn(fragment, "\n".join(found[subtest]))
+
+    def test_a_correct_trainer_passes_every_part(self) -> None:
+        case = ddp_trainer_case(ClassifierTrainer, single_process_tolerance=(1e-5, 1e-6))
+        self.assertPasses(case, "test_ddp_training")
+        self.assertPasses(ddp_trainer_case(ClassifierTrainer, world_size=3), "test_ddp_training",
+                          allowed_skips=["self.single_process_tolerance is not set"])
+
+    def test_ranks_that_start_from_different_weights_fail(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(SeededPerRankWithoutBroadcast), "start",
+            "rank 1 starts with other weights than rank 0 (0.weight", "Wrap the model in "
+            "DistributedDataParallel, which broadcasts rank 0's weights")
+
+    def test_gradients_that_are_not_averaged_fail(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(GradientsNotAveraged), "end",
+            "after 2 epochs rank 1 has other weights than rank 0", "the ranks' gradients are "
+            "not averaged")
+
+    def test_every_rank_training_on_all_the_data_fails(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(NoDistributedSampler), "data",
+            "in epoch 0 the 2 ranks together did not load each of the 24 training samples "
+            "once: 24 loads of samples another rank had loaded", "(RandomSampler) gives every "
+            "rank the whole dataset", "DistributedSampler(dataset, num_replicas=world_size, "
+            "rank=rank)")
+
+    def test_a_sampler_never_told_the_epoch_fails(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(SetEpochForgotten), "data",
+            "ranks [0, 1] loaded their samples in the same order in both epochs",
+            "call sampler.set_epoch(epoch)")
+
+    def test_logging_from_every_rank_fails(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(LogsOnEveryRank), "logging",
+            "ranks [1] logged scalars too (rank 1: 'train/loss' at step 0", "Log from rank 0 "
+            "only")
+
+    def test_a_loss_summed_per_rank_differs_from_one_process(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(LossSummedPerRank, single_process_tolerance=(1e-5, 1e-6)),
+            "one process", "after 2 epochs on 2 processes the weights differ from those of one "
+            "process on the whole data", "a mean over the batch (not a sum")
+
+    def test_an_uneven_dataset_is_no_false_alarm(self) -> None:
+        class Uneven(ClassifierTrainer):
+            def __init__(self, data: TensorDataset, rank: int = 0, world_size: int = 1) -> None:
+                odd = TensorDataset(*(t[:SAMPLES - 1] for t in data.tensors))
+                super().__init__(odd, rank, world_size)
+
+        self.assertPasses(ddp_trainer_case(Uneven), "test_ddp_training",
+                          allowed_skips=["self.single_process_tolerance is not set"])
+
+    def test_without_make_trainer_it_skips_naming_it(self) -> None:
+        def set_up(self: Any) -> None:
+            pass
+
+        case = type("Case", (DistributedTrainerTests, unittest.TestCase), {"setUp": set_up})
+        self.assertSkipsWith(case, "test_ddp_training", "self.make_trainer is not set")
+
+    def test_a_wrong_train_loader_attribute_is_a_contract_error(self) -> None:
+        case = ddp_trainer_case(ClassifierTrainer, train_loader_attribute="loader")
+        self.assertErrorsWith(case, "test_ddp_training", "ContractError",
+                              "trainer.loader (train_loader_attribute) is NoneType, not a "
+                              "DataLoader")
+
+    def test_it_combines_with_trainer_tests(self) -> None:
+        case = ddp_trainer_case(ClassifierTrainer, mixins=(DistributedTrainerTests, TrainerTests))
+        self.assertIn("test_ddp_training", checks_of(case))
+        self.assertIn("test_resume", checks_of(case))
+        self.assertTrue(issubclass(ContractError, TypeError))
+
+
+if __name__ == "__main__":
+    unittest.main()
