@@ -2,7 +2,13 @@
 torch.distributed (gloo) processes."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
 import unittest
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -256,3 +262,26 @@ class DDPTraining(CheckTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ExampleUnderTorchrun(unittest.TestCase):
+    def test_run_py_trains_with_ddp_on_two_cpu_processes(self) -> None:
+        missing = [name for name in ("torchvision", "tensorboard", "tqdm")
+                   if importlib.util.find_spec(name) is None]
+        if missing or shutil.which("torchrun") is None:
+            self.skipTest(f"needs the example extra and torchrun (missing: {missing})")
+        run_py = Path(__file__).resolve().parent.parent / "example_project" / "run.py"
+        with tempfile.TemporaryDirectory() as folder:
+            completed = subprocess.run(
+                [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2",
+                 str(run_py), "--generate-data", "--generate-sizes", "64,32", "--epochs", "2",
+                 "--batch-size", "16", "--num-workers", "0", "--data-root", f"{folder}/data",
+                 "--log-dir", f"{folder}/runs"],
+                cwd=folder, capture_output=True, text=True, timeout=300,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
+            self.assertIn("Trained mlp for 2 epochs on cpu x 2 processes", completed.stdout)
+            self.assertEqual(completed.stdout.count("Trained"), 1, "only rank 0 reports")
+            self.assertTrue((Path(folder) / "runs" / "checkpoint.pt").exists())
+            self.assertEqual(len(list((Path(folder) / "runs").glob("events.out.tfevents*"))), 1,
+                             "only rank 0 logs")
