@@ -48,14 +48,14 @@ class Runners(unittest.TestCase):
         output = self.run_in_temp_dir("-m", "pytest", "-q", "-p", "no:cacheprovider")
         self.assertIn("SUBFAILED(split='test') test_images.py::TestImages::test_value_range",
                       output)
-        self.assertRegex(output, r"1 failed, \d+ passed, 1 skipped")  # sample_shape unset
+        self.assertRegex(output, r"1 failed, \d+ passed, 2 skipped")  # options unset
 
     def test_unittest_runs_every_check(self) -> None:
         output = self.run_in_temp_dir("-m", "unittest", "-v")
         self.assertIn("FAIL: test_value_range (test_images.TestImages.test_value_range) "
                       "(split='test')", output)
-        self.assertIn("Ran 4 tests", output)
-        self.assertIn("FAILED (failures=1, skipped=1)", output)
+        self.assertIn("Ran 6 tests", output)
+        self.assertIn("FAILED (failures=1, skipped=2)", output)
 
 
 if __name__ == "__main__":
