@@ -97,10 +97,12 @@ def forget(exc: BaseException) -> None:
 # -- one sample: its input and its target -------------------------------------------------
 @dataclass
 class LoadFailure:
-    """Loading a sample raised; stands in for the sample."""
+    """Loading a sample failed; stands in for the sample. ``text`` is the exception
+    (``Type: message``) or, when ``raised`` is False, what went wrong."""
 
     text: str
     index_error: bool = False
+    raised: bool = True
 
     @classmethod
     def of(cls, exc: BaseException) -> "LoadFailure":
@@ -224,11 +226,21 @@ def pick_target(sample: Any, key: Any) -> Tuple[Optional[int], Optional[str]]:
 
 def digest(tensor: torch.Tensor) -> bytes:
     """A 128-bit hash of a tensor's shape, dtype and bytes (equal tensors, equal hashes)."""
-    flat = tensor.detach().reshape(-1).contiguous()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    hashed = hashlib.blake2b(f"{tuple(tensor.shape)}{tensor.dtype}".encode(), digest_size=16)
-    hashed.update(flat.view(torch.uint8).numpy().data)
+    return _digests(tensor.shape, tensor.dtype, tensor.detach().reshape(1, -1))[0]
+
+
+def _digests(shape: Sequence[int], dtype: torch.dtype, rows: torch.Tensor) -> List[bytes]:
+    """The digests of the tensors of one shape and dtype stacked as the rows of ``rows``."""
+    header = f"{tuple(shape)}{dtype}".encode()
+    if rows.dtype == torch.bool:
+        rows = rows.to(torch.uint8)
+    data = rows.contiguous().view(torch.uint8).numpy()
+    return [_hash(header, row.data) for row in data]
+
+
+def _hash(header: bytes, data: memoryview) -> bytes:
+    hashed = hashlib.blake2b(header, digest_size=16)
+    hashed.update(data)
     return hashed.digest()
 
 
@@ -367,13 +379,13 @@ def _statistics(inputs: List[Tuple[Position, torch.Tensor]], report: BatchReport
         if len(seen[1]) < SHOWN:
             seen[1].append(position)
     hashes: Dict[Position, bytes] = {}
-    for members in groups.values():
+    for (shape, dtype), members in groups.items():
         positions = [position for position, _ in members]
         flat = torch.stack([tensor for _, tensor in members]).reshape(len(members), -1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
         if hash_inputs:
-            hashes.update((position, digest(tensor)) for position, tensor in members)
+            hashes.update(zip(positions, _digests(shape, dtype, flat)))
         if flat.is_complex() or flat.shape[1] == 0:
             continue
         if flat.is_floating_point():
@@ -419,7 +431,7 @@ class Indexed(Dataset):
                 return [(indices[0], LoadFailure(
                     f"the dataset's __getitems__ returned {len(samples)} samples for the "
                     f"{len(indices)} indices {indices[0]} to {indices[-1]}; it must return one "
-                    "sample per index"))]
+                    "sample per index", raised=False))]
         loaded = []
         for index in indices:
             try:
@@ -438,13 +450,28 @@ class Indexed(Dataset):
 # -- a split: its plan, its probes, its scan ------------------------------------------------
 @dataclass
 class Probe:
-    """One sample loaded in the main process."""
+    """One sample loaded in the main process (a copy of its input, not the sample, which may
+    share the memory of the whole dataset)."""
 
     failure: Optional[LoadFailure] = None
     input: Optional[torch.Tensor] = None
     input_problem: Optional[InputProblem] = None
-    sample: Any = None  # the converted sample, for the contract checks of the keys
     hash: Optional[bytes] = None
+    #: for a ContractError about target_key: whether the sample lacks it, what the sample
+    #: holds, and a key that looks like the target's
+    target_missing: bool = False
+    structure: str = ""
+    target_key_hint: Any = None
+
+
+def structure(sample: Any) -> str:
+    """What a sample holds, for messages: "its elements: ['image', 'label']"."""
+    fields = _fields(sample)
+    if isinstance(sample, torch.Tensor):
+        return "it is a bare tensor"
+    if fields is None:
+        return f"it is {_kind(sample)}"
+    return f"its elements: {[k for k, _ in fields]}"
 
 
 @dataclass
@@ -588,10 +615,14 @@ class Loading:
 
 
 class SplitState:
-    """One split as the checks of a test class know it: loaded lazily, at most once."""
+    """One split as the checks of a test class know it: loaded lazily, at most once.
+
+    ``dataset`` is the split of the test that is running (set by ``use``); it is released
+    after each test, so that the cache does not keep a dataset alive.
+    """
 
     def __init__(self, dataset: Any, loading: Loading) -> None:
-        self.dataset = dataset
+        self.dataset: Any = dataset
         self.loading = loading
         self.stream = is_stream(dataset)
         self.size = sized(dataset)
@@ -611,8 +642,18 @@ class SplitState:
             probes += [self.indices[i] for i in extra if self.indices[i] not in probes]
             self.probe_positions = sorted(set(probes[: loading.probe_count]))
         self.probes = self._load_probes(self.probe_positions, loading.seed)
+        self.dataset = None  # until ``use``
         self._scan: Optional[Scan] = None
         self._reloaded: Optional[Dict[Position, Probe]] = None
+
+    def use(self, dataset: Any) -> bool:
+        """Load from ``dataset`` (the running test's split); True if it was not in use."""
+        fresh = self.dataset is not dataset
+        self.dataset = dataset
+        return fresh
+
+    def release(self) -> None:
+        self.dataset = None
 
     # -- the main process -----------------------------------------------------------------
     def _load_probes(self, positions: List[Position], seed: int) -> Dict[Position, Probe]:
@@ -652,10 +693,14 @@ class SplitState:
         if isinstance(sample, LoadFailure):
             return Probe(failure=sample)
         converted = default_convert(sample)
+        probe = Probe(target_missing=pick_target(converted, self.loading.target_key)[1] is MISSING,
+                      structure=structure(converted), target_key_hint=target_key_of(converted))
         picked = pick_input(converted, self.loading.input_key)
         if isinstance(picked, InputProblem):
-            return Probe(input_problem=picked, sample=converted)
-        return Probe(input=picked.detach(), sample=converted, hash=digest(picked))
+            probe.input_problem = picked
+        else:
+            probe.input, probe.hash = picked.detach().clone(), digest(picked)
+        return probe
 
     def reloaded(self, positions: List[Position]) -> Dict[Position, Probe]:
         """The probes at ``positions`` loaded once more in the main process, under another
@@ -740,8 +785,7 @@ class SplitState:
         else:
             batch = list(self.indices[batches * size: (batches + 1) * size])
             total = -(-len(self.indices) // size)
-            scan.in_flight = (f"{_span(batch)} (batch {batches + 1} of {total})" if batch
-                              else "the end of the split")
+            scan.in_flight = f"{_span(batch)} (batch {batches + 1} of {total})"
 
 
 # -- the cache ---------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from typing import (
     Tuple,
 )
 
-import torch
 from torch.utils.data import default_collate
 
 from . import _scan
@@ -36,11 +35,11 @@ from ._base import (
     is_shape,
     optional,
 )
-from ._scan import MISSING, Position, SplitState, listed, pick_target, where
+from ._scan import Position, SplitState, listed, where
 
 __all__ = ["DatasetTests"]
 
-#: The checks that need the data, and the check each failure to load is reported by.
+#: The check that reports a split that cannot be loaded; the others skip, pointing to it.
 LOADING_CHECK = "test_data_loading"
 
 
@@ -240,7 +239,11 @@ class DatasetTests(CheckMixin):
         return default_collate if collate_fn is None else collate_fn
 
     def _state(self, name: str) -> SplitState:
-        return _scan.split_state(type(self), name, self.splits[name], self._loading(name))
+        dataset = self.splits[name]
+        state = _scan.split_state(type(self), name, dataset, self._loading(name))
+        if state.use(dataset):
+            self.addCleanup(state.release)  # the cache keeps what was seen, not the dataset
+        return state
 
     def _loaded(self, name: str) -> SplitState:
         """The split, scanned; skips (pointing to test_data_loading) if it cannot be loaded."""
@@ -262,6 +265,8 @@ class DatasetTests(CheckMixin):
         failed += [(p, failure, "in a DataLoader worker") for p, failure in scan.failures]
         if failed:
             position, failure, place = min(failed, key=lambda item: _order(item[0]))
+            if not failure.raised:
+                return "__getitems__ lost samples", f"split {name!r}: {failure.text}."
             text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
             if scan.failure_count > 1:
                 text += (f" ({scan.failure_count} samples failed in the batches the workers "
@@ -563,12 +568,11 @@ class DatasetTests(CheckMixin):
         classes = self._get_or_skip("num_classes")
         for name in self.splits:
             probe = self._first_probe(name)
-            if probe is not None and probe.sample is not None and \
-                    pick_target(probe.sample, self.target_key)[1] is MISSING:
-                fix = _scan.target_key_of(probe.sample)
+            if probe is not None and probe.target_missing:
+                fix = probe.target_key_hint
                 raise self._key_error(
                     name, "target_key", f"has no element {self.target_key!r} "
-                    f"({_shape(probe.sample)})", "the index or key of the class label" + (
+                    f"({probe.structure})", "the index or key of the class label" + (
                         "" if fix is not None else ", or leave self.num_classes unset "
                         "(test_labels needs samples that hold a target)"), fix)
         for name in self.splits:
@@ -647,10 +651,3 @@ def _round_up(fraction: float) -> str:
 def _order(position: Position) -> Tuple[int, int]:
     return position if isinstance(position, tuple) else (0, position)
 
-
-def _shape(sample: Any) -> str:
-    fields = _scan._fields(sample)
-    if fields is None:
-        return f"it is {_scan._kind(sample)}" if not isinstance(sample, torch.Tensor) \
-            else "it is a bare tensor"
-    return f"its elements: {[k for k, _ in fields]}"

@@ -11,8 +11,9 @@ import tempfile
 import textwrap
 import time
 import unittest
+import weakref
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 from unittest import mock
 
 import torch
@@ -95,6 +96,20 @@ class Cache(CheckTestCase):
         case.batch_size = 8
         self.assertPasses(case, "test_value_range")
         self.assertEqual(int(split.loads.min()), 2)  # scanned again
+
+    def test_the_cache_does_not_keep_the_split_alive(self) -> None:
+        built: List[Any] = []
+
+        def set_up(self: Any) -> None:
+            split = Images()
+            built.append(weakref.ref(split))
+            self.splits = {"x": split}
+
+        case = make_case(DatasetTests, set_up, value_range=(-1.0, 1.0), batch_size=16)
+        self.assertPasses(case, "test_value_range")
+        gc.collect()
+        self.assertIn(case, _scan.cached_classes())
+        self.assertIsNone(built[0](), "the cache keeps the dataset of a finished test")
 
     def test_the_cache_of_a_class_is_dropped_when_its_tests_are_done(self) -> None:
         case = splits_case(Images(augment=True), Images(seed=5))
@@ -234,15 +249,84 @@ class NothingLeaks(CheckTestCase):
         ''')
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "test_streams.py").write_text(module)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
             completed = subprocess.run([sys.executable, "-m", "unittest", "-v"], cwd=folder,
-                                       env=env, capture_output=True, text=True, timeout=600)
+                                       env=environment(), capture_output=True, text=True,
+                                       timeout=600)
         output = completed.stdout + completed.stderr
         self.assertIn("OSError: shard 3 is gone", output)
         self.assertIn("FAILED (failures=1, skipped=", output)
         self.assertNotIn("Exception ignored", output)
         self.assertNotIn("can only test a child process", output)
+
+
+SPAWNED = textwrap.dedent('''
+    import multiprocessing
+    import unittest
+
+    import torch
+    from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+    from dltestkit import DatasetTests
+
+    # the start method of macOS and Windows (and of Linux from Python 3.14 on): the workers
+    # unpickle the splits and the checks' own collate function and dataset wrapper
+    multiprocessing.set_start_method("spawn", force=True)
+
+
+    class Images(Dataset):
+        def __init__(self, seed):
+            generator = torch.Generator().manual_seed(seed)
+            self.images = torch.rand(40, 1, 4, 4, generator=generator) * 2 - 1
+            self.images[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            return self.images[index], index % 4
+
+
+    class Stream(IterableDataset):
+        def __init__(self, seed):
+            self.data = Images(seed).images
+
+        def __len__(self):
+            return 40
+
+        def __iter__(self):
+            info = get_worker_info()
+            start, step = (info.id, info.num_workers) if info else (0, 1)
+            for index in range(start, 40, step):
+                yield self.data[index], index % 4
+
+
+    class TestSpawned(DatasetTests, unittest.TestCase):
+        def setUp(self):
+            self.splits = {"train": Images(1), "stream": Stream(2)}
+            self.sample_shape = (1, 4, 4)
+            self.value_range = (-1.0, 1.0)
+            self.num_classes = 4
+            self.batch_size = 8
+''')
+
+
+class StartMethods(unittest.TestCase):
+    def test_every_check_works_with_spawned_workers(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "test_spawned.py").write_text(SPAWNED)
+            completed = subprocess.run([sys.executable, "-m", "unittest", "-v"], cwd=folder,
+                                       env=environment(), capture_output=True, text=True,
+                                       timeout=600)
+        output = completed.stdout + completed.stderr
+        self.assertIn("Ran 6 tests", output)
+        self.assertIn("OK (skipped=1)", output)  # test_augmentation: a stream has no indices
+
+
+def environment() -> Dict[str, str]:
+    """The environment of a child Python that imports this checkout's dltestkit."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
 
 class OwnBugs(CheckTestCase):
