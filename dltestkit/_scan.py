@@ -741,8 +741,9 @@ class SplitState:
         batches = 0
         iterator = None
         with warnings.catch_warnings():
-            # a stream whose len() is wrong: reported by test_data_loading, not as a warning
-            warnings.filterwarnings("ignore", message="Length of IterableDataset")
+            # the DataLoader's own warnings (a stream whose len() is wrong, a dataset that
+            # cannot be pickled for the workers) are what test_data_loading reports
+            warnings.filterwarnings("ignore", module=r"torch\.utils\.data\.dataloader")
             try:
                 iterator = iter(loader)
                 while True:

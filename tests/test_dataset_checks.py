@@ -98,6 +98,15 @@ class FailsInWorkers(Images):
         return super().__getitem__(index)
 
 
+class OpenedInWorkers(Images):
+    """Reads a file that only a worker_init_fn opens: fails in the main process."""
+
+    def __getitem__(self, index: int) -> Any:
+        if get_worker_info() is None:
+            raise AttributeError("'OpenedInWorkers' object has no attribute 'file'")
+        return super().__getitem__(index)
+
+
 class Empty(Images):
     def __init__(self) -> None:
         super().__init__(size=0)
@@ -380,7 +389,13 @@ class DataLoading(CheckTestCase):
     def test_loading_that_fails_in_workers_names_the_index(self) -> None:
         self.assertFailsWith(failing_case(), "test_data_loading", "split 'test': loading index "
                              "20 in a DataLoader worker raised OSError: [Errno 9] Bad file "
-                             "descriptor")
+                             "descriptor. Fix the split's __getitem__ or its transforms.")
+
+    def test_loading_that_fails_in_the_main_process_says_so(self) -> None:
+        case = splits_case(Images(augment=True), OpenedInWorkers(seed=5))
+        self.assertFailsWith(case, "test_data_loading", "split 'test': loading index 0 in the "
+                             "main process raised AttributeError: 'OpenedInWorkers' object has "
+                             "no attribute 'file'")
 
     def test_the_other_checks_skip_pointing_to_test_data_loading(self) -> None:
         for name in CHECKS:
@@ -392,8 +407,10 @@ class DataLoading(CheckTestCase):
     def test_a_len_larger_than_the_data_says_so(self) -> None:
         case = splits_case(Images(augment=True), TooLong())
         self.assertFailsWith(case, "test_data_loading", "loading index 23 in a DataLoader worker "
-                             "raised IndexError", "len() says the split has 40 samples: is "
-                             "__len__ larger than the data")
+                             "raised IndexError", "(9 samples failed in the batches the workers "
+                             "read: index 23, index 24, index 25, index 26, index 27 and 4 more)",
+                             "len() says the split has 40 samples: is __len__ larger than the "
+                             "data")
 
     def test_pil_images_are_told_to_add_a_to_tensor_transform(self) -> None:
         case = splits_case(Images(augment=True), PILImages(seed=5))
@@ -528,6 +545,12 @@ class Labels(CheckTestCase):
         self.assertPasses(case, "test_labels")
         case.class_presence = None
         self.assertPasses(case, "test_labels")
+
+    def test_many_classes_are_counted_in_short(self) -> None:
+        case = splits_case(Images(augment=True), Images(seed=5), num_classes=30, class_presence=1)
+        self.assertFailsWith(case, "test_labels", "split 'train' has no sample of classes 10, 11, "
+                             "12", "among its 40 scanned samples (class counts: 10 of 30 classes "
+                             "present, 0 to 4 samples per class)")
 
     def test_a_small_split_may_lack_a_class(self) -> None:
         case = splits_case(Images(augment=True), Images(size=8, seed=5), num_classes=10)

@@ -307,6 +307,15 @@ SPAWNED = textwrap.dedent('''
             self.value_range = (-1.0, 1.0)
             self.num_classes = 4
             self.batch_size = 8
+
+
+    class TestUnpicklable(DatasetTests, unittest.TestCase):
+        def setUp(self):
+            split = Images(3)
+            split.transform = lambda image: image
+            self.splits = {"train": split}
+            self.value_range = (-1.0, 1.0)
+            self.batch_size = 8
 ''')
 
 
@@ -318,8 +327,15 @@ class StartMethods(unittest.TestCase):
                                        env=environment(), capture_output=True, text=True,
                                        timeout=600)
         output = completed.stdout + completed.stderr
-        self.assertIn("Ran 6 tests", output)
-        self.assertIn("OK (skipped=1)", output)  # test_augmentation: a stream has no indices
+        self.assertIn("Ran 12 tests", output)
+        # TestSpawned passes (test_augmentation skips: a stream has no indices); the workers
+        # cannot start for TestUnpicklable: test_data_loading fails, the others skip
+        self.assertIn("split 'train' cannot be pickled (AttributeError: Can't pickle local "
+                      "object", output)
+        self.assertIn("skipped \"split 'train' cannot be loaded (the DataLoader failed); see "
+                      "test_data_loading\"", output)
+        self.assertIn("FAILED (failures=1, skipped=6)", output)
+        self.assertNotIn("Warning", output)
 
 
 def environment() -> Dict[str, str]:
