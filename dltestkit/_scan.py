@@ -221,7 +221,7 @@ def pick_target(sample: Any, key: Any) -> Tuple[Optional[int], Optional[str]]:
         shown = f" ({value.item()!r})" if value.numel() == 1 else ""
         dtype = str(value.dtype).replace("torch.", "")
         return None, f"{_article(dtype)} {dtype} tensor of shape {tuple(value.shape)}{shown}"
-    return None, f"{_kind(value)} ({value!r:.40})"
+    return None, "None" if value is None else f"{_kind(value)} ({value!r:.40})"
 
 
 def digest(tensor: torch.Tensor) -> bytes:
@@ -420,11 +420,12 @@ class Indexed(Dataset):
 
     def __getitems__(self, indices: List[int]) -> List[Tuple[int, Any]]:
         getitems = getattr(self.dataset, "__getitems__", None)
+        batched: Optional[str] = None
         if getitems is not None:
             try:
                 samples = getitems(list(indices))
-            except Exception:  # find the index that fails, one by one
-                pass
+            except Exception as exc:  # find the index that fails, one by one
+                batched = exception_text(exc)
             else:
                 if len(samples) == len(indices):
                     return list(zip(indices, samples))
@@ -438,6 +439,10 @@ class Indexed(Dataset):
                 loaded.append((index, self.dataset[index]))
             except Exception as exc:
                 loaded.append((index, LoadFailure.of(exc)))
+        if batched is not None and not any(isinstance(s, LoadFailure) for _, s in loaded):
+            return [(indices[0], LoadFailure(
+                f"the dataset's __getitems__ raised {batched} for the indices {indices[0]} to "
+                f"{indices[-1]}, though __getitem__ loads each of them", raised=False))]
         return loaded
 
     def __getattr__(self, name: str) -> Any:

@@ -102,8 +102,10 @@ class DatasetTests(CheckMixin):
                           "`IterableDataset` (a stream), which must give each DataLoader "
                           "worker its own shard."),
         Attribute("sample_shape", "the shape of one sample's input tensor", "(1, 32, 32)",
-                  validate=is_shape, read_by=("test_sample_shape",),
-                  details="Without the batch dimension."),
+                  validate=is_shape, read_by=("test_sample_shape", "test_data_loading"),
+                  default_text="unset: `test_sample_shape` skips",
+                  details="Without the batch dimension. (`test_data_loading` leaves samples of "
+                          "another shape, which cannot be batched, to `test_sample_shape`.)"),
         Attribute("value_range", "the inclusive (low, high) bounds of the input values",
                   "(-1.0, 1.0)", validate=_is_range, read_by=("test_value_range",)),
         Attribute("range_coverage",
@@ -117,8 +119,10 @@ class DatasetTests(CheckMixin):
                            "test_labels"),
                   details="Every other split must give the same sample each time."),
         Attribute("num_classes", "the number of classes of the targets", "10",
-                  validate=is_positive_int, read_by=("test_labels",),
-                  details="Targets are class indices in `[0, num_classes)`."),
+                  validate=is_positive_int, read_by=("test_labels", "test_data_loading"),
+                  default_text="unset: `test_labels` skips",
+                  details="Targets are class indices in `[0, num_classes)`. (`test_data_loading` "
+                          "leaves targets that cannot be batched to `test_labels`.)"),
         Attribute("target_key", "the index or key of the target (class label) in a sample",
                   '"label"', default=1, validate=_is_target_key, read_by=("test_labels",),
                   details="`1`: element 1 of an `(input, target)` tuple."),
@@ -266,7 +270,7 @@ class DatasetTests(CheckMixin):
         if failed:
             position, failure, place = min(failed, key=lambda item: _order(item[0]))
             if not failure.raised:
-                return "__getitems__ lost samples", f"split {name!r}: {failure.text}."
+                return "its __getitems__ fails", f"split {name!r}: {failure.text}."
             text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
             if scan.failure_count > 1:
                 text += (f" ({scan.failure_count} samples failed in the batches the workers "

@@ -152,6 +152,14 @@ class ShortGetitems(Images):
         return [self[index] for index in indices[:-1]]
 
 
+class BrokenGetitems(Images):
+    """A batched __getitems__ that indexes a Python list with a list of indices."""
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        labels = [index % 10 for index in range(len(self))]
+        return list(zip(self.images[indices], labels[indices]))
+
+
 class BlocksInWorkers(Images):
     """A worker waits forever (for a lock or a connection it inherited in a broken state)."""
 
@@ -435,8 +443,15 @@ class DataLoading(CheckTestCase):
         self.assertFailsWith(case, "test_data_loading", "split 'test': the dataset's "
                              "__getitems__ returned 15 samples for the 16 indices 0 to 15; it "
                              "must return one sample per index.")
-        self.assertSkipsWith(case, "test_value_range", "(__getitems__ lost samples); see "
+        self.assertSkipsWith(case, "test_value_range", "(its __getitems__ fails); see "
                              "test_data_loading")
+
+    def test_a_getitems_that_raises_fails_even_if_each_index_loads(self) -> None:
+        case = splits_case(Images(augment=True), BrokenGetitems(seed=5))
+        self.assertFailsWith(case, "test_data_loading", "split 'test': the dataset's "
+                             "__getitems__ raised TypeError: list indices must be integers or "
+                             "slices, not list for the indices 0 to 15, though __getitem__ "
+                             "loads each of them.")
 
     def test_a_worker_init_fn_that_raises_fails_naming_the_batch(self) -> None:
         case = splits_case(Images(augment=True), Images(seed=5), worker_init_fn=broken_init)
@@ -462,7 +477,7 @@ class DataLoading(CheckTestCase):
 
     def test_a_none_label_is_reported_by_test_labels_only(self) -> None:
         case = splits_case(Images(augment=True), NoneLabel(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "the target of index 30 is None")
+        self.assertFailsWith(case, "test_labels", "the target of index 30 is None. ")
         self.assertSkipsWith(case, "test_data_loading", "see test_labels")
         case.num_classes = UNSET  # without test_labels, test_data_loading reports it
         self.assertFailsWith(case, "test_data_loading", "cannot be batched", "NoneType")
