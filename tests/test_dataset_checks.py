@@ -281,6 +281,13 @@ class Contract(CheckTestCase):
                               "self.augmented_splits set in Case.setUp names ['training'], "
                               "which are not in self.splits (['test', 'train'])")
 
+    def test_a_generator_is_no_split(self) -> None:
+        case = make_case(DatasetTests, lambda self: setattr(
+            self, "splits", {"train": (image for image in Images().images)}))
+        self.assertErrorsWith(case, "test_data_loading", "ContractError", "has split 'train' of "
+                              "type generator, which is neither a sized Dataset (with __len__ "
+                              "and __getitem__) nor an IterableDataset")
+
     def test_an_input_key_the_samples_lack_is_a_contract_error(self) -> None:
         case = splits_case(DictImages(augment=True), DictImages(seed=5), input_key="img")
         self.assertErrorsWith(case, "test_value_range", "ContractError",
