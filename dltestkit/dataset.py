@@ -1,20 +1,33 @@
-"""DatasetTests: checks for torch Datasets."""
+"""DatasetTests: checks for torch Datasets, map-style and iterable (streams)."""
 from __future__ import annotations
 
+import inspect
+import itertools
+import math
 import pickle
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Collection,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import default_collate
 
+from . import _scan
 from ._base import (
     REQUIRED,
     Attribute,
     CheckMixin,
+    ContractError,
     check,
+    is_callable,
     is_key,
     is_names,
     is_number,
@@ -22,17 +35,23 @@ from ._base import (
     is_shape,
     optional,
 )
-from ._tensors import select_tensor
+from ._scan import Position, SplitState, listed, where
 
 __all__ = ["DatasetTests"]
+
+#: The check that reports a split that cannot be loaded; the others skip, pointing to it.
+LOADING_CHECK = "test_data_loading"
 
 
 def _is_splits(value: Any) -> Optional[str]:
     if not isinstance(value, Mapping) or not value:
         return f"is a {type(value).__name__}, not a non-empty dict"
     for name, split in value.items():
+        if _scan.is_stream(split):
+            continue
         if not hasattr(split, "__getitem__") or not hasattr(split, "__len__"):
-            return f"has split {name!r} of type {type(split).__name__}, which is not a sized Dataset"
+            return (f"has split {name!r} of type {type(split).__name__}, which is neither a "
+                    "sized Dataset (with __len__ and __getitem__) nor an IterableDataset")
     return None
 
 
@@ -47,42 +66,31 @@ def _is_range(value: Any) -> Optional[str]:
     return f"is {value!r}, not a (low, high) pair with low < high"
 
 
-@dataclass
-class _Scan:
-    """What one pass over a split with worker processes saw."""
-
-    count: int = 0
-    minimum: float = float("inf")
-    maximum: float = float("-inf")
-    argmin: int = -1
-    argmax: int = -1
-    nonfinite: int = 0
-    first_nonfinite: int = -1
-    kept: Dict[int, torch.Tensor] = field(default_factory=dict)
+def _is_positive_number(value: Any) -> Optional[str]:
+    if is_number(value) is None and value > 0:
+        return None
+    return f"is {value!r}, not a positive number"
 
 
-@dataclass
-class _SplitData:
-    """What the checks of one test class know of one split; filled lazily, loaded once."""
-
-    indices: Sequence[int]
-    probes: List[int]
-    scan: Optional[_Scan] = None
-    probe_samples: Optional[Dict[int, Any]] = None
+def _is_target_key(value: Any) -> Optional[str]:
+    return None if value is not None and is_key(value) is None else \
+        f"is {value!r}, not an int index or a str key"
 
 
-_CACHE: "weakref.WeakKeyDictionary[type, Dict[Tuple[Any, ...], _SplitData]]" = (
-    weakref.WeakKeyDictionary()
-)
+def _unbound(owner: Any, name: str) -> Any:
+    """An attribute as it was set: a function set on the class is not bound to self."""
+    value = inspect.getattr_static(owner, name)
+    return value.__func__ if isinstance(value, staticmethod) else value
 
 
 class DatasetTests(CheckMixin):
-    """Checks for the splits of a dataset.
+    """Checks for the splits of a dataset: map-style datasets and streams (IterableDataset).
 
     Each sample is loaded at most twice across all checks: one pass with worker
-    processes serves the value-range, augmentation and data-loading checks, and the
-    probe indices are loaded once more in the main process. The results are kept per
-    test class and split name, so setUp must build the same data for every test.
+    processes, in which the workers inspect every sample they load (shape, value range,
+    hash, target), serves every check, and a few probe samples are loaded once more in
+    the main process. The results are kept per test class and split until the class's
+    tests are done, so setUp must build the same data for every test.
     """
 
     _mixin_name: ClassVar[str] = "DatasetTests"
@@ -90,266 +98,560 @@ class DatasetTests(CheckMixin):
         Attribute("splits", "a dict mapping split name to a torch Dataset",
                   '{"train": train_data, "test": test_data}', default=REQUIRED,
                   validate=_is_splits,
-                  details="Each dataset has `__len__` and `__getitem__`."),
+                  details="A map-style dataset (with `__len__` and `__getitem__`) or an "
+                          "`IterableDataset` (a stream), which must give each DataLoader "
+                          "worker its own shard."),
         Attribute("sample_shape", "the shape of one sample's input tensor", "(1, 32, 32)",
-                  validate=is_shape, read_by=("test_sample_shape",),
-                  details="Without the batch dimension."),
+                  validate=is_shape, read_by=("test_sample_shape", "test_data_loading"),
+                  default_text="unset: `test_sample_shape` skips",
+                  details="Without the batch dimension. (`test_data_loading` leaves samples of "
+                          "another shape, which cannot be batched, to `test_sample_shape`.)"),
         Attribute("value_range", "the inclusive (low, high) bounds of the input values",
                   "(-1.0, 1.0)", validate=_is_range, read_by=("test_value_range",)),
+        Attribute("range_coverage",
+                  "how close, as a fraction of high - low, the data must come to each bound",
+                  "0.1", default=0.1, validate=is_number, read_by=("test_value_range",),
+                  details="`1.0` checks the bounds only (for data that legitimately stays "
+                          "away from them, like quiet audio)."),
         Attribute("augmented_splits", "the names of the splits that are randomly augmented",
                   '{"train"}', default=frozenset(), validate=is_names,
-                  read_by=("test_augmentation", "test_data_loading"),
+                  read_by=("test_augmentation", "test_data_loading", "test_split_overlap",
+                           "test_labels"),
                   details="Every other split must give the same sample each time."),
+        Attribute("num_classes", "the number of classes of the targets", "10",
+                  validate=is_positive_int, read_by=("test_labels", "test_data_loading"),
+                  default_text="unset: `test_labels` skips",
+                  details="Targets are class indices in `[0, num_classes)`. (`test_data_loading` "
+                          "leaves targets that cannot be batched to `test_labels`.)"),
+        Attribute("target_key", "the index or key of the target (class label) in a sample",
+                  '"label"', default=1, validate=_is_target_key, read_by=("test_labels",),
+                  details="`1`: element 1 of an `(input, target)` tuple."),
+        Attribute("class_presence",
+                  "the samples per class, on average, from which a split must hold every "
+                  "class", "50", default=20, validate=optional(is_positive_int),
+                  read_by=("test_labels",),
+                  details="A split of fewer scanned samples than `class_presence * "
+                          "num_classes` may lack a class; `None` never requires every class."),
         Attribute("input_key", "the index or key of the input tensor in a sample", "0",
                   default=None, validate=is_key,
                   details="`None`: a tensor sample itself, else the first element of a tuple "
                           "or dict sample."),
+        Attribute("collate_fn", "the function that batches the samples of a split",
+                  "pad_sequences", default=None, validate=optional(is_callable),
+                  details="The one your DataLoader uses, e.g. one that pads sequences. `None`: "
+                          "PyTorch's default, `torch.utils.data.default_collate`."),
         Attribute("num_workers", "the worker processes of the DataLoader that scans each split",
                   "2", default=2, validate=is_positive_int,
-                  read_by=("test_value_range", "test_augmentation", "test_data_loading"),
                   details="At least 1: loading in workers is part of what is checked."),
+        Attribute("worker_init_fn", "the worker_init_fn your DataLoader uses", "shard_worker",
+                  default=None, validate=optional(is_callable),
+                  details="For streams that give each worker its shard there."),
         Attribute("batch_size", "the batch size of the scan of each split", "256",
-                  default=256, validate=is_positive_int,
-                  read_by=("test_value_range", "test_augmentation", "test_data_loading")),
+                  default=256, validate=is_positive_int),
+        Attribute("loader_timeout", "the seconds the scan waits for one batch", "600",
+                  default=300.0, validate=_is_positive_number,
+                  details="A worker that blocks longer fails `test_data_loading`, naming the "
+                          "indices it was loading, instead of hanging the tests."),
         Attribute("max_samples", "a cap on the samples scanned per split (None: all)",
                   "10_000", default=None, validate=optional(is_positive_int),
-                  details="A seeded random subset of that size is scanned. See "
+                  details="A seeded random subset of that size is scanned (of a stream: its "
+                          "first samples; required for a stream without `__len__`). See "
                           "[large datasets](large-datasets.md)."),
-        Attribute("probe_count", "how many indices are compared sample by sample", "8",
-                  default=8, validate=is_positive_int,
-                  read_by=("test_sample_shape", "test_augmentation", "test_data_loading"),
-                  details="The first, the last and random ones."),
-        Attribute("range_coverage",
-                  "how close, as a fraction of high - low, the data must come to each bound",
-                  "0.1", default=0.1, validate=is_number, read_by=("test_value_range",)),
+        Attribute("probe_count", "how many samples are loaded a second time",
+                  "8", default=8, validate=is_positive_int,
+                  details="The first, the last and random indices, in the main process (of a "
+                          "stream: its first samples)."),
     )
 
     splits: Mapping[str, Any]
     sample_shape: Sequence[int]
     value_range: Tuple[float, float]
+    range_coverage: float
     augmented_splits: Collection[str]
+    num_classes: int
+    target_key: Any
+    class_presence: Optional[int]
     input_key: Optional[Any]
+    collate_fn: Optional[Callable[[List[Any]], Any]]
     num_workers: int
+    worker_init_fn: Optional[Callable[[int], None]]
     batch_size: int
+    loader_timeout: float
     max_samples: Optional[int]
     probe_count: int
-    range_coverage: float
 
-    # -- loading, shared by the checks -------------------------------------------
-    def _input(self, sample: Any, split: str) -> torch.Tensor:
-        return select_tensor(sample, self.input_key, f"a sample of split {split!r}", "input_key")
-
-    def _split_data(self, name: str) -> _SplitData:
-        dataset = self.splits[name]
-        key = (name, len(dataset), type(dataset).__qualname__, self.max_samples,
-               self.probe_count, self.seed)
-        per_class = _CACHE.setdefault(type(self), {})
-        if key not in per_class:
-            size = len(dataset)
-            generator = torch.Generator().manual_seed(self.seed)
-            if self.max_samples is not None and self.max_samples < size:
-                indices: Sequence[int] = sorted(
-                    torch.randperm(size, generator=generator)[: self.max_samples].tolist())
-            else:
-                indices = range(size)
-            probes = [indices[0], indices[-1]] if len(indices) else []
-            extra = torch.randperm(len(indices), generator=generator).tolist()
-            probes += [indices[i] for i in extra if indices[i] not in probes]
-            per_class[key] = _SplitData(indices, sorted(set(probes[: self.probe_count])))
-        return per_class[key]
-
-    def _probe_samples(self, name: str) -> Dict[int, Any]:
-        """Load the probe indices one by one in the main process (num_workers=0)."""
-        data = self._split_data(name)
-        if data.probe_samples is None:
-            loader = DataLoader(self.splits[name], batch_size=None, sampler=data.probes,
-                                num_workers=0)
-            data.probe_samples = dict(zip(data.probes, loader))
-        return data.probe_samples
-
-    def _scan(self, name: str) -> _Scan:
-        """One pass over the (capped) split with worker processes, in batches."""
-        data = self._split_data(name)
-        if data.scan is not None:
-            return data.scan
-        dataset = self.splits[name]
-        sampler = None if isinstance(data.indices, range) else data.indices
-        loader = DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                            num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.seed))
-        scan = _Scan()
-        wanted = set(data.probes)
-        try:
-            for batch in loader:
-                inputs = self._input(batch, name)
-                positions = list(data.indices[scan.count: scan.count + len(inputs)])
-                for offset, index in enumerate(positions):
-                    if index in wanted:
-                        scan.kept[index] = inputs[offset].clone()
-                values = inputs.detach().reshape(len(inputs), -1).double()
-                finite = torch.isfinite(values).all(dim=1)
-                if not finite.all():
-                    if scan.nonfinite == 0:
-                        scan.first_nonfinite = positions[int((~finite).nonzero()[0])]
-                    scan.nonfinite += int((~finite).sum())
-                    values = values[finite]
-                    positions = [p for p, ok in zip(positions, finite.tolist()) if ok]
-                if len(values):
-                    low, high = values.min(dim=1).values, values.max(dim=1).values
-                    if float(low.min()) < scan.minimum:
-                        scan.minimum = float(low.min())
-                        scan.argmin = positions[int(low.argmin())]
-                    if float(high.max()) > scan.maximum:
-                        scan.maximum = float(high.max())
-                        scan.argmax = positions[int(high.argmax())]
-                scan.count += len(inputs)
-        except Exception as exc:
-            self.fail(
-                f"split {name!r}: loading it with a DataLoader (batch_size={self.batch_size}, "
-                f"num_workers={self.num_workers}) failed with {type(exc).__name__}: {exc}"
-            )
-        data.scan = scan
-        return scan
-
-    def _splits_to_check(self) -> List[str]:
-        unknown = set(self.augmented_splits) - set(self.splits)
+    # -- the contract across attributes -------------------------------------------------
+    def _validate_combination(self) -> None:
+        super()._validate_combination()
+        unknown = sorted(set(self.augmented_splits) - set(self.splits))
         if unknown:
-            self.fail(
-                f"self.augmented_splits names {sorted(unknown)}, which are not in self.splits "
-                f"({sorted(self.splits)}); fix {self._where()}"
-            )
-        return list(self.splits)
+            raise self._contract_error(
+                "augmented_splits", f"names {unknown}, which are not in self.splits "
+                f"({sorted(self.splits)})")
+        if self.max_samples is None:
+            for name, split in self.splits.items():
+                if _scan.is_stream(split) and _scan.sized(split) is None:
+                    raise ContractError(
+                        f"split {name!r} set in {self._where()} is an IterableDataset without "
+                        "__len__, so the checks cannot know where it ends (or whether it "
+                        "does); set self.max_samples to the number of samples to scan, e.g. "
+                        "self.max_samples = 10_000 (or give the dataset a __len__).")
 
-    # -- the checks --------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Load the probes of every split; a key that does not fit the samples is a
+        ContractError, raised before any check looks at the data."""
+        super()._prepare()
+        for name in self.splits:
+            probe = self._first_probe(name)
+            problem = probe.input_problem if probe is not None else None
+            if problem is not None and problem.kind == "key":
+                raise self._key_error(name, "input_key", problem.text,
+                                      "the index or key of the input tensor", problem.fix)
+
+    def _first_probe(self, name: str) -> Optional[_scan.Probe]:
+        return next((probe for probe in self._state(name).probes.values()
+                     if probe.failure is None), None)
+
+    def _key_error(self, name: str, attribute: str, problem: str, wanted: str,
+                   fix: Any = None) -> ContractError:
+        value = getattr(self, attribute)
+        set_by = f"self.{attribute} = {value!r}" if self._sets(attribute) else \
+            f"self.{attribute} (default {value!r})"
+        example = f", e.g. self.{attribute} = {fix!r}" if fix is not None else ""
+        return ContractError(
+            f"{set_by} does not fit the samples of split {name!r}: the first sample {problem}. "
+            f"Set self.{attribute} in {self._where()} to {wanted}{example}.")
+
+    def _sets(self, attribute: str) -> bool:
+        return attribute in vars(self) or any(
+            attribute in vars(base) for base in type(self).__mro__
+            if not (isinstance(base, type) and issubclass(base, CheckMixin)
+                    and base.__module__.startswith("dltestkit")))
+
+    # -- loading, shared by the checks ----------------------------------------------------
+    def _loading(self, name: str) -> _scan.Loading:
+        return _scan.Loading(
+            input_key=self.input_key, target_key=self.target_key,
+            collate_fn=self._collate_fn(),
+            worker_init_fn=_unbound(self, "worker_init_fn"),
+            batch_size=self.batch_size, num_workers=self.num_workers,
+            max_samples=self.max_samples, probe_count=self.probe_count, seed=self.seed,
+            augmented=name in self.augmented_splits, timeout=float(self.loader_timeout))
+
+    def _collate_fn(self) -> Callable[[List[Any]], Any]:
+        collate_fn = _unbound(self, "collate_fn")
+        return default_collate if collate_fn is None else collate_fn
+
+    def _state(self, name: str) -> SplitState:
+        dataset = self.splits[name]
+        state = _scan.split_state(type(self), name, dataset, self._loading(name))
+        if state.use(dataset):
+            self.addCleanup(state.release)  # the cache keeps what was seen, not the dataset
+        return state
+
+    def _loaded(self, name: str) -> SplitState:
+        """The split, scanned; skips (pointing to test_data_loading) if it cannot be loaded."""
+        state = self._state(name)
+        problem = self._load_problem(name, state)
+        if problem is not None:
+            self.skipTest(f"split {name!r} cannot be loaded ({problem[0]}); see "
+                          f"{LOADING_CHECK}")
+        return state
+
+    def _load_problem(self, name: str, state: SplitState) -> Optional[Tuple[str, str]]:
+        """(short reason, full message) when the split cannot be loaded, else None."""
+        if not state.stream and state.size == 0:
+            return "it is empty", (f"split {name!r} is empty: len() is 0. Check the path, "
+                                   "the file list or the filter that builds it.")
+        scan = state.scan
+        failed = [(p, probe.failure, "in the main process")
+                  for p, probe in state.probes.items() if probe.failure is not None]
+        failed += [(p, failure, "in a DataLoader worker") for p, failure in scan.failures]
+        if failed:
+            position, failure, place = min(failed, key=lambda item: _order(item[0]))
+            if not failure.raised:
+                return "its __getitems__ fails", f"split {name!r}: {failure.text}."
+            text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
+            if scan.failure_count > 1:
+                text += (f" ({scan.failure_count} samples failed in the batches the workers "
+                         f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})")
+            if failure.index_error and not state.stream:
+                text += (f". len() says the split has {state.size} samples: is __len__ larger "
+                         "than the data, or does __getitem__ index the wrong list?")
+            else:
+                text += ". Fix the split's __getitem__ or its transforms."
+            return f"{where(position)} raised {failure.text.split(':')[0]}", text
+        problems = [(p, probe.input_problem) for p, probe in state.probes.items()
+                    if probe.input_problem] + scan.input_problems
+        if problems:
+            position, problem = min(problems, key=lambda item: _order(item[0]))
+            return ("its inputs are not tensors" if problem.kind == "type" else
+                    f"{where(position)} has no input"), (
+                f"split {name!r}: the sample at {where(position)} {problem.text}." +
+                (f" Unlike the first samples, it does not fit self.input_key = "
+                 f"{self.input_key!r}: samples must all have the same structure."
+                 if problem.kind == "key" else ""))
+        if scan.loader_error:
+            if scan.timed_out:
+                return "a worker timed out", (
+                    f"split {name!r}: no batch arrived within loader_timeout="
+                    f"{self.loader_timeout:g} s; a DataLoader worker blocked while loading "
+                    f"{scan.in_flight}. Look for a lock, a queue, a connection or a thread "
+                    "pool that a forked worker inherits in a state it cannot use; raise "
+                    "self.loader_timeout if loading one batch really takes that long.")
+            return "the DataLoader failed", (
+                f"split {name!r}: the DataLoader (batch_size={self.batch_size}, "
+                f"num_workers={self.num_workers}) failed while loading {scan.in_flight}: "
+                f"{scan.loader_error}")
+        if state.stream and scan.count == 0 and not state.probes:
+            return "it is empty", (f"split {name!r} is an empty stream: neither the main "
+                                   "process nor the DataLoader workers read a sample from it.")
+        return None
+
+    def _compared(self, name: str, state: SplitState) -> Dict[Position, str]:
+        """Probe indices whose worker-loaded and main-process-loaded inputs differ."""
+        different = {}
+        for position, probe in state.probes.items():
+            kept = state.scan.kept.get(position)
+            if probe.input is not None and kept is not None and not _scan.same(kept, probe.input):
+                different[position] = _scan.difference(kept, probe.input)
+        return different
+
+    def _random(self, state: SplitState, positions: Sequence[Position]) -> bool:
+        """Whether loading these probes again in the main process gives other inputs."""
+        for position, again in state.reloaded(list(positions)).items():
+            first = state.probes[position].input
+            if first is not None and again.input is not None and not _scan.same(first, again.input):
+                return True
+        return False
+
+    # -- the checks ---------------------------------------------------------------------------
     @check
     def test_sample_shape(self) -> None:
-        """Check that the first, the last and random samples of every split have ``sample_shape``.
+        """Check that every scanned sample of every split has an input of shape ``sample_shape``.
 
         Catches samples of the wrong shape: a missing channel dimension, a resize or pad
         that is not applied to every sample.
         """
         expected = tuple(self._get_or_skip("sample_shape"))
-        for name in self._splits_to_check():
+        for name in self.splits:
             with self.subTest(split=name):
-                wrong = {
-                    index: tuple(self._input(sample, name).shape)
-                    for index, sample in self._probe_samples(name).items()
-                    if tuple(self._input(sample, name).shape) != expected
-                }
+                scan = self._loaded(name).scan
+                wrong = {shape: seen for shape, seen in scan.shapes.items() if shape != expected}
                 if wrong:
-                    listed = ", ".join(f"index {i}: {s}" for i, s in sorted(wrong.items()))
+                    count = sum(seen[0] for seen in wrong.values())
+                    shapes = "; ".join(f"{shape} at {listed(seen[1], seen[0])}"
+                                       for shape, seen in sorted(wrong.items()))
                     self.fail(
-                        f"split {name!r}: samples do not have sample_shape {expected}: {listed}. "
-                        "Fix the split's transforms (resize, pad, channel dimension) or "
-                        "self.sample_shape."
-                    )
+                        f"split {name!r}: {count} of {scan.count} samples do not have "
+                        f"sample_shape {expected}: {shapes}. Fix the split's transforms "
+                        "(resize, pad, channel dimension) or self.sample_shape.")
 
     @check
     def test_value_range(self) -> None:
-        """Check that every sample of every split lies in ``value_range`` and the split uses that range.
+        """Check that every sample of every split lies in ``value_range`` and the split uses
+        that range.
 
         Catches wrong scaling (0-255, data in [0, 1] declared as [-1, 1]), values out of
         range, NaN or Inf.
         """
         low, high = self._get_or_skip("value_range")
         slack = self.range_coverage * (high - low)
-        for name in self._splits_to_check():
+        for name in self.splits:
             with self.subTest(split=name):
-                scan = self._scan(name)
-                seen = (f"values seen over {scan.count} samples: min {scan.minimum:.6g} "
-                        f"(index {scan.argmin}), max {scan.maximum:.6g} (index {scan.argmax})")
-                if scan.nonfinite:
-                    self.fail(f"split {name!r}: {scan.nonfinite} samples contain NaN or Inf, "
-                              f"the first at index {scan.first_nonfinite}.")
-                if scan.minimum < low or scan.maximum > high:
+                scan = self._loaded(name).scan
+                if scan.nonfinite_count:
+                    self.fail(
+                        f"split {name!r}: {scan.nonfinite_count} of {scan.count} samples "
+                        f"contain NaN or Inf: {listed(scan.nonfinite, scan.nonfinite_count)}. "
+                        "Look for a division by a zero standard deviation, a log of 0 or a "
+                        "corrupt file.")
+                if scan.low_at is None or scan.high_at is None:
+                    self.skipTest(f"split {name!r} has no input values (empty tensors)")
+                seen = (f"values seen over {scan.count} samples: min {scan.low:.6g} "
+                        f"({where(scan.low_at)}), max {scan.high:.6g} ({where(scan.high_at)})")
+                if scan.low < low or scan.high > high:
                     self.fail(
                         f"split {name!r} leaves value_range [{low}, {high}]: {seen}. Fix the "
-                        "normalisation (or value_range, if the data is right)."
-                    )
-                if scan.minimum > low + slack or scan.maximum < high - slack:
+                        "normalisation, or widen self.value_range if the data is right.")
+                if scan.low > low + slack or scan.high < high - slack:
+                    needed = max(scan.low - low, high - scan.high) / (high - low)
                     self.fail(
                         f"split {name!r} does not use value_range [{low}, {high}]: {seen}; each "
                         f"bound must be reached within range_coverage={self.range_coverage} of "
                         "the range. The scaling is probably wrong (e.g. data in [0, 1] declared "
-                        "as [-1, 1]); fix the normalisation or value_range."
-                    )
-
-    def _differences(self, name: str) -> Dict[int, float]:
-        """Probe indices whose worker-loaded and main-process-loaded inputs differ."""
-        scan = self._scan(name)
-        different = {}
-        for index, sample in self._probe_samples(name).items():
-            first, second = scan.kept[index], self._input(sample, name)
-            if first.shape != second.shape or first.dtype != second.dtype:
-                different[index] = float("nan")
-            elif not torch.equal(first, second):
-                different[index] = float((first.double() - second.double()).abs().max())
-        return different
+                        "as [-1, 1]): fix the normalisation or self.value_range. If the data is "
+                        "right (quiet audio, images that are never fully dark), set "
+                        f"self.range_coverage = {_round_up(needed)} (1.0 checks the bounds "
+                        "only).")
 
     @check
     def test_augmentation(self) -> None:
-        """Check that samples of ``augmented_splits`` change between loads and the others are identical.
+        """Check that samples of ``augmented_splits`` change between loads and the others are
+        identical.
 
         Catches random augmentation leaking into evaluation data, or missing from the
         training data.
         """
-        for name in self._splits_to_check():
+        for name in self.splits:
             with self.subTest(split=name):
-                different = self._differences(name)
-                probes = self._split_data(name).probes
+                state = self._loaded(name)
+                if state.stream:
+                    self.skipTest(f"split {name!r} is an IterableDataset: comparing two loads "
+                                  "of the same sample needs indices")
+                different = self._compared(name, state)
+                probes = sorted(state.probes)
                 if name in self.augmented_splits and not different:
                     self.fail(
                         f"split {name!r} is in augmented_splits, but loading indices {probes} "
                         "twice gave identical inputs each time: no random augmentation is "
                         "applied. Add it to the split's transforms, or remove the split from "
-                        "self.augmented_splits."
-                    )
-                if name not in self.augmented_splits and different:
-                    listed = ", ".join(f"index {i} (max difference {d:.3g})"
-                                       for i, d in sorted(different.items()))
+                        "self.augmented_splits (or raise self.probe_count for an augmentation "
+                        "that changes few samples).")
+                if name not in self.augmented_splits and different and \
+                        self._random(state, sorted(different)):
                     self.fail(
                         f"split {name!r} is not in augmented_splits, but loading the same index "
-                        f"twice gave different inputs: {listed}. Remove the random transform "
-                        "from this split (evaluation data must be deterministic), or add the "
-                        "split to self.augmented_splits."
-                    )
+                        f"twice gave different inputs: {_differences(different)}. Remove the "
+                        "random transform from this split (evaluation data must be "
+                        "deterministic), or add the split to self.augmented_splits.")
 
     @check
     def test_data_loading(self) -> None:
-        """Check that every split pickles and loads with and without worker processes, with equal results.
+        """Check that every split pickles, loads and batches with and without worker processes,
+        with equal results.
 
         Catches datasets that cannot be pickled (so fail with spawned workers), samples that
-        cannot be batched, a wrong len(), workers that load other data than the main
-        process.
+        raise, are no tensors or cannot be batched, a wrong len(), streams that give every
+        worker the whole data, workers that load other data than the main process, workers
+        that hang.
         """
-        for name in self._splits_to_check():
+        for name in self.splits:
             with self.subTest(split=name):
+                state = self._state(name)
                 try:
                     pickle.dumps(self.splits[name])
                 except Exception as exc:
                     self.fail(
-                        f"split {name!r} cannot be pickled ({type(exc).__name__}: {exc}), so "
+                        f"split {name!r} cannot be pickled ({_scan.exception_text(exc)}), so "
                         "DataLoader workers started with spawn or forkserver (the default on "
-                        "macOS, Windows and, from Python 3.14, Linux) fail. Replace lambdas and "
-                        "functions defined inside functions with module-level functions or "
-                        "classes."
-                    )
-                probes = self._probe_samples(name)
-                try:
-                    default_collate(list(probes.values()))
-                except Exception as exc:
-                    self.fail(f"split {name!r}: samples cannot be batched by the default "
-                              f"collate function: {type(exc).__name__}: {exc}")
-                scan = self._scan(name)
-                expected = len(self._split_data(name).indices)
-                if scan.count != expected:
-                    self.fail(f"split {name!r}: the DataLoader yielded {scan.count} samples, "
-                              f"but the split has {expected}; check __len__ and __getitem__.")
-                different = self._differences(name)
-                if name not in self.augmented_splits and different:
+                        "macOS, Windows and, from Python 3.14, Linux) fail. Replace lambdas "
+                        "and functions defined inside functions with module-level functions "
+                        "or classes.")
+                problem = self._load_problem(name, state)
+                if problem is not None:
+                    self.fail(problem[1])
+                scan = state.scan
+                if state.stream:
+                    self._check_stream(name, state)
+                elif name not in self.augmented_splits:
+                    different = self._compared(name, state)
+                    if different and self._random(state, sorted(different)):
+                        self.skipTest(f"split {name!r} gives different inputs on every load, so "
+                                      "the loads of workers and of the main process cannot be "
+                                      "compared; see test_augmentation")
+                    if different:
+                        self.fail(
+                            f"split {name!r}: inputs loaded by DataLoader worker processes "
+                            "differ from those loaded in the main process: "
+                            f"{_differences(different)}, while two loads in the main process "
+                            "agree. Workers must give the same data: look for state that is "
+                            "changed while loading (a cache, a counter), a file handle opened in "
+                            "__init__ and shared by the workers, or code that depends on "
+                            "torch.utils.data.get_worker_info().")
+                if scan.collate_error:
+                    self._check_batching(name, scan)
+
+    def _check_stream(self, name: str, state: SplitState) -> None:
+        scan = state.scan
+        for (first, later), count in sorted(scan.repeated.items()):
+            if count * 2 >= scan.per_worker[later]:
+                one, other = scan.repeated_example[first, later]
+                self.fail(
+                    f"split {name!r}: the DataLoader workers read the same samples: {count} of "
+                    f"the {scan.per_worker[later]} samples of worker {later} were read by worker "
+                    f"{first} too (e.g. {where(one)} = {where(other)}). Each worker reads the "
+                    f"whole stream instead of its own shard, so every epoch holds the data "
+                    f"{self.num_workers} times. Give each worker its part in __iter__ with "
+                    "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
+                    "worker_init_fn that does it).")
+        if scan.complete and state.size is not None and scan.count != state.size:
+            self.fail(
+                f"split {name!r}: the DataLoader's {self.num_workers} workers read "
+                f"{scan.count} samples from the stream, but len() says {state.size}; make "
+                "__len__ count the samples __iter__ gives (over all workers).")
+        if scan.complete and name not in self.augmented_splits:
+            missing = [p for p, probe in sorted(state.probes.items())
+                       if probe.hash is not None and probe.hash not in scan.hashes]
+            if missing:
+                self.fail(
+                    f"split {name!r}: {len(missing)} of the first {len(state.probes)} samples "
+                    f"read in the main process were read by no DataLoader worker "
+                    f"({listed(missing)}): the workers read other data than the main process "
+                    "(shards that leave data out, code that depends on the worker), or the "
+                    "stream is random (then add it to self.augmented_splits).")
+
+    def _check_batching(self, name: str, scan: _scan.Scan) -> None:
+        if self._is_set("sample_shape") and len(scan.collate_shapes) > 1 and \
+                any(shape != tuple(self.sample_shape) for shape in scan.shapes):
+            self.skipTest(f"split {name!r} has samples of different shapes, which cannot be "
+                          "batched; see test_sample_shape")
+        if self._is_set("num_classes") and scan.target_problem_count:
+            self.skipTest(f"split {name!r} has targets that are not class indices, which "
+                          "cannot be batched; see test_labels")
+        shapes = scan.collate_shapes
+        more = f" and {len(shapes) - _scan.SHOWN} more" if len(shapes) > _scan.SHOWN else ""
+        shapes_text = (f"; the batch of {scan.collate_at} holds inputs of "
+                       f"{len(shapes)} shapes: {', '.join(str(s) for s in shapes[:_scan.SHOWN])}"
+                       f"{more}" if len(shapes) > 1 else "")
+        self.fail(
+            f"split {name!r}: samples cannot be batched by collate_fn "
+            f"({_scan.describe_callable(self._collate_fn())}): "
+            f"{scan.collate_error}{shapes_text}. Set self.collate_fn to the collate function your "
+            "DataLoader uses (e.g. one that pads sequences), or fix the samples.")
+
+    @check
+    def test_split_overlap(self) -> None:
+        """Check that no input of one split equals an input of another (splits not in
+        ``augmented_splits``).
+
+        Catches test data that is also in the training data (the same file listed in two
+        splits, duplicates made before the split), which inflates test scores.
+        """
+        plain = [name for name in self.splits if name not in self.augmented_splits]
+        if len(plain) < 2:
+            self.skipTest(
+                f"test_split_overlap compares the splits that are not in augmented_splits, and "
+                f"there are fewer than two ({plain}); to include an augmented split, add an "
+                "un-augmented view of it to self.splits under another name, e.g. "
+                "self.splits['train (plain)'] = TrainData(transform=eval_transform)")
+        for first, second in itertools.combinations(plain, 2):
+            with self.subTest(splits=(first, second)):
+                one, other = self._loaded(first), self._loaded(second)
+                shared = [(one.scan.hashes[h], r) for h, r in other.scan.hashes.items()
+                          if h in one.scan.hashes]
+                pairs = self._confirmed(one, other, shared)
+                if pairs:
+                    count = sum(r.count for _, r in shared)
+                    shown = ", ".join(f"{first} {where(a)} = {second} {where(b)}"
+                                      for a, b in pairs)
                     self.fail(
-                        f"split {name!r}: inputs loaded by worker processes differ from those "
-                        f"loaded in the main process at indices {sorted(different)}. Worker "
-                        "processes must give the same data: look for state that is changed "
-                        "while loading, or randomness in a split not in augmented_splits."
-                    )
+                        f"splits {first!r} and {second!r} share inputs: {count} of the "
+                        f"{other.scan.count} scanned samples of {second!r} "
+                        f"({100 * count / other.scan.count:.1f}%) also occur in {first!r}, "
+                        f"e.g. {shown}. Data in both splits inflates the scores measured on "
+                        f"{second!r}; remove the duplicates from one split (compare contents, "
+                        "not file names).")
+
+    def _confirmed(self, one: SplitState, other: SplitState,
+                   shared: List[Tuple[_scan.Registered, _scan.Registered]],
+                   ) -> List[Tuple[Position, Position]]:
+        """Up to five shared pairs, confirmed by comparing the inputs exactly (loaded again in
+        the main process; pairs from a stream are matched by their 128-bit hash)."""
+        pairs = []
+        for first, second in sorted(shared, key=lambda pair: _order(pair[1].position)):
+            a, b = first.position, second.position
+            if isinstance(a, int) and isinstance(b, int):
+                x, y = one.load_again(a), other.load_again(b)
+                if x is None or y is None or not _scan.same(x, y):
+                    continue
+            pairs.append((a, b))
+            if len(pairs) == _scan.SHOWN:
+                break
+        return pairs
+
+    @check
+    def test_labels(self) -> None:
+        """Check that every target is a class index in [0, ``num_classes``), every class occurs
+        in every large enough split, and equal inputs have equal targets.
+
+        Catches labels numbered from 1, a wrong num_classes, a class lost by filtering,
+        float or one-element targets the loss rejects, inputs and targets paired wrongly so
+        that the same input has different labels.
+        """
+        classes = self._get_or_skip("num_classes")
+        for name in self.splits:
+            probe = self._first_probe(name)
+            if probe is not None and probe.target_missing:
+                fix = probe.target_key_hint
+                raise self._key_error(
+                    name, "target_key", f"has no element {self.target_key!r} "
+                    f"({probe.structure})", "the index or key of the class label" + (
+                        "" if fix is not None else ", or leave self.num_classes unset "
+                        "(test_labels needs samples that hold a target)"), fix)
+        for name in self.splits:
+            with self.subTest(split=name):
+                scan = self._loaded(name).scan
+                if scan.target_problem_count:
+                    position, what = scan.target_problems[0]
+                    hint = (" (batches of it have shape (batch, 1), which cross-entropy "
+                            "rejects: give the label as int(label))" if "shape (1,)" in what
+                            else "")
+                    self.fail(
+                        f"split {name!r}: {scan.target_problem_count} targets are not integer "
+                        f"class indices; the target of {where(position)} is {what}{hint}. "
+                        "Classification losses need integer class indices (an int or a 0-dim "
+                        "int64 tensor); convert the labels in the dataset, or leave "
+                        "self.num_classes unset if the targets are not class labels.")
+                if scan.unlabelled_count:
+                    self.fail(
+                        f"split {name!r}: {scan.unlabelled_count} samples have no element "
+                        f"{self.target_key!r} (self.target_key), unlike the first samples: "
+                        f"{listed(scan.unlabelled, scan.unlabelled_count)}.")
+                outside = sorted(c for c in scan.labels if not 0 <= c < classes)
+                counts = self._class_counts(scan, classes)
+                if outside:
+                    shown = ", ".join(f"{c} ({scan.labels[c]} samples, first at "
+                                      f"{where(scan.first_with_label[c])})" for c in outside[:10])
+                    hint = (" Labels numbered from 1 instead of 0?" if min(scan.labels) == 1
+                            and max(scan.labels) == classes else "")
+                    self.fail(
+                        f"split {name!r} has targets outside [0, num_classes={classes}): "
+                        f"{shown}. Class counts: {counts}.{hint} Fix the labels, or "
+                        "self.num_classes if it is wrong.")
+                needed = (self.class_presence or 0) * classes
+                missing = [c for c in range(classes) if not scan.labels[c]]
+                if missing and self.class_presence is not None and scan.labelled >= needed:
+                    self.fail(
+                        f"split {name!r} has no sample of class{'es' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing[:20]))} among its {scan.labelled} scanned "
+                        f"samples (class counts: {counts}). A class lost by a filter, or a split "
+                        "made by label? A split of at least class_presence="
+                        f"{self.class_presence} samples per class ({needed} here) must hold "
+                        "every class; if the class is legitimately rare or absent, raise "
+                        "self.class_presence or set it to None.")
+                if scan.conflict_count:
+                    shown = ", ".join(f"{where(first.position)} (target {first.label}) and "
+                                      f"{where(position)} (target {label})"
+                                      for first, position, label in scan.conflicts)
+                    self.fail(
+                        f"split {name!r}: {scan.conflict_count} samples have the same input as "
+                        f"an earlier sample but another target, e.g. {shown}. Inputs and "
+                        "targets are paired wrongly (a label list in another order than the "
+                        "files), or the same input is labelled twice; fix the pairing, or "
+                        "remove the contradicting duplicates.")
+
+    @staticmethod
+    def _class_counts(scan: _scan.Scan, classes: int) -> str:
+        shown = sorted(set(range(classes)) | set(scan.labels))
+        if len(shown) <= 20:
+            return ", ".join(f"{c}: {scan.labels[c]}" for c in shown)
+        counts = [scan.labels[c] for c in range(classes)]
+        return (f"{sum(1 for n in counts if n)} of {classes} classes present, "
+                f"{min(counts)} to {max(counts)} samples per class")
+
+
+def _differences(different: Dict[Position, str]) -> str:
+    shown = [f"{where(p)} ({d})" for p, d in sorted(different.items(), key=lambda i: _order(i[0]))]
+    more = f" and {len(shown) - _scan.SHOWN} more" if len(shown) > _scan.SHOWN else ""
+    return ", ".join(shown[: _scan.SHOWN]) + more
+
+
+def _round_up(fraction: float) -> str:
+    """A fraction rounded up to two decimals (tiny float errors ignored): 0.15 -> "0.15"."""
+    return f"{math.ceil(round(fraction * 100, 6)) / 100:g}"
+
+
+def _order(position: Position) -> Tuple[int, int]:
+    return position if isinstance(position, tuple) else (0, position)
+

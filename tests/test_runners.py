@@ -53,14 +53,14 @@ class Runners(unittest.TestCase):
         self.assertNotRegex(output, r"test_value_range PASSED")
         self.assertIn("1 subtest(s) of this check failed (split='test'); their messages are "
                       "reported above as SUBFAILED", output)
-        self.assertRegex(output, r"2 failed, \d+ passed, 1 skipped")  # sample_shape unset
+        self.assertRegex(output, r"2 failed, \d+ passed, 2 skipped")  # options unset
 
     def test_unittest_runs_every_check(self) -> None:
         output = self.run_in_temp_dir("-m", "unittest", "-v")
         self.assertIn("FAIL: test_value_range (test_images.TestImages.test_value_range) "
                       "(split='test')", output)
-        self.assertIn("Ran 4 tests", output)
-        self.assertIn("FAILED (failures=1, skipped=1)", output)
+        self.assertIn("Ran 6 tests", output)
+        self.assertIn("FAILED (failures=1, skipped=2)", output)
 
 
 if __name__ == "__main__":

@@ -16,4 +16,4 @@ class TestMyMNIST(DatasetTests, unittest.TestCase):
         self.sample_shape = (1, 32, 32)
         self.value_range = (-1.0, 1.0)
         self.augmented_splits = {"train"}
-
+        self.num_classes = 10  # labels 0..9, every digit in each split
