@@ -338,7 +338,7 @@ class Inspector:
             if isinstance(sample, LoadFailure):
                 report.failures.append((position, sample))
                 continue
-            converted = default_convert(sample)
+            converted = default_convert(sample)  # type: ignore[no-untyped-call]
             picked = pick_input(converted, check.input_key)
             if isinstance(picked, InputProblem):
                 report.input_problems.append((position, picked))
@@ -405,7 +405,7 @@ def _statistics(inputs: List[Tuple[Position, torch.Tensor]], report: BatchReport
     return hashes
 
 
-class Indexed(Dataset):
+class Indexed(Dataset[Any]):
     """A map-style split whose samples come with their index; a sample that cannot be
     loaded becomes a LoadFailure instead of an exception that stops the DataLoader."""
 
@@ -697,7 +697,7 @@ class SplitState:
     def _probe(self, sample: Any) -> Probe:
         if isinstance(sample, LoadFailure):
             return Probe(failure=sample)
-        converted = default_convert(sample)
+        converted = default_convert(sample)  # type: ignore[no-untyped-call]
         probe = Probe(target_missing=pick_target(converted, self.loading.target_key)[1] is MISSING,
                       structure=structure(converted), target_key_hint=target_key_of(converted))
         picked = pick_input(converted, self.loading.input_key)
