@@ -11,6 +11,7 @@
    every split, in shared memory so that worker processes count too).
 Peak memory (the test process and its largest worker) is reported as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,16 @@ def prepare_data(cache: Path, sizes: str) -> None:
         n_train, n_test = (int(n) for n in sizes.split(","))
         started = time.perf_counter()
         write_mnist(cache, n_train=n_train, n_test=n_test)
-        print(f"generated {n_train} / {n_test} images into {cache} "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(
+            f"generated {n_train} / {n_test} images into {cache} "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
 
 
 def floor_seconds(root: Path) -> float:
     """One pass over both splits with the example's transforms and 2 workers."""
-    from torch.utils.data import DataLoader
-
     from dataset import MyMNIST
+    from torch.utils.data import DataLoader
 
     data = MyMNIST(root)
     started = time.perf_counter()
@@ -88,8 +90,11 @@ def run_suite() -> Dict[str, Any]:
     suite.run(result)
     total = time.perf_counter() - started
     return {
-        "total": total, "durations": result.durations, "memory": peak_memory_mb(),
-        "ok": result.wasSuccessful(), "tests": result.testsRun,
+        "total": total,
+        "durations": result.durations,
+        "memory": peak_memory_mb(),
+        "ok": result.wasSuccessful(),
+        "tests": result.testsRun,
         "problems": [text for _, text in result.failures + result.errors],
         "skipped": [f"{test.id()}: {reason}" for test, reason in result.skipped],
     }
@@ -111,7 +116,6 @@ class CountingDataset:
 
 def count_loads() -> Dict[str, Dict[str, int]]:
     import torch
-
     from tests.test_dataset import TestMyMNIST
 
     counters: Dict[str, torch.Tensor] = {}
@@ -121,15 +125,18 @@ def count_loads() -> Dict[str, Dict[str, int]]:
             super().setUp()
             for name, split in self.splits.items():
                 counts = counters.setdefault(
-                    name, torch.zeros(len(split), dtype=torch.int32).share_memory_())
+                    name, torch.zeros(len(split), dtype=torch.int32).share_memory_()
+                )
                 self.splits[name] = CountingDataset(split, counts)
 
     result = unittest.TestResult()
     unittest.defaultTestLoader.loadTestsFromTestCase(CountedMNIST).run(result)
     if not result.wasSuccessful():
         raise SystemExit(f"dataset checks failed: {result.failures + result.errors}")
-    return {name: {"min": int(c.min()), "max": int(c.max()), "samples": len(c)}
-            for name, c in counters.items()}
+    return {
+        name: {"min": int(c.min()), "max": int(c.max()), "samples": len(c)}
+        for name, c in counters.items()
+    }
 
 
 def child(mode: str) -> None:
@@ -139,8 +146,13 @@ def child(mode: str) -> None:
 
 def in_child(mode: str, root: Path) -> Any:
     env = {**os.environ, "DLTESTKIT_MNIST_ROOT": str(root)}
-    completed = subprocess.run([sys.executable, __file__, "--child", mode], env=env,
-                               capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        [sys.executable, __file__, "--child", mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     for line in completed.stdout.splitlines():
         if line.startswith("BENCHMARK-RESULT "):
             return json.loads(line.split(" ", 1)[1])
@@ -172,21 +184,29 @@ def main() -> None:
     totals = [run["total"] for run in runs]
     total = statistics.median(totals)
     print(f"data: {args.sizes} images in {cache}; {args.repeats} runs, medians shown")
-    print(f"floor (one 2-worker pass over both splits): {floor:6.2f} s  "
-          f"(runs: {', '.join(f'{f:.2f}' for f in floors)})")
+    print(
+        f"floor (one 2-worker pass over both splits): {floor:6.2f} s  "
+        f"(runs: {', '.join(f'{f:.2f}' for f in floors)})"
+    )
     print(f"{'test':<72} seconds")
     for test_id in runs[0]["durations"]:
         seconds = statistics.median(run["durations"][test_id] for run in runs)
         print(f"{test_id.replace('tests.', ''):<72} {seconds:6.2f}")
-    print(f"{'suite total (' + str(runs[0]['tests']) + ' tests)':<72} {total:6.2f}  "
-          f"(runs: {', '.join(f'{seconds:.2f}' for seconds in totals)})")
+    print(
+        f"{'suite total (' + str(runs[0]['tests']) + ' tests)':<72} {total:6.2f}  "
+        f"(runs: {', '.join(f'{seconds:.2f}' for seconds in totals)})"
+    )
     print(f"ratio total / floor: {total / floor:.2f}")
     for name, count in counts.items():
-        print(f"loads per sample, split {name!r}: min {count['min']}, max {count['max']} "
-              f"over {count['samples']} samples (all dataset checks)")
+        print(
+            f"loads per sample, split {name!r}: min {count['min']}, max {count['max']} "
+            f"over {count['samples']} samples (all dataset checks)"
+        )
     memory = max(runs, key=lambda run: run["memory"]["process_mb"])["memory"]
-    print(f"peak memory: test process {memory['process_mb']:.0f} MB, largest worker "
-          f"{memory['largest_worker_mb']:.0f} MB")
+    print(
+        f"peak memory: test process {memory['process_mb']:.0f} MB, largest worker "
+        f"{memory['largest_worker_mb']:.0f} MB"
+    )
     for skipped in runs[0]["skipped"]:
         print(f"skipped: {skipped}")
 

@@ -8,6 +8,7 @@ torchvision ResNet-18 on 4 x 3 x 32 x 32 images, ...) it runs the test class tha
 (ModelTests or SequenceModelTests, every check) and prints the median, min and max wall time
 of the whole class, and the slowest check. Needs the zoo extra (timm, transformers, peft).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,11 @@ def main(arguments: List[str]) -> int:
             for name, seconds in result.times.items():
                 slowest.setdefault(name, []).append(seconds)
         name = max(slowest, key=lambda n: statistics.median(slowest[n]))
-        print(f"{label[:50]:50s} {result.testsRun:6d} {statistics.median(totals):9.2f} "
-              f"{min(totals):6.2f} {max(totals):6.2f}  {name} "
-              f"({statistics.median(slowest[name]):.2f} s)")
+        print(
+            f"{label[:50]:50s} {result.testsRun:6d} {statistics.median(totals):9.2f} "
+            f"{min(totals):6.2f} {max(totals):6.2f}  {name} "
+            f"({statistics.median(slowest[name]):.2f} s)"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ Combine a mixin with ``unittest.TestCase`` (mixin first) and write only ``setUp`
             self.model = MyModel()
             self.inputs = torch.randn(4, 1, 32, 32)
 """
+
 from ._base import ContractError
 from ._random import make_deterministic
 from .dataset import DatasetTests

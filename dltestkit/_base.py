@@ -1,4 +1,5 @@
 """What the mixins share: the setUp contract, seeding, temporary folders."""
+
 from __future__ import annotations
 
 import contextlib
@@ -128,7 +129,7 @@ def check(func: F) -> F:
             self._report_failed_subtests()
             return result
 
-    setattr(wrapper, "__dltestkit_check__", True)
+    setattr(wrapper, "__dltestkit_check__", True)  # noqa: B010 (wrapper's type has no such field)
     return wrapper  # type: ignore[return-value]
 
 
@@ -236,17 +237,27 @@ class CheckMixin(_TestCaseBase):
     num_threads: Optional[int]
 
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("seed", "the seed of every RNG during setUp and the check", "1234",
-                  default=0, validate=is_seed,
-                  details="Set it as a class attribute: the generators are seeded before "
-                          "setUp runs. See [determinism](determinism.md)."),
-        Attribute("num_threads", "the CPU threads PyTorch uses during setUp and each check",
-                  "2", default=1, validate=optional(is_positive_int),
-                  details="Set with `torch.set_num_threads` and restored afterwards; `None` "
-                          "leaves PyTorch's setting alone. One thread keeps the small forward "
-                          "and backward passes of the checks fast on a loaded machine and "
-                          "under `pytest -n`, where more threads than cores make them up to "
-                          "30 times slower. See [performance](performance.md)."),
+        Attribute(
+            "seed",
+            "the seed of every RNG during setUp and the check",
+            "1234",
+            default=0,
+            validate=is_seed,
+            details="Set it as a class attribute: the generators are seeded before "
+            "setUp runs. See [determinism](determinism.md).",
+        ),
+        Attribute(
+            "num_threads",
+            "the CPU threads PyTorch uses during setUp and each check",
+            "2",
+            default=1,
+            validate=optional(is_positive_int),
+            details="Set with `torch.set_num_threads` and restored afterwards; `None` "
+            "leaves PyTorch's setting alone. One thread keeps the small forward "
+            "and backward passes of the checks fast on a loaded machine and "
+            "under `pytest -n`, where more threads than cores make them up to "
+            "30 times slower. See [performance](performance.md).",
+        ),
     )
     _failed_subtests: List[str]
     _reported_by_pytest: bool = False
@@ -303,7 +314,8 @@ class CheckMixin(_TestCaseBase):
             except Exception:
                 described = ", ".join(f"{k}={v!r}" for k, v in params.items())
                 getattr(self, "_failed_subtests", []).append(
-                    described or ("" if msg is _MISSING else str(msg)))
+                    described or ("" if msg is _MISSING else str(msg))
+                )
                 raise
 
     def _report_failed_subtests(self) -> None:
@@ -313,9 +325,11 @@ class CheckMixin(_TestCaseBase):
         but the check itself as PASSED, which reads as if nothing were wrong.
         """
         if self._failed_subtests and self._reported_by_pytest:
-            self.fail(f"{len(self._failed_subtests)} subtest(s) of this check failed "
-                      f"({'; '.join(self._failed_subtests)}); their messages are reported "
-                      "above as SUBFAILED")
+            self.fail(
+                f"{len(self._failed_subtests)} subtest(s) of this check failed "
+                f"({'; '.join(self._failed_subtests)}); their messages are reported "
+                "above as SUBFAILED"
+            )
 
     def _use_threads(self) -> None:
         """Apply num_threads (set on the class or in setUp); None: the caller's setting."""
@@ -347,8 +361,7 @@ class CheckMixin(_TestCaseBase):
         In the processes of a distributed check (which end without running the test's
         cleanups) the folder is made inside one that the calling process removes.
         """
-        path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-",
-                                dir=self._temp_root)
+        path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-", dir=self._temp_root)
         self.addCleanup(shutil.rmtree, path, ignore_errors=True)
         return pathlib.Path(path)
 
@@ -382,8 +395,10 @@ class CheckMixin(_TestCaseBase):
             if base in (unittest.TestCase, object) or base.__module__ == "unittest.case":
                 continue
             for name, value in vars(base).items():
-                if not name.startswith("_") and not callable(value) and not isinstance(
-                    value, (classmethod, staticmethod, property)
+                if (
+                    not name.startswith("_")
+                    and not callable(value)
+                    and not isinstance(value, (classmethod, staticmethod, property))
                 ):
                     yield name
 
@@ -478,8 +493,9 @@ def _install_contract(mixin: type) -> None:
         lines = ["", "", "Required in setUp:"] if required else [""]
         lines += [f"    ``self.{a.name}``: {a.meaning}, e.g. ``{a.example}``." for a in required]
         lines += ["", "Optional (default in brackets):"]
-        lines += [f"    ``self.{a.name}``: {a.meaning} [{_rst(a.describe_default())}]."
-                  for a in optional_]
+        lines += [
+            f"    ``self.{a.name}``: {a.meaning} [{_rst(a.describe_default())}]." for a in optional_
+        ]
         mixin.__doc__ = mixin.__doc__.rstrip() + "\n    ".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ Device bugs are found without a GPU by running a copy of the model on the ``meta
   boolean indexing, ``.cpu()``) cannot run on ``meta``: the same forward pass is first run on
   the CPU by a ``Recorder``, and the meta run replays what those steps returned there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,17 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["DeviceProblem", "DtypeWatch", "ModuleTracker", "ReplayMismatch",
-           "available_accelerators", "tensors_in", "user_code_location", "watch_meta_forward",
-           "watching_dtypes"]
+__all__ = [
+    "DeviceProblem",
+    "DtypeWatch",
+    "ModuleTracker",
+    "ReplayMismatch",
+    "available_accelerators",
+    "tensors_in",
+    "user_code_location",
+    "watch_meta_forward",
+    "watching_dtypes",
+]
 
 _T = torch.Tensor
 
@@ -116,17 +125,60 @@ class ModuleTracker:
 # Operations that accept a CPU tensor next to a GPU tensor: indexing with CPU indices, copies
 # between devices, shape-only arguments, and the lengths of packed sequences (which must be on
 # the CPU).
-_MIXING_ALLOWED = frozenset({
-    "__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_", "to", "copy_",
-    "type_as", "view_as", "reshape_as", "expand_as", "new_tensor", "tensor_split",
-    "_pack_padded_sequence", "pack_padded_sequence", "__get__", "__repr__", "__format__",
-    "size", "dim", "numel", "is_floating_point", "is_complex",
-})
+_MIXING_ALLOWED = frozenset(
+    {
+        "__getitem__",
+        "__setitem__",
+        "index_put",
+        "index_put_",
+        "_index_put_impl_",
+        "to",
+        "copy_",
+        "type_as",
+        "view_as",
+        "reshape_as",
+        "expand_as",
+        "new_tensor",
+        "tensor_split",
+        "_pack_padded_sequence",
+        "pack_padded_sequence",
+        "__get__",
+        "__repr__",
+        "__format__",
+        "size",
+        "dim",
+        "numel",
+        "is_floating_point",
+        "is_complex",
+    }
+)
 # Steps that read data, which the meta device cannot do: replayed from the CPU run.
-_READS = frozenset({"item", "__bool__", "__int__", "__float__", "__index__", "__complex__",
-                    "tolist", "numpy", "cpu", "equal", "allclose"})
-_SHAPE_FROM_DATA = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive",
-                              "argwhere", "nonzero_static", "repeat_interleave"})
+_READS = frozenset(
+    {
+        "item",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "__complex__",
+        "tolist",
+        "numpy",
+        "cpu",
+        "equal",
+        "allclose",
+    }
+)
+_SHAPE_FROM_DATA = frozenset(
+    {
+        "nonzero",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+        "argwhere",
+        "nonzero_static",
+        "repeat_interleave",
+    }
+)
 
 
 @dataclass
@@ -147,7 +199,8 @@ class ReplayMismatch(RuntimeError):
 
 def _is_bool_indexing(func: Any, args: Tuple[Any, ...]) -> bool:
     return getattr(func, "__name__", "") in ("__getitem__", "masked_select") and any(
-        t.dtype == torch.bool and t.dim() > 0 for t in tensors_in(args[1:]))
+        t.dtype == torch.bool and t.dim() > 0 for t in tensors_in(args[1:])
+    )
 
 
 def _reads_data(func: Any) -> bool:
@@ -178,13 +231,19 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.log: List[Tuple[str, Any]] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if _reads_data(func):
-            self.log.append((_name(func), result.clone() if isinstance(result, torch.Tensor)
-                             else result))
+            self.log.append(
+                (_name(func), result.clone() if isinstance(result, torch.Tensor) else result)
+            )
         elif _shape_from_data(func, args, kwargs):
             self.log.append((_name(func), [(t.shape, t.dtype) for t in tensors_in(result)]))
         return result
@@ -205,8 +264,9 @@ class DeviceWatch(TorchFunctionMode):
         name = _name(func)
         if self.position >= len(self.log) or self.log[self.position][0] != name:
             seen = self.log[self.position][0] if self.position < len(self.log) else "nothing"
-            raise ReplayMismatch(f"{name} in {self.modules.current()}, where the CPU run "
-                                 f"called {seen}")
+            raise ReplayMismatch(
+                f"{name} in {self.modules.current()}, where the CPU run called {seen}"
+            )
         self.position += 1
         return self.log[self.position - 1][1]
 
@@ -214,8 +274,13 @@ class DeviceWatch(TorchFunctionMode):
         self.problem = DeviceProblem(what, self.modules.current(), user_code_location())
         raise _Stop
 
-    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         tensors = tensors_in(args) + tensors_in(kwargs)
         on_meta = any(t.is_meta for t in tensors)
@@ -223,12 +288,16 @@ class DeviceWatch(TorchFunctionMode):
         if on_meta and name not in _MIXING_ALLOWED:
             stray = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
             if stray:
-                self._stop(f"{_name(func)} combines a CPU tensor of shape "
-                           f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
-                           "model's device")
+                self._stop(
+                    f"{_name(func)} combines a CPU tensor of shape "
+                    f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
+                    "model's device"
+                )
         if name == "numpy" and on_meta:
-            self._stop("Tensor.numpy() is called on a tensor on the model's device (on a GPU "
-                       "that fails; use .cpu().numpy())")
+            self._stop(
+                "Tensor.numpy() is called on a tensor on the model's device (on a GPU "
+                "that fails; use .cpu().numpy())"
+            )
         if _reads_data(func):
             recorded = self._replay(func)
             if name == "to" and not (on_meta and _to_cpu(args, kwargs)):
@@ -247,8 +316,9 @@ class _Stop(Exception):
     """Raised to stop a watched forward pass at the first problem."""
 
 
-def watch_meta_forward(run_cpu: Callable[[], Any], run_meta: Callable[[ModuleTracker], Any],
-                       model: nn.Module) -> Tuple[Any, Optional[DeviceProblem]]:
+def watch_meta_forward(
+    run_cpu: Callable[[], Any], run_meta: Callable[[ModuleTracker], Any], model: nn.Module
+) -> Tuple[Any, Optional[DeviceProblem]]:
     """Run ``run_cpu()`` recording, then ``run_meta(...)`` on ``model`` (the meta copy)
     watching; return the meta output and the first device problem (output None then)."""
     recorder = Recorder()
@@ -266,9 +336,29 @@ def watch_meta_forward(run_cpu: Callable[[], Any], run_meta: Callable[[ModuleTra
 
 
 # -- dtypes --------------------------------------------------------------------------------
-_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "rand", "randn", "arange", "linspace",
-                        "logspace", "eye", "tensor", "as_tensor", "randint", "zeros_like",
-                        "ones_like", "full_like", "rand_like", "randn_like", "empty_like"})
+_FACTORIES = frozenset(
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "rand",
+        "randn",
+        "arange",
+        "linspace",
+        "logspace",
+        "eye",
+        "tensor",
+        "as_tensor",
+        "randint",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "rand_like",
+        "randn_like",
+        "empty_like",
+    }
+)
 _CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type"})
 
 
@@ -287,8 +377,13 @@ class DtypeWatch(TorchFunctionMode):
         found = self.origins.get(id(tensor))
         return found[1] if found is not None and found[0]() is tensor else None
 
-    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
@@ -301,15 +396,20 @@ class DtypeWatch(TorchFunctionMode):
                 self.first_mix = (
                     f"{_name(func)} in {self.modules.current()}, at {user_code_location()}, "
                     f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
-                    f"{tuple(other.shape)}" + (f", made by {source}" if source else ""))
+                    f"{tuple(other.shape)}" + (f", made by {source}" if source else "")
+                )
         result = func(*args, **kwargs)
         made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
         if made:
             if name in _FACTORIES or name in _CASTS:
-                how = "with a fixed dtype" if "dtype" in kwargs or name in _CASTS else \
-                    "without dtype="
-                origin: Optional[str] = (f"{_name(func)} {how} in {self.modules.current()}, at "
-                                         f"{user_code_location()}")
+                how = (
+                    "with a fixed dtype"
+                    if "dtype" in kwargs or name in _CASTS
+                    else "without dtype="
+                )
+                origin: Optional[str] = (
+                    f"{_name(func)} {how} in {self.modules.current()}, at {user_code_location()}"
+                )
             else:  # a view or a result of such a tensor: it comes from the same place
                 origin = next((found for found in map(self.origin, floats) if found), None)
             if origin is not None:

@@ -5,6 +5,7 @@ Every model check goes through the helpers here: ``_forward`` calls the model on
 ``_loss`` makes the default loss from every floating-point output, and ``_probe`` makes the
 differentiable views of the inputs that the dependence checks need.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,13 +49,16 @@ __all__ = ["ModelContract", "describe_mode", "mode"]
 def _is_inputs(value: Any) -> Optional[str]:
     if isinstance(value, (torch.Tensor, tuple, list, dict)):
         return None
-    return (f"is a {type(value).__name__}, not a tensor, a tuple of positional arguments or "
-            "a dict of keyword arguments")
+    return (
+        f"is a {type(value).__name__}, not a tensor, a tuple of positional arguments or "
+        "a dict of keyword arguments"
+    )
 
 
 def _is_dtypes(value: Any) -> Optional[str]:
     if isinstance(value, (list, tuple)) and all(
-            isinstance(d, torch.dtype) and d.is_floating_point for d in value):
+        isinstance(d, torch.dtype) and d.is_floating_point for d in value
+    ):
         return None
     return f"is {value!r}, not a list of floating-point torch dtypes"
 
@@ -86,59 +90,115 @@ class ModelContract(CheckMixin):
 
     _mixin_name: ClassVar[str] = "ModelTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("model", "the model under test, on the CPU", "MyModel()", default=REQUIRED,
-                  validate=is_instance(nn.Module, description="a torch.nn.Module")),
-        Attribute("inputs", "one batch of inputs, batch dimension first",
-                  "torch.randn(4, 3, 32, 32)", default=REQUIRED, validate=_is_inputs,
-                  details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
-                          "arguments `model(*inputs)`, a dict as keyword arguments "
-                          "`model(**inputs)`, e.g. `{\"input_ids\": ids, \"attention_mask\": "
-                          "mask}`. Every tensor with a dimension carries the batch dimension "
-                          "first, except those in `unbatched_inputs`. 2 to 8 samples."),
-        Attribute("expected_output_shape", "the shape of the checked output for self.inputs",
-                  "(4, 10)", validate=is_shape, read_by=("test_output_shape",),
-                  default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
-                               "`test_output_shape` skips",
-                  details="It starts with the batch size of `inputs`."),
-        Attribute("output_key", "the index or key of the checked output tensor",
-                  '"last_hidden_state"', default=None, validate=optional(is_instance(
-                      int, str, description="an int index or a str key")),
-                  details="`None`: a tensor output itself, else the first element of a tuple, "
-                          "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
-                          "is what the shape, batch-independence and sequence checks look at; "
-                          "the gradient checks use every floating-point output."),
-        Attribute("unbatched_inputs", "the keys or indices of inputs without a batch dimension",
-                  '["mask"]', default=(), validate=is_keys,
-                  details="They are passed unchanged at every batch size and never "
-                          "differentiated, e.g. the `(seq, seq)` causal mask of "
-                          "`nn.TransformerEncoder`."),
-        Attribute("loss_fn", "a function of the model output giving the scalar loss",
-                  "lambda out: out.logits.square().mean()", default=None,
-                  validate=optional(is_callable),
-                  read_by=("test_all_parameters_updated", "test_finite_outputs_and_gradients"),
-                  details="`None`: every floating-point tensor of the output, weighted with fixed "
-                          "random weights (so that nothing cancels, as a plain sum of softmax "
-                          "rows would) and summed."),
-        Attribute("allowed_unchanged_parameters",
-                  "names or glob patterns of parameters that may legitimately stay untrained",
-                  '["decoder.unused.*"]', default=(), validate=is_names,
-                  read_by=("test_all_parameters_updated",)),
-        Attribute("make_model", "a zero-argument callable that builds a fresh model of the "
-                  "same architecture", "lambda: MyModel()", validate=is_callable,
-                  read_by=("test_state_dict_round_trip",)),
-        Attribute("moved_dtypes", "the floating-point dtypes a copy of the model is moved to",
-                  "[torch.bfloat16]", default=(torch.bfloat16, torch.float64),
-                  validate=_is_dtypes, read_by=("test_dtype_moving",)),
-        Attribute("accelerators", "the devices whose outputs are compared with the CPU's",
-                  '["cuda"]', validate=is_names, read_by=("test_device_moving_on_gpu",),
-                  default_text="the accelerator torch finds (CUDA, MPS, XPU, ...), if any"),
-        Attribute("device_rtol", "the relative tolerance comparing GPU and CPU outputs", "1e-4",
-                  default=None, validate=optional(is_number),
-                  read_by=("test_device_moving_on_gpu",),
-                  details="`None`: the default of `torch.testing.assert_close` for the dtype."),
-        Attribute("device_atol", "the absolute tolerance comparing GPU and CPU outputs", "1e-5",
-                  default=None, validate=optional(is_number),
-                  read_by=("test_device_moving_on_gpu",)),
+        Attribute(
+            "model",
+            "the model under test, on the CPU",
+            "MyModel()",
+            default=REQUIRED,
+            validate=is_instance(nn.Module, description="a torch.nn.Module"),
+        ),
+        Attribute(
+            "inputs",
+            "one batch of inputs, batch dimension first",
+            "torch.randn(4, 3, 32, 32)",
+            default=REQUIRED,
+            validate=_is_inputs,
+            details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
+            "arguments `model(*inputs)`, a dict as keyword arguments "
+            '`model(**inputs)`, e.g. `{"input_ids": ids, "attention_mask": '
+            "mask}`. Every tensor with a dimension carries the batch dimension "
+            "first, except those in `unbatched_inputs`. 2 to 8 samples.",
+        ),
+        Attribute(
+            "expected_output_shape",
+            "the shape of the checked output for self.inputs",
+            "(4, 10)",
+            validate=is_shape,
+            read_by=("test_output_shape",),
+            default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
+            "`test_output_shape` skips",
+            details="It starts with the batch size of `inputs`.",
+        ),
+        Attribute(
+            "output_key",
+            "the index or key of the checked output tensor",
+            '"last_hidden_state"',
+            default=None,
+            validate=optional(is_instance(int, str, description="an int index or a str key")),
+            details="`None`: a tensor output itself, else the first element of a tuple, "
+            "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
+            "is what the shape, batch-independence and sequence checks look at; "
+            "the gradient checks use every floating-point output.",
+        ),
+        Attribute(
+            "unbatched_inputs",
+            "the keys or indices of inputs without a batch dimension",
+            '["mask"]',
+            default=(),
+            validate=is_keys,
+            details="They are passed unchanged at every batch size and never "
+            "differentiated, e.g. the `(seq, seq)` causal mask of "
+            "`nn.TransformerEncoder`.",
+        ),
+        Attribute(
+            "loss_fn",
+            "a function of the model output giving the scalar loss",
+            "lambda out: out.logits.square().mean()",
+            default=None,
+            validate=optional(is_callable),
+            read_by=("test_all_parameters_updated", "test_finite_outputs_and_gradients"),
+            details="`None`: every floating-point tensor of the output, weighted with fixed "
+            "random weights (so that nothing cancels, as a plain sum of softmax "
+            "rows would) and summed.",
+        ),
+        Attribute(
+            "allowed_unchanged_parameters",
+            "names or glob patterns of parameters that may legitimately stay untrained",
+            '["decoder.unused.*"]',
+            default=(),
+            validate=is_names,
+            read_by=("test_all_parameters_updated",),
+        ),
+        Attribute(
+            "make_model",
+            "a zero-argument callable that builds a fresh model of the same architecture",
+            "lambda: MyModel()",
+            validate=is_callable,
+            read_by=("test_state_dict_round_trip",),
+        ),
+        Attribute(
+            "moved_dtypes",
+            "the floating-point dtypes a copy of the model is moved to",
+            "[torch.bfloat16]",
+            default=(torch.bfloat16, torch.float64),
+            validate=_is_dtypes,
+            read_by=("test_dtype_moving",),
+        ),
+        Attribute(
+            "accelerators",
+            "the devices whose outputs are compared with the CPU's",
+            '["cuda"]',
+            validate=is_names,
+            read_by=("test_device_moving_on_gpu",),
+            default_text="the accelerator torch finds (CUDA, MPS, XPU, ...), if any",
+        ),
+        Attribute(
+            "device_rtol",
+            "the relative tolerance comparing GPU and CPU outputs",
+            "1e-4",
+            default=None,
+            validate=optional(is_number),
+            read_by=("test_device_moving_on_gpu",),
+            details="`None`: the default of `torch.testing.assert_close` for the dtype.",
+        ),
+        Attribute(
+            "device_atol",
+            "the absolute tolerance comparing GPU and CPU outputs",
+            "1e-5",
+            default=None,
+            validate=optional(is_number),
+            read_by=("test_device_moving_on_gpu",),
+        ),
     )
 
     model: nn.Module
@@ -161,23 +221,28 @@ class ModelContract(CheckMixin):
         unknown = [key for key in self.unbatched_inputs if key not in keys]
         if unknown:
             raise self._contract_error(
-                "unbatched_inputs", f"names {unknown}, which self.inputs does not have "
-                f"(it has {keys})")
+                "unbatched_inputs",
+                f"names {unknown}, which self.inputs does not have (it has {keys})",
+            )
         entries = batched_entries(self.inputs, self.unbatched_inputs)
         if not entries:
             raise self._contract_error("inputs", "holds no tensor with a batch dimension")
         sizes = ", ".join(f"{describe_input(key)} {tuple(t.shape)}" for key, t in entries)
         if len({t.shape[0] for _, t in entries}) > 1:
             raise self._contract_error(
-                "inputs", f"holds tensors whose first dimensions differ: {sizes}. Every tensor "
+                "inputs",
+                f"holds tensors whose first dimensions differ: {sizes}. Every tensor "
                 "carries the batch dimension first; list the ones that do not (a (seq, seq) "
-                "mask) in self.unbatched_inputs")
+                "mask) in self.unbatched_inputs",
+            )
         if self._is_set("expected_output_shape"):
             expected = tuple(self.expected_output_shape)
             if not expected or expected[0] != self._batch_size():
                 raise self._contract_error(
-                    "expected_output_shape", f"is {expected}, which does not start with the "
-                    f"batch size of self.inputs ({self._batch_size()})")
+                    "expected_output_shape",
+                    f"is {expected}, which does not start with the "
+                    f"batch size of self.inputs ({self._batch_size()})",
+                )
 
     # -- calling the model: one convention for every check --------------------------------
     def _batch_size(self) -> int:
@@ -186,11 +251,17 @@ class ModelContract(CheckMixin):
     def _resized_inputs(self, size: int) -> Any:
         """self.inputs with ``size`` samples (repeating samples if needed)."""
         index = torch.arange(size) % self._batch_size()
-        return replace_entries(self.inputs, {key: tensor[index] for key, tensor in
-                                             batched_entries(self.inputs, self.unbatched_inputs)})
+        return replace_entries(
+            self.inputs,
+            {
+                key: tensor[index]
+                for key, tensor in batched_entries(self.inputs, self.unbatched_inputs)
+            },
+        )
 
-    def _forward(self, model: nn.Module, inputs: Any, training: bool = False,
-                 seed: Optional[int] = None) -> Any:
+    def _forward(
+        self, model: nn.Module, inputs: Any, training: bool = False, seed: Optional[int] = None
+    ) -> Any:
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
         unless given) and restored after; every submodule's mode is restored too."""
         with torch.random.fork_rng(devices=[]):
@@ -206,14 +277,23 @@ class ModelContract(CheckMixin):
 
     def _call_note(self, inputs: Any, training: bool) -> str:
         """How the model was called, for an exception raised by the model itself."""
-        entries = [f"{describe_input(key)}: " + (str(tuple(value.shape)) if isinstance(
-            value, torch.Tensor) else type(value).__name__) for key, value in input_entries(inputs)]
-        how = ("model(**inputs), keyword arguments" if isinstance(inputs, dict) else
-               "model(*inputs), positional arguments" if isinstance(inputs, (tuple, list)) else
-               "model(inputs)")
-        return (f"[dltestkit] raised by the model in {describe_mode(training)} mode, called as "
-                f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
-                "positional arguments in its order; use a dict for keyword arguments.")
+        entries = [
+            f"{describe_input(key)}: "
+            + (str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__)
+            for key, value in input_entries(inputs)
+        ]
+        how = (
+            "model(**inputs), keyword arguments"
+            if isinstance(inputs, dict)
+            else "model(*inputs), positional arguments"
+            if isinstance(inputs, (tuple, list))
+            else "model(inputs)"
+        )
+        return (
+            f"[dltestkit] raised by the model in {describe_mode(training)} mode, called as "
+            f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
+            "positional arguments in its order; use a dict for keyword arguments."
+        )
 
     def _copy_model(self) -> nn.Module:
         """A deep copy of self.model (the checks that train or move the model use one)."""
@@ -237,8 +317,7 @@ class ModelContract(CheckMixin):
     def _weights(self, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Fixed random weights, so that no summed output can cancel (e.g. softmax rows)."""
         generator = torch.Generator().manual_seed(self.seed)
-        return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
-                for t in like]
+        return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in like]
 
     def _loss(self, output: Any) -> torch.Tensor:
         """loss_fn(output), or every floating-point output weighted at random and summed."""
@@ -246,8 +325,10 @@ class ModelContract(CheckMixin):
             return self.loss_fn(output)
         tensors = [t for _, t in floating_tensors(output)]
         if not tensors:
-            raise ContractError("the model output has no floating-point tensor to take "
-                                "gradients of; set self.loss_fn")
+            raise ContractError(
+                "the model output has no floating-point tensor to take "
+                "gradients of; set self.loss_fn"
+            )
         weights = self._weights(tensors)
         return torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
 
@@ -256,9 +337,11 @@ class ModelContract(CheckMixin):
         if self.output_key is not None or isinstance(output, torch.Tensor):
             return ""
         paths = [f"{path} {tuple(t.shape)}" for path, t in named_tensors(output)][:6]
-        return (f" The checked output is the first element of the {type(output).__name__} "
-                f"the model returns ({', '.join(paths)}); set self.output_key to check "
-                "another.")
+        return (
+            f" The checked output is the first element of the {type(output).__name__} "
+            f"the model returns ({', '.join(paths)}); set self.output_key to check "
+            "another."
+        )
 
     # -- the checks --------------------------------------------------------------------------
     def _on(self, device: str) -> Any:
@@ -268,23 +351,28 @@ class ModelContract(CheckMixin):
         """Inputs that are never differentiated."""
         return tuple(self.unbatched_inputs)
 
-    def _probe(self, model: nn.Module, inputs: Any = None
-               ) -> Tuple[Any, torch.Tensor, List[Probe]]:
+    def _probe(self, model: nn.Module, inputs: Any = None) -> Tuple[Any, torch.Tensor, List[Probe]]:
         """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
         self.inputs)."""
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            output, probes = probe_forward(lambda batch: call_model(model, batch),
-                                           self.inputs if inputs is None else inputs,
-                                           self._batch_size(), self._unprobed_inputs())
+            output, probes = probe_forward(
+                lambda batch: call_model(model, batch),
+                self.inputs if inputs is None else inputs,
+                self._batch_size(),
+                self._unprobed_inputs(),
+            )
         if not probes:
-            integers = [describe_input(key) for key, t in
-                        batched_entries(self.inputs, self._unprobed_inputs())
-                        if not t.is_floating_point()]
+            integers = [
+                describe_input(key)
+                for key, t in batched_entries(self.inputs, self._unprobed_inputs())
+                if not t.is_floating_point()
+            ]
             self.skipTest(
                 "no input can be differentiated: self.inputs has no floating-point tensor, "
                 f"and its integer tensors ({', '.join(integers) or 'none'}) reach no embedding "
-                "(nn.Embedding or F.embedding) with the batch dimension first")
+                "(nn.Embedding or F.embedding) with the batch dimension first"
+            )
         return output, self._output(output), probes
 
     def _connected(self, value: torch.Tensor, probes: Sequence[Probe]) -> bool:
@@ -292,8 +380,9 @@ class ModelContract(CheckMixin):
         values: a zero-initialised output layer gives zero gradients but is connected."""
         if not value.requires_grad:
             return False
-        grads = torch.autograd.grad(value.sum(), [p.tensor for p in probes], retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            value.sum(), [p.tensor for p in probes], retain_graph=True, allow_unused=True
+        )
         return any(grad is not None for grad in grads)
 
     def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
@@ -303,16 +392,20 @@ class ModelContract(CheckMixin):
         dependence and counts as False."""
         if not value.requires_grad:
             return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
-        grads = torch.autograd.grad(value, [p.tensor for p in probes], retain_graph=True,
-                                    allow_unused=True)
-        return [torch.zeros_like(p.tensor, dtype=torch.bool) if g is None
-                else g.ne(0) & g.isfinite() for p, g in zip(probes, grads)]
+        grads = torch.autograd.grad(
+            value, [p.tensor for p in probes], retain_graph=True, allow_unused=True
+        )
+        return [
+            torch.zeros_like(p.tensor, dtype=torch.bool) if g is None else g.ne(0) & g.isfinite()
+            for p, g in zip(probes, grads)
+        ]
 
     def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
-    def _gradients(self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]],
-                   step: int = 0) -> Tuple[Any, List[Optional[torch.Tensor]]]:
+    def _gradients(
+        self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
+    ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
         """Output and parameter gradients of one training-mode forward and backward pass."""
         output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
         loss = self._loss(output)
@@ -322,11 +415,14 @@ class ModelContract(CheckMixin):
         return output, list(grads)
 
     def _allowed(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern)
-                   for pattern in self.allowed_unchanged_parameters)
+        return any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.allowed_unchanged_parameters
+        )
 
     def _no_trainable_parameter(self) -> str:
-        return ("the model has no trainable parameter (every parameter has "
-                "requires_grad=False, or there is none): it cannot learn. Unfreeze the layers "
-                "that should train (p.requires_grad_(True)), or skip this check for a model "
-                "that is never trained")
+        return (
+            "the model has no trainable parameter (every parameter has "
+            "requires_grad=False, or there is none): it cannot learn. Unfreeze the layers "
+            "that should train (p.requires_grad_(True)), or skip this check for a model "
+            "that is never trained"
+        )

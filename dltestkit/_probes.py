@@ -7,6 +7,7 @@ be, so their embeddings are used instead: while the model runs, every embedding 
 (``nn.Embedding``, ``F.embedding``) of an integer input, batch dimension first, is replaced by
 a leaf tensor with the same values, and the gradient is taken with respect to that leaf.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,16 +52,24 @@ class _EmbeddingProbe(TorchFunctionMode):
             return None
         if indices.shape[0] != self.batch:
             return None
-        matches = [(key, source) for key, source in self.sources
-                   if indices.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-                   and indices.stride(0) == source.stride(0)]
+        matches = [
+            (key, source)
+            for key, source in self.sources
+            if indices.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+            and indices.stride(0) == source.stride(0)
+        ]
         claimed = {probe.key for probe in self.probes}
         # The same tensor passed twice (input_ids as decoder_input_ids): first come, first served.
         unclaimed = [match for match in matches if match[0] not in claimed]
         return (unclaimed or matches)[0] if matches else None
 
-    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
         if func is F.embedding:
@@ -74,13 +83,15 @@ class _EmbeddingProbe(TorchFunctionMode):
             return output
         key, source = found
         leaf = output.detach().requires_grad_(True)
-        self.probes.append(Probe(key, leaf, embedded=True,
-                                 aligned=tuple(indices.shape) == tuple(source.shape)))
+        self.probes.append(
+            Probe(key, leaf, embedded=True, aligned=tuple(indices.shape) == tuple(source.shape))
+        )
         return leaf
 
 
-def probe_forward(call: Callable[[Any], Any], inputs: Any, batch: int,
-                  skip: Collection[Any] = ()) -> Tuple[Any, List[Probe]]:
+def probe_forward(
+    call: Callable[[Any], Any], inputs: Any, batch: int, skip: Collection[Any] = ()
+) -> Tuple[Any, List[Probe]]:
     """Run ``call(inputs)`` with every batched float input (not in ``skip``) as a fresh leaf
     and every embedding of a batched integer input (not in ``skip``) replaced by a leaf.
     Returns the output and the probes, float inputs first."""

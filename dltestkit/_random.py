@@ -1,4 +1,5 @@
 """Seeding and restoring the global random state."""
+
 from __future__ import annotations
 
 import contextlib

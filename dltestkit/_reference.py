@@ -4,6 +4,7 @@ The documentation's check overviews and attribute tables, the mixins' docstrings
 README's list of checks all come from here, so that they cannot drift from the code. Each
 check's docstring has a first line "Check that ..." and a paragraph "Catches ...".
 """
+
 from __future__ import annotations
 
 import inspect
@@ -11,9 +12,18 @@ from typing import Dict, List, Sequence, Tuple, Type
 
 from ._base import Attribute, CheckMixin, checks_of
 
-__all__ = ["PAGES", "attribute_table", "catches", "check_anchor", "check_table", "contract_table",
-           "home_mixin",
-           "own_checks", "public_mixins", "summary"]
+__all__ = [
+    "PAGES",
+    "attribute_table",
+    "catches",
+    "check_anchor",
+    "check_table",
+    "contract_table",
+    "home_mixin",
+    "own_checks",
+    "public_mixins",
+    "summary",
+]
 
 #: The documentation page of each public mixin, in reading order.
 PAGES: Dict[str, str] = {
@@ -72,7 +82,7 @@ def catches(mixin: type, check: str) -> str:
     """The "Catches ..." paragraph of the check's docstring, without the word "Catches"."""
     for paragraph in _docstring(mixin, check):
         if paragraph.startswith("Catches "):
-            return paragraph[len("Catches "):].rstrip(".")
+            return paragraph[len("Catches ") :].rstrip(".")
     raise LookupError(f"{mixin.__name__}.{check} has no 'Catches ...' paragraph")
 
 
@@ -93,8 +103,11 @@ def check_table(mixins: Sequence[Mixin], links: bool = True) -> List[str]:
         for position, name in enumerate(names):
             home = home_mixin(mixin, name)
             check = f"[`{name}`](#{check_anchor(home, name)})" if links else f"`{name}`"
-            label = f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)" if links else \
-                f"`{mixin.__name__}`"
+            label = (
+                f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)"
+                if links
+                else f"`{mixin.__name__}`"
+            )
             first = [label if position == 0 else ""] if len(mixins) > 1 else []
             rows.append([*first, check, catches(mixin, name)])
     header = (["mixin"] if len(mixins) > 1 else []) + ["check", "catches"]
@@ -131,9 +144,15 @@ def contract_table(mixins: Sequence[Mixin]) -> List[str]:
     for mixin in mixins:
         declarations = mixin._attributes()
         required = [f"`{n}`" for n, a in declarations.items() if a.required]
-        optional = [f"`{n}`" for n, a in declarations.items()
-                    if not a.required and n not in _shared()]
-        rows.append([f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)", ", ".join(required),
-                     ", ".join(optional)])
+        optional = [
+            f"`{n}`" for n, a in declarations.items() if not a.required and n not in _shared()
+        ]
+        rows.append(
+            [
+                f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)",
+                ", ".join(required),
+                ", ".join(optional),
+            ]
+        )
     rows.append(["every mixin", "", ", ".join(f"`{name}`" for name in _shared())])
     return _table(["mixin", "required", "optional"], rows)

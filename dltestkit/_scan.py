@@ -12,6 +12,7 @@ Each sample of a split is loaded at most twice across all dataset checks:
 The results are cached per test class, keyed by everything that changes what is scanned,
 and dropped by a class cleanup when the class's tests are done.
 """
+
 from __future__ import annotations
 
 import collections
@@ -126,15 +127,21 @@ def _kind(value: Any) -> str:
 def _advice(value: Any) -> str:
     """What to do about an input that is no tensor and a sample that holds none."""
     if value is None:
-        return ("__getitem__ gives None instead of a sample or an input (a missing return "
-                "statement, a failed read that is not raised)")
+        return (
+            "__getitem__ gives None instead of a sample or an input (a missing return "
+            "statement, a failed read that is not raised)"
+        )
     if type(value).__module__.startswith("PIL."):
-        return ("the split has no ToTensor-like transform. Add one to its transforms "
-                "(torchvision.transforms.ToTensor(), or transforms.v2.ToImage() followed by "
-                "transforms.v2.ToDtype(torch.float32, scale=True))")
+        return (
+            "the split has no ToTensor-like transform. Add one to its transforms "
+            "(torchvision.transforms.ToTensor(), or transforms.v2.ToImage() followed by "
+            "transforms.v2.ToDtype(torch.float32, scale=True))"
+        )
     if isinstance(value, (str, bytes)):
-        return ("the split gives raw text. Encode it in the split's transform (a tokenizer "
-                "that returns tensors); the checks look at tensors")
+        return (
+            "the split gives raw text. Encode it in the split's transform (a tokenizer "
+            "that returns tensors); the checks look at tensors"
+        )
     return "convert it to a tensor in the split's transform"
 
 
@@ -159,8 +166,11 @@ def pick_input(sample: Any, key: Any) -> Union[torch.Tensor, InputProblem]:
             fields = _fields(sample)
             keys = f" (it has {[k for k, _ in fields]})" if fields else ""
             if fields is None and not _has_tensor(sample):
-                return InputProblem("type", f"is {_kind(sample)}, not a tensor or a tuple or "
-                                    f"dict holding one: {_advice(sample)}")
+                return InputProblem(
+                    "type",
+                    f"is {_kind(sample)}, not a tensor or a tuple or "
+                    f"dict holding one: {_advice(sample)}",
+                )
             return InputProblem("key", f"has no element {key!r}{keys}", _tensor_key(sample))
         described = f"element {key!r}"
     elif isinstance(sample, torch.Tensor):
@@ -175,10 +185,15 @@ def pick_input(sample: Any, key: Any) -> Union[torch.Tensor, InputProblem]:
         return picked
     tensors = [path for path, _ in named_tensors(sample, "sample")]
     if tensors:
-        return InputProblem("key", f"has {_kind(picked)} as {described}, not a tensor (its "
-                                   f"tensors: {', '.join(tensors)})", _tensor_key(sample))
-    return InputProblem("type", f"has {_kind(picked)} as {described} (the input), not a "
-                                f"torch.Tensor: {_advice(picked)}")
+        return InputProblem(
+            "key",
+            f"has {_kind(picked)} as {described}, not a tensor (its tensors: {', '.join(tensors)})",
+            _tensor_key(sample),
+        )
+    return InputProblem(
+        "type",
+        f"has {_kind(picked)} as {described} (the input), not a torch.Tensor: {_advice(picked)}",
+    )
 
 
 def _has_tensor(sample: Any) -> bool:
@@ -187,8 +202,9 @@ def _has_tensor(sample: Any) -> bool:
 
 def _tensor_key(sample: Any) -> Any:
     """The key of the first element of a sample that is a tensor, if any."""
-    return next((key for key, value in _fields(sample) or () if isinstance(value, torch.Tensor)),
-                None)
+    return next(
+        (key for key, value in _fields(sample) or () if isinstance(value, torch.Tensor)), None
+    )
 
 
 #: The keys a target is usually stored under, suggested when self.target_key does not fit.
@@ -215,8 +231,9 @@ def pick_target(sample: Any, key: Any) -> Tuple[Optional[int], Optional[str]]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, None
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex()
-                                     or value.dtype == torch.bool):
+        if value.dim() == 0 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        ):
             return int(value), None
         shown = f" ({value.item()!r})" if value.numel() == 1 else ""
         dtype = str(value.dtype).replace("torch.", "")
@@ -250,8 +267,10 @@ def same(first: torch.Tensor, second: torch.Tensor) -> bool:
         return False
     if first.is_floating_point() or first.is_complex():
         nan_first, nan_second = torch.isnan(first), torch.isnan(second)
-        return bool(torch.equal(nan_first, nan_second)
-                    and torch.equal(first[~nan_first], second[~nan_second]))
+        return bool(
+            torch.equal(nan_first, nan_second)
+            and torch.equal(first[~nan_first], second[~nan_second])
+        )
     return bool(torch.equal(first, second))
 
 
@@ -356,21 +375,25 @@ class Inspector:
             return
         hashes = _statistics(inputs, report, check.hash_inputs or check.stream)
         if hashes:
-            report.samples = [(position, hashes[position], label)
-                              for position, _, label in report.samples]
-        report.kept = {position: tensor.clone() for position, tensor in inputs
-                       if position in check.probes}
+            report.samples = [
+                (position, hashes[position], label) for position, _, label in report.samples
+            ]
+        report.kept = {
+            position: tensor.clone() for position, tensor in inputs if position in check.probes
+        }
         try:
             check.collate_fn(samples)
         except Exception as exc:
             report.collate_error = exception_text(exc)
 
 
-def _statistics(inputs: List[Tuple[Position, torch.Tensor]], report: BatchReport,
-                hash_inputs: bool) -> Dict[Position, bytes]:
+def _statistics(
+    inputs: List[Tuple[Position, torch.Tensor]], report: BatchReport, hash_inputs: bool
+) -> Dict[Position, bytes]:
     """Shapes, extremes and non-finite samples into ``report``; the hashes, if asked for."""
-    groups: Dict[Tuple[Tuple[int, ...], torch.dtype], List[Tuple[Position, torch.Tensor]]] = \
+    groups: Dict[Tuple[Tuple[int, ...], torch.dtype], List[Tuple[Position, torch.Tensor]]] = (
         collections.defaultdict(list)
+    )
     for position, tensor in inputs:
         shape = tuple(tensor.shape)
         groups[shape, tensor.dtype].append((position, tensor))
@@ -429,10 +452,17 @@ class Indexed(Dataset[Any]):
             else:
                 if len(samples) == len(indices):
                     return list(zip(indices, samples))
-                return [(indices[0], LoadFailure(
-                    f"the dataset's __getitems__ returned {len(samples)} samples for the "
-                    f"{len(indices)} indices {indices[0]} to {indices[-1]}; it must return one "
-                    "sample per index", raised=False))]
+                return [
+                    (
+                        indices[0],
+                        LoadFailure(
+                            f"the dataset's __getitems__ returned {len(samples)} samples for the "
+                            f"{len(indices)} indices {indices[0]} to {indices[-1]}; it must "
+                            "return one sample per index",
+                            raised=False,
+                        ),
+                    )
+                ]
         loaded = []
         for index in indices:
             try:
@@ -440,9 +470,16 @@ class Indexed(Dataset[Any]):
             except Exception as exc:
                 loaded.append((index, LoadFailure.of(exc)))
         if batched is not None and not any(isinstance(s, LoadFailure) for _, s in loaded):
-            return [(indices[0], LoadFailure(
-                f"the dataset's __getitems__ raised {batched} for the indices {indices[0]} to "
-                f"{indices[-1]}, though __getitem__ loads each of them", raised=False))]
+            return [
+                (
+                    indices[0],
+                    LoadFailure(
+                        f"the dataset's __getitems__ raised {batched} for the indices "
+                        f"{indices[0]} to {indices[-1]}, though __getitem__ loads each of them",
+                        raised=False,
+                    ),
+                )
+            ]
         return loaded
 
     def __getattr__(self, name: str) -> Any:
@@ -522,8 +559,7 @@ class Scan:
     #: streams: samples each worker read, and those another worker had read first
     per_worker: "collections.Counter[int]" = field(default_factory=collections.Counter)
     repeated: "collections.Counter[Tuple[int, int]]" = field(default_factory=collections.Counter)
-    repeated_example: Dict[Tuple[int, int], Tuple[Position, Position]] = \
-        field(default_factory=dict)
+    repeated_example: Dict[Tuple[int, int], Tuple[Position, Position]] = field(default_factory=dict)
     kept: Dict[Position, torch.Tensor] = field(default_factory=dict)
     collate_error: Optional[str] = None
     collate_shapes: List[Tuple[int, ...]] = field(default_factory=list)
@@ -536,8 +572,10 @@ class Scan:
     def add(self, report: BatchReport) -> None:
         """Merge one batch's report (in the order the batches come)."""
         if report.internal_error:
-            raise RuntimeError(f"dltestkit failed while inspecting a batch in a DataLoader "
-                               f"worker (a bug of dltestkit):\n{report.internal_error}")
+            raise RuntimeError(
+                f"dltestkit failed while inspecting a batch in a DataLoader "
+                f"worker (a bug of dltestkit):\n{report.internal_error}"
+            )
         self.count += len(report.positions)
         self.failure_count += len(report.failures)
         self.failures += report.failures[: SHOWN - len(self.failures)]
@@ -571,8 +609,9 @@ class Scan:
             self.collate_shapes = list(report.shapes)
             self.collate_at = _span(report.positions)
 
-    def _register(self, position: Position, hashed: bytes, label: Optional[int],
-                  worker: int) -> None:
+    def _register(
+        self, position: Position, hashed: bytes, label: Optional[int], worker: int
+    ) -> None:
         first = self.hashes.get(hashed)
         if first is None:
             self.hashes[hashed] = Registered(position, label)
@@ -639,7 +678,8 @@ class SplitState:
             size = self.size or 0
             if loading.max_samples is not None and loading.max_samples < size:
                 self.indices = sorted(
-                    torch.randperm(size, generator=generator)[: loading.max_samples].tolist())
+                    torch.randperm(size, generator=generator)[: loading.max_samples].tolist()
+                )
             else:
                 self.indices = range(size)
             probes = [self.indices[0], self.indices[-1]] if len(self.indices) else []
@@ -698,8 +738,11 @@ class SplitState:
         if isinstance(sample, LoadFailure):
             return Probe(failure=sample)
         converted = default_convert(sample)  # type: ignore[no-untyped-call]
-        probe = Probe(target_missing=pick_target(converted, self.loading.target_key)[1] is MISSING,
-                      structure=structure(converted), target_key_hint=target_key_of(converted))
+        probe = Probe(
+            target_missing=pick_target(converted, self.loading.target_key)[1] is MISSING,
+            structure=structure(converted),
+            target_key_hint=target_key_of(converted),
+        )
         picked = pick_input(converted, self.loading.input_key)
         if isinstance(picked, InputProblem):
             probe.input_problem = picked
@@ -713,7 +756,8 @@ class SplitState:
         check is failing."""
         if self._reloaded is None:
             self._reloaded = self._load_probes(
-                [p for p in positions if isinstance(p, int)], self.loading.seed + 1)
+                [p for p in positions if isinstance(p, int)], self.loading.seed + 1
+            )
         return self._reloaded
 
     def load_again(self, index: int) -> Optional[torch.Tensor]:
@@ -730,17 +774,28 @@ class SplitState:
 
     def _run_scan(self) -> Scan:
         loading = self.loading
-        inspection = Inspection(loading.input_key, loading.target_key, loading.collate_fn,
-                                frozenset(self.probe_positions) if not self.stream else frozenset(),
-                                hash_inputs=not loading.augmented, stream=self.stream)
+        inspection = Inspection(
+            loading.input_key,
+            loading.target_key,
+            loading.collate_fn,
+            frozenset(self.probe_positions) if not self.stream else frozenset(),
+            hash_inputs=not loading.augmented,
+            stream=self.stream,
+        )
         if self.stream:
             dataset, sampler = self.dataset, None
         else:
             dataset, sampler = Indexed(self.dataset), self.indices
-        loader = DataLoader(dataset, batch_size=loading.batch_size, sampler=sampler,
-                            num_workers=loading.num_workers, collate_fn=Inspector(inspection),
-                            timeout=loading.timeout, worker_init_fn=loading.worker_init_fn,
-                            generator=torch.Generator().manual_seed(loading.seed))
+        loader = DataLoader(
+            dataset,
+            batch_size=loading.batch_size,
+            sampler=sampler,
+            num_workers=loading.num_workers,
+            collate_fn=Inspector(inspection),
+            timeout=loading.timeout,
+            worker_init_fn=loading.worker_init_fn,
+            generator=torch.Generator().manual_seed(loading.seed),
+        )
         scan = Scan()
         limit = loading.max_samples if self.stream else None
         batches = 0
@@ -764,8 +819,9 @@ class SplitState:
                     batches += 1
                     scan.add(report)
                     if scan.blocked or (limit is not None and scan.count >= limit):
-                        scan.complete = not scan.blocked and self.size is not None \
-                            and scan.count >= self.size
+                        scan.complete = (
+                            not scan.blocked and self.size is not None and scan.count >= self.size
+                        )
                         break
             except Exception as exc:  # iter(loader) failed: the workers did not start
                 if iterator is not None:
@@ -789,7 +845,7 @@ class SplitState:
         if self.stream:
             scan.in_flight = f"after {scan.count} samples had arrived"
         else:
-            batch = list(self.indices[batches * size: (batches + 1) * size])
+            batch = list(self.indices[batches * size : (batches + 1) * size])
             total = -(-len(self.indices) // size)
             scan.in_flight = f"{_span(batch)} (batch {batches + 1} of {total})"
 
@@ -810,8 +866,13 @@ def split_state(owner: type, name: str, dataset: Any, loading: Loading) -> Split
         add_cleanup = getattr(owner, "addClassCleanup", None)
         if add_cleanup is not None:
             add_cleanup(_CACHE.pop, owner, None)
-    key = (name, type(dataset).__module__, type(dataset).__qualname__, sized(dataset),
-           *loading.key())
+    key = (
+        name,
+        type(dataset).__module__,
+        type(dataset).__qualname__,
+        sized(dataset),
+        *loading.key(),
+    )
     if key not in cache:
         cache[key] = SplitState(dataset, loading)
     return cache[key]

@@ -5,6 +5,7 @@ tuple or list (positional arguments, ``model(*inputs)``) or a dict (keyword argu
 ``model(**inputs)``, what a tokenizer returns). Outputs and samples may nest tuples, lists,
 dicts, Hugging Face ``ModelOutput`` objects and dataclasses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,9 +54,14 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
         except TypeError:
             return mapped
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{
-            field.name: map_tensors(fn, getattr(obj, field.name))
-            for field in dataclasses.fields(obj) if field.init})
+        return dataclasses.replace(
+            obj,
+            **{
+                field.name: map_tensors(fn, getattr(obj, field.name))
+                for field in dataclasses.fields(obj)
+                if field.init
+            },
+        )
     return obj
 
 
@@ -101,7 +107,8 @@ def select_tensor(obj: Any, key: Key, what: str, attribute: str) -> torch.Tensor
 
 # -- inputs: how the model is called ---------------------------------------------------
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    """Call the model: ``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or
+    list, else ``model(inputs)``."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -122,8 +129,11 @@ def input_entries(inputs: Any) -> List[Tuple[Key, Any]]:
 def batched_entries(inputs: Any, unbatched: Collection[Any] = ()) -> List[Tuple[Key, torch.Tensor]]:
     """The input tensors that carry the batch dimension (first): every tensor argument with
     at least one dimension, except those whose key or index is in ``unbatched``."""
-    return [(key, value) for key, value in input_entries(inputs)
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in unbatched]
+    return [
+        (key, value)
+        for key, value in input_entries(inputs)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in unbatched
+    ]
 
 
 def replace_entries(inputs: Any, new: Dict[Key, Any]) -> Any:

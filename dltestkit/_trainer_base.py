@@ -4,6 +4,7 @@ A trainer is any object with ``train(epochs)`` and ``eval() -> loss``, its model
 writer held in attributes whose names are options. The helpers here fetch those parts with a
 ``ContractError`` that names the option when one is missing, and record what the trainer logs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -87,9 +88,9 @@ def same_scalar(a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
     return same_number(x, y, rtol, atol)
 
 
-def first_log_difference(expected: Sequence[Scalar], actual: Sequence[Scalar],
-                          start: int = 0) -> Optional[Tuple[Optional[Scalar],
-                                                            Optional[Scalar]]]:
+def first_log_difference(
+    expected: Sequence[Scalar], actual: Sequence[Scalar], start: int = 0
+) -> Optional[Tuple[Optional[Scalar], Optional[Scalar]]]:
     """The first pair (from ``start`` on) whose tag or step differs; None if there is none."""
     pairs = itertools.zip_longest(expected[start:], actual[start:])
     for a, b in pairs:
@@ -102,41 +103,59 @@ def describe_scalar(scalar: Optional[Scalar]) -> str:
     return "nothing" if scalar is None else scalar.where()
 
 
-
-
 class TrainerContract(CheckMixin):
     """The contract of the trainer mixins (TrainerTests, DistributedTrainerTests), and how
     their checks reach the parts of a trainer."""
 
     _mixin_name: ClassVar[str] = "TrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("make_trainer", "a callable that builds a fresh trainer, with the same data, "
-                  "hyperparameters and model class every time",
-                  "lambda rank=0, world_size=1: Trainer(MyModel(), data)",
-                  validate=is_callable,
-                  read_by=("test_resume", "test_reproducible", "test_ddp_training"),
-                  details="The weights are drawn from the seeded global RNG. `TrainerTests` "
-                          "calls `make_trainer()`, the distributed checks "
-                          "`make_trainer(rank=rank, world_size=world_size)` in each process: a "
-                          "method `def make_trainer(self, rank=0, world_size=1)` on the test "
-                          "class, which setUp also calls, serves both."),
-        Attribute("model_attribute", "the name of the trainer's attribute holding its model "
-                  "(an nn.Module)", '"net"', default="model", validate=is_str,
-                  read_by=("test_resume", "test_reproducible",
-                           "test_eval_leaves_model_unchanged", "test_frozen_parameters",
-                           "test_ddp_training")),
-        Attribute("optimizer_attribute", "the name of the trainer's attribute holding its "
-                  "optimizer", '"opt"', default="optimizer", validate=optional(is_str),
-                  read_by=("test_resume", "test_frozen_parameters"),
-                  details="`None`: no single optimizer (a GAN's two); no optimizer state is "
-                          "compared."),
-        Attribute("writer_attribute", "the name of the trainer's SummaryWriter attribute",
-                  '"writer"', default="summary", validate=optional(is_str),
-                  read_by=("test_logging", "test_resume", "test_reproducible",
-                           "test_ddp_training"),
-                  details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
-                          "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
-                          "unset and the other checks compare no logs."),
+        Attribute(
+            "make_trainer",
+            "a callable that builds a fresh trainer, with the same data, "
+            "hyperparameters and model class every time",
+            "lambda rank=0, world_size=1: Trainer(MyModel(), data)",
+            validate=is_callable,
+            read_by=("test_resume", "test_reproducible", "test_ddp_training"),
+            details="The weights are drawn from the seeded global RNG. `TrainerTests` "
+            "calls `make_trainer()`, the distributed checks "
+            "`make_trainer(rank=rank, world_size=world_size)` in each process: a "
+            "method `def make_trainer(self, rank=0, world_size=1)` on the test "
+            "class, which setUp also calls, serves both.",
+        ),
+        Attribute(
+            "model_attribute",
+            "the name of the trainer's attribute holding its model (an nn.Module)",
+            '"net"',
+            default="model",
+            validate=is_str,
+            read_by=(
+                "test_resume",
+                "test_reproducible",
+                "test_eval_leaves_model_unchanged",
+                "test_frozen_parameters",
+                "test_ddp_training",
+            ),
+        ),
+        Attribute(
+            "optimizer_attribute",
+            "the name of the trainer's attribute holding its optimizer",
+            '"opt"',
+            default="optimizer",
+            validate=optional(is_str),
+            read_by=("test_resume", "test_frozen_parameters"),
+            details="`None`: no single optimizer (a GAN's two); no optimizer state is compared.",
+        ),
+        Attribute(
+            "writer_attribute",
+            "the name of the trainer's SummaryWriter attribute",
+            '"writer"',
+            default="summary",
+            validate=optional(is_str),
+            read_by=("test_logging", "test_resume", "test_reproducible", "test_ddp_training"),
+            details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
+            "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
+            "unset and the other checks compare no logs.",
+        ),
     )
 
     make_trainer: Callable[..., Any]
@@ -161,8 +180,11 @@ class TrainerContract(CheckMixin):
             raise ContractError(
                 f"the trainer ({type(trainer).__name__}) has no SummaryWriter at "
                 f"trainer.{self.writer_attribute} (writer_attribute): "
-                + ("there is no such attribute" if not hasattr(trainer, self.writer_attribute)
-                   else f"it is {describe(writer)}, which has no add_scalar")
+                + (
+                    "there is no such attribute"
+                    if not hasattr(trainer, self.writer_attribute)
+                    else f"it is {describe(writer)}, which has no add_scalar"
+                )
                 + ". Give the trainer its writer there, set self.writer_attribute to the name "
                 "of the attribute that holds it, or to None if the trainer logs nothing."
             )
@@ -220,5 +242,7 @@ class TrainerContract(CheckMixin):
 
     def _state(self, trainer: Any) -> Dict[str, Any]:
         """A copy of the model's state dict (parameters and persistent buffers)."""
-        return {name: value.detach().clone()
-                for name, value in self._model(trainer).state_dict().items()}
+        return {
+            name: value.detach().clone()
+            for name, value in self._model(trainer).state_dict().items()
+        }

@@ -4,6 +4,7 @@ test_resume and test_reproducible compare a resumed or repeated run with the ori
 when they differ, the parts of the trainer (optimizer state, generators, counters) to say
 which one a checkpoint did not restore.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,16 @@ from torch import nn
 
 from ._trainer_base import as_number, same_number
 
-__all__ = ["Difference", "attributes", "cloned", "difference", "generators", "global_states",
-           "numbers", "plain"]
+__all__ = [
+    "Difference",
+    "attributes",
+    "cloned",
+    "difference",
+    "generators",
+    "global_states",
+    "numbers",
+    "plain",
+]
 
 
 class Difference(NamedTuple):
@@ -31,14 +40,16 @@ def tensor_report(text: str) -> str:
     return "; ".join(lines) if lines else text.strip()
 
 
-def difference(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0,
-                path: Tuple[Any, ...] = ()) -> Optional[Difference]:
+def difference(
+    a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0, path: Tuple[Any, ...] = ()
+) -> Optional[Difference]:
     """The first place where the nested states ``a`` (expected) and ``b`` differ; None when
     they are equal within the tolerances (NaN equals NaN)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         try:
-            torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=rtol, atol=atol,
-                                       equal_nan=True)
+            torch.testing.assert_close(
+                b.detach().cpu(), a.detach().cpu(), rtol=rtol, atol=atol, equal_nan=True
+            )
         except AssertionError as exc:
             return Difference(path, tensor_report(str(exc)))
         return None
@@ -136,19 +147,26 @@ def generators(trainer: Any) -> Dict[str, Any]:
                 state = rng_state(attribute)
                 if state is not None:
                     found[f"{path}.{name}"] = state
-                elif not isinstance(attribute, (nn.Module, torch.Tensor, torch.optim.Optimizer,
-                                                str, bytes, int, float, type)):
+                elif not isinstance(
+                    attribute,
+                    (nn.Module, torch.Tensor, torch.optim.Optimizer, str, bytes, int, float, type),
+                ):
                     below.append((f"{path}.{name}", attribute))
         level = below
     return found
 
 
 def global_states() -> Dict[str, Any]:
-    return {"torch's global RNG": torch.get_rng_state().tolist(),
-            "Python's random": random.getstate(),
-            "NumPy's global RNG": plain(np.random.get_state())}
+    return {
+        "torch's global RNG": torch.get_rng_state().tolist(),
+        "Python's random": random.getstate(),
+        "NumPy's global RNG": plain(np.random.get_state()),
+    }
 
 
 def numbers(trainer: Any) -> Dict[str, Any]:
-    return {name: value for name, value in attributes(trainer).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        name: value
+        for name, value in attributes(trainer).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }

@@ -1,4 +1,5 @@
 """DatasetTests: checks for torch Datasets, map-style and iterable (streams)."""
+
 from __future__ import annotations
 
 import inspect
@@ -50,8 +51,10 @@ def _is_splits(value: Any) -> Optional[str]:
         if _scan.is_stream(split):
             continue
         if not hasattr(split, "__getitem__") or not hasattr(split, "__len__"):
-            return (f"has split {name!r} of type {type(split).__name__}, which is neither a "
-                    "sized Dataset (with __len__ and __getitem__) nor an IterableDataset")
+            return (
+                f"has split {name!r} of type {type(split).__name__}, which is neither a "
+                "sized Dataset (with __len__ and __getitem__) nor an IterableDataset"
+            )
     return None
 
 
@@ -73,8 +76,11 @@ def _is_positive_number(value: Any) -> Optional[str]:
 
 
 def _is_target_key(value: Any) -> Optional[str]:
-    return None if value is not None and is_key(value) is None else \
-        f"is {value!r}, not an int index or a str key"
+    return (
+        None
+        if value is not None and is_key(value) is None
+        else f"is {value!r}, not an int index or a str key"
+    )
 
 
 def _unbound(owner: Any, name: str) -> Any:
@@ -95,72 +101,150 @@ class DatasetTests(CheckMixin):
 
     _mixin_name: ClassVar[str] = "DatasetTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("splits", "a dict mapping split name to a torch Dataset",
-                  '{"train": train_data, "test": test_data}', default=REQUIRED,
-                  validate=_is_splits,
-                  details="A map-style dataset (with `__len__` and `__getitem__`) or an "
-                          "`IterableDataset` (a stream), which must give each DataLoader "
-                          "worker its own shard."),
-        Attribute("sample_shape", "the shape of one sample's input tensor", "(1, 32, 32)",
-                  validate=is_shape, read_by=("test_sample_shape", "test_data_loading"),
-                  default_text="unset: `test_sample_shape` skips",
-                  details="Without the batch dimension. (`test_data_loading` leaves samples of "
-                          "another shape, which cannot be batched, to `test_sample_shape`.)"),
-        Attribute("value_range", "the inclusive (low, high) bounds of the input values",
-                  "(-1.0, 1.0)", validate=_is_range, read_by=("test_value_range",)),
-        Attribute("range_coverage",
-                  "how close, as a fraction of high - low, the data must come to each bound",
-                  "0.1", default=0.1, validate=is_number, read_by=("test_value_range",),
-                  details="`1.0` checks the bounds only (for data that legitimately stays "
-                          "away from them, like quiet audio)."),
-        Attribute("augmented_splits", "the names of the splits that are randomly augmented",
-                  '{"train"}', default=frozenset(), validate=is_names,
-                  read_by=("test_augmentation", "test_data_loading", "test_split_overlap",
-                           "test_labels"),
-                  details="Every other split must give the same sample each time."),
-        Attribute("num_classes", "the number of classes of the targets", "10",
-                  validate=is_positive_int, read_by=("test_labels", "test_data_loading"),
-                  default_text="unset: `test_labels` skips",
-                  details="Targets are class indices in `[0, num_classes)`. (`test_data_loading` "
-                          "leaves targets that cannot be batched to `test_labels`.)"),
-        Attribute("target_key", "the index or key of the target (class label) in a sample",
-                  '"label"', default=1, validate=_is_target_key, read_by=("test_labels",),
-                  details="`1`: element 1 of an `(input, target)` tuple."),
-        Attribute("class_presence",
-                  "the samples per class, on average, from which a split must hold every "
-                  "class", "50", default=20, validate=optional(is_positive_int),
-                  read_by=("test_labels",),
-                  details="A split of fewer scanned samples than `class_presence * "
-                          "num_classes` may lack a class; `None` never requires every class."),
-        Attribute("input_key", "the index or key of the input tensor in a sample", "0",
-                  default=None, validate=is_key,
-                  details="`None`: a tensor sample itself, else the first element of a tuple "
-                          "or dict sample."),
-        Attribute("collate_fn", "the function that batches the samples of a split",
-                  "pad_sequences", default=None, validate=optional(is_callable),
-                  details="The one your DataLoader uses, e.g. one that pads sequences. `None`: "
-                          "PyTorch's default, `torch.utils.data.default_collate`."),
-        Attribute("num_workers", "the worker processes of the DataLoader that scans each split",
-                  "2", default=2, validate=is_positive_int,
-                  details="At least 1: loading in workers is part of what is checked."),
-        Attribute("worker_init_fn", "the worker_init_fn your DataLoader uses", "shard_worker",
-                  default=None, validate=optional(is_callable),
-                  details="For streams that give each worker its shard there."),
-        Attribute("batch_size", "the batch size of the scan of each split", "256",
-                  default=256, validate=is_positive_int),
-        Attribute("loader_timeout", "the seconds the scan waits for one batch", "600",
-                  default=300.0, validate=_is_positive_number,
-                  details="A worker that blocks longer fails `test_data_loading`, naming the "
-                          "indices it was loading, instead of hanging the tests."),
-        Attribute("max_samples", "a cap on the samples scanned per split (None: all)",
-                  "10_000", default=None, validate=optional(is_positive_int),
-                  details="A seeded random subset of that size is scanned (of a stream: its "
-                          "first samples; required for a stream without `__len__`). See "
-                          "[large datasets](large-datasets.md)."),
-        Attribute("probe_count", "how many samples are loaded a second time",
-                  "8", default=8, validate=is_positive_int,
-                  details="The first, the last and random indices, in the main process (of a "
-                          "stream: its first samples)."),
+        Attribute(
+            "splits",
+            "a dict mapping split name to a torch Dataset",
+            '{"train": train_data, "test": test_data}',
+            default=REQUIRED,
+            validate=_is_splits,
+            details="A map-style dataset (with `__len__` and `__getitem__`) or an "
+            "`IterableDataset` (a stream), which must give each DataLoader "
+            "worker its own shard.",
+        ),
+        Attribute(
+            "sample_shape",
+            "the shape of one sample's input tensor",
+            "(1, 32, 32)",
+            validate=is_shape,
+            read_by=("test_sample_shape", "test_data_loading"),
+            default_text="unset: `test_sample_shape` skips",
+            details="Without the batch dimension. (`test_data_loading` leaves samples of "
+            "another shape, which cannot be batched, to `test_sample_shape`.)",
+        ),
+        Attribute(
+            "value_range",
+            "the inclusive (low, high) bounds of the input values",
+            "(-1.0, 1.0)",
+            validate=_is_range,
+            read_by=("test_value_range",),
+        ),
+        Attribute(
+            "range_coverage",
+            "how close, as a fraction of high - low, the data must come to each bound",
+            "0.1",
+            default=0.1,
+            validate=is_number,
+            read_by=("test_value_range",),
+            details="`1.0` checks the bounds only (for data that legitimately stays "
+            "away from them, like quiet audio).",
+        ),
+        Attribute(
+            "augmented_splits",
+            "the names of the splits that are randomly augmented",
+            '{"train"}',
+            default=frozenset(),
+            validate=is_names,
+            read_by=("test_augmentation", "test_data_loading", "test_split_overlap", "test_labels"),
+            details="Every other split must give the same sample each time.",
+        ),
+        Attribute(
+            "num_classes",
+            "the number of classes of the targets",
+            "10",
+            validate=is_positive_int,
+            read_by=("test_labels", "test_data_loading"),
+            default_text="unset: `test_labels` skips",
+            details="Targets are class indices in `[0, num_classes)`. (`test_data_loading` "
+            "leaves targets that cannot be batched to `test_labels`.)",
+        ),
+        Attribute(
+            "target_key",
+            "the index or key of the target (class label) in a sample",
+            '"label"',
+            default=1,
+            validate=_is_target_key,
+            read_by=("test_labels",),
+            details="`1`: element 1 of an `(input, target)` tuple.",
+        ),
+        Attribute(
+            "class_presence",
+            "the samples per class, on average, from which a split must hold every class",
+            "50",
+            default=20,
+            validate=optional(is_positive_int),
+            read_by=("test_labels",),
+            details="A split of fewer scanned samples than `class_presence * "
+            "num_classes` may lack a class; `None` never requires every class.",
+        ),
+        Attribute(
+            "input_key",
+            "the index or key of the input tensor in a sample",
+            "0",
+            default=None,
+            validate=is_key,
+            details="`None`: a tensor sample itself, else the first element of a tuple "
+            "or dict sample.",
+        ),
+        Attribute(
+            "collate_fn",
+            "the function that batches the samples of a split",
+            "pad_sequences",
+            default=None,
+            validate=optional(is_callable),
+            details="The one your DataLoader uses, e.g. one that pads sequences. `None`: "
+            "PyTorch's default, `torch.utils.data.default_collate`.",
+        ),
+        Attribute(
+            "num_workers",
+            "the worker processes of the DataLoader that scans each split",
+            "2",
+            default=2,
+            validate=is_positive_int,
+            details="At least 1: loading in workers is part of what is checked.",
+        ),
+        Attribute(
+            "worker_init_fn",
+            "the worker_init_fn your DataLoader uses",
+            "shard_worker",
+            default=None,
+            validate=optional(is_callable),
+            details="For streams that give each worker its shard there.",
+        ),
+        Attribute(
+            "batch_size",
+            "the batch size of the scan of each split",
+            "256",
+            default=256,
+            validate=is_positive_int,
+        ),
+        Attribute(
+            "loader_timeout",
+            "the seconds the scan waits for one batch",
+            "600",
+            default=300.0,
+            validate=_is_positive_number,
+            details="A worker that blocks longer fails `test_data_loading`, naming the "
+            "indices it was loading, instead of hanging the tests.",
+        ),
+        Attribute(
+            "max_samples",
+            "a cap on the samples scanned per split (None: all)",
+            "10_000",
+            default=None,
+            validate=optional(is_positive_int),
+            details="A seeded random subset of that size is scanned (of a stream: its "
+            "first samples; required for a stream without `__len__`). See "
+            "[large datasets](large-datasets.md).",
+        ),
+        Attribute(
+            "probe_count",
+            "how many samples are loaded a second time",
+            "8",
+            default=8,
+            validate=is_positive_int,
+            details="The first, the last and random indices, in the main process (of a "
+            "stream: its first samples).",
+        ),
     )
 
     splits: Mapping[str, Any]
@@ -186,8 +270,9 @@ class DatasetTests(CheckMixin):
         unknown = sorted(set(self.augmented_splits) - set(self.splits))
         if unknown:
             raise self._contract_error(
-                "augmented_splits", f"names {unknown}, which are not in self.splits "
-                f"({sorted(self.splits)})")
+                "augmented_splits",
+                f"names {unknown}, which are not in self.splits ({sorted(self.splits)})",
+            )
         if self.max_samples is None:
             for name, split in self.splits.items():
                 if _scan.is_stream(split) and _scan.sized(split) is None:
@@ -195,7 +280,8 @@ class DatasetTests(CheckMixin):
                         f"split {name!r} set in {self._where()} is an IterableDataset without "
                         "__len__, so the checks cannot know where it ends (or whether it "
                         "does); set self.max_samples to the number of samples to scan, e.g. "
-                        "self.max_samples = 10_000 (or give the dataset a __len__).")
+                        "self.max_samples = 10_000 (or give the dataset a __len__)."
+                    )
 
     def _prepare(self) -> None:
         """Load the probes of every split; a key that does not fit the samples is a
@@ -205,38 +291,60 @@ class DatasetTests(CheckMixin):
             probe = self._first_probe(name)
             problem = probe.input_problem if probe is not None else None
             if problem is not None and problem.kind == "key":
-                raise self._key_error(name, "input_key", problem.text,
-                                      "the index or key of the input tensor", problem.fix)
+                raise self._key_error(
+                    name,
+                    "input_key",
+                    problem.text,
+                    "the index or key of the input tensor",
+                    problem.fix,
+                )
 
     def _first_probe(self, name: str) -> Optional[_scan.Probe]:
-        return next((probe for probe in self._state(name).probes.values()
-                     if probe.failure is None), None)
+        return next(
+            (probe for probe in self._state(name).probes.values() if probe.failure is None), None
+        )
 
-    def _key_error(self, name: str, attribute: str, problem: str, wanted: str,
-                   fix: Any = None) -> ContractError:
+    def _key_error(
+        self, name: str, attribute: str, problem: str, wanted: str, fix: Any = None
+    ) -> ContractError:
         value = getattr(self, attribute)
-        set_by = f"self.{attribute} = {value!r}" if self._sets(attribute) else \
-            f"self.{attribute} (default {value!r})"
+        set_by = (
+            f"self.{attribute} = {value!r}"
+            if self._sets(attribute)
+            else f"self.{attribute} (default {value!r})"
+        )
         example = f", e.g. self.{attribute} = {fix!r}" if fix is not None else ""
         return ContractError(
             f"{set_by} does not fit the samples of split {name!r}: the first sample {problem}. "
-            f"Set self.{attribute} in {self._where()} to {wanted}{example}.")
+            f"Set self.{attribute} in {self._where()} to {wanted}{example}."
+        )
 
     def _sets(self, attribute: str) -> bool:
         return attribute in vars(self) or any(
-            attribute in vars(base) for base in type(self).__mro__
-            if not (isinstance(base, type) and issubclass(base, CheckMixin)
-                    and base.__module__.startswith("dltestkit")))
+            attribute in vars(base)
+            for base in type(self).__mro__
+            if not (
+                isinstance(base, type)
+                and issubclass(base, CheckMixin)
+                and base.__module__.startswith("dltestkit")
+            )
+        )
 
     # -- loading, shared by the checks ----------------------------------------------------
     def _loading(self, name: str) -> _scan.Loading:
         return _scan.Loading(
-            input_key=self.input_key, target_key=self.target_key,
+            input_key=self.input_key,
+            target_key=self.target_key,
             collate_fn=self._collate_fn(),
             worker_init_fn=_unbound(self, "worker_init_fn"),
-            batch_size=self.batch_size, num_workers=self.num_workers,
-            max_samples=self.max_samples, probe_count=self.probe_count, seed=self.seed,
-            augmented=name in self.augmented_splits, timeout=float(self.loader_timeout))
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            max_samples=self.max_samples,
+            probe_count=self.probe_count,
+            seed=self.seed,
+            augmented=name in self.augmented_splits,
+            timeout=float(self.loader_timeout),
+        )
 
     def _collate_fn(self) -> Callable[[List[Any]], Any]:
         collate_fn = _unbound(self, "collate_fn")
@@ -254,18 +362,22 @@ class DatasetTests(CheckMixin):
         state = self._state(name)
         problem = self._load_problem(name, state)
         if problem is not None:
-            self.skipTest(f"split {name!r} cannot be loaded ({problem[0]}); see "
-                          f"{LOADING_CHECK}")
+            self.skipTest(f"split {name!r} cannot be loaded ({problem[0]}); see {LOADING_CHECK}")
         return state
 
     def _load_problem(self, name: str, state: SplitState) -> Optional[Tuple[str, str]]:
         """(short reason, full message) when the split cannot be loaded, else None."""
         if not state.stream and state.size == 0:
-            return "it is empty", (f"split {name!r} is empty: len() is 0. Check the path, "
-                                   "the file list or the filter that builds it.")
+            return "it is empty", (
+                f"split {name!r} is empty: len() is 0. Check the path, "
+                "the file list or the filter that builds it."
+            )
         scan = state.scan
-        failed = [(p, probe.failure, "in the main process")
-                  for p, probe in state.probes.items() if probe.failure is not None]
+        failed = [
+            (p, probe.failure, "in the main process")
+            for p, probe in state.probes.items()
+            if probe.failure is not None
+        ]
         failed += [(p, failure, "in a DataLoader worker") for p, failure in scan.failures]
         if failed:
             position, failure, place = min(failed, key=lambda item: _order(item[0]))
@@ -273,24 +385,36 @@ class DatasetTests(CheckMixin):
                 return "its __getitems__ fails", f"split {name!r}: {failure.text}."
             text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
             if scan.failure_count > 1:
-                text += (f" ({scan.failure_count} samples failed in the batches the workers "
-                         f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})")
+                text += (
+                    f" ({scan.failure_count} samples failed in the batches the workers "
+                    f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})"
+                )
             if failure.index_error and not state.stream:
-                text += (f". len() says the split has {state.size} samples: is __len__ larger "
-                         "than the data, or does __getitem__ index the wrong list?")
+                text += (
+                    f". len() says the split has {state.size} samples: is __len__ larger "
+                    "than the data, or does __getitem__ index the wrong list?"
+                )
             else:
                 text += ". Fix the split's __getitem__ or its transforms."
             return f"{where(position)} raised {failure.text.split(':')[0]}", text
-        problems = [(p, probe.input_problem) for p, probe in state.probes.items()
-                    if probe.input_problem] + scan.input_problems
+        problems = [
+            (p, probe.input_problem) for p, probe in state.probes.items() if probe.input_problem
+        ] + scan.input_problems
         if problems:
             position, problem = min(problems, key=lambda item: _order(item[0]))
-            return ("its inputs are not tensors" if problem.kind == "type" else
-                    f"{where(position)} has no input"), (
-                f"split {name!r}: the sample at {where(position)} {problem.text}." +
-                (f" Unlike the first samples, it does not fit self.input_key = "
-                 f"{self.input_key!r}: samples must all have the same structure."
-                 if problem.kind == "key" else ""))
+            return (
+                "its inputs are not tensors"
+                if problem.kind == "type"
+                else f"{where(position)} has no input"
+            ), (
+                f"split {name!r}: the sample at {where(position)} {problem.text}."
+                + (
+                    f" Unlike the first samples, it does not fit self.input_key = "
+                    f"{self.input_key!r}: samples must all have the same structure."
+                    if problem.kind == "key"
+                    else ""
+                )
+            )
         if scan.loader_error:
             if scan.timed_out:
                 return "a worker timed out", (
@@ -298,14 +422,18 @@ class DatasetTests(CheckMixin):
                     f"{self.loader_timeout:g} s; a DataLoader worker blocked while loading "
                     f"{scan.in_flight}. Look for a lock, a queue, a connection or a thread "
                     "pool that a forked worker inherits in a state it cannot use; raise "
-                    "self.loader_timeout if loading one batch really takes that long.")
+                    "self.loader_timeout if loading one batch really takes that long."
+                )
             return "the DataLoader failed", (
                 f"split {name!r}: the DataLoader (batch_size={self.batch_size}, "
                 f"num_workers={self.num_workers}) failed while loading {scan.in_flight}: "
-                f"{scan.loader_error}")
+                f"{scan.loader_error}"
+            )
         if state.stream and scan.count == 0 and not state.probes:
-            return "it is empty", (f"split {name!r} is an empty stream: neither the main "
-                                   "process nor the DataLoader workers read a sample from it.")
+            return "it is empty", (
+                f"split {name!r} is an empty stream: neither the main "
+                "process nor the DataLoader workers read a sample from it."
+            )
         return None
 
     def _compared(self, name: str, state: SplitState) -> Dict[Position, str]:
@@ -340,12 +468,15 @@ class DatasetTests(CheckMixin):
                 wrong = {shape: seen for shape, seen in scan.shapes.items() if shape != expected}
                 if wrong:
                     count = sum(seen[0] for seen in wrong.values())
-                    shapes = "; ".join(f"{shape} at {listed(seen[1], seen[0])}"
-                                       for shape, seen in sorted(wrong.items()))
+                    shapes = "; ".join(
+                        f"{shape} at {listed(seen[1], seen[0])}"
+                        for shape, seen in sorted(wrong.items())
+                    )
                     self.fail(
                         f"split {name!r}: {count} of {scan.count} samples do not have "
                         f"sample_shape {expected}: {shapes}. Fix the split's transforms "
-                        "(resize, pad, channel dimension) or self.sample_shape.")
+                        "(resize, pad, channel dimension) or self.sample_shape."
+                    )
 
     @check
     def test_value_range(self) -> None:
@@ -365,15 +496,19 @@ class DatasetTests(CheckMixin):
                         f"split {name!r}: {scan.nonfinite_count} of {scan.count} samples "
                         f"contain NaN or Inf: {listed(scan.nonfinite, scan.nonfinite_count)}. "
                         "Look for a division by a zero standard deviation, a log of 0 or a "
-                        "corrupt file.")
+                        "corrupt file."
+                    )
                 if scan.low_at is None or scan.high_at is None:
                     self.skipTest(f"split {name!r} has no input values (empty tensors)")
-                seen = (f"values seen over {scan.count} samples: min {scan.low:.6g} "
-                        f"({where(scan.low_at)}), max {scan.high:.6g} ({where(scan.high_at)})")
+                seen = (
+                    f"values seen over {scan.count} samples: min {scan.low:.6g} "
+                    f"({where(scan.low_at)}), max {scan.high:.6g} ({where(scan.high_at)})"
+                )
                 if scan.low < low or scan.high > high:
                     self.fail(
                         f"split {name!r} leaves value_range [{low}, {high}]: {seen}. Fix the "
-                        "normalisation, or widen self.value_range if the data is right.")
+                        "normalisation, or widen self.value_range if the data is right."
+                    )
                 if scan.low > low + slack or scan.high < high - slack:
                     needed = max(scan.low - low, high - scan.high) / (high - low)
                     self.fail(
@@ -383,7 +518,8 @@ class DatasetTests(CheckMixin):
                         "as [-1, 1]): fix the normalisation or self.value_range. If the data is "
                         "right (quiet audio, images that are never fully dark), set "
                         f"self.range_coverage = {_round_up(needed)} (1.0 checks the bounds "
-                        "only).")
+                        "only)."
+                    )
 
     @check
     def test_augmentation(self) -> None:
@@ -397,8 +533,10 @@ class DatasetTests(CheckMixin):
             with self.subTest(split=name):
                 state = self._loaded(name)
                 if state.stream:
-                    self.skipTest(f"split {name!r} is an IterableDataset: comparing two loads "
-                                  "of the same sample needs indices")
+                    self.skipTest(
+                        f"split {name!r} is an IterableDataset: comparing two loads "
+                        "of the same sample needs indices"
+                    )
                 different = self._compared(name, state)
                 probes = sorted(state.probes)
                 if name in self.augmented_splits and not different:
@@ -407,14 +545,19 @@ class DatasetTests(CheckMixin):
                         "twice gave identical inputs each time: no random augmentation is "
                         "applied. Add it to the split's transforms, or remove the split from "
                         "self.augmented_splits (or raise self.probe_count for an augmentation "
-                        "that changes few samples).")
-                if name not in self.augmented_splits and different and \
-                        self._random(state, sorted(different)):
+                        "that changes few samples)."
+                    )
+                if (
+                    name not in self.augmented_splits
+                    and different
+                    and self._random(state, sorted(different))
+                ):
                     self.fail(
                         f"split {name!r} is not in augmented_splits, but loading the same index "
                         f"twice gave different inputs: {_differences(different)}. Remove the "
                         "random transform from this split (evaluation data must be "
-                        "deterministic), or add the split to self.augmented_splits.")
+                        "deterministic), or add the split to self.augmented_splits."
+                    )
 
     @check
     def test_data_loading(self) -> None:
@@ -437,7 +580,8 @@ class DatasetTests(CheckMixin):
                         "DataLoader workers started with spawn or forkserver (the default on "
                         "macOS, Windows and, from Python 3.14, Linux) fail. Replace lambdas "
                         "and functions defined inside functions with module-level functions "
-                        "or classes.")
+                        "or classes."
+                    )
                 problem = self._load_problem(name, state)
                 if problem is not None:
                     self.fail(problem[1])
@@ -447,9 +591,11 @@ class DatasetTests(CheckMixin):
                 elif name not in self.augmented_splits:
                     different = self._compared(name, state)
                     if different and self._random(state, sorted(different)):
-                        self.skipTest(f"split {name!r} gives different inputs on every load, so "
-                                      "the loads of workers and of the main process cannot be "
-                                      "compared; see test_augmentation")
+                        self.skipTest(
+                            f"split {name!r} gives different inputs on every load, so "
+                            "the loads of workers and of the main process cannot be "
+                            "compared; see test_augmentation"
+                        )
                     if different:
                         self.fail(
                             f"split {name!r}: inputs loaded by DataLoader worker processes "
@@ -458,7 +604,8 @@ class DatasetTests(CheckMixin):
                             "agree. Workers must give the same data: look for state that is "
                             "changed while loading (a cache, a counter), a file handle opened in "
                             "__init__ and shared by the workers, or code that depends on "
-                            "torch.utils.data.get_worker_info().")
+                            "torch.utils.data.get_worker_info()."
+                        )
                 if scan.collate_error:
                     self._check_batching(name, scan)
 
@@ -474,41 +621,59 @@ class DatasetTests(CheckMixin):
                     f"whole stream instead of its own shard, so every epoch holds the data "
                     f"{self.num_workers} times. Give each worker its part in __iter__ with "
                     "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
-                    "worker_init_fn that does it).")
+                    "worker_init_fn that does it)."
+                )
         if scan.complete and state.size is not None and scan.count != state.size:
             self.fail(
                 f"split {name!r}: the DataLoader's {self.num_workers} workers read "
                 f"{scan.count} samples from the stream, but len() says {state.size}; make "
-                "__len__ count the samples __iter__ gives (over all workers).")
+                "__len__ count the samples __iter__ gives (over all workers)."
+            )
         if scan.complete and name not in self.augmented_splits:
-            missing = [p for p, probe in sorted(state.probes.items())
-                       if probe.hash is not None and probe.hash not in scan.hashes]
+            missing = [
+                p
+                for p, probe in sorted(state.probes.items())
+                if probe.hash is not None and probe.hash not in scan.hashes
+            ]
             if missing:
                 self.fail(
                     f"split {name!r}: {len(missing)} of the first {len(state.probes)} samples "
                     f"read in the main process were read by no DataLoader worker "
                     f"({listed(missing)}): the workers read other data than the main process "
                     "(shards that leave data out, code that depends on the worker), or the "
-                    "stream is random (then add it to self.augmented_splits).")
+                    "stream is random (then add it to self.augmented_splits)."
+                )
 
     def _check_batching(self, name: str, scan: _scan.Scan) -> None:
-        if self._is_set("sample_shape") and len(scan.collate_shapes) > 1 and \
-                any(shape != tuple(self.sample_shape) for shape in scan.shapes):
-            self.skipTest(f"split {name!r} has samples of different shapes, which cannot be "
-                          "batched; see test_sample_shape")
+        if (
+            self._is_set("sample_shape")
+            and len(scan.collate_shapes) > 1
+            and any(shape != tuple(self.sample_shape) for shape in scan.shapes)
+        ):
+            self.skipTest(
+                f"split {name!r} has samples of different shapes, which cannot be "
+                "batched; see test_sample_shape"
+            )
         if self._is_set("num_classes") and scan.target_problem_count:
-            self.skipTest(f"split {name!r} has targets that are not class indices, which "
-                          "cannot be batched; see test_labels")
+            self.skipTest(
+                f"split {name!r} has targets that are not class indices, which "
+                "cannot be batched; see test_labels"
+            )
         shapes = scan.collate_shapes
         more = f" and {len(shapes) - _scan.SHOWN} more" if len(shapes) > _scan.SHOWN else ""
-        shapes_text = (f"; the batch of {scan.collate_at} holds inputs of "
-                       f"{len(shapes)} shapes: {', '.join(str(s) for s in shapes[:_scan.SHOWN])}"
-                       f"{more}" if len(shapes) > 1 else "")
+        shapes_text = (
+            f"; the batch of {scan.collate_at} holds inputs of "
+            f"{len(shapes)} shapes: {', '.join(str(s) for s in shapes[: _scan.SHOWN])}"
+            f"{more}"
+            if len(shapes) > 1
+            else ""
+        )
         self.fail(
             f"split {name!r}: samples cannot be batched by collate_fn "
             f"({_scan.describe_callable(self._collate_fn())}): "
             f"{scan.collate_error}{shapes_text}. Set self.collate_fn to the collate function your "
-            "DataLoader uses (e.g. one that pads sequences), or fix the samples.")
+            "DataLoader uses (e.g. one that pads sequences), or fix the samples."
+        )
 
     @check
     def test_split_overlap(self) -> None:
@@ -524,28 +689,35 @@ class DatasetTests(CheckMixin):
                 f"test_split_overlap compares the splits that are not in augmented_splits, and "
                 f"there are fewer than two ({plain}); to include an augmented split, add an "
                 "un-augmented view of it to self.splits under another name, e.g. "
-                "self.splits['train (plain)'] = TrainData(transform=eval_transform)")
+                "self.splits['train (plain)'] = TrainData(transform=eval_transform)"
+            )
         for first, second in itertools.combinations(plain, 2):
             with self.subTest(splits=(first, second)):
                 one, other = self._loaded(first), self._loaded(second)
-                shared = [(one.scan.hashes[h], r) for h, r in other.scan.hashes.items()
-                          if h in one.scan.hashes]
+                shared = [
+                    (one.scan.hashes[h], r)
+                    for h, r in other.scan.hashes.items()
+                    if h in one.scan.hashes
+                ]
                 pairs = self._confirmed(one, other, shared)
                 if pairs:
                     count = sum(r.count for _, r in shared)
-                    shown = ", ".join(f"{first} {where(a)} = {second} {where(b)}"
-                                      for a, b in pairs)
+                    shown = ", ".join(f"{first} {where(a)} = {second} {where(b)}" for a, b in pairs)
                     self.fail(
                         f"splits {first!r} and {second!r} share inputs: {count} of the "
                         f"{other.scan.count} scanned samples of {second!r} "
                         f"({100 * count / other.scan.count:.1f}%) also occur in {first!r}, "
                         f"e.g. {shown}. Data in both splits inflates the scores measured on "
                         f"{second!r}; remove the duplicates from one split (compare contents, "
-                        "not file names).")
+                        "not file names)."
+                    )
 
-    def _confirmed(self, one: SplitState, other: SplitState,
-                   shared: List[Tuple[_scan.Registered, _scan.Registered]],
-                   ) -> List[Tuple[Position, Position]]:
+    def _confirmed(
+        self,
+        one: SplitState,
+        other: SplitState,
+        shared: List[Tuple[_scan.Registered, _scan.Registered]],
+    ) -> List[Tuple[Position, Position]]:
         """Up to five shared pairs, confirmed by comparing the inputs exactly (loaded again in
         the main process; pairs from a stream are matched by their 128-bit hash)."""
         pairs = []
@@ -575,40 +747,60 @@ class DatasetTests(CheckMixin):
             if probe is not None and probe.target_missing:
                 fix = probe.target_key_hint
                 raise self._key_error(
-                    name, "target_key", f"has no element {self.target_key!r} "
-                    f"({probe.structure})", "the index or key of the class label" + (
-                        "" if fix is not None else ", or leave self.num_classes unset "
-                        "(test_labels needs samples that hold a target)"), fix)
+                    name,
+                    "target_key",
+                    f"has no element {self.target_key!r} ({probe.structure})",
+                    "the index or key of the class label"
+                    + (
+                        ""
+                        if fix is not None
+                        else ", or leave self.num_classes unset "
+                        "(test_labels needs samples that hold a target)"
+                    ),
+                    fix,
+                )
         for name in self.splits:
             with self.subTest(split=name):
                 scan = self._loaded(name).scan
                 if scan.target_problem_count:
                     position, what = scan.target_problems[0]
-                    hint = (" (batches of it have shape (batch, 1), which cross-entropy "
-                            "rejects: give the label as int(label))" if "shape (1,)" in what
-                            else "")
+                    hint = (
+                        " (batches of it have shape (batch, 1), which cross-entropy "
+                        "rejects: give the label as int(label))"
+                        if "shape (1,)" in what
+                        else ""
+                    )
                     self.fail(
                         f"split {name!r}: {scan.target_problem_count} targets are not integer "
                         f"class indices; the target of {where(position)} is {what}{hint}. "
                         "Classification losses need integer class indices (an int or a 0-dim "
                         "int64 tensor); convert the labels in the dataset, or leave "
-                        "self.num_classes unset if the targets are not class labels.")
+                        "self.num_classes unset if the targets are not class labels."
+                    )
                 if scan.unlabelled_count:
                     self.fail(
                         f"split {name!r}: {scan.unlabelled_count} samples have no element "
                         f"{self.target_key!r} (self.target_key), unlike the first samples: "
-                        f"{listed(scan.unlabelled, scan.unlabelled_count)}.")
+                        f"{listed(scan.unlabelled, scan.unlabelled_count)}."
+                    )
                 outside = sorted(c for c in scan.labels if not 0 <= c < classes)
                 counts = self._class_counts(scan, classes)
                 if outside:
-                    shown = ", ".join(f"{c} ({scan.labels[c]} samples, first at "
-                                      f"{where(scan.first_with_label[c])})" for c in outside[:10])
-                    hint = (" Labels numbered from 1 instead of 0?" if min(scan.labels) == 1
-                            and max(scan.labels) == classes else "")
+                    shown = ", ".join(
+                        f"{c} ({scan.labels[c]} samples, first at "
+                        f"{where(scan.first_with_label[c])})"
+                        for c in outside[:10]
+                    )
+                    hint = (
+                        " Labels numbered from 1 instead of 0?"
+                        if min(scan.labels) == 1 and max(scan.labels) == classes
+                        else ""
+                    )
                     self.fail(
                         f"split {name!r} has targets outside [0, num_classes={classes}): "
                         f"{shown}. Class counts: {counts}.{hint} Fix the labels, or "
-                        "self.num_classes if it is wrong.")
+                        "self.num_classes if it is wrong."
+                    )
                 needed = (self.class_presence or 0) * classes
                 missing = [c for c in range(classes) if not scan.labels[c]]
                 if missing and self.class_presence is not None and scan.labelled >= needed:
@@ -619,17 +811,21 @@ class DatasetTests(CheckMixin):
                         "made by label? A split of at least class_presence="
                         f"{self.class_presence} samples per class ({needed} here) must hold "
                         "every class; if the class is legitimately rare or absent, raise "
-                        "self.class_presence or set it to None.")
+                        "self.class_presence or set it to None."
+                    )
                 if scan.conflict_count:
-                    shown = ", ".join(f"{where(first.position)} (target {first.label}) and "
-                                      f"{where(position)} (target {label})"
-                                      for first, position, label in scan.conflicts)
+                    shown = ", ".join(
+                        f"{where(first.position)} (target {first.label}) and "
+                        f"{where(position)} (target {label})"
+                        for first, position, label in scan.conflicts
+                    )
                     self.fail(
                         f"split {name!r}: {scan.conflict_count} samples have the same input as "
                         f"an earlier sample but another target, e.g. {shown}. Inputs and "
                         "targets are paired wrongly (a label list in another order than the "
                         "files), or the same input is labelled twice; fix the pairing, or "
-                        "remove the contradicting duplicates.")
+                        "remove the contradicting duplicates."
+                    )
 
     @staticmethod
     def _class_counts(scan: _scan.Scan, classes: int) -> str:
@@ -637,8 +833,10 @@ class DatasetTests(CheckMixin):
         if len(shown) <= 20:
             return ", ".join(f"{c}: {scan.labels[c]}" for c in shown)
         counts = [scan.labels[c] for c in range(classes)]
-        return (f"{sum(1 for n in counts if n)} of {classes} classes present, "
-                f"{min(counts)} to {max(counts)} samples per class")
+        return (
+            f"{sum(1 for n in counts if n)} of {classes} classes present, "
+            f"{min(counts)} to {max(counts)} samples per class"
+        )
 
 
 def _differences(different: Dict[Position, str]) -> str:
@@ -654,4 +852,3 @@ def _round_up(fraction: float) -> str:
 
 def _order(position: Position) -> Tuple[int, int]:
     return position if isinstance(position, tuple) else (0, position)
-

@@ -6,6 +6,7 @@ its own statistics, parameters that get no gradient (DDP fails on the next step)
 run the real ``torch.distributed`` with the gloo backend on ``world_size`` CPU processes
 (``dltestkit.launch.run_distributed``), so they need no GPU and no cluster.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,15 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 from torch import nn
 
-from ._base import Attribute, CheckMixin, check, is_bool, is_names, is_number, is_positive_int, optional
+from ._base import (
+    Attribute,
+    CheckMixin,
+    check,
+    is_bool,
+    is_names,
+    is_number,
+    is_positive_int,
+)
 from ._model_base import ModelContract
 from ._tensors import batched_entries, call_model, named_tensors, replace_entries
 from .launch import DistributedError, run_distributed
@@ -24,8 +33,15 @@ from .launch import DistributedError, run_distributed
 __all__ = ["DistributedModelTests"]
 
 #: The normalisation layers that use the statistics of their batch in training mode.
-BATCH_STATISTICS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LazyBatchNorm1d,
-                    nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, nn.SyncBatchNorm)
+BATCH_STATISTICS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
 #: DDP's error on the step after a parameter got no gradient (find_unused_parameters=False).
 _UNUSED_ERROR = "Expected to have finished reduction in the prior iteration"
 
@@ -46,22 +62,33 @@ class DistributedOptions(CheckMixin):
     """What every distributed mixin reads: how many processes, and how long they may take."""
 
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("world_size", "the number of processes (ranks) a distributed check runs", "4",
-                  default=2, validate=_is_world_size,
-                  details="Each rank is a CPU process joined to the others by torch.distributed "
-                          "with the gloo backend."),
-        Attribute("distributed_timeout", "the seconds a distributed check may take before a "
-                  "rank counts as hung", "300", default=60.0, validate=_is_timeout,
-                  details="A rank still running then is stopped and reported, with the "
-                          "others' tracebacks; a check never hangs."),
+        Attribute(
+            "world_size",
+            "the number of processes (ranks) a distributed check runs",
+            "4",
+            default=2,
+            validate=_is_world_size,
+            details="Each rank is a CPU process joined to the others by torch.distributed "
+            "with the gloo backend.",
+        ),
+        Attribute(
+            "distributed_timeout",
+            "the seconds a distributed check may take before a rank counts as hung",
+            "300",
+            default=60.0,
+            validate=_is_timeout,
+            details="A rank still running then is stopped and reported, with the "
+            "others' tracebacks; a check never hangs.",
+        ),
     )
 
     world_size: int
     distributed_timeout: float
 
     def _run_ranks(self, function: Any, *args: Any) -> List[Any]:
-        return run_distributed(function, self.world_size, *args,
-                               timeout=float(self.distributed_timeout))
+        return run_distributed(
+            function, self.world_size, *args, timeout=float(self.distributed_timeout)
+        )
 
 
 @dataclass
@@ -86,14 +113,16 @@ def _set_modes(model: nn.Module, local_statistics: Collection[str]) -> List[str]
     training = []
     for name, module in model.named_modules():
         if isinstance(module, BATCH_STATISTICS) and not any(
-                fnmatch.fnmatchcase(name, pattern) for pattern in local_statistics):
+            fnmatch.fnmatchcase(name, pattern) for pattern in local_statistics
+        ):
             module.train()
             training.append(name)
     return training
 
 
-def _batch_loss(output: Any, weights: Sequence[torch.Tensor], batch_dims: Sequence[Optional[int]],
-                batch: int) -> torch.Tensor:
+def _batch_loss(
+    output: Any, weights: Sequence[torch.Tensor], batch_dims: Sequence[Optional[int]], batch: int
+) -> torch.Tensor:
     """The mean over the samples of each sample's randomly weighted outputs: a loss whose
     gradient DDP's averaging over equal shards reproduces exactly."""
     total = torch.zeros(())
@@ -104,10 +133,16 @@ def _batch_loss(output: Any, weights: Sequence[torch.Tensor], batch_dims: Sequen
     return total / batch
 
 
-def _sgd_steps(model: nn.Module, inputs: Any, weights: Sequence[torch.Tensor],
-               batch_dims: Sequence[Optional[int]], batch: int, loss_fn: Any, seed: int,
-               parameters: Optional[Sequence[Tuple[str, nn.Parameter]]] = None,
-               ) -> List[Dict[str, Optional[torch.Tensor]]]:
+def _sgd_steps(
+    model: nn.Module,
+    inputs: Any,
+    weights: Sequence[torch.Tensor],
+    batch_dims: Sequence[Optional[int]],
+    batch: int,
+    loss_fn: Any,
+    seed: int,
+    parameters: Optional[Sequence[Tuple[str, nn.Parameter]]] = None,
+) -> List[Dict[str, Optional[torch.Tensor]]]:
     """Two SGD steps of ``model`` (maybe DDP-wrapped) on ``inputs`` (``batch`` samples); the
     gradients of each step, by parameter name."""
     named = list(parameters if parameters is not None else model.named_parameters())
@@ -118,11 +153,15 @@ def _sgd_steps(model: nn.Module, inputs: Any, weights: Sequence[torch.Tensor],
         torch.manual_seed(seed + step)
         optimizer.zero_grad(set_to_none=True)
         output = call_model(model, inputs)
-        loss = loss_fn(output) if loss_fn is not None else _batch_loss(
-            output, weights, batch_dims, batch)
+        loss = (
+            loss_fn(output)
+            if loss_fn is not None
+            else _batch_loss(output, weights, batch_dims, batch)
+        )
         loss.backward()
-        seen.append({name: None if p.grad is None else p.grad.detach().clone()
-                     for name, p in named})
+        seen.append(
+            {name: None if p.grad is None else p.grad.detach().clone() for name, p in named}
+        )
         optimizer.step()
     return seen
 
@@ -132,10 +171,18 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optiona
     model = copy.deepcopy(step.model)
     _set_modes(model, step.local_statistics)
     wrapped = nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=step.find_unused_parameters)
-    return _sgd_steps(wrapped, step.shards[rank], step.weights[rank], step.batch_dims,
-                      step.batch // world_size, step.loss_fn, step.seed + 10 * rank,
-                      parameters=list(model.named_parameters()))
+        model, find_unused_parameters=step.find_unused_parameters
+    )
+    return _sgd_steps(
+        wrapped,
+        step.shards[rank],
+        step.weights[rank],
+        step.batch_dims,
+        step.batch // world_size,
+        step.loss_fn,
+        step.seed + 10 * rank,
+        parameters=list(model.named_parameters()),
+    )
 
 
 class DistributedModelTests(DistributedOptions, ModelContract):
@@ -149,28 +196,50 @@ class DistributedModelTests(DistributedOptions, ModelContract):
 
     _mixin_name: ClassVar[str] = "DistributedModelTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("local_batch_statistics", "names or glob patterns of the batch-normalisation "
-                  "layers that may normalise each rank's shard on its own", '["backbone.*"]',
-                  default=(), validate=is_names, read_by=("test_ddp_gradients",),
-                  details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
-                          "`nn.SyncBatchNorm` shares them (on GPUs). List the layers for which "
-                          "per-rank statistics are intended; the check then compares with them "
-                          "in eval mode."),
-        Attribute("find_unused_parameters", "the find_unused_parameters argument the model is "
-                  "wrapped in DistributedDataParallel with", "True", default=False,
-                  validate=is_bool, read_by=("test_ddp_gradients",),
-                  details="Set it as your training code does; False, DDP's default, fails on "
-                          "parameters that get no gradient."),
-        Attribute("ddp_rtol", "the relative tolerance comparing DDP's gradients with one "
-                  "process's", "1e-3", default=1e-4, validate=is_number,
-                  read_by=("test_ddp_gradients",),
-                  details="Averaging over ranks adds the samples' contributions in another "
-                          "order than one process does, so float32 gradients agree to about "
-                          "1e-6 of their size, a deep network's to about 1e-5 after a step; "
-                          "the bugs this check finds change them by percents."),
-        Attribute("ddp_atol", "the absolute tolerance comparing DDP's gradients with one "
-                  "process's", "1e-4", default=1e-5, validate=is_number,
-                  read_by=("test_ddp_gradients",)),
+        Attribute(
+            "local_batch_statistics",
+            "names or glob patterns of the batch-normalisation "
+            "layers that may normalise each rank's shard on its own",
+            '["backbone.*"]',
+            default=(),
+            validate=is_names,
+            read_by=("test_ddp_gradients",),
+            details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
+            "`nn.SyncBatchNorm` shares them (on GPUs). List the layers for which "
+            "per-rank statistics are intended; the check then compares with them "
+            "in eval mode.",
+        ),
+        Attribute(
+            "find_unused_parameters",
+            "the find_unused_parameters argument the model is "
+            "wrapped in DistributedDataParallel with",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_ddp_gradients",),
+            details="Set it as your training code does; False, DDP's default, fails on "
+            "parameters that get no gradient.",
+        ),
+        Attribute(
+            "ddp_rtol",
+            "the relative tolerance comparing DDP's gradients with one process's",
+            "1e-3",
+            default=1e-4,
+            validate=is_number,
+            read_by=("test_ddp_gradients",),
+            details="Averaging over ranks adds the samples' contributions in another "
+            "order than one process does, so float32 gradients agree to about "
+            "1e-6 of their size, a deep network's to about 1e-5 after a step; "
+            "the bugs this check finds change them by percents.",
+        ),
+        Attribute(
+            "ddp_atol",
+            "the absolute tolerance comparing DDP's gradients with one process's",
+            "1e-4",
+            default=1e-5,
+            validate=is_number,
+            read_by=("test_ddp_gradients",),
+        ),
     )
 
     local_batch_statistics: Collection[str]
@@ -183,35 +252,50 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         batch, ranks = self._batch_size(), self.world_size
         if batch % ranks:
             raise self._contract_error(
-                "inputs", f"holds {batch} samples, which {ranks} ranks cannot share equally; "
+                "inputs",
+                f"holds {batch} samples, which {ranks} ranks cannot share equally; "
                 f"test_ddp_gradients needs a multiple of world_size ({ranks}), e.g. "
-                f"{ranks * max(1, batch // ranks)}")
+                f"{ranks * max(1, batch // ranks)}",
+            )
         entries = batched_entries(self.inputs, self.unbatched_inputs)
-        return [replace_entries(self.inputs, {key: tensor.chunk(ranks)[rank]
-                                              for key, tensor in entries})
-                for rank in range(ranks)]
+        return [
+            replace_entries(
+                self.inputs, {key: tensor.chunk(ranks)[rank] for key, tensor in entries}
+            )
+            for rank in range(ranks)
+        ]
 
     def _batch_dims(self, model: nn.Module, shard: Any) -> List[Optional[int]]:
         """The batch dimension of each floating-point output (the one whose size follows the
         batch size), or None for an output without one (a scalar loss)."""
         with torch.no_grad():
-            full = [t for _, t in named_tensors(self._forward(model, self.inputs))
-                    if t.is_floating_point()]
-            part = [t for _, t in named_tensors(self._forward(model, shard))
-                    if t.is_floating_point()]
+            full = [
+                t
+                for _, t in named_tensors(self._forward(model, self.inputs))
+                if t.is_floating_point()
+            ]
+            part = [
+                t for _, t in named_tensors(self._forward(model, shard)) if t.is_floating_point()
+            ]
         batch, size = self._batch_size(), self._batch_size() // self.world_size
         dims: List[Optional[int]] = []
         for whole, piece in zip(full, part):
-            changed = [d for d in range(whole.dim()) if whole.shape[d] != piece.shape[d]] \
-                if whole.dim() == piece.dim() else []
-            ok = len(changed) == 1 and whole.shape[changed[0]] == batch and \
-                piece.shape[changed[0]] == size
+            changed = (
+                [d for d in range(whole.dim()) if whole.shape[d] != piece.shape[d]]
+                if whole.dim() == piece.dim()
+                else []
+            )
+            ok = (
+                len(changed) == 1
+                and whole.shape[changed[0]] == batch
+                and piece.shape[changed[0]] == size
+            )
             dims.append(changed[0] if ok else None)
         return dims
 
     @check
     def test_ddp_gradients(self) -> None:
-        """Check that DDP over ``world_size`` processes gives the gradients of one process on the whole batch.
+        """Check that DDP on ``world_size`` processes gives one process's gradients on the batch.
 
         Catches what makes data-parallel training differ from one process: layers that use
         batch statistics (BatchNorm without SyncBatchNorm), parameters unused in forward (DDP
@@ -224,37 +308,56 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         dims = self._batch_dims(reference, shards[0])
         if self.loss_fn is None and not any(d is not None for d in dims):
             raise self._contract_error(
-                "loss_fn", "is unset and no floating-point output has a batch dimension to "
-                "average over; set self.loss_fn to the mean loss over the batch")
+                "loss_fn",
+                "is unset and no floating-point output has a batch dimension to "
+                "average over; set self.loss_fn to the mean loss over the batch",
+            )
         generator = torch.Generator().manual_seed(self.seed)
-        outputs = [t for _, t in named_tensors(self._forward(reference, self.inputs))
-                   if t.is_floating_point()]
-        full = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
-                for t in outputs]
+        outputs = [
+            t
+            for _, t in named_tensors(self._forward(reference, self.inputs))
+            if t.is_floating_point()
+        ]
+        full = [
+            torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in outputs
+        ]
         ranks = self.world_size
-        per_rank = [[w.chunk(ranks, dim)[rank] if dim is not None else w
-                     for w, dim in zip(full, dims)] for rank in range(ranks)]
-        one_process = _sgd_steps(reference, self.inputs, full, dims, self._batch_size(),
-                                 self.loss_fn, self.seed)
+        per_rank = [
+            [w.chunk(ranks, dim)[rank] if dim is not None else w for w, dim in zip(full, dims)]
+            for rank in range(ranks)
+        ]
+        one_process = _sgd_steps(
+            reference, self.inputs, full, dims, self._batch_size(), self.loss_fn, self.seed
+        )
         unused = {name for name, grad in one_process[0].items() if grad is None}
         in_training = self._copy_model()
         _, grads = self._gradients(in_training, self._trainable(in_training))
-        used_in_training = {name for (name, _), grad in
-                            zip(self._trainable(in_training), grads) if grad is not None}
+        used_in_training = {
+            name for (name, _), grad in zip(self._trainable(in_training), grads) if grad is not None
+        }
         # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
         # is frozen for the comparison: DDP training runs it in training mode, where it is used.
         frozen = unused & used_in_training
         model = self._copy_model()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(parameter.requires_grad and name not in frozen)
-        step = _Step(model, shards, per_rank, dims, self._batch_size(),
-                     self.local_batch_statistics, self.find_unused_parameters, self.loss_fn,
-                     self.seed)
+        step = _Step(
+            model,
+            shards,
+            per_rank,
+            dims,
+            self._batch_size(),
+            self.local_batch_statistics,
+            self.find_unused_parameters,
+            self.loss_fn,
+            self.seed,
+        )
         try:
             results = self._run_ranks(_ddp_rank, step)
         except DistributedError as error:
-            self._explain_failure(error, [name for name in one_process[0]
-                                          if name in unused and name not in frozen])
+            self._explain_failure(
+                error, [name for name in one_process[0] if name in unused and name not in frozen]
+            )
         for rank, steps in enumerate(results):
             for number, (ddp, single) in enumerate(zip(steps, one_process), 1):
                 self._compare(ddp, single, rank, number, training)
@@ -268,12 +371,16 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                 + (f" ({', '.join(unused)})" if unused else "")
                 + ". Use every parameter in forward (or freeze the ones that are not), or wrap "
                 "the model with find_unused_parameters=True (slower) and set it here too. "
-                f"DDP's error: {error.first_line()}")
-        self.fail(f"training the model with DistributedDataParallel on {self.world_size} ranks "
-                  f"failed: {error.first_line()}\n{text}")
+                f"DDP's error: {error.first_line()}"
+            )
+        self.fail(
+            f"training the model with DistributedDataParallel on {self.world_size} ranks "
+            f"failed: {error.first_line()}\n{text}"
+        )
 
-    def _compare(self, ddp: Dict[str, Any], single: Dict[str, Any], rank: int, step: int,
-                 training: List[str]) -> None:
+    def _compare(
+        self, ddp: Dict[str, Any], single: Dict[str, Any], rank: int, step: int, training: List[str]
+    ) -> None:
         for name, expected in single.items():
             got = ddp.get(name)
             if expected is None or got is None:
@@ -286,24 +393,35 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                     f"at step {step} the gradient of {name} that DistributedDataParallel gives "
                     f"rank {rank} (each of {self.world_size} ranks on its shard of the batch) "
                     f"differs from the gradient of one process on the whole batch. {cause}\n"
-                    f"{mismatch}")
+                    f"{mismatch}"
+                )
 
     def _cause(self, ddp: Dict[str, Any], single: Dict[str, Any], training: List[str]) -> str:
-        ratios = {float((d.double() * s.double()).sum() / s.double().square().sum())
-                  for name, s in single.items() if s is not None and (d := ddp.get(name))
-                  is not None and float(s.double().square().sum()) > 0}
+        ratios = {
+            float((d.double() * s.double()).sum() / s.double().square().sum())
+            for name, s in single.items()
+            if s is not None
+            and (d := ddp.get(name)) is not None
+            and float(s.double().square().sum()) > 0
+        }
         constant = len({round(r, 3) for r in ratios}) == 1
         if constant and ratios and abs(next(iter(ratios)) - 1.0) > 1e-3:
             factor = next(iter(ratios))
-            return (f"Every gradient is {factor:.3g} times the single-process one: the output or "
-                    "the loss depends on the batch size (a sum over the batch where a mean "
-                    "belongs, or a division by the batch size); DDP averages the ranks' "
-                    "gradients, which matches one process only for a mean over the samples.")
+            return (
+                f"Every gradient is {factor:.3g} times the single-process one: the output or "
+                "the loss depends on the batch size (a sum over the batch where a mean "
+                "belongs, or a division by the batch size); DDP averages the ranks' "
+                "gradients, which matches one process only for a mean over the samples."
+            )
         if training:
-            return (f"The model normalises with batch statistics ({', '.join(training)}): "
-                    "under DDP each rank uses the statistics of its own shard. Convert the "
-                    "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
-                    "wrapping the model in DDP (SyncBatchNorm runs on GPUs), or list them in "
-                    "self.local_batch_statistics if per-rank statistics are intended.")
-        return ("A sample's output depends on the other samples of its batch (see "
-                "test_batch_independence), or the loss is not a mean over the samples.")
+            return (
+                f"The model normalises with batch statistics ({', '.join(training)}): "
+                "under DDP each rank uses the statistics of its own shard. Convert the "
+                "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
+                "wrapping the model in DDP (SyncBatchNorm runs on GPUs), or list them in "
+                "self.local_batch_statistics if per-rank statistics are intended."
+            )
+        return (
+            "A sample's output depends on the other samples of its batch (see "
+            "test_batch_independence), or the loss is not a mean over the samples."
+        )

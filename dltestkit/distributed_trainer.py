@@ -5,6 +5,7 @@ inside ``world_size`` gloo processes (``dltestkit.launch.run_distributed``), tra
 two epochs and compares what the ranks did: the weights they start and end with, the samples
 each loaded in each epoch, and what they logged.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,9 +29,11 @@ EPOCHS = 2
 
 
 def _is_tolerance(value: Any) -> Optional[str]:
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                    for v in value)):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
         return None
     return f"is {value!r}, not an (rtol, atol) pair of non-negative numbers"
 
@@ -61,13 +64,17 @@ class _RecordingSampler:
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (or DataParallel)."""
     inner = getattr(model, "module", None)
-    return inner if isinstance(model, nn.parallel.DistributedDataParallel) and \
-        isinstance(inner, nn.Module) else model
+    return (
+        inner
+        if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(inner, nn.Module)
+        else model
+    )
 
 
 def _state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: value.detach().cpu().clone()
-            for name, value in _unwrapped(model).state_dict().items()}
+    return {
+        name: value.detach().cpu().clone() for name, value in _unwrapped(model).state_dict().items()
+    }
 
 
 def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> Dict[str, Any]:
@@ -91,9 +98,15 @@ def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> 
         close = getattr(writer, "close", None)
         if callable(close):
             close()
-    return {"start": start, "end": _state(test._model(trainer)), "epochs": recorder.epochs,
-            "size": recorder.dataset_size, "shuffle": getattr(recorder.sampler, "shuffle", None),
-            "sampler": type(recorder.sampler).__name__, "logged": logged}
+    return {
+        "start": start,
+        "end": _state(test._model(trainer)),
+        "epochs": recorder.epochs,
+        "size": recorder.dataset_size,
+        "shuffle": getattr(recorder.sampler, "shuffle", None),
+        "sampler": type(recorder.sampler).__name__,
+        "logged": logged,
+    }
 
 
 class DistributedTrainerTests(DistributedOptions, TrainerContract):
@@ -108,19 +121,28 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
 
     _mixin_name: ClassVar[str] = "DistributedTrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("train_loader_attribute", "the name of the trainer's attribute holding the "
-                  "DataLoader of its training data", '"loader"', default="train_loader",
-                  validate=is_str, read_by=("test_ddp_training",),
-                  details="The check watches which samples its sampler hands out on each rank."),
-        Attribute("single_process_tolerance", "the (rtol, atol) within which the distributed "
-                  "training must end with the weights of one process on the whole data",
-                  "(1e-4, 1e-6)", validate=optional(_is_tolerance),
-                  read_by=("test_ddp_training",),
-                  details="Unset: not compared. Set it for a trainer whose loss is a mean over "
-                          "the batch, that draws no random numbers while training, and whose "
-                          "`make_trainer(rank=0, world_size=1)` takes batches `world_size` times "
-                          "as large in the same order (as DistributedSampler with the same "
-                          "seed gives)."),
+        Attribute(
+            "train_loader_attribute",
+            "the name of the trainer's attribute holding the DataLoader of its training data",
+            '"loader"',
+            default="train_loader",
+            validate=is_str,
+            read_by=("test_ddp_training",),
+            details="The check watches which samples its sampler hands out on each rank.",
+        ),
+        Attribute(
+            "single_process_tolerance",
+            "the (rtol, atol) within which the distributed "
+            "training must end with the weights of one process on the whole data",
+            "(1e-4, 1e-6)",
+            validate=optional(_is_tolerance),
+            read_by=("test_ddp_training",),
+            details="Unset: not compared. Set it for a trainer whose loss is a mean over "
+            "the batch, that draws no random numbers while training, and whose "
+            "`make_trainer(rank=0, world_size=1)` takes batches `world_size` times "
+            "as large in the same order (as DistributedSampler with the same "
+            "seed gives).",
+        ),
     )
 
     train_loader_attribute: str
@@ -131,9 +153,11 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         make_trainer = self.make_trainer
         trainer = make_trainer(rank=rank, world_size=world_size)
         if not (callable(getattr(trainer, "train", None))):
-            raise ContractError(f"self.make_trainer(rank={rank}, world_size={world_size}) "
-                                f"returned a {type(trainer).__name__}, which has no "
-                                "train(epochs)")
+            raise ContractError(
+                f"self.make_trainer(rank={rank}, world_size={world_size}) "
+                f"returned a {type(trainer).__name__}, which has no "
+                "train(epochs)"
+            )
         return trainer
 
     def _record_samples(self, trainer: Any) -> _RecordingSampler:
@@ -144,7 +168,8 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 f"trainer.{self.train_loader_attribute} (train_loader_attribute) is "
                 f"{type(loader).__name__}, not a DataLoader that batches its samples; "
                 "test_ddp_training watches the indices its sampler hands out. Set "
-                "self.train_loader_attribute to the name of the training DataLoader.")
+                "self.train_loader_attribute to the name of the training DataLoader."
+            )
         recorder = _RecordingSampler(batches.sampler, len(loader.dataset))  # type: ignore[arg-type]
         batches.sampler = recorder
         return recorder
@@ -152,7 +177,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
     # -- the check --------------------------------------------------------------------------
     @check
     def test_ddp_training(self) -> None:
-        """Check that the ranks of a distributed trainer start and end alike, share the data and log once.
+        """Check that a distributed trainer's ranks start and end alike, share data, log once.
 
         Catches the bugs of distributed data parallel training: ranks that start from
         different weights (seeded differently, nothing broadcast), gradients that are not
@@ -162,24 +187,30 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         """
         self._get_or_skip("make_trainer")
         if _start_method() != "fork":
-            self.skipTest("test_ddp_training builds the trainers inside the ranks with "
-                          "self.make_trainer, which needs the fork start method (Linux, macOS)")
+            self.skipTest(
+                "test_ddp_training builds the trainers inside the ranks with "
+                "self.make_trainer, which needs the fork start method (Linux, macOS)"
+            )
         self._temp_root = str(self.make_temp_dir())  # make_temp_dir() in the ranks goes here
         try:
             ranks = self._run_ranks(_train_rank, self)
         except DistributedError as error:
             if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
                 raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
-            self.fail(f"training with make_trainer(rank, world_size) on {self.world_size} "
-                      f"processes failed: {error.first_line()}\n{error}")
+            self.fail(
+                f"training with make_trainer(rank, world_size) on {self.world_size} "
+                f"processes failed: {error.first_line()}\n{error}"
+            )
         finally:
             self._temp_root = None
         with self.subTest("start"):
             self._same_on_every_rank(ranks, "start")
         with self.subTest("end"):
             if any(difference(ranks[0]["start"], other["start"]) for other in ranks[1:]):
-                self.skipTest("the ranks start from different weights already (see the "
-                              "'start' subtest), so they cannot end alike")
+                self.skipTest(
+                    "the ranks start from different weights already (see the "
+                    "'start' subtest), so they cannot end alike"
+                )
             self._same_on_every_rank(ranks, "end")
         with self.subTest("data"):
             self._check_samples(ranks)
@@ -187,8 +218,10 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             self._check_logging(ranks)
         with self.subTest("one process"):
             if self._failed_subtests:
-                self.skipTest("the ranks' training already went wrong (see the subtests "
-                              "above); it is not compared with one process")
+                self.skipTest(
+                    "the ranks' training already went wrong (see the subtests "
+                    "above); it is not compared with one process"
+                )
             self._check_single_process(ranks[0]["end"])
 
     def _same_on_every_rank(self, ranks: Sequence[Dict[str, Any]], when: str) -> None:
@@ -203,12 +236,14 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                     "the ranks built their models from different random numbers and nothing "
                     "made them equal. Wrap the model in DistributedDataParallel, which "
                     "broadcasts rank 0's weights when it is built, or seed every rank the same "
-                    "before building the model.")
+                    "before building the model."
+                )
             self.fail(
                 f"after {EPOCHS} epochs rank {rank} has other weights than rank 0 ({name} "
                 f"{found.detail}): the ranks' gradients are not averaged. Train through the "
                 "DistributedDataParallel wrapper (call ddp_model(x), not the module inside "
-                "it), and give every rank the same optimizer and learning-rate schedule.")
+                "it), and give every rank the same optimizer and learning-rate schedule."
+            )
 
     def _check_samples(self, ranks: Sequence[Dict[str, Any]]) -> None:
         size, world = ranks[0]["size"], self.world_size
@@ -216,10 +251,12 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             seen: Dict[int, List[int]] = collections.defaultdict(list)
             for rank, result in enumerate(ranks):
                 if len(result["epochs"]) <= epoch:
-                    self.fail(f"in epoch {epoch} rank {rank} drew no sample from "
-                              f"trainer.{self.train_loader_attribute}: train(1) does not "
-                              "iterate that DataLoader (set self.train_loader_attribute), or "
-                              "makes a new one each epoch.")
+                    self.fail(
+                        f"in epoch {epoch} rank {rank} drew no sample from "
+                        f"trainer.{self.train_loader_attribute}: train(1) does not "
+                        "iterate that DataLoader (set self.train_loader_attribute), or "
+                        "makes a new one each epoch."
+                    )
                 for index in result["epochs"][epoch]:
                     seen[index].append(rank)
             missing = [index for index in range(size) if index not in seen]
@@ -227,33 +264,42 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             repeated = {index: r for index, r in seen.items() if len(r) > 1}
             padding, dropped = (-size) % world, size % world  # DistributedSampler's slack
             if extra > padding or (repeated and missing) or len(missing) > dropped:
-                shown = "; ".join(f"sample {index} by ranks {r}"
-                                  for index, r in sorted(repeated.items())[:3])
-                problems = [f"{extra} loads of samples another rank had loaded ({shown})"
-                            if extra else "", f"{len(missing)} samples loaded by no rank "
-                            f"(the first: {missing[:5]})" if missing else ""]
+                shown = "; ".join(
+                    f"sample {index} by ranks {r}" for index, r in sorted(repeated.items())[:3]
+                )
+                problems = [
+                    f"{extra} loads of samples another rank had loaded ({shown})" if extra else "",
+                    f"{len(missing)} samples loaded by no rank (the first: {missing[:5]})"
+                    if missing
+                    else "",
+                ]
                 self.fail(
                     f"in epoch {epoch} the {world} ranks together did not load each of the "
                     f"{size} training samples once: {', '.join(p for p in problems if p)}. "
                     "The sampler "
                     f"({ranks[0]['sampler']}) gives every rank "
-                    + ("the whole dataset" if extra >= size * (world - 1) else "overlapping "
-                       "shards")
+                    + ("the whole dataset" if extra >= size * (world - 1) else "overlapping shards")
                     + ": shard it with torch.utils.data.DistributedSampler(dataset, "
                     "num_replicas=world_size, rank=rank), without shuffle=True on the "
-                    "DataLoader.")
+                    "DataLoader."
+                )
         if ranks[0]["shuffle"]:
-            same = [rank for rank, result in enumerate(ranks)
-                    if result["epochs"][0] == result["epochs"][1]]
+            same = [
+                rank
+                for rank, result in enumerate(ranks)
+                if result["epochs"][0] == result["epochs"][1]
+            ]
             if same:
                 self.fail(
                     f"ranks {same} loaded their samples in the same order in both epochs, "
                     "although the sampler shuffles: DistributedSampler shuffles by epoch; call "
-                    "sampler.set_epoch(epoch) at the start of every epoch.")
+                    "sampler.set_epoch(epoch) at the start of every epoch."
+                )
 
     def _check_logging(self, ranks: Sequence[Dict[str, Any]]) -> None:
-        noisy = {rank: result["logged"] for rank, result in enumerate(ranks) if rank and
-                 result["logged"]}
+        noisy = {
+            rank: result["logged"] for rank, result in enumerate(ranks) if rank and result["logged"]
+        }
         if noisy:
             rank, logged = next(iter(noisy.items()))
             shown = ", ".join(f"{tag!r} at step {step}" for tag, step in logged[:3])
@@ -261,13 +307,16 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 f"ranks {sorted(noisy)} logged scalars too (rank {rank}: {shown}, ...): every "
                 f"value is written {len(noisy) + 1} times, from ranks that saw only their "
                 "shard. Log from rank 0 only (if torch.distributed.get_rank() == 0), after "
-                "averaging what the ranks measured if needed (torch.distributed.all_reduce).")
+                "averaging what the ranks measured if needed (torch.distributed.all_reduce)."
+            )
 
     def _check_single_process(self, distributed: Dict[str, torch.Tensor]) -> None:
         tolerance = self.single_process_tolerance
         if not self._is_set("single_process_tolerance") or tolerance is None:
-            self.skipTest("self.single_process_tolerance is not set: the distributed result is "
-                          "not compared with one process on the whole data")
+            self.skipTest(
+                "self.single_process_tolerance is not set: the distributed result is "
+                "not compared with one process on the whole data"
+            )
         trainer = self._make_rank_trainer(0, 1)
         writer = getattr(trainer, self.writer_attribute or "", None)
         try:
@@ -287,4 +336,5 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "batches, DDP's averaged gradients equal one process's only when the loss is a "
                 "mean over the batch (not a sum, which makes every rank's step world_size "
                 "times too small), the model uses no batch statistics, and the learning rate "
-                "is not scaled differently.")
+                "is not scaled differently."
+            )

@@ -18,6 +18,7 @@ parallel runs (``pytest -n``) cannot collide. A failure on any rank raises
 ranks reach) is stopped after ``timeout`` seconds and reported, never waited for forever; no
 process is left behind.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -42,8 +43,11 @@ T = TypeVar("T")
 #: Seconds the other ranks get to report after one rank failed, before they are stopped.
 _GRACE = 3.0
 #: The line of a traceback that names the exception ("RuntimeError: ...").
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
-                             r"\b.*$", re.M)
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
+    r"\b.*$",
+    re.M,
+)
 
 
 class DistributedError(RuntimeError):
@@ -57,8 +61,9 @@ class DistributedError(RuntimeError):
     def __init__(self, failures: Dict[int, str], world_size: int) -> None:
         self.failures = dict(failures)  # in the order they happened: the cause first
         self.world_size = world_size
-        parts = [f"rank {rank} of {world_size}: {text.rstrip()}"
-                 for rank, text in self.failures.items()]
+        parts = [
+            f"rank {rank} of {world_size}: {text.rstrip()}" for rank, text in self.failures.items()
+        ]
         super().__init__("\n".join(parts))
 
     def first_line(self) -> str:
@@ -83,8 +88,15 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _rank_main(function: Callable[..., Any], rank: int, world_size: int, port: int,
-               timeout: float, args: Sequence[Any], sender: Any) -> None:
+def _rank_main(
+    function: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout: float,
+    args: Sequence[Any],
+    sender: Any,
+) -> None:
     """The body of each rank's process."""
     try:
         interface = _loopback_interface()
@@ -93,9 +105,9 @@ def _rank_main(function: Callable[..., Any], rank: int, world_size: int, port: i
         torch.set_num_threads(1)  # world_size processes share the cores
         wait = datetime.timedelta(seconds=timeout)
         store = dist.TCPStore(  # type: ignore[attr-defined]
-            "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=wait)
+            "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait
+        )
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=wait)
         try:
             _send(sender, "result", function(rank, world_size, *args))
         except BaseException:  # SystemExit and KeyboardInterrupt included
@@ -126,8 +138,13 @@ def _send(sender: Any, kind: str, value: Any) -> None:
     sender.close()
 
 
-def run_distributed(function: Callable[..., T], world_size: int = 2, *args: Any,
-                    timeout: float = 60.0, start_method: Optional[str] = None) -> List[T]:
+def run_distributed(
+    function: Callable[..., T],
+    world_size: int = 2,
+    *args: Any,
+    timeout: float = 60.0,
+    start_method: Optional[str] = None,
+) -> List[T]:
     """Run ``function(rank, world_size, *args)`` on ``world_size`` processes joined by a gloo
     process group; return the results in rank order.
 
@@ -149,16 +166,24 @@ def run_distributed(function: Callable[..., T], world_size: int = 2, *args: Any,
         raise ValueError(f"world_size must be at least 1, not {world_size}")
     context: Any = multiprocessing.get_context(start_method or _start_method())
     store = dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=timeout))
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
     receivers: Dict[Connection, int] = {}
     processes: List[Any] = []
     try:
         for rank in range(world_size):
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(
-                target=_rank_main, daemon=True, name=f"dltestkit-rank-{rank}",
-                args=(function, rank, world_size, store.port, timeout, args, sender))
+                target=_rank_main,
+                daemon=True,
+                name=f"dltestkit-rank-{rank}",
+                args=(function, rank, world_size, store.port, timeout, args, sender),
+            )
             process.start()
             sender.close()
             receivers[receiver] = rank
@@ -174,8 +199,9 @@ def run_distributed(function: Callable[..., T], world_size: int = 2, *args: Any,
     return [results[rank] for rank in range(world_size)]
 
 
-def _collect(receivers: Dict[Connection, int], processes: List[Any],
-             timeout: float) -> Tuple[Dict[int, Any], Dict[int, str]]:
+def _collect(
+    receivers: Dict[Connection, int], processes: List[Any], timeout: float
+) -> Tuple[Dict[int, Any], Dict[int, str]]:
     results: Dict[int, Any] = {}
     failed: List[Tuple[float, int, str]] = []
     pending = dict(receivers)
@@ -191,8 +217,11 @@ def _collect(receivers: Dict[Connection, int], processes: List[Any],
                 stamp, kind, value = pickle.loads(receiver.recv_bytes())
             except EOFError:
                 processes[rank].join(1)
-                stamp, kind, value = time.time(), "error", (
-                    f"the process died (exit code {processes[rank].exitcode}) without a result")
+                stamp, kind, value = (
+                    time.time(),
+                    "error",
+                    (f"the process died (exit code {processes[rank].exitcode}) without a result"),
+                )
             if kind == "result":
                 results[rank] = value
             else:
@@ -200,9 +229,12 @@ def _collect(receivers: Dict[Connection, int], processes: List[Any],
                 deadline = min(deadline, time.monotonic() + _GRACE)
     failures = {rank: text for _, rank, text in sorted(failed)}
     for rank in pending.values():
-        failures[rank] = (f"did not finish within {timeout:g} s: it hung (for example in a "
-                          "collective that not every rank reaches)" if not failures else
-                          "stopped after another rank failed")
+        failures[rank] = (
+            f"did not finish within {timeout:g} s: it hung (for example in a "
+            "collective that not every rank reaches)"
+            if not failures
+            else "stopped after another rank failed"
+        )
     return results, failures
 
 

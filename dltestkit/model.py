@@ -1,4 +1,5 @@
 """ModelTests: checks for torch nn.Modules."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Dict, List
@@ -15,8 +16,11 @@ __all__ = ["ModelTests"]
 
 #: How many optimisation steps test_all_parameters_updated trains a copy for, at most.
 PARAMETER_STEPS = 3
-_DEVICE_MIXING = ("is not on the expected device", "to be on the same device",
-                  "Expected all tensors to be on the same device")
+_DEVICE_MIXING = (
+    "is not on the expected device",
+    "to be on the same device",
+    "Expected all tensors to be on the same device",
+)
 
 
 class ModelTests(ModelContract):
@@ -42,33 +46,41 @@ class ModelTests(ModelContract):
         elif isinstance(self.inputs, torch.Tensor):
             expected = tuple(self.inputs.shape)
         else:
-            self.skipTest(f"self.inputs is a {type(self.inputs).__name__}; set "
-                          "self.expected_output_shape to enable this check")
+            self.skipTest(
+                f"self.inputs is a {type(self.inputs).__name__}; set "
+                "self.expected_output_shape to enable this check"
+            )
         with torch.no_grad():
             base = self._forward(self.model, self.inputs)
         checked = self._output(base)
         if tuple(checked.shape) != expected:
-            self.fail(f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
-                      f"{batch}), expected {expected}. Fix the model or "
-                      f"self.expected_output_shape.{self._output_hint(base)}")
-        hint = ("The model works at the batch size of self.inputs only: look for a hard-coded "
-                "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
-                "squeeze(dim)).")
+            self.fail(
+                f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
+                f"{batch}), expected {expected}. Fix the model or "
+                f"self.expected_output_shape.{self._output_hint(base)}"
+            )
+        hint = (
+            "The model works at the batch size of self.inputs only: look for a hard-coded "
+            "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
+            "squeeze(dim))."
+        )
         for size in dict.fromkeys((1, batch + 1)):
             with self.subTest(batch_size=size):
                 try:
                     with torch.no_grad():
-                        output = self._output(self._forward(self.model,
-                                                            self._resized_inputs(size)))
+                        output = self._output(self._forward(self.model, self._resized_inputs(size)))
                 except ContractError:
                     raise
                 except Exception as exc:
-                    self.fail(f"at batch size {size} the model raises {type(exc).__name__}: "
-                              f"{exc}. {hint}")
+                    self.fail(
+                        f"at batch size {size} the model raises {type(exc).__name__}: {exc}. {hint}"
+                    )
                 wanted = (size, *expected[1:])
                 if tuple(output.shape) != wanted:
-                    self.fail(f"at batch size {size} the output has shape "
-                              f"{tuple(output.shape)}, expected {wanted}. {hint}")
+                    self.fail(
+                        f"at batch size {size} the output has shape "
+                        f"{tuple(output.shape)}, expected {wanted}. {hint}"
+                    )
 
     def _check_meta(self, training: bool) -> None:
         mode = describe_mode(training)
@@ -77,11 +89,15 @@ class ModelTests(ModelContract):
         try:
             output, problem = watch_meta_forward(
                 lambda: self._forward(on_cpu, self.inputs, training),
-                lambda _: self._forward(on_meta, inputs, training), on_meta)
+                lambda _: self._forward(on_meta, inputs, training),
+                on_meta,
+            )
         except ReplayMismatch as exc:
-            self.skipTest(f"in {mode} mode the forward pass takes another path on the meta "
-                          f"device than on the CPU ({exc}), so device bugs could not be "
-                          "checked without a GPU")
+            self.skipTest(
+                f"in {mode} mode the forward pass takes another path on the meta "
+                f"device than on the CPU ({exc}), so device bugs could not be "
+                "checked without a GPU"
+            )
         except Exception as exc:
             text = str(exc).strip()
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
@@ -90,7 +106,8 @@ class ModelTests(ModelContract):
                 self.skipTest(
                     f"the model uses an operation the meta device cannot run in {mode} mode "
                     f"({type(exc).__name__}: {text.splitlines()[0] if text else ''}), so "
-                    "device bugs cannot be checked without a GPU")
+                    "device bugs cannot be checked without a GPU"
+                )
             else:
                 raise
         else:
@@ -109,38 +126,55 @@ class ModelTests(ModelContract):
 
     def _assert_outputs_on(self, output: Any, device: str, mode: str) -> None:
         """Every output tensor of the model's copy on ``device`` is on ``device``."""
-        stray = [f"{path} (on {tensor.device})" for path, tensor in named_tensors(output)
-                 if tensor.device.type != device]
+        stray = [
+            f"{path} (on {tensor.device})"
+            for path, tensor in named_tensors(output)
+            if tensor.device.type != device
+        ]
         if stray:
-            self.fail(f"after .to({device!r}) the model returns {', '.join(stray)} in {mode} "
-                      "mode; create outputs on the inputs' device (no fixed device, no tensor "
-                      "made without device= in forward)")
+            self.fail(
+                f"after .to({device!r}) the model returns {', '.join(stray)} in {mode} "
+                "mode; create outputs on the inputs' device (no fixed device, no tensor "
+                "made without device= in forward)"
+            )
 
     def _check_accelerator(self, device: str) -> None:
         with torch.no_grad():
             reference = self._forward(self.model, self.inputs)
             again = self._forward(self.model, self.inputs, seed=self.seed + 1)
-            deterministic = all(torch.equal(a, b) for (_, a), (_, b) in
-                                zip(named_tensors(reference), named_tensors(again)))
+            deterministic = all(
+                torch.equal(a, b)
+                for (_, a), (_, b) in zip(named_tensors(reference), named_tensors(again))
+            )
             moved = self._copy_model().to(device)
             on_device = self._forward(moved, self._on(device))
             self._assert_outputs_on(on_device, device, "eval")
             on_device = map_tensors(lambda t: t.cpu(), on_device)
             if deterministic:
                 torch.testing.assert_close(
-                    on_device, reference, rtol=self.device_rtol, atol=self.device_atol,
-                    msg=lambda m: f"the model on {device} gives other outputs than on the "
-                                  f"CPU:\n{m}")
+                    on_device,
+                    reference,
+                    rtol=self.device_rtol,
+                    atol=self.device_atol,
+                    msg=lambda m: (
+                        f"the model on {device} gives other outputs than on the CPU:\n{m}"
+                    ),
+                )
             else:  # random even in eval mode: GPU noise differs from CPU noise
                 for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
                     self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
                     self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
-            self._assert_outputs_on(self._forward(moved, self._on(device), training=True),
-                                    device, "training")
+            self._assert_outputs_on(
+                self._forward(moved, self._on(device), training=True), device, "training"
+            )
             back = self._forward(moved.to("cpu"), self.inputs)
         torch.testing.assert_close(
-            back, reference, rtol=0, atol=0,
-            msg=lambda m: f"the model moved to {device} and back gives other outputs:\n{m}")
+            back,
+            reference,
+            rtol=0,
+            atol=0,
+            msg=lambda m: f"the model moved to {device} and back gives other outputs:\n{m}",
+        )
 
     @check
     def test_device_moving(self) -> None:
@@ -162,8 +196,10 @@ class ModelTests(ModelContract):
         """
         found = self.accelerators if self._is_set("accelerators") else available_accelerators()
         if not found:
-            self.skipTest("no CUDA, MPS or other accelerator: outputs on a GPU were not "
-                          "compared; test_device_moving checked device bugs on the meta device")
+            self.skipTest(
+                "no CUDA, MPS or other accelerator: outputs on a GPU were not "
+                "compared; test_device_moving checked device bugs on the meta device"
+            )
         for device in found:
             with self.subTest(device=device):
                 self._check_accelerator(device)
@@ -179,18 +215,24 @@ class ModelTests(ModelContract):
         """
         batch = self._batch_size()
         if batch < 2:
-            raise self._contract_error("inputs", f"holds {batch} sample; test_batch_independence "
-                                       "needs at least 2 (4 is plenty)")
+            raise self._contract_error(
+                "inputs",
+                f"holds {batch} sample; test_batch_independence needs at least 2 (4 is plenty)",
+            )
         output, checked, probes = self._probe(self.model)
         if checked.dim() == 0 or checked.shape[0] != batch:
-            self.fail(f"the checked output has shape {tuple(checked.shape)}, whose first "
-                      f"dimension is not the batch size {batch}.{self._output_hint(output)}")
+            self.fail(
+                f"the checked output has shape {tuple(checked.shape)}, whose first "
+                f"dimension is not the batch size {batch}.{self._output_hint(output)}"
+            )
         if not self._connected(checked, probes):
-            self.fail(f"the checked output does not depend on "
-                      f"{' or '.join(p.describe() for p in probes)} at all: in eval mode it is "
-                      "not computed from the inputs (built from a detached tensor, from "
-                      "torch.zeros_like(x), or under torch.no_grad())."
-                      f"{self._output_hint(output)}")
+            self.fail(
+                f"the checked output does not depend on "
+                f"{' or '.join(p.describe() for p in probes)} at all: in eval mode it is "
+                "not computed from the inputs (built from a detached tensor, from "
+                "torch.zeros_like(x), or under torch.no_grad())."
+                f"{self._output_hint(output)}"
+            )
         weights = self._weights([checked])[0]
         for index in range(batch):
             others = [other for other in range(batch) if other != index]
@@ -208,7 +250,7 @@ class ModelTests(ModelContract):
     # -- training ----------------------------------------------------------------------------
     @check
     def test_all_parameters_updated(self) -> None:
-        """Check that every trainable parameter gets a gradient and changes within a few optimisation steps.
+        """Check that every trainable parameter gets a gradient and changes within a few steps.
 
         Catches layers that never train: unused, cut off by .detach(), gated off by a factor
         that stays zero, or overwritten by forward; zero-initialised gates (ReZero, LoRA,
@@ -248,35 +290,42 @@ class ModelTests(ModelContract):
             if self._allowed(name):
                 continue
             if not connected[position]:
-                problems[name] = (f"no gradient in {steps} step(s): dead, not connected to the "
-                                  "loss (unused in forward, or cut off by "
-                                  ".detach()/.data/torch.no_grad())")
+                problems[name] = (
+                    f"no gradient in {steps} step(s): dead, not connected to the "
+                    "loss (unused in forward, or cut off by "
+                    ".detach()/.data/torch.no_grad())"
+                )
             elif not nonzero[position]:
-                problems[name] = (f"gradient exactly zero in each of {steps} steps: gated off "
-                                  "by something that stays zero (a frozen zero-initialised "
-                                  "gate or scale, a mask, a ReLU that is dead for the whole "
-                                  "batch)")
-            elif not torch.equal(stepped_to[position], stepped_from[position]) and \
-                    torch.equal(parameter.detach(), stepped_from[position]):
-                problems[name] = ("the optimisation step is undone by the next forward pass, "
-                                  "which overwrites the value (through .data, or in place "
-                                  "under torch.no_grad())")
+                problems[name] = (
+                    f"gradient exactly zero in each of {steps} steps: gated off "
+                    "by something that stays zero (a frozen zero-initialised "
+                    "gate or scale, a mask, a ReLU that is dead for the whole "
+                    "batch)"
+                )
+            elif not torch.equal(stepped_to[position], stepped_from[position]) and torch.equal(
+                parameter.detach(), stepped_from[position]
+            ):
+                problems[name] = (
+                    "the optimisation step is undone by the next forward pass, "
+                    "which overwrites the value (through .data, or in place "
+                    "under torch.no_grad())"
+                )
         if problems:
             self.fail(self._untrained_message(problems, len(trainable)))
 
     @staticmethod
     def _untrained_message(problems: Dict[str, str], trainable: int) -> str:
         return (
-                f"{len(problems)} of {trainable} trainable parameters would not be trained "
-                f"(a copy of the model was trained for up to {PARAMETER_STEPS} Adam steps on "
-                "self.inputs):\n  " + "\n  ".join(f"{name}: {text}"
-                                                  for name, text in problems.items())
-                + "\nParameters behind a zero-initialised gate (ReZero, layer scale, LoRA's B, "
-                "a zero-init BatchNorm weight) get their first gradient once the gate has "
-                "trained, so they pass. Use every layer in forward and do not detach on the way "
-                "to the output; if a parameter may legitimately stay untouched (an expert that "
-                "this batch does not route to), list it in self.allowed_unchanged_parameters."
-            )
+            f"{len(problems)} of {trainable} trainable parameters would not be trained "
+            f"(a copy of the model was trained for up to {PARAMETER_STEPS} Adam steps on "
+            "self.inputs):\n  "
+            + "\n  ".join(f"{name}: {text}" for name, text in problems.items())
+            + "\nParameters behind a zero-initialised gate (ReZero, layer scale, LoRA's B, "
+            "a zero-init BatchNorm weight) get their first gradient once the gate has "
+            "trained, so they pass. Use every layer in forward and do not detach on the way "
+            "to the output; if a parameter may legitimately stay untouched (an expert that "
+            "this batch does not route to), list it in self.allowed_unchanged_parameters."
+        )
 
     @check
     def test_finite_outputs_and_gradients(self) -> None:
@@ -288,18 +337,28 @@ class ModelTests(ModelContract):
         model = self._copy_model()
         trainable = self._trainable(model)
         output, grads = self._gradients(model, trainable)
-        bad_outputs = [f"{path} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-                       for path, t in floating_tensors(output) if not torch.isfinite(t).all()]
+        bad_outputs = [
+            f"{path} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+            for path, t in floating_tensors(output)
+            if not torch.isfinite(t).all()
+        ]
         if bad_outputs:
-            self.fail(f"the model's outputs contain NaN or Inf: {', '.join(bad_outputs)}. Look "
-                      "for log/sqrt/division of values that can be zero or negative, or exp "
-                      "overflow.")
-        bad_grads = [name for (name, _), grad in zip(trainable, grads)
-                     if grad is not None and not torch.isfinite(grad).all()]
+            self.fail(
+                f"the model's outputs contain NaN or Inf: {', '.join(bad_outputs)}. Look "
+                "for log/sqrt/division of values that can be zero or negative, or exp "
+                "overflow."
+            )
+        bad_grads = [
+            name
+            for (name, _), grad in zip(trainable, grads)
+            if grad is not None and not torch.isfinite(grad).all()
+        ]
         if bad_grads:
-            self.fail(f"the gradients of {', '.join(bad_grads)} contain NaN or Inf although "
-                      "the outputs are finite. Look for sqrt/log/pow at zero or division by "
-                      "a small number in forward.")
+            self.fail(
+                f"the gradients of {', '.join(bad_grads)} contain NaN or Inf although "
+                "the outputs are finite. Look for sqrt/log/pow at zero or division by "
+                "a small number in forward."
+            )
 
     # -- determinism, persistence, dtypes ------------------------------------------------------
     @check
@@ -315,19 +374,25 @@ class ModelTests(ModelContract):
         for (path, a), (_, b) in zip(named_tensors(first), named_tensors(second)):
             if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
                 continue
-            if a.is_floating_point() and a.shape == b.shape and torch.isnan(a).any():
-                if torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
-                        a.nan_to_num(), b.nan_to_num()):
-                    continue
+            if (
+                a.is_floating_point()
+                and a.shape == b.shape
+                and torch.equal(torch.isnan(a), torch.isnan(b))
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
+            ):
+                continue  # NaN in the same places, the rest equal
             with torch.no_grad():
                 again = self._forward(self.model, self.inputs)
-            same_seed_differs = any(not torch.equal(x.nan_to_num(), y.nan_to_num())
-                                    for (_, x), (_, y) in zip(named_tensors(first),
-                                                              named_tensors(again)))
+            same_seed_differs = any(
+                not torch.equal(x.nan_to_num(), y.nan_to_num())
+                for (_, x), (_, y) in zip(named_tensors(first), named_tensors(again))
+            )
             if same_seed_differs:
-                self.fail(f"two eval-mode passes over self.inputs give different {path}, even "
-                          "under the same seed: the model is not deterministic (a "
-                          "non-deterministic kernel, or state that changes between calls).")
+                self.fail(
+                    f"two eval-mode passes over self.inputs give different {path}, even "
+                    "under the same seed: the model is not deterministic (a "
+                    "non-deterministic kernel, or state that changes between calls)."
+                )
             self.fail(
                 f"{path} changes with the random seed in eval mode (max difference "
                 f"{float((a.double() - b.double()).abs().max()) if a.shape == b.shape else 'n/a'}"
@@ -339,7 +404,7 @@ class ModelTests(ModelContract):
 
     @check
     def test_state_dict_round_trip(self) -> None:
-        """Check that ``make_model()`` loaded with the saved ``state_dict`` gives identical eval outputs.
+        """Check that ``make_model()`` loaded with the saved ``state_dict`` gives equal outputs.
 
         Catches state that a saved and reloaded model loses: plain tensor attributes,
         non-persistent buffers that matter, statistics kept in Python attributes.
@@ -350,41 +415,51 @@ class ModelTests(ModelContract):
         try:
             state = torch.load(path, weights_only=True)
         except Exception as exc:
-            self.fail(f"torch.load(..., weights_only=True) cannot read the saved state_dict "
-                      f"({type(exc).__name__}: {exc}). Keep only tensors and plain Python "
-                      "values in the state dict (get_extra_state).")
+            self.fail(
+                f"torch.load(..., weights_only=True) cannot read the saved state_dict "
+                f"({type(exc).__name__}: {exc}). Keep only tensors and plain Python "
+                "values in the state dict (get_extra_state)."
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1)  # state missing from the state dict shows up
             fresh = make_model()
         if not isinstance(fresh, nn.Module):
-            raise self._contract_error("make_model", f"returned a {type(fresh).__name__}, "
-                                       "not an nn.Module")
+            raise self._contract_error(
+                "make_model", f"returned a {type(fresh).__name__}, not an nn.Module"
+            )
         try:
             fresh.load_state_dict(state)
         except RuntimeError as exc:
-            self.fail(f"the model built by make_model() does not load self.model's state dict: "
-                      f"{exc}. make_model must build the same architecture as setUp.")
+            self.fail(
+                f"the model built by make_model() does not load self.model's state dict: "
+                f"{exc}. make_model must build the same architecture as setUp."
+            )
         with torch.no_grad():
             expected = self._forward(self.model, self.inputs)
             loaded = self._forward(fresh, self.inputs)
-        differing = [path for (path, a), (_, b) in zip(named_tensors(expected),
-                                                       named_tensors(loaded))
-                     if a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num())]
+        differing = [
+            path
+            for (path, a), (_, b) in zip(named_tensors(expected), named_tensors(loaded))
+            if a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num())
+        ]
         if differing:
             suspects = _state_outside_state_dict(self.model, fresh)
             self.fail(
                 f"a model built by make_model() and loaded with self.model's state dict gives "
                 f"other eval outputs ({', '.join(differing)}): part of the model's state is not "
                 "in its state dict, so a saved and reloaded model behaves differently."
-                + (f" Tensors outside the state dict that differ: {', '.join(suspects)}."
-                   if suspects else "")
+                + (
+                    f" Tensors outside the state dict that differ: {', '.join(suspects)}."
+                    if suspects
+                    else ""
+                )
                 + " Register tensors with self.register_buffer(name, tensor) (persistent), "
                 "keep statistics in buffers, not in Python attributes."
             )
 
     @check
     def test_dtype_moving(self) -> None:
-        """Check that a copy moved to each of ``moved_dtypes`` runs and returns outputs of that dtype.
+        """Check that a copy moved to each of ``moved_dtypes`` runs and returns that dtype.
 
         Catches tensors created with a fixed dtype (torch.randn(shape), x.float()) that
         break or upcast a model moved to bfloat16 or float64, named with the line that makes
@@ -406,24 +481,33 @@ class ModelTests(ModelContract):
                 except Exception as exc:
                     text = str(exc)
                     if isinstance(exc, NotImplementedError) or "not implemented for" in text:
-                        self.skipTest(f"an operation of the model has no {dtype} kernel on "
-                                      f"the CPU ({type(exc).__name__}: {text.splitlines()[0]})")
+                        self.skipTest(
+                            f"an operation of the model has no {dtype} kernel on "
+                            f"the CPU ({type(exc).__name__}: {text.splitlines()[0]})"
+                        )
                     found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
-                    self.fail(f"a copy moved with .to({dtype}) raises in {mode} mode: "
-                              f"{type(exc).__name__}: {text.strip()}.{found} "
-                              f"{_DTYPE_ADVICE}")
-            wrong = [f"{path} ({t.dtype})" for path, t in floating_tensors(output)
-                     if t.dtype != dtype]
+                    self.fail(
+                        f"a copy moved with .to({dtype}) raises in {mode} mode: "
+                        f"{type(exc).__name__}: {text.strip()}.{found} "
+                        f"{_DTYPE_ADVICE}"
+                    )
+            wrong = [
+                f"{path} ({t.dtype})" for path, t in floating_tensors(output) if t.dtype != dtype
+            ]
             if wrong:
                 found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
-                self.fail(f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
-                          f"mode.{found} {_DTYPE_ADVICE}")
+                self.fail(
+                    f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
+                    f"mode.{found} {_DTYPE_ADVICE}"
+                )
 
 
-_DTYPE_ADVICE = ("A tensor created in forward with a fixed dtype or the default float32 "
-                 "(torch.randn(shape), torch.tensor([...]), x.float()) promotes the rest; "
-                 "create it from the inputs: torch.randn_like(x), x.new_tensor([...]), "
-                 "dtype=x.dtype.")
+_DTYPE_ADVICE = (
+    "A tensor created in forward with a fixed dtype or the default float32 "
+    "(torch.randn(shape), torch.tensor([...]), x.float()) promotes the rest; "
+    "create it from the inputs: torch.randn_like(x), x.new_tensor([...]), "
+    "dtype=x.dtype."
+)
 
 
 def _state_outside_state_dict(model: nn.Module, other: nn.Module) -> List[str]:
@@ -445,7 +529,8 @@ def _state_outside_state_dict(model: nn.Module, other: nn.Module) -> List[str]:
         for name, buffer in module.named_buffers(recurse=False):
             full = f"{prefix + '.' if prefix else ''}{name}"
             theirs = getattr(twin, name, None)
-            if full not in in_state and (theirs is None or buffer is None
-                                         or not torch.equal(buffer, theirs)):
+            if full not in in_state and (
+                theirs is None or buffer is None or not torch.equal(buffer, theirs)
+            ):
                 found.append(f"{full} (buffer with persistent=False)")
     return found

@@ -1,4 +1,5 @@
 """SequenceModelTests: ModelTests plus the checks sequence models need (causality, padding)."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Collection, List, Optional, Sequence, Tuple
@@ -34,33 +35,57 @@ class SequenceModelTests(ModelTests):
 
     _mixin_name: ClassVar[str] = "SequenceModelTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("sequence_dim", "the position dimension of the inputs and of the checked "
-                  "output", "1", default=REQUIRED, validate=is_positive_int,
-                  read_by=("test_causality", "test_padding_invariance"),
-                  details="1 for `(batch, seq, ...)` and for token ids `(batch, seq)`; 2 for "
-                          "`(batch, channels, seq)`."),
-        Attribute("causal", "whether the output at position t may only depend on inputs at "
-                  "positions up to t", "True", default=False, validate=is_bool,
-                  read_by=("test_causality",),
-                  details="True for language models and causal convolutions; "
-                          "`test_causality` skips while it is False."),
-        Attribute("padding_mask", "the index or key in self.inputs of the padding mask",
-                  '"attention_mask"', validate=_is_mask_key,
-                  read_by=("test_padding_invariance",),
-                  details="A `(batch, seq)` tensor. Without padded positions in it, the check "
-                          "pads each sample itself (on the right; on the left for a causal "
-                          "model)."),
-        Attribute("padded_value", "the value of padding_mask at padded positions", "True",
-                  default=0, validate=_is_padded_value, read_by=("test_padding_invariance",),
-                  details="0/False (transformers' `attention_mask`: 1 marks real tokens), or "
-                          "True for PyTorch's `key_padding_mask`, where True marks padding."),
-        Attribute("sequence_inputs", "the keys or indices of the inputs whose positions are "
-                  "the output's", '["decoder_input_ids"]', validate=is_keys,
-                  read_by=("test_causality", "test_padding_invariance"),
-                  default_text="every batched input but the padding mask that has the "
-                               "output's number of positions at `sequence_dim`",
-                  details="Set it for an encoder-decoder model, whose encoder inputs are not "
-                          "positions of the decoder's output."),
+        Attribute(
+            "sequence_dim",
+            "the position dimension of the inputs and of the checked output",
+            "1",
+            default=REQUIRED,
+            validate=is_positive_int,
+            read_by=("test_causality", "test_padding_invariance"),
+            details="1 for `(batch, seq, ...)` and for token ids `(batch, seq)`; 2 for "
+            "`(batch, channels, seq)`.",
+        ),
+        Attribute(
+            "causal",
+            "whether the output at position t may only depend on inputs at positions up to t",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_causality",),
+            details="True for language models and causal convolutions; "
+            "`test_causality` skips while it is False.",
+        ),
+        Attribute(
+            "padding_mask",
+            "the index or key in self.inputs of the padding mask",
+            '"attention_mask"',
+            validate=_is_mask_key,
+            read_by=("test_padding_invariance",),
+            details="A `(batch, seq)` tensor. Without padded positions in it, the check "
+            "pads each sample itself (on the right; on the left for a causal "
+            "model).",
+        ),
+        Attribute(
+            "padded_value",
+            "the value of padding_mask at padded positions",
+            "True",
+            default=0,
+            validate=_is_padded_value,
+            read_by=("test_padding_invariance",),
+            details="0/False (transformers' `attention_mask`: 1 marks real tokens), or "
+            "True for PyTorch's `key_padding_mask`, where True marks padding.",
+        ),
+        Attribute(
+            "sequence_inputs",
+            "the keys or indices of the inputs whose positions are the output's",
+            '["decoder_input_ids"]',
+            validate=is_keys,
+            read_by=("test_causality", "test_padding_invariance"),
+            default_text="every batched input but the padding mask that has the "
+            "output's number of positions at `sequence_dim`",
+            details="Set it for an encoder-decoder model, whose encoder inputs are not "
+            "positions of the decoder's output.",
+        ),
     )
 
     sequence_dim: int
@@ -74,19 +99,27 @@ class SequenceModelTests(ModelTests):
         keys = [key for key, _ in input_entries(self.inputs)]
         if self._is_set("padding_mask"):
             if self.padding_mask not in keys:
-                raise self._contract_error("padding_mask", f"is {self.padding_mask!r}, which "
-                                           f"self.inputs does not have (it has {keys})")
+                raise self._contract_error(
+                    "padding_mask",
+                    f"is {self.padding_mask!r}, which self.inputs does not have (it has {keys})",
+                )
             mask = dict(input_entries(self.inputs))[self.padding_mask]
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
-                    mask.shape[0] != self._batch_size():
+            if (
+                not isinstance(mask, torch.Tensor)
+                or mask.dim() != 2
+                or mask.shape[0] != self._batch_size()
+            ):
                 shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)
-                raise self._contract_error("padding_mask", f"selects {shape}, not a (batch, "
-                                           "seq) tensor")
+                raise self._contract_error(
+                    "padding_mask", f"selects {shape}, not a (batch, seq) tensor"
+                )
         if self._is_set("sequence_inputs"):
             unknown = [key for key in self.sequence_inputs if key not in keys]
             if unknown:
-                raise self._contract_error("sequence_inputs", f"names {unknown}, which "
-                                           f"self.inputs does not have (it has {keys})")
+                raise self._contract_error(
+                    "sequence_inputs",
+                    f"names {unknown}, which self.inputs does not have (it has {keys})",
+                )
 
     def _unprobed_inputs(self) -> Collection[Key]:
         mask = (self.padding_mask,) if self._is_set("padding_mask") else ()
@@ -95,31 +128,44 @@ class SequenceModelTests(ModelTests):
     def _positional_probes(self, probes: Sequence[Probe], length: int) -> List[Probe]:
         """The probes whose positions are the output's (``length`` of them)."""
         dim = self.sequence_dim
-        wanted = (set(self.sequence_inputs) if self._is_set("sequence_inputs") else None)
-        found = [p for p in probes if p.aligned and (wanted is None or p.key in wanted)
-                 and p.tensor.dim() > dim and p.tensor.shape[dim] == length]
+        wanted = set(self.sequence_inputs) if self._is_set("sequence_inputs") else None
+        found = [
+            p
+            for p in probes
+            if p.aligned
+            and (wanted is None or p.key in wanted)
+            and p.tensor.dim() > dim
+            and p.tensor.shape[dim] == length
+        ]
         if wanted is not None:
             missing = wanted - {p.key for p in found}
             if missing:
                 raise self._contract_error(
-                    "sequence_inputs", f"names {sorted(map(str, missing))}, which have no "
+                    "sequence_inputs",
+                    f"names {sorted(map(str, missing))}, which have no "
                     f"{length} positions at sequence_dim={dim} that can be differentiated "
-                    "(a float tensor, or token ids that reach an embedding)")
+                    "(a float tensor, or token ids that reach an embedding)",
+                )
         if not found:
-            shapes = {describe_input(k): tuple(t.shape)
-                      for k, t in batched_entries(self.inputs, self._unprobed_inputs())}
+            shapes = {
+                describe_input(k): tuple(t.shape)
+                for k, t in batched_entries(self.inputs, self._unprobed_inputs())
+            }
             raise self._contract_error(
-                "sequence_dim", f"is {dim}, but no input has {length} positions there "
-                f"(inputs: {shapes})")
+                "sequence_dim",
+                f"is {dim}, but no input has {length} positions there (inputs: {shapes})",
+            )
         return found
 
     def _positions(self, checked: torch.Tensor, output: Any, check_name: str) -> int:
         dim = self.sequence_dim
         if checked.dim() <= dim:
             raise self._contract_error(
-                "sequence_dim", f"is {dim}, but the checked output has shape "
+                "sequence_dim",
+                f"is {dim}, but the checked output has shape "
                 f"{tuple(checked.shape)}: {check_name} needs an output with a position "
-                f"dimension.{self._output_hint(output)}")
+                f"dimension.{self._output_hint(output)}",
+            )
         return int(checked.shape[dim])
 
     @check
@@ -131,9 +177,11 @@ class SequenceModelTests(ModelTests):
         positions.
         """
         if not self.causal:
-            self.skipTest("self.causal is False; set causal = True for a model whose output at "
-                          "position t must not depend on later inputs (a language model, a "
-                          "causal convolution)")
+            self.skipTest(
+                "self.causal is False; set causal = True for a model whose output at "
+                "position t must not depend on later inputs (a language model, a "
+                "causal convolution)"
+            )
         output, checked, probes = self._probe(self.model)
         length = self._positions(checked, output, "test_causality")
         real = self._real_positions(length)
@@ -165,8 +213,10 @@ class SequenceModelTests(ModelTests):
             return torch.ones(self._batch_size(), length, dtype=torch.bool)
         mask: torch.Tensor = dict(input_entries(self.inputs))[self.padding_mask]
         if mask.shape[1] != length:
-            raise self._contract_error("padding_mask", f"has {mask.shape[1]} positions, but the "
-                                       f"checked output has {length}")
+            raise self._contract_error(
+                "padding_mask",
+                f"has {mask.shape[1]} positions, but the checked output has {length}",
+            )
         real: torch.Tensor = mask != self.padded_value
         return real
 
@@ -179,15 +229,16 @@ class SequenceModelTests(ModelTests):
             return self.inputs, padded
         batch, length = mask.shape
         if length < 2:
-            self.skipTest(f"the padding mask has {length} position; at least 2 are needed to "
-                          "pad one")
+            self.skipTest(
+                f"the padding mask has {length} position; at least 2 are needed to pad one"
+            )
         padded = torch.zeros(batch, length, dtype=torch.bool)
         for sample in range(batch):
             count = 1 + sample % max(1, length // 2)
             if self.causal:  # right padding cannot leak into a causal model's real positions
                 padded[sample, :count] = True
             else:
-                padded[sample, length - count:] = True
+                padded[sample, length - count :] = True
         made = mask.clone()
         made[padded] = torch.as_tensor(self.padded_value).to(made.dtype)
         return replace_entries(self.inputs, {key: made}), padded
@@ -223,7 +274,7 @@ class SequenceModelTests(ModelTests):
                 continue
             # Select the real positions (multiplying by a 0/1 mask would spread a NaN of a
             # padded position, e.g. a fully masked attention row, into the sum).
-            own = (checked[sample] * weights[sample])
+            own = checked[sample] * weights[sample]
             value = own.movedim(dim - 1, 0)[real].sum() if positional else own.sum()
             leaks = leaks_into(value, sample)
             if not leaks:

@@ -1,8 +1,10 @@
 """TrainerTests: checks for a training loop."""
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import math
 from typing import (
     Any,
@@ -91,7 +93,6 @@ def _is_kl_arguments(value: Any) -> Optional[str]:
     return f"is {value!r}, not one of {', '.join(repr(names) for names in KL_ARGUMENTS)}"
 
 
-
 def _names(names: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -102,9 +103,21 @@ def _shared_text(count: int, singular: str, plural: str) -> str:
 
 
 #: Layers whose forward pass depends on the train/eval mode (named first in messages).
-_MODE_DEPENDENT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                   nn.FeatureAlphaDropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                   nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_MODE_DEPENDENT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 
 
 class _Run(NamedTuple):
@@ -126,70 +139,156 @@ class TrainerTests(TrainerContract):
 
     _mixin_name: ClassVar[str] = "TrainerTests"
     _contract: ClassVar[Tuple[Attribute, ...]] = (
-        Attribute("trainer", "the trainer under test: train(epochs), eval() -> loss, and its "
-                  "model, optimizer and SummaryWriter as attributes", "Trainer(model, ...)",
-                  default=REQUIRED, validate=is_trainer,
-                  details="Built on one small fixed batch that it trains and evaluates on. "
-                          "test_resume also calls its save_checkpoint(path) and "
-                          "load_checkpoint(path). The attribute and method names are options "
-                          "below."),
-        Attribute("save_checkpoint_method", "the name of the trainer's method that saves a "
-                  "checkpoint to a path", '"save"', default="save_checkpoint", validate=is_str,
-                  read_by=("test_resume",)),
-        Attribute("load_checkpoint_method", "the name of the trainer's method that restores a "
-                  "checkpoint from a path", '"load"', default="load_checkpoint",
-                  validate=is_str, read_by=("test_resume",)),
-        Attribute("expected_scalars", "the scalar tags one epoch of training must log",
-                  '["train/loss", "test/loss"]', validate=is_names, read_by=("test_logging",)),
-        Attribute("overfit_epochs", "the epochs trained on the single batch", "200",
-                  default=100, validate=is_positive_int, read_by=("test_overfit_one_batch",)),
-        Attribute("overfit_max_loss", "the eval() loss the trainer must reach after "
-                  "overfit_epochs on the single batch", "30.0", validate=is_number,
-                  read_by=("test_overfit_one_batch",)),
-        Attribute("nondeterministic_scalars", "names or glob patterns of logged tags whose "
-                  "values legitimately differ between runs", '["time/*", "throughput"]',
-                  default=(), validate=is_names, read_by=("test_resume", "test_reproducible"),
-                  details="Timings, throughput, memory use: their values are not compared, "
-                          "their tags and steps are."),
-        Attribute("resume_rtol", "the relative tolerance comparing a resumed run with an "
-                  "uninterrupted one", "1e-6", default=0.0, validate=is_non_negative_number,
-                  read_by=("test_resume",),
-                  details="0: exact, as the same computation is on a CPU. Raise it on "
-                          "hardware whose kernels are not bitwise reproducible."),
-        Attribute("resume_atol", "the absolute tolerance comparing a resumed run with an "
-                  "uninterrupted one", "1e-7", default=0.0, validate=is_non_negative_number,
-                  read_by=("test_resume",)),
-        Attribute("expected_initial_loss", "the eval() loss of the untrained model",
-                  "math.log(10)", validate=is_number, read_by=("test_initial_loss",),
-                  details="For a classifier of C balanced classes the cross-entropy at "
-                          "initialisation is about log(C)."),
-        Attribute("initial_loss_rtol", "the relative tolerance of the initial loss check",
-                  "0.1", default=0.25, validate=is_non_negative_number,
-                  read_by=("test_initial_loss",)),
-        Attribute("initial_loss_atol", "the absolute tolerance of the initial loss check",
-                  "0.05", default=0.0, validate=is_non_negative_number,
-                  read_by=("test_initial_loss",)),
-        Attribute("frozen_parameters", "names or glob patterns of the model's parameters that "
-                  "training must leave exactly unchanged", '["backbone.*"]', default=(),
-                  validate=is_names, read_by=("test_frozen_parameters",),
-                  details="Names as in `model.named_parameters()`. Every other parameter must "
-                          "change."),
-        Attribute("kl_divergence", "the VAE's KL divergence of N(mu, sigma^2) to N(0, I), a "
-                  "function called with the arguments kl_arguments names",
-                  "self.trainer.kl_divergence", validate=is_callable,
-                  read_by=("test_kl_divergence",),
-                  details="Summed over the latent dimension: one value per sample, or the "
-                          "total. Only for VAEs."),
-        Attribute("kl_arguments", "the arguments kl_divergence takes, in order",
-                  '("mu", "logvar")', default=("log_sigma", "mu"), validate=_is_kl_arguments,
-                  read_by=("test_kl_divergence",),
-                  details='`("log_sigma", "mu")`, or `("mu", "logvar")` with logvar the '
-                          "log-variance, as in the pytorch/examples VAE: `-0.5 * sum(1 + "
-                          "logvar - mu^2 - exp(logvar))`."),
-        Attribute("kl_rtol", "the relative tolerance of the KL check", "1e-3", default=1e-4,
-                  validate=is_number, read_by=("test_kl_divergence",)),
-        Attribute("kl_atol", "the absolute tolerance of the KL check", "1e-4", default=1e-5,
-                  validate=is_number, read_by=("test_kl_divergence",)),
+        Attribute(
+            "trainer",
+            "the trainer under test: train(epochs), eval() -> loss, and its "
+            "model, optimizer and SummaryWriter as attributes",
+            "Trainer(model, ...)",
+            default=REQUIRED,
+            validate=is_trainer,
+            details="Built on one small fixed batch that it trains and evaluates on. "
+            "test_resume also calls its save_checkpoint(path) and "
+            "load_checkpoint(path). The attribute and method names are options "
+            "below.",
+        ),
+        Attribute(
+            "save_checkpoint_method",
+            "the name of the trainer's method that saves a checkpoint to a path",
+            '"save"',
+            default="save_checkpoint",
+            validate=is_str,
+            read_by=("test_resume",),
+        ),
+        Attribute(
+            "load_checkpoint_method",
+            "the name of the trainer's method that restores a checkpoint from a path",
+            '"load"',
+            default="load_checkpoint",
+            validate=is_str,
+            read_by=("test_resume",),
+        ),
+        Attribute(
+            "expected_scalars",
+            "the scalar tags one epoch of training must log",
+            '["train/loss", "test/loss"]',
+            validate=is_names,
+            read_by=("test_logging",),
+        ),
+        Attribute(
+            "overfit_epochs",
+            "the epochs trained on the single batch",
+            "200",
+            default=100,
+            validate=is_positive_int,
+            read_by=("test_overfit_one_batch",),
+        ),
+        Attribute(
+            "overfit_max_loss",
+            "the eval() loss the trainer must reach after overfit_epochs on the single batch",
+            "30.0",
+            validate=is_number,
+            read_by=("test_overfit_one_batch",),
+        ),
+        Attribute(
+            "nondeterministic_scalars",
+            "names or glob patterns of logged tags whose values legitimately differ between runs",
+            '["time/*", "throughput"]',
+            default=(),
+            validate=is_names,
+            read_by=("test_resume", "test_reproducible"),
+            details="Timings, throughput, memory use: their values are not compared, "
+            "their tags and steps are.",
+        ),
+        Attribute(
+            "resume_rtol",
+            "the relative tolerance comparing a resumed run with an uninterrupted one",
+            "1e-6",
+            default=0.0,
+            validate=is_non_negative_number,
+            read_by=("test_resume",),
+            details="0: exact, as the same computation is on a CPU. Raise it on "
+            "hardware whose kernels are not bitwise reproducible.",
+        ),
+        Attribute(
+            "resume_atol",
+            "the absolute tolerance comparing a resumed run with an uninterrupted one",
+            "1e-7",
+            default=0.0,
+            validate=is_non_negative_number,
+            read_by=("test_resume",),
+        ),
+        Attribute(
+            "expected_initial_loss",
+            "the eval() loss of the untrained model",
+            "math.log(10)",
+            validate=is_number,
+            read_by=("test_initial_loss",),
+            details="For a classifier of C balanced classes the cross-entropy at "
+            "initialisation is about log(C).",
+        ),
+        Attribute(
+            "initial_loss_rtol",
+            "the relative tolerance of the initial loss check",
+            "0.1",
+            default=0.25,
+            validate=is_non_negative_number,
+            read_by=("test_initial_loss",),
+        ),
+        Attribute(
+            "initial_loss_atol",
+            "the absolute tolerance of the initial loss check",
+            "0.05",
+            default=0.0,
+            validate=is_non_negative_number,
+            read_by=("test_initial_loss",),
+        ),
+        Attribute(
+            "frozen_parameters",
+            "names or glob patterns of the model's parameters that "
+            "training must leave exactly unchanged",
+            '["backbone.*"]',
+            default=(),
+            validate=is_names,
+            read_by=("test_frozen_parameters",),
+            details="Names as in `model.named_parameters()`. Every other parameter must change.",
+        ),
+        Attribute(
+            "kl_divergence",
+            "the VAE's KL divergence of N(mu, sigma^2) to N(0, I), a "
+            "function called with the arguments kl_arguments names",
+            "self.trainer.kl_divergence",
+            validate=is_callable,
+            read_by=("test_kl_divergence",),
+            details="Summed over the latent dimension: one value per sample, or the "
+            "total. Only for VAEs.",
+        ),
+        Attribute(
+            "kl_arguments",
+            "the arguments kl_divergence takes, in order",
+            '("mu", "logvar")',
+            default=("log_sigma", "mu"),
+            validate=_is_kl_arguments,
+            read_by=("test_kl_divergence",),
+            details='`("log_sigma", "mu")`, or `("mu", "logvar")` with logvar the '
+            "log-variance, as in the pytorch/examples VAE: `-0.5 * sum(1 + "
+            "logvar - mu^2 - exp(logvar))`.",
+        ),
+        Attribute(
+            "kl_rtol",
+            "the relative tolerance of the KL check",
+            "1e-3",
+            default=1e-4,
+            validate=is_number,
+            read_by=("test_kl_divergence",),
+        ),
+        Attribute(
+            "kl_atol",
+            "the absolute tolerance of the KL check",
+            "1e-4",
+            default=1e-5,
+            validate=is_number,
+            read_by=("test_kl_divergence",),
+        ),
     )
 
     trainer: Any
@@ -214,8 +313,10 @@ class TrainerTests(TrainerContract):
         super()._validate_combination()
         if self.writer_attribute is None and self._is_set("expected_scalars"):
             raise self._contract_error(
-                "expected_scalars", "lists tags, but self.writer_attribute is None (the trainer "
-                "logs nothing); set writer_attribute to the name of the trainer's writer")
+                "expected_scalars",
+                "lists tags, but self.writer_attribute is None (the trainer "
+                "logs nothing); set writer_attribute to the name of the trainer's writer",
+            )
 
     def _prepare(self) -> None:
         """Close the writer of every trainer a check uses, and restore the grad mode."""
@@ -242,24 +343,28 @@ class TrainerTests(TrainerContract):
         trainer = make_trainer()
         if is_trainer(trainer):
             raise self._contract_error(
-                "make_trainer", f"returned a {type(trainer).__name__}, which has no "
-                "train(epochs) and eval()")
+                "make_trainer",
+                f"returned a {type(trainer).__name__}, which has no train(epochs) and eval()",
+            )
         model = self._model(trainer)
         for other in [self.trainer, *self._made]:
             if trainer is other or model is getattr(other, self.model_attribute, None):
                 what = "the same trainer" if trainer is other else "a trainer with the same model"
                 raise self._contract_error(
-                    "make_trainer", f"returned {what} as before (self.trainer or an earlier "
+                    "make_trainer",
+                    f"returned {what} as before (self.trainer or an earlier "
                     "make_trainer() call), so the trainers it builds train one another's "
-                    "weights; build a new trainer and a new model in every call")
+                    "weights; build a new trainer and a new model in every call",
+                )
         self._made.append(trainer)
         self._close_writer(trainer)
         return trainer
 
     def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
         """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
-        if any(fnmatch.fnmatchcase(str(a.tag), pattern)
-               for pattern in self.nondeterministic_scalars):
+        if any(
+            fnmatch.fnmatchcase(str(a.tag), pattern) for pattern in self.nondeterministic_scalars
+        ):
             return True
         return same_scalar(a, b, rtol, atol)
 
@@ -283,21 +388,26 @@ class TrainerTests(TrainerContract):
         for tag in expected:
             if tag not in logged:
                 close = difflib.get_close_matches(tag, [str(t) for t in logged], n=1)
-                problems.append(f"{tag!r} was not logged"
-                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+                problems.append(
+                    f"{tag!r} was not logged" + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
                 continue
             at_zero = [value for step, value in logged[tag] if step == 0]
             if not at_zero:
                 steps = [step for step, _ in logged[tag]][:5]
-                problems.append(f"{tag!r} was logged at steps {steps}, never at global step 0 "
-                                "(pass global_step, counting from 0)")
+                problems.append(
+                    f"{tag!r} was logged at steps {steps}, never at global step 0 "
+                    "(pass global_step, counting from 0)"
+                )
             elif not all(is_finite_number(value) for value in at_zero):
-                problems.append(f"{tag!r} was logged at step 0 with {at_zero[0]!r}, not a "
-                                "finite number")
+                problems.append(
+                    f"{tag!r} was logged at step 0 with {at_zero[0]!r}, not a finite number"
+                )
         if problems:
             self.fail(
                 f"one epoch of trainer.train(1) did not log as expected through "
-                f"trainer.{self.writer_attribute}.add_scalar:\n  " + "\n  ".join(problems)
+                f"trainer.{self.writer_attribute}.add_scalar:\n  "
+                + "\n  ".join(problems)
                 + f"\nTags logged: {sorted(logged, key=str) or 'none'}."
             )
 
@@ -343,30 +453,38 @@ class TrainerTests(TrainerContract):
         loaded = self._snapshot(resumed_trainer)
         resumed = _Run(resumed_trainer, first.logs + self._train(resumed_trainer, 1))
         # the global generators that training draws from are the ones it must restore
-        drawn_from = [name for name, state in global_states().items()
-                      if state != loaded["global"][name]]
+        drawn_from = [
+            name for name, state in global_states().items() if state != loaded["global"][name]
+        ]
         differences = self._resume_differences(straight, resumed)
         if not differences:
             return
         causes = self._not_restored(saved, loaded, drawn_from)
-        reproducible = first_log_difference(straight.logs[:len(first.logs)], first.logs)
+        reproducible = first_log_difference(straight.logs[: len(first.logs)], first.logs)
         if reproducible is not None or any(
-                not self._same_value(a, b, 0.0, 0.0) for a, b in zip(straight.logs, first.logs)):
-            causes.insert(0, "reproducibility: the first epoch already differs between two "
-                             "trainers built by make_trainer() under the same seed, so the "
-                             "trainer is not reproducible (test_reproducible says why)")
+            not self._same_value(a, b, 0.0, 0.0) for a, b in zip(straight.logs, first.logs)
+        ):
+            causes.insert(
+                0,
+                "reproducibility: the first epoch already differs between two "
+                "trainers built by make_trainer() under the same seed, so the "
+                "trainer is not reproducible (test_reproducible says why)",
+            )
         load = self.load_checkpoint_method
         self.fail(
             f"a resumed run differs from an uninterrupted one. Trained 2 epochs straight, and "
             f"1 epoch, then trainer.{self.save_checkpoint_method}(path), a fresh trainer from "
             f"make_trainer() with trainer.{load}(path) and 1 more epoch:\n  - "
             + "\n  - ".join(differences)
-            + (f"\nWhat {load} did not restore (the fresh trainer compared with the one that "
-               "saved the checkpoint):\n  - " + "\n  - ".join(causes) if causes else
-               f"\n{load} restored the weights, the optimizer state, the trainer's counters, "
-               "its random generators and the global random states, so the difference comes "
-               "from state kept elsewhere: a schedule held in an iterator or a closure, a "
-               "module-level variable, a data iterator kept across epochs.")
+            + (
+                f"\nWhat {load} did not restore (the fresh trainer compared with the one that "
+                "saved the checkpoint):\n  - " + "\n  - ".join(causes)
+                if causes
+                else f"\n{load} restored the weights, the optimizer state, the trainer's counters, "
+                "its random generators and the global random states, so the difference comes "
+                "from state kept elsewhere: a schedule held in an iterator or a closure, a "
+                "module-level variable, a data iterator kept across epochs."
+            )
             + "\nSave everything training depends on in the checkpoint and restore it: "
             "model.state_dict(), optimizer.state_dict() (Adam's moments and step count), the "
             "state of schedulers and gradient scalers, the epoch and step counters, the state "
@@ -390,29 +508,37 @@ class TrainerTests(TrainerContract):
             differences.append(
                 f"logging: the resumed run logged {describe_scalar(actual)} where the "
                 f"uninterrupted run logged {describe_scalar(expected)} (usually a step or "
-                "epoch counter that was not restored)")
-        found = difference(self._state(straight.trainer), self._state(resumed.trainer),
-                            rtol, atol)
+                "epoch counter that was not restored)"
+            )
+        found = difference(self._state(straight.trainer), self._state(resumed.trainer), rtol, atol)
         if found:
-            differences.append(f"weights: {model}.{found.path[0]} differs after the second "
-                               f"epoch ({found.detail})")
+            differences.append(
+                f"weights: {model}.{found.path[0]} differs after the second epoch ({found.detail})"
+            )
         straight_optimizer = self._optimizer(straight.trainer)
         resumed_optimizer = self._optimizer(resumed.trainer)
         if straight_optimizer is not None and resumed_optimizer is not None:
-            found = difference(straight_optimizer.state_dict(), resumed_optimizer.state_dict(),
-                                rtol, atol)
+            found = difference(
+                straight_optimizer.state_dict(), resumed_optimizer.state_dict(), rtol, atol
+            )
             if found:
                 where = self._optimizer_place(straight_optimizer, straight.trainer, found.path)
-                differences.append(f"optimizer state: {where} differs after the second epoch "
-                                   f"({found.detail})")
+                differences.append(
+                    f"optimizer state: {where} differs after the second epoch ({found.detail})"
+                )
         if mismatch is None:
             for a, b in zip(straight.logs, resumed.logs):
                 if not self._same_value(a, b, rtol, atol):
-                    hint = ("" if differences else " (with equal weights: a timing? list it "
-                            "in nondeterministic_scalars)")
-                    differences.append(f"logged values: {a.where()} is {b.value!r} in the "
-                                       f"resumed run, {a.value!r} in the uninterrupted "
-                                       f"one{hint}")
+                    hint = (
+                        ""
+                        if differences
+                        else " (with equal weights: a timing? list it in nondeterministic_scalars)"
+                    )
+                    differences.append(
+                        f"logged values: {a.where()} is {b.value!r} in the "
+                        f"resumed run, {a.value!r} in the uninterrupted "
+                        f"one{hint}"
+                    )
                     break
         return differences
 
@@ -423,8 +549,11 @@ class TrainerTests(TrainerContract):
             names = {id(p): name for name, p in self._model(trainer).named_parameters()}
             index = path[1]
             known = index < len(parameters) and id(parameters[index]) in names
-            name = (f"{self.model_attribute}.{names[id(parameters[index])]}" if known
-                    else f"parameter {index}")
+            name = (
+                f"{self.model_attribute}.{names[id(parameters[index])]}"
+                if known
+                else f"parameter {index}"
+            )
             rest = "".join(f"[{key!r}]" for key in path[2:])
             return f"the state of {name}{rest}"
         return "".join(f"[{key!r}]" for key in path) or "the state dict"
@@ -435,28 +564,40 @@ class TrainerTests(TrainerContract):
         optimizer = self._optimizer(trainer)
         others = {}
         for name, value in attributes(trainer).items():
-            if value is model or value is optimizer or not callable(
-                    getattr(value, "state_dict", None)):
+            if (
+                value is model
+                or value is optimizer
+                or not callable(getattr(value, "state_dict", None))
+            ):
                 continue
             try:
                 others[name] = cloned(value.state_dict())
             except Exception:  # not a state dict after all (e.g. needs arguments)
                 continue
-        return {"model": self._state(trainer),
-                "optimizer": None if optimizer is None else cloned(optimizer.state_dict()),
-                "numbers": numbers(trainer), "generators": generators(trainer),
-                "others": others, "global": global_states()}
+        return {
+            "model": self._state(trainer),
+            "optimizer": None if optimizer is None else cloned(optimizer.state_dict()),
+            "numbers": numbers(trainer),
+            "generators": generators(trainer),
+            "others": others,
+            "global": global_states(),
+        }
 
-    def _not_restored(self, saved: Dict[str, Any], loaded: Dict[str, Any],
-                      drawn_from: Sequence[str]) -> List[str]:
+    def _not_restored(
+        self, saved: Dict[str, Any], loaded: Dict[str, Any], drawn_from: Sequence[str]
+    ) -> List[str]:
         """What load_checkpoint left different from the trainer that saved the checkpoint."""
         causes = []
         model = self.model_attribute
-        weights = [f"{model}.{name}" for name, value in saved["model"].items()
-                   if difference(value, loaded["model"].get(name, None))]
+        weights = [
+            f"{model}.{name}"
+            for name, value in saved["model"].items()
+            if difference(value, loaded["model"].get(name, None))
+        ]
         if weights:
-            causes.append(f"weights: {_names(weights)} "
-                          f"{_shared_text(len(weights), 'differs', 'differ')}")
+            causes.append(
+                f"weights: {_names(weights)} {_shared_text(len(weights), 'differs', 'differ')}"
+            )
         if saved["optimizer"] is not None and loaded["optimizer"] is not None:
             found = difference(saved["optimizer"], loaded["optimizer"])
             if found:
@@ -467,33 +608,48 @@ class TrainerTests(TrainerContract):
                         f"optimizer state: the fresh trainer's optimizer has no state, the "
                         f"saved one had {', '.join(map(str, keys))} for {len(saved_state)} "
                         "parameters (Adam's moments are lost, so its first steps are "
-                        "too large)")
+                        "too large)"
+                    )
                 else:
                     where = "".join(f"[{key!r}]" for key in found.path)
-                    causes.append(f"optimizer state: {self.optimizer_attribute}.state_dict()"
-                                  f"{where} {found.detail}")
-        numbers = [f"trainer.{name} is {loaded['numbers'][name]!r}, was {value!r}"
-                   for name, value in saved["numbers"].items()
-                   if name in loaded["numbers"] and difference(value, loaded["numbers"][name])]
+                    causes.append(
+                        f"optimizer state: {self.optimizer_attribute}.state_dict()"
+                        f"{where} {found.detail}"
+                    )
+        numbers = [
+            f"trainer.{name} is {loaded['numbers'][name]!r}, was {value!r}"
+            for name, value in saved["numbers"].items()
+            if name in loaded["numbers"] and difference(value, loaded["numbers"][name])
+        ]
         if numbers:
             causes.append("counters: " + "; ".join(numbers))
-        generators = [name for name, state in saved["generators"].items()
-                      if name in loaded["generators"] and loaded["generators"][name] != state]
+        generators = [
+            name
+            for name, state in saved["generators"].items()
+            if name in loaded["generators"] and loaded["generators"][name] != state
+        ]
         if generators:
             kind = _shared_text(len(generators), "generator", "generators")
             verb = _shared_text(len(generators), "is", "are")
-            causes.append(f"data order: the random {kind} {', '.join(generators)} {verb} not "
-                          "in the saved state (checkpoint generator.get_state() and restore it "
-                          "with set_state())")
-        others = [f"trainer.{name}" for name, state in saved["others"].items()
-                  if name in loaded["others"] and difference(state, loaded["others"][name])]
+            causes.append(
+                f"data order: the random {kind} {', '.join(generators)} {verb} not "
+                "in the saved state (checkpoint generator.get_state() and restore it "
+                "with set_state())"
+            )
+        others = [
+            f"trainer.{name}"
+            for name, state in saved["others"].items()
+            if name in loaded["others"] and difference(state, loaded["others"][name])
+        ]
         if others:
             causes.append(f"other state: the state_dict() of {', '.join(others)}")
         rngs = [name for name in drawn_from if loaded["global"][name] != saved["global"][name]]
         if rngs:
-            causes.append(f"random state: training draws from {', '.join(rngs)} (dropout, "
-                          "sampling, DataLoader(shuffle=True) without generator=), whose "
-                          f"{_shared_text(len(rngs), 'state is', 'states are')} not restored")
+            causes.append(
+                f"random state: training draws from {', '.join(rngs)} (dropout, "
+                "sampling, DataLoader(shuffle=True) without generator=), whose "
+                f"{_shared_text(len(rngs), 'state is', 'states are')} not restored"
+            )
         return causes
 
     @check
@@ -527,22 +683,33 @@ class TrainerTests(TrainerContract):
         found = difference(final, other_final)
         log = first_log_difference(logs, other_logs)
         if log is None:
-            log = next(((a, b) for a, b in zip(logs, other_logs)
-                        if not self._same_value(a, b, 0.0, 0.0)), None)
+            log = next(
+                ((a, b) for a, b in zip(logs, other_logs) if not self._same_value(a, b, 0.0, 0.0)),
+                None,
+            )
         if found is None and log is None:
             return
         what = []
         if log is not None:
             a, b = log
-            hint = "" if found else "; with equal weights: a timing? list it in " \
-                "nondeterministic_scalars"
-            what.append(f"the first logged scalar that differs is {describe_scalar(a)} "
-                        + (f"({a.value!r} and {b.value!r}{hint})"
-                           if a and b and a.where() == b.where()
-                           else f"(the other run logged {describe_scalar(b)})"))
+            hint = (
+                ""
+                if found
+                else "; with equal weights: a timing? list it in nondeterministic_scalars"
+            )
+            what.append(
+                f"the first logged scalar that differs is {describe_scalar(a)} "
+                + (
+                    f"({a.value!r} and {b.value!r}{hint})"
+                    if a and b and a.where() == b.where()
+                    else f"(the other run logged {describe_scalar(b)})"
+                )
+            )
         if found is not None:
-            what.append(f"the first parameter or buffer that differs is {model}.{found.path[0]} "
-                        f"({found.detail})")
+            what.append(
+                f"the first parameter or buffer that differs is {model}.{found.path[0]} "
+                f"({found.detail})"
+            )
         self.fail(
             "two trainers built by make_trainer() under the same seed and trained one epoch "
             f"differ: {'; '.join(what)}. Usual causes: data shuffled by an unseeded generator "
@@ -566,8 +733,9 @@ class TrainerTests(TrainerContract):
         """
         model = self._model(self.trainer)
         prefix = self.model_attribute
-        names = {module: f"{prefix}.{name}" if name else prefix
-                 for name, module in model.named_modules()}
+        names = {
+            module: f"{prefix}.{name}" if name else prefix for name, module in model.named_modules()
+        }
         before = self._state(self.trainer)
         modes = {names[module]: module.training for module in model.modules()}
         grad_mode = torch.is_grad_enabled()
@@ -591,18 +759,25 @@ class TrainerTests(TrainerContract):
         problems = []
         parameters = dict(model.named_parameters())
         state = model.state_dict()
-        changed = [f"{prefix}.{name} ({'parameter' if name in parameters else 'buffer'})"
-                   for name, value in before.items() if difference(value, state.get(name))]
+        changed = [
+            f"{prefix}.{name} ({'parameter' if name in parameters else 'buffer'})"
+            for name, value in before.items()
+            if difference(value, state.get(name))
+        ]
         if changed:
             problems.append(
                 f"it changed {_names(changed)}: an evaluation in training mode updates "
                 "BatchNorm's running statistics with the evaluation data, and an optimizer "
                 "step or an in-place update in eval() changes the weights. Evaluate under "
-                "model.eval() and torch.no_grad(), without stepping the optimizer")
+                "model.eval() and torch.no_grad(), without stepping the optimizer"
+            )
         after = {names[module]: module.training for module in model.modules()}
         for was_training in (True, False):
-            switched = [name for name, training in modes.items()
-                        if training == was_training and after.get(name, training) != training]
+            switched = [
+                name
+                for name, training in modes.items()
+                if training == was_training and after.get(name, training) != training
+            ]
             if switched:
                 was, now = ("training", "eval") if was_training else ("eval", "training")
                 problems.append(
@@ -610,13 +785,15 @@ class TrainerTests(TrainerContract):
                     f"{_shared_text(len(switched), 'was', 'were')} in {was} mode before: the "
                     "training that follows runs in the wrong mode. Record the mode of each "
                     "submodule before model.eval() and restore it afterwards (at least "
-                    "was_training = model.training ... model.train(was_training))")
+                    "was_training = model.training ... model.train(was_training))"
+                )
         if torch.is_grad_enabled() != grad_mode:
             problems.append(
                 f"it left torch.is_grad_enabled() {torch.is_grad_enabled()}, which was "
                 f"{grad_mode} before: torch.set_grad_enabled(False) without restoring it "
                 "makes the training that follows compute no gradients. Evaluate inside "
-                "`with torch.no_grad():` (or torch.inference_mode()) instead")
+                "`with torch.no_grad():` (or torch.inference_mode()) instead"
+            )
         if in_training_mode:
             # Only a problem when it shows: a model of Linear layers evaluates the same in
             # either mode; dropout (a result that changes with the seed) and BatchNorm (its
@@ -627,16 +804,26 @@ class TrainerTests(TrainerContract):
             if changed or not same_number(loss, again, 0.0, 0.0):
                 in_training_mode.sort(key=lambda m: not isinstance(m, _MODE_DEPENDENT))
                 culprits = [f"{names[m]} ({type(m).__name__})" for m in in_training_mode]
-                problems.insert(0, (
-                    f"it ran {_names(culprits)} in training mode"
-                    + (f", so its loss changes with the random seed ({loss:.6g}, then "
-                       f"{again:.6g})" if loss != again else "")
-                    + ": in training mode dropout and sampling stay on, and BatchNorm "
-                    "normalises with (and updates) batch statistics. Call model.eval() before "
-                    "evaluating, and restore the previous mode afterwards"))
+                problems.insert(
+                    0,
+                    (
+                        f"it ran {_names(culprits)} in training mode"
+                        + (
+                            f", so its loss changes with the random seed ({loss:.6g}, then "
+                            f"{again:.6g})"
+                            if loss != again
+                            else ""
+                        )
+                        + ": in training mode dropout and sampling stay on, and BatchNorm "
+                        "normalises with (and updates) batch statistics. Call model.eval() before "
+                        "evaluating, and restore the previous mode afterwards"
+                    ),
+                )
         if problems:
-            self.fail("trainer.eval() does not leave the model as it found it:\n  - "
-                      + "\n  - ".join(problems))
+            self.fail(
+                "trainer.eval() does not leave the model as it found it:\n  - "
+                + "\n  - ".join(problems)
+            )
 
     @check
     def test_initial_loss(self) -> None:
@@ -675,15 +862,23 @@ class TrainerTests(TrainerContract):
         model = self._model(self.trainer)
         names = [name for name, _ in model.named_parameters()]
         patterns = list(self.frozen_parameters)
-        unmatched = [pattern for pattern in patterns
-                     if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+        unmatched = [
+            pattern
+            for pattern in patterns
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names)
+        ]
         if unmatched:
             raise self._contract_error(
-                "frozen_parameters", f"has {unmatched}, which "
+                "frozen_parameters",
+                f"has {unmatched}, which "
                 f"{_shared_text(len(unmatched), 'matches', 'match')} no parameter of "
-                f"trainer.{self.model_attribute} (its parameters: {_names(names, 6)})")
-        frozen = {name for name in names
-                  if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+                f"trainer.{self.model_attribute} (its parameters: {_names(names, 6)})",
+            )
+        frozen = {
+            name
+            for name in names
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        }
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         epochs = 0
         changed: Dict[str, bool] = {}
@@ -691,10 +886,14 @@ class TrainerTests(TrainerContract):
             self.trainer.train(1)
             epochs += 1
             model = self._model(self.trainer)
-            changed = {name: not torch.equal(p.detach(), before[name])
-                       for name, p in model.named_parameters() if name in before}
+            changed = {
+                name: not torch.equal(p.detach(), before[name])
+                for name, p in model.named_parameters()
+                if name in before
+            }
             if any(changed.get(name) for name in frozen) or all(
-                    changed[name] for name in changed if name not in frozen):
+                changed[name] for name in changed if name not in frozen
+            ):
                 break
         parameters = dict(model.named_parameters())
         optimizer = self._optimizer(self.trainer)
@@ -713,8 +912,8 @@ class TrainerTests(TrainerContract):
                 f"after {epochs} epoch{'s' if epochs > 1 else ''} of trainer.train(1), "
                 f"{count} of {len(names)} parameters of trainer.{self.model_attribute} did not "
                 "do what frozen_parameters says (listed there: unchanged; all others: "
-                "changed):\n  " + "\n  ".join(f"{_names(group, 4)}: {reason}"
-                                               for reason, group in reasons.items())
+                "changed):\n  "
+                + "\n  ".join(f"{_names(group, 4)}: {reason}" for reason, group in reasons.items())
                 + "\nFreeze with p.requires_grad_(False) before building the optimizer, build "
                 "the optimizer after freezing and unfreezing, and list in frozen_parameters "
                 "exactly the parameters that must not train."
@@ -729,34 +928,50 @@ class TrainerTests(TrainerContract):
 
     def _frozen_but_changed(self, parameter: nn.Parameter, optimizer: Any) -> str:
         if not parameter.requires_grad:
-            return ("frozen (requires_grad=False) but changed: by a gradient from before the "
-                    "freezing, which the optimizer still applies, or by a direct write (an "
-                    "in-place update under torch.no_grad(), .data)")
+            return (
+                "frozen (requires_grad=False) but changed: by a gradient from before the "
+                "freezing, which the optimizer still applies, or by a direct write (an "
+                "in-place update under torch.no_grad(), .data)"
+            )
         group = self._group(parameter, optimizer) or {}
         movers = [f"{key}={group[key]}" for key in ("weight_decay", "momentum") if group.get(key)]
-        moved = (f"; the optimizer's param group has {' and '.join(movers)}, which "
-                 f"{_shared_text(len(movers), 'moves', 'move')} a parameter even when its "
-                 "gradient is zeroed" if movers else "")
-        return ("listed in frozen_parameters but changed: requires_grad is True, so the "
-                f"optimizer updates it{moved}")
+        moved = (
+            f"; the optimizer's param group has {' and '.join(movers)}, which "
+            f"{_shared_text(len(movers), 'moves', 'move')} a parameter even when its "
+            "gradient is zeroed"
+            if movers
+            else ""
+        )
+        return (
+            "listed in frozen_parameters but changed: requires_grad is True, so the "
+            f"optimizer updates it{moved}"
+        )
 
     def _trainable_but_unchanged(self, parameter: nn.Parameter, optimizer: Any) -> str:
         if not parameter.requires_grad:
-            return ("unchanged, with requires_grad=False: frozen by accident (unfreeze with "
-                    "p.requires_grad_(True) before building the optimizer, or list in "
-                    "frozen_parameters what is meant to be frozen)")
+            return (
+                "unchanged, with requires_grad=False: frozen by accident (unfreeze with "
+                "p.requires_grad_(True) before building the optimizer, or list in "
+                "frozen_parameters what is meant to be frozen)"
+            )
         if optimizer is not None and self._group(parameter, optimizer) is None:
-            return (f"unchanged: not in trainer.{self.optimizer_attribute}'s param groups, so "
-                    "a gradient but no update: the optimizer was built before the layer was "
-                    "unfrozen, or from a filtered parameter list")
+            return (
+                f"unchanged: not in trainer.{self.optimizer_attribute}'s param groups, so "
+                "a gradient but no update: the optimizer was built before the layer was "
+                "unfrozen, or from a filtered parameter list"
+            )
         if parameter.grad is None:
-            return ("unchanged, without a gradient after training: not connected to the loss "
-                    "(unused in forward, or cut off by .detach()); "
-                    "ModelTests.test_all_parameters_updated says where")
-        return ("unchanged although trainable and in the optimizer: a zero gradient (gated off "
-                "by something that stays zero, a dead ReLU), a learning rate of 0, or no "
-                "optimizer step in the epoch (gradients accumulated over more batches than it "
-                "has)")
+            return (
+                "unchanged, without a gradient after training: not connected to the loss "
+                "(unused in forward, or cut off by .detach()); "
+                "ModelTests.test_all_parameters_updated says where"
+            )
+        return (
+            "unchanged although trainable and in the optimizer: a zero gradient (gated off "
+            "by something that stays zero, a dead ReLU), a learning rate of 0, or no "
+            "optimizer step in the epoch (gradients accumulated over more batches than it "
+            "has)"
+        )
 
     # -- VAEs -------------------------------------------------------------------------------
     @check
@@ -773,11 +988,13 @@ class TrainerTests(TrainerContract):
                 f"test_kl_divergence applies to VAEs only: self.kl_divergence is not set in "
                 f"{self._where()}. A VAE's test sets it (the KL divergence of the latent "
                 "distribution to N(0, I), e.g. self.kl_divergence = "
-                "self.trainer.kl_divergence) to enable this check")
+                "self.trainer.kl_divergence) to enable this check"
+            )
         arguments: Tuple[str, str] = (self.kl_arguments[0], self.kl_arguments[1])
         generator = torch.Generator().manual_seed(self.seed)
         cases: List[Tuple[str, torch.Tensor, torch.Tensor]] = [
-            ("mu=0, sigma=1", torch.zeros(3, 5), torch.zeros(3, 5))]
+            ("mu=0, sigma=1", torch.zeros(3, 5), torch.zeros(3, 5))
+        ]
         for draw in range(4):
             mu = 2 * torch.randn(3, 5, generator=generator)
             log_sigma = 3 * torch.rand(3, 5, generator=generator) - 1.5
@@ -796,12 +1013,17 @@ class TrainerTests(TrainerContract):
                 elif tuple(result.shape) == (mu.shape[0],):
                     expected = torch.from_numpy(reference.sum(axis=1))
                 else:
-                    self.fail(f"kl_divergence returned shape {tuple(result.shape)} for a batch "
-                              f"of {tuple(mu.shape)}; return one value per sample "
-                              f"({mu.shape[0]},) or the total (a scalar)")
+                    self.fail(
+                        f"kl_divergence returned shape {tuple(result.shape)} for a batch "
+                        f"of {tuple(mu.shape)}; return one value per sample "
+                        f"({mu.shape[0]},) or the total (a scalar)"
+                    )
+                message = functools.partial(
+                    self._kl_message, label=label, result=result, mu=mu, log_sigma=log_sigma
+                )
                 torch.testing.assert_close(
-                    result, expected, rtol=self.kl_rtol, atol=self.kl_atol,
-                    msg=lambda m: self._kl_message(m, label, result, mu, log_sigma))
+                    result, expected, rtol=self.kl_rtol, atol=self.kl_atol, msg=message
+                )
 
     def _kl_result(self, returned: Any, arguments: Tuple[str, str]) -> torch.Tensor:
         if isinstance(returned, (torch.Tensor, np.ndarray)) or as_number(returned) is not None:
@@ -814,42 +1036,57 @@ class TrainerTests(TrainerContract):
             "the latent dimension: one value per sample, shape (batch,), or the total."
         )
 
-    def _kl_message(self, default: str, label: str, result: torch.Tensor, mu: torch.Tensor,
-                    log_sigma: torch.Tensor) -> str:
+    def _kl_message(
+        self,
+        default: str,
+        label: str,
+        result: torch.Tensor,
+        mu: torch.Tensor,
+        log_sigma: torch.Tensor,
+    ) -> str:
         arguments: Tuple[str, str] = (self.kl_arguments[0], self.kl_arguments[1])
         mu64, log_sigma64 = mu.double(), log_sigma.double()
         elementwise = 0.5 * (torch.exp(2 * log_sigma64) + mu64**2 - 1) - log_sigma64
         common = {
             "the factor 0.5 is missing": 2 * elementwise,
-            "it takes the mean over the latent dimension instead of the sum":
-                elementwise / elementwise.shape[1],
+            "it takes the mean over the latent dimension instead of the sum": elementwise
+            / elementwise.shape[1],
             "the sign is flipped (it returns -KL)": -elementwise,
         }
         if arguments == ("log_sigma", "mu"):
             mistakes = {
                 **common,
-                "log_sigma is treated as log-variance":
-                    0.5 * (torch.exp(log_sigma64) + mu64**2 - 1 - log_sigma64),
-                "it uses sigma (exp(log_sigma)) where sigma^2 (exp(2 * log_sigma)) belongs":
-                    0.5 * (torch.exp(log_sigma64) + mu64**2 - 1) - log_sigma64,
-                "the arguments are swapped (it expects (log_sigma, mu))":
-                    0.5 * (torch.exp(2 * mu64) + log_sigma64**2 - 1) - mu64,
+                "log_sigma is treated as log-variance": 0.5
+                * (torch.exp(log_sigma64) + mu64**2 - 1 - log_sigma64),
+                "it uses sigma (exp(log_sigma)) where sigma^2 (exp(2 * log_sigma)) belongs": 0.5
+                * (torch.exp(log_sigma64) + mu64**2 - 1)
+                - log_sigma64,
+                "the arguments are swapped (it expects (log_sigma, mu))": 0.5
+                * (torch.exp(2 * mu64) + log_sigma64**2 - 1)
+                - mu64,
             }
         else:
             logvar = 2 * log_sigma64
             mistakes = {
                 **common,
-                "logvar is treated as log-sigma (it needs the log-variance)":
-                    0.5 * (torch.exp(2 * logvar) + mu64**2 - 1) - logvar,
-                "the arguments are swapped (it expects (mu, logvar))":
-                    -0.5 * (1 + mu64 - logvar**2 - torch.exp(mu64)),
+                "logvar is treated as log-sigma (it needs the log-variance)": 0.5
+                * (torch.exp(2 * logvar) + mu64**2 - 1)
+                - logvar,
+                "the arguments are swapped (it expects (mu, logvar))": -0.5
+                * (1 + mu64 - logvar**2 - torch.exp(mu64)),
             }
+
         def reduce(value: torch.Tensor) -> torch.Tensor:
             return value.sum() if result.dim() == 0 else value.sum(dim=1)
 
-        diagnosis = [text for text, value in mistakes.items()
-                     if torch.allclose(result, reduce(value), rtol=1e-3, atol=1e-4)]
+        diagnosis = [
+            text
+            for text, value in mistakes.items()
+            if torch.allclose(result, reduce(value), rtol=1e-3, atol=1e-4)
+        ]
         hint = f"It looks like {diagnosis[0]}. " if diagnosis else ""
-        return (f"kl_divergence({', '.join(arguments)}) does not match the numerical reference "
-                f"of KL(N(mu, sigma^2) || N(0, 1)) summed over the latent dimension ({label}). "
-                f"{hint}The closed form is {KL_ARGUMENTS[arguments]}.\n{default}")
+        return (
+            f"kl_divergence({', '.join(arguments)}) does not match the numerical reference "
+            f"of KL(N(mu, sigma^2) || N(0, 1)) summed over the latent dimension ({label}). "
+            f"{hint}The closed form is {KL_ARGUMENTS[arguments]}.\n{default}"
+        )

@@ -11,6 +11,7 @@ and run every code snippet of the pages, comparing what it prints::
 When a check's message changes, ``python docs/update_outputs.py`` rewrites the output blocks
 that no longer match.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -76,7 +77,9 @@ if "fork" in multiprocessing.get_all_start_methods():
     multiprocessing.set_start_method("fork", force=True)
 
 # Runs before the snippets of every page (each page has its own namespace).
-doctest_global_setup = f"REPO_ROOT = __import__('pathlib').Path({str(ROOT)!r})\n" + r'''
+doctest_global_setup = (
+    f"REPO_ROOT = __import__('pathlib').Path({str(ROOT)!r})\n"
+    + r'''
 import sys as _sys
 import types as _types
 import unittest as _unittest
@@ -151,7 +154,8 @@ def show_result(test):
     test.run(report)
     print("\n\n".join(report.lines) if report.lines else "ok")
 '''
+)
 
-doctest_global_cleanup = r'''
+doctest_global_cleanup = r"""
 _sys.modules.pop("docs_snippets", None)
-'''
+"""

@@ -13,6 +13,7 @@ including those with "..." for varying numbers, are left alone. Review the diff 
 README.md's table of checks (between its "checks" markers) is rewritten from the code
 (dltestkit._reference), like the tables the documentation builds with its directives.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,8 @@ sys.path.insert(0, str(DOCS))
 import conf  # noqa: E402  (the doctest setup and flags; also selects the fork start method)
 
 BLOCK = re.compile(
-    r"^```\{(testsetup|testcode|testoutput|testcleanup)\}[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+    r"^```\{(testsetup|testcode|testoutput|testcleanup)\}[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M
+)
 WIDTH = 92
 
 
@@ -39,9 +41,17 @@ def wrap(output: str) -> str:
     lines = []
     for line in output.rstrip("\n").split("\n"):
         indent = line[: len(line) - len(line.lstrip())]
-        lines.append(textwrap.fill(line, width=WIDTH, subsequent_indent=indent + "    ",
-                                   break_long_words=False, break_on_hyphens=False)
-                     if len(line) > WIDTH else line)
+        lines.append(
+            textwrap.fill(
+                line,
+                width=WIDTH,
+                subsequent_indent=indent + "    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            if len(line) > WIDTH
+            else line
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -70,7 +80,8 @@ def update(page: Path) -> int:
         if kind == "testcode":
             printed = run(body, namespace, f"{page.name}:{line}")
         elif kind == "testoutput" and not checker.check_output(
-                body, printed, conf.doctest_default_flags):
+            body, printed, conf.doctest_default_flags
+        ):
             replacements.append((block.start(2), block.end(2), wrap(printed)))
             print(f"{page.relative_to(DOCS.parent)}:{line}: output updated")
     for block in blocks:

@@ -56,7 +56,9 @@ class MyMNIST:
             (or the download failed).
     """
 
-    def __init__(self, root: Union[str, Path], download: bool = False, augment: bool = True) -> None:
+    def __init__(
+        self, root: Union[str, Path], download: bool = False, augment: bool = True
+    ) -> None:
         self.root = Path(root)
         self.augment = augment
         try:

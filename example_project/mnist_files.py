@@ -103,7 +103,9 @@ def _render_chunk(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     top = np.maximum(np.maximum(-half_h - v, v), 0.0) ** 2  # outside [-h, 0]
     bottom = np.maximum(np.maximum(-v, v - half_h), 0.0) ** 2  # outside [0, h]
     rows_h = np.minimum(  # horizontal segments a, d, g
-        np.minimum(np.where(on[0], (v + half_h) ** 2, inf), np.where(on[3], (v - half_h) ** 2, inf)),
+        np.minimum(
+            np.where(on[0], (v + half_h) ** 2, inf), np.where(on[3], (v - half_h) ** 2, inf)
+        ),
         np.where(on[6], v**2, inf),
     )
     rows_l = np.minimum(np.where(on[5], top, inf), np.where(on[4], bottom, inf))  # f, e

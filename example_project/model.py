@@ -35,7 +35,9 @@ class VAE(nn.Module):
         bottleneck_dim: size of the latent space.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, feature_dim: int, bottleneck_dim: int) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, feature_dim: int, bottleneck_dim: int
+    ) -> None:
         super().__init__()
         self.bottleneck_dim = bottleneck_dim
         self.encoder = encoder
@@ -59,7 +61,9 @@ class VAE(nn.Module):
         """Map latents to reconstructions in [-1, 1]."""
         return self.decoder(z)
 
-    def forward_with_latent(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_with_latent(
+        self, x: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(reconstruction, mu, log_sigma)``; the trainer needs all three."""
         mu, log_sigma = self.encode(x)
         return self.decode(self.bottleneck(mu, log_sigma)), mu, log_sigma
@@ -72,7 +76,9 @@ class VAE(nn.Module):
 class MLPVAE(VAE):
     """Fully connected VAE: flatten -> 256 -> 128 -> latent -> 128 -> 256 -> image."""
 
-    def __init__(self, input_shape: Sequence[int], bottleneck_dim: int, hidden: Sequence[int] = (256, 128)) -> None:
+    def __init__(
+        self, input_shape: Sequence[int], bottleneck_dim: int, hidden: Sequence[int] = (256, 128)
+    ) -> None:
         input_shape = tuple(input_shape)
         num_inputs = math.prod(input_shape)
         encoder = _mlp([num_inputs, *hidden], flatten=True)
@@ -91,7 +97,12 @@ class CNNVAE(VAE):
     three stride-2 transposed convolutions back. Height and width must be
     divisible by 8 (e.g. (1, 32, 32))."""
 
-    def __init__(self, input_shape: Sequence[int], bottleneck_dim: int, channels: Sequence[int] = (16, 32, 64)) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        bottleneck_dim: int,
+        channels: Sequence[int] = (16, 32, 64),
+    ) -> None:
         input_shape = tuple(input_shape)
         in_channels, height, width = input_shape
         scale = 2 ** len(channels)
@@ -102,13 +113,22 @@ class CNNVAE(VAE):
 
         encoder_layers: list = []
         for c_in, c_out in zip((in_channels, *channels[:-1]), channels):
-            encoder_layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            encoder_layers += [
+                nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1),
+                nn.LeakyReLU(0.2),
+            ]
         encoder = nn.Sequential(*encoder_layers, nn.Flatten())
 
-        decoder_layers: list = [nn.Linear(bottleneck_dim, feature_dim), nn.LeakyReLU(0.2), nn.Unflatten(1, feature_shape)]
+        decoder_layers: list = [
+            nn.Linear(bottleneck_dim, feature_dim),
+            nn.LeakyReLU(0.2),
+            nn.Unflatten(1, feature_shape),
+        ]
         reversed_channels = (*reversed(channels), in_channels)
         for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
-            decoder_layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+            decoder_layers.append(
+                nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+            )
             decoder_layers.append(nn.LeakyReLU(0.2) if i < len(channels) - 1 else nn.Tanh())
         decoder = nn.Sequential(*decoder_layers)
 

@@ -26,11 +26,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 from dataset import MNISTNotFoundError, MyMNIST
 from mnist_files import has_mnist, write_mnist
 from model import CNNVAE, MLPVAE
+from tqdm import tqdm
 from trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
@@ -41,27 +40,46 @@ NO_DATA_EXIT_CODE = 2
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a VAE on MNIST, logging to TensorBoard.")
-    parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="model type (default: mlp)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="mlp", help="model type (default: mlp)"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size per process (default: 128)")
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="batch size per process (default: 128)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--bottleneck-dim", type=int, default=16, help="latent size (default: 16)")
     parser.add_argument(
-        "--data-root", type=Path, default=HERE / "data", help="folder holding MNIST/raw (default: data beside run.py)"
+        "--data-root",
+        type=Path,
+        default=HERE / "data",
+        help="folder holding MNIST/raw (default: data beside run.py)",
     )
     parser.add_argument(
-        "--log-dir", type=Path, default=None, help="TensorBoard log folder (default: runs/<timestamp> beside run.py)"
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="TensorBoard log folder (default: runs/<timestamp> beside run.py)",
     )
     parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: CUDA, then MPS, else CPU"
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="auto: CUDA, then MPS, else CPU",
     )
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
-    parser.add_argument("--image-every", type=int, default=1, help="log reconstructions every N epochs; 0: never")
-    parser.add_argument("--download", action="store_true", help="download the real MNIST if it is missing")
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="DataLoader worker processes (default: 2)"
+    )
+    parser.add_argument(
+        "--image-every", type=int, default=1, help="log reconstructions every N epochs; 0: never"
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="download the real MNIST if it is missing"
+    )
     parser.add_argument(
         "--generate-data",
         action="store_true",
-        help="if no MNIST is in the data root, write generated MNIST-format files there (works offline)",
+        help="if no MNIST is in the data root, write generated MNIST-format files there (offline)",
     )
     parser.add_argument(
         "--generate-sizes",
@@ -84,7 +102,11 @@ def pick_device(name: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun
     if name != "auto":
         device = torch.device(name)
-        return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+        return (
+            torch.device("cuda", local_rank)
+            if device.type == "cuda" and device.index is None
+            else device
+        )
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     mps = getattr(torch.backends, "mps", None)
@@ -138,7 +160,9 @@ def _open_data(root: Path, download: bool) -> Optional[MyMNIST]:
     except MNISTNotFoundError:
         print(no_data_message(root), file=sys.stderr)
     except (RuntimeError, OSError) as error:  # e.g. a failed download
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         print(f"Could not load MNIST: {first_line}\n{no_data_message(root)}", file=sys.stderr)
     return None
 
@@ -147,7 +171,10 @@ def _prepare_data(args: argparse.Namespace) -> Optional[MyMNIST]:
     root = args.data_root
     if args.generate_data and not has_mnist(root):
         n_train, n_test = args.generate_sizes
-        print(f"Writing generated MNIST-format data ({n_train} train / {n_test} test) to {root}", file=sys.stderr)
+        print(
+            f"Writing generated MNIST-format data ({n_train} train / {n_test} test) to {root}",
+            file=sys.stderr,
+        )
         write_mnist(root, n_train=n_train, n_test=n_test, seed=args.seed)
     return _open_data(root, download=args.download)
 
@@ -199,13 +226,17 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
             ) as bar:
                 last: Dict[str, float] = {}
 
-                def show(losses: Dict[str, float], bar: tqdm = bar, last: Dict[str, float] = last) -> None:
+                def show(
+                    losses: Dict[str, float], bar: tqdm = bar, last: Dict[str, float] = last
+                ) -> None:
                     last.update(losses)
                     bar.set_postfix(loss=f"{losses['loss']:.2f}", refresh=False)
                     bar.update()
 
                 test_loss = trainer.train(1, callback=show)
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.2f}", test_loss=f"{test_loss:.2f}")
+                bar.set_postfix(
+                    loss=f"{last.get('loss', float('nan')):.2f}", test_loss=f"{test_loss:.2f}"
+                )
         trainer.save_checkpoint(checkpoint)
 
     if rank != 0:
@@ -213,7 +244,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
     final = "n/a" if test_loss is None else f"{test_loss:.4f}"
     world = f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""
     print(
-        f"Trained {args.model} for {args.epochs} epochs on {device}{world}: final test loss {final}; "
+        f"Trained {args.model} for {args.epochs} epochs on {device}{world}: "
+        f"final test loss {final}; "
         f"logs in {log_dir}; checkpoint {checkpoint}"
     )
     return 0

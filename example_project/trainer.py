@@ -108,7 +108,9 @@ class Trainer:
         self.model = model.to(self.device)
         step: nn.Module = _WithLatent(self.model)
         if self.world_size > 1:  # broadcasts rank 0's weights, then averages the gradients
-            step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            step = DistributedDataParallel(
+                step, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self._step_model = step
         self.optimizer = optimizer
         self.kl_weight = kl_weight
@@ -128,7 +130,11 @@ class Trainer:
         # must be the same on every rank, and it is checkpointed.
         self.data_seed = _from_rank_zero(int(torch.randint(2**62, ()).item()))
         self.sampler = DistributedSampler(
-            train_data, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.data_seed
+            train_data,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=shuffle,
+            seed=self.data_seed,
         )
         self.train_loader = DataLoader(train_data, sampler=self.sampler, **loader_options)
         self.test_loader = DataLoader(test_data, shuffle=False, **loader_options)
@@ -153,7 +159,9 @@ class Trainer:
         return (recon - x).pow(2).flatten(1).sum(dim=1)
 
     # ---------------------------------------------------------------- training
-    def train(self, epochs: int, callback: Optional[Callable[[Dict[str, float]], None]] = None) -> Optional[float]:
+    def train(
+        self, epochs: int, callback: Optional[Callable[[Dict[str, float]], None]] = None
+    ) -> Optional[float]:
         """Train for ``epochs`` epochs; return the last ``test/loss`` (None if epochs is 0).
 
         ``callback``, if given, is called after every step with that step's
@@ -173,7 +181,11 @@ class Trainer:
                     callback(losses)
             test_loss = self.eval()
             self._log("test/loss", test_loss, self.epoch)
-            if self.summary is not None and self.image_every and (self.epoch + 1) % self.image_every == 0:
+            if (
+                self.summary is not None
+                and self.image_every
+                and (self.epoch + 1) % self.image_every == 0
+            ):
                 self.log_reconstructions()
             self.epoch += 1
         return test_loss
@@ -191,7 +203,11 @@ class Trainer:
         loss = recon_loss + self.kl_weight * kl_div_loss
         loss.backward()
         self.optimizer.step()
-        return {"recon_loss": recon_loss.item(), "kl_div_loss": kl_div_loss.item(), "loss": loss.item()}
+        return {
+            "recon_loss": recon_loss.item(),
+            "kl_div_loss": kl_div_loss.item(),
+            "loss": loss.item(),
+        }
 
     def _inputs(self, batch: Any) -> torch.Tensor:
         """The images of a batch, on the trainer's device."""
@@ -233,7 +249,9 @@ class Trainer:
             self.model.train(was_training)
         images = torch.cat([x, recon]).float().add(1.0).div(2.0).clamp(0.0, 1.0).cpu()
         assert self.summary is not None, "rank 0 logs"
-        self.summary.add_image("test/reconstructions", make_grid(images, nrow=x.shape[0]), self.epoch)
+        self.summary.add_image(
+            "test/reconstructions", make_grid(images, nrow=x.shape[0]), self.epoch
+        )
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: PathLike) -> None:

@@ -1,4 +1,5 @@
 """Run a dltestkit check on a component and report what happened (not a test module)."""
+
 from __future__ import annotations
 
 import os
@@ -40,14 +41,14 @@ def run_check(case: type, name: str) -> Outcome:
 class CheckTestCase(unittest.TestCase):
     """Assertions about the outcome of one check."""
 
-    def assertPasses(self, case: type, name: str,
-                     allowed_skips: Sequence[str] = (NO_GPU,)) -> None:
+    def assertPasses(self, case: type, name: str, allowed_skips: Sequence[str] = (NO_GPU,)) -> None:
         """No failure, no error, no skip but those whose reason starts with one of
         ``allowed_skips`` (by default test_device_moving_on_gpu's without a GPU)."""
         outcome = run_check(case, name)
         skips = [reason for reason in outcome.skips if not reason.startswith(tuple(allowed_skips))]
-        self.assertEqual((outcome.failures, outcome.errors, skips), ([], [], []),
-                         f"{name} should pass")
+        self.assertEqual(
+            (outcome.failures, outcome.errors, skips), ([], [], []), f"{name} should pass"
+        )
 
     def assertFailsWith(self, case: type, name: str, *fragments: str) -> str:
         outcome = run_check(case, name)

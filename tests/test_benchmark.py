@@ -1,4 +1,5 @@
 """benchmarks/run_benchmark.py runs end to end (on tiny data, once)."""
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,20 @@ class Benchmark(unittest.TestCase):
     def test_it_reports_floor_tests_ratio_loads_and_memory(self) -> None:
         with tempfile.TemporaryDirectory() as cache:
             completed = subprocess.run(
-                [sys.executable, str(SCRIPT), "--repeats", "1", "--sizes", "300,100",
-                 "--cache", cache], capture_output=True, text=True, timeout=600)
+                [
+                    sys.executable,
+                    str(SCRIPT),
+                    "--repeats",
+                    "1",
+                    "--sizes",
+                    "300,100",
+                    "--cache",
+                    cache,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             self.assertEqual(completed.returncode, 0, completed.stderr)
             self.assertTrue((Path(cache) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists())
         output = completed.stdout
@@ -25,8 +38,9 @@ class Benchmark(unittest.TestCase):
         self.assertRegex(output, r"suite total \(35 tests\) +\d+\.\d\d")
         self.assertRegex(output, r"ratio total / floor: \d+\.\d\d")
         for split, size in (("train", 300), ("test", 100)):
-            self.assertIn(f"loads per sample, split '{split}': min 1, max 2 over {size} samples",
-                          output)
+            self.assertIn(
+                f"loads per sample, split '{split}': min 1, max 2 over {size} samples", output
+            )
         self.assertTrue(re.search(r"peak memory: test process \d+ MB", output))
 
 

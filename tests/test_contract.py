@@ -1,4 +1,5 @@
 """The setUp contract, seeding, state restoration and the temporary-folder helper."""
+
 from __future__ import annotations
 
 import os
@@ -8,11 +9,11 @@ from typing import Any, List
 
 import numpy as np
 import torch
-
 from checkrunner import CheckTestCase, make_case, run_check
-from dltestkit import ContractError, DatasetTests, ModelTests, TrainerTests, make_deterministic
 from test_dataset_checks import Images
 from test_model_checks import AutoEncoder, model_case
+
+from dltestkit import DatasetTests, ModelTests, TrainerTests, make_deterministic
 
 
 class Contract(CheckTestCase):
@@ -20,10 +21,14 @@ class Contract(CheckTestCase):
         def set_up(self: Any) -> None:
             self.split = {"train": Images()}
 
-        text = self.assertErrorsWith(make_case(DatasetTests, set_up), "test_sample_shape",
-                                     "ContractError", "Case.setUp must set self.splits",
-                                     "DatasetTests needs a dict mapping split name",
-                                     "Did you mean self.split?")
+        text = self.assertErrorsWith(
+            make_case(DatasetTests, set_up),
+            "test_sample_shape",
+            "ContractError",
+            "Case.setUp must set self.splits",
+            "DatasetTests needs a dict mapping split name",
+            "Did you mean self.split?",
+        )
         self.assertNotIn("AttributeError", text)
 
     def test_a_misspelled_optional_attribute_is_not_silently_ignored(self) -> None:
@@ -31,24 +36,31 @@ class Contract(CheckTestCase):
             self.splits = {"train": Images()}
             self.value_ranges = (-1.0, 1.0)
 
-        self.assertErrorsWith(make_case(DatasetTests, set_up), "test_value_range",
-                              "Case sets self.value_ranges (in setUp or the class body), "
-                              "which no dltestkit mixin reads",
-                              "Did you mean self.value_range (DatasetTests: the inclusive")
+        self.assertErrorsWith(
+            make_case(DatasetTests, set_up),
+            "test_value_range",
+            "Case sets self.value_ranges (in setUp or the class body), "
+            "which no dltestkit mixin reads",
+            "Did you mean self.value_range (DatasetTests: the inclusive",
+        )
 
     def test_a_misspelled_class_attribute_is_caught_too(self) -> None:
         case = model_case(AutoEncoder)
         case.allowed_unchanged_parameter = ["x"]
-        self.assertErrorsWith(case, "test_output_shape",
-                              "Did you mean self.allowed_unchanged_parameters")
+        self.assertErrorsWith(
+            case, "test_output_shape", "Did you mean self.allowed_unchanged_parameters"
+        )
 
     def test_a_mistyped_attribute_says_what_it_should_be(self) -> None:
         def set_up(self: Any) -> None:
             self.model = AutoEncoder
             self.inputs = torch.randn(4, 1, 4, 4)
 
-        self.assertErrorsWith(make_case(ModelTests, set_up), "test_output_shape",
-                              "self.model set in Case.setUp is a type, not a torch.nn.Module")
+        self.assertErrorsWith(
+            make_case(ModelTests, set_up),
+            "test_output_shape",
+            "self.model set in Case.setUp is a type, not a torch.nn.Module",
+        )
 
     def test_a_class_of_several_mixins_names_the_mixin_that_reads_the_attribute(self) -> None:
         def set_up(self: Any) -> None:
@@ -56,8 +68,11 @@ class Contract(CheckTestCase):
             self.splits = [Images()]
 
         case = type("Case", (DatasetTests, ModelTests, unittest.TestCase), {"setUp": set_up})
-        text = self.assertErrorsWith(case, "test_output_shape", "self.splits set in Case.setUp "
-                                     "is a list, not a non-empty dict; DatasetTests needs")
+        text = self.assertErrorsWith(
+            case,
+            "test_output_shape",
+            "self.splits set in Case.setUp is a list, not a non-empty dict; DatasetTests needs",
+        )
         self.assertNotIn("ModelTests needs", text)
 
     def test_shapes_refuse_bools_and_negative_sizes(self) -> None:
@@ -78,8 +93,10 @@ class Contract(CheckTestCase):
         self.assertPasses(make_case(ModelTests, set_up), "test_output_shape")
 
     def test_a_test_class_without_testcase_is_refused(self) -> None:
-        with self.assertRaisesRegex(TypeError, "uses ModelTests but not unittest.TestCase, so "
-                                               "unittest would run none of its checks"):
+        with self.assertRaisesRegex(
+            TypeError,
+            "uses ModelTests but not unittest.TestCase, so unittest would run none of its checks",
+        ):
             type("TestForgotten", (ModelTests,), {})
 
     def test_testcase_before_the_mixin_is_refused(self) -> None:
@@ -125,31 +142,40 @@ class Seeding(CheckTestCase):
 
         case = splits_case(Images(augment=True), Images(low=0.0))
         case.seed = 77
-        self.assertFailsWith(case, "test_value_range", "split 'test' does not use",
-                             "Case.test_value_range ran with seed=77")
+        self.assertFailsWith(
+            case,
+            "test_value_range",
+            "split 'test' does not use",
+            "Case.test_value_range ran with seed=77",
+        )
 
     def test_a_seed_that_is_not_an_int_is_refused(self) -> None:
         case = model_case(AutoEncoder)
         case.seed = "1"
-        self.assertErrorsWith(case, "test_output_shape", "self.seed set in Case.setUp is '1', "
-                                                         "not an int")
+        self.assertErrorsWith(
+            case, "test_output_shape", "self.seed set in Case.setUp is '1', not an int"
+        )
 
     def test_a_seed_outside_torchs_range_is_a_contract_error_not_a_crash(self) -> None:
         for seed in (2**64, -(2**63) - 1):
             with self.subTest(seed=seed):
                 case = model_case(AutoEncoder)
                 case.seed = seed
-                self.assertErrorsWith(case, "test_output_shape", "ContractError",
-                                      "not an int in [-2**63, 2**64 - 1]")
+                self.assertErrorsWith(
+                    case, "test_output_shape", "ContractError", "not an int in [-2**63, 2**64 - 1]"
+                )
 
     def test_a_seed_set_in_setup_is_refused_with_the_fix(self) -> None:
         def set_up(self: Any) -> None:
             self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
             self.seed = 5
 
-        self.assertErrorsWith(make_case(ModelTests, set_up), "test_output_shape",
-                              "Case.setUp sets self.seed, but setUp already ran seeded",
-                              "`seed = 5` in the class body")
+        self.assertErrorsWith(
+            make_case(ModelTests, set_up),
+            "test_output_shape",
+            "Case.setUp sets self.seed, but setUp already ran seeded",
+            "`seed = 5` in the class body",
+        )
 
     def test_make_deterministic_seeds_every_generator(self) -> None:
         draws = []
@@ -187,8 +213,11 @@ class Threads(CheckTestCase):
             torch.set_num_threads(before)
 
     def test_a_bad_thread_count_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(model_case(AutoEncoder, num_threads=0), "test_output_shape",
-                              "self.num_threads set in Case.setUp is 0, not a positive int")
+        self.assertErrorsWith(
+            model_case(AutoEncoder, num_threads=0),
+            "test_output_shape",
+            "self.num_threads set in Case.setUp is 0, not a positive int",
+        )
 
 
 class TemporaryFolder(CheckTestCase):

@@ -1,6 +1,7 @@
 """DatasetTests passes on correct datasets and fails, with its message, on broken ones:
 one realistic bug per failure branch of every check, and the skips that point to the
 check that failed."""
+
 from __future__ import annotations
 
 import functools
@@ -16,16 +17,28 @@ from dltestkit import DatasetTests
 from dltestkit._base import UNSET
 
 SHAPE = (1, 6, 6)
-CHECKS = ("test_augmentation", "test_data_loading", "test_labels", "test_sample_shape",
-          "test_split_overlap", "test_value_range")
+CHECKS = (
+    "test_augmentation",
+    "test_data_loading",
+    "test_labels",
+    "test_sample_shape",
+    "test_split_overlap",
+    "test_value_range",
+)
 
 
 class Images(Dataset):
     """``size`` fixed images in [-1, 1] (both bounds reached), labelled ``index % 10``;
     ``augment`` adds random noise to each load. ``seed`` makes other images (another split)."""
 
-    def __init__(self, augment: bool = False, size: int = 40, low: float = -1.0,
-                 high: float = 1.0, seed: int = 123) -> None:
+    def __init__(
+        self,
+        augment: bool = False,
+        size: int = 40,
+        low: float = -1.0,
+        high: float = 1.0,
+        seed: int = 123,
+    ) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.images = low + (high - low) * torch.rand(size, *SHAPE, generator=generator)
         if size:
@@ -233,8 +246,13 @@ def splits_case(train: Dataset, test: Dataset, **attributes: Any) -> type:
         self.splits = {"train": train, "test": test}
 
     # class attributes, so that a test can change one: `case.num_classes = 5`
-    options = {"sample_shape": SHAPE, "value_range": (-1.0, 1.0), "augmented_splits": {"train"},
-               "batch_size": 16, **attributes}
+    options = {
+        "sample_shape": SHAPE,
+        "value_range": (-1.0, 1.0),
+        "augmented_splits": {"train"},
+        "batch_size": 16,
+        **attributes,
+    }
     return make_case(DatasetTests, set_up, **options)
 
 
@@ -256,8 +274,9 @@ class CorrectDatasets(CheckTestCase):
         for name in CHECKS:
             with self.subTest(name):
                 if name == "test_split_overlap":  # one deterministic split: nothing to compare
-                    self.assertSkipsWith(good_case(), name, "fewer than two (['test'])",
-                                         "un-augmented view")
+                    self.assertSkipsWith(
+                        good_case(), name, "fewer than two (['test'])", "un-augmented view"
+                    )
                 else:
                     self.assertPasses(good_case(), name)
 
@@ -277,51 +296,80 @@ class CorrectDatasets(CheckTestCase):
 class Contract(CheckTestCase):
     def test_an_unknown_augmented_split_is_a_contract_error(self) -> None:
         case = splits_case(Images(augment=True), Images(), augmented_splits={"training"})
-        self.assertErrorsWith(case, "test_augmentation", "ContractError",
-                              "self.augmented_splits set in Case.setUp names ['training'], "
-                              "which are not in self.splits (['test', 'train'])")
+        self.assertErrorsWith(
+            case,
+            "test_augmentation",
+            "ContractError",
+            "self.augmented_splits set in Case.setUp names ['training'], "
+            "which are not in self.splits (['test', 'train'])",
+        )
 
     def test_a_generator_is_no_split(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": (image for image in Images().images)}))
-        self.assertErrorsWith(case, "test_data_loading", "ContractError", "has split 'train' of "
-                              "type generator, which is neither a sized Dataset (with __len__ "
-                              "and __getitem__) nor an IterableDataset")
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": (image for image in Images().images)}),
+        )
+        self.assertErrorsWith(
+            case,
+            "test_data_loading",
+            "ContractError",
+            "has split 'train' of "
+            "type generator, which is neither a sized Dataset (with __len__ "
+            "and __getitem__) nor an IterableDataset",
+        )
 
     def test_an_input_key_the_samples_lack_is_a_contract_error(self) -> None:
         case = splits_case(DictImages(augment=True), DictImages(seed=5), input_key="img")
-        self.assertErrorsWith(case, "test_value_range", "ContractError",
-                              "self.input_key = 'img' does not fit the samples of split "
-                              "'train': the first sample has no element 'img' (it has "
-                              "['image', 'label'])")
+        self.assertErrorsWith(
+            case,
+            "test_value_range",
+            "ContractError",
+            "self.input_key = 'img' does not fit the samples of split "
+            "'train': the first sample has no element 'img' (it has "
+            "['image', 'label'])",
+        )
 
     def test_a_label_first_sample_asks_for_input_key(self) -> None:
         case = splits_case(LabelFirst(augment=True), LabelFirst(seed=5))
-        self.assertErrorsWith(case, "test_sample_shape", "ContractError",
-                              "self.input_key (default None) does not fit",
-                              "has an int as element 0, not a tensor (its tensors: sample[1])")
+        self.assertErrorsWith(
+            case,
+            "test_sample_shape",
+            "ContractError",
+            "self.input_key (default None) does not fit",
+            "has an int as element 0, not a tensor (its tensors: sample[1])",
+        )
 
     def test_a_target_key_the_samples_lack_is_a_contract_error_of_test_labels(self) -> None:
-        case = splits_case(DictImages(augment=True), DictImages(seed=5), input_key="image",
-                           num_classes=10)
-        self.assertErrorsWith(case, "test_labels", "ContractError",
-                              "self.target_key (default 1) does not fit the samples of split "
-                              "'train': the first sample has no element 1",
-                              "its elements: ['image', 'label']")
+        case = splits_case(
+            DictImages(augment=True), DictImages(seed=5), input_key="image", num_classes=10
+        )
+        self.assertErrorsWith(
+            case,
+            "test_labels",
+            "ContractError",
+            "self.target_key (default 1) does not fit the samples of split "
+            "'train': the first sample has no element 1",
+            "its elements: ['image', 'label']",
+        )
         case.target_key = "label"
         self.assertPasses(case, "test_labels")
 
     def test_num_classes_without_targets_is_a_contract_error(self) -> None:
         case = splits_case(BareTensors(augment=True), BareTensors(seed=5), num_classes=10)
-        self.assertErrorsWith(case, "test_labels", "it is a bare tensor",
-                              "leave self.num_classes unset")
+        self.assertErrorsWith(
+            case, "test_labels", "it is a bare tensor", "leave self.num_classes unset"
+        )
 
 
 class SampleShape(CheckTestCase):
     def test_a_wrong_shape_at_the_last_index_fails_naming_it(self) -> None:
         case = splits_case(Images(augment=True), LastImageCropped(seed=5))
-        self.assertFailsWith(case, "test_sample_shape", "split 'test': 1 of 40 samples do not "
-                             "have sample_shape (1, 6, 6): (1, 6, 5) at index 39")
+        self.assertFailsWith(
+            case,
+            "test_sample_shape",
+            "split 'test': 1 of 40 samples do not "
+            "have sample_shape (1, 6, 6): (1, 6, 5) at index 39",
+        )
 
     def test_unset_sample_shape_skips_naming_the_attribute(self) -> None:
         case = make_case(DatasetTests, lambda self: setattr(self, "splits", {"a": Images()}))
@@ -331,9 +379,14 @@ class SampleShape(CheckTestCase):
 class ValueRange(CheckTestCase):
     def test_data_in_zero_one_declared_minus_one_one_fails_naming_range_coverage(self) -> None:
         case = splits_case(Images(augment=True), Images(low=0.0, seed=5))
-        self.assertFailsWith(case, "test_value_range", "split 'test' does not use value_range",
-                             "min 0 (index 0)", "range_coverage=0.1",
-                             "set self.range_coverage = 0.5")
+        self.assertFailsWith(
+            case,
+            "test_value_range",
+            "split 'test' does not use value_range",
+            "min 0 (index 0)",
+            "range_coverage=0.1",
+            "set self.range_coverage = 0.5",
+        )
 
     def test_quiet_audio_passes_with_the_range_coverage_the_message_names(self) -> None:
         quiet = Images(low=-0.7, high=0.7, seed=5)
@@ -345,13 +398,19 @@ class ValueRange(CheckTestCase):
 
     def test_values_above_the_range_fail_with_min_and_max(self) -> None:
         case = splits_case(Images(high=1.5), Images(seed=5), augmented_splits=set())
-        self.assertFailsWith(case, "test_value_range", "split 'train' leaves value_range",
-                             "max 1.5 (index 0)", "widen self.value_range")
+        self.assertFailsWith(
+            case,
+            "test_value_range",
+            "split 'train' leaves value_range",
+            "max 1.5 (index 0)",
+            "widen self.value_range",
+        )
 
     def test_a_single_nan_sample_fails_once_naming_it(self) -> None:
         case = splits_case(Images(augment=True), OneImageNaN(seed=5))
-        self.assertFailsWith(case, "test_value_range", "split 'test': 1 of 40 samples contain "
-                             "NaN or Inf: index 7")
+        self.assertFailsWith(
+            case, "test_value_range", "split 'test': 1 of 40 samples contain NaN or Inf: index 7"
+        )
         # one rule, one home: not reported as randomness or as a worker mismatch
         for name in ("test_augmentation", "test_data_loading"):
             self.assertPasses(case, name)
@@ -364,112 +423,177 @@ class ValueRange(CheckTestCase):
 class Augmentation(CheckTestCase):
     def test_an_unaugmented_training_split_fails(self) -> None:
         case = splits_case(Images(), Images(seed=5))
-        self.assertFailsWith(case, "test_augmentation", "split 'train' is in augmented_splits",
-                             "identical")
+        self.assertFailsWith(
+            case, "test_augmentation", "split 'train' is in augmented_splits", "identical"
+        )
 
     def test_an_augmented_test_split_fails(self) -> None:
         case = splits_case(Images(augment=True), Images(augment=True, seed=5))
-        self.assertFailsWith(case, "test_augmentation", "split 'test' is not in augmented_splits",
-                             "index 0 (max difference", "Remove the random transform")
+        self.assertFailsWith(
+            case,
+            "test_augmentation",
+            "split 'test' is not in augmented_splits",
+            "index 0 (max difference",
+            "Remove the random transform",
+        )
         # test_data_loading cannot compare random data: it skips, pointing here
-        self.assertSkipsWith(case, "test_data_loading", "split 'test' gives different inputs on "
-                             "every load", "see test_augmentation")
+        self.assertSkipsWith(
+            case,
+            "test_data_loading",
+            "split 'test' gives different inputs on every load",
+            "see test_augmentation",
+        )
 
     def test_worker_dependent_data_is_not_blamed_on_augmentation(self) -> None:
         case = splits_case(Images(augment=True), WorkerDependent(seed=5))
         self.assertPasses(case, "test_augmentation")
-        self.assertFailsWith(case, "test_data_loading", "loaded by DataLoader worker processes "
-                             "differ", "while two loads in the main process agree")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "loaded by DataLoader worker processes differ",
+            "while two loads in the main process agree",
+        )
 
 
 class DataLoading(CheckTestCase):
     def test_a_lambda_in_init_fails_even_with_fork(self) -> None:
         case = splits_case(Images(augment=True), Unpicklable())
-        self.assertFailsWith(case, "test_data_loading", "split 'test' cannot be pickled",
-                             "spawn", "module-level")
+        self.assertFailsWith(
+            case, "test_data_loading", "split 'test' cannot be pickled", "spawn", "module-level"
+        )
 
     def test_worker_processes_giving_other_data_fail(self) -> None:
         case = splits_case(Images(augment=True), WorkerDependent(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': inputs loaded by "
-                             "DataLoader worker processes differ from those loaded in the main "
-                             "process: index 0 (max difference 0.5)", "get_worker_info()")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': inputs loaded by "
+            "DataLoader worker processes differ from those loaded in the main "
+            "process: index 0 (max difference 0.5)",
+            "get_worker_info()",
+        )
 
     def test_an_empty_split_fails_and_the_other_checks_skip(self) -> None:
         case = splits_case(Images(augment=True), Empty(), num_classes=10)
         self.assertFailsWith(case, "test_data_loading", "split 'test' is empty: len() is 0")
         for name in ("test_sample_shape", "test_value_range", "test_labels"):
-            self.assertSkipsWith(case, name, "split 'test' cannot be loaded (it is empty); see "
-                                 "test_data_loading")
+            self.assertSkipsWith(
+                case, name, "split 'test' cannot be loaded (it is empty); see test_data_loading"
+            )
 
     def test_loading_that_fails_in_workers_names_the_index(self) -> None:
-        self.assertFailsWith(failing_case(), "test_data_loading", "split 'test': loading index "
-                             "20 in a DataLoader worker raised OSError: [Errno 9] Bad file "
-                             "descriptor. Fix the split's __getitem__ or its transforms.")
+        self.assertFailsWith(
+            failing_case(),
+            "test_data_loading",
+            "split 'test': loading index "
+            "20 in a DataLoader worker raised OSError: [Errno 9] Bad file "
+            "descriptor. Fix the split's __getitem__ or its transforms.",
+        )
 
     def test_loading_that_fails_in_the_main_process_says_so(self) -> None:
         case = splits_case(Images(augment=True), OpenedInWorkers(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': loading index 0 in the "
-                             "main process raised AttributeError: 'OpenedInWorkers' object has "
-                             "no attribute 'file'")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': loading index 0 in the "
+            "main process raised AttributeError: 'OpenedInWorkers' object has "
+            "no attribute 'file'",
+        )
 
     def test_the_other_checks_skip_pointing_to_test_data_loading(self) -> None:
         for name in CHECKS:
             if name != "test_data_loading":
                 with self.subTest(name):
-                    self.assertSkipsWith(failing_case(), name, "split 'test' cannot be loaded "
-                                         "(index 20 raised OSError); see test_data_loading")
+                    self.assertSkipsWith(
+                        failing_case(),
+                        name,
+                        "split 'test' cannot be loaded "
+                        "(index 20 raised OSError); see test_data_loading",
+                    )
 
     def test_a_len_larger_than_the_data_says_so(self) -> None:
         case = splits_case(Images(augment=True), TooLong())
-        self.assertFailsWith(case, "test_data_loading", "loading index 23 in a DataLoader worker "
-                             "raised IndexError", "(9 samples failed in the batches the workers "
-                             "read: index 23, index 24, index 25, index 26, index 27 and 4 more)",
-                             "len() says the split has 40 samples: is __len__ larger than the "
-                             "data")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "loading index 23 in a DataLoader worker raised IndexError",
+            "(9 samples failed in the batches the workers "
+            "read: index 23, index 24, index 25, index 26, index 27 and 4 more)",
+            "len() says the split has 40 samples: is __len__ larger than the data",
+        )
 
     def test_pil_images_are_told_to_add_a_to_tensor_transform(self) -> None:
         case = splits_case(Images(augment=True), PILImages(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the sample at index 0 has "
-                             "a PIL Image as element 0 (the input), not a torch.Tensor: the "
-                             "split has no ToTensor-like transform", "ToTensor()")
-        self.assertSkipsWith(case, "test_value_range", "split 'test' cannot be loaded (its "
-                             "inputs are not tensors)")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the sample at index 0 has "
+            "a PIL Image as element 0 (the input), not a torch.Tensor: the "
+            "split has no ToTensor-like transform",
+            "ToTensor()",
+        )
+        self.assertSkipsWith(
+            case, "test_value_range", "split 'test' cannot be loaded (its inputs are not tensors)"
+        )
 
     def test_none_samples_are_told_what_returns_none(self) -> None:
         case = splits_case(Images(augment=True), MissingReturn(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "the sample at index 0 is None, not a "
-                             "tensor", "a missing return statement")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "the sample at index 0 is None, not a tensor",
+            "a missing return statement",
+        )
 
     def test_a_sample_that_lacks_the_input_key_fails_naming_it(self) -> None:
         case = splits_case(DictImages(augment=True), SomeWithoutImage(seed=5), input_key="image")
-        self.assertFailsWith(case, "test_data_loading", "the sample at index 33 has no element "
-                             "'image' (it has ['label'])", "same structure")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "the sample at index 33 has no element 'image' (it has ['label'])",
+            "same structure",
+        )
 
     def test_a_getitems_that_drops_samples_fails(self) -> None:
         case = splits_case(Images(augment=True), ShortGetitems(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the dataset's "
-                             "__getitems__ returned 15 samples for the 16 indices 0 to 15; it "
-                             "must return one sample per index.")
-        self.assertSkipsWith(case, "test_value_range", "(its __getitems__ fails); see "
-                             "test_data_loading")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the dataset's "
+            "__getitems__ returned 15 samples for the 16 indices 0 to 15; it "
+            "must return one sample per index.",
+        )
+        self.assertSkipsWith(
+            case, "test_value_range", "(its __getitems__ fails); see test_data_loading"
+        )
 
     def test_a_getitems_that_raises_fails_even_if_each_index_loads(self) -> None:
         case = splits_case(Images(augment=True), BrokenGetitems(seed=5))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the dataset's "
-                             "__getitems__ raised TypeError: list indices must be integers or "
-                             "slices, not list for the indices 0 to 15, though __getitem__ "
-                             "loads each of them.")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the dataset's "
+            "__getitems__ raised TypeError: list indices must be integers or "
+            "slices, not list for the indices 0 to 15, though __getitem__ "
+            "loads each of them.",
+        )
 
     def test_a_worker_init_fn_that_raises_fails_naming_the_batch(self) -> None:
         case = splits_case(Images(augment=True), Images(seed=5), worker_init_fn=broken_init)
-        self.assertFailsWith(case, "test_data_loading", "split 'train': the DataLoader "
-                             "(batch_size=16, num_workers=2) failed while loading indices 0 to "
-                             "15 (batch 1 of 3)", "ValueError: no shard for this worker")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'train': the DataLoader "
+            "(batch_size=16, num_workers=2) failed while loading indices 0 to "
+            "15 (batch 1 of 3)",
+            "ValueError: no shard for this worker",
+        )
 
     def test_samples_of_different_shapes_fail_once_in_test_sample_shape(self) -> None:
         case = splits_case(Images(augment=True), LastImageCropped(seed=5))
-        self.assertSkipsWith(case, "test_data_loading", "samples of different shapes",
-                             "see test_sample_shape")
+        self.assertSkipsWith(
+            case, "test_data_loading", "samples of different shapes", "see test_sample_shape"
+        )
         for name in ("test_value_range", "test_augmentation"):
             self.assertPasses(case, name)
 
@@ -477,9 +601,13 @@ class DataLoading(CheckTestCase):
         case = splits_case(Images(augment=True), LastImageCropped(seed=5))
         case.sample_shape = UNSET
         text = self.assertFailsWith(
-            case, "test_data_loading", "split 'test': samples cannot be batched by collate_fn "
-            "(torch.utils.data.default_collate): RuntimeError", "the batch of indices 32 to 39 "
-            "holds inputs of 2 shapes: (1, 6, 6), (1, 6, 5)", "Set self.collate_fn")
+            case,
+            "test_data_loading",
+            "split 'test': samples cannot be batched by collate_fn "
+            "(torch.utils.data.default_collate): RuntimeError",
+            "the batch of indices 32 to 39 holds inputs of 2 shapes: (1, 6, 6), (1, 6, 5)",
+            "Set self.collate_fn",
+        )
         self.assertNotIn("loading it with a DataLoader", text)
 
     def test_a_none_label_is_reported_by_test_labels_only(self) -> None:
@@ -491,11 +619,17 @@ class DataLoading(CheckTestCase):
 
     def test_a_worker_that_blocks_fails_naming_the_indices_in_flight(self) -> None:
         case = splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=1)
-        self.assertFailsWith(case, "test_data_loading", "split 'test': no batch arrived within "
-                             "loader_timeout=1 s; a DataLoader worker blocked while loading "
-                             "indices 16 to 31 (batch 2 of 3)", "raise self.loader_timeout")
-        self.assertSkipsWith(case, "test_value_range", "(a worker timed out); see "
-                             "test_data_loading")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': no batch arrived within "
+            "loader_timeout=1 s; a DataLoader worker blocked while loading "
+            "indices 16 to 31 (batch 2 of 3)",
+            "raise self.loader_timeout",
+        )
+        self.assertSkipsWith(
+            case, "test_value_range", "(a worker timed out); see test_data_loading"
+        )
 
 
 def broken_init(worker_id: int) -> None:
@@ -506,22 +640,33 @@ class SplitOverlap(CheckTestCase):
     def test_a_test_split_sharing_five_percent_with_train_fails(self) -> None:
         train = Images(size=100, seed=1)
         case = splits_case(train, SharesWithTrain(train), augmented_splits=set())
-        self.assertFailsWith(case, "test_split_overlap", "splits 'train' and 'test' share inputs: "
-                             "2 of the 40 scanned samples of 'test' (5.0%) also occur in "
-                             "'train', e.g. train index 11 = test index 5, train index 3 = "
-                             "test index 30", "remove the duplicates")
+        self.assertFailsWith(
+            case,
+            "test_split_overlap",
+            "splits 'train' and 'test' share inputs: "
+            "2 of the 40 scanned samples of 'test' (5.0%) also occur in "
+            "'train', e.g. train index 11 = test index 5, train index 3 = "
+            "test index 30",
+            "remove the duplicates",
+        )
 
     def test_an_augmented_split_is_compared_through_a_plain_view(self) -> None:
         train = Images(size=100, seed=1)
 
         def set_up(self: Any) -> None:
-            self.splits = {"train": Images(augment=True, size=100, seed=1),
-                           "train (plain)": train, "test": SharesWithTrain(train)}
+            self.splits = {
+                "train": Images(augment=True, size=100, seed=1),
+                "train (plain)": train,
+                "test": SharesWithTrain(train),
+            }
             self.augmented_splits = {"train"}
 
         case = make_case(DatasetTests, set_up, batch_size=16)
-        self.assertFailsWith(case, "test_split_overlap", "splits 'train (plain)' and 'test' "
-                             "share inputs: 2 of the 40")
+        self.assertFailsWith(
+            case,
+            "test_split_overlap",
+            "splits 'train (plain)' and 'test' share inputs: 2 of the 40",
+        )
 
     def test_distinct_splits_pass(self) -> None:
         case = splits_case(Images(size=100, seed=1), Images(seed=2), augmented_splits=set())
@@ -544,25 +689,42 @@ class Labels(CheckTestCase):
 
     def test_labels_numbered_from_one_fail(self) -> None:
         case = splits_case(Images(augment=True), LabelsFromOne(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "split 'test' has targets outside [0, "
-                             "num_classes=10): 10 (4 samples, first at index 9)", "Class counts: "
-                             "0: 0, 1: 4,", "Labels numbered from 1 instead of 0?")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test' has targets outside [0, "
+            "num_classes=10): 10 (4 samples, first at index 9)",
+            "Class counts: 0: 0, 1: 4,",
+            "Labels numbered from 1 instead of 0?",
+        )
 
     def test_float_targets_fail(self) -> None:
         case = splits_case(Images(augment=True), FloatLabels(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "split 'test': 40 targets are not integer class "
-                             "indices; the target of index 0 is a float (0.0)")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test': 40 targets are not integer class "
+            "indices; the target of index 0 is a float (0.0)",
+        )
 
     def test_one_element_targets_fail_with_the_batch_shape(self) -> None:
         case = splits_case(Images(augment=True), OneElementLabels(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "is an int64 tensor of shape (1,) (0)",
-                             "batches of it have shape (batch, 1)")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "is an int64 tensor of shape (1,) (0)",
+            "batches of it have shape (batch, 1)",
+        )
 
     def test_a_missing_class_fails_with_the_class_counts(self) -> None:
         case = splits_case(Images(augment=True), WithoutClass3(), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "split 'test' has no sample of class 3 among its "
-                             "400 scanned samples (class counts: 0: 40, 1: 40, 2: 40, 3: 0, 4: 80",
-                             "class_presence=20 samples per class (200 here)")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test' has no sample of class 3 among its "
+            "400 scanned samples (class counts: 0: 40, 1: 40, 2: 40, 3: 0, 4: 80",
+            "class_presence=20 samples per class (200 here)",
+        )
         case.class_presence = 50  # 400 < 50 * 10: the split may lack a rare class
         self.assertPasses(case, "test_labels")
         case.class_presence = None
@@ -570,9 +732,13 @@ class Labels(CheckTestCase):
 
     def test_many_classes_are_counted_in_short(self) -> None:
         case = splits_case(Images(augment=True), Images(seed=5), num_classes=30, class_presence=1)
-        self.assertFailsWith(case, "test_labels", "split 'train' has no sample of classes 10, 11, "
-                             "12", "among its 40 scanned samples (class counts: 10 of 30 classes "
-                             "present, 0 to 4 samples per class)")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'train' has no sample of classes 10, 11, 12",
+            "among its 40 scanned samples (class counts: 10 of 30 classes "
+            "present, 0 to 4 samples per class)",
+        )
 
     def test_a_small_split_may_lack_a_class(self) -> None:
         case = splits_case(Images(augment=True), Images(size=8, seed=5), num_classes=10)
@@ -580,14 +746,23 @@ class Labels(CheckTestCase):
 
     def test_the_same_input_with_two_labels_fails(self) -> None:
         case = splits_case(Images(augment=True), SwappedDuplicates(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "split 'test': 5 samples have the same input as "
-                             "an earlier sample but another target, e.g. index 0 (target 0) and "
-                             "index 20 (target 1)", "paired wrongly")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test': 5 samples have the same input as "
+            "an earlier sample but another target, e.g. index 0 (target 0) and "
+            "index 20 (target 1)",
+            "paired wrongly",
+        )
 
     def test_samples_without_a_target_fail(self) -> None:
         case = splits_case(Images(augment=True), SomeUnlabelled(seed=5), num_classes=10)
-        self.assertFailsWith(case, "test_labels", "split 'test': 1 samples have no element 1 "
-                             "(self.target_key), unlike the first samples: index 17")
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test': 1 samples have no element 1 "
+            "(self.target_key), unlike the first samples: index 17",
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """How DatasetTests loads the data: each sample at most twice, a cache keyed on every option
 that changes the scan and dropped with the class's tests, and no worker process, file
 descriptor or stray traceback left behind by failing checks."""
+
 from __future__ import annotations
 
 import gc
@@ -48,14 +49,24 @@ class CountingImages(Images):
 
 class LoadCount(CheckTestCase):
     def test_each_sample_is_loaded_at_most_twice_across_all_checks(self) -> None:
-        splits = {"train": CountingImages(augment=True), "train (plain)": CountingImages(),
-                  "test": CountingImages(seed=5)}
+        splits = {
+            "train": CountingImages(augment=True),
+            "train (plain)": CountingImages(),
+            "test": CountingImages(seed=5),
+        }
 
         def set_up(self: Any) -> None:
             self.splits = splits
 
-        case = make_case(DatasetTests, set_up, augmented_splits={"train"}, sample_shape=(1, 6, 6),
-                         value_range=(-1.0, 1.0), num_classes=10, batch_size=16)
+        case = make_case(
+            DatasetTests,
+            set_up,
+            augmented_splits={"train"},
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=10,
+            batch_size=16,
+        )
         for name in CHECKS:
             self.assertPasses(case, name)
         for name, split in splits.items():
@@ -80,16 +91,24 @@ class TwoInputs(Dataset):
 
 class Cache(CheckTestCase):
     def test_the_cache_is_keyed_on_input_key(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(self, "splits", {"x": TwoInputs()}),
-                         input_key="b", value_range=(-1.0, 1.0))
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"x": TwoInputs()}),
+            input_key="b",
+            value_range=(-1.0, 1.0),
+        )
         self.assertPasses(case, "test_value_range")
         case.input_key = "a"  # the same class and split, another input: scanned again
         self.assertFailsWith(case, "test_value_range", "split 'x' does not use value_range")
 
     def test_the_cache_is_keyed_on_batch_size(self) -> None:
         split = CountingImages()
-        case = make_case(DatasetTests, lambda self: setattr(self, "splits", {"x": split}),
-                         value_range=(-1.0, 1.0), batch_size=16)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"x": split}),
+            value_range=(-1.0, 1.0),
+            batch_size=16,
+        )
         self.assertPasses(case, "test_value_range")
         self.assertPasses(case, "test_data_loading")
         self.assertEqual(int(split.loads.max()), 2)
@@ -155,8 +174,11 @@ def settled(before: Tuple[List[int], int], seconds: float = 10.0) -> Tuple[List[
 
 def live_loader_iterators() -> List[str]:
     """The DataLoader iterators (with worker processes) still alive."""
-    return [type(obj).__name__ for obj in gc.get_objects()
-            if type(obj).__name__ == "_MultiProcessingDataLoaderIter"]
+    return [
+        type(obj).__name__
+        for obj in gc.get_objects()
+        if type(obj).__name__ == "_MultiProcessingDataLoaderIter"
+    ]
 
 
 def steady(seconds: float = 10.0) -> Tuple[List[int], int]:
@@ -179,13 +201,16 @@ class NothingLeaks(CheckTestCase):
             (splits_case(Images(augment=True), FailsInWorkers()), "test_data_loading"),
             (splits_case(Images(augment=True), TooLong()), "test_value_range"),
             (splits_case(Images(augment=True), LastImageCropped(seed=5)), "test_sample_shape"),
-            (splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=1),
-             "test_data_loading"),
-            (stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2)),
-             "test_data_loading"),
+            (
+                splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=1),
+                "test_data_loading",
+            ),
+            (stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2)), "test_data_loading"),
             (stream_case(SizedStream(seed=1), FailsInWorker(seed=2)), "test_value_range"),
-            (splits_case(Images(), Images(seed=5), worker_init_fn=broken_init),
-             "test_data_loading"),
+            (
+                splits_case(Images(), Images(seed=5), worker_init_fn=broken_init),
+                "test_data_loading",
+            ),
         ]
         run_check(splits_case(Images(), Images()), "test_value_range")  # torch's lazy set-up
         gc.collect()
@@ -200,7 +225,7 @@ class NothingLeaks(CheckTestCase):
             self.assertEqual(settled(before), before, f"{name} left processes or files open")
 
     def test_no_stray_traceback_is_printed_later_from_a_worker(self) -> None:
-        module = textwrap.dedent('''
+        module = textwrap.dedent("""
             import gc
             import unittest
             import torch
@@ -246,12 +271,17 @@ class NothingLeaks(CheckTestCase):
                     self.splits = {"train": Images()}
                     self.batch_size = 8
                     self.worker_init_fn = collect
-        ''')
+        """)
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "test_streams.py").write_text(module)
-            completed = subprocess.run([sys.executable, "-m", "unittest", "-v"], cwd=folder,
-                                       env=environment(), capture_output=True, text=True,
-                                       timeout=600)
+            completed = subprocess.run(
+                [sys.executable, "-m", "unittest", "-v"],
+                cwd=folder,
+                env=environment(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         output = completed.stdout + completed.stderr
         self.assertIn("OSError: shard 3 is gone", output)
         self.assertIn("FAILED (failures=1, skipped=", output)
@@ -259,7 +289,7 @@ class NothingLeaks(CheckTestCase):
         self.assertNotIn("can only test a child process", output)
 
 
-SPAWNED = textwrap.dedent('''
+SPAWNED = textwrap.dedent("""
     import multiprocessing
     import unittest
 
@@ -316,24 +346,33 @@ SPAWNED = textwrap.dedent('''
             self.splits = {"train": split}
             self.value_range = (-1.0, 1.0)
             self.batch_size = 8
-''')
+""")
 
 
 class StartMethods(unittest.TestCase):
     def test_every_check_works_with_spawned_workers(self) -> None:
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "test_spawned.py").write_text(SPAWNED)
-            completed = subprocess.run([sys.executable, "-m", "unittest", "-v"], cwd=folder,
-                                       env=environment(), capture_output=True, text=True,
-                                       timeout=600)
+            completed = subprocess.run(
+                [sys.executable, "-m", "unittest", "-v"],
+                cwd=folder,
+                env=environment(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         output = completed.stdout + completed.stderr
         self.assertIn("Ran 12 tests", output)
         # TestSpawned passes (test_augmentation skips: a stream has no indices); the workers
         # cannot start for TestUnpicklable: test_data_loading fails, the others skip
-        self.assertIn("split 'train' cannot be pickled (AttributeError: Can't pickle local "
-                      "object", output)
-        self.assertIn("skipped \"split 'train' cannot be loaded (the DataLoader failed); see "
-                      "test_data_loading\"", output)
+        self.assertIn(
+            "split 'train' cannot be pickled (AttributeError: Can't pickle local object", output
+        )
+        self.assertIn(
+            "skipped \"split 'train' cannot be loaded (the DataLoader failed); see "
+            'test_data_loading"',
+            output,
+        )
         self.assertIn("FAILED (failures=1, skipped=6)", output)
         self.assertNotIn("Warning", output)
 
@@ -341,8 +380,7 @@ class StartMethods(unittest.TestCase):
 def environment() -> Dict[str, str]:
     """The environment of a child Python that imports this checkout's dltestkit."""
     root = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ,
-            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
 
 class OwnBugs(CheckTestCase):
@@ -353,9 +391,13 @@ class OwnBugs(CheckTestCase):
             raise KeyError("bookkeeping")
 
         with mock.patch.object(_scan, "_statistics", broken):
-            self.assertErrorsWith(case, "test_value_range", "RuntimeError: dltestkit failed "
-                                  "while inspecting a batch", "(a bug of dltestkit)",
-                                  "KeyError: 'bookkeeping'")
+            self.assertErrorsWith(
+                case,
+                "test_value_range",
+                "RuntimeError: dltestkit failed while inspecting a batch",
+                "(a bug of dltestkit)",
+                "KeyError: 'bookkeeping'",
+            )
 
 
 if __name__ == "__main__":

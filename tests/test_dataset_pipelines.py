@@ -1,6 +1,7 @@
 """DatasetTests on real data pipelines: torchvision datasets, dict samples, variable-length
 token sequences with their collate function, numpy samples, subsets, and streams
 (IterableDataset), correct ones passing and broken streams failing with their message."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info, random_s
 
 from dltestkit import DatasetTests
 
-CHECKS = ("test_augmentation", "test_data_loading", "test_labels", "test_sample_shape",
-          "test_split_overlap", "test_value_range")
+CHECKS = (
+    "test_augmentation",
+    "test_data_loading",
+    "test_labels",
+    "test_sample_shape",
+    "test_split_overlap",
+    "test_value_range",
+)
 
 
 def outcomes(case: type) -> Dict[str, Tuple[int, int, List[str]]]:
@@ -53,13 +60,20 @@ def fake_data_case() -> type:
         self.splits = {
             "train": FakeData(200, (3, 8, 8), 10, transform=flip),
             "train (plain)": FakeData(200, (3, 8, 8), 10, transform=transforms.ToTensor()),
-            "test": FakeData(100, (3, 8, 8), 10, transform=transforms.ToTensor(),
-                             random_offset=10_000),
+            "test": FakeData(
+                100, (3, 8, 8), 10, transform=transforms.ToTensor(), random_offset=10_000
+            ),
         }
         self.augmented_splits = {"train"}
 
-    return make_case(DatasetTests, set_up, sample_shape=(3, 8, 8), value_range=(0.0, 1.0),
-                     num_classes=10, batch_size=32)
+    return make_case(
+        DatasetTests,
+        set_up,
+        sample_shape=(3, 8, 8),
+        value_range=(0.0, 1.0),
+        num_classes=10,
+        batch_size=32,
+    )
 
 
 def write_image_folder(root: Path, classes: Dict[str, int], seed: int) -> None:
@@ -89,11 +103,19 @@ class TorchvisionDatasets(PassesEveryCheck):
         write_image_folder(root / "val", {"cat": 3, "dog": 3}, seed=2)
 
         def set_up(self: Any) -> None:
-            self.splits = {name: ImageFolder(str(root / name), transform=transforms.ToTensor())
-                           for name in ("train", "val")}
+            self.splits = {
+                name: ImageFolder(str(root / name), transform=transforms.ToTensor())
+                for name in ("train", "val")
+            }
 
-        case = make_case(DatasetTests, set_up, sample_shape=(3, 8, 8), value_range=(0.0, 1.0),
-                         num_classes=2, batch_size=4)
+        case = make_case(
+            DatasetTests,
+            set_up,
+            sample_shape=(3, 8, 8),
+            value_range=(0.0, 1.0),
+            num_classes=2,
+            batch_size=4,
+        )
         self.assertAllPass(case, {})
 
     def test_an_image_folder_without_to_tensor_is_told_to_add_it(self) -> None:
@@ -102,10 +124,17 @@ class TorchvisionDatasets(PassesEveryCheck):
         root = Path(tempfile.mkdtemp(prefix="dltestkit-imagefolder-"))
         self.addCleanup(shutil.rmtree, root, ignore_errors=True)
         write_image_folder(root, {"cat": 2, "dog": 2}, seed=1)
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": ImageFolder(str(root))}), batch_size=4)
-        self.assertFailsWith(case, "test_data_loading", "split 'train': the sample at index 0 "
-                             "has a PIL Image as element 0 (the input)", "ToTensor")
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": ImageFolder(str(root))}),
+            batch_size=4,
+        )
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'train': the sample at index 0 has a PIL Image as element 0 (the input)",
+            "ToTensor",
+        )
 
 
 # -- other kinds of samples -------------------------------------------------------------
@@ -160,45 +189,80 @@ class NumpySamples(Dataset):
 
 class OtherSamples(PassesEveryCheck):
     def test_dict_samples_pass_with_input_and_target_keys(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": DictSamples(1), "test": DictSamples(2)}),
-            input_key="pixel_values", target_key="label", num_classes=3,
-            sample_shape=(3, 4, 4), value_range=(0.0, 1.0), batch_size=8)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": DictSamples(1), "test": DictSamples(2)}),
+            input_key="pixel_values",
+            target_key="label",
+            num_classes=3,
+            sample_shape=(3, 4, 4),
+            value_range=(0.0, 1.0),
+            batch_size=8,
+        )
         self.assertAllPass(case, {})
 
     def test_token_sequences_pass_with_their_padding_collate_fn(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": Tokens(1), "test": Tokens(2)}),
-            collate_fn=pad_batch, value_range=(0, 99), num_classes=2, batch_size=8)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": Tokens(1), "test": Tokens(2)}),
+            collate_fn=pad_batch,
+            value_range=(0, 99),
+            num_classes=2,
+            batch_size=8,
+        )
         self.assertAllPass(case, {"test_sample_shape": "self.sample_shape is not set"})
 
     def test_token_sequences_without_their_collate_fn_fail_once(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": Tokens(1), "test": Tokens(2)}),
-            value_range=(0, 99), num_classes=2, batch_size=8)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": Tokens(1), "test": Tokens(2)}),
+            value_range=(0, 99),
+            num_classes=2,
+            batch_size=8,
+        )
         found = outcomes(case)
-        self.assertEqual([name for name, (failures, errors, _) in found.items()
-                          if failures or errors], ["test_data_loading"])
-        self.assertFailsWith(case, "test_data_loading", "split 'train': samples cannot be "
-                             "batched by collate_fn (torch.utils.data.default_collate)",
-                             "Set self.collate_fn")
+        self.assertEqual(
+            [name for name, (failures, errors, _) in found.items() if failures or errors],
+            ["test_data_loading"],
+        )
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'train': samples cannot be "
+            "batched by collate_fn (torch.utils.data.default_collate)",
+            "Set self.collate_fn",
+        )
 
     def test_numpy_samples_pass(self) -> None:
-        case = make_case(DatasetTests, lambda self: setattr(
-            self, "splits", {"train": NumpySamples(1), "test": NumpySamples(2)}),
-            sample_shape=(5,), value_range=(-1.0, 1.0), num_classes=4, batch_size=8)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(
+                self, "splits", {"train": NumpySamples(1), "test": NumpySamples(2)}
+            ),
+            sample_shape=(5,),
+            value_range=(-1.0, 1.0),
+            num_classes=4,
+            batch_size=8,
+        )
         self.assertAllPass(case, {})
 
     def test_subsets_from_random_split_pass(self) -> None:
         from test_dataset_checks import Images
 
         def set_up(self: Any) -> None:
-            train, test = random_split(Images(size=60), [40, 20],
-                                       generator=torch.Generator().manual_seed(0))
+            train, test = random_split(
+                Images(size=60), [40, 20], generator=torch.Generator().manual_seed(0)
+            )
             self.splits = {"train": train, "test": test}
 
-        case = make_case(DatasetTests, set_up, sample_shape=(1, 6, 6), value_range=(-1.0, 1.0),
-                         num_classes=10, batch_size=8)
+        case = make_case(
+            DatasetTests,
+            set_up,
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=10,
+            batch_size=8,
+        )
         self.assertAllPass(case, {})
 
 
@@ -265,7 +329,7 @@ class ShardsOffByOne(Stream):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, int]]:
         info = get_worker_info()
         files = [range(n, min(n + 8, self.end)) for n in range(self.start, self.end, 8)]
-        mine = files if info is None else files[info.id + 1::info.num_workers]  # bug: + 1
+        mine = files if info is None else files[info.id + 1 :: info.num_workers]  # bug: + 1
         for file in mine:
             for index in file:
                 yield self.data[index], index % 5
@@ -288,13 +352,20 @@ def stream_case(train: IterableDataset, test: IterableDataset, **attributes: Any
     def set_up(self: Any) -> None:
         self.splits = {"train": train, "test": test}
 
-    options = {"sample_shape": (4,), "value_range": (-1.0, 1.0), "num_classes": 5,
-               "batch_size": 4, **attributes}
+    options = {
+        "sample_shape": (4,),
+        "value_range": (-1.0, 1.0),
+        "num_classes": 5,
+        "batch_size": 4,
+        **attributes,
+    }
     return make_case(DatasetTests, set_up, **options)
 
 
-STREAM_SKIPS = {"test_augmentation": "split 'train' is an IterableDataset: comparing two "
-                                     "loads of the same sample needs indices"}
+STREAM_SKIPS = {
+    "test_augmentation": "split 'train' is an IterableDataset: comparing two "
+    "loads of the same sample needs indices"
+}
 
 
 class Streams(PassesEveryCheck):
@@ -307,13 +378,21 @@ class Streams(PassesEveryCheck):
 
     def test_a_stream_without_len_needs_max_samples(self) -> None:
         case = stream_case(Stream(seed=1), Stream(seed=2))
-        self.assertErrorsWith(case, "test_value_range", "ContractError", "split 'train' set in "
-                              "Case.setUp is an IterableDataset without __len__",
-                              "set self.max_samples")
+        self.assertErrorsWith(
+            case,
+            "test_value_range",
+            "ContractError",
+            "split 'train' set in Case.setUp is an IterableDataset without __len__",
+            "set self.max_samples",
+        )
 
     def test_a_stream_sharded_by_a_worker_init_fn_passes_with_it(self) -> None:
-        case = stream_case(InitShardedStream(seed=1), InitShardedStream(seed=2),
-                           max_samples=100, worker_init_fn=shard_worker)
+        case = stream_case(
+            InitShardedStream(seed=1),
+            InitShardedStream(seed=2),
+            max_samples=100,
+            worker_init_fn=shard_worker,
+        )
         self.assertAllPass(case, STREAM_SKIPS)
 
     def test_a_capped_scan_reads_about_max_samples(self) -> None:
@@ -322,35 +401,55 @@ class Streams(PassesEveryCheck):
 
     def test_a_stream_repeated_in_every_worker_fails(self) -> None:
         case = stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the DataLoader workers "
-                             "read the same samples: 48 of the 48 samples of worker 1 were read "
-                             "by worker 0 too (e.g. sample 0 of worker 0 = sample 0 of worker "
-                             "1)", "get_worker_info()")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the DataLoader workers "
+            "read the same samples: 48 of the 48 samples of worker 1 were read "
+            "by worker 0 too (e.g. sample 0 of worker 0 = sample 0 of worker "
+            "1)",
+            "get_worker_info()",
+        )
 
     def test_the_repeated_stream_is_caught_when_capped_too(self) -> None:
         case = stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2), max_samples=16)
-        self.assertFailsWith(case, "test_data_loading", "the DataLoader workers read the same "
-                             "samples")
+        self.assertFailsWith(
+            case, "test_data_loading", "the DataLoader workers read the same samples"
+        )
 
     def test_a_wrong_len_fails(self) -> None:
         case = stream_case(SizedStream(seed=1), WrongLength(seed=2))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the DataLoader's 2 workers "
-                             "read 48 samples from the stream, but len() says 58")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the DataLoader's 2 workers "
+            "read 48 samples from the stream, but len() says 58",
+        )
 
     def test_shards_that_leave_data_out_fail(self) -> None:
         case = stream_case(Stream(seed=1), ShardsOffByOne(seed=2), max_samples=100)
-        self.assertFailsWith(case, "test_data_loading", "split 'test': 8 of the first 8 samples "
-                             "read in the main process were read by no DataLoader worker "
-                             "(sample 0 of the stream read in the main process")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': 8 of the first 8 samples "
+            "read in the main process were read by no DataLoader worker "
+            "(sample 0 of the stream read in the main process",
+        )
 
     def test_a_stream_that_raises_in_a_worker_fails_naming_it(self) -> None:
         case = stream_case(SizedStream(seed=1), FailsInWorker(seed=2))
-        self.assertFailsWith(case, "test_data_loading", "split 'test': the DataLoader "
-                             "(batch_size=4, num_workers=2) failed while loading after",
-                             "Caught ConnectionError in DataLoader worker process",
-                             "ConnectionError: shard 3 of s3://bucket/data is gone")
-        self.assertSkipsWith(case, "test_value_range", "split 'test' cannot be loaded (the "
-                             "DataLoader failed); see test_data_loading")
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the DataLoader (batch_size=4, num_workers=2) failed while loading after",
+            "Caught ConnectionError in DataLoader worker process",
+            "ConnectionError: shard 3 of s3://bucket/data is gone",
+        )
+        self.assertSkipsWith(
+            case,
+            "test_value_range",
+            "split 'test' cannot be loaded (the DataLoader failed); see test_data_loading",
+        )
 
     def test_an_empty_stream_fails(self) -> None:
         case = stream_case(SizedStream(seed=1), EmptyStream())
@@ -370,9 +469,13 @@ class Streams(PassesEveryCheck):
             self.splits = {"train": STREAM, "test": Test(), "other": Images()}
 
         case = make_case(DatasetTests, set_up, batch_size=4)
-        self.assertFailsWith(case, "test_split_overlap", "splits 'train' and 'test' share "
-                             "inputs: 16 of the 16 scanned samples of 'test' (100.0%) also occur "
-                             "in 'train', e.g. train sample 0 of worker 0 = test index 0")
+        self.assertFailsWith(
+            case,
+            "test_split_overlap",
+            "splits 'train' and 'test' share "
+            "inputs: 16 of the 16 scanned samples of 'test' (100.0%) also occur "
+            "in 'train', e.g. train sample 0 of worker 0 = test index 0",
+        )
 
 
 STREAM = SizedStream(seed=3)

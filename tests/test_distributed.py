@@ -1,4 +1,5 @@
 """run_distributed and DistributedModelTests, on real torch.distributed (gloo) CPU processes."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -15,17 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from checkrunner import CheckTestCase, make_case
-from dltestkit import (
-    DistributedError,
-    DistributedModelTests,
-    ModelTests,
-    SequenceModelTests,
-    run_distributed,
-)
-from dltestkit._base import checks_of
+from checkrunner import CheckTestCase
 from test_model_checks import (
     SHAPE,
     AutoEncoder,
@@ -35,6 +26,16 @@ from test_model_checks import (
     WithBatchNorm,
     tokens,
 )
+from torch import nn
+
+from dltestkit import (
+    DistributedError,
+    DistributedModelTests,
+    ModelTests,
+    SequenceModelTests,
+    run_distributed,
+)
+from dltestkit._base import checks_of
 
 
 # -- functions run on every rank (module level: picklable for the spawn start method) -------
@@ -87,8 +88,9 @@ class RunDistributed(unittest.TestCase):
         self.assertEqual(results, [(0, 3, 4.5), (1, 3, 4.5), (2, 3, 4.5)])
 
     def test_the_spawn_start_method_works_too(self) -> None:
-        self.assertEqual(run_distributed(rank_sum, 2, 0.0, start_method="spawn"),
-                         [(0, 2, 1.0), (1, 2, 1.0)])
+        self.assertEqual(
+            run_distributed(rank_sum, 2, 0.0, start_method="spawn"), [(0, 2, 1.0), (1, 2, 1.0)]
+        )
 
     def test_a_failing_rank_is_reported_first_with_its_traceback(self) -> None:
         started = time.monotonic()
@@ -98,8 +100,9 @@ class RunDistributed(unittest.TestCase):
         error = caught.exception
         self.assertEqual(list(error.failures)[0], 1)
         self.assertEqual(error.first_line(), "rank 1: ValueError: rank one cannot go on")
-        self.assertIn('in fails_on_rank_one\n    raise ValueError("rank one cannot go on")',
-                      str(error))
+        self.assertIn(
+            'in fails_on_rank_one\n    raise ValueError("rank one cannot go on")', str(error)
+        )
         self.assertIn("rank 0 of 2", str(error))
 
     def test_a_hung_rank_becomes_a_failure_after_the_timeout(self) -> None:
@@ -138,8 +141,9 @@ class DividesByTheBatchSize(AutoEncoder):
         return super().forward(x) / x.shape[0]
 
 
-def ddp_case(model_type: Any, inputs: Any = None, mixins: tuple = (DistributedModelTests,),
-             **attributes: Any) -> type:
+def ddp_case(
+    model_type: Any, inputs: Any = None, mixins: tuple = (DistributedModelTests,), **attributes: Any
+) -> type:
     def set_up(self: Any) -> None:
         self.model = model_type()
         self.inputs = torch.randn(4, *SHAPE) if inputs is None else inputs()
@@ -156,8 +160,9 @@ class DDPGradients(CheckTestCase):
             "token ids in a dict, dict out": ddp_case(TokenModel, tokens),
             "four ranks": ddp_case(AutoEncoder, lambda: torch.randn(8, *SHAPE), world_size=4),
             "BatchNorm declared local": ddp_case(WithBatchNorm, local_batch_statistics=["*"]),
-            "unused layer, find_unused_parameters": ddp_case(DeadLayer,
-                                                             find_unused_parameters=True),
+            "unused layer, find_unused_parameters": ddp_case(
+                DeadLayer, find_unused_parameters=True
+            ),
             "a branch used in training mode only": ddp_case(TrainingOnlyBranch),
         }
         for label, case in cases.items():
@@ -165,37 +170,53 @@ class DDPGradients(CheckTestCase):
                 self.assertPasses(case, "test_ddp_gradients")
 
     def test_batch_statistics_fail_suggesting_sync_batchnorm(self) -> None:
-        self.assertFailsWith(ddp_case(WithBatchNorm), "test_ddp_gradients",
-                             "at step 1 the gradient of encoder.1.weight that "
-                             "DistributedDataParallel gives rank 0 (each of 2 ranks on its shard "
-                             "of the batch) differs from the gradient of one process on the whole "
-                             "batch", "The model normalises with batch statistics (encoder.2)",
-                             "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)",
-                             "self.local_batch_statistics")
+        self.assertFailsWith(
+            ddp_case(WithBatchNorm),
+            "test_ddp_gradients",
+            "at step 1 the gradient of encoder.1.weight that "
+            "DistributedDataParallel gives rank 0 (each of 2 ranks on its shard "
+            "of the batch) differs from the gradient of one process on the whole "
+            "batch",
+            "The model normalises with batch statistics (encoder.2)",
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)",
+            "self.local_batch_statistics",
+        )
 
     def test_an_unused_branch_fails_naming_it_with_ddps_error(self) -> None:
-        self.assertFailsWith(ddp_case(DeadLayer), "test_ddp_gradients",
-                             "DistributedDataParallel (find_unused_parameters=False) fails on the "
-                             "second step: parameters that get no gradient in forward "
-                             "(refine.weight, refine.bias)",
-                             "DDP's error: rank", "RuntimeError: Expected to have finished "
-                             "reduction in the prior iteration")
+        self.assertFailsWith(
+            ddp_case(DeadLayer),
+            "test_ddp_gradients",
+            "DistributedDataParallel (find_unused_parameters=False) fails on the "
+            "second step: parameters that get no gradient in forward "
+            "(refine.weight, refine.bias)",
+            "DDP's error: rank",
+            "RuntimeError: Expected to have finished reduction in the prior iteration",
+        )
 
     def test_a_loss_summed_per_rank_fails(self) -> None:
         case = ddp_case(AutoEncoder, loss_fn=lambda output: output.square().sum())
-        self.assertFailsWith(case, "test_ddp_gradients",
-                             "Every gradient is 0.5 times the single-process one: the output or "
-                             "the loss depends on the batch size (a sum over the batch where a "
-                             "mean belongs")
+        self.assertFailsWith(
+            case,
+            "test_ddp_gradients",
+            "Every gradient is 0.5 times the single-process one: the output or "
+            "the loss depends on the batch size (a sum over the batch where a "
+            "mean belongs",
+        )
 
     def test_an_output_divided_by_the_batch_size_fails(self) -> None:
-        self.assertFailsWith(ddp_case(DividesByTheBatchSize), "test_ddp_gradients",
-                             "Every gradient is 2 times the single-process one")
+        self.assertFailsWith(
+            ddp_case(DividesByTheBatchSize),
+            "test_ddp_gradients",
+            "Every gradient is 2 times the single-process one",
+        )
 
     def test_samples_mixed_across_the_batch_fail(self) -> None:
-        self.assertFailsWith(ddp_case(CentresOverBatch), "test_ddp_gradients",
-                             "A sample's output depends on the other samples of its batch (see "
-                             "test_batch_independence)")
+        self.assertFailsWith(
+            ddp_case(CentresOverBatch),
+            "test_ddp_gradients",
+            "A sample's output depends on the other samples of its batch (see "
+            "test_batch_independence)",
+        )
 
     def test_a_model_that_fails_under_ddp_fails_with_the_ranks_error(self) -> None:
         class SingleProcessOnly(AutoEncoder):
@@ -204,29 +225,41 @@ class DDPGradients(CheckTestCase):
                     raise RuntimeError("this model reads a file only rank 0 has")
                 return super().forward(x)
 
-        self.assertFailsWith(ddp_case(SingleProcessOnly), "test_ddp_gradients",
-                             "training the model with DistributedDataParallel on 2 ranks failed: "
-                             "rank", "RuntimeError: this model reads a file only rank 0 has")
+        self.assertFailsWith(
+            ddp_case(SingleProcessOnly),
+            "test_ddp_gradients",
+            "training the model with DistributedDataParallel on 2 ranks failed: rank",
+            "RuntimeError: this model reads a file only rank 0 has",
+        )
 
     def test_outputs_without_a_batch_dimension_need_a_loss_fn(self) -> None:
         class ReturnsItsLoss(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x).square().mean()
 
-        self.assertErrorsWith(ddp_case(ReturnsItsLoss), "test_ddp_gradients", "ContractError",
-                              "no floating-point output has a batch dimension",
-                              "set self.loss_fn to the mean loss over the batch")
-        self.assertPasses(ddp_case(ReturnsItsLoss, loss_fn=lambda loss: loss),
-                          "test_ddp_gradients")
+        self.assertErrorsWith(
+            ddp_case(ReturnsItsLoss),
+            "test_ddp_gradients",
+            "ContractError",
+            "no floating-point output has a batch dimension",
+            "set self.loss_fn to the mean loss over the batch",
+        )
+        self.assertPasses(ddp_case(ReturnsItsLoss, loss_fn=lambda loss: loss), "test_ddp_gradients")
 
     def test_a_batch_the_ranks_cannot_share_equally_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(ddp_case(AutoEncoder, lambda: torch.randn(5, *SHAPE)),
-                              "test_ddp_gradients", "ContractError", "holds 5 samples, which 2 "
-                              "ranks cannot share equally")
+        self.assertErrorsWith(
+            ddp_case(AutoEncoder, lambda: torch.randn(5, *SHAPE)),
+            "test_ddp_gradients",
+            "ContractError",
+            "holds 5 samples, which 2 ranks cannot share equally",
+        )
 
     def test_a_world_of_one_rank_is_refused(self) -> None:
-        self.assertErrorsWith(ddp_case(AutoEncoder, world_size=1), "test_ddp_gradients",
-                              "self.world_size set in Case.setUp is 1, not an int of at least 2")
+        self.assertErrorsWith(
+            ddp_case(AutoEncoder, world_size=1),
+            "test_ddp_gradients",
+            "self.world_size set in Case.setUp is 1, not an int of at least 2",
+        )
 
     def test_it_combines_with_the_other_model_mixins(self) -> None:
         alone = checks_of(ddp_case(AutoEncoder))
@@ -243,7 +276,7 @@ class DDPGradients(CheckTestCase):
         self.assertEqual(multiprocessing.active_children(), [])
 
 
-PARALLEL_MODULE = textwrap.dedent('''
+PARALLEL_MODULE = textwrap.dedent("""
     import unittest
     import torch
     from torch import nn
@@ -262,7 +295,7 @@ PARALLEL_MODULE = textwrap.dedent('''
 
     class TestThird(TestFirst):
         pass
-''')
+""")
 
 
 class ParallelRunners(unittest.TestCase):
@@ -275,9 +308,15 @@ class ParallelRunners(unittest.TestCase):
             Path(folder, "test_parallel.py").write_text(PARALLEL_MODULE)
             completed = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider"],
-                cwd=folder, capture_output=True, text=True, timeout=300)
-            self.assertEqual(sorted(p.name for p in Path(folder).iterdir()
-                                    if p.name != "__pycache__"), ["test_parallel.py"])
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertEqual(
+                sorted(p.name for p in Path(folder).iterdir() if p.name != "__pycache__"),
+                ["test_parallel.py"],
+            )
         self.assertIn("3 passed", completed.stdout, completed.stdout + completed.stderr)
 
 

@@ -1,5 +1,6 @@
 """DistributedTrainerTests on a correct data-parallel trainer and on one bug each, with real
 torch.distributed (gloo) processes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,10 +14,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from checkrunner import CheckTestCase
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from checkrunner import CheckTestCase
 from dltestkit import ContractError, DistributedTrainerTests, TrainerTests
 from dltestkit._base import checks_of
 
@@ -37,8 +38,9 @@ class ClassifierTrainer:
     """Trains a small classifier with distributed data parallel training, done right: DDP,
     DistributedSampler reshuffled every epoch, logging on rank 0, a mean loss."""
 
-    def __init__(self, data: TensorDataset, rank: int = 0, world_size: int = 1,
-                 global_batch: int = 8) -> None:
+    def __init__(
+        self, data: TensorDataset, rank: int = 0, world_size: int = 1, global_batch: int = 8
+    ) -> None:
         self.rank, self.world_size = rank, world_size
         self.model = self.build_model()
         self.net = self.wrap(self.model)
@@ -56,8 +58,9 @@ class ClassifierTrainer:
         return nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model
 
     def make_sampler(self, data: TensorDataset) -> Any:
-        return DistributedSampler(data, num_replicas=self.world_size, rank=self.rank,
-                                  shuffle=True, seed=7)
+        return DistributedSampler(
+            data, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=7
+        )
 
     def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
         return DataLoader(data, batch_size=batch_size, sampler=self.sampler)
@@ -141,12 +144,15 @@ class LossSummedPerRank(ClassifierTrainer):
 
 def data() -> TensorDataset:
     generator = torch.Generator().manual_seed(3)
-    return TensorDataset(torch.randn(SAMPLES, FEATURES, generator=generator),
-                         torch.randint(0, CLASSES, (SAMPLES,), generator=generator))
+    return TensorDataset(
+        torch.randn(SAMPLES, FEATURES, generator=generator),
+        torch.randint(0, CLASSES, (SAMPLES,), generator=generator),
+    )
 
 
-def ddp_trainer_case(trainer_type: Any, mixins: tuple = (DistributedTrainerTests,),
-                     **attributes: Any) -> type:
+def ddp_trainer_case(
+    trainer_type: Any, mixins: tuple = (DistributedTrainerTests,), **attributes: Any
+) -> type:
     def make_trainer(self: Any, rank: int = 0, world_size: int = 1) -> Any:
         return trainer_type(self.data, rank, world_size)
 
@@ -156,8 +162,11 @@ def ddp_trainer_case(trainer_type: Any, mixins: tuple = (DistributedTrainerTests
         for name, value in attributes.items():
             setattr(self, name, value)
 
-    return type("Case", (*mixins, unittest.TestCase),
-                {"setUp": set_up, "make_trainer": make_trainer, "seed": 0})
+    return type(
+        "Case",
+        (*mixins, unittest.TestCase),
+        {"setUp": set_up, "make_trainer": make_trainer, "seed": 0},
+    )
 
 
 def outcome_of(case: type) -> Dict[str, List[str]]:
@@ -190,55 +199,74 @@ class DDPTraining(CheckTestCase):
     def test_a_correct_trainer_passes_every_part(self) -> None:
         case = ddp_trainer_case(ClassifierTrainer, single_process_tolerance=(1e-5, 1e-6))
         self.assertPasses(case, "test_ddp_training")
-        self.assertPasses(ddp_trainer_case(ClassifierTrainer, world_size=3), "test_ddp_training",
-                          allowed_skips=["self.single_process_tolerance is not set"])
+        self.assertPasses(
+            ddp_trainer_case(ClassifierTrainer, world_size=3),
+            "test_ddp_training",
+            allowed_skips=["self.single_process_tolerance is not set"],
+        )
 
     def test_ranks_that_start_from_different_weights_fail(self) -> None:
         self.assertOnlySubtestFails(
-            ddp_trainer_case(SeededPerRankWithoutBroadcast), "start",
-            "rank 1 starts with other weights than rank 0 (0.weight", "Wrap the model in "
-            "DistributedDataParallel, which broadcasts rank 0's weights")
+            ddp_trainer_case(SeededPerRankWithoutBroadcast),
+            "start",
+            "rank 1 starts with other weights than rank 0 (0.weight",
+            "Wrap the model in DistributedDataParallel, which broadcasts rank 0's weights",
+        )
 
     def test_gradients_that_are_not_averaged_fail(self) -> None:
         self.assertOnlySubtestFails(
-            ddp_trainer_case(GradientsNotAveraged), "end",
-            "after 2 epochs rank 1 has other weights than rank 0", "the ranks' gradients are "
-            "not averaged")
+            ddp_trainer_case(GradientsNotAveraged),
+            "end",
+            "after 2 epochs rank 1 has other weights than rank 0",
+            "the ranks' gradients are not averaged",
+        )
 
     def test_every_rank_training_on_all_the_data_fails(self) -> None:
         self.assertOnlySubtestFails(
-            ddp_trainer_case(NoDistributedSampler), "data",
+            ddp_trainer_case(NoDistributedSampler),
+            "data",
             "in epoch 0 the 2 ranks together did not load each of the 24 training samples "
-            "once: 24 loads of samples another rank had loaded", "(RandomSampler) gives every "
-            "rank the whole dataset", "DistributedSampler(dataset, num_replicas=world_size, "
-            "rank=rank)")
+            "once: 24 loads of samples another rank had loaded",
+            "(RandomSampler) gives every rank the whole dataset",
+            "DistributedSampler(dataset, num_replicas=world_size, rank=rank)",
+        )
 
     def test_a_sampler_never_told_the_epoch_fails(self) -> None:
         self.assertOnlySubtestFails(
-            ddp_trainer_case(SetEpochForgotten), "data",
+            ddp_trainer_case(SetEpochForgotten),
+            "data",
             "ranks [0, 1] loaded their samples in the same order in both epochs",
-            "call sampler.set_epoch(epoch)")
+            "call sampler.set_epoch(epoch)",
+        )
 
     def test_logging_from_every_rank_fails(self) -> None:
         self.assertOnlySubtestFails(
-            ddp_trainer_case(LogsOnEveryRank), "logging",
-            "ranks [1] logged scalars too (rank 1: 'train/loss' at step 0", "Log from rank 0 "
-            "only")
+            ddp_trainer_case(LogsOnEveryRank),
+            "logging",
+            "ranks [1] logged scalars too (rank 1: 'train/loss' at step 0",
+            "Log from rank 0 only",
+        )
 
     def test_a_loss_summed_per_rank_differs_from_one_process(self) -> None:
         self.assertOnlySubtestFails(
             ddp_trainer_case(LossSummedPerRank, single_process_tolerance=(1e-5, 1e-6)),
-            "one process", "after 2 epochs on 2 processes the weights differ from those of one "
-            "process on the whole data", "a mean over the batch (not a sum")
+            "one process",
+            "after 2 epochs on 2 processes the weights differ from those of one "
+            "process on the whole data",
+            "a mean over the batch (not a sum",
+        )
 
     def test_an_uneven_dataset_is_no_false_alarm(self) -> None:
         class Uneven(ClassifierTrainer):
             def __init__(self, data: TensorDataset, rank: int = 0, world_size: int = 1) -> None:
-                odd = TensorDataset(*(t[:SAMPLES - 1] for t in data.tensors))
+                odd = TensorDataset(*(t[: SAMPLES - 1] for t in data.tensors))
                 super().__init__(odd, rank, world_size)
 
-        self.assertPasses(ddp_trainer_case(Uneven), "test_ddp_training",
-                          allowed_skips=["self.single_process_tolerance is not set"])
+        self.assertPasses(
+            ddp_trainer_case(Uneven),
+            "test_ddp_training",
+            allowed_skips=["self.single_process_tolerance is not set"],
+        )
 
     def test_without_make_trainer_it_skips_naming_it(self) -> None:
         def set_up(self: Any) -> None:
@@ -249,9 +277,12 @@ class DDPTraining(CheckTestCase):
 
     def test_a_wrong_train_loader_attribute_is_a_contract_error(self) -> None:
         case = ddp_trainer_case(ClassifierTrainer, train_loader_attribute="loader")
-        self.assertErrorsWith(case, "test_ddp_training", "ContractError",
-                              "trainer.loader (train_loader_attribute) is NoneType, not a "
-                              "DataLoader")
+        self.assertErrorsWith(
+            case,
+            "test_ddp_training",
+            "ContractError",
+            "trainer.loader (train_loader_attribute) is NoneType, not a DataLoader",
+        )
 
     def test_it_combines_with_trainer_tests(self) -> None:
         case = ddp_trainer_case(ClassifierTrainer, mixins=(DistributedTrainerTests, TrainerTests))
@@ -266,22 +297,48 @@ if __name__ == "__main__":
 
 class ExampleUnderTorchrun(unittest.TestCase):
     def test_run_py_trains_with_ddp_on_two_cpu_processes(self) -> None:
-        missing = [name for name in ("torchvision", "tensorboard", "tqdm")
-                   if importlib.util.find_spec(name) is None]
+        missing = [
+            name
+            for name in ("torchvision", "tensorboard", "tqdm")
+            if importlib.util.find_spec(name) is None
+        ]
         if missing or shutil.which("torchrun") is None:
             self.skipTest(f"needs the example extra and torchrun (missing: {missing})")
         run_py = Path(__file__).resolve().parent.parent / "example_project" / "run.py"
         with tempfile.TemporaryDirectory() as folder:
             completed = subprocess.run(
-                [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc_per_node", "2",
-                 str(run_py), "--generate-data", "--generate-sizes", "64,32", "--epochs", "2",
-                 "--batch-size", "16", "--num-workers", "0", "--data-root", f"{folder}/data",
-                 "--log-dir", f"{folder}/runs"],
-                cwd=folder, capture_output=True, text=True, timeout=300,
-                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                [
+                    shutil.which("torchrun") or "torchrun",
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    str(run_py),
+                    "--generate-data",
+                    "--generate-sizes",
+                    "64,32",
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "16",
+                    "--num-workers",
+                    "0",
+                    "--data-root",
+                    f"{folder}/data",
+                    "--log-dir",
+                    f"{folder}/runs",
+                ],
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
             self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
             self.assertIn("Trained mlp for 2 epochs on cpu x 2 processes", completed.stdout)
             self.assertEqual(completed.stdout.count("Trained"), 1, "only rank 0 reports")
             self.assertTrue((Path(folder) / "runs" / "checkpoint.pt").exists())
-            self.assertEqual(len(list((Path(folder) / "runs").glob("events.out.tfevents*"))), 1,
-                             "only rank 0 logs")
+            self.assertEqual(
+                len(list((Path(folder) / "runs").glob("events.out.tfevents*"))),
+                1,
+                "only rank 0 logs",
+            )

@@ -10,6 +10,7 @@
 
 The snippets in docs/ themselves are executed by `sphinx-build -b doctest docs <outdir>`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,9 +59,11 @@ def sections(text: str) -> Dict[str, str]:
                 headings.append((index, len(match.group(1)), match.group(2).strip("`")))
     found = {}
     for position, (start, level, title) in enumerate(headings):
-        end = next((later for later, later_level, _ in headings[position + 1:]
-                    if later_level <= level), len(lines))
-        found[title] = "\n".join(lines[start + 1:end])
+        end = next(
+            (later for later, later_level, _ in headings[position + 1 :] if later_level <= level),
+            len(lines),
+        )
+        found[title] = "\n".join(lines[start + 1 : end])
     return found
 
 
@@ -78,21 +81,34 @@ class MixinPages(unittest.TestCase):
                     if name not in page:
                         self.fail(f"docs/{PAGES[mixin]} has no heading `{name}`")
                     section = page[name]
-                    self.assertIn(f'("{name}")', section,
-                                  "the section must run the check on a broken component")
-                    self.assertIn("```{testoutput}", section,
-                                  "the section must show the output of running the check")
-                    self.assertIn("@unittest.skip(", section,
-                                  "the section must show how to skip the check")
-                    self.assertIn(f"def {name}(self)", section,
-                                  "the skip example must override the check")
+                    self.assertIn(
+                        f'("{name}")',
+                        section,
+                        "the section must run the check on a broken component",
+                    )
+                    self.assertIn(
+                        "```{testoutput}",
+                        section,
+                        "the section must show the output of running the check",
+                    )
+                    self.assertIn(
+                        "@unittest.skip(", section, "the section must show how to skip the check"
+                    )
+                    self.assertIn(
+                        f"def {name}(self)", section, "the skip example must override the check"
+                    )
 
     def test_no_section_documents_a_check_that_does_not_exist(self) -> None:
         for mixin in PAGES:
-            documented = {title for title in sections(self.page(mixin))
-                          if re.fullmatch(r"test_\w+", title)}
-            on_the_page = {name for other, page in PAGES.items() if page == PAGES[mixin]
-                           for name in public_checks(other)}
+            documented = {
+                title for title in sections(self.page(mixin)) if re.fullmatch(r"test_\w+", title)
+            }
+            on_the_page = {
+                name
+                for other, page in PAGES.items()
+                if page == PAGES[mixin]
+                for name in public_checks(other)
+            }
             with self.subTest(mixin=mixin.__name__):
                 self.assertEqual(sorted(documented - on_the_page), [])
 
@@ -102,8 +118,11 @@ class MixinPages(unittest.TestCase):
                 page = self.page(mixin)
                 self.assertIn(f"```{{dltestkit-checks}} {mixin.__name__}\n```", page)
                 self.assertIn(f"```{{dltestkit-attributes}} {mixin.__name__}\n```", page)
-                self.assertNotRegex(page, r"(?m)^\| attribute \|",
-                                    "a hand-written attribute table drifts; use the directive")
+                self.assertNotRegex(
+                    page,
+                    r"(?m)^\| attribute \|",
+                    "a hand-written attribute table drifts; use the directive",
+                )
 
     def test_the_generated_attribute_tables_cover_every_attribute(self) -> None:
         for mixin in PAGES:
@@ -123,8 +142,9 @@ class MixinPages(unittest.TestCase):
         index = (DOCS / "index.md").read_text(encoding="utf-8")
         self.assertIn("```{dltestkit-checks}\n```", index)
         pages = {page.name: page.read_text(encoding="utf-8") for page in DOCS.glob("*.md")}
-        copies = [name for name, text in pages.items()
-                  if re.search(r"(?m)^\| check \| catches \|", text)]
+        copies = [
+            name for name, text in pages.items() if re.search(r"(?m)^\| check \| catches \|", text)
+        ]
         self.assertEqual(copies, [], "a hand-written table of checks drifts; use the directive")
 
     def test_the_readme_shows_the_checks_as_generated_from_the_code(self) -> None:
@@ -136,8 +156,11 @@ class MixinPages(unittest.TestCase):
         match = update_outputs.README_CHECKS.search(README.read_text(encoding="utf-8"))
         self.assertIsNotNone(match, "README.md has no generated table of checks")
         assert match is not None
-        self.assertEqual(match.group(2), update_outputs.readme_checks(),
-                         "README.md's table of checks is stale: run python docs/update_outputs.py")
+        self.assertEqual(
+            match.group(2),
+            update_outputs.readme_checks(),
+            "README.md's table of checks is stale: run python docs/update_outputs.py",
+        )
 
 
 @contextlib.contextmanager
@@ -154,9 +177,12 @@ def run_test_classes(namespace: Dict[str, Any]) -> unittest.TestResult:
     """Run the TestCase classes a snippet defined (not the ones it imported)."""
     loader = unittest.TestLoader()
     suite = unittest.TestSuite(
-        loader.loadTestsFromTestCase(value) for value in namespace.values()
-        if isinstance(value, type) and issubclass(value, unittest.TestCase)
-        and value.__module__ == namespace["__name__"])
+        loader.loadTestsFromTestCase(value)
+        for value in namespace.values()
+        if isinstance(value, type)
+        and issubclass(value, unittest.TestCase)
+        and value.__module__ == namespace["__name__"]
+    )
     result = unittest.TestResult()
     suite.run(result)
     return result

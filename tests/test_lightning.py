@@ -1,5 +1,6 @@
 """TrainerTests on a real PyTorch Lightning LightningModule and Trainer, through the adapter
 that docs/howto-lightning.md shows (the two copies are compared below)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from checkrunner import CheckTestCase, make_case, run_check
 from dltestkit import TrainerTests
 
 try:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 except ImportError:  # the dev extra installs it
-    raise unittest.SkipTest("pytorch-lightning is not installed (pip install -e '.[dev]')") \
-        from None
+    raise unittest.SkipTest(
+        "pytorch-lightning is not installed (pip install -e '.[dev]')"
+    ) from None
 
 HOWTO = Path(__file__).resolve().parent.parent / "docs" / "howto-lightning.md"
 _DATA = torch.Generator().manual_seed(0)
@@ -72,26 +74,38 @@ class LightningAdapter:
         self.model = module
         self.train_loader, self.val_loader = train_loader, val_loader
         self.log_dir = str(log_dir)
-        self.logger = TensorBoardLogger(self.log_dir, name="", version="",
-                                        default_hp_metric=False)
+        self.logger = TensorBoardLogger(self.log_dir, name="", version="", default_hp_metric=False)
         self.summary = self.logger.experiment  # the SummaryWriter Lightning logs to
         self.optimizer = None  # fit() builds it
         self.epochs = 0
         self.last_checkpoint = None  # the next fit() resumes from it
 
     def lightning_trainer(self, **options):
-        return pl.Trainer(accelerator="cpu", devices=1, default_root_dir=self.log_dir,
-                          enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, num_sanity_val_steps=0,
-                          log_every_n_steps=1, **options)
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=self.log_dir,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            **options,
+        )
 
     def train(self, epochs):
         self.epochs += epochs
         with quiet():
-            trainer = self.lightning_trainer(max_epochs=self.epochs, logger=self.logger,
-                                             callbacks=self.callbacks())
-            trainer.fit(self.model, self.train_loader, self.val_loader,
-                        ckpt_path=self.last_checkpoint, weights_only=True)
+            trainer = self.lightning_trainer(
+                max_epochs=self.epochs, logger=self.logger, callbacks=self.callbacks()
+            )
+            trainer.fit(
+                self.model,
+                self.train_loader,
+                self.val_loader,
+                ckpt_path=self.last_checkpoint,
+                weights_only=True,
+            )
             self.optimizer = trainer.optimizers[0]
             self.last_checkpoint = f"{self.log_dir}/last.ckpt"
             trainer.save_checkpoint(self.last_checkpoint)
@@ -118,8 +132,9 @@ class LightningAdapter:
 class Classifier(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
-                                 nn.Dropout(0.1), nn.Linear(32, 4))
+        self.net = nn.Sequential(
+            nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)
+        )
 
     def loss(self, batch):
         inputs, targets = batch
@@ -146,8 +161,11 @@ def lightning_case(adapter: Any = None) -> type:
     def make_trainer(self: Any) -> Any:
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         return (adapter or LightningAdapter)(
-            Classifier(), DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
-            DataLoader(DATA, batch_size=8), log_dir=self.make_temp_dir())
+            Classifier(),
+            DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
+            DataLoader(DATA, batch_size=8),
+            log_dir=self.make_temp_dir(),
+        )
 
     def set_up(self: Any) -> None:
         self.trainer = self.make_trainer()
@@ -169,11 +187,14 @@ class Lightning(CheckTestCase):
                     self.assertPasses(lightning_case(), name)
 
     def test_lightning_checkpoints_alone_lose_the_data_order_and_random_state(self) -> None:
-        self.assertFailsWith(lightning_case(WithoutRandomState), "test_resume",
-                             "a resumed run differs from an uninterrupted one",
-                             "data order: the random generator "
-                             "trainer.train_loader.generator is not in the saved state",
-                             "random state: training draws from torch's global RNG")
+        self.assertFailsWith(
+            lightning_case(WithoutRandomState),
+            "test_resume",
+            "a resumed run differs from an uninterrupted one",
+            "data order: the random generator "
+            "trainer.train_loader.generator is not in the saved state",
+            "random state: training draws from torch's global RNG",
+        )
 
     def test_nothing_is_printed_or_written_to_the_working_directory(self) -> None:
         import io
@@ -181,8 +202,11 @@ class Lightning(CheckTestCase):
         import tempfile
 
         previous = os.getcwd()
-        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stderr(
-                io.StringIO()) as errors, contextlib.redirect_stdout(io.StringIO()) as output:
+        with (
+            tempfile.TemporaryDirectory() as folder,
+            contextlib.redirect_stderr(io.StringIO()) as errors,
+            contextlib.redirect_stdout(io.StringIO()) as output,
+        ):
             os.chdir(folder)
             try:
                 outcome = run_check(lightning_case(), "test_resume")

@@ -1,4 +1,5 @@
 """ModelTests passes on correct models and fails, with its message, on broken ones."""
+
 from __future__ import annotations
 
 import unittest
@@ -6,9 +7,9 @@ from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 
-from checkrunner import CheckTestCase, make_case, run_check
 from dltestkit import ModelTests
 from dltestkit._base import checks_of
 
@@ -53,8 +54,11 @@ class VAE(nn.Module):
 class WithBatchNorm(AutoEncoder):
     def __init__(self, track_running_stats: bool = True) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, 8),
-                                     nn.BatchNorm1d(8, track_running_stats=track_running_stats))
+        self.encoder = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(FEATURES, 8),
+            nn.BatchNorm1d(8, track_running_stats=track_running_stats),
+        )
 
 
 class Classifier(nn.Module):
@@ -98,8 +102,9 @@ class TokenModel(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device)
         return self.tokens(ids) + self.positions(positions)
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: Any = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Any = None
+    ) -> Dict[str, torch.Tensor]:
         hidden = torch.tanh(self.mix(self.embed(input_ids)))
         if attention_mask is not None and not bool(attention_mask.all()):  # data-dependent
             hidden = hidden * attention_mask.unsqueeze(-1)
@@ -176,10 +181,8 @@ class NumpyInForward(AutoEncoder):
 
 class DeviceDependentPath(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            scale = float(x.abs().max())
-        else:
-            scale = x.abs().max().item()
+        # float() where the CPU run reads the data, .item() where the meta run does
+        scale = float(x.abs().max()) if x.device.type == "cpu" else x.abs().max().item()
         return super().forward(x / scale)
 
 
@@ -332,10 +335,19 @@ def token_case(model_type: Any, **attributes: Any) -> type:
     return model_case(model_type, inputs=tokens, **attributes)
 
 
-CHECKS = sorted(["test_all_parameters_updated", "test_batch_independence", "test_device_moving",
-                 "test_device_moving_on_gpu", "test_dtype_moving", "test_eval_deterministic",
-                 "test_finite_outputs_and_gradients", "test_output_shape",
-                 "test_state_dict_round_trip"])
+CHECKS = sorted(
+    [
+        "test_all_parameters_updated",
+        "test_batch_independence",
+        "test_device_moving",
+        "test_device_moving_on_gpu",
+        "test_dtype_moving",
+        "test_eval_deterministic",
+        "test_finite_outputs_and_gradients",
+        "test_output_shape",
+        "test_state_dict_round_trip",
+    ]
+)
 
 
 class CorrectModels(CheckTestCase):
@@ -343,16 +355,21 @@ class CorrectModels(CheckTestCase):
         cases = {
             "autoencoder": model_case(AutoEncoder, make_model=AutoEncoder),
             "batchnorm": model_case(WithBatchNorm, make_model=WithBatchNorm),
-            "softmax classifier": model_case(Classifier, expected_output_shape=(4, 5),
-                                             make_model=Classifier),
-            "sequence": model_case(SequenceModel, inputs=lambda: torch.randn(4, 3, 5),
-                                   make_model=SequenceModel),
-            "token ids in a dict, dict out": token_case(TokenModel, expected_output_shape=(4, 5, 6),
-                                                        make_model=TokenModel),
-            "positional tuple": model_case(lambda: nn.Bilinear(2, 3, 5),
-                                           inputs=lambda: (torch.randn(4, 2), torch.randn(4, 3)),
-                                           expected_output_shape=(4, 5),
-                                           make_model=lambda: nn.Bilinear(2, 3, 5)),
+            "softmax classifier": model_case(
+                Classifier, expected_output_shape=(4, 5), make_model=Classifier
+            ),
+            "sequence": model_case(
+                SequenceModel, inputs=lambda: torch.randn(4, 3, 5), make_model=SequenceModel
+            ),
+            "token ids in a dict, dict out": token_case(
+                TokenModel, expected_output_shape=(4, 5, 6), make_model=TokenModel
+            ),
+            "positional tuple": model_case(
+                lambda: nn.Bilinear(2, 3, 5),
+                inputs=lambda: (torch.randn(4, 2), torch.randn(4, 3)),
+                expected_output_shape=(4, 5),
+                make_model=lambda: nn.Bilinear(2, 3, 5),
+            ),
         }
         for label, case in cases.items():
             for name in CHECKS:
@@ -401,11 +418,18 @@ class Inputs(CheckTestCase):
 
         class Keywords(TokenModel):
             def forward(self, *, input_ids: torch.Tensor, attention_mask: Any = None) -> Any:
-                seen.append(sorted(k for k, v in (("input_ids", input_ids),
-                                                  ("attention_mask", attention_mask)) if v is not None))
+                seen.append(
+                    sorted(
+                        k
+                        for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask))
+                        if v is not None
+                    )
+                )
                 return super().forward(input_ids, attention_mask)
 
-        self.assertPasses(token_case(Keywords, expected_output_shape=(4, 5, 6)), "test_output_shape")
+        self.assertPasses(
+            token_case(Keywords, expected_output_shape=(4, 5, 6)), "test_output_shape"
+        )
         self.assertEqual(seen[0], ["attention_mask", "input_ids"])
 
     def test_inputs_without_a_batch_dimension_must_be_declared(self) -> None:
@@ -413,25 +437,41 @@ class Inputs(CheckTestCase):
             return {"src": torch.randn(4, 6, 8), "src_mask": torch.zeros(6, 6)}
 
         layer = lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)  # noqa: E731
-        self.assertErrorsWith(model_case(layer, inputs=inputs), "test_output_shape",
-                              "ContractError", "whose first dimensions differ",
-                              "self.inputs['src_mask'] (6, 6)", "self.unbatched_inputs")
-        self.assertPasses(model_case(layer, inputs=inputs, unbatched_inputs=["src_mask"]),
-                          "test_batch_independence")
+        self.assertErrorsWith(
+            model_case(layer, inputs=inputs),
+            "test_output_shape",
+            "ContractError",
+            "whose first dimensions differ",
+            "self.inputs['src_mask'] (6, 6)",
+            "self.unbatched_inputs",
+        )
+        self.assertPasses(
+            model_case(layer, inputs=inputs, unbatched_inputs=["src_mask"]),
+            "test_batch_independence",
+        )
 
     def test_unknown_unbatched_inputs_are_refused(self) -> None:
-        self.assertErrorsWith(token_case(TokenModel, unbatched_inputs=["mask"]),
-                              "test_output_shape", "self.unbatched_inputs set in Case.setUp "
-                              "names ['mask'], which self.inputs does not have")
+        self.assertErrorsWith(
+            token_case(TokenModel, unbatched_inputs=["mask"]),
+            "test_output_shape",
+            "self.unbatched_inputs set in Case.setUp "
+            "names ['mask'], which self.inputs does not have",
+        )
 
     def test_inputs_without_any_batched_tensor_are_refused(self) -> None:
-        self.assertErrorsWith(model_case(AutoEncoder, inputs=lambda: {"x": 3}),
-                              "test_output_shape", "holds no tensor with a batch dimension")
+        self.assertErrorsWith(
+            model_case(AutoEncoder, inputs=lambda: {"x": 3}),
+            "test_output_shape",
+            "holds no tensor with a batch dimension",
+        )
 
     def test_an_expected_shape_not_starting_with_the_batch_size_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(model_case(AutoEncoder, expected_output_shape=(16,)),
-                              "test_batch_independence", "ContractError",
-                              "does not start with the batch size of self.inputs (4)")
+        self.assertErrorsWith(
+            model_case(AutoEncoder, expected_output_shape=(16,)),
+            "test_batch_independence",
+            "ContractError",
+            "does not start with the batch size of self.inputs (4)",
+        )
 
     def test_a_model_that_cannot_be_copied_is_told_why_the_checks_copy_it(self) -> None:
         class HoldsAGenerator(AutoEncoder):
@@ -439,40 +479,60 @@ class Inputs(CheckTestCase):
                 super().__init__()
                 self.stream = (i for i in range(3))
 
-        self.assertErrorsWith(model_case(HoldsAGenerator), "test_all_parameters_updated",
-                              "self.model cannot be deep-copied", "work on a copy")
+        self.assertErrorsWith(
+            model_case(HoldsAGenerator),
+            "test_all_parameters_updated",
+            "self.model cannot be deep-copied",
+            "work on a copy",
+        )
 
 
 class OutputShape(CheckTestCase):
     def test_a_model_hard_wired_to_batch_four_fails_at_batch_size_one(self) -> None:
-        text = self.assertFailsWith(model_case(HardWiredBatch), "test_output_shape",
-                                    "at batch size 1 the model raises RuntimeError: "
-                                    "shape '[4, 16]'", "hard-coded batch size")
+        text = self.assertFailsWith(
+            model_case(HardWiredBatch),
+            "test_output_shape",
+            "at batch size 1 the model raises RuntimeError: shape '[4, 16]'",
+            "hard-coded batch size",
+        )
         self.assertNotIn("batch size 4 the", text)
 
     def test_a_squeeze_that_drops_the_batch_dimension_fails(self) -> None:
-        self.assertFailsWith(model_case(Squeezes, expected_output_shape=(4, 5)),
-                             "test_output_shape",
-                             "at batch size 1 the output has shape (5,), expected (1, 5)")
+        self.assertFailsWith(
+            model_case(Squeezes, expected_output_shape=(4, 5)),
+            "test_output_shape",
+            "at batch size 1 the output has shape (5,), expected (1, 5)",
+        )
 
     def test_a_wrong_expected_shape_fails_once_without_the_batch_size_hint(self) -> None:
         case = model_case(AutoEncoder, expected_output_shape=(4, 16))
-        text = self.assertFailsWith(case, "test_output_shape", "the output has shape "
-                                    "(4, 1, 4, 4) for self.inputs (batch size 4), expected "
-                                    "(4, 16). Fix the model or self.expected_output_shape.")
+        text = self.assertFailsWith(
+            case,
+            "test_output_shape",
+            "the output has shape "
+            "(4, 1, 4, 4) for self.inputs (batch size 4), expected "
+            "(4, 16). Fix the model or self.expected_output_shape.",
+        )
         self.assertNotIn("hard-coded", text)
         self.assertEqual(len(run_check(case, "test_output_shape").failures), 1)
 
     def test_a_model_failing_on_the_inputs_themselves_is_one_error_saying_how_it_was_called(
-            self) -> None:
+        self,
+    ) -> None:
         class WantsKeywords(TokenModel):
-            def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,  # type: ignore[override]
-                        attention_mask: Any = None) -> Any:
+            def forward(
+                self,
+                input_ids: torch.Tensor,
+                token_type_ids: torch.Tensor,  # type: ignore[override]
+                attention_mask: Any = None,
+            ) -> Any:
                 return super().forward(input_ids + token_type_ids, attention_mask)
 
-        case = model_case(WantsKeywords, inputs=lambda: (torch.randint(0, 20, (4, 5)),
-                                                         torch.ones(4, 5, dtype=torch.long)),
-                          expected_output_shape=(4, 5, 6))
+        case = model_case(
+            WantsKeywords,
+            inputs=lambda: (torch.randint(0, 20, (4, 5)), torch.ones(4, 5, dtype=torch.long)),
+            expected_output_shape=(4, 5, 6),
+        )
         outcome = run_check(case, "test_output_shape")
         self.assertEqual((len(outcome.errors), outcome.failures), (1, []))
         self.assertIn("called as model(*inputs), positional arguments", outcome.errors[0])
@@ -481,55 +541,86 @@ class OutputShape(CheckTestCase):
 
     def test_a_dict_output_without_output_key_names_what_was_checked(self) -> None:
         case = token_case(TokenModel, expected_output_shape=(4, 3))
-        self.assertFailsWith(case, "test_output_shape", "expected (4, 3)",
-                             "The checked output is the first element of the dict",
-                             "output['pooled'] (4, 3)", "set self.output_key")
-        self.assertPasses(token_case(TokenModel, expected_output_shape=(4, 3),
-                                     output_key="pooled"), "test_output_shape")
+        self.assertFailsWith(
+            case,
+            "test_output_shape",
+            "expected (4, 3)",
+            "The checked output is the first element of the dict",
+            "output['pooled'] (4, 3)",
+            "set self.output_key",
+        )
+        self.assertPasses(
+            token_case(TokenModel, expected_output_shape=(4, 3), output_key="pooled"),
+            "test_output_shape",
+        )
 
     def test_an_output_key_that_selects_nothing_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(token_case(TokenModel, output_key="logits",
-                                         expected_output_shape=(4, 3)), "test_output_shape",
-                              "ContractError", "has no element 'logits' (chosen by "
-                              "self.output_key); it has ['hidden', 'pooled']")
+        self.assertErrorsWith(
+            token_case(TokenModel, output_key="logits", expected_output_shape=(4, 3)),
+            "test_output_shape",
+            "ContractError",
+            "has no element 'logits' (chosen by self.output_key); it has ['hidden', 'pooled']",
+        )
 
     def test_tuple_or_dict_inputs_without_an_expected_shape_skip(self) -> None:
-        self.assertSkipsWith(token_case(TokenModel), "test_output_shape",
-                             "self.inputs is a dict; set self.expected_output_shape")
+        self.assertSkipsWith(
+            token_case(TokenModel),
+            "test_output_shape",
+            "self.inputs is a dict; set self.expected_output_shape",
+        )
 
 
 class DeviceMoving(CheckTestCase):
     def test_bugs_that_break_on_a_gpu_are_caught_without_one(self) -> None:
         for model_type in (RandnWithoutDevice, UnregisteredTensor, PlainListOfLayers):
             with self.subTest(model_type.__name__):
-                self.assertFailsWith(model_case(model_type), "test_device_moving",
-                                     "does not move to another device as a whole",
-                                     "combines a CPU tensor", "register_buffer", "nn.ModuleList")
+                self.assertFailsWith(
+                    model_case(model_type),
+                    "test_device_moving",
+                    "does not move to another device as a whole",
+                    "combines a CPU tensor",
+                    "register_buffer",
+                    "nn.ModuleList",
+                )
 
     def test_the_message_names_the_operation_the_module_and_the_line(self) -> None:
-        self.assertFailsWith(model_case(UnregisteredTensor), "test_device_moving",
-                             "Tensor.mul combines a CPU tensor of shape (1, 4, 4) "
-                             "(torch.float32) with tensors on the model's device, in "
-                             "UnregisteredTensor, at test_model_checks.py:",
-                             "in forward")
+        self.assertFailsWith(
+            model_case(UnregisteredTensor),
+            "test_device_moving",
+            "Tensor.mul combines a CPU tensor of shape (1, 4, 4) "
+            "(torch.float32) with tensors on the model's device, in "
+            "UnregisteredTensor, at test_model_checks.py:",
+            "in forward",
+        )
 
     def test_position_ids_on_the_cpu_are_caught_although_meta_accepts_them(self) -> None:
-        self.assertFailsWith(token_case(PositionIdsOnTheCPU), "test_device_moving",
-                             "F.embedding combines a CPU tensor of shape (5,) (torch.int64)",
-                             "in positions (Embedding)", "in embed")
+        self.assertFailsWith(
+            token_case(PositionIdsOnTheCPU),
+            "test_device_moving",
+            "F.embedding combines a CPU tensor of shape (5,) (torch.int64)",
+            "in positions (Embedding)",
+            "in embed",
+        )
 
     def test_data_dependent_forward_passes_are_checked_by_replaying_the_cpu_run(self) -> None:
         # TokenModel branches on attention_mask.all(), which the meta device cannot evaluate
         self.assertPasses(token_case(TokenModel), "test_device_moving")
 
     def test_a_device_bug_in_the_training_path_only_is_caught(self) -> None:
-        self.assertFailsWith(model_case(SamplesInTrainingOnly), "test_device_moving",
-                             "in training mode, Tensor.mul combines a CPU tensor", "in bottleneck")
+        self.assertFailsWith(
+            model_case(SamplesInTrainingOnly),
+            "test_device_moving",
+            "in training mode, Tensor.mul combines a CPU tensor",
+            "in bottleneck",
+        )
 
     def test_an_output_left_on_the_cpu_fails_naming_it(self) -> None:
-        self.assertFailsWith(model_case(ReturnsAConstantMadeOnTheCPU), "test_device_moving",
-                             "after .to('meta') the model returns output[1] (on cpu) in eval mode",
-                             "no tensor made without device=")
+        self.assertFailsWith(
+            model_case(ReturnsAConstantMadeOnTheCPU),
+            "test_device_moving",
+            "after .to('meta') the model returns output[1] (on cpu) in eval mode",
+            "no tensor made without device=",
+        )
 
     def test_mixing_hidden_from_the_operation_watch_is_still_caught_by_meta(self) -> None:
         class HidesItsOperations(UnregisteredTensor):
@@ -537,42 +628,62 @@ class DeviceMoving(CheckTestCase):
                 with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this
                     return super().forward(x)
 
-        self.assertFailsWith(model_case(HidesItsOperations), "test_device_moving",
-                             "combines a tensor left on the CPU (Tensor on device cpu is not on "
-                             "the expected device meta")
+        self.assertFailsWith(
+            model_case(HidesItsOperations),
+            "test_device_moving",
+            "combines a tensor left on the CPU (Tensor on device cpu is not on "
+            "the expected device meta",
+        )
 
     def test_a_model_that_raises_is_an_error_saying_how_it_was_called(self) -> None:
         class Raises(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 raise KeyError("no such layer")
 
-        self.assertErrorsWith(model_case(Raises), "test_device_moving", "KeyError: 'no such "
-                              "layer'", "[dltestkit] raised by the model in eval mode, called as "
-                              "model(inputs)")
+        self.assertErrorsWith(
+            model_case(Raises),
+            "test_device_moving",
+            "KeyError: 'no such layer'",
+            "[dltestkit] raised by the model in eval mode, called as model(inputs)",
+        )
 
     def test_numpy_on_a_device_tensor_fails(self) -> None:
-        self.assertFailsWith(model_case(NumpyInForward), "test_device_moving",
-                             "Tensor.numpy() is called on a tensor on the model's device",
-                             "use .cpu().numpy()")
+        self.assertFailsWith(
+            model_case(NumpyInForward),
+            "test_device_moving",
+            "Tensor.numpy() is called on a tensor on the model's device",
+            "use .cpu().numpy()",
+        )
 
     def test_a_forward_pass_that_depends_on_the_device_skips_saying_why(self) -> None:
-        self.assertSkipsWith(model_case(DeviceDependentPath), "test_device_moving",
-                             "takes another path on the meta device than on the CPU")
+        self.assertSkipsWith(
+            model_case(DeviceDependentPath),
+            "test_device_moving",
+            "takes another path on the meta device than on the CPU",
+        )
 
     def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
-        self.assertSkipsWith(model_case(NoMetaKernel), "test_device_moving",
-                             "meta device cannot run", "dltestkit_tests::double")
+        self.assertSkipsWith(
+            model_case(NoMetaKernel),
+            "test_device_moving",
+            "meta device cannot run",
+            "dltestkit_tests::double",
+        )
 
     def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:
-        self.assertSkipsWith(model_case(AutoEncoder, accelerators=[]),
-                             "test_device_moving_on_gpu", "no CUDA, MPS or other accelerator")
+        self.assertSkipsWith(
+            model_case(AutoEncoder, accelerators=[]),
+            "test_device_moving_on_gpu",
+            "no CUDA, MPS or other accelerator",
+        )
 
     def test_with_an_accelerator_outputs_are_compared_after_moving_there_and_back(self) -> None:
         # "cpu" stands in for a GPU so that this part runs on CPU-only machines too.
         for model_type in (AutoEncoder, VAE):
             with self.subTest(model_type.__name__):
-                self.assertPasses(model_case(model_type, accelerators=["cpu"]),
-                                  "test_device_moving_on_gpu")
+                self.assertPasses(
+                    model_case(model_type, accelerators=["cpu"]), "test_device_moving_on_gpu"
+                )
 
     def test_with_an_accelerator_outputs_that_differ_on_the_device_fail(self) -> None:
         class ChangesWhenMoved(AutoEncoder):
@@ -585,11 +696,12 @@ class DeviceMoving(CheckTestCase):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x) + float(self.moved)
 
-        self.assertFailsWith(model_case(ChangesWhenMoved, accelerators=["cpu"]),
-                             "test_device_moving_on_gpu",
-                             "the model on cpu gives other outputs than on the CPU",
-                             "Mismatched elements")
-
+        self.assertFailsWith(
+            model_case(ChangesWhenMoved, accelerators=["cpu"]),
+            "test_device_moving_on_gpu",
+            "the model on cpu gives other outputs than on the CPU",
+            "Mismatched elements",
+        )
 
     def test_with_an_accelerator_outputs_that_change_after_moving_back_fail(self) -> None:
         class ChangesWhenMovedBack(AutoEncoder):
@@ -602,27 +714,35 @@ class DeviceMoving(CheckTestCase):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x) + float(self.moves >= 2)
 
-        self.assertFailsWith(model_case(ChangesWhenMovedBack, accelerators=["cpu"]),
-                             "test_device_moving_on_gpu",
-                             "the model moved to cpu and back gives other outputs")
+        self.assertFailsWith(
+            model_case(ChangesWhenMovedBack, accelerators=["cpu"]),
+            "test_device_moving_on_gpu",
+            "the model moved to cpu and back gives other outputs",
+        )
 
 
 class BatchIndependence(CheckTestCase):
     def test_batch_mixing_bugs_fail(self) -> None:
         cases = {
-            "reshape used as transpose": model_case(lambda: SequenceModel(bug=True),
-                                                    inputs=lambda: torch.randn(4, 3, 5)),
-            "softmax over dim 0": model_case(lambda: Classifier(softmax_dim=0),
-                                             expected_output_shape=(4, 5)),
+            "reshape used as transpose": model_case(
+                lambda: SequenceModel(bug=True), inputs=lambda: torch.randn(4, 3, 5)
+            ),
+            "softmax over dim 0": model_case(
+                lambda: Classifier(softmax_dim=0), expected_output_shape=(4, 5)
+            ),
             "centring over the batch": model_case(CentresOverBatch),
             "BatchNorm without running stats": model_case(
-                lambda: WithBatchNorm(track_running_stats=False)),
+                lambda: WithBatchNorm(track_running_stats=False)
+            ),
         }
         for label, case in cases.items():
             with self.subTest(label):
-                self.assertFailsWith(case, "test_batch_independence",
-                                     "gets a gradient from the outputs of the other samples",
-                                     "mixes samples")
+                self.assertFailsWith(
+                    case,
+                    "test_batch_independence",
+                    "gets a gradient from the outputs of the other samples",
+                    "mixes samples",
+                )
 
     def test_every_sample_is_masked_not_only_the_first(self) -> None:
         class MixesLastTwo(AutoEncoder):
@@ -630,19 +750,28 @@ class BatchIndependence(CheckTestCase):
                 out = super().forward(x)
                 return torch.cat([out[:2], out[2:].mean(dim=0, keepdim=True).expand(2, *SHAPE)])
 
-        self.assertFailsWith(model_case(MixesLastTwo), "test_batch_independence",
-                             "sample 2's self.inputs gets a gradient")
+        self.assertFailsWith(
+            model_case(MixesLastTwo),
+            "test_batch_independence",
+            "sample 2's self.inputs gets a gradient",
+        )
 
     def test_token_inputs_are_checked_through_their_embeddings(self) -> None:
         self.assertPasses(token_case(TokenModel), "test_batch_independence")
-        self.assertFailsWith(token_case(TokensMixedOverBatch), "test_batch_independence",
-                             "sample 0's self.inputs['input_ids'] (through its embedding) gets "
-                             "a gradient from the outputs of the other samples")
+        self.assertFailsWith(
+            token_case(TokensMixedOverBatch),
+            "test_batch_independence",
+            "sample 0's self.inputs['input_ids'] (through its embedding) gets "
+            "a gradient from the outputs of the other samples",
+        )
 
     def test_an_output_that_ignores_the_input_fails(self) -> None:
-        self.assertFailsWith(model_case(IgnoresItsInput), "test_batch_independence",
-                             "the checked output does not depend on self.inputs at all",
-                             "torch.zeros_like(x)")
+        self.assertFailsWith(
+            model_case(IgnoresItsInput),
+            "test_batch_independence",
+            "the checked output does not depend on self.inputs at all",
+            "torch.zeros_like(x)",
+        )
 
     def test_a_zero_initialised_output_layer_is_no_false_alarm(self) -> None:
         def zero_head() -> nn.Module:  # as torchvision's VisionTransformer initialises its head
@@ -658,9 +787,12 @@ class BatchIndependence(CheckTestCase):
                 out = super().forward(x)
                 return out.square().mean(), out
 
-        self.assertFailsWith(model_case(ReturnsLossFirst), "test_batch_independence",
-                             "the checked output has shape (), whose first dimension is not "
-                             "the batch size 4", "set self.output_key")
+        self.assertFailsWith(
+            model_case(ReturnsLossFirst),
+            "test_batch_independence",
+            "the checked output has shape (), whose first dimension is not the batch size 4",
+            "set self.output_key",
+        )
 
     def test_integer_inputs_that_reach_no_embedding_skip_naming_them(self) -> None:
         class OneHot(nn.Module):
@@ -672,43 +804,66 @@ class BatchIndependence(CheckTestCase):
                 return self.linear(F.one_hot(labels, 10).float())
 
         case = model_case(OneHot, inputs=lambda: torch.arange(4), expected_output_shape=(4, 3))
-        self.assertSkipsWith(case, "test_batch_independence", "no input can be differentiated",
-                             "its integer tensors (self.inputs) reach no embedding")
+        self.assertSkipsWith(
+            case,
+            "test_batch_independence",
+            "no input can be differentiated",
+            "its integer tensors (self.inputs) reach no embedding",
+        )
 
     def test_one_sample_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(model_case(AutoEncoder, inputs=lambda: torch.randn(1, *SHAPE)),
-                              "test_batch_independence", "ContractError", "holds 1 sample",
-                              "needs at least 2")
+        self.assertErrorsWith(
+            model_case(AutoEncoder, inputs=lambda: torch.randn(1, *SHAPE)),
+            "test_batch_independence",
+            "ContractError",
+            "holds 1 sample",
+            "needs at least 2",
+        )
 
 
 class ParametersUpdated(CheckTestCase):
     def test_a_dead_layer_fails_naming_its_parameters(self) -> None:
-        text = self.assertFailsWith(model_case(DeadLayer), "test_all_parameters_updated",
-                                    "2 of 6 trainable parameters would not be trained",
-                                    "refine.weight: no gradient in 3 step(s): dead",
-                                    "refine.bias: no gradient")
+        text = self.assertFailsWith(
+            model_case(DeadLayer),
+            "test_all_parameters_updated",
+            "2 of 6 trainable parameters would not be trained",
+            "refine.weight: no gradient in 3 step(s): dead",
+            "refine.bias: no gradient",
+        )
         self.assertNotIn("encoder", text)
 
     def test_a_detach_that_cuts_off_the_encoder_fails(self) -> None:
-        self.assertFailsWith(model_case(DetachedEncoder), "test_all_parameters_updated",
-                             "encoder.1.weight: no gradient", "encoder.1.bias")
+        self.assertFailsWith(
+            model_case(DetachedEncoder),
+            "test_all_parameters_updated",
+            "encoder.1.weight: no gradient",
+            "encoder.1.bias",
+        )
 
     def test_a_zero_initialised_gate_is_no_false_alarm(self) -> None:
         self.assertPasses(model_case(ZeroGate), "test_all_parameters_updated")
 
     def test_a_gate_that_stays_zero_is_reported_as_gated_not_dead(self) -> None:
-        text = self.assertFailsWith(model_case(lambda: ZeroGate(trainable_gate=False)),
-                                    "test_all_parameters_updated",
-                                    "branch.weight: gradient exactly zero in each of 3 steps: "
-                                    "gated off by something that stays zero")
+        text = self.assertFailsWith(
+            model_case(lambda: ZeroGate(trainable_gate=False)),
+            "test_all_parameters_updated",
+            "branch.weight: gradient exactly zero in each of 3 steps: "
+            "gated off by something that stays zero",
+        )
         self.assertNotIn("dead", text.split("\n")[2])
-        self.assertFailsWith(model_case(DoubleZeroGate), "test_all_parameters_updated",
-                             "gate: gradient exactly zero", "second_gate: gradient exactly zero")
+        self.assertFailsWith(
+            model_case(DoubleZeroGate),
+            "test_all_parameters_updated",
+            "gate: gradient exactly zero",
+            "second_gate: gradient exactly zero",
+        )
 
     def test_a_weight_that_forward_overwrites_fails(self) -> None:
-        self.assertFailsWith(model_case(OverwritesAWeight), "test_all_parameters_updated",
-                             "decoder.0.bias: the optimisation step is undone by the next "
-                             "forward pass")
+        self.assertFailsWith(
+            model_case(OverwritesAWeight),
+            "test_all_parameters_updated",
+            "decoder.0.bias: the optimisation step is undone by the next forward pass",
+        )
 
     def test_every_floating_point_output_counts_without_a_loss_fn(self) -> None:
         self.assertPasses(token_case(TokenModel), "test_all_parameters_updated")
@@ -734,48 +889,77 @@ class ParametersUpdated(CheckTestCase):
         def frozen() -> nn.Module:
             return AutoEncoder().requires_grad_(False)
 
-        self.assertFailsWith(model_case(frozen), "test_all_parameters_updated",
-                             "the model has no trainable parameter")
+        self.assertFailsWith(
+            model_case(frozen),
+            "test_all_parameters_updated",
+            "the model has no trainable parameter",
+        )
         self.assertPasses(model_case(frozen), "test_finite_outputs_and_gradients")
-        self.assertFailsWith(model_case(lambda: LogOfNegative().requires_grad_(False)),
-                             "test_finite_outputs_and_gradients", "outputs contain NaN")
+        self.assertFailsWith(
+            model_case(lambda: LogOfNegative().requires_grad_(False)),
+            "test_finite_outputs_and_gradients",
+            "outputs contain NaN",
+        )
 
     def test_an_output_without_floating_point_tensors_needs_a_loss_fn(self) -> None:
         class ArgMax(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x).flatten(1).argmax(dim=1)
 
-        self.assertErrorsWith(model_case(ArgMax), "test_all_parameters_updated",
-                              "ContractError", "no floating-point tensor", "set self.loss_fn")
+        self.assertErrorsWith(
+            model_case(ArgMax),
+            "test_all_parameters_updated",
+            "ContractError",
+            "no floating-point tensor",
+            "set self.loss_fn",
+        )
 
 
 class Finite(CheckTestCase):
     def test_nan_in_part_of_the_output_fails(self) -> None:
-        self.assertFailsWith(model_case(LogOfNegative), "test_finite_outputs_and_gradients",
-                             "outputs contain NaN or Inf: output (")
+        self.assertFailsWith(
+            model_case(LogOfNegative),
+            "test_finite_outputs_and_gradients",
+            "outputs contain NaN or Inf: output (",
+        )
 
     def test_nan_only_in_gradients_fails_naming_parameters(self) -> None:
-        self.assertFailsWith(model_case(SqrtAtZero), "test_finite_outputs_and_gradients",
-                             "the gradients of", "decoder.0.weight", "contain NaN or Inf")
+        self.assertFailsWith(
+            model_case(SqrtAtZero),
+            "test_finite_outputs_and_gradients",
+            "the gradients of",
+            "decoder.0.weight",
+            "contain NaN or Inf",
+        )
 
     def test_nan_gradients_also_fail_the_parameter_check(self) -> None:
-        self.assertFailsWith(model_case(SqrtAtZero), "test_all_parameters_updated",
-                             "gradient contains NaN or Inf")
+        self.assertFailsWith(
+            model_case(SqrtAtZero), "test_all_parameters_updated", "gradient contains NaN or Inf"
+        )
 
 
 class EvalDeterministic(CheckTestCase):
     def test_dropout_that_ignores_eval_mode_fails(self) -> None:
-        self.assertFailsWith(model_case(DropoutAlwaysOn), "test_eval_deterministic",
-                             "output changes with the random seed in eval mode",
-                             "F.dropout(x, p) without training=self.training")
+        self.assertFailsWith(
+            model_case(DropoutAlwaysOn),
+            "test_eval_deterministic",
+            "output changes with the random seed in eval mode",
+            "F.dropout(x, p) without training=self.training",
+        )
 
     def test_sampling_in_eval_mode_fails_and_names_the_output(self) -> None:
-        self.assertFailsWith(model_case(VAE), "test_eval_deterministic",
-                             "output[0] changes with the random seed in eval mode")
+        self.assertFailsWith(
+            model_case(VAE),
+            "test_eval_deterministic",
+            "output[0] changes with the random seed in eval mode",
+        )
 
     def test_state_that_changes_between_calls_fails_as_not_deterministic(self) -> None:
-        self.assertFailsWith(model_case(CountsCalls), "test_eval_deterministic",
-                             "even under the same seed: the model is not deterministic")
+        self.assertFailsWith(
+            model_case(CountsCalls),
+            "test_eval_deterministic",
+            "even under the same seed: the model is not deterministic",
+        )
 
     def test_nan_outputs_in_the_same_places_are_deterministic(self) -> None:
         self.assertPasses(model_case(LogOfNegative), "test_eval_deterministic")
@@ -783,31 +967,42 @@ class EvalDeterministic(CheckTestCase):
 
 class StateDictRoundTrip(CheckTestCase):
     def test_without_make_model_it_skips_naming_it(self) -> None:
-        self.assertSkipsWith(model_case(AutoEncoder), "test_state_dict_round_trip",
-                             "self.make_model is not set")
+        self.assertSkipsWith(
+            model_case(AutoEncoder), "test_state_dict_round_trip", "self.make_model is not set"
+        )
 
     def test_a_plain_tensor_attribute_fails_naming_it(self) -> None:
-        self.assertFailsWith(model_case(StatisticInAPlainAttribute,
-                                        make_model=StatisticInAPlainAttribute),
-                             "test_state_dict_round_trip", "gives other eval outputs (output)",
-                             "Tensors outside the state dict that differ: mean (plain attribute)",
-                             "register_buffer")
+        self.assertFailsWith(
+            model_case(StatisticInAPlainAttribute, make_model=StatisticInAPlainAttribute),
+            "test_state_dict_round_trip",
+            "gives other eval outputs (output)",
+            "Tensors outside the state dict that differ: mean (plain attribute)",
+            "register_buffer",
+        )
 
     def test_a_non_persistent_buffer_that_matters_fails_naming_it(self) -> None:
-        self.assertFailsWith(model_case(ScaleNotPersistent, make_model=ScaleNotPersistent),
-                             "test_state_dict_round_trip",
-                             "scale (buffer with persistent=False)")
+        self.assertFailsWith(
+            model_case(ScaleNotPersistent, make_model=ScaleNotPersistent),
+            "test_state_dict_round_trip",
+            "scale (buffer with persistent=False)",
+        )
 
     def test_make_model_of_another_architecture_fails(self) -> None:
-        self.assertFailsWith(model_case(AutoEncoder, make_model=DeadLayer),
-                             "test_state_dict_round_trip",
-                             "does not load self.model's state dict", "refine.weight",
-                             "make_model must build the same architecture")
+        self.assertFailsWith(
+            model_case(AutoEncoder, make_model=DeadLayer),
+            "test_state_dict_round_trip",
+            "does not load self.model's state dict",
+            "refine.weight",
+            "make_model must build the same architecture",
+        )
 
     def test_make_model_returning_something_else_is_a_contract_error(self) -> None:
-        self.assertErrorsWith(model_case(AutoEncoder, make_model=lambda: "model"),
-                              "test_state_dict_round_trip", "ContractError",
-                              "self.make_model set in Case.setUp returned a str")
+        self.assertErrorsWith(
+            model_case(AutoEncoder, make_model=lambda: "model"),
+            "test_state_dict_round_trip",
+            "ContractError",
+            "self.make_model set in Case.setUp returned a str",
+        )
 
     def test_state_that_weights_only_loading_refuses_fails(self) -> None:
         class ExtraState(AutoEncoder):
@@ -817,34 +1012,43 @@ class StateDictRoundTrip(CheckTestCase):
             def set_extra_state(self, state: Any) -> None:
                 pass
 
-        self.assertFailsWith(model_case(ExtraState, make_model=ExtraState),
-                             "test_state_dict_round_trip",
-                             "torch.load(..., weights_only=True) cannot read the saved "
-                             "state_dict", "get_extra_state")
+        self.assertFailsWith(
+            model_case(ExtraState, make_model=ExtraState),
+            "test_state_dict_round_trip",
+            "torch.load(..., weights_only=True) cannot read the saved state_dict",
+            "get_extra_state",
+        )
 
 
 class DtypeMoving(CheckTestCase):
     def test_a_tensor_made_in_float32_fails_naming_where(self) -> None:
-        self.assertFailsWith(model_case(NoiseOfFixedDtype), "test_dtype_moving",
-                             "a copy moved with .to(torch.bfloat16) returns output "
-                             "(torch.float32) in eval mode",
-                             "combines a torch.bfloat16 tensor with a torch.float32 tensor of "
-                             "shape (4, 1, 4, 4), made by torch.randn without dtype= in "
-                             "NoiseOfFixedDtype, at test_model_checks.py:",
-                             "torch.randn_like(x)")
+        self.assertFailsWith(
+            model_case(NoiseOfFixedDtype),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.bfloat16) returns output (torch.float32) in eval mode",
+            "combines a torch.bfloat16 tensor with a torch.float32 tensor of "
+            "shape (4, 1, 4, 4), made by torch.randn without dtype= in "
+            "NoiseOfFixedDtype, at test_model_checks.py:",
+            "torch.randn_like(x)",
+        )
 
     def test_a_cast_to_float_fails_naming_it(self) -> None:
-        self.assertFailsWith(model_case(CastsToFloat), "test_dtype_moving",
-                             "made by Tensor.float with a fixed dtype")
+        self.assertFailsWith(
+            model_case(CastsToFloat), "test_dtype_moving", "made by Tensor.float with a fixed dtype"
+        )
 
     def test_a_fixed_dtype_that_makes_forward_raise_fails_naming_the_mix(self) -> None:
-        self.assertFailsWith(model_case(ConstantOfFixedDtype), "test_dtype_moving",
-                             "a copy moved with .to(torch.bfloat16) raises in eval mode",
-                             "made by torch.ones with a fixed dtype")
+        self.assertFailsWith(
+            model_case(ConstantOfFixedDtype),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.bfloat16) raises in eval mode",
+            "made by torch.ones with a fixed dtype",
+        )
 
     def test_float64_is_checked_too(self) -> None:
-        outcome = run_check(model_case(NoiseOfFixedDtype, moved_dtypes=[torch.float64]),
-                            "test_dtype_moving")
+        outcome = run_check(
+            model_case(NoiseOfFixedDtype, moved_dtypes=[torch.float64]), "test_dtype_moving"
+        )
         self.assertEqual(outcome.failures, [])  # float32 noise promotes to float64: harmless
 
     def test_an_operation_without_a_kernel_for_the_dtype_skips(self) -> None:
@@ -854,8 +1058,11 @@ class DtypeMoving(CheckTestCase):
                     raise NotImplementedError("\"addmm\" not implemented for 'BFloat16'")
                 return super().forward(x)
 
-        self.assertSkipsWith(model_case(HalfUnsupported), "test_dtype_moving",
-                             "has no torch.bfloat16 kernel on the CPU")
+        self.assertSkipsWith(
+            model_case(HalfUnsupported),
+            "test_dtype_moving",
+            "has no torch.bfloat16 kernel on the CPU",
+        )
 
 
 class Speed(unittest.TestCase):

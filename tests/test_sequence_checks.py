@@ -1,4 +1,5 @@
 """SequenceModelTests: causality and padding invariance, on correct and broken sequence models."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,9 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from checkrunner import CheckTestCase, make_case
 from torch import nn
 
-from checkrunner import CheckTestCase, make_case
 from dltestkit import SequenceModelTests
 from dltestkit._base import checks_of
 
@@ -34,14 +35,14 @@ class Attention(nn.Module):
     def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return attention_mask.bool()
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         x = self.embed(input_ids)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
         if self.causal:
-            scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device),
-                                        float("-inf"))
+            scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device), float("-inf"))
         if attention_mask is not None:
             scores = scores.masked_fill(~self.keep(attention_mask)[:, None, :], float("-inf"))
         return self.out(torch.softmax(scores, dim=-1) @ v)
@@ -82,8 +83,9 @@ class OffByOneCausalMask(Attention):
 
 
 class MaskAcceptedNotApplied(Attention):
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return super().forward(input_ids)  # the mask is dropped on the way
 
 
@@ -124,15 +126,24 @@ class Checks(CheckTestCase):
 
     def test_correct_sequence_models_pass_every_check(self) -> None:
         cases = {
-            "bidirectional attention": sequence_case(Attention, padding_mask="attention_mask",
-                                                     expected_output_shape=(4, 6, 8)),
-            "causal attention": causal_lm(padding_mask="attention_mask",
-                                          expected_output_shape=(4, 6, 8)),
-            "causal convolution": sequence_case(CausalConv, causal=True, sequence_dim=2,
-                                                inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
+            "bidirectional attention": sequence_case(
+                Attention, padding_mask="attention_mask", expected_output_shape=(4, 6, 8)
+            ),
+            "causal attention": causal_lm(
+                padding_mask="attention_mask", expected_output_shape=(4, 6, 8)
+            ),
+            "causal convolution": sequence_case(
+                CausalConv,
+                causal=True,
+                sequence_dim=2,
+                inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+            ),
             "masked mean pooling": sequence_case(
-                MaskedMeanPool, padding_mask=1, expected_output_shape=(4, 3),
-                inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"])),
+                MaskedMeanPool,
+                padding_mask=1,
+                expected_output_shape=(4, 3),
+                inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"]),
+            ),
         }
         for label, case in cases.items():
             for name in checks_of(case):
@@ -143,9 +154,16 @@ class Checks(CheckTestCase):
                         self.assertSkipsWith(case, name)
 
 
-_ALL_MODEL = {"test_output_shape", "test_device_moving", "test_batch_independence",
-              "test_all_parameters_updated", "test_finite_outputs_and_gradients",
-              "test_eval_deterministic", "test_dtype_moving", "test_device_moving_on_gpu"}
+_ALL_MODEL = {
+    "test_output_shape",
+    "test_device_moving",
+    "test_batch_independence",
+    "test_all_parameters_updated",
+    "test_finite_outputs_and_gradients",
+    "test_eval_deterministic",
+    "test_dtype_moving",
+    "test_device_moving_on_gpu",
+}
 _RUNS = {  # the checks that run (the others skip: no make_model, causal False, no mask)
     "bidirectional attention": _ALL_MODEL | {"test_padding_invariance"},
     "causal attention": _ALL_MODEL | {"test_padding_invariance", "test_causality"},
@@ -156,17 +174,27 @@ _RUNS = {  # the checks that run (the others skip: no make_model, causal False, 
 
 class Causality(CheckTestCase):
     def test_a_causal_mask_off_by_one_fails_naming_the_first_leak(self) -> None:
-        self.assertFailsWith(sequence_case(lambda: OffByOneCausalMask(causal=True), causal=True),
-                             "test_causality", "the output at position 0 depends on "
-                             "self.inputs['input_ids'] (through its embedding) at position 1, a "
-                             "later position: the model sees the future", "diagonal=1")
+        self.assertFailsWith(
+            sequence_case(lambda: OffByOneCausalMask(causal=True), causal=True),
+            "test_causality",
+            "the output at position 0 depends on "
+            "self.inputs['input_ids'] (through its embedding) at position 1, a "
+            "later position: the model sees the future",
+            "diagonal=1",
+        )
 
     def test_a_same_padded_convolution_fails(self) -> None:
-        self.assertFailsWith(sequence_case(lambda: CausalConv(same_padding=True), causal=True,
-                                           sequence_dim=2,
-                                           inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
-                             "test_causality", "the output at position 0 depends on self.inputs "
-                             "at position 1", "pad kernel_size - 1 on the left only")
+        self.assertFailsWith(
+            sequence_case(
+                lambda: CausalConv(same_padding=True),
+                causal=True,
+                sequence_dim=2,
+                inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+            ),
+            "test_causality",
+            "the output at position 0 depends on self.inputs at position 1",
+            "pad kernel_size - 1 on the left only",
+        )
 
     def test_a_bidirectional_layer_fails(self) -> None:
         class BiGRU(nn.Module):
@@ -177,18 +205,21 @@ class Causality(CheckTestCase):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return self.gru(x)[0]
 
-        self.assertFailsWith(sequence_case(BiGRU, causal=True,
-                                           inputs=lambda: torch.randn(BATCH, LENGTH, 5)),
-                             "test_causality", "at position 0 depends on self.inputs at position "
-                             "1", "bidirectional=True")
+        self.assertFailsWith(
+            sequence_case(BiGRU, causal=True, inputs=lambda: torch.randn(BATCH, LENGTH, 5)),
+            "test_causality",
+            "at position 0 depends on self.inputs at position 1",
+            "bidirectional=True",
+        )
 
     def test_outputs_at_padded_positions_are_not_checked(self) -> None:
         class FullyMaskedRowsAttendEverywhere(Attention):
             """With left padding and a finite fill value, a padded query that sees no real key
             attends uniformly to every position, the future included: harmless, never used."""
 
-            def forward(self, input_ids: torch.Tensor,
-                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
                 x = self.embed(input_ids)
                 q, k, v = self.qkv(x).chunk(3, dim=-1)
                 scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
@@ -203,14 +234,16 @@ class Causality(CheckTestCase):
             inputs["attention_mask"][0, :3] = 0
             return inputs
 
-        case = sequence_case(FullyMaskedRowsAttendEverywhere, left_padded, causal=True,
-                             padding_mask="attention_mask")
+        case = sequence_case(
+            FullyMaskedRowsAttendEverywhere, left_padded, causal=True, padding_mask="attention_mask"
+        )
         self.assertPasses(case, "test_causality")
         self.assertPasses(case, "test_padding_invariance")
 
     def test_it_skips_for_a_model_not_declared_causal(self) -> None:
-        self.assertSkipsWith(sequence_case(Attention), "test_causality",
-                             "self.causal is False; set causal = True")
+        self.assertSkipsWith(
+            sequence_case(Attention), "test_causality", "self.causal is False; set causal = True"
+        )
 
     def test_every_position_is_checked_not_only_the_first(self) -> None:
         class LastSeesPastTheEnd(CausalConv):
@@ -218,75 +251,115 @@ class Causality(CheckTestCase):
                 out = super().forward(x)
                 return torch.cat([out[..., :3], out[..., 3:4] + x[..., 5:6], out[..., 4:]], -1)
 
-        self.assertFailsWith(sequence_case(LastSeesPastTheEnd, causal=True, sequence_dim=2,
-                                           inputs=lambda: torch.randn(BATCH, 3, LENGTH)),
-                             "test_causality", "the output at position 3 depends on self.inputs "
-                             "at position 5")
+        self.assertFailsWith(
+            sequence_case(
+                LastSeesPastTheEnd,
+                causal=True,
+                sequence_dim=2,
+                inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+            ),
+            "test_causality",
+            "the output at position 3 depends on self.inputs at position 5",
+        )
 
 
 class PaddingInvariance(CheckTestCase):
     def test_a_mask_accepted_but_not_applied_fails(self) -> None:
-        self.assertFailsWith(sequence_case(MaskAcceptedNotApplied,
-                                           padding_mask="attention_mask"),
-                             "test_padding_invariance", "sample 0: its output at real position 0 "
-                             "depends on self.inputs['input_ids'] (through its embedding) at "
-                             "padded positions [4, 5]: padding leaks into the real positions",
-                             "accepted but not applied")
+        self.assertFailsWith(
+            sequence_case(MaskAcceptedNotApplied, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its output at real position 0 "
+            "depends on self.inputs['input_ids'] (through its embedding) at "
+            "padded positions [4, 5]: padding leaks into the real positions",
+            "accepted but not applied",
+        )
 
     def test_pooling_over_padding_fails(self) -> None:
-        case = sequence_case(lambda: MaskedMeanPool(over_padding=True), padding_mask=1,
-                             inputs=lambda: (torch.randn(BATCH, LENGTH, 5),
-                                             token_inputs()["attention_mask"]))
-        self.assertFailsWith(case, "test_padding_invariance", "sample 0: its output depends on "
-                             "self.inputs[0] at padded positions [4, 5]", "pooling")
+        case = sequence_case(
+            lambda: MaskedMeanPool(over_padding=True),
+            padding_mask=1,
+            inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"]),
+        )
+        self.assertFailsWith(
+            case,
+            "test_padding_invariance",
+            "sample 0: its output depends on self.inputs[0] at padded positions [4, 5]",
+            "pooling",
+        )
 
     def test_an_inverted_mask_fails(self) -> None:
-        self.assertFailsWith(sequence_case(InvertedMask, padding_mask="attention_mask"),
-                             "test_padding_invariance", "padding leaks into the real positions",
-                             "inverted meaning")
+        self.assertFailsWith(
+            sequence_case(InvertedMask, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "padding leaks into the real positions",
+            "inverted meaning",
+        )
 
     def test_without_padding_in_the_inputs_the_check_pads_itself(self) -> None:
         def unpadded() -> Dict[str, torch.Tensor]:
             return token_inputs(padding=False)
 
-        self.assertPasses(sequence_case(Attention, unpadded, padding_mask="attention_mask"),
-                          "test_padding_invariance")
-        self.assertFailsWith(sequence_case(MaskAcceptedNotApplied, unpadded,
-                                           padding_mask="attention_mask"),
-                             "test_padding_invariance", "sample 0: its output at real position 0 "
-                             "depends on self.inputs['input_ids'] (through its embedding) at "
-                             "padded positions [5]")
+        self.assertPasses(
+            sequence_case(Attention, unpadded, padding_mask="attention_mask"),
+            "test_padding_invariance",
+        )
+        self.assertFailsWith(
+            sequence_case(MaskAcceptedNotApplied, unpadded, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its output at real position 0 "
+            "depends on self.inputs['input_ids'] (through its embedding) at "
+            "padded positions [5]",
+        )
         # a causal model is padded on the left, where padding could leak into it
-        self.assertFailsWith(sequence_case(lambda: MaskAcceptedNotApplied(causal=True), unpadded,
-                                           causal=True, padding_mask="attention_mask"),
-                             "test_padding_invariance", "at padded positions [0]")
+        self.assertFailsWith(
+            sequence_case(
+                lambda: MaskAcceptedNotApplied(causal=True),
+                unpadded,
+                causal=True,
+                padding_mask="attention_mask",
+            ),
+            "test_padding_invariance",
+            "at padded positions [0]",
+        )
 
     def test_a_mask_where_true_marks_padding_is_declared_with_padded_value(self) -> None:
         def encoder() -> nn.Module:
-            return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
-                                         1, enable_nested_tensor=False)
+            return nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                1,
+                enable_nested_tensor=False,
+            )
 
         def inputs() -> Dict[str, torch.Tensor]:
-            return {"src": torch.randn(BATCH, LENGTH, 8),
-                    "src_key_padding_mask": token_inputs()["attention_mask"] == 0}
+            return {
+                "src": torch.randn(BATCH, LENGTH, 8),
+                "src_key_padding_mask": token_inputs()["attention_mask"] == 0,
+            }
 
-        case = sequence_case(encoder, inputs, padding_mask="src_key_padding_mask",
-                             padded_value=True)
+        case = sequence_case(
+            encoder, inputs, padding_mask="src_key_padding_mask", padded_value=True
+        )
         self.assertPasses(case, "test_padding_invariance")
         wrong = sequence_case(encoder, inputs, padding_mask="src_key_padding_mask")
         self.assertFailsWith(wrong, "test_padding_invariance", "set self.padded_value = True")
 
     def test_it_skips_without_a_padding_mask(self) -> None:
-        self.assertSkipsWith(sequence_case(Attention), "test_padding_invariance",
-                             "self.padding_mask is not set")
+        self.assertSkipsWith(
+            sequence_case(Attention), "test_padding_invariance", "self.padding_mask is not set"
+        )
 
     def test_a_single_position_cannot_be_padded(self) -> None:
         def one() -> Dict[str, torch.Tensor]:
-            return {"input_ids": torch.randint(0, VOCAB, (BATCH, 1)),
-                    "attention_mask": torch.ones(BATCH, 1, dtype=torch.long)}
+            return {
+                "input_ids": torch.randint(0, VOCAB, (BATCH, 1)),
+                "attention_mask": torch.ones(BATCH, 1, dtype=torch.long),
+            }
 
-        self.assertSkipsWith(sequence_case(Attention, one, padding_mask="attention_mask"),
-                             "test_padding_invariance", "at least 2 are needed")
+        self.assertSkipsWith(
+            sequence_case(Attention, one, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "at least 2 are needed",
+        )
 
 
 class Contract(CheckTestCase):
@@ -294,57 +367,92 @@ class Contract(CheckTestCase):
         def set_up(self: Any) -> None:
             self.model, self.inputs = Attention(), token_inputs()
 
-        self.assertErrorsWith(make_case(SequenceModelTests, set_up), "test_causality",
-                              "Case.setUp must set self.sequence_dim: SequenceModelTests needs "
-                              "the position dimension")
+        self.assertErrorsWith(
+            make_case(SequenceModelTests, set_up),
+            "test_causality",
+            "Case.setUp must set self.sequence_dim: SequenceModelTests needs "
+            "the position dimension",
+        )
 
     def test_an_unknown_padding_mask_is_refused(self) -> None:
-        self.assertErrorsWith(sequence_case(Attention, padding_mask="mask"),
-                              "test_output_shape", "self.padding_mask set in Case.setUp is "
-                              "'mask', which self.inputs does not have")
+        self.assertErrorsWith(
+            sequence_case(Attention, padding_mask="mask"),
+            "test_output_shape",
+            "self.padding_mask set in Case.setUp is 'mask', which self.inputs does not have",
+        )
 
     def test_a_padding_mask_that_is_not_batch_by_seq_is_refused(self) -> None:
         def inputs() -> Any:
-            return {"input_ids": torch.randint(0, VOCAB, (BATCH, LENGTH)),
-                    "attention_mask": torch.ones(BATCH, 1, 1, LENGTH)}
+            return {
+                "input_ids": torch.randint(0, VOCAB, (BATCH, LENGTH)),
+                "attention_mask": torch.ones(BATCH, 1, 1, LENGTH),
+            }
 
-        self.assertErrorsWith(sequence_case(Attention, inputs, padding_mask="attention_mask"),
-                              "test_padding_invariance", "selects (4, 1, 1, 6), not a (batch, "
-                              "seq) tensor")
+        self.assertErrorsWith(
+            sequence_case(Attention, inputs, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "selects (4, 1, 1, 6), not a (batch, seq) tensor",
+        )
 
     def test_unknown_sequence_inputs_are_refused(self) -> None:
-        self.assertErrorsWith(causal_lm(sequence_inputs=["decoder_input_ids"]),
-                              "test_causality", "names ['decoder_input_ids'], which self.inputs "
-                              "does not have")
+        self.assertErrorsWith(
+            causal_lm(sequence_inputs=["decoder_input_ids"]),
+            "test_causality",
+            "names ['decoder_input_ids'], which self.inputs does not have",
+        )
 
     def test_sequence_inputs_that_cannot_be_differentiated_are_refused(self) -> None:
-        self.assertErrorsWith(causal_lm(sequence_inputs=["attention_mask"]), "test_causality",
-                              "names ['attention_mask'], which have no 6 positions at "
-                              "sequence_dim=1 that can be differentiated")
+        self.assertErrorsWith(
+            causal_lm(sequence_inputs=["attention_mask"]),
+            "test_causality",
+            "names ['attention_mask'], which have no 6 positions at "
+            "sequence_dim=1 that can be differentiated",
+        )
 
     def test_a_sequence_dim_where_no_input_has_the_positions_is_refused(self) -> None:
-        case = sequence_case(lambda: nn.Conv1d(3, 3, kernel_size=2, stride=2), causal=True,
-                             sequence_dim=2, inputs=lambda: torch.randn(BATCH, 3, LENGTH))
-        self.assertErrorsWith(case, "test_causality", "self.sequence_dim set in Case.setUp is "
-                              "2, but no input has 3 positions there")
+        case = sequence_case(
+            lambda: nn.Conv1d(3, 3, kernel_size=2, stride=2),
+            causal=True,
+            sequence_dim=2,
+            inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+        )
+        self.assertErrorsWith(
+            case,
+            "test_causality",
+            "self.sequence_dim set in Case.setUp is 2, but no input has 3 positions there",
+        )
 
     def test_a_padding_mask_without_the_outputs_positions_is_refused(self) -> None:
         class Halves(CausalConv):
             def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 return super().forward(x)[..., ::2]
 
-        case = sequence_case(Halves, causal=True, sequence_dim=2, padding_mask=1,
-                             inputs=lambda: (torch.randn(BATCH, 3, LENGTH),
-                                             torch.ones(BATCH, LENGTH)))
-        self.assertErrorsWith(case, "test_causality", "self.padding_mask set in Case.setUp has "
-                              "6 positions, but the checked output has 3")
+        case = sequence_case(
+            Halves,
+            causal=True,
+            sequence_dim=2,
+            padding_mask=1,
+            inputs=lambda: (torch.randn(BATCH, 3, LENGTH), torch.ones(BATCH, LENGTH)),
+        )
+        self.assertErrorsWith(
+            case,
+            "test_causality",
+            "self.padding_mask set in Case.setUp has 6 positions, but the checked output has 3",
+        )
 
     def test_an_output_without_positions_is_refused_for_causality(self) -> None:
-        case = sequence_case(lambda: MaskedMeanPool(), causal=True, sequence_dim=2,
-                             inputs=lambda: (torch.randn(BATCH, LENGTH, 5),
-                                             torch.ones(BATCH, LENGTH)))
-        self.assertErrorsWith(case, "test_causality", "is 2, but the checked output has shape "
-                              "(4, 3): test_causality needs an output with a position dimension")
+        case = sequence_case(
+            lambda: MaskedMeanPool(),
+            causal=True,
+            sequence_dim=2,
+            inputs=lambda: (torch.randn(BATCH, LENGTH, 5), torch.ones(BATCH, LENGTH)),
+        )
+        self.assertErrorsWith(
+            case,
+            "test_causality",
+            "is 2, but the checked output has shape "
+            "(4, 3): test_causality needs an output with a position dimension",
+        )
 
 
 if __name__ == "__main__":

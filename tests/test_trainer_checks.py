@@ -4,6 +4,7 @@ Two correct trainers: a tiny VAE (for the KL, logging and overfit checks) and a 
 classifier with BatchNorm and dropout that passes every check; each broken trainer below
 subclasses one of them and has one bug.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,17 +17,24 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 from torch.nn import functional as F
 
-from checkrunner import CheckTestCase, make_case, run_check
 from dltestkit import TrainerTests
 from dltestkit.trainer import kl_reference
 
 TAGS = ["train/recon_loss", "train/kl_div_loss", "train/loss", "test/loss"]
-CHECKS = ["test_eval_leaves_model_unchanged", "test_frozen_parameters", "test_initial_loss",
-          "test_kl_divergence", "test_logging", "test_overfit_one_batch", "test_reproducible",
-          "test_resume"]
+CHECKS = [
+    "test_eval_leaves_model_unchanged",
+    "test_frozen_parameters",
+    "test_initial_loss",
+    "test_kl_divergence",
+    "test_logging",
+    "test_overfit_one_batch",
+    "test_reproducible",
+    "test_resume",
+]
 
 
 class RecordingWriter:
@@ -149,10 +157,10 @@ class LogsWithKeywords(TinyVAETrainer):
             recon, kl = self.losses(sample=True)
             self.step(recon + kl)
             for tag, value in zip(TAGS, (recon, kl, recon + kl)):
-                self.summary.add_scalar(tag=tag, scalar_value=value.item(),
-                                        global_step=self.global_step)
-            self.summary.add_scalar("test/loss", global_step=self.epoch,
-                                    scalar_value=self.eval())
+                self.summary.add_scalar(
+                    tag=tag, scalar_value=value.item(), global_step=self.global_step
+                )
+            self.summary.add_scalar("test/loss", global_step=self.epoch, scalar_value=self.eval())
             self.global_step += 1
             self.epoch += 1
 
@@ -179,7 +187,7 @@ def trainer_case(trainer_type: Any, **attributes: Any) -> type:
 
 # -- a correct classifier trainer, and one bug each ----------------------------------------
 _DATA = torch.Generator().manual_seed(0)
-INPUTS = torch.randn(16, 8, generator=_DATA)   # 16 fixed samples of 4 classes
+INPUTS = torch.randn(16, 8, generator=_DATA)  # 16 fixed samples of 4 classes
 TARGETS = torch.arange(16) % 4
 
 
@@ -253,9 +261,14 @@ class ClassifierTrainer:
             self.model.train(was_training)
 
     def checkpoint(self) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch, "step": self.global_step,
-                "generator": self.generator.get_state(), "rng": torch.get_rng_state()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "generator": self.generator.get_state(),
+            "rng": torch.get_rng_state(),
+        }
 
     def restore(self, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -520,14 +533,20 @@ class CorrectTrainers(CheckTestCase):
         for name in CHECKS:
             with self.subTest(name):
                 if name == "test_kl_divergence":
-                    self.assertSkipsWith(classifier_case(ClassifierTrainer), name,
-                                         "applies to VAEs only")
+                    self.assertSkipsWith(
+                        classifier_case(ClassifierTrainer), name, "applies to VAEs only"
+                    )
                 else:
                     self.assertPasses(classifier_case(ClassifierTrainer), name)
 
     def test_the_vae_passes_its_checks(self) -> None:
-        for name in ["test_kl_divergence", "test_logging", "test_overfit_one_batch",
-                     "test_eval_leaves_model_unchanged", "test_frozen_parameters"]:
+        for name in [
+            "test_kl_divergence",
+            "test_logging",
+            "test_overfit_one_batch",
+            "test_eval_leaves_model_unchanged",
+            "test_frozen_parameters",
+        ]:
             with self.subTest(name):
                 self.assertPasses(trainer_case(TinyVAETrainer), name)
 
@@ -536,8 +555,9 @@ class CorrectTrainers(CheckTestCase):
         self.assertPasses(case, "test_kl_divergence")
 
     def test_the_mu_logvar_convention_of_pytorch_examples_is_accepted(self) -> None:
-        case = trainer_case(TinyVAETrainer, kl_divergence=kl_mu_logvar,
-                            kl_arguments=("mu", "logvar"))
+        case = trainer_case(
+            TinyVAETrainer, kl_divergence=kl_mu_logvar, kl_arguments=("mu", "logvar")
+        )
         self.assertPasses(case, "test_kl_divergence")
 
     def test_add_scalar_called_with_keywords_is_understood(self) -> None:
@@ -546,8 +566,10 @@ class CorrectTrainers(CheckTestCase):
     def test_frozen_layers_listed_in_frozen_parameters_pass(self) -> None:
         for pattern in (["features.*"], ["features.0.weight", "features.0.bias", "features.1.*"]):
             with self.subTest(pattern=pattern):
-                self.assertPasses(classifier_case(FrozenFeatures, frozen_parameters=pattern),
-                                  "test_frozen_parameters")
+                self.assertPasses(
+                    classifier_case(FrozenFeatures, frozen_parameters=pattern),
+                    "test_frozen_parameters",
+                )
 
     def test_a_parameter_behind_a_zero_initialised_gate_is_no_false_alarm(self) -> None:
         self.assertPasses(classifier_case(LoRAHead), "test_frozen_parameters")
@@ -566,16 +588,24 @@ class CorrectTrainers(CheckTestCase):
 
         for name in ("test_resume", "test_reproducible"):
             with self.subTest(name):
-                self.assertPasses(classifier_case(Silent, writer_attribute=None,
-                                                  expected_scalars=TrainerTests.expected_scalars),
-                                  name)
+                self.assertPasses(
+                    classifier_case(
+                        Silent,
+                        writer_attribute=None,
+                        expected_scalars=TrainerTests.expected_scalars,
+                    ),
+                    name,
+                )
 
     def test_other_attribute_and_method_names_are_configurable(self) -> None:
         class Renamed:
             def __init__(self) -> None:
                 self.inner = ClassifierTrainer()
-                self.net, self.opt, self.writer = (self.inner.model, self.inner.optimizer,
-                                                   self.inner.summary)
+                self.net, self.opt, self.writer = (
+                    self.inner.model,
+                    self.inner.optimizer,
+                    self.inner.summary,
+                )
 
             def train(self, epochs: int) -> None:
                 self.inner.train(epochs)
@@ -589,11 +619,21 @@ class CorrectTrainers(CheckTestCase):
             def load(self, path: str) -> None:
                 self.inner.load_checkpoint(path)
 
-        case = classifier_case(Renamed, model_attribute="net", optimizer_attribute="opt",
-                               writer_attribute="writer", save_checkpoint_method="save",
-                               load_checkpoint_method="load")
-        for name in ("test_resume", "test_reproducible", "test_eval_leaves_model_unchanged",
-                     "test_frozen_parameters", "test_logging"):
+        case = classifier_case(
+            Renamed,
+            model_attribute="net",
+            optimizer_attribute="opt",
+            writer_attribute="writer",
+            save_checkpoint_method="save",
+            load_checkpoint_method="load",
+        )
+        for name in (
+            "test_resume",
+            "test_reproducible",
+            "test_eval_leaves_model_unchanged",
+            "test_frozen_parameters",
+            "test_logging",
+        ):
             with self.subTest(name):
                 self.assertPasses(case, name)
 
@@ -620,17 +660,18 @@ class CorrectTrainers(CheckTestCase):
             os.chdir(folder)
             try:
                 for name in CHECKS:
-                    self.assertEqual(run_check(classifier_case(ClassifierTrainer), name).errors,
-                                     [])
+                    self.assertEqual(run_check(classifier_case(ClassifierTrainer), name).errors, [])
                 self.assertEqual(os.listdir(folder), [])
             finally:
                 os.chdir(previous)
 
     def test_the_global_random_state_and_grad_mode_are_restored(self) -> None:
         state = torch.get_rng_state()
-        for trainer_type, name in ((ClassifierTrainer, "test_resume"),
-                                   (EvalDisablesGradients, "test_eval_leaves_model_unchanged"),
-                                   (EvalDisablesGradients, "test_overfit_one_batch")):
+        for trainer_type, name in (
+            (ClassifierTrainer, "test_resume"),
+            (EvalDisablesGradients, "test_eval_leaves_model_unchanged"),
+            (EvalDisablesGradients, "test_overfit_one_batch"),
+        ):
             with self.subTest(name):
                 run_check(classifier_case(trainer_type), name)
                 self.assertTrue(torch.is_grad_enabled())
@@ -657,26 +698,34 @@ class KLDivergence(CheckTestCase):
         }
         for trainer_type, diagnosis in mistakes.items():
             with self.subTest(trainer_type.__name__):
-                self.assertFailsWith(trainer_case(trainer_type), "test_kl_divergence",
-                                     "kl_divergence(log_sigma, mu) does not match the "
-                                     "numerical reference", diagnosis, "random draw",
-                                     "0.5 * (sigma^2 + mu^2 - 1) - log_sigma")
+                self.assertFailsWith(
+                    trainer_case(trainer_type),
+                    "test_kl_divergence",
+                    "kl_divergence(log_sigma, mu) does not match the numerical reference",
+                    diagnosis,
+                    "random draw",
+                    "0.5 * (sigma^2 + mu^2 - 1) - log_sigma",
+                )
 
     def test_common_mistakes_in_the_mu_logvar_convention_are_named(self) -> None:
         mistakes = {
             "the factor 0.5 is missing": lambda m, v: 2 * kl_mu_logvar(m, v),
             "the sign is flipped": lambda m, v: -kl_mu_logvar(m, v),
             "logvar is treated as log-sigma": lambda m, v: kl_divergence(v, m).sum(),
-            "the arguments are swapped (it expects (mu, logvar))":
-                lambda m, v: kl_mu_logvar(v, m),
+            "the arguments are swapped (it expects (mu, logvar))": lambda m, v: kl_mu_logvar(v, m),
         }
         for diagnosis, function in mistakes.items():
             with self.subTest(diagnosis):
-                case = trainer_case(TinyVAETrainer, kl_divergence=function,
-                                    kl_arguments=("mu", "logvar"))
-                self.assertFailsWith(case, "test_kl_divergence",
-                                     "kl_divergence(mu, logvar) does not match", diagnosis,
-                                     "-0.5 * (1 + logvar - mu^2 - exp(logvar))")
+                case = trainer_case(
+                    TinyVAETrainer, kl_divergence=function, kl_arguments=("mu", "logvar")
+                )
+                self.assertFailsWith(
+                    case,
+                    "test_kl_divergence",
+                    "kl_divergence(mu, logvar) does not match",
+                    diagnosis,
+                    "-0.5 * (1 + logvar - mu^2 - exp(logvar))",
+                )
 
     def test_an_unknown_mistake_fails_without_a_diagnosis(self) -> None:
         case = trainer_case(TinyVAETrainer, kl_divergence=lambda s, m: kl_divergence(s, m) + 1)
@@ -688,49 +737,81 @@ class KLDivergence(CheckTestCase):
         self.assertFailsWith(case, "test_kl_divergence", "returned shape (3, 5)")
 
     def test_a_result_that_is_no_number_is_a_contract_error_naming_it(self) -> None:
-        for returned, shown in ((None, "returned None (a NoneType)"),
-                                ("0.5", "returned '0.5' (a str)"),
-                                (torch.zeros(3, dtype=torch.long), "shape (3,)")):
+        for returned, shown in (
+            (None, "returned None (a NoneType)"),
+            ("0.5", "returned '0.5' (a str)"),
+            (torch.zeros(3, dtype=torch.long), "shape (3,)"),
+        ):
             with self.subTest(shown):
                 case = trainer_case(TinyVAETrainer, kl_divergence=lambda s, m, r=returned: r)
-                text = self.assertErrorsWith(case, "test_kl_divergence", "ContractError",
-                                             "self.kl_divergence(log_sigma, mu) returned",
-                                             shown, "not a floating-point tensor or number")
+                text = self.assertErrorsWith(
+                    case,
+                    "test_kl_divergence",
+                    "ContractError",
+                    "self.kl_divergence(log_sigma, mu) returned",
+                    shown,
+                    "not a floating-point tensor or number",
+                )
                 self.assertEqual(text.count("ContractError:"), 1)
 
     def test_an_unknown_argument_order_is_a_contract_error(self) -> None:
         case = trainer_case(TinyVAETrainer, kl_arguments=("mu", "log_sigma"))
-        self.assertErrorsWith(case, "test_kl_divergence", "self.kl_arguments",
-                              "not one of ('log_sigma', 'mu'), ('mu', 'logvar')")
+        self.assertErrorsWith(
+            case,
+            "test_kl_divergence",
+            "self.kl_arguments",
+            "not one of ('log_sigma', 'mu'), ('mu', 'logvar')",
+        )
 
     def test_unset_kl_divergence_skips_saying_it_is_for_vaes(self) -> None:
         def set_up(self: Any) -> None:
             self.trainer = TinyVAETrainer()
 
-        self.assertSkipsWith(make_case(TrainerTests, set_up), "test_kl_divergence",
-                             "applies to VAEs only", "self.kl_divergence is not set")
+        self.assertSkipsWith(
+            make_case(TrainerTests, set_up),
+            "test_kl_divergence",
+            "applies to VAEs only",
+            "self.kl_divergence is not set",
+        )
 
 
 class Logging(CheckTestCase):
     def test_a_missing_tag_fails_listing_the_logged_ones(self) -> None:
         case = trainer_case(MisspelledTag, expected_scalars=TAGS + ["train/kl_los"])
-        self.assertFailsWith(case, "test_logging", "'train/kl_los' was not logged",
-                             "did you mean 'train/kl_loss'", "Tags logged: ['test/loss'")
+        self.assertFailsWith(
+            case,
+            "test_logging",
+            "'train/kl_los' was not logged",
+            "did you mean 'train/kl_loss'",
+            "Tags logged: ['test/loss'",
+        )
 
     def test_steps_counted_from_one_fail(self) -> None:
-        self.assertFailsWith(trainer_case(StepsFromOne), "test_logging",
-                             "'train/loss' was logged at steps [1], never at global step 0")
+        self.assertFailsWith(
+            trainer_case(StepsFromOne),
+            "test_logging",
+            "'train/loss' was logged at steps [1], never at global step 0",
+        )
 
     def test_a_nan_value_fails(self) -> None:
-        self.assertFailsWith(trainer_case(LogsNaN), "test_logging",
-                             "'train/kl_div_loss' was logged at step 0 with nan")
+        self.assertFailsWith(
+            trainer_case(LogsNaN),
+            "test_logging",
+            "'train/kl_div_loss' was logged at step 0 with nan",
+        )
 
     def test_a_missing_writer_is_a_contract_error_naming_the_attribute(self) -> None:
-        for writer, problem in (("missing", "there is no such attribute"),
-                                (None, "it is None (a NoneType), which has no add_scalar"),
-                                (print, "it is <built-in function print> (a "
-                                        "builtin_function_or_method), which has no add_scalar")):
+        for writer, problem in (
+            ("missing", "there is no such attribute"),
+            (None, "it is None (a NoneType), which has no add_scalar"),
+            (
+                print,
+                "it is <built-in function print> (a "
+                "builtin_function_or_method), which has no add_scalar",
+            ),
+        ):
             with self.subTest(problem):
+
                 def set_up(self: Any, writer: Any = writer) -> None:
                     self.trainer = TinyVAETrainer()
                     del self.trainer.summary
@@ -738,35 +819,51 @@ class Logging(CheckTestCase):
                         self.trainer.summary = writer
                     self.expected_scalars = TAGS
 
-                self.assertErrorsWith(make_case(TrainerTests, set_up), "test_logging",
-                                      "has no SummaryWriter at trainer.summary "
-                                      "(writer_attribute)", problem, "set self.writer_attribute")
+                self.assertErrorsWith(
+                    make_case(TrainerTests, set_up),
+                    "test_logging",
+                    "has no SummaryWriter at trainer.summary (writer_attribute)",
+                    problem,
+                    "set self.writer_attribute",
+                )
 
     def test_expected_scalars_without_a_writer_is_a_contract_error(self) -> None:
         case = trainer_case(TinyVAETrainer, writer_attribute=None)
-        self.assertErrorsWith(case, "test_logging", "self.expected_scalars",
-                              "self.writer_attribute is None")
+        self.assertErrorsWith(
+            case, "test_logging", "self.expected_scalars", "self.writer_attribute is None"
+        )
 
 
 class Overfit(CheckTestCase):
     def test_a_trainer_that_never_steps_fails_showing_losses(self) -> None:
-        text = self.assertFailsWith(trainer_case(ZeroesGradientsBeforeStepping),
-                                    "test_overfit_one_batch", "did not overfit one batch",
-                                    "after 150 epochs, required <= 0.1")
-        before, after = (float(v) for v in
-                         text.split("eval() loss ")[1].split(" after")[0].split(" before and "))
+        text = self.assertFailsWith(
+            trainer_case(ZeroesGradientsBeforeStepping),
+            "test_overfit_one_batch",
+            "did not overfit one batch",
+            "after 150 epochs, required <= 0.1",
+        )
+        before, after = (
+            float(v) for v in text.split("eval() loss ")[1].split(" after")[0].split(" before and ")
+        )
         self.assertTrue(math.isclose(before, after))
 
     def test_eval_returning_no_number_is_a_contract_error_naming_what_it_returned(self) -> None:
-        self.assertErrorsWith(classifier_case(EvalReturnsMetrics), "test_overfit_one_batch",
-                              "ContractError: trainer.eval() returned {'loss': ",
-                              "(a dict), not a number")
+        self.assertErrorsWith(
+            classifier_case(EvalReturnsMetrics),
+            "test_overfit_one_batch",
+            "ContractError: trainer.eval() returned {'loss': ",
+            "(a dict), not a number",
+        )
 
 
 class Resume(CheckTestCase):
     def assertResumeFails(self, trainer_type: Any, *fragments: str) -> str:
-        return self.assertFailsWith(classifier_case(trainer_type), "test_resume",
-                                    "a resumed run differs from an uninterrupted one", *fragments)
+        return self.assertFailsWith(
+            classifier_case(trainer_type),
+            "test_resume",
+            "a resumed run differs from an uninterrupted one",
+            *fragments,
+        )
 
     def test_optimizer_state_not_saved_fails_naming_it(self) -> None:
         self.assertResumeFails(
@@ -774,50 +871,67 @@ class Resume(CheckTestCase):
             "optimizer state: the state of model.features.0.weight['step'] differs after the "
             "second epoch",
             "optimizer state: the fresh trainer's optimizer has no state, the saved one had "
-            "exp_avg, exp_avg_sq, step for 6 parameters")
+            "exp_avg, exp_avg_sq, step for 6 parameters",
+        )
 
     def test_counters_not_restored_fail_naming_them_and_the_step(self) -> None:
         text = self.assertResumeFails(
             CountersNotRestored,
             "logging: the resumed run logged 'train/loss' at step 0 where the uninterrupted run "
             "logged 'train/loss' at step 4",
-            "counters: trainer.epoch is 0, was 1; trainer.global_step is 0, was 4")
+            "counters: trainer.epoch is 0, was 1; trainer.global_step is 0, was 4",
+        )
         self.assertNotIn("weights:", text)  # the training itself is the same
 
     def test_weights_not_restored_fail_naming_them(self) -> None:
-        self.assertResumeFails(WeightsNotRestored, "weights: model.features.0.weight differs "
-                               "after the second epoch", "weights: model.features.0.weight, "
-                               "model.features.0.bias, model.features.1.weight and")
+        self.assertResumeFails(
+            WeightsNotRestored,
+            "weights: model.features.0.weight differs after the second epoch",
+            "weights: model.features.0.weight, model.features.0.bias, model.features.1.weight and",
+        )
 
     def test_a_shuffling_generator_not_saved_fails_naming_it(self) -> None:
-        self.assertResumeFails(GeneratorNotSaved, "data order: the random generator "
-                               "trainer.generator is not in the saved state")
+        self.assertResumeFails(
+            GeneratorNotSaved,
+            "data order: the random generator trainer.generator is not in the saved state",
+        )
 
     def test_the_global_random_state_not_saved_fails_naming_it(self) -> None:
-        text = self.assertResumeFails(RandomStateNotSaved,
-                                      "logged values: 'train/loss' at step 4 is ",
-                                      "in the resumed run, ", "in the uninterrupted one",
-                                      "random state: training draws from torch's global RNG "
-                                      "(dropout,", "whose state is not restored")
+        text = self.assertResumeFails(
+            RandomStateNotSaved,
+            "logged values: 'train/loss' at step 4 is ",
+            "in the resumed run, ",
+            "in the uninterrupted one",
+            "random state: training draws from torch's global RNG (dropout,",
+            "whose state is not restored",
+        )
         self.assertNotIn("NumPy", text)  # training does not draw from it
 
     def test_optimizer_state_changed_after_loading_fails_naming_the_entry(self) -> None:
-        self.assertResumeFails(ConfiguredRateOnLoad,
-                               "optimizer state: optimizer.state_dict()['param_groups'][0]['lr'] "
-                               "is 0.05, was 0.025")
+        self.assertResumeFails(
+            ConfiguredRateOnLoad,
+            "optimizer state: optimizer.state_dict()['param_groups'][0]['lr'] is 0.05, was 0.025",
+        )
 
     def test_a_scheduler_not_saved_fails_naming_it(self) -> None:
-        self.assertResumeFails(SchedulerNotSaved,
-                               "optimizer state: ['param_groups'][0]['lr'] differs",
-                               "other state: the state_dict() of trainer.scheduler")
+        self.assertResumeFails(
+            SchedulerNotSaved,
+            "optimizer state: ['param_groups'][0]['lr'] differs",
+            "other state: the state_dict() of trainer.scheduler",
+        )
 
     def test_state_no_attribute_shows_fails_saying_so(self) -> None:
-        self.assertResumeFails(ScheduleInAnIterator, "so the difference comes from state kept "
-                               "elsewhere: a schedule held in an iterator")
+        self.assertResumeFails(
+            ScheduleInAnIterator,
+            "so the difference comes from state kept elsewhere: a schedule held in an iterator",
+        )
 
     def test_a_trainer_that_is_not_reproducible_is_told_so(self) -> None:
-        self.assertResumeFails(UnseededShuffling, "reproducibility: the first epoch already "
-                               "differs", "test_reproducible says why")
+        self.assertResumeFails(
+            UnseededShuffling,
+            "reproducibility: the first epoch already differs",
+            "test_reproducible says why",
+        )
 
     def test_a_tolerance_lets_small_differences_pass(self) -> None:
         class Perturbed(ClassifierTrainer):
@@ -831,13 +945,18 @@ class Resume(CheckTestCase):
                 with torch.no_grad():
                     self.model.head.bias.add_(1e-6)
 
-        self.assertResumeFails(Perturbed, "weights: model.features.0.weight differs after the "
-                               "second epoch (Mismatched elements: ", "Greatest absolute "
-                               "difference", "not restore (the fresh trainer compared with the "
-                               "one that saved the checkpoint):\n  - weights: model.head.bias "
-                               "differs\n")
-        self.assertPasses(classifier_case(Perturbed, resume_atol=1e-4, resume_rtol=1e-4),
-                          "test_resume")
+        self.assertResumeFails(
+            Perturbed,
+            "weights: model.features.0.weight differs after the "
+            "second epoch (Mismatched elements: ",
+            "Greatest absolute difference",
+            "not restore (the fresh trainer compared with the "
+            "one that saved the checkpoint):\n  - weights: model.head.bias "
+            "differs\n",
+        )
+        self.assertPasses(
+            classifier_case(Perturbed, resume_atol=1e-4, resume_rtol=1e-4), "test_resume"
+        )
 
     def test_without_make_trainer_the_checks_needing_trainers_skip_naming_it(self) -> None:
         def set_up(self: Any) -> None:
@@ -845,25 +964,38 @@ class Resume(CheckTestCase):
 
         for name in ("test_resume", "test_reproducible"):
             with self.subTest(name):
-                self.assertSkipsWith(make_case(TrainerTests, set_up), name,
-                                     "self.make_trainer is not set")
+                self.assertSkipsWith(
+                    make_case(TrainerTests, set_up), name, "self.make_trainer is not set"
+                )
 
     def test_missing_parts_are_contract_errors_naming_the_option(self) -> None:
         cases = {
-            "save_checkpoint_method": ({"save_checkpoint_method": "save"},
-                                       "has no method save(path) (save_checkpoint_method)"),
-            "load_checkpoint_method": ({"load_checkpoint_method": "restore_from"},
-                                       "has no method restore_from(path)"),
-            "model_attribute": ({"model_attribute": "net"}, "has no nn.Module at trainer.net "
-                                "(model_attribute), it has None (a NoneType)"),
-            "optimizer_attribute": ({"optimizer_attribute": "opt"},
-                                    "has no attribute 'opt' (optimizer_attribute)"),
+            "save_checkpoint_method": (
+                {"save_checkpoint_method": "save"},
+                "has no method save(path) (save_checkpoint_method)",
+            ),
+            "load_checkpoint_method": (
+                {"load_checkpoint_method": "restore_from"},
+                "has no method restore_from(path)",
+            ),
+            "model_attribute": (
+                {"model_attribute": "net"},
+                "has no nn.Module at trainer.net (model_attribute), it has None (a NoneType)",
+            ),
+            "optimizer_attribute": (
+                {"optimizer_attribute": "opt"},
+                "has no attribute 'opt' (optimizer_attribute)",
+            ),
         }
         for option, (attributes, fragment) in cases.items():
             with self.subTest(option):
-                self.assertErrorsWith(classifier_case(ClassifierTrainer, **attributes),
-                                      "test_resume", "ContractError", fragment,
-                                      f"Set self.{option} to the name")
+                self.assertErrorsWith(
+                    classifier_case(ClassifierTrainer, **attributes),
+                    "test_resume",
+                    "ContractError",
+                    fragment,
+                    f"Set self.{option} to the name",
+                )
 
     def test_a_make_trainer_that_shares_the_trainer_or_model_is_a_contract_error(self) -> None:
         shared_model = Net()
@@ -872,35 +1004,51 @@ class Resume(CheckTestCase):
             def make_model(self) -> nn.Module:
                 return shared_model
 
-        for make_trainer, fragment in ((None, "returned the same trainer as before"),
-                                       (SharesTheModel, "returned a trainer with the same model "
-                                                        "as before")):
+        for make_trainer, fragment in (
+            (None, "returned the same trainer as before"),
+            (SharesTheModel, "returned a trainer with the same model as before"),
+        ):
             with self.subTest(fragment):
+
                 def set_up(self: Any, make_trainer: Any = make_trainer) -> None:
                     self.trainer = ClassifierTrainer() if make_trainer else SharesTheModel()
                     self.make_trainer = make_trainer or (lambda: self.trainer)
 
-                self.assertErrorsWith(make_case(TrainerTests, set_up), "test_reproducible",
-                                      "self.make_trainer", fragment)
+                self.assertErrorsWith(
+                    make_case(TrainerTests, set_up),
+                    "test_reproducible",
+                    "self.make_trainer",
+                    fragment,
+                )
 
     def test_a_make_trainer_returning_no_trainer_is_a_contract_error(self) -> None:
         case = classifier_case(ClassifierTrainer, make_trainer=object)
-        self.assertErrorsWith(case, "test_resume", "self.make_trainer",
-                              "returned a object, which has no train(epochs) and eval()")
+        self.assertErrorsWith(
+            case,
+            "test_resume",
+            "self.make_trainer",
+            "returned a object, which has no train(epochs) and eval()",
+        )
 
 
 class Reproducible(CheckTestCase):
     def test_unseeded_shuffling_fails_naming_the_first_difference(self) -> None:
-        self.assertFailsWith(classifier_case(UnseededShuffling), "test_reproducible",
-                             "under the same seed and trained one epoch differ",
-                             "the first logged scalar that differs is 'train/loss' at step 0 (",
-                             "the first parameter or buffer that differs is model.",
-                             "np.random.default_rng() or random.Random() without a seed")
+        self.assertFailsWith(
+            classifier_case(UnseededShuffling),
+            "test_reproducible",
+            "under the same seed and trained one epoch differ",
+            "the first logged scalar that differs is 'train/loss' at step 0 (",
+            "the first parameter or buffer that differs is model.",
+            "np.random.default_rng() or random.Random() without a seed",
+        )
 
     def test_weights_from_an_unseeded_source_fail_before_training(self) -> None:
-        self.assertFailsWith(classifier_case(SeedsFromTheSystem), "test_reproducible",
-                             "start from different weights: model.features.0.weight differs "
-                             "before any training", "torch.seed()")
+        self.assertFailsWith(
+            classifier_case(SeedsFromTheSystem),
+            "test_reproducible",
+            "start from different weights: model.features.0.weight differs before any training",
+            "torch.seed()",
+        )
 
     def test_a_timing_scalar_fails_unless_listed_as_nondeterministic(self) -> None:
         class LogsTheTime(ClassifierTrainer):
@@ -909,11 +1057,15 @@ class Reproducible(CheckTestCase):
 
         for name in ("test_reproducible", "test_resume"):
             with self.subTest(name):
-                self.assertFailsWith(classifier_case(LogsTheTime), name, "'time/clock' at step",
-                                     "with equal weights: a timing? list it in "
-                                     "nondeterministic_scalars")
-                self.assertPasses(classifier_case(LogsTheTime,
-                                                  nondeterministic_scalars=["time/*"]), name)
+                self.assertFailsWith(
+                    classifier_case(LogsTheTime),
+                    name,
+                    "'time/clock' at step",
+                    "with equal weights: a timing? list it in nondeterministic_scalars",
+                )
+                self.assertPasses(
+                    classifier_case(LogsTheTime, nondeterministic_scalars=["time/*"]), name
+                )
 
     def test_a_different_number_of_logged_scalars_is_named(self) -> None:
         class LogsOnce(ClassifierTrainer):
@@ -925,39 +1077,54 @@ class Reproducible(CheckTestCase):
                     LogsOnce.logged = True  # state shared between trainers
                     self.summary.add_scalar("once", 0.0, 0)
 
-        self.assertFailsWith(classifier_case(LogsOnce), "test_reproducible",
-                             "the first logged scalar that differs is 'once' at step 0 (the "
-                             "other run logged nothing)")
+        self.assertFailsWith(
+            classifier_case(LogsOnce),
+            "test_reproducible",
+            "the first logged scalar that differs is 'once' at step 0 (the "
+            "other run logged nothing)",
+        )
 
 
 class EvalLeavesModelUnchanged(CheckTestCase):
     check = "test_eval_leaves_model_unchanged"
 
     def test_eval_without_model_eval_fails_naming_the_modules(self) -> None:
-        self.assertFailsWith(classifier_case(EvalWithoutModelEval), self.check,
-                             "trainer.eval() does not leave the model as it found it",
-                             "it ran model.features.1 (BatchNorm1d), model.dropout (Dropout), "
-                             "model (Net) and 3 more in training mode, so its loss changes "
-                             "with the random seed",
-                             "Call model.eval() before evaluating")
+        self.assertFailsWith(
+            classifier_case(EvalWithoutModelEval),
+            self.check,
+            "trainer.eval() does not leave the model as it found it",
+            "it ran model.features.1 (BatchNorm1d), model.dropout (Dropout), "
+            "model (Net) and 3 more in training mode, so its loss changes "
+            "with the random seed",
+            "Call model.eval() before evaluating",
+        )
 
     def test_batchnorm_statistics_updated_by_eval_fail_naming_the_buffers(self) -> None:
-        self.assertFailsWith(classifier_case(EvalRecalibratesBatchNorm), self.check,
-                             "it changed model.features.1.running_mean (buffer), "
-                             "model.features.1.running_var (buffer), "
-                             "model.features.1.num_batches_tracked (buffer)",
-                             "updates BatchNorm's running statistics with the evaluation data")
+        self.assertFailsWith(
+            classifier_case(EvalRecalibratesBatchNorm),
+            self.check,
+            "it changed model.features.1.running_mean (buffer), "
+            "model.features.1.running_var (buffer), "
+            "model.features.1.num_batches_tracked (buffer)",
+            "updates BatchNorm's running statistics with the evaluation data",
+        )
 
     def test_eval_that_leaves_the_model_in_eval_mode_fails(self) -> None:
-        self.assertFailsWith(classifier_case(EvalLeavesEvalMode), self.check,
-                             "it left model, model.features, model.features.0 and 3 more in "
-                             "eval mode, which were in training mode before",
-                             "model.train(was_training)")
+        self.assertFailsWith(
+            classifier_case(EvalLeavesEvalMode),
+            self.check,
+            "it left model, model.features, model.features.0 and 3 more in "
+            "eval mode, which were in training mode before",
+            "model.train(was_training)",
+        )
 
     def test_eval_that_leaves_gradients_disabled_fails(self) -> None:
-        self.assertFailsWith(classifier_case(EvalDisablesGradients), self.check,
-                             "it left torch.is_grad_enabled() False, which was True before",
-                             "`with torch.no_grad():`")
+        self.assertFailsWith(
+            classifier_case(EvalDisablesGradients),
+            self.check,
+            "it left torch.is_grad_enabled() False, which was True before",
+            "`with torch.no_grad():`",
+        )
 
     def test_a_torchscript_model_is_checked_without_hooks(self) -> None:
         class Scripted(ClassifierTrainer):
@@ -974,9 +1141,11 @@ class EvalLeavesModelUnchanged(CheckTestCase):
                 super().__init__()
                 self.model.features[1].eval()  # frozen BatchNorm statistics
 
-        self.assertFailsWith(classifier_case(FrozenStatistics), self.check,
-                             "it left model.features.1 in training mode, which was in eval "
-                             "mode before")
+        self.assertFailsWith(
+            classifier_case(FrozenStatistics),
+            self.check,
+            "it left model.features.1 in training mode, which was in eval mode before",
+        )
 
         class RestoresEachModule(FrozenStatistics):
             def eval(self) -> float:
@@ -991,26 +1160,35 @@ class EvalLeavesModelUnchanged(CheckTestCase):
 
 class InitialLoss(CheckTestCase):
     def test_a_loss_summed_over_the_batch_fails_with_the_ratio(self) -> None:
-        self.assertFailsWith(classifier_case(SummedLoss), "test_initial_loss",
-                             "trainer.eval() before any training returned ",
-                             "expected about 1.38629 (expected_initial_loss, within rtol=0.25, "
-                             "atol=0.0) (1", "times the expected value)",
-                             "summed over the batch instead of averaged")
+        self.assertFailsWith(
+            classifier_case(SummedLoss),
+            "test_initial_loss",
+            "trainer.eval() before any training returned ",
+            "expected about 1.38629 (expected_initial_loss, within rtol=0.25, atol=0.0) (1",
+            "times the expected value)",
+            "summed over the batch instead of averaged",
+        )
 
     def test_unset_expected_initial_loss_skips(self) -> None:
         def set_up(self: Any) -> None:
             self.trainer = ClassifierTrainer()
 
-        self.assertSkipsWith(make_case(TrainerTests, set_up), "test_initial_loss",
-                             "self.expected_initial_loss is not set")
+        self.assertSkipsWith(
+            make_case(TrainerTests, set_up),
+            "test_initial_loss",
+            "self.expected_initial_loss is not set",
+        )
 
     def test_eval_returning_no_number_is_a_contract_error(self) -> None:
         class ReturnsLosses(ClassifierTrainer):
             def eval(self) -> Any:
                 return torch.zeros(16)
 
-        self.assertErrorsWith(classifier_case(ReturnsLosses), "test_initial_loss",
-                              "trainer.eval() returned a tensor of shape (16,), not a number")
+        self.assertErrorsWith(
+            classifier_case(ReturnsLosses),
+            "test_initial_loss",
+            "trainer.eval() returned a tensor of shape (16,), not a number",
+        )
 
 
 class FrozenParameters(CheckTestCase):
@@ -1019,55 +1197,74 @@ class FrozenParameters(CheckTestCase):
     def test_a_frozen_layer_moved_by_weight_decay_fails(self) -> None:
         self.assertFailsWith(
             classifier_case(FrozenByZeroedGradients, frozen_parameters=["features.*"]),
-            self.check, "after 1 epoch of trainer.train(1), 3 of 6 parameters",
+            self.check,
+            "after 1 epoch of trainer.train(1), 3 of 6 parameters",
             "features.0.weight, features.0.bias, features.1.weight: listed in frozen_parameters "
             "but changed: requires_grad is True, so the optimizer updates it; the optimizer's "
             "param group has weight_decay=0.01, which moves a parameter even when its gradient "
-            "is zeroed")
+            "is zeroed",
+        )
 
     def test_a_layer_listed_as_frozen_but_trainable_fails(self) -> None:
         text = self.assertFailsWith(
-            classifier_case(ClassifierTrainer, frozen_parameters=["head.*"]), self.check,
+            classifier_case(ClassifierTrainer, frozen_parameters=["head.*"]),
+            self.check,
             "after 1 epoch of trainer.train(1), 2 of 6 parameters",
             "head.weight, head.bias: listed in frozen_parameters but changed: requires_grad is "
-            "True, so the optimizer updates it\n")
+            "True, so the optimizer updates it\n",
+        )
         self.assertNotIn("param group has", text)
 
     def test_a_layer_frozen_after_backward_fails(self) -> None:
         self.assertFailsWith(
             classifier_case(FrozenAfterBackward, frozen_parameters=["features.*"]),
-            self.check, "features.0.weight, features.0.bias, features.1.weight, features.1.bias: "
-            "frozen (requires_grad=False) but changed: by a gradient from before the freezing")
+            self.check,
+            "features.0.weight, features.0.bias, features.1.weight, features.1.bias: "
+            "frozen (requires_grad=False) but changed: by a gradient from before the freezing",
+        )
 
     def test_a_layer_frozen_by_accident_fails(self) -> None:
         self.assertFailsWith(
-            classifier_case(FrozenByAccident), self.check,
+            classifier_case(FrozenByAccident),
+            self.check,
             "after 3 epochs of trainer.train(1), 2 of 6 parameters",
             "features.1.weight, features.1.bias: unchanged, with requires_grad=False: frozen by "
-            "accident")
+            "accident",
+        )
 
     def test_a_layer_unfrozen_after_the_optimizer_was_built_fails(self) -> None:
         self.assertFailsWith(
             classifier_case(OptimizerBuiltBeforeUnfreezing, frozen_parameters=["features.0.*"]),
-            self.check, "features.1.weight, features.1.bias: unchanged: not in "
-            "trainer.optimizer's param groups", "the optimizer was built before the layer was "
-            "unfrozen")
+            self.check,
+            "features.1.weight, features.1.bias: unchanged: not in "
+            "trainer.optimizer's param groups",
+            "the optimizer was built before the layer was unfrozen",
+        )
 
     def test_an_unused_layer_fails(self) -> None:
-        self.assertFailsWith(classifier_case(UnusedLayer), self.check,
-                             "auxiliary.weight, auxiliary.bias: unchanged, without a gradient "
-                             "after training")
+        self.assertFailsWith(
+            classifier_case(UnusedLayer),
+            self.check,
+            "auxiliary.weight, auxiliary.bias: unchanged, without a gradient after training",
+        )
 
     def test_a_layer_with_zero_gradients_fails(self) -> None:
-        self.assertFailsWith(classifier_case(SwitchedOffBranch), self.check,
-                             "branch.weight, branch.bias: unchanged although trainable and in "
-                             "the optimizer: a zero gradient")
+        self.assertFailsWith(
+            classifier_case(SwitchedOffBranch),
+            self.check,
+            "branch.weight, branch.bias: unchanged although trainable and in "
+            "the optimizer: a zero gradient",
+        )
 
     def test_a_pattern_matching_no_parameter_is_a_contract_error(self) -> None:
         case = classifier_case(FrozenFeatures, frozen_parameters=["backbone.*"])
-        self.assertErrorsWith(case, self.check, "self.frozen_parameters",
-                              "has ['backbone.*'], which matches no parameter of trainer.model "
-                              "(its parameters: features.0.weight")
+        self.assertErrorsWith(
+            case,
+            self.check,
+            "self.frozen_parameters",
+            "has ['backbone.*'], which matches no parameter of trainer.model "
+            "(its parameters: features.0.weight",
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the ones each case lists (no GPU here, no padding mask for a model without one, 
 
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``, part of ``dev``); skips without it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,14 +16,17 @@ import unittest
 from typing import Any, Callable, Dict, Tuple
 
 import torch
+from checkrunner import NO_GPU, CheckTestCase, make_case
 from torch import nn
 
-from checkrunner import NO_GPU, CheckTestCase, make_case
 from dltestkit import ModelTests, SequenceModelTests
 from dltestkit._base import checks_of
 
-MISSING = [name for name in ("timm", "torchvision", "transformers", "peft")
-           if importlib.util.find_spec(name) is None]
+MISSING = [
+    name
+    for name in ("timm", "torchvision", "transformers", "peft")
+    if importlib.util.find_spec(name) is None
+]
 BATCH, LENGTH, VOCAB = 4, 8, 100
 
 NO_MAKE_MODEL = "self.make_model is not set"
@@ -39,8 +43,10 @@ def token_batch(left_padding: bool = False) -> Dict[str, torch.Tensor]:
     else:
         mask[0, -3:] = 0
         mask[1, -1:] = 0
-    return {"input_ids": torch.randint(1, VOCAB, (BATCH, LENGTH), generator=generator),
-            "attention_mask": mask}
+    return {
+        "input_ids": torch.randint(1, VOCAB, (BATCH, LENGTH), generator=generator),
+        "attention_mask": mask,
+    }
 
 
 def images() -> torch.Tensor:
@@ -51,40 +57,84 @@ def images() -> torch.Tensor:
 def bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64,
-                                max_position_embeddings=64))
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
-                                      n_positions=64, bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def t5() -> nn.Module:
     from transformers import T5Config, T5Model
 
-    return T5Model(T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                            num_heads=2, decoder_start_token_id=0, pad_token_id=0,
-                            eos_token_id=1))
+    return T5Model(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
 
 
 def hf_vit() -> nn.Module:
     from transformers import ViTConfig, ViTModel
 
-    return ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                              num_attention_heads=2, intermediate_size=64))
+    return ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
 
 
 def lora_bert() -> nn.Module:
@@ -112,9 +162,15 @@ def torchvision_vit() -> nn.Module:
     """Its classification head starts at exactly zero, so its output starts constant."""
     import torchvision
 
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
-                                                num_heads=2, hidden_dim=32, mlp_dim=64,
-                                                num_classes=10)
+    return torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
 
 
 def encoder() -> nn.Module:
@@ -138,76 +194,209 @@ class LSTMTagger(nn.Module):
 
 # label: (mixin, setUp attributes, allowed skips); "model"/"inputs" are built per test.
 ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
-    "timm resnet18 (default arguments)": (ModelTests, dict(
-        model=timm_model("resnet18"), inputs=images, expected_output_shape=(BATCH, 1000),
-        make_model=timm_model("resnet18")), ()),
-    "timm ViT": (ModelTests, dict(
-        model=timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
-                         num_classes=10),
-        inputs=images, expected_output_shape=(BATCH, 10)), (NO_MAKE_MODEL,)),
-    "timm ConvNeXt": (ModelTests, dict(
-        model=timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64),
-                         num_classes=10),
-        inputs=images, expected_output_shape=(BATCH, 10)), (NO_MAKE_MODEL,)),
-    "torchvision resnet18, zero_init_residual": (ModelTests, dict(
-        model=torchvision_resnet18, inputs=images, expected_output_shape=(BATCH, 10),
-        make_model=torchvision_resnet18), ()),
-    "torchvision ViT, zero-initialised head": (ModelTests, dict(
-        model=torchvision_vit, inputs=images, expected_output_shape=(BATCH, 10),
-        make_model=torchvision_vit), ()),
-    "transformers ViT, dict inputs": (ModelTests, dict(
-        model=hf_vit, inputs=lambda: {"pixel_values": images()},
-        expected_output_shape=(BATCH, 17, 32), make_model=hf_vit), ()),
-    "transformers BERT, padding mask": (SequenceModelTests, dict(
-        model=bert, inputs=token_batch, output_key="last_hidden_state",
-        expected_output_shape=(BATCH, LENGTH, 32), make_model=bert, sequence_dim=1,
-        padding_mask="attention_mask"), (NOT_CAUSAL,)),
-    "PEFT LoRA on BERT": (SequenceModelTests, dict(
-        model=lora_bert, inputs=token_batch, expected_output_shape=(BATCH, LENGTH, 32),
-        sequence_dim=1, padding_mask="attention_mask"), (NO_MAKE_MODEL, NOT_CAUSAL)),
-    "transformers GPT-2, causal LM, left padding": (SequenceModelTests, dict(
-        model=gpt2, inputs=lambda: token_batch(left_padding=True),
-        expected_output_shape=(BATCH, LENGTH, VOCAB), make_model=gpt2, sequence_dim=1,
-        causal=True, padding_mask="attention_mask"), ()),
-    "transformers Llama, causal LM, left padding": (SequenceModelTests, dict(
-        model=llama, inputs=lambda: token_batch(left_padding=True),
-        expected_output_shape=(BATCH, LENGTH, VOCAB), make_model=llama, sequence_dim=1,
-        causal=True, padding_mask="attention_mask"), ()),
-    "transformers T5, encoder-decoder": (SequenceModelTests, dict(
-        model=t5, inputs=lambda: {**token_batch(), "decoder_input_ids":
-                                  token_batch()["input_ids"].flip(1)},
-        expected_output_shape=(BATCH, LENGTH, 32), make_model=t5, sequence_dim=1, causal=True,
-        sequence_inputs=["decoder_input_ids"]), (NO_MASK,)),
-    "nn.LSTM tagger": (SequenceModelTests, dict(
-        model=LSTMTagger, inputs=lambda: torch.randint(0, VOCAB, (BATCH, LENGTH)),
-        expected_output_shape=(BATCH, LENGTH, 5), make_model=LSTMTagger, sequence_dim=1,
-        causal=True), (NO_MASK,)),
-    "nn.GRU": (SequenceModelTests, dict(
-        model=lambda: nn.GRU(3, 5, num_layers=2, batch_first=True),
-        inputs=lambda: torch.randn(BATCH, LENGTH, 3), expected_output_shape=(BATCH, LENGTH, 5),
-        sequence_dim=1, causal=True), (NO_MAKE_MODEL, NO_MASK)),
-    "nn.TransformerEncoder, key padding mask": (SequenceModelTests, dict(
-        model=encoder, inputs=lambda: {"src": torch.randn(BATCH, LENGTH, 16),
-                                       "src_key_padding_mask":
-                                       token_batch()["attention_mask"] == 0},
-        expected_output_shape=(BATCH, LENGTH, 16), sequence_dim=1,
-        padding_mask="src_key_padding_mask", padded_value=True), (NO_MAKE_MODEL, NOT_CAUSAL)),
-    "nn.TransformerEncoder, causal mask": (SequenceModelTests, dict(
-        model=encoder, inputs=lambda: {"src": torch.randn(BATCH, LENGTH, 16),
-                                       "mask": nn.Transformer.generate_square_subsequent_mask(
-                                           LENGTH), "is_causal": True},
-        unbatched_inputs=["mask"], expected_output_shape=(BATCH, LENGTH, 16), sequence_dim=1,
-        causal=True), (NO_MAKE_MODEL, NO_MASK)),
-    "nn.TransformerDecoderLayer, masks": (SequenceModelTests, dict(
-        model=lambda: nn.TransformerDecoderLayer(16, 2, 32, batch_first=True),
-        inputs=lambda: {"tgt": torch.randn(BATCH, LENGTH, 16),
-                        "memory": torch.randn(BATCH, 5, 16),
-                        "tgt_mask": torch.ones(LENGTH, LENGTH, dtype=torch.bool).triu(1),
-                        "tgt_is_causal": True,
-                        "tgt_key_padding_mask": token_batch()["attention_mask"] == 0},
-        unbatched_inputs=["tgt_mask"], expected_output_shape=(BATCH, LENGTH, 16),
-        sequence_dim=1, causal=True, sequence_inputs=["tgt"],
-        padding_mask="tgt_key_padding_mask", padded_value=True), (NO_MAKE_MODEL,)),
+    "timm resnet18 (default arguments)": (
+        ModelTests,
+        dict(
+            model=timm_model("resnet18"),
+            inputs=images,
+            expected_output_shape=(BATCH, 1000),
+            make_model=timm_model("resnet18"),
+        ),
+        (),
+    ),
+    "timm ViT": (
+        ModelTests,
+        dict(
+            model=timm_model(
+                "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10
+            ),
+            inputs=images,
+            expected_output_shape=(BATCH, 10),
+        ),
+        (NO_MAKE_MODEL,),
+    ),
+    "timm ConvNeXt": (
+        ModelTests,
+        dict(
+            model=timm_model(
+                "convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=10
+            ),
+            inputs=images,
+            expected_output_shape=(BATCH, 10),
+        ),
+        (NO_MAKE_MODEL,),
+    ),
+    "torchvision resnet18, zero_init_residual": (
+        ModelTests,
+        dict(
+            model=torchvision_resnet18,
+            inputs=images,
+            expected_output_shape=(BATCH, 10),
+            make_model=torchvision_resnet18,
+        ),
+        (),
+    ),
+    "torchvision ViT, zero-initialised head": (
+        ModelTests,
+        dict(
+            model=torchvision_vit,
+            inputs=images,
+            expected_output_shape=(BATCH, 10),
+            make_model=torchvision_vit,
+        ),
+        (),
+    ),
+    "transformers ViT, dict inputs": (
+        ModelTests,
+        dict(
+            model=hf_vit,
+            inputs=lambda: {"pixel_values": images()},
+            expected_output_shape=(BATCH, 17, 32),
+            make_model=hf_vit,
+        ),
+        (),
+    ),
+    "transformers BERT, padding mask": (
+        SequenceModelTests,
+        dict(
+            model=bert,
+            inputs=token_batch,
+            output_key="last_hidden_state",
+            expected_output_shape=(BATCH, LENGTH, 32),
+            make_model=bert,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NOT_CAUSAL,),
+    ),
+    "PEFT LoRA on BERT": (
+        SequenceModelTests,
+        dict(
+            model=lora_bert,
+            inputs=token_batch,
+            expected_output_shape=(BATCH, LENGTH, 32),
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "transformers GPT-2, causal LM, left padding": (
+        SequenceModelTests,
+        dict(
+            model=gpt2,
+            inputs=lambda: token_batch(left_padding=True),
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            make_model=gpt2,
+            sequence_dim=1,
+            causal=True,
+            padding_mask="attention_mask",
+        ),
+        (),
+    ),
+    "transformers Llama, causal LM, left padding": (
+        SequenceModelTests,
+        dict(
+            model=llama,
+            inputs=lambda: token_batch(left_padding=True),
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            make_model=llama,
+            sequence_dim=1,
+            causal=True,
+            padding_mask="attention_mask",
+        ),
+        (),
+    ),
+    "transformers T5, encoder-decoder": (
+        SequenceModelTests,
+        dict(
+            model=t5,
+            inputs=lambda: {
+                **token_batch(),
+                "decoder_input_ids": token_batch()["input_ids"].flip(1),
+            },
+            expected_output_shape=(BATCH, LENGTH, 32),
+            make_model=t5,
+            sequence_dim=1,
+            causal=True,
+            sequence_inputs=["decoder_input_ids"],
+        ),
+        (NO_MASK,),
+    ),
+    "nn.LSTM tagger": (
+        SequenceModelTests,
+        dict(
+            model=LSTMTagger,
+            inputs=lambda: torch.randint(0, VOCAB, (BATCH, LENGTH)),
+            expected_output_shape=(BATCH, LENGTH, 5),
+            make_model=LSTMTagger,
+            sequence_dim=1,
+            causal=True,
+        ),
+        (NO_MASK,),
+    ),
+    "nn.GRU": (
+        SequenceModelTests,
+        dict(
+            model=lambda: nn.GRU(3, 5, num_layers=2, batch_first=True),
+            inputs=lambda: torch.randn(BATCH, LENGTH, 3),
+            expected_output_shape=(BATCH, LENGTH, 5),
+            sequence_dim=1,
+            causal=True,
+        ),
+        (NO_MAKE_MODEL, NO_MASK),
+    ),
+    "nn.TransformerEncoder, key padding mask": (
+        SequenceModelTests,
+        dict(
+            model=encoder,
+            inputs=lambda: {
+                "src": torch.randn(BATCH, LENGTH, 16),
+                "src_key_padding_mask": token_batch()["attention_mask"] == 0,
+            },
+            expected_output_shape=(BATCH, LENGTH, 16),
+            sequence_dim=1,
+            padding_mask="src_key_padding_mask",
+            padded_value=True,
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "nn.TransformerEncoder, causal mask": (
+        SequenceModelTests,
+        dict(
+            model=encoder,
+            inputs=lambda: {
+                "src": torch.randn(BATCH, LENGTH, 16),
+                "mask": nn.Transformer.generate_square_subsequent_mask(LENGTH),
+                "is_causal": True,
+            },
+            unbatched_inputs=["mask"],
+            expected_output_shape=(BATCH, LENGTH, 16),
+            sequence_dim=1,
+            causal=True,
+        ),
+        (NO_MAKE_MODEL, NO_MASK),
+    ),
+    "nn.TransformerDecoderLayer, masks": (
+        SequenceModelTests,
+        dict(
+            model=lambda: nn.TransformerDecoderLayer(16, 2, 32, batch_first=True),
+            inputs=lambda: {
+                "tgt": torch.randn(BATCH, LENGTH, 16),
+                "memory": torch.randn(BATCH, 5, 16),
+                "tgt_mask": torch.ones(LENGTH, LENGTH, dtype=torch.bool).triu(1),
+                "tgt_is_causal": True,
+                "tgt_key_padding_mask": token_batch()["attention_mask"] == 0,
+            },
+            unbatched_inputs=["tgt_mask"],
+            expected_output_shape=(BATCH, LENGTH, 16),
+            sequence_dim=1,
+            causal=True,
+            sequence_inputs=["tgt"],
+            padding_mask="tgt_key_padding_mask",
+            padded_value=True,
+        ),
+        (NO_MAKE_MODEL,),
+    ),
 }
 
 
@@ -269,23 +458,33 @@ class RealModelBugs(CheckTestCase):
 
     def test_bert_declared_causal_fails_causality(self) -> None:
         attributes = dict(ZOO["transformers BERT, padding mask"][1], causal=True)
-        self.assertFailsWith(zoo_case(SequenceModelTests, attributes), "test_causality",
-                             "the output at position 0 depends on self.inputs['input_ids'] "
-                             "(through its embedding) at position 1")
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_causality",
+            "the output at position 0 depends on self.inputs['input_ids'] "
+            "(through its embedding) at position 1",
+        )
 
     def test_an_attention_mask_that_is_dropped_fails_padding_invariance(self) -> None:
-        attributes = dict(model=DropsTheMask, inputs=token_batch, sequence_dim=1,
-                          padding_mask="attention_mask")
-        self.assertFailsWith(zoo_case(SequenceModelTests, attributes),
-                             "test_padding_invariance", "sample 0: its output at real "
-                             "position 0 depends on self.inputs['input_ids'] (through its "
-                             "embedding) at padded positions [5, 6, 7]")
+        attributes = dict(
+            model=DropsTheMask, inputs=token_batch, sequence_dim=1, padding_mask="attention_mask"
+        )
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_padding_invariance",
+            "sample 0: its output at real "
+            "position 0 depends on self.inputs['input_ids'] (through its "
+            "embedding) at padded positions [5, 6, 7]",
+        )
 
     def test_position_ids_made_on_the_cpu_fail_device_moving(self) -> None:
         attributes = dict(model=PositionIdsOnTheCPU, inputs=lambda: token_batch()["input_ids"])
-        self.assertFailsWith(zoo_case(ModelTests, attributes), "test_device_moving",
-                             "F.embedding combines a CPU tensor of shape (1, 8) (torch.int64)",
-                             "in gpt2.transformer.wpe (Embedding)")
+        self.assertFailsWith(
+            zoo_case(ModelTests, attributes),
+            "test_device_moving",
+            "F.embedding combines a CPU tensor of shape (1, 8) (torch.int64)",
+            "in gpt2.transformer.wpe (Embedding)",
+        )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """Sphinx directives that write the reference tables from the code (dltestkit._reference).
 
-    ```{dltestkit-checks}
-    ```                                   every check of every mixin, by mixin
+```{dltestkit-checks}
+```                                   every check of every mixin, by mixin
 
-    ```{dltestkit-checks} ModelTests
-    ```                                   the checks of one mixin (inherited ones included)
+```{dltestkit-checks} ModelTests
+```                                   the checks of one mixin (inherited ones included)
 
-    ```{dltestkit-attributes} ModelTests
-    ```                                   every attribute the mixin reads
+```{dltestkit-attributes} ModelTests
+```                                   every attribute the mixin reads
 
-    ```{dltestkit-contract}
-    ```                                   the required and optional attributes of every mixin
+```{dltestkit-contract}
+```                                   the required and optional attributes of every mixin
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -40,8 +41,9 @@ class _TableDirective(SphinxDirective):
     def run(self) -> List[nodes.Node]:
         container = nodes.container()
         source = f"<{self.name} {' '.join(self.arguments)}>"
-        self.state.nested_parse(StringList(self.lines(), source=source), self.content_offset,
-                                container)
+        self.state.nested_parse(
+            StringList(self.lines(), source=source), self.content_offset, container
+        )
         return list(container.children)
 
 

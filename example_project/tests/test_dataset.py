@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import unittest
 
-from dltestkit import DatasetTests
-
 from dataset import MyMNIST
+
+from dltestkit import DatasetTests
 
 from .mnist_data import mnist_root
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import unittest
 
 import torch
-from dltestkit import DistributedModelTests, ModelTests
-
 from model import CNNVAE, MLPVAE
+
+from dltestkit import DistributedModelTests, ModelTests
 
 
 def mlp_vae() -> MLPVAE:
@@ -28,4 +28,3 @@ class TestCNNVAE(DistributedModelTests, ModelTests, unittest.TestCase):
         self.model = cnn_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
         self.make_model = cnn_vae
-

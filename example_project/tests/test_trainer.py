@@ -3,12 +3,12 @@ from __future__ import annotations
 import unittest
 
 import torch
-from dltestkit import DistributedTrainerTests, TrainerTests
-from torch.utils.data import Subset
-
 from dataset import MyMNIST
 from model import MLPVAE
+from torch.utils.data import Subset
 from trainer import Trainer
+
+from dltestkit import DistributedTrainerTests, TrainerTests
 
 from .mnist_data import mnist_root
 
