@@ -1,4 +1,8 @@
-"""benchmarks/run_benchmark.py runs end to end (on tiny data, once)."""
+"""benchmarks/run_benchmark.py runs end to end (on tiny data, once).
+
+Marked slow (a minute on a loaded machine): `python -m pytest tests` leaves it out, `python -m
+pytest tests -m slow` runs it; .ci/run runs it as a step of its own.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_benchmark.py"
 
 
+@pytest.mark.slow
 class Benchmark(unittest.TestCase):
     def test_it_reports_floor_tests_ratio_loads_and_memory(self) -> None:
         with tempfile.TemporaryDirectory() as cache:
