@@ -36,8 +36,15 @@ BLOCK = re.compile(
 WIDTH = 92
 
 
+#: Parts of an output that vary from run to run, written as "..." (ELLIPSIS) in the pages.
+VARYING = [(re.compile(r"Ran (\d+) tests? in [0-9.]+s"), r"Ran \1 tests in ...s")]
+
+
 def wrap(output: str) -> str:
-    """Wrap long lines at spaces, continuation lines indented by four more spaces."""
+    """Wrap long lines at spaces, continuation lines indented by four more spaces; parts
+    that vary from run to run (a run time) become "..."."""
+    for pattern, replacement in VARYING:
+        output = pattern.sub(replacement, output)
     lines = []
     for line in output.rstrip("\n").split("\n"):
         indent = line[: len(line) - len(line.lstrip())]
