@@ -26,8 +26,11 @@ def load(target: str) -> type:
     path, _, name = target.partition(":")
     file = Path(path).resolve()
     sys.path[:0] = [str(file.parent.parent), str(file.parent)]
-    module = (importlib.import_module(f"{file.parent.name}.{file.stem}")
-              if (file.parent / "__init__.py").exists() else importlib.import_module(file.stem))
+    module = (
+        importlib.import_module(f"{file.parent.name}.{file.stem}")
+        if (file.parent / "__init__.py").exists()
+        else importlib.import_module(file.stem)
+    )
     return getattr(module, name)
 
 
@@ -48,16 +51,21 @@ def main(arguments: List[str]) -> int:
             elapsed = time.perf_counter() - started
             if repeat:
                 times[name].append(elapsed)
-            outcome[name] = ("FAIL" if result.failures or result.errors else
-                             "skip" if result.skipped else "ok")
+            outcome[name] = (
+                "FAIL" if result.failures or result.errors else "skip" if result.skipped else "ok"
+            )
     totals = [sum(times[name][i] for name in names) for i in range(options.repeats)]
     print(f"{case.__name__}: {len(names)} checks, {options.repeats} runs (+1 warm-up)")
     print(f"  {'check':40s} {'median s':>9s} {'min':>7s} {'max':>7s}  outcome")
     for name in names:
-        print(f"  {name:40s} {statistics.median(times[name]):9.3f} {min(times[name]):7.3f} "
-              f"{max(times[name]):7.3f}  {outcome[name]}")
-    print(f"  {'whole class':40s} {statistics.median(totals):9.3f} {min(totals):7.3f} "
-          f"{max(totals):7.3f}")
+        print(
+            f"  {name:40s} {statistics.median(times[name]):9.3f} {min(times[name]):7.3f} "
+            f"{max(times[name]):7.3f}  {outcome[name]}"
+        )
+    print(
+        f"  {'whole class':40s} {statistics.median(totals):9.3f} {min(totals):7.3f} "
+        f"{max(totals):7.3f}"
+    )
     return 1 if "FAIL" in outcome.values() else 0
 
 
