@@ -222,6 +222,81 @@ class DocsFragments(unittest.TestCase):
                     compile(code, f"{page.name}, python block {number}", "exec")
 
 
+class ContractMessages(unittest.TestCase):
+    """The message templates docs/contract.md quotes are the ones the checks produce."""
+
+    def template(self, situation: str) -> "re.Pattern[str]":
+        text = (DOCS / "contract.md").read_text(encoding="utf-8")
+        row = re.search(rf"^\| {re.escape(situation)} \|[^|]*\| `(.+?)`", text, re.M)
+        self.assertIsNotNone(row, f"docs/contract.md has no row {situation!r}")
+        assert row is not None
+        pattern = re.escape(row.group(1))
+        pattern = pattern.replace(re.escape(" ..."), ".*").replace(re.escape("..."), ".*")
+        pattern = re.sub(r"<[A-Za-z]+>", ".+?", pattern.replace("\\<", "<").replace("\\>", ">"))
+        return re.compile(pattern, re.S)
+
+    def message(self, set_up: Any, mixin: type, check: str, **class_attributes: Any) -> str:
+        case = type("TestX", (mixin, unittest.TestCase), {"setUp": set_up, **class_attributes})
+        result = unittest.TestResult()
+        case(check).run(result)
+        reported = result.errors + result.failures
+        if reported:
+            return reported[0][1].strip().splitlines()[-1].split(": ", 1)[1]
+        return result.skipped[0][1]
+
+    def test_each_quoted_template_matches_a_real_message(self) -> None:
+        import torch
+        from torch import nn
+
+        def model(self: Any) -> None:
+            self.model, self.inputs = nn.Linear(3, 3), torch.randn(4, 3)
+
+        cases = {
+            "required attribute missing": (lambda self: None, dltestkit.ModelTests, {}),
+            "attribute with a wrong value": (
+                lambda self: (model(self), setattr(self, "output_key", 1.5)),
+                dltestkit.ModelTests,
+                {},
+            ),
+            "attributes that do not fit together": (
+                lambda self: (model(self), setattr(self, "expected_output_shape", (2, 3))),
+                dltestkit.ModelTests,
+                {},
+            ),
+            "attribute close to one a mixin reads": (
+                lambda self: (model(self), setattr(self, "output_keys", 0)),
+                dltestkit.ModelTests,
+                {},
+            ),
+            "`seed` set in `setUp`": (
+                lambda self: (model(self), setattr(self, "seed", 3)),
+                dltestkit.ModelTests,
+                {},
+            ),
+            "optional attribute unset": (model, dltestkit.ModelTests, {}),
+        }
+        for situation, (set_up, mixin, attributes) in cases.items():
+            with self.subTest(situation):
+                check = (
+                    "test_state_dict_round_trip"
+                    if situation == "optional attribute unset"
+                    else "test_output_shape"
+                )
+                self.assertRegex(
+                    self.message(set_up, mixin, check, **attributes), self.template(situation)
+                )
+
+    def test_the_class_line_templates_match_the_real_errors(self) -> None:
+        for situation, bases in (
+            ("`TestCase` before the mixin", (unittest.TestCase, dltestkit.ModelTests)),
+            ("`Test...` class without `TestCase`", (dltestkit.ModelTests,)),
+        ):
+            with self.subTest(situation):
+                with self.assertRaises(TypeError) as caught:
+                    type("TestX", bases, {})
+                self.assertRegex(str(caught.exception), self.template(situation))
+
+
 class ExampleProjectCommands(unittest.TestCase):
     """The run.py command lines in docs/example-project.md are accepted by run.py."""
 
