@@ -155,6 +155,7 @@ _MIXING_ALLOWED = frozenset(
 # Steps that read data, which the meta device cannot do: replayed from the CPU run.
 _READS = frozenset(
     {
+        "__array__",
         "item",
         "__bool__",
         "__int__",
@@ -293,10 +294,11 @@ class DeviceWatch(TorchFunctionMode):
                     f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
                     "model's device"
                 )
-        if name == "numpy" and on_meta:
+        if name in ("numpy", "__array__") and on_meta:
+            how = "Tensor.numpy()" if name == "numpy" else "np.asarray(tensor)"
             self._stop(
-                "Tensor.numpy() is called on a tensor on the model's device (on a GPU "
-                "that fails; use .cpu().numpy())"
+                f"{how} is called on a tensor on the model's device (on a GPU that fails; "
+                "use .cpu().numpy())"
             )
         if _reads_data(func):
             recorded = self._replay(func)

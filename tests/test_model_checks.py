@@ -5,6 +5,7 @@ from __future__ import annotations
 import unittest
 from typing import Any, Dict, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from checkrunner import CheckTestCase, make_case, run_check
@@ -645,6 +646,18 @@ class DeviceMoving(CheckTestCase):
             "test_device_moving",
             "KeyError: 'no such layer'",
             "[dltestkit] raised by the model in eval mode, called as model(inputs)",
+        )
+
+    def test_numpy_arrays_of_a_device_tensor_fail(self) -> None:
+        class AsArray(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                scale = float(np.asarray(x.abs().max().detach()))  # fails for a GPU tensor
+                return super().forward(x / scale)
+
+        self.assertFailsWith(
+            model_case(AsArray),
+            "test_device_moving",
+            "np.asarray(tensor) is called on a tensor on the model's device",
         )
 
     def test_numpy_on_a_device_tensor_fails(self) -> None:
