@@ -77,27 +77,31 @@ def _state(model: nn.Module) -> Dict[str, torch.Tensor]:
     }
 
 
+def _train_epochs(trainer: Any, writer: Any) -> List[Tuple[Any, Any]]:
+    """Train EPOCHS epochs one call at a time; return what ``writer`` logged, as (tag, step)
+    pairs, without writing it; close the writer."""
+    try:
+        if not callable(getattr(writer, "add_scalar", None)):
+            for _ in range(EPOCHS):
+                trainer.train(1)
+            return []
+        with mock.patch.object(writer, "add_scalar") as add_scalar:
+            for _ in range(EPOCHS):
+                trainer.train(1)
+        return [(s.tag, s.step) for s in map(call_arguments, add_scalar.call_args_list)]
+    finally:
+        close = getattr(writer, "close", None)
+        if callable(close):
+            close()
+
+
 def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> Dict[str, Any]:
     """One rank of test_ddp_training: build, observe and train this rank's trainer."""
     trainer = test._make_rank_trainer(rank, world_size)
     model = test._model(trainer)
     recorder = test._record_samples(trainer)
     start = _state(model)
-    writer = getattr(trainer, test.writer_attribute or "", None)
-    logged: List[Tuple[Any, Any]] = []
-    try:
-        if callable(getattr(writer, "add_scalar", None)):
-            with mock.patch.object(writer, "add_scalar") as add_scalar:
-                for _ in range(EPOCHS):
-                    trainer.train(1)
-            logged = [(s.tag, s.step) for s in map(call_arguments, add_scalar.call_args_list)]
-        else:
-            for _ in range(EPOCHS):
-                trainer.train(1)
-    finally:
-        close = getattr(writer, "close", None)
-        if callable(close):
-            close()
+    logged = _train_epochs(trainer, getattr(trainer, test.writer_attribute or "", None))
     return {
         "start": start,
         "end": _state(test._model(trainer)),
@@ -318,14 +322,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "not compared with one process on the whole data"
             )
         trainer = self._make_rank_trainer(0, 1)
-        writer = getattr(trainer, self.writer_attribute or "", None)
-        try:
-            for _ in range(EPOCHS):
-                trainer.train(1)
-        finally:
-            close = getattr(writer, "close", None)
-            if callable(close):
-                close()
+        _train_epochs(trainer, getattr(trainer, self.writer_attribute or "", None))
         rtol, atol = tolerance
         found = difference(_state(self._model(trainer)), distributed, rtol, atol)
         if found is not None:
