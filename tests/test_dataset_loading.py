@@ -272,17 +272,7 @@ class NothingLeaks(CheckTestCase):
                     self.batch_size = 8
                     self.worker_init_fn = collect
         """)
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "test_streams.py").write_text(module)
-            completed = subprocess.run(
-                [sys.executable, "-m", "unittest", "-v"],
-                cwd=folder,
-                env=environment(),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-        output = completed.stdout + completed.stderr
+        output = run_unittest("test_streams.py", module)
         self.assertIn("OSError: shard 3 is gone", output)
         self.assertIn("FAILED (failures=1, skipped=", output)
         self.assertNotIn("Exception ignored", output)
@@ -351,17 +341,7 @@ SPAWNED = textwrap.dedent("""
 
 class StartMethods(unittest.TestCase):
     def test_every_check_works_with_spawned_workers(self) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "test_spawned.py").write_text(SPAWNED)
-            completed = subprocess.run(
-                [sys.executable, "-m", "unittest", "-v"],
-                cwd=folder,
-                env=environment(),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-        output = completed.stdout + completed.stderr
+        output = run_unittest("test_spawned.py", SPAWNED)
         self.assertIn("Ran 12 tests", output)
         # TestSpawned passes (test_augmentation skips: a stream has no indices); the workers
         # cannot start for TestUnpicklable: test_data_loading fails, the others skip
@@ -381,6 +361,22 @@ def environment() -> Dict[str, str]:
     """The environment of a child Python that imports this checkout's dltestkit."""
     root = str(Path(__file__).resolve().parent.parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def run_unittest(file_name: str, source: str) -> str:
+    """What ``python -m unittest -v`` prints for a test module of this source, run in a
+    temporary folder by a child Python that imports this checkout's dltestkit."""
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, file_name).write_text(source)
+        completed = subprocess.run(
+            [sys.executable, "-m", "unittest", "-v"],
+            cwd=folder,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    return completed.stdout + completed.stderr
 
 
 class OwnBugs(CheckTestCase):

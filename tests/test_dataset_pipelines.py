@@ -14,19 +14,11 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 import torch
 from checkrunner import CheckTestCase, make_case, run_check
+from test_dataset_checks import CHECKS
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, IterableDataset, get_worker_info, random_split
 
 from dltestkit import DatasetTests
-
-CHECKS = (
-    "test_augmentation",
-    "test_data_loading",
-    "test_labels",
-    "test_sample_shape",
-    "test_split_overlap",
-    "test_value_range",
-)
 
 
 def outcomes(case: type) -> Dict[str, Tuple[int, int, List[str]]]:

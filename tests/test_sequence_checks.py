@@ -35,6 +35,10 @@ class Attention(nn.Module):
     def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return attention_mask.bool()
 
+    def fill(self, scores: torch.Tensor) -> float:
+        """The score of a hidden position."""
+        return float("-inf")
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -42,9 +46,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
         if self.causal:
-            scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device), float("-inf"))
+            hidden = self.hidden_positions(x.shape[1], x.device)
+            scores = scores.masked_fill(hidden, self.fill(scores))
         if attention_mask is not None:
-            scores = scores.masked_fill(~self.keep(attention_mask)[:, None, :], float("-inf"))
+            scores = scores.masked_fill(~self.keep(attention_mask)[:, None, :], self.fill(scores))
         return self.out(torch.softmax(scores, dim=-1) @ v)
 
 
@@ -217,17 +222,8 @@ class Causality(CheckTestCase):
             """With left padding and a finite fill value, a padded query that sees no real key
             attends uniformly to every position, the future included: harmless, never used."""
 
-            def forward(
-                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-            ) -> torch.Tensor:
-                x = self.embed(input_ids)
-                q, k, v = self.qkv(x).chunk(3, dim=-1)
-                scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
-                lowest = torch.finfo(scores.dtype).min
-                scores = scores.masked_fill(self.hidden_positions(x.shape[1], x.device), lowest)
-                assert attention_mask is not None
-                scores = scores.masked_fill(attention_mask[:, None, :] == 0, lowest)
-                return self.out(torch.softmax(scores, dim=-1) @ v)
+            def fill(self, scores: torch.Tensor) -> float:
+                return torch.finfo(scores.dtype).min
 
         def left_padded() -> Dict[str, torch.Tensor]:
             inputs = token_inputs(padding=False)
@@ -235,7 +231,10 @@ class Causality(CheckTestCase):
             return inputs
 
         case = sequence_case(
-            FullyMaskedRowsAttendEverywhere, left_padded, causal=True, padding_mask="attention_mask"
+            lambda: FullyMaskedRowsAttendEverywhere(causal=True),
+            left_padded,
+            causal=True,
+            padding_mask="attention_mask",
         )
         self.assertPasses(case, "test_causality")
         self.assertPasses(case, "test_padding_invariance")
