@@ -482,21 +482,25 @@ def _rst(markdown: str) -> str:
 
 
 def _install_contract(mixin: type) -> None:
-    """Give a mixin its declared defaults as class attributes and its contract in __doc__."""
-    own = vars(mixin).get("_contract", ())
-    for attribute in own:
+    """Give a mixin its declared defaults as class attributes and, for a public mixin (one
+    named by its own ``_mixin_name``), its whole contract in ``__doc__``."""
+    for attribute in vars(mixin).get("_contract", ()):
         if not attribute.required:
             setattr(mixin, attribute.name, attribute.default)
-    if own and mixin.__doc__ and "_mixin_name" in vars(mixin):
-        required = [a for a in own if a.required]
-        optional_ = [a for a in own if not a.required]
-        lines = ["", "", "Required in setUp:"] if required else [""]
-        lines += [f"    ``self.{a.name}``: {a.meaning}, e.g. ``{a.example}``." for a in required]
-        lines += ["", "Optional (default in brackets):"]
-        lines += [
-            f"    ``self.{a.name}``: {a.meaning} [{_rst(a.describe_default())}]." for a in optional_
-        ]
-        mixin.__doc__ = mixin.__doc__.rstrip() + "\n    ".join(lines) + "\n"
+    if not mixin.__doc__ or vars(mixin).get("_mixin_name") != mixin.__name__:
+        return
+    shared = [attribute.name for attribute in CheckMixin._contract]
+    declared = list(mixin._attributes().values())  # type: ignore[attr-defined]
+    declared.sort(key=lambda attribute: attribute.name in shared)  # the shared ones last
+    required = [a for a in declared if a.required]
+    optional_ = [a for a in declared if not a.required]
+    lines = ["", "", "Required in setUp:"] if required else [""]
+    lines += [f"    ``self.{a.name}``: {a.meaning}, e.g. ``{a.example}``." for a in required]
+    lines += ["", "Optional (default in brackets):"]
+    lines += [
+        f"    ``self.{a.name}``: {a.meaning} [{_rst(a.describe_default())}]." for a in optional_
+    ]
+    mixin.__doc__ = mixin.__doc__.rstrip() + "\n    ".join(lines) + "\n"
 
 
 _install_contract(CheckMixin)

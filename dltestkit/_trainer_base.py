@@ -16,9 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import Attribute, CheckMixin, ContractError, is_callable, is_str, optional
+from ._base import SEED_RANGE, Attribute, CheckMixin, ContractError, is_callable, is_str, optional
+from ._random import make_deterministic
 
-__all__ = ["Scalar", "TrainerContract", "as_number", "describe", "is_trainer", "same_number"]
+__all__ = [
+    "Scalar",
+    "TrainerContract",
+    "as_number",
+    "by_count",
+    "describe",
+    "is_trainer",
+    "listed",
+    "same_number",
+]
 
 
 # -- validators ------------------------------------------------------------------------------
@@ -101,6 +111,17 @@ def first_log_difference(
 
 def describe_scalar(scalar: Optional[Scalar]) -> str:
     return "nothing" if scalar is None else scalar.where()
+
+
+def listed(names: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` names, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def by_count(count: int, singular: str, plural: str) -> str:
+    """``singular`` for one, ``plural`` for any other count."""
+    return singular if count == 1 else plural
 
 
 class TrainerContract(CheckMixin):
@@ -246,3 +267,35 @@ class TrainerContract(CheckMixin):
             name: value.detach().clone()
             for name, value in self._model(trainer).state_dict().items()
         }
+
+    def _prepare(self) -> None:
+        """A check starts without trainers of its own (``_new_trainer`` notes them)."""
+        super()._prepare()
+        self._made: List[Any] = []
+
+    def _new_trainer(self, seed: int) -> Any:
+        """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
+        make_trainer = self._get_or_skip("make_trainer")
+        make_deterministic(seed)
+        trainer = make_trainer()
+        if is_trainer(trainer):
+            raise self._contract_error(
+                "make_trainer",
+                f"returned a {type(trainer).__name__}, which has no train(epochs) and eval()",
+            )
+        model = self._model(trainer)
+        for other in [getattr(self, "trainer", None), *self._made]:
+            if trainer is other or model is getattr(other, self.model_attribute, None):
+                what = "the same trainer" if trainer is other else "a trainer with the same model"
+                raise self._contract_error(
+                    "make_trainer",
+                    f"returned {what} as before (self.trainer or an earlier "
+                    "make_trainer() call), so the trainers it builds train one another's "
+                    "weights; build a new trainer and a new model in every call",
+                )
+        self._made.append(trainer)
+        self._close_writer(trainer)
+        return trainer
+
+    def _other_seed(self) -> int:
+        return self.seed - 1 if self.seed == SEED_RANGE[1] else self.seed + 1

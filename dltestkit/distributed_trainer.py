@@ -141,7 +141,8 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             "(1e-4, 1e-6)",
             validate=optional(_is_tolerance),
             read_by=("test_ddp_training",),
-            details="Unset: not compared. Set it for a trainer whose loss is a mean over "
+            default_text="unset: the distributed result is not compared with one process",
+            details="Set it for a trainer whose loss is a mean over "
             "the batch, that draws no random numbers while training, and whose "
             "`make_trainer(rank=0, world_size=1)` takes batches `world_size` times "
             "as large in the same order (as DistributedSampler with the same "

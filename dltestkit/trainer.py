@@ -13,7 +13,6 @@ from typing import (
     Collection,
     Dict,
     List,
-    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -26,7 +25,6 @@ from torch import nn
 
 from ._base import (
     REQUIRED,
-    SEED_RANGE,
     Attribute,
     ContractError,
     check,
@@ -35,28 +33,20 @@ from ._base import (
     is_non_negative_number,
     is_number,
     is_positive_int,
-    is_str,
 )
 from ._random import make_deterministic, preserved_global_state
 from ._trainer_base import (
-    Scalar,
-    TrainerContract,
     as_number,
+    by_count,
     describe,
-    describe_scalar,
-    first_log_difference,
     is_finite_number,
     is_trainer,
+    listed,
     same_number,
-    same_scalar,
 )
+from ._trainer_runs import RunChecks
 from ._trainer_state import (
-    attributes,
-    cloned,
     difference,
-    generators,
-    global_states,
-    numbers,
 )
 
 __all__ = ["TrainerTests", "kl_reference"]
@@ -93,15 +83,6 @@ def _is_kl_arguments(value: Any) -> Optional[str]:
     return f"is {value!r}, not one of {', '.join(repr(names) for names in KL_ARGUMENTS)}"
 
 
-def _names(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _shared_text(count: int, singular: str, plural: str) -> str:
-    return singular if count == 1 else plural
-
-
 #: Layers whose forward pass depends on the train/eval mode (named first in messages).
 _MODE_DEPENDENT = (
     nn.Dropout,
@@ -120,14 +101,7 @@ _MODE_DEPENDENT = (
 )
 
 
-class _Run(NamedTuple):
-    """A trainer the check built, and what it logged."""
-
-    trainer: Any
-    logs: List[Scalar]
-
-
-class TrainerTests(TrainerContract):
+class TrainerTests(RunChecks):
     """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,
     reproducibility, evaluation that leaves the model alone, the loss at initialisation,
     frozen layers, and a VAE's KL divergence.
@@ -152,22 +126,6 @@ class TrainerTests(TrainerContract):
             "below.",
         ),
         Attribute(
-            "save_checkpoint_method",
-            "the name of the trainer's method that saves a checkpoint to a path",
-            '"save"',
-            default="save_checkpoint",
-            validate=is_str,
-            read_by=("test_resume",),
-        ),
-        Attribute(
-            "load_checkpoint_method",
-            "the name of the trainer's method that restores a checkpoint from a path",
-            '"load"',
-            default="load_checkpoint",
-            validate=is_str,
-            read_by=("test_resume",),
-        ),
-        Attribute(
             "expected_scalars",
             "the scalar tags one epoch of training must log",
             '["train/loss", "test/loss"]',
@@ -188,34 +146,6 @@ class TrainerTests(TrainerContract):
             "30.0",
             validate=is_number,
             read_by=("test_overfit_one_batch",),
-        ),
-        Attribute(
-            "nondeterministic_scalars",
-            "names or glob patterns of logged tags whose values legitimately differ between runs",
-            '["time/*", "throughput"]',
-            default=(),
-            validate=is_names,
-            read_by=("test_resume", "test_reproducible"),
-            details="Timings, throughput, memory use: their values are not compared, "
-            "their tags and steps are.",
-        ),
-        Attribute(
-            "resume_rtol",
-            "the relative tolerance comparing a resumed run with an uninterrupted one",
-            "1e-6",
-            default=0.0,
-            validate=is_non_negative_number,
-            read_by=("test_resume",),
-            details="0: exact, as the same computation is on a CPU. Raise it on "
-            "hardware whose kernels are not bitwise reproducible.",
-        ),
-        Attribute(
-            "resume_atol",
-            "the absolute tolerance comparing a resumed run with an uninterrupted one",
-            "1e-7",
-            default=0.0,
-            validate=is_non_negative_number,
-            read_by=("test_resume",),
         ),
         Attribute(
             "expected_initial_loss",
@@ -292,14 +222,9 @@ class TrainerTests(TrainerContract):
     )
 
     trainer: Any
-    save_checkpoint_method: str
-    load_checkpoint_method: str
-    nondeterministic_scalars: Collection[str]
     expected_scalars: Sequence[str]
     overfit_epochs: int
     overfit_max_loss: float
-    resume_rtol: float
-    resume_atol: float
     expected_initial_loss: float
     initial_loss_rtol: float
     initial_loss_atol: float
@@ -320,56 +245,10 @@ class TrainerTests(TrainerContract):
 
     def _prepare(self) -> None:
         """Close the writer of every trainer a check uses, and restore the grad mode."""
-        self._made: List[Any] = []
+        super()._prepare()
         restore_grad_mode = torch.is_grad_enabled()
         self.addCleanup(torch.set_grad_enabled, restore_grad_mode)
         self._close_writer(self.trainer)
-
-    def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
-        name = getattr(self, option)
-        method = getattr(trainer, name, None)
-        if not callable(method):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no method {name}(path) "
-                f"({option}); test_resume saves and loads checkpoints with it. Set "
-                f"self.{option} to the name of the trainer's method."
-            )
-        return method  # type: ignore[no-any-return]
-
-    def _new_trainer(self, seed: int) -> Any:
-        """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
-        make_trainer = self._get_or_skip("make_trainer")
-        make_deterministic(seed)
-        trainer = make_trainer()
-        if is_trainer(trainer):
-            raise self._contract_error(
-                "make_trainer",
-                f"returned a {type(trainer).__name__}, which has no train(epochs) and eval()",
-            )
-        model = self._model(trainer)
-        for other in [self.trainer, *self._made]:
-            if trainer is other or model is getattr(other, self.model_attribute, None):
-                what = "the same trainer" if trainer is other else "a trainer with the same model"
-                raise self._contract_error(
-                    "make_trainer",
-                    f"returned {what} as before (self.trainer or an earlier "
-                    "make_trainer() call), so the trainers it builds train one another's "
-                    "weights; build a new trainer and a new model in every call",
-                )
-        self._made.append(trainer)
-        self._close_writer(trainer)
-        return trainer
-
-    def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
-        """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
-        if any(
-            fnmatch.fnmatchcase(str(a.tag), pattern) for pattern in self.nondeterministic_scalars
-        ):
-            return True
-        return same_scalar(a, b, rtol, atol)
-
-    def _other_seed(self) -> int:
-        return self.seed - 1 if self.seed == SEED_RANGE[1] else self.seed + 1
 
     # -- the checks --------------------------------------------------------------------------
     @check
@@ -434,295 +313,6 @@ class TrainerTests(TrainerContract):
 
     # -- resuming and reproducing ------------------------------------------------------------
     @check
-    def test_resume(self) -> None:
-        """Check that 1 epoch, a checkpoint loaded into a fresh trainer and 1 more epoch give
-        what 2 epochs straight give.
-
-        Catches a resumed run that silently differs from an uninterrupted one: optimizer state
-        (Adam moments) not saved, step or epoch counters that restart, data order or random
-        state not restored, a learning-rate scheduler left out of the checkpoint.
-        """
-        self._get_or_skip("make_trainer")
-        path = str(self.make_temp_dir() / "checkpoint")
-        straight = _Run(*self._trained(self.seed, 2))
-        first = _Run(*self._trained(self.seed, 1))
-        self._method(first.trainer, "save_checkpoint_method")(path)
-        saved = self._snapshot(first.trainer)
-        resumed_trainer = self._new_trainer(self._other_seed())
-        self._method(resumed_trainer, "load_checkpoint_method")(path)
-        loaded = self._snapshot(resumed_trainer)
-        resumed = _Run(resumed_trainer, first.logs + self._train(resumed_trainer, 1))
-        # the global generators that training draws from are the ones it must restore
-        drawn_from = [
-            name for name, state in global_states().items() if state != loaded["global"][name]
-        ]
-        differences = self._resume_differences(straight, resumed)
-        if not differences:
-            return
-        causes = self._not_restored(saved, loaded, drawn_from)
-        reproducible = first_log_difference(straight.logs[: len(first.logs)], first.logs)
-        if reproducible is not None or any(
-            not self._same_value(a, b, 0.0, 0.0) for a, b in zip(straight.logs, first.logs)
-        ):
-            causes.insert(
-                0,
-                "reproducibility: the first epoch already differs between two "
-                "trainers built by make_trainer() under the same seed, so the "
-                "trainer is not reproducible (test_reproducible says why)",
-            )
-        load = self.load_checkpoint_method
-        self.fail(
-            f"a resumed run differs from an uninterrupted one. Trained 2 epochs straight, and "
-            f"1 epoch, then trainer.{self.save_checkpoint_method}(path), a fresh trainer from "
-            f"make_trainer() with trainer.{load}(path) and 1 more epoch:\n  - "
-            + "\n  - ".join(differences)
-            + (
-                f"\nWhat {load} did not restore (the fresh trainer compared with the one that "
-                "saved the checkpoint):\n  - " + "\n  - ".join(causes)
-                if causes
-                else f"\n{load} restored the weights, the optimizer state, the trainer's counters, "
-                "its random generators and the global random states, so the difference comes "
-                "from state kept elsewhere: a schedule held in an iterator or a closure, a "
-                "module-level variable, a data iterator kept across epochs."
-            )
-            + "\nSave everything training depends on in the checkpoint and restore it: "
-            "model.state_dict(), optimizer.state_dict() (Adam's moments and step count), the "
-            "state of schedulers and gradient scalers, the epoch and step counters, the state "
-            "of the generator that shuffles the data (or reseed the sampler from the epoch), "
-            "and torch.get_rng_state() if training draws random numbers (dropout, sampling). "
-            "resume_rtol and resume_atol allow differences, for hardware whose kernels are not "
-            "bitwise reproducible."
-        )
-
-    def _trained(self, seed: int, epochs: int) -> Tuple[Any, List[Scalar]]:
-        trainer = self._new_trainer(seed)
-        return trainer, self._train(trainer, epochs)
-
-    def _resume_differences(self, straight: _Run, resumed: _Run) -> List[str]:
-        rtol, atol = self.resume_rtol, self.resume_atol
-        model = self.model_attribute
-        differences = []
-        mismatch = first_log_difference(straight.logs, resumed.logs)
-        if mismatch is not None:
-            expected, actual = mismatch
-            differences.append(
-                f"logging: the resumed run logged {describe_scalar(actual)} where the "
-                f"uninterrupted run logged {describe_scalar(expected)} (usually a step or "
-                "epoch counter that was not restored)"
-            )
-        found = difference(self._state(straight.trainer), self._state(resumed.trainer), rtol, atol)
-        if found:
-            differences.append(
-                f"weights: {model}.{found.path[0]} differs after the second epoch ({found.detail})"
-            )
-        straight_optimizer = self._optimizer(straight.trainer)
-        resumed_optimizer = self._optimizer(resumed.trainer)
-        if straight_optimizer is not None and resumed_optimizer is not None:
-            found = difference(
-                straight_optimizer.state_dict(), resumed_optimizer.state_dict(), rtol, atol
-            )
-            if found:
-                where = self._optimizer_place(straight_optimizer, straight.trainer, found.path)
-                differences.append(
-                    f"optimizer state: {where} differs after the second epoch ({found.detail})"
-                )
-        if mismatch is None:
-            for a, b in zip(straight.logs, resumed.logs):
-                if not self._same_value(a, b, rtol, atol):
-                    hint = (
-                        ""
-                        if differences
-                        else " (with equal weights: a timing? list it in nondeterministic_scalars)"
-                    )
-                    differences.append(
-                        f"logged values: {a.where()} is {b.value!r} in the "
-                        f"resumed run, {a.value!r} in the uninterrupted "
-                        f"one{hint}"
-                    )
-                    break
-        return differences
-
-    def _optimizer_place(self, optimizer: Any, trainer: Any, path: Tuple[Any, ...]) -> str:
-        """Where in an optimizer's state dict ``path`` is, with parameter indices named."""
-        if len(path) >= 2 and path[0] == "state" and isinstance(path[1], int):
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            names = {id(p): name for name, p in self._model(trainer).named_parameters()}
-            index = path[1]
-            known = index < len(parameters) and id(parameters[index]) in names
-            name = (
-                f"{self.model_attribute}.{names[id(parameters[index])]}"
-                if known
-                else f"parameter {index}"
-            )
-            rest = "".join(f"[{key!r}]" for key in path[2:])
-            return f"the state of {name}{rest}"
-        return "".join(f"[{key!r}]" for key in path) or "the state dict"
-
-    def _snapshot(self, trainer: Any) -> Dict[str, Any]:
-        """What a checkpoint should carry, copied from the trainer."""
-        model = self._model(trainer)
-        optimizer = self._optimizer(trainer)
-        others = {}
-        for name, value in attributes(trainer).items():
-            if (
-                value is model
-                or value is optimizer
-                or not callable(getattr(value, "state_dict", None))
-            ):
-                continue
-            try:
-                others[name] = cloned(value.state_dict())
-            except Exception:  # not a state dict after all (e.g. needs arguments)
-                continue
-        return {
-            "model": self._state(trainer),
-            "optimizer": None if optimizer is None else cloned(optimizer.state_dict()),
-            "numbers": numbers(trainer),
-            "generators": generators(trainer),
-            "others": others,
-            "global": global_states(),
-        }
-
-    def _not_restored(
-        self, saved: Dict[str, Any], loaded: Dict[str, Any], drawn_from: Sequence[str]
-    ) -> List[str]:
-        """What load_checkpoint left different from the trainer that saved the checkpoint."""
-        causes = []
-        model = self.model_attribute
-        weights = [
-            f"{model}.{name}"
-            for name, value in saved["model"].items()
-            if difference(value, loaded["model"].get(name, None))
-        ]
-        if weights:
-            causes.append(
-                f"weights: {_names(weights)} {_shared_text(len(weights), 'differs', 'differ')}"
-            )
-        if saved["optimizer"] is not None and loaded["optimizer"] is not None:
-            found = difference(saved["optimizer"], loaded["optimizer"])
-            if found:
-                saved_state = saved["optimizer"].get("state", {})
-                if found.path[:1] == ("state",) and not loaded["optimizer"].get("state"):
-                    keys = sorted({key for entry in saved_state.values() for key in entry})
-                    causes.append(
-                        f"optimizer state: the fresh trainer's optimizer has no state, the "
-                        f"saved one had {', '.join(map(str, keys))} for {len(saved_state)} "
-                        "parameters (Adam's moments are lost, so its first steps are "
-                        "too large)"
-                    )
-                else:
-                    where = "".join(f"[{key!r}]" for key in found.path)
-                    causes.append(
-                        f"optimizer state: {self.optimizer_attribute}.state_dict()"
-                        f"{where} {found.detail}"
-                    )
-        numbers = [
-            f"trainer.{name} is {loaded['numbers'][name]!r}, was {value!r}"
-            for name, value in saved["numbers"].items()
-            if name in loaded["numbers"] and difference(value, loaded["numbers"][name])
-        ]
-        if numbers:
-            causes.append("counters: " + "; ".join(numbers))
-        generators = [
-            name
-            for name, state in saved["generators"].items()
-            if name in loaded["generators"] and loaded["generators"][name] != state
-        ]
-        if generators:
-            kind = _shared_text(len(generators), "generator", "generators")
-            verb = _shared_text(len(generators), "is", "are")
-            causes.append(
-                f"data order: the random {kind} {', '.join(generators)} {verb} not "
-                "in the saved state (checkpoint generator.get_state() and restore it "
-                "with set_state())"
-            )
-        others = [
-            f"trainer.{name}"
-            for name, state in saved["others"].items()
-            if name in loaded["others"] and difference(state, loaded["others"][name])
-        ]
-        if others:
-            causes.append(f"other state: the state_dict() of {', '.join(others)}")
-        rngs = [name for name in drawn_from if loaded["global"][name] != saved["global"][name]]
-        if rngs:
-            causes.append(
-                f"random state: training draws from {', '.join(rngs)} (dropout, "
-                "sampling, DataLoader(shuffle=True) without generator=), whose "
-                f"{_shared_text(len(rngs), 'state is', 'states are')} not restored"
-            )
-        return causes
-
-    @check
-    def test_reproducible(self) -> None:
-        """Check that two trainers from ``make_trainer()`` trained one epoch under the same
-        seed agree exactly.
-
-        Catches a run that cannot be reproduced: data shuffled by an unseeded generator, a
-        seed taken from the time, weights initialised outside the seeded RNGs, state shared
-        between trainers.
-        """
-        self._get_or_skip("make_trainer")
-        runs = []
-        for _ in range(2):
-            trainer = self._new_trainer(self.seed)
-            initial = self._state(trainer)
-            runs.append((initial, self._train(trainer, 1), self._state(trainer)))
-        (initial, logs, final), (other_initial, other_logs, other_final) = runs
-        model = self.model_attribute
-        start = difference(initial, other_initial)
-        if start:
-            self.fail(
-                f"two trainers built by make_trainer() under the same seed start from different "
-                f"weights: {model}.{start.path[0]} differs before any training "
-                f"({start.detail}). The model is initialised from a source the global seeds do "
-                "not control: a generator seeded from the time or os.urandom (torch.seed(), "
-                "torch.Generator().seed()), weights loaded from a file that changes, a cache "
-                "shared between trainers. Draw the initial weights from torch's global RNG, or "
-                "from a generator seeded with a fixed seed."
-            )
-        found = difference(final, other_final)
-        log = first_log_difference(logs, other_logs)
-        if log is None:
-            log = next(
-                ((a, b) for a, b in zip(logs, other_logs) if not self._same_value(a, b, 0.0, 0.0)),
-                None,
-            )
-        if found is None and log is None:
-            return
-        what = []
-        if log is not None:
-            a, b = log
-            hint = (
-                ""
-                if found
-                else "; with equal weights: a timing? list it in nondeterministic_scalars"
-            )
-            what.append(
-                f"the first logged scalar that differs is {describe_scalar(a)} "
-                + (
-                    f"({a.value!r} and {b.value!r}{hint})"
-                    if a and b and a.where() == b.where()
-                    else f"(the other run logged {describe_scalar(b)})"
-                )
-            )
-        if found is not None:
-            what.append(
-                f"the first parameter or buffer that differs is {model}.{found.path[0]} "
-                f"({found.detail})"
-            )
-        self.fail(
-            "two trainers built by make_trainer() under the same seed and trained one epoch "
-            f"differ: {'; '.join(what)}. Usual causes: data shuffled by an unseeded generator "
-            "(np.random.default_rng() or random.Random() without a seed, "
-            "torch.Generator().seed(), a seed taken from the time), randomness in DataLoader "
-            "workers that is not derived from the loader's seed, state shared between trainers "
-            "(a module-level counter or cache), non-deterministic kernels (on a GPU, set "
-            "torch.use_deterministic_algorithms(True)). Derive every seed from the global RNGs "
-            "or from a seed argument."
-        )
-
-    # -- evaluation and initialisation -------------------------------------------------------
-    @check
     def test_eval_leaves_model_unchanged(self) -> None:
         """Check that ``eval()`` runs the model in eval mode and changes no parameter, buffer,
         module mode or grad mode.
@@ -766,7 +356,7 @@ class TrainerTests(TrainerContract):
         ]
         if changed:
             problems.append(
-                f"it changed {_names(changed)}: an evaluation in training mode updates "
+                f"it changed {listed(changed)}: an evaluation in training mode updates "
                 "BatchNorm's running statistics with the evaluation data, and an optimizer "
                 "step or an in-place update in eval() changes the weights. Evaluate under "
                 "model.eval() and torch.no_grad(), without stepping the optimizer"
@@ -781,8 +371,8 @@ class TrainerTests(TrainerContract):
             if switched:
                 was, now = ("training", "eval") if was_training else ("eval", "training")
                 problems.append(
-                    f"it left {_names(switched)} in {now} mode, which "
-                    f"{_shared_text(len(switched), 'was', 'were')} in {was} mode before: the "
+                    f"it left {listed(switched)} in {now} mode, which "
+                    f"{by_count(len(switched), 'was', 'were')} in {was} mode before: the "
                     "training that follows runs in the wrong mode. Record the mode of each "
                     "submodule before model.eval() and restore it afterwards (at least "
                     "was_training = model.training ... model.train(was_training))"
@@ -807,7 +397,7 @@ class TrainerTests(TrainerContract):
                 problems.insert(
                     0,
                     (
-                        f"it ran {_names(culprits)} in training mode"
+                        f"it ran {listed(culprits)} in training mode"
                         + (
                             f", so its loss changes with the random seed ({loss:.6g}, then "
                             f"{again:.6g})"
@@ -871,8 +461,8 @@ class TrainerTests(TrainerContract):
             raise self._contract_error(
                 "frozen_parameters",
                 f"has {unmatched}, which "
-                f"{_shared_text(len(unmatched), 'matches', 'match')} no parameter of "
-                f"trainer.{self.model_attribute} (its parameters: {_names(names, 6)})",
+                f"{by_count(len(unmatched), 'matches', 'match')} no parameter of "
+                f"trainer.{self.model_attribute} (its parameters: {listed(names, 6)})",
             )
         frozen = {
             name
@@ -913,7 +503,7 @@ class TrainerTests(TrainerContract):
                 f"{count} of {len(names)} parameters of trainer.{self.model_attribute} did not "
                 "do what frozen_parameters says (listed there: unchanged; all others: "
                 "changed):\n  "
-                + "\n  ".join(f"{_names(group, 4)}: {reason}" for reason, group in reasons.items())
+                + "\n  ".join(f"{listed(group, 4)}: {reason}" for reason, group in reasons.items())
                 + "\nFreeze with p.requires_grad_(False) before building the optimizer, build "
                 "the optimizer after freezing and unfreezing, and list in frozen_parameters "
                 "exactly the parameters that must not train."
@@ -937,7 +527,7 @@ class TrainerTests(TrainerContract):
         movers = [f"{key}={group[key]}" for key in ("weight_decay", "momentum") if group.get(key)]
         moved = (
             f"; the optimizer's param group has {' and '.join(movers)}, which "
-            f"{_shared_text(len(movers), 'moves', 'move')} a parameter even when its "
+            f"{by_count(len(movers), 'moves', 'move')} a parameter even when its "
             "gradient is zeroed"
             if movers
             else ""
