@@ -27,7 +27,7 @@ from ._base import (
     is_positive_int,
 )
 from ._model_base import ModelContract
-from ._tensors import batched_entries, call_model, named_tensors, replace_entries
+from ._tensors import batched_entries, call_model, floating_tensors, replace_entries
 from .launch import DistributedError, run_distributed
 
 __all__ = ["DistributedModelTests"]
@@ -126,7 +126,7 @@ def _batch_loss(
     """The mean over the samples of each sample's randomly weighted outputs: a loss whose
     gradient DDP's averaging over equal shards reproduces exactly."""
     total = torch.zeros(())
-    outputs = [t for _, t in named_tensors(output) if t.is_floating_point()]
+    outputs = [t for _, t in floating_tensors(output)]
     for tensor, weight, dim in zip(outputs, weights, batch_dims):
         if dim is not None:
             total = total + (tensor * weight).sum()
@@ -265,18 +265,14 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             for rank in range(ranks)
         ]
 
-    def _batch_dims(self, model: nn.Module, shard: Any) -> List[Optional[int]]:
-        """The batch dimension of each floating-point output (the one whose size follows the
-        batch size), or None for an output without one (a scalar loss)."""
+    def _batch_dims(
+        self, model: nn.Module, shard: Any
+    ) -> Tuple[List[torch.Tensor], List[Optional[int]]]:
+        """The floating-point outputs for self.inputs, and the batch dimension of each (the one
+        whose size follows the batch size), or None for an output without one (a scalar loss)."""
         with torch.no_grad():
-            full = [
-                t
-                for _, t in named_tensors(self._forward(model, self.inputs))
-                if t.is_floating_point()
-            ]
-            part = [
-                t for _, t in named_tensors(self._forward(model, shard)) if t.is_floating_point()
-            ]
+            full = [t for _, t in floating_tensors(self._forward(model, self.inputs))]
+            part = [t for _, t in floating_tensors(self._forward(model, shard))]
         batch, size = self._batch_size(), self._batch_size() // self.world_size
         dims: List[Optional[int]] = []
         for whole, piece in zip(full, part):
@@ -291,7 +287,7 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                 and piece.shape[changed[0]] == size
             )
             dims.append(changed[0] if ok else None)
-        return dims
+        return full, dims
 
     @check
     def test_ddp_gradients(self) -> None:
@@ -305,22 +301,14 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         shards = self._shards()
         reference = self._copy_model()
         training = _set_modes(reference, self.local_batch_statistics)
-        dims = self._batch_dims(reference, shards[0])
+        outputs, dims = self._batch_dims(reference, shards[0])
         if self.loss_fn is None and not any(d is not None for d in dims):
             raise self._contract_error(
                 "loss_fn",
                 "is unset and no floating-point output has a batch dimension to "
                 "average over; set self.loss_fn to the mean loss over the batch",
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        outputs = [
-            t
-            for _, t in named_tensors(self._forward(reference, self.inputs))
-            if t.is_floating_point()
-        ]
-        full = [
-            torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in outputs
-        ]
+        full = self._weights(outputs)
         ranks = self.world_size
         per_rank = [
             [w.chunk(ranks, dim)[rank] if dim is not None else w for w, dim in zip(full, dims)]
