@@ -14,8 +14,8 @@ Device bugs are found without a GPU by running a copy of the model on the ``meta
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -84,11 +84,16 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def user_code_location() -> str:
-    """``file:line in function`` of the innermost frame outside torch and dltestkit."""
-    for frame in reversed(traceback.extract_stack()):
-        path = os.path.abspath(frame.filename)
+    """``file:line in function`` of the innermost frame outside torch and dltestkit.
+
+    Walks the frames from the innermost out and stops at the first one found, reading no
+    source lines: the dtype watch asks for it at every tensor it notes."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
         if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "unittest" not in path:
-            return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}"
+            return f"{os.path.basename(path)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
     return "an unknown place"
 
 
