@@ -476,6 +476,11 @@ def checks_of(cls: type) -> Tuple[str, ...]:
     return tuple(names)
 
 
+def shared_attributes() -> List[str]:
+    """The attributes every mixin reads (CheckMixin's own: seed, num_threads)."""
+    return [attribute.name for attribute in CheckMixin._contract]
+
+
 def _rst(markdown: str) -> str:
     """Markdown inline code (`x`) as reStructuredText inline literals (``x``)."""
     return markdown.replace("`", "``")
@@ -489,7 +494,7 @@ def _install_contract(mixin: type) -> None:
             setattr(mixin, attribute.name, attribute.default)
     if not mixin.__doc__ or vars(mixin).get("_mixin_name") != mixin.__name__:
         return
-    shared = [attribute.name for attribute in CheckMixin._contract]
+    shared = shared_attributes()
     declared = list(mixin._attributes().values())  # type: ignore[attr-defined]
     declared.sort(key=lambda attribute: attribute.name in shared)  # the shared ones last
     required = [a for a in declared if a.required]

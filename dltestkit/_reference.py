@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Dict, List, Sequence, Tuple, Type
 
-from ._base import Attribute, CheckMixin, checks_of
+from ._base import Attribute, CheckMixin, checks_of, shared_attributes
 
 __all__ = [
     "PAGES",
@@ -43,11 +43,6 @@ def public_mixins() -> List[Mixin]:
     import dltestkit
 
     return [getattr(dltestkit, name) for name in PAGES]
-
-
-def _shared() -> List[str]:
-    """The attributes every mixin reads (declared by CheckMixin itself)."""
-    return [attribute.name for attribute in CheckMixin._contract]
 
 
 def home_mixin(mixin: type, check: str) -> str:
@@ -125,7 +120,7 @@ def attribute_table(mixin: Mixin) -> List[str]:
     attribute, default, the checks that read it, meaning."""
     rows = []
     declarations = mixin._declarations()
-    shared = _shared()  # last: every mixin reads them
+    shared = shared_attributes()  # last: every mixin reads them
     names = [name for name in declarations if name not in shared] + shared
     for name in names:
         attribute, _ = declarations[name]
@@ -141,12 +136,11 @@ def contract_table(mixins: Sequence[Mixin]) -> List[str]:
     """Markdown lines of a table of the required and the optional attributes of each mixin
     (those every mixin reads, such as ``seed``, in a row of their own)."""
     rows = []
+    shared = shared_attributes()
     for mixin in mixins:
         declarations = mixin._attributes()
         required = [f"`{n}`" for n, a in declarations.items() if a.required]
-        optional = [
-            f"`{n}`" for n, a in declarations.items() if not a.required and n not in _shared()
-        ]
+        optional = [f"`{n}`" for n, a in declarations.items() if not a.required and n not in shared]
         rows.append(
             [
                 f"[`{mixin.__name__}`]({PAGES[mixin.__name__]}.md)",
@@ -154,5 +148,5 @@ def contract_table(mixins: Sequence[Mixin]) -> List[str]:
                 ", ".join(optional),
             ]
         )
-    rows.append(["every mixin", "", ", ".join(f"`{name}`" for name in _shared())])
+    rows.append(["every mixin", "", ", ".join(f"`{name}`" for name in shared)])
     return _table(["mixin", "required", "optional"], rows)

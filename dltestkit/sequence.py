@@ -103,7 +103,7 @@ class SequenceModelTests(ModelTests):
                     "padding_mask",
                     f"is {self.padding_mask!r}, which self.inputs does not have (it has {keys})",
                 )
-            mask = dict(input_entries(self.inputs))[self.padding_mask]
+            mask = dict(input_entries(self.inputs))[self.padding_mask]  # not yet validated
             if (
                 not isinstance(mask, torch.Tensor)
                 or mask.dim() != 2
@@ -206,12 +206,17 @@ class SequenceModelTests(ModelTests):
                         "(bidirectional=True, attention without a causal mask)."
                     )
 
+    def _mask(self) -> torch.Tensor:
+        """The padding mask in self.inputs (the contract makes sure it is a tensor)."""
+        mask: torch.Tensor = dict(input_entries(self.inputs))[self.padding_mask]
+        return mask
+
     def _real_positions(self, length: int) -> torch.Tensor:
         """(batch, length): True at the positions that padding_mask marks real (all of them
         without a padding mask)."""
         if not self._is_set("padding_mask"):
             return torch.ones(self._batch_size(), length, dtype=torch.bool)
-        mask: torch.Tensor = dict(input_entries(self.inputs))[self.padding_mask]
+        mask = self._mask()
         if mask.shape[1] != length:
             raise self._contract_error(
                 "padding_mask",
@@ -223,7 +228,7 @@ class SequenceModelTests(ModelTests):
     def _padded_inputs(self) -> Tuple[Any, torch.Tensor]:
         """self.inputs with padding (the user's, or made here), and the padded positions."""
         key = self.padding_mask
-        mask: torch.Tensor = dict(input_entries(self.inputs))[key]
+        mask = self._mask()
         padded = ~self._real_positions(mask.shape[1])
         if padded.any():
             return self.inputs, padded
