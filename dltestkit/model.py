@@ -82,9 +82,9 @@ class ModelTests(ModelContract):
                         f"{tuple(output.shape)}, expected {wanted}. {hint}"
                     )
 
-    def _check_meta(self, training: bool) -> None:
+    def _check_meta(self, on_cpu: nn.Module, on_meta: nn.Module, training: bool) -> None:
+        """Run ``on_meta`` (a copy moved to meta) watched, replaying ``on_cpu``'s data reads."""
         mode = describe_mode(training)
-        on_cpu, on_meta = self._copy_model(), self._copy_model().to("meta")
         inputs = self._on("meta")
         try:
             output, problem = watch_meta_forward(
@@ -184,8 +184,9 @@ class ModelTests(ModelContract):
         without device= (position ids, noise), unregistered tensor attributes, layers in a
         plain list, outputs left on the CPU; found on the meta device, without a GPU.
         """
-        for training in (False, True):
-            self._check_meta(training)
+        on_cpu, on_meta = self._copy_model(), self._copy_model().to("meta")
+        for training in (False, True):  # eval first: only training mode updates BatchNorm
+            self._check_meta(on_cpu, on_meta, training)
 
     @check
     def test_device_moving_on_gpu(self) -> None:
