@@ -20,7 +20,6 @@ from typing import (
 
 import numpy as np
 import torch
-from scipy import integrate, stats
 from torch import nn
 
 from ._base import (
@@ -65,8 +64,11 @@ def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> n
     """KL(N(mu, sigma^2) || N(0, 1)) per element, by numerical integration.
 
     Integrates ``p(x) (log p(x) - log q(x))`` with Simpson's rule over ``mu +- 12
-    sigma`` using ``scipy.stats.norm`` densities; independent of the closed form.
+    sigma`` using ``scipy.stats.norm`` densities; independent of the closed form. scipy is
+    imported here, not with dltestkit: it takes about a second to import.
     """
+    from scipy import integrate, stats
+
     mu = np.asarray(mu, dtype=np.float64)[..., None]
     sigma = np.exp(np.asarray(log_sigma, dtype=np.float64))[..., None]
     t = np.linspace(-12.0, 12.0, points)

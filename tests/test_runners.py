@@ -73,5 +73,23 @@ class Runners(unittest.TestCase):
         self.assertIn("FAILED (failures=1, skipped=2)", output)
 
 
+class Import(unittest.TestCase):
+    def test_importing_dltestkit_leaves_scipy_unimported(self) -> None:
+        # scipy takes about a second to import; only the KL check's reference needs it
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, dltestkit; print(sorted(set(sys.modules) & "
+                "{'scipy', 'scipy.stats', 'scipy.integrate'}))",
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+        self.assertEqual(completed.stdout.strip(), "[]", completed.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
