@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, List
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -138,6 +138,25 @@ class ModelTests(ModelContract):
                 "made without device= in forward)"
             )
 
+    def _assert_same_outputs(
+        self, actual: Any, expected: Any, differs: str, rtol: Optional[float], atol: Optional[float]
+    ) -> None:
+        """Compare every output tensor of ``actual`` with the tensor at the same path in
+        ``expected`` (``differs`` begins the message); outputs that are no tensor (a
+        transformers cache object) are not compared."""
+        got, wanted = list(named_tensors(actual)), list(named_tensors(expected))
+        if [path for path, _ in got] != [path for path, _ in wanted]:
+            self.fail(
+                f"{differs}: it returns {', '.join(path for path, _ in got) or 'no tensor'} "
+                f"instead of {', '.join(path for path, _ in wanted) or 'no tensor'}"
+            )
+        for (path, a), (_, b) in zip(got, wanted):
+
+            def message(report: str, path: str = path) -> str:
+                return f"{differs} ({path}):\n{report}"
+
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=message)
+
     def _check_accelerator(self, device: str) -> None:
         with torch.no_grad():
             reference = self._forward(self.model, self.inputs)
@@ -151,30 +170,31 @@ class ModelTests(ModelContract):
             self._assert_outputs_on(on_device, device, "eval")
             on_device = map_tensors(lambda t: t.cpu(), on_device)
             if deterministic:
-                torch.testing.assert_close(
+                self._assert_same_outputs(
                     on_device,
                     reference,
+                    f"the model on {device} gives other outputs than on the CPU",
                     rtol=self.device_rtol,
                     atol=self.device_atol,
-                    msg=lambda m: (
-                        f"the model on {device} gives other outputs than on the CPU:\n{m}"
-                    ),
                 )
             else:  # random even in eval mode: GPU noise differs from CPU noise
                 for (path, a), (_, b) in zip(named_tensors(on_device), named_tensors(reference)):
                     self.assertEqual(a.shape, b.shape, f"{path} has another shape on {device}")
                     self.assertTrue(torch.isfinite(a).all(), f"{path} is not finite on {device}")
-            self._assert_outputs_on(
-                self._forward(moved, self._on(device), training=True), device, "training"
-            )
+            # Back before any training-mode pass: that one updates BatchNorm's running
+            # statistics, which would change the eval outputs of a correct model.
             back = self._forward(moved.to("cpu"), self.inputs)
-        torch.testing.assert_close(
-            back,
-            reference,
-            rtol=0,
-            atol=0,
-            msg=lambda m: f"the model moved to {device} and back gives other outputs:\n{m}",
-        )
+            self._assert_same_outputs(
+                back,
+                reference,
+                f"the model moved to {device} and back gives other outputs than before",
+                rtol=0,
+                atol=0,
+            )
+            in_training = self._copy_model().to(device)
+            self._assert_outputs_on(
+                self._forward(in_training, self._on(device), training=True), device, "training"
+            )
 
     @check
     def test_device_moving(self) -> None:

@@ -692,11 +692,26 @@ class DeviceMoving(CheckTestCase):
 
     def test_with_an_accelerator_outputs_are_compared_after_moving_there_and_back(self) -> None:
         # "cpu" stands in for a GPU so that this part runs on CPU-only machines too.
-        for model_type in (AutoEncoder, VAE):
+        # WithBatchNorm: its training-mode pass updates the running statistics, which must
+        # not count as a change from moving back
+        for model_type in (AutoEncoder, VAE, WithBatchNorm):
             with self.subTest(model_type.__name__):
                 self.assertPasses(
                     model_case(model_type, accelerators=["cpu"]), "test_device_moving_on_gpu"
                 )
+
+    def test_with_an_accelerator_outputs_that_are_no_tensors_are_not_compared(self) -> None:
+        class Cache:  # like transformers' DynamicCache: tensors inside an object
+            def __init__(self, keys: torch.Tensor) -> None:
+                self.keys = keys
+
+        class ReturnsACache(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Dict[str, Any]:  # type: ignore[override]
+                return {"logits": super().forward(x), "cache": Cache(x * 2)}
+
+        self.assertPasses(
+            model_case(ReturnsACache, accelerators=["cpu"]), "test_device_moving_on_gpu"
+        )
 
     def test_with_an_accelerator_outputs_that_differ_on_the_device_fail(self) -> None:
         class ChangesWhenMoved(AutoEncoder):
@@ -712,8 +727,26 @@ class DeviceMoving(CheckTestCase):
         self.assertFailsWith(
             model_case(ChangesWhenMoved, accelerators=["cpu"]),
             "test_device_moving_on_gpu",
-            "the model on cpu gives other outputs than on the CPU",
+            "the model on cpu gives other outputs than on the CPU (output):",
             "Mismatched elements",
+        )
+
+    def test_with_an_accelerator_the_output_that_differs_is_named(self) -> None:
+        class ChangesItsSecondOutputWhenMoved(AutoEncoder):
+            moved = False
+
+            def _apply(self, fn: Any, recurse: bool = True) -> Any:
+                self.moved = True
+                return super()._apply(fn, recurse)
+
+            def forward(self, x: torch.Tensor) -> Dict[str, Any]:  # type: ignore[override]
+                out = super().forward(x)
+                return {"out": out, "stats": [out.mean(), out.std() + float(self.moved)]}
+
+        self.assertFailsWith(
+            model_case(ChangesItsSecondOutputWhenMoved, accelerators=["cpu"]),
+            "test_device_moving_on_gpu",
+            "the model on cpu gives other outputs than on the CPU (output['stats'][1]):",
         )
 
     def test_with_an_accelerator_outputs_that_change_after_moving_back_fail(self) -> None:
@@ -730,7 +763,7 @@ class DeviceMoving(CheckTestCase):
         self.assertFailsWith(
             model_case(ChangesWhenMovedBack, accelerators=["cpu"]),
             "test_device_moving_on_gpu",
-            "the model moved to cpu and back gives other outputs",
+            "the model moved to cpu and back gives other outputs than before (output):",
         )
 
 

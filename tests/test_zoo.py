@@ -423,6 +423,13 @@ class RealModels(CheckTestCase):
                     allowed = [NO_GPU, *skips]
                     self.assertPasses(case, name, allowed_skips=allowed)
 
+    def test_the_gpu_comparison_passes_on_every_model_with_the_cpu_standing_in(self) -> None:
+        # BatchNorm (ResNet) and transformers' cache objects (GPT-2, Llama) included
+        for label, (mixin, attributes, _) in ZOO.items():
+            with self.subTest(label):
+                case = zoo_case(mixin, dict(attributes, accelerators=["cpu"]))
+                self.assertPasses(case, "test_device_moving_on_gpu", allowed_skips=())
+
 
 class DropsTheMask(nn.Module):
     """A wrapper that accepts an attention mask and forgets to pass it on."""
