@@ -408,13 +408,18 @@ class DtypeWatch(TorchFunctionMode):
         result = func(*args, **kwargs)
         made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
         if made:
-            if name in _FACTORIES or name in _CASTS:
+            cast = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if name in _CASTS and cast is not None and cast.dtype == made[0].dtype:
+                # .to(device), .float() of a float32 tensor: no cast, so the tensor keeps
+                # the origin it had (``to`` may even return the tensor itself)
+                origin: Optional[str] = self.origin(cast)
+            elif name in _FACTORIES or name in _CASTS:
                 how = (
                     "with a fixed dtype"
                     if "dtype" in kwargs or name in _CASTS
                     else "without dtype="
                 )
-                origin: Optional[str] = (
+                origin = (
                     f"{_name(func)} {how} in {self.modules.current()}, at {user_code_location()}"
                 )
             else:  # a view or a result of such a tensor: it comes from the same place

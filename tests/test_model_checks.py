@@ -1083,6 +1083,21 @@ class DtypeMoving(CheckTestCase):
             model_case(CastsToFloat), "test_dtype_moving", "made by Tensor.float with a fixed dtype"
         )
 
+    def test_a_device_move_of_a_float32_constant_keeps_where_it_was_made(self) -> None:
+        class MovesAConstant(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                offset = torch.tensor([0.5, -0.5, 0.5, -0.5])  # float32: no dtype=
+                return super().forward(x - offset.to(x.device))  # a device move, no cast
+
+        text = self.assertFailsWith(
+            model_case(MovesAConstant, moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "Tensor.sub in MovesAConstant",
+            "combines a torch.bfloat16 tensor with a torch.float32 tensor of shape (4,), "
+            "made by torch.tensor without dtype= in MovesAConstant, at test_model_checks.py:",
+        )
+        self.assertNotIn("made by Tensor.to", text)
+
     def test_a_fixed_dtype_that_makes_forward_raise_fails_naming_the_mix(self) -> None:
         self.assertFailsWith(
             model_case(ConstantOfFixedDtype),
