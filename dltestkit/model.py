@@ -485,6 +485,11 @@ class ModelTests(ModelContract):
         Catches tensors created with a fixed dtype (torch.randn(shape), x.float()) that
         break or upcast a model moved to bfloat16 or float64, named with the line that makes
         them.
+
+        Every floating-point output must have the moved dtype, except a 0-dim one (a loss,
+        a metric), which may be float32 instead, and must then be finite: losses are reduced
+        in float32 on purpose (``torch.autocast`` does it, and transformers' losses cast the
+        logits with ``.float()``, which gives a float32 loss for a float64 model too).
         """
         for dtype in self.moved_dtypes:
             with self.subTest(dtype=str(dtype)):
@@ -512,9 +517,22 @@ class ModelTests(ModelContract):
                         f"{type(exc).__name__}: {text.strip()}.{found} "
                         f"{_DTYPE_ADVICE}"
                     )
-            wrong = [
-                f"{path} ({t.dtype})" for path, t in floating_tensors(output) if t.dtype != dtype
-            ]
+            wrong = []
+            for path, tensor in floating_tensors(output):
+                if tensor.dtype == dtype:
+                    continue
+                if tensor.dim() == 0 and tensor.dtype == torch.float32:  # a loss, on purpose
+                    if not torch.isfinite(tensor):
+                        self.fail(
+                            f"a copy moved with .to({dtype}) returns {path} = {float(tensor)} "
+                            f"in {mode} mode: a scalar (a loss) may be computed in float32, "
+                            f"but it must be finite. Look for values that overflow {dtype} "
+                            "before the cast to float32 (exp, large logits), or compute them "
+                            "in float32 too."
+                        )
+                    continue
+                origin = watch.origin(tensor)
+                wrong.append(f"{path} ({tensor.dtype}{', made by ' + origin if origin else ''})")
             if wrong:
                 found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
                 self.fail(

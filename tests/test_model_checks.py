@@ -1071,7 +1071,9 @@ class DtypeMoving(CheckTestCase):
         self.assertFailsWith(
             model_case(NoiseOfFixedDtype),
             "test_dtype_moving",
-            "a copy moved with .to(torch.bfloat16) returns output (torch.float32) in eval mode",
+            "a copy moved with .to(torch.bfloat16) returns output (torch.float32, made by "
+            "torch.randn without dtype= in NoiseOfFixedDtype, at test_model_checks.py:",
+            "in forward) in eval mode",
             "combines a torch.bfloat16 tensor with a torch.float32 tensor of "
             "shape (4, 1, 4, 4), made by torch.randn without dtype= in "
             "NoiseOfFixedDtype, at test_model_checks.py:",
@@ -1081,6 +1083,52 @@ class DtypeMoving(CheckTestCase):
     def test_a_cast_to_float_fails_naming_it(self) -> None:
         self.assertFailsWith(
             model_case(CastsToFloat), "test_dtype_moving", "made by Tensor.float with a fixed dtype"
+        )
+
+    def test_an_output_made_in_float32_is_named_with_where_it_was_made(self) -> None:
+        class ReturnsAFloat32Mask(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                return super().forward(x), torch.ones(x.shape[0])  # no dtype=, mixed with nothing
+
+        self.assertFailsWith(
+            model_case(ReturnsAFloat32Mask),
+            "test_dtype_moving",
+            "returns output[1] (torch.float32, made by torch.ones without dtype= in "
+            "ReturnsAFloat32Mask, at test_model_checks.py:",
+        )
+
+    def test_a_loss_computed_in_float32_passes(self) -> None:
+        # what transformers' causal LMs do with labels: logits.float(), for float64 too
+        class WithLoss(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(x)
+                return {"out": out, "loss": F.mse_loss(out.float(), x.float())}
+
+        self.assertPasses(model_case(WithLoss), "test_dtype_moving")
+
+    def test_a_loss_in_float32_must_be_finite(self) -> None:
+        class OverflowingLoss(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(x)
+                return {"out": out, "loss": (out * 1e38).square().float().sum()}  # inf in bf16
+
+        self.assertFailsWith(
+            model_case(OverflowingLoss, moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "returns output['loss'] = inf in eval mode: a scalar (a loss) may be computed "
+            "in float32, but it must be finite",
+        )
+
+    def test_only_scalars_may_be_float32(self) -> None:
+        class PerSampleLossInFloat32(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(x)
+                return {"out": out, "loss": (out.float() - x.float()).square().flatten(1).mean(1)}
+
+        self.assertFailsWith(
+            model_case(PerSampleLossInFloat32, moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "returns output['loss'] (torch.float32, made by Tensor.float with a fixed dtype",
         )
 
     def test_a_device_move_of_a_float32_constant_keeps_where_it_was_made(self) -> None:

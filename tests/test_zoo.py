@@ -306,6 +306,28 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (),
     ),
+    "transformers GPT-2, called with labels (float32 loss)": (
+        ModelTests,
+        dict(
+            model=gpt2,
+            inputs=lambda: {**token_batch(), "labels": token_batch()["input_ids"]},
+            output_key="logits",
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            make_model=gpt2,
+        ),
+        (),
+    ),
+    "transformers Llama, called with labels (float32 loss)": (
+        ModelTests,
+        dict(
+            model=llama,
+            inputs=lambda: {**token_batch(), "labels": token_batch()["input_ids"]},
+            output_key="logits",
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            make_model=llama,
+        ),
+        (),
+    ),
     "transformers T5, encoder-decoder": (
         SequenceModelTests,
         dict(
