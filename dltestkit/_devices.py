@@ -128,8 +128,7 @@ class ModuleTracker:
 
 # -- device mixing ------------------------------------------------------------------------
 # Operations that accept a CPU tensor next to a GPU tensor: indexing with CPU indices, copies
-# between devices, shape-only arguments, and the lengths of packed sequences (which must be on
-# the CPU).
+# between devices, shape-only arguments.
 _MIXING_ALLOWED = frozenset(
     {
         "__getitem__",
@@ -145,8 +144,6 @@ _MIXING_ALLOWED = frozenset(
         "expand_as",
         "new_tensor",
         "tensor_split",
-        "_pack_padded_sequence",
-        "pack_padded_sequence",
         "__get__",
         "__repr__",
         "__format__",
@@ -157,6 +154,34 @@ _MIXING_ALLOWED = frozenset(
         "is_complex",
     }
 )
+# Integer arguments that are on the CPU by design, by operation: (position, keyword). Packed
+# sequences keep their lengths and batch sizes on the CPU (pack_padded_sequence requires CPU
+# lengths on a GPU too; PackedSequence.batch_sizes is always a CPU tensor, which the packed
+# forms of the RNN operations take as their second argument), and ctc_loss takes its targets
+# and lengths on the CPU (cuDNN's CTC needs them there). Any other CPU tensor in these
+# operations is still a device bug.
+_CPU_BY_DESIGN: Dict[str, Tuple[Tuple[int, str], ...]] = {
+    "pack_padded_sequence": ((1, "lengths"),),
+    "_pack_padded_sequence": ((1, "lengths"),),
+    "_pad_packed_sequence": ((1, "batch_sizes"),),
+    "lstm": ((1, "batch_sizes"),),
+    "gru": ((1, "batch_sizes"),),
+    "rnn_tanh": ((1, "batch_sizes"),),
+    "rnn_relu": ((1, "batch_sizes"),),
+    "ctc_loss": ((1, "targets"), (2, "input_lengths"), (3, "target_lengths")),
+}
+
+
+def _cpu_by_design(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[_T]:
+    """The arguments of operation ``name`` that may be integer tensors on the CPU."""
+    found = []
+    for position, keyword in _CPU_BY_DESIGN.get(name, ()):
+        value = args[position] if position < len(args) else kwargs.get(keyword)
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            found.append(value)
+    return found
+
+
 # Steps that read data, which the meta device cannot do: replayed from the CPU run.
 _READS = frozenset(
     {
@@ -222,8 +247,16 @@ def _to_cpu(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
     return any(isinstance(a, (str, torch.device)) and str(a).startswith("cpu") for a in targets)
 
 
+# Operations without a meta kernel whose results' shapes and dtypes do not depend on the data:
+# on meta, tensors of the shapes and dtypes the CPU run returned stand in for their results.
+_NO_META_KERNEL = frozenset({"ctc_loss"})
+
+
 def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    """A step whose results' shapes the meta device cannot compute: replayed from the CPU."""
     name = getattr(func, "__name__", "")
+    if name in _NO_META_KERNEL:
+        return True
     if name == "repeat_interleave":
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return isinstance(repeats, torch.Tensor) and repeats.dim() > 0
@@ -292,7 +325,12 @@ class DeviceWatch(TorchFunctionMode):
         on_meta = any(t.is_meta for t in tensors)
         name = getattr(func, "__name__", "")
         if on_meta and name not in _MIXING_ALLOWED:
-            stray = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+            allowed = _cpu_by_design(name, args, kwargs)
+            stray = [
+                t
+                for t in tensors
+                if t.device.type == "cpu" and t.dim() > 0 and not any(t is a for a in allowed)
+            ]
             if stray:
                 self._stop(
                     f"{_name(func)} combines a CPU tensor of shape "

@@ -112,6 +112,58 @@ class TokenModel(nn.Module):
         return {"hidden": hidden, "pooled": self.pool(hidden.mean(dim=1))}
 
 
+class PackedTagger(nn.Module):
+    """The standard way to run an RNN over padding: lengths on the CPU, packed, unpacked."""
+
+    def __init__(self, rnn: str = "lstm") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        layers = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+        self.rnn = layers[rnn](6, 6, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(12, 3)
+
+    enforce_sorted = False
+
+    def initial_state(self, ids: torch.Tensor) -> Any:
+        return None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1).cpu()  # pack_padded_sequence wants them on the CPU
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(input_ids), lengths, batch_first=True, enforce_sorted=self.enforce_sorted
+        )
+        out, _ = self.rnn(packed, self.initial_state(input_ids))
+        out, _ = nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=input_ids.shape[1]
+        )
+        return self.head(out)
+
+
+class CTCModel(nn.Module):
+    """Computes its CTC loss in forward, with the targets and lengths on the CPU (cuDNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(5, 8, batch_first=True)
+        self.out = nn.Linear(8, 6)
+
+    def forward(
+        self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        log_probs = self.out(self.rnn(features)[0]).log_softmax(-1)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets.cpu(),
+            lengths.cpu(),
+            torch.full((targets.shape[0],), targets.shape[1], dtype=torch.long),
+        )
+        return {"log_probs": log_probs, "loss": loss}
+
+
+def ctc_inputs() -> Tuple[torch.Tensor, ...]:
+    return torch.randn(4, 12, 5), torch.randint(1, 6, (4, 3)), torch.tensor([12, 10, 12, 9])
+
+
 def tokens(batch: int = 4, length: int = 5) -> Dict[str, torch.Tensor]:
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, -2:] = 0
@@ -602,6 +654,35 @@ class DeviceMoving(CheckTestCase):
             "in positions (Embedding)",
             "in embed",
         )
+
+    def test_packed_sequences_keep_their_lengths_on_the_cpu_as_they_must(self) -> None:
+        for rnn in ("lstm", "gru", "rnn"):
+            with self.subTest(rnn):
+                self.assertPasses(
+                    token_case(lambda rnn=rnn: PackedTagger(rnn)), "test_device_moving"
+                )
+
+    def test_a_packed_rnn_started_from_a_state_made_on_the_cpu_fails(self) -> None:
+        class InitialStateOnTheCPU(PackedTagger):
+            enforce_sorted = True  # no reordering: the state goes straight to torch.gru
+
+            def initial_state(self, ids: torch.Tensor) -> Any:
+                return torch.zeros(2, ids.shape[0], 6)  # no device=
+
+        def sorted_tokens() -> Dict[str, torch.Tensor]:
+            batch = tokens()
+            return {key: value.flip(0) for key, value in batch.items()}  # longest first
+
+        self.assertFailsWith(
+            model_case(lambda: InitialStateOnTheCPU("gru"), inputs=sorted_tokens),
+            "test_device_moving",
+            "torch.gru combines a CPU tensor of shape (2, 4, 6) (torch.float32) with tensors "
+            "on the model's device, in rnn (GRU)",
+        )
+
+    def test_ctc_loss_with_its_targets_and_lengths_on_the_cpu_passes(self) -> None:
+        # cuDNN's CTC wants them there; the lengths made without device= are fine too
+        self.assertPasses(model_case(CTCModel, inputs=ctc_inputs), "test_device_moving")
 
     def test_data_dependent_forward_passes_are_checked_by_replaying_the_cpu_run(self) -> None:
         # TokenModel branches on attention_mask.all(), which the meta device cannot evaluate

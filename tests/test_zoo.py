@@ -192,6 +192,25 @@ class LSTMTagger(nn.Module):
         return self.head(hidden), state
 
 
+class PackedLSTMTagger(nn.Module):
+    """The same over padding, the standard way: packed with the lengths on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(input_ids), attention_mask.sum(1).cpu(), True, enforce_sorted=False
+        )
+        hidden, _ = nn.utils.rnn.pad_packed_sequence(
+            self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1]
+        )
+        return self.head(hidden)
+
+
 # label: (mixin, setUp attributes, allowed skips); "model"/"inputs" are built per test.
 ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
     "timm resnet18 (default arguments)": (
@@ -355,6 +374,18 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
             causal=True,
         ),
         (NO_MASK,),
+    ),
+    "nn.LSTM packed with CPU lengths, padding mask": (
+        SequenceModelTests,
+        dict(
+            model=PackedLSTMTagger,
+            inputs=token_batch,
+            expected_output_shape=(BATCH, LENGTH, 5),
+            make_model=PackedLSTMTagger,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NOT_CAUSAL,),
     ),
     "nn.GRU": (
         SequenceModelTests,
