@@ -197,6 +197,8 @@ _READS = frozenset(
         "cpu",
         "equal",
         "allclose",
+        # a bool from the mask's values: whether nn.TransformerEncoder may use nested tensors
+        "_nested_tensor_from_mask_left_aligned",
     }
 )
 _SHAPE_FROM_DATA = frozenset(

@@ -684,6 +684,24 @@ class DeviceMoving(CheckTestCase):
         # cuDNN's CTC wants them there; the lengths made without device= are fine too
         self.assertPasses(model_case(CTCModel, inputs=ctc_inputs), "test_device_moving")
 
+    def test_a_transformer_encoder_asking_whether_its_mask_is_left_aligned_is_checked(
+        self,
+    ) -> None:
+        # enable_nested_tensor=True (the default) reads the mask's values in eval mode
+        def encoder() -> nn.Module:
+            layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+            return nn.TransformerEncoder(layer, 1)
+
+        def inputs() -> Dict[str, torch.Tensor]:
+            return {
+                "src": torch.randn(4, 5, 8),
+                "src_key_padding_mask": tokens()["attention_mask"] == 0,
+            }
+
+        self.assertPasses(
+            model_case(encoder, inputs=inputs), "test_device_moving", allowed_skips=()
+        )
+
     def test_data_dependent_forward_passes_are_checked_by_replaying_the_cpu_run(self) -> None:
         # TokenModel branches on attention_mask.all(), which the meta device cannot evaluate
         self.assertPasses(token_case(TokenModel), "test_device_moving")
@@ -760,8 +778,32 @@ class DeviceMoving(CheckTestCase):
         self.assertSkipsWith(
             model_case(NoMetaKernel),
             "test_device_moving",
-            "meta device cannot run",
+            "in eval and training mode, the model uses an operation the meta device cannot run",
             "dltestkit_tests::double",
+        )
+
+    def test_a_mode_that_cannot_run_on_meta_does_not_hide_the_other(self) -> None:
+        class NoMetaKernelInEval(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out if self.training else torch.ops.dltestkit_tests.double(out)
+
+        class AndNoiseOnTheCPUInTraining(NoMetaKernelInEval):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out + torch.randn(out.shape) if self.training else out
+
+        outcome = run_check(model_case(NoMetaKernelInEval), "test_device_moving")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1)  # the eval mode only, as a subtest
+        self.assertIn(
+            "in eval mode, the model uses an operation the meta device cannot run", outcome.skips[0]
+        )
+        self.assertIn("(the other mode was checked)", outcome.skips[0])
+        self.assertFailsWith(
+            model_case(AndNoiseOnTheCPUInTraining),
+            "test_device_moving",
+            "after .to('meta'), in training mode, Tensor.add combines a CPU tensor",
         )
 
     def test_without_a_gpu_the_gpu_check_skips_with_the_reason(self) -> None:

@@ -178,6 +178,11 @@ def encoder() -> nn.Module:
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
 
+def nested_encoder() -> nn.Module:
+    """With its default enable_nested_tensor=True: it asks whether the mask is left-aligned."""
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+
+
 class LSTMTagger(nn.Module):
     """Token ids -> per-token scores through an embedding and an LSTM (returns a tuple)."""
 
@@ -412,6 +417,22 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
             padded_value=True,
         ),
         (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "nn.TransformerEncoder, nested tensors (default), key padding mask": (
+        SequenceModelTests,
+        dict(
+            model=nested_encoder,
+            inputs=lambda: {
+                "src": torch.randn(BATCH, LENGTH, 16),
+                "src_key_padding_mask": token_batch()["attention_mask"] == 0,
+            },
+            expected_output_shape=(BATCH, LENGTH, 16),
+            make_model=nested_encoder,
+            sequence_dim=1,
+            padding_mask="src_key_padding_mask",
+            padded_value=True,
+        ),
+        (NOT_CAUSAL,),
     ),
     "nn.TransformerEncoder, causal mask": (
         SequenceModelTests,
