@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
+import sys
 import weakref
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -30,6 +33,7 @@ __all__ = [
     "ModuleTracker",
     "ReplayMismatch",
     "available_accelerators",
+    "error_text",
     "tensors_in",
     "user_code_location",
     "watch_meta_forward",
@@ -81,6 +85,24 @@ def _name(func: Any) -> str:
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+# PyTorch's Python implementations of operators (meta kernels, decompositions). Their torch
+# calls are part of the operation that runs them, not of the model: the watches see them only
+# when the operation itself was called from C++, as TorchScript calls every operation.
+_KERNEL_FILES = tuple(
+    os.path.join(_TORCH_DIR, name)
+    for name in ("_decomp", "_refs", "_prims", "_prims_common", "_meta_registrations.py")
+)
+# What lies between a call and the watch: torch.ops.* calls, Python functions' overrides.
+_PLUMBING_FILES = tuple(os.path.join(_TORCH_DIR, name) for name in ("_ops.py", "overrides.py"))
+
+
+def _called_by_a_kernel() -> bool:
+    """Whether the torch call the watch handles comes from a Python operator implementation
+    (asked from the watch's ``__torch_function__``)."""
+    frame: Optional[FrameType] = sys._getframe(2)  # 0: here, 1: __torch_function__
+    while frame is not None and frame.f_code.co_filename.startswith(_PLUMBING_FILES):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(_KERNEL_FILES)
 
 
 def user_code_location() -> str:
@@ -97,13 +119,48 @@ def user_code_location() -> str:
     return "an unknown place"
 
 
+_SCRIPT_FRAME = re.compile(r'^\s*File "(?P<path>[^"]*)", line (?P<line>\d+), in (?P<function>\S+)')
+_ERROR_PREFIX = re.compile(r"^[A-Za-z_.]*(Error|Exception|Stop): ")
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of ``exc``. An error raised inside TorchScript code comes as a long
+    report of the interpreter (both tracebacks, then the Python frames of the kernel that
+    raised); it is shortened to the error and the scripted line that raised it."""
+    text = str(exc).strip()
+    if "TorchScript interpreter" not in text:
+        return text
+    lines = text.splitlines()
+    errors = [i for i, line in enumerate(lines) if _ERROR_PREFIX.match(line)]
+    if not errors:
+        return text
+    message = lines[errors[-1]]
+    while _ERROR_PREFIX.match(message):  # "RuntimeError: RuntimeError: ..."
+        message = message.split(": ", 1)[1]
+    start = next((i for i, line in enumerate(lines) if "original code" in line), 0)
+    frames = [i for i in range(start, errors[-1]) if _SCRIPT_FRAME.match(lines[i])]
+    if not frames:
+        return message
+    frame = _SCRIPT_FRAME.match(lines[frames[-1]])
+    assert frame is not None
+    marker = next((i for i in range(frames[-1], errors[-1]) if "<--- HERE" in lines[i]), None)
+    code = f": {lines[marker - 1].strip()}" if marker is not None else ""
+    return (
+        f"{message} (in TorchScript code, at {os.path.basename(frame['path'])}:"
+        f"{frame['line']} in {frame['function']}{code})"
+    )
+
+
 class ModuleTracker:
-    """Which submodule's forward is running (for messages)."""
+    """Which submodule's forward is running (for messages). TorchScript modules take no
+    hooks: inside one, messages name the innermost Python module around it, or "forward"."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: List[str] = []
         self._handles = []
         for name, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue
             label = f"{name} ({type(module).__name__})" if name else type(model).__name__
             self._handles.append(module.register_forward_pre_hook(self._enter(label)))
             self._handles.append(module.register_forward_hook(self._leave))
@@ -280,6 +337,8 @@ class Recorder(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if _called_by_a_kernel():
+            return func(*args, **kwargs)
         result = func(*args, **kwargs)
         if _reads_data(func):
             self.log.append(
@@ -323,6 +382,8 @@ class DeviceWatch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if _called_by_a_kernel():
+            return func(*args, **kwargs)
         tensors = tensors_in(args) + tensors_in(kwargs)
         on_meta = any(t.is_meta for t in tensors)
         name = getattr(func, "__name__", "")
@@ -376,7 +437,9 @@ def watch_meta_forward(
     try:
         with watch:
             return run_meta(modules), None
-    except _Stop:
+    except Exception:  # _Stop, or what wraps it (TorchScript's interpreter: a RuntimeError)
+        if watch.problem is None:
+            raise
         return None, watch.problem
     finally:
         modules.remove()
@@ -432,6 +495,8 @@ class DtypeWatch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if _called_by_a_kernel():
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
         if self.first_mix is None and name not in _CASTS and name != "__get__":

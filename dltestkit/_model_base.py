@@ -11,7 +11,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from typing import Any, Callable, ClassVar, Collection, Iterator, List, Optional, Sequence, Tuple
+import io
+import warnings
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Collection,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
 from torch import nn
@@ -73,6 +86,48 @@ def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     finally:
         for module, was_training in modes.items():
             module.training = was_training
+
+
+def _copy_script_module(
+    module: torch.jit.ScriptModule, device: Optional[str]
+) -> torch.jit.ScriptModule:
+    """A copy through ``torch.jit.save`` and ``torch.jit.load`` in memory, loaded onto
+    ``device`` if given."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the user chose TorchScript; the checks only copy it
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(save|load)` is deprecated", FutureWarning)
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        copied: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+            buffer, map_location=device
+        )
+    return copied
+
+
+def _outermost_script_modules(module: nn.Module) -> Iterator[torch.jit.ScriptModule]:
+    for child in module.children():
+        if isinstance(child, torch.jit.ScriptModule):
+            yield child
+        else:
+            yield from _outermost_script_modules(child)
+
+
+def copy_module(model: nn.Module, device: Optional[str] = None) -> nn.Module:
+    """A deep copy of ``model``; its TorchScript modules are loaded onto ``device`` if given.
+
+    TorchScript modules (``torch.jit.script``, ``torch.jit.trace``) are copied through
+    ``torch.jit.save``/``load``: ``copy.deepcopy`` gives them parameters that are no leaf
+    tensors (no optimiser takes them, ``.to()`` refuses them). The parameters of a loaded
+    TorchScript module are plain tensors, which ``.to("meta")`` refuses, so they are loaded
+    onto the device the copy is meant for; move the copy there afterwards as usual."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return _copy_script_module(model, device)
+    memo: Dict[int, Any] = {
+        id(scripted): _copy_script_module(scripted, device)
+        for scripted in _outermost_script_modules(model)
+    }
+    copied: nn.Module = copy.deepcopy(model, memo)
+    return copied
 
 
 def describe_mode(training: bool) -> str:
@@ -295,10 +350,11 @@ class ModelContract(CheckMixin):
             "positional arguments in its order; use a dict for keyword arguments."
         )
 
-    def _copy_model(self) -> nn.Module:
-        """A deep copy of self.model (the checks that train or move the model use one)."""
+    def _copy_model(self, device: Optional[str] = None) -> nn.Module:
+        """A deep copy of self.model, moved to ``device`` if given (the checks that train or
+        move the model use one)."""
         try:
-            return copy.deepcopy(self.model)
+            copied = copy_module(self.model, device)
         except Exception as exc:
             raise ContractError(
                 f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
@@ -306,6 +362,7 @@ class ModelContract(CheckMixin):
                 "left as it was. Keep open files, locks, generators and other uncopyable "
                 "objects out of the model's attributes."
             ) from exc
+        return copied if device is None else copied.to(device)
 
     def _output(self, output: Any) -> torch.Tensor:
         """The checked output tensor (chosen by output_key)."""

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from ._base import ContractError, check
-from ._devices import ReplayMismatch, available_accelerators, watch_meta_forward, watching_dtypes
+from ._devices import (
+    ReplayMismatch,
+    available_accelerators,
+    error_text,
+    watch_meta_forward,
+    watching_dtypes,
+)
 from ._model_base import ModelContract, describe_mode
 from ._tensors import floating_tensors, map_tensors, named_tensors
 
@@ -88,6 +94,7 @@ class ModelTests(ModelContract):
         Fails on a device bug; returns why this mode could not be checked on meta, or None."""
         mode = describe_mode(training)
         inputs = self._on("meta")
+        problem_text: Optional[str] = None
         try:
             output, problem = watch_meta_forward(
                 lambda: self._forward(on_cpu, self.inputs, training),
@@ -97,7 +104,7 @@ class ModelTests(ModelContract):
         except ReplayMismatch as exc:
             return f"the forward pass takes another path on the meta device than on the CPU ({exc})"
         except Exception as exc:
-            text = str(exc).strip()
+            text = error_text(exc)
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
                 problem_text = f"its forward combines a tensor left on the CPU ({text})"
             elif isinstance(exc, NotImplementedError) or "meta" in text.lower():
@@ -110,16 +117,18 @@ class ModelTests(ModelContract):
         else:
             if problem is None:
                 self._assert_outputs_on(output, "meta", mode)
-                return None
-            problem_text = problem.describe()
-        self.fail(
-            f"the model does not move to another device as a whole: after .to('meta'), in "
-            f"{mode} mode, {problem_text}. Usual causes: a tensor created without device= in "
-            "forward (torch.arange(n) -> torch.arange(n, device=x.device), torch.randn(shape) "
-            "-> torch.randn_like(x)), a tensor attribute that is not registered "
-            "(self.register_buffer), layers kept in a plain Python list (nn.ModuleList). The "
-            "same code fails on a GPU."
-        )
+            else:
+                problem_text = problem.describe()
+        if problem_text is not None:
+            self.fail(
+                f"the model does not move to another device as a whole: after .to('meta'), in "
+                f"{mode} mode, {problem_text}. Usual causes: a tensor created without device= "
+                "in forward (torch.arange(n) -> torch.arange(n, device=x.device), "
+                "torch.randn(shape) -> torch.randn_like(x)), a tensor attribute that is not "
+                "registered (self.register_buffer), layers kept in a plain Python list "
+                "(nn.ModuleList). The same code fails on a GPU."
+            )
+        return None
 
     def _assert_outputs_on(self, output: Any, device: str, mode: str) -> None:
         """Every output tensor of the model's copy on ``device`` is on ``device``."""
@@ -162,7 +171,7 @@ class ModelTests(ModelContract):
                 torch.equal(a, b)
                 for (_, a), (_, b) in zip(named_tensors(reference), named_tensors(again))
             )
-            moved = self._copy_model().to(device)
+            moved = self._copy_model(device)
             on_device = self._forward(moved, self._on(device))
             self._assert_outputs_on(on_device, device, "eval")
             on_device = map_tensors(lambda t: t.cpu(), on_device)
@@ -188,7 +197,7 @@ class ModelTests(ModelContract):
                 rtol=0,
                 atol=0,
             )
-            in_training = self._copy_model().to(device)
+            in_training = self._copy_model(device)
             self._assert_outputs_on(
                 self._forward(in_training, self._on(device), training=True), device, "training"
             )
@@ -201,7 +210,7 @@ class ModelTests(ModelContract):
         without device= (position ids, noise), unregistered tensor attributes, layers in a
         plain list, outputs left on the CPU; found on the meta device, without a GPU.
         """
-        on_cpu, on_meta = self._copy_model(), self._copy_model().to("meta")
+        on_cpu, on_meta = self._copy_model(), self._copy_model("meta")
         unchecked: Dict[str, str] = {}  # mode: why it could not be checked
         for training in (False, True):  # eval first: only training mode updates BatchNorm
             why = self._check_meta(on_cpu, on_meta, training)
@@ -521,7 +530,7 @@ class ModelTests(ModelContract):
                     with torch.no_grad():
                         output = self._forward(moved, inputs, training)
                 except Exception as exc:
-                    text = str(exc)
+                    text = error_text(exc)
                     if isinstance(exc, NotImplementedError) or "not implemented for" in text:
                         self.skipTest(
                             f"an operation of the model has no {dtype} kernel on "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unittest
+import warnings
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -1294,6 +1295,111 @@ class DtypeMoving(CheckTestCase):
             model_case(HalfUnsupported),
             "test_dtype_moving",
             "has no torch.bfloat16 kernel on the CPU",
+        )
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+
+
+def small_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def scripted(build: Any) -> Any:
+    def make() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+            return torch.jit.script(build())  # type: ignore[no-any-return]
+
+    return make
+
+
+def traced(build: Any) -> Any:
+    def make() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.trace(build().eval(), torch.randn(2, *SHAPE))  # type: ignore[no-any-return]
+
+    return make
+
+
+class NoiseMadeOnTheCPU(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(self.encoder(x))
+        return out + torch.randn(out.shape)  # no device=, no dtype=
+
+
+class WrapsAScriptedModel(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale
+
+
+class TorchScript(CheckTestCase):
+    """Modules made by torch.jit.script and torch.jit.trace, on their own and inside others."""
+
+    def test_every_check_passes_on_scripted_and_traced_models(self) -> None:
+        for convert in (scripted, traced):
+            for build, shape in ((small_cnn, (4, 5)), (small_mlp, (4, 3))):
+                make = convert(build)
+                for accelerators in ([], ["cpu"]):  # "cpu" stands in for a GPU
+                    case = model_case(
+                        make,
+                        make_model=make,
+                        expected_output_shape=shape,
+                        accelerators=accelerators,
+                    )
+                    for name in checks_of(case):
+                        label = f"{convert.__name__} {build.__name__}, {accelerators}"
+                        with self.subTest(label, check=name):
+                            self.assertPasses(case, name)
+
+    def test_a_scripted_submodule_trains_and_moves_in_a_copy(self) -> None:
+        case = model_case(lambda: WrapsAScriptedModel(scripted(AutoEncoder)()))
+        for name in ("test_all_parameters_updated", "test_device_moving", "test_dtype_moving"):
+            with self.subTest(name):
+                self.assertPasses(case, name)
+
+    def test_a_device_bug_in_scripted_code_fails_naming_the_line(self) -> None:
+        for make in (
+            scripted(NoiseMadeOnTheCPU),
+            lambda: WrapsAScriptedModel(scripted(NoiseMadeOnTheCPU)()),
+        ):
+            with self.subTest(make):
+                self.assertFailsWith(
+                    model_case(make),
+                    "test_device_moving",
+                    "in eval mode, its forward combines a tensor left on the CPU (Tensor on "
+                    "device cpu is not on the expected device meta! (in TorchScript code, at "
+                    "test_model_checks.py:",
+                    "in forward: return out + torch.randn(out.shape)",
+                )
+
+    def test_a_dead_layer_of_a_scripted_model_fails_naming_it(self) -> None:
+        self.assertFailsWith(
+            model_case(scripted(DeadLayer)),
+            "test_all_parameters_updated",
+            "refine.weight: no gradient in 3 step(s)",
+        )
+
+    def test_a_fixed_dtype_in_scripted_code_fails(self) -> None:
+        self.assertFailsWith(
+            model_case(scripted(NoiseMadeOnTheCPU), moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.bfloat16) returns output (torch.float32) in eval mode",
         )
 
 
