@@ -11,7 +11,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from typing import Any, Callable, ClassVar, Collection, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Collection,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
 from torch import nn
@@ -77,6 +88,20 @@ def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
 
 def describe_mode(training: bool) -> str:
     return "training" if training else "eval"
+
+
+@contextlib.contextmanager
+def _gradients_set_aside(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Keep the ``.grad`` of ``tensors`` out of the way of a backward pass, and put them back
+    after: a backward pass that is not about these tensors leaves no gradient on them."""
+    saved = [(tensor, tensor.grad) for tensor in tensors]
+    for tensor, _ in saved:
+        tensor.grad = None
+    try:
+        yield
+    finally:
+        for tensor, grad in saved:
+            tensor.grad = grad
 
 
 class ModelContract(CheckMixin):
@@ -362,6 +387,8 @@ class ModelContract(CheckMixin):
                 self._batch_size(),
                 self._unprobed_inputs(),
             )
+        for probe in probes:
+            probe.model = model
         if not probes:
             integers = [
                 describe_input(key)
@@ -375,15 +402,49 @@ class ModelContract(CheckMixin):
             )
         return output, self._output(output), probes
 
+    def _probe_gradients(
+        self, value: torch.Tensor, probes: Sequence[Probe]
+    ) -> List[Optional[torch.Tensor]]:
+        """d value / d probe for every probe, None where ``value`` is not computed from it.
+
+        torch.autograd.grad, or, for a model with reentrant gradient checkpointing
+        (``use_reentrant=True``, which refuses autograd.grad), ``value.backward()`` reading the
+        probes' ``.grad``: in eval mode, as the probes were made, with the gradients that the
+        backward pass leaves on the model's parameters taken away again."""
+        leaves = [p.tensor for p in probes]
+        try:
+            return list(torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True))
+        except RuntimeError as exc:
+            if "use_reentrant=True" not in str(exc):
+                raise
+        models = {id(p.model): p.model for p in probes if p.model is not None} or {
+            id(self.model): self.model
+        }
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(mode(model, training=False))
+                stack.enter_context(_gradients_set_aside(model.parameters()))
+            stack.enter_context(_gradients_set_aside(self._input_leaves()))
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(self.seed)
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(value, retain_graph=True)
+            grads = [leaf.grad for leaf in leaves]
+            for leaf in leaves:
+                leaf.grad = None
+        return grads
+
+    def _input_leaves(self) -> List[torch.Tensor]:
+        """The tensors of self.inputs that a backward pass could leave a gradient on."""
+        return [t for _, t in named_tensors(self.inputs) if t.requires_grad and t.is_leaf]
+
     def _connected(self, value: torch.Tensor, probes: Sequence[Probe]) -> bool:
         """Whether ``value`` is computed from any probe (in the autograd graph), whatever the
         values: a zero-initialised output layer gives zero gradients but is connected."""
         if not value.requires_grad:
             return False
-        grads = torch.autograd.grad(
-            value.sum(), [p.tensor for p in probes], retain_graph=True, allow_unused=True
-        )
-        return any(grad is not None for grad in grads)
+        return any(grad is not None for grad in self._probe_gradients(value.sum(), probes))
 
     def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
         """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
@@ -392,9 +453,7 @@ class ModelContract(CheckMixin):
         dependence and counts as False."""
         if not value.requires_grad:
             return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
-        grads = torch.autograd.grad(
-            value, [p.tensor for p in probes], retain_graph=True, allow_unused=True
-        )
+        grads = self._probe_gradients(value, probes)
         return [
             torch.zeros_like(p.tensor, dtype=torch.bool) if g is None else g.ne(0) & g.isfinite()
             for p, g in zip(probes, grads)
@@ -406,13 +465,23 @@ class ModelContract(CheckMixin):
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
     ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode forward and backward pass."""
-        output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
-        loss = self._loss(output)
-        if not trainable or not loss.requires_grad:
-            return output, [None] * len(trainable)
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        return output, list(grads)
+        """Output and parameter gradients of one training-mode forward and backward pass.
+
+        ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
+        fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
+        backward() only), still in training mode and under the same seed, as the
+        checkpointed layers run forward again during the backward pass."""
+        for _, parameter in trainable:
+            parameter.grad = None
+        kept = _gradients_set_aside(self._input_leaves())
+        with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
+            output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
+            loss = self._loss(output)
+            if not trainable or not loss.requires_grad:
+                return output, [None] * len(trainable)
+            torch.manual_seed(self.seed + step)
+            torch.autograd.backward(loss)
+        return output, [parameter.grad for _, parameter in trainable]
 
     def _allowed(self, name: str) -> bool:
         return any(

@@ -10,7 +10,7 @@ a leaf tensor with the same values, and the gradient is taken with respect to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +31,8 @@ class Probe:
     embedded: bool
     #: The leaf has the input's leading dimensions, so its positions are the input's.
     aligned: bool
+    #: The model whose forward pass made the probe (set by ModelContract._probe).
+    model: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         name = describe_input(self.key)

@@ -293,8 +293,9 @@ class ModelTests(ModelContract):
             if not connected[position]:
                 problems[name] = (
                     f"no gradient in {steps} step(s): dead, not connected to the "
-                    "loss (unused in forward, or cut off by "
-                    ".detach()/.data/torch.no_grad())"
+                    "loss (unused in forward, cut off by "
+                    ".detach()/.data/torch.no_grad(), or in a reentrant checkpoint whose "
+                    "input needs no gradient)"
                 )
             elif not nonzero[position]:
                 problems[name] = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unittest
+import warnings
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dltestkit import ModelTests
 from dltestkit._base import checks_of
@@ -118,7 +120,41 @@ def tokens(batch: int = 4, length: int = 5) -> Dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 20, (batch, length)), "attention_mask": mask}
 
 
+class Checkpointed(WithBatchNorm):
+    """Reentrant gradient checkpointing (``use_reentrant=True``, the default of transformers'
+    gradient_checkpointing_enable), in eval mode too, around BatchNorm and the decoder."""
+
+    def checkpoint(self, function: Any, value: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # torch.no_grad(): nothing to save memory for
+            return function(value)  # type: ignore[no-any-return]
+        return checkpoint(function, value, use_reentrant=True)  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder[1](self.encoder[0](x))
+        return self.checkpoint(lambda h: self.decoder(self.encoder[2](h)), hidden)
+
+
 # -- one bug each ----------------------------------------------------------------
+class CheckpointsItsInput(AutoEncoder):
+    """Reentrant checkpointing straight from the input, which needs no gradient in training:
+    the layers inside get none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(super().forward, x, use_reentrant=True)
+
+
+class CentresInACheckpoint(Checkpointed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder[1](self.encoder[0](x))
+        return self.checkpoint(lambda h: self.decoder(h - h.mean(0)), hidden)
+
+
+class SqrtAtZeroInACheckpoint(Checkpointed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return self.checkpoint(lambda o: o + torch.sqrt(o * 0), out)
+
+
 class HardWiredBatch(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder[2](self.encoder[1](x.view(4, FEATURES))))
@@ -365,6 +401,7 @@ class CorrectModels(CheckTestCase):
             "token ids in a dict, dict out": token_case(
                 TokenModel, expected_output_shape=(4, 5, 6), make_model=TokenModel
             ),
+            "reentrant gradient checkpointing": model_case(Checkpointed, make_model=Checkpointed),
             "positional tuple": model_case(
                 lambda: nn.Bilinear(2, 3, 5),
                 inputs=lambda: (torch.randn(4, 2), torch.randn(4, 3)),
@@ -949,6 +986,68 @@ class Finite(CheckTestCase):
         self.assertFailsWith(
             model_case(SqrtAtZero), "test_all_parameters_updated", "gradient contains NaN or Inf"
         )
+
+
+class GradientCheckpointing(CheckTestCase):
+    """Reentrant checkpointing refuses torch.autograd.grad: the checks back-propagate with
+    backward() instead, in the mode of the forward pass."""
+
+    def test_the_gradients_come_through_reentrant_checkpoints(self) -> None:
+        for name in (
+            "test_all_parameters_updated",
+            "test_finite_outputs_and_gradients",
+            "test_batch_independence",
+        ):
+            with self.subTest(name):
+                self.assertPasses(model_case(Checkpointed), name)
+
+    def test_a_checkpoint_whose_input_needs_no_gradient_fails_naming_the_layers(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad")
+            text = self.assertFailsWith(
+                model_case(CheckpointsItsInput),
+                "test_all_parameters_updated",
+                "4 of 4 trainable parameters would not be trained",
+                "encoder.1.weight: no gradient in 3 step(s)",
+                "or in a reentrant checkpoint whose input needs no gradient",
+            )
+        self.assertIn("decoder.0.bias", text)
+
+    def test_batch_mixing_inside_a_checkpoint_in_eval_mode_fails(self) -> None:
+        self.assertFailsWith(
+            model_case(CentresInACheckpoint),
+            "test_batch_independence",
+            "sample 0's self.inputs gets a gradient from the outputs of the other samples",
+        )
+
+    def test_nan_gradients_inside_a_checkpoint_fail(self) -> None:
+        self.assertFailsWith(
+            model_case(SqrtAtZeroInACheckpoint),
+            "test_finite_outputs_and_gradients",
+            "the gradients of",
+            "decoder.0.weight",
+            "contain NaN or Inf",
+        )
+
+    def test_the_eval_backward_pass_leaves_the_model_as_it_was(self) -> None:
+        """In eval mode, as the probes were made (BatchNorm in training mode would mix the
+        samples and update its statistics), and no gradient is left on the parameters."""
+        model = Checkpointed().train()
+        for parameter in model.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        saved = {name: p.grad for name, p in model.named_parameters()}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = model, torch.randn(4, *SHAPE)
+
+        self.assertPasses(make_case(ModelTests, set_up), "test_batch_independence")
+        self.assertTrue(model.training)
+        for name, parameter in model.named_parameters():
+            self.assertIs(parameter.grad, saved[name])
+            self.assertTrue(torch.equal(parameter.grad, torch.ones_like(parameter)), name)
+        for key, value in model.state_dict().items():
+            self.assertTrue(torch.equal(value, state[key]), key)
 
 
 class EvalDeterministic(CheckTestCase):

@@ -69,6 +69,18 @@ def bert() -> nn.Module:
     )
 
 
+def bert_checkpointed() -> nn.Module:
+    """Reentrant gradient checkpointing in training mode, the path PEFT's k-bit training
+    falls back to."""
+    model = bert()
+    reentrant = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+    return model
+
+
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -264,6 +276,19 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
             output_key="last_hidden_state",
             expected_output_shape=(BATCH, LENGTH, 32),
             make_model=bert,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NOT_CAUSAL,),
+    ),
+    "transformers BERT, reentrant gradient checkpointing": (
+        SequenceModelTests,
+        dict(
+            model=bert_checkpointed,
+            inputs=token_batch,
+            output_key="last_hidden_state",
+            expected_output_shape=(BATCH, LENGTH, 32),
+            make_model=bert_checkpointed,
             sequence_dim=1,
             padding_mask="attention_mask",
         ),
