@@ -376,9 +376,11 @@ class ModelContract(CheckMixin):
         """Inputs that are never differentiated."""
         return tuple(self.unbatched_inputs)
 
-    def _probe(self, model: nn.Module, inputs: Any = None) -> Tuple[Any, torch.Tensor, List[Probe]]:
+    def _probe(
+        self, model: nn.Module, inputs: Any = None, required: bool = True
+    ) -> Tuple[Any, torch.Tensor, List[Probe]]:
         """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
-        self.inputs)."""
+        self.inputs). Without any probe the check skips, unless ``required`` is False."""
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             output, probes = probe_forward(
@@ -389,18 +391,24 @@ class ModelContract(CheckMixin):
             )
         for probe in probes:
             probe.model = model
-        if not probes:
-            integers = [
-                describe_input(key)
-                for key, t in batched_entries(self.inputs, self._unprobed_inputs())
-                if not t.is_floating_point()
-            ]
-            self.skipTest(
-                "no input can be differentiated: self.inputs has no floating-point tensor, "
-                f"and its integer tensors ({', '.join(integers) or 'none'}) reach no embedding "
-                "(nn.Embedding or F.embedding) with the batch dimension first"
-            )
+        if not probes and required:
+            self.skipTest(f"no input can be differentiated: {self._unprobed_reason()}")
         return output, self._output(output), probes
+
+    def _unprobed_reason(self) -> str:
+        """Why no input of self.inputs could be probed."""
+        integers = [
+            describe_input(key)
+            for key, t in batched_entries(self.inputs, self._unprobed_inputs())
+            if not t.is_floating_point()
+        ]
+        return (
+            "self.inputs has no floating-point tensor, and its integer tensors "
+            f"({', '.join(integers) or 'none'}) reach no embedding (nn.Embedding, "
+            "nn.EmbeddingBag, F.embedding) as they are or as a view (ids.t(), ids[:, 1:]); "
+            "ids transformed into a new tensor first (clamped, shifted, offset) cannot be "
+            "followed"
+        )
 
     def _probe_gradients(
         self, value: torch.Tensor, probes: Sequence[Probe]

@@ -820,7 +820,32 @@ class BatchIndependence(CheckTestCase):
             model_case(IgnoresItsInput),
             "test_batch_independence",
             "the checked output does not depend on self.inputs at all",
+            "every sample gets the same output although the samples differ",
             "torch.zeros_like(x)",
+        )
+
+    def test_the_same_output_for_every_sample_without_any_probe_skips(self) -> None:
+        """Without a gradient, a zero-initialised output layer cannot be told from an output
+        that ignores its inputs."""
+
+        class ClampsItsTokens(TokenModel):
+            def __init__(self, zero_head: bool = False) -> None:
+                super().__init__()
+                if zero_head:
+                    nn.init.zeros_(self.mix.weight)
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> Any:
+                return super().forward(input_ids.clamp(0, 19), attention_mask)
+
+        self.assertPasses(token_case(ClampsItsTokens), "test_batch_independence")
+        self.assertSkipsWith(
+            model_case(
+                lambda: ClampsItsTokens(zero_head=True), inputs=lambda: tokens()["input_ids"]
+            ),
+            "test_batch_independence",
+            "every sample gets exactly the same checked output in eval mode",
+            "no input can be differentiated",
+            "(clamped, shifted, offset)",
         )
 
     def test_a_zero_initialised_output_layer_is_no_false_alarm(self) -> None:
@@ -844,21 +869,153 @@ class BatchIndependence(CheckTestCase):
             "set self.output_key",
         )
 
-    def test_integer_inputs_that_reach_no_embedding_skip_naming_them(self) -> None:
+    def test_integer_inputs_that_reach_no_embedding_are_compared_by_value(self) -> None:
         class OneHot(nn.Module):
-            def __init__(self) -> None:
+            def __init__(self, mixes: bool = False) -> None:
                 super().__init__()
                 self.linear = nn.Linear(10, 3)
+                self.mixes = mixes
 
             def forward(self, labels: torch.Tensor) -> torch.Tensor:
-                return self.linear(F.one_hot(labels, 10).float())
+                out = self.linear(F.one_hot(labels, 10).float())
+                return out.softmax(dim=0) if self.mixes else out
 
-        case = model_case(OneHot, inputs=lambda: torch.arange(4), expected_output_shape=(4, 3))
-        self.assertSkipsWith(
-            case,
+        def case(mixes: bool) -> type:
+            return model_case(
+                lambda: OneHot(mixes), inputs=lambda: torch.arange(4), expected_output_shape=(4, 3)
+            )
+
+        self.assertPasses(case(mixes=False), "test_batch_independence")
+        self.assertFailsWith(
+            case(mixes=True),
             "test_batch_independence",
-            "no input can be differentiated",
-            "its integer tensors (self.inputs) reach no embedding",
+            "sample 0's output changes with the other samples of the batch: for a batch of "
+            "4 copies of sample 0 it differs from the output for self.inputs by up to",
+            "softmax/normalisation over dim 0",
+            "(Only outputs were compared: no input can be differentiated: self.inputs has "
+            "no floating-point tensor, and its integer tensors (self.inputs) reach no embedding",
+        )
+
+    def test_batch_statistics_computed_without_gradient_fail(self) -> None:
+        class CentresDetached(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x - x.mean(0).detach())
+
+        class StandardisesUnderNoGrad(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder(x)
+                with torch.no_grad():
+                    mean, std = hidden.mean(0), hidden.std(0)
+                return self.decoder((hidden - mean) / (std + 1e-5))
+
+        class HandWrittenBatchNorm(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder(x)
+                return self.decoder(hidden - hidden.data.mean(0))
+
+        class BatchNormUnderNoGrad(WithBatchNorm):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder[1](self.encoder[0](x))
+                with torch.no_grad():
+                    normalised = self.encoder[2](hidden)
+                return self.decoder(hidden + normalised)
+
+        cases = {
+            "x - x.mean(0).detach()": model_case(CentresDetached),
+            "statistics under torch.no_grad()": model_case(StandardisesUnderNoGrad),
+            "statistics of .data": model_case(HandWrittenBatchNorm),
+            "BatchNorm without running stats under torch.no_grad()": model_case(
+                lambda: BatchNormUnderNoGrad(track_running_stats=False)
+            ),
+        }
+        for label, case in cases.items():
+            with self.subTest(label):
+                self.assertFailsWith(
+                    case,
+                    "test_batch_independence",
+                    "sample 0's output changes with the other samples of the batch",
+                    "although no gradient flows between the samples",
+                    "statistics over the batch taken under torch.no_grad(), with .detach() or "
+                    "on .data",
+                    "Greatest absolute difference",
+                )
+        self.assertPasses(model_case(lambda: BatchNormUnderNoGrad()), "test_batch_independence")
+
+    def test_every_output_whose_first_dimension_is_the_batch_is_compared(self) -> None:
+        class LeaksIntoASecondOutput(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                hidden = self.encoder(x)
+                return self.decoder(hidden), hidden - hidden.mean(0).detach()
+
+        self.assertFailsWith(
+            model_case(LeaksIntoASecondOutput),
+            "test_batch_independence",
+            "sample 0's output[1] changes with the other samples of the batch",
+            "statistics over the batch (also when computed under torch.no_grad()",
+        )
+
+    def test_outputs_whose_first_dimension_is_not_the_batch_are_not_compared(self) -> None:
+        """nn.GRU's final state is (layers, batch, features): with 4 layers and 4 samples its
+        first dimension has the batch size, but its rows are layers."""
+        case = model_case(
+            lambda: nn.GRU(3, 5, num_layers=4, batch_first=True),
+            inputs=lambda: torch.randn(4, 6, 3),
+            expected_output_shape=(4, 6, 5),
+        )
+        self.assertPasses(case, "test_batch_independence")
+
+    def test_outputs_padded_to_the_longest_sample_of_the_batch_are_no_false_alarm(self) -> None:
+        class PackedGRU(nn.Module):
+            """Returns (batch, longest length in the batch, features), as pad_packed_sequence."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.gru = nn.GRU(3, 5, batch_first=True)
+
+            def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                packed = nn.utils.rnn.pack_padded_sequence(
+                    x, lengths, batch_first=True, enforce_sorted=False
+                )
+                out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True)
+                return out
+
+        case = model_case(
+            PackedGRU, inputs=lambda: (torch.randn(4, 6, 3), torch.tensor([6, 2, 4, 3]))
+        )
+        self.assertPasses(case, "test_batch_independence")
+
+    def test_outputs_computed_from_a_frozen_part_under_no_grad_are_compared_by_value(
+        self,
+    ) -> None:
+        class FrozenEncoder(AutoEncoder):
+            def __init__(self, centred: bool = False) -> None:
+                super().__init__()
+                self.centred = centred
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():  # a frozen feature extractor (linear probing)
+                    hidden = self.encoder(x)
+                    if self.centred:
+                        hidden = hidden - hidden.mean(0)
+                return self.decoder(hidden)
+
+        self.assertPasses(model_case(FrozenEncoder), "test_batch_independence")
+        self.assertFailsWith(
+            model_case(lambda: FrozenEncoder(centred=True)),
+            "test_batch_independence",
+            "sample 0's output changes with the other samples of the batch",
+            "(Only outputs were compared: the checked output is not computed from the "
+            "inputs in the autograd graph.)",
+        )
+
+    def test_a_model_whose_state_changes_between_calls_skips_the_value_comparison(
+        self,
+    ) -> None:
+        self.assertSkipsWith(
+            model_case(CountsCalls),
+            "test_batch_independence",
+            "state that changes between calls; see test_eval_deterministic",
+            "(the gradient comparison passed)",
         )
 
     def test_one_sample_is_a_contract_error(self) -> None:

@@ -175,6 +175,14 @@ class ThroughTheChecks(CheckTestCase):
             "the output at position 0 depends on self.inputs (through its embedding) at position 1",
         )
 
+    def test_ids_reshaped_instead_of_transposed_fail_by_value(self) -> None:
+        self.assertFailsWith(
+            case(ModelTests, lambda: SeqFirstLM(reshape=True)),
+            "test_batch_independence",
+            "sample 0's output changes with the other samples of the batch",
+            "Only outputs were compared",
+        )
+
     def test_an_embedding_bag_classifier_is_checked_through_its_bags(self) -> None:
         self.assertPasses(case(ModelTests, BagClassifier), "test_batch_independence")
         self.assertFailsWith(

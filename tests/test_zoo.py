@@ -448,6 +448,23 @@ class RealModels(CheckTestCase):
                     allowed = [NO_GPU, *skips]
                     self.assertPasses(case, name, allowed_skips=allowed)
 
+    def test_token_ids_no_probe_follows_are_compared_by_value(self) -> None:
+        attributes = dict(model=ClampsItsIds, inputs=lambda: token_batch(left_padding=True))
+        self.assertPasses(zoo_case(ModelTests, attributes), "test_batch_independence")
+
+
+class ClampsItsIds(nn.Module):
+    """A correct GPT-2 wrapper that clamps its token ids: a new tensor, which no embedding
+    probe can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt2 = gpt2()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        ids = input_ids.clamp(0, VOCAB - 1)
+        return self.gpt2(input_ids=ids, attention_mask=attention_mask).logits
+
 
 class DropsTheMask(nn.Module):
     """A wrapper that accepts an attention mask and forgets to pass it on."""
