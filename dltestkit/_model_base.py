@@ -19,6 +19,7 @@ from typing import (
     ClassVar,
     Collection,
     Dict,
+    Iterable,
     Iterator,
     List,
     Optional,
@@ -132,6 +133,20 @@ def copy_module(model: nn.Module, device: Optional[str] = None) -> nn.Module:
 
 def describe_mode(training: bool) -> str:
     return "training" if training else "eval"
+
+
+@contextlib.contextmanager
+def _gradients_set_aside(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Keep the ``.grad`` of ``tensors`` out of the way of a backward pass, and put them back
+    after: a backward pass that is not about these tensors leaves no gradient on them."""
+    saved = [(tensor, tensor.grad) for tensor in tensors]
+    for tensor, _ in saved:
+        tensor.grad = None
+    try:
+        yield
+    finally:
+        for tensor, grad in saved:
+            tensor.grad = grad
 
 
 class ModelContract(CheckMixin):
@@ -408,9 +423,11 @@ class ModelContract(CheckMixin):
         """Inputs that are never differentiated."""
         return tuple(self.unbatched_inputs)
 
-    def _probe(self, model: nn.Module, inputs: Any = None) -> Tuple[Any, torch.Tensor, List[Probe]]:
+    def _probe(
+        self, model: nn.Module, inputs: Any = None, required: bool = True
+    ) -> Tuple[Any, torch.Tensor, List[Probe]]:
         """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
-        self.inputs)."""
+        self.inputs). Without any probe the check skips, unless ``required`` is False."""
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             output, probes = probe_forward(
@@ -419,28 +436,70 @@ class ModelContract(CheckMixin):
                 self._batch_size(),
                 self._unprobed_inputs(),
             )
-        if not probes:
-            integers = [
-                describe_input(key)
-                for key, t in batched_entries(self.inputs, self._unprobed_inputs())
-                if not t.is_floating_point()
-            ]
-            self.skipTest(
-                "no input can be differentiated: self.inputs has no floating-point tensor, "
-                f"and its integer tensors ({', '.join(integers) or 'none'}) reach no embedding "
-                "(nn.Embedding or F.embedding) with the batch dimension first"
-            )
+        for probe in probes:
+            probe.model = model
+        if not probes and required:
+            self.skipTest(f"no input can be differentiated: {self._unprobed_reason()}")
         return output, self._output(output), probes
+
+    def _unprobed_reason(self) -> str:
+        """Why no input of self.inputs could be probed."""
+        integers = [
+            describe_input(key)
+            for key, t in batched_entries(self.inputs, self._unprobed_inputs())
+            if not t.is_floating_point()
+        ]
+        return (
+            "self.inputs has no floating-point tensor, and its integer tensors "
+            f"({', '.join(integers) or 'none'}) reach no embedding (nn.Embedding, "
+            "nn.EmbeddingBag, F.embedding) as they are or as a view (ids.t(), ids[:, 1:]); "
+            "ids transformed into a new tensor first (clamped, shifted, offset) cannot be "
+            "followed"
+        )
+
+    def _probe_gradients(
+        self, value: torch.Tensor, probes: Sequence[Probe]
+    ) -> List[Optional[torch.Tensor]]:
+        """d value / d probe for every probe, None where ``value`` is not computed from it.
+
+        torch.autograd.grad, or, for a model with reentrant gradient checkpointing
+        (``use_reentrant=True``, which refuses autograd.grad), ``value.backward()`` reading the
+        probes' ``.grad``: in eval mode, as the probes were made, with the gradients that the
+        backward pass leaves on the model's parameters taken away again."""
+        leaves = [p.tensor for p in probes]
+        try:
+            return list(torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True))
+        except RuntimeError as exc:
+            if "use_reentrant=True" not in str(exc):
+                raise
+        models = {id(p.model): p.model for p in probes if p.model is not None} or {
+            id(self.model): self.model
+        }
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(mode(model, training=False))
+                stack.enter_context(_gradients_set_aside(model.parameters()))
+            stack.enter_context(_gradients_set_aside(self._input_leaves()))
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(self.seed)
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(value, retain_graph=True)
+            grads = [leaf.grad for leaf in leaves]
+            for leaf in leaves:
+                leaf.grad = None
+        return grads
+
+    def _input_leaves(self) -> List[torch.Tensor]:
+        """The tensors of self.inputs that a backward pass could leave a gradient on."""
+        return [t for _, t in named_tensors(self.inputs) if t.requires_grad and t.is_leaf]
 
     def _connected(self, value: torch.Tensor, probes: Sequence[Probe]) -> bool:
         """Whether ``value`` is computed from any probe (in the autograd graph), whatever the
         values: a zero-initialised output layer gives zero gradients but is connected."""
         if not value.requires_grad:
             return False
-        grads = torch.autograd.grad(
-            value.sum(), [p.tensor for p in probes], retain_graph=True, allow_unused=True
-        )
-        return any(grad is not None for grad in grads)
+        return any(grad is not None for grad in self._probe_gradients(value.sum(), probes))
 
     def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
         """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
@@ -449,9 +508,7 @@ class ModelContract(CheckMixin):
         dependence and counts as False."""
         if not value.requires_grad:
             return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
-        grads = torch.autograd.grad(
-            value, [p.tensor for p in probes], retain_graph=True, allow_unused=True
-        )
+        grads = self._probe_gradients(value, probes)
         return [
             torch.zeros_like(p.tensor, dtype=torch.bool) if g is None else g.ne(0) & g.isfinite()
             for p, g in zip(probes, grads)
@@ -463,13 +520,23 @@ class ModelContract(CheckMixin):
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
     ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode forward and backward pass."""
-        output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
-        loss = self._loss(output)
-        if not trainable or not loss.requires_grad:
-            return output, [None] * len(trainable)
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        return output, list(grads)
+        """Output and parameter gradients of one training-mode forward and backward pass.
+
+        ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
+        fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
+        backward() only), still in training mode and under the same seed, as the
+        checkpointed layers run forward again during the backward pass."""
+        for _, parameter in trainable:
+            parameter.grad = None
+        kept = _gradients_set_aside(self._input_leaves())
+        with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
+            output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
+            loss = self._loss(output)
+            if not trainable or not loss.requires_grad:
+                return output, [None] * len(trainable)
+            torch.manual_seed(self.seed + step)
+            torch.autograd.backward(loss)
+        return output, [parameter.grad for _, parameter in trainable]
 
     def _allowed(self, name: str) -> bool:
         return any(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,14 @@ from ._devices import (
     watching_dtypes,
 )
 from ._model_base import ModelContract, describe_mode
-from ._tensors import floating_tensors, map_tensors, named_tensors
+from ._probes import Probe
+from ._tensors import (
+    batched_entries,
+    floating_tensors,
+    map_tensors,
+    named_tensors,
+    replace_entries,
+)
 
 __all__ = ["ModelTests"]
 
@@ -256,8 +263,15 @@ class ModelTests(ModelContract):
         """Check that each sample's output depends on its own input only (eval mode).
 
         Catches samples mixed across the batch: a reshape used as a transpose, softmax or
-        normalisation over dim 0, batch statistics; for token inputs too, through their
-        embeddings.
+        normalisation over dim 0, batch statistics, also when computed without gradient
+        (detach, no_grad, .data); for token inputs too, through their embeddings.
+
+        Two comparisons: gradients (no other sample's output may depend on sample ``i``'s
+        input, exactly), and values (sample ``i``'s outputs in a batch of copies of sample
+        ``i`` must be those in ``inputs``). When no input can be differentiated (token ids
+        transformed before their embedding) or the output is not computed from the inputs in
+        the autograd graph (a frozen part under torch.no_grad()), only the values are
+        compared, and the failure message says so.
         """
         batch = self._batch_size()
         if batch < 2:
@@ -265,33 +279,159 @@ class ModelTests(ModelContract):
                 "inputs",
                 f"holds {batch} sample; test_batch_independence needs at least 2 (4 is plenty)",
             )
-        output, checked, probes = self._probe(self.model)
+        output, checked, probes = self._probe(self.model, required=False)
         if checked.dim() == 0 or checked.shape[0] != batch:
             self.fail(
                 f"the checked output has shape {tuple(checked.shape)}, whose first "
                 f"dimension is not the batch size {batch}.{self._output_hint(output)}"
             )
-        if not self._connected(checked, probes):
+        traced = bool(probes) and self._connected(checked, probes)
+        if traced:
+            weights = self._weights([checked])[0]
+            for index in range(batch):
+                others = [other for other in range(batch) if other != index]
+                depends = self._dependence((checked[others] * weights[others]).sum(), probes)
+                for probe, where in zip(probes, depends):
+                    if where[index].any():
+                        self.fail(
+                            f"sample {index}'s {probe.describe()} gets a gradient from the "
+                            "outputs of the other samples of the batch (its own output masked "
+                            "out): the model mixes samples. Look for a reshape/view used "
+                            "instead of a transpose/permute, softmax/normalisation over dim 0, "
+                            "statistics over the batch, or BatchNorm with "
+                            "track_running_stats=False."
+                        )
+        self._compare_with_copies(probes, traced)
+
+    def _compare_with_copies(self, probes: List[Probe], traced: bool) -> None:
+        """The value part of test_batch_independence: for each sample ``i``, the outputs at
+        ``i`` for a batch of ``batch`` copies of sample ``i`` (same batch size, so the same
+        kernels) must be those for self.inputs (within the dtype's default tolerance).
+        Compared: the checked output and every other floating-point output whose first
+        dimension behaves as the batch (equal rows for a batch of copies)."""
+        batch = self._batch_size()
+        entries = batched_entries(self.inputs, self.unbatched_inputs)
+        with torch.no_grad():
+            together = self._forward(self.model, self.inputs)
+            alone = [
+                self._forward(
+                    self.model,
+                    replace_entries(
+                        self.inputs,
+                        {key: t[torch.full((batch,), i, dtype=torch.long)] for key, t in entries},
+                    ),
+                )
+                for i in range(batch)
+            ]
+        checked = self._output(together)
+        named = [(path, t) for path, t in named_tensors(together)]
+        if not any(t is checked for _, t in named):
+            named.insert(0, ("checked output", checked))
+        for sample, copies in enumerate(alone):
+            theirs = dict(named_tensors(copies))
+            theirs.setdefault("checked output", self._output(copies))
+            for path, mine in sorted(named, key=lambda item: item[1] is not checked):
+                other = theirs.get(path)
+                if not _comparable(mine, other, batch, sample, mine is checked):
+                    continue
+                assert other is not None
+                a, b = _common(other[sample], mine[sample])
+                mismatch = _mismatch(a, b)
+                if mismatch is not None:
+                    self._fail_batch_dependent(
+                        together, sample, path, (a, b), mismatch, probes, traced, mine is checked
+                    )
+        if not traced:  # (batch statistics make copies give the same output: checked first)
+            self._fail_if_ignored(together, probes, [self._output(copies) for copies in alone])
+
+    def _fail_if_ignored(
+        self, together: Any, probes: List[Probe], alone: List[torch.Tensor]
+    ) -> None:
+        """When no gradient could be traced: fail (skip without any probe) if every sample
+        gets exactly the same checked output although the samples' inputs differ."""
+        entries = batched_entries(self.inputs, self.unbatched_inputs)
+        inputs_differ = any(not _same(t[i], t[0]) for _, t in entries for i in range(len(t)))
+        if not inputs_differ or not all(_same(out, alone[0]) for out in alone):
+            return
+        if probes:
             self.fail(
                 f"the checked output does not depend on "
-                f"{' or '.join(p.describe() for p in probes)} at all: in eval mode it is "
-                "not computed from the inputs (built from a detached tensor, from "
-                "torch.zeros_like(x), or under torch.no_grad())."
-                f"{self._output_hint(output)}"
+                f"{' or '.join(p.describe() for p in probes)} at all: in eval mode it is not "
+                "computed from them in the autograd graph, and every sample gets the same "
+                "output although the samples differ (it is built from a constant or from "
+                "torch.zeros_like(x), or the inputs are not used)."
+                f"{self._output_hint(together)}"
             )
-        weights = self._weights([checked])[0]
-        for index in range(batch):
-            others = [other for other in range(batch) if other != index]
-            depends = self._dependence((checked[others] * weights[others]).sum(), probes)
-            for probe, where in zip(probes, depends):
-                if where[index].any():
-                    self.fail(
-                        f"sample {index}'s {probe.describe()} gets a gradient from the outputs "
-                        "of the other samples of the batch (its own output masked out): the "
-                        "model mixes samples. Look for a reshape/view used instead of a "
-                        "transpose/permute, softmax/normalisation over dim 0, statistics over "
-                        "the batch, or BatchNorm with track_running_stats=False."
-                    )
+        self.skipTest(
+            "every sample gets exactly the same checked output in eval mode although the "
+            "samples differ (a zero-initialised output layer, or an output that ignores the "
+            "inputs), so comparing outputs shows nothing, and no input can be differentiated: "
+            f"{self._unprobed_reason()}"
+        )
+
+    def _fail_batch_dependent(
+        self,
+        together: Any,
+        sample: int,
+        path: str,
+        values: Tuple[torch.Tensor, torch.Tensor],
+        mismatch: str,
+        probes: List[Probe],
+        traced: bool,
+        checked: bool,
+    ) -> None:
+        """Fail: sample ``sample``'s output ``path`` differs (``values``: for copies of the
+        sample, for self.inputs), unless the model's outputs change from call to call.
+        ``traced``: the gradient comparison of the checked output ran (and passed)."""
+        alone, mine = values
+        with torch.no_grad():
+            again = self._forward(self.model, self.inputs)
+        if not all(
+            _same(a, b) for (_, a), (_, b) in zip(named_tensors(together), named_tensors(again))
+        ):
+            self.skipTest(
+                "two eval-mode passes over self.inputs give different outputs (state that "
+                "changes between calls; see test_eval_deterministic), so outputs for other "
+                "batches could not be compared"
+                + (" (the gradient comparison passed)" if traced else "")
+            )
+        one_nan = alone.isnan() ^ mine.isnan()
+        difference = (alone.double() - mine.double()).abs()[~(alone.isnan() | mine.isnan())]
+        largest = float(difference.max()) if difference.numel() else 0.0
+        batch = self._batch_size()
+        lead = (
+            f"sample {sample}'s {path} changes with the other samples of the batch: "
+            f"for a batch of {batch} copies of sample {sample} it differs from the output "
+            f"for self.inputs by up to {largest:.3g}"
+            + (" and is NaN where the other is not" if bool(one_nan.any()) else "")
+        )
+        if traced and checked:
+            cause = (
+                ", although no gradient flows between the samples. The model mixes samples "
+                "through values computed without gradient: statistics over the batch taken "
+                "under torch.no_grad(), with .detach() or on .data (a hand-written "
+                "normalisation), BatchNorm with track_running_stats=False run under "
+                "torch.no_grad(), routing with a capacity per batch."
+            )
+        else:
+            cause = (
+                ". The model mixes samples: a reshape/view used instead of a "
+                "transpose/permute, softmax/normalisation over dim 0, statistics over the "
+                "batch (also when computed under torch.no_grad(), with .detach() or on .data), "
+                "BatchNorm with track_running_stats=False, routing with a capacity per batch."
+            )
+            if not traced:
+                cause += " (Only outputs were compared: " + (
+                    "the checked output is not computed from the inputs in the autograd graph.)"
+                    if probes
+                    else f"no input can be differentiated: {self._unprobed_reason()}.)"
+                )
+        self.fail(
+            f"{lead}{cause} A mixture of experts that drops tokens over its capacity, or "
+            "dynamic quantisation (activation scales taken over the batch), is "
+            "batch-dependent by design: skip this check for such a model.\n"
+            f"{mismatch}"
+        )
 
     # -- training ----------------------------------------------------------------------------
     @check
@@ -338,8 +478,9 @@ class ModelTests(ModelContract):
             if not connected[position]:
                 problems[name] = (
                     f"no gradient in {steps} step(s): dead, not connected to the "
-                    "loss (unused in forward, or cut off by "
-                    ".detach()/.data/torch.no_grad())"
+                    "loss (unused in forward, cut off by "
+                    ".detach()/.data/torch.no_grad(), or in a reentrant checkpoint whose "
+                    "input needs no gradient)"
                 )
             elif not nonzero[position]:
                 problems[name] = (
@@ -572,6 +713,54 @@ _DTYPE_ADVICE = (
     "create it from the inputs: torch.randn_like(x), x.new_tensor([...]), "
     "dtype=x.dtype."
 )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal, NaN where the other is NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+def _comparable(
+    mine: torch.Tensor, other: Optional[torch.Tensor], batch: int, sample: int, checked: bool
+) -> bool:
+    """Whether output ``mine`` (for self.inputs) is compared at ``sample`` with ``other`` (for a
+    batch of copies of that sample): the checked output always (its first dimension is the
+    batch), another output if it is floating-point and its first dimension behaves as the
+    batch (the same row for every copy)."""
+    if other is None or mine.dim() == 0 or other.dim() != mine.dim():
+        return False
+    if mine.shape[0] != batch or other.shape[0] != batch:
+        return False
+    if checked:
+        return True
+    if not mine.is_floating_point() or other.dtype != mine.dtype:
+        return False
+    row = other[sample]
+    return all(_mismatch(other[i], row) is None for i in range(batch))
+
+
+def _mismatch(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    """What torch.testing.assert_close says of ``a`` and ``b`` (the dtype's default
+    tolerances, NaN equal to NaN), or None if they are close."""
+    try:
+        torch.testing.assert_close(a, b, equal_nan=True)
+    except AssertionError as error:
+        return str(error)
+    return None
+
+
+def _common(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` cut to the extent they share in every dimension (an output padded to
+    the longest sequence of its batch is longer for self.inputs than for copies of a short
+    sample)."""
+    for dim in range(a.dim()):
+        size = min(a.shape[dim], b.shape[dim])
+        a, b = a.narrow(dim, 0, size), b.narrow(dim, 0, size)
+    return a, b
 
 
 def _state_outside_state_dict(model: nn.Module, other: nn.Module) -> List[str]:

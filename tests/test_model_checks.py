@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dltestkit import ModelTests
 from dltestkit._base import checks_of
@@ -171,7 +172,41 @@ def tokens(batch: int = 4, length: int = 5) -> Dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 20, (batch, length)), "attention_mask": mask}
 
 
+class Checkpointed(WithBatchNorm):
+    """Reentrant gradient checkpointing (``use_reentrant=True``, the default of transformers'
+    gradient_checkpointing_enable), in eval mode too, around BatchNorm and the decoder."""
+
+    def checkpoint(self, function: Any, value: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # torch.no_grad(): nothing to save memory for
+            return function(value)  # type: ignore[no-any-return]
+        return checkpoint(function, value, use_reentrant=True)  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder[1](self.encoder[0](x))
+        return self.checkpoint(lambda h: self.decoder(self.encoder[2](h)), hidden)
+
+
 # -- one bug each ----------------------------------------------------------------
+class CheckpointsItsInput(AutoEncoder):
+    """Reentrant checkpointing straight from the input, which needs no gradient in training:
+    the layers inside get none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(super().forward, x, use_reentrant=True)
+
+
+class CentresInACheckpoint(Checkpointed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder[1](self.encoder[0](x))
+        return self.checkpoint(lambda h: self.decoder(h - h.mean(0)), hidden)
+
+
+class SqrtAtZeroInACheckpoint(Checkpointed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return self.checkpoint(lambda o: o + torch.sqrt(o * 0), out)
+
+
 class HardWiredBatch(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder[2](self.encoder[1](x.view(4, FEATURES))))
@@ -418,6 +453,7 @@ class CorrectModels(CheckTestCase):
             "token ids in a dict, dict out": token_case(
                 TokenModel, expected_output_shape=(4, 5, 6), make_model=TokenModel
             ),
+            "reentrant gradient checkpointing": model_case(Checkpointed, make_model=Checkpointed),
             "positional tuple": model_case(
                 lambda: nn.Bilinear(2, 3, 5),
                 inputs=lambda: (torch.randn(4, 2), torch.randn(4, 3)),
@@ -940,7 +976,32 @@ class BatchIndependence(CheckTestCase):
             model_case(IgnoresItsInput),
             "test_batch_independence",
             "the checked output does not depend on self.inputs at all",
+            "every sample gets the same output although the samples differ",
             "torch.zeros_like(x)",
+        )
+
+    def test_the_same_output_for_every_sample_without_any_probe_skips(self) -> None:
+        """Without a gradient, a zero-initialised output layer cannot be told from an output
+        that ignores its inputs."""
+
+        class ClampsItsTokens(TokenModel):
+            def __init__(self, zero_head: bool = False) -> None:
+                super().__init__()
+                if zero_head:
+                    nn.init.zeros_(self.mix.weight)
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> Any:
+                return super().forward(input_ids.clamp(0, 19), attention_mask)
+
+        self.assertPasses(token_case(ClampsItsTokens), "test_batch_independence")
+        self.assertSkipsWith(
+            model_case(
+                lambda: ClampsItsTokens(zero_head=True), inputs=lambda: tokens()["input_ids"]
+            ),
+            "test_batch_independence",
+            "every sample gets exactly the same checked output in eval mode",
+            "no input can be differentiated",
+            "(clamped, shifted, offset)",
         )
 
     def test_a_zero_initialised_output_layer_is_no_false_alarm(self) -> None:
@@ -964,21 +1025,153 @@ class BatchIndependence(CheckTestCase):
             "set self.output_key",
         )
 
-    def test_integer_inputs_that_reach_no_embedding_skip_naming_them(self) -> None:
+    def test_integer_inputs_that_reach_no_embedding_are_compared_by_value(self) -> None:
         class OneHot(nn.Module):
-            def __init__(self) -> None:
+            def __init__(self, mixes: bool = False) -> None:
                 super().__init__()
                 self.linear = nn.Linear(10, 3)
+                self.mixes = mixes
 
             def forward(self, labels: torch.Tensor) -> torch.Tensor:
-                return self.linear(F.one_hot(labels, 10).float())
+                out = self.linear(F.one_hot(labels, 10).float())
+                return out.softmax(dim=0) if self.mixes else out
 
-        case = model_case(OneHot, inputs=lambda: torch.arange(4), expected_output_shape=(4, 3))
-        self.assertSkipsWith(
-            case,
+        def case(mixes: bool) -> type:
+            return model_case(
+                lambda: OneHot(mixes), inputs=lambda: torch.arange(4), expected_output_shape=(4, 3)
+            )
+
+        self.assertPasses(case(mixes=False), "test_batch_independence")
+        self.assertFailsWith(
+            case(mixes=True),
             "test_batch_independence",
-            "no input can be differentiated",
-            "its integer tensors (self.inputs) reach no embedding",
+            "sample 0's output changes with the other samples of the batch: for a batch of "
+            "4 copies of sample 0 it differs from the output for self.inputs by up to",
+            "softmax/normalisation over dim 0",
+            "(Only outputs were compared: no input can be differentiated: self.inputs has "
+            "no floating-point tensor, and its integer tensors (self.inputs) reach no embedding",
+        )
+
+    def test_batch_statistics_computed_without_gradient_fail(self) -> None:
+        class CentresDetached(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x - x.mean(0).detach())
+
+        class StandardisesUnderNoGrad(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder(x)
+                with torch.no_grad():
+                    mean, std = hidden.mean(0), hidden.std(0)
+                return self.decoder((hidden - mean) / (std + 1e-5))
+
+        class HandWrittenBatchNorm(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder(x)
+                return self.decoder(hidden - hidden.data.mean(0))
+
+        class BatchNormUnderNoGrad(WithBatchNorm):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder[1](self.encoder[0](x))
+                with torch.no_grad():
+                    normalised = self.encoder[2](hidden)
+                return self.decoder(hidden + normalised)
+
+        cases = {
+            "x - x.mean(0).detach()": model_case(CentresDetached),
+            "statistics under torch.no_grad()": model_case(StandardisesUnderNoGrad),
+            "statistics of .data": model_case(HandWrittenBatchNorm),
+            "BatchNorm without running stats under torch.no_grad()": model_case(
+                lambda: BatchNormUnderNoGrad(track_running_stats=False)
+            ),
+        }
+        for label, case in cases.items():
+            with self.subTest(label):
+                self.assertFailsWith(
+                    case,
+                    "test_batch_independence",
+                    "sample 0's output changes with the other samples of the batch",
+                    "although no gradient flows between the samples",
+                    "statistics over the batch taken under torch.no_grad(), with .detach() or "
+                    "on .data",
+                    "Greatest absolute difference",
+                )
+        self.assertPasses(model_case(lambda: BatchNormUnderNoGrad()), "test_batch_independence")
+
+    def test_every_output_whose_first_dimension_is_the_batch_is_compared(self) -> None:
+        class LeaksIntoASecondOutput(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                hidden = self.encoder(x)
+                return self.decoder(hidden), hidden - hidden.mean(0).detach()
+
+        self.assertFailsWith(
+            model_case(LeaksIntoASecondOutput),
+            "test_batch_independence",
+            "sample 0's output[1] changes with the other samples of the batch",
+            "statistics over the batch (also when computed under torch.no_grad()",
+        )
+
+    def test_outputs_whose_first_dimension_is_not_the_batch_are_not_compared(self) -> None:
+        """nn.GRU's final state is (layers, batch, features): with 4 layers and 4 samples its
+        first dimension has the batch size, but its rows are layers."""
+        case = model_case(
+            lambda: nn.GRU(3, 5, num_layers=4, batch_first=True),
+            inputs=lambda: torch.randn(4, 6, 3),
+            expected_output_shape=(4, 6, 5),
+        )
+        self.assertPasses(case, "test_batch_independence")
+
+    def test_outputs_padded_to_the_longest_sample_of_the_batch_are_no_false_alarm(self) -> None:
+        class PackedGRU(nn.Module):
+            """Returns (batch, longest length in the batch, features), as pad_packed_sequence."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.gru = nn.GRU(3, 5, batch_first=True)
+
+            def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                packed = nn.utils.rnn.pack_padded_sequence(
+                    x, lengths, batch_first=True, enforce_sorted=False
+                )
+                out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True)
+                return out
+
+        case = model_case(
+            PackedGRU, inputs=lambda: (torch.randn(4, 6, 3), torch.tensor([6, 2, 4, 3]))
+        )
+        self.assertPasses(case, "test_batch_independence")
+
+    def test_outputs_computed_from_a_frozen_part_under_no_grad_are_compared_by_value(
+        self,
+    ) -> None:
+        class FrozenEncoder(AutoEncoder):
+            def __init__(self, centred: bool = False) -> None:
+                super().__init__()
+                self.centred = centred
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():  # a frozen feature extractor (linear probing)
+                    hidden = self.encoder(x)
+                    if self.centred:
+                        hidden = hidden - hidden.mean(0)
+                return self.decoder(hidden)
+
+        self.assertPasses(model_case(FrozenEncoder), "test_batch_independence")
+        self.assertFailsWith(
+            model_case(lambda: FrozenEncoder(centred=True)),
+            "test_batch_independence",
+            "sample 0's output changes with the other samples of the batch",
+            "(Only outputs were compared: the checked output is not computed from the "
+            "inputs in the autograd graph.)",
+        )
+
+    def test_a_model_whose_state_changes_between_calls_skips_the_value_comparison(
+        self,
+    ) -> None:
+        self.assertSkipsWith(
+            model_case(CountsCalls),
+            "test_batch_independence",
+            "state that changes between calls; see test_eval_deterministic",
+            "(the gradient comparison passed)",
         )
 
     def test_one_sample_is_a_contract_error(self) -> None:
@@ -1106,6 +1299,68 @@ class Finite(CheckTestCase):
         self.assertFailsWith(
             model_case(SqrtAtZero), "test_all_parameters_updated", "gradient contains NaN or Inf"
         )
+
+
+class GradientCheckpointing(CheckTestCase):
+    """Reentrant checkpointing refuses torch.autograd.grad: the checks back-propagate with
+    backward() instead, in the mode of the forward pass."""
+
+    def test_the_gradients_come_through_reentrant_checkpoints(self) -> None:
+        for name in (
+            "test_all_parameters_updated",
+            "test_finite_outputs_and_gradients",
+            "test_batch_independence",
+        ):
+            with self.subTest(name):
+                self.assertPasses(model_case(Checkpointed), name)
+
+    def test_a_checkpoint_whose_input_needs_no_gradient_fails_naming_the_layers(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad")
+            text = self.assertFailsWith(
+                model_case(CheckpointsItsInput),
+                "test_all_parameters_updated",
+                "4 of 4 trainable parameters would not be trained",
+                "encoder.1.weight: no gradient in 3 step(s)",
+                "or in a reentrant checkpoint whose input needs no gradient",
+            )
+        self.assertIn("decoder.0.bias", text)
+
+    def test_batch_mixing_inside_a_checkpoint_in_eval_mode_fails(self) -> None:
+        self.assertFailsWith(
+            model_case(CentresInACheckpoint),
+            "test_batch_independence",
+            "sample 0's self.inputs gets a gradient from the outputs of the other samples",
+        )
+
+    def test_nan_gradients_inside_a_checkpoint_fail(self) -> None:
+        self.assertFailsWith(
+            model_case(SqrtAtZeroInACheckpoint),
+            "test_finite_outputs_and_gradients",
+            "the gradients of",
+            "decoder.0.weight",
+            "contain NaN or Inf",
+        )
+
+    def test_the_eval_backward_pass_leaves_the_model_as_it_was(self) -> None:
+        """In eval mode, as the probes were made (BatchNorm in training mode would mix the
+        samples and update its statistics), and no gradient is left on the parameters."""
+        model = Checkpointed().train()
+        for parameter in model.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        saved = {name: p.grad for name, p in model.named_parameters()}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = model, torch.randn(4, *SHAPE)
+
+        self.assertPasses(make_case(ModelTests, set_up), "test_batch_independence")
+        self.assertTrue(model.training)
+        for name, parameter in model.named_parameters():
+            self.assertIs(parameter.grad, saved[name])
+            self.assertTrue(torch.equal(parameter.grad, torch.ones_like(parameter)), name)
+        for key, value in model.state_dict().items():
+            self.assertTrue(torch.equal(value, state[key]), key)
 
 
 class EvalDeterministic(CheckTestCase):

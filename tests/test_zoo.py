@@ -69,6 +69,18 @@ def bert() -> nn.Module:
     )
 
 
+def bert_checkpointed() -> nn.Module:
+    """Reentrant gradient checkpointing in training mode, the path PEFT's k-bit training
+    falls back to."""
+    model = bert()
+    reentrant = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+    return model
+
+
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -293,6 +305,19 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (NOT_CAUSAL,),
     ),
+    "transformers BERT, reentrant gradient checkpointing": (
+        SequenceModelTests,
+        dict(
+            model=bert_checkpointed,
+            inputs=token_batch,
+            output_key="last_hidden_state",
+            expected_output_shape=(BATCH, LENGTH, 32),
+            make_model=bert_checkpointed,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NOT_CAUSAL,),
+    ),
     "PEFT LoRA on BERT": (
         SequenceModelTests,
         dict(
@@ -503,6 +528,23 @@ class RealModels(CheckTestCase):
             with self.subTest(label):
                 case = zoo_case(mixin, dict(attributes, accelerators=["cpu"]))
                 self.assertPasses(case, "test_device_moving_on_gpu", allowed_skips=())
+
+    def test_token_ids_no_probe_follows_are_compared_by_value(self) -> None:
+        attributes = dict(model=ClampsItsIds, inputs=lambda: token_batch(left_padding=True))
+        self.assertPasses(zoo_case(ModelTests, attributes), "test_batch_independence")
+
+
+class ClampsItsIds(nn.Module):
+    """A correct GPT-2 wrapper that clamps its token ids: a new tensor, which no embedding
+    probe can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt2 = gpt2()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        ids = input_ids.clamp(0, VOCAB - 1)
+        return self.gpt2(input_ids=ids, attention_mask=attention_mask).logits
 
 
 class DropsTheMask(nn.Module):
