@@ -400,12 +400,13 @@ class Contract(CheckTestCase):
             "names ['decoder_input_ids'], which self.inputs does not have",
         )
 
-    def test_sequence_inputs_that_cannot_be_differentiated_are_refused(self) -> None:
+    def test_sequence_inputs_without_the_outputs_positions_are_refused(self) -> None:
+        # the padding mask says where the positions are padded; it is no sequence input
         self.assertErrorsWith(
-            causal_lm(sequence_inputs=["attention_mask"]),
+            causal_lm(sequence_inputs=["attention_mask"], padding_mask="attention_mask"),
             "test_causality",
-            "names ['attention_mask'], which have no 6 positions at "
-            "sequence_dim=1 that can be differentiated",
+            "names ['attention_mask'], which are no batched inputs with 6 positions at "
+            "sequence_dim=1 (the padding mask and unbatched inputs are none either)",
         )
 
     def test_a_sequence_dim_where_no_input_has_the_positions_is_refused(self) -> None:

@@ -49,6 +49,14 @@ def token_batch(left_padding: bool = False) -> Dict[str, torch.Tensor]:
     }
 
 
+def with_position_ids(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Position ids counted from each sample's first real token, as transformers' generate
+    computes them for left-padded batches (without them a decoder counts from column 0)."""
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return {**batch, "position_ids": positions}
+
+
 def images() -> torch.Tensor:
     return torch.randn(BATCH, 3, 32, 32)
 
@@ -280,11 +288,11 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (NO_MAKE_MODEL, NOT_CAUSAL),
     ),
-    "transformers GPT-2, causal LM, left padding": (
+    "transformers GPT-2, causal LM, left padding, position_ids": (
         SequenceModelTests,
         dict(
             model=gpt2,
-            inputs=lambda: token_batch(left_padding=True),
+            inputs=lambda: with_position_ids(token_batch(left_padding=True)),
             expected_output_shape=(BATCH, LENGTH, VOCAB),
             make_model=gpt2,
             sequence_dim=1,
@@ -293,11 +301,11 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (),
     ),
-    "transformers Llama, causal LM, left padding": (
+    "transformers Llama, causal LM, left padding, position_ids": (
         SequenceModelTests,
         dict(
             model=llama,
-            inputs=lambda: token_batch(left_padding=True),
+            inputs=lambda: with_position_ids(token_batch(left_padding=True)),
             expected_output_shape=(BATCH, LENGTH, VOCAB),
             make_model=llama,
             sequence_dim=1,
