@@ -402,8 +402,8 @@ class SequenceModelTests(ModelTests):
 
         Catches a causal model that sees the future: a causal mask off by one, a convolution
         padded on both sides, a bidirectional layer, inputs shifted the wrong way; names the
-        first leaking pair of positions. Also checks that the output at each position depends
-        on the input there (or not, with ``sees_present`` False).
+        first leaking pair of positions. Also an output that does not see its own position (a
+        mask that hides the present), or sees it though sees_present is False.
         """
         if not self.causal:
             self.skipTest(
