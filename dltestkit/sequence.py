@@ -5,12 +5,12 @@ gradients: the output is back-propagated to the inputs (token ids: to their embe
 the gradient must be exactly zero where the output must not depend on the input; this names
 the first leaking pair of positions, but it sees only what reaches the output through a
 differentiable path from an input or from an embedding of it. And by values: the inputs at
-the positions that must not matter are replaced (token ids by other ids of the batch, floats
-by noise) and the outputs must stay the same (``torch.testing.assert_close``); this needs no
-gradient at all (ids transposed, clamped or shifted before their embedding,
-``nn.EmbeddingBag``), and each padded sample is also run alone, without its padding, which
-catches padding that changes the result through its amount (positions counted from the first
-column with left padding, a mean over the padded length).
+the positions that must not matter are replaced by values from the batch itself (token ids by
+other ids, floats by the values of other positions) and the outputs must stay the same
+(``torch.testing.assert_close``); this needs no gradient at all (ids transposed, clamped or
+shifted before their embedding, ``nn.EmbeddingBag``), and each padded sample is also run
+alone, without its padding, which catches padding that changes the result through its amount
+(positions counted from the first column with left padding, a mean over the padded length).
 """
 
 from __future__ import annotations
@@ -332,18 +332,28 @@ class SequenceModelTests(ModelTests):
         return tensor.movedim(self.sequence_dim, 1)[where]
 
     def _other_values(self, tensor: torch.Tensor, real: torch.Tensor, salt: int) -> torch.Tensor:
-        """Other values for every entry of an input. Token ids (any integer or bool tensor):
-        other ids that the batch holds at real positions, each one different from the id it
-        replaces where the batch holds more than one. Floats: seeded noise with the input's
-        mean and spread."""
+        """Other values, taken from the batch itself, for every position of an input (so that
+        they stay in the input's domain: no log of a negative number). Token ids (integer and
+        bool tensors): for every entry, another id that the batch holds at a real position,
+        each one different from the id it replaces where the batch holds more than one.
+        Floats: for every position, the values of another real position of the batch (its
+        features at sequence_dim, all of them), different where the batch allows."""
         generator = torch.Generator().manual_seed(self.seed + 7919 * (salt + 1))
         if tensor.is_floating_point():
-            values = tensor.detach().double()
-            finite = values[values.isfinite()]
-            mean = float(finite.mean()) if finite.numel() else 0.0
-            spread = float(finite.std()) if finite.numel() > 1 else 0.0
-            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
-            return (noise * (spread if spread > 0 else 1.0) + mean).to(tensor.dtype)
+            moved = tensor.detach().movedim(self.sequence_dim, 1)
+            rows = moved.reshape(moved.shape[0] * moved.shape[1], -1)
+            sources = rows[real.reshape(-1)] if real.any() else rows
+            if sources.shape[0] < 2:
+                return tensor.clone()
+            choice = torch.randint(0, sources.shape[0], (rows.shape[0],), generator=generator)
+            for _ in range(8):  # draw again where the value drawn is the one it replaces
+                same = (sources[choice] == rows).all(dim=1)
+                if not same.any():
+                    break
+                again = torch.randint(0, sources.shape[0], (rows.shape[0],), generator=generator)
+                choice = torch.where(same, again, choice)
+            taken: torch.Tensor = sources[choice].reshape(moved.shape).movedim(1, self.sequence_dim)
+            return taken
         ids = tensor.long()
         pool = torch.unique(self._at(ids, real)) if real.any() else torch.unique(ids)
         if pool.numel() < 2:
@@ -393,7 +403,11 @@ class SequenceModelTests(ModelTests):
 
     @staticmethod
     def _kind(tensor: torch.Tensor) -> str:
-        return "noise" if tensor.is_floating_point() else "other ids of the batch"
+        return (
+            "values from other positions of the batch"
+            if tensor.is_floating_point()
+            else "other ids of the batch"
+        )
 
     # -- causality -------------------------------------------------------------------------
     @check

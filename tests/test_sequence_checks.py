@@ -351,7 +351,30 @@ class CausalityByValues(CheckTestCase):
             "No gradient shows it",
         )
 
-    def test_float_inputs_are_replaced_by_noise(self) -> None:
+    def test_float_inputs_are_replaced_by_values_of_the_batch(self) -> None:
+        class LogMagnitudes(nn.Module):
+            """Causal attention over the log of positive features (a spectrogram): noise
+            there would give NaN, which a masked attention weight of 0 spreads back."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.causal = Attention(causal=True)
+                self.qkv = nn.Linear(5, 3 * WIDTH)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                q, k, v = self.qkv(torch.log(x)).chunk(3, dim=-1)
+                hidden = self.causal.hidden_positions(x.shape[1], x.device)
+                scores = (q @ k.transpose(1, 2)).masked_fill(hidden, float("-inf"))
+                return torch.softmax(scores, dim=-1) @ v
+
+        self.assertPasses(
+            sequence_case(
+                LogMagnitudes, lambda: torch.rand(BATCH, LENGTH, 5) * 0.5 + 0.02, causal=True
+            ),
+            "test_causality",
+        )
+
+    def test_a_float_input_that_leaks_without_a_gradient_is_found(self) -> None:
         class PeeksWithoutGradient(CausalConv):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(x) + x.roll(-1, dims=-1).detach()
@@ -365,7 +388,7 @@ class CausalityByValues(CheckTestCase):
             ),
             "test_causality",
             "the output at position 0 changes when self.inputs at position 1, a later "
-            "position, is replaced by noise",
+            "position, is replaced by values from other positions of the batch",
         )
 
 
