@@ -929,8 +929,9 @@ class SequenceModelTests(ModelTests):
                     self.skipTest(
                         f"{_STRIPPED}: not compared, sample {sample} with its {len(index)} "
                         f"real positions only (a batch of 1) makes the model raise "
-                        f"{type(exc).__name__} ({first}); a model for one fixed length? The "
-                        "padded positions were checked as they are"
+                        f"{type(exc).__name__} ({first}): a model for one fixed length? The "
+                        "padding was checked in the padded batch only (gradients, values "
+                        "replaced)"
                     )
                 expected = base[sample].index_select(dim - 1, index) if positional else base[sample]
                 got = alone[0] if alone.dim() > 0 and alone.shape[0] == 1 else alone
@@ -938,8 +939,11 @@ class SequenceModelTests(ModelTests):
                     self.skipTest(
                         f"{_STRIPPED}: not compared, sample {sample} with its {len(index)} real "
                         f"positions only (a batch of 1) gives an output of shape "
-                        f"{tuple(alone.shape)}, not (1, *{tuple(expected.shape)}); a model for "
-                        "one fixed length? The padded positions were checked as they are"
+                        f"{tuple(alone.shape)}, not (1, {', '.join(map(str, expected.shape))}): "
+                        "a model for one fixed length, or a checked output whose positions are "
+                        "not the padding mask's (a downsampling encoder's frames, a decoder's "
+                        "output checked with its encoder's mask)? The padding was checked in "
+                        "the padded batch only (gradients, values replaced)"
                     )
                 compared = True
                 difference = _difference(got, expected)

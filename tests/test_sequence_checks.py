@@ -682,6 +682,21 @@ class PaddingInvariance(CheckTestCase):
             "a model for one fixed length?",
         )
 
+    def test_a_model_that_pads_to_one_length_itself_is_compared_in_the_batch_only(self) -> None:
+        class PadsToItsLength(Attention):
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+                missing = LENGTH - input_ids.shape[1]
+                return super().forward(
+                    F.pad(input_ids, (0, missing)), F.pad(attention_mask, (0, missing))
+                )
+
+        self.assertSkipsWith(
+            sequence_case(PadsToItsLength, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0 with its 4 real positions only (a batch of 1) gives an output of shape "
+            "(1, 6, 8), not (1, 4, 8): a model for one fixed length",
+        )
+
     def test_padding_the_check_makes_holds_the_models_pad_token(self) -> None:
         class LastTokenClassifier(nn.Module):
             """Scores from the last real token, found from the pad token, the way
