@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import unittest
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 import torch
@@ -97,6 +98,62 @@ class MaskAcceptedNotApplied(Attention):
 class InvertedMask(Attention):
     def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return attention_mask == 0  # treats 1 as padding
+
+
+class HidesThePresent(Attention):
+    """triu(diagonal=0): position t attends to earlier positions only, not to itself."""
+
+    def hidden_positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=0)
+
+
+class SeqFirstLM(nn.Module):
+    """A correct LSTM language model run sequence-first, as PyTorch's word_language_model
+    example, that clamps its ids first: the embedding sees a new tensor, which no probe can
+    follow, so the sequence checks compare values only."""
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__()
+        self.shift = shift
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.lstm = nn.LSTM(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shift < 0:  # the wrong way: position t is given the token at t + 1
+            ids = torch.roll(ids, -1, dims=1)
+        elif self.shift > 0:  # right, behind a start token: position t sees tokens before t
+            ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
+        hidden, _ = self.lstm(self.embed(ids.clamp(0, VOCAB - 1).t()))
+        return self.head(hidden).transpose(0, 1)
+
+
+class PositionsLM(Attention):
+    """Causal attention with learned absolute positions, counted from column 0
+    (torch.arange) or, with ``from_mask``, from each sample's first real token."""
+
+    def __init__(self, from_mask: bool = False) -> None:
+        super().__init__(causal=True)
+        self.from_mask = from_mask
+        self.positions = nn.Embedding(16, WIDTH)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        assert attention_mask is not None
+        if self.from_mask:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.positions(positions)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(WIDTH)
+        hidden = self.hidden_positions(x.shape[1], x.device)
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(
+            ~attention_mask.bool()[:, None, :], torch.finfo(scores.dtype).min
+        )
+        return self.out(torch.softmax(scores, dim=-1) @ v)
 
 
 def token_inputs(padding: bool = True) -> Dict[str, torch.Tensor]:
@@ -262,6 +319,164 @@ class Causality(CheckTestCase):
         )
 
 
+class CausalityByValues(CheckTestCase):
+    """Inputs replaced after each position: no gradient needed."""
+
+    def test_token_ids_that_reach_no_embedding_directly_are_compared_by_values(self) -> None:
+        def ids() -> torch.Tensor:
+            return token_inputs()["input_ids"]
+
+        self.assertPasses(sequence_case(SeqFirstLM, ids, causal=True), "test_causality")
+        self.assertFailsWith(
+            sequence_case(lambda: SeqFirstLM(shift=-1), ids, causal=True),
+            "test_causality",
+            "the output at position 0 changes when self.inputs at position 1, a later "
+            "position, is replaced by other ids of the batch: the model sees the future",
+            "torch.roll(ids, -1, dims=1) gives position t the token at t + 1",
+            "The outputs at position 0: ",
+        )
+
+    def test_a_leak_beside_the_gradients_is_found_by_values(self) -> None:
+        class NextTokenThroughACopy(Attention):
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+                out = super().forward(input_ids, attention_mask)
+                return out + self.embed(torch.roll(input_ids, -1, dims=1))  # the next token
+
+        self.assertFailsWith(
+            sequence_case(lambda: NextTokenThroughACopy(causal=True), causal=True),
+            "test_causality",
+            "the output at position 0 changes when self.inputs['input_ids'] at position 1, "
+            "a later position, is replaced by other ids of the batch",
+            "No gradient shows it",
+        )
+
+    def test_float_inputs_are_replaced_by_values_of_the_batch(self) -> None:
+        class LogMagnitudes(nn.Module):
+            """Causal attention over the log of positive features (a spectrogram): noise
+            there would give NaN, which a masked attention weight of 0 spreads back."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.causal = Attention(causal=True)
+                self.qkv = nn.Linear(5, 3 * WIDTH)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                q, k, v = self.qkv(torch.log(x)).chunk(3, dim=-1)
+                hidden = self.causal.hidden_positions(x.shape[1], x.device)
+                scores = (q @ k.transpose(1, 2)).masked_fill(hidden, float("-inf"))
+                return torch.softmax(scores, dim=-1) @ v
+
+        self.assertPasses(
+            sequence_case(
+                LogMagnitudes, lambda: torch.rand(BATCH, LENGTH, 5) * 0.5 + 0.02, causal=True
+            ),
+            "test_causality",
+        )
+
+    def test_a_float_input_that_leaks_without_a_gradient_is_found(self) -> None:
+        class PeeksWithoutGradient(CausalConv):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x) + x.roll(-1, dims=-1).detach()
+
+        self.assertFailsWith(
+            sequence_case(
+                PeeksWithoutGradient,
+                causal=True,
+                sequence_dim=2,
+                inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+            ),
+            "test_causality",
+            "the output at position 0 changes when self.inputs at position 1, a later "
+            "position, is replaced by values from other positions of the batch",
+        )
+
+
+class SeesPresent(CheckTestCase):
+    """The output at position t depends on the input at t (sees_present True, the default),
+    or must not (False)."""
+
+    def test_a_causal_mask_that_hides_the_present_fails(self) -> None:
+        self.assertFailsWith(
+            sequence_case(
+                lambda: HidesThePresent(causal=True), causal=True, padding_mask="attention_mask"
+            ),
+            "test_causality",
+            "the output at position 1 does not depend on self.inputs['input_ids'] at "
+            "position 1, its own position, though it depends on earlier positions",
+            "torch.triu(..., diagonal=0) where diagonal=1 is meant",
+            "set self.sees_present = False",
+        )
+
+    def test_a_strictly_causal_model_sets_sees_present_false(self) -> None:
+        class Shifted(CausalConv):
+            """WaveNet's first layer: the output at t from the inputs before t."""
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.conv(F.pad(x, (3, 0))[..., :-1])
+
+        def inputs() -> torch.Tensor:
+            return torch.randn(BATCH, 3, LENGTH)
+
+        self.assertPasses(
+            sequence_case(Shifted, inputs, causal=True, sequence_dim=2, sees_present=False),
+            "test_causality",
+        )
+        self.assertFailsWith(
+            sequence_case(Shifted, inputs, causal=True, sequence_dim=2),
+            "test_causality",
+            "the output at position 1 does not depend on self.inputs at position 1",
+            "WaveNet's shifted input",
+        )
+        # the present let through where it must not be (PixelCNN's mask B for mask A)
+        self.assertFailsWith(
+            sequence_case(CausalConv, inputs, causal=True, sequence_dim=2, sees_present=False),
+            "test_causality",
+            "the output at position 0 depends on self.inputs at position 0, its own "
+            "position, but self.sees_present is False",
+            "PixelCNN's mask B in the first layer",
+        )
+
+    def test_without_gradients_the_present_is_checked_by_values(self) -> None:
+        def ids() -> torch.Tensor:
+            return token_inputs()["input_ids"]
+
+        shifted = sequence_case(lambda: SeqFirstLM(shift=1), ids, causal=True)
+        self.assertFailsWith(
+            shifted,
+            "test_causality",
+            "the output at position 1 does not depend on self.inputs at position 1, its own "
+            "position",
+        )
+        self.assertPasses(
+            sequence_case(lambda: SeqFirstLM(shift=1), ids, causal=True, sees_present=False),
+            "test_causality",
+        )
+        self.assertFailsWith(
+            sequence_case(SeqFirstLM, ids, causal=True, sees_present=False),
+            "test_causality",
+            "the output at position 0 changes when self.inputs at position 0, its own "
+            "position, is replaced by other ids of the batch, but self.sees_present is False",
+        )
+
+    def test_an_output_that_depends_on_nothing_yet_passes(self) -> None:
+        def zero_initialised() -> nn.Module:  # its output starts constant
+            model = CausalConv()
+            nn.init.zeros_(model.conv.weight)
+            return model
+
+        self.assertPasses(
+            sequence_case(
+                zero_initialised,
+                causal=True,
+                sequence_dim=2,
+                inputs=lambda: torch.randn(BATCH, 3, LENGTH),
+            ),
+            "test_causality",
+        )
+
+
 class PaddingInvariance(CheckTestCase):
     def test_a_mask_accepted_but_not_applied_fails(self) -> None:
         self.assertFailsWith(
@@ -342,6 +557,252 @@ class PaddingInvariance(CheckTestCase):
         wrong = sequence_case(encoder, inputs, padding_mask="src_key_padding_mask")
         self.assertFailsWith(wrong, "test_padding_invariance", "set self.padded_value = True")
 
+    def test_positions_counted_from_column_zero_fail_with_left_padding(self) -> None:
+        def left_padded() -> Dict[str, torch.Tensor]:
+            inputs = token_inputs(padding=False)
+            inputs["attention_mask"][0, :3] = 0
+            return inputs
+
+        self.assertFailsWith(
+            sequence_case(PositionsLM, left_padded, causal=True, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its outputs at its real positions [3, 4, 5] change with the padding: "
+            "run alone without its padding (3 positions, a batch of 1, the mask all real) it "
+            "gives other outputs",
+            "The padding is on the left",
+            "Pass position_ids computed from the mask",
+        )
+        self.assertPasses(
+            sequence_case(
+                lambda: PositionsLM(from_mask=True),
+                left_padded,
+                causal=True,
+                padding_mask="attention_mask",
+            ),
+            "test_padding_invariance",
+        )
+
+    def test_padding_made_by_the_check_is_compared_on_the_right_for_a_causal_model(self) -> None:
+        # on the left to find leaks (a causal model's padding can only leak there), on the right
+        # to compare with each sample alone: the user did not say where the padding goes
+        self.assertPasses(
+            sequence_case(
+                PositionsLM,
+                lambda: token_inputs(padding=False),
+                causal=True,
+                padding_mask="attention_mask",
+            ),
+            "test_padding_invariance",
+        )
+
+    def test_a_mean_over_the_padded_length_fails(self) -> None:
+        class MeanOverThePaddedLength(MaskedMeanPool):
+            def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return (self.linear(features) * mask.unsqueeze(-1)).mean(dim=1)
+
+        self.assertFailsWith(
+            sequence_case(
+                MeanOverThePaddedLength,
+                padding_mask=1,
+                inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"]),
+            ),
+            "test_padding_invariance",
+            "sample 0: its output changes with the padding: run alone without its padding (4 "
+            "positions, a batch of 1, the mask all real) it gives other outputs",
+            "(h * mask).mean(1) instead of (h * mask).sum(1) / mask.sum(1)",
+        )
+
+    def test_padding_that_leaks_without_a_gradient_is_found_by_values(self) -> None:
+        class ClampedIdsMaskDropped(Attention):
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+                return super().forward(input_ids.clamp(0, VOCAB - 1))  # a copy; mask dropped
+
+        self.assertFailsWith(
+            sequence_case(ClampedIdsMaskDropped, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its output at real position 0 changes when self.inputs['input_ids'] at "
+            "its padded positions [4, 5] is replaced by other ids of the batch: padding leaks "
+            "into the real positions",
+        )
+
+        class SummaryOverEveryPosition(Attention):
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+                out = super().forward(input_ids, attention_mask)
+                return out + self.embed(input_ids.clamp(0, VOCAB - 1)).mean(1, keepdim=True)
+
+        self.assertFailsWith(
+            sequence_case(SummaryOverEveryPosition, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "is replaced by other ids of the batch",
+            "No gradient shows it",
+        )
+
+    def test_an_embedding_bag_is_compared_by_values(self) -> None:
+        class Bag(nn.Module):
+            def __init__(self, weighted: bool = True) -> None:
+                super().__init__()
+                self.bag = nn.EmbeddingBag(VOCAB, WIDTH, mode="sum")
+                self.weighted = weighted
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+                weights = attention_mask.to(torch.float32) if self.weighted else None
+                return self.bag(input_ids, per_sample_weights=weights)
+
+        self.assertPasses(
+            sequence_case(Bag, padding_mask="attention_mask"), "test_padding_invariance"
+        )
+        self.assertFailsWith(
+            sequence_case(lambda: Bag(weighted=False), padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its output changes when self.inputs['input_ids'] at its padded "
+            "positions [4, 5] is replaced by other ids of the batch",
+        )
+
+    def test_a_model_for_one_length_is_compared_with_its_padding_replaced_only(self) -> None:
+        class Flattened(nn.Module):
+            """Scores from the features of every position at once: one length only."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = nn.Embedding(VOCAB, 4)
+                self.head = nn.Linear(LENGTH * 4, 3)
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+                features = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+                return self.head(features.flatten(1))
+
+        self.assertSkipsWith(
+            sequence_case(Flattened, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "each padded sample alone, without its padding: not compared, sample 0 with its "
+            "4 real positions only (a batch of 1) makes the model raise RuntimeError",
+            "a model for one fixed length?",
+        )
+
+    def test_a_model_that_pads_to_one_length_itself_is_compared_in_the_batch_only(self) -> None:
+        class PadsToItsLength(Attention):
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+                missing = LENGTH - input_ids.shape[1]
+                return super().forward(
+                    F.pad(input_ids, (0, missing)), F.pad(attention_mask, (0, missing))
+                )
+
+        self.assertSkipsWith(
+            sequence_case(PadsToItsLength, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0 with its 4 real positions only (a batch of 1) gives an output of shape "
+            "(1, 6, 8), not (1, 4, 8): a model for one fixed length",
+        )
+
+    def test_padding_the_check_makes_holds_the_models_pad_token(self) -> None:
+        class LastTokenClassifier(nn.Module):
+            """Scores from the last real token, found from the pad token, the way
+            transformers' GPT2ForSequenceClassification finds it."""
+
+            def __init__(self, pad_token_id: Optional[int] = 0) -> None:
+                super().__init__()
+                self.config = SimpleNamespace(pad_token_id=pad_token_id)
+                self.inner = Attention(causal=True)
+                self.head = nn.Linear(WIDTH, 3)
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+                hidden = self.inner(input_ids, attention_mask)
+                columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+                last = ((input_ids != 0).long() * columns).argmax(-1)
+                return self.head(hidden[torch.arange(len(input_ids)), last])
+
+        def unpadded() -> Dict[str, torch.Tensor]:
+            inputs = token_inputs(padding=False)
+            inputs["input_ids"] = torch.randint(1, VOCAB, (BATCH, LENGTH))
+            return inputs
+
+        def right_padded() -> Dict[str, torch.Tensor]:  # as a tokenizer pads: id 0 there
+            inputs = token_inputs()
+            inputs["input_ids"] = (
+                torch.randint(1, VOCAB, (BATCH, LENGTH)) * inputs["attention_mask"]
+            )
+            return inputs
+
+        self.assertPasses(
+            sequence_case(LastTokenClassifier, unpadded, padding_mask="attention_mask"),
+            "test_padding_invariance",
+        )
+        self.assertPasses(
+            sequence_case(
+                lambda: LastTokenClassifier(None), right_padded, padding_mask="attention_mask"
+            ),
+            "test_padding_invariance",
+        )
+        # without a pad token in its config the check cannot know it, and says it padded
+        self.assertFailsWith(
+            sequence_case(
+                lambda: LastTokenClassifier(None), unpadded, padding_mask="attention_mask"
+            ),
+            "test_padding_invariance",
+            "(self.inputs has no padding: the check padded the samples itself, on the right)",
+        )
+
+    def test_an_output_without_a_batch_dimension_fails_with_a_hint(self) -> None:
+        class WithLoss(Attention):
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> Any:
+                out = super().forward(input_ids, attention_mask)
+                return {"loss": out.square().mean(), "logits": out}
+
+        case = sequence_case(
+            lambda: WithLoss(causal=True), causal=True, padding_mask="attention_mask"
+        )
+        for name in ("test_padding_invariance", "test_causality"):
+            with self.subTest(name):
+                self.assertFailsWith(
+                    case,
+                    name,
+                    "the checked output has shape (), whose first dimension is not the batch "
+                    "size 4",
+                    "set self.output_key to check another",
+                )
+
+    def test_an_output_with_positions_of_its_own_is_refused(self) -> None:
+        class VirtualTokens(Attention):
+            """Prompt tuning: two learned positions before the tokens' own."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.prompt = nn.Parameter(torch.randn(2, WIDTH))
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+                out = super().forward(input_ids, attention_mask)
+                return torch.cat([self.prompt.expand(len(out), -1, -1), out], dim=1)
+
+        self.assertErrorsWith(
+            sequence_case(VirtualTokens, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "the checked output has 8 positions at sequence_dim=1, more than the 6 of the "
+            "padding mask self.inputs['attention_mask']: the model adds positions of its own",
+            "logits[:, num_virtual_tokens:]",
+        )
+
+        class WideFeatures(MaskedMeanPool):  # pooled: (batch, 16), more features than positions
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = nn.Linear(5, 16)
+
+        self.assertPasses(
+            sequence_case(
+                WideFeatures,
+                padding_mask=1,
+                inputs=lambda: (torch.randn(BATCH, LENGTH, 5), token_inputs()["attention_mask"]),
+            ),
+            "test_padding_invariance",
+        )
+
     def test_it_skips_without_a_padding_mask(self) -> None:
         self.assertSkipsWith(
             sequence_case(Attention), "test_padding_invariance", "self.padding_mask is not set"
@@ -400,12 +861,13 @@ class Contract(CheckTestCase):
             "names ['decoder_input_ids'], which self.inputs does not have",
         )
 
-    def test_sequence_inputs_that_cannot_be_differentiated_are_refused(self) -> None:
+    def test_sequence_inputs_without_the_outputs_positions_are_refused(self) -> None:
+        # the padding mask says where the positions are padded; it is no sequence input
         self.assertErrorsWith(
-            causal_lm(sequence_inputs=["attention_mask"]),
+            causal_lm(sequence_inputs=["attention_mask"], padding_mask="attention_mask"),
             "test_causality",
-            "names ['attention_mask'], which have no 6 positions at "
-            "sequence_dim=1 that can be differentiated",
+            "names ['attention_mask'], which are no batched inputs with 6 positions at "
+            "sequence_dim=1 (the padding mask and unbatched inputs are none either)",
         )
 
     def test_a_sequence_dim_where_no_input_has_the_positions_is_refused(self) -> None:

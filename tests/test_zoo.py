@@ -1,8 +1,8 @@
 """The model checks on correct, widely used third-party models: no false alarm, no needless skip.
 
-timm and torchvision vision models, Hugging Face transformers (BERT, GPT-2, Llama, T5, ViT: dict
-inputs, attention masks, ``ModelOutput``), a PEFT LoRA adapter and PyTorch's own sequence
-layers, all built offline from
+timm and torchvision vision models, Hugging Face transformers (BERT, RoBERTa, DistilBERT, GPT-2,
+Llama, T5, ViT: dict inputs, attention masks, ``ModelOutput``), a PEFT LoRA adapter and PyTorch's
+own sequence layers, all built offline from
 small configurations with random weights. Every check must pass; the only skips allowed are
 the ones each case lists (no GPU here, no padding mask for a model without one, ...).
 
@@ -47,6 +47,28 @@ def token_batch(left_padding: bool = False) -> Dict[str, torch.Tensor]:
         "input_ids": torch.randint(1, VOCAB, (BATCH, LENGTH), generator=generator),
         "attention_mask": mask,
     }
+
+
+def tokenizer_padded(pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """Right padding as a tokenizer makes it: the pad token at the padded positions."""
+    batch = token_batch()
+    ids = batch["input_ids"].clamp(min=2)
+    return {**batch, "input_ids": ids.masked_fill(batch["attention_mask"] == 0, pad_token_id)}
+
+
+def labels_only() -> Dict[str, torch.Tensor]:
+    """An encoder-decoder called for training with labels only: the model shifts them right
+    into its decoder inputs (a new tensor), so the output at t depends on labels before t."""
+    generator = torch.Generator().manual_seed(2)
+    return {**token_batch(), "labels": torch.randint(2, VOCAB, (BATCH, 6), generator=generator)}
+
+
+def with_position_ids(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Position ids counted from each sample's first real token, as transformers' generate
+    computes them for left-padded batches (without them a decoder counts from column 0)."""
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return {**batch, "position_ids": positions}
 
 
 def images() -> torch.Tensor:
@@ -111,6 +133,74 @@ def t5() -> nn.Module:
             decoder_start_token_id=0,
             pad_token_id=0,
             eos_token_id=1,
+        )
+    )
+
+
+def t5_lm() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaModel
+
+    return RobertaModel(
+        RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=66,
+            pad_token_id=1,
+        )
+    )
+
+
+def distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    return DistilBertModel(
+        DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def gpt2_classifier() -> nn.Module:
+    """Pools the last real token, which it finds from the pad token."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    return GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            num_labels=3,
         )
     )
 
@@ -329,11 +419,11 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (NO_MAKE_MODEL, NOT_CAUSAL),
     ),
-    "transformers GPT-2, causal LM, left padding": (
+    "transformers GPT-2, causal LM, left padding, position_ids": (
         SequenceModelTests,
         dict(
             model=gpt2,
-            inputs=lambda: token_batch(left_padding=True),
+            inputs=lambda: with_position_ids(token_batch(left_padding=True)),
             expected_output_shape=(BATCH, LENGTH, VOCAB),
             make_model=gpt2,
             sequence_dim=1,
@@ -342,11 +432,11 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
         ),
         (),
     ),
-    "transformers Llama, causal LM, left padding": (
+    "transformers Llama, causal LM, left padding, position_ids": (
         SequenceModelTests,
         dict(
             model=llama,
-            inputs=lambda: token_batch(left_padding=True),
+            inputs=lambda: with_position_ids(token_batch(left_padding=True)),
             expected_output_shape=(BATCH, LENGTH, VOCAB),
             make_model=llama,
             sequence_dim=1,
@@ -376,6 +466,86 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
             make_model=llama,
         ),
         (),
+    ),
+    "transformers Llama, causal LM, left padding, rotary positions from column 0": (
+        SequenceModelTests,
+        dict(
+            model=llama,
+            inputs=lambda: token_batch(left_padding=True),  # rotary: shift-invariant
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            sequence_dim=1,
+            causal=True,
+            padding_mask="attention_mask",
+        ),
+        (NO_MAKE_MODEL,),
+    ),
+    "transformers RoBERTa, tokenizer padding": (
+        SequenceModelTests,
+        dict(
+            model=roberta,
+            inputs=lambda: tokenizer_padded(1),
+            output_key="last_hidden_state",
+            expected_output_shape=(BATCH, LENGTH, 32),
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "transformers DistilBERT, padding mask": (
+        SequenceModelTests,
+        dict(
+            model=distilbert,
+            inputs=token_batch,
+            expected_output_shape=(BATCH, LENGTH, 32),
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "transformers GPT-2 classifier, padding made by the check": (
+        SequenceModelTests,
+        dict(
+            model=gpt2_classifier,
+            inputs=lambda: {
+                "input_ids": token_batch()["input_ids"],
+                "attention_mask": torch.ones(BATCH, LENGTH, dtype=torch.long),
+            },
+            expected_output_shape=(BATCH, 3),
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "transformers T5, encoder padding": (
+        SequenceModelTests,
+        dict(
+            model=t5,
+            inputs=lambda: {
+                **token_batch(),
+                "decoder_input_ids": token_batch()["input_ids"][:, :5],
+            },
+            output_key="encoder_last_hidden_state",
+            expected_output_shape=(BATCH, LENGTH, 32),
+            sequence_dim=1,
+            padding_mask="attention_mask",
+            sequence_inputs=["input_ids"],
+        ),
+        (NO_MAKE_MODEL, NOT_CAUSAL),
+    ),
+    "transformers T5, labels only": (
+        SequenceModelTests,
+        dict(
+            model=t5_lm,
+            inputs=labels_only,
+            output_key="logits",
+            expected_output_shape=(BATCH, 6, VOCAB),
+            make_model=t5_lm,
+            sequence_dim=1,
+            causal=True,
+            sees_present=False,
+            sequence_inputs=["labels"],
+        ),
+        (NO_MASK,),
     ),
     "transformers T5, encoder-decoder": (
         SequenceModelTests,
@@ -570,6 +740,29 @@ class PositionIdsOnTheCPU(nn.Module):
         return self.gpt2(input_ids=input_ids, position_ids=positions).logits
 
 
+class NextTokenFirst(nn.Module):
+    """A GPT-2 wrapper that shifts the ids the wrong way: position t is fed token t + 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt2 = gpt2()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return self.gpt2(input_ids=torch.roll(input_ids, -1, dims=1), **kwargs).logits
+
+
+class MeanOverThePaddedLength(nn.Module):
+    """A BERT sentence encoder that zeroes the padding, then divides by the padded length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = bert()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        hidden = self.bert(input_ids, attention_mask=attention_mask).last_hidden_state
+        return (hidden * attention_mask[..., None]).mean(1)  # not .sum(1) / mask.sum(1)
+
+
 @unittest.skipIf(MISSING, f"needs {', '.join(MISSING)}: pip install -e '.[zoo]'")
 class RealModelBugs(CheckTestCase):
     """The same models with one bug each: caught, with the message naming it."""
@@ -598,6 +791,107 @@ class RealModelBugs(CheckTestCase):
             "sample 0: its output at real "
             "position 0 depends on self.inputs['input_ids'] (through its "
             "embedding) at padded positions [5, 6, 7]",
+        )
+
+    def test_gpt2_left_padded_without_position_ids_fails_padding_invariance(self) -> None:
+        attributes = dict(
+            ZOO["transformers GPT-2, causal LM, left padding, position_ids"][1],
+            inputs=lambda: token_batch(left_padding=True),
+        )
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_padding_invariance",
+            "sample 0: its outputs at its real positions [3, 4, 5, 6, 7] change with the "
+            "padding: run alone without its padding (5 positions, a batch of 1, the mask all "
+            "real) it gives other outputs",
+            "Pass position_ids computed from the mask (attention_mask.cumsum(-1) - 1, as "
+            "transformers' generate does), or pad on the right.",
+        )
+
+    def test_token_ids_shifted_the_wrong_way_fail_causality(self) -> None:
+        attributes = dict(
+            model=NextTokenFirst,
+            inputs=lambda: with_position_ids(token_batch(left_padding=True)),
+            sequence_dim=1,
+            causal=True,
+            padding_mask="attention_mask",
+        )
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_causality",
+            "changes when self.inputs['input_ids'] at position 1, a later position, is "
+            "replaced by other ids of the batch: the model sees the future",
+            "torch.roll(ids, -1, dims=1)",
+        )
+
+    def test_a_mean_over_the_padded_length_fails_padding_invariance(self) -> None:
+        attributes = dict(
+            model=MeanOverThePaddedLength,
+            inputs=token_batch,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        )
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_padding_invariance",
+            "sample 0: its output changes with the padding: run alone without its padding",
+            "(h * mask).mean(1) instead of (h * mask).sum(1) / mask.sum(1)",
+        )
+
+    def test_t5_called_with_labels_only_sees_the_labels_before_each_position(self) -> None:
+        attributes = dict(ZOO["transformers T5, labels only"][1], sees_present=True)
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_causality",
+            "the output at position 1 does not depend on self.inputs['labels'] at position 1",
+            "a transformers encoder-decoder called with labels only), set "
+            "self.sees_present = False",
+        )
+
+    def test_labels_in_the_inputs_without_output_key_fail_with_a_hint(self) -> None:
+        def classifier() -> nn.Module:
+            from transformers import BertConfig, BertForSequenceClassification
+
+            return BertForSequenceClassification(
+                BertConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    intermediate_size=64,
+                    num_labels=3,
+                )
+            )
+
+        attributes = dict(
+            model=classifier,
+            inputs=lambda: {**token_batch(), "labels": torch.tensor([0, 1, 2, 1])},
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        )
+        self.assertFailsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_padding_invariance",
+            "the checked output has shape (), whose first dimension is not the batch size 4",
+            "output.loss (), output.logits (4, 3)); set self.output_key to check another",
+        )
+
+    def test_prompt_tuning_is_refused_by_padding_invariance(self) -> None:
+        def prompt_tuned() -> nn.Module:
+            import peft
+
+            return peft.get_peft_model(
+                gpt2(), peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+            )
+
+        attributes = dict(
+            model=prompt_tuned, inputs=token_batch, sequence_dim=1, padding_mask="attention_mask"
+        )
+        self.assertErrorsWith(
+            zoo_case(SequenceModelTests, attributes),
+            "test_padding_invariance",
+            "the checked output has 12 positions at sequence_dim=1, more than the 8 of the "
+            "padding mask self.inputs['attention_mask']: the model adds positions of its own",
         )
 
     def test_position_ids_made_on_the_cpu_fail_device_moving(self) -> None:
