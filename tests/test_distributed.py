@@ -283,6 +283,66 @@ class NoProcessLeftBehind(unittest.TestCase):
             run_distributed(rank_sum, 0, 0.0)
 
 
+# -- SyncBatchNorm on CPU processes ------------------------------------------------------------
+#: Ten samples of 3 channels shared unequally by 2 ranks (4 and 6), and their loss weights.
+_SAMPLES = torch.randn(10, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+_LOSS_WEIGHTS = torch.randn(10, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+_SHARES = [slice(0, 4), slice(4, 10)]
+
+
+def batchnorm_results(layer: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> Any:
+    """What a batch-normalisation layer gives on x: two training steps' outputs and gradients
+    (of x and of its parameters), its running statistics, and its output in eval mode."""
+    found = []
+    for _ in range(2):
+        inputs = x.clone().requires_grad_()
+        layer.zero_grad()
+        output = layer(inputs)
+        (output * weights).sum().backward()
+        found.append((output.detach(), inputs.grad, layer.weight.grad, layer.bias.grad))
+    layer.eval()
+    return found, layer.running_mean.clone(), layer.running_var.clone(), layer(x).detach()
+
+
+def sync_batchnorm_rank(rank: int, world_size: int, momentum: Any) -> Any:
+    from dltestkit.distributed import _replace_sync_batchnorm
+
+    layer = _replace_sync_batchnorm(nn.SyncBatchNorm(3, momentum=momentum))
+    assert not isinstance(layer, nn.SyncBatchNorm)  # which DDP refuses on the CPU
+    share = _SHARES[rank]
+    steps, mean, var, evaluated = batchnorm_results(layer, _SAMPLES[share], _LOSS_WEIGHTS[share])
+    for _, _, weight_grad, bias_grad in steps:  # the sum over the ranks, as DDP's (x world)
+        dist.all_reduce(weight_grad)
+        dist.all_reduce(bias_grad)
+    return steps, mean, var, evaluated
+
+
+class SyncBatchNormOnCPU(unittest.TestCase):
+    """In the ranks of test_ddp_gradients a SyncBatchNorm is replaced by a layer that does on
+    CPU processes what SyncBatchNorm does on GPUs: BatchNorm over all ranks' samples."""
+
+    def test_it_is_batchnorm_over_the_whole_batch_also_for_unequal_shares(self) -> None:
+        for momentum in (0.1, None):
+            with self.subTest(momentum=momentum):
+                single = batchnorm_results(
+                    nn.BatchNorm2d(3, momentum=momentum), _SAMPLES, _LOSS_WEIGHTS
+                )
+                ranks = run_distributed(sync_batchnorm_rank, 2, momentum)
+                for step, expected in enumerate(single[0]):
+                    output, x_grad, weight_grad, bias_grad = expected
+                    got = [ranks[rank][0][step] for rank in range(2)]
+                    torch.testing.assert_close(torch.cat([g[0] for g in got]), output)
+                    torch.testing.assert_close(torch.cat([g[1] for g in got]), x_grad)
+                    for rank in range(2):
+                        torch.testing.assert_close(got[rank][2], weight_grad)
+                        torch.testing.assert_close(got[rank][3], bias_grad)
+                for rank in range(2):
+                    torch.testing.assert_close(ranks[rank][1], single[1])  # running mean
+                    torch.testing.assert_close(ranks[rank][2], single[2])  # running variance
+                evaluated = torch.cat([ranks[rank][3] for rank in range(2)])
+                torch.testing.assert_close(evaluated, single[3])  # eval: running statistics
+
+
 # -- DistributedModelTests -------------------------------------------------------------------
 class TrainingOnlyBranch(AutoEncoder):
     """Like a VAE: the noise branch (its parameters) is used in training mode only."""
@@ -301,6 +361,32 @@ class TrainingOnlyBranch(AutoEncoder):
 class DividesByTheBatchSize(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) / x.shape[0]
+
+
+class WithSyncBatchNorm(AutoEncoder):
+    """Normalises with the statistics of every rank's batch, as the failure message on a
+    BatchNorm model advises."""
+
+    def __init__(self, track_running_stats: bool = True) -> None:
+        super().__init__()
+        self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(
+            WithBatchNorm(track_running_stats).encoder
+        )
+
+
+class SyncAndLocalBatchNorm(WithSyncBatchNorm):
+    """SyncBatchNorm, and one plain BatchNorm left behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Sequential(self.decoder[0], nn.BatchNorm1d(16), self.decoder[1])
+
+
+def resnet_sync_batchnorm() -> nn.Module:
+    """torchvision's ResNet with one BasicBlock per stage (ResNet-18 has two), SyncBatchNorm."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return nn.SyncBatchNorm.convert_sync_batchnorm(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4))
 
 
 def ddp_case(
@@ -326,6 +412,13 @@ class DDPGradients(CheckTestCase):
                 DeadLayer, find_unused_parameters=True
             ),
             "a branch used in training mode only": ddp_case(TrainingOnlyBranch),
+            "SyncBatchNorm": ddp_case(WithSyncBatchNorm),
+            "SyncBatchNorm without running statistics": ddp_case(
+                lambda: WithSyncBatchNorm(track_running_stats=False)
+            ),
+            "SyncBatchNorm, four ranks": ddp_case(
+                WithSyncBatchNorm, lambda: torch.randn(8, *SHAPE), world_size=4
+            ),
         }
         for label, case in cases.items():
             with self.subTest(label):
@@ -342,6 +435,25 @@ class DDPGradients(CheckTestCase):
             "The model normalises with batch statistics (encoder.2)",
             "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)",
             "self.local_batch_statistics",
+        )
+
+    def test_a_resnet_with_sync_batchnorm_passes(self) -> None:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            self.skipTest("needs torchvision")
+        # BatchNorm over a batch of 4 at 1x1 (layer4) amplifies float32 rounding beyond the
+        # tolerances: the check compares in float64.
+        case = ddp_case(resnet_sync_batchnorm, lambda: torch.randn(4, 3, 16, 16))
+        self.assertPasses(case, "test_ddp_gradients")
+
+    def test_a_batchnorm_left_among_sync_batchnorms_is_named_alone(self) -> None:
+        self.assertFailsWith(
+            ddp_case(SyncAndLocalBatchNorm),
+            "test_ddp_gradients",
+            "The model normalises with batch statistics (decoder.1): under DDP each rank "
+            "uses the statistics of its own shard",
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)",
         )
 
     def test_an_unused_branch_fails_naming_it_with_ddps_error(self) -> None:
