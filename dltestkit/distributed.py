@@ -307,9 +307,9 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             validate=is_names,
             read_by=("test_ddp_gradients",),
             details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
-            "`nn.SyncBatchNorm` shares them (on GPUs). List the layers for which "
-            "per-rank statistics are intended; the check then compares with them "
-            "in eval mode.",
+            "`nn.SyncBatchNorm` shares them (it passes: the check runs it on CPU processes "
+            "as it runs on GPUs). List the layers for which per-rank statistics are "
+            "intended; the check then compares with them in eval mode.",
         ),
         Attribute(
             "find_unused_parameters",

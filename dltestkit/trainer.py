@@ -485,7 +485,7 @@ class TrainerTests(RunChecks):
         first = self._first_training_loss()
         if first is not None and not self._close_to(first, expected):
             problems.append(
-                f"the first training loss trainer.train(1) logged as {self.initial_loss_tag!r} "
+                f"The first training loss trainer.train(1) logged as {self.initial_loss_tag!r} "
                 f"(initial_loss_tag) was {first:.6g}, expected about {expected:.6g} "
                 f"({within}){self._ratio(first, expected)}"
                 + (

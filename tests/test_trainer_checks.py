@@ -1278,7 +1278,7 @@ class InitialLoss(CheckTestCase):
         self.assertFailsWith(
             classifier_case(TrainingLossSummed),
             "test_initial_loss",
-            "the first training loss trainer.train(1) logged as 'train/loss' "
+            "The first training loss trainer.train(1) logged as 'train/loss' "
             "(initial_loss_tag) was ",
             "expected about 1.38629 (expected_initial_loss, within rtol=0.25, atol=0.0) (4",
             "although trainer.eval() returned 1.3",
@@ -1291,7 +1291,7 @@ class InitialLoss(CheckTestCase):
         self.assertFailsWith(
             classifier_case(SumsUnderItsOwnTag, initial_loss_tag="loss/train"),
             "test_initial_loss",
-            "the first training loss trainer.train(1) logged as 'loss/train' (initial_loss_tag)",
+            "The first training loss trainer.train(1) logged as 'loss/train' (initial_loss_tag)",
         )
         self.assertPasses(
             classifier_case(LogsTheLossAs, initial_loss_tag="loss/train"), "test_initial_loss"
