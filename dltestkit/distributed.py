@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._base import (
@@ -27,7 +28,13 @@ from ._base import (
     is_positive_int,
 )
 from ._model_base import ModelContract
-from ._tensors import batched_entries, call_model, floating_tensors, replace_entries
+from ._tensors import (
+    batched_entries,
+    call_model,
+    floating_tensors,
+    map_tensors,
+    replace_entries,
+)
 from .launch import DistributedError, run_distributed
 
 __all__ = ["DistributedModelTests"]
@@ -106,6 +113,100 @@ class _Step:
     seed: int
 
 
+class _SyncBatchNormOnCPU(nn.modules.batchnorm._BatchNorm):
+    """``nn.SyncBatchNorm`` for CPU processes, which it refuses: in training mode it
+    normalises with the mean and variance of all ranks' batches together, all-reduced so
+    that the gradient flows through them to every rank's inputs (as SyncBatchNorm's backward
+    does), each rank's share counted by its own batch size, and updates its running
+    statistics with them; in eval mode, or without a process group, it is BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average
+                factor = 1.0 / float(self.num_batches_tracked)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = torch.tensor([input.numel() / max(1, input.shape[1])], dtype=input.dtype)
+        totals = _all_reduce(torch.cat([input.sum(dims), count]))
+        total = totals[-1]
+        if float(total.detach()) <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{list(input.shape)} on this rank ({int(total.detach())} values on all ranks)"
+            )
+        mean = totals[:-1] / total
+        centred = input - mean.reshape(shape)
+        variance = _all_reduce(centred.square().sum(dims)) / total
+        output = centred * torch.rsqrt(variance + self.eps).reshape(shape)
+        if self.weight is not None:
+            output = output * self.weight.reshape(shape)
+        if self.bias is not None:
+            output = output + self.bias.reshape(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            assert self.running_var is not None
+            with torch.no_grad():
+                unbiased = variance * (total / (total - 1))
+                self.running_mean.mul_(1 - factor).add_(factor * mean)
+                self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return output
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks, differentiable: the gradient each rank gets is the
+    sum of the ranks' gradients of the result (what SyncBatchNorm's backward all-reduces)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, _SumOverRanks.apply(gradient))
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, _SumOverRanks.apply(tensor))
+
+
+def _replace_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every SyncBatchNorm replaced by a _SyncBatchNormOnCPU holding the same
+    parameters and buffers (so the same names) in the same mode."""
+    if isinstance(model, nn.SyncBatchNorm):
+        replacement = _SyncBatchNormOnCPU(
+            model.num_features,
+            model.eps,
+            model.momentum,
+            model.affine,
+            model.track_running_stats,
+        )
+        for name in ("weight", "bias"):
+            setattr(replacement, name, getattr(model, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            replacement.register_buffer(name, getattr(model, name))
+        replacement.train(model.training)
+        return replacement
+    for name, child in model.named_children():
+        replaced = _replace_sync_batchnorm(child)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model
+
+
+def _to_double(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.double() if tensor.is_floating_point() else tensor
+
+
 def _set_modes(model: nn.Module, local_statistics: Collection[str]) -> List[str]:
     """Eval mode, but batch-normalisation layers in training mode (they are what differs
     under DDP), except those in ``local_statistics``; returns the latter's names."""
@@ -170,6 +271,7 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optiona
     """One rank of test_ddp_gradients: the model in DDP, on its shard of the batch."""
     model = copy.deepcopy(step.model)
     _set_modes(model, step.local_statistics)
+    model = _replace_sync_batchnorm(model)  # DDP refuses SyncBatchNorm on the CPU
     wrapped = nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=step.find_unused_parameters
     )
@@ -205,9 +307,9 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             validate=is_names,
             read_by=("test_ddp_gradients",),
             details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
-            "`nn.SyncBatchNorm` shares them (on GPUs). List the layers for which "
-            "per-rank statistics are intended; the check then compares with them "
-            "in eval mode.",
+            "`nn.SyncBatchNorm` shares them (it passes: the check runs it on CPU processes "
+            "as it runs on GPUs). List the layers for which per-rank statistics are "
+            "intended; the check then compares with them in eval mode.",
         ),
         Attribute(
             "find_unused_parameters",
@@ -247,8 +349,9 @@ class DistributedModelTests(DistributedOptions, ModelContract):
     ddp_rtol: float
     ddp_atol: float
 
-    def _shards(self) -> List[Any]:
-        """self.inputs split into world_size equal, contiguous shards of the batch."""
+    def _shards(self, inputs: Any) -> List[Any]:
+        """``inputs`` (self.inputs, maybe in float64) split into world_size equal, contiguous
+        shards of the batch."""
         batch, ranks = self._batch_size(), self.world_size
         if batch % ranks:
             raise self._contract_error(
@@ -257,21 +360,19 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                 f"test_ddp_gradients needs a multiple of world_size ({ranks}), e.g. "
                 f"{ranks * max(1, batch // ranks)}",
             )
-        entries = batched_entries(self.inputs, self.unbatched_inputs)
+        entries = batched_entries(inputs, self.unbatched_inputs)
         return [
-            replace_entries(
-                self.inputs, {key: tensor.chunk(ranks)[rank] for key, tensor in entries}
-            )
+            replace_entries(inputs, {key: tensor.chunk(ranks)[rank] for key, tensor in entries})
             for rank in range(ranks)
         ]
 
     def _batch_dims(
-        self, model: nn.Module, shard: Any
+        self, model: nn.Module, inputs: Any, shard: Any
     ) -> Tuple[List[torch.Tensor], List[Optional[int]]]:
-        """The floating-point outputs for self.inputs, and the batch dimension of each (the one
+        """The floating-point outputs for ``inputs``, and the batch dimension of each (the one
         whose size follows the batch size), or None for an output without one (a scalar loss)."""
         with torch.no_grad():
-            full = [t for _, t in floating_tensors(self._forward(model, self.inputs))]
+            full = [t for _, t in floating_tensors(self._forward(model, inputs))]
             part = [t for _, t in floating_tensors(self._forward(model, shard))]
         batch, size = self._batch_size(), self._batch_size() // self.world_size
         dims: List[Optional[int]] = []
@@ -289,6 +390,21 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             dims.append(changed[0] if ok else None)
         return full, dims
 
+    def _reference(self, double: bool) -> Tuple[nn.Module, List[str], List[str], Any]:
+        """A copy of the model in the modes of the comparison, in float64 if ``double``; the
+        names of its batch-normalisation layers in training mode that use their own batch's
+        statistics and of those that are SyncBatchNorm; self.inputs, in float64 if
+        ``double``."""
+        reference = self._copy_model()
+        modules = dict(reference.named_modules())
+        in_training = _set_modes(reference, self.local_batch_statistics)
+        synced = [name for name in in_training if isinstance(modules[name], nn.SyncBatchNorm)]
+        inputs = self.inputs
+        if double:
+            reference.double()
+            inputs = map_tensors(_to_double, inputs)
+        return reference, [n for n in in_training if n not in synced], synced, inputs
+
     @check
     def test_ddp_gradients(self) -> None:
         """Check that DDP on ``world_size`` processes gives one process's gradients on the batch.
@@ -298,10 +414,24 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         fails on the next step), outputs or losses that depend on the batch size; two steps,
         each rank on its shard of the batch, with the real torch.distributed (gloo).
         """
-        shards = self._shards()
-        reference = self._copy_model()
-        training = _set_modes(reference, self.local_batch_statistics)
-        outputs, dims = self._batch_dims(reference, shards[0])
+        reference, training, synced, inputs = self._reference(double=False)
+        shards = self._shards(inputs)
+        double = bool(synced)
+        if double:
+            # SyncBatchNorm normalises over all ranks' samples, a few values per channel in
+            # a small batch: that amplifies float32 rounding (the ranks sum in another order
+            # than one process) beyond the tolerances. Both sides compute in float64 then;
+            # in float32 if the model cannot.
+            try:
+                reference, training, synced, inputs = self._reference(double=True)
+                shards = self._shards(inputs)
+                outputs, dims = self._batch_dims(reference, inputs, shards[0])
+            except Exception:
+                double = False
+                reference, training, synced, inputs = self._reference(double=False)
+                shards = self._shards(inputs)
+        if not double:
+            outputs, dims = self._batch_dims(reference, inputs, shards[0])
         if self.loss_fn is None and not any(d is not None for d in dims):
             raise self._contract_error(
                 "loss_fn",
@@ -315,7 +445,7 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             for rank in range(ranks)
         ]
         one_process = _sgd_steps(
-            reference, self.inputs, full, dims, self._batch_size(), self.loss_fn, self.seed
+            reference, inputs, full, dims, self._batch_size(), self.loss_fn, self.seed
         )
         unused = {name for name, grad in one_process[0].items() if grad is None}
         in_training = self._copy_model()
@@ -326,7 +456,7 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
         # is frozen for the comparison: DDP training runs it in training mode, where it is used.
         frozen = unused & used_in_training
-        model = self._copy_model()
+        model = self._copy_model().double() if double else self._copy_model()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(parameter.requires_grad and name not in frozen)
         step = _Step(
@@ -406,8 +536,9 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                 f"The model normalises with batch statistics ({', '.join(training)}): "
                 "under DDP each rank uses the statistics of its own shard. Convert the "
                 "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
-                "wrapping the model in DDP (SyncBatchNorm runs on GPUs), or list them in "
-                "self.local_batch_statistics if per-rank statistics are intended."
+                "wrapping the model in DDP (it normalises with the statistics of all ranks' "
+                "batches; in training it needs GPUs, this check runs it on the CPU), or list "
+                "them in self.local_batch_statistics if per-rank statistics are intended."
             )
         return (
             "A sample's output depends on the other samples of its batch (see "

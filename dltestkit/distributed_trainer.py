@@ -9,12 +9,13 @@ each loaded in each epoch, and what they logged.
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from ._base import Attribute, ContractError, check, is_str, optional
 from ._trainer_base import TrainerContract, call_arguments
@@ -39,26 +40,42 @@ def _is_tolerance(value: Any) -> Optional[str]:
 
 
 class _RecordingSampler:
-    """Takes the place of a DataLoader's sampler inside its batch sampler and notes the
-    indices it hands out, one list per pass (epoch); everything else is the sampler's."""
+    """Takes the place of what hands out a DataLoader's indices (its sampler, or its batch
+    sampler, which hands out lists of indices) and notes the indices, one list per pass
+    (epoch); everything else is the sampler's."""
 
-    def __init__(self, sampler: Any, dataset_size: int) -> None:
+    def __init__(self, sampler: Any, dataset_size: int, batches: bool) -> None:
         self.sampler = sampler
         self.dataset_size = dataset_size
-        self.epochs: List[List[int]] = []
+        self.batches = batches  # whether the sampler hands out batches of indices
+        self.epochs: List[List[Any]] = []
+        self.largest_batch = 1
 
     def __iter__(self) -> Iterator[Any]:
-        seen: List[int] = []
+        seen: List[Any] = []
         self.epochs.append(seen)
-        for index in self.sampler:
-            seen.append(int(index))
-            yield index
+        for item in self.sampler:
+            if self.batches:
+                batch = [_index(index) for index in item]
+                seen.extend(batch)
+                self.largest_batch = max(self.largest_batch, len(batch))
+            else:
+                seen.append(_index(item))
+            yield item
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sampler, name)
+
+
+def _index(index: Any) -> Any:
+    """A sample's index as an int (from a tensor or NumPy number too); other keys as they are."""
+    try:
+        return operator.index(index)
+    except TypeError:
+        return index
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -71,10 +88,38 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     )
 
 
-def _state(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _state(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The model's parameters and its (persistent) buffers, copied, each by name."""
+    module = _unwrapped(model)
+    names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    state = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
     return {
-        name: value.detach().cpu().clone() for name, value in _unwrapped(model).state_dict().items()
+        "parameters": {name: value for name, value in state.items() if name in names},
+        "buffers": {name: value for name, value in state.items() if name not in names},
     }
+
+
+class _TrainingStart:
+    """The model's state when training really starts: at the first forward, in training mode,
+    of the model or any of its submodules (DistributedDataParallel has broadcast rank 0's
+    weights by then, also when a trainer wraps the model only in train()). Until then, and
+    for a model whose forward takes no hooks, its state when this was made."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.members = {id(module) for module in _unwrapped(model).modules()}
+        self.model = model
+        self.state = _state(model)
+        self.seen = False
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._note)
+
+    def _note(self, module: nn.Module, _: Any) -> None:
+        if not self.seen and module.training and id(module) in self.members:
+            self.seen = True
+            self.handle.remove()
+            self.state = _state(self.model)
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def _train_epochs(trainer: Any, writer: Any) -> List[Tuple[Any, Any]]:
@@ -98,18 +143,23 @@ def _train_epochs(trainer: Any, writer: Any) -> List[Tuple[Any, Any]]:
 def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> Dict[str, Any]:
     """One rank of test_ddp_training: build, observe and train this rank's trainer."""
     trainer = test._make_rank_trainer(rank, world_size)
-    model = test._model(trainer)
     recorder = test._record_samples(trainer)
-    start = _state(model)
-    logged = _train_epochs(trainer, getattr(trainer, test.writer_attribute or "", None))
+    start = _TrainingStart(test._model(trainer))
+    try:
+        logged = _train_epochs(trainer, getattr(trainer, test.writer_attribute or "", None))
+    finally:
+        start.remove()
+    result = {"start": start.state, "end": _state(test._model(trainer)), "logged": logged}
+    if recorder is None:
+        return {**result, "epochs": None}
     return {
-        "start": start,
-        "end": _state(test._model(trainer)),
+        **result,
         "epochs": recorder.epochs,
         "size": recorder.dataset_size,
         "shuffle": getattr(recorder.sampler, "shuffle", None),
         "sampler": type(recorder.sampler).__name__,
-        "logged": logged,
+        "batches": recorder.batches,
+        "largest_batch": recorder.largest_batch,
     }
 
 
@@ -165,18 +215,30 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             )
         return trainer
 
-    def _record_samples(self, trainer: Any) -> _RecordingSampler:
+    def _record_samples(self, trainer: Any) -> Optional[_RecordingSampler]:
+        """Put a recorder where the training DataLoader gets its indices from; None for a
+        loader of an IterableDataset, whose samples have no indices."""
         loader = getattr(trainer, self.train_loader_attribute, None)
-        batches = getattr(loader, "batch_sampler", None)
-        if not isinstance(loader, DataLoader) or not isinstance(batches, BatchSampler):
+        if not isinstance(loader, DataLoader):
             raise ContractError(
                 f"trainer.{self.train_loader_attribute} (train_loader_attribute) is "
-                f"{type(loader).__name__}, not a DataLoader that batches its samples; "
-                "test_ddp_training watches the indices its sampler hands out. Set "
-                "self.train_loader_attribute to the name of the training DataLoader."
+                f"{type(loader).__name__}, not a DataLoader; test_ddp_training watches the "
+                "indices of the samples it loads. Set self.train_loader_attribute to the "
+                "name of the trainer's training DataLoader."
             )
-        recorder = _RecordingSampler(batches.sampler, len(loader.dataset))  # type: ignore[arg-type]
-        batches.sampler = recorder
+        if isinstance(loader.dataset, IterableDataset):
+            return None
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        batches = loader.batch_sampler
+        if type(batches) is BatchSampler:  # batch_size=...: the sampler's indices, in batches
+            recorder = _RecordingSampler(batches.sampler, size, batches=False)
+            batches.sampler = recorder
+        elif batches is not None:  # batch_sampler=...: the lists of indices it hands out
+            recorder = _RecordingSampler(batches, size, batches=True)
+            object.__setattr__(loader, "batch_sampler", recorder)  # DataLoader forbids it
+        else:  # batch_size=None: one sample at a time
+            recorder = _RecordingSampler(loader.sampler, size, batches=False)
+            object.__setattr__(loader, "sampler", recorder)
         return recorder
 
     # -- the check --------------------------------------------------------------------------
@@ -209,15 +271,20 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         finally:
             self._temp_root = None
         with self.subTest("start"):
-            self._same_on_every_rank(ranks, "start")
+            self._same_start(ranks)
         with self.subTest("end"):
-            if any(difference(ranks[0]["start"], other["start"]) for other in ranks[1:]):
+            if self._first_difference(ranks, "start", "parameters"):
                 self.skipTest(
                     "the ranks start from different weights already (see the "
                     "'start' subtest), so they cannot end alike"
                 )
-            self._same_on_every_rank(ranks, "end")
+            self._same_end(ranks)
         with self.subTest("data"):
+            if ranks[0]["epochs"] is None:
+                self.skipTest(
+                    f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
+                    "samples have no indices: which rank loaded which sample is not checked"
+                )
             self._check_samples(ranks)
         with self.subTest("logging"):
             self._check_logging(ranks)
@@ -229,23 +296,52 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 )
             self._check_single_process(ranks[0]["end"])
 
-    def _same_on_every_rank(self, ranks: Sequence[Dict[str, Any]], when: str) -> None:
+    def _first_difference(
+        self, ranks: Sequence[Dict[str, Any]], when: str, kind: str
+    ) -> Optional[Tuple[int, str]]:
+        """The first rank whose ``kind`` ("parameters" or "buffers") differ from rank 0's at
+        ``when``, with what differs."""
         for rank, result in enumerate(ranks[1:], 1):
-            found = difference(ranks[0][when], result[when])
-            if found is None:
-                continue
-            name = ".".join(map(str, found.path))
-            if when == "start":
-                self.fail(
-                    f"rank {rank} starts with other weights than rank 0 ({name} {found.detail}): "
-                    "the ranks built their models from different random numbers and nothing "
-                    "made them equal. Wrap the model in DistributedDataParallel, which "
-                    "broadcasts rank 0's weights when it is built, or seed every rank the same "
-                    "before building the model."
-                )
+            found = difference(ranks[0][when][kind], result[when][kind])
+            if found is not None:
+                return rank, f"{'.'.join(map(str, found.path))} {found.detail}"
+        return None
+
+    def _same_start(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        found = self._first_difference(ranks, "start", "parameters")
+        if found is not None:
+            rank, what = found
             self.fail(
-                f"after {EPOCHS} epochs rank {rank} has other weights than rank 0 ({name} "
-                f"{found.detail}): the ranks' gradients are not averaged. Train through the "
+                f"rank {rank} starts with other weights than rank 0 ({what}) at its first "
+                "training forward: the ranks built their models from different random "
+                "numbers and nothing made them equal. Wrap the model in "
+                "DistributedDataParallel, which broadcasts rank 0's weights when it is "
+                "built, or seed every rank the same before building the model."
+            )
+        found = self._first_difference(ranks, "start", "buffers")
+        if found is not None:
+            rank, what = found
+            self.fail(
+                f"rank {rank} starts with other buffers than rank 0 ({what}) at its first "
+                "training forward, although the weights are the same: the ranks built "
+                "them from different random numbers or data and nothing made them equal, "
+                "so the ranks compute different functions. DistributedDataParallel with "
+                "broadcast_buffers=True (its default) broadcasts rank 0's buffers when it "
+                "is built and before every forward; with broadcast_buffers=False, build the "
+                "buffers the same on every rank (the same seed) or broadcast them "
+                "(torch.distributed.broadcast(buffer, src=0))."
+            )
+
+    def _same_end(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        # The parameters only: buffers such as BatchNorm's running statistics differ at the
+        # end of correct DDP training, each rank's last forward having updated them from its
+        # own shard (DDP broadcasts rank 0's at the start of every forward).
+        found = self._first_difference(ranks, "end", "parameters")
+        if found is not None:
+            rank, what = found
+            self.fail(
+                f"after {EPOCHS} epochs rank {rank} has other weights than rank 0 ({what}): "
+                "the ranks' gradients are not averaged. Train through the "
                 "DistributedDataParallel wrapper (call ddp_model(x), not the module inside "
                 "it), and give every rank the same optimizer and learning-rate schedule."
             )
@@ -268,6 +364,8 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             extra = sum(len(r) - 1 for r in seen.values())
             repeated = {index: r for index, r in seen.items() if len(r) > 1}
             padding, dropped = (-size) % world, size % world  # DistributedSampler's slack
+            if ranks[0]["batches"]:  # and a batch sampler's incomplete last batches
+                dropped += world * (max(r["largest_batch"] for r in ranks) - 1)
             if extra > padding or (repeated and missing) or len(missing) > dropped:
                 shown = "; ".join(
                     f"sample {index} by ranks {r}" for index, r in sorted(repeated.items())[:3]
@@ -278,15 +376,24 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                     if missing
                     else "",
                 ]
+                if extra >= size * (world - 1):
+                    gives = "gives every rank the whole dataset"
+                else:
+                    gives = "gives the ranks overlapping shards" if extra else "leaves samples out"
+                advice = (
+                    "give each rank its own shard of the indices before batching them (as "
+                    "torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, "
+                    "rank=rank) does), every index to one rank."
+                    if ranks[0]["batches"]
+                    else "shard it with torch.utils.data.DistributedSampler(dataset, "
+                    "num_replicas=world_size, rank=rank), without shuffle=True on the "
+                    "DataLoader."
+                )
                 self.fail(
                     f"in epoch {epoch} the {world} ranks together did not load each of the "
                     f"{size} training samples once: {', '.join(p for p in problems if p)}. "
-                    "The sampler "
-                    f"({ranks[0]['sampler']}) gives every rank "
-                    + ("the whole dataset" if extra >= size * (world - 1) else "overlapping shards")
-                    + ": shard it with torch.utils.data.DistributedSampler(dataset, "
-                    "num_replicas=world_size, rank=rank), without shuffle=True on the "
-                    "DataLoader."
+                    f"The {'batch sampler' if ranks[0]['batches'] else 'sampler'} "
+                    f"({ranks[0]['sampler']}) {gives}: {advice}"
                 )
         if ranks[0]["shuffle"]:
             same = [
@@ -315,7 +422,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "averaging what the ranks measured if needed (torch.distributed.all_reduce)."
             )
 
-    def _check_single_process(self, distributed: Dict[str, torch.Tensor]) -> None:
+    def _check_single_process(self, distributed: Dict[str, Dict[str, torch.Tensor]]) -> None:
         tolerance = self.single_process_tolerance
         if not self._is_set("single_process_tolerance") or tolerance is None:
             self.skipTest(
@@ -329,7 +436,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         if found is not None:
             self.fail(
                 f"after {EPOCHS} epochs on {self.world_size} processes the weights differ from "
-                f"those of one process on the whole data ({'.'.join(map(str, found.path))} "
+                f"those of one process on the whole data ({'.'.join(map(str, found.path[1:]))} "
                 f"{found.detail}; single_process_tolerance={tolerance}). With the same "
                 "batches, DDP's averaged gradients equal one process's only when the loss is a "
                 "mean over the batch (not a sum, which makes every rank's step world_size "

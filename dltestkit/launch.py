@@ -16,17 +16,31 @@ rendezvous store is opened by the calling process on a port the operating system
 parallel runs (``pytest -n``) cannot collide. A failure on any rank raises
 ``DistributedError`` with that rank's traceback; a rank that hangs (a collective only some
 ranks reach) is stopped after ``timeout`` seconds and reported, never waited for forever; no
-process is left behind.
+process is left behind, not even the ranks' own children (DataLoader workers).
+
+How the ranks start and leave, so that no rank fails because of another's timing:
+
+- every rank is started (forked) before the store listens and before any rank connects to it;
+- every rank waits, after ``init_process_group``, in a barrier until all are connected, so a
+  fast rank cannot leave while another is still joining the group;
+- a rank that returned waits until every rank has reported (or one failed) before it destroys
+  the group and leaves, at most ``_HOLD`` seconds: a peer still inside a collective that the
+  rank never reached then fails at once, instead of at the timeout;
+- each rank leads a process group of its own (its DataLoader workers belong to it), which is
+  killed once the rank has ended, and a rank whose caller disappears kills itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
 import pickle
 import re
+import signal
 import socket
+import threading
 import time
 import traceback
 from multiprocessing import connection
@@ -42,12 +56,22 @@ T = TypeVar("T")
 
 #: Seconds the other ranks get to report after one rank failed, before they are stopped.
 _GRACE = 3.0
+#: Seconds a rank that returned waits for the others before it leaves the group.
+_HOLD = 2.0
+#: Seconds a rank that reported gets to leave before it is killed.
+_LEAVE = 2.0
 #: The line of a traceback that names the exception ("RuntimeError: ...").
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
     r"\b.*$",
     re.M,
 )
+#: What a rank meets in a collective whose peers left or never came.
+_PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out waiting|"
+    r"timed out after"
+)
+_STOPPED = "stopped after another rank failed"
 
 
 class DistributedError(RuntimeError):
@@ -56,22 +80,50 @@ class DistributedError(RuntimeError):
     ``failures`` maps each rank that did not return to what happened to it (a traceback, or
     a description such as "did not finish within 60 s"), in the order the failures arrived:
     the first is usually the cause, the others its consequences (a peer that disappeared).
+    ``returned`` lists the ranks that returned a result.
     """
 
-    def __init__(self, failures: Dict[int, str], world_size: int) -> None:
+    def __init__(
+        self, failures: Dict[int, str], world_size: int, returned: Sequence[int] = ()
+    ) -> None:
         self.failures = dict(failures)  # in the order they happened: the cause first
         self.world_size = world_size
+        self.returned = sorted(returned)
         parts = [
             f"rank {rank} of {world_size}: {text.rstrip()}" for rank, text in self.failures.items()
         ]
-        super().__init__("\n".join(parts))
+        diagnosis = self.diagnosis()
+        super().__init__("\n".join(([diagnosis] if diagnosis else []) + parts))
+
+    def diagnosis(self) -> Optional[str]:
+        """What the failures mean when some ranks returned and the others failed in a
+        collective because their peers had left (a collective only some ranks call); None
+        otherwise."""
+        waiting = [rank for rank, text in self.failures.items() if _PEER_GONE.search(text)]
+        others = [r for r, text in self.failures.items() if r not in waiting and text != _STOPPED]
+        if not self.returned or not waiting or others:
+            return None
+        return (
+            f"{_ranks(self.returned)} returned without reaching the collective that "
+            f"{_ranks(waiting)} {'was' if len(waiting) == 1 else 'were'} waiting in, "
+            f"which failed when {'it' if len(self.returned) == 1 else 'they'} left: every "
+            "rank must call the same "
+            "collectives (all_reduce, barrier, broadcast, ...) in the same order; look for "
+            "one under `if rank == ...` or behind an early return"
+        )
 
     def first_line(self) -> str:
         """The exception that ended the first failing rank (its first line), or what
-        happened to that rank."""
+        happened to that rank; with the diagnosis first when there is one."""
         rank, text = next(iter(self.failures.items()))
         found = _EXCEPTION_LINE.findall(text)
-        return f"rank {rank}: {found[-1] if found else text.strip().splitlines()[-1]}"
+        line = f"rank {rank}: {found[-1] if found else text.strip().splitlines()[-1]}"
+        diagnosis = self.diagnosis()
+        return f"{diagnosis} ({line})" if diagnosis else line
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {list(ranks)}"
 
 
 def _loopback_interface() -> Optional[str]:
@@ -88,40 +140,79 @@ def _start_method() -> str:
     return "spawn"
 
 
+def _lead_own_group() -> bool:
+    """Make this process the leader of a process group of its own (its children join it);
+    whether it is one."""
+    if not hasattr(os, "setpgid"):
+        return False
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    return os.getpgrp() == os.getpid()
+
+
+def _watch_parent(own_group: bool) -> None:
+    """End this process (and its group) when the process that started it is gone: a caller
+    killed outright leaves no rank behind either."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if own_group:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dltestkit-watch-parent", daemon=True).start()
+
+
 def _rank_main(
     function: Callable[..., Any],
     rank: int,
     world_size: int,
-    port: int,
     timeout: float,
     args: Sequence[Any],
     sender: Any,
+    control: Any,
 ) -> None:
     """The body of each rank's process."""
     try:
+        _watch_parent(_lead_own_group())
         interface = _loopback_interface()
         if interface is not None:
             os.environ["GLOO_SOCKET_IFNAME"] = interface
         torch.set_num_threads(1)  # world_size processes share the cores
+        # The store's port comes once every rank has been started.
+        if not control.poll(timeout):
+            raise TimeoutError(f"the ranks were not all started within {timeout:g} s")
+        port = int(control.recv())
         wait = datetime.timedelta(seconds=timeout)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait
         )
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=wait)
         try:
+            dist.barrier()  # every rank has joined before any may go on (and leave)
             _send(sender, "result", function(rank, world_size, *args))
         except BaseException:  # SystemExit and KeyboardInterrupt included
             # Reported before the group is destroyed: the other ranks' errors (a peer that
             # disappeared) follow it, and the caller names the cause first.
             _send(sender, "error", traceback.format_exc())
         finally:
+            _wait_for_release(control)
             dist.destroy_process_group()
     except BaseException:
         _send(sender, "error", traceback.format_exc())
     finally:
         # Leave without running interpreter teardown: a rank whose work is done may otherwise
         # abort at exit in gloo's threads ("terminate called without an active exception").
+        # The caller kills what is left of this rank's process group (DataLoader workers).
         os._exit(0)
+
+
+def _wait_for_release(control: Any) -> None:
+    """Wait until the caller says every rank reported (or one failed), at most _HOLD s."""
+    with contextlib.suppress(OSError, EOFError):
+        control.poll(_HOLD)
 
 
 def _send(sender: Any, kind: str, value: Any) -> None:
@@ -136,6 +227,59 @@ def _send(sender: Any, kind: str, value: Any) -> None:
         message = pickle.dumps((time.time(), "error", traceback.format_exc()))
     sender.send_bytes(message)
     sender.close()
+
+
+class _Rank:
+    """A rank's process as the caller sees it: the process, the end of the pipe its result
+    comes through, and the end of the pipe the caller tells it things through."""
+
+    def __init__(self, process: Any, receiver: Connection, control: Connection) -> None:
+        self.process = process
+        self.receiver = receiver
+        self.control = control
+        self.ended = False
+
+    def tell(self, message: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the rank is gone, or the pipe closed
+            self.control.send(message)
+
+    def has_ended(self) -> bool:
+        """Whether the process has ended, without reaping it: until it is reaped, its pid
+        (the id of its process group) cannot be taken by another process. Not from its
+        sentinel, which the rank's own children (DataLoader workers) inherit and keep open."""
+        pid = self.process.pid
+        if pid is None or self.ended:
+            return True
+        if not hasattr(os, "waitid"):
+            return bool(connection.wait([self.process.sentinel], timeout=0))
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already
+            return True
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the process to end; whether it has."""
+        deadline = time.monotonic() + seconds
+        while not self.has_ended():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def end(self, patience: float) -> None:
+        """Give the rank ``patience`` seconds to leave, then kill it; kill what is left of its
+        process group (its DataLoader workers, say); reap it. Once; later calls do nothing."""
+        if self.ended or self.process.pid is None:  # done already, or never started
+            return
+        pid = self.process.pid
+        if not self.wait(patience):
+            _kill_group(pid)
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+            self.wait(5.0)
+        _kill_group(pid)  # not reaped yet: the group id is still the rank's
+        self.ended = True
+        self.process.join(timeout=5.0)
 
 
 def run_distributed(
@@ -165,86 +309,131 @@ def run_distributed(
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, not {world_size}")
     context: Any = multiprocessing.get_context(start_method or _start_method())
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1",
-        0,
-        world_size + 1,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=timeout),
-    )
-    receivers: Dict[Connection, int] = {}
-    processes: List[Any] = []
+    ranks: List[_Rank] = []
+    store: Any = None
     try:
         for rank in range(world_size):
             receiver, sender = context.Pipe(duplex=False)
+            listener, control = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main,
-                daemon=True,
                 name=f"dltestkit-rank-{rank}",
-                args=(function, rank, world_size, store.port, timeout, args, sender),
+                args=(function, rank, world_size, timeout, args, sender, listener),
             )
-            process.start()
-            sender.close()
-            receivers[receiver] = rank
-            processes.append(process)
-        results, failures = _collect(receivers, processes, timeout)
+            ranks.append(_Rank(process, receiver, control))
+            try:
+                process.start()
+            finally:
+                sender.close()
+                listener.close()
+            _set_group(process.pid)
+        # Only now, with every rank started, does the store listen: no rank is forked while
+        # another talks to it, and none inherits its socket.
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1",
+            0,
+            world_size + 1,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        for each in ranks:
+            each.tell(store.port)
+        results, failures = _collect(ranks, timeout)
+    except BaseException:  # KeyboardInterrupt included: every rank is killed at once
+        _stop(ranks, patience=0.0)
+        raise
     finally:
-        _stop(processes)
-        for receiver in receivers:
-            receiver.close()
+        for each in ranks:
+            each.receiver.close()
+            each.control.close()
         del store
     if failures:
-        raise DistributedError(failures, world_size)
+        raise DistributedError(failures, world_size, returned=sorted(results))
     return [results[rank] for rank in range(world_size)]
 
 
-def _collect(
-    receivers: Dict[Connection, int], processes: List[Any], timeout: float
-) -> Tuple[Dict[int, Any], Dict[int, str]]:
+def _set_group(pid: Optional[int]) -> None:
+    """Make the rank ``pid`` the leader of its own process group (it does so itself too; who
+    comes first does not matter)."""
+    if pid is None or not hasattr(os, "setpgid"):
+        return
+    with contextlib.suppress(OSError):  # it did already (or it exec'd: spawn)
+        os.setpgid(pid, pid)
+
+
+def _collect(ranks: List[_Rank], timeout: float) -> Tuple[Dict[int, Any], Dict[int, str]]:
+    """The ranks' results and failures; the ranks are stopped before it returns."""
     results: Dict[int, Any] = {}
     failed: List[Tuple[float, int, str]] = []
-    pending = dict(receivers)
+    pending = {each.receiver: rank for rank, each in enumerate(ranks)}
     deadline = time.monotonic() + timeout
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        for ready in connection.wait(list(pending), timeout=remaining):
-            receiver = cast(Connection, ready)
+        # Not waiting for ever on the pipes: a rank that died without a result may have
+        # children (DataLoader workers) that keep its end of the pipe open.
+        ready = connection.wait(list(pending), timeout=min(remaining, 0.5))
+        ended = [r for r, rank in pending.items() if r not in ready and ranks[rank].has_ended()]
+        for receiver in [cast(Connection, r) for r in ready] + ended:
             rank = pending.pop(receiver)
-            try:
-                stamp, kind, value = pickle.loads(receiver.recv_bytes())
-            except EOFError:
-                processes[rank].join(1)
-                stamp, kind, value = (
-                    time.time(),
+            seen = time.time()
+            if receiver.poll():
+                try:
+                    message = pickle.loads(receiver.recv_bytes())
+                except EOFError:
+                    message = None
+            else:  # it ended after the wait, with nothing sent
+                message = None
+            if message is None:
+                ranks[rank].end(1.0)
+                message = (
+                    seen,
                     "error",
-                    (f"the process died (exit code {processes[rank].exitcode}) without a result"),
+                    f"the process died (exit code {ranks[rank].process.exitcode}) without a result",
                 )
+            stamp, kind, value = message
             if kind == "result":
                 results[rank] = value
             else:
                 failed.append((stamp, rank, value))
+                if len(failed) == 1:  # the ranks that wait for the others may leave now
+                    for each in ranks:
+                        each.tell("release")
                 deadline = min(deadline, time.monotonic() + _GRACE)
-    failures = {rank: text for _, rank, text in sorted(failed)}
+    for each in ranks:
+        each.tell("release")
+    # The cause first: a rank whose peer disappeared failed because of another rank.
+    failed.sort(key=lambda failure: (bool(_PEER_GONE.search(failure[2])), failure[0]))
+    failures = {rank: text for _, rank, text in failed}
     for rank in pending.values():
         failures[rank] = (
             f"did not finish within {timeout:g} s: it hung (for example in a "
             "collective that not every rank reaches)"
             if not failures
-            else "stopped after another rank failed"
+            else _STOPPED
         )
+    hung = set(pending.values())
+    _stop([ranks[rank] for rank in hung], 0.0)  # killed at once
+    _stop([each for rank, each in enumerate(ranks) if rank not in hung], _LEAVE)
     return results, failures
 
 
-def _stop(processes: List[Any]) -> None:
-    """Make sure no rank outlives the call: those that reported leave at once (os._exit);
-    any still running after two seconds hung and are killed."""
-    deadline = time.monotonic() + 2.0
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5.0)
+def _stop(ranks: List[_Rank], patience: float) -> None:
+    """Make sure none of ``ranks`` outlives the call, nor any process it started: together
+    they get ``patience`` seconds to leave, then those still running are killed."""
+    deadline = time.monotonic() + patience
+    for each in ranks:
+        each.end(max(0.0, deadline - time.monotonic()))
+
+
+def _kill_group(pid: int) -> None:
+    """Kill the process group ``pid`` leads, if it leads one."""
+    if not hasattr(os, "killpg"):
+        return
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    except OSError:  # no such process or group
+        pass

@@ -32,6 +32,8 @@ from ._base import (
     is_non_negative_number,
     is_number,
     is_positive_int,
+    is_str,
+    optional,
 )
 from ._random import make_deterministic, preserved_global_state
 from ._trainer_base import (
@@ -53,6 +55,8 @@ __all__ = ["TrainerTests", "kl_reference"]
 #: The most epochs test_frozen_parameters trains: one, unless a parameter behind a
 #: zero-initialised gate (LoRA's A, ReZero) can only change once the gate has trained.
 FROZEN_EPOCHS = 3
+#: The tag test_initial_loss reads the first training loss from, unless told otherwise.
+DEFAULT_LOSS_TAG = "train/loss"
 #: The argument orders test_kl_divergence knows, with the closed form of each.
 KL_ARGUMENTS: Dict[Tuple[str, str], str] = {
     ("log_sigma", "mu"): "0.5 * (sigma^2 + mu^2 - 1) - log_sigma per dimension",
@@ -159,6 +163,19 @@ class TrainerTests(RunChecks):
             "initialisation is about log(C).",
         ),
         Attribute(
+            "initial_loss_tag",
+            "the tag under which the trainer logs its training loss, whose first value "
+            "is compared with expected_initial_loss too",
+            '"loss"',
+            default=DEFAULT_LOSS_TAG,
+            validate=optional(is_str),
+            read_by=("test_initial_loss",),
+            details="The first value logged under it in one epoch of `train(1)` is the loss "
+            "of the first batch, before any update: a training loss summed over the batch "
+            "while `eval()` averages shows there. The default is compared when the trainer "
+            "logs it; `None`: only `eval()` is compared.",
+        ),
+        Attribute(
             "initial_loss_rtol",
             "the relative tolerance of the initial loss check",
             "0.1",
@@ -228,6 +245,7 @@ class TrainerTests(RunChecks):
     overfit_epochs: int
     overfit_max_loss: float
     expected_initial_loss: float
+    initial_loss_tag: Optional[str]
     initial_loss_rtol: float
     initial_loss_atol: float
     frozen_parameters: Collection[str]
@@ -321,7 +339,8 @@ class TrainerTests(RunChecks):
 
         Catches an evaluation that changes what it evaluates: BatchNorm statistics updated
         with test data, dropout left on (no model.eval()), the model left in eval mode for
-        the training that follows, gradients left disabled.
+        the training that follows, or left in training mode when it was in eval mode
+        (model.train() at the end), gradients left disabled.
         """
         model = self._model(self.trainer)
         prefix = self.model_attribute
@@ -411,36 +430,123 @@ class TrainerTests(RunChecks):
                         "evaluating, and restore the previous mode afterwards"
                     ),
                 )
+        problems.extend(self._eval_mode_kept(model, names))
         if problems:
             self.fail(
                 "trainer.eval() does not leave the model as it found it:\n  - "
                 + "\n  - ".join(problems)
             )
 
+    def _eval_mode_kept(self, model: nn.Module, names: Dict[nn.Module, str]) -> List[str]:
+        """eval() once more, on the model put in eval mode first (as an inference script or
+        another loop's validation calls it): every submodule must still be in eval mode.
+        The modes are restored afterwards."""
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            with preserved_global_state():
+                make_deterministic(self.seed)
+                self._eval_loss(self.trainer)
+            switched = [
+                names.get(module, type(module).__name__)
+                for module in model.modules()
+                if module.training
+            ]
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        if not switched:
+            return []
+        return [
+            "called on the model in eval mode (model.eval() first, as an inference script "
+            f"does), it left {listed(switched)} in training mode: an eval() that ends with "
+            "model.train() undoes the caller's model.eval(). Restore the mode it found "
+            "(was_training = model.training ... model.train(was_training))"
+        ]
+
     @check
     def test_initial_loss(self) -> None:
-        """Check that the ``eval()`` loss before any training is close to ``expected_initial_loss``.
+        """Check that the loss before any training, of ``eval()`` and the first logged
+        training loss, is close to ``expected_initial_loss``.
 
         Catches a loss that is wrong from the first step: summed over the batch instead of
-        averaged, the wrong reduction over classes, pixels or tokens, a final layer
-        initialised far too large, a softmax before a loss that expects logits.
+        averaged (in training, in evaluation or both), the wrong reduction over classes,
+        pixels or tokens, a final layer initialised far too large, a softmax before a loss
+        that expects logits.
         """
         expected = float(self._get_or_skip("expected_initial_loss"))
-        loss = self._eval_loss(self.trainer)
         rtol, atol = self.initial_loss_rtol, self.initial_loss_atol
-        if math.isfinite(loss) and abs(loss - expected) <= atol + rtol * abs(expected):
-            return
-        ratio = f" ({loss / expected:.3g} times the expected value)" if expected else ""
-        self.fail(
-            f"trainer.eval() before any training returned {loss:.6g}, expected about "
-            f"{expected:.6g} (expected_initial_loss, within rtol={rtol}, atol={atol}){ratio}. "
-            "Usual causes: the loss summed over the batch instead of averaged (off by the batch "
-            "size; use reduction='mean'), the wrong reduction over classes, pixels or tokens, "
-            "a final layer initialised far too large (the logits of an untrained classifier "
-            "should be near 0: scale its initial weights down), a softmax or log_softmax "
-            "before a loss that expects logits, targets in the wrong form. For a classifier of "
-            "C balanced classes the loss at initialisation is about log(C)."
-        )
+        within = f"expected_initial_loss, within rtol={rtol}, atol={atol}"
+        loss = self._eval_loss(self.trainer)
+        problems = []
+        if not self._close_to(loss, expected):
+            problems.append(
+                f"trainer.eval() before any training returned {loss:.6g}, expected about "
+                f"{expected:.6g} ({within}){self._ratio(loss, expected)}."
+            )
+        first = self._first_training_loss()
+        if first is not None and not self._close_to(first, expected):
+            problems.append(
+                f"The first training loss trainer.train(1) logged as {self.initial_loss_tag!r} "
+                f"(initial_loss_tag) was {first:.6g}, expected about {expected:.6g} "
+                f"({within}){self._ratio(first, expected)}"
+                + (
+                    f", although trainer.eval() returned {loss:.6g}: training computes another "
+                    "loss than evaluation (summed over the batch there, which multiplies the "
+                    "learning rate by the batch size, or weighted differently)."
+                    if not problems
+                    else "."
+                )
+                + " If that tag logs another quantity than the loss eval() computes, set "
+                "initial_loss_tag to the tag that logs it, or to None."
+            )
+        if problems:
+            self.fail(
+                "\n".join(problems)
+                + "\nUsual causes: the loss summed over the batch instead of averaged (off by "
+                "the batch size; use reduction='mean'), the wrong reduction over classes, "
+                "pixels or tokens, a final layer initialised far too large (the logits of an "
+                "untrained classifier should be near 0: scale its initial weights down), a "
+                "softmax or log_softmax before a loss that expects logits, targets in the "
+                "wrong form. For a classifier of C balanced classes the loss at "
+                "initialisation is about log(C)."
+            )
+
+    def _close_to(self, value: float, expected: float) -> bool:
+        rtol, atol = self.initial_loss_rtol, self.initial_loss_atol
+        return math.isfinite(value) and abs(value - expected) <= atol + rtol * abs(expected)
+
+    @staticmethod
+    def _ratio(value: float, expected: float) -> str:
+        return f" ({value / expected:.3g} times the expected value)" if expected else ""
+
+    def _first_training_loss(self) -> Optional[float]:
+        """The first value one epoch of training logs under initial_loss_tag; None when there
+        is no tag to read (initial_loss_tag None, the default tag not logged, no writer)."""
+        tag = self.initial_loss_tag
+        if tag is None or self.writer_attribute is None:
+            return None
+        logged = self._train(self.trainer, 1)
+        values = [scalar.value for scalar in logged if scalar.tag == tag]
+        if not values:
+            if tag == DEFAULT_LOSS_TAG:
+                return None
+            tags = sorted({str(scalar.tag) for scalar in logged})
+            close = difflib.get_close_matches(tag, tags, n=1)
+            raise self._contract_error(
+                "initial_loss_tag",
+                f"is {tag!r}, which one epoch of trainer.train(1) did not log"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; it logged {tags or 'nothing'}. Set it to the tag of the training loss, "
+                "or to None",
+            )
+        first = as_number(values[0])
+        if first is None:
+            raise self._contract_error(
+                "initial_loss_tag",
+                f"is {tag!r}, logged first with {describe(values[0])}, not a number",
+            )
+        return first
 
     @check
     def test_frozen_parameters(self) -> None:
@@ -573,7 +679,7 @@ class TrainerTests(RunChecks):
 
         Catches a wrong KL divergence in a VAE, with the likely mistake named (a missing 0.5,
         the mean instead of the sum, log-variance for log-sigma, a flipped sign, swapped
-        arguments).
+        arguments, the other argument convention than kl_arguments says).
         """
         if not self._is_set("kl_divergence"):
             self.skipTest(
@@ -645,8 +751,22 @@ class TrainerTests(RunChecks):
             / elementwise.shape[1],
             "the sign is flipped (it returns -KL)": -elementwise,
         }
+        if result.dim() == 0:  # the total: a mean somewhere divides it
+            batch, latent = elementwise.shape
+            common = {
+                **common,
+                f"it averages over the batch (the total divided by the batch size, {batch}) "
+                "instead of summing: return one value per sample, or their sum, and "
+                "average where the loss is built": elementwise / batch,
+                "it takes the mean over the batch and the latent dimension (torch.mean) "
+                "instead of the sum": elementwise / (batch * latent),
+            }
         if arguments == ("log_sigma", "mu"):
             mistakes = {
+                # The pytorch/examples formula, called as kl(log_sigma, mu).
+                "it follows the (mu, logvar) convention of the pytorch/examples VAE "
+                "(-0.5 * sum(1 + logvar - mu^2 - exp(logvar))): set kl_arguments = "
+                '("mu", "logvar")': -0.5 * (1 + mu64 - log_sigma64**2 - torch.exp(mu64)),
                 **common,
                 "log_sigma is treated as log-variance": 0.5
                 * (torch.exp(log_sigma64) + mu64**2 - 1 - log_sigma64),
@@ -660,6 +780,11 @@ class TrainerTests(RunChecks):
         else:
             logvar = 2 * log_sigma64
             mistakes = {
+                # The (log_sigma, mu) closed form, called as kl(mu, logvar).
+                "it follows the (log_sigma, mu) convention (0.5 * (sigma^2 + mu^2 - 1) - "
+                'log_sigma): set kl_arguments = ("log_sigma", "mu")': 0.5
+                * (torch.exp(2 * mu64) + logvar**2 - 1)
+                - mu64,
                 **common,
                 "logvar is treated as log-sigma (it needs the log-variance)": 0.5
                 * (torch.exp(2 * logvar) + mu64**2 - 1)

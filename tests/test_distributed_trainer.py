@@ -142,6 +142,127 @@ class LossSummedPerRank(ClassifierTrainer):
         return nn.functional.cross_entropy(self.net(x), y, reduction="sum")
 
 
+# -- correct trainers the check once failed --------------------------------------------------
+class WithBatchNorm(ClassifierTrainer):
+    """BatchNorm: DDP broadcasts rank 0's running statistics at every forward, and each rank's
+    last forward updates its own from its shard, so the ranks end with other statistics."""
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, CLASSES)
+        )
+
+
+class BatchNormNotBroadcast(WithBatchNorm):
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+
+class LoadsWithWorkers(ClassifierTrainer):
+    def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, sampler=self.sampler, num_workers=2)
+
+
+class WrapsInTrainSeededPerRank(ClassifierTrainer):
+    """Seeds every rank differently (for per-rank augmentation) and wraps the model in DDP
+    only when training starts, as Hugging Face's Trainer does: DDP broadcasts rank 0's
+    weights then."""
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(100 + self.rank)
+        return super().build_model()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model  # not yet
+
+    def train(self, epochs: int) -> None:
+        if self.world_size > 1 and self.net is self.model:
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+        super().train(epochs)
+
+
+class Buckets:
+    """A distributed batch sampler, as language-model trainers use to batch samples of similar
+    length: a shuffled order per epoch, each rank its share, in batches of indices."""
+
+    def __init__(self, size: int, batch: int, rank: int, world_size: int) -> None:
+        self.size, self.batch, self.rank, self.world_size = size, batch, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def mine(self) -> List[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch))
+        return order.tolist()[self.rank :: self.world_size]
+
+    def __iter__(self) -> Any:
+        mine = self.mine()
+        return iter([mine[i : i + self.batch] for i in range(0, len(mine), self.batch)])
+
+    def __len__(self) -> int:
+        return -(-len(self.mine()) // self.batch)
+
+
+class WithBatchSampler(ClassifierTrainer):
+    def make_sampler(self, data: TensorDataset) -> Any:
+        return Buckets(len(data), 8 // self.world_size, self.rank, self.world_size)
+
+    def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_sampler=self.sampler)
+
+
+class OneSampleAtATime(ClassifierTrainer):
+    def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_size=None, sampler=self.sampler)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().loss(x[None], y[None])
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, data: TensorDataset, rank: int, world_size: int) -> None:
+        self.data, self.rank, self.world_size = data, rank, world_size
+
+    def __iter__(self) -> Any:
+        return (self.data[i] for i in range(self.rank, len(self.data), self.world_size))
+
+
+class Streams(ClassifierTrainer):
+    def make_loader(self, data: TensorDataset, batch_size: int) -> DataLoader:
+        return DataLoader(Stream(data, self.rank, self.world_size), batch_size=batch_size)
+
+
+# -- and one bug each, of those --------------------------------------------------------------
+class RandomBufferPerRank(ClassifierTrainer):
+    """A fixed random projection kept as a buffer, drawn from per-rank seeds, with DDP told
+    not to broadcast buffers: the ranks compute different functions."""
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        generator = torch.Generator().manual_seed(100 + self.rank)
+        model.register_buffer("projection", torch.randn(FEATURES, FEATURES, generator=generator))
+        return model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+
+class BucketsNotSharded(Buckets):
+    def mine(self) -> List[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch))
+        return order.tolist()  # every rank takes every index
+
+
+class BatchSamplerNotSharded(WithBatchSampler):
+    def make_sampler(self, data: TensorDataset) -> Any:
+        return BucketsNotSharded(len(data), 8 // self.world_size, self.rank, self.world_size)
+
+
 def data() -> TensorDataset:
     generator = torch.Generator().manual_seed(3)
     return TensorDataset(
@@ -205,11 +326,57 @@ class DDPTraining(CheckTestCase):
             allowed_skips=["self.single_process_tolerance is not set"],
         )
 
+    def test_correct_trainers_the_check_once_failed_pass(self) -> None:
+        cases = {
+            "BatchNorm (running statistics differ at the end)": WithBatchNorm,
+            "BatchNorm, buffers not broadcast": BatchNormNotBroadcast,
+            "a DataLoader with 2 worker processes": LoadsWithWorkers,
+            "seeded per rank, wrapped in DDP in train()": WrapsInTrainSeededPerRank,
+            "a distributed batch sampler": WithBatchSampler,
+            "batch_size=None": OneSampleAtATime,
+        }
+        for label, trainer in cases.items():
+            with self.subTest(label):
+                self.assertPasses(
+                    ddp_trainer_case(trainer),
+                    "test_ddp_training",
+                    allowed_skips=["self.single_process_tolerance is not set"],
+                )
+
+    def test_a_loader_of_an_iterable_dataset_skips_only_the_data_part(self) -> None:
+        found = outcome_of(ddp_trainer_case(Streams))
+        self.assertEqual(set(found), {"skipped"}, found)
+        self.assertIn(
+            "trainer.train_loader loads an IterableDataset, whose samples have no indices: "
+            "which rank loaded which sample is not checked",
+            found["skipped"],
+        )
+
+    def test_buffers_that_differ_at_the_start_fail(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(RandomBufferPerRank),
+            "start",
+            "rank 1 starts with other buffers than rank 0 (projection ",
+            "although the weights are the same",
+            "with broadcast_buffers=False, build the buffers the same on every rank",
+        )
+
+    def test_a_batch_sampler_that_gives_every_rank_everything_fails(self) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(BatchSamplerNotSharded),
+            "data",
+            "in epoch 0 the 2 ranks together did not load each of the 24 training samples "
+            "once: 24 loads of samples another rank had loaded",
+            "The batch sampler (BucketsNotSharded) gives every rank the whole dataset: give "
+            "each rank its own shard of the indices before batching them",
+        )
+
     def test_ranks_that_start_from_different_weights_fail(self) -> None:
         self.assertOnlySubtestFails(
             ddp_trainer_case(SeededPerRankWithoutBroadcast),
             "start",
             "rank 1 starts with other weights than rank 0 (0.weight",
+            "at its first training forward",
             "Wrap the model in DistributedDataParallel, which broadcasts rank 0's weights",
         )
 

@@ -437,6 +437,45 @@ class SummedLoss(ClassifierTrainer):
         return F.cross_entropy(self.model(INPUTS[indices]), TARGETS[indices], reduction="sum")
 
 
+class TrainingLossSummed(ClassifierTrainer):
+    """Sums the training loss over the batch (a step 4 times too large); eval() averages."""
+
+    tag = "train/loss"
+    reduction = "sum"
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.model.train()
+            for batch in self.order().split(self.batch_size):
+                output = self.model(INPUTS[batch])
+                loss = F.cross_entropy(output, TARGETS[batch], reduction=self.reduction)
+                self.step(loss)
+                self.summary.add_scalar(self.tag, loss.item(), self.global_step)
+                self.global_step += 1
+            self.epoch += 1
+
+
+class SumsUnderItsOwnTag(TrainingLossSummed):
+    tag = "loss/train"
+
+
+class LogsTheLossAs(SumsUnderItsOwnTag):
+    """Logs its (correct) training loss under another tag than train/loss."""
+
+    reduction = "mean"
+
+
+class EvalEndsInTrainingMode(ClassifierTrainer):
+    """eval() ends with model.train(), whatever the mode was."""
+
+    def eval(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            loss = self.loss(torch.arange(len(INPUTS))).item()
+        self.model.train()
+        return loss
+
+
 class FrozenFeatures(ClassifierTrainer):
     """Fine-tunes the head only: features frozen before the optimizer is built."""
 
@@ -726,6 +765,42 @@ class KLDivergence(CheckTestCase):
                     diagnosis,
                     "-0.5 * (1 + logvar - mu^2 - exp(logvar))",
                 )
+
+    def test_the_other_convention_than_kl_arguments_says_is_named(self) -> None:
+        self.assertFailsWith(
+            trainer_case(TinyVAETrainer, kl_divergence=kl_mu_logvar),  # kl_arguments forgotten
+            "test_kl_divergence",
+            "kl_divergence(log_sigma, mu) does not match",
+            "It looks like it follows the (mu, logvar) convention of the pytorch/examples VAE "
+            '(-0.5 * sum(1 + logvar - mu^2 - exp(logvar))): set kl_arguments = ("mu", "logvar")',
+        )
+        self.assertFailsWith(
+            trainer_case(TinyVAETrainer, kl_arguments=("mu", "logvar")),  # kl(log_sigma, mu)
+            "test_kl_divergence",
+            "kl_divergence(mu, logvar) does not match",
+            "It looks like it follows the (log_sigma, mu) convention (0.5 * (sigma^2 + mu^2 - "
+            '1) - log_sigma): set kl_arguments = ("log_sigma", "mu")',
+        )
+
+    def test_a_total_averaged_over_the_batch_is_named(self) -> None:
+        def batch_mean(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+            return (-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)).mean()
+
+        def mean_of_all(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+            return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+
+        mistakes = {
+            "It looks like it averages over the batch (the total divided by the batch size, "
+            "3) instead of summing: return one value per sample, or their sum": batch_mean,
+            "It looks like it takes the mean over the batch and the latent dimension "
+            "(torch.mean) instead of the sum": mean_of_all,
+        }
+        for diagnosis, function in mistakes.items():
+            with self.subTest(diagnosis):
+                case = trainer_case(
+                    TinyVAETrainer, kl_divergence=function, kl_arguments=("mu", "logvar")
+                )
+                self.assertFailsWith(case, "test_kl_divergence", diagnosis)
 
     def test_an_unknown_mistake_fails_without_a_diagnosis(self) -> None:
         case = trainer_case(TinyVAETrainer, kl_divergence=lambda s, m: kl_divergence(s, m) + 1)
@@ -1118,6 +1193,36 @@ class EvalLeavesModelUnchanged(CheckTestCase):
             "model.train(was_training)",
         )
 
+    def test_eval_that_ends_in_training_mode_fails_from_eval_mode(self) -> None:
+        self.assertFailsWith(
+            classifier_case(EvalEndsInTrainingMode),
+            self.check,
+            "called on the model in eval mode (model.eval() first, as an inference script "
+            "does), it left model, model.features, model.features.0 and 3 more in training "
+            "mode: an eval() that ends with model.train() undoes the caller's model.eval()",
+            "model.train(was_training)",
+        )
+
+    def test_the_modes_are_restored_after_the_check(self) -> None:
+        trainers = []
+
+        class Noted(ClassifierTrainer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model.features[1].eval()  # as the trainer found it
+                trainers.append(self)
+
+            def eval(self) -> float:
+                modes = {module: module.training for module in self.model.modules()}
+                loss = super().eval()
+                for module, training in modes.items():
+                    module.training = training
+                return loss
+
+        self.assertPasses(classifier_case(Noted), self.check)
+        modes = [module.training for module in trainers[0].model.modules()]
+        self.assertEqual(modes, [True, True, True, False, True, True])
+
     def test_eval_that_leaves_gradients_disabled_fails(self) -> None:
         self.assertFailsWith(
             classifier_case(EvalDisablesGradients),
@@ -1167,6 +1272,44 @@ class InitialLoss(CheckTestCase):
             "expected about 1.38629 (expected_initial_loss, within rtol=0.25, atol=0.0) (1",
             "times the expected value)",
             "summed over the batch instead of averaged",
+        )
+
+    def test_a_training_loss_summed_over_the_batch_fails_although_eval_averages(self) -> None:
+        self.assertFailsWith(
+            classifier_case(TrainingLossSummed),
+            "test_initial_loss",
+            "The first training loss trainer.train(1) logged as 'train/loss' "
+            "(initial_loss_tag) was ",
+            "expected about 1.38629 (expected_initial_loss, within rtol=0.25, atol=0.0) (4",
+            "although trainer.eval() returned 1.3",
+            "training computes another loss than evaluation (summed over the batch there, "
+            "which multiplies the learning rate by the batch size",
+            "set initial_loss_tag to the tag that logs it, or to None",
+        )
+
+    def test_the_training_loss_is_read_from_initial_loss_tag(self) -> None:
+        self.assertFailsWith(
+            classifier_case(SumsUnderItsOwnTag, initial_loss_tag="loss/train"),
+            "test_initial_loss",
+            "The first training loss trainer.train(1) logged as 'loss/train' (initial_loss_tag)",
+        )
+        self.assertPasses(
+            classifier_case(LogsTheLossAs, initial_loss_tag="loss/train"), "test_initial_loss"
+        )
+        # The default tag, train/loss, is compared only when the trainer logs it.
+        self.assertPasses(classifier_case(SumsUnderItsOwnTag), "test_initial_loss")
+        self.assertPasses(
+            classifier_case(TrainingLossSummed, initial_loss_tag=None), "test_initial_loss"
+        )
+
+    def test_an_initial_loss_tag_that_is_not_logged_is_a_contract_error(self) -> None:
+        self.assertErrorsWith(
+            classifier_case(ClassifierTrainer, initial_loss_tag="train/los"),
+            "test_initial_loss",
+            "ContractError",
+            "self.initial_loss_tag set in Case.setUp is 'train/los', which one epoch of "
+            "trainer.train(1) did not log (did you mean 'train/loss'?); it logged "
+            "['test/loss', 'train/loss']",
         )
 
     def test_unset_expected_initial_loss_skips(self) -> None:
