@@ -76,19 +76,46 @@ def images() -> torch.Tensor:
 
 
 # -- the models --------------------------------------------------------------------------
-def bert() -> nn.Module:
-    from transformers import BertConfig, BertModel
+def bert_config(**options: Any) -> Any:
+    from transformers import BertConfig
 
-    return BertModel(
-        BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **options,
     )
+
+
+def gpt2_config(**options: Any) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, **options)
+
+
+def t5_config() -> Any:
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def bert() -> nn.Module:
+    from transformers import BertModel
+
+    return BertModel(bert_config())
 
 
 def bert_checkpointed() -> nn.Module:
@@ -104,55 +131,21 @@ def bert_checkpointed() -> nn.Module:
 
 
 def gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    return GPT2LMHeadModel(gpt2_config(bos_token_id=0, eos_token_id=0))
 
 
 def t5() -> nn.Module:
-    from transformers import T5Config, T5Model
+    from transformers import T5Model
 
-    return T5Model(
-        T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    return T5Model(t5_config())
 
 
 def t5_lm() -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    return T5ForConditionalGeneration(t5_config())
 
 
 def roberta() -> nn.Module:
@@ -188,20 +181,10 @@ def distilbert() -> nn.Module:
 
 def gpt2_classifier() -> nn.Module:
     """Pools the last real token, which it finds from the pad token."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import GPT2ForSequenceClassification
 
     return GPT2ForSequenceClassification(
-        GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            num_labels=3,
-        )
+        gpt2_config(bos_token_id=0, eos_token_id=0, pad_token_id=0, num_labels=3)
     )
 
 
@@ -850,18 +833,9 @@ class RealModelBugs(CheckTestCase):
 
     def test_labels_in_the_inputs_without_output_key_fail_with_a_hint(self) -> None:
         def classifier() -> nn.Module:
-            from transformers import BertConfig, BertForSequenceClassification
+            from transformers import BertForSequenceClassification
 
-            return BertForSequenceClassification(
-                BertConfig(
-                    vocab_size=VOCAB,
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    intermediate_size=64,
-                    num_labels=3,
-                )
-            )
+            return BertForSequenceClassification(bert_config(num_labels=3))
 
         attributes = dict(
             model=classifier,
