@@ -396,10 +396,9 @@ class Streams(PassesEveryCheck):
         self.assertFailsWith(
             case,
             "test_data_loading",
-            "split 'test': the DataLoader workers "
-            "read the same samples: 48 of the 48 samples of worker 1 were read "
-            "by worker 0 too (e.g. sample 0 of worker 0 = sample 0 of worker "
-            "1)",
+            "split 'test': the DataLoader workers read the same samples: 48 of the 96 "
+            "samples the 2 workers read repeat an input that another worker had read (e.g. "
+            "sample 0 of worker 0 = sample 0 of worker 1), while no worker read an input twice",
             "get_worker_info()",
         )
 
