@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import math
 import multiprocessing
 import operator
 import pickle
@@ -1061,13 +1062,68 @@ def structure(sample: Any) -> str:
 
 @dataclass
 class Registered:
-    """The first sample with some hash, and how many samples have it (of a stream: how
-    many each worker read)."""
+    """The first sample with some hash, and how many samples have it; of a stream, also how
+    many each worker read, and whether all were read at the same place of each worker's
+    sequence (the n-th sample of each)."""
 
     position: Position
     label: Optional[int]
     count: int = 1
     workers: Optional["collections.Counter[int]"] = None
+    aligned: bool = True
+
+
+#: The chance below which the repeats across a stream's workers are not taken for the
+#: stream's own duplicates.
+REPEAT_SIGNIFICANCE = 1e-3
+#: The duplicate groups of a stream that the test of repeats across workers looks at.
+REPEAT_GROUPS = 2000
+
+
+@dataclass
+class Repeats:
+    """How a stream's inputs that occur more than once are spread over the workers.
+
+    A *spread* input was read by several workers, once by each: what a stream gives when
+    every worker reads the same records. A stream sharded by worker gives spread inputs
+    only from its own duplicates, about as often as chance places equal records in
+    different shards; ``chance`` is the probability of seeing this many spread inputs (or,
+    ``aligned``, this many at the same place of each worker's sequence) if they were.
+    """
+
+    groups: int = 0
+    spread: int = 0
+    aligned: int = 0
+    expected: float = 0.0
+    chance: float = 1.0
+    example: Optional[Tuple[Position, Position]] = None
+
+    @property
+    def found(self) -> bool:
+        return self.chance < REPEAT_SIGNIFICANCE
+
+
+def _spread_chances(fractions: Sequence[float], largest: int) -> List[float]:
+    """For c = 0..largest: the chance that c samples, each read by worker w with
+    probability fractions[w], were read by c different workers (c! e_c(fractions))."""
+    symmetric = [1.0] + [0.0] * largest
+    for fraction in fractions:
+        for c in range(largest, 0, -1):
+            symmetric[c] += symmetric[c - 1] * fraction
+    return [math.factorial(c) * value for c, value in enumerate(symmetric)]
+
+
+def _upper_tail(chances: Sequence[float], observed: int) -> float:
+    """P(X >= observed) for X the number of successes of independent trials."""
+    if observed <= 0:
+        return 1.0
+    distribution = np.zeros(len(chances) + 1)
+    distribution[0] = 1.0
+    for n, chance in enumerate(chances):
+        shifted = distribution[: n + 1] * chance
+        distribution[: n + 2] *= 1.0 - chance
+        distribution[1 : n + 2] += shifted
+    return float(distribution[observed:].sum())
 
 
 @dataclass
@@ -1105,14 +1161,11 @@ class Scan:
     constant_count: int = 0
     conflicts: List[Tuple[Registered, Position, Optional[int]]] = field(default_factory=list)
     conflict_count: int = 0
-    #: streams: the hashed (not constant) samples each worker read; the pairs of samples
-    #: with equal inputs read by one worker and by two workers; the samples whose input
-    #: another worker had read before, and one such pair
+    #: streams: the hashed (not constant) samples each worker read, and the inputs read
+    #: more than once (the first REPEAT_GROUPS of them)
     per_worker: "collections.Counter[int]" = field(default_factory=collections.Counter)
-    within_pairs: int = 0
-    cross_pairs: int = 0
-    cross_repeats: int = 0
-    cross_example: Optional[Tuple[Position, Position]] = None
+    groups: List[Registered] = field(default_factory=list)
+    example: Optional[Tuple[Position, Position]] = None
     pids: Dict[int, int] = field(default_factory=dict)  # worker process id -> worker id
     kept: Dict[Position, Input] = field(default_factory=dict)
     collate_error: Optional[str] = None
@@ -1193,30 +1246,45 @@ class Scan:
             self.conflict_count += 1
             if len(self.conflicts) < SHOWN:
                 self.conflicts.append((first, position, label))
-        if stream and isinstance(first.position, tuple):
+        if stream and isinstance(first.position, tuple) and isinstance(position, tuple):
             if first.workers is None:
                 first.workers = collections.Counter({first.position[0]: 1})
-            own = first.workers[worker]
-            others = sum(first.workers.values()) - own
-            self.within_pairs += own
-            self.cross_pairs += others
-            if others:
-                self.cross_repeats += 1
-                if self.cross_example is None and first.position[0] != worker:
-                    self.cross_example = (first.position, position)
+                if len(self.groups) < REPEAT_GROUPS:
+                    self.groups.append(first)
             first.workers[worker] += 1
+            first.aligned = first.aligned and position[1] == first.position[1]
+            if self.example is None and first.position[0] != worker:
+                self.example = (first.position, position)
 
-    def repeated_across_workers(self) -> bool:
-        """Whether the workers of a stream read the same samples: more pairs of equal inputs
-        read by two workers than twice what the pairs within each worker (the stream's own
-        duplicates) explain, and at least 5% of the samples (and 3) repeating an input that
-        another worker had read. Inputs whose values are all equal are left out."""
-        sizes = list(self.per_worker.values())
-        total = sum(sizes)
-        within = sum(n * (n - 1) // 2 for n in sizes)
-        across = (total * total - sum(n * n for n in sizes)) // 2
-        expected = self.within_pairs * across / within if within else 0.0
-        return self.cross_repeats >= max(3, 0.05 * total) and self.cross_pairs > 2 * expected + 3
+    def repeats(self) -> Repeats:
+        """Whether a stream's workers read the same records: its inputs that occur more than
+        once, tested against the stream's own duplicates placed in the workers' shards by
+        chance. Inputs whose values are all equal are left out."""
+        found = Repeats(groups=len(self.groups), example=self.example)
+        total = sum(self.per_worker.values())
+        if len(self.per_worker) < 2 or not self.groups:
+            return found
+        fractions = [count / total for count in self.per_worker.values()]
+        smallest = min(self.per_worker.values())
+        by_size = _spread_chances(fractions, len(fractions))
+        spread, aligned = [], []
+        for group in self.groups:
+            workers = group.workers or collections.Counter()
+            size = sum(workers.values())
+            chance = by_size[size] if size < len(by_size) else 0.0
+            hit = max(workers.values()) == 1
+            spread.append(chance)
+            # the same place in each worker's sequence: about 1 in `smallest` for each more
+            aligned.append(chance * smallest ** (1 - size))
+            found.spread += hit
+            found.aligned += hit and group.aligned
+        found.expected = sum(spread)
+        if found.spread >= 3:
+            # two tests: each at half the significance
+            found.chance = 2 * min(
+                _upper_tail(spread, found.spread), _upper_tail(aligned, found.aligned)
+            )
+        return found
 
 
 def _span(positions: Sequence[Position]) -> str:
@@ -1504,7 +1572,8 @@ class SplitState:
             return _span(list(self.indices[number * size : (number + 1) * size]))
 
         dead = _DEAD_WORKER.search(message)
-        if dead is None:
+        # a worker that exits while it sends a batch breaks the pipe instead
+        if dead is None and not isinstance(exc, (ConnectionError, EOFError)):
             # the batch the DataLoader waited for: the oldest one its worker had not sent
             scan.in_flight = f"{batch(batches)} (batch {batches + 1} of {total})"
             return
@@ -1512,7 +1581,8 @@ class SplitState:
         # (the DataLoader sends batch n to worker n % num_workers, two per worker ahead).
         scan.worker_died = True
         ahead = range(batches, min(batches + 2 * workers, total))
-        pids = [int(pid) for pid in dead.group(1).replace(" ", "").split(",") if pid]
+        found = dead.group(1).replace(" ", "").split(",") if dead is not None else []
+        pids = [int(pid) for pid in found if pid]
         known = sorted({scan.pids[pid] for pid in pids if pid in scan.pids})
         if known:
             scan.in_flight = (

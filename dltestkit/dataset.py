@@ -755,19 +755,27 @@ class DatasetTests(CheckMixin):
 
     def _check_stream(self, name: str, state: SplitState) -> None:
         scan = state.scan
-        if scan.repeated_across_workers():
+        repeats = scan.repeats()
+        if repeats.found:
             example = (
-                f" (e.g. {where(scan.cross_example[0])} = {where(scan.cross_example[1])})"
-                if scan.cross_example is not None
+                f" (e.g. {where(repeats.example[0])} = {where(repeats.example[1])})"
+                if repeats.example is not None
                 else ""
             )
-            read = sum(scan.per_worker.values())
+            aligned = (
+                f", {repeats.aligned} of them as the same sample number of each worker"
+                if repeats.aligned
+                else ""
+            )
             self.fail(
                 f"split {name!r}: the DataLoader workers read the same samples: "
-                f"{scan.cross_repeats} of the {read} samples the {len(scan.per_worker)} workers "
-                f"read repeat an input that another worker had read{example}, "
-                f"{_more_than(scan)}. Each worker reads the whole stream (or the same shards) "
-                "instead of its own shard, so every epoch holds the data up to "
+                f"{repeats.spread} of the {repeats.groups} inputs read more than once were "
+                f"read once by each of several of the {len(scan.per_worker)} workers"
+                f"{example}{aligned}; were they duplicates within the stream, a stream that "
+                f"gives each worker its own shard would have given about "
+                f"{repeats.groups - repeats.expected:.0f} of them to one worker twice, not "
+                f"{repeats.groups - repeats.spread}. Each worker reads the whole stream (or the "
+                "same shards) instead of its own shard, so every epoch holds the data up to "
                 f"{self.num_workers} times. Give each worker its part in __iter__ with "
                 "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
                 "worker_init_fn that does it)."
@@ -1021,16 +1029,6 @@ def _nested_hint(scan: _scan.Scan, culprit: Optional[_scan.Path], rule: str) -> 
     return (
         f" Every tensor of a nested input must {rule}; to check one of them, set "
         f"self.input_key to its path{example}."
-    )
-
-
-def _more_than(scan: _scan.Scan) -> str:
-    """How the repeats across a stream's workers compare with those within each worker."""
-    if not scan.within_pairs:
-        return "while no worker read an input twice"
-    return (
-        f"more than the stream's own duplicates explain ({scan.cross_pairs} pairs of equal "
-        f"inputs read by two workers, {scan.within_pairs} by one)"
     )
 
 
