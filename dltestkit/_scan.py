@@ -22,6 +22,7 @@ and dropped by a class cleanup when the class's tests are done.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import io
 import math
 import multiprocessing
 import operator
+import os
 import pickle
 import queue
 import re
@@ -44,6 +46,7 @@ from typing import (
     Dict,
     FrozenSet,
     Hashable,
+    Iterator,
     List,
     Optional,
     Sequence,
@@ -334,13 +337,14 @@ def _serve(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
 
 
 class MainProcess:
-    """Where the checks load samples in the main process.
+    """Where the checks load a few samples in the main process, for one set of loads.
 
     ``source`` is a copy of the split (``pickled``: loaded by the first job) or the split
     itself. One daemon thread runs every load, so that a handle the dataset opens lazily
     is used by the thread that opened it; the caller waits at most ``timeout`` seconds for
     each. After a load that timed out the thread is left blocked (a daemon thread, which
-    ends with the process) and every later load fails at once.
+    ends with the process) and every later load fails at once. ``close`` ends the thread
+    (before the scan forks its workers: forking a process that runs threads is unsafe).
     """
 
     def __init__(
@@ -351,9 +355,10 @@ class MainProcess:
         self.stuck = False
         self.copy_error: Optional[str] = None
         self._jobs: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
-        threading.Thread(
+        self._thread = threading.Thread(
             target=_serve, args=(self._jobs,), name="dltestkit main-process loads", daemon=True
-        ).start()
+        )
+        self._thread.start()
         if pickled is not None:
             try:
                 self.source = self.call(pickled.load)
@@ -383,6 +388,8 @@ class MainProcess:
         """End the thread (a blocked one when its load returns, if ever)."""
         self.source = None
         self._jobs.put(None)
+        if not self.stuck:
+            self._thread.join(self.timeout)
 
 
 # -- one sample: its input and its target -------------------------------------------------
@@ -823,8 +830,6 @@ class Inspector:
         self.read = 0  # samples this worker read from a stream (each worker has its copy)
 
     def __call__(self, items: List[Any]) -> BatchReport:
-        import os
-
         info = get_worker_info()
         report = BatchReport(worker=info.id if info is not None else -1, pid=os.getpid())
         try:
@@ -1355,7 +1360,6 @@ class SplitState:
         self._probes: Optional[Dict[Position, Probe]] = None
         self._scan: Optional[Scan] = None
         self._reloaded: Optional[Dict[Position, Probe]] = None
-        self._main: Optional[MainProcess] = None
         #: why the split could not be copied by pickling (a spawned worker fails the same
         #: way), when pickling worked but unpickling did not
         self.unpickling_error: Optional[str] = None
@@ -1368,9 +1372,6 @@ class SplitState:
 
     def release(self) -> None:
         self.dataset = None
-        if self._main is not None:
-            self._main.close()
-            self._main = None
 
     # -- the main process -----------------------------------------------------------------
     @property
@@ -1379,24 +1380,26 @@ class SplitState:
             self._probes = self._load_probes(self.probe_positions, self.loading.seed)
         return self._probes
 
-    def _main_process(self) -> MainProcess:
+    @contextlib.contextmanager
+    def _main_process(self) -> Iterator[MainProcess]:
         """Where the main process loads from: a copy of the split, made as a spawned worker
         would unpickle it (the tensors and arrays shared, not copied), so that nothing the
         split opens lazily is opened in the split itself before the scan's workers fork.
         A split that cannot be copied is loaded itself, after the scan."""
-        if self._main is None:
-            timeout = self.loading.timeout
-            pickled = Pickled.of(self.dataset)
-            main = MainProcess(timeout, pickled=pickled) if pickled is not None else None
-            if main is not None and main.copy_error is not None:
-                self.unpickling_error = main.copy_error
-                main.close()
-                main = None
-            if main is None:
-                self.scan  # noqa: B018 (the workers start before the main process loads)
-                main = MainProcess(timeout, source=self.dataset)
-            self._main = main
-        return self._main
+        timeout = self.loading.timeout
+        pickled = Pickled.of(self.dataset)
+        main = MainProcess(timeout, pickled=pickled) if pickled is not None else None
+        if main is not None and main.copy_error is not None:
+            self.unpickling_error = main.copy_error
+            main.close()
+            main = None
+        if main is None:
+            self.scan  # noqa: B018 (the workers start before the main process loads)
+            main = MainProcess(timeout, source=self.dataset)
+        try:
+            yield main
+        finally:
+            main.close()
 
     def _load(self, main: MainProcess, function: Callable[[Any], Any]) -> Any:
         """``function(source)`` in the main process: the sample, or a LoadFailure."""
@@ -1426,14 +1429,14 @@ class SplitState:
         loaded: Dict[Position, Any] = {}
         with preserved_global_state():
             make_deterministic(seed)
-            main = self._main_process()
-            if self.stream:
-                loaded = self._read_stream(main, len(positions))
-            else:
-                for index in positions:
-                    loaded[index] = self._load(main, operator.itemgetter(index))
-                    if isinstance(loaded[index], LoadFailure) and loaded[index].timed_out:
-                        break
+            with self._main_process() as main:
+                if self.stream:
+                    loaded = self._read_stream(main, len(positions))
+                else:
+                    for index in positions:
+                        loaded[index] = self._load(main, operator.itemgetter(index))
+                        if isinstance(loaded[index], LoadFailure) and loaded[index].timed_out:
+                            break
         return {position: self._probe(sample) for position, sample in loaded.items()}
 
     def _read_stream(self, main: MainProcess, count: int) -> Dict[Position, Any]:
@@ -1480,10 +1483,20 @@ class SplitState:
             )
         return self._reloaded
 
-    def load_again(self, index: int) -> Optional[Input]:
-        """One sample's input, loaded in the main process (to confirm a match exactly)."""
-        probe = self._load_probes([index], self.loading.seed).get(index)
-        return probe.input if probe is not None else None
+    def load_again(self, indices: List[int]) -> Dict[int, Input]:
+        """The inputs of some samples, loaded in the main process (to confirm a match
+        exactly); those that fail to load are left out."""
+        probes = self._load_probes(sorted(set(indices)), self.loading.seed)
+        return {
+            index: probe.input
+            for index, probe in probes.items()
+            if isinstance(index, int) and probe.input is not None
+        }
+
+    @property
+    def probe_timed_out(self) -> bool:
+        """Whether loading a probe in the main process timed out."""
+        return any(p.failure is not None and p.failure.timed_out for p in self.probes.values())
 
     # -- the scan with worker processes -------------------------------------------------------
     @property

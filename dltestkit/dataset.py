@@ -444,7 +444,9 @@ class DatasetTests(CheckMixin):
                 f"split {name!r} is empty: len() is 0. Check the path, "
                 "the file list or the filter that builds it."
             )
-        scan = state.scan
+        # a load that blocks in the main process is reported without a scan, which would
+        # fork the process while the blocked load's thread runs
+        scan = _scan.Scan() if state.probe_timed_out else state.scan
         failed = [
             (p, probe.failure, "in the main process")
             for p, probe in state.probes.items()
@@ -885,16 +887,22 @@ class DatasetTests(CheckMixin):
     ) -> List[Tuple[Position, Position]]:
         """Up to five shared pairs, confirmed by comparing the inputs exactly (loaded again in
         the main process; pairs from a stream are matched by their 128-bit hash)."""
-        pairs = []
-        for first, second in sorted(shared, key=lambda pair: _order(pair[1].position)):
-            a, b = first.position, second.position
-            if isinstance(a, int) and isinstance(b, int):
-                x, y = one.load_again(a), other.load_again(b)
-                if x is None or y is None or not _scan.same(x, y):
-                    continue
-            pairs.append((a, b))
-            if len(pairs) == _scan.SHOWN:
-                break
+        pairs: List[Tuple[Position, Position]] = []
+        ordered = sorted(shared, key=lambda pair: _order(pair[1].position))
+        chunk = 2 * _scan.SHOWN
+        for start in range(0, len(ordered), chunk):
+            candidates = [(a.position, b.position) for a, b in ordered[start : start + chunk]]
+            indexed = [(a, b) for a, b in candidates if isinstance(a, int) and isinstance(b, int)]
+            firsts = one.load_again([a for a, _ in indexed]) if indexed else {}
+            seconds = other.load_again([b for _, b in indexed]) if indexed else {}
+            for a, b in candidates:
+                if isinstance(a, int) and isinstance(b, int):
+                    x, y = firsts.get(a), seconds.get(b)
+                    if x is None or y is None or not _scan.same(x, y):
+                        continue
+                pairs.append((a, b))
+                if len(pairs) == _scan.SHOWN:
+                    return pairs
         return pairs
 
     @check

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import weakref
@@ -259,6 +260,25 @@ class MainProcessLoads(CheckTestCase):
                     )
                 else:  # the connection works in the thread that opened it
                     self.assertPasses(case, name)
+
+    def test_no_thread_of_the_main_process_loads_runs_when_the_workers_fork(self) -> None:
+        def loaders() -> int:
+            return sum(t.name == "dltestkit main-process loads" for t in threading.enumerate())
+
+        before = loaders()  # (blocked ones of earlier tests may live on)
+        running = []
+        scan = _scan.SplitState._run_scan
+
+        def recording(state: _scan.SplitState) -> _scan.Scan:
+            running.append(loaders())
+            return scan(state)
+
+        case = splits_case(Images(augment=True), Images(seed=5), num_classes=10)
+        with mock.patch.object(_scan.SplitState, "_run_scan", recording):
+            for name in CHECKS:
+                self.assertTrue(run_check(case, name).ran)
+        self.assertEqual(running, [before, before])  # one scan per split
+        self.assertEqual(loaders(), before)
 
     def test_the_spawn_check_pickles_without_copying_the_data(self) -> None:
         import pickle
