@@ -155,7 +155,19 @@ def callable_key(fn: Any, depth: int = 0) -> Hashable:
             tuple(sorted((k, _value_key(v, depth)) for k, v in fn.keywords.items())),
         )
     function = getattr(fn, "__func__", fn)
-    if isinstance(function, (types.FunctionType, types.BuiltinFunctionType, type)):
+    if isinstance(function, types.FunctionType):
+        # a lambda or a function made by a factory: where it is defined, and the plain
+        # values it closes over or defaults to (make_collate(max_len=64))
+        code = function.__code__
+        captured = [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
+        captured += list(function.__defaults__ or ())
+        return (
+            describe_callable(function),
+            code.co_filename,
+            code.co_firstlineno,
+            tuple(_value_key(value, depth) for value in captured),
+        )
+    if isinstance(function, (types.BuiltinFunctionType, type)):
         return describe_callable(function)
     attributes = getattr(fn, "__dict__", None)
     plain = (
@@ -166,6 +178,14 @@ def callable_key(fn: Any, depth: int = 0) -> Hashable:
         else ()
     )
     return (type(fn).__module__, type(fn).__qualname__, plain)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # a variable not assigned yet
+        return False
+    return True
 
 
 def _value_key(value: Any, depth: int) -> Hashable:

@@ -307,6 +307,15 @@ def pad_to(samples: List[Any], length: int) -> Any:
     return padded, torch.tensor([label for _, label in samples])
 
 
+def padding_to(length: int) -> Any:
+    """A collate function made by a factory (a closure over ``length``)."""
+
+    def collate(samples: List[Any]) -> Any:
+        return pad_to(samples, length)
+
+    return collate
+
+
 class Sequences(Dataset):
     def __init__(self) -> None:
         self.loads = torch.zeros(30, dtype=torch.int64).share_memory_()
@@ -374,6 +383,23 @@ class Cache(CheckTestCase):
             "test_data_loading",
             "samples cannot be batched by collate_fn (functools.partial("
             "test_dataset_loading.pad_to, length=10)): RuntimeError",
+        )
+
+    def test_the_cache_is_keyed_on_what_a_collate_fn_factory_captured(self) -> None:
+        split = Sequences()
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"x": split}),
+            batch_size=8,
+            collate_fn=padding_to(40),
+        )
+        self.assertPasses(case, "test_data_loading")
+        case.collate_fn = padding_to(10)
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "samples cannot be batched by collate_fn "
+            "(test_dataset_loading.padding_to.<locals>.collate): RuntimeError",
         )
 
     def test_an_equal_partial_made_in_each_set_up_reuses_the_scan(self) -> None:
