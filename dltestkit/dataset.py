@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import pickle
+import multiprocessing
 from typing import (
     Any,
     Callable,
@@ -19,6 +19,7 @@ from typing import (
     Tuple,
 )
 
+import torch
 from torch.utils.data import default_collate
 
 from . import _scan
@@ -29,14 +30,13 @@ from ._base import (
     ContractError,
     check,
     is_callable,
-    is_key,
     is_names,
     is_number,
     is_positive_int,
     is_shape,
     optional,
 )
-from ._scan import Position, SplitState, listed, where
+from ._scan import Extreme, Position, SplitState, listed, path_text, shape_text, value_text, where
 
 __all__ = ["DatasetTests"]
 
@@ -69,18 +69,45 @@ def _is_range(value: Any) -> Optional[str]:
     return f"is {value!r}, not a (low, high) pair with low < high"
 
 
+def _is_fraction(value: Any) -> Optional[str]:
+    if is_number(value) is None and 0 <= value <= 1:
+        return None
+    return f"is {value!r}, not a number in [0, 1]"
+
+
 def _is_positive_number(value: Any) -> Optional[str]:
     if is_number(value) is None and value > 0:
         return None
     return f"is {value!r}, not a positive number"
 
 
-def _is_target_key(value: Any) -> Optional[str]:
+def _is_step(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_input_key(value: Any) -> Optional[str]:
+    """None, an index or a key, or a path of them into nested samples."""
+    if value is None or _is_step(value):
+        return None
+    if isinstance(value, tuple) and value and all(_is_step(step) for step in value):
+        return None
     return (
-        None
-        if value is not None and is_key(value) is None
-        else f"is {value!r}, not an int index or a str key"
+        f"is {value!r}, not an int index, a str key or a tuple of them (a path into "
+        "nested samples, e.g. ('inputs', 'image'))"
     )
+
+
+def _is_target_key(value: Any) -> Optional[str]:
+    if value is None:
+        return "is None, not an int index, a str key or a tuple of them (a path)"
+    return _is_input_key(value)
+
+
+def _is_start_method(value: Any) -> Optional[str]:
+    methods = multiprocessing.get_all_start_methods()
+    if value is None or value in methods:
+        return None
+    return f"is {value!r}, not None or one of the start methods of this platform {methods}"
 
 
 def _unbound(owner: Any, name: str) -> Any:
@@ -133,10 +160,10 @@ class DatasetTests(CheckMixin):
             "how close, as a fraction of high - low, the data must come to each bound",
             "0.1",
             default=0.1,
-            validate=is_number,
+            validate=_is_fraction,
             read_by=("test_value_range",),
-            details="`1.0` checks the bounds only (for data that legitimately stays "
-            "away from them, like quiet audio).",
+            details="In [0, 1]; `1.0` checks the bounds only (for data that legitimately "
+            "stays away from them, like quiet audio).",
         ),
         Attribute(
             "augmented_splits",
@@ -164,7 +191,8 @@ class DatasetTests(CheckMixin):
             default=1,
             validate=_is_target_key,
             read_by=("test_labels",),
-            details="`1`: element 1 of an `(input, target)` tuple.",
+            details="`1`: element 1 of an `(input, target)` tuple. A tuple is a path into "
+            'nested samples: `("meta", "label")` is `sample["meta"]["label"]`.',
         ),
         Attribute(
             "class_presence",
@@ -177,13 +205,39 @@ class DatasetTests(CheckMixin):
             "num_classes` may lack a class; `None` never requires every class.",
         ),
         Attribute(
+            "max_label_conflicts",
+            "the fraction of a split's labelled samples that may have the input of an "
+            "earlier sample but another target",
+            "0.2",
+            default=0.0,
+            validate=_is_fraction,
+            read_by=("test_labels",),
+            details="For data in which equal inputs legitimately carry different labels "
+            "(tabular data with few distinct feature values, label noise). Inputs whose "
+            "values are all equal are never compared.",
+        ),
+        Attribute(
+            "max_shared_fraction",
+            "the fraction of a split's scanned samples that may also occur in another split",
+            "0.9",
+            default=0.0,
+            validate=_is_fraction,
+            read_by=("test_split_overlap",),
+            details="For splits that legitimately share inputs (tabular data with few "
+            "distinct feature values). Inputs whose values are all equal (silence, blank "
+            "images) are never compared.",
+        ),
+        Attribute(
             "input_key",
             "the index or key of the input tensor in a sample",
             "0",
             default=None,
-            validate=is_key,
+            validate=_is_input_key,
             details="`None`: a tensor sample itself, else the first element of a tuple "
-            "or dict sample.",
+            'or dict sample. A tuple is a path into nested samples: `("inputs", "image")` '
+            'is `sample["inputs"]["image"]`. An input that is a tuple, list or dict of '
+            "tensors (two views of an image) has each of its tensors checked; numpy arrays "
+            "and lists of numbers are checked as the tensors they convert to.",
         ),
         Attribute(
             "collate_fn",
@@ -208,7 +262,20 @@ class DatasetTests(CheckMixin):
             "shard_worker",
             default=None,
             validate=optional(is_callable),
-            details="For streams that give each worker its shard there.",
+            details="For streams that give each worker its shard there, and datasets that "
+            "open a file or a connection per worker there. (In the scan's workers, "
+            "`get_worker_info().dataset` is a wrapper that passes reading and setting "
+            "attributes on to your dataset.)",
+        ),
+        Attribute(
+            "multiprocessing_context",
+            "the start method of the scan's worker processes",
+            '"spawn"',
+            default=None,
+            validate=_is_start_method,
+            details="`None`: the platform's default (fork on Linux up to Python 3.13, "
+            'forkserver from 3.14, spawn on macOS and Windows). `"spawn"` also catches '
+            "datasets that only work in forked workers; see `test_data_loading`.",
         ),
         Attribute(
             "batch_size",
@@ -219,12 +286,13 @@ class DatasetTests(CheckMixin):
         ),
         Attribute(
             "loader_timeout",
-            "the seconds the scan waits for one batch",
+            "the seconds the checks wait for one batch of the scan or one sample loaded in "
+            "the main process",
             "600",
             default=300.0,
             validate=_is_positive_number,
-            details="A worker that blocks longer fails `test_data_loading`, naming the "
-            "indices it was loading, instead of hanging the tests.",
+            details="A load that blocks longer fails `test_data_loading`, naming the split "
+            "and the indices, instead of hanging the tests.",
         ),
         Attribute(
             "max_samples",
@@ -255,10 +323,13 @@ class DatasetTests(CheckMixin):
     num_classes: int
     target_key: Any
     class_presence: Optional[int]
+    max_label_conflicts: float
+    max_shared_fraction: float
     input_key: Optional[Any]
     collate_fn: Optional[Callable[[List[Any]], Any]]
     num_workers: int
     worker_init_fn: Optional[Callable[[int], None]]
+    multiprocessing_context: Optional[str]
     batch_size: int
     loader_timeout: float
     max_samples: Optional[int]
@@ -344,6 +415,7 @@ class DatasetTests(CheckMixin):
             seed=self.seed,
             augmented=name in self.augmented_splits,
             timeout=float(self.loader_timeout),
+            multiprocessing_context=self.multiprocessing_context,
         )
 
     def _collate_fn(self) -> Callable[[List[Any]], Any]:
@@ -372,7 +444,9 @@ class DatasetTests(CheckMixin):
                 f"split {name!r} is empty: len() is 0. Check the path, "
                 "the file list or the filter that builds it."
             )
-        scan = state.scan
+        # a load that blocks in the main process is reported without a scan, which would
+        # fork the process while the blocked load's thread runs
+        scan = _scan.Scan() if state.probe_timed_out else state.scan
         failed = [
             (p, probe.failure, "in the main process")
             for p, probe in state.probes.items()
@@ -381,6 +455,15 @@ class DatasetTests(CheckMixin):
         failed += [(p, failure, "in a DataLoader worker") for p, failure in scan.failures]
         if failed:
             position, failure, place = min(failed, key=lambda item: _order(item[0]))
+            if failure.timed_out:
+                return f"loading {where(position)} timed out", (
+                    f"split {name!r}: loading {where(position)} in the main process did not "
+                    f"finish within loader_timeout={self.loader_timeout:g} s. Look for a "
+                    "load that waits for something the main process does not have (a lock, "
+                    "a queue, a connection, a file that a worker_init_fn opens), or raise "
+                    "self.loader_timeout if loading one sample really takes that long. (The "
+                    "blocked load is left in a daemon thread, which ends with the process.)"
+                )
             if not failure.raised:
                 return "its __getitems__ fails", f"split {name!r}: {failure.text}."
             text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
@@ -389,10 +472,27 @@ class DatasetTests(CheckMixin):
                     f" ({scan.failure_count} samples failed in the batches the workers "
                     f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})"
                 )
+            probe = state.probes.get(position)
             if failure.index_error and not state.stream:
                 text += (
                     f". len() says the split has {state.size} samples: is __len__ larger "
                     "than the data, or does __getitem__ index the wrong list?"
+                )
+            elif place != "in the main process" and probe is not None and not probe.failure:
+                method = _scan.start_method(self.multiprocessing_context)
+                text += (
+                    f", though it loads in the main process. The worker processes are "
+                    f"started with {method}: "
+                    + (
+                        "look for state that a forked worker inherits in a state it cannot "
+                        "use (a file handle, a connection) or code that depends on "
+                        "torch.utils.data.get_worker_info()."
+                        if method == "fork"
+                        else "each imports the dataset's modules anew and unpickles the "
+                        "dataset, so module state set at run time (a global that the "
+                        "training script configures) is missing there; keep such state on "
+                        "the dataset."
+                    )
                 )
             else:
                 text += ". Fix the split's __getitem__ or its transforms."
@@ -416,18 +516,32 @@ class DatasetTests(CheckMixin):
                 )
             )
         if scan.loader_error:
+            method = _scan.start_method(self.multiprocessing_context)
             if scan.timed_out:
+                cause = (
+                    "Look for a lock, a queue, a connection or a thread pool that a forked "
+                    "worker inherits in a state it cannot use"
+                    if method == "fork"
+                    else f"The workers are started with {method}: each first imports torch "
+                    "and the modules of the dataset, which can take long on a loaded machine; "
+                    "otherwise look for a lock, a queue or a connection the worker waits for"
+                )
                 return "a worker timed out", (
                     f"split {name!r}: no batch arrived within loader_timeout="
                     f"{self.loader_timeout:g} s; a DataLoader worker blocked while loading "
-                    f"{scan.in_flight}. Look for a lock, a queue, a connection or a thread "
-                    "pool that a forked worker inherits in a state it cannot use; raise "
-                    "self.loader_timeout if loading one batch really takes that long."
+                    f"{scan.in_flight}. {cause}; raise self.loader_timeout if loading one "
+                    "batch really takes that long."
                 )
+            died = (
+                " (a worker process exited: a crash in native code, os._exit or sys.exit "
+                "in the dataset, or the out-of-memory killer)"
+                if scan.worker_died
+                else ""
+            )
             return "the DataLoader failed", (
                 f"split {name!r}: the DataLoader (batch_size={self.batch_size}, "
                 f"num_workers={self.num_workers}) failed while loading {scan.in_flight}: "
-                f"{scan.loader_error}"
+                f"{scan.loader_error}{died}"
             )
         if state.stream and scan.count == 0 and not state.probes:
             return "it is empty", (
@@ -465,17 +579,29 @@ class DatasetTests(CheckMixin):
         for name in self.splits:
             with self.subTest(split=name):
                 scan = self._loaded(name).scan
-                wrong = {shape: seen for shape, seen in scan.shapes.items() if shape != expected}
+                wrong = {key: seen for key, seen in scan.shapes.items() if key[1] != expected}
                 if wrong:
                     count = sum(seen[0] for seen in wrong.values())
                     shapes = "; ".join(
-                        f"{shape} at {listed(seen[1], seen[0])}"
-                        for shape, seen in sorted(wrong.items())
+                        f"{shape_text(*key)} at {listed(seen[1], seen[0])}"
+                        for key, seen in sorted(wrong.items(), key=lambda item: repr(item[0]))
+                    )
+                    if not scan.nested:
+                        self.fail(
+                            f"split {name!r}: {count} of {scan.count} samples do not have "
+                            f"sample_shape {expected}: {shapes}. Fix the split's transforms "
+                            "(resize, pad, channel dimension) or self.sample_shape."
+                        )
+                    fitting = sorted({path for path, shape in scan.shapes if shape == expected})
+                    example = (
+                        f", e.g. self.input_key = {_scan.as_key(fitting[0])!r}" if fitting else ""
                     )
                     self.fail(
-                        f"split {name!r}: {count} of {scan.count} samples do not have "
-                        f"sample_shape {expected}: {shapes}. Fix the split's transforms "
-                        "(resize, pad, channel dimension) or self.sample_shape."
+                        f"split {name!r}: {count} of the {scan.tensors} input tensors of "
+                        f"{scan.count} samples do not have sample_shape {expected}: {shapes}. "
+                        "Every tensor of a nested input must have sample_shape: fix the "
+                        "split's transforms or self.sample_shape, or check one tensor of the "
+                        f"input by setting self.input_key to its path{example}."
                     )
 
     @check
@@ -498,19 +624,27 @@ class DatasetTests(CheckMixin):
                         "Look for a division by a zero standard deviation, a log of 0 or a "
                         "corrupt file."
                     )
-                if scan.low_at is None or scan.high_at is None:
+                if scan.low.position is None or scan.high.position is None:
                     self.skipTest(f"split {name!r} has no input values (empty tensors)")
                 seen = (
-                    f"values seen over {scan.count} samples: min {scan.low:.6g} "
-                    f"({where(scan.low_at)}), max {scan.high:.6g} ({where(scan.high_at)})"
+                    f"values seen over {scan.count} samples: min {_extreme(scan.low)}, "
+                    f"max {_extreme(scan.high)}"
                 )
-                if scan.low < low or scan.high > high:
+                # floating-point data may pass a bound by its rounding: 4 machine epsilons
+                # of float32 (or of a coarser dtype of the data) relative to the bound
+                eps = 4 * max(scan.float_eps, _FLOAT32_EPS) if scan.float_eps else 0.0
+                below, above = low - eps * abs(low), high + eps * abs(high)
+                if scan.low.value < below or scan.high.value > above:
+                    culprit = scan.low if scan.low.value < below else scan.high
                     self.fail(
                         f"split {name!r} leaves value_range [{low}, {high}]: {seen}. Fix the "
                         "normalisation, or widen self.value_range if the data is right."
+                        + _nested_hint(scan, culprit.path, "lie in value_range")
                     )
-                if scan.low > low + slack or scan.high < high - slack:
-                    needed = max(scan.low - low, high - scan.high) / (high - low)
+                if scan.low.value > low + slack + eps * abs(low) or (
+                    scan.high.value < high - slack - eps * abs(high)
+                ):
+                    needed = max(scan.low.value - low, high - scan.high.value) / (high - low)
                     self.fail(
                         f"split {name!r} does not use value_range [{low}, {high}]: {seen}; each "
                         f"bound must be reached within range_coverage={self.range_coverage} of "
@@ -518,7 +652,7 @@ class DatasetTests(CheckMixin):
                         "as [-1, 1]): fix the normalisation or self.value_range. If the data is "
                         "right (quiet audio, images that are never fully dark), set "
                         f"self.range_coverage = {_round_up(needed)} (1.0 checks the bounds "
-                        "only)."
+                        "only)." + _nested_hint(scan, None, "reach the bounds")
                     )
 
     @check
@@ -573,14 +707,26 @@ class DatasetTests(CheckMixin):
             with self.subTest(split=name):
                 state = self._state(name)
                 try:
-                    pickle.dumps(self.splits[name])
+                    _scan.pickled_size(self.splits[name])
                 except Exception as exc:
+                    text = _scan.exception_text(exc)
+                    _scan.forget(exc)
                     self.fail(
-                        f"split {name!r} cannot be pickled ({_scan.exception_text(exc)}), so "
-                        "DataLoader workers started with spawn or forkserver (the default on "
-                        "macOS, Windows and, from Python 3.14, Linux) fail. Replace lambdas "
-                        "and functions defined inside functions with module-level functions "
-                        "or classes."
+                        f"split {name!r} cannot be pickled ({text}), so DataLoader workers "
+                        "started with spawn or forkserver (the default on macOS, Windows and, "
+                        "from Python 3.14, Linux) fail. Replace lambdas and functions defined "
+                        "inside functions with module-level functions or classes, and open "
+                        "files and connections lazily (on first use, or in a worker_init_fn) "
+                        "instead of in __init__."
+                    )
+                state.probes  # noqa: B018 (loaded from a copy of the split: pickled, unpickled)
+                if state.unpickling_error is not None:
+                    self.fail(
+                        f"split {name!r} can be pickled but not unpickled "
+                        f"({state.unpickling_error}), so DataLoader workers started with "
+                        "spawn or forkserver (the default on macOS, Windows and, from Python "
+                        "3.14, Linux) fail. Check the split's __getstate__ and __setstate__ "
+                        "(or __reduce__): what __setstate__ needs must be in the state."
                     )
                 problem = self._load_problem(name, state)
                 if problem is not None:
@@ -611,18 +757,31 @@ class DatasetTests(CheckMixin):
 
     def _check_stream(self, name: str, state: SplitState) -> None:
         scan = state.scan
-        for (first, later), count in sorted(scan.repeated.items()):
-            if count * 2 >= scan.per_worker[later]:
-                one, other = scan.repeated_example[first, later]
-                self.fail(
-                    f"split {name!r}: the DataLoader workers read the same samples: {count} of "
-                    f"the {scan.per_worker[later]} samples of worker {later} were read by worker "
-                    f"{first} too (e.g. {where(one)} = {where(other)}). Each worker reads the "
-                    f"whole stream instead of its own shard, so every epoch holds the data "
-                    f"{self.num_workers} times. Give each worker its part in __iter__ with "
-                    "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
-                    "worker_init_fn that does it)."
-                )
+        repeats = scan.repeats()
+        if repeats.found:
+            example = (
+                f" (e.g. {where(repeats.example[0])} = {where(repeats.example[1])})"
+                if repeats.example is not None
+                else ""
+            )
+            aligned = (
+                f", {repeats.aligned} of them as the same sample number of each worker"
+                if repeats.aligned
+                else ""
+            )
+            self.fail(
+                f"split {name!r}: the DataLoader workers read the same samples: "
+                f"{repeats.spread} of the {repeats.groups} inputs read more than once were "
+                f"read once by each of several of the {len(scan.per_worker)} workers"
+                f"{example}{aligned}; were they duplicates within the stream, a stream that "
+                f"gives each worker its own shard would have given about "
+                f"{repeats.groups - repeats.expected:.0f} of them to one worker twice, not "
+                f"{repeats.groups - repeats.spread}. Each worker reads the whole stream (or the "
+                "same shards) instead of its own shard, so every epoch holds the data up to "
+                f"{self.num_workers} times. Give each worker its part in __iter__ with "
+                "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
+                "worker_init_fn that does it)."
+            )
         if scan.complete and state.size is not None and scan.count != state.size:
             self.fail(
                 f"split {name!r}: the DataLoader's {self.num_workers} workers read "
@@ -633,7 +792,7 @@ class DatasetTests(CheckMixin):
             missing = [
                 p
                 for p, probe in sorted(state.probes.items())
-                if probe.hash is not None and probe.hash not in scan.hashes
+                if probe.hash is not None and not probe.constant and probe.hash not in scan.hashes
             ]
             if missing:
                 self.fail(
@@ -645,10 +804,13 @@ class DatasetTests(CheckMixin):
                 )
 
     def _check_batching(self, name: str, scan: _scan.Scan) -> None:
+        shapes = scan.collate_shapes
+        paths = [path for path, _ in shapes]
+        varying = len(set(paths)) < len(paths)  # a tensor of the input with several shapes
         if (
             self._is_set("sample_shape")
-            and len(scan.collate_shapes) > 1
-            and any(shape != tuple(self.sample_shape) for shape in scan.shapes)
+            and varying
+            and any(shape != tuple(self.sample_shape) for _, shape in scan.shapes)
         ):
             self.skipTest(
                 f"split {name!r} has samples of different shapes, which cannot be "
@@ -659,13 +821,11 @@ class DatasetTests(CheckMixin):
                 f"split {name!r} has targets that are not class indices, which "
                 "cannot be batched; see test_labels"
             )
-        shapes = scan.collate_shapes
         more = f" and {len(shapes) - _scan.SHOWN} more" if len(shapes) > _scan.SHOWN else ""
         shapes_text = (
-            f"; the batch of {scan.collate_at} holds inputs of "
-            f"{len(shapes)} shapes: {', '.join(str(s) for s in shapes[: _scan.SHOWN])}"
-            f"{more}"
-            if len(shapes) > 1
+            f"; the batch of {scan.collate_at} holds inputs of {len(shapes)} shapes: "
+            f"{', '.join(shape_text(*key) for key in shapes[: _scan.SHOWN])}{more}"
+            if varying
             else ""
         )
         self.fail(
@@ -699,17 +859,24 @@ class DatasetTests(CheckMixin):
                     for h, r in other.scan.hashes.items()
                     if h in one.scan.hashes
                 ]
+                count = sum(r.count for _, r in shared)
+                fraction = count / other.scan.count if other.scan.count else 0.0
+                if not count or fraction <= self.max_shared_fraction:
+                    continue
                 pairs = self._confirmed(one, other, shared)
                 if pairs:
-                    count = sum(r.count for _, r in shared)
                     shown = ", ".join(f"{first} {where(a)} = {second} {where(b)}" for a, b in pairs)
                     self.fail(
                         f"splits {first!r} and {second!r} share inputs: {count} of the "
                         f"{other.scan.count} scanned samples of {second!r} "
-                        f"({100 * count / other.scan.count:.1f}%) also occur in {first!r}, "
-                        f"e.g. {shown}. Data in both splits inflates the scores measured on "
-                        f"{second!r}; remove the duplicates from one split (compare contents, "
-                        "not file names)."
+                        f"({100 * fraction:.1f}%) also occur in {first!r}, e.g. {shown}. Data "
+                        f"in both splits inflates the scores measured on {second!r}; remove the "
+                        "duplicates from one split (compare contents, not file names). If the "
+                        "splits legitimately share inputs (tabular data with few distinct "
+                        "feature values), set self.max_shared_fraction = "
+                        f"{_round_up(fraction)} (now {self.max_shared_fraction:g}). (Inputs "
+                        "whose values are all equal, like silence or a blank image, are not "
+                        "compared.)"
                     )
 
     def _confirmed(
@@ -720,16 +887,22 @@ class DatasetTests(CheckMixin):
     ) -> List[Tuple[Position, Position]]:
         """Up to five shared pairs, confirmed by comparing the inputs exactly (loaded again in
         the main process; pairs from a stream are matched by their 128-bit hash)."""
-        pairs = []
-        for first, second in sorted(shared, key=lambda pair: _order(pair[1].position)):
-            a, b = first.position, second.position
-            if isinstance(a, int) and isinstance(b, int):
-                x, y = one.load_again(a), other.load_again(b)
-                if x is None or y is None or not _scan.same(x, y):
-                    continue
-            pairs.append((a, b))
-            if len(pairs) == _scan.SHOWN:
-                break
+        pairs: List[Tuple[Position, Position]] = []
+        ordered = sorted(shared, key=lambda pair: _order(pair[1].position))
+        chunk = 2 * _scan.SHOWN
+        for start in range(0, len(ordered), chunk):
+            candidates = [(a.position, b.position) for a, b in ordered[start : start + chunk]]
+            indexed = [(a, b) for a, b in candidates if isinstance(a, int) and isinstance(b, int)]
+            firsts = one.load_again([a for a, _ in indexed]) if indexed else {}
+            seconds = other.load_again([b for _, b in indexed]) if indexed else {}
+            for a, b in candidates:
+                if isinstance(a, int) and isinstance(b, int):
+                    x, y = firsts.get(a), seconds.get(b)
+                    if x is None or y is None or not _scan.same(x, y):
+                        continue
+                pairs.append((a, b))
+                if len(pairs) == _scan.SHOWN:
+                    return pairs
         return pairs
 
     @check
@@ -813,7 +986,8 @@ class DatasetTests(CheckMixin):
                         "every class; if the class is legitimately rare or absent, raise "
                         "self.class_presence or set it to None."
                     )
-                if scan.conflict_count:
+                conflicts = scan.conflict_count / scan.labelled if scan.labelled else 0.0
+                if scan.conflict_count and conflicts > self.max_label_conflicts:
                     shown = ", ".join(
                         f"{where(first.position)} (target {first.label}) and "
                         f"{where(position)} (target {label})"
@@ -824,7 +998,12 @@ class DatasetTests(CheckMixin):
                         f"an earlier sample but another target, e.g. {shown}. Inputs and "
                         "targets are paired wrongly (a label list in another order than the "
                         "files), or the same input is labelled twice; fix the pairing, or "
-                        "remove the contradicting duplicates."
+                        "remove the contradicting duplicates. If equal inputs legitimately "
+                        "carry different labels (tabular data with few distinct feature "
+                        "values, label noise), set self.max_label_conflicts = "
+                        f"{_round_up(conflicts)} (the fraction of the {scan.labelled} labelled "
+                        f"samples; now {self.max_label_conflicts:g}). (Inputs whose values are "
+                        "all equal, like silence or a blank image, are not compared.)"
                     )
 
     @staticmethod
@@ -837,6 +1016,28 @@ class DatasetTests(CheckMixin):
             f"{sum(1 for n in counts if n)} of {classes} classes present, "
             f"{min(counts)} to {max(counts)} samples per class"
         )
+
+
+_FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def _extreme(extreme: Extreme) -> str:
+    """ "0.7 (index 3)", "2.6400001 (index 9, sample[0][1])"."""
+    assert extreme.position is not None
+    path = f", {path_text(extreme.path)}" if extreme.path else ""
+    return f"{value_text(extreme.value)} ({where(extreme.position)}{path})"
+
+
+def _nested_hint(scan: _scan.Scan, culprit: Optional[_scan.Path], rule: str) -> str:
+    """For a nested input: every tensor is checked; how to check one."""
+    if not scan.nested:
+        return ""
+    others = sorted({path for path, _ in scan.shapes if path != culprit}, key=repr)
+    example = f", e.g. self.input_key = {_scan.as_key(others[0])!r}" if others else ""
+    return (
+        f" Every tensor of a nested input must {rule}; to check one of them, set "
+        f"self.input_key to its path{example}."
+    )
 
 
 def _differences(different: Dict[Position, str]) -> str:

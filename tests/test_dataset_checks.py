@@ -5,7 +5,10 @@ check that failed."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import threading
+import time
 import unittest
 from typing import Any, List
 
@@ -111,6 +114,13 @@ class FailsInWorkers(Images):
         return super().__getitem__(index)
 
 
+class FailsInWorkersAt0(Images):
+    def __getitem__(self, index: int) -> Any:
+        if get_worker_info() is not None and index == 0:
+            raise OSError("[Errno 9] Bad file descriptor")
+        return super().__getitem__(index)
+
+
 class OpenedInWorkers(Images):
     """Reads a file that only a worker_init_fn opens: fails in the main process."""
 
@@ -144,6 +154,15 @@ class DictImages(Images):
     def __getitem__(self, index: int) -> Any:
         image, label = super().__getitem__(index)
         return {"image": image, "label": label}
+
+
+class NestedImages(Images):
+    """Multimodal samples: {"inputs": {"image": tensor, "meta": tensor}, "label": int}."""
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = super().__getitem__(index)
+        meta = torch.tensor([float(index)])
+        return {"inputs": {"image": image, "meta": meta}, "label": label}
 
 
 class LabelFirst(Images):
@@ -237,6 +256,93 @@ class SharesWithTrain(Images):
     def __init__(self, train: Images) -> None:
         super().__init__(seed=7)
         self.images[[5, 30]] = train.images[[11, 3]]
+
+
+class Normalised(Images):
+    """ToTensor + Normalize with ImageNet's statistics: images in [0, 1] mapped, in float32,
+    to [(0 - mean) / std, (1 - mean) / std] per channel (three channels)."""
+
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, seed: int = 123, overshoot: float = 0.0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(40, 3, 4, 4, generator=generator)
+        pixels[0, :, 0, 0], pixels[0, :, 0, 1] = 0.0, 1.0  # both bounds in every channel
+        mean = torch.tensor(self.MEAN).view(3, 1, 1)
+        std = torch.tensor(self.STD).view(3, 1, 1)
+        self.images = (pixels - mean) / std
+        if overshoot:  # index 1 a little above the maximum of channel 2
+            self.images[1, 2, 0, 0] = self.images[0, 2, 0, 1] + overshoot
+        self.augment = False
+
+    @classmethod
+    def bounds(cls) -> tuple:
+        """The bounds as a user computes them, in float64."""
+        return (
+            min((0 - m) / s for m, s in zip(cls.MEAN, cls.STD)),
+            max((1 - m) / s for m, s in zip(cls.MEAN, cls.STD)),
+        )
+
+
+class RequiresGradFeatures(Images):
+    """Features computed by an encoder outside torch.no_grad(): tensors that remember their
+    graph, which workers started with spawn refuse to receive."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=5)
+        encoder = torch.nn.Linear(6, 6)
+        self.images = encoder(self.images).tanh()
+
+
+class LosesItsRootWhenPickled(Images):
+    """__getstate__ leaves out what __setstate__ needs."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=5)
+        self.root = "/data/images"
+
+    def __getstate__(self) -> Any:
+        state = dict(self.__dict__)
+        del state["root"]
+        return state
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state)
+        self.index_file = self.root + "/index.txt"
+
+
+class BlocksEverywhere(Images):
+    """Index 0 waits forever, in every process (for a file that is never written)."""
+
+    def __getitem__(self, index: int) -> Any:
+        if index == 0:
+            threading.Event().wait()
+        return super().__getitem__(index)
+
+
+class DiesInWorkers(Images):
+    """A worker process exits (a crash in native code) while loading index 150."""
+
+    def __init__(self) -> None:
+        super().__init__(size=300, seed=5)
+
+    def __getitem__(self, index: int) -> Any:
+        if index == 150 and get_worker_info() is not None:
+            os._exit(3)
+        return super().__getitem__(index)
+
+
+class Silence(Images):
+    """Clips in [-1, 1] of which every fifth is all zeros (silence cut from the recordings),
+    in every split, each labelled with its recording's class."""
+
+    def __init__(self, seed: int, size: int = 100) -> None:
+        super().__init__(size=size, seed=seed)
+        self.images[5::5] = 0.0
+
+    def __getitem__(self, index: int) -> Any:
+        image, _ = super().__getitem__(index)
+        return image, index % 4
 
 
 def splits_case(train: Dataset, test: Dataset, **attributes: Any) -> type:
@@ -354,6 +460,48 @@ class Contract(CheckTestCase):
         case.target_key = "label"
         self.assertPasses(case, "test_labels")
 
+    def test_an_input_key_that_is_no_key_nor_path_is_a_contract_error(self) -> None:
+        case = splits_case(DictImages(augment=True), DictImages(seed=5), input_key=["image"])
+        self.assertErrorsWith(
+            case,
+            "test_value_range",
+            "ContractError",
+            "self.input_key set in Case.setUp is ['image'], not an int index, a str key or a "
+            "tuple of them (a path into nested samples",
+        )
+
+    def test_a_path_the_samples_lack_names_the_part_that_exists(self) -> None:
+        case = splits_case(
+            NestedImages(augment=True), NestedImages(seed=5), input_key=("inputs", "img")
+        )
+        self.assertErrorsWith(
+            case,
+            "test_value_range",
+            "ContractError",
+            "self.input_key = ('inputs', 'img') does not fit the samples of split 'train': the "
+            "first sample has no element ('inputs', 'img') (sample['inputs'] has ['image', "
+            "'meta'])",
+        )
+
+    def test_a_range_coverage_outside_zero_one_is_a_contract_error(self) -> None:
+        for coverage in (-0.1, 2.0):
+            with self.subTest(coverage):
+                case = splits_case(Images(augment=True), Images(seed=5), range_coverage=coverage)
+                self.assertErrorsWith(
+                    case,
+                    "test_value_range",
+                    f"self.range_coverage set in Case.setUp is {coverage}, not a number in [0, 1]",
+                )
+
+    def test_an_unknown_start_method_is_a_contract_error(self) -> None:
+        case = splits_case(Images(augment=True), Images(seed=5), multiprocessing_context="thread")
+        self.assertErrorsWith(
+            case,
+            "test_data_loading",
+            "self.multiprocessing_context set in Case.setUp is 'thread', not None or one of "
+            "the start methods",
+        )
+
     def test_num_classes_without_targets_is_a_contract_error(self) -> None:
         case = splits_case(BareTensors(augment=True), BareTensors(seed=5), num_classes=10)
         self.assertErrorsWith(
@@ -404,6 +552,33 @@ class ValueRange(CheckTestCase):
             "split 'train' leaves value_range",
             "max 1.5 (index 0)",
             "widen self.value_range",
+        )
+
+    def test_normalised_images_pass_with_the_bounds_computed_in_float64(self) -> None:
+        # float32 rounding puts the maximum a little above (1 - 0.406) / 0.225 = 2.64
+        self.assertGreater(float(Normalised().images.max()), Normalised.bounds()[1])
+        for bounds in (Normalised.bounds(), (-2.1179039301310043, 2.64)):
+            with self.subTest(bounds):
+                case = splits_case(
+                    Normalised(seed=1),
+                    Normalised(seed=2),
+                    value_range=bounds,
+                    sample_shape=(3, 4, 4),
+                )
+                self.assertPasses(case, "test_value_range")
+
+    def test_an_overshoot_beyond_rounding_fails_showing_its_digits(self) -> None:
+        case = splits_case(
+            Normalised(seed=1),
+            Normalised(seed=2, overshoot=3e-6),
+            value_range=Normalised.bounds(),
+            sample_shape=(3, 4, 4),
+        )
+        self.assertFailsWith(
+            case,
+            "test_value_range",
+            "split 'test' leaves value_range [-2.1179039301310043, 2.6399999999999997]",
+            "max 2.6400032 (index 1)",
         )
 
     def test_a_single_nan_sample_fails_once_naming_it(self) -> None:
@@ -460,6 +635,66 @@ class DataLoading(CheckTestCase):
         case = splits_case(Images(augment=True), Unpicklable())
         self.assertFailsWith(
             case, "test_data_loading", "split 'test' cannot be pickled", "spawn", "module-level"
+        )
+
+    def test_tensors_that_remember_their_graph_fail_to_pickle(self) -> None:
+        case = splits_case(Images(augment=True), RequiresGradFeatures())
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test' cannot be pickled (PicklingError: Cowardly refusing to serialize "
+            "non-leaf tensor which requires_grad",
+            "spawn",
+        )
+        self.assertPasses(case, "test_value_range")  # loaded itself, after the scan
+
+    def test_a_split_that_cannot_be_unpickled_fails(self) -> None:
+        case = splits_case(Images(augment=True), LosesItsRootWhenPickled())
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test' can be pickled but not unpickled (AttributeError: "
+            "'LosesItsRootWhenPickled' object has no attribute 'root')",
+            "__setstate__",
+        )
+        for name in ("test_value_range", "test_augmentation", "test_sample_shape"):
+            self.assertPasses(case, name)
+
+    def test_a_load_that_blocks_in_the_main_process_fails_naming_the_index(self) -> None:
+        case = splits_case(Images(augment=True), BlocksEverywhere(seed=5), loader_timeout=1)
+        started = time.monotonic()
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': loading index 0 in the main process did not finish within "
+            "loader_timeout=1 s",
+            "raise self.loader_timeout",
+            "daemon thread",
+        )
+        self.assertSkipsWith(
+            case, "test_value_range", "split 'test' cannot be loaded (loading index 0 timed out)"
+        )
+        self.assertLess(time.monotonic() - started, 60)
+
+    def test_a_worker_that_exits_is_reported_with_the_batches_it_was_loading(self) -> None:
+        case = splits_case(Images(augment=True), DiesInWorkers())
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': the DataLoader (batch_size=16, num_workers=2) failed while loading "
+            "one of the batches",
+            "indices 144 to 159",  # among those named (which vary: the pipe may break first)
+            "(a worker process exited: a crash in native code",
+        )
+
+    def test_a_sample_that_fails_only_in_workers_says_it_loads_in_the_main_process(self) -> None:
+        case = splits_case(Images(augment=True), FailsInWorkersAt0(seed=5))
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': loading index 0 in a DataLoader worker raised OSError: [Errno 9] Bad "
+            "file descriptor, though it loads in the main process. The worker processes are "
+            f"started with {multiprocessing.get_start_method()}: ",
         )
 
     def test_worker_processes_giving_other_data_fail(self) -> None:
@@ -668,6 +903,24 @@ class SplitOverlap(CheckTestCase):
             "splits 'train (plain)' and 'test' share inputs: 2 of the 40",
         )
 
+    def test_max_shared_fraction_accepts_an_overlap_up_to_it(self) -> None:
+        train = Images(size=100, seed=1)
+        case = splits_case(train, SharesWithTrain(train), augmented_splits=set())
+        self.assertFailsWith(
+            case,
+            "test_split_overlap",
+            "set self.max_shared_fraction = 0.05 (now 0)",
+            "are not compared",
+        )
+        case.max_shared_fraction = 0.05  # 2 of 40: accepted
+        self.assertPasses(case, "test_split_overlap")
+        case.max_shared_fraction = 0.04
+        self.assertFailsWith(case, "test_split_overlap", "2 of the 40 scanned samples")
+
+    def test_constant_inputs_in_every_split_are_not_compared(self) -> None:
+        case = splits_case(Silence(seed=1), Silence(seed=2), augmented_splits=set())
+        self.assertPasses(case, "test_split_overlap")
+
     def test_distinct_splits_pass(self) -> None:
         case = splits_case(Images(size=100, seed=1), Images(seed=2), augmented_splits=set())
         self.assertPasses(case, "test_split_overlap")
@@ -754,6 +1007,20 @@ class Labels(CheckTestCase):
             "index 20 (target 1)",
             "paired wrongly",
         )
+
+    def test_max_label_conflicts_accepts_conflicts_up_to_it(self) -> None:
+        case = splits_case(Images(augment=True), SwappedDuplicates(seed=5), num_classes=10)
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "set self.max_label_conflicts = 0.13 (the fraction of the 40 labelled samples; now 0)",
+        )
+        case.max_label_conflicts = 0.13  # 5 of 40
+        self.assertPasses(case, "test_labels")
+
+    def test_constant_inputs_with_different_labels_are_not_compared(self) -> None:
+        case = splits_case(Silence(seed=1), Silence(seed=2), augmented_splits=set(), num_classes=4)
+        self.assertPasses(case, "test_labels")
 
     def test_samples_without_a_target_fail(self) -> None:
         case = splits_case(Images(augment=True), SomeUnlabelled(seed=5), num_classes=10)

@@ -1,15 +1,23 @@
-"""How DatasetTests loads the data: each sample at most twice, a cache keyed on every option
-that changes the scan and dropped with the class's tests, and no worker process, file
-descriptor or stray traceback left behind by failing checks."""
+"""How DatasetTests loads the data: each sample at most twice, never from the split itself in
+the main process before the workers fork (a copy instead), each load bounded by the timeout,
+the workers set up as the user's DataLoader's (worker_init_fn, start method), a cache keyed on
+every option that changes the scan and dropped with the class's tests, and no worker process,
+file descriptor or stray traceback left behind by failing checks."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import multiprocessing
 import os
+import shutil
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import weakref
@@ -21,6 +29,7 @@ import torch
 from checkrunner import CheckTestCase, make_case, run_check
 from test_dataset_checks import (
     CHECKS,
+    BlocksEverywhere,
     BlocksInWorkers,
     FailsInWorkers,
     Images,
@@ -30,7 +39,7 @@ from test_dataset_checks import (
     splits_case,
 )
 from test_dataset_pipelines import FailsInWorker, RepeatedInEveryWorker, SizedStream, stream_case
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from dltestkit import DatasetTests, _scan
 
@@ -76,6 +85,249 @@ class LoadCount(CheckTestCase):
                 self.assertEqual(int((split.loads == 2).sum()), 8)  # probe_count
 
 
+class Records(Dataset):
+    """A file of length-prefixed records, opened lazily on first use (the usual advice for
+    h5py, LMDB and record files) so that each DataLoader worker opens its own handle, and
+    read with seek + read: workers that shared one handle (one file offset) would read each
+    other's records."""
+
+    def __init__(self, path: str, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.expected = torch.rand(400, 1, 6, 6, generator=generator) * 2 - 1
+        self.expected[0].view(-1)[:2] = torch.tensor([-1.0, 1.0])
+        self.path, self.offsets, self.file = path, [], None
+        with open(path, "wb") as file:
+            for image in self.expected:
+                self.offsets.append(file.tell())
+                data = image.numpy().tobytes()
+                file.write(struct.pack("<q", len(data)) + data)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> Any:
+        if self.file is None:
+            self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open)
+        self.file.seek(self.offsets[index])
+        (size,) = struct.unpack("<q", self.file.read(8))
+        image = torch.frombuffer(bytearray(self.file.read(size)), dtype=torch.float32)
+        return image.reshape(1, 6, 6), index % 10
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "file": None}
+
+
+class MemoryMapped(Dataset):
+    """Opens its file per worker in a worker_init_fn that sets it on
+    get_worker_info().dataset (the h5py/LMDB pattern); the main process reads without it."""
+
+    def __init__(self, path: str, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.rand(120, 1, 6, 6, generator=generator) * 2 - 1
+        images[0].view(-1)[:2] = torch.tensor([-1.0, 1.0])
+        images.numpy().tofile(path)
+        self.path, self.handle = path, None
+
+    def __len__(self) -> int:
+        return 120
+
+    def __getitem__(self, index: int) -> Any:
+        if self.handle is None:
+            if get_worker_info() is not None:
+                raise RuntimeError("the worker_init_fn did not open the file")
+            return torch.from_numpy(open_images(self.path)[index].copy()), index % 10
+        return torch.from_numpy(self.handle[index].copy()), index % 10
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "handle": None}
+
+
+def open_images(path: str) -> Any:
+    import numpy as np
+
+    return np.memmap(path, dtype=np.float32, mode="r").reshape(-1, 1, 6, 6)
+
+
+def open_in_worker(worker_id: int) -> None:
+    dataset = get_worker_info().dataset
+    dataset.handle = open_images(dataset.path)
+
+
+class SQLiteImages(Dataset):
+    """Images in an SQLite file whose connection is opened in __init__: it works in the main
+    thread and (inherited) in forked workers, but cannot be pickled, so it is loaded itself."""
+
+    def __init__(self, path: str, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.rand(60, 1, 6, 6, generator=generator) * 2 - 1
+        images[0].view(-1)[:2] = torch.tensor([-1.0, 1.0])
+        self.connection = sqlite3.connect(path)
+        self.connection.execute("create table images (id integer primary key, data blob)")
+        self.connection.executemany(
+            "insert into images values (?, ?)",
+            [(n, image.numpy().tobytes()) for n, image in enumerate(images)],
+        )
+        self.connection.commit()
+
+    def __len__(self) -> int:
+        return 60
+
+    def __getitem__(self, index: int) -> Any:
+        (data,) = self.connection.execute(
+            "select data from images where id = ?", (index,)
+        ).fetchone()
+        image = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(1, 6, 6)
+        return image, index % 10
+
+
+class InMemory(Dataset):
+    """A dataset held in memory: a 64 MB array and a 64 MB tensor."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.array = np.zeros((64, 1024, 1024), dtype=np.uint8)
+        self.tensor = torch.zeros(16, 1024, 1024)
+
+
+def temporary_path(test: unittest.TestCase, name: str) -> str:
+    folder = tempfile.mkdtemp(prefix="dltestkit-data-")
+    test.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+    return str(Path(folder, name))
+
+
+class MainProcessLoads(CheckTestCase):
+    def test_a_file_opened_lazily_is_opened_by_the_workers_only(self) -> None:
+        train = Records(temporary_path(self, "train.bin"), seed=1)
+        test = Records(temporary_path(self, "test.bin"), seed=2)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": train, "test": test}),
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=10,
+            batch_size=16,
+        )
+        for name in CHECKS:
+            with self.subTest(name):
+                self.assertPasses(case, name)
+        # the main process loaded its probes from copies: the splits never opened their file
+        # (which the forked workers would then have shared, reading each other's records)
+        self.assertIsNone(train.file)
+        self.assertIsNone(test.file)
+
+    def test_a_worker_init_fn_that_sets_a_handle_on_the_dataset_works(self) -> None:
+        splits = {
+            "train": MemoryMapped(temporary_path(self, "train.f32"), seed=1),
+            "test": MemoryMapped(temporary_path(self, "test.f32"), seed=2),
+        }
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", splits),
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=10,
+            batch_size=16,
+            worker_init_fn=open_in_worker,
+        )
+        for name in CHECKS:
+            with self.subTest(name):
+                self.assertPasses(case, name)
+        case.worker_init_fn = None  # without it, the workers have no file: the bug is caught
+        self.assertFailsWith(
+            case, "test_data_loading", "RuntimeError: the worker_init_fn did not open the file"
+        )
+
+    def test_a_split_that_cannot_be_copied_is_loaded_itself_in_the_main_thread(self) -> None:
+        train = SQLiteImages(temporary_path(self, "train.db"), seed=1)
+        test = SQLiteImages(temporary_path(self, "test.db"), seed=2)
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": train, "test": test}),
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=10,
+            batch_size=16,
+        )
+        for name in CHECKS:
+            with self.subTest(name):
+                if name == "test_data_loading":  # spawned workers would fail
+                    self.assertFailsWith(
+                        case,
+                        name,
+                        "split 'train' cannot be pickled (TypeError: cannot pickle "
+                        "'sqlite3.Connection' object)",
+                    )
+                else:  # the connection works in the thread that opened it
+                    self.assertPasses(case, name)
+
+    def test_no_thread_of_the_main_process_loads_runs_when_the_workers_fork(self) -> None:
+        def loaders() -> int:
+            return sum(t.name == "dltestkit main-process loads" for t in threading.enumerate())
+
+        before = loaders()  # (blocked ones of earlier tests may live on)
+        running = []
+        scan = _scan.SplitState._run_scan
+
+        def recording(state: _scan.SplitState) -> _scan.Scan:
+            running.append(loaders())
+            return scan(state)
+
+        case = splits_case(Images(augment=True), Images(seed=5), num_classes=10)
+        with mock.patch.object(_scan.SplitState, "_run_scan", recording):
+            for name in CHECKS:
+                self.assertTrue(run_check(case, name).ran)
+        self.assertEqual(running, [before, before])  # one scan per split
+        self.assertEqual(loaders(), before)
+
+    def test_the_spawn_check_pickles_without_copying_the_data(self) -> None:
+        import pickle
+        import tracemalloc
+
+        big = InMemory()
+        for measure in (pickle.dumps, _scan.pickled_size):
+            tracemalloc.start()
+            try:
+                measure(big)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            if measure is pickle.dumps:
+                self.assertGreater(peak, 64_000_000)  # what the check used to cost
+            else:
+                self.assertLess(peak, 1_000_000)
+        self.assertLess(_scan.pickled_size(big), 10_000)
+
+
+def pad_to(samples: List[Any], length: int) -> Any:
+    """Pad variable-length sequences to ``length`` (raises for a longer one)."""
+    padded = torch.zeros(len(samples), length)
+    for row, (sequence, _) in enumerate(samples):
+        padded[row, : len(sequence)] = sequence
+    return padded, torch.tensor([label for _, label in samples])
+
+
+def padding_to(length: int) -> Any:
+    """A collate function made by a factory (a closure over ``length``)."""
+
+    def collate(samples: List[Any]) -> Any:
+        return pad_to(samples, length)
+
+    return collate
+
+
+class Sequences(Dataset):
+    def __init__(self) -> None:
+        self.loads = torch.zeros(30, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return 30
+
+    def __getitem__(self, index: int) -> Any:
+        self.loads[index] += 1
+        return torch.linspace(0, 1, 3 + index), index % 2
+
+
 class TwoInputs(Dataset):
     """Samples {"a": values in [0, 1], "b": values in [-1, 1]}."""
 
@@ -115,6 +367,53 @@ class Cache(CheckTestCase):
         case.batch_size = 8
         self.assertPasses(case, "test_value_range")
         self.assertEqual(int(split.loads.min()), 2)  # scanned again
+
+    def test_the_cache_is_keyed_on_the_arguments_of_a_partial_collate_fn(self) -> None:
+        split = Sequences()
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"x": split}),
+            batch_size=8,
+            collate_fn=functools.partial(pad_to, length=40),
+        )
+        self.assertPasses(case, "test_data_loading")
+        case.collate_fn = functools.partial(pad_to, length=10)  # too short: scanned again
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "samples cannot be batched by collate_fn (functools.partial("
+            "test_dataset_loading.pad_to, length=10)): RuntimeError",
+        )
+
+    def test_the_cache_is_keyed_on_what_a_collate_fn_factory_captured(self) -> None:
+        split = Sequences()
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"x": split}),
+            batch_size=8,
+            collate_fn=padding_to(40),
+        )
+        self.assertPasses(case, "test_data_loading")
+        case.collate_fn = padding_to(10)
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "samples cannot be batched by collate_fn "
+            "(test_dataset_loading.padding_to.<locals>.collate): RuntimeError",
+        )
+
+    def test_an_equal_partial_made_in_each_set_up_reuses_the_scan(self) -> None:
+        split = Sequences()
+
+        def set_up(self: Any) -> None:
+            self.splits = {"x": split}
+            self.collate_fn = functools.partial(pad_to, length=40)
+
+        case = make_case(DatasetTests, set_up, batch_size=8, value_range=(0.0, 1.0))
+        for name in CHECKS:
+            outcome = run_check(case, name)
+            self.assertEqual((outcome.failures, outcome.errors), ([], []), name)
+        self.assertEqual(int(split.loads.max()), 2)
 
     def test_the_cache_does_not_keep_the_split_alive(self) -> None:
         built: List[Any] = []
@@ -209,6 +508,10 @@ class NothingLeaks(CheckTestCase):
             (stream_case(SizedStream(seed=1), FailsInWorker(seed=2)), "test_value_range"),
             (
                 splits_case(Images(), Images(seed=5), worker_init_fn=broken_init),
+                "test_data_loading",
+            ),
+            (
+                splits_case(Images(augment=True), BlocksEverywhere(seed=5), loader_timeout=1),
                 "test_data_loading",
             ),
         ]
@@ -339,7 +642,77 @@ SPAWNED = textwrap.dedent("""
 """)
 
 
+SPAWN_ONLY = textwrap.dedent("""
+    import unittest
+
+    import torch
+    from torch.utils.data import Dataset
+
+    from dltestkit import DatasetTests
+
+    STATS = None  # set at run time, as a training script sets the statistics it computed
+
+
+    def configure(mean, std):
+        global STATS
+        STATS = (mean, std)
+
+
+    class Normalised(Dataset):
+        def __init__(self, seed):
+            generator = torch.Generator().manual_seed(seed)
+            self.images = torch.rand(40, 1, 4, 4, generator=generator)
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            mean, std = STATS  # None in a spawned worker, which imports this module anew
+            return ((self.images[index] - mean) / std).clamp(-1, 1), index % 4
+
+
+    class TestForked(DatasetTests, unittest.TestCase):
+        def setUp(self):
+            configure(0.5, 0.25)
+            self.splits = {"train": Normalised(1)}
+            self.batch_size = 8
+            self.num_workers = 1
+
+
+    class TestSpawned(TestForked):
+        multiprocessing_context = "spawn"
+
+
+    class TestSlowStart(TestForked):
+        multiprocessing_context = "spawn"
+        loader_timeout = 0.2
+""")
+
+
 class StartMethods(unittest.TestCase):
+    @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "needs fork")
+    def test_spawned_workers_catch_what_only_fails_in_them(self) -> None:
+        output = run_unittest("test_spawn_only.py", SPAWN_ONLY)
+        self.assertIn("test_data_loading (test_spawn_only.TestForked", output)
+        # by default (fork here) the dataset works; with spawn its workers lack STATS
+        self.assertIn(
+            "split 'train': loading index 0 in a DataLoader worker raised TypeError: cannot "
+            "unpack non-iterable NoneType object (8 samples failed in the batches the workers "
+            "read: index 0, index 1, index 2, index 3, index 4 and 3 more), though it loads in "
+            "the main process. The worker processes are started with spawn: each imports the "
+            "dataset's modules anew and unpickles the dataset, so module state set at run "
+            "time",
+            output,
+        )
+        # a spawned worker that is slow to start is not said to inherit a lock
+        self.assertIn(
+            "split 'train': no batch arrived within loader_timeout=0.2 s; a DataLoader worker "
+            "blocked while loading indices 0 to 7 (batch 1 of 5). The workers are started "
+            "with spawn: each first imports torch and the modules of the dataset",
+            output,
+        )
+        self.assertIn("FAILED (failures=2, skipped=", output)
+
     def test_every_check_works_with_spawned_workers(self) -> None:
         output = run_unittest("test_spawned.py", SPAWNED)
         self.assertIn("Ran 12 tests", output)

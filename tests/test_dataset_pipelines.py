@@ -258,6 +258,184 @@ class OtherSamples(PassesEveryCheck):
         self.assertAllPass(case, {})
 
 
+class TwoViews(Dataset):
+    """Contrastive samples ((view1, view2), label): two augmented views of one image."""
+
+    def __init__(self, seed: int, crop_second: bool = False) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(40, 1, 6, 6, generator=generator) * 2 - 1
+        self.images[0].view(-1)[:2] = torch.tensor([-1.0, 1.0])
+        self.crop_second = crop_second
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Any:
+        image = self.images[index]
+        second = image.flip(-1)
+        if self.crop_second and index == 7:
+            second = second[:, :, :-1]
+        return (image, second), index % 4
+
+
+class Multimodal(Dataset):
+    """{"inputs": {"image": tensor, "meta": tensor}, "label": int}."""
+
+    def __init__(self, seed: int) -> None:
+        self.views = TwoViews(seed)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> Any:
+        (image, _), label = self.views[index]
+        return {"inputs": {"image": image, "meta": torch.tensor([index / 10])}, "label": label}
+
+
+class TokenLists(Dataset):
+    """What a tokenized Hugging Face datasets.Dataset without a torch format gives: dicts of
+    Python lists, padded to tensors by the DataLoader's collate function."""
+
+    def __init__(self, seed: int, ragged: bool = False) -> None:
+        self.tokens = Tokens(seed)
+        self.ragged = ragged
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        ids, label = self.tokens[index]
+        sample = {"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "label": label}
+        if self.ragged:  # a list of sentences of different lengths, not one tensor
+            sample["input_ids"] = [ids.tolist(), ids.tolist()[:2]]
+        return sample
+
+
+def pad_token_lists(samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    """A DataCollatorWithPadding-like collate function."""
+    return {
+        key: pad_sequence([torch.as_tensor(sample[key]) for sample in samples], batch_first=True)
+        for key in ("input_ids", "attention_mask")
+    } | {"labels": torch.tensor([sample["label"] for sample in samples])}
+
+
+def table_case() -> type:
+    """A table of 5 discrete features (3 levels each: 243 distinct rows) with noisy binary
+    labels, split at random: equal rows in both splits and with both labels are legitimate."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randint(0, 3, (600, 5), generator=generator).float() / 2
+    labels = (features.sum(1) - 2.5 + torch.randn(600, generator=generator) > 0).long()
+    table = torch.utils.data.TensorDataset(features, labels)
+
+    def set_up(self: Any) -> None:
+        train, test = random_split(table, [480, 120], generator=torch.Generator().manual_seed(1))
+        self.splits = {"train": train, "test": test}
+
+    return make_case(
+        DatasetTests,
+        set_up,
+        sample_shape=(5,),
+        value_range=(0.0, 1.0),
+        num_classes=2,
+        batch_size=64,
+    )
+
+
+class NestedAndListSamples(PassesEveryCheck):
+    def test_two_views_pass_each_view_checked(self) -> None:
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": TwoViews(1), "test": TwoViews(2)}),
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=4,
+            batch_size=8,
+        )
+        self.assertAllPass(case, {})
+
+    def test_a_wrong_shape_in_the_second_view_fails_naming_it(self) -> None:
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(
+                self, "splits", {"train": TwoViews(1), "test": TwoViews(2, crop_second=True)}
+            ),
+            sample_shape=(1, 6, 6),
+            batch_size=8,
+        )
+        self.assertFailsWith(
+            case,
+            "test_sample_shape",
+            "split 'test': 1 of the 80 input tensors of 40 samples do not have sample_shape "
+            "(1, 6, 6): (1, 6, 5) as sample[0][1] at index 7.",
+            "self.input_key = (0, 0)",
+        )
+
+    def test_multimodal_samples_pass_with_a_path_as_input_key(self) -> None:
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": Multimodal(1), "test": Multimodal(2)}),
+            input_key=("inputs", "image"),
+            target_key="label",
+            sample_shape=(1, 6, 6),
+            value_range=(-1.0, 1.0),
+            num_classes=4,
+            batch_size=8,
+        )
+        self.assertAllPass(case, {})
+        case.input_key = None  # the whole input: its "meta" tensor is outside the range
+        self.assertFailsWith(
+            case,
+            "test_value_range",
+            "max 3.9 (index 39, sample['inputs']['meta'])",
+            "Every tensor of a nested input must lie in value_range; to check one of them, set "
+            "self.input_key to its path, e.g. self.input_key = ('inputs', 'image')",
+        )
+
+    def test_lists_of_token_ids_pass_with_their_padding_collate_fn(self) -> None:
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": TokenLists(1), "test": TokenLists(2)}),
+            input_key="input_ids",
+            target_key="label",
+            collate_fn=pad_token_lists,
+            value_range=(0, 99),
+            num_classes=2,
+            batch_size=8,
+        )
+        self.assertAllPass(case, {"test_sample_shape": "self.sample_shape is not set"})
+        case.collate_fn = None  # the collate function still runs on the real samples
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "samples cannot be batched by collate_fn (torch.utils.data.default_collate)",
+        )
+
+    def test_a_list_that_is_no_tensor_names_with_format(self) -> None:
+        case = make_case(
+            DatasetTests,
+            lambda self: setattr(self, "splits", {"train": TokenLists(1, ragged=True)}),
+            input_key="input_ids",
+            collate_fn=pad_token_lists,
+            batch_size=8,
+        )
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'train': the sample at index 0 has a list as element 'input_ids' (the input) "
+            "that torch.as_tensor cannot convert it (ValueError: expected sequence of length",
+            "dataset.with_format('torch')",
+        )
+
+    def test_a_random_split_table_passes_with_its_tuning_options(self) -> None:
+        case = table_case()
+        self.assertFailsWith(
+            case, "test_split_overlap", "set self.max_shared_fraction = 0.86 (now 0)"
+        )
+        self.assertFailsWith(case, "test_labels", "set self.max_label_conflicts = 0.18")
+        case.max_shared_fraction, case.max_label_conflicts = 0.9, 0.2
+        self.assertAllPass(case, {})
+
+
 # -- streams ----------------------------------------------------------------------------
 class Stream(IterableDataset):
     """``size`` samples (a 4-vector in [-1, 1], a label in 0..4), each DataLoader worker
@@ -307,6 +485,35 @@ def shard_worker(worker_id: int) -> None:
     per_worker = math.ceil((dataset.end - dataset.start) / info.num_workers)
     dataset.start = dataset.start + worker_id * per_worker
     dataset.end = min(dataset.start + per_worker, dataset.end)
+
+
+class ShuffledCopies(Stream):
+    """The bug in a stream without __len__ that shuffles: every worker reads the whole
+    stream, each in its own order (a shuffle buffer, shard order)."""
+
+    def shard(self) -> range:
+        return range(self.start, self.end)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, int]]:
+        for index in torch.randperm(self.end).tolist():
+            yield self.data[index], index % 5
+
+
+class ShardedWithDuplicates(SizedStream):
+    """A correctly sharded stream (every num_workers-th record) with genuine duplicates: 8
+    records repeated elsewhere, and 12 silent (all-zero) records."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(size=240, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        spots = torch.randperm(239, generator=generator)[:20].add(1).tolist()
+        for copy, original in zip(spots[:8], spots[8:16]):
+            self.data[copy] = self.data[original]
+        self.data[spots[16:] + list(range(60, 68))] = 0.0
+
+    def shard(self) -> range:
+        info = get_worker_info()
+        return range(self.end) if info is None else range(info.id, self.end, info.num_workers)
 
 
 class WrongLength(SizedStream):
@@ -396,10 +603,12 @@ class Streams(PassesEveryCheck):
         self.assertFailsWith(
             case,
             "test_data_loading",
-            "split 'test': the DataLoader workers "
-            "read the same samples: 48 of the 48 samples of worker 1 were read "
-            "by worker 0 too (e.g. sample 0 of worker 0 = sample 0 of worker "
-            "1)",
+            "split 'test': the DataLoader workers read the same samples: 48 of the 48 inputs "
+            "read more than once were read once by each of several of the 2 workers (e.g. "
+            "sample 0 of worker 0 = sample 0 of worker 1), 48 of them as the same sample number "
+            "of each worker; were they duplicates within the stream, a stream that gives each "
+            "worker its own shard would have given about 24 of them to one worker twice, not "
+            "0.",
             "get_worker_info()",
         )
 
@@ -408,6 +617,37 @@ class Streams(PassesEveryCheck):
         self.assertFailsWith(
             case, "test_data_loading", "the DataLoader workers read the same samples"
         )
+
+    def test_a_shuffled_stream_read_by_every_worker_fails_for_any_workers_and_cap(self) -> None:
+        for workers, cap in ((3, 10_000), (2, 128), (3, 128)):
+            with self.subTest(workers=workers, max_samples=cap):
+                case = stream_case(
+                    Stream(seed=1),
+                    ShuffledCopies(size=150, seed=2),
+                    augmented_splits={"test"},
+                    num_workers=workers,
+                    max_samples=cap,
+                    batch_size=16,
+                )
+                self.assertFailsWith(
+                    case,
+                    "test_data_loading",
+                    "split 'test': the DataLoader workers read the same samples: ",
+                    "inputs read more than once were read once by each of several of the "
+                    f"{workers} workers (e.g. sample ",
+                )
+
+    def test_a_sharded_stream_with_duplicates_passes_for_any_workers(self) -> None:
+        for workers in (1, 2, 3):
+            with self.subTest(workers=workers):
+                case = stream_case(
+                    ShardedWithDuplicates(seed=1),
+                    ShardedWithDuplicates(seed=2),
+                    num_workers=workers,
+                    batch_size=16,
+                    max_shared_fraction=0.2,  # the silent records are in both
+                )
+                self.assertPasses(case, "test_data_loading")
 
     def test_a_wrong_len_fails(self) -> None:
         case = stream_case(SizedStream(seed=1), WrongLength(seed=2))
