@@ -1503,6 +1503,14 @@ class SplitState:
             )
         return self._reloaded
 
+    def loads_in_main_process(self, position: Position) -> bool:
+        """Whether the sample at ``position`` loads in the main process: its probe, or (an
+        index that is not one) loaded now, once. Only asked when the workers failed on it."""
+        probe = self.probes.get(position)
+        if probe is None and isinstance(position, int):
+            probe = self._load_probes([position], self.loading.seed).get(position)
+        return probe is not None and probe.failure is None
+
     def load_again(self, indices: List[int]) -> Dict[int, Input]:
         """The inputs of some samples, loaded in the main process (to confirm a match
         exactly); those that fail to load are left out."""

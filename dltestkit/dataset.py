@@ -472,13 +472,12 @@ class DatasetTests(CheckMixin):
                     f" ({scan.failure_count} samples failed in the batches the workers "
                     f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})"
                 )
-            probe = state.probes.get(position)
             if failure.index_error and not state.stream:
                 text += (
                     f". len() says the split has {state.size} samples: is __len__ larger "
                     "than the data, or does __getitem__ index the wrong list?"
                 )
-            elif place != "in the main process" and probe is not None and not probe.failure:
+            elif place != "in the main process" and state.loads_in_main_process(position):
                 method = _scan.start_method(self.multiprocessing_context)
                 text += (
                     f", though it loads in the main process. The worker processes are "

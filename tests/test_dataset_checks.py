@@ -114,6 +114,15 @@ class FailsInWorkers(Images):
         return super().__getitem__(index)
 
 
+class Truncated(Images):
+    """One sample that cannot be read in any process."""
+
+    def __getitem__(self, index: int) -> Any:
+        if index == 20:
+            raise OSError("image 20: truncated file")
+        return super().__getitem__(index)
+
+
 class FailsInWorkersAt0(Images):
     def __getitem__(self, index: int) -> Any:
         if get_worker_info() is not None and index == 0:
@@ -290,8 +299,10 @@ class RequiresGradFeatures(Images):
 
     def __init__(self) -> None:
         super().__init__(seed=5)
-        encoder = torch.nn.Linear(6, 6)
-        self.images = encoder(self.images).tanh()
+        # A learned gain, still at its initial 1: the values (and the bounds they reach) are
+        # those of the images, but every image is now the output of an operation with a graph.
+        gain = torch.nn.Parameter(torch.ones(()))
+        self.images = self.images * gain
 
 
 class LosesItsRootWhenPickled(Images):
@@ -717,13 +728,25 @@ class DataLoading(CheckTestCase):
             )
 
     def test_loading_that_fails_in_workers_names_the_index(self) -> None:
+        # index 20 is loaded in the main process to tell, whether or not it was a probe
         self.assertFailsWith(
             failing_case(),
             "test_data_loading",
             "split 'test': loading index "
             "20 in a DataLoader worker raised OSError: [Errno 9] Bad file "
-            "descriptor. Fix the split's __getitem__ or its transforms.",
+            "descriptor, though it loads in the main process.",
         )
+
+    def test_a_sample_that_fails_everywhere_is_to_be_fixed_in_getitem(self) -> None:
+        case = splits_case(Images(augment=True), Truncated(seed=5))
+        text = self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "split 'test': loading index 20 in ",  # a worker, or the main process (a probe)
+            "raised OSError: image 20: truncated file. Fix the split's __getitem__ or its "
+            "transforms.",
+        )
+        self.assertNotIn("though it loads in the main process", text)
 
     def test_loading_that_fails_in_the_main_process_says_so(self) -> None:
         case = splits_case(Images(augment=True), OpenedInWorkers(seed=5))

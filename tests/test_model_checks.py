@@ -620,7 +620,8 @@ class OutputShape(CheckTestCase):
 
         case = model_case(
             WantsKeywords,
-            inputs=lambda: (torch.randint(0, 20, (4, 5)), torch.ones(4, 5, dtype=torch.long)),
+            # every id of the vocabulary of 20, shifted by the token type 1: id 20 is out of range
+            inputs=lambda: (torch.arange(20).view(4, 5), torch.ones(4, 5, dtype=torch.long)),
             expected_output_shape=(4, 5, 6),
         )
         outcome = run_check(case, "test_output_shape")
