@@ -1380,6 +1380,7 @@ class SplitState:
         self._probes: Optional[Dict[Position, Probe]] = None
         self._scan: Optional[Scan] = None
         self._reloaded: Optional[Dict[Position, Probe]] = None
+        self._loads_in_main: Dict[Position, bool] = {}
         #: why the split could not be copied by pickling (a spawned worker fails the same
         #: way), when pickling worked but unpickling did not
         self.unpickling_error: Optional[str] = None
@@ -1505,11 +1506,14 @@ class SplitState:
 
     def loads_in_main_process(self, position: Position) -> bool:
         """Whether the sample at ``position`` loads in the main process: its probe, or (an
-        index that is not one) loaded now, once. Only asked when the workers failed on it."""
-        probe = self.probes.get(position)
-        if probe is None and isinstance(position, int):
-            probe = self._load_probes([position], self.loading.seed).get(position)
-        return probe is not None and probe.failure is None
+        index that is not one) loaded now, once for every check that asks. Only asked when the
+        workers failed on it."""
+        if position not in self._loads_in_main:
+            probe = self.probes.get(position)
+            if probe is None and isinstance(position, int):
+                probe = self._load_probes([position], self.loading.seed).get(position)
+            self._loads_in_main[position] = probe is not None and probe.failure is None
+        return self._loads_in_main[position]
 
     def load_again(self, indices: List[int]) -> Dict[int, Input]:
         """The inputs of some samples, loaded in the main process (to confirm a match
