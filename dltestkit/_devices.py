@@ -30,10 +30,15 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "DeviceProblem",
     "DtypeWatch",
+    "FailedOperation",
+    "MetaCannotRun",
+    "Origin",
     "ModuleTracker",
     "ReplayMismatch",
     "available_accelerators",
+    "called_by_a_kernel",
     "error_text",
+    "op_name",
     "tensors_in",
     "user_code_location",
     "watch_meta_forward",
@@ -72,7 +77,11 @@ def tensors_in(obj: Any) -> List[torch.Tensor]:
     return []
 
 
-def _name(func: Any) -> str:
+def op_name(func: Any) -> str:
+    """How messages name a torch operation: Tensor.add, F.dropout, torch.randn,
+    torch.ops.mylib.double."""
+    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return f"torch.ops.{func}"
     name = getattr(func, "__name__", repr(func))
     owner = getattr(func, "__qualname__", name).split(".")[0]
     if owner in ("TensorBase", "Tensor"):
@@ -96,7 +105,7 @@ _KERNEL_FILES = tuple(
 _PLUMBING_FILES = tuple(os.path.join(_TORCH_DIR, name) for name in ("_ops.py", "overrides.py"))
 
 
-def _called_by_a_kernel() -> bool:
+def called_by_a_kernel() -> bool:
     """Whether the torch call the watch handles comes from a Python operator implementation
     (asked from the watch's ``__torch_function__``)."""
     frame: Optional[FrameType] = sys._getframe(2)  # 0: here, 1: __torch_function__
@@ -322,12 +331,56 @@ def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -
     return name in _SHAPE_FROM_DATA or _is_bool_indexing(func, args)
 
 
+@dataclass(frozen=True)
+class FailedOperation:
+    """The torch operation that raised during a watched forward pass."""
+
+    operation: str
+    where: str
+    location: str
+    exception: BaseException
+    #: the dtypes of its floating-point tensor arguments with a dimension
+    dtypes: Tuple[torch.dtype, ...] = ()
+    #: the devices of its tensor arguments with a dimension
+    devices: Tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.operation} in {self.where}, at {self.location}"
+
+
+def _raised_by(exc: BaseException, failure: Optional[FailedOperation]) -> bool:
+    """Whether ``exc`` is the exception ``failure`` noted, or was raised while handling it."""
+    seen: List[BaseException] = []
+    current: Optional[BaseException] = exc
+    while current is not None and failure is not None and not any(current is s for s in seen):
+        if current is failure.exception:
+            return True
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _shapes(result: Any) -> Optional[List[Tuple[torch.Size, torch.dtype]]]:
+    """The shapes and dtypes of a result that is a tensor or a tuple or list of tensors."""
+    if isinstance(result, torch.Tensor):
+        return [(result.shape, result.dtype)]
+    if (
+        isinstance(result, (tuple, list))
+        and result
+        and all(isinstance(item, torch.Tensor) for item in result)
+    ):
+        return [(item.shape, item.dtype) for item in result]
+    return None
+
+
 class Recorder(TorchFunctionMode):
-    """Run on the CPU, noting what each data-dependent step returned."""
+    """Run on the CPU, noting what each data-dependent step returned, and the shapes and
+    dtypes of what every operation returned."""
 
     def __init__(self) -> None:
         super().__init__()
         self.log: List[Tuple[str, Any]] = []
+        self.results: List[Tuple[str, Optional[List[Tuple[torch.Size, torch.dtype]]], bool]] = []
 
     def __torch_function__(
         self,
@@ -337,31 +390,56 @@ class Recorder(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if _called_by_a_kernel():
+        if called_by_a_kernel():
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
+        self.results.append((op_name(func), _shapes(result), isinstance(result, torch.Tensor)))
         if _reads_data(func):
             self.log.append(
-                (_name(func), result.clone() if isinstance(result, torch.Tensor) else result)
+                (op_name(func), result.clone() if isinstance(result, torch.Tensor) else result)
             )
         elif _shape_from_data(func, args, kwargs):
-            self.log.append((_name(func), [(t.shape, t.dtype) for t in tensors_in(result)]))
+            self.log.append((op_name(func), [(t.shape, t.dtype) for t in tensors_in(result)]))
         return result
 
 
 class DeviceWatch(TorchFunctionMode):
     """Run on ``meta``: stop at the first operation that mixes in a CPU tensor, and replay
-    the data-dependent steps a ``Recorder`` saw on the CPU."""
+    the data-dependent steps a ``Recorder`` saw on the CPU. An operation that the meta
+    device cannot run (no meta kernel, or one stricter than the CPU's) gives empty meta
+    tensors of the shapes the CPU run returned, so the rest of the forward pass is watched
+    too; where that is impossible, the operation is noted as the failure."""
 
-    def __init__(self, modules: ModuleTracker, log: List[Tuple[str, Any]]) -> None:
+    def __init__(self, modules: ModuleTracker, recorder: Recorder) -> None:
         super().__init__()
         self.modules = modules
-        self.log = log
+        self.log = recorder.log
+        self.results = recorder.results
         self.position = 0
+        self.calls = 0
         self.problem: Optional[DeviceProblem] = None
+        self.stood_in: List[str] = []  # the operations whose results came from the CPU run
+        self._failure: Optional[FailedOperation] = None
+
+    def failure(self, exc: BaseException) -> Optional[FailedOperation]:
+        """The torch operation that raised ``exc`` on meta (innermost), if one did."""
+        return self._failure if _raised_by(exc, self._failure) else None
+
+    def _stand_in(self, index: int, func: Any, args: Tuple[Any, ...]) -> Any:
+        """Meta tensors standing in for the result of call ``index`` (the CPU run's shapes),
+        or ``_NONE`` if the CPU run made another call there or returned no tensors."""
+        if index >= len(self.results) or self.results[index][0] != op_name(func):
+            return _NONE
+        _, shapes, single = self.results[index]
+        if shapes is None:
+            return _NONE
+        if getattr(func, "__name__", "").endswith("_") and args and single:
+            return args[0]  # an in-place operation returns what it changed
+        made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
+        return made[0] if single else tuple(made)
 
     def _replay(self, func: Any) -> Any:
-        name = _name(func)
+        name = op_name(func)
         if self.position >= len(self.log) or self.log[self.position][0] != name:
             seen = self.log[self.position][0] if self.position < len(self.log) else "nothing"
             raise ReplayMismatch(
@@ -382,8 +460,9 @@ class DeviceWatch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if _called_by_a_kernel():
+        if called_by_a_kernel():
             return func(*args, **kwargs)
+        index, self.calls = self.calls, self.calls + 1
         tensors = tensors_in(args) + tensors_in(kwargs)
         on_meta = any(t.is_meta for t in tensors)
         name = getattr(func, "__name__", "")
@@ -396,7 +475,7 @@ class DeviceWatch(TorchFunctionMode):
             ]
             if stray:
                 self._stop(
-                    f"{_name(func)} combines a CPU tensor of shape "
+                    f"{op_name(func)} combines a CPU tensor of shape "
                     f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
                     "model's device"
                 )
@@ -417,11 +496,44 @@ class DeviceWatch(TorchFunctionMode):
                 return func(*args, **kwargs)
             made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in recorded]
             return made[0] if len(made) == 1 else tuple(made)
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except _Stop:
+            raise
+        except Exception as exc:
+            if _raised_by(exc, self._failure):
+                raise
+            if on_meta:
+                stand_in = self._stand_in(index, func, args)
+                if stand_in is not _NONE:
+                    self.stood_in.append(
+                        f"{op_name(func)} in {self.modules.current()}, at {user_code_location()}"
+                    )
+                    return stand_in
+            self._failure = FailedOperation(
+                op_name(func),
+                self.modules.current(),
+                user_code_location(),
+                exc,
+                devices=tuple(dict.fromkeys(t.device.type for t in tensors if t.dim() > 0)),
+            )
+            raise
 
 
 class _Stop(Exception):
     """Raised to stop a watched forward pass at the first problem."""
+
+
+_NONE = object()
+
+
+class MetaCannotRun(RuntimeError):
+    """An operation of the forward pass the meta device cannot run, and whose result the CPU
+    run cannot stand in for."""
+
+    def __init__(self, failed: FailedOperation) -> None:
+        super().__init__(failed.describe())
+        self.failed = failed
 
 
 def watch_meta_forward(
@@ -433,14 +545,17 @@ def watch_meta_forward(
     with recorder:
         run_cpu()
     modules = ModuleTracker(model)
-    watch = DeviceWatch(modules, recorder.log)
+    watch = DeviceWatch(modules, recorder)
     try:
         with watch:
             return run_meta(modules), None
-    except Exception:  # _Stop, or what wraps it (TorchScript's interpreter: a RuntimeError)
-        if watch.problem is None:
-            raise
-        return None, watch.problem
+    except Exception as exc:  # _Stop, or what wraps it (TorchScript's interpreter: a RuntimeError)
+        if watch.problem is not None:
+            return None, watch.problem
+        failed = watch.failure(exc)
+        if failed is not None and set(failed.devices) <= {"meta"}:
+            raise MetaCannotRun(failed) from exc
+        raise
     finally:
         modules.remove()
 
@@ -472,20 +587,86 @@ _FACTORIES = frozenset(
 _CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type"})
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a floating-point tensor of another dtype than the model's was made."""
+
+    text: str
+    #: an explicit cast of a floating-point tensor (x.float(), x.to(torch.float32)): a
+    #: deliberate choice of precision, not a dtype bug
+    deliberate: bool
+
+
 class DtypeWatch(TorchFunctionMode):
-    """Note where floating-point tensors of another dtype than ``target`` are made, and the
-    first operation that combines one with a ``target`` tensor."""
+    """Note where floating-point tensors of another dtype than ``target`` are made, the first
+    operation that combines one with a ``target`` tensor, and the operation that raised."""
 
     def __init__(self, target: torch.dtype, modules: ModuleTracker) -> None:
         super().__init__()
         self.target = target
         self.modules = modules
-        self.origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", str]] = {}
+        self.origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", Origin]] = {}
         self.first_mix: Optional[str] = None
+        #: the first combination with a tensor that was not made by a deliberate cast
+        self.first_undeliberate_mix: Optional[str] = None
+        self._failure: Optional[FailedOperation] = None
 
-    def origin(self, tensor: torch.Tensor) -> Optional[str]:
+    def origin(self, tensor: torch.Tensor) -> Optional[Origin]:
         found = self.origins.get(id(tensor))
         return found[1] if found is not None and found[0]() is tensor else None
+
+    def failure(self, exc: BaseException) -> Optional[FailedOperation]:
+        """The torch operation that raised ``exc`` (innermost), if one did."""
+        return self._failure if _raised_by(exc, self._failure) else None
+
+    def mix(self) -> Optional[str]:
+        """The first mix of dtypes worth reporting: one with a tensor that no deliberate cast
+        made, else the first one."""
+        return self.first_undeliberate_mix or self.first_mix
+
+    def _note_mix(self, func: Any, floats: List[torch.Tensor]) -> None:
+        shaped = [t for t in floats if t.dim() > 0]  # 0-dim tensors do not promote
+        others = [t for t in shaped if t.dtype != self.target]
+        if not others or not any(t.dtype == self.target for t in shaped):
+            return
+        for other in others:
+            source = self.origin(other)
+            text = (
+                f"{op_name(func)} in {self.modules.current()}, at {user_code_location()}, "
+                f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
+                f"{tuple(other.shape)}" + (f", made by {source.text}" if source else "")
+            )
+            if self.first_mix is None:
+                self.first_mix = text
+            if self.first_undeliberate_mix is None and not (source and source.deliberate):
+                self.first_undeliberate_mix = text
+                return
+
+    def _origin_of_result(
+        self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], made: torch.Tensor
+    ) -> Optional[Origin]:
+        name = getattr(func, "__name__", "")
+        floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
+        cast = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in _CASTS and cast is not None and cast.dtype == made.dtype:
+            # .to(device), .float() of a float32 tensor: no cast, so the tensor keeps
+            # the origin it had (``to`` may even return the tensor itself)
+            return self.origin(cast)
+        where = f"in {self.modules.current()}, at {user_code_location()}"
+        if name in _CASTS and cast is not None and cast.is_floating_point():
+            return Origin(f"{op_name(func)} with a fixed dtype {where}", deliberate=True)
+        if name in _CASTS and cast is not None:
+            return Origin(
+                f"{op_name(func)} of a {cast.dtype} tensor, with a fixed dtype {where}",
+                deliberate=False,
+            )
+        if name in _FACTORIES or name in _CASTS:
+            how = "with a fixed dtype" if "dtype" in kwargs or name in _CASTS else "without dtype="
+            return Origin(f"{op_name(func)} {how} {where}", deliberate=False)
+        # a view or a result of such tensors: it comes from the same place, and from a
+        # deliberate cast only if every tensor of another dtype it comes from does
+        found = [origin for origin in map(self.origin, floats) if origin is not None]
+        return next((o for o in found if not o.deliberate), found[0] if found else None)
 
     def __torch_function__(
         self,
@@ -495,40 +676,27 @@ class DtypeWatch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if _called_by_a_kernel():
+        if called_by_a_kernel():
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
-        if self.first_mix is None and name not in _CASTS and name != "__get__":
-            shaped = [t for t in floats if t.dim() > 0]  # 0-dim tensors do not promote
-            others = [t for t in shaped if t.dtype != self.target]
-            if others and any(t.dtype == self.target for t in shaped):
-                other = others[0]
-                source = self.origin(other)
-                self.first_mix = (
-                    f"{_name(func)} in {self.modules.current()}, at {user_code_location()}, "
-                    f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
-                    f"{tuple(other.shape)}" + (f", made by {source}" if source else "")
+        if name not in _CASTS and name != "__get__":
+            self._note_mix(func, floats)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            if not _raised_by(exc, self._failure):
+                self._failure = FailedOperation(
+                    op_name(func),
+                    self.modules.current(),
+                    user_code_location(),
+                    exc,
+                    dtypes=tuple(dict.fromkeys(t.dtype for t in floats if t.dim() > 0)),
                 )
-        result = func(*args, **kwargs)
+            raise
         made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
         if made:
-            cast = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if name in _CASTS and cast is not None and cast.dtype == made[0].dtype:
-                # .to(device), .float() of a float32 tensor: no cast, so the tensor keeps
-                # the origin it had (``to`` may even return the tensor itself)
-                origin: Optional[str] = self.origin(cast)
-            elif name in _FACTORIES or name in _CASTS:
-                how = (
-                    "with a fixed dtype"
-                    if "dtype" in kwargs or name in _CASTS
-                    else "without dtype="
-                )
-                origin = (
-                    f"{_name(func)} {how} in {self.modules.current()}, at {user_code_location()}"
-                )
-            else:  # a view or a result of such a tensor: it comes from the same place
-                origin = next((found for found in map(self.origin, floats) if found), None)
+            origin = self._origin_of_result(func, args, kwargs, made[0])
             if origin is not None:
                 for tensor in made:
                     self.origins[id(tensor)] = (weakref.ref(tensor), origin)

@@ -35,6 +35,7 @@ from ._base import (
     Attribute,
     CheckMixin,
     ContractError,
+    is_bool,
     is_callable,
     is_instance,
     is_keys,
@@ -44,6 +45,7 @@ from ._base import (
     optional,
 )
 from ._probes import Probe, probe_forward
+from ._random import derived_seed
 from ._tensors import (
     Key,
     batched_entries,
@@ -201,6 +203,19 @@ class ModelContract(CheckMixin):
             "the gradient checks use every floating-point output.",
         ),
         Attribute(
+            "cross_sample_outputs",
+            "the keys or indices of outputs that compare the samples of the batch with one "
+            "another by design",
+            '["logits_per_image", "logits_per_text"]',
+            default=(),
+            validate=is_keys,
+            read_by=("test_batch_independence", "test_output_shape"),
+            details="A contrastive model's similarity matrix (CLIP's `logits_per_image`), "
+            "scores against in-batch negatives: `test_batch_independence` does not compare "
+            "them, and the checked output, when `output_key` is `None`, is the first element "
+            "not listed. With `output_key` set, only that output is compared.",
+        ),
+        Attribute(
             "unbatched_inputs",
             "the keys or indices of inputs without a batch dimension",
             '["mask"]',
@@ -235,6 +250,19 @@ class ModelContract(CheckMixin):
             "lambda: MyModel()",
             validate=is_callable,
             read_by=("test_state_dict_round_trip",),
+        ),
+        Attribute(
+            "deterministic_eval",
+            "whether the model must give the same eval-mode outputs under any seed, "
+            "sampling included",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_eval_deterministic",),
+            details="`False`: a model that samples at evaluation (`torch.randn_like`, "
+            "`torch.normal`, `torch.multinomial`, `torch.distributions`: a VAE that samples "
+            "its latent code) makes `test_eval_deterministic` skip, naming the operation and "
+            "its line; dropout left on at evaluation fails either way.",
         ),
         Attribute(
             "moved_dtypes",
@@ -275,10 +303,12 @@ class ModelContract(CheckMixin):
     inputs: Any
     expected_output_shape: Sequence[int]
     output_key: Key
+    cross_sample_outputs: Collection[Key]
     unbatched_inputs: Collection[Key]
     loss_fn: Optional[Callable[[Any], torch.Tensor]]
     allowed_unchanged_parameters: Collection[str]
     make_model: Callable[[], nn.Module]
+    deterministic_eval: bool
     moved_dtypes: Sequence[torch.dtype]
     accelerators: Sequence[str]
     device_rtol: Optional[float]
@@ -382,7 +412,13 @@ class ModelContract(CheckMixin):
     def _output(self, output: Any) -> torch.Tensor:
         """The checked output tensor (chosen by output_key)."""
         try:
-            return select_tensor(output, self.output_key, "the model output", "output_key")
+            return select_tensor(
+                output,
+                self.output_key,
+                "the model output",
+                "output_key",
+                passed_over=self.cross_sample_outputs,
+            )
         except TypeError as exc:
             raise ContractError(str(exc)) from None
 
@@ -530,11 +566,13 @@ class ModelContract(CheckMixin):
             parameter.grad = None
         kept = _gradients_set_aside(self._input_leaves())
         with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
-            output = self._forward(model, self.inputs, training=True, seed=self.seed + step)
+            output = self._forward(
+                model, self.inputs, training=True, seed=derived_seed(self.seed, step)
+            )
             loss = self._loss(output)
             if not trainable or not loss.requires_grad:
                 return output, [None] * len(trainable)
-            torch.manual_seed(self.seed + step)
+            torch.manual_seed(derived_seed(self.seed, step))
             torch.autograd.backward(loss)
         return output, [parameter.grad for _, parameter in trainable]
 

@@ -9,7 +9,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["make_deterministic", "preserved_global_state"]
+__all__ = ["derived_seed", "make_deterministic", "preserved_global_state"]
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """Another seed made from ``seed``, the same for the same two numbers, always one that
+    ``torch.manual_seed`` accepts: ``seed + offset`` wrapped into [0, 2**64), which is how
+    torch reads a negative seed too (``seed = 2**64 - 1`` with offset 1 gives 0)."""
+    return (seed + offset) % 2**64
 
 
 def make_deterministic(seed: int) -> None:

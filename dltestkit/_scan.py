@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ._random import make_deterministic, preserved_global_state
+from ._random import derived_seed, make_deterministic, preserved_global_state
 from ._tensors import _fields, named_tensors
 
 #: Where a sample comes from: an index of a map-style split, or (worker, n) for the n-th
@@ -1500,7 +1500,7 @@ class SplitState:
         check is failing."""
         if self._reloaded is None:
             self._reloaded = self._load_probes(
-                [p for p in positions if isinstance(p, int)], self.loading.seed + 1
+                [p for p in positions if isinstance(p, int)], derived_seed(self.loading.seed, 1)
             )
         return self._reloaded
 

@@ -28,13 +28,18 @@ def _fields(obj: Any) -> Optional[List[Tuple[Any, Any]]]:
     return None
 
 
-def named_tensors(obj: Any, prefix: str = "output") -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(path, tensor)`` for every tensor in a nested structure."""
+def named_tensors(
+    obj: Any, prefix: str = "output", passed_over: Collection[Any] = ()
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor in a nested structure, except those under
+    the top-level keys or indices in ``passed_over``."""
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
         return
     fields = _fields(obj)
     for key, item in fields or ():
+        if key in passed_over:
+            continue
         path = f"{prefix}.{key}" if dataclasses.is_dataclass(obj) else f"{prefix}[{key!r}]"
         yield from named_tensors(item, path)
 
@@ -70,12 +75,14 @@ def floating_tensors(obj: Any) -> List[Tuple[str, torch.Tensor]]:
     return [(path, t) for path, t in named_tensors(obj) if t.is_floating_point()]
 
 
-def select_tensor(obj: Any, key: Key, what: str, attribute: str) -> torch.Tensor:
+def select_tensor(
+    obj: Any, key: Key, what: str, attribute: str, passed_over: Collection[Any] = ()
+) -> torch.Tensor:
     """Return the tensor to check from ``obj``.
 
     ``key`` is ``None`` (a tensor is used as it is; a tuple, list, dict or dataclass gives
-    its first element) or an index/key into ``obj``. ``what`` and ``attribute`` name the
-    object and the setUp attribute that chooses, for the error message.
+    its first element not in ``passed_over``) or an index/key into ``obj``. ``what`` and
+    ``attribute`` name the object and the setUp attribute that chooses, for the error message.
     """
     if key is not None:
         try:
@@ -89,11 +96,12 @@ def select_tensor(obj: Any, key: Key, what: str, attribute: str) -> torch.Tensor
     elif isinstance(obj, torch.Tensor):
         picked = obj
     else:
-        fields = _fields(obj)
+        fields = [(k, v) for k, v in _fields(obj) or () if k not in passed_over]
         if not fields:
             raise TypeError(
-                f"{what} is a {type(obj).__name__}, not a tensor; set self.{attribute} to "
-                "the index or key of the tensor to check"
+                f"{what} is a {type(obj).__name__}, not a tensor"
+                + (f", and every element is in {list(passed_over)}" if passed_over else "")
+                + f"; set self.{attribute} to the index or key of the tensor to check"
             )
         key, picked = fields[0]
     if not isinstance(picked, torch.Tensor):

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import SEED_RANGE, Attribute, CheckMixin, ContractError, is_callable, is_str, optional
-from ._random import make_deterministic
+from ._base import Attribute, CheckMixin, ContractError, is_callable, is_str, optional
+from ._random import derived_seed, make_deterministic
 
 __all__ = [
     "Scalar",
@@ -298,4 +298,4 @@ class TrainerContract(CheckMixin):
         return trainer
 
     def _other_seed(self) -> int:
-        return self.seed - 1 if self.seed == SEED_RANGE[1] else self.seed + 1
+        return derived_seed(self.seed, 1)

@@ -28,6 +28,7 @@ from ._base import (
     is_positive_int,
 )
 from ._model_base import ModelContract
+from ._random import derived_seed
 from ._tensors import (
     batched_entries,
     call_model,
@@ -251,7 +252,7 @@ def _sgd_steps(
     optimizer = torch.optim.SGD([p for _, p in named], lr=0.01)
     seen = []
     for step in range(2):
-        torch.manual_seed(seed + step)
+        torch.manual_seed(derived_seed(seed, step))
         optimizer.zero_grad(set_to_none=True)
         output = call_model(model, inputs)
         loss = (
@@ -282,7 +283,7 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optiona
         step.batch_dims,
         step.batch // world_size,
         step.loss_fn,
-        step.seed + 10 * rank,
+        derived_seed(step.seed, 10 * rank),
         parameters=list(model.named_parameters()),
     )
 

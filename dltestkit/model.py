@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, NoReturn, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._base import ContractError, check
 from ._devices import (
+    DtypeWatch,
+    MetaCannotRun,
     ReplayMismatch,
     available_accelerators,
     error_text,
@@ -17,6 +19,8 @@ from ._devices import (
 )
 from ._model_base import ModelContract, describe_mode
 from ._probes import Probe
+from ._random import derived_seed
+from ._randomness import RandomDraw, watching_randomness
 from ._tensors import (
     batched_entries,
     floating_tensors,
@@ -110,6 +114,14 @@ class ModelTests(ModelContract):
             )
         except ReplayMismatch as exc:
             return f"the forward pass takes another path on the meta device than on the CPU ({exc})"
+        except MetaCannotRun as exc:
+            cause = exc.failed.exception
+            text = error_text(cause)
+            return (
+                f"the model uses an operation the meta device cannot run, "
+                f"{exc.failed.describe()} ({type(cause).__name__}: "
+                f"{text.splitlines()[0] if text else ''})"
+            )
         except Exception as exc:
             text = error_text(exc)
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
@@ -173,7 +185,7 @@ class ModelTests(ModelContract):
     def _check_accelerator(self, device: str) -> None:
         with torch.no_grad():
             reference = self._forward(self.model, self.inputs)
-            again = self._forward(self.model, self.inputs, seed=self.seed + 1)
+            again = self._forward(self.model, self.inputs, seed=derived_seed(self.seed, 1))
             deterministic = all(
                 torch.equal(a, b)
                 for (_, a), (_, b) in zip(named_tensors(reference), named_tensors(again))
@@ -293,6 +305,7 @@ class ModelTests(ModelContract):
                 depends = self._dependence((checked[others] * weights[others]).sum(), probes)
                 for probe, where in zip(probes, depends):
                     if where[index].any():
+                        self._skip_if_pairwise(output, checked, weights, probes, index)
                         self.fail(
                             f"sample {index}'s {probe.describe()} gets a gradient from the "
                             "outputs of the other samples of the batch (its own output masked "
@@ -303,12 +316,41 @@ class ModelTests(ModelContract):
                         )
         self._compare_with_copies(probes, traced)
 
+    def _skip_if_pairwise(
+        self,
+        output: Any,
+        checked: torch.Tensor,
+        weights: torch.Tensor,
+        probes: List[Probe],
+        sample: int,
+    ) -> None:
+        """Skip when the checked output compares pairs of samples by design: its second
+        dimension is the batch too, and element (r, c) depends on samples r and c only (a
+        similarity matrix: CLIP's logits_per_image, scores against in-batch negatives)."""
+        batch = self._batch_size()
+        if checked.dim() < 2 or checked.shape[1] != batch:
+            return
+        others = [other for other in range(batch) if other != sample]
+        pairs = (checked[others][:, others] * weights[others][:, others]).sum()
+        if any(where[sample].any() for where in self._dependence(pairs, probes)):
+            return
+        key = "" if self.output_key is None else f" (output_key={self.output_key!r})"
+        self.skipTest(
+            f"the checked output{key}, of shape {tuple(checked.shape)}, compares pairs of "
+            f"samples: its element (i, j) depends on samples i and j only, as a similarity "
+            "matrix does (CLIP's logits_per_image, scores against in-batch negatives), which "
+            "is a design, not a mix-up. List it in self.cross_sample_outputs, or set "
+            "self.output_key to a per-sample output (an embedding), so that the samples' "
+            f"independence is checked.{self._output_hint(output)}"
+        )
+
     def _compare_with_copies(self, probes: List[Probe], traced: bool) -> None:
         """The value part of test_batch_independence: for each sample ``i``, the outputs at
         ``i`` for a batch of ``batch`` copies of sample ``i`` (same batch size, so the same
         kernels) must be those for self.inputs (within the dtype's default tolerance).
-        Compared: the checked output and every other floating-point output whose first
-        dimension behaves as the batch (equal rows for a batch of copies)."""
+        Compared: the checked output and, unless output_key chooses it, every other
+        floating-point output whose first dimension behaves as the batch (equal rows for a
+        batch of copies), except those in cross_sample_outputs."""
         batch = self._batch_size()
         entries = batched_entries(self.inputs, self.unbatched_inputs)
         with torch.no_grad():
@@ -324,7 +366,11 @@ class ModelTests(ModelContract):
                 for i in range(batch)
             ]
         checked = self._output(together)
-        named = [(path, t) for path, t in named_tensors(together)]
+        named = (
+            []
+            if self.output_key is not None
+            else list(named_tensors(together, passed_over=self.cross_sample_outputs))
+        )
         if not any(t is checked for _, t in named):
             named.insert(0, ("checked output", checked))
         for sample, copies in enumerate(alone):
@@ -471,7 +517,7 @@ class ModelTests(ModelContract):
         # One more forward pass: an update that forward undoes never trains anything.
         stepped_to = [p.detach().clone() for _, p in trainable]
         with torch.no_grad():
-            self._forward(model, self.inputs, training=True, seed=self.seed + steps)
+            self._forward(model, self.inputs, training=True, seed=derived_seed(self.seed, steps))
         for position, (name, parameter) in enumerate(trainable):
             if self._allowed(name):
                 continue
@@ -550,44 +596,69 @@ class ModelTests(ModelContract):
     # -- determinism, persistence, dtypes ------------------------------------------------------
     @check
     def test_eval_deterministic(self) -> None:
-        """Check that two eval-mode forward passes under different RNG seeds give identical outputs.
+        """Check that eval-mode outputs do not change with the random seed, except by sampling.
 
         Catches randomness left on at evaluation: F.dropout(x, p) without
-        training=self.training, sampling that model.eval() does not switch off.
+        training=self.training, a drop-path or a hand-made dropout mask that ignores
+        self.training, attention dropout in eval mode, state that changes between calls.
+
+        Two eval-mode passes under different seeds must give identical outputs. When they
+        differ, the operations that drew random numbers tell design from bug: a dropout-like
+        draw (the dropout functions, a Bernoulli mask, ``torch.rand_like(x) < p``, attention
+        dropout) fails; explicit sampling (``torch.randn_like``, ``torch.normal``,
+        ``torch.multinomial``, ``torch.distributions``) is a design (a VAE that samples its
+        latent code) and skips naming the operation, unless ``deterministic_eval`` is True.
         """
         with torch.no_grad():
             first = self._forward(self.model, self.inputs)
-            second = self._forward(self.model, self.inputs, seed=self.seed + 1)
-        for (path, a), (_, b) in zip(named_tensors(first), named_tensors(second)):
-            if a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
-                continue
-            if (
-                a.is_floating_point()
-                and a.shape == b.shape
-                and torch.equal(torch.isnan(a), torch.isnan(b))
-                and torch.equal(a.nan_to_num(), b.nan_to_num())
-            ):
-                continue  # NaN in the same places, the rest equal
-            with torch.no_grad():
-                again = self._forward(self.model, self.inputs)
-            same_seed_differs = any(
-                not torch.equal(x.nan_to_num(), y.nan_to_num())
-                for (_, x), (_, y) in zip(named_tensors(first), named_tensors(again))
-            )
-            if same_seed_differs:
-                self.fail(
-                    f"two eval-mode passes over self.inputs give different {path}, even "
-                    "under the same seed: the model is not deterministic (a "
-                    "non-deterministic kernel, or state that changes between calls)."
-                )
+            second = self._forward(self.model, self.inputs, seed=derived_seed(self.seed, 1))
+        differing = _first_difference(first, second)
+        if differing is None:
+            return
+        path, largest = differing
+        with torch.no_grad():
+            again = self._forward(self.model, self.inputs)
+        if _first_difference(first, again) is not None:
             self.fail(
-                f"{path} changes with the random seed in eval mode (max difference "
-                f"{float((a.double() - b.double()).abs().max()) if a.shape == b.shape else 'n/a'}"
-                "): the model draws random numbers at evaluation. Usual causes: F.dropout(x, p) "
-                "without training=self.training, sampling (torch.randn, torch.multinomial) that "
-                "is not switched off by model.eval(). If the model is meant to be random at "
-                "evaluation, skip this check."
+                f"two eval-mode passes over self.inputs give different {path}, even "
+                "under the same seed: the model is not deterministic (a "
+                "non-deterministic kernel, or state that changes between calls)."
             )
+        lead = f"{path} changes with the random seed in eval mode (max difference {largest})"
+        # Watched only now: a torch function mode makes some modules take another path
+        # (nn.TransformerEncoder's fast path), whose outputs differ in the last bits.
+        with torch.no_grad(), watching_randomness(self.model) as watch:
+            self._forward(self.model, self.inputs)
+        dropouts, sampling = watch.dropouts(), watch.sampling()
+        if dropouts:
+            self.fail(
+                f"{lead}: the model draws a dropout mask at evaluation: "
+                f"{_draws(dropouts)}. Dropout must be off in eval mode. Usual causes: "
+                "F.dropout(x, p) without training=self.training (or use nn.Dropout), a "
+                "drop-path or a mask (torch.rand_like(x) < p) applied when not self.training, "
+                "F.scaled_dot_product_attention(..., dropout_p=p) when not self.training (pass "
+                "dropout_p=p if self.training else 0.0). If the model is meant to drop at "
+                "evaluation (Monte Carlo dropout), list test_eval_deterministic in "
+                "expected_failed_checks with the reason."
+            )
+        if sampling and self.deterministic_eval:
+            self.fail(
+                f"{lead}: the model samples at evaluation ({_draws(sampling)}), and "
+                "self.deterministic_eval is True. Return a deterministic value in eval mode "
+                "(the mean: mu instead of mu + sigma * eps), or set deterministic_eval = False "
+                "if the model samples by design."
+            )
+        seen = (
+            f"the model samples at evaluation: {_draws(sampling)}"
+            if sampling
+            else "no operation dltestkit can see drew the random numbers (TorchScript code, "
+            "a C++ extension)"
+        )
+        self.skipTest(
+            f"{lead}; {seen}. Sampling is a design (a VAE that samples its latent code), "
+            "not a bug; set deterministic_eval = True to make this a failure if the model "
+            "must be deterministic at evaluation."
+        )
 
     @check
     def test_state_dict_round_trip(self) -> None:
@@ -608,7 +679,8 @@ class ModelTests(ModelContract):
                 "values in the state dict (get_extra_state)."
             )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1)  # state missing from the state dict shows up
+            # another seed: state missing from the state dict shows up
+            torch.manual_seed(derived_seed(self.seed, 1))
             fresh = make_model()
         if not isinstance(fresh, nn.Module):
             raise self._contract_error(
@@ -671,18 +743,7 @@ class ModelTests(ModelContract):
                     with torch.no_grad():
                         output = self._forward(moved, inputs, training)
                 except Exception as exc:
-                    text = error_text(exc)
-                    if isinstance(exc, NotImplementedError) or "not implemented for" in text:
-                        self.skipTest(
-                            f"an operation of the model has no {dtype} kernel on "
-                            f"the CPU ({type(exc).__name__}: {text.splitlines()[0]})"
-                        )
-                    found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
-                    self.fail(
-                        f"a copy moved with .to({dtype}) raises in {mode} mode: "
-                        f"{type(exc).__name__}: {text.strip()}.{found} "
-                        f"{_DTYPE_ADVICE}"
-                    )
+                    self._dtype_error(exc, watch, dtype, training)
             wrong = []
             for path, tensor in floating_tensors(output):
                 if tensor.dtype == dtype:
@@ -698,21 +759,91 @@ class ModelTests(ModelContract):
                         )
                     continue
                 origin = watch.origin(tensor)
-                wrong.append(f"{path} ({tensor.dtype}{', made by ' + origin if origin else ''})")
+                if origin is not None and origin.deliberate:
+                    continue  # an explicit cast (logits.float()): a choice of precision
+                wrong.append(
+                    f"{path} ({tensor.dtype}{', made by ' + origin.text if origin else ''})"
+                )
             if wrong:
-                found = f" First mix of dtypes: {watch.first_mix}." if watch.first_mix else ""
+                found = f" First mix of dtypes: {watch.mix()}." if watch.mix() else ""
                 self.fail(
                     f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
                     f"mode.{found} {_DTYPE_ADVICE}"
                 )
 
+    def _dtype_error(
+        self, exc: Exception, watch: DtypeWatch, dtype: torch.dtype, training: bool
+    ) -> NoReturn:
+        """Report an exception of the moved copy for what it is: an operation without a kernel
+        for ``dtype`` (skip), a mix of dtypes (fail), or an error of the model's own (fail,
+        as it is)."""
+        mode = describe_mode(training)
+        text = error_text(exc)
+        first_line = text.splitlines()[0] if text else ""
+        failed = watch.failure(exc)
+        try:  # an error that the unmoved model raises too is no dtype problem: report it
+            with torch.no_grad():
+                self._forward(self._copy_model(), self.inputs, training)
+        except Exception:
+            raise exc from None
+        if isinstance(exc, NotImplementedError) or "not implemented for" in text:
+            where = f" ({failed.describe()})" if failed is not None else ""
+            self.skipTest(
+                f"an operation of the model{where} has no {dtype} kernel on the CPU "
+                f"({type(exc).__name__}: {first_line}); the other dtypes and checks ran"
+            )
+        if failed is not None and failed.dtypes and set(failed.dtypes) <= {dtype}:
+            self.skipTest(
+                f"{failed.describe()} cannot run in {dtype} on this platform although every "
+                f"floating-point tensor it was given is {dtype} ({type(exc).__name__}: "
+                f"{first_line}): an operation without a {dtype} kernel here, not a bug of the "
+                "model; the other dtypes and checks ran"
+            )
+        lead = f"a copy moved with .to({dtype}) raises in {mode} mode: {type(exc).__name__}: "
+        first_mix = watch.mix()
+        mix = f" First mix of dtypes: {first_mix}." if first_mix else ""
+        if failed is None:
+            self.fail(
+                f"{lead}{text.strip()}, raised by the model's own code, not by a torch "
+                f"operation.{mix} A model moved with .to({dtype}) must run in {dtype}; if it "
+                "supports only some dtypes, set self.moved_dtypes to those."
+            )
+        self.fail(
+            f"{lead}{text.strip()}, in {failed.describe()}, given "
+            f"{' and '.join(map(str, failed.dtypes))} tensors.{mix} {_DTYPE_ADVICE}"
+        )
+
 
 _DTYPE_ADVICE = (
     "A tensor created in forward with a fixed dtype or the default float32 "
-    "(torch.randn(shape), torch.tensor([...]), x.float()) promotes the rest; "
-    "create it from the inputs: torch.randn_like(x), x.new_tensor([...]), "
-    "dtype=x.dtype."
+    "(torch.randn(shape), torch.tensor([...]), mask.float()) promotes the rest, and a tensor "
+    "cast with x.float() that meets the model's weights makes them disagree; create tensors "
+    "from the inputs (torch.randn_like(x), x.new_tensor([...]), dtype=x.dtype) and cast back "
+    "with .to(x.dtype) before combining. Explicit casts of a result (logits.float()) are fine."
 )
+
+
+def _draws(draws: List[RandomDraw]) -> str:
+    """The first few draws, each once, for a message."""
+    unique = list(dict.fromkeys(draw.describe() for draw in draws))
+    more = f" and {len(unique) - 3} more" if len(unique) > 3 else ""
+    return "; ".join(unique[:3]) + more
+
+
+def _first_difference(first: Any, second: Any) -> Optional[Tuple[str, str]]:
+    """The path of the first output tensor that differs between two runs (NaN equal to NaN),
+    with the greatest difference as text; None if every tensor is the same."""
+    for (path, a), (_, b) in zip(named_tensors(first), named_tensors(second)):
+        if _same(a, b):
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return path, "n/a: another shape or dtype"
+        if not (a.is_floating_point() or a.is_complex()):
+            return path, str(int((a.long() - b.long()).abs().max()))
+        both = ~(a.isnan() | b.isnan())
+        difference = (a.double() - b.double()).abs()[both]
+        return path, f"{float(difference.max()):.3g}" if difference.numel() else "NaN"
+    return None
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -33,6 +33,7 @@ from ._base import (
 )
 from ._model_base import mode
 from ._probes import Probe, probe_forward
+from ._random import derived_seed
 from ._tensors import (
     Key,
     batched_entries,
@@ -338,7 +339,7 @@ class SequenceModelTests(ModelTests):
         each one different from the id it replaces where the batch holds more than one.
         Floats: for every position, the values of another real position of the batch (its
         features at sequence_dim, all of them), different where the batch allows."""
-        generator = torch.Generator().manual_seed(self.seed + 7919 * (salt + 1))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, 7919 * (salt + 1)))
         if tensor.is_floating_point():
             moved = tensor.detach().movedim(self.sequence_dim, 1)
             rows = moved.reshape(moved.shape[0] * moved.shape[1], -1)

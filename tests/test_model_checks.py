@@ -278,6 +278,19 @@ class DeviceDependentPath(AutoEncoder):
 _LIBRARY = torch.library.Library("dltestkit_tests", "DEF")
 _LIBRARY.define("double(Tensor x) -> Tensor")
 _LIBRARY.impl("double", lambda x: x * 2, "CPU")
+_LIBRARY.define("count_positive(Tensor x) -> int")
+_LIBRARY.impl("count_positive", lambda x: int((x > 0).sum()), "CPU")
+_LIBRARY.define("no_float64(Tensor x) -> Tensor")
+
+
+def _no_float64(x: torch.Tensor) -> torch.Tensor:
+    """A kernel that, like torch._grouped_mm on the CPU, takes no float64 tensors."""
+    if x.dtype == torch.float64:
+        raise RuntimeError(f"Expected x to be Float32 or BFloat16, got {x.dtype}")
+    return x * 2
+
+
+_LIBRARY.impl("no_float64", _no_float64, "CPU")
 
 
 class NoMetaKernel(AutoEncoder):
@@ -408,6 +421,35 @@ class ConstantOfFixedDtype(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = torch.ones(FEATURES, 8, dtype=torch.float32)  # fixed dtype: fails in linear
         return self.decoder(F.linear(x.flatten(1) + self.offset, weights.T))
+
+
+class TwoTowers(nn.Module):
+    """A contrastive model as CLIP: normalised image and text embeddings, and the similarity
+    of every image with every text of the batch (a design, not a mix-up)."""
+
+    def __init__(self, centred: bool = False) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, 8))
+        self.text = nn.Linear(5, 8)
+        self.centred = centred  # the bug: image embeddings centred over the batch
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        image_embeds = F.normalize(self.image(image), dim=-1)
+        if self.centred:
+            image_embeds = image_embeds - image_embeds.mean(0)
+        text_embeds = F.normalize(self.text(text), dim=-1)
+        logits = image_embeds @ text_embeds.T
+        return {
+            "logits_per_image": logits,
+            "logits_per_text": logits.T,
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
+        }
+
+
+def two_towers_inputs() -> Tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(4, *SHAPE, generator=generator), torch.randn(4, 5, generator=generator)
 
 
 def model_case(model_type: Any, inputs: Any = None, **attributes: Any) -> type:
@@ -812,26 +854,51 @@ class DeviceMoving(CheckTestCase):
             "takes another path on the meta device than on the CPU",
         )
 
-    def test_an_operator_without_meta_support_skips_with_the_reason(self) -> None:
-        self.assertSkipsWith(
-            model_case(NoMetaKernel),
+    def test_an_operator_without_a_meta_kernel_is_stood_in_for_by_the_cpu_run(self) -> None:
+        # as torch._grouped_mm in transformers' MoE layers, whose meta kernel refuses float32
+        self.assertPasses(model_case(NoMetaKernel), "test_device_moving", allowed_skips=())
+
+    def test_device_bugs_after_an_operator_without_a_meta_kernel_are_still_caught(self) -> None:
+        class NoMetaKernelThenNoiseOnTheCPU(NoMetaKernel):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out + torch.randn(out.shape)
+
+        self.assertFailsWith(
+            model_case(NoMetaKernelThenNoiseOnTheCPU),
             "test_device_moving",
-            "in eval and training mode, the model uses an operation the meta device cannot run",
-            "dltestkit_tests::double",
+            "after .to('meta'), in eval mode, Tensor.add combines a CPU tensor",
+        )
+
+    def test_an_operator_that_cannot_be_stood_in_for_skips_naming_it(self) -> None:
+        class CountsOnMeta(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out * torch.ops.dltestkit_tests.count_positive(x)  # an int, no tensor
+
+        self.assertSkipsWith(
+            model_case(CountsOnMeta),
+            "test_device_moving",
+            "in eval and training mode, the model uses an operation the meta device cannot "
+            "run, torch.ops.dltestkit_tests.count_positive in CountsOnMeta, at "
+            "test_model_checks.py:",
+            "dltestkit_tests::count_positive",
         )
 
     def test_a_mode_that_cannot_run_on_meta_does_not_hide_the_other(self) -> None:
-        class NoMetaKernelInEval(AutoEncoder):
+        class CountsInEval(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 out = super().forward(x)
-                return out if self.training else torch.ops.dltestkit_tests.double(out)
+                if self.training:
+                    return out
+                return out * torch.ops.dltestkit_tests.count_positive(x)
 
-        class AndNoiseOnTheCPUInTraining(NoMetaKernelInEval):
+        class AndNoiseOnTheCPUInTraining(CountsInEval):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 out = super().forward(x)
                 return out + torch.randn(out.shape) if self.training else out
 
-        outcome = run_check(model_case(NoMetaKernelInEval), "test_device_moving")
+        outcome = run_check(model_case(CountsInEval), "test_device_moving")
         self.assertEqual((outcome.failures, outcome.errors), ([], []))
         self.assertEqual(len(outcome.skips), 1)  # the eval mode only, as a subtest
         self.assertIn(
@@ -1165,6 +1232,57 @@ class BatchIndependence(CheckTestCase):
             "inputs in the autograd graph.)",
         )
 
+    def test_a_similarity_matrix_is_a_design_that_skips_naming_the_options(self) -> None:
+        self.assertSkipsWith(
+            model_case(TwoTowers, inputs=two_towers_inputs),
+            "test_batch_independence",
+            "the checked output, of shape (4, 4), compares pairs of samples: its element "
+            "(i, j) depends on samples i and j only, as a similarity matrix does",
+            "List it in self.cross_sample_outputs, or set self.output_key",
+        )
+
+    def test_cross_sample_outputs_are_left_out_and_the_next_output_is_checked(self) -> None:
+        listed = {"cross_sample_outputs": ["logits_per_image", "logits_per_text"]}
+        self.assertPasses(
+            model_case(TwoTowers, inputs=two_towers_inputs, **listed), "test_batch_independence"
+        )
+        self.assertFailsWith(  # image_embeds, the first output not listed, is compared
+            model_case(lambda: TwoTowers(centred=True), inputs=two_towers_inputs, **listed),
+            "test_batch_independence",
+            "sample 0's self.inputs[0] gets a gradient from the outputs of the other samples",
+        )
+
+    def test_with_output_key_only_that_output_is_compared(self) -> None:
+        self.assertPasses(
+            model_case(TwoTowers, inputs=two_towers_inputs, output_key="text_embeds"),
+            "test_batch_independence",
+        )
+        self.assertFailsWith(
+            model_case(
+                lambda: TwoTowers(centred=True),
+                inputs=two_towers_inputs,
+                output_key="image_embeds",
+            ),
+            "test_batch_independence",
+            "gets a gradient from the outputs of the other samples",
+        )
+
+    def test_a_square_output_that_mixes_a_third_sample_still_fails(self) -> None:
+        class ComparesWithTheBatchMean(TwoTowers):
+            def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(image, text)
+                image_embeds = out["image_embeds"]
+                return {
+                    "logits": (image_embeds - image_embeds.mean(0)) @ out["text_embeds"].T,
+                    **out,
+                }
+
+        self.assertFailsWith(
+            model_case(ComparesWithTheBatchMean, inputs=two_towers_inputs),
+            "test_batch_independence",
+            "gets a gradient from the outputs of the other samples",
+        )
+
     def test_a_model_whose_state_changes_between_calls_skips_the_value_comparison(
         self,
     ) -> None:
@@ -1373,12 +1491,91 @@ class EvalDeterministic(CheckTestCase):
             "F.dropout(x, p) without training=self.training",
         )
 
-    def test_sampling_in_eval_mode_fails_and_names_the_output(self) -> None:
-        self.assertFailsWith(
+    def test_sampling_in_eval_mode_is_a_design_skipped_naming_the_operation(self) -> None:
+        self.assertSkipsWith(
             model_case(VAE),
             "test_eval_deterministic",
             "output[0] changes with the random seed in eval mode",
+            "the model samples at evaluation: torch.randn_like in VAE, at "
+            "test_model_checks.py:46 in noise",
+            "set deterministic_eval = True to make this a failure",
         )
+
+    def test_sampling_in_eval_mode_fails_when_the_model_must_be_deterministic(self) -> None:
+        self.assertFailsWith(
+            model_case(VAE, deterministic_eval=True),
+            "test_eval_deterministic",
+            "output[0] changes with the random seed in eval mode",
+            "the model samples at evaluation (torch.randn_like in VAE, at "
+            "test_model_checks.py:46 in noise), and self.deterministic_eval is True",
+        )
+
+    def test_a_drop_path_that_ignores_eval_mode_fails(self) -> None:
+        class DropPathAlwaysOn(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.8)  # ignores self.training
+                return super().forward(x * keep / 0.8)
+
+        self.assertFailsWith(
+            model_case(DropPathAlwaysOn),
+            "test_eval_deterministic",
+            "the model draws a dropout mask at evaluation: Tensor.bernoulli_ in "
+            "DropPathAlwaysOn, at test_model_checks.py:",
+        )
+
+    def test_a_hand_made_mask_that_ignores_eval_mode_fails(self) -> None:
+        class MaskAlwaysOn(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x * (torch.rand_like(x) > 0.1))
+
+        self.assertFailsWith(
+            model_case(MaskAlwaysOn),
+            "test_eval_deterministic",
+            "torch.rand_like compared with a threshold (a mask) in MaskAlwaysOn",
+        )
+
+    def test_attention_dropout_in_eval_mode_fails(self) -> None:
+        class AttentionDropoutAlwaysOn(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                tokens = x.flatten(2)
+                mixed = F.scaled_dot_product_attention(tokens, tokens, tokens, dropout_p=0.5)
+                return super().forward(mixed.view_as(x))
+
+        self.assertFailsWith(
+            model_case(AttentionDropoutAlwaysOn),
+            "test_eval_deterministic",
+            "the model draws a dropout mask at evaluation: torch.scaled_dot_product_attention",
+        )
+
+    def test_a_sampling_model_with_dropout_on_at_evaluation_fails(self) -> None:
+        class SamplesAndDrops(VAE):
+            def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
+                recon, mu, log_sigma = super().forward(x)
+                return F.dropout(recon, 0.1), mu, log_sigma
+
+        self.assertFailsWith(
+            model_case(SamplesAndDrops),
+            "test_eval_deterministic",
+            "the model draws a dropout mask at evaluation: F.dropout in SamplesAndDrops",
+        )
+
+    def test_dropout_switched_off_in_eval_mode_passes(self) -> None:
+        class Correct(AutoEncoder):
+            def __init__(self) -> None:
+                super().__init__()
+                self.drop = nn.Dropout(0.5)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = F.dropout(x, 0.2, training=self.training)
+                mixed = F.scaled_dot_product_attention(
+                    hidden.flatten(2),
+                    hidden.flatten(2),
+                    hidden.flatten(2),
+                    dropout_p=0.5 if self.training else 0.0,
+                )
+                return self.drop(super().forward(mixed.view_as(x)))
+
+        self.assertPasses(model_case(Correct), "test_eval_deterministic")
 
     def test_state_that_changes_between_calls_fails_as_not_deterministic(self) -> None:
         self.assertFailsWith(
@@ -1499,17 +1696,85 @@ class DtypeMoving(CheckTestCase):
             "in float32, but it must be finite",
         )
 
-    def test_only_scalars_may_be_float32(self) -> None:
+    def test_an_explicit_cast_of_an_output_is_deliberate(self) -> None:
+        # transformers' Mamba returns logits.float(); a per-sample loss computed in float32
         class PerSampleLossInFloat32(AutoEncoder):
             def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
                 out = super().forward(x)
-                return {"out": out, "loss": (out.float() - x.float()).square().flatten(1).mean(1)}
+                return {
+                    "logits": out.float(),
+                    "loss": (out.float() - x.float()).square().flatten(1).mean(1),
+                }
+
+        self.assertPasses(model_case(PerSampleLossInFloat32), "test_dtype_moving")
+
+    def test_an_upcast_inside_the_model_is_deliberate(self) -> None:
+        # as a state-space model computes its scan in float32 (A = -exp(A_log.float()))
+        class ScanInFloat32(AutoEncoder):
+            def __init__(self) -> None:
+                super().__init__()
+                self.log_decay = nn.Parameter(torch.zeros(FEATURES))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                decay = -torch.exp(self.log_decay.float())
+                scanned = x.flatten(1) * decay  # promoted to float32 on purpose
+                return super().forward(scanned.to(x.dtype).view_as(x))
+
+        self.assertPasses(model_case(ScanInFloat32), "test_dtype_moving")
+
+    def test_a_mask_cast_with_a_fixed_dtype_that_promotes_the_output_fails(self) -> None:
+        class MaskInFloat32(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x) * (x > 0).float()  # not .to(x.dtype)
 
         self.assertFailsWith(
-            model_case(PerSampleLossInFloat32, moved_dtypes=[torch.bfloat16]),
+            model_case(MaskInFloat32, moved_dtypes=[torch.bfloat16]),
             "test_dtype_moving",
-            "returns output['loss'] (torch.float32, made by Tensor.float with a fixed dtype",
+            "returns output (torch.float32, made by Tensor.float of a torch.bool tensor, with "
+            "a fixed dtype in MaskInFloat32, at test_model_checks.py:",
         )
+
+    def test_an_operation_without_a_kernel_for_the_dtype_skips_naming_it(self) -> None:
+        class Float64Unsupported(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.ops.dltestkit_tests.no_float64(super().forward(x))
+
+        outcome = run_check(model_case(Float64Unsupported), "test_dtype_moving")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1)  # float64 only; bfloat16 was checked
+        self.assertIn(
+            "torch.ops.dltestkit_tests.no_float64 in Float64Unsupported, at test_model_checks.py:",
+            outcome.skips[0],
+        )
+        self.assertIn(
+            "cannot run in torch.float64 on this platform although every floating-point tensor "
+            "it was given is torch.float64 (RuntimeError: Expected x to be Float32 or "
+            "BFloat16, got torch.float64)",
+            outcome.skips[0],
+        )
+
+    def test_an_error_of_the_model_itself_is_not_blamed_on_dtypes(self) -> None:
+        class RefusesOtherDtypes(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.dtype != torch.float32:
+                    raise ValueError("this model runs in float32 only")
+                return super().forward(x)
+
+        text = self.assertFailsWith(
+            model_case(RefusesOtherDtypes, moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.bfloat16) raises in eval mode: ValueError: this model "
+            "runs in float32 only, raised by the model's own code, not by a torch operation",
+            "set self.moved_dtypes to those",
+        )
+        self.assertNotIn("promotes the rest", text)
+
+    def test_a_model_that_raises_unmoved_too_is_reported_as_its_error(self) -> None:
+        class AlwaysRaises(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                raise KeyError("a wrong call")
+
+        self.assertErrorsWith(model_case(AlwaysRaises), "test_dtype_moving", "KeyError")
 
     def test_a_device_move_of_a_float32_constant_keeps_where_it_was_made(self) -> None:
         class MovesAConstant(AutoEncoder):
