@@ -8,6 +8,7 @@ import functools
 import pathlib
 import shutil
 import tempfile
+import types
 import unittest
 from dataclasses import dataclass
 from typing import (
@@ -18,6 +19,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    Mapping,
     Optional,
     Tuple,
     TypeVar,
@@ -124,10 +126,22 @@ def check(func: F) -> F:
         self._use_threads()
         self._prepare()
         self._failed_subtests = []
-        with self._seed_note():
-            result = func(self, *args, **kwargs)
-            self._report_failed_subtests()
-            return result
+        reason = self._expected_failure_reason()
+        if reason is None:
+            with self._seed_note():
+                result = func(self, *args, **kwargs)
+                self._report_failed_subtests()
+                return result
+        self._expected_failures = []
+        try:
+            with self._seed_note():
+                func(self, *args, **kwargs)
+        except (unittest.SkipTest, ContractError):
+            raise
+        except Exception as exc:  # a failure, or an error of the component under test
+            self._expected_failures.append(exc)
+        self._report_expected_failure(reason)
+        return None
 
     setattr(wrapper, "__dltestkit_check__", True)  # noqa: B010 (wrapper's type has no such field)
     return wrapper  # type: ignore[return-value]
@@ -223,6 +237,16 @@ def is_keys(value: Any) -> Optional[str]:
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
+def is_reasons(value: Any) -> Optional[str]:
+    """A mapping of check names to non-empty reasons."""
+    if isinstance(value, Mapping) and all(
+        isinstance(name, str) and isinstance(reason, str) and reason.strip()
+        for name, reason in value.items()
+    ):
+        return None
+    return f"is {value!r}, not a dict of check names to reasons (non-empty strings)"
+
+
 def is_seed(value: Any) -> Optional[str]:
     """An int that torch.manual_seed accepts."""
     if _is_plain_int(value) and SEED_RANGE[0] <= value <= SEED_RANGE[1]:
@@ -235,6 +259,7 @@ class CheckMixin(_TestCaseBase):
 
     seed: int
     num_threads: Optional[int]
+    expected_failed_checks: Mapping[str, str]
 
     _contract: ClassVar[Tuple[Attribute, ...]] = (
         Attribute(
@@ -258,8 +283,21 @@ class CheckMixin(_TestCaseBase):
             "under `pytest -n`, where more threads than cores make them up to "
             "30 times slower. See [performance](performance.md).",
         ),
+        Attribute(
+            "expected_failed_checks",
+            "the checks the component cannot pass by design, each with the reason",
+            '{"test_eval_deterministic": "Monte Carlo dropout at evaluation"}',
+            default=types.MappingProxyType({}),
+            validate=is_reasons,
+            default_text="`{}`",
+            details="Set it as a class attribute. A listed check still runs: its failure is "
+            "reported as an expected failure with the reason, and a pass as an unexpected "
+            "success, so that the list stays true (under unittest and pytest, where it is "
+            "an XFAIL). A name that is no check of the class is a contract error.",
+        ),
     )
     _failed_subtests: List[str]
+    _expected_failures: Optional[List[BaseException]] = None
     _reported_by_pytest: bool = False
     _threads_before: int = 1
     _temp_root: Optional[str] = None
@@ -304,7 +342,17 @@ class CheckMixin(_TestCaseBase):
 
     @contextlib.contextmanager
     def subTest(self, msg: Any = _MISSING, **params: Any) -> Iterator[None]:
-        """``unittest.TestCase.subTest``; a failure inside also names the seed."""
+        """``unittest.TestCase.subTest``; a failure inside also names the seed. In a check
+        listed in expected_failed_checks, a failing part is noted and the others run."""
+        if self._expected_failures is not None:
+            try:
+                yield
+            except (unittest.SkipTest, ContractError) as exc:
+                if isinstance(exc, ContractError):
+                    raise
+            except Exception as exc:
+                self._expected_failures.append(exc)
+            return
         with super().subTest(*(() if msg is _MISSING else (msg,)), **params):
             try:
                 with self._seed_note():
@@ -331,6 +379,38 @@ class CheckMixin(_TestCaseBase):
                 "above as SUBFAILED"
             )
 
+    def _expected_failure_reason(self) -> Optional[str]:
+        """The reason expected_failed_checks gives for the running check, if it lists it."""
+        listed = getattr(type(self), "expected_failed_checks", None)
+        if not isinstance(listed, Mapping):
+            return None
+        reason = listed.get(self._testMethodName)
+        return reason if isinstance(reason, str) else None
+
+    def _report_expected_failure(self, reason: str) -> None:
+        """End a check listed in expected_failed_checks: an expected failure with the reason
+        if it failed, an unexpected success if it passed."""
+        name = f"{type(self).__name__}.{self._testMethodName}"
+        failures, self._expected_failures = self._expected_failures or [], None
+        if failures:
+            text = str(failures[0]).strip()
+            message = (
+                f"{name} failed, as expected_failed_checks says it does ({reason}); "
+                f"what it reported: {type(failures[0]).__name__}: {text}"
+            )
+            if self._reported_by_pytest:
+                import pytest
+
+                pytest.xfail(message)
+            raise self.failureException(message) from failures[0]
+        if self._reported_by_pytest:
+            self.fail(
+                f"{name} passed, but expected_failed_checks lists it ({reason!r}): remove it "
+                "from the list, so that the list says which checks really fail"
+            )
+        # under unittest the test is marked expecting a failure: a pass is reported as an
+        # unexpected success, which makes the run unsuccessful
+
     def _use_threads(self) -> None:
         """Apply num_threads (set on the class or in setUp); None: the caller's setting."""
         if self.num_threads is None:
@@ -345,6 +425,13 @@ class CheckMixin(_TestCaseBase):
         """Run setUp, the check and the cleanups seeded and with ``num_threads`` threads, then
         restore the global RNGs and PyTorch's thread setting."""
         self._reported_by_pytest = type(result).__module__.startswith("_pytest")
+        method = getattr(type(self), self._testMethodName, None)
+        if (
+            not self._reported_by_pytest
+            and getattr(method, "__dltestkit_check__", False)
+            and self._expected_failure_reason() is not None
+        ):
+            self.__unittest_expecting_failure__ = True
         threads = self._threads_before = torch.get_num_threads()
         try:
             with preserved_global_state():
@@ -423,6 +510,13 @@ class CheckMixin(_TestCaseBase):
                 f"`class {type(self).__name__}(...):` with `seed = {vars(self)['seed']!r}` in "
                 "the class body."
             )
+        if "expected_failed_checks" in vars(self):
+            raise ContractError(
+                f"{self._where()} sets self.expected_failed_checks, but whether a check is "
+                "expected to fail is decided before setUp runs. Set it as a class attribute: "
+                f"`expected_failed_checks = {vars(self)['expected_failed_checks']!r}` in the "
+                f"body of class {type(self).__name__}."
+            )
         for name, (attribute, mixin) in declarations.items():
             value = getattr(self, name, _MISSING)
             if value is _MISSING or value is UNSET:
@@ -446,7 +540,19 @@ class CheckMixin(_TestCaseBase):
                     f"which no dltestkit mixin reads. Did you mean self.{close[0]} "
                     f"({mixin}: {attribute.meaning})?"
                 )
+        self._validate_expected_failures()
         self._validate_combination()
+
+    def _validate_expected_failures(self) -> None:
+        checks = checks_of(type(self))
+        unknown = [name for name in self.expected_failed_checks if name not in checks]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], checks, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ContractError(
+                f"{type(self).__name__}.expected_failed_checks lists {unknown[0]!r}, which is "
+                f"not a check of the class (its checks: {', '.join(checks)}).{hint}"
+            )
 
     def _validate_combination(self) -> None:
         """Rules that involve several attributes; raise a ContractError when one is broken."""
@@ -454,11 +560,32 @@ class CheckMixin(_TestCaseBase):
     def _is_set(self, name: str) -> bool:
         return getattr(self, name, UNSET) is not UNSET
 
+    def _defined_names(self) -> List[str]:
+        """Every name the user's test class or its setUp defines, methods included."""
+        names = set(self._user_names())
+        for base in type(self).__mro__:
+            if _is_dltestkit(base) or base.__module__ in ("unittest.case", "builtins"):
+                continue
+            names.update(
+                name
+                for name, value in vars(base).items()
+                if not name.startswith("_") and callable(value) and not name.startswith("test")
+            )
+        return sorted(names)
+
     def _get_or_skip(self, name: str) -> Any:
-        """The attribute's value; skip the check, naming the attribute, when it is unset."""
+        """The attribute's value; skip the check, naming the attribute, when it is unset, or
+        raise a ContractError when the test class defines a name close to it (a typo)."""
         value = getattr(self, name, UNSET)
         if value is UNSET:
-            attribute, _ = self._declarations()[name]
+            attribute, mixin = self._declarations()[name]
+            close = difflib.get_close_matches(name, self._defined_names(), n=1, cutoff=0.8)
+            if close:
+                raise ContractError(
+                    f"self.{name} is not set, but {type(self).__name__} defines "
+                    f"{close[0]!r}: did you mean self.{name}? {mixin} needs {attribute.meaning}, "
+                    f"e.g. self.{name} = {attribute.example}."
+                )
             self.skipTest(
                 f"self.{name} is not set in {self._where()}; set it ({attribute.meaning}, "
                 f"e.g. self.{name} = {attribute.example}) to enable this check"

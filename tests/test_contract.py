@@ -14,6 +14,8 @@ from test_dataset_checks import Images
 from test_model_checks import AutoEncoder, model_case
 
 from dltestkit import DatasetTests, ModelTests, TrainerTests, make_deterministic
+from dltestkit._base import checks_of
+from dltestkit._random import derived_seed
 
 
 class Contract(CheckTestCase):
@@ -84,6 +86,24 @@ class Contract(CheckTestCase):
                     self.assertEqual(outcome.errors, [])
                 else:
                     self.assertIn("not a shape (a tuple of non-negative ints)", outcome.errors[0])
+
+    def test_a_misspelled_factory_method_is_a_contract_error_not_a_skip(self) -> None:
+        class Case(model_case(AutoEncoder)):  # type: ignore[misc]
+            def make_modle(self) -> torch.nn.Module:
+                return AutoEncoder()
+
+        self.assertErrorsWith(
+            Case,
+            "test_state_dict_round_trip",
+            "ContractError",
+            "self.make_model is not set, but Case defines 'make_modle': did you mean "
+            "self.make_model? ModelTests needs a zero-argument callable",
+        )
+
+    def test_an_unset_factory_without_a_close_name_skips_naming_it(self) -> None:
+        self.assertSkipsWith(
+            model_case(AutoEncoder), "test_state_dict_round_trip", "self.make_model is not set"
+        )
 
     def test_unrelated_user_attributes_are_allowed(self) -> None:
         def set_up(self: Any) -> None:
@@ -164,6 +184,22 @@ class Seeding(CheckTestCase):
                 self.assertErrorsWith(
                     case, "test_output_shape", "ContractError", "not an int in [-2**63, 2**64 - 1]"
                 )
+
+    def test_seeds_at_the_ends_of_the_range_run_every_check(self) -> None:
+        # derived seeds (seed + 1, seed + steps) stay in torch's range
+        for seed in (2**64 - 1, -(2**63), -1):
+            case = model_case(AutoEncoder, make_model=AutoEncoder)
+            case.seed = seed
+            for name in checks_of(case):
+                with self.subTest(seed=seed, check=name):
+                    self.assertPasses(case, name)
+
+    def test_derived_seeds_wrap_into_torchs_range(self) -> None:
+        self.assertEqual(derived_seed(2**64 - 1, 1), 0)
+        self.assertEqual(derived_seed(-1, 1), 0)
+        self.assertEqual(derived_seed(5, 3), 8)
+        for seed in (2**64 - 1, -(2**63), 0):
+            torch.manual_seed(derived_seed(seed, 10**6))  # accepted
 
     def test_a_seed_set_in_setup_is_refused_with_the_fix(self) -> None:
         def set_up(self: Any) -> None:
