@@ -1044,6 +1044,29 @@ class Resume(CheckTestCase):
             "so the difference comes from state kept elsewhere: a schedule held in an iterator",
         )
 
+    def test_a_state_dict_that_raises_is_named_as_not_compared(self) -> None:
+        class Tracker:
+            """Has a state_dict() that needs an argument."""
+
+            def state_dict(self, prefix: str) -> Dict[str, Any]:
+                return {prefix: 0}
+
+        def with_tracker(trainer_type: Any) -> Any:
+            class WithTracker(trainer_type):  # type: ignore[valid-type, misc]
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.tracker = Tracker()
+
+            return WithTracker
+
+        self.assertResumeFails(
+            with_tracker(ScheduleInAnIterator),
+            "so the difference comes from state kept elsewhere",
+            "\nNot compared: trainer.tracker.state_dict() raised TypeError: ",
+            "missing 1 required positional argument: 'prefix'.\n",
+        )
+        self.assertPasses(classifier_case(with_tracker(ClassifierTrainer)), "test_resume")
+
     def test_a_trainer_that_is_not_reproducible_is_told_so(self) -> None:
         self.assertResumeFails(
             UnseededShuffling,
