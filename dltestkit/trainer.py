@@ -569,10 +569,10 @@ class TrainerTests(RunChecks):
                 "the training that follows it runs in eval mode: trainer.train(1) right after "
                 f"eval() ran {listed(culprits)} in eval mode in its forward passes with "
                 "gradients, where the same training without eval()'s change of mode "
-                f"({how}) runs {them} in training mode. eval() leaves the model in eval mode "
-                "and training does not switch it back, so dropout stays off and BatchNorm's "
-                "statistics stay frozen while training. Call model.train() at the start of "
-                "training (of every epoch), or restore the mode at the end of eval() "
+                f"({how}) runs {them} in training mode. eval() leaves {them} in eval mode and "
+                f"training does not switch {them} back, so the model trains without dropout "
+                "or sampling and with BatchNorm's statistics frozen. Call model.train() at the "
+                "start of training (of every epoch), or restore the mode at the end of eval() "
                 "(was_training = model.training ... model.train(was_training))"
             )
         if in_training:
@@ -584,7 +584,7 @@ class TrainerTests(RunChecks):
                 "mode in its forward passes with gradients, where the same training without "
                 f"eval()'s change of mode ({how}) keeps {them} in eval mode (frozen "
                 f"BatchNorm statistics, say). eval() switched {them} to training mode "
-                "(model.train() at its end) and training does not switch it back. Restore "
+                f"(model.train() at its end) and training does not switch {them} back. Restore "
                 "each submodule's mode at the end of eval() (modes = {m: m.training for m in "
                 "model.modules()} before model.eval(), m.train(modes[m]) after), or put the "
                 "modules kept in eval mode back in it at the start of every epoch"
