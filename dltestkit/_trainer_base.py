@@ -276,9 +276,11 @@ class TrainerContract(CheckMixin):
             vars(self)[name] = UNSET  # what it is; the base class skips, naming it
         return super()._get_or_skip(name)
 
-    def _close_user_names(self, name: str, cutoff: float) -> List[str]:
+    def _close_user_names(self, name: str, cutoff: float, typo: bool = False) -> List[str]:
         """Names the test class (its methods and attributes) or its setUp defined that are
-        close to ``name`` and are no attribute a mixin reads: likely misspellings of it."""
+        close to ``name`` and are no attribute a mixin reads; with ``typo``, only those at
+        most two characters longer or shorter (a helper such as make_trainer_with(lr) is
+        no misspelling)."""
         declared = set(self._declarations())
         names = {
             candidate
@@ -287,6 +289,8 @@ class TrainerContract(CheckMixin):
             if not candidate.startswith(("_", "test"))
         } | {candidate for candidate in vars(self) if not candidate.startswith("_")}
         names -= declared | {"setUp", "tearDown", "setUpClass", "tearDownClass"}
+        if typo:
+            names = {candidate for candidate in names if abs(len(candidate) - len(name)) <= 2}
         return difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
 
     def _unset_factory_error(self, name: str, what: str) -> ContractError:
@@ -308,7 +312,9 @@ class TrainerContract(CheckMixin):
 
     def _validate_combination(self) -> None:
         super()._validate_combination()
-        if not self._is_set("make_trainer") and self._close_user_names("make_trainer", 0.8):
+        if not self._is_set("make_trainer") and self._close_user_names(
+            "make_trainer", 0.8, typo=True
+        ):
             raise self._unset_factory_error(
                 "make_trainer",
                 f"{type(self).__name__} does not set self.make_trainer (as a method or in setUp)",

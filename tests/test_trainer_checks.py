@@ -507,6 +507,26 @@ class KeepsBatchNormFrozen(EvalEndsInTrainingMode):
         self.model.features[1].eval()
 
 
+class KeepsBatchNormFrozenEvalLeavesEvalMode(EvalLeavesEvalMode):
+    """Correct: the frozen BatchNorm of KeepsBatchNormFrozen, with an eval() that leaves the
+    model in eval mode."""
+
+    def start_of_epoch(self) -> None:
+        self.model.train()
+        self.model.features[1].eval()
+
+
+class EvalStepsTheOptimizer(ClassifierTrainer):
+    """Evaluates with gradients and steps the optimizer on the evaluation loss."""
+
+    def eval(self) -> float:
+        self.model.eval()
+        loss = self.loss(torch.arange(len(INPUTS)))
+        self.step(loss)
+        self.model.train()
+        return loss.item()
+
+
 class FrozenBatchNormUnfrozenByEval(ClassifierTrainer):
     """Freezes the BatchNorm statistics once; eval()'s model.train(was_training) unfreezes
     them and training never freezes them again."""
@@ -1224,19 +1244,16 @@ class UnsetOrMisspelled(CheckTestCase):
                     "dltestkit mixin reads; rename it to make_trainer.",
                 )
 
-    def test_an_unrelated_method_leaves_the_checks_that_need_make_trainer_skipping(
-        self,
-    ) -> None:
+    def test_other_methods_leave_the_checks_that_need_make_trainer_skipping(self) -> None:
         def set_up(self: Any) -> None:
-            self.trainer = self.build()
+            self.trainer = self.make_trainer_with(lr=0.05)
 
-        def build(self: Any) -> Any:
+        def make_trainer_with(self: Any, lr: float) -> Any:
             return ClassifierTrainer()
 
-        self.assertSkipsWith(
-            self.case(setUp=set_up, build=build), "test_resume", "self.make_trainer is not set"
-        )
-        self.assertPasses(self.case(setUp=set_up, build=build), "test_eval_leaves_model_unchanged")
+        case = self.case(setUp=set_up, make_trainer_with=make_trainer_with)
+        self.assertSkipsWith(case, "test_resume", "self.make_trainer is not set")
+        self.assertPasses(case, "test_eval_leaves_model_unchanged")
 
     def test_a_make_trainer_that_needs_arguments_is_a_contract_error(self) -> None:
         def set_up(self: Any) -> None:
@@ -1397,6 +1414,15 @@ class EvalLeavesModelUnchanged(CheckTestCase):
             "updates BatchNorm's running statistics with the evaluation data",
         )
 
+    def test_an_optimizer_step_in_eval_fails_naming_the_parameters(self) -> None:
+        self.assertFailsWith(
+            classifier_case(EvalStepsTheOptimizer),
+            self.check,
+            "it changed model.features.0.weight (parameter), model.features.0.bias "
+            "(parameter), model.features.1.weight (parameter) and 3 more",
+            "an optimizer step or an in-place update in eval() changes the weights",
+        )
+
     def test_the_two_common_idioms_pass_on_several_seeds(self) -> None:
         idioms = {
             "model.eval() ... model.train() in eval()": EvalEndsInTrainingMode,
@@ -1404,6 +1430,9 @@ class EvalLeavesModelUnchanged(CheckTestCase):
             "model.eval() ... model.train(was_training)": ClassifierTrainer,
             "a BatchNorm kept frozen in training, eval() ending in model.train()": (
                 KeepsBatchNormFrozen
+            ),
+            "a BatchNorm kept frozen in training, eval mode left": (
+                KeepsBatchNormFrozenEvalLeavesEvalMode
             ),
         }
         for label, trainer in idioms.items():
