@@ -153,18 +153,6 @@ def by_count(count: int, singular: str, plural: str) -> str:
     return singular if count == 1 else plural
 
 
-def _user_bases(cls: type) -> List[type]:
-    """The classes of a test class's hierarchy that its author wrote (not dltestkit's, not
-    unittest's, not object)."""
-    return [
-        base
-        for base in cls.__mro__
-        if base is not object
-        and base.__module__ != "unittest.case"
-        and not (base.__module__ == "dltestkit" or base.__module__.startswith("dltestkit."))
-    ]
-
-
 class _UnsetCall:
     """What ``self.make_trainer`` is while it is unset: the checks that need it skip, as for
     any unset attribute, but a call (``self.trainer = self.make_trainer()`` in a setUp whose
@@ -197,7 +185,9 @@ class _UnsetFactory:
         self.name = name
 
     def __get__(self, test: Any, owner: Any = None) -> Any:
-        return UNSET if test is None else _UnsetCall(self.name, test)
+        if test is None or getattr(test, "_reading_unset", False):
+            return UNSET
+        return _UnsetCall(self.name, test)
 
 
 class TrainerContract(CheckMixin):
@@ -263,6 +253,7 @@ class TrainerContract(CheckMixin):
     )
 
     make_trainer: Callable[..., Any]
+    _reading_unset: bool = False
     model_attribute: str
     optimizer_attribute: Optional[str]
     writer_attribute: Optional[str]
@@ -272,32 +263,21 @@ class TrainerContract(CheckMixin):
         return super()._is_set(name) and not isinstance(getattr(self, name), _UnsetCall)
 
     def _get_or_skip(self, name: str) -> Any:
-        if isinstance(getattr(self, name, None), _UnsetCall):
-            vars(self)[name] = UNSET  # what it is; the base class skips, naming it
-        return super()._get_or_skip(name)
-
-    def _close_user_names(self, name: str, cutoff: float, typo: bool = False) -> List[str]:
-        """Names the test class (its methods and attributes) or its setUp defined that are
-        close to ``name`` and are no attribute a mixin reads; with ``typo``, only those at
-        most two characters longer or shorter (a helper such as make_trainer_with(lr) is
-        no misspelling)."""
-        declared = set(self._declarations())
-        names = {
-            candidate
-            for base in _user_bases(type(self))
-            for candidate in vars(base)
-            if not candidate.startswith(("_", "test"))
-        } | {candidate for candidate in vars(self) if not candidate.startswith("_")}
-        names -= declared | {"setUp", "tearDown", "setUpClass", "tearDownClass"}
-        if typo:
-            names = {candidate for candidate in names if abs(len(candidate) - len(name)) <= 2}
-        return difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
+        if not isinstance(getattr(self, name, None), _UnsetCall):
+            return super()._get_or_skip(name)
+        # read as what it is, UNSET: the base class skips naming it, or raises a
+        # ContractError naming the close name the test class defines instead
+        self._reading_unset = True
+        try:
+            return super()._get_or_skip(name)
+        finally:
+            self._reading_unset = False
 
     def _unset_factory_error(self, name: str, what: str) -> ContractError:
         """A ContractError for an unset factory: what happened, what it must be, an example,
         and the close name the test class defines if there is one."""
         attribute, mixin = self._declarations()[name]
-        close = self._close_user_names(name, cutoff=0.6)
+        close = difflib.get_close_matches(name, self._defined_names(), n=1, cutoff=0.6)
         hint = (
             f" Did you mean {close[0]}? {type(self).__name__} defines {close[0]}, which no "
             f"dltestkit mixin reads; rename it to {name}."
@@ -309,16 +289,6 @@ class TrainerContract(CheckMixin):
             f"self.{name} = {attribute.example}, or a method `def {name}(self, rank=0, "
             f"world_size=1):` of the test class.{hint}"
         )
-
-    def _validate_combination(self) -> None:
-        super()._validate_combination()
-        if not self._is_set("make_trainer") and self._close_user_names(
-            "make_trainer", 0.8, typo=True
-        ):
-            raise self._unset_factory_error(
-                "make_trainer",
-                f"{type(self).__name__} does not set self.make_trainer (as a method or in setUp)",
-            )
 
     def _call_make_trainer(self, **arguments: Any) -> Any:
         """make_trainer(**arguments); a ContractError when it cannot take those arguments."""

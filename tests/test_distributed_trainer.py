@@ -489,9 +489,9 @@ class DDPTraining(CheckTestCase):
         self.assertErrorsWith(
             case,
             "test_ddp_training",
-            "ContractError: TestMine does not set self.make_trainer (as a method or in setUp): "
-            "TrainerTests needs a callable that builds a fresh trainer",
-            "Did you mean make_trainr?",
+            "ContractError: self.make_trainer is not set, but TestMine defines 'make_trainr': "
+            "did you mean self.make_trainer? TrainerTests needs a callable that builds a fresh "
+            "trainer",
         )
 
     def test_a_make_trainer_without_rank_and_world_size_is_a_contract_error(self) -> None:
