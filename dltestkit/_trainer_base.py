@@ -7,16 +7,42 @@ writer held in attributes whose names are options. The helpers here fetch those 
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import itertools
 import math
-from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
+import pathlib
+import sys
+import unittest
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+)
 from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._base import Attribute, CheckMixin, ContractError, is_callable, is_str, optional
+from ._base import (
+    UNSET,
+    Attribute,
+    CheckMixin,
+    ContractError,
+    is_callable,
+    is_str,
+    optional,
+)
 from ._random import derived_seed, make_deterministic
 
 __all__ = [
@@ -32,6 +58,9 @@ __all__ = [
 
 
 # -- validators ------------------------------------------------------------------------------
+_ABSENT = object()
+
+
 def is_trainer(value: Any) -> Optional[str]:
     if callable(getattr(value, "train", None)) and callable(getattr(value, "eval", None)):
         return None
@@ -124,6 +153,43 @@ def by_count(count: int, singular: str, plural: str) -> str:
     return singular if count == 1 else plural
 
 
+class _UnsetCall:
+    """What ``self.make_trainer`` is while it is unset: the checks that need it skip, as for
+    any unset attribute, but a call (``self.trainer = self.make_trainer()`` in a setUp whose
+    class has no make_trainer, or a misspelled one) raises a ContractError that names it,
+    where calling the plain UNSET marker would raise "'_Marker' object is not callable"."""
+
+    def __init__(self, name: str, test: "TrainerContract") -> None:
+        self.name = name
+        self.test = test
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        caller = sys._getframe(1)
+        where = (
+            f"{type(self.test).__name__}.{caller.f_code.co_name} "
+            f"({pathlib.Path(caller.f_code.co_filename).name}, line {caller.f_lineno})"
+        )
+        raise self.test._unset_factory_error(
+            self.name, f"{where} calls self.{self.name}(), which is not set"
+        )
+
+    def __repr__(self) -> str:
+        return repr(UNSET)
+
+
+class _UnsetFactory:
+    """The class-level default of ``make_trainer`` (see ``_UnsetCall``). A non-data
+    descriptor: a method of the test class or an attribute set in setUp takes its place."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, test: Any, owner: Any = None) -> Any:
+        if test is None or getattr(test, "_reading_unset", False):
+            return UNSET
+        return _UnsetCall(self.name, test)
+
+
 class TrainerContract(CheckMixin):
     """The contract of the trainer mixins (TrainerTests, DistributedTrainerTests), and how
     their checks reach the parts of a trainer."""
@@ -136,9 +202,16 @@ class TrainerContract(CheckMixin):
             "hyperparameters and model class every time",
             "lambda rank=0, world_size=1: Trainer(MyModel(), data)",
             validate=is_callable,
-            read_by=("test_resume", "test_reproducible", "test_ddp_training"),
+            read_by=(
+                "test_resume",
+                "test_reproducible",
+                "test_eval_leaves_model_unchanged",
+                "test_ddp_training",
+            ),
             details="The weights are drawn from the seeded global RNG. `TrainerTests` "
-            "calls `make_trainer()`, the distributed checks "
+            "calls `make_trainer()` (test_eval_leaves_model_unchanged only when eval() "
+            "switches a mode, to train a trainer that no eval() came before), the "
+            "distributed checks "
             "`make_trainer(rank=rank, world_size=world_size)` in each process: a "
             "method `def make_trainer(self, rank=0, world_size=1)` on the test "
             "class, which setUp also calls, serves both.",
@@ -180,9 +253,81 @@ class TrainerContract(CheckMixin):
     )
 
     make_trainer: Callable[..., Any]
+    _reading_unset: bool = False
     model_attribute: str
     optimizer_attribute: Optional[str]
     writer_attribute: Optional[str]
+
+    # -- factories that are not set ---------------------------------------------------------
+    def _is_set(self, name: str) -> bool:
+        return super()._is_set(name) and not isinstance(getattr(self, name), _UnsetCall)
+
+    def _get_or_skip(self, name: str) -> Any:
+        if not isinstance(getattr(self, name, None), _UnsetCall):
+            return super()._get_or_skip(name)
+        # read as what it is, UNSET: the base class skips naming it, or raises a
+        # ContractError naming the close name the test class defines instead
+        self._reading_unset = True
+        try:
+            return super()._get_or_skip(name)
+        finally:
+            self._reading_unset = False
+
+    def _unset_factory_error(self, name: str, what: str) -> ContractError:
+        """A ContractError for an unset factory: what happened, what it must be, an example,
+        and the close name the test class defines if there is one."""
+        attribute, mixin = self._declarations()[name]
+        close = difflib.get_close_matches(name, self._defined_names(), n=1, cutoff=0.6)
+        hint = (
+            f" Did you mean {close[0]}? {type(self).__name__} defines {close[0]}, which no "
+            f"dltestkit mixin reads; rename it to {name}."
+            if close
+            else ""
+        )
+        return ContractError(
+            f"{what}: {mixin} needs {attribute.meaning}, e.g. "
+            f"self.{name} = {attribute.example}, or a method `def {name}(self, rank=0, "
+            f"world_size=1):` of the test class.{hint}"
+        )
+
+    def _call_make_trainer(self, **arguments: Any) -> Any:
+        """make_trainer(**arguments); a ContractError when it cannot take those arguments."""
+        make_trainer = self._get_or_skip("make_trainer")
+        self._check_factory_arguments(**arguments)
+        return make_trainer(**arguments)
+
+    def _check_factory_arguments(self, **arguments: Any) -> None:
+        """A ContractError when make_trainer's signature does not take ``arguments``."""
+        try:
+            signature = inspect.signature(self.make_trainer)
+        except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+            return
+        try:
+            signature.bind(**arguments)
+        except TypeError as exc:
+            call = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+            raise self._contract_error(
+                "make_trainer",
+                f"cannot be called as make_trainer({call}) ({exc}); the checks call it so",
+            ) from None
+
+    @contextlib.contextmanager
+    def _part(self, part: str) -> Iterator[None]:
+        """One part of a check, run as a subtest. A part that skips is reported as a skipped
+        subtest, and the check as passed when its other parts pass: unittest, left alone,
+        reports the whole check as skipped when one of its subtests skips, so a reader would
+        conclude that none of it ran (pytest reports the skipped subtest and the check
+        itself as passed)."""
+        with self.subTest(part=part):
+            try:
+                yield
+            except unittest.SkipTest as skip:
+                outcome = getattr(self, "_outcome", None)
+                add_skip = getattr(getattr(outcome, "result", None), "addSkip", None)
+                subtest = getattr(self, "_subtest", None)
+                if self._reported_by_pytest or add_skip is None or subtest is None:
+                    raise
+                add_skip(subtest, str(skip))
 
     # -- the parts of a trainer --------------------------------------------------------------
     def _close_writer(self, trainer: Any) -> None:
@@ -212,15 +357,32 @@ class TrainerContract(CheckMixin):
         return writer
 
     def _model(self, trainer: Any) -> nn.Module:
-        model = getattr(trainer, self.model_attribute, None)
-        if not isinstance(model, nn.Module):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no nn.Module at "
-                f"trainer.{self.model_attribute} (model_attribute), it has "
-                f"{describe(model)}; TrainerTests reads the trained model there. Set "
-                "self.model_attribute to the name of the attribute that holds it."
+        name = self.model_attribute
+        model = getattr(trainer, name, _ABSENT)
+        if isinstance(model, nn.Module):
+            return model
+        modules = [
+            f"{key} ({type(value).__name__})"
+            for key, value in (getattr(trainer, "__dict__", None) or {}).items()
+            if isinstance(value, nn.Module)
+        ]
+        candidates = (
+            f" (the trainer's nn.Module {by_count(len(modules), 'attribute', 'attributes')}: "
+            f"{listed(modules, 5)})"
+            if modules
+            else " (the trainer has no attribute that holds an nn.Module)"
+        )
+        raise ContractError(
+            f"the trainer ({type(trainer).__name__}) "
+            + (
+                f"has no attribute {name!r} (model_attribute)"
+                if model is _ABSENT
+                else f"has no nn.Module at trainer.{name} (model_attribute), it has "
+                f"{describe(model)}"
             )
-        return model
+            + "; TrainerTests reads the trained model there. Set self.model_attribute to the "
+            f"name of the attribute that holds it{candidates}."
+        )
 
     def _optimizer(self, trainer: Any) -> Optional[Any]:
         """The trainer's optimizer; None when optimizer_attribute is None or the trainer has
@@ -275,9 +437,9 @@ class TrainerContract(CheckMixin):
 
     def _new_trainer(self, seed: int) -> Any:
         """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
-        make_trainer = self._get_or_skip("make_trainer")
+        self._get_or_skip("make_trainer")
         make_deterministic(seed)
-        trainer = make_trainer()
+        trainer = self._call_make_trainer()
         if is_trainer(trainer):
             raise self._contract_error(
                 "make_trainer",
@@ -299,3 +461,7 @@ class TrainerContract(CheckMixin):
 
     def _other_seed(self) -> int:
         return derived_seed(self.seed, 1)
+
+
+# Unset, make_trainer is UNSET to the checks, and a ContractError when called (see _UnsetCall).
+setattr(TrainerContract, "make_trainer", _UnsetFactory("make_trainer"))  # noqa: B010

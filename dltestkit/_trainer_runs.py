@@ -159,6 +159,10 @@ class RunChecks(TrainerContract):
                 "from state kept elsewhere: a schedule held in an iterator or a closure, a "
                 "module-level variable, a data iterator kept across epochs."
             )
+            + "".join(
+                f"\nNot compared: {call} raised {error}."
+                for call, error in {**saved["unread"], **loaded["unread"]}.items()
+            )
             + "\nSave everything training depends on in the checkpoint and restore it: "
             "model.state_dict(), optimizer.state_dict() (Adam's moments and step count), the "
             "state of schedulers and gradient scalers, the epoch and step counters, the state "
@@ -237,6 +241,7 @@ class RunChecks(TrainerContract):
         model = self._model(trainer)
         optimizer = self._optimizer(trainer)
         others = {}
+        unread = {}
         for name, value in attributes(trainer).items():
             if (
                 value is model
@@ -246,9 +251,10 @@ class RunChecks(TrainerContract):
                 continue
             try:
                 others[name] = cloned(value.state_dict())
-            except Exception:  # not a state dict after all (e.g. needs arguments)
-                continue
+            except Exception as exc:  # its state is not compared; a failure says why
+                unread[f"trainer.{name}.state_dict()"] = f"{type(exc).__name__}: {exc}"
         return {
+            "unread": unread,
             "model": self._state(trainer),
             "optimizer": None if optimizer is None else cloned(optimizer.state_dict()),
             "numbers": numbers(trainer),

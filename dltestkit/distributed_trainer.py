@@ -205,13 +205,12 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
 
     # -- what runs in each rank ------------------------------------------------------------
     def _make_rank_trainer(self, rank: int, world_size: int) -> Any:
-        make_trainer = self.make_trainer
-        trainer = make_trainer(rank=rank, world_size=world_size)
+        trainer = self._call_make_trainer(rank=rank, world_size=world_size)
         if not (callable(getattr(trainer, "train", None))):
-            raise ContractError(
-                f"self.make_trainer(rank={rank}, world_size={world_size}) "
-                f"returned a {type(trainer).__name__}, which has no "
-                "train(epochs)"
+            raise self._contract_error(
+                "make_trainer",
+                f"returned a {type(trainer).__name__} when called as make_trainer(rank={rank}, "
+                f"world_size={world_size}), which has no train(epochs)",
             )
         return trainer
 
@@ -253,6 +252,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         epochs in world_size real gloo processes.
         """
         self._get_or_skip("make_trainer")
+        self._check_factory_arguments(rank=0, world_size=self.world_size)
         if _start_method() != "fork":
             self.skipTest(
                 "test_ddp_training builds the trainers inside the ranks with "
@@ -270,25 +270,25 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             )
         finally:
             self._temp_root = None
-        with self.subTest("start"):
+        with self._part("start"):
             self._same_start(ranks)
-        with self.subTest("end"):
+        with self._part("end"):
             if self._first_difference(ranks, "start", "parameters"):
                 self.skipTest(
                     "the ranks start from different weights already (see the "
                     "'start' subtest), so they cannot end alike"
                 )
             self._same_end(ranks)
-        with self.subTest("data"):
+        with self._part("data"):
             if ranks[0]["epochs"] is None:
                 self.skipTest(
                     f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
                     "samples have no indices: which rank loaded which sample is not checked"
                 )
             self._check_samples(ranks)
-        with self.subTest("logging"):
+        with self._part("logging"):
             self._check_logging(ranks)
-        with self.subTest("one process"):
+        with self._part("one process"):
             if self._failed_subtests:
                 self.skipTest(
                     "the ranks' training already went wrong (see the subtests "
@@ -427,7 +427,9 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         if not self._is_set("single_process_tolerance") or tolerance is None:
             self.skipTest(
                 "self.single_process_tolerance is not set: the distributed result is "
-                "not compared with one process on the whole data"
+                "not compared with one process on the whole data (the other parts of the "
+                "check ran); set it, e.g. self.single_process_tolerance = (1e-4, 1e-6), for "
+                "a trainer whose loss is a mean over the batch, to compare them"
             )
         trainer = self._make_rank_trainer(0, 1)
         _train_epochs(trainer, getattr(trainer, self.writer_attribute or "", None))

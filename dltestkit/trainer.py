@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import functools
@@ -15,8 +16,10 @@ from typing import (
     List,
     Optional,
     Sequence,
+    Set,
     Tuple,
 )
+from unittest import mock
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from ._base import (
     Attribute,
     ContractError,
     check,
+    is_bool,
     is_callable,
     is_names,
     is_non_negative_number,
@@ -154,6 +158,20 @@ class TrainerTests(RunChecks):
             read_by=("test_overfit_one_batch",),
         ),
         Attribute(
+            "eval_restores_mode",
+            "whether eval() promises to leave every submodule in the train or eval mode "
+            "it found it in",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_eval_leaves_model_unchanged",),
+            details="`True`: a mode that eval() switches fails, also when eval() ends with "
+            "`model.train()` on a model its caller had put in eval mode (an inference script, "
+            "another loop's validation). `False`: a mode that eval() switches fails only when "
+            "the training that follows runs in another mode than it does without the eval() "
+            "before.",
+        ),
+        Attribute(
             "expected_initial_loss",
             "the eval() loss of the untrained model",
             "math.log(10)",
@@ -244,6 +262,7 @@ class TrainerTests(RunChecks):
     expected_scalars: Sequence[str]
     overfit_epochs: int
     overfit_max_loss: float
+    eval_restores_mode: bool
     expected_initial_loss: float
     initial_loss_tag: Optional[str]
     initial_loss_rtol: float
@@ -331,16 +350,17 @@ class TrainerTests(RunChecks):
                 "learning rate if the model is merely slow to fit."
             )
 
-    # -- resuming and reproducing ------------------------------------------------------------
+    # -- evaluation ---------------------------------------------------------------------------
     @check
     def test_eval_leaves_model_unchanged(self) -> None:
-        """Check that ``eval()`` runs the model in eval mode and changes no parameter, buffer,
-        module mode or grad mode.
+        """Check that ``eval()`` runs the model in eval mode, changes no parameter, buffer or
+        grad mode, and leaves the training that follows in the mode it runs in without it.
 
-        Catches an evaluation that changes what it evaluates: BatchNorm statistics updated
-        with test data, dropout left on (no model.eval()), the model left in eval mode for
-        the training that follows, or left in training mode when it was in eval mode
-        (model.train() at the end), gradients left disabled.
+        Catches an evaluation that changes what it evaluates or what comes after it:
+        BatchNorm statistics updated with test data, dropout left on (no model.eval()), the
+        training that follows run in eval mode (model.eval() never undone), gradients left
+        disabled; with eval_restores_mode, also a caller's eval mode undone (model.train() at
+        the end of eval()).
         """
         model = self._model(self.trainer)
         prefix = self.model_attribute
@@ -356,17 +376,17 @@ class TrainerTests(RunChecks):
             if module.training and module not in in_training_mode:
                 in_training_mode.append(module)
 
-        handles = []
-        for module in model.modules():
-            try:
-                handles.append(module.register_forward_pre_hook(note_mode))
-            except RuntimeError:  # a TorchScript module takes no hooks; its state is compared
-                continue
+        handles = [  # a TorchScript module takes no hooks; its state is compared
+            module.register_forward_pre_hook(note_mode)
+            for module in model.modules()
+            if not isinstance(module, torch.jit.ScriptModule)
+        ]
         try:
             loss = self._eval_loss(self.trainer)
         finally:
             for handle in handles:
                 handle.remove()
+        left = {module: module.training for module in model.modules()}
         problems = []
         parameters = dict(model.named_parameters())
         state = model.state_dict()
@@ -382,22 +402,6 @@ class TrainerTests(RunChecks):
                 "step or an in-place update in eval() changes the weights. Evaluate under "
                 "model.eval() and torch.no_grad(), without stepping the optimizer"
             )
-        after = {names[module]: module.training for module in model.modules()}
-        for was_training in (True, False):
-            switched = [
-                name
-                for name, training in modes.items()
-                if training == was_training and after.get(name, training) != training
-            ]
-            if switched:
-                was, now = ("training", "eval") if was_training else ("eval", "training")
-                problems.append(
-                    f"it left {listed(switched)} in {now} mode, which "
-                    f"{by_count(len(switched), 'was', 'were')} in {was} mode before: the "
-                    "training that follows runs in the wrong mode. Record the mode of each "
-                    "submodule before model.eval() and restore it afterwards (at least "
-                    "was_training = model.training ... model.train(was_training))"
-                )
         if torch.is_grad_enabled() != grad_mode:
             problems.append(
                 f"it left torch.is_grad_enabled() {torch.is_grad_enabled()}, which was "
@@ -405,6 +409,7 @@ class TrainerTests(RunChecks):
                 "makes the training that follows compute no gradients. Evaluate inside "
                 "`with torch.no_grad():` (or torch.inference_mode()) instead"
             )
+            torch.set_grad_enabled(grad_mode)  # for the training observed below
         if in_training_mode:
             # Only a problem when it shows: a model of Linear layers evaluates the same in
             # either mode; dropout (a result that changes with the seed) and BatchNorm (its
@@ -412,6 +417,8 @@ class TrainerTests(RunChecks):
             with preserved_global_state():
                 make_deterministic(self._other_seed())
                 again = self._eval_loss(self.trainer)
+            for module, training in left.items():  # as the first eval() left them
+                module.training = training
             if changed or not same_number(loss, again, 0.0, 0.0):
                 in_training_mode.sort(key=lambda m: not isinstance(m, _MODE_DEPENDENT))
                 culprits = [f"{names[m]} ({type(m).__name__})" for m in in_training_mode]
@@ -430,17 +437,46 @@ class TrainerTests(RunChecks):
                         "evaluating, and restore the previous mode afterwards"
                     ),
                 )
-        problems.extend(self._eval_mode_kept(model, names))
+        switched = [
+            names[module] for module, training in left.items() if training != modes[names[module]]
+        ]
+        unobserved = None
+        if self.eval_restores_mode:
+            problems.extend(self._modes_switched(switched, modes))
+            problems.extend(self._eval_mode_kept(model, names))
+        elif switched:
+            found, unobserved = self._training_after_eval(model, names, modes, switched)
+            problems.extend(found)
         if problems:
             self.fail(
                 "trainer.eval() does not leave the model as it found it:\n  - "
                 + "\n  - ".join(problems)
             )
+        if unobserved:
+            with self._part("training after eval()"):
+                self.skipTest(unobserved)
+
+    def _modes_switched(self, switched: List[str], modes: Dict[str, bool]) -> List[str]:
+        """With eval_restores_mode: every submodule whose mode eval() switched."""
+        problems = []
+        for was_training in (True, False):
+            names = [name for name in switched if modes[name] == was_training]
+            if names:
+                was, now = ("training", "eval") if was_training else ("eval", "training")
+                problems.append(
+                    f"it left {listed(names)} in {now} mode, which "
+                    f"{by_count(len(names), 'was', 'were')} in {was} mode before, although "
+                    "eval_restores_mode is True (eval() promises to leave the model in the mode "
+                    "it found it). Record the mode of each submodule before model.eval() and "
+                    "restore it afterwards (at least was_training = model.training ... "
+                    "model.train(was_training))"
+                )
+        return problems
 
     def _eval_mode_kept(self, model: nn.Module, names: Dict[nn.Module, str]) -> List[str]:
-        """eval() once more, on the model put in eval mode first (as an inference script or
-        another loop's validation calls it): every submodule must still be in eval mode.
-        The modes are restored afterwards."""
+        """With eval_restores_mode: eval() once more, on the model put in eval mode first (as an
+        inference script or another loop's validation calls it): every submodule must still
+        be in eval mode. The modes are restored afterwards."""
         modes = {module: module.training for module in model.modules()}
         model.eval()
         try:
@@ -460,9 +496,133 @@ class TrainerTests(RunChecks):
         return [
             "called on the model in eval mode (model.eval() first, as an inference script "
             f"does), it left {listed(switched)} in training mode: an eval() that ends with "
-            "model.train() undoes the caller's model.eval(). Restore the mode it found "
-            "(was_training = model.training ... model.train(was_training))"
+            "model.train() undoes the caller's model.eval(), and eval_restores_mode is True. "
+            "Restore the mode it found (was_training = model.training ... "
+            "model.train(was_training))"
         ]
+
+    def _training_after_eval(
+        self,
+        model: nn.Module,
+        names: Dict[nn.Module, str],
+        modes: Dict[str, bool],
+        switched: List[str],
+    ) -> Tuple[List[str], Optional[str]]:
+        """eval() switched the mode of ``switched``: whether that shows in the training that
+        follows. One epoch of training right after eval(), the mode of each module noted in
+        each of its forward passes with gradients enabled, is compared with one epoch as it
+        would be if eval() left the modes alone: of a fresh trainer from make_trainer() (at
+        the same epoch) with the modes the model had before eval(), or, without
+        make_trainer, of the same trainer with those modes restored; in it, any eval() that
+        training calls itself restores the modes it found. A trainer that calls
+        model.train() when training starts trains alike in both, as does one that keeps a
+        submodule in eval mode on purpose and puts it back when training starts. Returns the
+        problems, and why the training could not be compared when it could not."""
+        after = self._training_modes(self.trainer, names)
+        if self._is_set("make_trainer"):
+            fresh = self._new_trainer(self.seed)
+            fresh_model = self._model(fresh)
+            prefix = self.model_attribute
+            fresh_names = {
+                module: f"{prefix}.{name}" if name else prefix
+                for name, module in fresh_model.named_modules()
+            }
+            for module, name in fresh_names.items():
+                module.training = modes.get(name, module.training)
+            without = self._training_modes(fresh, fresh_names, eval_restores=True)
+            how = "one epoch of a fresh trainer from make_trainer()"
+        else:
+            for module, name in names.items():
+                module.training = modes[name]
+            without = self._training_modes(self.trainer, names, eval_restores=True)
+            how = "another epoch of this trainer, its modes put back as eval() found them"
+        compared = [name for name in after if name in without]
+        if not compared:
+            return [], (
+                f"eval() switched the train/eval mode of {listed(switched)} (it does not "
+                "restore the mode it found); whether the training that follows runs in the "
+                "wrong mode could not be seen: trainer.train(1) ran no forward pass with "
+                "gradients enabled that a forward "
+                "hook of the model saw. Set eval_restores_mode = True to require eval() to "
+                "restore the mode it found"
+            )
+        modules = {name: module for module, name in names.items()}
+        by_importance = sorted(
+            compared, key=lambda name: not isinstance(modules.get(name), _MODE_DEPENDENT)
+        )
+        in_eval = [
+            name
+            for name in by_importance
+            if (True in without[name] - after[name]) or (False in after[name] - without[name])
+        ]
+        in_training = [
+            name
+            for name in by_importance
+            if name not in in_eval
+            and ((False in without[name] - after[name]) or (True in after[name] - without[name]))
+        ]
+        problems = []
+        if in_eval:
+            culprits = [f"{name} ({type(modules[name]).__name__})" for name in in_eval]
+            them = by_count(len(in_eval), "it", "them")
+            problems.append(
+                "the training that follows it runs in eval mode: trainer.train(1) right after "
+                f"eval() ran {listed(culprits)} in eval mode in its forward passes with "
+                "gradients, where the same training without eval()'s change of mode "
+                f"({how}) runs {them} in training mode. eval() leaves {them} in eval mode and "
+                f"training does not switch {them} back, so the model trains without dropout "
+                "or sampling and with BatchNorm's statistics frozen. Call model.train() at the "
+                "start of training (of every epoch), or restore the mode at the end of eval() "
+                "(was_training = model.training ... model.train(was_training))"
+            )
+        if in_training:
+            culprits = [f"{name} ({type(modules[name]).__name__})" for name in in_training]
+            them = by_count(len(in_training), "it", "them")
+            problems.append(
+                "the training that follows it runs in training mode where it should not: "
+                f"trainer.train(1) right after eval() ran {listed(culprits)} in training "
+                "mode in its forward passes with gradients, where the same training without "
+                f"eval()'s change of mode ({how}) keeps {them} in eval mode (frozen "
+                f"BatchNorm statistics, say). eval() switched {them} to training mode "
+                f"(model.train() at its end) and training does not switch {them} back. Restore "
+                "each submodule's mode at the end of eval() (modes = {m: m.training for m in "
+                "model.modules()} before model.eval(), m.train(modes[m]) after), or put the "
+                "modules kept in eval mode back in it at the start of every epoch"
+            )
+        return problems, None
+
+    def _training_modes(
+        self, trainer: Any, names: Dict[nn.Module, str], eval_restores: bool = False
+    ) -> Dict[str, Set[bool]]:
+        """trainer.train(1) (logging nothing); the modes (True: training) each module of
+        ``names`` had in its forward passes with gradients enabled, by name. With
+        ``eval_restores``, every trainer.eval() that training calls itself puts the modules
+        back in the modes it found them in."""
+        members = {id(module): name for module, name in names.items()}
+        seen: Dict[str, Set[bool]] = {}
+
+        def note(module: nn.Module, _: Any) -> None:
+            name = members.get(id(module))
+            if name is not None and torch.is_grad_enabled():
+                seen.setdefault(name, set()).add(module.training)
+
+        evaluate = trainer.eval
+
+        def restoring_eval(*args: Any, **kwargs: Any) -> Any:
+            modes = {module: module.training for module in names}
+            try:
+                return evaluate(*args, **kwargs)
+            finally:
+                for module, training in modes.items():
+                    module.training = training
+
+        with contextlib.ExitStack() as stack:
+            if eval_restores and hasattr(trainer, "__dict__"):
+                stack.enter_context(mock.patch.object(trainer, "eval", restoring_eval))
+            handle = nn.modules.module.register_module_forward_pre_hook(note)
+            stack.callback(handle.remove)
+            self._train(trainer, 1)
+        return seen
 
     @check
     def test_initial_loss(self) -> None:

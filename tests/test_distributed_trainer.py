@@ -7,7 +7,9 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -298,7 +300,7 @@ def outcome_of(case: type) -> Dict[str, List[str]]:
         def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
             super().addSubTest(test, subtest, err)
             if err is not None:
-                found.setdefault(subtest._message, []).append(str(err[1]))
+                found.setdefault(subtest.params["part"], []).append(str(err[1]))
 
     result = Result()
     case("test_ddp_training").run(result)
@@ -451,11 +453,118 @@ class DDPTraining(CheckTestCase):
             "trainer.loader (train_loader_attribute) is NoneType, not a DataLoader",
         )
 
+    def test_a_skipped_part_is_named_and_the_check_reported_passed(self) -> None:
+        class Result(unittest.TestResult):
+            passed: List[str] = []
+
+            def addSuccess(self, test: Any) -> None:
+                super().addSuccess(test)
+                self.passed.append(test._testMethodName)
+
+        result = Result()
+        ddp_trainer_case(ClassifierTrainer)("test_ddp_training").run(result)
+        self.assertEqual((result.failures, result.errors), ([], []))
+        self.assertEqual(result.passed, ["test_ddp_training"])  # not only "skipped"
+        [(part, reason)] = result.skipped
+        self.assertIn("(part='one process')", str(part))
+        self.assertIn(
+            "self.single_process_tolerance is not set: the distributed result is not compared "
+            "with one process on the whole data (the other parts of the check ran); set it, "
+            "e.g. self.single_process_tolerance = (1e-4, 1e-6)",
+            reason,
+        )
+
+    def test_a_misspelled_make_trainer_is_a_contract_error_naming_it(self) -> None:
+        def set_up(self: Any) -> None:
+            self.data = data()
+
+        def make_trainr(self: Any, rank: int = 0, world_size: int = 1) -> Any:
+            return ClassifierTrainer(self.data, rank, world_size)
+
+        case = type(
+            "TestMine",
+            (DistributedTrainerTests, unittest.TestCase),
+            {"setUp": set_up, "make_trainr": make_trainr},
+        )
+        self.assertErrorsWith(
+            case,
+            "test_ddp_training",
+            "ContractError: self.make_trainer is not set, but TestMine defines 'make_trainr': "
+            "did you mean self.make_trainer? TrainerTests needs a callable that builds a fresh "
+            "trainer",
+        )
+
+    def test_a_make_trainer_without_rank_and_world_size_is_a_contract_error(self) -> None:
+        def set_up(self: Any) -> None:
+            self.data = data()
+            self.make_trainer = lambda: ClassifierTrainer(self.data)
+            self.trainer = self.make_trainer()
+
+        case = type("Case", (DistributedTrainerTests, unittest.TestCase), {"setUp": set_up})
+        self.assertErrorsWith(
+            case,
+            "test_ddp_training",
+            "ContractError: self.make_trainer set in Case.setUp cannot be called as "
+            "make_trainer(rank=0, world_size=2) (got an unexpected keyword argument 'rank')",
+        )
+
     def test_it_combines_with_trainer_tests(self) -> None:
         case = ddp_trainer_case(ClassifierTrainer, mixins=(DistributedTrainerTests, TrainerTests))
         self.assertIn("test_ddp_training", checks_of(case))
         self.assertIn("test_resume", checks_of(case))
         self.assertTrue(issubclass(ContractError, TypeError))
+
+
+MODULE = textwrap.dedent("""
+    import unittest
+
+    from test_distributed_trainer import ClassifierTrainer, data
+    from dltestkit import DistributedTrainerTests
+
+
+    class TestDDP(DistributedTrainerTests, unittest.TestCase):
+        def setUp(self):
+            self.data = data()
+
+        def make_trainer(self, rank=0, world_size=1):
+            return ClassifierTrainer(self.data, rank, world_size)
+""")
+
+
+class SkippedPartUnderRunners(unittest.TestCase):
+    """A check with one part skipped reads as passed, with the part named, under both."""
+
+    def run_in_temp_dir(self, *command: str) -> str:
+        here = Path(__file__).resolve().parent
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "test_ddp.py").write_text(MODULE)
+            completed = subprocess.run(
+                [sys.executable, *command],
+                cwd=folder,
+                text=True,
+                capture_output=True,
+                timeout=300,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])},
+            )
+        return completed.stdout + completed.stderr
+
+    def test_unittest_reports_the_check_ok_and_the_part_skipped(self) -> None:
+        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp")
+        self.assertRegex(
+            output,
+            r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\) \(part='one process'\)"
+            r"\n.*\.\.\. skipped 'self.single_process_tolerance is not set",
+        )
+        self.assertRegex(
+            output, r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\)\n.* \.\.\. ok\n"
+        )
+        self.assertIn("OK (skipped=1)", output)
+
+    def test_pytest_reports_the_check_passed_and_the_part_skipped(self) -> None:
+        output = self.run_in_temp_dir("-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider")
+        self.assertIn("test_ddp.py::TestDDP::test_ddp_training PASSED", output)
+        self.assertIn("SUBSKIPPED(part='one process') [1] ", output)
+        self.assertRegex(output, r"1 passed, 1 skipped, 4 subtests passed")
 
 
 if __name__ == "__main__":

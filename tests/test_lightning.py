@@ -157,11 +157,11 @@ class WithoutRandomState(LightningAdapter):
         return []  # Lightning's checkpoints alone
 
 
-def lightning_case(adapter: Any = None) -> type:
+def lightning_case(adapter: Any = None, module: Any = Classifier, **attributes: Any) -> type:
     def make_trainer(self: Any) -> Any:
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         return (adapter or LightningAdapter)(
-            Classifier(),
+            module(),
             DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
             DataLoader(DATA, batch_size=8),
             log_dir=self.make_temp_dir(),
@@ -173,6 +173,8 @@ def lightning_case(adapter: Any = None) -> type:
         self.expected_initial_loss = math.log(4)
         self.overfit_epochs = 40
         self.overfit_max_loss = 0.5
+        for name, value in attributes.items():
+            setattr(self, name, value)
 
     return make_case(TrainerTests, set_up, make_trainer=make_trainer)
 
@@ -194,6 +196,38 @@ class Lightning(CheckTestCase):
             "data order: the random generator "
             "trainer.train_loader.generator is not in the saved state",
             "random state: training draws from torch's global RNG",
+        )
+
+    def test_eval_leaves_model_unchanged_passes_on_several_seeds(self) -> None:
+        class FrozenStatistics(Classifier):
+            """Trains with the BatchNorm statistics frozen, as fine-tuning often does."""
+
+            def on_train_epoch_start(self):
+                self.net[1].eval()
+
+        for module in (Classifier, FrozenStatistics):
+            for seed in (0, 1, 2):
+                for strict in (False, True):
+                    with self.subTest(module.__name__, seed=seed, eval_restores_mode=strict):
+                        case = lightning_case(module=module, eval_restores_mode=strict)
+                        self.assertPasses(
+                            type("Case", (case,), {"seed": seed}),
+                            "test_eval_leaves_model_unchanged",
+                        )
+
+    def test_an_adapter_without_a_model_attribute_is_told_so(self) -> None:
+        class KeepsItAsModule(LightningAdapter):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.module = self.__dict__.pop("model")
+
+        self.assertErrorsWith(
+            lightning_case(KeepsItAsModule),
+            "test_eval_leaves_model_unchanged",
+            "ContractError: the trainer (KeepsItAsModule) has no attribute 'model' "
+            "(model_attribute); TrainerTests reads the trained model there. Set "
+            "self.model_attribute to the name of the attribute that holds it (the trainer's "
+            "nn.Module attribute: module (Classifier)).",
         )
 
     def test_nothing_is_printed_or_written_to_the_working_directory(self) -> None:

@@ -237,12 +237,15 @@ class ClassifierTrainer:
         loss.backward()
         self.optimizer.step()
 
+    def start_of_epoch(self) -> None:
+        self.model.train()
+
     def end_of_epoch(self) -> None:
         pass
 
     def train(self, epochs: int) -> None:
         for _ in range(epochs):
-            self.model.train()
+            self.start_of_epoch()
             for batch in self.order().split(self.batch_size):
                 loss = self.loss(batch)
                 self.step(loss)
@@ -416,10 +419,28 @@ class EvalRecalibratesBatchNorm(ClassifierTrainer):
 
 
 class EvalLeavesEvalMode(ClassifierTrainer):
+    """Correct: eval() leaves the model in eval mode, and training starts every epoch with
+    model.train()."""
+
     def eval(self) -> float:
         self.model.eval()
         with torch.no_grad():
             return self.loss(torch.arange(len(INPUTS))).item()
+
+
+class EvalModeNeverUndone(EvalLeavesEvalMode):
+    """eval() leaves the model in eval mode and training never calls model.train()."""
+
+    def start_of_epoch(self) -> None:
+        pass
+
+
+class EvalBeforeTrainingLeavesEvalMode(EvalLeavesEvalMode):
+    """Evaluates at the start of every epoch, after model.train(): trains in eval mode."""
+
+    def start_of_epoch(self) -> None:
+        self.model.train()
+        self.summary.add_scalar("val/loss", self.eval(), self.epoch)
 
 
 class EvalDisablesGradients(ClassifierTrainer):
@@ -475,6 +496,47 @@ class EvalEndsInTrainingMode(ClassifierTrainer):
             loss = self.loss(torch.arange(len(INPUTS))).item()
         self.model.train()
         return loss
+
+
+class KeepsBatchNormFrozen(EvalEndsInTrainingMode):
+    """Correct: trains with the BatchNorm statistics frozen (its layer in eval mode), put
+    back at the start of every epoch; eval() ends with model.train()."""
+
+    def start_of_epoch(self) -> None:
+        self.model.train()
+        self.model.features[1].eval()
+
+
+class KeepsBatchNormFrozenEvalLeavesEvalMode(EvalLeavesEvalMode):
+    """Correct: the frozen BatchNorm of KeepsBatchNormFrozen, with an eval() that leaves the
+    model in eval mode."""
+
+    def start_of_epoch(self) -> None:
+        self.model.train()
+        self.model.features[1].eval()
+
+
+class EvalStepsTheOptimizer(ClassifierTrainer):
+    """Evaluates with gradients and steps the optimizer on the evaluation loss."""
+
+    def eval(self) -> float:
+        self.model.eval()
+        loss = self.loss(torch.arange(len(INPUTS)))
+        self.step(loss)
+        self.model.train()
+        return loss.item()
+
+
+class FrozenBatchNormUnfrozenByEval(ClassifierTrainer):
+    """Freezes the BatchNorm statistics once; eval()'s model.train(was_training) unfreezes
+    them and training never freezes them again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model.features[1].eval()
+
+    def start_of_epoch(self) -> None:
+        pass
 
 
 class FrozenFeatures(ClassifierTrainer):
@@ -1002,6 +1064,29 @@ class Resume(CheckTestCase):
             "so the difference comes from state kept elsewhere: a schedule held in an iterator",
         )
 
+    def test_a_state_dict_that_raises_is_named_as_not_compared(self) -> None:
+        class Tracker:
+            """Has a state_dict() that needs an argument."""
+
+            def state_dict(self, prefix: str) -> Dict[str, Any]:
+                return {prefix: 0}
+
+        def with_tracker(trainer_type: Any) -> Any:
+            class WithTracker(trainer_type):  # type: ignore[valid-type, misc]
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.tracker = Tracker()
+
+            return WithTracker
+
+        self.assertResumeFails(
+            with_tracker(ScheduleInAnIterator),
+            "so the difference comes from state kept elsewhere",
+            "\nNot compared: trainer.tracker.state_dict() raised TypeError: ",
+            "missing 1 required positional argument: 'prefix'.\n",
+        )
+        self.assertPasses(classifier_case(with_tracker(ClassifierTrainer)), "test_resume")
+
     def test_a_trainer_that_is_not_reproducible_is_told_so(self) -> None:
         self.assertResumeFails(
             UnseededShuffling,
@@ -1056,7 +1141,9 @@ class Resume(CheckTestCase):
             ),
             "model_attribute": (
                 {"model_attribute": "net"},
-                "has no nn.Module at trainer.net (model_attribute), it has None (a NoneType)",
+                "has no attribute 'net' (model_attribute); TrainerTests reads the trained model "
+                "there. Set self.model_attribute to the name of the attribute that holds it "
+                "(the trainer's nn.Module attribute: model (Net))",
             ),
             "optimizer_attribute": (
                 {"optimizer_attribute": "opt"},
@@ -1104,6 +1191,130 @@ class Resume(CheckTestCase):
             "test_resume",
             "self.make_trainer",
             "returned a object, which has no train(epochs) and eval()",
+        )
+
+
+class UnsetOrMisspelled(CheckTestCase):
+    """An unset, misspelled or ill-fitting make_trainer or model attribute is a ContractError
+    that names it, never a TypeError from deep inside."""
+
+    def case(self, **body: Any) -> type:
+        return type("TestMine", (TrainerTests, unittest.TestCase), {"seed": 0, **body})
+
+    def test_a_setup_calling_an_unset_make_trainer_names_it_and_the_close_name(self) -> None:
+        def setUp(self: Any) -> None:  # noqa: N802 (its name is in the message)
+            self.trainer = self.make_trainer()
+
+        def make_trainr(self: Any) -> Any:
+            return ClassifierTrainer()
+
+        for body, hint in (
+            ({"make_trainr": make_trainr}, " Did you mean make_trainr? TestMine defines "),
+            ({}, ""),
+        ):
+            with self.subTest(defines=sorted(body)):
+                text = self.assertErrorsWith(
+                    self.case(setUp=setUp, **body),
+                    "test_logging",
+                    "ContractError: TestMine.setUp (test_trainer_checks.py, line ",
+                    ") calls self.make_trainer(), which is not set: TrainerTests needs a "
+                    "callable that builds a fresh trainer, with the same data, hyperparameters "
+                    "and model class every time, e.g. self.make_trainer = lambda rank=0, "
+                    "world_size=1: Trainer(MyModel(), data), or a method `def "
+                    f"make_trainer(self, rank=0, world_size=1):` of the test class.{hint}",
+                )
+                self.assertNotIn("_Marker", text)
+
+    def test_a_misspelled_make_trainer_method_is_a_contract_error_naming_it(self) -> None:
+        def set_up(self: Any) -> None:
+            self.trainer = ClassifierTrainer()
+
+        def make_trainr(self: Any) -> Any:
+            return ClassifierTrainer()
+
+        case = self.case(setUp=set_up, make_trainr=make_trainr)
+        self.assertErrorsWith(
+            case,
+            "test_resume",
+            "ContractError: self.make_trainer is not set, but TestMine defines 'make_trainr': "
+            "did you mean self.make_trainer? TrainerTests needs a callable that builds a fresh "
+            "trainer",
+        )
+        # the checks that do not need it run; this one would use it only if eval() switched
+        # a mode, and trains the trainer of setUp twice otherwise
+        for trainer in (ClassifierTrainer, EvalLeavesEvalMode):
+            with self.subTest(trainer.__name__):
+
+                def set_up_with(self: Any, trainer: Any = trainer) -> None:
+                    self.trainer = trainer()
+
+                self.assertPasses(
+                    self.case(setUp=set_up_with, make_trainr=make_trainr),
+                    "test_eval_leaves_model_unchanged",
+                )
+
+    def test_other_methods_leave_the_checks_that_need_make_trainer_skipping(self) -> None:
+        def set_up(self: Any) -> None:
+            self.trainer = self.build()
+
+        def build(self: Any) -> Any:
+            return ClassifierTrainer()
+
+        case = self.case(setUp=set_up, build=build)
+        self.assertSkipsWith(case, "test_resume", "self.make_trainer is not set")
+        self.assertPasses(case, "test_eval_leaves_model_unchanged")
+
+    def test_a_make_trainer_that_needs_arguments_is_a_contract_error(self) -> None:
+        def set_up(self: Any) -> None:
+            self.trainer = ClassifierTrainer()
+            self.make_trainer = lambda data: ClassifierTrainer()
+
+        self.assertErrorsWith(
+            make_case(TrainerTests, set_up),
+            "test_reproducible",
+            "ContractError: self.make_trainer set in Case.setUp cannot be called as "
+            "make_trainer() (missing a required argument: 'data'); the checks call it so",
+        )
+
+    def test_the_model_attribute_absent_or_not_a_module_is_told_as_it_is(self) -> None:
+        class Holder:
+            def __init__(self, net: Any) -> None:
+                self.inner = ClassifierTrainer()
+                self.net, self.backbone = net, nn.Linear(2, 2)
+
+            def train(self, epochs: int) -> None:
+                self.inner.train(epochs)
+
+            def eval(self) -> float:
+                return self.inner.eval()
+
+        for net, fragment in (
+            (None, "has no nn.Module at trainer.net (model_attribute), it has None (a NoneType)"),
+            ("weights.pt", "has no nn.Module at trainer.net (model_attribute), it has "),
+        ):
+            with self.subTest(net=net):
+
+                def set_up(self: Any, net: Any = net) -> None:
+                    self.trainer = Holder(net)
+                    self.model_attribute = "net"
+
+                self.assertErrorsWith(
+                    make_case(TrainerTests, set_up),
+                    "test_eval_leaves_model_unchanged",
+                    "ContractError: the trainer (Holder) " + fragment,
+                    "Set self.model_attribute to the name of the attribute that holds it (the "
+                    "trainer's nn.Module attribute: backbone (Linear)).",
+                )
+
+        def set_up(self: Any) -> None:
+            self.trainer = Holder(None)
+            self.model_attribute = "model"
+
+        self.assertErrorsWith(
+            make_case(TrainerTests, set_up),
+            "test_frozen_parameters",
+            "ContractError: the trainer (Holder) has no attribute 'model' (model_attribute); "
+            "TrainerTests reads the trained model there.",
         )
 
 
@@ -1161,6 +1372,33 @@ class Reproducible(CheckTestCase):
         )
 
 
+def without_make_trainer(trainer_type: Any, **attributes: Any) -> type:
+    """classifier_case's setUp without make_trainer."""
+
+    def set_up(self: Any) -> None:
+        self.trainer = trainer_type()
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    return make_case(TrainerTests, set_up)
+
+
+def seeded(case: type, seed: int) -> type:
+    return type("Case", (case,), {"seed": seed})
+
+
+class Parts(unittest.TestResult):
+    """A TestResult that also notes the checks that passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passed: List[str] = []
+
+    def addSuccess(self, test: Any) -> None:
+        super().addSuccess(test)
+        self.passed.append(test._testMethodName)
+
+
 class EvalLeavesModelUnchanged(CheckTestCase):
     check = "test_eval_leaves_model_unchanged"
 
@@ -1185,24 +1423,117 @@ class EvalLeavesModelUnchanged(CheckTestCase):
             "updates BatchNorm's running statistics with the evaluation data",
         )
 
-    def test_eval_that_leaves_the_model_in_eval_mode_fails(self) -> None:
+    def test_an_optimizer_step_in_eval_fails_naming_the_parameters(self) -> None:
         self.assertFailsWith(
-            classifier_case(EvalLeavesEvalMode),
+            classifier_case(EvalStepsTheOptimizer),
+            self.check,
+            "it changed model.features.0.weight (parameter), model.features.0.bias "
+            "(parameter), model.features.1.weight (parameter) and 3 more",
+            "an optimizer step or an in-place update in eval() changes the weights",
+        )
+
+    def test_the_two_common_idioms_pass_on_several_seeds(self) -> None:
+        idioms = {
+            "model.eval() ... model.train() in eval()": EvalEndsInTrainingMode,
+            "eval mode left, model.train() at the start of every epoch": EvalLeavesEvalMode,
+            "model.eval() ... model.train(was_training)": ClassifierTrainer,
+            "a BatchNorm kept frozen in training, eval() ending in model.train()": (
+                KeepsBatchNormFrozen
+            ),
+            "a BatchNorm kept frozen in training, eval mode left": (
+                KeepsBatchNormFrozenEvalLeavesEvalMode
+            ),
+        }
+        for label, trainer in idioms.items():
+            for make in (classifier_case, without_make_trainer):
+                for seed in (0, 1, 2):
+                    with self.subTest(label, make_trainer=make is classifier_case, seed=seed):
+                        self.assertPasses(seeded(make(trainer), seed), self.check)
+
+    def test_the_training_that_follows_in_eval_mode_fails_naming_the_modules(self) -> None:
+        for make, reference in (
+            (classifier_case, "one epoch of a fresh trainer from make_trainer()"),
+            (
+                without_make_trainer,
+                "another epoch of this trainer, its modes put back as eval() found them",
+            ),
+        ):
+            with self.subTest(reference):
+                self.assertFailsWith(
+                    make(EvalModeNeverUndone),
+                    self.check,
+                    "the training that follows it runs in eval mode: trainer.train(1) right "
+                    "after eval() ran model.features.1 (BatchNorm1d), model.dropout (Dropout), "
+                    "model (Net) and 3 more in eval mode in its forward passes with gradients, "
+                    f"where the same training without eval()'s change of mode ({reference}) "
+                    "runs them in training mode",
+                    "Call model.train() at the start of training (of every epoch), or restore "
+                    "the mode at the end of eval()",
+                )
+
+    def test_an_eval_the_trainer_calls_before_training_is_seen_too(self) -> None:
+        # The trainer's own eval() at the start of each epoch leaves it training in eval
+        # mode, with or without the check's eval() before.
+        self.assertFailsWith(
+            classifier_case(EvalBeforeTrainingLeavesEvalMode),
+            self.check,
+            "the training that follows it runs in eval mode",
+            "model.features.1 (BatchNorm1d), model.dropout (Dropout)",
+        )
+
+    def test_a_frozen_batchnorm_unfrozen_by_eval_fails_naming_it(self) -> None:
+        self.assertFailsWith(
+            classifier_case(FrozenBatchNormUnfrozenByEval),
+            self.check,
+            "the training that follows it runs in training mode where it should not: "
+            "trainer.train(1) right after eval() ran model.features.1 (BatchNorm1d) in "
+            "training mode in its forward passes with gradients, where the same training "
+            "without eval()'s change of mode (one epoch of a fresh trainer from "
+            "make_trainer()) keeps it in eval mode",
+            "Restore each submodule's mode at the end of eval()",
+        )
+
+    def test_eval_restores_mode_makes_a_switched_mode_fail(self) -> None:
+        self.assertFailsWith(
+            classifier_case(EvalLeavesEvalMode, eval_restores_mode=True),
             self.check,
             "it left model, model.features, model.features.0 and 3 more in "
-            "eval mode, which were in training mode before",
+            "eval mode, which were in training mode before, although eval_restores_mode is "
+            "True (eval() promises to leave the model in the mode it found it)",
             "model.train(was_training)",
         )
 
-    def test_eval_that_ends_in_training_mode_fails_from_eval_mode(self) -> None:
+    def test_eval_that_ends_in_training_mode_fails_from_eval_mode_with_eval_restores_mode(
+        self,
+    ) -> None:
         self.assertFailsWith(
-            classifier_case(EvalEndsInTrainingMode),
+            classifier_case(EvalEndsInTrainingMode, eval_restores_mode=True),
             self.check,
             "called on the model in eval mode (model.eval() first, as an inference script "
             "does), it left model, model.features, model.features.0 and 3 more in training "
-            "mode: an eval() that ends with model.train() undoes the caller's model.eval()",
+            "mode: an eval() that ends with model.train() undoes the caller's model.eval(), "
+            "and eval_restores_mode is True",
             "model.train(was_training)",
         )
+        self.assertPasses(classifier_case(ClassifierTrainer, eval_restores_mode=True), self.check)
+
+    def test_the_check_trains_two_epochs_at_most(self) -> None:
+        epochs: List[int] = []
+
+        def counted(trainer_type: Any) -> Any:
+            class Counted(trainer_type):  # type: ignore[valid-type, misc]
+                def train(self, count: int) -> None:
+                    epochs.append(count)
+                    super().train(count)
+
+            return Counted
+
+        for trainer, expected in ((EvalEndsInTrainingMode, 0), (EvalLeavesEvalMode, 2)):
+            for make in (classifier_case, without_make_trainer):
+                with self.subTest(trainer.__name__, make_trainer=make is classifier_case):
+                    epochs.clear()
+                    self.assertPasses(make(counted(trainer)), self.check)
+                    self.assertEqual(sum(epochs), expected)
 
     def test_the_modes_are_restored_after_the_check(self) -> None:
         trainers = []
@@ -1233,22 +1564,69 @@ class EvalLeavesModelUnchanged(CheckTestCase):
         )
 
     def test_a_torchscript_model_is_checked_without_hooks(self) -> None:
-        class Scripted(ClassifierTrainer):
+        def scripted(trainer_type: Any) -> Any:
+            class Scripted(trainer_type):  # type: ignore[valid-type, misc]
+                def make_model(self) -> nn.Module:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                        return torch.jit.script(Net())
+
+            return Scripted
+
+        for trainer in (ClassifierTrainer, EvalLeavesEvalMode, EvalEndsInTrainingMode):
+            with self.subTest(trainer.__name__):
+                self.assertPasses(classifier_case(scripted(trainer)), self.check)
+        # the forward pass of the scripted model as a whole is seen
+        self.assertFailsWith(
+            classifier_case(scripted(EvalModeNeverUndone)),
+            self.check,
+            "the training that follows it runs in eval mode: trainer.train(1) right after "
+            "eval() ran model (RecursiveScriptModule) in eval mode",
+        )
+
+    def test_training_no_hook_sees_is_a_skipped_part_of_a_passing_check(self) -> None:
+        class CallsForward(EvalModeNeverUndone):
+            """Trains a scripted model through .forward(), which no forward hook sees."""
+
             def make_model(self) -> nn.Module:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                    warnings.simplefilter("ignore", FutureWarning)
                     return torch.jit.script(Net())
 
-        self.assertPasses(classifier_case(Scripted), self.check)
+            def loss(self, indices: torch.Tensor) -> torch.Tensor:
+                return F.cross_entropy(self.model.forward(INPUTS[indices]), TARGETS[indices])
 
-    def test_a_submodule_kept_in_eval_mode_stays_so(self) -> None:
+        case = classifier_case(CallsForward)
+        result = Parts()
+        case(self.check).run(result)
+        self.assertEqual((result.failures, result.errors), ([], []))
+        self.assertEqual(result.passed, [self.check])
+        [(part, reason)] = result.skipped
+        self.assertIn("(part='training after eval()')", str(part))
+        self.assertIn(
+            "eval() switched the train/eval mode of model, model.features, model.features.0 "
+            "and 3 more (it does not restore the mode it found); whether the training that "
+            "follows runs in the wrong mode could not be seen: trainer.train(1) ran no "
+            "forward pass with gradients enabled that a forward hook of the model saw. Set "
+            "eval_restores_mode = True",
+            reason,
+        )
+        self.assertFailsWith(
+            classifier_case(CallsForward, eval_restores_mode=True),
+            self.check,
+            "which were in training mode before, although eval_restores_mode is True",
+        )
+
+    def test_a_submodule_kept_in_eval_mode_stays_so_with_eval_restores_mode(self) -> None:
         class FrozenStatistics(ClassifierTrainer):
             def __init__(self) -> None:
                 super().__init__()
                 self.model.features[1].eval()  # frozen BatchNorm statistics
 
+        # training starts with model.train(), which unfreezes them anyway: no consequence
+        self.assertPasses(classifier_case(FrozenStatistics), self.check)
         self.assertFailsWith(
-            classifier_case(FrozenStatistics),
+            classifier_case(FrozenStatistics, eval_restores_mode=True),
             self.check,
             "it left model.features.1 in training mode, which was in eval mode before",
         )
@@ -1261,7 +1639,14 @@ class EvalLeavesModelUnchanged(CheckTestCase):
                     module.training = training
                 return loss
 
-        self.assertPasses(classifier_case(RestoresEachModule), self.check)
+        self.assertPasses(classifier_case(RestoresEachModule, eval_restores_mode=True), self.check)
+
+    def test_eval_restores_mode_must_be_a_bool(self) -> None:
+        self.assertErrorsWith(
+            classifier_case(ClassifierTrainer, eval_restores_mode="yes"),
+            self.check,
+            "ContractError: self.eval_restores_mode set in Case.setUp is 'yes', not True or False",
+        )
 
 
 class InitialLoss(CheckTestCase):
