@@ -342,7 +342,11 @@ class CheckMixin(_TestCaseBase):
 
     @contextlib.contextmanager
     def subTest(self, msg: Any = _MISSING, **params: Any) -> Iterator[None]:
-        """``unittest.TestCase.subTest``; a failure inside also names the seed. In a check
+        """``unittest.TestCase.subTest`` for one part of a check; a failure inside also names
+        the seed. A part that skips is reported as a skipped subtest, and the check as passed
+        when its other parts pass: unittest, left alone, reports the whole check as skipped
+        when one of its subtests skips, so a reader would conclude that none of it ran
+        (pytest reports the skipped subtest and the check itself as passed). In a check
         listed in expected_failed_checks, a failing part is noted and the others run."""
         if self._expected_failures is not None:
             try:
@@ -357,8 +361,13 @@ class CheckMixin(_TestCaseBase):
             try:
                 with self._seed_note():
                     yield
-            except unittest.SkipTest:
-                raise
+            except unittest.SkipTest as skip:
+                outcome = getattr(self, "_outcome", None)
+                add_skip = getattr(getattr(outcome, "result", None), "addSkip", None)
+                subtest = getattr(self, "_subtest", None)
+                if self._reported_by_pytest or add_skip is None or subtest is None:
+                    raise
+                add_skip(subtest, str(skip))
             except Exception:
                 described = ", ".join(f"{k}={v!r}" for k, v in params.items())
                 getattr(self, "_failed_subtests", []).append(

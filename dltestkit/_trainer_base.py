@@ -7,20 +7,17 @@ writer held in attributes whose names are options. The helpers here fetch those 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import itertools
 import math
 import pathlib
 import sys
-import unittest
 from typing import (
     Any,
     Callable,
     ClassVar,
     Dict,
-    Iterator,
     List,
     NamedTuple,
     NoReturn,
@@ -310,24 +307,6 @@ class TrainerContract(CheckMixin):
                 "make_trainer",
                 f"cannot be called as make_trainer({call}) ({exc}); the checks call it so",
             ) from None
-
-    @contextlib.contextmanager
-    def _part(self, part: str) -> Iterator[None]:
-        """One part of a check, run as a subtest. A part that skips is reported as a skipped
-        subtest, and the check as passed when its other parts pass: unittest, left alone,
-        reports the whole check as skipped when one of its subtests skips, so a reader would
-        conclude that none of it ran (pytest reports the skipped subtest and the check
-        itself as passed)."""
-        with self.subTest(part=part):
-            try:
-                yield
-            except unittest.SkipTest as skip:
-                outcome = getattr(self, "_outcome", None)
-                add_skip = getattr(getattr(outcome, "result", None), "addSkip", None)
-                subtest = getattr(self, "_subtest", None)
-                if self._reported_by_pytest or add_skip is None or subtest is None:
-                    raise
-                add_skip(subtest, str(skip))
 
     # -- the parts of a trainer --------------------------------------------------------------
     def _close_writer(self, trainer: Any) -> None:

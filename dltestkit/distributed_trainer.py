@@ -270,25 +270,25 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             )
         finally:
             self._temp_root = None
-        with self._part("start"):
+        with self.subTest(part="start"):
             self._same_start(ranks)
-        with self._part("end"):
+        with self.subTest(part="end"):
             if self._first_difference(ranks, "start", "parameters"):
                 self.skipTest(
                     "the ranks start from different weights already (see the "
                     "'start' subtest), so they cannot end alike"
                 )
             self._same_end(ranks)
-        with self._part("data"):
+        with self.subTest(part="data"):
             if ranks[0]["epochs"] is None:
                 self.skipTest(
                     f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
                     "samples have no indices: which rank loaded which sample is not checked"
                 )
             self._check_samples(ranks)
-        with self._part("logging"):
+        with self.subTest(part="logging"):
             self._check_logging(ranks)
-        with self._part("one process"):
+        with self.subTest(part="one process"):
             if self._failed_subtests:
                 self.skipTest(
                     "the ranks' training already went wrong (see the subtests "

@@ -453,7 +453,7 @@ class TrainerTests(RunChecks):
                 + "\n  - ".join(problems)
             )
         if unobserved:
-            with self._part("training after eval()"):
+            with self.subTest(part="training after eval()"):
                 self.skipTest(unobserved)
 
     def _modes_switched(self, switched: List[str], modes: Dict[str, bool]) -> List[str]:
