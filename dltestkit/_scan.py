@@ -690,6 +690,11 @@ class Target:
     dtype: str = "int"
 
     @property
+    def plain(self) -> Optional[int]:
+        """The label of a target of shape (), which the scan sends as the int itself."""
+        return self.key if not self.shape and isinstance(self.key, int) else None
+
+    @property
     def text(self) -> str:
         """The target as messages show it: "target 3", "a target of shape (8, 8) with
         values 0, 3, 255"."""
@@ -709,6 +714,14 @@ class Target:
         if self.dtype == "list":
             return f"a list of shape {self.shape}{one}"
         return f"{_article(self.dtype)} {self.dtype} tensor of shape {self.shape}{one}"
+
+
+def as_target(value: Union[int, Target, None]) -> Target:
+    """A target as the scan reported it (a label as the int itself) as a Target."""
+    if isinstance(value, Target):
+        return value
+    assert value is not None
+    return Target(value, (), ((value, 1),))
 
 
 def _numel(shape: Tuple[int, ...]) -> int:
@@ -755,15 +768,27 @@ def class_target(value: Any) -> Tuple[Optional[Target], Optional[str]]:
         if value.dim() == 0:
             label = int(value)
             return Target(label, (), ((label, 1),), dtype), None
-        flat = value.detach().reshape(-1).to(torch.int64)
-        distinct, counts = torch.unique(flat, return_counts=True)
         shape = tuple(value.shape)
-        key = (digest(flat.reshape(shape)), shape)
-        return Target(key, shape, tuple(zip(distinct.tolist(), counts.tolist())), dtype), None
+        key = (digest(value), shape)
+        return Target(key, shape, _value_counts(value.detach()), dtype), None
     fields = _fields(value)
     if fields is not None and not isinstance(value, str):
         return None, f"{_kind(value)} with elements {[k for k, _ in fields]}"
     return None, "None" if value is None else f"{_kind(value)} ({value!r:.40})"
+
+
+def _value_counts(tensor: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
+    """Each distinct value of an integer tensor with its number of elements, in order."""
+    flat = tensor.reshape(-1).to(torch.int64)
+    if not flat.numel():
+        return ()
+    low, high = int(flat.min()), int(flat.max())
+    if high - low < 2**16:  # a label map: counting is ten times faster than sorting
+        counts = torch.bincount(flat - low)
+        present = counts.nonzero().flatten()
+        return tuple(zip((present + low).tolist(), counts[present].tolist()))
+    distinct, numbers = torch.unique(flat, return_counts=True)
+    return tuple(zip(distinct.tolist(), numbers.tolist()))
 
 
 def batched_target(batch: Any, key: Any) -> Optional[Tuple[int, ...]]:
@@ -912,8 +937,9 @@ class BatchReport:
     #: the machine epsilon of the coarsest floating-point dtype of the inputs
     float_eps: float = 0.0
     nonfinite: List[Position] = field(default_factory=list)
-    #: per inspected sample: (position, hash or None, target or None, constant input)
-    samples: List[Tuple[Position, Optional[bytes], Optional[Target], bool]] = field(
+    #: per inspected sample: (position, hash or None, target or None, constant input); a
+    #: label (a target of shape ()) as the int itself, which is smaller to send
+    samples: List[Tuple[Position, Optional[bytes], Union[int, Target, None], bool]] = field(
         default_factory=list
     )
     #: the shape of the targets in the batch collate_fn made, when it holds them as one
@@ -968,7 +994,7 @@ class Inspector:
             samples = [sample for _, sample in items]
         report.positions = positions
         inputs: List[Tuple[Position, Input]] = []
-        labels: List[Tuple[Position, Optional[Target]]] = []
+        labels: List[Tuple[Position, Union[int, Target, None]]] = []
         for position, sample in zip(positions, samples):
             if isinstance(sample, LoadFailure):
                 report.failures.append((position, sample))
@@ -985,7 +1011,8 @@ class Inspector:
             elif problem is not None:
                 report.target_problems.append((position, problem))
             inputs.append((position, tuple((path, t.detach()) for path, t in picked)))
-            labels.append((position, label))
+            plain = label.plain if label is not None else None
+            labels.append((position, label if plain is None else plain))
         if report.failures or report.input_problems:
             return
         hashes, constant = _statistics(inputs, report, check.hash_inputs or check.stream)
@@ -1373,8 +1400,17 @@ class Scan:
             self.collate_shapes = list(report.shapes)
             self.collate_at = _span(report.positions)
 
-    def _count(self, position: Position, target: Target) -> None:
+    def _count(self, position: Position, target: Union[int, Target]) -> None:
         self.labelled += 1
+        if isinstance(target, int):  # a plain label, the common case: counted directly
+            self.labels[target] += 1
+            self.elements[target] += 1
+            self.first_with_label.setdefault(target, position)
+            seen = self.target_shapes.setdefault((), [0, []])
+            seen[0] += 1
+            if len(seen[1]) < SHOWN:
+                seen[1].append(position)
+            return
         for value, elements in target.values:
             self.labels[value] += 1
             self.elements[value] += elements
@@ -1387,21 +1423,21 @@ class Scan:
             self.one_element = (position, target)
 
     def _register(
-        self, position: Position, hashed: bytes, target: Optional[Target], worker: int
+        self, position: Position, hashed: bytes, target: Union[int, Target, None], worker: int
     ) -> None:
         stream = isinstance(position, tuple)
         if stream:
             self.per_worker[worker] += 1
         first = self.hashes.get(hashed)
-        label = target.key if target is not None else None
+        label = target.key if isinstance(target, Target) else target
         if first is None:
             self.hashes[hashed] = Registered(position, label)
             return
         first.count += 1
-        if first.label is not None and target is not None and label != first.label:
+        if first.label is not None and label is not None and label != first.label:
             self.conflict_count += 1
             if len(self.conflicts) < SHOWN:
-                self.conflicts.append((first, position, target))
+                self.conflicts.append((first, position, as_target(target)))
         if stream and isinstance(first.position, tuple) and isinstance(position, tuple):
             if first.workers is None:
                 first.workers = collections.Counter({first.position[0]: 1})

@@ -27,7 +27,7 @@ SEEDS = (0, 1, 2)
 
 def augmentation() -> v2.Transform:
     """A training augmentation that moves masks and boxes with the image."""
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.GaussianNoise(sigma=0.02, clip=True)])
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
 
 
 def _rectangles(generator: torch.Generator, count: int) -> List[Tuple[int, int, int, int]]:
