@@ -737,7 +737,12 @@ def pick_target(sample: Any, key: Any) -> Tuple[Optional[Target], Optional[str]]
     value, holds = _follow(sample, key_path(key))
     if holds is not None:
         return None, MISSING
-    return class_target(value)
+    target, problem = class_target(value)
+    inner = next((k for k, item in _fields(value) or () if class_target(item)[0] is not None), None)
+    if problem is not None and inner is not None:
+        path = as_key((*key_path(key), inner))
+        problem += f" (to check the class labels in it, set self.target_key = {path!r})"
+    return target, problem
 
 
 def class_target(value: Any) -> Tuple[Optional[Target], Optional[str]]:

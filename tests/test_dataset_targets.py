@@ -173,6 +173,14 @@ class COCOLike(Dataset):
         return image, target
 
 
+class ClassIds(COCOLike):
+    """The labels under another key than torchvision's."""
+
+    def __getitem__(self, index: int) -> Any:
+        image, target = super().__getitem__(index)
+        return image, {"boxes": target["boxes"], "class_ids": target["labels"]}
+
+
 class FloatBoxLabels(COCOLike):
     def __getitem__(self, index: int) -> Any:
         image, target = super().__getitem__(index)
@@ -358,6 +366,27 @@ class DetectionTargets(CheckTestCase):
             "first sample holds a container as element 1, with the class labels at "
             "sample[1]['labels']",
             "e.g. self.target_key = (1, 'labels')",
+        )
+        case.collate_fn = None  # the batch fails for the boxes: test_data_loading says so
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "samples cannot be batched by collate_fn (torch.utils.data.default_collate)",
+        )
+
+    def test_a_target_dict_without_a_label_key_fails_naming_a_path_into_it(self) -> None:
+        case = detection_case(
+            ClassIds(transform=augmentation()),
+            ClassIds(size=40, seed=1),
+            ClassIds(size=40, seed=2),
+            target_key=1,
+        )
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'val': 40 targets are not integer class indices; the target of index 0 is "
+            "a dict with elements ['boxes', 'class_ids'] (to check the class labels in it, "
+            "set self.target_key = (1, 'class_ids'))",
         )
 
     def test_the_unused_background_class_is_a_skipped_part_unless_unused_classes_is_set(
