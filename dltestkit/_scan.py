@@ -649,38 +649,164 @@ def _tensor_key(sample: Any, path: Path = ()) -> Any:
     return None
 
 
-#: The keys a target is usually stored under, suggested when self.target_key does not fit.
-TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
+#: The keys a target is usually stored under, suggested when self.target_key does not fit
+#: (``class_labels``: the per-object labels of transformers' detection models).
+TARGET_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls", "class_labels")
 
 
 def target_key_of(sample: Any) -> Any:
     return next((key for key, _ in _fields(sample) or () if key in TARGET_KEYS), None)
 
 
+def labels_inside(sample: Any, key: Any) -> Any:
+    """When the target at ``key`` is a container (a detection target dict), the path of the
+    class labels in it (``(1, "labels")``), else None."""
+    if isinstance(sample, torch.Tensor) or _fields(sample) is None:
+        return None
+    value, holds = _follow(sample, key_path(key))
+    inner = target_key_of(value) if holds is None and not isinstance(value, torch.Tensor) else None
+    return None if inner is None else (*key_path(key), inner)
+
+
 #: pick_target's result for a sample without a target at self.target_key.
 MISSING = "missing"
 
+#: How many distinct values of a target Target.text shows.
+_VALUES_SHOWN = 8
 
-def pick_target(sample: Any, key: Any) -> Tuple[Optional[int], Optional[str]]:
-    """``(label, None)`` for an integer class label, ``(None, what it is)`` otherwise,
-    ``(None, MISSING)`` when the sample has no element ``key`` (an index, key or path)."""
+
+@dataclass(frozen=True)
+class Target:
+    """An integer class target as the scan reports it: a label (``shape`` ``()``) or a
+    tensor of labels of any shape (a label map, per-object labels), element by element.
+
+    ``key`` tells equal targets from different ones: the label itself, or for a tensor its
+    digest and shape. ``values`` is every distinct value with its number of elements.
+    """
+
+    key: Hashable
+    shape: Tuple[int, ...]
+    values: Tuple[Tuple[int, int], ...]
+    dtype: str = "int"
+
+    @property
+    def plain(self) -> Optional[int]:
+        """The label of a target of shape (), which the scan sends as the int itself."""
+        return self.key if not self.shape and isinstance(self.key, int) else None
+
+    @property
+    def text(self) -> str:
+        """The target as messages show it: "target 3", "a target of shape (8, 8) with
+        values 0, 3, 255"."""
+        if not self.shape:
+            return f"target {self.key}"
+        if not self.values:
+            return f"an empty target of shape {self.shape}"
+        shown = ", ".join(str(value) for value, _ in self.values[:_VALUES_SHOWN])
+        more = ", ..." if len(self.values) > _VALUES_SHOWN else ""
+        return f"a target of shape {self.shape} with values {shown}{more}"
+
+    def described(self) -> str:
+        """What the target is: "an int64 tensor of shape (1,) (3)"."""
+        if not self.shape and self.dtype == "int":
+            return f"the int {self.key}"
+        one = f" ({self.values[0][0]})" if len(self.values) == 1 and _numel(self.shape) == 1 else ""
+        if self.dtype == "list":
+            return f"a list of shape {self.shape}{one}"
+        return f"{_article(self.dtype)} {self.dtype} tensor of shape {self.shape}{one}"
+
+
+def as_target(value: Union[int, Target, None]) -> Target:
+    """A target as the scan reported it (a label as the int itself) as a Target."""
+    if isinstance(value, Target):
+        return value
+    assert value is not None
+    return Target(value, (), ((value, 1),))
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def pick_target(sample: Any, key: Any) -> Tuple[Optional[Target], Optional[str]]:
+    """``(target, None)`` for an integer class target (an int, or an integer tensor of any
+    shape), ``(None, what it is)`` otherwise, ``(None, MISSING)`` when the sample has no
+    element ``key`` (an index, key or path)."""
     if isinstance(sample, torch.Tensor) or _fields(sample) is None:
         return None, MISSING
     value, holds = _follow(sample, key_path(key))
     if holds is not None:
         return None, MISSING
+    target, problem = class_target(value)
+    inner = next((k for k, item in _fields(value) or () if class_target(item)[0] is not None), None)
+    if problem is not None and inner is not None:
+        path = as_key((*key_path(key), inner))
+        problem += f" (to check the class labels in it, set self.target_key = {path!r})"
+    return target, problem
+
+
+def class_target(value: Any) -> Tuple[Optional[Target], Optional[str]]:
+    """A target value as a Target, or what it is when it is not an integer class target.
+    Numpy arrays and lists of numbers are taken as the tensors they convert to."""
+    original = value
     value = _numpy_to_tensor(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return value, None
+        return Target(value, (), ((value, 1),)), None
+    if isinstance(value, list) and not value:
+        value = torch.zeros(0, dtype=torch.int64)  # no object in this sample
+    elif _is_numeric_list(value):
+        try:
+            value = torch.as_tensor(value)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            problem = exception_text(exc)
+            return None, f"{_kind(value)} that torch.as_tensor cannot convert ({problem})"
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not (
-            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
-        ):
-            return int(value), None
-        shown = f" ({value.item()!r})" if value.numel() == 1 else ""
         dtype = str(value.dtype).replace("torch.", "")
-        return None, f"{_article(dtype)} {dtype} tensor of shape {tuple(value.shape)}{shown}"
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            shown = f" ({value.item()!r})" if value.numel() == 1 else ""
+            what = f"{_article(dtype)} {dtype} tensor of shape {tuple(value.shape)}{shown}"
+            if not isinstance(original, torch.Tensor):
+                what = f"{_kind(original)} of {dtype} values ({original!r:.40})"
+            return None, what
+        if not isinstance(original, (torch.Tensor, np.ndarray, np.generic)):
+            dtype = "list"
+        if value.dim() == 0:
+            label = int(value)
+            return Target(label, (), ((label, 1),), dtype), None
+        shape = tuple(value.shape)
+        key = (digest(value), shape)
+        return Target(key, shape, _value_counts(value.detach()), dtype), None
+    fields = _fields(value)
+    if fields is not None and not isinstance(value, str):
+        return None, f"{_kind(value)} with elements {[k for k, _ in fields]}"
     return None, "None" if value is None else f"{_kind(value)} ({value!r:.40})"
+
+
+def _value_counts(tensor: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
+    """Each distinct value of an integer tensor with its number of elements, in order."""
+    flat = tensor.reshape(-1).to(torch.int64)
+    if not flat.numel():
+        return ()
+    low, high = int(flat.min()), int(flat.max())
+    if high - low < 2**16:  # a label map: counting is ten times faster than sorting
+        counts = torch.bincount(flat - low)
+        present = counts.nonzero().flatten()
+        return tuple(zip((present + low).tolist(), counts[present].tolist()))
+    distinct, numbers = torch.unique(flat, return_counts=True)
+    return tuple(zip(distinct.tolist(), numbers.tolist()))
+
+
+def batched_target(batch: Any, key: Any) -> Optional[Tuple[int, ...]]:
+    """The shape of the targets in a batch made by the collate function, when the batch
+    holds them as one tensor at ``key``; None when it keeps them apart (a list of target
+    dicts) or holds no target there."""
+    try:
+        value, holds = _follow(batch, key_path(key))
+    except Exception:  # a batch object that answers indexing in its own way
+        return None
+    if holds is not None or not isinstance(value, torch.Tensor):
+        return None
+    return tuple(value.shape)
 
 
 def digest(tensor: torch.Tensor) -> bytes:
@@ -816,10 +942,14 @@ class BatchReport:
     #: the machine epsilon of the coarsest floating-point dtype of the inputs
     float_eps: float = 0.0
     nonfinite: List[Position] = field(default_factory=list)
-    #: per inspected sample: (position, hash or None, label or None, constant input)
-    samples: List[Tuple[Position, Optional[bytes], Optional[int], bool]] = field(
+    #: per inspected sample: (position, hash or None, target or None, constant input); a
+    #: label (a target of shape ()) as the int itself, which is smaller to send
+    samples: List[Tuple[Position, Optional[bytes], Union[int, Target, None], bool]] = field(
         default_factory=list
     )
+    #: the shape of the targets in the batch collate_fn made, when it holds them as one
+    #: tensor at target_key (None: it keeps them apart, or holds none there)
+    batched_target: Optional[Tuple[int, ...]] = None
     target_problems: List[Tuple[Position, str]] = field(default_factory=list)
     unlabelled: List[Position] = field(default_factory=list)  # the first samples without one
     unlabelled_count: int = 0
@@ -869,7 +999,7 @@ class Inspector:
             samples = [sample for _, sample in items]
         report.positions = positions
         inputs: List[Tuple[Position, Input]] = []
-        labels: List[Tuple[Position, Optional[int]]] = []
+        labels: List[Tuple[Position, Union[int, Target, None]]] = []
         for position, sample in zip(positions, samples):
             if isinstance(sample, LoadFailure):
                 report.failures.append((position, sample))
@@ -886,7 +1016,8 @@ class Inspector:
             elif problem is not None:
                 report.target_problems.append((position, problem))
             inputs.append((position, tuple((path, t.detach()) for path, t in picked)))
-            labels.append((position, label))
+            plain = label.plain if label is not None else None
+            labels.append((position, label if plain is None else plain))
         if report.failures or report.input_problems:
             return
         hashes, constant = _statistics(inputs, report, check.hash_inputs or check.stream)
@@ -897,9 +1028,11 @@ class Inspector:
             if position in check.probes
         }
         try:
-            check.collate_fn(samples)
+            batch = check.collate_fn(samples)
         except Exception as exc:
             report.collate_error = exception_text(exc)
+        else:
+            report.batched_target = batched_target(batch, check.target_key)
 
 
 def _statistics(
@@ -1073,6 +1206,8 @@ class Probe:
     target_missing: bool = False
     structure: str = ""
     target_key_hint: Any = None
+    #: when the target is a container holding the class labels: their path
+    labels_inside: Any = None
 
 
 def structure(sample: Any) -> str:
@@ -1092,7 +1227,7 @@ class Registered:
     sequence (the n-th sample of each)."""
 
     position: Position
-    label: Optional[int]
+    label: Optional[Hashable]  # the target's key (Target.key)
     count: int = 1
     workers: Optional["collections.Counter[int]"] = None
     aligned: bool = True
@@ -1172,9 +1307,19 @@ class Scan:
     float_eps: float = 0.0
     nonfinite: List[Position] = field(default_factory=list)
     nonfinite_count: int = 0
+    #: per value of the targets: the samples whose target holds it (a class present in a
+    #: label map counts once for that sample), its elements, the first sample holding it
     labels: "collections.Counter[int]" = field(default_factory=collections.Counter)
+    elements: "collections.Counter[int]" = field(default_factory=collections.Counter)
     first_with_label: Dict[int, Position] = field(default_factory=dict)
     labelled: int = 0
+    #: the shapes of the targets: shape -> [count, the first positions]
+    target_shapes: Dict[Tuple[int, ...], List[Any]] = field(default_factory=dict)
+    #: the first one-element target (shape (1,)), and where
+    one_element: Optional[Tuple[Position, Target]] = None
+    #: the first batch of several samples whose targets collate_fn put in one tensor:
+    #: (samples, the tensor's shape)
+    target_batch: Optional[Tuple[int, Tuple[int, ...]]] = None
     unlabelled: List[Position] = field(default_factory=list)
     unlabelled_count: int = 0
     target_problems: List[Tuple[Position, str]] = field(default_factory=list)
@@ -1184,7 +1329,7 @@ class Scan:
     hashes: Dict[bytes, Registered] = field(default_factory=dict)
     constant_hashes: Set[bytes] = field(default_factory=set)
     constant_count: int = 0
-    conflicts: List[Tuple[Registered, Position, Optional[int]]] = field(default_factory=list)
+    conflicts: List[Tuple[Registered, Position, Target]] = field(default_factory=list)
     conflict_count: int = 0
     #: streams: the hashed (not constant) samples each worker read, and the inputs read
     #: more than once (the first REPEAT_GROUPS of them)
@@ -1235,18 +1380,22 @@ class Scan:
         self.target_problems += report.target_problems[: SHOWN - len(self.target_problems)]
         self.unlabelled_count += report.unlabelled_count
         self.unlabelled += report.unlabelled[: SHOWN - len(self.unlabelled)]
-        for position, hashed, label, constant in report.samples:
-            if label is not None:
-                self.labelled += 1
-                self.labels[label] += 1
-                self.first_with_label.setdefault(label, position)
+        for position, hashed, target, constant in report.samples:
+            if target is not None:
+                self._count(position, target)
             if hashed is None:
                 continue
             if constant:
                 self.constant_count += 1
                 self.constant_hashes.add(hashed)
             else:
-                self._register(position, hashed, label, report.worker)
+                self._register(position, hashed, target, report.worker)
+        if (
+            self.target_batch is None
+            and report.batched_target is not None
+            and len(report.positions) > 1
+        ):
+            self.target_batch = (len(report.positions), report.batched_target)
         self.kept.update(
             (position, tuple((path, tensor.clone()) for path, tensor in value))
             for position, value in report.kept.items()
@@ -1256,13 +1405,36 @@ class Scan:
             self.collate_shapes = list(report.shapes)
             self.collate_at = _span(report.positions)
 
+    def _count(self, position: Position, target: Union[int, Target]) -> None:
+        self.labelled += 1
+        if isinstance(target, int):  # a plain label, the common case: counted directly
+            self.labels[target] += 1
+            self.elements[target] += 1
+            self.first_with_label.setdefault(target, position)
+            seen = self.target_shapes.setdefault((), [0, []])
+            seen[0] += 1
+            if len(seen[1]) < SHOWN:
+                seen[1].append(position)
+            return
+        for value, elements in target.values:
+            self.labels[value] += 1
+            self.elements[value] += elements
+            self.first_with_label.setdefault(value, position)
+        seen = self.target_shapes.setdefault(target.shape, [0, []])
+        seen[0] += 1
+        if len(seen[1]) < SHOWN:
+            seen[1].append(position)
+        if target.shape == (1,) and self.one_element is None:
+            self.one_element = (position, target)
+
     def _register(
-        self, position: Position, hashed: bytes, label: Optional[int], worker: int
+        self, position: Position, hashed: bytes, target: Union[int, Target, None], worker: int
     ) -> None:
         stream = isinstance(position, tuple)
         if stream:
             self.per_worker[worker] += 1
         first = self.hashes.get(hashed)
+        label = target.key if isinstance(target, Target) else target
         if first is None:
             self.hashes[hashed] = Registered(position, label)
             return
@@ -1270,7 +1442,7 @@ class Scan:
         if first.label is not None and label is not None and label != first.label:
             self.conflict_count += 1
             if len(self.conflicts) < SHOWN:
-                self.conflicts.append((first, position, label))
+                self.conflicts.append((first, position, as_target(target)))
         if stream and isinstance(first.position, tuple) and isinstance(position, tuple):
             if first.workers is None:
                 first.workers = collections.Counter({first.position[0]: 1})
@@ -1485,6 +1657,7 @@ class SplitState:
             target_missing=pick_target(sample, self.loading.target_key)[1] is MISSING,
             structure=structure(sample),
             target_key_hint=target_key_of(sample),
+            labels_inside=labels_inside(sample, self.loading.target_key),
         )
         picked = pick_input(sample, self.loading.input_key)
         if isinstance(picked, InputProblem):

@@ -12,6 +12,7 @@ import time
 import unittest
 from typing import Any, List
 
+import numpy as np
 import torch
 from checkrunner import CheckTestCase, make_case, run_check
 from torch.utils.data import Dataset, get_worker_info
@@ -232,6 +233,32 @@ class OneElementLabels(Images):
     def __getitem__(self, index: int) -> Any:
         image, label = super().__getitem__(index)
         return image, torch.tensor([label])
+
+
+class UnlabelledAsMinus100(Images):
+    """Samples 7 and 17 unlabelled, marked -100 (cross_entropy's default ignore_index)."""
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = super().__getitem__(index)
+        return image, (-100 if index in (7, 17) else label)
+
+
+class LabelPairs(Images):
+    """Multi-label samples: a numpy array of two class indices."""
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = super().__getitem__(index)
+        return image, np.array([label, (label + 3) % 10])
+
+
+def keep_targets_apart(samples: List[Any]) -> Any:
+    images, labels = zip(*samples)
+    return torch.stack(images), list(labels)
+
+
+def concatenate_targets(samples: List[Any]) -> Any:
+    images, labels = zip(*samples)
+    return torch.stack(images), torch.cat(labels)
 
 
 class WithoutClass3(Images):
@@ -518,6 +545,22 @@ class Contract(CheckTestCase):
         self.assertErrorsWith(
             case, "test_labels", "it is a bare tensor", "leave self.num_classes unset"
         )
+
+    def test_the_options_of_test_labels_are_validated(self) -> None:
+        for name, value, problem in (
+            ("ignore_index", "255", "is '255', not an int or a collection of ints"),
+            ("ignore_index", (255, 1.5), "is (255, 1.5), not an int or a collection of ints"),
+            ("unused_classes", 0, "is 0, not a collection of class indices"),
+            ("unused_classes", {-1}, "is {-1}, not a collection of class indices"),
+            ("target_shape", 1, "is 1, not a shape"),
+        ):
+            with self.subTest(name=name, value=value):
+                case = splits_case(
+                    Images(augment=True), Images(seed=5), num_classes=10, **{name: value}
+                )
+                self.assertErrorsWith(
+                    case, "test_labels", "ContractError", f"self.{name} set in Case.setUp {problem}"
+                )
 
 
 class SampleShape(CheckTestCase):
@@ -992,6 +1035,68 @@ class Labels(CheckTestCase):
             "batches of it have shape (batch, 1)",
         )
 
+    def test_one_element_targets_kept_apart_by_collate_fn_are_a_skipped_part(self) -> None:
+        case = splits_case(
+            Images(augment=True),
+            OneElementLabels(seed=5),
+            num_classes=10,
+            collate_fn=keep_targets_apart,
+        )
+        self.assertSkipsWith(
+            case,
+            "test_labels",
+            "one-element targets not judged: every target of split 'test' is a one-element "
+            "tensor (the target of index 0 is an int64 tensor of shape (1,) (0)), and the "
+            "batches of collate_fn (test_dataset_checks.keep_targets_apart) hold no tensor",
+            "Set self.target_shape = () if each target is one class label",
+        )
+        case.target_shape = ()
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test': 40 of 40 targets do not have target_shape (): (1,) at index 0, "
+            "index 1, index 2, index 3, index 4 and 35 more (batches of one-element targets "
+            "have shape (batch, 1), which cross-entropy rejects",
+        )
+
+    def test_one_element_targets_concatenated_by_collate_fn_pass(self) -> None:
+        case = splits_case(
+            Images(augment=True),
+            OneElementLabels(seed=5),
+            num_classes=10,
+            collate_fn=concatenate_targets,
+        )
+        self.assertPasses(case, "test_labels")
+
+    def test_labels_at_ignore_index_are_neither_out_of_range_nor_a_class(self) -> None:
+        case = splits_case(Images(augment=True), UnlabelledAsMinus100(seed=5), num_classes=10)
+        self.assertPasses(case, "test_labels")
+        case.ignore_index = ()
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test' has targets outside [0, num_classes=10): -100 (2 samples, first at "
+            "index 7). Class counts: -100: 2, 0: 4, 1: 4,",
+            "set self.ignore_index = -100 (now ())",
+        )
+        case.ignore_index = 255
+        self.assertFailsWith(case, "test_labels", "set self.ignore_index = -100 (now 255)")
+
+    def test_an_ignored_class_may_be_absent(self) -> None:
+        case = splits_case(Images(augment=True), WithoutClass3(), num_classes=10, ignore_index=3)
+        self.assertPasses(case, "test_labels")
+
+    def test_label_vectors_are_checked_element_by_element(self) -> None:
+        case = splits_case(Images(augment=True), LabelPairs(seed=5), num_classes=10)
+        self.assertPasses(case, "test_labels")
+        case.num_classes = 9
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'test' has targets outside [0, num_classes=9): 9 (8 values in 8 samples, "
+            "first at index 6). Samples holding each class: 0: 8,",
+        )
+
     def test_a_missing_class_fails_with_the_class_counts(self) -> None:
         case = splits_case(Images(augment=True), WithoutClass3(), num_classes=10)
         self.assertFailsWith(
@@ -1004,6 +1109,9 @@ class Labels(CheckTestCase):
         case.class_presence = 50  # 400 < 50 * 10: the split may lack a rare class
         self.assertPasses(case, "test_labels")
         case.class_presence = None
+        self.assertPasses(case, "test_labels")
+        case.class_presence = 20
+        case.unused_classes = {3}
         self.assertPasses(case, "test_labels")
 
     def test_many_classes_are_counted_in_short(self) -> None:
