@@ -1040,16 +1040,6 @@ DESIGN_ZOO: Dict[str, Case] = {
         ),
         (),
     ),
-    "torchvision DeepLabV3 MobileNetV3": (
-        ModelTests,
-        dict(
-            model=shared(deeplabv3),
-            inputs=images,
-            output_key="out",
-            expected_output_shape=(BATCH, 5, 32, 32),
-        ),
-        (NO_MAKE_MODEL,),
-    ),
     # audio
     "transformers wav2vec2, raw audio": (
         ModelTests,
@@ -1250,9 +1240,19 @@ if importlib.util.find_spec("pytorch_lightning"):  # the dev extra installs it
     DESIGN_ZOO["PyTorch Lightning LightningModule"] = image_classifier(lightning_module)
 
 #: Correct components left out of the default run to keep it short (their families are in
-#: DESIGN_ZOO: MobileNetV3 as the segmentation backbone, Whisper's encoder, BART and T5 with
-#: labels in tests/test_zoo.py); run with DLTESTKIT_ZOO_EXTENDED=1.
+#: DESIGN_ZOO: LRASPP for segmentation, MobileNetV3 as its backbone, Whisper's encoder, BART
+#: and T5 with labels in tests/test_zoo.py); run with DLTESTKIT_ZOO_EXTENDED=1.
 EXTENDED: Dict[str, Case] = {
+    "torchvision DeepLabV3 MobileNetV3": (
+        ModelTests,
+        dict(
+            model=shared(deeplabv3),
+            inputs=images,
+            output_key="out",
+            expected_output_shape=(BATCH, 5, 32, 32),
+        ),
+        (NO_MAKE_MODEL,),
+    ),
     "torchvision MobileNetV3 small": image_classifier(torchvision_mobilenet),
     "transformers Whisper, encoder-decoder": (
         SequenceModelTests,
