@@ -118,13 +118,28 @@ def user_code_location() -> str:
     """``file:line in function`` of the innermost frame outside torch and dltestkit.
 
     Walks the frames from the innermost out and stops at the first one found, reading no
-    source lines: the dtype watch asks for it at every tensor it notes."""
+    source lines: the dtype watch asks for it at every tensor it notes. When every frame
+    between the model's caller (dltestkit) and the operation is torch's own (an operation
+    called by a hook torch installed: a quantisation observer), the innermost torch frame
+    that is no dispatch plumbing is named instead, by its path inside torch."""
     frame = inspect.currentframe()
+    inside_own = True  # the watch's own frames come first
+    innermost_torch: Optional[FrameType] = None
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith((_TORCH_DIR, _OWN_DIR)) and "unittest" not in path:
+        own = path.startswith(_OWN_DIR)
+        if own and not inside_own:  # back at the call of the model: no user frame between
+            break
+        inside_own = inside_own and own
+        if path.startswith(_TORCH_DIR):
+            if innermost_torch is None and not path.startswith(_PLUMBING_FILES):
+                innermost_torch = frame
+        elif not own and "unittest" not in path:
             return f"{os.path.basename(path)}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
+    if innermost_torch is not None:
+        inside = os.path.relpath(innermost_torch.f_code.co_filename, os.path.dirname(_TORCH_DIR))
+        return f"{inside}:{innermost_torch.f_lineno} in {innermost_torch.f_code.co_name}"
     return "an unknown place"
 
 
@@ -328,6 +343,8 @@ def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -
     if name == "repeat_interleave":
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return isinstance(repeats, torch.Tensor) and repeats.dim() > 0
+    if name == "where":  # torch.where(condition) alone is torch.nonzero(..., as_tuple=True)
+        return len(args) + len(kwargs) == 1
     return name in _SHAPE_FROM_DATA or _is_bool_indexing(func, args)
 
 
@@ -414,9 +431,14 @@ class DeviceWatch(TorchFunctionMode):
         super().__init__()
         self.modules = modules
         self.log = recorder.log
-        self.results = recorder.results
+        # what each operation returned in the CPU run, by name, in the order of its calls
+        # (by name, not by position: the first run of a process makes one-time calls of its
+        # own, torch.device among them)
+        self.results: Dict[str, List[Tuple[Optional[List[Any]], bool]]] = {}
+        for name, shapes, single in recorder.results:
+            self.results.setdefault(name, []).append((shapes, single))
+        self.calls: Dict[str, int] = {}
         self.position = 0
-        self.calls = 0
         self.problem: Optional[DeviceProblem] = None
         self.stood_in: List[str] = []  # the operations whose results came from the CPU run
         self._failure: Optional[FailedOperation] = None
@@ -426,11 +448,13 @@ class DeviceWatch(TorchFunctionMode):
         return self._failure if _raised_by(exc, self._failure) else None
 
     def _stand_in(self, index: int, func: Any, args: Tuple[Any, ...]) -> Any:
-        """Meta tensors standing in for the result of call ``index`` (the CPU run's shapes),
-        or ``_NONE`` if the CPU run made another call there or returned no tensors."""
-        if index >= len(self.results) or self.results[index][0] != op_name(func):
+        """Meta tensors standing in for the result of the ``index``-th call of ``func`` (the
+        CPU run's shapes), or ``_NONE`` if the CPU run made fewer such calls or its call
+        returned no tensors."""
+        calls = self.results.get(op_name(func), [])
+        if index >= len(calls):
             return _NONE
-        _, shapes, single = self.results[index]
+        shapes, single = calls[index]
         if shapes is None:
             return _NONE
         if getattr(func, "__name__", "").endswith("_") and args and single:
@@ -462,7 +486,9 @@ class DeviceWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         if called_by_a_kernel():
             return func(*args, **kwargs)
-        index, self.calls = self.calls, self.calls + 1
+        name_of_call = op_name(func)
+        index = self.calls.get(name_of_call, 0)
+        self.calls[name_of_call] = index + 1
         tensors = tensors_in(args) + tensors_in(kwargs)
         on_meta = any(t.is_meta for t in tensors)
         name = getattr(func, "__name__", "")
@@ -595,6 +621,9 @@ class Origin:
     #: an explicit cast of a floating-point tensor (x.float(), x.to(torch.float32)): a
     #: deliberate choice of precision, not a dtype bug
     deliberate: bool
+    #: computed from a tensor of the model's dtype: the tensor was combined with the model's
+    #: computation (promoted it), rather than made beside it (a constant mask)
+    mixed: bool = False
 
 
 class DtypeWatch(TorchFunctionMode):
@@ -666,7 +695,13 @@ class DtypeWatch(TorchFunctionMode):
         # a view or a result of such tensors: it comes from the same place, and from a
         # deliberate cast only if every tensor of another dtype it comes from does
         found = [origin for origin in map(self.origin, floats) if origin is not None]
-        return next((o for o in found if not o.deliberate), found[0] if found else None)
+        origin = next((o for o in found if not o.deliberate), found[0] if found else None)
+        mixed = any(o.mixed for o in found) or any(
+            t.dtype == self.target and t.dim() > 0 for t in floats
+        )
+        if origin is None or origin.mixed == mixed:
+            return origin
+        return Origin(origin.text, origin.deliberate, mixed)
 
     def __torch_function__(
         self,

@@ -273,6 +273,19 @@ class ModelContract(CheckMixin):
             read_by=("test_dtype_moving",),
         ),
         Attribute(
+            "strict_output_dtypes",
+            "whether every floating-point output must have the moved dtype, also one the "
+            "model makes with a fixed dtype beside its computation",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_dtype_moving",),
+            details="`False`: an output made with a fixed dtype that no tensor of the model's "
+            "dtype flows into (a float32 mask of 0s and 1s, as transformers' ViTMAE returns) "
+            "makes that dtype's part of `test_dtype_moving` skip, naming it and its line; an "
+            "output that such a tensor promoted fails either way.",
+        ),
+        Attribute(
             "accelerators",
             "the devices whose outputs are compared with the CPU's",
             '["cuda"]',
@@ -310,6 +323,7 @@ class ModelContract(CheckMixin):
     make_model: Callable[[], nn.Module]
     deterministic_eval: bool
     moved_dtypes: Sequence[torch.dtype]
+    strict_output_dtypes: bool
     accelerators: Sequence[str]
     device_rtol: Optional[float]
     device_atol: Optional[float]

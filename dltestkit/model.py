@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unittest
 from typing import Any, Callable, ClassVar, Dict, List, NoReturn, Optional, Tuple
 
 import torch
@@ -94,10 +95,41 @@ class ModelTests(ModelContract):
                     )
                 wanted = (size, *expected[1:])
                 if tuple(output.shape) != wanted:
+                    self._skip_if_pairwise_shape(tuple(output.shape), expected, size)
                     self.fail(
                         f"at batch size {size} the output has shape "
                         f"{tuple(output.shape)}, expected {wanted}. {hint}"
                     )
+
+    def _skip_if_pairwise_shape(
+        self, shape: Tuple[int, ...], expected: Tuple[int, ...], size: int
+    ) -> None:
+        """Skip this batch size when every dimension that is not as expected follows the
+        batch size as the first does: an output comparing pairs of samples (a similarity
+        matrix of shape (batch, batch), CLIP's logits_per_image), a design."""
+        batch = self._batch_size()
+        following = [
+            dim
+            for dim, (got, want) in enumerate(zip(shape, expected))
+            if dim > 0 and got != want and want == batch and got == size
+        ]
+        others = [
+            dim
+            for dim, (got, want) in enumerate(zip(shape, (size, *expected[1:])))
+            if got != want and dim not in following
+        ]
+        if len(shape) != len(expected) or not following or others:
+            return
+        key = "" if self.output_key is None else f" (output_key={self.output_key!r})"
+        self.skipTest(
+            f"the checked output{key}, of shape {expected}, compares pairs of samples: at "
+            f"batch size {size} it has shape {shape}, its dimension"
+            f"{'s' if len(following) > 1 else ''} {', '.join(map(str, following))} following "
+            "the batch size as the first does, as a similarity matrix's do (CLIP's "
+            "logits_per_image), which is a design. Set self.output_key to a per-sample "
+            "output, or list this one in self.cross_sample_outputs, to check the shape at "
+            "other batch sizes."
+        )
 
     def _check_meta(self, on_cpu: nn.Module, on_meta: nn.Module, training: bool) -> Optional[str]:
         """Run ``on_meta`` (a copy moved to meta) watched, replaying ``on_cpu``'s data reads.
@@ -500,13 +532,15 @@ class ModelTests(ModelContract):
         for steps in range(1, PARAMETER_STEPS + 1):
             _, grads = self._gradients(model, trainable, step=steps - 1)
             for position, ((name, parameter), grad) in enumerate(zip(trainable, grads)):
-                parameter.grad = grad
+                # a sparse gradient (nn.Embedding(sparse=True)) densified: Adam takes no other
+                parameter.grad = grad.to_dense() if grad is not None and grad.is_sparse else grad
                 if grad is None:
                     continue
                 connected[position] = True
-                if not torch.isfinite(grad).all():
+                values = _stored_values(grad)
+                if not torch.isfinite(values).all():
                     problems.setdefault(name, "gradient contains NaN or Inf")
-                elif grad.ne(0).any():
+                elif values.ne(0).any():
                     nonzero[position] = True
             if problems:  # what trains after a NaN step says nothing
                 self.fail(self._untrained_message(problems, len(trainable)))
@@ -584,7 +618,7 @@ class ModelTests(ModelContract):
         bad_grads = [
             name
             for (name, _), grad in zip(trainable, grads)
-            if grad is not None and not torch.isfinite(grad).all()
+            if grad is not None and not torch.isfinite(_stored_values(grad)).all()
         ]
         if bad_grads:
             self.fail(
@@ -729,13 +763,21 @@ class ModelTests(ModelContract):
         in float32 on purpose (``torch.autocast`` does it, and transformers' losses cast the
         logits with ``.float()``, which gives a float32 loss for a float64 model too).
         """
+        unrunnable = []  # the dtypes the model could not run in on this platform
         for dtype in self.moved_dtypes:
             with self.subTest(dtype=str(dtype)):
-                self._check_dtype(dtype)
+                try:
+                    self._check_dtype(dtype)
+                except _CannotRun as skip:
+                    unrunnable.append(f"{dtype}: {skip}")
+                    raise
+        if unrunnable and len(unrunnable) == len(self.moved_dtypes):
+            self.skipTest(f"no dtype could be checked. {' '.join(unrunnable)}")
 
     def _check_dtype(self, dtype: torch.dtype) -> None:
         moved = self._copy_model().to(dtype)
         inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, self.inputs)
+        constants: Dict[str, str] = {}  # outputs made beside the computation, by mode
         for training in (False, True):
             mode = describe_mode(training)
             with watching_dtypes(dtype, moved) as watch:
@@ -761,6 +803,9 @@ class ModelTests(ModelContract):
                 origin = watch.origin(tensor)
                 if origin is not None and origin.deliberate:
                     continue  # an explicit cast (logits.float()): a choice of precision
+                if origin is not None and not origin.mixed and not self.strict_output_dtypes:
+                    constants.setdefault(path, f"{path} ({tensor.dtype}, made by {origin.text})")
+                    continue
                 wrong.append(
                     f"{path} ({tensor.dtype}{', made by ' + origin.text if origin else ''})"
                 )
@@ -770,6 +815,15 @@ class ModelTests(ModelContract):
                     f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
                     f"mode.{found} {_DTYPE_ADVICE}"
                 )
+        if constants:
+            self.skipTest(
+                f"a copy moved with .to({dtype}) returns {', '.join(constants.values())}: "
+                "made with a fixed dtype beside the model's computation (no tensor of the "
+                f"model's dtype flows into it: a mask of 0s and 1s, a constant), so it "
+                "promotes nothing the model computes; everything else has the moved dtype. "
+                "Set strict_output_dtypes = True to make such an output a failure (create it "
+                "with dtype=x.dtype to pass then)."
+            )
 
     def _dtype_error(
         self, exc: Exception, watch: DtypeWatch, dtype: torch.dtype, training: bool
@@ -788,12 +842,12 @@ class ModelTests(ModelContract):
             raise exc from None
         if isinstance(exc, NotImplementedError) or "not implemented for" in text:
             where = f" ({failed.describe()})" if failed is not None else ""
-            self.skipTest(
+            raise _CannotRun(
                 f"an operation of the model{where} has no {dtype} kernel on the CPU "
                 f"({type(exc).__name__}: {first_line}); the other dtypes and checks ran"
             )
         if failed is not None and failed.dtypes and set(failed.dtypes) <= {dtype}:
-            self.skipTest(
+            raise _CannotRun(
                 f"{failed.describe()} cannot run in {dtype} on this platform although every "
                 f"floating-point tensor it was given is {dtype} ({type(exc).__name__}: "
                 f"{first_line}): an operation without a {dtype} kernel here, not a bug of the "
@@ -821,6 +875,16 @@ _DTYPE_ADVICE = (
     "from the inputs (torch.randn_like(x), x.new_tensor([...]), dtype=x.dtype) and cast back "
     "with .to(x.dtype) before combining. Explicit casts of a result (logits.float()) are fine."
 )
+
+
+class _CannotRun(unittest.SkipTest):
+    """A dtype the model cannot run in on this platform (an operation without its kernel)."""
+
+
+def _stored_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The values a tensor stores: of a sparse gradient (nn.Embedding(sparse=True)), its
+    non-zero entries, on which elementwise tests such as ``ne`` have no kernel."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
 
 
 def _draws(draws: List[RandomDraw]) -> str:

@@ -620,6 +620,33 @@ class Inputs(CheckTestCase):
 
 
 class OutputShape(CheckTestCase):
+    def test_a_similarity_matrix_follows_the_batch_in_both_dimensions_by_design(self) -> None:
+        outcome = run_check(
+            model_case(TwoTowers, inputs=two_towers_inputs, expected_output_shape=(4, 4)),
+            "test_output_shape",
+        )
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 2)  # batch sizes 1 and 5, as subtests
+        self.assertIn(
+            "the checked output, of shape (4, 4), compares pairs of samples: at batch size 1 "
+            "it has shape (1, 1), its dimension 1 following the batch size as the first does",
+            outcome.skips[0],
+        )
+        self.assertIn("list this one in self.cross_sample_outputs", outcome.skips[0])
+
+    def test_a_dimension_that_follows_the_batch_without_being_it_still_fails(self) -> None:
+        class WithABiasColumn(TwoTowers):
+            def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+                out = super().forward(image, text)
+                logits = out["logits_per_image"]
+                return {"logits": torch.cat([logits, logits[:, :1]], dim=1), **out}
+
+        self.assertFailsWith(
+            model_case(WithABiasColumn, inputs=two_towers_inputs, expected_output_shape=(4, 5)),
+            "test_output_shape",
+            "at batch size 1 the output has shape (1, 2), expected (1, 5)",
+        )
+
     def test_a_model_hard_wired_to_batch_four_fails_at_batch_size_one(self) -> None:
         text = self.assertFailsWith(
             model_case(HardWiredBatch),
@@ -1303,7 +1330,32 @@ class BatchIndependence(CheckTestCase):
         )
 
 
+class SparseTokens(TokenModel):
+    """Sparse token embeddings (nn.Embedding(sparse=True)): their gradients are sparse."""
+
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(20, 6, sparse=True)
+        self.extra = nn.Embedding(20, 6, sparse=True)
+        self.unused = unused
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        extra = self.extra(ids)
+        return super().embed(ids) + (extra.detach() if self.unused else extra)
+
+
 class ParametersUpdated(CheckTestCase):
+    def test_sparse_gradients_are_checked(self) -> None:
+        for name in ("test_all_parameters_updated", "test_finite_outputs_and_gradients"):
+            with self.subTest(check=name):
+                self.assertPasses(token_case(SparseTokens), name)
+        self.assertFailsWith(
+            token_case(lambda: SparseTokens(unused=True)),
+            "test_all_parameters_updated",
+            "1 of 7 trainable parameters would not be trained",
+            "extra.weight: no gradient",
+        )
+
     def test_a_dead_layer_fails_naming_its_parameters(self) -> None:
         text = self.assertFailsWith(
             model_case(DeadLayer),
@@ -1668,10 +1720,30 @@ class DtypeMoving(CheckTestCase):
                 return super().forward(x), torch.ones(x.shape[0])  # no dtype=, mixed with nothing
 
         self.assertFailsWith(
-            model_case(ReturnsAFloat32Mask),
+            model_case(ReturnsAFloat32Mask, strict_output_dtypes=True),
             "test_dtype_moving",
             "returns output[1] (torch.float32, made by torch.ones without dtype= in "
             "ReturnsAFloat32Mask, at test_model_checks.py:",
+        )
+
+    def test_an_output_made_beside_the_computation_is_reported_not_failed(self) -> None:
+        # transformers' ViTMAE returns a float32 mask of 0s and 1s made by torch.ones
+        class ReturnsAFloat32Mask(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                mask = torch.ones(x.shape[0])  # no dtype=, mixed with nothing
+                mask[::2] = 0
+                return super().forward(x), mask.gather(0, torch.arange(x.shape[0]))
+
+        outcome = run_check(model_case(ReturnsAFloat32Mask), "test_dtype_moving")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 2)  # bfloat16 and float64, as subtests
+        self.assertIn(
+            "a copy moved with .to(torch.bfloat16) returns output[1] (torch.float32, made by "
+            "torch.ones without dtype= in ReturnsAFloat32Mask, at test_model_checks.py:",
+            outcome.skips[0],
+        )
+        self.assertIn(
+            "Set strict_output_dtypes = True to make such an output a failure", outcome.skips[0]
         )
 
     def test_a_loss_computed_in_float32_passes(self) -> None:
@@ -1752,6 +1824,18 @@ class DtypeMoving(CheckTestCase):
             "BFloat16, got torch.float64)",
             outcome.skips[0],
         )
+
+    def test_when_no_dtype_could_be_checked_the_check_skips(self) -> None:
+        class Float64Unsupported(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.ops.dltestkit_tests.no_float64(super().forward(x))
+
+        outcome = run_check(
+            model_case(Float64Unsupported, moved_dtypes=[torch.float64]), "test_dtype_moving"
+        )
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 2)  # the part, and the check as a whole
+        self.assertTrue(outcome.skips[1].startswith("no dtype could be checked. torch.float64: "))
 
     def test_an_error_of_the_model_itself_is_not_blamed_on_dtypes(self) -> None:
         class RefusesOtherDtypes(AutoEncoder):
