@@ -97,6 +97,11 @@ class MixinPages(unittest.TestCase):
                     self.assertIn(
                         f"def {name}(self)", section, "the skip example must override the check"
                     )
+                    self.assertIn(
+                        "**Design or bug.**",
+                        section,
+                        "the section must say how the check tells design from bug",
+                    )
 
     def test_no_section_documents_a_check_that_does_not_exist(self) -> None:
         for mixin in PAGES:
