@@ -138,6 +138,15 @@ class PadsToTheLargest(nn.Module):
         return [{"scores": row} for row in scores]
 
 
+class PadsImagesInTheUnitRange(PadsToTheLargest):
+    """Refuses pixel values outside [0, 1], as a model may check its inputs."""
+
+    def forward(self, images: Images) -> List[Dict[str, torch.Tensor]]:
+        if any(bool(image.max() > 1) for image in images):
+            raise ValueError("pixel values must be in [0, 1]")
+        return super().forward(images)
+
+
 def list_case(
     model: Callable[[], nn.Module],
     inputs: Callable[[], Any] = lambda: (images(), targets()),
@@ -237,6 +246,16 @@ class HandMadeModels(CheckTestCase):
         )
         same = list_case(PadsToTheLargest, lambda: (images(SAME_SIZES),))
         self.assertPasses(same, "test_batch_independence")
+
+    def test_padding_that_cannot_be_told_from_mixing_is_a_skipped_part(self) -> None:
+        case = list_case(PadsImagesInTheUnitRange, lambda: (images(),))
+        outcome = run_check(case, "test_batch_independence")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertIn(
+            "could not be told: the model raises on the other samples' values changed "
+            "(x -> 2x + 1), ValueError: pixel values must be in [0, 1]",
+            outcome.skips[0],
+        )
 
     def test_copies_of_a_sample_are_clones(self) -> None:
         batch = targets(2)
