@@ -208,7 +208,9 @@ class ModelContract(CheckMixin):
             default=None,
             validate=optional(is_instance(int, str, description="an int index or a str key")),
             details="`None`: a tensor output itself, else the first element of a tuple, "
-            "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
+            "dict, `ModelOutput` or dataclass (e.g. `logits`). For a list returned with "
+            "one element per sample (for a list of samples in `inputs`), the index or key "
+            'in each element (`"scores"` of a detection). The checked output '
             "is what the shape, batch-independence and sequence checks look at; "
             "the gradient checks use every floating-point output.",
         ),
@@ -504,7 +506,13 @@ class ModelContract(CheckMixin):
         in each element, e.g. a detection's "boxes"; by default the element's first)."""
         try:
             return [
-                select_tensor(item, self.output_key, f"the model output[{index}]", "output_key")
+                select_tensor(
+                    item,
+                    self.output_key,
+                    f"the model output[{index}]",
+                    "output_key",
+                    passed_over=self.cross_sample_outputs,
+                )
                 for index, item in enumerate(output)
             ]
         except TypeError as exc:

@@ -6,8 +6,9 @@ it is one element per sample. A hand-made model shows that every check passes on
 one and fails on the bugs, with its message; torchvision's detection models, built offline
 with random weights, must pass every check (or skip a part the platform cannot run).
 
-The detection models with a ResNet-50 backbone take a minute together: they are marked slow
-(``python -m pytest tests -m slow``); the MobileNet ones run in the quick suite.
+Faster R-CNN on MobileNet runs in the quick suite; SSDlite and the detection models with a
+ResNet-50 backbone take a minute and a half together: they are marked slow
+(``python -m pytest tests -m slow``).
 """
 
 from __future__ import annotations
@@ -445,9 +446,6 @@ class TorchvisionModels(PlatformCase):
     def test_fasterrcnn_mobilenet(self) -> None:
         self.assertPassesOnPlatform(detection_case(fasterrcnn_mobilenet))
 
-    def test_ssdlite(self) -> None:
-        self.assertPassesOnPlatform(detection_case(ssdlite))
-
     def test_images_of_two_orientations_are_padded_by_design(self) -> None:
         def inputs() -> Tuple[Images, Targets]:
             pictures, found = detection_inputs()
@@ -476,8 +474,12 @@ class TorchvisionModels(PlatformCase):
 
 @pytest.mark.slow
 @unittest.skipUnless(HAS_TORCHVISION, "needs torchvision: pip install -e '.[zoo]'")
-class TorchvisionResNet50Models(PlatformCase):
-    """The detection models with a ResNet-50 backbone (40M parameters): a minute together."""
+class TorchvisionLargerModels(PlatformCase):
+    """SSDlite (its fixed 320x320 resize) and the detection models with a ResNet-50 backbone
+    (40M parameters): a minute and a half together."""
+
+    def test_ssdlite(self) -> None:  # resizes every image to 320x320
+        self.assertPassesOnPlatform(detection_case(ssdlite))
 
     def test_fasterrcnn_resnet50(self) -> None:
         self.assertPassesOnPlatform(detection_case(fasterrcnn_resnet50))
