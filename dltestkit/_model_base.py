@@ -48,15 +48,20 @@ from ._probes import Probe, probe_forward
 from ._random import derived_seed
 from ._tensors import (
     Key,
+    batch_entries,
+    batch_length,
     batched_entries,
     call_model,
+    describe_batched,
     describe_input,
     floating_tensors,
     input_entries,
     map_tensors,
     named_tensors,
     replace_entries,
+    sample_lists,
     select_tensor,
+    take_samples,
 )
 
 __all__ = ["ModelContract", "describe_mode", "mode"]
@@ -157,7 +162,9 @@ class ModelContract(CheckMixin):
 
     ``self.inputs`` is passed as the model is called in your code: a tensor as
     ``model(inputs)``, a tuple or list as positional arguments ``model(*inputs)``, a dict as
-    keyword arguments ``model(**inputs)`` (what a tokenizer returns).
+    keyword arguments ``model(**inputs)`` (what a tokenizer returns). An argument that is a
+    list of tensors or of dicts of tensors carries the batch as the list, one item per sample
+    (``(images, targets)`` for torchvision's detection models).
     """
 
     _mixin_name: ClassVar[str] = "ModelTests"
@@ -179,7 +186,10 @@ class ModelContract(CheckMixin):
             "arguments `model(*inputs)`, a dict as keyword arguments "
             '`model(**inputs)`, e.g. `{"input_ids": ids, "attention_mask": '
             "mask}`. Every tensor with a dimension carries the batch dimension "
-            "first, except those in `unbatched_inputs`. 2 to 8 samples.",
+            "first, and an argument that is a list of tensors or of dicts of tensors "
+            "carries it as the list, one item per sample (images of different sizes, "
+            "target dicts: `(images, targets)` for torchvision's detection models), "
+            "except those in `unbatched_inputs`. 2 to 8 samples.",
         ),
         Attribute(
             "expected_output_shape",
@@ -198,7 +208,9 @@ class ModelContract(CheckMixin):
             default=None,
             validate=optional(is_instance(int, str, description="an int index or a str key")),
             details="`None`: a tensor output itself, else the first element of a tuple, "
-            "dict, `ModelOutput` or dataclass (e.g. `logits`). The checked output "
+            "dict, `ModelOutput` or dataclass (e.g. `logits`). For a list returned with "
+            "one element per sample (for a list of samples in `inputs`), the index or key "
+            'in each element (`"scores"` of a detection). The checked output '
             "is what the shape, batch-independence and sequence checks look at; "
             "the gradient checks use every floating-point output.",
         ),
@@ -224,6 +236,20 @@ class ModelContract(CheckMixin):
             details="They are passed unchanged at every batch size and never "
             "differentiated, e.g. the `(seq, seq)` causal mask of "
             "`nn.TransformerEncoder`.",
+        ),
+        Attribute(
+            "independent_of_batch_shapes",
+            "whether each sample's outputs must not change with the shapes of the other "
+            "samples either",
+            "True",
+            default=False,
+            validate=is_bool,
+            read_by=("test_batch_independence",),
+            details="For a list of samples of different shapes in `inputs` (images of "
+            "several sizes). `False`: an output that changes with the shapes of the other "
+            "samples but not with their values (every sample padded to the largest of the "
+            "batch, as torchvision's detection models do) makes that sample's comparison a "
+            "skipped part of the check, which names the output; `True`: a failure.",
         ),
         Attribute(
             "loss_fn",
@@ -318,6 +344,7 @@ class ModelContract(CheckMixin):
     output_key: Key
     cross_sample_outputs: Collection[Key]
     unbatched_inputs: Collection[Key]
+    independent_of_batch_shapes: bool
     loss_fn: Optional[Callable[[Any], torch.Tensor]]
     allowed_unchanged_parameters: Collection[str]
     make_model: Callable[[], nn.Module]
@@ -338,16 +365,30 @@ class ModelContract(CheckMixin):
                 "unbatched_inputs",
                 f"names {unknown}, which self.inputs does not have (it has {keys})",
             )
-        entries = batched_entries(self.inputs, self.unbatched_inputs)
+        entries = batch_entries(self.inputs, self.unbatched_inputs)
         if not entries:
-            raise self._contract_error("inputs", "holds no tensor with a batch dimension")
-        sizes = ", ".join(f"{describe_input(key)} {tuple(t.shape)}" for key, t in entries)
-        if len({t.shape[0] for _, t in entries}) > 1:
             raise self._contract_error(
                 "inputs",
-                f"holds tensors whose first dimensions differ: {sizes}. Every tensor "
-                "carries the batch dimension first; list the ones that do not (a (seq, seq) "
-                "mask) in self.unbatched_inputs",
+                "holds no tensor with a batch dimension and no list of samples (a list of "
+                "tensors or of dicts of tensors)",
+            )
+        sizes = ", ".join(describe_batched(key, value) for key, value in entries)
+        if len({batch_length(value) for _, value in entries}) > 1:
+            lists = bool(sample_lists(self.inputs, self.unbatched_inputs))
+            raise self._contract_error(
+                "inputs",
+                (
+                    f"holds arguments whose numbers of samples differ: {sizes}. A tensor "
+                    "carries the batch as its first dimension, a list of tensors or dicts "
+                    "as its length, and all must agree; list the arguments that are not "
+                    "batched (a (seq, seq) mask, a list that is not one item per sample) "
+                    "in self.unbatched_inputs"
+                    if lists
+                    else f"holds tensors whose first dimensions differ: {sizes}. Every "
+                    "tensor carries the batch dimension first; list the ones that do not "
+                    "(a (seq, seq) mask) in self.unbatched_inputs"
+                )
+                + (f". {hint}" if (hint := self._positional_list_hint()) else ""),
             )
         if self._is_set("expected_output_shape"):
             expected = tuple(self.expected_output_shape)
@@ -359,19 +400,123 @@ class ModelContract(CheckMixin):
                 )
 
     # -- calling the model: one convention for every check --------------------------------
-    def _batch_size(self) -> int:
-        return int(batched_entries(self.inputs, self.unbatched_inputs)[0][1].shape[0])
+    def _positional_list_hint(self) -> str:
+        """For a list of tensors in self.inputs itself: that it means positional arguments."""
+        if not isinstance(self.inputs, list) or not all(
+            isinstance(value, torch.Tensor) for value in self.inputs
+        ):
+            return ""
+        return (
+            "A list in self.inputs is the model's positional arguments, one tensor each; "
+            "for a model that takes a list of images (torchvision's detection models), "
+            "set self.inputs = (images,) or (images, targets)"
+        )
 
-    def _resized_inputs(self, size: int) -> Any:
-        """self.inputs with ``size`` samples (repeating samples if needed)."""
-        index = torch.arange(size) % self._batch_size()
+    def _batch_size(self) -> int:
+        return batch_length(batch_entries(self.inputs, self.unbatched_inputs)[0][1])
+
+    def _has_sample_lists(self) -> bool:
+        """Whether an argument of self.inputs carries the batch as a list of samples."""
+        return bool(sample_lists(self.inputs, self.unbatched_inputs))
+
+    def _refuse_sample_lists(self, check: str) -> None:
+        """A contract error for a check that needs every batched input to be a tensor."""
+        found = sample_lists(self.inputs, self.unbatched_inputs)
+        if found:
+            raise self._contract_error(
+                "inputs",
+                f"holds {', '.join(describe_batched(key, value) for key, value in found)}: "
+                f"{check} needs every batched input as a tensor, batch first, and does not "
+                "take lists of samples (ModelTests' own checks do). Stack the samples into a "
+                "tensor (padding them to one size), or, if the list is not one item per "
+                "sample, list it in self.unbatched_inputs",
+            )
+
+    def _inputs_of(self, index: Sequence[int]) -> Any:
+        """self.inputs made of its samples ``index``, in that order (repeats allowed): rows
+        of each batched tensor, clones of the items of each list of samples."""
         return replace_entries(
             self.inputs,
             {
-                key: tensor[index]
-                for key, tensor in batched_entries(self.inputs, self.unbatched_inputs)
+                key: take_samples(value, index)
+                for key, value in batch_entries(self.inputs, self.unbatched_inputs)
             },
         )
+
+    def _varying_shapes(self) -> List[str]:
+        """The lists of samples in self.inputs whose samples differ in shape, described."""
+        found = []
+        for key, samples in sample_lists(self.inputs, self.unbatched_inputs):
+            shapes = [
+                tuple((path, tuple(t.shape)) for path, t in named_tensors(item, ""))
+                for item in samples
+            ]
+            if len(set(shapes)) == 1:
+                continue
+            if all(isinstance(item, torch.Tensor) for item in samples):
+                seen = ", ".join(dict.fromkeys(str(tuple(t.shape)) for t in samples))
+                found.append(f"{describe_input(key)} holds samples of shapes {seen}")
+            else:
+                found.append(f"{describe_input(key)} holds samples of different shapes")
+        return found
+
+    def _other_values_changed(self, sample: int) -> Any:
+        """self.inputs with the floating-point values of every sample but ``sample`` changed
+        (x -> 2x + 1, which keeps the order of box coordinates), every shape kept."""
+
+        def changed(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor * 2 + 1 if tensor.is_floating_point() else tensor.clone()
+
+        new: Dict[Key, Any] = {}
+        for key, value in batch_entries(self.inputs, self.unbatched_inputs):
+            if isinstance(value, list):
+                new[key] = [
+                    map_tensors(changed if index != sample else torch.clone, item)
+                    for index, item in enumerate(value)
+                ]
+            else:
+                tensor = value.clone()
+                if tensor.is_floating_point():
+                    others = torch.tensor([i for i in range(len(tensor)) if i != sample])
+                    tensor[others] = tensor[others] * 2 + 1
+                new[key] = tensor
+        return replace_entries(self.inputs, new)
+
+    def _resized_inputs(self, size: int) -> Any:
+        """self.inputs with ``size`` samples (repeating samples if needed)."""
+        return self._inputs_of([i % self._batch_size() for i in range(size)])
+
+    def _per_sample(self, output: Any, batch: int) -> bool:
+        """Whether ``output`` (for ``batch`` samples) is one element per sample: a list
+        returned for inputs that carry the batch as a list (torchvision's detection models
+        return a list of dicts), unless it is a list of tensors that all have the batch
+        first (batched outputs in a list)."""
+        if not isinstance(output, list) or not self._has_sample_lists():
+            return False
+        return not (
+            output
+            and all(
+                isinstance(item, torch.Tensor) and item.dim() > 0 and item.shape[0] == batch
+                for item in output
+            )
+        )
+
+    def _sample_outputs(self, output: List[Any]) -> List[torch.Tensor]:
+        """The checked tensor of each element of a per-sample output (chosen by output_key
+        in each element, e.g. a detection's "boxes"; by default the element's first)."""
+        try:
+            return [
+                select_tensor(
+                    item,
+                    self.output_key,
+                    f"the model output[{index}]",
+                    "output_key",
+                    passed_over=self.cross_sample_outputs,
+                )
+                for index, item in enumerate(output)
+            ]
+        except TypeError as exc:
+            raise ContractError(str(exc)) from None
 
     def _forward(
         self, model: nn.Module, inputs: Any, training: bool = False, seed: Optional[int] = None
@@ -393,7 +538,13 @@ class ModelContract(CheckMixin):
         """How the model was called, for an exception raised by the model itself."""
         entries = [
             f"{describe_input(key)}: "
-            + (str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__)
+            + (
+                str(tuple(value.shape))
+                if isinstance(value, torch.Tensor)
+                else f"a list of {len(value)}"
+                if isinstance(value, list)
+                else type(value).__name__
+            )
             for key, value in input_entries(inputs)
         ]
         how = (
@@ -407,6 +558,7 @@ class ModelContract(CheckMixin):
             f"[dltestkit] raised by the model in {describe_mode(training)} mode, called as "
             f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
             "positional arguments in its order; use a dict for keyword arguments."
+            + (f" {hint}." if (hint := self._positional_list_hint()) else "")
         )
 
     def _copy_model(self, device: Optional[str] = None) -> nn.Module:
@@ -475,9 +627,9 @@ class ModelContract(CheckMixin):
 
     def _probe(
         self, model: nn.Module, inputs: Any = None, required: bool = True
-    ) -> Tuple[Any, torch.Tensor, List[Probe]]:
-        """Eval-mode output, checked output and probes of ``model`` on ``inputs`` (default:
-        self.inputs). Without any probe the check skips, unless ``required`` is False."""
+    ) -> Tuple[Any, List[Probe]]:
+        """Eval-mode output and probes of ``model`` on ``inputs`` (default: self.inputs).
+        Without any probe the check skips, unless ``required`` is False."""
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             output, probes = probe_forward(
@@ -490,7 +642,7 @@ class ModelContract(CheckMixin):
             probe.model = model
         if not probes and required:
             self.skipTest(f"no input can be differentiated: {self._unprobed_reason()}")
-        return output, self._output(output), probes
+        return output, probes
 
     def _unprobed_reason(self) -> str:
         """Why no input of self.inputs could be probed."""
@@ -499,12 +651,21 @@ class ModelContract(CheckMixin):
             for key, t in batched_entries(self.inputs, self._unprobed_inputs())
             if not t.is_floating_point()
         ]
+        lists = [
+            describe_input(key) for key, _ in sample_lists(self.inputs, self._unprobed_inputs())
+        ]
         return (
             "self.inputs has no floating-point tensor, and its integer tensors "
             f"({', '.join(integers) or 'none'}) reach no embedding (nn.Embedding, "
             "nn.EmbeddingBag, F.embedding) as they are or as a view (ids.t(), ids[:, 1:]); "
             "ids transformed into a new tensor first (clamped, shifted, offset) cannot be "
             "followed"
+            + (
+                f" (integer tensors in lists of samples, {', '.join(lists)}, are not "
+                "followed to embeddings)"
+                if lists
+                else ""
+            )
         )
 
     def _probe_gradients(

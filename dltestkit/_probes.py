@@ -11,6 +11,10 @@ leaf tensor with the same values, and the gradient is taken with respect to that
 Which elements of the input a lookup reads is worked out exactly from the memory the view
 shares with the input, never guessed from shapes: a probe is made only when every looked-up
 id is an element of the input and the samples of the batch can be told apart in the lookup.
+
+An input that carries the batch as a list of samples (torchvision's detection models take a
+list of images) gets one leaf per float tensor of each sample, so that which sample a
+gradient reaches is exact too; integer tensors in such lists are not followed to embeddings.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._tensors import Key, batched_entries, describe_input, replace_entries
+from ._tensors import (
+    Key,
+    batched_entries,
+    describe_input,
+    map_tensors,
+    named_tensors,
+    replace_entries,
+    sample_lists,
+)
 
 __all__ = ["Probe", "probe_forward"]
 
@@ -41,10 +53,23 @@ class Probe:
     aligned: bool
     #: The model whose forward pass made the probe (set by ModelContract._probe).
     model: Optional[torch.nn.Module] = field(default=None, repr=False, compare=False)
+    #: For an input that is a list of samples: the sample whose tensor the leaf is (the leaf
+    #: then has no batch dimension), and the tensor's path in that sample ("['boxes']").
+    sample: Optional[int] = None
+    within: str = ""
 
     def describe(self) -> str:
         name = describe_input(self.key)
+        if self.sample is not None:
+            name = f"{name}[{self.sample}]{self.within}"
         return f"{name} (through its embedding)" if self.embedded else name
+
+    def depends(self, where: torch.Tensor, sample: int) -> bool:
+        """Whether ``where`` (True where a value depends on this probe, in its shape) shows
+        a dependence on sample ``sample``'s input."""
+        if self.sample is not None:
+            return self.sample == sample and bool(where.any())
+        return bool(where[sample].any())
 
 
 def _addresses(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,11 +267,12 @@ _ATEN_BAG = inspect.signature(_aten_bag)
 def probe_forward(
     call: Callable[[Any], Any], inputs: Any, batch: int, skip: Collection[Any] = ()
 ) -> Tuple[Any, List[Probe]]:
-    """Run ``call(inputs)`` with every batched float input (not in ``skip``) as a fresh leaf
-    and every embedding of a batched integer input (not in ``skip``) replaced by a leaf.
+    """Run ``call(inputs)`` with every batched float input (not in ``skip``) as a fresh leaf,
+    every float tensor of each sample of a list of samples as a fresh leaf of its own, and
+    every embedding of a batched integer input (not in ``skip``) replaced by a leaf.
     Returns the output and the probes, float inputs first."""
     probes: List[Probe] = []
-    leaves: Dict[Key, torch.Tensor] = {}
+    leaves: Dict[Key, Any] = {}
     integers: List[Tuple[Key, torch.Tensor]] = []
     for key, tensor in batched_entries(inputs, skip):
         if tensor.is_floating_point():
@@ -254,6 +280,22 @@ def probe_forward(
             probes.append(Probe(key, leaves[key], embedded=False, aligned=True))
         elif not tensor.is_complex() and tensor.dtype != torch.bool:
             integers.append((key, tensor))
+    for key, samples in sample_lists(inputs, skip):
+        leaves[key] = []
+        for index, item in enumerate(samples):
+            made: List[torch.Tensor] = []
+
+            def leaf(tensor: torch.Tensor, made: List[torch.Tensor] = made) -> torch.Tensor:
+                if not tensor.is_floating_point():
+                    return tensor
+                made.append(tensor.detach().clone().requires_grad_(True))
+                return made[-1]
+
+            leaves[key].append(map_tensors(leaf, item))
+            for path, tensor in named_tensors(leaves[key][-1], prefix=""):
+                if any(tensor is new for new in made):
+                    probe = Probe(key, tensor, False, False, sample=index, within=path)
+                    probes.append(probe)
     mode = _EmbeddingProbe(integers, batch)
     with torch.enable_grad(), mode:
         output = call(replace_entries(inputs, leaves))

@@ -2,14 +2,29 @@
 
 One convention, used by every check: ``self.inputs`` is a tensor (``model(inputs)``), a
 tuple or list (positional arguments, ``model(*inputs)``) or a dict (keyword arguments,
-``model(**inputs)``, what a tokenizer returns). Outputs and samples may nest tuples, lists,
-dicts, Hugging Face ``ModelOutput`` objects and dataclasses.
+``model(**inputs)``, what a tokenizer returns). An argument carries the batch either as the
+first dimension of a tensor or as a list with one item per sample (a *sample list*: tensors
+of possibly different shapes, or dicts of tensors, as torchvision's detection models take
+images and targets). Outputs and samples may nest tuples, lists, dicts, Hugging Face
+``ModelOutput`` objects and dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 
@@ -142,6 +157,62 @@ def batched_entries(inputs: Any, unbatched: Collection[Any] = ()) -> List[Tuple[
         for key, value in input_entries(inputs)
         if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in unbatched
     ]
+
+
+def is_sample_list(value: Any) -> bool:
+    """Whether an argument is a sample list: a non-empty list whose every item is a tensor
+    or holds one (a dict of tensors), one item per sample."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(item, torch.Tensor)
+            or (not isinstance(item, (str, bytes)) and next(named_tensors(item), None) is not None)
+            for item in value
+        )
+    )
+
+
+def sample_lists(inputs: Any, unbatched: Collection[Any] = ()) -> List[Tuple[Key, List[Any]]]:
+    """The arguments that are sample lists, except those in ``unbatched``."""
+    return [
+        (key, value)
+        for key, value in input_entries(inputs)
+        if key not in unbatched and is_sample_list(value)
+    ]
+
+
+def batch_entries(inputs: Any, unbatched: Collection[Any] = ()) -> List[Tuple[Key, Any]]:
+    """The arguments that carry the batch, in their order: tensors with at least one
+    dimension (batch first) and sample lists, except those in ``unbatched``."""
+    return [
+        (key, value)
+        for key, value in input_entries(inputs)
+        if key not in unbatched
+        and ((isinstance(value, torch.Tensor) and value.dim() > 0) or is_sample_list(value))
+    ]
+
+
+def batch_length(value: Any) -> int:
+    """The number of samples of a batched argument (a tensor or a sample list)."""
+    return len(value) if isinstance(value, list) else int(value.shape[0])
+
+
+def describe_batched(key: Key, value: Any) -> str:
+    """A batched argument and its size, for messages: self.inputs[0] (4, 3) or
+    self.inputs[0] (a list of 4 samples)."""
+    if isinstance(value, list):
+        return f"{describe_input(key)} (a list of {len(value)} samples)"
+    return f"{describe_input(key)} {tuple(value.shape)}"
+
+
+def take_samples(value: Any, index: Sequence[int]) -> Any:
+    """The samples ``index`` of a batched argument, in that order, as a new batch: rows of a
+    tensor, or clones of a sample list's items (a sample repeated is another object each
+    time, so that a model editing its inputs in place cannot change another sample)."""
+    if isinstance(value, list):
+        return [map_tensors(lambda t: t.clone(), value[i]) for i in index]
+    return value[torch.tensor(list(index), dtype=torch.long)]
 
 
 def replace_entries(inputs: Any, new: Dict[Key, Any]) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unittest
-from typing import Any, Callable, ClassVar, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,15 +23,20 @@ from ._probes import Probe
 from ._random import derived_seed
 from ._randomness import RandomDraw, watching_randomness
 from ._tensors import (
-    batched_entries,
+    batch_entries,
     floating_tensors,
     map_tensors,
     named_tensors,
-    replace_entries,
 )
 
 __all__ = ["ModelTests"]
 
+#: A checked output: a tensor, batch first, or the checked tensor of each sample's element.
+_Checked = Union[torch.Tensor, List[torch.Tensor]]
+#: An output compared for one sample: path, for self.inputs, for another batch, is checked.
+_Pair = Tuple[str, torch.Tensor, torch.Tensor, bool]
+#: A difference: path, (for the other batch, for self.inputs), report, is checked.
+_Found = Tuple[str, Tuple[torch.Tensor, torch.Tensor], str, bool]
 #: How many optimisation steps test_all_parameters_updated trains a copy for, at most.
 PARAMETER_STEPS = 3
 _DEVICE_MIXING = (
@@ -46,7 +51,9 @@ class ModelTests(ModelContract):
 
     ``self.inputs`` is passed as the model is called in your code: a tensor as
     ``model(inputs)``, a tuple or list as positional arguments ``model(*inputs)``, a dict as
-    keyword arguments ``model(**inputs)`` (what a tokenizer returns).
+    keyword arguments ``model(**inputs)`` (what a tokenizer returns). An argument that is a
+    list of tensors or of dicts of tensors carries the batch as the list, one item per sample
+    (``(images, targets)`` for torchvision's detection models).
     """
 
     _mixin_name: ClassVar[str] = "ModelTests"
@@ -57,26 +64,42 @@ class ModelTests(ModelContract):
 
         Catches a wrong output shape, a model that only works at one batch size (a
         hard-coded batch size, a squeeze() that drops the batch dimension).
+
+        A model that returns a list with one element per sample (for a list of samples in
+        ``inputs``, as torchvision's detection models do) must return one element per sample
+        at every batch size; each element's checked tensor is compared with
+        ``expected_output_shape`` without its batch dimension, when it is set.
         """
         batch = self._batch_size()
+        expected: Optional[Tuple[int, ...]] = None
         if self._is_set("expected_output_shape"):
             expected = tuple(self.expected_output_shape)
         elif isinstance(self.inputs, torch.Tensor):
             expected = tuple(self.inputs.shape)
-        else:
+        elif not self._has_sample_lists():
             self.skipTest(
                 f"self.inputs is a {type(self.inputs).__name__}; set "
                 "self.expected_output_shape to enable this check"
             )
         with torch.no_grad():
             base = self._forward(self.model, self.inputs)
-        checked = self._output(base)
-        if tuple(checked.shape) != expected:
-            self.fail(
-                f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
-                f"{batch}), expected {expected}. Fix the model or "
-                f"self.expected_output_shape.{self._output_hint(base)}"
-            )
+        per_sample = self._per_sample(base, batch)
+        if per_sample:
+            self._assert_one_per_sample(base, batch, expected, resized=False)
+        else:
+            if expected is None:
+                self.skipTest(
+                    f"self.inputs is a {type(self.inputs).__name__} and the model returns a "
+                    f"{type(base).__name__}, not a list with one element per sample; set "
+                    "self.expected_output_shape to enable this check"
+                )
+            checked = self._output(base)
+            if tuple(checked.shape) != expected:
+                self.fail(
+                    f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
+                    f"{batch}), expected {expected}. Fix the model or "
+                    f"self.expected_output_shape.{self._output_hint(base)}"
+                )
         hint = (
             "The model works at the batch size of self.inputs only: look for a hard-coded "
             "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
@@ -86,13 +109,19 @@ class ModelTests(ModelContract):
             with self.subTest(batch_size=size):
                 try:
                     with torch.no_grad():
-                        output = self._output(self._forward(self.model, self._resized_inputs(size)))
+                        output = self._forward(self.model, self._resized_inputs(size))
+                        if not per_sample:
+                            output = self._output(output)
                 except ContractError:
                     raise
                 except Exception as exc:
                     self.fail(
                         f"at batch size {size} the model raises {type(exc).__name__}: {exc}. {hint}"
                     )
+                if per_sample:
+                    self._assert_one_per_sample(output, size, expected, resized=True)
+                    continue
+                assert expected is not None
                 wanted = (size, *expected[1:])
                 if tuple(output.shape) != wanted:
                     self._skip_if_pairwise_shape(tuple(output.shape), expected, size)
@@ -130,6 +159,38 @@ class ModelTests(ModelContract):
             "output, or list this one in self.cross_sample_outputs, to check the shape at "
             "other batch sizes."
         )
+
+    def _assert_one_per_sample(
+        self, output: Any, size: int, expected: Optional[Tuple[int, ...]], resized: bool
+    ) -> None:
+        """A per-sample output (a list) for ``size`` samples has one element per sample, each
+        of whose checked tensors has shape ``expected[1:]`` if ``expected`` is given."""
+        where = f"at batch size {size}" if resized else f"for self.inputs ({size} samples)"
+        if not isinstance(output, list) or len(output) != size:
+            got = (
+                f"a list of {len(output)} elements"
+                if isinstance(output, list)
+                else f"a {type(output).__name__}"
+            )
+            self.fail(
+                f"{where} the model returns {got} for {size} samples, one element per sample "
+                "expected (for a list of samples in self.inputs, a list the model returns is "
+                "taken as one element per sample, as it is for self.inputs"
+                + (")" if resized else f", {len(output)} elements for {size} samples here)")
+                + ". Look for a sample dropped or added in forward: a slice (images[:-1]), a "
+                "loop over range(len(images) - 1), a hard-coded number of samples. A model "
+                "that returns several batched outputs should return them as a tuple or dict."
+            )
+        if expected is None:
+            return
+        for index, tensor in enumerate(self._sample_outputs(output)):
+            if tuple(tensor.shape) != expected[1:]:
+                self.fail(
+                    f"{where} sample {index}'s output has shape {tuple(tensor.shape)}, "
+                    f"expected {expected[1:]} (self.expected_output_shape without its batch "
+                    "dimension). Fix the model or self.expected_output_shape; leave it unset "
+                    "when the shape varies from sample to sample (detections)."
+                )
 
     def _check_meta(self, on_cpu: nn.Module, on_meta: nn.Module, training: bool) -> Optional[str]:
         """Run ``on_meta`` (a copy moved to meta) watched, replaying ``on_cpu``'s data reads.
@@ -323,21 +384,43 @@ class ModelTests(ModelContract):
                 "inputs",
                 f"holds {batch} sample; test_batch_independence needs at least 2 (4 is plenty)",
             )
-        output, checked, probes = self._probe(self.model, required=False)
-        if checked.dim() == 0 or checked.shape[0] != batch:
-            self.fail(
-                f"the checked output has shape {tuple(checked.shape)}, whose first "
-                f"dimension is not the batch size {batch}.{self._output_hint(output)}"
-            )
+        output, probes = self._probe(self.model, required=False)
+        per_sample = self._per_sample(output, batch)
+        if per_sample:
+            rows = self._sample_outputs(output)
+            if len(rows) != batch:
+                self.fail(
+                    f"the model returns a list of {len(rows)} elements for the {batch} samples "
+                    "of self.inputs, not one element per sample (a list returned for a list "
+                    "of samples is one element per sample); see test_output_shape"
+                )
+            weights = self._weights(rows)
+            checked = torch.stack([(r * w).sum().double() for r, w in zip(rows, weights)])
+
+            def others_output(index: int) -> torch.Tensor:
+                return torch.cat([checked[:index], checked[index + 1 :]]).sum()
+
+        else:
+            checked = self._output(output)
+            if checked.dim() == 0 or checked.shape[0] != batch:
+                self.fail(
+                    f"the checked output has shape {tuple(checked.shape)}, whose first "
+                    f"dimension is not the batch size {batch}.{self._output_hint(output)}"
+                )
+            weights = self._weights([checked])
+
+            def others_output(index: int) -> torch.Tensor:
+                others = [other for other in range(batch) if other != index]
+                return (checked[others] * weights[0][others]).sum()
+
         traced = bool(probes) and self._connected(checked, probes)
         if traced:
-            weights = self._weights([checked])[0]
             for index in range(batch):
-                others = [other for other in range(batch) if other != index]
-                depends = self._dependence((checked[others] * weights[others]).sum(), probes)
+                depends = self._dependence(others_output(index), probes)
                 for probe, where in zip(probes, depends):
-                    if where[index].any():
-                        self._skip_if_pairwise(output, checked, weights, probes, index)
+                    if probe.depends(where, index):
+                        if not per_sample:
+                            self._skip_if_pairwise(output, checked, weights[0], probes, index)
                         self.fail(
                             f"sample {index}'s {probe.describe()} gets a gradient from the "
                             "outputs of the other samples of the batch (its own output masked "
@@ -380,56 +463,166 @@ class ModelTests(ModelContract):
         """The value part of test_batch_independence: for each sample ``i``, the outputs at
         ``i`` for a batch of ``batch`` copies of sample ``i`` (same batch size, so the same
         kernels) must be those for self.inputs (within the dtype's default tolerance).
-        Compared: the checked output and, unless output_key chooses it, every other
-        floating-point output whose first dimension behaves as the batch (equal rows for a
-        batch of copies), except those in cross_sample_outputs."""
+        Compared: the checked output and every other floating-point output whose first
+        dimension behaves as the batch (equal rows for a batch of copies); for an output that
+        is one element per sample, every tensor of sample ``i``'s element, with its shape.
+
+        Copies of sample ``i`` also change the shapes of the other samples of a list of
+        samples of different shapes: when only that explains a difference (the same batch
+        with the other samples' values changed and their shapes kept gives sample ``i`` the
+        outputs it has for self.inputs), the part for sample ``i`` is skipped, saying so,
+        unless independent_of_batch_shapes is set."""
         batch = self._batch_size()
-        entries = batched_entries(self.inputs, self.unbatched_inputs)
         with torch.no_grad():
             together = self._forward(self.model, self.inputs)
-            alone = [
-                self._forward(
-                    self.model,
-                    replace_entries(
-                        self.inputs,
-                        {key: t[torch.full((batch,), i, dtype=torch.long)] for key, t in entries},
-                    ),
-                )
-                for i in range(batch)
-            ]
-        checked = self._output(together)
-        named = (
-            []
-            if self.output_key is not None
-            else list(named_tensors(together, passed_over=self.cross_sample_outputs))
-        )
-        if not any(t is checked for _, t in named):
-            named.insert(0, ("checked output", checked))
+            alone = [self._forward(self.model, self._inputs_of([i] * batch)) for i in range(batch)]
+        per_sample = self._per_sample(together, batch)
         for sample, copies in enumerate(alone):
-            theirs = dict(named_tensors(copies))
-            theirs.setdefault("checked output", self._output(copies))
-            for path, mine in sorted(named, key=lambda item: item[1] is not checked):
-                other = theirs.get(path)
-                if not _comparable(mine, other, batch, sample, mine is checked):
-                    continue
-                assert other is not None
-                a, b = _common(other[sample], mine[sample])
-                mismatch = _mismatch(a, b)
-                if mismatch is not None:
-                    self._fail_batch_dependent(
-                        together, sample, path, (a, b), mismatch, probes, traced, mine is checked
-                    )
+            what = f"a batch of {batch} copies of sample {sample}"
+            pairs = self._pairs(together, copies, sample, per_sample, what)
+            found = _first_mismatch(pairs, cut=not per_sample)
+            if found is None:
+                continue
+            path, values, mismatch, checked = found
+            if self._shapes_explain(together, sample, per_sample, pairs, found):
+                continue
+            self._fail_batch_dependent(
+                together, sample, path, values, mismatch, probes, traced, checked
+            )
         if not traced:  # (batch statistics make copies give the same output: checked first)
-            self._fail_if_ignored(together, probes, [self._output(copies) for copies in alone])
+            outputs: List[_Checked] = [
+                self._sample_outputs(copies) if per_sample else self._output(copies)
+                for copies in alone
+            ]
+            self._fail_if_ignored(together, probes, outputs)
+
+    def _pairs(
+        self, together: Any, other: Any, sample: int, per_sample: bool, what: str
+    ) -> List[_Pair]:
+        """The outputs of sample ``sample`` to compare, for self.inputs (``together``) and for
+        another batch (``other``, described by ``what``): (path, for self.inputs, for the
+        other batch, whether it is the checked output), the checked output first."""
+        batch = self._batch_size()
+        if per_sample:
+            if not isinstance(other, list) or len(other) != batch:
+                got = (
+                    f"a list of {len(other)} elements"
+                    if isinstance(other, list)
+                    else f"a {type(other).__name__}"
+                )
+                self.fail(
+                    f"for {what} the model returns {got}, for self.inputs a list of {batch}: "
+                    "one element per sample expected (see test_output_shape)"
+                )
+            prefix = f"output[{sample}]"
+            checked = self._sample_outputs([together[sample]])[0]
+            passed_over = self.cross_sample_outputs
+            named = (
+                [(f"{prefix}[{self.output_key!r}]", checked)]
+                if self.output_key is not None
+                else list(named_tensors(together[sample], prefix, passed_over))
+            )
+            theirs = (
+                {named[0][0]: self._sample_outputs([other[sample]])[0]}
+                if self.output_key is not None
+                else dict(named_tensors(other[sample], prefix, passed_over))
+            )
+            if sorted(theirs) != sorted(path for path, _ in named):
+                self.fail(
+                    f"sample {sample}'s output changes with the other samples of the batch: "
+                    f"for {what} it holds {', '.join(theirs) or 'no tensor'}, for self.inputs "
+                    f"{', '.join(path for path, _ in named) or 'no tensor'}"
+                )
+            pairs = [(path, mine, theirs[path], mine is checked) for path, mine in named]
+        else:
+            checked = self._output(together)
+            named = (
+                []
+                if self.output_key is not None
+                else list(named_tensors(together, passed_over=self.cross_sample_outputs))
+            )
+            if not any(t is checked for _, t in named):
+                named.insert(0, ("checked output", checked))
+            outputs = dict(named_tensors(other))
+            outputs.setdefault("checked output", self._output(other))
+            pairs = []
+            for path, mine in named:
+                found = outputs.get(path)
+                if _comparable(mine, found, batch, sample, mine is checked):
+                    assert found is not None
+                    pairs.append((path, mine[sample], found[sample], mine is checked))
+        return sorted(pairs, key=lambda pair: not pair[3])
+
+    def _shapes_explain(
+        self, together: Any, sample: int, per_sample: bool, pairs: List[_Pair], found: _Found
+    ) -> bool:
+        """Whether the difference ``found`` for copies of sample ``sample`` comes from the
+        other samples' shapes only; if so, report it as a skipped part of the check."""
+        varying = self._varying_shapes()
+        if not varying or self.independent_of_batch_shapes:
+            return False
+        what = "the batch with the other samples' values changed"
+        path = found[0]
+        try:
+            with torch.no_grad():
+                changed = self._forward(self.model, self._other_values_changed(sample))
+        except Exception as exc:
+            self._skip_subtest(
+                f"sample {sample}'s {path} changes for a batch of {self._batch_size()} copies "
+                f"of sample {sample}, in which the other samples have other shapes than in "
+                f"self.inputs ({'; '.join(varying)}). Whether it changes with their shapes (by "
+                "design, for a model that pads every sample to the largest of its batch) or "
+                "with their values could not be told: the model raises on the other samples' "
+                f"values changed (x -> 2x + 1), {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Set "
+                "self.independent_of_batch_shapes = True to fail on the difference",
+                sample=sample,
+            )
+            return True
+        kept = {path for path, *_ in pairs}
+        again = [
+            pair
+            for pair in self._pairs(together, changed, sample, per_sample, what)
+            if pair[0] in kept
+        ]
+        if _first_mismatch(again, cut=not per_sample) is not None:
+            return False
+        _, (alone, mine), _, _ = found
+        how = (
+            f"has shape {tuple(alone.shape)}, for self.inputs {tuple(mine.shape)}"
+            if alone.shape != mine.shape
+            else "differs from the output for self.inputs"
+        )
+        self._skip_subtest(
+            f"sample {sample}'s {path} changes with the shapes of the other samples of "
+            f"the batch, not with their values ({'; '.join(varying)}): for a batch of "
+            f"{self._batch_size()} copies of sample {sample} it {how}, but with the other "
+            "samples' values changed (x -> 2x + 1) and their shapes kept it is the same. A "
+            "model that pads every sample to the largest of its batch does this by design "
+            "(torchvision's detection models); set self.independent_of_batch_shapes = "
+            "True to fail on it",
+            sample=sample,
+        )
+        return True
+
+    def _skip_subtest(self, reason: str, **params: Any) -> None:
+        """Report one part of a check as skipped (a skipped subtest) and go on with the rest."""
+        with self.subTest(**params):
+            self.skipTest(reason)
 
     def _fail_if_ignored(
-        self, together: Any, probes: List[Probe], alone: List[torch.Tensor]
+        self,
+        together: Any,
+        probes: List[Probe],
+        alone: Sequence[_Checked],
     ) -> None:
         """When no gradient could be traced: fail (skip without any probe) if every sample
         gets exactly the same checked output although the samples' inputs differ."""
-        entries = batched_entries(self.inputs, self.unbatched_inputs)
-        inputs_differ = any(not _same(t[i], t[0]) for _, t in entries for i in range(len(t)))
-        if not inputs_differ or not all(_same(out, alone[0]) for out in alone):
+        entries = batch_entries(self.inputs, self.unbatched_inputs)
+        inputs_differ = any(
+            not _same_sample(value, i, 0) for _, value in entries for i in range(len(value))
+        )
+        if not inputs_differ or not all(_same_checked(out, alone[0]) for out in alone):
             return
         if probes:
             self.fail(
@@ -473,15 +666,19 @@ class ModelTests(ModelContract):
                 "batches could not be compared"
                 + (" (the gradient comparison passed)" if traced else "")
             )
-        one_nan = alone.isnan() ^ mine.isnan()
-        difference = (alone.double() - mine.double()).abs()[~(alone.isnan() | mine.isnan())]
-        largest = float(difference.max()) if difference.numel() else 0.0
         batch = self._batch_size()
+        if alone.shape == mine.shape:
+            one_nan = alone.isnan() ^ mine.isnan()
+            difference = (alone.double() - mine.double()).abs()[~(alone.isnan() | mine.isnan())]
+            largest = float(difference.max()) if difference.numel() else 0.0
+            how = f"it differs from the output for self.inputs by up to {largest:.3g}" + (
+                " and is NaN where the other is not" if bool(one_nan.any()) else ""
+            )
+        else:
+            how = f"it has shape {tuple(alone.shape)}, for self.inputs {tuple(mine.shape)}"
         lead = (
             f"sample {sample}'s {path} changes with the other samples of the batch: "
-            f"for a batch of {batch} copies of sample {sample} it differs from the output "
-            f"for self.inputs by up to {largest:.3g}"
-            + (" and is NaN where the other is not" if bool(one_nan.any()) else "")
+            f"for a batch of {batch} copies of sample {sample} {how}"
         )
         if traced and checked:
             cause = (
@@ -917,6 +1114,44 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_floating_point() or a.is_complex():
         return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
     return torch.equal(a, b)
+
+
+def _first_mismatch(pairs: List[_Pair], cut: bool) -> Optional[_Found]:
+    """The first pair whose outputs differ (beyond the dtype's default tolerance), if any.
+    ``cut``: compare over the extent both have in every dimension (an output padded to the
+    longest sample of its batch); else a different shape is a difference (another number
+    of detections)."""
+    for path, mine, theirs, checked in pairs:
+        if cut:
+            theirs, mine = _common(theirs, mine)
+        if theirs.shape != mine.shape:
+            mismatch: Optional[str] = (
+                f"{path} has shape {tuple(theirs.shape)} for that batch and {tuple(mine.shape)} "
+                "for self.inputs (a different number of elements, e.g. of detections, is a "
+                "difference)"
+            )
+        else:
+            mismatch = _mismatch(theirs, mine)
+        if mismatch is not None:
+            return path, (theirs, mine), mismatch, checked
+    return None
+
+
+def _same_sample(value: Any, index: int, other: int) -> bool:
+    """Whether samples ``index`` and ``other`` of a batched argument are exactly equal."""
+    if isinstance(value, torch.Tensor):
+        return _same(value[index], value[other])
+    mine, theirs = list(named_tensors(value[index])), list(named_tensors(value[other]))
+    return [path for path, _ in mine] == [path for path, _ in theirs] and all(
+        _same(a, b) for (_, a), (_, b) in zip(mine, theirs)
+    )
+
+
+def _same_checked(a: _Checked, b: _Checked) -> bool:
+    """Exactly equal checked outputs: tensors, or lists of per-sample tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same(a, b)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 def _comparable(

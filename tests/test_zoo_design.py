@@ -322,8 +322,8 @@ def faster_rcnn() -> nn.Module:
     import torchvision
 
     return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3
-    )
+        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64
+    )  # images kept at their size (at most 64), not resized to 320
 
 
 def detection_batch() -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]:
@@ -1300,7 +1300,17 @@ DETECTION: Dict[str, Case] = {
     "torchvision Faster R-CNN MobileNetV3 320 FPN, images and targets": (
         ModelTests,
         dict(model=shared(faster_rcnn), inputs=detection_batch, make_model=faster_rcnn),
-        (),
+        (
+            # the platform's: data-dependent operations on meta, nms without a bfloat16 kernel
+            "in eval mode, the model uses an operation the meta device cannot run",
+            "an operation of the model (torch.ops.torchvision.nms",
+            # the design: images of several sizes padded to the largest of the batch
+            *(
+                f"sample {i}'s output[{i}]['boxes'] changes with the shapes of the other "
+                "samples of the batch, not with their values"
+                for i in range(4)
+            ),
+        ),
     ),
 }
 
@@ -1353,7 +1363,7 @@ class DesignZoo(CheckTestCase):
         self.assertEveryCheckPasses(DESIGN_ZOO)
 
     def test_detection_models_pass(self) -> None:
-        # issue 20's table: today the contract refuses a list of images and of target dicts
+        # issue 20's table: the contract refused a list of images and of target dicts
         self.assertEveryCheckPasses(DETECTION)
 
     @extended
