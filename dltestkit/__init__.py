@@ -8,15 +8,17 @@ Combine a mixin with ``unittest.TestCase`` (mixin first) and write only ``setUp`
             self.inputs = torch.randn(4, 1, 32, 32)
 """
 
-from ._base import ContractError
-from ._random import make_deterministic
-from .dataset import DatasetTests
-from .distributed import DistributedModelTests
-from .distributed_trainer import DistributedTrainerTests
-from .launch import DistributedError, run_distributed
-from .model import ModelTests
-from .sequence import SequenceModelTests
-from .trainer import TrainerTests
+from .core.options import ContractError
+from .core.seeds import make_deterministic
+from .data import DatasetTests
+from .distributed import (
+    DistributedError,
+    DistributedModelTests,
+    DistributedTrainerTests,
+    run_distributed,
+)
+from .models import ModelTests, SequenceModelTests
+from .trainers import TrainerTests
 
 __all__ = [
     "ContractError",

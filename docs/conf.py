@@ -48,6 +48,7 @@ exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
 # No intersphinx: the docs must build offline.
 
 myst_heading_anchors = 3
+myst_enable_extensions = ["deflist"]
 
 # -- autodoc ------------------------------------------------------------------------
 autodoc_member_order = "bysource"

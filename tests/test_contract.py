@@ -14,8 +14,8 @@ from test_dataset_checks import Images
 from test_model_checks import AutoEncoder, model_case
 
 from dltestkit import DatasetTests, ModelTests, TrainerTests, make_deterministic
-from dltestkit._base import checks_of
-from dltestkit._random import derived_seed
+from dltestkit.core.contract import checks_of
+from dltestkit.core.seeds import derived_seed
 
 
 class Contract(CheckTestCase):

@@ -18,7 +18,7 @@ from checkrunner import CheckTestCase, make_case, run_check
 from torch.utils.data import Dataset, get_worker_info
 
 from dltestkit import DatasetTests
-from dltestkit._base import UNSET
+from dltestkit.core.options import UNSET
 
 SHAPE = (1, 6, 6)
 CHECKS = (
@@ -994,10 +994,10 @@ class SplitOverlap(CheckTestCase):
     def test_a_hash_match_is_confirmed_by_comparing_the_inputs(self) -> None:
         from unittest import mock
 
-        from dltestkit import _scan
+        from dltestkit.data import samples
 
         case = splits_case(Images(size=100, seed=1), Images(seed=2), augmented_splits=set())
-        with mock.patch.object(_scan, "_hash", lambda header, data: b"every input collides"):
+        with mock.patch.object(samples, "_hash", lambda header, data: b"every input collides"):
             self.assertPasses(case, "test_split_overlap")
 
 

@@ -41,7 +41,9 @@ from test_dataset_checks import (
 from test_dataset_pipelines import FailsInWorker, RepeatedInEveryWorker, SizedStream, stream_case
 from torch.utils.data import Dataset, get_worker_info
 
-from dltestkit import DatasetTests, _scan
+from dltestkit import DatasetTests
+from dltestkit.data import inspect, pickling, scan
+from dltestkit.data import split as split_state
 
 
 class CountingImages(Images):
@@ -267,14 +269,14 @@ class MainProcessLoads(CheckTestCase):
 
         before = loaders()  # (blocked ones of earlier tests may live on)
         running = []
-        scan = _scan.SplitState._run_scan
+        run_scan = split_state.SplitState._run_scan
 
-        def recording(state: _scan.SplitState) -> _scan.Scan:
+        def recording(state: split_state.SplitState) -> scan.Scan:
             running.append(loaders())
-            return scan(state)
+            return run_scan(state)
 
         case = splits_case(Images(augment=True), Images(seed=5), num_classes=10)
-        with mock.patch.object(_scan.SplitState, "_run_scan", recording):
+        with mock.patch.object(split_state.SplitState, "_run_scan", recording):
             for name in CHECKS:
                 self.assertTrue(run_check(case, name).ran)
         self.assertEqual(running, [before, before])  # one scan per split
@@ -285,7 +287,7 @@ class MainProcessLoads(CheckTestCase):
         import tracemalloc
 
         big = InMemory()
-        for measure in (pickle.dumps, _scan.pickled_size):
+        for measure in (pickle.dumps, pickling.pickled_size):
             tracemalloc.start()
             try:
                 measure(big)
@@ -296,7 +298,7 @@ class MainProcessLoads(CheckTestCase):
                 self.assertGreater(peak, 64_000_000)  # what the check used to cost
             else:
                 self.assertLess(peak, 1_000_000)
-        self.assertLess(_scan.pickled_size(big), 10_000)
+        self.assertLess(pickling.pickled_size(big), 10_000)
 
 
 def pad_to(samples: List[Any], length: int) -> Any:
@@ -426,19 +428,19 @@ class Cache(CheckTestCase):
         case = make_case(DatasetTests, set_up, value_range=(-1.0, 1.0), batch_size=16)
         self.assertPasses(case, "test_value_range")
         gc.collect()
-        self.assertIn(case, _scan.cached_classes())
+        self.assertIn(case, split_state.cached_classes())
         self.assertIsNone(built[0](), "the cache keeps the dataset of a finished test")
 
     def test_the_cache_of_a_class_is_dropped_when_its_tests_are_done(self) -> None:
         case = splits_case(Images(augment=True), Images(seed=5))
         run_check(case, "test_value_range")  # a single test, outside a suite
-        self.assertIn(case, _scan.cached_classes())
+        self.assertIn(case, split_state.cached_classes())
         other = splits_case(Images(augment=True), Images(seed=5))
         suite = unittest.defaultTestLoader.loadTestsFromTestCase(other)
         result = unittest.TestResult()
         suite.run(result)
         self.assertTrue(result.wasSuccessful(), result.failures + result.errors)
-        self.assertNotIn(other, _scan.cached_classes())
+        self.assertNotIn(other, split_state.cached_classes())
 
 
 def children() -> List[int]:
@@ -759,7 +761,7 @@ class OwnBugs(CheckTestCase):
         def broken(*args: Any) -> None:
             raise KeyError("bookkeeping")
 
-        with mock.patch.object(_scan, "_statistics", broken):
+        with mock.patch.object(inspect, "_statistics", broken):
             self.assertErrorsWith(
                 case,
                 "test_value_range",

@@ -38,7 +38,7 @@ from dltestkit import (
     SequenceModelTests,
     run_distributed,
 )
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 
 # -- functions run on every rank (module level: picklable for the spawn start method) -------
@@ -305,7 +305,7 @@ def batchnorm_results(layer: nn.Module, x: torch.Tensor, weights: torch.Tensor) 
 
 
 def sync_batchnorm_rank(rank: int, world_size: int, momentum: Any) -> Any:
-    from dltestkit.distributed import _replace_sync_batchnorm
+    from dltestkit.distributed.syncbn import replace_sync_batchnorm as _replace_sync_batchnorm
 
     layer = _replace_sync_batchnorm(nn.SyncBatchNorm(3, momentum=momentum))
     assert not isinstance(layer, nn.SyncBatchNorm)  # which DDP refuses on the CPU

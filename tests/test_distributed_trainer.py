@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from dltestkit import ContractError, DistributedTrainerTests, TrainerTests
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 SAMPLES, FEATURES, CLASSES = 24, 6, 3
 

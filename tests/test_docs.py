@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import dltestkit
-from dltestkit import _reference
+from dltestkit.core import reference as _reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -122,19 +122,29 @@ class MixinPages(unittest.TestCase):
             with self.subTest(mixin=mixin.__name__):
                 page = self.page(mixin)
                 self.assertIn(f"```{{dltestkit-checks}} {mixin.__name__}\n```", page)
-                self.assertIn(f"```{{dltestkit-attributes}} {mixin.__name__}\n```", page)
+                self.assertIn(f"```{{dltestkit-options}} {mixin.__name__}\n```", page)
                 self.assertNotRegex(
                     page,
                     r"(?m)^\| attribute \|",
                     "a hand-written attribute table drifts; use the directive",
                 )
 
-    def test_the_generated_attribute_tables_cover_every_attribute(self) -> None:
+    def test_the_generated_option_lists_cover_every_option(self) -> None:
         for mixin in PAGES:
-            table = "\n".join(_reference.attribute_table(mixin))
-            for name in mixin._attributes():
-                with self.subTest(mixin=mixin.__name__, attribute=name):
-                    self.assertIn(f"| `{name}` |", table)
+            listed = "\n".join(_reference.option_list(mixin))
+            for name in mixin._options():
+                with self.subTest(mixin=mixin.__name__, option=name):
+                    self.assertRegex(listed, rf"(?m)^`{name}` \(.*; read by .*\)\n: ")
+
+    def test_every_check_section_shows_its_generated_reads_line(self) -> None:
+        for mixin in PAGES:
+            page = sections(self.page(mixin))
+            for name in public_checks(mixin):
+                with self.subTest(mixin=mixin.__name__, check=name):
+                    self.assertIn(
+                        f"```{{dltestkit-reads}} {mixin.__name__} {name}\n```", page[name]
+                    )
+                    self.assertNotIn("**Reads.**", page[name], "a hand-written line drifts")
 
     def test_every_check_says_what_it_catches(self) -> None:
         for mixin in PAGES:

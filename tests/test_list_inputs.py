@@ -24,8 +24,8 @@ from checkrunner import NO_GPU, CheckTestCase, make_case, run_check
 from torch import nn
 
 from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
-from dltestkit._base import checks_of
-from dltestkit._tensors import take_samples
+from dltestkit.core.contract import checks_of
+from dltestkit.models.tensors import take_samples
 
 BATCH = 4
 #: Images of two orientations: a batch of copies of one has another padded size.

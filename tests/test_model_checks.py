@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dltestkit import ModelTests
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 SHAPE = (1, 4, 4)
 FEATURES = 16

@@ -14,7 +14,7 @@ from checkrunner import CheckTestCase, make_case
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
-from dltestkit._probes import Probe, probe_forward
+from dltestkit.models.probes import Probe, probe_forward
 
 BATCH, LENGTH, VOCAB, WIDTH = 4, 6, 20, 8
 

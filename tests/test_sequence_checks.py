@@ -13,7 +13,7 @@ from checkrunner import CheckTestCase, make_case
 from torch import nn
 
 from dltestkit import SequenceModelTests
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 BATCH, LENGTH, VOCAB, WIDTH = 4, 6, 20, 8
 

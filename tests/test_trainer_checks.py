@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dltestkit import TrainerTests
-from dltestkit.trainer import kl_reference
+from dltestkit.trainers.vae import kl_reference
 
 TAGS = ["train/recon_loss", "train/kl_div_loss", "train/loss", "test/loss"]
 CHECKS = [

@@ -20,7 +20,7 @@ from checkrunner import NO_GPU, CheckTestCase, make_case
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 MISSING = [
     name

@@ -56,7 +56,7 @@ from test_zoo import (
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
-from dltestkit._base import checks_of
+from dltestkit.core.contract import checks_of
 
 NEEDS = f"needs {', '.join(MISSING)}: pip install -e '.[zoo]'"
 EXAMPLE_PROJECT = Path(__file__).resolve().parents[1] / "example_project"

@@ -1,16 +1,22 @@
-"""Sphinx directives that write the reference tables from the code (dltestkit._reference).
+"""Sphinx directives that write the reference from the code (dltestkit.core.reference).
 
 ```{dltestkit-checks}
-```                                   every check of every mixin, by mixin
+```                                   every check of every mixin, a table per mixin
 
 ```{dltestkit-checks} ModelTests
 ```                                   the checks of one mixin (inherited ones included)
 
-```{dltestkit-attributes} ModelTests
-```                                   every attribute the mixin reads
+```{dltestkit-options} ModelTests
+```                                   every option the mixin reads
+
+```{dltestkit-reads} ModelTests test_output_shape
+```                                   the options one check reads ("Reads." line)
 
 ```{dltestkit-contract}
-```                                   the required and optional attributes of every mixin
+```                                   the required and optional options of every mixin
+
+```{dltestkit-api}
+```                                   every public name of dltestkit.__all__
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
 import dltestkit
-from dltestkit import _reference
+from dltestkit.core import reference
+from dltestkit.core.contract import checks_of
 
 
-class _TableDirective(SphinxDirective):
+class _Directive(SphinxDirective):
     optional_arguments = 1
+    #: reStructuredText (the API page's autodoc directives) rather than Markdown
+    rst = False
 
     def mixin(self) -> Any:
         name = self.arguments[0]
-        if name not in _reference.PAGES:
-            raise self.error(f"{name} is not a public dltestkit mixin ({list(_reference.PAGES)})")
+        if name not in reference.PAGES:
+            raise self.error(f"{name} is not a public dltestkit mixin ({list(reference.PAGES)})")
         return getattr(dltestkit, name)
 
     def lines(self) -> List[str]:
@@ -41,35 +50,57 @@ class _TableDirective(SphinxDirective):
     def run(self) -> List[nodes.Node]:
         container = nodes.container()
         source = f"<{self.name} {' '.join(self.arguments)}>"
+        if self.rst:
+            from docutils.parsers.rst import Parser  # noqa: F401 (the state parses rST)
         self.state.nested_parse(
             StringList(self.lines(), source=source), self.content_offset, container
         )
         return list(container.children)
 
 
-class ChecksDirective(_TableDirective):
+class ChecksDirective(_Directive):
     def lines(self) -> List[str]:
-        mixins = [self.mixin()] if self.arguments else _reference.public_mixins()
-        return _reference.check_table(mixins)
+        mixins = [self.mixin()] if self.arguments else reference.public_mixins()
+        return reference.check_table(mixins)
 
 
-class AttributesDirective(_TableDirective):
+class OptionsDirective(_Directive):
     required_arguments = 1
     optional_arguments = 0
 
     def lines(self) -> List[str]:
-        return _reference.attribute_table(self.mixin())
+        return reference.option_list(self.mixin())
 
 
-class ContractDirective(_TableDirective):
+class ReadsDirective(_Directive):
+    required_arguments = 2
     optional_arguments = 0
 
     def lines(self) -> List[str]:
-        return _reference.contract_table(_reference.public_mixins())
+        mixin, check = self.mixin(), self.arguments[1]
+        if check not in checks_of(mixin):
+            raise self.error(f"{check} is not a check of {mixin.__name__}")
+        return [reference.reads_line(mixin, check)]
+
+
+class ContractDirective(_Directive):
+    optional_arguments = 0
+
+    def lines(self) -> List[str]:
+        return reference.contract_table(reference.public_mixins())
+
+
+class ApiDirective(_Directive):
+    optional_arguments = 0
+
+    def lines(self) -> List[str]:
+        return ["```{eval-rst}", *reference.api_lines(), "```"]
 
 
 def setup(app: Sphinx) -> Dict[str, Any]:
     app.add_directive("dltestkit-checks", ChecksDirective)
-    app.add_directive("dltestkit-attributes", AttributesDirective)
+    app.add_directive("dltestkit-options", OptionsDirective)
+    app.add_directive("dltestkit-reads", ReadsDirective)
     app.add_directive("dltestkit-contract", ContractDirective)
+    app.add_directive("dltestkit-api", ApiDirective)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

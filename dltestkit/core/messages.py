@@ -1,0 +1,107 @@
+"""The words every message is made of: lists, counts, short values, exceptions."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "article",
+    "by_count",
+    "describe",
+    "error_text",
+    "exception_text",
+    "first_line",
+    "kind",
+    "listed",
+    "short",
+]
+
+
+def listed(names: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` names, and how many more there are: "a, b, c and 4 more"."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def by_count(count: int, singular: str, plural: str) -> str:
+    """``singular`` for one, ``plural`` for any other count."""
+    return singular if count == 1 else plural
+
+
+def article(word: str) -> str:
+    """ "a" or "an" before ``word``."""
+    return "an" if word[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+
+
+def short(value: Any, width: int = 40) -> str:
+    """A value for a message: a tensor by its shape, anything else by a repr of at most
+    ``width`` characters."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(value: Any) -> str:
+    """A value and its type for a message: "'loss' (a str)", "a tensor of shape (3,)"."""
+    if isinstance(value, torch.Tensor):
+        return short(value)
+    return f"{short(value, 60)} (a {type(value).__name__})"
+
+
+def kind(value: Any) -> str:
+    """What a non-tensor value is, for messages: "a PIL Image", "None", "a str"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    if type(value).__module__.startswith("PIL."):
+        name = "PIL Image"
+    return f"{article(name)} {name}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
+    text = error_text(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def exception_text(exc: BaseException) -> str:
+    """``Type: message``, the message cut to its first line."""
+    line = first_line(exc)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+_SCRIPT_FRAME = re.compile(r'^\s*File "(?P<path>[^"]*)", line (?P<line>\d+), in (?P<function>\S+)')
+_ERROR_PREFIX = re.compile(r"^[A-Za-z_.]*(Error|Exception|Stop): ")
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of ``exc``. An error raised inside TorchScript code comes as a long
+    report of the interpreter (both tracebacks, then the Python frames of the kernel that
+    raised); it is shortened to the error and the scripted line that raised it."""
+    text = str(exc).strip()
+    if "TorchScript interpreter" not in text:
+        return text
+    lines = text.splitlines()
+    errors = [i for i, line in enumerate(lines) if _ERROR_PREFIX.match(line)]
+    if not errors:
+        return text
+    message = lines[errors[-1]]
+    while _ERROR_PREFIX.match(message):  # "RuntimeError: RuntimeError: ..."
+        message = message.split(": ", 1)[1]
+    start = next((i for i, line in enumerate(lines) if "original code" in line), 0)
+    frames = [i for i in range(start, errors[-1]) if _SCRIPT_FRAME.match(lines[i])]
+    if not frames:
+        return message
+    frame = _SCRIPT_FRAME.match(lines[frames[-1]])
+    assert frame is not None
+    marker = next((i for i in range(frames[-1], errors[-1]) if "<--- HERE" in lines[i]), None)
+    code = f": {lines[marker - 1].strip()}" if marker is not None else ""
+    return (
+        f"{message} (in TorchScript code, at {os.path.basename(frame['path'])}:"
+        f"{frame['line']} in {frame['function']}{code})"
+    )

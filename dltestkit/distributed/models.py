@@ -1,0 +1,400 @@
+"""DistributedModelTests: checks of distributed data parallel training, on CPU processes.
+
+The bugs of DistributedDataParallel (DDP) training show up only with several processes: a
+loss averaged over the wrong number of samples, layers that normalise each rank's shard with
+its own statistics, parameters that get no gradient (DDP fails on the next step). These checks
+run the real ``torch.distributed`` with the gloo backend on ``world_size`` CPU processes
+(``dltestkit.run_distributed``), so they need no GPU and no cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..core.contract import check
+from ..core.options import option
+from ..core.paths import floating_tensors, map_tensors
+from ..core.seeds import derived_seed
+from ..core.validators import is_bool, is_names, is_number
+from ..models.contract import ModelContract
+from ..models.tensors import batched_entries, call_model, replace_entries
+from .launch import DistributedError
+from .options import DistributedOptions
+from .syncbn import replace_sync_batchnorm
+
+__all__ = ["DistributedModelTests"]
+
+#: The normalisation layers that use the statistics of their batch in training mode.
+BATCH_STATISTICS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
+#: DDP's error on the step after a parameter got no gradient (find_unused_parameters=False).
+_UNUSED_ERROR = "Expected to have finished reduction in the prior iteration"
+
+
+@dataclass
+class _Step:
+    """What the DDP comparison needs in every rank (picklable, for the spawn start method)."""
+
+    model: nn.Module
+    shards: List[Any]
+    weights: List[List[torch.Tensor]]
+    batch_dims: List[Optional[int]]
+    batch: int
+    local_statistics: Collection[str]
+    find_unused_parameters: bool
+    loss_fn: Any
+    seed: int
+
+
+def _to_double(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.double() if tensor.is_floating_point() else tensor
+
+
+def _set_modes(model: nn.Module, local_statistics: Collection[str]) -> List[str]:
+    """Eval mode, but batch-normalisation layers in training mode (they are what differs
+    under DDP), except those in ``local_statistics``; returns the latter's names."""
+    model.eval()
+    training = []
+    for name, module in model.named_modules():
+        if isinstance(module, BATCH_STATISTICS) and not any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in local_statistics
+        ):
+            module.train()
+            training.append(name)
+    return training
+
+
+def _batch_loss(
+    output: Any, weights: Sequence[torch.Tensor], batch_dims: Sequence[Optional[int]], batch: int
+) -> torch.Tensor:
+    """The mean over the samples of each sample's randomly weighted outputs: a loss whose
+    gradient DDP's averaging over equal shards reproduces exactly."""
+    total = torch.zeros(())
+    outputs = [t for _, t in floating_tensors(output)]
+    for tensor, weight, dim in zip(outputs, weights, batch_dims):
+        if dim is not None:
+            total = total + (tensor * weight).sum()
+    return total / batch
+
+
+def _sgd_steps(
+    model: nn.Module,
+    inputs: Any,
+    weights: Sequence[torch.Tensor],
+    batch_dims: Sequence[Optional[int]],
+    batch: int,
+    loss_fn: Any,
+    seed: int,
+    parameters: Optional[Sequence[Tuple[str, nn.Parameter]]] = None,
+) -> List[Dict[str, Optional[torch.Tensor]]]:
+    """Two SGD steps of ``model`` (maybe DDP-wrapped) on ``inputs`` (``batch`` samples); the
+    gradients of each step, by parameter name."""
+    named = list(parameters if parameters is not None else model.named_parameters())
+    named = [(name, p) for name, p in named if p.requires_grad]
+    optimizer = torch.optim.SGD([p for _, p in named], lr=0.01)
+    seen = []
+    for step in range(2):
+        torch.manual_seed(derived_seed(seed, step))
+        optimizer.zero_grad(set_to_none=True)
+        output = call_model(model, inputs)
+        loss = (
+            loss_fn(output)
+            if loss_fn is not None
+            else _batch_loss(output, weights, batch_dims, batch)
+        )
+        loss.backward()
+        seen.append(
+            {name: None if p.grad is None else p.grad.detach().clone() for name, p in named}
+        )
+        optimizer.step()
+    return seen
+
+
+def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optional[torch.Tensor]]]:
+    """One rank of test_ddp_gradients: the model in DDP, on its shard of the batch."""
+    model = copy.deepcopy(step.model)
+    _set_modes(model, step.local_statistics)
+    model = replace_sync_batchnorm(model)  # DDP refuses SyncBatchNorm on the CPU
+    wrapped = nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=step.find_unused_parameters
+    )
+    return _sgd_steps(
+        wrapped,
+        step.shards[rank],
+        step.weights[rank],
+        step.batch_dims,
+        step.batch // world_size,
+        step.loss_fn,
+        derived_seed(step.seed, 10 * rank),
+        parameters=list(model.named_parameters()),
+    )
+
+
+class DistributedModelTests(DistributedOptions, ModelContract):
+    """Checks that a model trains the same with DistributedDataParallel on several processes
+    as in one process on the whole batch.
+
+    It reads the ``ModelTests`` contract (``model``, ``inputs``, ...) and combines with
+    ``ModelTests`` or ``SequenceModelTests``: ``class TestX(DistributedModelTests, ModelTests,
+    unittest.TestCase)``. Used alone, it runs its own check only (e.g. in a separate CI job).
+    """
+
+    _suite: ClassVar[str] = "DistributedModelTests"
+    local_batch_statistics: Collection[str] = option(
+        "names or glob patterns of the batch-normalisation "
+        "layers that may normalise each rank's shard on its own",
+        '["backbone.*"]',
+        default=(),
+        validate=is_names,
+        details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
+        "`nn.SyncBatchNorm` shares them (it passes: the check runs it on CPU processes "
+        "as it runs on GPUs). List the layers for which per-rank statistics are "
+        "intended; the check then compares with them in eval mode.",
+    )
+    find_unused_parameters: bool = option(
+        "the find_unused_parameters argument the model is wrapped in DistributedDataParallel with",
+        "True",
+        default=False,
+        validate=is_bool,
+        details="Set it as your training code does; False, DDP's default, fails on "
+        "parameters that get no gradient.",
+    )
+    ddp_rtol: float = option(
+        "the relative tolerance comparing DDP's gradients with one process's",
+        "1e-3",
+        default=1e-4,
+        validate=is_number,
+        details="Averaging over ranks adds the samples' contributions in another "
+        "order than one process does, so float32 gradients agree to about "
+        "1e-6 of their size, a deep network's to about 1e-5 after a step; "
+        "the bugs this check finds change them by percents.",
+    )
+    ddp_atol: float = option(
+        "the absolute tolerance comparing DDP's gradients with one process's",
+        "1e-4",
+        default=1e-5,
+        validate=is_number,
+    )
+
+    def _shards(self, inputs: Any) -> List[Any]:
+        """``inputs`` (self.inputs, maybe in float64) split into world_size equal, contiguous
+        shards of the batch."""
+        batch, ranks = self._batch_size(), self.world_size
+        if batch % ranks:
+            raise self._contract_error(
+                "inputs",
+                f"holds {batch} samples, which {ranks} ranks cannot share equally; "
+                f"test_ddp_gradients needs a multiple of world_size ({ranks}), e.g. "
+                f"{ranks * max(1, batch // ranks)}",
+            )
+        entries = batched_entries(inputs, self.unbatched_inputs)
+        return [
+            replace_entries(inputs, {key: tensor.chunk(ranks)[rank] for key, tensor in entries})
+            for rank in range(ranks)
+        ]
+
+    def _batch_dims(
+        self, model: nn.Module, inputs: Any, shard: Any
+    ) -> Tuple[List[torch.Tensor], List[Optional[int]]]:
+        """The floating-point outputs for ``inputs``, and the batch dimension of each (the one
+        whose size follows the batch size), or None for an output without one (a scalar loss)."""
+        with torch.no_grad():
+            full = [t for _, t in floating_tensors(self._forward(model, inputs))]
+            part = [t for _, t in floating_tensors(self._forward(model, shard))]
+        batch, size = self._batch_size(), self._batch_size() // self.world_size
+        dims: List[Optional[int]] = []
+        for whole, piece in zip(full, part):
+            changed = (
+                [d for d in range(whole.dim()) if whole.shape[d] != piece.shape[d]]
+                if whole.dim() == piece.dim()
+                else []
+            )
+            ok = (
+                len(changed) == 1
+                and whole.shape[changed[0]] == batch
+                and piece.shape[changed[0]] == size
+            )
+            dims.append(changed[0] if ok else None)
+        return full, dims
+
+    def _reference(self, double: bool) -> Tuple[nn.Module, List[str], List[str], Any]:
+        """A copy of the model in the modes of the comparison, in float64 if ``double``; the
+        names of its batch-normalisation layers in training mode that use their own batch's
+        statistics and of those that are SyncBatchNorm; self.inputs, in float64 if
+        ``double``."""
+        reference = self._copy_model()
+        modules = dict(reference.named_modules())
+        in_training = _set_modes(reference, self.local_batch_statistics)
+        synced = [name for name in in_training if isinstance(modules[name], nn.SyncBatchNorm)]
+        inputs = self.inputs
+        if double:
+            reference.double()
+            inputs = map_tensors(_to_double, inputs)
+        return reference, [n for n in in_training if n not in synced], synced, inputs
+
+    @check(
+        reads=(
+            "model",
+            "inputs",
+            "unbatched_inputs",
+            "loss_fn",
+            "world_size",
+            "distributed_timeout",
+            "local_batch_statistics",
+            "find_unused_parameters",
+            "ddp_rtol",
+            "ddp_atol",
+        )
+    )
+    def test_ddp_gradients(self) -> None:
+        """Check that DDP on ``world_size`` processes gives one process's gradients on the batch.
+
+        Catches what makes data-parallel training differ from one process: layers that use
+        batch statistics (BatchNorm without SyncBatchNorm), parameters unused in forward (DDP
+        fails on the next step), outputs or losses that depend on the batch size; two steps,
+        each rank on its shard of the batch, with the real torch.distributed (gloo).
+        """
+        self._refuse_sample_lists("test_ddp_gradients")
+        reference, training, synced, inputs = self._reference(double=False)
+        shards = self._shards(inputs)
+        double = bool(synced)
+        if double:
+            # SyncBatchNorm normalises over all ranks' samples, a few values per channel in
+            # a small batch: that amplifies float32 rounding (the ranks sum in another order
+            # than one process) beyond the tolerances. Both sides compute in float64 then;
+            # in float32 if the model cannot.
+            try:
+                reference, training, synced, inputs = self._reference(double=True)
+                shards = self._shards(inputs)
+                outputs, dims = self._batch_dims(reference, inputs, shards[0])
+            except Exception:
+                double = False
+                reference, training, synced, inputs = self._reference(double=False)
+                shards = self._shards(inputs)
+        if not double:
+            outputs, dims = self._batch_dims(reference, inputs, shards[0])
+        if self.loss_fn is None and not any(d is not None for d in dims):
+            raise self._contract_error(
+                "loss_fn",
+                "is unset and no floating-point output has a batch dimension to "
+                "average over; set self.loss_fn to the mean loss over the batch",
+            )
+        full = self._weights(outputs)
+        ranks = self.world_size
+        per_rank = [
+            [w.chunk(ranks, dim)[rank] if dim is not None else w for w, dim in zip(full, dims)]
+            for rank in range(ranks)
+        ]
+        one_process = _sgd_steps(
+            reference, inputs, full, dims, self._batch_size(), self.loss_fn, self.seed
+        )
+        unused = {name for name, grad in one_process[0].items() if grad is None}
+        in_training = self._copy_model()
+        _, grads = self._gradients(in_training, self._trainable(in_training))
+        used_in_training = {
+            name for (name, _), grad in zip(self._trainable(in_training), grads) if grad is not None
+        }
+        # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
+        # is frozen for the comparison: DDP training runs it in training mode, where it is used.
+        frozen = unused & used_in_training
+        model = self._copy_model().double() if double else self._copy_model()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter.requires_grad and name not in frozen)
+        step = _Step(
+            model,
+            shards,
+            per_rank,
+            dims,
+            self._batch_size(),
+            self.local_batch_statistics,
+            self.find_unused_parameters,
+            self.loss_fn,
+            self.seed,
+        )
+        try:
+            results = self._run_ranks(_ddp_rank, step)
+        except DistributedError as error:
+            self._explain_failure(
+                error, [name for name in one_process[0] if name in unused and name not in frozen]
+            )
+        for rank, steps in enumerate(results):
+            for number, (ddp, single) in enumerate(zip(steps, one_process), 1):
+                self._compare(ddp, single, rank, number, training)
+
+    def _explain_failure(self, error: DistributedError, unused: List[str]) -> None:
+        text = str(error)
+        if _UNUSED_ERROR in text:
+            self.fail(
+                f"DistributedDataParallel (find_unused_parameters={self.find_unused_parameters}) "
+                f"fails on the second step: parameters that get no gradient in forward"
+                + (f" ({', '.join(unused)})" if unused else "")
+                + ". Use every parameter in forward (or freeze the ones that are not), or wrap "
+                "the model with find_unused_parameters=True (slower) and set it here too. "
+                f"DDP's error: {error.first_line()}"
+            )
+        self.fail(
+            f"training the model with DistributedDataParallel on {self.world_size} ranks "
+            f"failed: {error.first_line()}\n{text}"
+        )
+
+    def _compare(
+        self, ddp: Dict[str, Any], single: Dict[str, Any], rank: int, step: int, training: List[str]
+    ) -> None:
+        for name, expected in single.items():
+            got = ddp.get(name)
+            if expected is None or got is None:
+                continue
+            try:
+                torch.testing.assert_close(got, expected, rtol=self.ddp_rtol, atol=self.ddp_atol)
+            except AssertionError as mismatch:
+                cause = self._cause(ddp, single, training)
+                self.fail(
+                    f"at step {step} the gradient of {name} that DistributedDataParallel gives "
+                    f"rank {rank} (each of {self.world_size} ranks on its shard of the batch) "
+                    f"differs from the gradient of one process on the whole batch. {cause}\n"
+                    f"{mismatch}"
+                )
+
+    def _cause(self, ddp: Dict[str, Any], single: Dict[str, Any], training: List[str]) -> str:
+        ratios = {
+            float((d.double() * s.double()).sum() / s.double().square().sum())
+            for name, s in single.items()
+            if s is not None
+            and (d := ddp.get(name)) is not None
+            and float(s.double().square().sum()) > 0
+        }
+        constant = len({round(r, 3) for r in ratios}) == 1
+        if constant and ratios and abs(next(iter(ratios)) - 1.0) > 1e-3:
+            factor = next(iter(ratios))
+            return (
+                f"Every gradient is {factor:.3g} times the single-process one: the output or "
+                "the loss depends on the batch size (a sum over the batch where a mean "
+                "belongs, or a division by the batch size); DDP averages the ranks' "
+                "gradients, which matches one process only for a mean over the samples."
+            )
+        if training:
+            return (
+                f"The model normalises with batch statistics ({', '.join(training)}): "
+                "under DDP each rank uses the statistics of its own shard. Convert the "
+                "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
+                "wrapping the model in DDP (it normalises with the statistics of all ranks' "
+                "batches; in training it needs GPUs, this check runs it on the CPU), or list "
+                "them in self.local_batch_statistics if per-rank statistics are intended."
+            )
+        return (
+            "A sample's output depends on the other samples of its batch (see "
+            "test_batch_independence), or the loss is not a mean over the samples."
+        )

@@ -1,0 +1,55 @@
+"""What every distributed mixin reads: how many processes, and how long they may take."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, List, Optional
+
+from ..core.contract import CheckMixin
+from ..core.options import option
+from ..core.validators import is_number, is_positive_int
+from .launch import run_distributed
+
+__all__ = ["DistributedOptions"]
+
+
+def _is_world_size(value: Any) -> Optional[str]:
+    if is_positive_int(value) is None and value >= 2:
+        return None
+    return f"is {value!r}, not an int of at least 2"
+
+
+def _is_timeout(value: Any) -> Optional[str]:
+    if is_number(value) is None and value > 0:
+        return None
+    return f"is {value!r}, not a positive number of seconds"
+
+
+class DistributedOptions(CheckMixin):
+    """What every distributed mixin reads: how many processes, and how long they may take.
+
+    An add-on: it combines with a contract (the model's, the trainer's), as
+    ``DistributedModelTests`` and ``DistributedTrainerTests`` do."""
+
+    _suite: ClassVar[str] = "DistributedModelTests"
+
+    world_size: int = option(
+        "the number of processes (ranks) a distributed check runs",
+        "4",
+        default=2,
+        validate=_is_world_size,
+        details="Each rank is a CPU process joined to the others by torch.distributed "
+        "with the gloo backend.",
+    )
+    distributed_timeout: float = option(
+        "the seconds a distributed check may take before a rank counts as hung",
+        "300",
+        default=60.0,
+        validate=_is_timeout,
+        details="A rank still running then is stopped and reported, with the "
+        "others' tracebacks; a check never hangs.",
+    )
+
+    def _run_ranks(self, function: Any, *args: Any) -> List[Any]:
+        return run_distributed(
+            function, self.world_size, *args, timeout=float(self.distributed_timeout)
+        )

@@ -1,0 +1,451 @@
+"""DistributedTrainerTests: a trainer's distributed data parallel training, on CPU processes.
+
+The check builds one trainer per rank with ``make_trainer(rank=rank, world_size=world_size)``
+inside ``world_size`` gloo processes (``dltestkit.launch.run_distributed``), trains each for
+two epochs and compares what the ranks did: the weights they start and end with, the samples
+each loaded in each epoch, and what they logged.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from unittest import mock
+
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+from ..core.contract import check
+from ..core.options import ContractError, option
+from ..core.validators import is_str, optional
+from ..trainers.contract import TrainerContract
+from ..trainers.logs import call_arguments
+from ..trainers.state import difference
+from .launch import DistributedError, _start_method
+from .options import DistributedOptions
+
+__all__ = ["DistributedTrainerTests"]
+
+#: The epochs each rank trains: two, to see the data order change between epochs.
+EPOCHS = 2
+
+
+def _is_tolerance(value: Any) -> Optional[str]:
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return None
+    return f"is {value!r}, not an (rtol, atol) pair of non-negative numbers"
+
+
+class _RecordingSampler:
+    """Takes the place of what hands out a DataLoader's indices (its sampler, or its batch
+    sampler, which hands out lists of indices) and notes the indices, one list per pass
+    (epoch); everything else is the sampler's."""
+
+    def __init__(self, sampler: Any, dataset_size: int, batches: bool) -> None:
+        self.sampler = sampler
+        self.dataset_size = dataset_size
+        self.batches = batches  # whether the sampler hands out batches of indices
+        self.epochs: List[List[Any]] = []
+        self.largest_batch = 1
+
+    def __iter__(self) -> Iterator[Any]:
+        seen: List[Any] = []
+        self.epochs.append(seen)
+        for item in self.sampler:
+            if self.batches:
+                batch = [_index(index) for index in item]
+                seen.extend(batch)
+                self.largest_batch = max(self.largest_batch, len(batch))
+            else:
+                seen.append(_index(item))
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+
+def _index(index: Any) -> Any:
+    """A sample's index as an int (from a tensor or NumPy number too); other keys as they are."""
+    try:
+        return operator.index(index)
+    except TypeError:
+        return index
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or DataParallel)."""
+    inner = getattr(model, "module", None)
+    return (
+        inner
+        if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(inner, nn.Module)
+        else model
+    )
+
+
+def _state(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The model's parameters and its (persistent) buffers, copied, each by name."""
+    module = _unwrapped(model)
+    names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    state = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+    return {
+        "parameters": {name: value for name, value in state.items() if name in names},
+        "buffers": {name: value for name, value in state.items() if name not in names},
+    }
+
+
+class _TrainingStart:
+    """The model's state when training really starts: at the first forward, in training mode,
+    of the model or any of its submodules (DistributedDataParallel has broadcast rank 0's
+    weights by then, also when a trainer wraps the model only in train()). Until then, and
+    for a model whose forward takes no hooks, its state when this was made."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.members = {id(module) for module in _unwrapped(model).modules()}
+        self.model = model
+        self.state = _state(model)
+        self.seen = False
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._note)
+
+    def _note(self, module: nn.Module, _: Any) -> None:
+        if not self.seen and module.training and id(module) in self.members:
+            self.seen = True
+            self.handle.remove()
+            self.state = _state(self.model)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _train_epochs(trainer: Any, writer: Any) -> List[Tuple[Any, Any]]:
+    """Train EPOCHS epochs one call at a time; return what ``writer`` logged, as (tag, step)
+    pairs, without writing it; close the writer."""
+    try:
+        if not callable(getattr(writer, "add_scalar", None)):
+            for _ in range(EPOCHS):
+                trainer.train(1)
+            return []
+        with mock.patch.object(writer, "add_scalar") as add_scalar:
+            for _ in range(EPOCHS):
+                trainer.train(1)
+        return [(s.tag, s.step) for s in map(call_arguments, add_scalar.call_args_list)]
+    finally:
+        close = getattr(writer, "close", None)
+        if callable(close):
+            close()
+
+
+def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> Dict[str, Any]:
+    """One rank of test_ddp_training: build, observe and train this rank's trainer."""
+    trainer = test._make_rank_trainer(rank, world_size)
+    recorder = test._record_samples(trainer)
+    start = _TrainingStart(test._model(trainer))
+    try:
+        logged = _train_epochs(trainer, getattr(trainer, test.writer_attribute or "", None))
+    finally:
+        start.remove()
+    result = {"start": start.state, "end": _state(test._model(trainer)), "logged": logged}
+    if recorder is None:
+        return {**result, "epochs": None}
+    return {
+        **result,
+        "epochs": recorder.epochs,
+        "size": recorder.dataset_size,
+        "shuffle": getattr(recorder.sampler, "shuffle", None),
+        "sampler": type(recorder.sampler).__name__,
+        "batches": recorder.batches,
+        "largest_batch": recorder.largest_batch,
+    }
+
+
+class DistributedTrainerTests(DistributedOptions, TrainerContract):
+    """Checks a trainer's distributed data parallel training on ``world_size`` processes.
+
+    ``make_trainer(rank=rank, world_size=world_size)`` is called in each process after it
+    joined the gloo process group; the trainer it returns shards its training data (e.g.
+    with ``DistributedSampler``), synchronises gradients (e.g. with
+    ``DistributedDataParallel``) and logs from rank 0 only. It combines with
+    ``TrainerTests``, which calls the same ``make_trainer`` with no arguments.
+    """
+
+    _suite: ClassVar[str] = "DistributedTrainerTests"
+    train_loader_attribute: str = option(
+        "the name of the trainer's attribute holding the DataLoader of its training data",
+        '"loader"',
+        default="train_loader",
+        validate=is_str,
+        details="The check watches which samples its sampler hands out on each rank.",
+    )
+    single_process_tolerance: Optional[Tuple[float, float]] = option(
+        "the (rtol, atol) within which the distributed "
+        "training must end with the weights of one process on the whole data",
+        "(1e-4, 1e-6)",
+        validate=optional(_is_tolerance),
+        default_text="unset: the distributed result is not compared with one process",
+        details="Set it for a trainer whose loss is a mean over "
+        "the batch, that draws no random numbers while training, and whose "
+        "`make_trainer(rank=0, world_size=1)` takes batches `world_size` times "
+        "as large in the same order (as DistributedSampler with the same "
+        "seed gives).",
+    )
+
+    # -- what runs in each rank ------------------------------------------------------------
+    def _make_rank_trainer(self, rank: int, world_size: int) -> Any:
+        trainer = self._call_make_trainer(rank=rank, world_size=world_size)
+        if not (callable(getattr(trainer, "train", None))):
+            raise self._contract_error(
+                "make_trainer",
+                f"returned a {type(trainer).__name__} when called as make_trainer(rank={rank}, "
+                f"world_size={world_size}), which has no train(epochs)",
+            )
+        return trainer
+
+    def _record_samples(self, trainer: Any) -> Optional[_RecordingSampler]:
+        """Put a recorder where the training DataLoader gets its indices from; None for a
+        loader of an IterableDataset, whose samples have no indices."""
+        loader = getattr(trainer, self.train_loader_attribute, None)
+        if not isinstance(loader, DataLoader):
+            raise ContractError(
+                f"trainer.{self.train_loader_attribute} (train_loader_attribute) is "
+                f"{type(loader).__name__}, not a DataLoader; test_ddp_training watches the "
+                "indices of the samples it loads. Set self.train_loader_attribute to the "
+                "name of the trainer's training DataLoader."
+            )
+        if isinstance(loader.dataset, IterableDataset):
+            return None
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        batches = loader.batch_sampler
+        if type(batches) is BatchSampler:  # batch_size=...: the sampler's indices, in batches
+            recorder = _RecordingSampler(batches.sampler, size, batches=False)
+            batches.sampler = recorder
+        elif batches is not None:  # batch_sampler=...: the lists of indices it hands out
+            recorder = _RecordingSampler(batches, size, batches=True)
+            object.__setattr__(loader, "batch_sampler", recorder)  # DataLoader forbids it
+        else:  # batch_size=None: one sample at a time
+            recorder = _RecordingSampler(loader.sampler, size, batches=False)
+            object.__setattr__(loader, "sampler", recorder)
+        return recorder
+
+    # -- the check --------------------------------------------------------------------------
+    @check(
+        reads=(
+            "make_trainer",
+            "model_attribute",
+            "writer_attribute",
+            "train_loader_attribute",
+            "single_process_tolerance",
+            "world_size",
+            "distributed_timeout",
+        )
+    )
+    def test_ddp_training(self) -> None:
+        """Check that a distributed trainer's ranks start and end alike, share data, log once.
+
+        Catches the bugs of distributed data parallel training: ranks that start from
+        different weights (seeded differently, nothing broadcast), gradients that are not
+        averaged, every rank training on all the data (no DistributedSampler), the same data
+        order every epoch (set_epoch not called), scalars logged by every rank; with two
+        epochs in world_size real gloo processes.
+        """
+        self._get_or_skip("make_trainer")
+        self._check_factory_arguments(rank=0, world_size=self.world_size)
+        if _start_method() != "fork":
+            self.skipTest(
+                "test_ddp_training builds the trainers inside the ranks with "
+                "self.make_trainer, which needs the fork start method (Linux, macOS)"
+            )
+        self._temp_root = str(self.make_temp_dir())  # make_temp_dir() in the ranks goes here
+        try:
+            ranks = self._run_ranks(_train_rank, self)
+        except DistributedError as error:
+            if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
+                raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
+            self.fail(
+                f"training with make_trainer(rank, world_size) on {self.world_size} "
+                f"processes failed: {error.first_line()}\n{error}"
+            )
+        finally:
+            self._temp_root = None
+        with self.subTest(part="start"):
+            self._same_start(ranks)
+        with self.subTest(part="end"):
+            if self._first_difference(ranks, "start", "parameters"):
+                self.skipTest(
+                    "the ranks start from different weights already (see the "
+                    "'start' subtest), so they cannot end alike"
+                )
+            self._same_end(ranks)
+        with self.subTest(part="data"):
+            if ranks[0]["epochs"] is None:
+                self.skipTest(
+                    f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
+                    "samples have no indices: which rank loaded which sample is not checked"
+                )
+            self._check_samples(ranks)
+        with self.subTest(part="logging"):
+            self._check_logging(ranks)
+        with self.subTest(part="one process"):
+            if self._failed_subtests:
+                self.skipTest(
+                    "the ranks' training already went wrong (see the subtests "
+                    "above); it is not compared with one process"
+                )
+            self._check_single_process(ranks[0]["end"])
+
+    def _first_difference(
+        self, ranks: Sequence[Dict[str, Any]], when: str, kind: str
+    ) -> Optional[Tuple[int, str]]:
+        """The first rank whose ``kind`` ("parameters" or "buffers") differ from rank 0's at
+        ``when``, with what differs."""
+        for rank, result in enumerate(ranks[1:], 1):
+            found = difference(ranks[0][when][kind], result[when][kind])
+            if found is not None:
+                return rank, f"{'.'.join(map(str, found.path))} {found.detail}"
+        return None
+
+    def _same_start(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        found = self._first_difference(ranks, "start", "parameters")
+        if found is not None:
+            rank, what = found
+            self.fail(
+                f"rank {rank} starts with other weights than rank 0 ({what}) at its first "
+                "training forward: the ranks built their models from different random "
+                "numbers and nothing made them equal. Wrap the model in "
+                "DistributedDataParallel, which broadcasts rank 0's weights when it is "
+                "built, or seed every rank the same before building the model."
+            )
+        found = self._first_difference(ranks, "start", "buffers")
+        if found is not None:
+            rank, what = found
+            self.fail(
+                f"rank {rank} starts with other buffers than rank 0 ({what}) at its first "
+                "training forward, although the weights are the same: the ranks built "
+                "them from different random numbers or data and nothing made them equal, "
+                "so the ranks compute different functions. DistributedDataParallel with "
+                "broadcast_buffers=True (its default) broadcasts rank 0's buffers when it "
+                "is built and before every forward; with broadcast_buffers=False, build the "
+                "buffers the same on every rank (the same seed) or broadcast them "
+                "(torch.distributed.broadcast(buffer, src=0))."
+            )
+
+    def _same_end(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        # The parameters only: buffers such as BatchNorm's running statistics differ at the
+        # end of correct DDP training, each rank's last forward having updated them from its
+        # own shard (DDP broadcasts rank 0's at the start of every forward).
+        found = self._first_difference(ranks, "end", "parameters")
+        if found is not None:
+            rank, what = found
+            self.fail(
+                f"after {EPOCHS} epochs rank {rank} has other weights than rank 0 ({what}): "
+                "the ranks' gradients are not averaged. Train through the "
+                "DistributedDataParallel wrapper (call ddp_model(x), not the module inside "
+                "it), and give every rank the same optimizer and learning-rate schedule."
+            )
+
+    def _check_samples(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        size, world = ranks[0]["size"], self.world_size
+        for epoch in range(EPOCHS):
+            seen: Dict[int, List[int]] = collections.defaultdict(list)
+            for rank, result in enumerate(ranks):
+                if len(result["epochs"]) <= epoch:
+                    self.fail(
+                        f"in epoch {epoch} rank {rank} drew no sample from "
+                        f"trainer.{self.train_loader_attribute}: train(1) does not "
+                        "iterate that DataLoader (set self.train_loader_attribute), or "
+                        "makes a new one each epoch."
+                    )
+                for index in result["epochs"][epoch]:
+                    seen[index].append(rank)
+            missing = [index for index in range(size) if index not in seen]
+            extra = sum(len(r) - 1 for r in seen.values())
+            repeated = {index: r for index, r in seen.items() if len(r) > 1}
+            padding, dropped = (-size) % world, size % world  # DistributedSampler's slack
+            if ranks[0]["batches"]:  # and a batch sampler's incomplete last batches
+                dropped += world * (max(r["largest_batch"] for r in ranks) - 1)
+            if extra > padding or (repeated and missing) or len(missing) > dropped:
+                shown = "; ".join(
+                    f"sample {index} by ranks {r}" for index, r in sorted(repeated.items())[:3]
+                )
+                problems = [
+                    f"{extra} loads of samples another rank had loaded ({shown})" if extra else "",
+                    f"{len(missing)} samples loaded by no rank (the first: {missing[:5]})"
+                    if missing
+                    else "",
+                ]
+                if extra >= size * (world - 1):
+                    gives = "gives every rank the whole dataset"
+                else:
+                    gives = "gives the ranks overlapping shards" if extra else "leaves samples out"
+                advice = (
+                    "give each rank its own shard of the indices before batching them (as "
+                    "torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, "
+                    "rank=rank) does), every index to one rank."
+                    if ranks[0]["batches"]
+                    else "shard it with torch.utils.data.DistributedSampler(dataset, "
+                    "num_replicas=world_size, rank=rank), without shuffle=True on the "
+                    "DataLoader."
+                )
+                self.fail(
+                    f"in epoch {epoch} the {world} ranks together did not load each of the "
+                    f"{size} training samples once: {', '.join(p for p in problems if p)}. "
+                    f"The {'batch sampler' if ranks[0]['batches'] else 'sampler'} "
+                    f"({ranks[0]['sampler']}) {gives}: {advice}"
+                )
+        if ranks[0]["shuffle"]:
+            same = [
+                rank
+                for rank, result in enumerate(ranks)
+                if result["epochs"][0] == result["epochs"][1]
+            ]
+            if same:
+                self.fail(
+                    f"ranks {same} loaded their samples in the same order in both epochs, "
+                    "although the sampler shuffles: DistributedSampler shuffles by epoch; call "
+                    "sampler.set_epoch(epoch) at the start of every epoch."
+                )
+
+    def _check_logging(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        noisy = {
+            rank: result["logged"] for rank, result in enumerate(ranks) if rank and result["logged"]
+        }
+        if noisy:
+            rank, logged = next(iter(noisy.items()))
+            shown = ", ".join(f"{tag!r} at step {step}" for tag, step in logged[:3])
+            self.fail(
+                f"ranks {sorted(noisy)} logged scalars too (rank {rank}: {shown}, ...): every "
+                f"value is written {len(noisy) + 1} times, from ranks that saw only their "
+                "shard. Log from rank 0 only (if torch.distributed.get_rank() == 0), after "
+                "averaging what the ranks measured if needed (torch.distributed.all_reduce)."
+            )
+
+    def _check_single_process(self, distributed: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        tolerance = self.single_process_tolerance
+        if not self._is_set("single_process_tolerance") or tolerance is None:
+            self.skipTest(
+                "self.single_process_tolerance is not set: the distributed result is "
+                "not compared with one process on the whole data (the other parts of the "
+                "check ran); set it, e.g. self.single_process_tolerance = (1e-4, 1e-6), for "
+                "a trainer whose loss is a mean over the batch, to compare them"
+            )
+        trainer = self._make_rank_trainer(0, 1)
+        _train_epochs(trainer, getattr(trainer, self.writer_attribute or "", None))
+        rtol, atol = tolerance
+        found = difference(_state(self._model(trainer)), distributed, rtol, atol)
+        if found is not None:
+            self.fail(
+                f"after {EPOCHS} epochs on {self.world_size} processes the weights differ from "
+                f"those of one process on the whole data ({'.'.join(map(str, found.path[1:]))} "
+                f"{found.detail}; single_process_tolerance={tolerance}). With the same "
+                "batches, DDP's averaged gradients equal one process's only when the loss is a "
+                "mean over the batch (not a sum, which makes every rank's step world_size "
+                "times too small), the model uses no batch statistics, and the learning rate "
+                "is not scaled differently."
+            )

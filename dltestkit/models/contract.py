@@ -1,0 +1,369 @@
+"""The model contract: the options every model check reads, and how the checks call the model.
+
+Every model check goes through the helpers here: ``_forward`` calls the model on (a variant of)
+``self.inputs`` in the one way the contract defines, ``_output`` picks the checked output,
+``_loss`` makes the default loss from every floating-point output, ``_gradients`` runs one
+training step's forward and backward pass on a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Collection, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..core.contract import CheckMixin
+from ..core.options import REQUIRED, ContractError, option
+from ..core.paths import floating_tensors, map_tensors, named_tensors
+from ..core.seeds import derived_seed
+from ..core.validators import is_callable, is_instance, is_keys, optional
+from .copies import copy_module, describe_mode, gradients_set_aside, mode
+from .tensors import (
+    Key,
+    batch_entries,
+    batch_length,
+    call_model,
+    describe_batched,
+    describe_input,
+    input_entries,
+    replace_entries,
+    sample_lists,
+    select_tensor,
+    take_samples,
+)
+
+__all__ = ["ModelContract"]
+
+
+def _is_inputs(value: Any) -> Optional[str]:
+    if isinstance(value, (torch.Tensor, tuple, list, dict)):
+        return None
+    return (
+        f"is a {type(value).__name__}, not a tensor, a tuple of positional arguments or "
+        "a dict of keyword arguments"
+    )
+
+
+class ModelContract(CheckMixin):
+    """The contract of the model mixins (ModelTests, SequenceModelTests,
+    DistributedModelTests), and how their checks call the model.
+
+    ``self.inputs`` is passed as the model is called in your code: a tensor as
+    ``model(inputs)``, a tuple or list as positional arguments ``model(*inputs)``, a dict as
+    keyword arguments ``model(**inputs)`` (what a tokenizer returns). An argument that is a
+    list of tensors or of dicts of tensors carries the batch as the list, one item per sample
+    (``(images, targets)`` for torchvision's detection models).
+    """
+
+    _suite: ClassVar[str] = "ModelTests"
+
+    model: nn.Module = option(
+        "the model under test, on the CPU",
+        "MyModel()",
+        default=REQUIRED,
+        validate=is_instance(nn.Module, description="a torch.nn.Module"),
+    )
+    inputs: Any = option(
+        "one batch of inputs, batch dimension first",
+        "torch.randn(4, 3, 32, 32)",
+        default=REQUIRED,
+        validate=_is_inputs,
+        details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
+        "arguments `model(*inputs)`, a dict as keyword arguments "
+        '`model(**inputs)`, e.g. `{"input_ids": ids, "attention_mask": '
+        "mask}`. Every tensor with a dimension carries the batch dimension "
+        "first, and an argument that is a list of tensors or of dicts of tensors "
+        "carries it as the list, one item per sample (images of different sizes, "
+        "target dicts: `(images, targets)` for torchvision's detection models), "
+        "except those in `unbatched_inputs`. 2 to 8 samples.",
+    )
+    unbatched_inputs: Collection[Key] = option(
+        "the keys or indices of inputs without a batch dimension",
+        '["mask"]',
+        default=(),
+        validate=is_keys,
+        details="They are passed unchanged at every batch size and never "
+        "differentiated, e.g. the `(seq, seq)` causal mask of `nn.TransformerEncoder`.",
+    )
+    output_key: Key = option(
+        "the index or key of the checked output tensor",
+        '"last_hidden_state"',
+        default=None,
+        validate=optional(is_instance(int, str, description="an int index or a str key")),
+        details="`None`: a tensor output itself, else the first element of a tuple, "
+        "dict, `ModelOutput` or dataclass (e.g. `logits`). For a list returned with "
+        "one element per sample (for a list of samples in `inputs`), the index or key "
+        'in each element (`"scores"` of a detection). The checked output '
+        "is what the shape, batch-independence and sequence checks look at; "
+        "the gradient checks use every floating-point output.",
+    )
+    cross_sample_outputs: Collection[Key] = option(
+        "the keys or indices of outputs that compare the samples of the batch with one "
+        "another by design",
+        '["logits_per_image", "logits_per_text"]',
+        default=(),
+        validate=is_keys,
+        details="A contrastive model's similarity matrix (CLIP's `logits_per_image`), "
+        "scores against in-batch negatives: `test_batch_independence` does not compare "
+        "them, and the checked output, when `output_key` is `None`, is the first element "
+        "not listed. With `output_key` set, only that output is compared.",
+    )
+    loss_fn: Optional[Callable[[Any], torch.Tensor]] = option(
+        "a function of the model output giving the scalar loss",
+        "lambda out: out.logits.square().mean()",
+        default=None,
+        validate=optional(is_callable),
+        details="`None`: every floating-point tensor of the output, weighted with fixed "
+        "random weights (so that nothing cancels, as a plain sum of softmax "
+        "rows would) and summed.",
+    )
+
+    # -- the contract across attributes --------------------------------------------------
+    def _validate_combination(self) -> None:
+        super()._validate_combination()
+        keys = [key for key, _ in input_entries(self.inputs)]
+        unknown = [key for key in self.unbatched_inputs if key not in keys]
+        if unknown:
+            raise self._contract_error(
+                "unbatched_inputs",
+                f"names {unknown}, which self.inputs does not have (it has {keys})",
+            )
+        entries = batch_entries(self.inputs, self.unbatched_inputs)
+        if not entries:
+            raise self._contract_error(
+                "inputs",
+                "holds no tensor with a batch dimension and no list of samples (a list of "
+                "tensors or of dicts of tensors)",
+            )
+        sizes = ", ".join(describe_batched(key, value) for key, value in entries)
+        if len({batch_length(value) for _, value in entries}) > 1:
+            lists = bool(sample_lists(self.inputs, self.unbatched_inputs))
+            raise self._contract_error(
+                "inputs",
+                (
+                    f"holds arguments whose numbers of samples differ: {sizes}. A tensor "
+                    "carries the batch as its first dimension, a list of tensors or dicts "
+                    "as its length, and all must agree; list the arguments that are not "
+                    "batched (a (seq, seq) mask, a list that is not one item per sample) "
+                    "in self.unbatched_inputs"
+                    if lists
+                    else f"holds tensors whose first dimensions differ: {sizes}. Every "
+                    "tensor carries the batch dimension first; list the ones that do not "
+                    "(a (seq, seq) mask) in self.unbatched_inputs"
+                )
+                + (f". {hint}" if (hint := self._positional_list_hint()) else ""),
+            )
+
+    # -- calling the model: one convention for every check --------------------------------
+    def _positional_list_hint(self) -> str:
+        """For a list of tensors in self.inputs itself: that it means positional arguments."""
+        if not isinstance(self.inputs, list) or not all(
+            isinstance(value, torch.Tensor) for value in self.inputs
+        ):
+            return ""
+        return (
+            "A list in self.inputs is the model's positional arguments, one tensor each; "
+            "for a model that takes a list of images (torchvision's detection models), "
+            "set self.inputs = (images,) or (images, targets)"
+        )
+
+    def _batch_size(self) -> int:
+        return batch_length(batch_entries(self.inputs, self.unbatched_inputs)[0][1])
+
+    def _has_sample_lists(self) -> bool:
+        """Whether an argument of self.inputs carries the batch as a list of samples."""
+        return bool(sample_lists(self.inputs, self.unbatched_inputs))
+
+    def _refuse_sample_lists(self, check: str) -> None:
+        """A contract error for a check that needs every batched input to be a tensor."""
+        found = sample_lists(self.inputs, self.unbatched_inputs)
+        if found:
+            raise self._contract_error(
+                "inputs",
+                f"holds {', '.join(describe_batched(key, value) for key, value in found)}: "
+                f"{check} needs every batched input as a tensor, batch first, and does not "
+                "take lists of samples (ModelTests' own checks do). Stack the samples into a "
+                "tensor (padding them to one size), or, if the list is not one item per "
+                "sample, list it in self.unbatched_inputs",
+            )
+
+    def _inputs_of(self, index: Sequence[int]) -> Any:
+        """self.inputs made of its samples ``index``, in that order (repeats allowed): rows
+        of each batched tensor, clones of the items of each list of samples."""
+        return replace_entries(
+            self.inputs,
+            {
+                key: take_samples(value, index)
+                for key, value in batch_entries(self.inputs, self.unbatched_inputs)
+            },
+        )
+
+    def _resized_inputs(self, size: int) -> Any:
+        """self.inputs with ``size`` samples (repeating samples if needed)."""
+        return self._inputs_of([i % self._batch_size() for i in range(size)])
+
+    def _per_sample(self, output: Any, batch: int) -> bool:
+        """Whether ``output`` (for ``batch`` samples) is one element per sample: a list
+        returned for inputs that carry the batch as a list (torchvision's detection models
+        return a list of dicts), unless it is a list of tensors that all have the batch
+        first (batched outputs in a list)."""
+        if not isinstance(output, list) or not self._has_sample_lists():
+            return False
+        return not (
+            output
+            and all(
+                isinstance(item, torch.Tensor) and item.dim() > 0 and item.shape[0] == batch
+                for item in output
+            )
+        )
+
+    def _sample_outputs(self, output: List[Any]) -> List[torch.Tensor]:
+        """The checked tensor of each element of a per-sample output (chosen by output_key
+        in each element, e.g. a detection's "boxes"; by default the element's first)."""
+        try:
+            return [
+                select_tensor(
+                    item,
+                    self.output_key,
+                    f"the model output[{index}]",
+                    "output_key",
+                    passed_over=self.cross_sample_outputs,
+                )
+                for index, item in enumerate(output)
+            ]
+        except TypeError as exc:
+            raise ContractError(str(exc)) from None
+
+    def _forward(
+        self, model: nn.Module, inputs: Any, training: bool = False, seed: Optional[int] = None
+    ) -> Any:
+        """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
+        unless given) and restored after; every submodule's mode is restored too."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if seed is None else seed)
+            with mode(model, training=training):
+                try:
+                    return call_model(model, inputs)
+                except Exception as exc:
+                    if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
+                        exc._dltestkit_noted = True  # type: ignore[attr-defined]
+                        exc.add_note(self._call_note(inputs, training))
+                    raise
+
+    def _call_note(self, inputs: Any, training: bool) -> str:
+        """How the model was called, for an exception raised by the model itself."""
+        entries = [
+            f"{describe_input(key)}: "
+            + (
+                str(tuple(value.shape))
+                if isinstance(value, torch.Tensor)
+                else f"a list of {len(value)}"
+                if isinstance(value, list)
+                else type(value).__name__
+            )
+            for key, value in input_entries(inputs)
+        ]
+        how = (
+            "model(**inputs), keyword arguments"
+            if isinstance(inputs, dict)
+            else "model(*inputs), positional arguments"
+            if isinstance(inputs, (tuple, list))
+            else "model(inputs)"
+        )
+        return (
+            f"[dltestkit] raised by the model in {describe_mode(training)} mode, called as "
+            f"{how}, with {', '.join(entries)}. A tuple in self.inputs is passed as "
+            "positional arguments in its order; use a dict for keyword arguments."
+            + (f" {hint}." if (hint := self._positional_list_hint()) else "")
+        )
+
+    def _copy_model(self, device: Optional[str] = None) -> nn.Module:
+        """A deep copy of self.model, moved to ``device`` if given (the checks that train or
+        move the model use one)."""
+        try:
+            copied = copy_module(self.model, device)
+        except Exception as exc:
+            raise ContractError(
+                f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
+                "that train, move or convert the model work on a copy, so that your model is "
+                "left as it was. Keep open files, locks, generators and other uncopyable "
+                "objects out of the model's attributes."
+            ) from exc
+        return copied if device is None else copied.to(device)
+
+    def _output(self, output: Any) -> torch.Tensor:
+        """The checked output tensor (chosen by output_key)."""
+        try:
+            return select_tensor(
+                output,
+                self.output_key,
+                "the model output",
+                "output_key",
+                passed_over=self.cross_sample_outputs,
+            )
+        except TypeError as exc:
+            raise ContractError(str(exc)) from None
+
+    def _weights(self, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Fixed random weights, so that no summed output can cancel (e.g. softmax rows)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in like]
+
+    def _loss(self, output: Any) -> torch.Tensor:
+        """loss_fn(output), or every floating-point output weighted at random and summed."""
+        if self.loss_fn is not None:
+            return self.loss_fn(output)
+        tensors = [t for _, t in floating_tensors(output)]
+        if not tensors:
+            raise ContractError(
+                "the model output has no floating-point tensor to take "
+                "gradients of; set self.loss_fn"
+            )
+        weights = self._weights(tensors)
+        return torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
+
+    def _output_hint(self, output: Any) -> str:
+        """What to do when the checked output looks wrong and output_key is unset."""
+        if self.output_key is not None or isinstance(output, torch.Tensor):
+            return ""
+        paths = [f"{path} {tuple(t.shape)}" for path, t in named_tensors(output)][:6]
+        return (
+            f" The checked output is the first element of the {type(output).__name__} "
+            f"the model returns ({', '.join(paths)}); set self.output_key to check "
+            "another."
+        )
+
+    # -- the checks --------------------------------------------------------------------------
+    def _on(self, device: str) -> Any:
+        return map_tensors(lambda t: t.to(device), self.inputs)
+
+    def _input_leaves(self) -> List[torch.Tensor]:
+        """The tensors of self.inputs that a backward pass could leave a gradient on."""
+        return [t for _, t in named_tensors(self.inputs) if t.requires_grad and t.is_leaf]
+
+    def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def _gradients(
+        self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
+    ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
+        """Output and parameter gradients of one training-mode forward and backward pass.
+
+        ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
+        fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
+        backward() only), still in training mode and under the same seed, as the
+        checkpointed layers run forward again during the backward pass."""
+        for _, parameter in trainable:
+            parameter.grad = None
+        kept = gradients_set_aside(self._input_leaves())
+        with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
+            output = self._forward(
+                model, self.inputs, training=True, seed=derived_seed(self.seed, step)
+            )
+            loss = self._loss(output)
+            if not trainable or not loss.requires_grad:
+                return output, [None] * len(trainable)
+            torch.manual_seed(derived_seed(self.seed, step))
+            torch.autograd.backward(loss)
+        return output, [parameter.grad for _, parameter in trainable]

@@ -1,0 +1,87 @@
+"""Copies of a model that the checks train, move or convert, and the train/eval mode they
+run it in, restored afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from typing import Any, Dict, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["copy_module", "describe_mode", "gradients_set_aside", "mode"]
+
+
+@contextlib.contextmanager
+def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put every submodule in train or eval mode; restore each one's own mode after."""
+    modes = {module: module.training for module in model.modules()}
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for module, was_training in modes.items():
+            module.training = was_training
+
+
+def _copy_script_module(
+    module: torch.jit.ScriptModule, device: Optional[str]
+) -> torch.jit.ScriptModule:
+    """A copy through ``torch.jit.save`` and ``torch.jit.load`` in memory, loaded onto
+    ``device`` if given."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the user chose TorchScript; the checks only copy it
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(save|load)` is deprecated", FutureWarning)
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        copied: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+            buffer, map_location=device
+        )
+    return copied
+
+
+def _outermost_script_modules(module: nn.Module) -> Iterator[torch.jit.ScriptModule]:
+    for child in module.children():
+        if isinstance(child, torch.jit.ScriptModule):
+            yield child
+        else:
+            yield from _outermost_script_modules(child)
+
+
+def copy_module(model: nn.Module, device: Optional[str] = None) -> nn.Module:
+    """A deep copy of ``model``; its TorchScript modules are loaded onto ``device`` if given.
+
+    TorchScript modules (``torch.jit.script``, ``torch.jit.trace``) are copied through
+    ``torch.jit.save``/``load``: ``copy.deepcopy`` gives them parameters that are no leaf
+    tensors (no optimiser takes them, ``.to()`` refuses them). The parameters of a loaded
+    TorchScript module are plain tensors, which ``.to("meta")`` refuses, so they are loaded
+    onto the device the copy is meant for; move the copy there afterwards as usual."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return _copy_script_module(model, device)
+    memo: Dict[int, Any] = {
+        id(scripted): _copy_script_module(scripted, device)
+        for scripted in _outermost_script_modules(model)
+    }
+    copied: nn.Module = copy.deepcopy(model, memo)
+    return copied
+
+
+def describe_mode(training: bool) -> str:
+    return "training" if training else "eval"
+
+
+@contextlib.contextmanager
+def gradients_set_aside(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Keep the ``.grad`` of ``tensors`` out of the way of a backward pass, and put them back
+    after: a backward pass that is not about these tensors leaves no gradient on them."""
+    saved = [(tensor, tensor.grad) for tensor in tensors]
+    for tensor, _ in saved:
+        tensor.grad = None
+    try:
+        yield
+    finally:
+        for tensor, grad in saved:
+            tensor.grad = grad

@@ -1,0 +1,122 @@
+"""Where an output depends on the inputs, exactly: the probes (differentiable views of the
+inputs, through the embeddings for token ids) and the gradients of an output with respect to
+them. Batch independence, causality and padding invariance are built on it."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Collection, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .contract import ModelContract
+from .copies import gradients_set_aside, mode
+from .probes import Probe, probe_forward
+from .tensors import Key, batched_entries, call_model, describe_input, sample_lists
+
+__all__ = ["Dependence"]
+
+
+class Dependence(ModelContract):
+    """The helpers of the checks that ask whether an output depends on an input."""
+
+    def _unprobed_inputs(self) -> Collection[Key]:
+        """Inputs that are never differentiated."""
+        return tuple(self.unbatched_inputs)
+
+    def _probe(
+        self, model: nn.Module, inputs: Any = None, required: bool = True
+    ) -> Tuple[Any, List[Probe]]:
+        """Eval-mode output and probes of ``model`` on ``inputs`` (default: self.inputs).
+        Without any probe the check skips, unless ``required`` is False."""
+        with mode(model, training=False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            output, probes = probe_forward(
+                lambda batch: call_model(model, batch),
+                self.inputs if inputs is None else inputs,
+                self._batch_size(),
+                self._unprobed_inputs(),
+            )
+        for probe in probes:
+            probe.model = model
+        if not probes and required:
+            self.skipTest(f"no input can be differentiated: {self._unprobed_reason()}")
+        return output, probes
+
+    def _unprobed_reason(self) -> str:
+        """Why no input of self.inputs could be probed."""
+        integers = [
+            describe_input(key)
+            for key, t in batched_entries(self.inputs, self._unprobed_inputs())
+            if not t.is_floating_point()
+        ]
+        lists = [
+            describe_input(key) for key, _ in sample_lists(self.inputs, self._unprobed_inputs())
+        ]
+        return (
+            "self.inputs has no floating-point tensor, and its integer tensors "
+            f"({', '.join(integers) or 'none'}) reach no embedding (nn.Embedding, "
+            "nn.EmbeddingBag, F.embedding) as they are or as a view (ids.t(), ids[:, 1:]); "
+            "ids transformed into a new tensor first (clamped, shifted, offset) cannot be "
+            "followed"
+            + (
+                f" (integer tensors in lists of samples, {', '.join(lists)}, are not "
+                "followed to embeddings)"
+                if lists
+                else ""
+            )
+        )
+
+    def _probe_gradients(
+        self, value: torch.Tensor, probes: Sequence[Probe]
+    ) -> List[Optional[torch.Tensor]]:
+        """d value / d probe for every probe, None where ``value`` is not computed from it.
+
+        torch.autograd.grad, or, for a model with reentrant gradient checkpointing
+        (``use_reentrant=True``, which refuses autograd.grad), ``value.backward()`` reading the
+        probes' ``.grad``: in eval mode, as the probes were made, with the gradients that the
+        backward pass leaves on the model's parameters taken away again."""
+        leaves = [p.tensor for p in probes]
+        try:
+            return list(torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True))
+        except RuntimeError as exc:
+            if "use_reentrant=True" not in str(exc):
+                raise
+        models = {id(p.model): p.model for p in probes if p.model is not None} or {
+            id(self.model): self.model
+        }
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(mode(model, training=False))
+                stack.enter_context(gradients_set_aside(model.parameters()))
+            stack.enter_context(gradients_set_aside(self._input_leaves()))
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(self.seed)
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(value, retain_graph=True)
+            grads = [leaf.grad for leaf in leaves]
+            for leaf in leaves:
+                leaf.grad = None
+        return grads
+
+    def _connected(self, value: torch.Tensor, probes: Sequence[Probe]) -> bool:
+        """Whether ``value`` is computed from any probe (in the autograd graph), whatever the
+        values: a zero-initialised output layer gives zero gradients but is connected."""
+        if not value.requires_grad:
+            return False
+        return any(grad is not None for grad in self._probe_gradients(value.sum(), probes))
+
+    def _dependence(self, value: torch.Tensor, probes: Sequence[Probe]) -> List[torch.Tensor]:
+        """For each probe, where ``value`` depends on it: a bool tensor of the probe's shape,
+        True where d value / d probe is non-zero. A NaN there (0 * NaN from an output that is
+        not part of ``value``, such as a fully masked padding row) is no evidence of
+        dependence and counts as False."""
+        if not value.requires_grad:
+            return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
+        grads = self._probe_gradients(value, probes)
+        return [
+            torch.zeros_like(p.tensor, dtype=torch.bool) if g is None else g.ne(0) & g.isfinite()
+            for p, g in zip(probes, grads)
+        ]

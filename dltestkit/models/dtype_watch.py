@@ -1,0 +1,156 @@
+"""Watching a forward pass for dtype bugs: where floating-point tensors of another dtype than
+the model's are made (a factory without ``dtype=``, a cast), which operation first combines
+one with the model's tensors, and which operation raised."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.watch import ModuleTracker, Watch, op_name, tensors_in, user_code_location, watching
+
+__all__ = ["DtypeWatch", "Origin", "watching_dtypes"]
+
+
+# -- dtypes --------------------------------------------------------------------------------
+_FACTORIES = frozenset(
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "rand",
+        "randn",
+        "arange",
+        "linspace",
+        "logspace",
+        "eye",
+        "tensor",
+        "as_tensor",
+        "randint",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "rand_like",
+        "randn_like",
+        "empty_like",
+    }
+)
+
+
+_CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type"})
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a floating-point tensor of another dtype than the model's was made."""
+
+    text: str
+    #: an explicit cast of a floating-point tensor (x.float(), x.to(torch.float32)): a
+    #: deliberate choice of precision, not a dtype bug
+    deliberate: bool
+    #: computed from a tensor of the model's dtype: the tensor was combined with the model's
+    #: computation (promoted it), rather than made beside it (a constant mask)
+    mixed: bool = False
+
+
+class DtypeWatch(Watch):
+    """Note where floating-point tensors of another dtype than ``target`` are made, the first
+    operation that combines one with a ``target`` tensor, and the operation that raised."""
+
+    def __init__(self, target: torch.dtype, modules: ModuleTracker) -> None:
+        super().__init__(modules)
+        self.target = target
+        self.origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", Origin]] = {}
+        self.first_mix: Optional[str] = None
+        #: the first combination with a tensor that was not made by a deliberate cast
+        self.first_undeliberate_mix: Optional[str] = None
+
+    def origin(self, tensor: torch.Tensor) -> Optional[Origin]:
+        found = self.origins.get(id(tensor))
+        return found[1] if found is not None and found[0]() is tensor else None
+
+    def mix(self) -> Optional[str]:
+        """The first mix of dtypes worth reporting: one with a tensor that no deliberate cast
+        made, else the first one."""
+        return self.first_undeliberate_mix or self.first_mix
+
+    def _note_mix(self, func: Any, floats: List[torch.Tensor]) -> None:
+        shaped = [t for t in floats if t.dim() > 0]  # 0-dim tensors do not promote
+        others = [t for t in shaped if t.dtype != self.target]
+        if not others or not any(t.dtype == self.target for t in shaped):
+            return
+        for other in others:
+            source = self.origin(other)
+            text = (
+                f"{op_name(func)} in {self.modules.current()}, at {user_code_location()}, "
+                f"combines a {self.target} tensor with a {other.dtype} tensor of shape "
+                f"{tuple(other.shape)}" + (f", made by {source.text}" if source else "")
+            )
+            if self.first_mix is None:
+                self.first_mix = text
+            if self.first_undeliberate_mix is None and not (source and source.deliberate):
+                self.first_undeliberate_mix = text
+                return
+
+    def _origin_of_result(
+        self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], made: torch.Tensor
+    ) -> Optional[Origin]:
+        name = getattr(func, "__name__", "")
+        floats = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
+        cast = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in _CASTS and cast is not None and cast.dtype == made.dtype:
+            # .to(device), .float() of a float32 tensor: no cast, so the tensor keeps
+            # the origin it had (``to`` may even return the tensor itself)
+            return self.origin(cast)
+        where = self.where()
+        if name in _CASTS and cast is not None and cast.is_floating_point():
+            return Origin(f"{op_name(func)} with a fixed dtype {where}", deliberate=True)
+        if name in _CASTS and cast is not None:
+            return Origin(
+                f"{op_name(func)} of a {cast.dtype} tensor, with a fixed dtype {where}",
+                deliberate=False,
+            )
+        if name in _FACTORIES or name in _CASTS:
+            how = "with a fixed dtype" if "dtype" in kwargs or name in _CASTS else "without dtype="
+            return Origin(f"{op_name(func)} {how} {where}", deliberate=False)
+        # a view or a result of such tensors: it comes from the same place, and from a
+        # deliberate cast only if every tensor of another dtype it comes from does
+        found = [origin for origin in map(self.origin, floats) if origin is not None]
+        origin = next((o for o in found if not o.deliberate), found[0] if found else None)
+        mixed = any(o.mixed for o in found) or any(
+            t.dtype == self.target and t.dim() > 0 for t in floats
+        )
+        if origin is None or origin.mixed == mixed:
+            return origin
+        return Origin(origin.text, origin.deliberate, mixed)
+
+    def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        name = getattr(func, "__name__", "")
+        tensors = tensors_in(args) + tensors_in(kwargs)
+        floats = [t for t in tensors if t.is_floating_point()]
+        if name not in _CASTS and name != "__get__":
+            self._note_mix(func, floats)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self.note_failure(func, exc, tensors)
+            raise
+        made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
+        if made:
+            origin = self._origin_of_result(func, args, kwargs, made[0])
+            if origin is not None:
+                for tensor in made:
+                    self.origins[id(tensor)] = (weakref.ref(tensor), origin)
+        return result
+
+
+@contextlib.contextmanager
+def watching_dtypes(target: torch.dtype, model: nn.Module) -> Iterator[DtypeWatch]:
+    with watching(model, lambda modules: DtypeWatch(target, modules)) as watch:
+        yield watch

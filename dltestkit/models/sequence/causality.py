@@ -1,0 +1,267 @@
+"""test_causality: the output at a position depends on no later input (and on its own)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...core.contract import check
+from ...core.options import option
+from ...core.validators import is_bool
+from ..probes import Probe
+from ..tensors import Key, describe_input
+from .contract import _NO_GRADIENT, SequenceContract, output_difference
+
+__all__ = ["Causality"]
+
+_FUTURE_CAUSES = (
+    "Usual causes: a causal mask off by one (torch.triu(..., diagonal=1) marks the positions "
+    "to hide), a convolution padded on both sides ('same' padding; pad kernel_size - 1 on "
+    "the left only), a bidirectional layer (bidirectional=True, attention without a causal "
+    "mask)"
+)
+
+
+class Causality(SequenceContract):
+    """A causal model sees no future position."""
+
+    sees_present: bool = option(
+        "whether the output at position t depends on the input at position t",
+        "False",
+        default=True,
+        validate=is_bool,
+        details="False for a model that predicts position t from earlier positions "
+        "only: PixelCNN's masks (type A first), WaveNet's shifted input, targets "
+        "shifted right inside the model (a transformers encoder-decoder called with "
+        "`labels` only). With True, an output that depends on earlier inputs but not "
+        "on its own position fails; with False, one that depends on its own position "
+        "fails.",
+    )
+
+    # -- causality -------------------------------------------------------------------------
+    @check(
+        reads=(
+            "model",
+            "inputs",
+            "unbatched_inputs",
+            "output_key",
+            "cross_sample_outputs",
+            "sequence_dim",
+            "causal",
+            "sees_present",
+            "sequence_inputs",
+            "padding_mask",
+            "padded_value",
+        )
+    )
+    def test_causality(self) -> None:
+        """Check that the output at each position depends on no input at a later position.
+
+        Catches a causal model that sees the future: a causal mask off by one, a convolution
+        padded on both sides, a bidirectional layer, inputs shifted the wrong way; names the
+        first leaking pair of positions. Also an output that does not see its own position (a
+        mask that hides the present), or sees it though sees_present is False.
+        """
+        self._refuse_sample_lists("test_causality")
+        if not self.causal:
+            self.skipTest(
+                "self.causal is False; set causal = True for a model whose output at "
+                "position t must not depend on later inputs (a language model, a "
+                "causal convolution)"
+            )
+        output, checked, probes = self._sequence_probe(self.inputs)
+        self._check_per_sample(checked, output, "test_causality")
+        length = self._positions(checked, output, "test_causality")
+        real = self._real_positions(length)
+        entries = self._sequence_entries(self.inputs, length)
+        probes = self._positional_probes(probes, entries, length)
+        suspects = self._causality_by_gradient(checked, probes, real) if probes else None
+        self._causality_by_values(entries, real, length, suspects)
+
+    def _future_message(
+        self, t: int, what: str, leak: int, kind: Optional[str] = None, exact: bool = False
+    ) -> str:
+        """The output at position t sees the input ``what`` at position ``leak``: through a
+        gradient, or (``kind`` given) when it is replaced by ``kind`` (``exact``: though no
+        gradient showed it)."""
+        where = "its own position" if leak == t else "a later position"
+        seen = (
+            f"depends on {what} at position {leak}, {where}"
+            if kind is None
+            else f"changes when {what} at position {leak}, {where}, is replaced by {kind}"
+        )
+        unseen = _NO_GRADIENT if exact else ""
+        if leak == t:  # only with sees_present False
+            return (
+                f"the output at position {t} {seen}, but self.sees_present is False: the "
+                f"output at position t must be computed from earlier positions only. {unseen}"
+                "Usual causes: a mask that lets the present through (PixelCNN's mask B in the "
+                "first layer, which needs mask A; torch.triu(..., diagonal=1) where "
+                "diagonal=0 is needed), an input or convolution shifted by one position too "
+                "few. Leave self.sees_present True for a model that is meant to see the "
+                "present."
+            )
+        return (
+            f"the output at position {t} {seen}: the model sees the future. {unseen}"
+            f"{_FUTURE_CAUSES}, inputs shifted the wrong way before the model uses them "
+            "(torch.roll(ids, -1, dims=1) gives position t the token at t + 1)."
+        )
+
+    def _present_message(self, t: int, names: Sequence[str]) -> str:
+        return (
+            f"the output at position {t} does not depend on {' or '.join(names)} at position "
+            f"{t}, its own position, though it depends on earlier positions: the model hides "
+            "the present from itself. Usual causes: a causal mask that hides the diagonal "
+            "(torch.triu(..., diagonal=0) where diagonal=1 is meant), PixelCNN's mask A in a "
+            "layer that needs mask B, an input shifted one position too far. If the model "
+            "predicts position t from earlier positions only on purpose (PixelCNN, WaveNet's "
+            "shifted input, targets shifted right inside the model, a transformers "
+            "encoder-decoder called with labels only), set self.sees_present = False."
+        )
+
+    def _causality_by_gradient(
+        self, checked: torch.Tensor, probes: Sequence[Probe], real: torch.Tensor
+    ) -> List[int]:
+        """Fail at the first output that depends on a later input (or on its own, with
+        sees_present False). Returns the positions whose output shows no gradient from its
+        own position, for the values to decide (with sees_present True)."""
+        dim = self.sequence_dim
+        length = checked.shape[dim]
+        first = 1 if self.sees_present else 0  # inputs from t + first on must not matter
+        weights = self._weights([checked])[0]
+        suspects = []
+        for t in range(length):
+            rows = real[:, t]
+            if not rows.any():
+                continue
+            # Outputs at padded positions are ignored: with left padding, a fully masked row
+            # may attend anywhere, and its output is never used.
+            value = (checked.select(dim, t) * weights.select(dim, t))[rows].sum()
+            per_position = [
+                depends.movedim(dim, 0).reshape(length, -1).any(1)
+                for depends in self._dependence(value, probes)
+            ]
+            for probe, where in zip(probes, per_position):
+                leaks = where[t + first :]
+                if leaks.any():
+                    self.fail(
+                        self._future_message(
+                            t, probe.describe(), t + first + int(leaks.nonzero()[0])
+                        )
+                    )
+            # No gradient from the present (nor, maybe, from anywhere: a NaN of a fully masked
+            # row spoils every gradient of its batch): the values decide.
+            if self.sees_present and not any(bool(where[t]) for where in per_position):
+                suspects.append(t)
+        return suspects
+
+    def _causality_by_values(
+        self,
+        entries: Sequence[Tuple[Key, torch.Tensor]],
+        real: torch.Tensor,
+        length: int,
+        suspects: Optional[List[int]],
+    ) -> None:
+        """Replace the inputs after each position t and compare the outputs up to t; then,
+        with sees_present True, check that the outputs depend on their own position (at the
+        ``suspects`` the gradients found; everywhere without gradients, ``suspects`` None)."""
+        part = "inputs at later positions replaced"
+        base = self._run(self.inputs)
+        others = {
+            key: self._other_values(tensor, real, salt)
+            for salt, (key, tensor) in enumerate(entries)
+        }
+        positions = torch.arange(length)
+        first = 1 if self.sees_present else 0
+        for t in range(length - first):
+            compared = real & (positions <= t)
+            if not compared.any():
+                continue
+            changed = self._try_run(
+                self._replaced(self.inputs, others, positions >= t + first), part
+            )
+            if changed is None:
+                return
+            if output_difference(self._at(changed, compared), self._at(base, compared)) is None:
+                continue
+            at = next(  # the first output position that changed
+                s
+                for s in range(t + 1)
+                if output_difference(
+                    self._at(changed, real & (positions == s)),
+                    self._at(base, real & (positions == s)),
+                )
+                is not None
+            )
+            where = real & (positions == at)
+            difference = output_difference(self._at(changed, where), self._at(base, where))
+            culprit = self._culprit(base, entries, others, where, range(t + first, length))
+            if culprit is None:
+                key, leak = entries[0][0], t + first
+                what = " and ".join(describe_input(key) for key, _ in entries)
+                message = self._future_message(at, what, leak, "other values", suspects is not None)
+                message = message.replace(f"at position {leak},", f"at positions {leak} and on,")
+            else:
+                key, leak = culprit
+                kind = self._kind(dict(entries)[key])
+                message = self._future_message(
+                    at, describe_input(key), leak, kind, suspects is not None
+                )
+            self.fail(f"{message} The outputs at position {at}: {difference}.")
+        if not self.sees_present:
+            return
+        part = "the inputs at each position replaced"
+        for t in suspects if suspects is not None else range(1, length):
+            ignores = self._ignores_present(t, base, others, real, part)
+            if ignores is None:
+                return
+            if ignores:
+                self.fail(self._present_message(t, [describe_input(key) for key, _ in entries]))
+
+    def _culprit(
+        self,
+        base: torch.Tensor,
+        entries: Sequence[Tuple[Key, torch.Tensor]],
+        others: Dict[Key, torch.Tensor],
+        where: torch.Tensor,
+        candidates: Sequence[int],
+    ) -> Optional[Tuple[Key, int]]:
+        """The first input and position that, replaced alone, change the outputs at
+        ``where`` (run only to name the culprit of a failure)."""
+        length = where.shape[1]
+        for position in candidates:
+            for key, _ in entries:
+                alone = self._replaced(
+                    self.inputs, {key: others[key]}, torch.arange(length) == position
+                )
+                changed = self._try_run(alone, "naming the input position")
+                if changed is not None and output_difference(
+                    self._at(changed, where), self._at(base, where)
+                ):
+                    return key, position
+        return None
+
+    def _ignores_present(
+        self,
+        t: int,
+        base: torch.Tensor,
+        others: Dict[Key, torch.Tensor],
+        real: torch.Tensor,
+        part: str,
+    ) -> Optional[bool]:
+        """Whether the outputs at position t stay the same when the inputs at t are replaced,
+        though they change when the earlier inputs are (None: the model raised)."""
+        positions = torch.arange(base.shape[self.sequence_dim])
+        where = real & (positions == t)
+        if t == 0 or not where.any():
+            return False
+        present = self._try_run(self._replaced(self.inputs, others, positions == t), part)
+        if present is None:
+            return None
+        if output_difference(self._at(present, where), self._at(base, where)) is not None:
+            return False
+        earlier = self._try_run(self._replaced(self.inputs, others, positions < t), part)
+        if earlier is None:
+            return None
+        return output_difference(self._at(earlier, where), self._at(base, where)) is not None
