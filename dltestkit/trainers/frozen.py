@@ -33,7 +33,15 @@ class FrozenParameters(SetUpTrainer):
         details="Names as in `model.named_parameters()`. Every other parameter must change.",
     )
 
-    @check(reads=("trainer", "frozen_parameters", "model_attribute", "optimizer_attribute"))
+    @check(
+        reads=(
+            "trainer",
+            "frozen_parameters",
+            "model_attribute",
+            "optimizer_attribute",
+            "writer_attribute",
+        )
+    )
     def test_frozen_parameters(self) -> None:
         """Check that training leaves ``frozen_parameters`` bitwise unchanged and changes
         every other parameter.

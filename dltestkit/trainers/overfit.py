@@ -27,7 +27,7 @@ class OverfitOneBatch(SetUpTrainer):
         validate=is_number,
     )
 
-    @check(reads=("trainer", "overfit_epochs", "overfit_max_loss"))
+    @check(reads=("trainer", "overfit_epochs", "overfit_max_loss", "writer_attribute"))
     def test_overfit_one_batch(self) -> None:
         """Check that training on one batch drives ``eval()`` below ``overfit_max_loss``.
 

@@ -96,6 +96,7 @@ class RunChecks(TrainerContract):
             "model_attribute",
             "optimizer_attribute",
             "writer_attribute",
+            "trainer",
         )
     )
     def test_resume(self) -> None:
@@ -323,7 +324,13 @@ class RunChecks(TrainerContract):
         return causes
 
     @check(
-        reads=("make_trainer", "nondeterministic_scalars", "model_attribute", "writer_attribute")
+        reads=(
+            "make_trainer",
+            "nondeterministic_scalars",
+            "model_attribute",
+            "writer_attribute",
+            "trainer",
+        )
     )
     def test_reproducible(self) -> None:
         """Check that two trainers from ``make_trainer()`` trained one epoch under the same

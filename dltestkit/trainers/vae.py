@@ -89,7 +89,9 @@ class VAEChecks(CheckMixin):
     )
 
     # -- VAEs -------------------------------------------------------------------------------
-    @check(reads=("kl_divergence", "kl_arguments", "kl_rtol", "kl_atol"))
+    @check(
+        reads=("kl_divergence", "kl_arguments", "kl_rtol", "kl_atol", "trainer", "writer_attribute")
+    )
     def test_kl_divergence(self) -> None:
         """Check that ``kl_divergence`` matches a numerical reference of
         KL(N(mu, sigma²) ‖ N(0, 1)).
