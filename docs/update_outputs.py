@@ -11,7 +11,7 @@ including those with "..." for varying numbers, are left alone. Review the diff 
     python docs/update_outputs.py docs/models.md     # some pages
 
 README.md's table of checks (between its "checks" markers) is rewritten from the code
-(dltestkit.core.reference), like the tables the documentation builds with its directives.
+(dltestkit.reference), like the tables the documentation builds with its directives.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ README_CHECKS = re.compile(r"(<!-- checks: [^\n]*-->\n)(.*?)(<!-- end of checks 
 
 def readme_checks() -> str:
     """The table of checks README.md shows, from the code."""
-    from dltestkit.core import reference as _reference
+    from dltestkit import reference as _reference
 
     return "\n".join(_reference.check_table(_reference.public_mixins(), links=False)) + "\n"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import dltestkit
-from dltestkit.core import reference as _reference
+from dltestkit import reference as _reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

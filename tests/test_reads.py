@@ -24,8 +24,8 @@ from checkrunner import make_case
 from test_model_checks import VAE, AutoEncoder
 from torch import nn
 
-from dltestkit import DistributedTrainerTests, ModelTests, SequenceModelTests
-from dltestkit.core import contract, reference
+from dltestkit import DistributedTrainerTests, ModelTests, SequenceModelTests, reference
+from dltestkit.core import contract
 from dltestkit.core.contract import SHARED
 
 #: Methods the machinery runs around every check, not as part of it: read by none.

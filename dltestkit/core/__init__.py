@@ -1,2 +1,2 @@
 """The core every wing builds on: options and checks (``contract``), their validators, seeds,
-comparisons, message text, nested paths, the torch-function watches, the generated reference."""
+comparisons, message text, nested paths, the torch-function watches."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+import traceback
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -15,6 +16,7 @@ __all__ = [
     "error_text",
     "exception_text",
     "first_line",
+    "forget",
     "kind",
     "listed",
     "short",
@@ -105,3 +107,14 @@ def error_text(exc: BaseException) -> str:
         f"{message} (in TorchScript code, at {os.path.basename(frame['path'])}:"
         f"{frame['line']} in {frame['function']}{code})"
     )
+
+
+def forget(exc: BaseException) -> None:
+    """Drop the frames an exception's traceback keeps alive (a DataLoader iterator among
+    them), so that what they hold is released now, not by a later garbage collection."""
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__

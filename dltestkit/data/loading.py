@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from ..core.contract import check
-from ..core.messages import exception_text
+from ..core.messages import exception_text, forget
 from .callables import describe_callable
 from .contract import DatasetContract, differences
-from .main_process import forget
 from .pickling import pickled_size
 from .positions import SHOWN, listed, where
 from .samples import shape_text

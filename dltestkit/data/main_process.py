@@ -5,28 +5,16 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import threading
-import traceback
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
-from ..core.messages import exception_text
+from ..core.messages import exception_text, forget
 
 if TYPE_CHECKING:
     from .pickling import Pickled
 
-__all__ = ["MainProcess", "TimedOut", "forget", "start_method"]
+__all__ = ["MainProcess", "TimedOut", "start_method"]
 
 T = TypeVar("T")
-
-
-def forget(exc: BaseException) -> None:
-    """Drop the frames an exception's traceback keeps alive (a DataLoader iterator among
-    them), so that what they hold is released now, not by a later garbage collection."""
-    seen = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        current = current.__cause__ or current.__context__
 
 
 def start_method(context: Optional[str]) -> str:

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
-from .main_process import forget
+from ..core.messages import forget
 
 __all__ = ["Pickled", "pickled_size"]
 

@@ -15,11 +15,11 @@ from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequ
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..core.messages import exception_text
+from ..core.messages import exception_text, forget
 from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
 from .callables import callable_key
 from .inspect import Indexed, Inspection, Inspector
-from .main_process import MainProcess, TimedOut, forget
+from .main_process import MainProcess, TimedOut
 from .pickling import Pickled
 from .positions import Position, span
 from .samples import Input, InputProblem, LoadFailure, input_digest, is_constant, pick_input

@@ -1,4 +1,4 @@
-"""Sphinx directives that write the reference from the code (dltestkit.core.reference).
+"""Sphinx directives that write the reference from the code (dltestkit.reference).
 
 ```{dltestkit-checks}
 ```                                   every check of every mixin, a table per mixin
@@ -29,7 +29,7 @@ from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
 import dltestkit
-from dltestkit.core import reference
+from dltestkit import reference
 from dltestkit.core.contract import checks_of
 
 

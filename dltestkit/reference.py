@@ -12,8 +12,8 @@ from __future__ import annotations
 import inspect
 from typing import Dict, List, Sequence, Tuple, Type
 
-from .contract import SHARED, CheckMixin, checks_of, reads_of
-from .options import Option
+from .core.contract import SHARED, CheckMixin, checks_of, reads_of
+from .core.options import Option
 
 __all__ = [
     "PAGES",
