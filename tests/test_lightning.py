@@ -1,15 +1,12 @@
 """TrainerTests on a real PyTorch Lightning LightningModule and Trainer, through the adapter
-that docs/howto-lightning.md shows (the two copies are compared below)."""
+the library ships (dltestkit.integrations.lightning), as docs/howto-lightning.md shows it."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
-import shutil
 import unittest
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,8 @@ from dltestkit import TrainerTests
 
 try:
     import pytorch_lightning as pl
-    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from dltestkit.integrations.lightning import LightningAdapter
 except ImportError:  # the dev extra installs it
     raise unittest.SkipTest(
         "pytorch-lightning is not installed (pip install -e '.[dev]')"
@@ -34,101 +32,7 @@ _DATA = torch.Generator().manual_seed(0)
 DATA = TensorDataset(torch.randn(8, 8, generator=_DATA), torch.arange(8) % 4)
 
 
-# -- the adapter, as docs/howto-lightning.md shows it (without type hints) ------------------
-@contextlib.contextmanager
-def quiet():
-    """Lightning's info messages and warnings off (the logging level is restored)."""
-    logger = logging.getLogger("pytorch_lightning")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-class RandomState(pl.Callback):
-    """Puts the state of the generator that shuffles the training data and torch's global
-    random state (which dropout draws from) into Lightning's checkpoints."""
-
-    def __init__(self, generator):
-        self.generator = generator
-
-    def state_dict(self):
-        return {"data_order": self.generator.get_state(), "torch": torch.get_rng_state()}
-
-    def load_state_dict(self, state_dict):
-        self.generator.set_state(state_dict["data_order"])
-        torch.set_rng_state(state_dict["torch"])
-
-
-class LightningAdapter:
-    """A LightningModule and its data loaders as TrainerTests sees a trainer: train(epochs),
-    eval(), save_checkpoint(path), load_checkpoint(path), the module as .model, the optimizer
-    and the SummaryWriter that Lightning logs to. On the CPU, without progress bar; the logs
-    and checkpoints go to log_dir."""
-
-    def __init__(self, module, train_loader, val_loader, log_dir):
-        self.model = module
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.log_dir = str(log_dir)
-        self.logger = TensorBoardLogger(self.log_dir, name="", version="", default_hp_metric=False)
-        self.summary = self.logger.experiment  # the SummaryWriter Lightning logs to
-        self.optimizer = None  # fit() builds it
-        self.epochs = 0
-        self.last_checkpoint = None  # the next fit() resumes from it
-
-    def lightning_trainer(self, **options):
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=self.log_dir,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            **options,
-        )
-
-    def train(self, epochs):
-        self.epochs += epochs
-        with quiet():
-            trainer = self.lightning_trainer(
-                max_epochs=self.epochs, logger=self.logger, callbacks=self.callbacks()
-            )
-            trainer.fit(
-                self.model,
-                self.train_loader,
-                self.val_loader,
-                ckpt_path=self.last_checkpoint,
-                weights_only=True,
-            )
-            self.optimizer = trainer.optimizers[0]
-            self.last_checkpoint = f"{self.log_dir}/last.ckpt"
-            trainer.save_checkpoint(self.last_checkpoint)
-
-    def callbacks(self):
-        return [RandomState(self.train_loader.generator)]
-
-    def eval(self):
-        with quiet():
-            trainer = self.lightning_trainer(logger=False)
-            metrics = trainer.validate(self.model, self.val_loader, verbose=False)
-        return metrics[0]["val/loss"]
-
-    def save_checkpoint(self, path):
-        shutil.copyfile(self.last_checkpoint, path)
-
-    def load_checkpoint(self, path):
-        checkpoint = torch.load(path, weights_only=True)
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.epochs = checkpoint["epoch"]
-        self.last_checkpoint = str(path)
-
-
+# -- the LightningModule, as docs/howto-lightning.md shows it ---------------------------
 class Classifier(pl.LightningModule):
     def __init__(self):
         super().__init__()
@@ -250,9 +154,10 @@ class Lightning(CheckTestCase):
         self.assertEqual((outcome.failures, outcome.errors), ([], []))
         self.assertEqual((output.getvalue(), errors.getvalue()), ("", ""))
 
-    def test_the_how_to_shows_this_adapter(self) -> None:
+    def test_the_how_to_shows_this_module_and_the_adapter_of_the_library(self) -> None:
         page = HOWTO.read_text(encoding="utf-8")
-        for code in (quiet, RandomState, LightningAdapter, Classifier, WithoutRandomState):
+        self.assertIn("from dltestkit.integrations.lightning import LightningAdapter", page)
+        for code in (Classifier, WithoutRandomState):
             with self.subTest(code.__name__):
                 self.assertIn(inspect.getsource(code), page)
 

@@ -46,10 +46,9 @@ class TrainerContract(CheckMixin):
         details="The weights are drawn from the seeded global RNG. `TrainerTests` "
         "calls `make_trainer()` (test_eval_leaves_model_unchanged only when eval() "
         "switches a mode, to train a trainer that no eval() came before), the "
-        "distributed checks "
-        "`make_trainer(rank=rank, world_size=world_size)` in each process: a "
-        "method `def make_trainer(self, rank=0, world_size=1)` on the test "
-        "class, which setUp also calls, serves both.",
+        "distributed checks `make_trainer(rank=rank, world_size=world_size)` in each "
+        "process: a function taking `rank=0, world_size=1`, assigned in setUp (which "
+        "calls it for `self.trainer` too), serves both.",
     )
     model_attribute: str = option(
         "the name of the trainer's attribute holding its model (an nn.Module)",

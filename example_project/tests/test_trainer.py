@@ -16,7 +16,26 @@ from .mnist_data import mnist_root
 class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
     def setUp(self):
         # Four fixed, un-augmented training images, used for training and testing.
-        self.data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+        data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+
+        def make_trainer(rank=0, world_size=1):
+            """A new trainer, built as self.trainer is. The checks that resume or repeat
+            training call make_trainer(); the distributed check calls it in each of its
+            processes with rank and world_size, where the Trainer trains with
+            DistributedDataParallel on its shard of the four images."""
+            model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+            return Trainer(
+                model,
+                train_data=data,
+                test_data=data,
+                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                batch_size=4 // world_size,
+                device="cpu",
+                log_dir=self.make_temp_dir(),
+                num_workers=0,
+            )
+
+        self.make_trainer = make_trainer
         self.trainer = self.make_trainer()
         self.expected_scalars = ["train/recon_loss", "train/kl_div_loss", "train/loss", "test/loss"]
         self.kl_divergence = self.trainer.kl_divergence
@@ -24,22 +43,5 @@ class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
         self.overfit_max_loss = 30.0
         # An untrained decoder outputs about 0, so the first loss (squared error summed over
         # the pixels) is about the images' mean squared norm.
-        images = torch.stack([image for image, _ in self.data])
+        images = torch.stack([image for image, _ in data])
         self.expected_initial_loss = images.pow(2).sum(dim=(1, 2, 3)).mean().item()
-
-    def make_trainer(self, rank=0, world_size=1):
-        """A new trainer, built as setUp builds self.trainer. The checks that resume or
-        repeat training call make_trainer(); the distributed check calls it in each of its
-        processes with rank and world_size, where the Trainer trains with
-        DistributedDataParallel on its shard of the four images."""
-        model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
-        return Trainer(
-            model,
-            train_data=self.data,
-            test_data=self.data,
-            optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            batch_size=4 // world_size,
-            device="cpu",
-            log_dir=self.make_temp_dir(),
-            num_workers=0,
-        )

@@ -1,0 +1,2 @@
+"""Adapters that give other frameworks' training loops the shape the trainer checks test:
+``lightning`` (PyTorch Lightning)."""

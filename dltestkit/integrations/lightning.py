@@ -1,0 +1,156 @@
+"""A PyTorch Lightning ``LightningModule`` and its data loaders as ``TrainerTests`` sees a
+trainer: ``train(epochs)``, ``eval()``, ``save_checkpoint(path)``, ``load_checkpoint(path)``, the
+module as ``.model``, the optimizer and the ``SummaryWriter`` Lightning logs to::
+
+    from dltestkit.integrations.lightning import LightningAdapter
+
+    class TestClassifierTraining(TrainerTests, unittest.TestCase):
+        def setUp(self):
+            self.make_trainer = lambda: LightningAdapter(
+                Classifier(), train_loader(), val_loader(), log_dir=self.make_temp_dir()
+            )
+            self.trainer = self.make_trainer()
+
+Every check then runs on the real Lightning loop. It needs ``pytorch-lightning`` (or
+``lightning``) installed; the rest of dltestkit does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import torch
+
+try:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+except ImportError:  # the package's newer name
+    import lightning.pytorch as pl  # type: ignore[no-redef, import-not-found, unused-ignore]
+    from lightning.pytorch.loggers import TensorBoardLogger  # type: ignore[no-redef, import-not-found, unused-ignore]
+
+__all__ = ["LightningAdapter", "RandomState", "quiet"]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Lightning's info messages and warnings off (the logging level is restored)."""
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|lightning")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+class RandomState(pl.Callback):
+    """Puts the state of the generator that shuffles the training data and torch's global
+    random state (which dropout draws from) into Lightning's checkpoints, which leave them
+    out: without it a resumed run sees another data order and other dropout masks."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"data_order": self.generator.get_state(), "torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.generator.set_state(state_dict["data_order"])
+        torch.set_rng_state(state_dict["torch"])
+
+
+class LightningAdapter:
+    """A LightningModule and its data loaders as TrainerTests sees a trainer. On the CPU,
+    without progress bar or model summary; the logs and checkpoints go to ``log_dir`` only.
+
+    Args:
+        module: the LightningModule, kept as ``.model`` (where the checks read the model).
+        train_loader: its training DataLoader; a ``generator`` of its own (the data order) is
+            saved in the checkpoints.
+        val_loader: the DataLoader ``eval()`` validates on.
+        log_dir: the folder of the TensorBoard logs and the checkpoints (a test gives it
+            ``self.make_temp_dir()``).
+        val_metric: the metric ``validation_step`` logs as the evaluation loss.
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        train_loader: Any,
+        val_loader: Any,
+        log_dir: Union[str, Path],
+        val_metric: str = "val/loss",
+    ) -> None:
+        self.model = module
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.log_dir = str(log_dir)
+        self.val_metric = val_metric
+        self.logger = TensorBoardLogger(self.log_dir, name="", version="", default_hp_metric=False)
+        self.summary = self.logger.experiment  # the SummaryWriter Lightning logs to
+        self.optimizer: Optional[Any] = None  # fit() builds it
+        self.epochs = 0
+        self.last_checkpoint: Optional[str] = None  # the next fit() resumes from it
+
+    def lightning_trainer(self, **options: Any) -> pl.Trainer:
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=self.log_dir,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            **options,
+        )
+
+    def train(self, epochs: int) -> None:
+        """Train ``epochs`` more epochs: a new ``fit`` that resumes from the checkpoint the
+        previous one left, as a resumed run would (Lightning builds a new optimizer in every
+        ``fit``)."""
+        self.epochs += epochs
+        with quiet():
+            trainer = self.lightning_trainer(
+                max_epochs=self.epochs, logger=self.logger, callbacks=self.callbacks()
+            )
+            trainer.fit(
+                self.model,
+                self.train_loader,
+                self.val_loader,
+                ckpt_path=self.last_checkpoint,
+                weights_only=True,
+            )
+            self.optimizer = trainer.optimizers[0]
+            self.last_checkpoint = f"{self.log_dir}/last.ckpt"
+            trainer.save_checkpoint(self.last_checkpoint)
+
+    def callbacks(self) -> List[pl.Callback]:
+        return [RandomState(self.train_loader.generator)]
+
+    def eval(self) -> float:
+        """The validation loss, from ``Trainer.validate`` (which logs nothing here, and puts
+        every submodule back in the mode it found it in)."""
+        with quiet():
+            trainer = self.lightning_trainer(logger=False)
+            metrics = trainer.validate(self.model, self.val_loader, verbose=False)
+        return float(metrics[0][self.val_metric])
+
+    def save_checkpoint(self, path: Union[str, Path]) -> None:
+        if self.last_checkpoint is None:
+            raise RuntimeError("save_checkpoint before any training: there is no checkpoint")
+        shutil.copyfile(self.last_checkpoint, path)
+
+    def load_checkpoint(self, path: Union[str, Path]) -> None:
+        """Load the weights now; the next ``fit`` restores the optimizer, the counters and
+        the callbacks' state from the same checkpoint."""
+        checkpoint = torch.load(path, weights_only=True)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.epochs = checkpoint["epoch"]
+        self.last_checkpoint = str(path)
