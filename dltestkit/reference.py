@@ -195,3 +195,129 @@ def api_lines() -> List[str]:
         else:
             lines += [f".. autofunction:: {name}", ""]
     return lines
+
+
+# -- the house: the wings of the package and what flows between them -------------------------
+def _wing_of(module: str) -> str:
+    """The wing a module belongs to: ``dltestkit.models.batch`` -> ``models``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "dltestkit"
+
+
+def house() -> Dict[str, Dict[str, object]]:
+    """Every wing of the package (its folder, or a top-level module): its first docstring
+    paragraph, its modules with their lines, and the modules of the other wings it imports.
+    Read from the source with ``ast``, so that the picture cannot drift from the code."""
+    import ast
+    import importlib
+    import pathlib
+
+    root = pathlib.Path(importlib.import_module("dltestkit").__file__ or "").parent
+    wings: Dict[str, Dict[str, object]] = {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root.parent).with_suffix("")
+        module = ".".join(relative.parts)
+        if module.endswith(".__init__"):
+            module = module[: -len(".__init__")]
+        wing = _wing_of(module)
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        info = wings.setdefault(wing, {"doc": "", "modules": {}, "uses": {}})
+        folder_doc = path.name == "__init__.py" and len(relative.parts) == 2
+        if folder_doc or (wing == module.split(".")[-1] and not info["doc"]):
+            info["doc"] = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ")
+        modules = info["modules"]
+        assert isinstance(modules, dict)
+        modules[module] = len(source.splitlines())
+        uses = info["uses"]
+        assert isinstance(uses, dict)
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            other = _wing_of(target)
+            if other != wing:
+                uses.setdefault(other, set()).add(
+                    target.split(".", 1)[1] if "." in target else target
+                )
+    return wings
+
+
+def house_floors() -> List[List[str]]:
+    """The wings by floor: a wing stands above every wing it uses (floor 0 uses none)."""
+    wings = house()
+    floor: Dict[str, int] = {}
+
+    def height(name: str) -> int:
+        if name not in floor:
+            uses = wings[name]["uses"]
+            assert isinstance(uses, dict)
+            floor[name] = 1 + max((height(other) for other in uses if other in wings), default=-1)
+        return floor[name]
+
+    for name in wings:
+        height(name)
+    top = max(floor.values())
+    return [sorted(n for n in wings if floor[n] == level) for level in range(top, -1, -1)]
+
+
+def house_svg() -> str:
+    """The house as an SVG picture: a box per wing on its floor (the top floor first), an
+    arrow from each wing to every wing it uses."""
+    floors = house_floors()
+    wings = house()
+    width, box_w, box_h, gap_y = 880, 150, 46, 70
+    places: Dict[str, Tuple[float, float]] = {}
+    for level, names in enumerate(floors):
+        step = width / (len(names) + 1)
+        for position, name in enumerate(names):
+            places[name] = (step * (position + 1), 30 + level * (box_h + gap_y))
+    height = 30 + len(floors) * (box_h + gap_y)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        'font-family="sans-serif" font-size="13">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
+        'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#667"/></marker></defs>',
+    ]
+    for name, info in wings.items():
+        uses = info["uses"]
+        assert isinstance(uses, dict)
+        x1, y1 = places[name]
+        for other in sorted(uses):
+            if other in places:
+                x2, y2 = places[other]
+                parts.append(
+                    f'<line x1="{x1:.0f}" y1="{y1 + box_h:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" '
+                    'stroke="#667" stroke-width="1.2" marker-end="url(#arrow)"/>'
+                )
+    for name, (x, y) in places.items():
+        modules = wings[name]["modules"]
+        assert isinstance(modules, dict)
+        label = f"{name}/" if len(modules) > 1 else f"{name}.py"
+        lines = sum(modules.values())
+        parts.append(
+            f'<rect x="{x - box_w / 2:.0f}" y="{y:.0f}" width="{box_w}" height="{box_h}" rx="6" '
+            'fill="#e8eef6" stroke="#7a8aa0"/>'
+            f'<text x="{x:.0f}" y="{y + 20:.0f}" text-anchor="middle" font-weight="bold">'
+            f"{label}</text>"
+            f'<text x="{x:.0f}" y="{y + 37:.0f}" text-anchor="middle" fill="#556">'
+            f"{len(modules)} module{'s' if len(modules) > 1 else ''}, {lines} lines</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def house_table() -> List[str]:
+    """Markdown lines: each wing, what it holds, and the modules of other wings it uses."""
+    rows = []
+    for level in house_floors():
+        for name in level:
+            info = house()[name]
+            uses = info["uses"]
+            assert isinstance(uses, dict)
+            taken = ", ".join(f"`{module}`" for names in uses.values() for module in sorted(names))
+            rows.append([f"`{name}`", str(info["doc"]), taken or "nothing"])
+    return _table(["wing", "what it holds", "what it uses of the wings below"], rows)

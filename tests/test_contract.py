@@ -105,6 +105,35 @@ class Contract(CheckTestCase):
             model_case(AutoEncoder), "test_state_dict_round_trip", "self.make_model is not set"
         )
 
+    def test_an_option_set_under_its_former_name_still_works_with_a_warning(self) -> None:
+        from dltestkit.core.contract import check
+        from dltestkit.core.options import option
+
+        def test_value(self: Any) -> None:
+            """Check that the value arrives under the new name."""
+            self.assertEqual(self.tolerance, 0.5)
+
+        renamed = type(
+            "Renamed",
+            (ModelTests,),
+            {
+                "__module__": "dltestkit.renamed_for_a_test",
+                "__annotations__": {"tolerance": "float"},
+                "tolerance": option("a tolerance", "0.1", default=0.0, formerly=("tol",)),
+                "test_value": check(reads=("tolerance",))(test_value),
+            },
+        )
+
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)
+            self.tol = 0.5  # the former name
+
+        case = make_case(renamed, set_up)
+        with self.assertWarnsRegex(
+            DeprecationWarning, r"Case sets self.tol, which ModelTests now calls self.tolerance"
+        ):
+            self.assertPasses(case, "test_value")
+
     def test_unrelated_user_attributes_are_allowed(self) -> None:
         def set_up(self: Any) -> None:
             self.model, self.inputs = AutoEncoder(), torch.randn(4, 1, 4, 4)

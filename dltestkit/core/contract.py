@@ -10,32 +10,29 @@ share. One rule composes them all: multiple inheritance, the mixins before ``Tes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
-import functools
 import pathlib
 import shutil
-import sys
 import tempfile
 import types
 import unittest
+import warnings
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     ClassVar,
     Dict,
     Iterator,
     List,
     Mapping,
-    NoReturn,
     Optional,
-    Tuple,
-    TypeVar,
+    Set,
 )
 
 import torch
 
+from .checks import SHARED, check, checks_of, is_dltestkit, reads_of
+from .declaring import declare_options
 from .options import UNSET, ContractError, Option, option
 from .seeds import make_deterministic, preserved_global_state
 from .validators import is_positive_int, is_reasons, is_seed, optional
@@ -45,110 +42,10 @@ if TYPE_CHECKING:  # the mixins are always combined with TestCase; tell the type
 else:
     _TestCaseBase = object
 
-__all__ = ["CheckMixin", "check", "checks_of", "reads_of"]
+__all__ = ["SHARED", "CheckMixin", "check", "checks_of", "reads_of"]
 
 _MISSING = object()
 _UNITTEST_NAMES = frozenset(vars(unittest.TestCase(methodName="__init__")))
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def is_dltestkit(cls: type) -> bool:
-    return cls.__module__ == "dltestkit" or cls.__module__.startswith("dltestkit.")
-
-
-def check(*, reads: Tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Mark a test method as a dltestkit check that reads the options ``reads`` (besides
-    ``seed``, ``num_threads`` and ``expected_failed_checks``, which every check reads).
-
-    Before the body runs, the options are validated; an assertion failure gets a last line
-    naming the seed that reproduces it; a check listed in ``expected_failed_checks`` reports
-    an expected failure or an unexpected success."""
-
-    def decorate(func: F) -> F:
-        @functools.wraps(func)
-        def wrapper(self: "CheckMixin", *args: Any, **kwargs: Any) -> Any:
-            self._validate_contract()
-            self._use_threads()
-            self._prepare()
-            self._failed_subtests = []
-            reason = self._expected_failure_reason()
-            if reason is None:
-                with self._seed_note():
-                    result = func(self, *args, **kwargs)
-                    self._report_failed_subtests()
-                    return result
-            self._expected_failures = []
-            try:
-                with self._seed_note():
-                    func(self, *args, **kwargs)
-            except (unittest.SkipTest, ContractError):
-                raise
-            except Exception as exc:  # a failure, or an error of the component under test
-                self._expected_failures.append(exc)
-            self._report_expected_failure(reason)
-            return None
-
-        setattr(wrapper, "__dltestkit_check__", True)  # noqa: B010
-        setattr(wrapper, "__dltestkit_reads__", tuple(reads))  # noqa: B010
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def checks_of(cls: type) -> Tuple[str, ...]:
-    """The names of the dltestkit checks a class has: those of its mixins in the order the
-    class lists them (its method resolution order), each in the order its mixin defines them."""
-    names = []
-    for base in cls.__mro__:
-        for name, value in vars(base).items():
-            if getattr(value, "__dltestkit_check__", False) and name not in names:
-                names.append(name)
-    return tuple(names)
-
-
-def reads_of(cls: type, name: str) -> Tuple[str, ...]:
-    """The options check ``name`` of ``cls`` reads: those it declares, and ``seed``, which
-    every check reads (as it does ``num_threads`` and ``expected_failed_checks``, which the
-    docs leave out)."""
-    declared = tuple(getattr(getattr(cls, name), "__dltestkit_reads__", ()))
-    return declared + (("seed",) if "seed" not in declared else ())
-
-
-class _UnsetCall:
-    """What an unset factory option (``make_model``, ``make_trainer``) is on a test: the checks
-    that need it skip, as for any unset option, but a call (``self.trainer =
-    self.make_trainer()`` in a setUp whose class has none, or a misspelled one) raises a
-    ContractError that names it."""
-
-    def __init__(self, name: str, test: "CheckMixin") -> None:
-        self.name = name
-        self.test = test
-
-    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
-        caller = sys._getframe(1)
-        where = (
-            f"{type(self.test).__name__}.{caller.f_code.co_name} "
-            f"({pathlib.Path(caller.f_code.co_filename).name}, line {caller.f_lineno})"
-        )
-        raise self.test._unset_factory_error(
-            self.name, f"{where} calls self.{self.name}(), which is not set"
-        )
-
-    def __repr__(self) -> str:
-        return repr(UNSET)
-
-
-class _UnsetFactory:
-    """The class-level default of a factory option (see ``_UnsetCall``). A non-data
-    descriptor: a method of the test class or an attribute set in setUp takes its place."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, test: Any, owner: Any = None) -> Any:
-        if test is None or getattr(test, "_reading_unset", False):
-            return UNSET
-        return _UnsetCall(self.name, test)
 
 
 class CheckMixin(_TestCaseBase):
@@ -198,7 +95,7 @@ class CheckMixin(_TestCaseBase):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if is_dltestkit(cls):
-            _declare_options(cls)
+            declare_options(cls)
             return
         mixin = next(base for base in cls.__mro__ if is_dltestkit(base))
         if unittest.TestCase not in cls.__mro__:  # (the type checker assumes a TestCase)
@@ -409,9 +306,28 @@ class CheckMixin(_TestCaseBase):
         finally:
             self._reading_unset = False
 
+    def _renamed(self, user_names: Set[str]) -> Set[str]:
+        """Take the values set under the former names of renamed options, with a warning;
+        return those names."""
+        former: Set[str] = set()
+        for declared in self._options().values():
+            for old in declared.formerly:
+                former.add(old)
+                if old in user_names and declared.name not in user_names:
+                    warnings.warn(
+                        f"{type(self).__name__} sets self.{old}, which {declared.suite} now "
+                        f"calls self.{declared.name}: rename it (the old name will stop "
+                        "working in a later release)",
+                        DeprecationWarning,
+                        stacklevel=4,
+                    )
+                    setattr(self, declared.name, getattr(self, old))
+        return former
+
     def _validate_contract(self) -> None:
         declarations = self._options()
         user_names = set(self._user_names())
+        former = self._renamed(user_names)
         for name in ("seed", "expected_failed_checks"):
             if name in vars(self):
                 raise ContractError(
@@ -438,7 +354,7 @@ class CheckMixin(_TestCaseBase):
             problem = declared.validate(value) if declared.validate else None
             if problem:
                 raise self._contract_error(name, problem)
-        for name in sorted(user_names - set(declarations)):
+        for name in sorted(user_names - set(declarations) - former):
             close = difflib.get_close_matches(name, list(declarations), n=1, cutoff=0.8)
             if close and close[0] not in user_names:
                 declared = declarations[close[0]]
@@ -527,61 +443,4 @@ class CheckMixin(_TestCaseBase):
         )
 
 
-#: The options every check reads (the machinery reads them), declared by CheckMixin.
-SHARED: Tuple[str, ...] = ("seed", "num_threads", "expected_failed_checks")
-
-
-def _rst(markdown: str) -> str:
-    """Markdown inline code (`x`) as reStructuredText inline literals (``x``)."""
-    return markdown.replace("`", "``")
-
-
-def _declare_options(cls: type) -> None:
-    """Fill in the options declared in ``cls``'s body (name, annotation, suite), put their
-    defaults in their place, check that its checks read declared options, and give a public
-    mixin (one named by its own ``_suite``) its whole contract in ``__doc__``."""
-    annotations = vars(cls).get("__annotations__", {})
-    suite = getattr(cls, "_suite", "dltestkit")
-    own: Dict[str, Option] = {}
-    for name, value in list(vars(cls).items()):
-        if not isinstance(value, Option):
-            continue
-        declared = dataclasses.replace(
-            value, name=name, annotation=str(annotations.get(name, "")), suite=suite
-        )
-        own[name] = declared
-        if declared.required:
-            delattr(cls, name)
-        elif declared.factory and declared.default is UNSET:
-            setattr(cls, name, _UnsetFactory(name))
-        else:
-            setattr(cls, name, declared.default)
-    cls._own_options = own  # type: ignore[attr-defined]
-    options = cls._options()  # type: ignore[attr-defined]
-    if vars(cls).get("_suite") != cls.__name__:
-        return
-    # a public mixin: every option its checks read is one of its own
-    for name in checks_of(cls):
-        unknown = [
-            n for n in getattr(getattr(cls, name), "__dltestkit_reads__", ()) if n not in options
-        ]
-        if unknown:
-            raise TypeError(f"{cls.__name__}.{name} reads undeclared options {unknown}")
-    if cls.__doc__:
-        cls.__doc__ = cls.__doc__.rstrip() + _contract_text(list(options.values()))
-
-
-def _contract_text(declared: List[Option]) -> str:
-    declared = sorted(declared, key=lambda o: o.name in SHARED)  # the shared ones last
-    required = [o for o in declared if o.required]
-    optional_ = [o for o in declared if not o.required]
-    lines = ["", "", "Required in setUp:"] if required else [""]
-    lines += [f"    ``self.{o.name}``: {o.meaning}, e.g. ``{o.example}``." for o in required]
-    lines += ["", "Optional (default in brackets):"]
-    lines += [
-        f"    ``self.{o.name}``: {o.meaning} [{_rst(o.describe_default())}]." for o in optional_
-    ]
-    return "\n    ".join(lines) + "\n"
-
-
-_declare_options(CheckMixin)
+declare_options(CheckMixin)

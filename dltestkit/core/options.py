@@ -19,7 +19,7 @@ the ``reads`` of each check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 from .validators import Validator
 
@@ -58,6 +58,8 @@ class Option:
     #: a callable the checks call: True, or the parameters of a method that can stand for it
     #: (``"self, rank=0, world_size=1"``), which the contract errors suggest
     factory: Union[bool, str] = False
+    #: the names it had before a rename: still read, with a DeprecationWarning
+    formerly: Tuple[str, ...] = ()
     name: str = ""
     annotation: str = ""
     #: the public mixin whose contract the option belongs to, for messages ("ModelTests")
@@ -90,6 +92,7 @@ def option(
     default_text: str = "",
     details: str = "",
     factory: Union[bool, str] = False,
+    formerly: Tuple[str, ...] = (),
 ) -> Any:
     """Declare an option in a mixin's class body.
 
@@ -105,5 +108,7 @@ def option(
         factory: a callable the checks call (``make_model``): while unset, calling it is a
             ContractError that names it, not a ``TypeError`` about UNSET. A string gives the
             parameters of a method of the test class that serves as well, for messages.
+        formerly: the names the option had before a rename. A test class that sets one still
+            works: the value is used, with a DeprecationWarning that names the new name.
     """
-    return Option(meaning, example, default, validate, default_text, details, factory)
+    return Option(meaning, example, default, validate, default_text, details, factory, formerly)

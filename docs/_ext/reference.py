@@ -17,6 +17,9 @@
 
 ```{dltestkit-api}
 ```                                   every public name of dltestkit.__all__
+
+```{dltestkit-house}
+```                                   the wings of the package, a picture and a table
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from dltestkit.core.contract import checks_of
 
 class _Directive(SphinxDirective):
     optional_arguments = 1
-    #: reStructuredText (the API page's autodoc directives) rather than Markdown
-    rst = False
 
     def mixin(self) -> Any:
         name = self.arguments[0]
@@ -50,8 +51,6 @@ class _Directive(SphinxDirective):
     def run(self) -> List[nodes.Node]:
         container = nodes.container()
         source = f"<{self.name} {' '.join(self.arguments)}>"
-        if self.rst:
-            from docutils.parsers.rst import Parser  # noqa: F401 (the state parses rST)
         self.state.nested_parse(
             StringList(self.lines(), source=source), self.content_offset, container
         )
@@ -97,10 +96,22 @@ class ApiDirective(_Directive):
         return ["```{eval-rst}", *reference.api_lines(), "```"]
 
 
+class HouseDirective(_Directive):
+    optional_arguments = 0
+
+    def lines(self) -> List[str]:
+        return reference.house_table()
+
+    def run(self) -> List[nodes.Node]:
+        picture = nodes.raw("", reference.house_svg(), format="html")
+        return [picture, *super().run()]
+
+
 def setup(app: Sphinx) -> Dict[str, Any]:
     app.add_directive("dltestkit-checks", ChecksDirective)
     app.add_directive("dltestkit-options", OptionsDirective)
     app.add_directive("dltestkit-reads", ReadsDirective)
     app.add_directive("dltestkit-contract", ContractDirective)
     app.add_directive("dltestkit-api", ApiDirective)
+    app.add_directive("dltestkit-house", HouseDirective)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,61 @@
+"""The shape of the package: wings over a core, no circles, small modules, a generated
+picture and API page that the docs show."""
+
+from __future__ import annotations
+
+import unittest
+from pathlib import Path
+
+import dltestkit
+from dltestkit import reference
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+class House(unittest.TestCase):
+    def test_the_wings_stand_on_floors_without_circles(self) -> None:
+        floors = reference.house_floors()
+        self.assertEqual(floors[-1], ["core", "integrations"])  # the ground: they use no wing
+        self.assertEqual(floors[0], ["dltestkit"])  # the public names, on top
+        placed = [name for floor in floors for name in floor]
+        self.assertEqual(sorted(placed), sorted(reference.house()))
+
+    def test_the_core_and_the_wings_use_only_what_stands_below_them(self) -> None:
+        house = reference.house()
+        self.assertEqual(house["core"]["uses"], {})
+        for wing in ("data", "models", "trainers"):
+            with self.subTest(wing):
+                self.assertEqual(set(house[wing]["uses"]), {"core"})  # type: ignore[arg-type]
+
+    def test_no_module_is_over_600_lines(self) -> None:
+        for wing, info in reference.house().items():
+            for module, lines in info["modules"].items():  # type: ignore[attr-defined]
+                with self.subTest(module):
+                    self.assertLessEqual(lines, 600, f"{module} holds {lines} lines")
+
+    def test_the_picture_and_the_table_are_generated_on_the_house_page(self) -> None:
+        page = (DOCS / "house.md").read_text(encoding="utf-8")
+        self.assertIn("```{dltestkit-house}\n```", page)
+        svg = reference.house_svg()
+        for wing in ("core/", "models/", "data/", "trainers/", "distributed/"):
+            self.assertIn(f">{wing}</text>", svg)
+
+
+class Api(unittest.TestCase):
+    def test_the_api_page_is_generated_from_all(self) -> None:
+        page = (DOCS / "api.md").read_text(encoding="utf-8")
+        self.assertIn("```{dltestkit-api}\n```", page)
+        lines = "\n".join(reference.api_lines())
+        for name in dltestkit.__all__:
+            with self.subTest(name):
+                self.assertRegex(lines, rf"\.\. auto(class|function|exception):: {name}\n")
+
+    def test_every_public_name_is_listed_on_the_public_api_page(self) -> None:
+        page = (DOCS / "public-api.md").read_text(encoding="utf-8")
+        for name in dltestkit.__all__:
+            with self.subTest(name):
+                self.assertIn(f"`{name}`", page)
+
+
+if __name__ == "__main__":
+    unittest.main()
