@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..core.contract import check
-from .contract import DatasetContract, differences
+from .contract import LOADING, DatasetContract, differences
 
 __all__ = ["Augmentation"]
 
@@ -11,22 +11,7 @@ __all__ = ["Augmentation"]
 class Augmentation(DatasetContract):
     """Augmentation where it is declared, and nowhere else."""
 
-    @check(
-        reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
-        )
-    )
+    @check(reads=LOADING)
     def test_augmentation(self) -> None:
         """Check that samples of ``augmented_splits`` change between loads and the others are
         identical.

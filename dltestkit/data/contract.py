@@ -42,10 +42,26 @@ from .samples import difference, same
 from .scan import LoadedSample, Scan
 from .split import Loading, SplitState, is_stream, sized, split_state
 
-__all__ = ["LOADING_CHECK", "DatasetContract", "differences", "order", "round_up"]
+__all__ = ["LOADING", "LOADING_CHECK", "DatasetContract", "differences", "order", "round_up"]
 
 #: The check that reports a split that cannot be loaded; the others skip, pointing to it.
 LOADING_CHECK = "test_data_loading"
+#: The options every dataset check reads: the splits and how they are loaded (the scan, and the
+#: samples loaded in the main process, which every check prepares).
+LOADING = (
+    "splits",
+    "input_key",
+    "target_key",
+    "collate_fn",
+    "num_workers",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "batch_size",
+    "loader_timeout",
+    "max_samples",
+    "probe_count",
+    "augmented_splits",
+)
 
 
 def _is_splits(value: Any) -> Optional[str]:

@@ -9,7 +9,7 @@ from ..core.contract import check
 from ..core.options import option
 from ..core.validators import is_fraction, is_positive_int, is_shape, optional
 from .callables import describe_callable
-from .contract import DatasetContract, round_up
+from .contract import LOADING, DatasetContract, round_up
 from .positions import SHOWN, Position, listed, where
 from .samples import as_key, path_text
 from .scan import Registered, Scan
@@ -93,18 +93,7 @@ class Labels(DatasetContract):
 
     @check(
         reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
+            *LOADING,
             "num_classes",
             "ignore_index",
             "target_shape",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..core.contract import check
 from ..core.messages import exception_text, forget
 from .callables import describe_callable
-from .contract import DatasetContract, differences
+from .contract import LOADING, DatasetContract, differences
 from .pickling import pickled_size
 from .positions import SHOWN, listed, where
 from .samples import shape_text
@@ -18,24 +18,7 @@ __all__ = ["DataLoading"]
 class DataLoading(DatasetContract):
     """Loading with worker processes, as training does."""
 
-    @check(
-        reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
-            "sample_shape",
-            "num_classes",
-        )
-    )
+    @check(reads=(*LOADING, "sample_shape", "num_classes"))
     def test_data_loading(self) -> None:
         """Check that every split pickles, loads and batches with and without worker processes,
         with equal results.

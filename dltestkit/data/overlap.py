@@ -8,7 +8,7 @@ from typing import List, Tuple
 from ..core.contract import check
 from ..core.options import option
 from ..core.validators import is_fraction
-from .contract import DatasetContract, order, round_up
+from .contract import LOADING, DatasetContract, order, round_up
 from .positions import SHOWN, Position, where
 from .samples import same
 from .scan import Registered
@@ -30,23 +30,7 @@ class SplitOverlap(DatasetContract):
         "images) are never compared.",
     )
 
-    @check(
-        reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
-            "max_shared_fraction",
-        )
-    )
+    @check(reads=(*LOADING, "max_shared_fraction"))
     def test_split_overlap(self) -> None:
         """Check that no input of one split equals an input of another (splits not in
         ``augmented_splits``).

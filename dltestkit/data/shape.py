@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..core.contract import check
-from .contract import DatasetContract
+from .contract import LOADING, DatasetContract
 from .positions import listed
 from .samples import as_key, shape_text
 
@@ -14,23 +14,7 @@ class SampleShape(DatasetContract):
     """The shape of each sample's input."""
 
     # -- the checks ---------------------------------------------------------------------------
-    @check(
-        reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
-            "sample_shape",
-        )
-    )
+    @check(reads=(*LOADING, "sample_shape"))
     def test_sample_shape(self) -> None:
         """Check that every scanned sample of every split has an input of shape ``sample_shape``.
 

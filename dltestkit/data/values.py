@@ -9,7 +9,7 @@ import torch
 from ..core.contract import check
 from ..core.options import option
 from ..core.validators import is_fraction
-from .contract import DatasetContract, round_up
+from .contract import LOADING, DatasetContract, round_up
 from .inspect import Extreme
 from .positions import listed, where
 from .samples import Path, as_key, path_text, value_text
@@ -46,24 +46,7 @@ class ValueRange(DatasetContract):
         "stays away from them, like quiet audio).",
     )
 
-    @check(
-        reads=(
-            "splits",
-            "input_key",
-            "target_key",
-            "collate_fn",
-            "num_workers",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "batch_size",
-            "loader_timeout",
-            "max_samples",
-            "probe_count",
-            "augmented_splits",
-            "value_range",
-            "range_coverage",
-        )
-    )
+    @check(reads=(*LOADING, "value_range", "range_coverage"))
     def test_value_range(self) -> None:
         """Check that every sample of every split lies in ``value_range`` and the split uses
         that range.

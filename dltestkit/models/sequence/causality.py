@@ -11,7 +11,7 @@ from ...core.options import option
 from ...core.validators import is_bool
 from ..probes import Probe
 from ..tensors import Key, describe_input
-from .contract import _NO_GRADIENT, SequenceContract, output_difference
+from .contract import _NO_GRADIENT, SEQUENCE, SequenceContract, output_difference
 
 __all__ = ["Causality"]
 
@@ -40,21 +40,7 @@ class Causality(SequenceContract):
     )
 
     # -- causality -------------------------------------------------------------------------
-    @check(
-        reads=(
-            "model",
-            "inputs",
-            "unbatched_inputs",
-            "output_key",
-            "cross_sample_outputs",
-            "sequence_dim",
-            "causal",
-            "sees_present",
-            "sequence_inputs",
-            "padding_mask",
-            "padded_value",
-        )
-    )
+    @check(reads=(*SEQUENCE, "sees_present"))
     def test_causality(self) -> None:
         """Check that the output at each position depends on no input at a later position.
 

@@ -35,7 +35,7 @@ from ..tensors import (
     replace_entries,
 )
 
-__all__ = ["SequenceContract", "output_difference", "positions_text"]
+__all__ = ["SEQUENCE", "SequenceContract", "output_difference", "positions_text"]
 
 _NO_GRADIENT = (
     "No gradient shows it: that input reaches the output without a differentiable path "
@@ -62,6 +62,21 @@ def output_difference(actual: torch.Tensor, expected: torch.Tensor) -> Optional[
 
 def positions_text(positions: Sequence[int]) -> str:
     return f"position {positions[0]}" if len(positions) == 1 else f"positions {list(positions)}"
+
+
+#: The options both sequence checks read.
+SEQUENCE = (
+    "model",
+    "inputs",
+    "unbatched_inputs",
+    "output_key",
+    "cross_sample_outputs",
+    "sequence_dim",
+    "causal",
+    "sequence_inputs",
+    "padding_mask",
+    "padded_value",
+)
 
 
 class SequenceContract(Dependence):

@@ -11,7 +11,7 @@ from ...core.contract import check
 from ...core.options import ContractError
 from ..probes import Probe
 from ..tensors import Key, batched_entries, describe_input, input_entries, replace_entries
-from .contract import _NO_GRADIENT, SequenceContract, output_difference
+from .contract import _NO_GRADIENT, SEQUENCE, SequenceContract, output_difference
 
 __all__ = ["PaddingInvariance"]
 
@@ -108,20 +108,7 @@ class PaddingInvariance(SequenceContract):
                 written = True
         return _Padding(replace_entries(self.inputs, new), padded, side, pad if written else None)
 
-    @check(
-        reads=(
-            "model",
-            "inputs",
-            "unbatched_inputs",
-            "output_key",
-            "cross_sample_outputs",
-            "sequence_dim",
-            "causal",
-            "sequence_inputs",
-            "padding_mask",
-            "padded_value",
-        )
-    )
+    @check(reads=SEQUENCE)
     def test_padding_invariance(self) -> None:
         """Check that the outputs at real positions do not depend on the padding.
 
