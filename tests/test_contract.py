@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import types
 import unittest
 from typing import Any, List
+from unittest import mock
 
 import numpy as np
 import torch
@@ -119,7 +122,7 @@ class Contract(CheckTestCase):
             {
                 "__module__": "dltestkit.renamed_for_a_test",
                 "__annotations__": {"tolerance": "float"},
-                "tolerance": option("a tolerance", "0.1", default=0.0, formerly=("tol",)),
+                "tolerance": option(0.0, example="0.1", formerly=("tol",), doc="A tolerance."),
                 "test_value": check(reads=("tolerance",))(test_value),
             },
         )
@@ -133,6 +136,36 @@ class Contract(CheckTestCase):
             DeprecationWarning, r"Case sets self.tol, which ModelTests now calls self.tolerance"
         ):
             self.assertPasses(case, "test_value")
+
+    def test_an_option_means_what_its_docstring_says(self) -> None:
+        from dltestkit.core.options import option
+
+        # a mixin of the library (its module's name starts with dltestkit.), in this file
+        module = types.ModuleType("dltestkit.documented_for_a_test")
+        module.__file__ = __file__
+        patch = mock.patch.dict(sys.modules, {module.__name__: module})
+        patch.start()
+        self.addCleanup(patch.stop)
+
+        class Documented(ModelTests):
+            __module__ = module.__name__
+
+            tolerance: float = option(0.0, example="0.1")
+            """The tolerance of a comparison.
+
+            More for the docs."""
+
+            undocumented: float = option(0.0, example="0.1")
+
+        declared = Documented._own_options  # type: ignore[attr-defined]
+        self.assertEqual(declared["tolerance"].meaning, "the tolerance of a comparison")
+        self.assertEqual(declared["tolerance"].details, "More for the docs.")
+        with self.assertRaisesRegex(
+            TypeError,
+            r"option .*Documented.undocumented \(dltestkit\.documented_for_a_test\) has no "
+            "docstring: write what it means in a docstring on the line under its declaration",
+        ):
+            _ = declared["undocumented"].meaning
 
     def test_unrelated_user_attributes_are_allowed(self) -> None:
         def set_up(self: Any) -> None:

@@ -51,35 +51,30 @@ _UNITTEST_NAMES = frozenset(vars(unittest.TestCase(methodName="__init__")))
 class CheckMixin(_TestCaseBase):
     """Base of the dltestkit mixins. Not used directly."""
 
-    seed: int = option(
-        "the seed of every RNG during setUp and the check",
-        "1234",
-        default=0,
-        validate=is_seed,
-        details="Set it as a class attribute: the generators are seeded before setUp runs. "
-        "See [determinism](determinism.md).",
-    )
-    num_threads: Optional[int] = option(
-        "the CPU threads PyTorch uses during setUp and each check",
-        "2",
-        default=1,
-        validate=optional(is_positive_int),
-        details="Set with `torch.set_num_threads` and restored afterwards; `None` leaves "
-        "PyTorch's setting alone. One thread keeps the small forward and backward passes of "
-        "the checks fast on a loaded machine and under `pytest -n`, where more threads than "
-        "cores make them up to 30 times slower. See [performance](performance.md).",
-    )
+    seed: int = option(0, is_seed, example="1234")
+    """The seed of every RNG during setUp and the check.
+
+    Set it as a class attribute: the generators are seeded before setUp runs. See
+    [determinism](determinism.md)."""
+    num_threads: Optional[int] = option(1, optional(is_positive_int), example="2")
+    """The CPU threads PyTorch uses during setUp and each check.
+
+    Set with `torch.set_num_threads` and restored afterwards; `None` leaves PyTorch's setting alone.
+    One thread keeps the small forward and backward passes of the checks fast on a loaded machine
+    and under `pytest -n`, where more threads than cores make them up to 30 times slower. See
+    [performance](performance.md)."""
     expected_failed_checks: Mapping[str, str] = option(
-        "the checks the component cannot pass by design, each with the reason",
-        '{"test_eval_deterministic": "Monte Carlo dropout at evaluation"}',
-        default=types.MappingProxyType({}),
-        validate=is_reasons,
+        types.MappingProxyType({}),
+        is_reasons,
+        example='{"test_eval_deterministic": "Monte Carlo dropout at evaluation"}',
         default_text="`{}`",
-        details="Set it as a class attribute. A listed check still runs: its failure is "
-        "reported as an expected failure with the reason, and a pass as an unexpected success, "
-        "so that the list stays true (under unittest and pytest, where it is an XFAIL). A name "
-        "that is no check of the class is a contract error.",
     )
+    """The checks the component cannot pass by design, each with the reason.
+
+    Set it as a class attribute. A listed check still runs: its failure is reported as an expected
+    failure with the reason, and a pass as an unexpected success, so that the list stays true (under
+    unittest and pytest, where it is an XFAIL). A name that is no check of the class is a contract
+    error."""
 
     #: the public mixin whose contract a class belongs to, for messages ("ModelTests")
     _suite: ClassVar[str] = "dltestkit"

@@ -71,7 +71,7 @@ def declare_options(cls: type) -> None:
         if not isinstance(value, Option):
             continue
         declared = dataclasses.replace(
-            value, name=name, annotation=str(annotations.get(name, "")), suite=suite
+            value, name=name, annotation=str(annotations.get(name, "")), suite=suite, owner=cls
         )
         own[name] = declared
         if declared.required:
@@ -92,7 +92,22 @@ def declare_options(cls: type) -> None:
         if unknown:
             raise TypeError(f"{cls.__name__}.{name} reads undeclared options {unknown}")
     if cls.__doc__:
-        cls.__doc__ = cls.__doc__.rstrip() + _contract_text(list(options.values()))
+        cls.__doc__ = _ContractDoc(cls.__doc__, list(options.values()))  # type: ignore[assignment]
+
+
+class _ContractDoc:
+    """A public mixin's ``__doc__``: its docstring and its whole contract, written when first
+    read (``help()``, the docs), since the options' meanings come from the source."""
+
+    def __init__(self, doc: str, declared: List[Option]) -> None:
+        self.doc = doc
+        self.declared = declared
+        self.text = ""
+
+    def __get__(self, instance: Any, owner: Any = None) -> str:
+        if not self.text:
+            self.text = self.doc.rstrip() + _contract_text(self.declared)
+        return self.text
 
 
 def _contract_text(declared: List[Option]) -> str:

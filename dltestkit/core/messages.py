@@ -20,6 +20,7 @@ __all__ = [
     "kind",
     "listed",
     "short",
+    "sized",
 ]
 
 
@@ -63,6 +64,14 @@ def kind(value: Any) -> str:
     if type(value).__module__.startswith("PIL."):
         name = "PIL Image"
     return f"{article(name)} {name}"
+
+
+def sized(value: Any) -> str:
+    """What a returned value is, where a list was expected: "a list of 3 elements", "a
+    Tensor"."""
+    if isinstance(value, list):
+        return f"a list of {len(value)} elements"
+    return f"a {type(value).__name__}"
 
 
 def first_line(exc: BaseException) -> str:

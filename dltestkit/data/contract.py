@@ -27,7 +27,7 @@ from typing import (
 from torch.utils.data import default_collate
 
 from ..core.contract import CheckMixin
-from ..core.options import REQUIRED, ContractError, option
+from ..core.options import REQUIRED, UNSET, ContractError, option
 from ..core.validators import (
     is_callable,
     is_names,
@@ -120,126 +120,86 @@ class DatasetContract(CheckMixin):
     _suite: ClassVar[str] = "DatasetTests"
 
     splits: Mapping[str, Any] = option(
-        "a dict mapping split name to a torch Dataset",
-        '{"train": train_data, "test": test_data}',
-        default=REQUIRED,
-        validate=_is_splits,
-        details="A map-style dataset (with `__len__` and `__getitem__`) or an "
-        "`IterableDataset` (a stream), which must give each DataLoader "
-        "worker its own shard.",
+        REQUIRED, _is_splits, example='{"train": train_data, "test": test_data}'
     )
+    """A dict mapping split name to a torch Dataset.
+
+    A map-style dataset (with `__len__` and `__getitem__`) or an `IterableDataset` (a stream), which
+    must give each DataLoader worker its own shard."""
     sample_shape: Sequence[int] = option(
-        "the shape of one sample's input tensor",
-        "(1, 32, 32)",
-        validate=is_shape,
-        default_text="unset: `test_sample_shape` skips",
-        details="Without the batch dimension. (`test_data_loading` leaves samples of "
-        "another shape, which cannot be batched, to `test_sample_shape`.)",
+        UNSET, is_shape, example="(1, 32, 32)", default_text="unset: `test_sample_shape` skips"
     )
-    augmented_splits: Collection[str] = option(
-        "the names of the splits that are randomly augmented",
-        '{"train"}',
-        default=frozenset(),
-        validate=is_names,
-        details="Every other split must give the same sample each time.",
-    )
+    """The shape of one sample's input tensor.
+
+    Without the batch dimension. (`test_data_loading` leaves samples of another shape, which cannot
+    be batched, to `test_sample_shape`.)"""
+    augmented_splits: Collection[str] = option(frozenset(), is_names, example='{"train"}')
+    """The names of the splits that are randomly augmented.
+
+    Every other split must give the same sample each time."""
     num_classes: int = option(
-        "the number of classes of the targets",
-        "10",
-        validate=is_positive_int,
-        default_text="unset: `test_labels` skips",
-        details="Targets are integer class indices in `[0, num_classes)`, checked "
-        "element by element: a label per sample, a label map (segmentation masks), "
-        "per-object labels. (`test_data_loading` leaves targets that cannot be batched "
-        "to `test_labels`.)",
+        UNSET, is_positive_int, example="10", default_text="unset: `test_labels` skips"
     )
-    target_key: Any = option(
-        "the index or key of the target (class label) in a sample",
-        '"label"',
-        default=1,
-        validate=_is_target_key,
-        details="`1`: element 1 of an `(input, target)` tuple. A tuple is a path into "
-        'nested samples: `("meta", "label")` is `sample["meta"]["label"]`; '
-        '`(1, "labels")` the per-box labels of torchvision\'s detection samples '
-        '`(image, {"boxes": ..., "labels": ...})`.',
-    )
-    input_key: Optional[Any] = option(
-        "the index or key of the input tensor in a sample",
-        "0",
-        default=None,
-        validate=_is_input_key,
-        details="`None`: a tensor sample itself, else the first element of a tuple "
-        'or dict sample. A tuple is a path into nested samples: `("inputs", "image")` '
-        'is `sample["inputs"]["image"]`. An input that is a tuple, list or dict of '
-        "tensors (two views of an image) has each of its tensors checked; numpy arrays "
-        "and lists of numbers are checked as the tensors they convert to.",
-    )
+    """The number of classes of the targets.
+
+    Targets are integer class indices in `[0, num_classes)`, checked element by element: a label per
+    sample, a label map (segmentation masks), per-object labels. (`test_data_loading` leaves targets
+    that cannot be batched to `test_labels`.)"""
+    target_key: Any = option(1, _is_target_key, example='"label"')
+    """The index or key of the target (class label) in a sample.
+
+    `1`: element 1 of an `(input, target)` tuple. A tuple is a path into nested samples: `("meta",
+    "label")` is `sample["meta"]["label"]`; `(1, "labels")` the per-box labels of torchvision's
+    detection samples `(image, {"boxes": ..., "labels": ...})`."""
+    input_key: Optional[Any] = option(None, _is_input_key, example="0")
+    """The index or key of the input tensor in a sample.
+
+    `None`: a tensor sample itself, else the first element of a tuple or dict sample. A tuple is a
+    path into nested samples: `("inputs", "image")` is `sample["inputs"]["image"]`. An input that is
+    a tuple, list or dict of tensors (two views of an image) has each of its tensors checked; numpy
+    arrays and lists of numbers are checked as the tensors they convert to."""
     collate_fn: Optional[Callable[[List[Any]], Any]] = option(
-        "the function that batches the samples of a split",
-        "pad_sequences",
-        default=None,
-        validate=optional(is_callable),
-        details="The one your DataLoader uses, e.g. one that pads sequences. `None`: "
-        "PyTorch's default, `torch.utils.data.default_collate`.",
+        None, optional(is_callable), example="pad_sequences"
     )
-    num_workers: int = option(
-        "the worker processes of the DataLoader that scans each split",
-        "2",
-        default=2,
-        validate=is_positive_int,
-        details="At least 1: loading in workers is part of what is checked.",
-    )
+    """The function that batches the samples of a split.
+
+    The one your DataLoader uses, e.g. one that pads sequences. `None`: PyTorch's default,
+    `torch.utils.data.default_collate`."""
+    num_workers: int = option(2, is_positive_int, example="2")
+    """The worker processes of the DataLoader that scans each split.
+
+    At least 1: loading in workers is part of what is checked."""
     worker_init_fn: Optional[Callable[[int], None]] = option(
-        "the worker_init_fn your DataLoader uses",
-        "shard_worker",
-        default=None,
-        validate=optional(is_callable),
-        details="For streams that give each worker its shard there, and datasets that "
-        "open a file or a connection per worker there. (In the scan's workers, "
-        "`get_worker_info().dataset` is a wrapper that passes reading and setting "
-        "attributes on to your dataset.)",
+        None, optional(is_callable), example="shard_worker"
     )
-    multiprocessing_context: Optional[str] = option(
-        "the start method of the scan's worker processes",
-        '"spawn"',
-        default=None,
-        validate=_is_start_method,
-        details="`None`: the platform's default (fork on Linux up to Python 3.13, "
-        'forkserver from 3.14, spawn on macOS and Windows). `"spawn"` also catches '
-        "datasets that only work in forked workers; see `test_data_loading`.",
-    )
-    batch_size: int = option(
-        "the batch size of the scan of each split",
-        "256",
-        default=256,
-        validate=is_positive_int,
-    )
-    loader_timeout: float = option(
-        "the seconds the checks wait for one batch of the scan or one sample loaded in "
-        "the main process",
-        "600",
-        default=300.0,
-        validate=is_positive_number,
-        details="A load that blocks longer fails `test_data_loading`, naming the split "
-        "and the indices, instead of hanging the tests.",
-    )
-    max_samples: Optional[int] = option(
-        "a cap on the samples scanned per split (None: all)",
-        "10_000",
-        default=None,
-        validate=optional(is_positive_int),
-        details="A seeded random subset of that size is scanned (of a stream: its "
-        "first samples; required for a stream without `__len__`). See "
-        "[large datasets](large-datasets.md).",
-    )
-    probe_count: int = option(
-        "how many samples are loaded a second time",
-        "8",
-        default=8,
-        validate=is_positive_int,
-        details="The first, the last and random indices, in the main process (of a "
-        "stream: its first samples).",
-    )
+    """The worker_init_fn your DataLoader uses.
+
+    For streams that give each worker its shard there, and datasets that open a file or a connection
+    per worker there. (In the scan's workers, `get_worker_info().dataset` is a wrapper that passes
+    reading and setting attributes on to your dataset.)"""
+    multiprocessing_context: Optional[str] = option(None, _is_start_method, example='"spawn"')
+    """The start method of the scan's worker processes.
+
+    `None`: the platform's default (fork on Linux up to Python 3.13, forkserver from 3.14, spawn on
+    macOS and Windows). `"spawn"` also catches datasets that only work in forked workers; see
+    `test_data_loading`."""
+    batch_size: int = option(256, is_positive_int, example="256")
+    """The batch size of the scan of each split."""
+    loader_timeout: float = option(300.0, is_positive_number, example="600")
+    """The seconds the checks wait for one batch of the scan or one sample loaded in the main
+    process.
+
+    A load that blocks longer fails `test_data_loading`, naming the split and the indices, instead
+    of hanging the tests."""
+    max_samples: Optional[int] = option(None, optional(is_positive_int), example="10_000")
+    """A cap on the samples scanned per split (None: all).
+
+    A seeded random subset of that size is scanned (of a stream: its first samples; required for a
+    stream without `__len__`). See [large datasets](large-datasets.md)."""
+    probe_count: int = option(8, is_positive_int, example="8")
+    """How many samples are loaded a second time.
+
+    The first, the last and random indices, in the main process (of a stream: its first samples)."""
 
     # -- the contract across attributes -------------------------------------------------
     def _validate_combination(self) -> None:
@@ -373,10 +333,10 @@ class DatasetContract(CheckMixin):
             if not failure.raised:
                 return "its __getitems__ fails", f"split {name!r}: {failure.text}."
             text = f"split {name!r}: loading {where(position)} {place} raised {failure.text}"
-            if scan.failure_count > 1:
+            if scan.failures.count > 1:
                 text += (
-                    f" ({scan.failure_count} samples failed in the batches the workers "
-                    f"read: {listed([p for p, _ in scan.failures], scan.failure_count)})"
+                    f" ({scan.failures.count} samples failed in the batches the workers "
+                    f"read: {listed([p for p, _ in scan.failures], scan.failures.count)})"
                 )
             if failure.index_error and not state.stream:
                 text += (
@@ -404,7 +364,7 @@ class DatasetContract(CheckMixin):
             return f"{where(position)} raised {failure.text.split(':')[0]}", text
         problems = [
             (p, probe.input_problem) for p, probe in state.probes.items() if probe.input_problem
-        ] + scan.input_problems
+        ] + scan.input_problems.first
         if problems:
             position, problem = min(problems, key=lambda item: order(item[0]))
             return (

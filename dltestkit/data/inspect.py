@@ -14,40 +14,22 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ..core.messages import exception_text
-from .positions import SHOWN, Position
+from .positions import Position
 from .samples import Input, InputProblem, LoadFailure, Path, _combined, _digests, pick_input
+from .statistics import Statistics
 from .targets import MISSING, Target, batched_target, pick_target
 
-__all__ = ["BatchReport", "Extreme", "Indexed", "Inspection", "Inspector"]
+__all__ = ["BatchReport", "Indexed", "Inspection", "Inspector"]
 
 
 # -- what a worker reports about one batch -------------------------------------------------
 @dataclass
-class Extreme:
-    """The lowest or highest value seen, and where: the sample and the tensor's path."""
-
-    value: float
-    position: Optional[Position] = None
-    path: Path = ()
-
-
-@dataclass
-class BatchReport:
+class BatchReport(Statistics):
     """What a worker saw in one batch; small (no data but copies of the probe inputs)."""
 
     worker: int = -1
     pid: int = 0
     positions: List[Position] = field(default_factory=list)
-    failures: List[Tuple[Position, LoadFailure]] = field(default_factory=list)
-    input_problems: List[Tuple[Position, InputProblem]] = field(default_factory=list)
-    #: (path, shape) of the input tensors -> [count, the first positions]
-    shapes: Dict[Tuple[Path, Tuple[int, ...]], List[Any]] = field(default_factory=dict)
-    tensors: int = 0
-    low: Extreme = field(default_factory=lambda: Extreme(float("inf")))
-    high: Extreme = field(default_factory=lambda: Extreme(float("-inf")))
-    #: the machine epsilon of the coarsest floating-point dtype of the inputs
-    float_eps: float = 0.0
-    nonfinite: List[Position] = field(default_factory=list)
     #: per inspected sample: (position, hash or None, target or None, constant input); a
     #: label (a target of shape ()) as the int itself, which is smaller to send
     samples: List[Tuple[Position, Optional[bytes], Union[int, Target, None], bool]] = field(
@@ -56,9 +38,6 @@ class BatchReport:
     #: the shape of the targets in the batch collate_fn made, when it holds them as one
     #: tensor at target_key (None: it keeps them apart, or holds none there)
     batched_target: Optional[Tuple[int, ...]] = None
-    target_problems: List[Tuple[Position, str]] = field(default_factory=list)
-    unlabelled: List[Position] = field(default_factory=list)  # the first samples without one
-    unlabelled_count: int = 0
     kept: Dict[Position, Input] = field(default_factory=dict)
     collate_error: Optional[str] = None
     internal_error: Optional[str] = None
@@ -108,19 +87,17 @@ class Inspector:
         labels: List[Tuple[Position, Union[int, Target, None]]] = []
         for position, sample in zip(positions, samples):
             if isinstance(sample, LoadFailure):
-                report.failures.append((position, sample))
+                report.failures.add((position, sample))
                 continue
             picked = pick_input(sample, check.input_key)
             if isinstance(picked, InputProblem):
-                report.input_problems.append((position, picked))
+                report.input_problems.add((position, picked))
                 continue
             label, problem = pick_target(sample, check.target_key)
             if problem is MISSING:
-                report.unlabelled_count += 1
-                if len(report.unlabelled) < SHOWN:
-                    report.unlabelled.append(position)
+                report.unlabelled.add(position)
             elif problem is not None:
-                report.target_problems.append((position, problem))
+                report.target_problems.add((position, problem))
             inputs.append((position, tuple((path, t.detach()) for path, t in picked)))
             plain = label.plain if label is not None else None
             labels.append((position, label if plain is None else plain))
@@ -153,10 +130,7 @@ def _statistics(
         for path, tensor in value:
             shape = tuple(tensor.shape)
             groups[shape, tensor.dtype].append((position, path, tensor))
-            seen = report.shapes.setdefault((path, shape), [0, []])
-            seen[0] += 1
-            if len(seen[1]) < SHOWN:
-                seen[1].append(position)
+            report.shapes.add((path, shape), position)
         report.tensors += len(value)
     leaf_hashes: Dict[Tuple[Position, Path], bytes] = {}
     spans: Dict[Position, List[float]] = {}
@@ -187,18 +161,17 @@ def _statistics(
         if not keys:
             continue
         lows, highs = flat.amin(dim=1), flat.amax(dim=1)
-        low, high = float(lows.min()), float(highs.max())
-        if low < report.low.value:
-            report.low = Extreme(low, *keys[int(lows.argmin())])
-        if high > report.high.value:
-            report.high = Extreme(high, *keys[int(highs.argmax())])
+        report.low.offer(float(lows.min()), *keys[int(lows.argmin())])
+        report.high.offer(float(highs.max()), *keys[int(highs.argmax())])
         for (position, _), row_low, row_high in zip(keys, lows.tolist(), highs.tolist()):
             span = spans.get(position)
             if span is None:
                 spans[position] = [row_low, row_high]
             else:
                 span[0], span[1] = min(span[0], row_low), max(span[1], row_high)
-    report.nonfinite += [position for position, _ in inputs if position in nonfinite]
+    for position, _ in inputs:
+        if position in nonfinite:
+            report.nonfinite.add(position)
     varying |= nonfinite
     constant = {
         position

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Collection, FrozenSet, Optional, Sequence
 
 from ..core.contract import check
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.validators import is_fraction, is_positive_int, is_shape, optional
 from .callables import describe_callable
 from .contract import LOADING, DatasetContract, round_up
@@ -41,55 +41,38 @@ def _is_classes(value: Any) -> Optional[str]:
 class Labels(DatasetContract):
     """Class targets in range, every class present, no conflicting labels."""
 
-    ignore_index: Any = option(
-        "the target values that mean no class, ignored by the loss",
-        "255",
-        default=-100,
-        validate=_is_ignore_index,
-        details="An int or a collection of ints, as the `ignore_index` of "
-        "`F.cross_entropy` (whose default is -100): `255` for Pascal VOC masks, whose "
-        "object borders are 255; `(-100, 255)`. These values are neither out of range "
-        "nor counted as a class.",
-    )
+    ignore_index: Any = option(-100, _is_ignore_index, example="255")
+    """The target values that mean no class, ignored by the loss.
+
+    An int or a collection of ints, as the `ignore_index` of `F.cross_entropy` (whose default is
+    -100): `255` for Pascal VOC masks, whose object borders are 255; `(-100, 255)`. These values are
+    neither out of range nor counted as a class."""
     target_shape: Sequence[int] = option(
-        "the shape of one sample's target",
-        "()",
-        validate=is_shape,
-        default_text="unset: any shape",
-        details="`()`: one class index per sample, so that a one-element target "
-        "(`torch.tensor([label])`) fails even when the batches do not show its shape; "
-        "`(512, 512)`: label maps of that size. Leave it unset for targets of varying "
-        "shape (per-object labels).",
+        UNSET, is_shape, example="()", default_text="unset: any shape"
     )
-    unused_classes: Optional[Collection[int]] = option(
-        "the classes that may occur in no sample of a split",
-        "{0}",
-        default=None,
-        validate=optional(_is_classes),
-        details="`None`: a class that no sample of a large enough split holds fails for "
-        "per-sample labels, and is reported in a skipped part for label maps and "
-        "per-object labels, whose numbering may leave ids unused by design (the "
-        "background class 0 of torchvision's detection models, COCO's unused category "
-        "ids). A collection (`{0}`, `()`) makes that strict: every other class must occur.",
-    )
-    class_presence: Optional[int] = option(
-        "the samples per class, on average, from which a split must hold every class",
-        "50",
-        default=20,
-        validate=optional(is_positive_int),
-        details="A split of fewer scanned samples than `class_presence * "
-        "num_classes` may lack a class; `None` never requires every class.",
-    )
-    max_label_conflicts: float = option(
-        "the fraction of a split's labelled samples that may have the input of an "
-        "earlier sample but another target",
-        "0.2",
-        default=0.0,
-        validate=is_fraction,
-        details="For data in which equal inputs legitimately carry different labels "
-        "(tabular data with few distinct feature values, label noise). Inputs whose "
-        "values are all equal are never compared.",
-    )
+    """The shape of one sample's target.
+
+    `()`: one class index per sample, so that a one-element target (`torch.tensor([label])`) fails
+    even when the batches do not show its shape; `(512, 512)`: label maps of that size. Leave it
+    unset for targets of varying shape (per-object labels)."""
+    unused_classes: Optional[Collection[int]] = option(None, optional(_is_classes), example="{0}")
+    """The classes that may occur in no sample of a split.
+
+    `None`: a class that no sample of a large enough split holds fails for per-sample labels, and is
+    reported in a skipped part for label maps and per-object labels, whose numbering may leave ids
+    unused by design (the background class 0 of torchvision's detection models, COCO's unused
+    category ids). A collection (`{0}`, `()`) makes that strict: every other class must occur."""
+    class_presence: Optional[int] = option(20, optional(is_positive_int), example="50")
+    """The samples per class, on average, from which a split must hold every class.
+
+    A split of fewer scanned samples than `class_presence * num_classes` may lack a class; `None`
+    never requires every class."""
+    max_label_conflicts: float = option(0.0, is_fraction, example="0.2")
+    """The fraction of a split's labelled samples that may have the input of an earlier sample but
+    another target.
+
+    For data in which equal inputs legitimately carry different labels (tabular data with few
+    distinct feature values, label noise). Inputs whose values are all equal are never compared."""
 
     @check(
         reads=(
@@ -153,20 +136,20 @@ class Labels(DatasetContract):
         return frozenset([value] if isinstance(value, int) else value)
 
     def _check_target_types(self, name: str, scan: Scan) -> None:
-        if scan.target_problem_count:
-            position, what = scan.target_problems[0]
+        if scan.target_problems:
+            position, what = scan.target_problems.first[0]
             self.fail(
-                f"split {name!r}: {scan.target_problem_count} targets are not integer "
+                f"split {name!r}: {scan.target_problems.count} targets are not integer "
                 f"class indices; the target of {where(position)} is {what}. Classification "
                 "losses need integer class indices (an int, or an integer tensor: one index "
                 "per sample, per pixel or per object); convert the labels in the dataset, "
                 "or leave self.num_classes unset if the targets are not class labels."
             )
-        if scan.unlabelled_count:
+        if scan.unlabelled:
             self.fail(
-                f"split {name!r}: {scan.unlabelled_count} samples have no element "
+                f"split {name!r}: {scan.unlabelled.count} samples have no element "
                 f"{self.target_key!r} (self.target_key), unlike the first samples: "
-                f"{listed(scan.unlabelled, scan.unlabelled_count)}."
+                f"{listed(scan.unlabelled)}."
             )
 
     def _check_target_shapes(self, name: str, scan: Scan) -> None:
@@ -175,10 +158,9 @@ class Labels(DatasetContract):
             expected = tuple(self.target_shape)
             wrong = {shape: seen for shape, seen in scan.target_shapes.items() if shape != expected}
             if wrong:
-                count = sum(seen[0] for seen in wrong.values())
+                count = sum(seen.count for seen in wrong.values())
                 shapes = "; ".join(
-                    f"{shape} at {listed(seen[1], seen[0])}"
-                    for shape, seen in sorted(wrong.items())[:SHOWN]
+                    f"{shape} at {listed(seen)}" for shape, seen in sorted(wrong.items())[:SHOWN]
                 )
                 hint = (
                     " (batches of one-element targets have shape (batch, 1), which "
@@ -301,14 +283,14 @@ class Labels(DatasetContract):
         )
 
     def _check_label_conflicts(self, name: str, scan: Scan) -> None:
-        conflicts = scan.conflict_count / scan.labelled if scan.labelled else 0.0
-        if not scan.conflict_count or conflicts <= self.max_label_conflicts:
+        conflicts = scan.conflicts.count / scan.labelled if scan.labelled else 0.0
+        if not scan.conflicts or conflicts <= self.max_label_conflicts:
             return
         shown = ", ".join(
             _conflict(first, position, target) for first, position, target in scan.conflicts
         )
         self.fail(
-            f"split {name!r}: {scan.conflict_count} samples have the same input as "
+            f"split {name!r}: {scan.conflicts.count} samples have the same input as "
             f"an earlier sample but another target, e.g. {shown}. Inputs and "
             "targets are paired wrongly (a label list in another order than the "
             "files), or the same input is labelled twice; fix the pairing, or "

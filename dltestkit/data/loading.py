@@ -144,7 +144,7 @@ class DataLoading(DatasetContract):
         probe = self._first_probe(name)
         if (
             self._is_set("num_classes")
-            and scan.target_problem_count
+            and scan.target_problems
             # a target_key that picks a container (a detection target dict) is test_labels'
             # contract error, and says nothing about why the batch failed
             and (probe is None or probe.labels_inside is None)

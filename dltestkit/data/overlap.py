@@ -20,15 +20,11 @@ __all__ = ["SplitOverlap"]
 class SplitOverlap(DatasetContract):
     """No sample in two splits."""
 
-    max_shared_fraction: float = option(
-        "the fraction of a split's scanned samples that may also occur in another split",
-        "0.9",
-        default=0.0,
-        validate=is_fraction,
-        details="For splits that legitimately share inputs (tabular data with few "
-        "distinct feature values). Inputs whose values are all equal (silence, blank "
-        "images) are never compared.",
-    )
+    max_shared_fraction: float = option(0.0, is_fraction, example="0.9")
+    """The fraction of a split's scanned samples that may also occur in another split.
+
+    For splits that legitimately share inputs (tabular data with few distinct feature values).
+    Inputs whose values are all equal (silence, blank images) are never compared."""
 
     @check(reads=(*LOADING, "max_shared_fraction"))
     def test_split_overlap(self) -> None:

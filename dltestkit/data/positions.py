@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    from .statistics import Tally
 
 __all__ = ["SHOWN", "Position", "listed", "span", "where"]
 
@@ -25,8 +28,13 @@ def where(position: Position) -> str:
     return f"index {position}"
 
 
-def listed(positions: Sequence[Position], total: Optional[int] = None) -> str:
-    """The first positions, "index 3, index 9 and 12 more"."""
+def listed(
+    positions: "Union[Sequence[Position], Tally[Position]]", total: Optional[int] = None
+) -> str:
+    """The first positions, "index 3, index 9 and 12 more" (of a tally: the count)."""
+    if not isinstance(positions, Sequence):
+        count: int = positions.count
+        positions, total = positions.first, count
     total = len(positions) if total is None else total
     text = ", ".join(where(p) for p in positions[:SHOWN])
     return text + (f" and {total - SHOWN} more" if total > SHOWN else "")

@@ -13,9 +13,10 @@ import torch
 
 from ..core.messages import kind
 from ..core.paths import children
-from .inspect import BatchReport, Extreme
-from .positions import SHOWN, Position, span
+from .inspect import BatchReport
+from .positions import Position, span
 from .samples import Input, InputProblem, LoadFailure, Path
+from .statistics import Statistics, Tallies, Tally
 from .targets import Target, as_target
 
 __all__ = ["LoadedSample", "Registered", "Repeats", "Scan", "structure"]
@@ -120,7 +121,7 @@ def _upper_tail(chances: Sequence[float], observed: int) -> float:
 
 
 @dataclass
-class Scan:
+class Scan(Statistics):
     """What the pass with worker processes saw, merged over the batches."""
 
     count: int = 0
@@ -129,41 +130,25 @@ class Scan:
     timed_out: bool = False
     worker_died: bool = False
     in_flight: str = ""
-    failures: List[Tuple[Position, LoadFailure]] = field(default_factory=list)
-    failure_count: int = 0
-    input_problems: List[Tuple[Position, InputProblem]] = field(default_factory=list)
-    input_problem_count: int = 0
-    shapes: Dict[Tuple[Path, Tuple[int, ...]], List[Any]] = field(default_factory=dict)
-    tensors: int = 0
-    low: Extreme = field(default_factory=lambda: Extreme(float("inf")))
-    high: Extreme = field(default_factory=lambda: Extreme(float("-inf")))
-    float_eps: float = 0.0
-    nonfinite: List[Position] = field(default_factory=list)
-    nonfinite_count: int = 0
     #: per value of the targets: the samples whose target holds it (a class present in a
     #: label map counts once for that sample), its elements, the first sample holding it
     labels: "collections.Counter[int]" = field(default_factory=collections.Counter)
     elements: "collections.Counter[int]" = field(default_factory=collections.Counter)
     first_with_label: Dict[int, Position] = field(default_factory=dict)
     labelled: int = 0
-    #: the shapes of the targets: shape -> [count, the first positions]
-    target_shapes: Dict[Tuple[int, ...], List[Any]] = field(default_factory=dict)
+    #: the shapes of the targets: shape -> the samples with it
+    target_shapes: Tallies[Tuple[int, ...], Position] = field(default_factory=Tallies)
     #: the first one-element target (shape (1,)), and where
     one_element: Optional[Tuple[Position, Target]] = None
     #: the first batch of several samples whose targets collate_fn put in one tensor:
     #: (samples, the tensor's shape)
     target_batch: Optional[Tuple[int, Tuple[int, ...]]] = None
-    unlabelled: List[Position] = field(default_factory=list)
-    unlabelled_count: int = 0
-    target_problems: List[Tuple[Position, str]] = field(default_factory=list)
-    target_problem_count: int = 0
     #: hash -> the first sample with it (deterministic splits and streams only); inputs
     #: whose values are all equal (silence, blank images) are only counted
     hashes: Dict[bytes, Registered] = field(default_factory=dict)
     constant_hashes: Set[bytes] = field(default_factory=set)
     constant_count: int = 0
-    conflicts: List[Tuple[Registered, Position, Target]] = field(default_factory=list)
-    conflict_count: int = 0
+    conflicts: Tally[Tuple[Registered, Position, Target]] = field(default_factory=Tally)
     #: streams: the hashed (not constant) samples each worker read, and the inputs read
     #: more than once (the first REPEAT_GROUPS of them)
     per_worker: "collections.Counter[int]" = field(default_factory=collections.Counter)
@@ -193,26 +178,7 @@ class Scan:
             )
         self.pids[report.pid] = report.worker
         self.count += len(report.positions)
-        self.failure_count += len(report.failures)
-        self.failures += report.failures[: SHOWN - len(self.failures)]
-        self.input_problem_count += len(report.input_problems)
-        self.input_problems += report.input_problems[: SHOWN - len(self.input_problems)]
-        for key, (count, positions) in report.shapes.items():
-            seen = self.shapes.setdefault(key, [0, []])
-            seen[0] += count
-            seen[1] += positions[: SHOWN - len(seen[1])]
-        self.tensors += report.tensors
-        if report.low.value < self.low.value:
-            self.low = report.low
-        if report.high.value > self.high.value:
-            self.high = report.high
-        self.float_eps = max(self.float_eps, report.float_eps)
-        self.nonfinite_count += len(report.nonfinite)
-        self.nonfinite += report.nonfinite[: SHOWN - len(self.nonfinite)]
-        self.target_problem_count += len(report.target_problems)
-        self.target_problems += report.target_problems[: SHOWN - len(self.target_problems)]
-        self.unlabelled_count += report.unlabelled_count
-        self.unlabelled += report.unlabelled[: SHOWN - len(self.unlabelled)]
+        self.merge(report)
         for position, hashed, target, constant in report.samples:
             if target is not None:
                 self._count(position, target)
@@ -244,19 +210,13 @@ class Scan:
             self.labels[target] += 1
             self.elements[target] += 1
             self.first_with_label.setdefault(target, position)
-            seen = self.target_shapes.setdefault((), [0, []])
-            seen[0] += 1
-            if len(seen[1]) < SHOWN:
-                seen[1].append(position)
+            self.target_shapes.add((), position)
             return
         for value, elements in target.values:
             self.labels[value] += 1
             self.elements[value] += elements
             self.first_with_label.setdefault(value, position)
-        seen = self.target_shapes.setdefault(target.shape, [0, []])
-        seen[0] += 1
-        if len(seen[1]) < SHOWN:
-            seen[1].append(position)
+        self.target_shapes.add(target.shape, position)
         if target.shape == (1,) and self.one_element is None:
             self.one_element = (position, target)
 
@@ -273,9 +233,7 @@ class Scan:
             return
         first.count += 1
         if first.label is not None and label is not None and label != first.label:
-            self.conflict_count += 1
-            if len(self.conflicts) < SHOWN:
-                self.conflicts.append((first, position, as_target(target)))
+            self.conflicts.add((first, position, as_target(target)))
         if stream and isinstance(first.position, tuple) and isinstance(position, tuple):
             if first.workers is None:
                 first.workers = collections.Counter({first.position[0]: 1})

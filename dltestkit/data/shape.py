@@ -27,9 +27,9 @@ class SampleShape(DatasetContract):
                 scan = self._loaded(name).scan
                 wrong = {key: seen for key, seen in scan.shapes.items() if key[1] != expected}
                 if wrong:
-                    count = sum(seen[0] for seen in wrong.values())
+                    count = sum(seen.count for seen in wrong.values())
                     shapes = "; ".join(
-                        f"{shape_text(*key)} at {listed(seen[1], seen[0])}"
+                        f"{shape_text(*key)} at {listed(seen)}"
                         for key, seen in sorted(wrong.items(), key=lambda item: repr(item[0]))
                     )
                     if not scan.nested:

@@ -7,13 +7,13 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..core.contract import check
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.validators import is_fraction
 from .contract import LOADING, DatasetContract, round_up
-from .inspect import Extreme
 from .positions import listed, where
 from .samples import Path, as_key, path_text, value_text
 from .scan import Scan
+from .statistics import Extreme
 
 __all__ = ["ValueRange"]
 
@@ -32,19 +32,13 @@ def _is_range(value: Any) -> Optional[str]:
 class ValueRange(DatasetContract):
     """The range of the input values."""
 
-    value_range: Tuple[float, float] = option(
-        "the inclusive (low, high) bounds of the input values",
-        "(-1.0, 1.0)",
-        validate=_is_range,
-    )
-    range_coverage: float = option(
-        "how close, as a fraction of high - low, the data must come to each bound",
-        "0.1",
-        default=0.1,
-        validate=is_fraction,
-        details="In [0, 1]; `1.0` checks the bounds only (for data that legitimately "
-        "stays away from them, like quiet audio).",
-    )
+    value_range: Tuple[float, float] = option(UNSET, _is_range, example="(-1.0, 1.0)")
+    """The inclusive (low, high) bounds of the input values."""
+    range_coverage: float = option(0.1, is_fraction, example="0.1")
+    """How close, as a fraction of high - low, the data must come to each bound.
+
+    In [0, 1]; `1.0` checks the bounds only (for data that legitimately stays away from them, like
+    quiet audio)."""
 
     @check(reads=(*LOADING, "value_range", "range_coverage"))
     def test_value_range(self) -> None:
@@ -59,10 +53,10 @@ class ValueRange(DatasetContract):
         for name in self.splits:
             with self.subTest(split=name):
                 scan = self._loaded(name).scan
-                if scan.nonfinite_count:
+                if scan.nonfinite:
                     self.fail(
-                        f"split {name!r}: {scan.nonfinite_count} of {scan.count} samples "
-                        f"contain NaN or Inf: {listed(scan.nonfinite, scan.nonfinite_count)}. "
+                        f"split {name!r}: {scan.nonfinite.count} of {scan.count} samples "
+                        f"contain NaN or Inf: {listed(scan.nonfinite)}. "
                         "Look for a division by a zero standard deviation, a log of 0 or a "
                         "corrupt file."
                     )

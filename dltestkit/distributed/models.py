@@ -153,41 +153,26 @@ class DistributedModelTests(DistributedOptions, ModelContract):
     """
 
     _suite: ClassVar[str] = "DistributedModelTests"
-    local_batch_statistics: Collection[str] = option(
-        "names or glob patterns of the batch-normalisation "
-        "layers that may normalise each rank's shard on its own",
-        '["backbone.*"]',
-        default=(),
-        validate=is_names,
-        details="With DDP each rank's BatchNorm uses the statistics of its own shard; "
-        "`nn.SyncBatchNorm` shares them (it passes: the check runs it on CPU processes "
-        "as it runs on GPUs). List the layers for which per-rank statistics are "
-        "intended; the check then compares with them in eval mode.",
-    )
-    find_unused_parameters: bool = option(
-        "the find_unused_parameters argument the model is wrapped in DistributedDataParallel with",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="Set it as your training code does; False, DDP's default, fails on "
-        "parameters that get no gradient.",
-    )
-    ddp_rtol: float = option(
-        "the relative tolerance comparing DDP's gradients with one process's",
-        "1e-3",
-        default=1e-4,
-        validate=is_number,
-        details="Averaging over ranks adds the samples' contributions in another "
-        "order than one process does, so float32 gradients agree to about "
-        "1e-6 of their size, a deep network's to about 1e-5 after a step; "
-        "the bugs this check finds change them by percents.",
-    )
-    ddp_atol: float = option(
-        "the absolute tolerance comparing DDP's gradients with one process's",
-        "1e-4",
-        default=1e-5,
-        validate=is_number,
-    )
+    local_batch_statistics: Collection[str] = option((), is_names, example='["backbone.*"]')
+    """Names or glob patterns of the batch-normalisation layers that may normalise each rank's shard
+    on its own.
+
+    With DDP each rank's BatchNorm uses the statistics of its own shard; `nn.SyncBatchNorm` shares
+    them (it passes: the check runs it on CPU processes as it runs on GPUs). List the layers for
+    which per-rank statistics are intended; the check then compares with them in eval mode."""
+    find_unused_parameters: bool = option(False, is_bool, example="True")
+    """The find_unused_parameters argument the model is wrapped in DistributedDataParallel with.
+
+    Set it as your training code does; False, DDP's default, fails on parameters that get no
+    gradient."""
+    ddp_rtol: float = option(1e-4, is_number, example="1e-3")
+    """The relative tolerance comparing DDP's gradients with one process's.
+
+    Averaging over ranks adds the samples' contributions in another order than one process does, so
+    float32 gradients agree to about 1e-6 of their size, a deep network's to about 1e-5 after a
+    step; the bugs this check finds change them by percents."""
+    ddp_atol: float = option(1e-5, is_number, example="1e-4")
+    """The absolute tolerance comparing DDP's gradients with one process's."""
 
     def _shards(self, inputs: Any) -> List[Any]:
         """``inputs`` (self.inputs, maybe in float64) split into world_size equal, contiguous

@@ -32,22 +32,15 @@ class DistributedOptions(CheckMixin):
 
     _suite: ClassVar[str] = "DistributedModelTests"
 
-    world_size: int = option(
-        "the number of processes (ranks) a distributed check runs",
-        "4",
-        default=2,
-        validate=_is_world_size,
-        details="Each rank is a CPU process joined to the others by torch.distributed "
-        "with the gloo backend.",
-    )
-    distributed_timeout: float = option(
-        "the seconds a distributed check may take before a rank counts as hung",
-        "300",
-        default=60.0,
-        validate=_is_timeout,
-        details="A rank still running then is stopped and reported, with the "
-        "others' tracebacks; a check never hangs.",
-    )
+    world_size: int = option(2, _is_world_size, example="4")
+    """The number of processes (ranks) a distributed check runs.
+
+    Each rank is a CPU process joined to the others by torch.distributed with the gloo backend."""
+    distributed_timeout: float = option(60.0, _is_timeout, example="300")
+    """The seconds a distributed check may take before a rank counts as hung.
+
+    A rank still running then is stopped and reported, with the others' tracebacks; a check never
+    hangs."""
 
     def _run_ranks(self, function: Any, *args: Any) -> List[Any]:
         return run_distributed(

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 from ..core.contract import check
-from ..core.options import ContractError, option
+from ..core.options import UNSET, ContractError, option
 from ..core.validators import is_str, optional
 from ..trainers.contract import TrainerContract
 from ..trainers.logs import call_arguments
@@ -177,25 +177,22 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
     """
 
     _suite: ClassVar[str] = "DistributedTrainerTests"
-    train_loader_attribute: str = option(
-        "the name of the trainer's attribute holding the DataLoader of its training data",
-        '"loader"',
-        default="train_loader",
-        validate=is_str,
-        details="The check watches which samples its sampler hands out on each rank.",
-    )
+    train_loader_attribute: str = option("train_loader", is_str, example='"loader"')
+    """The name of the trainer's attribute holding the DataLoader of its training data.
+
+    The check watches which samples its sampler hands out on each rank."""
     single_process_tolerance: Optional[Tuple[float, float]] = option(
-        "the (rtol, atol) within which the distributed "
-        "training must end with the weights of one process on the whole data",
-        "(1e-4, 1e-6)",
-        validate=optional(_is_tolerance),
+        UNSET,
+        optional(_is_tolerance),
+        example="(1e-4, 1e-6)",
         default_text="unset: the distributed result is not compared with one process",
-        details="Set it for a trainer whose loss is a mean over "
-        "the batch, that draws no random numbers while training, and whose "
-        "`make_trainer(rank=0, world_size=1)` takes batches `world_size` times "
-        "as large in the same order (as DistributedSampler with the same "
-        "seed gives).",
     )
+    """The (rtol, atol) within which the distributed training must end with the weights of one
+    process on the whole data.
+
+    Set it for a trainer whose loss is a mean over the batch, that draws no random numbers while
+    training, and whose `make_trainer(rank=0, world_size=1)` takes batches `world_size` times as
+    large in the same order (as DistributedSampler with the same seed gives)."""
 
     # -- what runs in each rank ------------------------------------------------------------
     def _make_rank_trainer(self, rank: int, world_size: int) -> Any:

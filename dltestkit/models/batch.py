@@ -8,6 +8,7 @@ import torch
 
 from ..core.compare import mismatch, same
 from ..core.contract import check
+from ..core.messages import sized
 from ..core.options import option
 from ..core.paths import map_tensors, named_tensors
 from ..core.validators import is_bool
@@ -32,17 +33,13 @@ _Found = Tuple[str, Tuple[torch.Tensor, torch.Tensor], str, bool]
 class BatchIndependence(Dependence):
     """Samples are not mixed across the batch."""
 
-    independent_of_batch_shapes: bool = option(
-        "whether each sample's outputs must not change with the shapes of the other samples either",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="For a list of samples of different shapes in `inputs` (images of "
-        "several sizes). `False`: an output that changes with the shapes of the other "
-        "samples but not with their values (every sample padded to the largest of the "
-        "batch, as torchvision's detection models do) makes that sample's comparison a "
-        "skipped part of the check, which names the output; `True`: a failure.",
-    )
+    independent_of_batch_shapes: bool = option(False, is_bool, example="True")
+    """Whether each sample's outputs must not change with the shapes of the other samples either.
+
+    For a list of samples of different shapes in `inputs` (images of several sizes). `False`: an
+    output that changes with the shapes of the other samples but not with their values (every sample
+    padded to the largest of the batch, as torchvision's detection models do) makes that sample's
+    comparison a skipped part of the check, which names the output; `True`: a failure."""
 
     # -- dependence on the inputs -------------------------------------------------------------
     @check(
@@ -196,14 +193,9 @@ class BatchIndependence(Dependence):
         batch = self._batch_size()
         if per_sample:
             if not isinstance(other, list) or len(other) != batch:
-                got = (
-                    f"a list of {len(other)} elements"
-                    if isinstance(other, list)
-                    else f"a {type(other).__name__}"
-                )
                 self.fail(
-                    f"for {what} the model returns {got}, for self.inputs a list of {batch}: "
-                    "one element per sample expected (see test_output_shape)"
+                    f"for {what} the model returns {sized(other)}, for self.inputs a list of "
+                    f"{batch}: one element per sample expected (see test_output_shape)"
                 )
             prefix = f"output[{sample}]"
             checked = self._sample_outputs([together[sample]])[0]

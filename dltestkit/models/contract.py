@@ -47,77 +47,58 @@ def _is_inputs(value: Any) -> Optional[str]:
 
 class ModelContract(CheckMixin):
     """The contract of the model mixins (ModelTests, SequenceModelTests,
-    DistributedModelTests), and how their checks call the model.
-
-    ``self.inputs`` is passed as the model is called in your code: a tensor as
-    ``model(inputs)``, a tuple or list as positional arguments ``model(*inputs)``, a dict as
-    keyword arguments ``model(**inputs)`` (what a tokenizer returns). An argument that is a
-    list of tensors or of dicts of tensors carries the batch as the list, one item per sample
-    (``(images, targets)`` for torchvision's detection models).
-    """
+    DistributedModelTests), and how their checks call the model: with ``self.inputs`` as
+    your code passes them (see ``ModelTests``)."""
 
     _suite: ClassVar[str] = "ModelTests"
 
     model: nn.Module = option(
-        "the model under test, on the CPU",
-        "MyModel()",
-        default=REQUIRED,
-        validate=is_instance(nn.Module, description="a torch.nn.Module"),
+        REQUIRED, is_instance(nn.Module, description="a torch.nn.Module"), example="MyModel()"
     )
-    inputs: Any = option(
-        "one batch of inputs, batch dimension first",
-        "torch.randn(4, 3, 32, 32)",
-        default=REQUIRED,
-        validate=_is_inputs,
-        details="A tensor is passed as `model(inputs)`, a tuple or list as positional "
-        "arguments `model(*inputs)`, a dict as keyword arguments "
-        '`model(**inputs)`, e.g. `{"input_ids": ids, "attention_mask": '
-        "mask}`. Every tensor with a dimension carries the batch dimension "
-        "first, and an argument that is a list of tensors or of dicts of tensors "
-        "carries it as the list, one item per sample (images of different sizes, "
-        "target dicts: `(images, targets)` for torchvision's detection models), "
-        "except those in `unbatched_inputs`. 2 to 8 samples.",
-    )
-    unbatched_inputs: Collection[Key] = option(
-        "the keys or indices of inputs without a batch dimension",
-        '["mask"]',
-        default=(),
-        validate=is_keys,
-        details="They are passed unchanged at every batch size and never "
-        "differentiated, e.g. the `(seq, seq)` causal mask of `nn.TransformerEncoder`.",
-    )
+    """The model under test, on the CPU."""
+    inputs: Any = option(REQUIRED, _is_inputs, example="torch.randn(4, 3, 32, 32)")
+    """One batch of inputs, batch dimension first.
+
+    A tensor is passed as `model(inputs)`, a tuple or list as positional arguments `model(*inputs)`,
+    a dict as keyword arguments `model(**inputs)`, e.g. `{"input_ids": ids, "attention_mask":
+    mask}`. Every tensor with a dimension carries the batch dimension first, and an argument that is
+    a list of tensors or of dicts of tensors carries it as the list, one item per sample (images of
+    different sizes, target dicts: `(images, targets)` for torchvision's detection models), except
+    those in `unbatched_inputs`. 2 to 8 samples."""
+    unbatched_inputs: Collection[Key] = option((), is_keys, example='["mask"]')
+    """The keys or indices of inputs without a batch dimension.
+
+    They are passed unchanged at every batch size and never differentiated, e.g. the `(seq, seq)`
+    causal mask of `nn.TransformerEncoder`."""
     output_key: Key = option(
-        "the index or key of the checked output tensor",
-        '"last_hidden_state"',
-        default=None,
-        validate=optional(is_instance(int, str, description="an int index or a str key")),
-        details="`None`: a tensor output itself, else the first element of a tuple, "
-        "dict, `ModelOutput` or dataclass (e.g. `logits`). For a list returned with "
-        "one element per sample (for a list of samples in `inputs`), the index or key "
-        'in each element (`"scores"` of a detection). The checked output '
-        "is what the shape, batch-independence and sequence checks look at; "
-        "the gradient checks use every floating-point output.",
+        None,
+        optional(is_instance(int, str, description="an int index or a str key")),
+        example='"last_hidden_state"',
     )
+    """The index or key of the checked output tensor.
+
+    `None`: a tensor output itself, else the first element of a tuple, dict, `ModelOutput` or
+    dataclass (e.g. `logits`). For a list returned with one element per sample (for a list of
+    samples in `inputs`), the index or key in each element (`"scores"` of a detection). The checked
+    output is what the shape, batch-independence and sequence checks look at; the gradient checks
+    use every floating-point output."""
     cross_sample_outputs: Collection[Key] = option(
-        "the keys or indices of outputs that compare the samples of the batch with one "
-        "another by design",
-        '["logits_per_image", "logits_per_text"]',
-        default=(),
-        validate=is_keys,
-        details="A contrastive model's similarity matrix (CLIP's `logits_per_image`), "
-        "scores against in-batch negatives: `test_batch_independence` does not compare "
-        "them, and the checked output, when `output_key` is `None`, is the first element "
-        "not listed. With `output_key` set, only that output is compared.",
+        (), is_keys, example='["logits_per_image", "logits_per_text"]'
     )
+    """The keys or indices of outputs that compare the samples of the batch with one another by
+    design.
+
+    A contrastive model's similarity matrix (CLIP's `logits_per_image`), scores against in-batch
+    negatives: `test_batch_independence` does not compare them, and the checked output, when
+    `output_key` is `None`, is the first element not listed. With `output_key` set, only that output
+    is compared."""
     loss_fn: Optional[Callable[[Any], torch.Tensor]] = option(
-        "a function of the model output giving the scalar loss",
-        "lambda out: out.logits.square().mean()",
-        default=None,
-        validate=optional(is_callable),
-        details="`None`: every floating-point tensor of the output, weighted with fixed "
-        "random weights (so that nothing cancels, as a plain sum of softmax "
-        "rows would) and summed.",
+        None, optional(is_callable), example="lambda out: out.logits.square().mean()"
     )
+    """A function of the model output giving the scalar loss.
+
+    `None`: every floating-point tensor of the output, weighted with fixed random weights (so that
+    nothing cancels, as a plain sum of softmax rows would) and summed."""
 
     # -- the contract across attributes --------------------------------------------------
     def _validate_combination(self) -> None:

@@ -20,16 +20,13 @@ __all__ = ["EvalDeterminism"]
 class EvalDeterminism(ModelContract):
     """No randomness left on at evaluation."""
 
-    deterministic_eval: bool = option(
-        "whether the model must give the same eval-mode outputs under any seed, sampling included",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="`False`: a model that samples at evaluation (`torch.randn_like`, "
-        "`torch.normal`, `torch.multinomial`, `torch.distributions`: a VAE that samples "
-        "its latent code) makes `test_eval_deterministic` skip, naming the operation and "
-        "its line; dropout left on at evaluation fails either way.",
-    )
+    deterministic_eval: bool = option(False, is_bool, example="True")
+    """Whether the model must give the same eval-mode outputs under any seed, sampling included.
+
+    `False`: a model that samples at evaluation (`torch.randn_like`, `torch.normal`,
+    `torch.multinomial`, `torch.distributions`: a VAE that samples its latent code) makes
+    `test_eval_deterministic` skip, naming the operation and its line; dropout left on at evaluation
+    fails either way."""
 
     # -- determinism, persistence, dtypes ------------------------------------------------------
     @check(reads=("model", "inputs", "deterministic_eval"))

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.contract import check
 from ..core.messages import error_text
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.paths import map_tensors, named_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_names, is_number, optional
@@ -30,24 +30,18 @@ class DeviceMoving(ModelContract):
     """The model moves to another device as a whole."""
 
     accelerators: Sequence[str] = option(
-        "the devices whose outputs are compared with the CPU's",
-        '["cuda"]',
-        validate=is_names,
+        UNSET,
+        is_names,
+        example='["cuda"]',
         default_text="the accelerator torch finds (CUDA, MPS, XPU, ...), if any",
     )
-    device_rtol: Optional[float] = option(
-        "the relative tolerance comparing GPU and CPU outputs",
-        "1e-4",
-        default=None,
-        validate=optional(is_number),
-        details="`None`: the default of `torch.testing.assert_close` for the dtype.",
-    )
-    device_atol: Optional[float] = option(
-        "the absolute tolerance comparing GPU and CPU outputs",
-        "1e-5",
-        default=None,
-        validate=optional(is_number),
-    )
+    """The devices whose outputs are compared with the CPU's."""
+    device_rtol: Optional[float] = option(None, optional(is_number), example="1e-4")
+    """The relative tolerance comparing GPU and CPU outputs.
+
+    `None`: the default of `torch.testing.assert_close` for the dtype."""
+    device_atol: Optional[float] = option(None, optional(is_number), example="1e-5")
+    """The absolute tolerance comparing GPU and CPU outputs."""
 
     @check(reads=("model", "inputs"))
     def test_device_moving(self) -> None:

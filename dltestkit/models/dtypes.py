@@ -31,22 +31,17 @@ class DtypeMoving(ModelContract):
     """The model moves to another floating-point dtype as a whole."""
 
     moved_dtypes: Sequence[torch.dtype] = option(
-        "the floating-point dtypes a copy of the model is moved to",
-        "[torch.bfloat16]",
-        default=(torch.bfloat16, torch.float64),
-        validate=_is_dtypes,
+        (torch.bfloat16, torch.float64), _is_dtypes, example="[torch.bfloat16]"
     )
-    strict_output_dtypes: bool = option(
-        "whether every floating-point output must have the moved dtype, also one the "
-        "model makes with a fixed dtype beside its computation",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="`False`: an output made with a fixed dtype that no tensor of the model's "
-        "dtype flows into (a float32 mask of 0s and 1s, as transformers' ViTMAE returns) "
-        "makes that dtype's part of `test_dtype_moving` skip, naming it and its line; an "
-        "output that such a tensor promoted fails either way.",
-    )
+    """The floating-point dtypes a copy of the model is moved to."""
+    strict_output_dtypes: bool = option(False, is_bool, example="True")
+    """Whether every floating-point output must have the moved dtype, also one the model makes with
+    a fixed dtype beside its computation.
+
+    `False`: an output made with a fixed dtype that no tensor of the model's dtype flows into (a
+    float32 mask of 0s and 1s, as transformers' ViTMAE returns) makes that dtype's part of
+    `test_dtype_moving` skip, naming it and its line; an output that such a tensor promoted fails
+    either way."""
 
     @check(reads=("model", "inputs", "moved_dtypes", "strict_output_dtypes"))
     def test_dtype_moving(self) -> None:

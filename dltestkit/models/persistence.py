@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core.contract import check
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.paths import named_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_callable
@@ -21,11 +21,9 @@ class StateDictRoundTrip(ModelContract):
     """No state lost by a saved and reloaded model."""
 
     make_model: Callable[[], nn.Module] = option(
-        "a zero-argument callable that builds a fresh model of the same architecture",
-        "lambda: MyModel()",
-        validate=is_callable,
-        factory="self",
+        UNSET, is_callable, example="lambda: MyModel()", factory="self"
     )
+    """A zero-argument callable that builds a fresh model of the same architecture."""
 
     @check(reads=("model", "inputs", "make_model"))
     def test_state_dict_round_trip(self) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from ..core.contract import check
-from ..core.options import ContractError, option
+from ..core.messages import sized
+from ..core.options import UNSET, ContractError, option
 from ..core.validators import is_shape
 from .contract import ModelContract
 
@@ -18,13 +19,15 @@ class OutputShape(ModelContract):
     """The output shape at this and other batch sizes."""
 
     expected_output_shape: Sequence[int] = option(
-        "the shape of the checked output for self.inputs",
-        "(4, 10)",
-        validate=is_shape,
+        UNSET,
+        is_shape,
+        example="(4, 10)",
         default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
         "`test_output_shape` skips",
-        details="It starts with the batch size of `inputs`.",
     )
+    """The shape of the checked output for self.inputs.
+
+    It starts with the batch size of `inputs`."""
 
     def _validate_combination(self) -> None:
         super()._validate_combination()
@@ -155,15 +158,10 @@ class OutputShape(ModelContract):
         of whose checked tensors has shape ``expected[1:]`` if ``expected`` is given."""
         where = f"at batch size {size}" if resized else f"for self.inputs ({size} samples)"
         if not isinstance(output, list) or len(output) != size:
-            got = (
-                f"a list of {len(output)} elements"
-                if isinstance(output, list)
-                else f"a {type(output).__name__}"
-            )
             self.fail(
-                f"{where} the model returns {got} for {size} samples, one element per sample "
-                "expected (for a list of samples in self.inputs, a list the model returns is "
-                "taken as one element per sample, as it is for self.inputs"
+                f"{where} the model returns {sized(output)} for {size} samples, one element per "
+                "sample expected (for a list of samples in self.inputs, a list the model returns "
+                "is taken as one element per sample, as it is for self.inputs"
                 + (")" if resized else f", {len(output)} elements for {size} samples here)")
                 + ". Look for a sample dropped or added in forward: a slice (images[:-1]), a "
                 "loop over range(len(images) - 1), a hard-coded number of samples. A model "

@@ -25,11 +25,9 @@ class Training(ModelContract):
     """Every parameter trains, and nothing is NaN or infinite."""
 
     allowed_unchanged_parameters: Collection[str] = option(
-        "names or glob patterns of parameters that may legitimately stay untrained",
-        '["decoder.unused.*"]',
-        default=(),
-        validate=is_names,
+        (), is_names, example='["decoder.unused.*"]'
     )
+    """Names or glob patterns of parameters that may legitimately stay untrained."""
 
     # -- training ----------------------------------------------------------------------------
     @check(reads=("model", "inputs", "loss_fn", "allowed_unchanged_parameters"))

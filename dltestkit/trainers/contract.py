@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.contract import CheckMixin
 from ..core.messages import by_count, describe, listed
-from ..core.options import ContractError, option
+from ..core.options import UNSET, ContractError, option
 from ..core.seeds import derived_seed, make_deterministic
 from ..core.validators import is_callable, is_str, optional
 from .logs import Scalar, as_number, call_arguments
@@ -38,40 +38,30 @@ class TrainerContract(CheckMixin):
 
     _suite: ClassVar[str] = "TrainerTests"
     make_trainer: Callable[..., Any] = option(
-        "a callable that builds a fresh trainer, with the same data, "
-        "hyperparameters and model class every time",
-        "lambda rank=0, world_size=1: Trainer(MyModel(), data)",
-        validate=is_callable,
+        UNSET,
+        is_callable,
+        example="lambda rank=0, world_size=1: Trainer(MyModel(), data)",
         factory="self, rank=0, world_size=1",
-        details="The weights are drawn from the seeded global RNG. `TrainerTests` "
-        "calls `make_trainer()` (test_eval_leaves_model_unchanged only when eval() "
-        "switches a mode, to train a trainer that no eval() came before), the "
-        "distributed checks `make_trainer(rank=rank, world_size=world_size)` in each "
-        "process: a function taking `rank=0, world_size=1`, assigned in setUp (which "
-        "calls it for `self.trainer` too), serves both.",
     )
-    model_attribute: str = option(
-        "the name of the trainer's attribute holding its model (an nn.Module)",
-        '"net"',
-        default="model",
-        validate=is_str,
-    )
-    optimizer_attribute: Optional[str] = option(
-        "the name of the trainer's attribute holding its optimizer",
-        '"opt"',
-        default="optimizer",
-        validate=optional(is_str),
-        details="`None`: no single optimizer (a GAN's two); no optimizer state is compared.",
-    )
-    writer_attribute: Optional[str] = option(
-        "the name of the trainer's SummaryWriter attribute",
-        '"writer"',
-        default="summary",
-        validate=optional(is_str),
-        details="Any object with `add_scalar(tag, scalar_value, global_step)` will "
-        "do. `None`: the trainer logs nothing; then `expected_scalars` stays "
-        "unset and the other checks compare no logs.",
-    )
+    """A callable that builds a fresh trainer, with the same data, hyperparameters and model class
+    every time.
+
+    The weights are drawn from the seeded global RNG. `TrainerTests` calls `make_trainer()`
+    (test_eval_leaves_model_unchanged only when eval() switches a mode, to train a trainer that no
+    eval() came before), the distributed checks `make_trainer(rank=rank, world_size=world_size)` in
+    each process: a function taking `rank=0, world_size=1`, assigned in setUp (which calls it for
+    `self.trainer` too), serves both."""
+    model_attribute: str = option("model", is_str, example='"net"')
+    """The name of the trainer's attribute holding its model (an nn.Module)."""
+    optimizer_attribute: Optional[str] = option("optimizer", optional(is_str), example='"opt"')
+    """The name of the trainer's attribute holding its optimizer.
+
+    `None`: no single optimizer (a GAN's two); no optimizer state is compared."""
+    writer_attribute: Optional[str] = option("summary", optional(is_str), example='"writer"')
+    """The name of the trainer's SummaryWriter attribute.
+
+    Any object with `add_scalar(tag, scalar_value, global_step)` will do. `None`: the trainer logs
+    nothing; then `expected_scalars` stays unset and the other checks compare no logs."""
 
     def _call_make_trainer(self, **arguments: Any) -> Any:
         """make_trainer(**arguments); a ContractError when it cannot take those arguments."""

@@ -42,17 +42,13 @@ _MODE_DEPENDENT = (
 class EvalLeavesModelUnchanged(SetUpTrainer):
     """eval() evaluates in eval mode and leaves the model as training needs it."""
 
-    eval_restores_mode: bool = option(
-        "whether eval() promises to leave every submodule in the train or eval mode it found it in",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="`True`: a mode that eval() switches fails, also when eval() ends with "
-        "`model.train()` on a model its caller had put in eval mode (an inference script, "
-        "another loop's validation). `False`: a mode that eval() switches fails only when "
-        "the training that follows runs in another mode than it does without the eval() "
-        "before.",
-    )
+    eval_restores_mode: bool = option(False, is_bool, example="True")
+    """Whether eval() promises to leave every submodule in the train or eval mode it found it in.
+
+    `True`: a mode that eval() switches fails, also when eval() ends with `model.train()` on a model
+    its caller had put in eval mode (an inference script, another loop's validation). `False`: a
+    mode that eval() switches fails only when the training that follows runs in another mode than it
+    does without the eval() before."""
 
     # -- evaluation ---------------------------------------------------------------------------
     @check(

@@ -24,14 +24,10 @@ FROZEN_EPOCHS = 3
 class FrozenParameters(SetUpTrainer):
     """What trains and what stays frozen."""
 
-    frozen_parameters: Collection[str] = option(
-        "names or glob patterns of the model's parameters that "
-        "training must leave exactly unchanged",
-        '["backbone.*"]',
-        default=(),
-        validate=is_names,
-        details="Names as in `model.named_parameters()`. Every other parameter must change.",
-    )
+    frozen_parameters: Collection[str] = option((), is_names, example='["backbone.*"]')
+    """Names or glob patterns of the model's parameters that training must leave exactly unchanged.
+
+    Names as in `model.named_parameters()`. Every other parameter must change."""
 
     @check(
         reads=(

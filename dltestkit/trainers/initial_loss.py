@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..core.contract import check
 from ..core.messages import describe
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.validators import is_non_negative_number, is_number, is_str, optional
 from .logs import as_number
 from .setup import SetUpTrainer
@@ -22,36 +22,21 @@ DEFAULT_LOSS_TAG = "train/loss"
 class InitialLoss(SetUpTrainer):
     """The loss at initialisation, of eval() and of the first training batch."""
 
-    expected_initial_loss: float = option(
-        "the eval() loss of the untrained model",
-        "math.log(10)",
-        validate=is_number,
-        details="For a classifier of C balanced classes the cross-entropy at "
-        "initialisation is about log(C).",
-    )
-    initial_loss_tag: Optional[str] = option(
-        "the tag under which the trainer logs its training loss, whose first value "
-        "is compared with expected_initial_loss too",
-        '"loss"',
-        default=DEFAULT_LOSS_TAG,
-        validate=optional(is_str),
-        details="The first value logged under it in one epoch of `train(1)` is the loss "
-        "of the first batch, before any update: a training loss summed over the batch "
-        "while `eval()` averages shows there. The default is compared when the trainer "
-        "logs it; `None`: only `eval()` is compared.",
-    )
-    initial_loss_rtol: float = option(
-        "the relative tolerance of the initial loss check",
-        "0.1",
-        default=0.25,
-        validate=is_non_negative_number,
-    )
-    initial_loss_atol: float = option(
-        "the absolute tolerance of the initial loss check",
-        "0.05",
-        default=0.0,
-        validate=is_non_negative_number,
-    )
+    expected_initial_loss: float = option(UNSET, is_number, example="math.log(10)")
+    """The eval() loss of the untrained model.
+
+    For a classifier of C balanced classes the cross-entropy at initialisation is about log(C)."""
+    initial_loss_tag: Optional[str] = option(DEFAULT_LOSS_TAG, optional(is_str), example='"loss"')
+    """The tag under which the trainer logs its training loss, whose first value is compared with
+    expected_initial_loss too.
+
+    The first value logged under it in one epoch of `train(1)` is the loss of the first batch,
+    before any update: a training loss summed over the batch while `eval()` averages shows there.
+    The default is compared when the trainer logs it; `None`: only `eval()` is compared."""
+    initial_loss_rtol: float = option(0.25, is_non_negative_number, example="0.1")
+    """The relative tolerance of the initial loss check."""
+    initial_loss_atol: float = option(0.0, is_non_negative_number, example="0.05")
+    """The absolute tolerance of the initial loss check."""
 
     @check(
         reads=(

@@ -6,7 +6,7 @@ import difflib
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..core.contract import check
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.validators import is_names
 from .logs import is_finite_number
 from .setup import SetUpTrainer
@@ -17,11 +17,8 @@ __all__ = ["Logging"]
 class Logging(SetUpTrainer):
     """The scalars the trainer logs."""
 
-    expected_scalars: Sequence[str] = option(
-        "the scalar tags one epoch of training must log",
-        '["train/loss", "test/loss"]',
-        validate=is_names,
-    )
+    expected_scalars: Sequence[str] = option(UNSET, is_names, example='["train/loss", "test/loss"]')
+    """The scalar tags one epoch of training must log."""
 
     def _validate_combination(self) -> None:
         super()._validate_combination()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..core.contract import check
-from ..core.options import option
+from ..core.options import UNSET, option
 from ..core.validators import is_number, is_positive_int
 from .setup import SetUpTrainer
 
@@ -15,17 +15,10 @@ __all__ = ["OverfitOneBatch"]
 class OverfitOneBatch(SetUpTrainer):
     """The trainer can fit a single batch."""
 
-    overfit_epochs: int = option(
-        "the epochs trained on the single batch",
-        "200",
-        default=100,
-        validate=is_positive_int,
-    )
-    overfit_max_loss: float = option(
-        "the eval() loss the trainer must reach after overfit_epochs on the single batch",
-        "30.0",
-        validate=is_number,
-    )
+    overfit_epochs: int = option(100, is_positive_int, example="200")
+    """The epochs trained on the single batch."""
+    overfit_max_loss: float = option(UNSET, is_number, example="30.0")
+    """The eval() loss the trainer must reach after overfit_epochs on the single batch."""
 
     @check(reads=("trainer", "overfit_epochs", "overfit_max_loss", "writer_attribute"))
     def test_overfit_one_batch(self) -> None:

@@ -31,40 +31,23 @@ class RunChecks(TrainerContract):
     """TrainerTests' checks that compare several runs of a trainer."""
 
     _suite: ClassVar[str] = "TrainerTests"
-    save_checkpoint_method: str = option(
-        "the name of the trainer's method that saves a checkpoint to a path",
-        '"save"',
-        default="save_checkpoint",
-        validate=is_str,
-    )
-    load_checkpoint_method: str = option(
-        "the name of the trainer's method that restores a checkpoint from a path",
-        '"load"',
-        default="load_checkpoint",
-        validate=is_str,
-    )
+    save_checkpoint_method: str = option("save_checkpoint", is_str, example='"save"')
+    """The name of the trainer's method that saves a checkpoint to a path."""
+    load_checkpoint_method: str = option("load_checkpoint", is_str, example='"load"')
+    """The name of the trainer's method that restores a checkpoint from a path."""
     nondeterministic_scalars: Collection[str] = option(
-        "names or glob patterns of logged tags whose values legitimately differ between runs",
-        '["time/*", "throughput"]',
-        default=(),
-        validate=is_names,
-        details="Timings, throughput, memory use: their values are not compared, "
-        "their tags and steps are.",
+        (), is_names, example='["time/*", "throughput"]'
     )
-    resume_rtol: float = option(
-        "the relative tolerance comparing a resumed run with an uninterrupted one",
-        "1e-6",
-        default=0.0,
-        validate=is_non_negative_number,
-        details="0: exact, as the same computation is on a CPU. Raise it on "
-        "hardware whose kernels are not bitwise reproducible.",
-    )
-    resume_atol: float = option(
-        "the absolute tolerance comparing a resumed run with an uninterrupted one",
-        "1e-7",
-        default=0.0,
-        validate=is_non_negative_number,
-    )
+    """Names or glob patterns of logged tags whose values legitimately differ between runs.
+
+    Timings, throughput, memory use: their values are not compared, their tags and steps are."""
+    resume_rtol: float = option(0.0, is_non_negative_number, example="1e-6")
+    """The relative tolerance comparing a resumed run with an uninterrupted one.
+
+    0: exact, as the same computation is on a CPU. Raise it on hardware whose kernels are not
+    bitwise reproducible."""
+    resume_atol: float = option(0.0, is_non_negative_number, example="1e-7")
+    """The absolute tolerance comparing a resumed run with an uninterrupted one."""
 
     def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
         name = getattr(self, option)

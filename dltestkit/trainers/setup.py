@@ -17,17 +17,13 @@ class SetUpTrainer(TrainerContract):
 
     _suite: ClassVar[str] = "TrainerTests"
 
-    trainer: Any = option(
-        "the trainer under test: train(epochs), eval() -> loss, and its "
-        "model, optimizer and SummaryWriter as attributes",
-        "Trainer(model, ...)",
-        default=REQUIRED,
-        validate=is_trainer,
-        details="Built on one small fixed batch that it trains and evaluates on. "
-        "test_resume also calls its save_checkpoint(path) and "
-        "load_checkpoint(path). The attribute and method names are options "
-        "below.",
-    )
+    trainer: Any = option(REQUIRED, is_trainer, example="Trainer(model, ...)")
+    """The trainer under test: train(epochs), eval() -> loss, and its model, optimizer and
+    SummaryWriter as attributes.
+
+    Built on one small fixed batch that it trains and evaluates on. test_resume also calls its
+    save_checkpoint(path) and load_checkpoint(path). The attribute and method names are options
+    below."""
 
     def _prepare(self) -> None:
         """Close the writer of every trainer a check uses, and restore the grad mode."""

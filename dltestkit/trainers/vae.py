@@ -14,7 +14,7 @@ import torch
 
 from ..core.contract import CheckMixin, check
 from ..core.messages import describe
-from ..core.options import ContractError, option
+from ..core.options import UNSET, ContractError, option
 from ..core.seeds import preserved_global_state
 from ..core.validators import is_callable, is_number
 from .logs import as_number
@@ -59,34 +59,23 @@ class VAEChecks(CheckMixin):
     _suite: ClassVar[str] = "TrainerTests"
 
     kl_divergence: Callable[..., Any] = option(
-        "the VAE's KL divergence of N(mu, sigma^2) to N(0, I), a "
-        "function called with the arguments kl_arguments names",
-        "self.trainer.kl_divergence",
-        validate=is_callable,
-        details="Summed over the latent dimension: one value per sample, or the "
-        "total. Only for VAEs.",
+        UNSET, is_callable, example="self.trainer.kl_divergence"
     )
+    """The VAE's KL divergence of N(mu, sigma^2) to N(0, I), a function called with the arguments
+    kl_arguments names.
+
+    Summed over the latent dimension: one value per sample, or the total. Only for VAEs."""
     kl_arguments: Tuple[str, str] = option(
-        "the arguments kl_divergence takes, in order",
-        '("mu", "logvar")',
-        default=("log_sigma", "mu"),
-        validate=_is_kl_arguments,
-        details='`("log_sigma", "mu")`, or `("mu", "logvar")` with logvar the '
-        "log-variance, as in the pytorch/examples VAE: `-0.5 * sum(1 + "
-        "logvar - mu^2 - exp(logvar))`.",
+        ("log_sigma", "mu"), _is_kl_arguments, example='("mu", "logvar")'
     )
-    kl_rtol: float = option(
-        "the relative tolerance of the KL check",
-        "1e-3",
-        default=1e-4,
-        validate=is_number,
-    )
-    kl_atol: float = option(
-        "the absolute tolerance of the KL check",
-        "1e-4",
-        default=1e-5,
-        validate=is_number,
-    )
+    """The arguments kl_divergence takes, in order.
+
+    `("log_sigma", "mu")`, or `("mu", "logvar")` with logvar the log-variance, as in the
+    pytorch/examples VAE: `-0.5 * sum(1 + logvar - mu^2 - exp(logvar))`."""
+    kl_rtol: float = option(1e-4, is_number, example="1e-3")
+    """The relative tolerance of the KL check."""
+    kl_atol: float = option(1e-5, is_number, example="1e-4")
+    """The absolute tolerance of the KL check."""
 
     # -- VAEs -------------------------------------------------------------------------------
     @check(

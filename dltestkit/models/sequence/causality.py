@@ -26,18 +26,13 @@ _FUTURE_CAUSES = (
 class Causality(SequenceContract):
     """A causal model sees no future position."""
 
-    sees_present: bool = option(
-        "whether the output at position t depends on the input at position t",
-        "False",
-        default=True,
-        validate=is_bool,
-        details="False for a model that predicts position t from earlier positions "
-        "only: PixelCNN's masks (type A first), WaveNet's shifted input, targets "
-        "shifted right inside the model (a transformers encoder-decoder called with "
-        "`labels` only). With True, an output that depends on earlier inputs but not "
-        "on its own position fails; with False, one that depends on its own position "
-        "fails.",
-    )
+    sees_present: bool = option(True, is_bool, example="False")
+    """Whether the output at position t depends on the input at position t.
+
+    False for a model that predicts position t from earlier positions only: PixelCNN's masks (type A
+    first), WaveNet's shifted input, targets shifted right inside the model (a transformers
+    encoder-decoder called with `labels` only). With True, an output that depends on earlier inputs
+    but not on its own position fails; with False, one that depends on its own position fails."""
 
     # -- causality -------------------------------------------------------------------------
     @check(reads=(*SEQUENCE, "sees_present"))

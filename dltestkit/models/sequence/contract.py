@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 
 from ...core.compare import mismatch, summary
-from ...core.options import REQUIRED, ContractError, option
+from ...core.options import REQUIRED, UNSET, ContractError, option
 from ...core.seeds import derived_seed
 from ...core.validators import is_bool, is_key, is_keys, is_positive_int
 from ..copies import mode
@@ -90,47 +90,36 @@ class SequenceContract(Dependence):
 
     _suite: ClassVar[str] = "SequenceModelTests"
 
-    sequence_dim: int = option(
-        "the position dimension of the inputs and of the checked output",
-        "1",
-        default=REQUIRED,
-        validate=is_positive_int,
-        details="1 for `(batch, seq, ...)` and for token ids `(batch, seq)`; 2 for "
-        "`(batch, channels, seq)`.",
-    )
-    causal: bool = option(
-        "whether the output at position t may only depend on inputs at positions up to t",
-        "True",
-        default=False,
-        validate=is_bool,
-        details="True for language models and causal convolutions; "
-        "`test_causality` skips while it is False.",
-    )
-    padding_mask: Key = option(
-        "the index or key in self.inputs of the padding mask",
-        '"attention_mask"',
-        validate=_is_mask_key,
-        details="A `(batch, seq)` tensor. Without padded positions in it, the check "
-        "pads each sample itself (on the right; on the left for a causal "
-        "model, then on the right to compare with the samples run alone).",
-    )
-    padded_value: Any = option(
-        "the value of padding_mask at padded positions",
-        "True",
-        default=0,
-        validate=_is_padded_value,
-        details="0/False (transformers' `attention_mask`: 1 marks real tokens), or "
-        "True for PyTorch's `key_padding_mask`, where True marks padding.",
-    )
+    sequence_dim: int = option(REQUIRED, is_positive_int, example="1")
+    """The position dimension of the inputs and of the checked output.
+
+    1 for `(batch, seq, ...)` and for token ids `(batch, seq)`; 2 for `(batch, channels, seq)`."""
+    causal: bool = option(False, is_bool, example="True")
+    """Whether the output at position t may only depend on inputs at positions up to t.
+
+    True for language models and causal convolutions; `test_causality` skips while it is False."""
+    padding_mask: Key = option(UNSET, _is_mask_key, example='"attention_mask"')
+    """The index or key in self.inputs of the padding mask.
+
+    A `(batch, seq)` tensor. Without padded positions in it, the check pads each sample itself (on
+    the right; on the left for a causal model, then on the right to compare with the samples run
+    alone)."""
+    padded_value: Any = option(0, _is_padded_value, example="True")
+    """The value of padding_mask at padded positions.
+
+    0/False (transformers' `attention_mask`: 1 marks real tokens), or True for PyTorch's
+    `key_padding_mask`, where True marks padding."""
     sequence_inputs: Collection[Key] = option(
-        "the keys or indices of the inputs whose positions are the output's",
-        '["decoder_input_ids"]',
-        validate=is_keys,
+        UNSET,
+        is_keys,
+        example='["decoder_input_ids"]',
         default_text="every batched input but the padding mask that has the "
         "output's number of positions at `sequence_dim`",
-        details="Set it for an encoder-decoder model, whose encoder inputs are not "
-        "positions of the decoder's output.",
     )
+    """The keys or indices of the inputs whose positions are the output's.
+
+    Set it for an encoder-decoder model, whose encoder inputs are not positions of the decoder's
+    output."""
 
     def _validate_combination(self) -> None:
         super()._validate_combination()
