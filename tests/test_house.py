@@ -3,6 +3,8 @@ picture and API page that the docs show."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import unittest
 from pathlib import Path
 
@@ -26,6 +28,31 @@ class House(unittest.TestCase):
         for wing in ("data", "models", "trainers"):
             with self.subTest(wing):
                 self.assertEqual(set(house[wing]["uses"]), {"core"})  # type: ignore[arg-type]
+
+    def test_no_module_imports_itself_through_others(self) -> None:
+        # every relative import counts, those only for the type checker too
+        package = Path(dltestkit.__file__).parent
+        graph = {}
+        for path in package.rglob("*.py"):
+            name = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+            here = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+            uses = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = here[: len(here) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    uses.add(target.removesuffix(".__init__"))
+            graph[name.removesuffix(".__init__")] = uses - {name.removesuffix(".__init__")}
+        # a package's __init__ importing its own modules is how the wings compose: leave out
+        # the imports of a package by its own modules (from . import x) only
+        graph = {
+            module: {used for used in uses if not module.startswith(used + ".")}
+            for module, uses in graph.items()
+        }
+        try:
+            graphlib.TopologicalSorter(graph).prepare()
+        except graphlib.CycleError as error:
+            self.fail(f"modules import each other in a circle: {error.args[1]}")
 
     def test_no_module_is_over_600_lines(self) -> None:
         for info in reference.house().values():

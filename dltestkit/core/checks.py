@@ -5,13 +5,7 @@ check runs (the options validated first, the seed named in a failure, a check li
 from __future__ import annotations
 
 import functools
-import unittest
-from typing import TYPE_CHECKING, Any, Callable, Tuple, TypeVar
-
-from .options import ContractError
-
-if TYPE_CHECKING:
-    from .contract import CheckMixin
+from typing import Any, Callable, Tuple, TypeVar
 
 __all__ = ["SHARED", "check", "checks_of", "is_dltestkit", "reads_of"]
 
@@ -35,27 +29,8 @@ def check(*, reads: Tuple[str, ...] = ()) -> Callable[[F], F]:
 
     def decorate(func: F) -> F:
         @functools.wraps(func)
-        def wrapper(self: "CheckMixin", *args: Any, **kwargs: Any) -> Any:
-            self._validate_contract()
-            self._use_threads()
-            self._prepare()
-            self._failed_subtests = []
-            reason = self._expected_failure_reason()
-            if reason is None:
-                with self._seed_note():
-                    result = func(self, *args, **kwargs)
-                    self._report_failed_subtests()
-                    return result
-            self._expected_failures = []
-            try:
-                with self._seed_note():
-                    func(self, *args, **kwargs)
-            except (unittest.SkipTest, ContractError):
-                raise
-            except Exception as exc:  # a failure, or an error of the component under test
-                self._expected_failures.append(exc)
-            self._report_expected_failure(reason)
-            return None
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._run_check(func, *args, **kwargs)  # CheckMixin._run_check
 
         setattr(wrapper, "__dltestkit_check__", True)  # noqa: B010
         setattr(wrapper, "__dltestkit_reads__", tuple(reads))  # noqa: B010

@@ -20,6 +20,7 @@ import warnings
 from typing import (
     TYPE_CHECKING,
     Any,
+    Callable,
     ClassVar,
     Dict,
     Iterator,
@@ -118,6 +119,30 @@ class CheckMixin(_TestCaseBase):
         return found
 
     # -- running -----------------------------------------------------------------
+    def _run_check(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a check's body (see ``check``): the options validated first, the seed named in
+        a failure, a check listed in expected_failed_checks reported as expected."""
+        self._validate_contract()
+        self._use_threads()
+        self._prepare()
+        self._failed_subtests = []
+        reason = self._expected_failure_reason()
+        if reason is None:
+            with self._seed_note():
+                result = func(self, *args, **kwargs)
+                self._report_failed_subtests()
+                return result
+        self._expected_failures = []
+        try:
+            with self._seed_note():
+                func(self, *args, **kwargs)
+        except (unittest.SkipTest, ContractError):
+            raise
+        except Exception as exc:  # a failure, or an error of the component under test
+            self._expected_failures.append(exc)
+        self._report_expected_failure(reason)
+        return None
+
     @contextlib.contextmanager
     def _seed_note(self) -> Iterator[None]:
         """Append the seed that reproduces a failure to its message."""

@@ -7,13 +7,17 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, NoReturn
+from typing import Any, Dict, List, NoReturn, Protocol
 
 from .checks import SHARED, checks_of
 from .options import UNSET, Option
 
-if TYPE_CHECKING:
-    from .contract import CheckMixin
+
+class _Test(Protocol):
+    """What an unset factory needs of the test (a CheckMixin)."""
+
+    def _unset_factory_error(self, name: str, what: str) -> Exception: ...
+
 
 __all__ = ["declare_options"]
 
@@ -24,7 +28,7 @@ class _UnsetCall:
     self.make_trainer()`` in a setUp whose class has none, or a misspelled one) raises a
     ContractError that names it."""
 
-    def __init__(self, name: str, test: "CheckMixin") -> None:
+    def __init__(self, name: str, test: _Test) -> None:
         self.name = name
         self.test = test
 

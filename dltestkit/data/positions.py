@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
-
-if TYPE_CHECKING:
-    from .statistics import Tally
+from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
 __all__ = ["SHOWN", "Position", "listed", "span", "where"]
 
@@ -28,9 +25,14 @@ def where(position: Position) -> str:
     return f"index {position}"
 
 
-def listed(
-    positions: "Union[Sequence[Position], Tally[Position]]", total: Optional[int] = None
-) -> str:
+class Counted(Protocol):
+    """Positions counted, the first few kept (a ``statistics.Tally``)."""
+
+    count: int
+    first: List[Position]
+
+
+def listed(positions: Union[Sequence[Position], Counted], total: Optional[int] = None) -> str:
     """The first positions, "index 3, index 9 and 12 more" (of a tally: the count)."""
     if not isinstance(positions, Sequence):
         count: int = positions.count
