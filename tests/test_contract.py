@@ -235,7 +235,7 @@ class Seeding(CheckTestCase):
         case = model_case(AutoEncoder)
         case.seed = "1"
         self.assertErrorsWith(
-            case, "test_output_shape", "self.seed set in Case.setUp is '1', not an int"
+            case, "test_output_shape", "self.seed set in the class body of Case is '1', not an int"
         )
 
     def test_a_seed_outside_torchs_range_is_a_contract_error_not_a_crash(self) -> None:

@@ -444,7 +444,7 @@ class Contract(CheckTestCase):
             case,
             "test_augmentation",
             "ContractError",
-            "self.augmented_splits set in Case.setUp names ['training'], "
+            "self.augmented_splits set in the class body of Case names ['training'], "
             "which are not in self.splits (['test', 'train'])",
         )
 
@@ -504,8 +504,8 @@ class Contract(CheckTestCase):
             case,
             "test_value_range",
             "ContractError",
-            "self.input_key set in Case.setUp is ['image'], not an int index, a str key or a "
-            "tuple of them (a path into nested samples",
+            "self.input_key set in the class body of Case is ['image'], not an int index, a str "
+            "key or a tuple of them (a path into nested samples",
         )
 
     def test_a_path_the_samples_lack_names_the_part_that_exists(self) -> None:
@@ -528,7 +528,8 @@ class Contract(CheckTestCase):
                 self.assertErrorsWith(
                     case,
                     "test_value_range",
-                    f"self.range_coverage set in Case.setUp is {coverage}, not a number in [0, 1]",
+                    f"self.range_coverage set in the class body of Case is {coverage}, not a "
+                    "number in [0, 1]",
                 )
 
     def test_an_unknown_start_method_is_a_contract_error(self) -> None:
@@ -536,8 +537,8 @@ class Contract(CheckTestCase):
         self.assertErrorsWith(
             case,
             "test_data_loading",
-            "self.multiprocessing_context set in Case.setUp is 'thread', not None or one of "
-            "the start methods",
+            "self.multiprocessing_context set in the class body of Case is 'thread', not None or "
+            "one of the start methods",
         )
 
     def test_num_classes_without_targets_is_a_contract_error(self) -> None:
@@ -559,7 +560,10 @@ class Contract(CheckTestCase):
                     Images(augment=True), Images(seed=5), num_classes=10, **{name: value}
                 )
                 self.assertErrorsWith(
-                    case, "test_labels", "ContractError", f"self.{name} set in Case.setUp {problem}"
+                    case,
+                    "test_labels",
+                    "ContractError",
+                    f"self.{name} set in the class body of Case {problem}",
                 )
 
 

@@ -600,14 +600,15 @@ class Streams(PassesEveryCheck):
 
     def test_a_stream_repeated_in_every_worker_fails(self) -> None:
         case = stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2))
+        # the scan stops one batch past len(): the workers' first 24 samples each
         self.assertFailsWith(
             case,
             "test_data_loading",
-            "split 'test': the DataLoader workers read the same samples: 48 of the 48 inputs "
+            "split 'test': the DataLoader workers read the same samples: 24 of the 24 inputs "
             "read more than once were read once by each of several of the 2 workers (e.g. "
-            "sample 0 of worker 0 = sample 0 of worker 1), 48 of them as the same sample number "
+            "sample 0 of worker 0 = sample 0 of worker 1), 24 of them as the same sample number "
             "of each worker; were they duplicates within the stream, a stream that gives each "
-            "worker its own shard would have given about 24 of them to one worker twice, not "
+            "worker its own shard would have given about 12 of them to one worker twice, not "
             "0.",
             "get_worker_info()",
         )

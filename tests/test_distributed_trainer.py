@@ -490,8 +490,8 @@ class DDPTraining(CheckTestCase):
             case,
             "test_ddp_training",
             "ContractError: self.make_trainer is not set, but TestMine defines 'make_trainr': "
-            "did you mean self.make_trainer? TrainerTests needs a callable that builds a fresh "
-            "trainer",
+            "did you mean self.make_trainer? DistributedTrainerTests needs a callable that builds "
+            "a fresh trainer",
         )
 
     def test_a_make_trainer_without_rank_and_world_size_is_a_contract_error(self) -> None:

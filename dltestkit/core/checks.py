@@ -23,7 +23,9 @@ def check(*, reads: Tuple[str, ...] = ()) -> Callable[[F], F]:
     """Mark a test method as a dltestkit check that reads the options ``reads`` (besides
     ``seed``, ``num_threads`` and ``expected_failed_checks``, which every check reads).
 
-    Before the body runs, the options are validated; an assertion failure gets a last line
+    Before the body runs, the options are validated; the body runs with grad mode on (the
+    checks turn it off where they need it off, whatever setUp or the caller left); a failure
+    gets a line naming the global settings that changed while it ran, if any, and a last line
     naming the seed that reproduces it; a check listed in ``expected_failed_checks`` reports
     an expected failure or an unexpected success."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import pathlib
 import shutil
 import tempfile
@@ -35,7 +36,9 @@ import torch
 from .checks import SHARED, check, checks_of, is_dltestkit, reads_of
 from .declaring import declare_options
 from .options import UNSET, ContractError, Option, option
+from .processes import end_as_terminated, terminating_as_interrupt
 from .seeds import make_deterministic, preserved_global_state
+from .settings import Settings
 from .validators import is_positive_int, is_reasons, is_seed, optional
 
 if TYPE_CHECKING:  # the mixins are always combined with TestCase; tell the type checker
@@ -47,6 +50,9 @@ __all__ = ["SHARED", "CheckMixin", "check", "checks_of", "reads_of"]
 
 _MISSING = object()
 _UNITTEST_NAMES = frozenset(vars(unittest.TestCase(methodName="__init__")))
+#: What appears in the working directory without a test writing it there: Python's bytecode
+#: cache of a module imported for the first time, coverage's data files.
+_NOT_LEFT_BY_TESTS = ("__pycache__", ".coverage", ".pytest_cache")
 
 
 class CheckMixin(_TestCaseBase):
@@ -87,6 +93,9 @@ class CheckMixin(_TestCaseBase):
     _reading_unset: bool = False
     _threads_before: int = 1
     _temp_root: Optional[str] = None
+    _temp_dirs: List[str]
+    #: what changed global settings while the check ran (for a failure's message)
+    _settings_changes: List[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,21 +129,23 @@ class CheckMixin(_TestCaseBase):
 
     # -- running -----------------------------------------------------------------
     def _run_check(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a check's body (see ``check``): the options validated first, the seed named in
-        a failure, a check listed in expected_failed_checks reported as expected."""
+        """Run a check's body (see ``check``): the options validated first, grad mode on, the
+        global settings that changed and the seed named in a failure, a check listed in
+        expected_failed_checks reported as expected."""
         self._validate_contract()
         self._use_threads()
         self._prepare()
         self._failed_subtests = []
+        self._settings_changes = []
         reason = self._expected_failure_reason()
         if reason is None:
-            with self._seed_note():
+            with self._seed_note(), self._settings_note(), torch.enable_grad():
                 result = func(self, *args, **kwargs)
                 self._report_failed_subtests()
                 return result
         self._expected_failures = []
         try:
-            with self._seed_note():
+            with self._seed_note(), self._settings_note(), torch.enable_grad():
                 func(self, *args, **kwargs)
         except (unittest.SkipTest, ContractError):
             raise
@@ -150,11 +161,41 @@ class CheckMixin(_TestCaseBase):
             yield
         except self.failureException as exc:
             text = exc.args[0] if exc.args else ""
-            if "[dltestkit]" not in str(text):
+            if "ran with seed=" not in str(text):
                 exc.args = (
                     f"{text}\n[dltestkit] {type(self).__name__}.{self._testMethodName} ran "
                     f"with seed={self.seed}; set `seed` on the test class to try another.",
                 ) + exc.args[1:]
+            raise
+
+    @contextlib.contextmanager
+    def _settings_note(self) -> Iterator[None]:
+        """Name, in the message of a failure or an error, the global settings that changed
+        while it ran: those the component changed in calls the check watched (the model's
+        forward, noted in ``_settings_changes``) and those that differ at the end."""
+        start = Settings.capture()
+        try:
+            yield
+        except (unittest.SkipTest, ContractError):
+            raise
+        except Exception as exc:
+            noted = getattr(self, "_settings_changes", [])
+            # the environment is left out: torch sets variables of its own on first use
+            changed = start.changes(Settings.capture(), environ=False)
+            changes = list(dict.fromkeys(noted + changed))
+            text = str(exc.args[0]) if exc.args else ""
+            said = [text, *getattr(exc, "__notes__", [])]
+            if changes and not any("[dltestkit] global settings changed" in t for t in said):
+                note = (
+                    "[dltestkit] global settings changed while the check ran, which may "
+                    f"explain this: {'; '.join(changes)}. Change them around the code that "
+                    "needs them (with torch.no_grad(), torch.autocast(...), ...), not for the "
+                    "whole process."
+                )
+                if isinstance(exc, self.failureException) and exc.args:
+                    exc.args = (f"{text}\n{note}",) + exc.args[1:]
+                elif hasattr(exc, "add_note"):
+                    exc.add_note(note)
             raise
 
     @contextlib.contextmanager
@@ -177,7 +218,7 @@ class CheckMixin(_TestCaseBase):
             return
         with super().subTest(*(() if msg is _MISSING else (msg,)), **params):
             try:
-                with self._seed_note():
+                with self._seed_note(), self._settings_note():
                     yield
             except unittest.SkipTest as skip:
                 outcome = getattr(self, "_outcome", None)
@@ -255,7 +296,13 @@ class CheckMixin(_TestCaseBase):
 
     def run(self, result: Optional[unittest.TestResult] = None) -> Any:
         """Run setUp, the check and the cleanups seeded and with ``num_threads`` threads, then
-        restore the global RNGs and PyTorch's thread setting."""
+        restore the global RNGs, PyTorch's thread setting and the global settings a model or
+        setUp can change (``core.settings``); warn about files left in the working directory.
+
+        Interrupted (Ctrl-C, or SIGTERM, which is turned into an interrupt while the check
+        runs), the test's cleanups still run (unittest and pytest skip them): its temporary
+        folders are removed, its workers and ranks stopped; then the interrupt goes on (a
+        SIGTERM ends the process, as it would have)."""
         self._reported_by_pytest = type(result).__module__.startswith("_pytest")
         method = getattr(type(self), self._testMethodName, None)
         if (
@@ -265,23 +312,64 @@ class CheckMixin(_TestCaseBase):
         ):
             self.__unittest_expecting_failure__ = True
         threads = self._threads_before = torch.get_num_threads()
+        settings = Settings.capture()
+        listed = _listing(settings.cwd)
+        self._temp_dirs = []
         try:
-            with preserved_global_state():
+            with preserved_global_state(), terminating_as_interrupt():
                 # A bad seed is reported by the contract check; seed with 0 till then.
                 make_deterministic(self.seed if is_seed(self.seed) is None else 0)
                 self._use_threads()
-                return super().run(result)
+                try:
+                    return super().run(result)
+                except KeyboardInterrupt as exc:
+                    self._clean_up_interrupted()
+                    end_as_terminated(exc)
+                    raise
         finally:
             torch.set_num_threads(threads)
+            settings.restore()
+            self._warn_about_leftovers(settings.cwd, listed)
+
+    def _clean_up_interrupted(self) -> None:
+        """After an interrupt, which the test runners let through before the test's cleanups:
+        run them, and remove the temporary folders whatever they do."""
+        try:
+            self.doCleanups()
+        finally:
+            for path in self._temp_dirs:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _warn_about_leftovers(self, cwd: Optional[str], before: Optional[Set[str]]) -> None:
+        """Warn when the test left new files in the working directory (a checkpoint, ./runs
+        written by a trainer): they stay after the test, and the next run finds them."""
+        after = _listing(cwd)
+        if before is None or after is None:
+            return
+        new = sorted(name for name in after - before if not name.startswith(_NOT_LEFT_BY_TESTS))
+        if new:
+            warnings.warn(
+                f"{type(self).__name__}.{self._testMethodName} left new files in the working "
+                f"directory {cwd}: {', '.join(new[:5])}"
+                + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+                + ". setUp or the test wrote them there, and they stay after it; write them "
+                "into a folder from self.make_temp_dir(), which is removed after the test "
+                "(give it to the trainer as its checkpoint and log directory).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def make_temp_dir(self) -> pathlib.Path:
-        """Create a temporary folder that is removed after the test, even when it fails.
+        """Create a temporary folder that is removed after the test, even when it fails or is
+        interrupted.
 
         In the processes of a distributed check (which end without running the test's
         cleanups) the folder is made inside one that the calling process removes.
         """
         path = tempfile.mkdtemp(prefix=f"dltestkit-{type(self).__name__}-", dir=self._temp_root)
         self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+        if self._temp_root is None:
+            getattr(self, "_temp_dirs", []).append(path)
         return pathlib.Path(path)
 
     # -- the options ---------------------------------------------------------------
@@ -301,7 +389,7 @@ class CheckMixin(_TestCaseBase):
                 continue
             for name, value in vars(base).items():
                 if (
-                    not name.startswith("_")
+                    not name.startswith(("_", "test"))
                     and not callable(value)
                     and not isinstance(value, (classmethod, staticmethod, property))
                 ):
@@ -310,11 +398,37 @@ class CheckMixin(_TestCaseBase):
     def _where(self) -> str:
         return f"{type(self).__name__}.setUp"
 
+    def _origin(self, name: str) -> str:
+        """Where the test class sets option ``name``, for messages: "set in TestX.setUp", "set
+        in the class body of TestX", "a method of TestX"."""
+        if name in vars(self):
+            return f"set in {self._where()}"
+        for base in type(self).__mro__:
+            if is_dltestkit(base) or name not in vars(base):
+                continue
+            if callable(vars(base)[name]):
+                return f"(a method of {base.__name__})"
+            return f"set in the class body of {base.__name__}"
+        return f"set in {self._where()}"
+
+    def _suite_of(self, declared: Option) -> str:
+        """The public mixin of this test class whose contract holds the option (for messages):
+        DistributedTrainerTests for world_size in a distributed trainer's test, ModelTests for
+        seed in a model's."""
+        for base in type(self).__mro__:
+            if (
+                is_dltestkit(base)
+                and vars(base).get("_suite") == base.__name__
+                and declared.name in base._options()  # type: ignore[attr-defined]
+            ):
+                return base.__name__
+        return declared.suite
+
     def _contract_error(self, name: str, problem: str) -> ContractError:
         """A ContractError about ``self.<name>``: what is wrong, who needs what, an example."""
         declared = self._options()[name]
         return ContractError(
-            f"self.{name} set in {self._where()} {problem}; {declared.suite} needs "
+            f"self.{name} {self._origin(name)} {problem}; {self._suite_of(declared)} needs "
             f"{declared.meaning}, e.g. self.{name} = {declared.example}."
         )
 
@@ -335,9 +449,9 @@ class CheckMixin(_TestCaseBase):
                 former.add(old)
                 if old in user_names and declared.name not in user_names:
                     warnings.warn(
-                        f"{type(self).__name__} sets self.{old}, which {declared.suite} now "
-                        f"calls self.{declared.name}: rename it (the old name will stop "
-                        "working in a later release)",
+                        f"{type(self).__name__} sets self.{old}, which "
+                        f"{self._suite_of(declared)} now calls self.{declared.name}: rename "
+                        "it (the old name will stop working in a later release)",
                         DeprecationWarning,
                         stacklevel=4,
                     )
@@ -367,7 +481,7 @@ class CheckMixin(_TestCaseBase):
                     close = difflib.get_close_matches(name, sorted(user_names), n=1)
                     hint = f" Did you mean self.{close[0]}?" if close else ""
                     raise ContractError(
-                        f"{self._where()} must set self.{name}: {declared.suite} needs "
+                        f"{self._where()} must set self.{name}: {self._suite_of(declared)} needs "
                         f"{declared.meaning}, e.g. self.{name} = {declared.example}.{hint}"
                     )
                 continue
@@ -381,7 +495,7 @@ class CheckMixin(_TestCaseBase):
                 raise ContractError(
                     f"{type(self).__name__} sets self.{name} (in setUp or the class body), "
                     f"which no dltestkit mixin reads. Did you mean self.{close[0]} "
-                    f"({declared.suite}: {declared.meaning})?"
+                    f"({self._suite_of(declared)}: {declared.meaning})?"
                 )
         self._validate_expected_failures()
         self._validate_combination()
@@ -432,7 +546,7 @@ class CheckMixin(_TestCaseBase):
             if close:
                 raise ContractError(
                     f"self.{name} is not set, but {type(self).__name__} defines "
-                    f"{close!r}: did you mean self.{name}? {declared.suite} needs "
+                    f"{close!r}: did you mean self.{name}? {self._suite_of(declared)} needs "
                     f"{declared.meaning}, e.g. self.{name} = {declared.example}."
                 )
             self.skipTest(
@@ -458,9 +572,19 @@ class CheckMixin(_TestCaseBase):
             else ""
         )
         return ContractError(
-            f"{what}: {declared.suite} needs {declared.meaning}, e.g. "
+            f"{what}: {self._suite_of(declared)} needs {declared.meaning}, e.g. "
             f"self.{name} = {declared.example}{method}.{hint}"
         )
+
+
+def _listing(folder: Optional[str]) -> Optional[Set[str]]:
+    """The names in ``folder``; None when it cannot be read."""
+    if folder is None:
+        return None
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return None
 
 
 declare_options(CheckMixin)

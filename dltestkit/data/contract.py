@@ -40,7 +40,7 @@ from .main_process import start_method
 from .positions import SHOWN, Position, listed, where
 from .samples import difference, same
 from .scan import LoadedSample, Scan
-from .split import Loading, SplitState, is_stream, sized, split_state
+from .split import Loading, SplitState, cheaper, is_stream, sized, split_state
 
 __all__ = ["LOADING", "LOADING_CHECK", "DatasetContract", "differences", "order", "round_up"]
 
@@ -58,6 +58,7 @@ LOADING = (
     "multiprocessing_context",
     "batch_size",
     "loader_timeout",
+    "scan_time_limit",
     "max_samples",
     "probe_count",
     "augmented_splits",
@@ -191,6 +192,13 @@ class DatasetContract(CheckMixin):
 
     A load that blocks longer fails `test_data_loading`, naming the split and the indices, instead
     of hanging the tests."""
+    scan_time_limit: float = option(1800.0, is_positive_number, example="3600")
+    """The seconds the scan of one split may take.
+
+    A scan that has not ended by then stops, and the checks skip, saying how many samples were read
+    and which `max_samples` would scan a random subset in about a minute. A scan that takes more
+    than 30 s says so once (a warning), with the same advice. See [large
+    datasets](large-datasets.md)."""
     max_samples: Optional[int] = option(None, optional(is_positive_int), example="10_000")
     """A cap on the samples scanned per split (None: all).
 
@@ -281,6 +289,7 @@ class DatasetContract(CheckMixin):
             seed=self.seed,
             augmented=name in self.augmented_splits,
             timeout=float(self.loader_timeout),
+            time_limit=float(self.scan_time_limit),
             multiprocessing_context=self.multiprocessing_context,
         )
 
@@ -301,7 +310,24 @@ class DatasetContract(CheckMixin):
         problem = self._load_problem(name, state)
         if problem is not None:
             self.skipTest(f"split {name!r} cannot be loaded ({problem[0]}); see {LOADING_CHECK}")
+        self._skip_if_out_of_time(name, state)
         return state
+
+    def _skip_if_out_of_time(self, name: str, state: SplitState) -> None:
+        """Skip when the scan of the split stopped at scan_time_limit: what it read is a part
+        of the split (its first batches, not a random subset), which the checks cannot
+        judge."""
+        if state.probe_timed_out:
+            return
+        scan = state.scan
+        if scan.out_of_time:
+            self.skipTest(
+                f"split {name!r}: the scan stopped at scan_time_limit="
+                f"{self.scan_time_limit:g} s, having read {scan.count:,} of "
+                f"{len(state.indices) if not state.stream else self.max_samples or state.size:,}"
+                f" samples; the checks judge a whole split or a random subset, not its first "
+                f"batches. {cheaper(scan.count, scan.seconds)}"
+            )
 
     def _load_problem(self, name: str, state: SplitState) -> Optional[Tuple[str, str]]:
         """(short reason, full message) when the split cannot be loaded, else None."""

@@ -56,6 +56,7 @@ class DataLoading(DatasetContract):
                 problem = self._load_problem(name, state)
                 if problem is not None:
                     self.fail(problem[1])
+                self._skip_if_out_of_time(name, state)
                 scan = state.scan
                 if state.stream:
                     self._check_stream(name, state)
@@ -106,6 +107,15 @@ class DataLoading(DatasetContract):
                 f"{self.num_workers} times. Give each worker its part in __iter__ with "
                 "torch.utils.data.get_worker_info() (or set self.worker_init_fn to the "
                 "worker_init_fn that does it)."
+            )
+        if scan.overrun:
+            self.fail(
+                f"split {name!r}: the stream gives more samples than len() says "
+                f"({state.size}): the DataLoader's {self.num_workers} workers had read "
+                f"{scan.count} and it had not ended, so the scan stopped there (an endless "
+                "stream would be read for ever). Make __len__ count the samples __iter__ gives "
+                "over all workers; a stream that never ends has no __len__ (then set "
+                "self.max_samples to the number of samples to scan)."
             )
         if scan.complete and state.size is not None and scan.count != state.size:
             self.fail(

@@ -126,6 +126,11 @@ class Scan(Statistics):
 
     count: int = 0
     complete: bool = False  # the whole split (or its max_samples subset) was read
+    #: a stream that gave more samples than its len() says (the scan stopped one batch past)
+    overrun: bool = False
+    #: the scan stopped at scan_time_limit
+    out_of_time: bool = False
+    seconds: float = 0.0
     loader_error: Optional[str] = None
     timed_out: bool = False
     worker_died: bool = False

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import operator
 import re
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..core.messages import exception_text, forget
+from ..core.processes import watch_parent
 from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
 from .callables import callable_key
 from .inspect import Indexed, Inspection, Inspector
@@ -26,7 +29,18 @@ from .samples import Input, InputProblem, LoadFailure, input_digest, is_constant
 from .scan import LoadedSample, Scan, structure
 from .targets import MISSING, labels_inside, pick_target, target_key_of
 
-__all__ = ["Loading", "SplitState", "cached_classes", "is_stream", "sized", "split_state"]
+__all__ = [
+    "Loading",
+    "SplitState",
+    "cached_classes",
+    "cheaper",
+    "is_stream",
+    "sized",
+    "split_state",
+]
+
+#: Seconds after which a scan that has not ended says, once, how to make it cheaper.
+SLOW_SCAN = 30.0
 
 
 def is_stream(dataset: Any) -> bool:
@@ -58,11 +72,51 @@ class Loading:
     seed: int
     augmented: bool
     timeout: float
+    time_limit: float
     multiprocessing_context: Optional[str]
 
     def key(self) -> Tuple[Hashable, ...]:
         values = (getattr(self, option.name) for option in dataclasses.fields(self))
         return tuple(callable_key(v) if callable(v) else v for v in values)
+
+
+def cheaper(count: int, seconds: float) -> str:
+    """The advice of a long scan: a max_samples that scans in about a minute at the rate
+    seen."""
+    rate = count / seconds if seconds > 0 else 0.0
+    minute = int(rate * 60)
+    if minute < 1000:
+        suggested = 1000
+    else:  # two significant digits
+        scale = 10 ** (int(math.log10(minute)) - 1)
+        suggested = minute // scale * scale
+    return (
+        f"Set self.max_samples (e.g. self.max_samples = {suggested:_}, about a minute at the "
+        f"{rate:,.0f} samples/s seen) to scan a seeded random subset of each split, or a "
+        "stream's first samples; see the docs' page on large datasets."
+    )
+
+
+class _WatchedWorker:
+    """The worker_init_fn of the scan's workers: each watches the process that started it
+    and ends when that is gone (a test process killed while a worker is blocked in the
+    dataset's code leaves no worker behind), then runs the split's own worker_init_fn."""
+
+    def __init__(self, then: Optional[Callable[[int], None]]) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        watch_parent()
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def _kill_workers(iterator: Any) -> None:
+    """Kill the DataLoader's workers at once (after an interrupt: a blocked worker is not
+    waited for, as the DataLoader's shutdown would, 5 s each)."""
+    for worker in getattr(iterator, "_workers", ()):
+        with contextlib.suppress(Exception):
+            worker.kill()
 
 
 #: A worker that exited: "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
@@ -76,7 +130,8 @@ class SplitState:
     after each test, so that the cache does not keep a dataset alive.
     """
 
-    def __init__(self, dataset: Any, loading: Loading) -> None:
+    def __init__(self, dataset: Any, loading: Loading, name: str = "") -> None:
+        self.name = name
         self.dataset: Any = dataset
         self.loading = loading
         self.stream = is_stream(dataset)
@@ -280,12 +335,14 @@ class SplitState:
             num_workers=loading.num_workers,
             collate_fn=Inspector(inspection),
             timeout=loading.timeout,
-            worker_init_fn=loading.worker_init_fn,
+            worker_init_fn=_WatchedWorker(loading.worker_init_fn),
             multiprocessing_context=loading.multiprocessing_context,
             generator=torch.Generator().manual_seed(loading.seed),
         )
         scan = Scan()
-        limit = loading.max_samples if self.stream else None
+        limit = self._limit()
+        started = time.monotonic()
+        said = False
         batches = 0
         iterator = None
         with warnings.catch_warnings():
@@ -306,11 +363,26 @@ class SplitState:
                         break
                     batches += 1
                     scan.add(report)
+                    scan.seconds = time.monotonic() - started
                     if scan.blocked or (limit is not None and scan.count >= limit):
                         scan.complete = (
                             not scan.blocked and self.size is not None and scan.count >= self.size
                         )
+                        # a stream read past its len(): more than it declares, maybe endless
+                        scan.overrun = (
+                            self.stream and self.size is not None and scan.count > self.size
+                        )
+                        scan.complete = scan.complete and not scan.overrun
                         break
+                    if scan.seconds > loading.time_limit:
+                        scan.out_of_time = True
+                        break
+                    if not said and scan.seconds > SLOW_SCAN:
+                        said = True
+                        self._say_it_is_slow(scan, limit)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a check: no waiting
+                _kill_workers(iterator)
+                raise
             except Exception as exc:  # iter(loader) failed: the workers did not start
                 if iterator is not None:
                     raise
@@ -319,6 +391,30 @@ class SplitState:
             finally:
                 del iterator  # shuts the workers down now (nothing else refers to it)
         return scan
+
+    def _limit(self) -> Optional[int]:
+        """How many samples the scan reads at most: of a split, its indices (a random subset of
+        max_samples, or all); of a stream, max_samples, and one more than len() says, to see
+        a stream that gives more (an endless one), which is not read further."""
+        if not self.stream:
+            return None
+        caps = [self.loading.max_samples, None if self.size is None else self.size + 1]
+        return min((cap for cap in caps if cap is not None), default=None)
+
+    def _say_it_is_slow(self, scan: Scan, limit: Optional[int]) -> None:
+        """Say, once, that the scan takes long and how to make it cheaper."""
+        total = limit if self.stream else len(self.indices)
+        rate = scan.count / scan.seconds
+        whole = (
+            f", about {total / rate:,.0f} s for the {total:,} samples at this rate" if total else ""
+        )
+        warnings.warn(
+            f"dltestkit: the scan of split {self.name!r} has read "
+            f"{scan.count:,} samples in {scan.seconds:.0f} s{whole} (it stops at "
+            f"scan_time_limit={self.loading.time_limit:g} s). " + cheaper(scan.count, scan.seconds),
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _loader_failed(self, scan: Scan, exc: BaseException, batches: int) -> None:
         message = str(exc)
@@ -393,7 +489,7 @@ def split_state(owner: type, name: str, dataset: Any, loading: Loading) -> Split
         *loading.key(),
     )
     if key not in cache:
-        cache[key] = SplitState(dataset, loading)
+        cache[key] = SplitState(dataset, loading, name)
     return cache[key]
 
 

@@ -27,19 +27,28 @@ How the ranks start and leave, so that no rank fails because of another's timing
   the group and leaves, at most ``_HOLD`` seconds: a peer still inside a collective that the
   rank never reached then fails at once, instead of at the timeout;
 - each rank leads a process group of its own (its DataLoader workers belong to it), which is
-  killed once the rank has ended, and a rank whose caller disappears kills itself.
+  killed once the rank has ended, and a rank whose caller disappears kills itself;
+- each rank keeps its temporary files (multiprocessing's ``pymp-*`` folders, those of its
+  DataLoader workers, its own) in a folder that the caller removes once the ranks have ended,
+  also when they were killed;
+- a rank that has not finished when ``timeout`` has passed writes where it is (its Python
+  stack, with ``faulthandler``) before it is stopped: the report names the rank that hung in
+  its own code, and the ranks that waited inside torch for it (a collective).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -49,6 +58,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..core.processes import watch_parent
+from .stacks import Stack, hang_report, read_stack
 
 __all__ = ["DistributedError", "run_distributed"]
 
@@ -60,6 +72,11 @@ _GRACE = 3.0
 _HOLD = 2.0
 #: Seconds a rank that reported gets to leave before it is killed.
 _LEAVE = 2.0
+#: Seconds the collectives inside the ranks wait longer than the run may take: a rank waiting
+#: for a hung peer is still waiting when the caller looks at where each rank is.
+_COLLECTIVE_MARGIN = 30.0
+#: Seconds the ranks that did not finish get to write where they are.
+_STACK_WAIT = 1.0
 #: The line of a traceback that names the exception ("RuntimeError: ...").
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
@@ -150,19 +167,32 @@ def _lead_own_group() -> bool:
     return os.getpgrp() == os.getpid()
 
 
-def _watch_parent(own_group: bool) -> None:
-    """End this process (and its group) when the process that started it is gone: a caller
-    killed outright leaves no rank behind either."""
-    parent = os.getppid()
+def _private_temp(folder: str) -> None:
+    """Keep this process's temporary files, and its children's, in ``folder``:
+    multiprocessing's ``pymp-*`` folders (made by a DataLoader worker that sends tensors)
+    included, which a killed process cannot remove."""
+    os.makedirs(folder, exist_ok=True)
+    tempfile.tempdir = folder
+    os.environ["TMPDIR"] = folder  # for children that start Python anew (spawn)
+    config = getattr(multiprocessing.current_process(), "_config", None)
+    if isinstance(config, dict):  # the caller's pymp folder, inherited: make one here
+        config.pop("tempdir", None)
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        if own_group:
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        os._exit(1)
 
-    threading.Thread(target=watch, name="dltestkit-watch-parent", daemon=True).start()
+#: The file each rank writes its stack to when asked (kept open: faulthandler writes to it).
+_STACK_FILE: List[Any] = []
+
+
+def _stack_on_request(path: str) -> None:
+    """Write every thread's Python stack to ``path`` on SIGUSR1 (the caller asks a rank that
+    did not finish in time where it is); the main thread is named on the first line."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    stream = open(path, "w")  # noqa: SIM115 (open for the life of the process)
+    stream.write(f"main 0x{threading.main_thread().ident or 0:016x}\n")
+    stream.flush()
+    _STACK_FILE.append(stream)
+    faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
 
 
 def _rank_main(
@@ -173,10 +203,13 @@ def _rank_main(
     args: Sequence[Any],
     sender: Any,
     control: Any,
+    folder: str,
 ) -> None:
     """The body of each rank's process."""
     try:
-        _watch_parent(_lead_own_group())
+        watch_parent(_lead_own_group())
+        _private_temp(os.path.join(folder, f"rank-{rank}"))
+        _stack_on_request(os.path.join(folder, f"rank-{rank}.stack"))
         interface = _loopback_interface()
         if interface is not None:
             os.environ["GLOO_SOCKET_IFNAME"] = interface
@@ -185,7 +218,7 @@ def _rank_main(
         if not control.poll(timeout):
             raise TimeoutError(f"the ranks were not all started within {timeout:g} s")
         port = int(control.recv())
-        wait = datetime.timedelta(seconds=timeout)
+        wait = datetime.timedelta(seconds=timeout + _COLLECTIVE_MARGIN)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait
         )
@@ -298,19 +331,23 @@ def run_distributed(
             ``"spawn"``.
         world_size: the number of processes (ranks).
         timeout: seconds the whole run may take (process start included); a rank still
-            running then counts as hung, and is stopped and reported. Collectives time out
-            after the same time inside the ranks.
+            running then counts as hung, and is stopped and reported with where it was
+            (the ranks waiting for it inside a collective are told apart from it).
         start_method: ``"fork"`` (the default where available), ``"spawn"`` or
             ``"forkserver"``.
 
     Raises:
         DistributedError: a rank raised, hung or died; it carries each such rank's traceback.
+        TypeError, ValueError: ``world_size`` is no int of at least 1, or ``timeout`` no
+            positive number of seconds.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, not {world_size}")
-    context: Any = multiprocessing.get_context(start_method or _start_method())
+    _check_arguments(world_size, timeout, start_method)
+    method = start_method or _start_method()
+    context: Any = multiprocessing.get_context(method)
     ranks: List[_Rank] = []
     store: Any = None
+    folder = tempfile.mkdtemp(prefix="dltestkit-ranks-")
+    threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     try:
         for rank in range(world_size):
             receiver, sender = context.Pipe(duplex=False)
@@ -318,7 +355,7 @@ def run_distributed(
             process = context.Process(
                 target=_rank_main,
                 name=f"dltestkit-rank-{rank}",
-                args=(function, rank, world_size, timeout, args, sender, listener),
+                args=(function, rank, world_size, timeout, args, sender, listener, folder),
             )
             ranks.append(_Rank(process, receiver, control))
             try:
@@ -339,7 +376,8 @@ def run_distributed(
         )
         for each in ranks:
             each.tell(store.port)
-        results, failures = _collect(ranks, timeout)
+        forked_beside = threads if method == "fork" else []
+        results, failures = _collect(ranks, timeout, folder, forked_beside)
     except BaseException:  # KeyboardInterrupt included: every rank is killed at once
         _stop(ranks, patience=0.0)
         raise
@@ -348,9 +386,31 @@ def run_distributed(
             each.receiver.close()
             each.control.close()
         del store
+        shutil.rmtree(folder, ignore_errors=True)  # the ranks have ended (or were never started)
     if failures:
         raise DistributedError(failures, world_size, returned=sorted(results))
     return [results[rank] for rank in range(world_size)]
+
+
+def _check_arguments(world_size: Any, timeout: Any, start_method: Any) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int):
+        raise TypeError(
+            f"world_size must be an int (the number of processes), not {world_size!r} "
+            f"(a {type(world_size).__name__})"
+        )
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, not {world_size}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(
+            f"timeout must be a positive number of seconds (the time the whole run may take), "
+            f"not {timeout!r}"
+        )
+    methods = multiprocessing.get_all_start_methods()
+    if start_method is not None and start_method not in methods:
+        raise ValueError(
+            f"start_method must be None or one of this platform's start methods {methods}, "
+            f"not {start_method!r}"
+        )
 
 
 def _set_group(pid: Optional[int]) -> None:
@@ -362,8 +422,12 @@ def _set_group(pid: Optional[int]) -> None:
         os.setpgid(pid, pid)
 
 
-def _collect(ranks: List[_Rank], timeout: float) -> Tuple[Dict[int, Any], Dict[int, str]]:
-    """The ranks' results and failures; the ranks are stopped before it returns."""
+def _collect(
+    ranks: List[_Rank], timeout: float, folder: str, forked_beside: Sequence[str]
+) -> Tuple[Dict[int, Any], Dict[int, str]]:
+    """The ranks' results and failures; the ranks are stopped before it returns. Ranks that did
+    not finish within ``timeout`` are asked where they are first (their stacks, in
+    ``folder``); ``forked_beside`` names the threads the caller ran when it forked them."""
     results: Dict[int, Any] = {}
     failed: List[Tuple[float, int, str]] = []
     pending = {each.receiver: rank for rank, each in enumerate(ranks)}
@@ -407,17 +471,50 @@ def _collect(ranks: List[_Rank], timeout: float) -> Tuple[Dict[int, Any], Dict[i
     # The cause first: a rank whose peer disappeared failed because of another rank.
     failed.sort(key=lambda failure: (bool(_PEER_GONE.search(failure[2])), failure[0]))
     failures = {rank: text for _, rank, text in failed}
+    if pending and not failures:  # nothing failed: they hung; where?
+        stacks = _stacks(ranks, sorted(pending.values()), folder)
+        failures.update(hang_report(stacks, timeout, forked_beside))
     for rank in pending.values():
-        failures[rank] = (
-            f"did not finish within {timeout:g} s: it hung (for example in a "
-            "collective that not every rank reaches)"
-            if not failures
-            else _STOPPED
-        )
+        failures.setdefault(rank, _STOPPED)
     hung = set(pending.values())
     _stop([ranks[rank] for rank in hung], 0.0)  # killed at once
     _stop([each for rank, each in enumerate(ranks) if rank not in hung], _LEAVE)
     return results, failures
+
+
+def _stacks(ranks: List[_Rank], pending: List[int], folder: str) -> Dict[int, Optional[Stack]]:
+    """Where each of the ranks ``pending`` is: its main thread's Python stack, which it writes
+    on SIGUSR1; None for a rank that did not write it within _STACK_WAIT s."""
+    if not hasattr(signal, "SIGUSR1"):
+        return dict.fromkeys(pending)
+    paths = {rank: os.path.join(folder, f"rank-{rank}.stack") for rank in pending}
+    sizes = {rank: _size(path) for rank, path in paths.items()}
+    for rank in pending:
+        pid = ranks[rank].process.pid
+        if pid is not None and sizes[rank] > 0:  # it registered the handler
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + _STACK_WAIT
+    found: Dict[int, Optional[Stack]] = dict.fromkeys(pending)
+    while time.monotonic() < deadline and any(found[rank] is None for rank in pending):
+        time.sleep(0.05)
+        for rank, path in paths.items():
+            size = _size(path)
+            if found[rank] is None and size > sizes[rank] and size == _grown.get(path):
+                found[rank] = read_stack(path)  # written, and no longer growing
+            _grown[path] = size
+    return found
+
+
+#: The size each stack file had at the last look (a dump is read once it stops growing).
+_grown: Dict[str, int] = {}
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _stop(ranks: List[_Rank], patience: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import re
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
@@ -30,6 +31,8 @@ __all__ = ["DistributedTrainerTests"]
 
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
+#: A call that refused the rank or world_size keyword argument.
+_REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
 
 
 def _is_tolerance(value: Any) -> Optional[str]:
@@ -196,7 +199,22 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
 
     # -- what runs in each rank ------------------------------------------------------------
     def _make_rank_trainer(self, rank: int, world_size: int) -> Any:
-        trainer = self._call_make_trainer(rank=rank, world_size=world_size)
+        try:
+            trainer = self._call_make_trainer(rank=rank, world_size=world_size)
+        except TypeError as exc:
+            # make_trainer(**kwargs) that passes rank and world_size on to something that
+            # takes neither: a setUp problem, not a failed training
+            if not _REFUSED_ARGUMENT.search(str(exc)) or isinstance(exc, ContractError):
+                raise
+            raise self._contract_error(
+                "make_trainer",
+                f"passes the arguments of make_trainer(rank={rank}, world_size={world_size}) "
+                f"on to a callable that does not take them ({exc}); DistributedTrainerTests "
+                "calls it so in each rank, and the trainer must use them (a "
+                "DistributedSampler(dataset, num_replicas=world_size, rank=rank), "
+                "DistributedDataParallel): give make_trainer the parameters rank=0, "
+                "world_size=1 and use them",
+            ) from None
         if not (callable(getattr(trainer, "train", None))):
             raise self._contract_error(
                 "make_trainer",

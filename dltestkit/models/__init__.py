@@ -8,6 +8,7 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``determinism.py``: test_eval_deterministic (``randomness.py``: which draws, of which kind)
 - ``persistence.py``: test_state_dict_round_trip
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
+- ``inputs.py``: test_inputs_unchanged
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.
@@ -21,6 +22,7 @@ from .batch import BatchIndependence
 from .determinism import EvalDeterminism
 from .devices import DeviceMoving
 from .dtypes import DtypeMoving
+from .inputs import InputsUnchanged
 from .persistence import StateDictRoundTrip
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
@@ -38,6 +40,7 @@ class ModelTests(
     EvalDeterminism,
     StateDictRoundTrip,
     DtypeMoving,
+    InputsUnchanged,
 ):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 

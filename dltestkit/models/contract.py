@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from ..core.contract import CheckMixin
+from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed
+from ..core.settings import Settings
 from ..core.validators import is_callable, is_instance, is_keys, optional
 from .copies import copy_module, describe_mode, gradients_set_aside, mode
 from .tensors import (
@@ -34,6 +36,14 @@ from .tensors import (
 )
 
 __all__ = ["ModelContract"]
+
+
+def _copies(inputs: Any) -> Any:
+    """``inputs`` with each plain tensor cloned (out of sight of the checks' watches): a model
+    that changes its inputs in place changes a copy, and every call sees the inputs of setUp
+    (test_inputs_unchanged names such a model). Tensor subclasses are passed as they are."""
+    with torch._C.DisableTorchFunction():
+        return map_tensors(lambda t: t.clone() if type(t) is torch.Tensor else t, inputs)
 
 
 def _is_inputs(value: Any) -> Optional[str]:
@@ -103,6 +113,7 @@ class ModelContract(CheckMixin):
     # -- the contract across attributes --------------------------------------------------
     def _validate_combination(self) -> None:
         super()._validate_combination()
+        self._refuse_meta()
         keys = [key for key, _ in input_entries(self.inputs)]
         unknown = [key for key in self.unbatched_inputs if key not in keys]
         if unknown:
@@ -118,6 +129,12 @@ class ModelContract(CheckMixin):
                 "tensors or of dicts of tensors)",
             )
         sizes = ", ".join(describe_batched(key, value) for key, value in entries)
+        if any(batch_length(value) == 0 for _, value in entries):
+            raise self._contract_error(
+                "inputs",
+                f"holds an empty batch ({sizes}): the checks compare the outputs of samples, "
+                "and there is none",
+            )
         if len({batch_length(value) for _, value in entries}) > 1:
             lists = bool(sample_lists(self.inputs, self.unbatched_inputs))
             raise self._contract_error(
@@ -134,6 +151,34 @@ class ModelContract(CheckMixin):
                     "(a (seq, seq) mask) in self.unbatched_inputs"
                 )
                 + (f". {hint}" if (hint := self._positional_list_hint()) else ""),
+            )
+
+    def _refuse_meta(self) -> None:
+        """A ContractError for a model or inputs on the meta device: they hold no values, so
+        nothing can be computed or compared (test_device_moving moves a copy there itself)."""
+        on_meta = [
+            name
+            for name, tensor in (
+                *self.model.named_parameters(),
+                *self.model.named_buffers(),
+            )
+            if tensor.is_meta
+        ]
+        if on_meta:
+            raise self._contract_error(
+                "model",
+                f"is on the meta device ({listed(on_meta)} hold no values: built under "
+                "torch.device('meta'), or with init_empty_weights, and never materialised); "
+                "the checks compute with the model. Build it on the CPU, or load its weights "
+                "(model.to_empty(device='cpu') then load_state_dict)",
+            )
+        meta_inputs = [path for path, tensor in named_tensors(self.inputs) if tensor.is_meta]
+        if meta_inputs:
+            raise self._contract_error(
+                "inputs",
+                f"holds tensors on the meta device ({listed(meta_inputs)}), which hold no "
+                "values; the checks compute with them. Make them on the CPU (test_device_moving "
+                "moves copies to the meta device itself)",
             )
 
     # -- calling the model: one convention for every check --------------------------------
@@ -224,13 +269,37 @@ class ModelContract(CheckMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
             with mode(model, training=training):
+                settings = Settings.capture()
                 try:
-                    return call_model(model, inputs)
+                    output = call_model(model, _copies(inputs))
                 except Exception as exc:
                     if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
                         exc._dltestkit_noted = True  # type: ignore[attr-defined]
                         exc.add_note(self._call_note(inputs, training))
                     raise
+                finally:
+                    self._note_settings(model, settings)
+        if output is None:
+            self.fail(self._none_returned(training))
+        return output
+
+    def _note_settings(self, model: nn.Module, before: Settings) -> None:
+        """Put back the global settings a forward pass changed (default dtype, grad mode,
+        ...), and note the change for the check's message: the next call starts as this one
+        did."""
+        changes = before.changes(Settings.capture())
+        if changes:
+            before.restore()
+            self._settings_changes = getattr(self, "_settings_changes", []) + [
+                f"{change}, by the forward of {type(model).__name__}" for change in changes
+            ]
+
+    def _none_returned(self, training: bool) -> str:
+        return (
+            f"the model's forward returned None (in {describe_mode(training)} mode): a missing "
+            "return statement? Every check needs an output: return the output tensor (or a "
+            "tuple, dict or ModelOutput holding it)."
+        )
 
     def _call_note(self, inputs: Any, training: bool) -> str:
         """How the model was called, for an exception raised by the model itself."""
@@ -275,6 +344,8 @@ class ModelContract(CheckMixin):
 
     def _output(self, output: Any) -> torch.Tensor:
         """The checked output tensor (chosen by output_key)."""
+        if output is None:
+            self.fail(self._none_returned(self.model.training))
         try:
             return select_tensor(
                 output,
@@ -295,6 +366,8 @@ class ModelContract(CheckMixin):
         """loss_fn(output), or every floating-point output weighted at random and summed."""
         if self.loss_fn is not None:
             return self.loss_fn(output)
+        if output is None:
+            self.fail(self._none_returned(training=True))
         tensors = [t for _, t in floating_tensors(output)]
         if not tensors:
             raise ContractError(

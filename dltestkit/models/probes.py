@@ -283,6 +283,14 @@ def probe_forward(
                     probe = Probe(key, tensor, False, False, sample=index, within=path)
                     probes.append(probe)
     mode = _EmbeddingProbe(integers, batch)
-    with torch.enable_grad(), mode:
-        output = call(replace_entries(inputs, leaves))
+    with torch.enable_grad():
+        # the model gets copies of the leaves, which it may change in place as it may change
+        # any input (autograd refuses that on a leaf); the gradients reach the leaves
+        passed = {key: map_tensors(_copy_of_leaf, value) for key, value in leaves.items()}
+        with mode:
+            output = call(replace_entries(inputs, passed))
     return output, probes + mode.probes
+
+
+def _copy_of_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.requires_grad and tensor.is_leaf else tensor

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 
 from ...core.compare import mismatch, summary
+from ...core.messages import listed
 from ...core.options import REQUIRED, UNSET, ContractError, option
 from ...core.seeds import derived_seed
 from ...core.validators import is_bool, is_key, is_keys, is_positive_int
@@ -140,6 +141,7 @@ class SequenceContract(Dependence):
                 raise self._contract_error(
                     "padding_mask", f"selects {shape}, not a (batch, seq) tensor"
                 )
+            self._validate_mask(mask)
         if self._is_set("sequence_inputs"):
             unknown = [key for key in self.sequence_inputs if key not in keys]
             if unknown:
@@ -147,6 +149,56 @@ class SequenceContract(Dependence):
                     "sequence_inputs",
                     f"names {unknown}, which self.inputs does not have (it has {keys})",
                 )
+
+    def _validate_mask(self, mask: torch.Tensor) -> None:
+        """The padding mask has the inputs' positions, marks padding with padded_value and
+        real positions with one other value (1 or 0 for a mask of 0 and 1): a mask that does
+        not is a setUp problem, which the model would be blamed for (a broadcasting error,
+        a model that "sees the future")."""
+        dim = self.sequence_dim
+        lengths = sorted(
+            {
+                int(tensor.shape[dim])
+                for _, tensor in batched_entries(
+                    self.inputs, (*self.unbatched_inputs, self.padding_mask)
+                )
+                if tensor.dim() > dim
+            }
+        )
+        if lengths and mask.shape[1] not in lengths:
+            raise self._contract_error(
+                "padding_mask",
+                f"selects a mask of {mask.shape[1]} positions, but the inputs have "
+                f"{' or '.join(map(str, lengths))} at sequence_dim={dim}: it must mark each "
+                "position of the inputs as real or padded",
+            )
+        values = torch.unique(mask.detach()).tolist()
+        shown = listed([repr(value) for value in values], 5)
+        padded = self.padded_value
+        if isinstance(padded, bool) or padded in (0, 1):
+            other = [value for value in values if value not in (0, 1)]
+            if other:
+                raise self._contract_error(
+                    "padding_mask",
+                    f"selects a mask holding values other than 0 and 1 ({shown}): "
+                    f"with padded_value={padded!r} the checks read {padded!r} as padding and "
+                    f"{int(not padded)} as a real position. Make it a mask of 0 and 1 (or "
+                    "bool)",
+                )
+        elif len(values) > 2:
+            raise self._contract_error(
+                "padding_mask",
+                f"selects a mask holding {len(values)} values ({shown}): one marks "
+                f"padding (padded_value={padded!r}), one real positions",
+            )
+        if values and all(value == padded for value in values):
+            raise self._contract_error(
+                "padding_mask",
+                f"selects a mask that marks every position as padding (every value is "
+                f"padded_value={padded!r}): an inverted mask? Set self.padded_value to the "
+                "value that marks padding (True for PyTorch's key_padding_mask, where True "
+                "marks padding; 0 for transformers' attention_mask)",
+            )
 
     def _unprobed_inputs(self) -> Collection[Key]:
         mask = (self.padding_mask,) if self._is_set("padding_mask") else ()
