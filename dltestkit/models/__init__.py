@@ -8,6 +8,9 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``determinism.py``: test_eval_deterministic (``randomness.py``: which draws, of which kind)
 - ``persistence.py``: test_state_dict_round_trip
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
+- ``modes.py``: test_train_matches_eval
+- ``statistics.py``: test_running_statistics
+- ``inputs.py``: test_all_inputs_used
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.
@@ -21,10 +24,13 @@ from .batch import BatchIndependence
 from .determinism import EvalDeterminism
 from .devices import DeviceMoving
 from .dtypes import DtypeMoving
+from .inputs import InputUse
+from .modes import ModeAgreement
 from .persistence import StateDictRoundTrip
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
+from .statistics import RunningStatistics
 from .training import Training
 
 __all__ = ["ModelTests", "SequenceModelTests"]
@@ -38,6 +44,9 @@ class ModelTests(
     EvalDeterminism,
     StateDictRoundTrip,
     DtypeMoving,
+    ModeAgreement,
+    RunningStatistics,
+    InputUse,
 ):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 
