@@ -356,6 +356,12 @@ class ModeAgreement(ModelContract):
         """What, seen in the training pass and not in the eval pass, makes the modes differ
         by design."""
         found: List[str] = []
+        scripted = _scripted(self.model)
+        if scripted:
+            found.append(
+                f"TorchScript modules ({listed(scripted)}), whose dropout and batch statistics "
+                "dltestkit cannot see, so cannot switch off"
+            )
         approximate = [n.describe() for n in watch.neutralised if not n.exact]
         if approximate:
             found.append(
@@ -419,6 +425,17 @@ class ModeAgreement(ModelContract):
                 f"differ: the difference is made in {where}, before it calls {name}."
             )
         return ""
+
+
+def _scripted(model: nn.Module) -> List[str]:
+    """The names of the TorchScript modules of ``model`` (outermost ones)."""
+    names: List[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(
+            name.startswith(f"{outer}.") for outer in names
+        ):
+            names.append(name or type(model).__name__)
+    return names
 
 
 def _unique(texts: List[str]) -> List[str]:

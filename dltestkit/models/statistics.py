@@ -29,7 +29,7 @@ from ..core.validators import is_names
 from ..core.watch import ModuleTracker, Watch, op_name, user_code_location, watching
 from .contract import ModelContract
 from .copies import mode
-from .modes import _NORM_DEFAULTS, _NORMS
+from .modes import _NORM_DEFAULTS, _NORMS, _scripted
 from .randomness import _ABSENT, _argument
 
 __all__ = ["RunningStatistics"]
@@ -129,9 +129,16 @@ class RunningStatistics(ModelContract):
         """
         used = self._statistics_used_in_eval()
         if not used:
+            scripted = _scripted(self.model)
             self.skipTest(
                 "no normalisation in eval mode is handed running statistics (no F.batch_norm "
                 "or F.instance_norm with a running_mean): nothing to check"
+                + (
+                    f" (the operations of TorchScript modules, {listed(scripted)}, cannot be "
+                    "watched)"
+                    if scripted
+                    else ""
+                )
             )
         calls, training, changed = self._statistics_training_pass(self._copy_model())
         checked, frozen = [], []
