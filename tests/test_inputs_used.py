@@ -23,7 +23,10 @@ VOCAB = 30
 
 
 def case(
-    build: Callable[[], nn.Module], inputs: Callable[[], Any], mixin: type = ModelTests, **extra: Any
+    build: Callable[[], nn.Module],
+    inputs: Callable[[], Any],
+    mixin: type = ModelTests,
+    **extra: Any,
 ) -> type:
     def set_up(self: Any) -> None:
         self.model, self.inputs = build(), inputs()
@@ -241,8 +244,7 @@ class InputsUsed(CheckTestCase):
         self.assertFailsWith(
             case(lambda: Conditioned(bug=True), conditioned_inputs),
             USED,
-            "self.inputs[1] is not read: no output depends on it in eval mode or in training "
-            "mode",
+            "self.inputs[1] is not read: no output depends on it in eval mode or in training mode",
         )
 
     def test_inputs_unread_by_design_are_declared(self) -> None:

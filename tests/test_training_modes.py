@@ -62,9 +62,9 @@ class EveryModeDependentLayer(nn.Module):
         sequence = h.view(-1, 4, 2)
         sequence = self.lstm(sequence)[0] + self.attention(sequence, sequence, sequence)[0]
         q = sequence[:, None]
-        sequence = F.scaled_dot_product_attention(
-            q, q, q, dropout_p=0.4 if self.training else 0.0
-        )[:, 0]
+        sequence = F.scaled_dot_product_attention(q, q, q, dropout_p=0.4 if self.training else 0.0)[
+            :, 0
+        ]
         return self.head(F.rrelu(sequence.flatten(1), training=self.training))
 
 
@@ -145,9 +145,7 @@ class LossesInTraining(nn.Module):
 
 def spectral_norm() -> nn.Module:
     """Power iteration in training mode only, updating its buffers (correct)."""
-    return nn.Sequential(
-        nn.Flatten(), nn.utils.parametrizations.spectral_norm(nn.Linear(16, 64))
-    )
+    return nn.Sequential(nn.Flatten(), nn.utils.parametrizations.spectral_norm(nn.Linear(16, 64)))
 
 
 class TrainEvalMatch(CheckTestCase):
@@ -173,8 +171,7 @@ class TrainEvalMatch(CheckTestCase):
         designs = {
             GumbelInTrainingOnly: "random numbers drawn in training only: F.gumbel_softmax in "
             "GumbelInTrainingOnly, at test_training_modes.py:",
-            NumpyMaskInTraining: "NumPy's global generator (np.random) drawn from in training "
-            "only",
+            NumpyMaskInTraining: "NumPy's global generator (np.random) drawn from in training only",
             spectral_norm: "buffers updated by the training pass only: "
             "1.parametrizations.weight.0._u, 1.parametrizations.weight.0._v",
             LossesInTraining: "the model returns other outputs in training mode "

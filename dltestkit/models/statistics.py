@@ -121,11 +121,11 @@ class RunningStatistics(ModelContract):
         """Check that normalisation layers with running statistics use the batch's statistics
         in training mode and update their running statistics there.
 
-        Catches BatchNorm (and InstanceNorm with running statistics) that does not train its
-        statistics: track_running_stats switched off after the layer was built, momentum=0,
-        F.batch_norm(..., training=False) or a wrong training flag in training mode, so that
-        evaluation normalises with statistics that never saw the data. Frozen BatchNorm (kept
-        in eval mode, or with frozen affine parameters) is no false alarm.
+        Catches BatchNorm (and InstanceNorm with running statistics) whose statistics do not
+        train, so that evaluation normalises with statistics that never saw the data:
+        track_running_stats switched off after the layer was built, momentum=0,
+        F.batch_norm(..., training=False) in training mode; frozen BatchNorm is no false
+        alarm.
         """
         used = self._statistics_used_in_eval()
         if not used:
