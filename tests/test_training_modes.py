@@ -129,6 +129,17 @@ class NumpyMaskInTraining(nn.Module):
         return h
 
 
+class MonteCarloDropout(nn.Module):
+    """Dropout on in every mode by design (Monte Carlo dropout at evaluation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.net(x.flatten(1)), 0.5, training=True)
+
+
 class LossesInTraining(nn.Module):
     """Returns a dict of losses in training and predictions at evaluation."""
 
@@ -174,6 +185,8 @@ class TrainEvalMatch(CheckTestCase):
             NumpyMaskInTraining: "NumPy's global generator (np.random) drawn from in training only",
             spectral_norm: "buffers updated by the training pass only: "
             "1.parametrizations.weight.0._u, 1.parametrizations.weight.0._v",
+            MonteCarloDropout: "random numbers drawn in eval mode only: F.dropout in "
+            "MonteCarloDropout",
             LossesInTraining: "the model returns other outputs in training mode "
             "(output['loss']) than in eval mode (output)",
         }

@@ -313,15 +313,9 @@ class _Judges:
         self.test = test
 
     def __iter__(self) -> Iterator[_Judge]:
-        yield self._judge("model", lambda: self.test.model)
+        yield _Judge(self.test, self.test.model)
         if _has_zero_parameters(self.test.model):
-            yield self._judge("zero parameters", self.test._with_zero_parameters_made_random)
-
-    def _judge(self, name: str, make: Callable[[], nn.Module]) -> _Judge:
-        made: Dict[str, _Judge] = self.__dict__.setdefault("_made", {})
-        if name not in made:
-            made[name] = _Judge(self.test, make())
-        return made[name]
+            yield _Judge(self.test, self.test._with_zero_parameters_made_random())
 
 
 class InputUse(Dependence):

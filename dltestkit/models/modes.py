@@ -373,6 +373,9 @@ class ModeAgreement(ModelContract):
         extra = list((Counter(watch.draws) - Counter(seen.draws)).elements())
         if extra:
             found.append(f"random numbers drawn in training only: {_draws(extra)}")
+        missing = list((Counter(seen.draws) - Counter(watch.draws)).elements())
+        if missing:  # dropout left on at evaluation is test_eval_deterministic's to report
+            found.append(f"random numbers drawn in eval mode only: {_draws(missing)}")
         for generator in trained.generators:
             if generator not in evaluated.generators:
                 found.append(f"{generator} drawn from in training only")
