@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Sequence
 SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
 #: The reason test_device_moving_on_gpu gives on CPU-only machines.
 NO_GPU = "no CUDA, MPS or other accelerator"
+#: The reason test_running_statistics gives for a model without running statistics.
+NO_RUNNING_STATISTICS = "no normalisation in eval mode is handed running statistics"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from checkrunner import CheckTestCase, make_case, run_check
+from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case, run_check
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -468,6 +468,7 @@ def token_case(model_type: Any, **attributes: Any) -> type:
 
 CHECKS = sorted(
     [
+        "test_all_inputs_used",
         "test_all_parameters_updated",
         "test_batch_independence",
         "test_device_moving",
@@ -476,7 +477,9 @@ CHECKS = sorted(
         "test_eval_deterministic",
         "test_finite_outputs_and_gradients",
         "test_output_shape",
+        "test_running_statistics",
         "test_state_dict_round_trip",
+        "test_train_matches_eval",
     ]
 )
 
@@ -504,9 +507,13 @@ class CorrectModels(CheckTestCase):
             ),
         }
         for label, case in cases.items():
+            # test_running_statistics has nothing to check but on the BatchNorm models
+            allowed = [NO_GPU] + ([] if "batchnorm" in label else [NO_RUNNING_STATISTICS])
+            if "checkpointing" in label:
+                allowed = [NO_GPU]
             for name in CHECKS:
                 with self.subTest(label, check=name):
-                    self.assertPasses(case, name)
+                    self.assertPasses(case, name, allowed_skips=allowed)
 
     def test_a_model_random_in_eval_mode_passes_the_other_checks(self) -> None:
         case = model_case(VAE)
@@ -514,9 +521,9 @@ class CorrectModels(CheckTestCase):
             if name in ("test_eval_deterministic", "test_state_dict_round_trip"):
                 continue
             with self.subTest(check=name):
-                self.assertPasses(case, name)
+                self.assertPasses(case, name, allowed_skips=[NO_GPU, NO_RUNNING_STATISTICS])
 
-    def test_the_checks_contribute_nine_tests(self) -> None:
+    def test_the_checks_contribute_twelve_tests(self) -> None:
         case = model_case(AutoEncoder)
         self.assertEqual(unittest.TestLoader().getTestCaseNames(case), CHECKS)
         self.assertEqual(sorted(checks_of(case)), CHECKS)
@@ -1919,6 +1926,11 @@ def small_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+#: The training-mode checks on TorchScript, whose operations no watch sees: no running
+#: statistics to check, dropout and BatchNorm that cannot be switched off in training.
+TORCHSCRIPT_SKIPS = (NO_RUNNING_STATISTICS, "output differs between training and eval mode (")
+
+
 def scripted(build: Any) -> Any:
     def make() -> nn.Module:
         with warnings.catch_warnings():
@@ -1970,7 +1982,8 @@ class TorchScript(CheckTestCase):
                     for name in checks_of(case):
                         label = f"{convert.__name__} {build.__name__}, {accelerators}"
                         with self.subTest(label, check=name):
-                            self.assertPasses(case, name)
+                            # BatchNorm and dropout inside TorchScript cannot be watched
+                            self.assertPasses(case, name, [NO_GPU, *TORCHSCRIPT_SKIPS])
 
     def test_a_scripted_submodule_trains_and_moves_in_a_copy(self) -> None:
         case = model_case(lambda: WrapsAScriptedModel(scripted(AutoEncoder)()))

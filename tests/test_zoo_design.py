@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from checkrunner import NO_GPU, CheckTestCase, make_case
+from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case
 from test_zoo import (
     BATCH,
     LENGTH,
@@ -48,7 +48,11 @@ from test_zoo import (
     NO_MAKE_MODEL,
     NO_MASK,
     VOCAB,
+    bert_config,
+    differs_in_training,
     gpt2,
+    gpt2_config,
+    has_running_statistics,
     images,
     token_batch,
     with_position_ids,
@@ -67,6 +71,11 @@ PAIRWISE = "the checked output, of shape (4, 4), compares pairs of samples"
 #: test_dtype_moving's float64 subtest: transformers' MoE experts use torch._grouped_mm, which
 #: has no float64 kernel.
 GROUPED_MM = "torch._grouped_mm in model.layers.0.mlp.experts"
+#: test_train_matches_eval on transformers' audio encoders: SpecAugment draws its masks from
+#: NumPy's generator in training only, LayerDrop compares torch.rand with its rate.
+SPEC_AUGMENT = differs_in_training("output.last_hidden_state")
+#: test_running_statistics on a model whose train() keeps every BatchNorm in eval mode.
+FROZEN_NORMALISATION = "every normalisation layer with running statistics is frozen by design"
 
 
 def samples_at_evaluation(output: str) -> str:
@@ -1049,7 +1058,7 @@ DESIGN_ZOO: Dict[str, Case] = {
             expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
             make_model=wav2vec2,
         ),
-        (),
+        (SPEC_AUGMENT,),
     ),
     "transformers HuBERT, raw audio": (
         ModelTests,
@@ -1058,7 +1067,7 @@ DESIGN_ZOO: Dict[str, Case] = {
             inputs=raw_audio,
             expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
         ),
-        (NO_MAKE_MODEL,),
+        (NO_MAKE_MODEL, SPEC_AUGMENT),
     ),
     "transformers Whisper encoder, log-mel features": (
         ModelTests,
@@ -1142,7 +1151,7 @@ DESIGN_ZOO: Dict[str, Case] = {
             expected_output_shape=(BATCH, 1),
             make_model=spectral_norm_discriminator,
         ),
-        (),
+        (differs_in_training("output"),),  # its power iteration runs in training only
     ),
     "Gumbel-softmax autoencoder (samples in training only)": (
         ModelTests,
@@ -1152,7 +1161,7 @@ DESIGN_ZOO: Dict[str, Case] = {
             expected_output_shape=(BATCH, 1, 8, 8),
             make_model=GumbelAutoEncoder,
         ),
-        (),
+        (differs_in_training("output[0]"),),  # Gumbel-softmax in training, argmax in eval
     ),
     "policy that samples its action (every mode)": (
         ModelTests,
@@ -1191,7 +1200,10 @@ DESIGN_ZOO: Dict[str, Case] = {
         ),
         (NO_MASK,),
     ),
-    "frozen backbone under torch.no_grad (linear probe)": image_classifier(LinearProbe),
+    "frozen backbone under torch.no_grad (linear probe)": (
+        *image_classifier(LinearProbe)[:2],
+        (FROZEN_NORMALISATION,),  # its train() keeps the backbone's BatchNorm in eval mode
+    ),
     "sparse EmbeddingBag (fastText)": (
         ModelTests,
         dict(
@@ -1304,6 +1316,8 @@ DETECTION: Dict[str, Case] = {
             # the platform's: data-dependent operations on meta, nms without a bfloat16 kernel
             "in eval mode, the model uses an operation the meta device cannot run",
             "an operation of the model (torch.ops.torchvision.nms",
+            # the design: a dict of losses in training, detections in eval
+            "the model returns other outputs in training mode",
             # the design: images of several sizes padded to the largest of the batch
             *(
                 f"sample {i}'s output[{i}]['boxes'] changes with the shapes of the other "
@@ -1349,9 +1363,12 @@ class DesignZoo(CheckTestCase):
             case = design_case(mixin, attributes)
             model = attributes["model"]()
             before = {name: t.clone() for name, t in model.state_dict().items()}
+            allowed = [NO_GPU, *skips]
+            if not has_running_statistics(model):
+                allowed.append(NO_RUNNING_STATISTICS)
             for name in checks_of(case):
                 with self.subTest(label, check=name):
-                    self.assertPasses(case, name, allowed_skips=[NO_GPU, *skips])
+                    self.assertPasses(case, name, allowed_skips=allowed)
             if model is attributes["model"]():  # shared: the checks must not have changed it
                 with self.subTest(label, check="the shared model is unchanged"):
                     after = model.state_dict()
@@ -1515,6 +1532,35 @@ class DesignFalseAlarms(CheckTestCase):
         # torch.where(chosen == e), the one-argument form of nonzero: no meta kernel
         self.assertCheckPasses(
             "hand-written top-2 MoE layer with a load-balancing loss", "test_device_moving"
+        )
+
+    # issue 22: the training-mode checks
+    def test_attention_dropout_read_from_dropout_p_is_no_false_alarm(self) -> None:
+        # eager attention calls F.dropout(weights, p=module.attn_dropout.p, ...): the
+        # attention Dropout modules are never called, the dropout still switched off
+        from transformers import BertModel, GPT2LMHeadModel
+
+        eager = {"attn_implementation": "eager"}
+        for build in (
+            lambda: GPT2LMHeadModel(gpt2_config(bos_token_id=0, eos_token_id=0, **eager)),
+            lambda: BertModel(bert_config(**eager)),
+        ):
+            case = design_case(ModelTests, dict(model=build, inputs=token_batch))
+            self.assertPasses(case, "test_train_matches_eval")
+
+    def test_spec_augment_is_reported_by_train_matches_eval(self) -> None:
+        self.assertCheckSkipsWith(
+            "transformers wav2vec2, raw audio",
+            "test_train_matches_eval",
+            "the model computes differently in training mode by design: ",
+            "NumPy's global generator (np.random) drawn from in training only",
+        )
+
+    def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:
+        self.assertCheckSkipsWith(
+            "frozen backbone under torch.no_grad (linear probe)",
+            "test_running_statistics",
+            "backbone.bn1 (BatchNorm2d) (kept in eval mode when the model is in training mode)",
         )
 
     def test_routing_with_torch_where_is_checked_on_meta_by_the_first_check(self) -> None:

@@ -9,6 +9,9 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``persistence.py``: test_state_dict_round_trip
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
 - ``inputs.py``: test_inputs_unchanged
+- ``modes.py``: test_train_matches_eval
+- ``statistics.py``: test_running_statistics
+- ``input_use.py``: test_all_inputs_used
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.
@@ -22,11 +25,14 @@ from .batch import BatchIndependence
 from .determinism import EvalDeterminism
 from .devices import DeviceMoving
 from .dtypes import DtypeMoving
+from .input_use import InputUse
 from .inputs import InputsUnchanged
+from .modes import ModeAgreement
 from .persistence import StateDictRoundTrip
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
+from .statistics import RunningStatistics
 from .training import Training
 
 __all__ = ["ModelTests", "SequenceModelTests"]
@@ -41,6 +47,9 @@ class ModelTests(
     StateDictRoundTrip,
     DtypeMoving,
     InputsUnchanged,
+    ModeAgreement,
+    RunningStatistics,
+    InputUse,
 ):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 

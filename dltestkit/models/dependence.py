@@ -25,6 +25,11 @@ class Dependence(ModelContract):
         """Inputs that are never differentiated."""
         return tuple(self.unbatched_inputs)
 
+    def _padded_elements(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """True at the elements of a batched input that are padding; None: no padding is
+        known (SequenceModelTests knows it from padding_mask)."""
+        return None
+
     def _probe(
         self, model: nn.Module, inputs: Any = None, required: bool = True
     ) -> Tuple[Any, List[Probe]]:

@@ -50,6 +50,10 @@ class Probe:
     #: then has no batch dimension), and the tensor's path in that sample ("['boxes']").
     sample: Optional[int] = None
     within: str = ""
+    #: For the embedding of an integer input: the flat (row-major) position in the input of
+    #: each id the leaf embeds, in the leaf's leading dimensions (None for a bag's leaf, each
+    #: of whose rows embeds several ids).
+    positions: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
         name = describe_input(self.key)
@@ -154,7 +158,9 @@ class _EmbeddingProbe(Watch):
                 if torch.equal(base.permute(order), positions):  # indices is source.permute
                     inverse = sorted(range(len(order)), key=order.__getitem__)
                     leaf = output.detach().permute(*inverse, *extra).requires_grad_(True)
-                    self.probes.append(Probe(key, leaf, embedded=True, aligned=True))
+                    self.probes.append(
+                        Probe(key, leaf, embedded=True, aligned=True, positions=base)
+                    )
                     identity = order == tuple(range(len(order)))
                     return leaf if identity else leaf.permute(*order, *extra)
         batch_dim = next(
@@ -169,7 +175,8 @@ class _EmbeddingProbe(Watch):
         if batch_dim is None:
             return output  # the samples cannot be told apart in this lookup
         leaf = output.detach().movedim(batch_dim, 0).requires_grad_(True)
-        self.probes.append(Probe(key, leaf, embedded=True, aligned=False))
+        where = positions.movedim(batch_dim, 0)
+        self.probes.append(Probe(key, leaf, embedded=True, aligned=False, positions=where))
         return leaf.movedim(0, batch_dim)
 
     def _bag(self, indices: Any, offsets: Any, include_last: bool, output: Any) -> Any:

@@ -33,16 +33,24 @@ class Causality(SequenceContract):
     first), WaveNet's shifted input, targets shifted right inside the model (a transformers
     encoder-decoder called with `labels` only). With True, an output that depends on earlier inputs
     but not on its own position fails; with False, one that depends on its own position fails."""
+    sees_previous: bool = option(True, is_bool, example="False")
+    """Whether the output at position t depends on the input at position t - 1 (for a causal model).
+
+    With True, an output that depends on other positions but not on the one before it fails (a
+    causal mask shifted by one, a window of one position, a causal convolution dilated in its first
+    layer); an output that depends on no input passes (a zero-initialised head). False for a model
+    that reads each position alone or skips the previous one by design: then it is not required."""
 
     # -- causality -------------------------------------------------------------------------
-    @check(reads=(*SEQUENCE, "sees_present"))
+    @check(reads=(*SEQUENCE, "sees_present", "sees_previous"))
     def test_causality(self) -> None:
         """Check that the output at each position depends on no input at a later position.
 
         Catches a causal model that sees the future: a causal mask off by one, a convolution
         padded on both sides, a bidirectional layer, inputs shifted the wrong way; names the
         first leaking pair of positions. Also an output that does not see its own position (a
-        mask that hides the present), or sees it though sees_present is False.
+        mask that hides the present), or sees it though sees_present is False, and one that
+        does not see the position before it (a causal mask shifted by one, a window of one).
         """
         self._refuse_sample_lists("test_causality")
         if not self.causal:
@@ -57,8 +65,10 @@ class Causality(SequenceContract):
         real = self._real_positions(length)
         entries = self._sequence_entries(self.inputs, length)
         probes = self._positional_probes(probes, entries, length)
-        suspects = self._causality_by_gradient(checked, probes, real) if probes else None
-        self._causality_by_values(entries, real, length, suspects)
+        suspects, blind = (
+            self._causality_by_gradient(checked, probes, real) if probes else (None, None)
+        )
+        self._causality_by_values(entries, real, length, suspects, blind)
 
     def _future_message(
         self, t: int, what: str, leak: int, kind: Optional[str] = None, exact: bool = False
@@ -101,17 +111,40 @@ class Causality(SequenceContract):
             "encoder-decoder called with labels only), set self.sees_present = False."
         )
 
+    def _previous_message(self, t: int, names: Sequence[str], sees: str) -> str:
+        what = " or ".join(names)
+        if sees == "present":
+            seen = (
+                f"depends on {what} at position {t}, its own position, and on no earlier "
+                "position: the model reads each position alone (a window of one position)"
+            )
+        else:
+            seen = (
+                f"depends on {what} at earlier positions but not at position {t - 1}, the one "
+                "before it: the model skips the previous position"
+            )
+        return (
+            f"the output at position {t} does not depend on {what} at position {t - 1}; it "
+            f"{seen}. A causal sequence model sees the position before the one it predicts "
+            "for. Usual causes: a causal mask shifted by one, or built as a band of width 1 "
+            "(torch.tril(m) - torch.tril(m, -1) keeps the diagonal alone), a sliding window of "
+            "1, a causal convolution dilated in its first layer, inputs shifted by two "
+            "positions where one is meant. If the model reads each position alone or skips "
+            "the previous one by design, set self.sees_previous = False."
+        )
+
     def _causality_by_gradient(
         self, checked: torch.Tensor, probes: Sequence[Probe], real: torch.Tensor
-    ) -> List[int]:
+    ) -> Tuple[List[int], List[int]]:
         """Fail at the first output that depends on a later input (or on its own, with
         sees_present False). Returns the positions whose output shows no gradient from its
-        own position, for the values to decide (with sees_present True)."""
+        own position (with sees_present True), and those whose output shows none from the
+        position before it (with sees_previous True), for the values to decide."""
         dim = self.sequence_dim
         length = checked.shape[dim]
         first = 1 if self.sees_present else 0  # inputs from t + first on must not matter
         weights = self._weights([checked])[0]
-        suspects = []
+        suspects, blind = [], []
         for t in range(length):
             rows = real[:, t]
             if not rows.any():
@@ -135,7 +168,14 @@ class Causality(SequenceContract):
             # row spoils every gradient of its batch): the values decide.
             if self.sees_present and not any(bool(where[t]) for where in per_position):
                 suspects.append(t)
-        return suspects
+            if (
+                self.sees_previous
+                and t > 0
+                and bool((rows & real[:, t - 1]).any())
+                and not any(bool(where[t - 1]) for where in per_position)
+            ):
+                blind.append(t)
+        return suspects, blind
 
     def _causality_by_values(
         self,
@@ -143,10 +183,13 @@ class Causality(SequenceContract):
         real: torch.Tensor,
         length: int,
         suspects: Optional[List[int]],
+        blind: Optional[List[int]],
     ) -> None:
         """Replace the inputs after each position t and compare the outputs up to t; then,
         with sees_present True, check that the outputs depend on their own position (at the
-        ``suspects`` the gradients found; everywhere without gradients, ``suspects`` None)."""
+        ``suspects`` the gradients found; everywhere without gradients, ``suspects`` None),
+        and with sees_previous True, on the position before (at the ``blind`` positions the
+        gradients found; everywhere without gradients)."""
         part = "inputs at later positions replaced"
         base = self._run(self.inputs)
         others = {
@@ -190,15 +233,59 @@ class Causality(SequenceContract):
                     at, describe_input(key), leak, kind, suspects is not None
                 )
             self.fail(f"{message} The outputs at position {at}: {difference}.")
-        if not self.sees_present:
-            return
+        names = [describe_input(key) for key, _ in entries]
         part = "the inputs at each position replaced"
-        for t in suspects if suspects is not None else range(1, length):
-            ignores = self._ignores_present(t, base, others, real, part)
-            if ignores is None:
-                return
-            if ignores:
-                self.fail(self._present_message(t, [describe_input(key) for key, _ in entries]))
+        if self.sees_present:
+            for t in suspects if suspects is not None else range(1, length):
+                ignores = self._ignores_present(t, base, others, real, part)
+                if ignores is None:
+                    return
+                if ignores:
+                    self.fail(self._present_message(t, names))
+        if self.sees_previous:
+            alone = None  # the first position whose output sees its own input only
+            for t in blind if blind is not None else range(1, length):
+                sees = self._sees_before(t, base, others, real, part)
+                if sees is None:
+                    return
+                if sees == "earlier":  # the more telling case: fail at once
+                    self.fail(self._previous_message(t, names, sees))
+                if sees == "present" and alone is None:
+                    alone = t
+            if alone is not None:
+                self.fail(self._previous_message(alone, names, "present"))
+
+    def _sees_before(
+        self,
+        t: int,
+        base: torch.Tensor,
+        others: Dict[Key, torch.Tensor],
+        real: torch.Tensor,
+        part: str,
+    ) -> Optional[str]:
+        """Whether the outputs at position t stay the same when the inputs at t - 1 are
+        replaced: "" if they change (or cannot be judged: t - 1 padded everywhere t is real),
+        "earlier" if they change with the inputs before t - 1, "present" if only with the
+        input at t, "" if with none (an output that depends on no input); None when the
+        model raised."""
+        positions = torch.arange(base.shape[self.sequence_dim])
+        rows = real[:, t] & real[:, t - 1]
+        where = rows[:, None] & (positions == t)
+        if not where.any():
+            return ""
+        for replaced, verdict in (
+            (positions == t - 1, ""),
+            (positions < t - 1, "earlier"),
+            (positions == t, "present"),
+        ):
+            if verdict == "earlier" and t < 2:
+                continue
+            changed = self._try_run(self._replaced(self.inputs, others, replaced), part)
+            if changed is None:
+                return None
+            if output_difference(self._at(changed, where), self._at(base, where)) is not None:
+                return verdict
+        return ""
 
     def _culprit(
         self,

@@ -204,6 +204,20 @@ class SequenceContract(Dependence):
         mask = (self.padding_mask,) if self._is_set("padding_mask") else ()
         return (*super()._unprobed_inputs(), *mask)
 
+    def _padded_elements(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """True at the elements of a batched input that lie at padded positions: those with the
+        padding mask's batch and positions (at sequence_dim)."""
+        if not self._is_set("padding_mask"):
+            return None
+        padded = self._mask() == self.padded_value
+        dim = self.sequence_dim
+        if tensor.dim() <= dim or tuple(padded.shape) != (tensor.shape[0], tensor.shape[dim]):
+            return None
+        shape = [1] * tensor.dim()
+        shape[0], shape[dim] = padded.shape
+        elements: torch.Tensor = padded.reshape(shape).expand(tensor.shape)
+        return elements
+
     # -- what the checks look at -----------------------------------------------------------
     def _sequence_probe(self, inputs: Any) -> Tuple[Any, torch.Tensor, List[Probe]]:
         """Eval-mode output, checked output and probes of self.model on ``inputs``; unlike
