@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dltestkit
 from dltestkit import reference
+from dltestkit.core.contract import CheckMixin
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -54,6 +55,24 @@ class House(unittest.TestCase):
         except graphlib.CycleError as error:
             self.fail(f"modules import each other in a circle: {error.args[1]}")
 
+    def test_no_two_features_of_a_suite_define_one_name(self) -> None:
+        # Feature mixins are composed by inheritance: a helper that two of them define under one
+        # name is silently replaced by one of them (test_all_inputs_used and
+        # test_inputs_unchanged once did so), unless both cooperate through super().
+        for suite in _suites():
+            features = [base for base in suite.__mro__[1:] if _checks_of(base)]
+            owners: dict = {}
+            for feature in features:
+                for name, value in vars(feature).items():
+                    if (
+                        name not in _BOOKKEEPING
+                        and not name.startswith("__")
+                        and not _cooperates(value)
+                    ):
+                        owners.setdefault(name, []).append(feature.__name__)
+            with self.subTest(suite.__name__):
+                self.assertEqual({n: o for n, o in owners.items() if len(o) > 1}, {})
+
     def test_no_module_is_over_600_lines(self) -> None:
         for info in reference.house().values():
             for module, lines in info["modules"].items():  # type: ignore[attr-defined]
@@ -66,6 +85,28 @@ class House(unittest.TestCase):
         svg = reference.house_svg()
         for wing in ("core/", "models/", "data/", "trainers/", "distributed/"):
             self.assertIn(f">{wing}</text>", svg)
+
+
+def _suites() -> list:
+    return [
+        value
+        for value in vars(dltestkit).values()
+        if isinstance(value, type) and issubclass(value, CheckMixin)
+    ]
+
+
+_BOOKKEEPING = {"_own_options", "_suite"}  # set per suite by the declaring machinery
+
+
+def _checks_of(cls: type) -> list:
+    return [name for name in vars(cls) if name.startswith("test_")]
+
+
+def _cooperates(value: object) -> bool:
+    """Whether a method hands on to the next class (super()) or is the options' bookkeeping."""
+    function = getattr(value, "__func__", value)
+    code = getattr(function, "__code__", None)
+    return code is not None and "super" in code.co_names
 
 
 class Api(unittest.TestCase):

@@ -11,7 +11,7 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``inputs.py``: test_inputs_unchanged
 - ``modes.py``: test_train_matches_eval
 - ``statistics.py``: test_running_statistics
-- ``input_use.py``: test_all_inputs_used
+- ``input_use.py``: test_all_inputs_used (``input_parts.py``: the parts of inputs it judges)
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.

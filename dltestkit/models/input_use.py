@@ -26,11 +26,9 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.contract import check
@@ -39,9 +37,22 @@ from ..core.options import option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_keys
-from ..core.watch import ModuleTracker, Watch, op_name, user_code_location, watching
+from ..core.watch import watching
 from .dependence import Dependence
-from .probes import Probe
+from .input_parts import (
+    CoverageWatch,
+    Slabs,
+    Target,
+    change_elements,
+    changeable,
+    elements,
+    has_zero_parameters,
+    narrow,
+    probe_of,
+    same_outputs,
+    swap,
+    ways,
+)
 from .randomness import RandomnessWatch
 from .tensors import (
     Key,
@@ -58,166 +69,6 @@ __all__ = ["InputUse"]
 _SLABS_BY_VALUE = 16
 
 
-@dataclass
-class _Target:
-    """One input tensor judged element by element: a batched input (batch first), or one
-    tensor of one sample of a list of samples."""
-
-    key: Key
-    tensor: torch.Tensor
-    batched: bool
-    sample: Optional[int] = None
-    within: str = ""
-    #: True where an output depends on the element (None: not known element by element)
-    read: Optional[torch.Tensor] = None
-    #: an output depends on some element (known where ``read`` is not)
-    read_somewhere: bool = False
-    #: True where the element is not judged (padding)
-    excluded: Optional[torch.Tensor] = None
-
-    def describe(self) -> str:
-        name = describe_input(self.key)
-        return f"{name}[{self.sample}]{self.within}" if self.sample is not None else name
-
-    def ident(self) -> Tuple[Key, Optional[int], str]:
-        return self.key, self.sample, self.within
-
-    def dims(self) -> range:
-        return range(1 if self.batched else 0, self.tensor.dim())
-
-    def judged(self) -> torch.Tensor:
-        ones = torch.ones(self.tensor.shape, dtype=torch.bool)
-        return ones if self.excluded is None else ~self.excluded
-
-
-@dataclass
-class _Slabs:
-    """Elements of a target suspected unread: the indices ``indices`` along ``dim`` (every
-    element when ``dim`` is None)."""
-
-    target: _Target
-    dim: Optional[int]
-    indices: List[int]
-
-    def mask(self) -> torch.Tensor:
-        shape = self.target.tensor.shape
-        if self.dim is None:
-            return self.target.judged()
-        along = torch.zeros(shape[self.dim], dtype=torch.bool)
-        along[self.indices] = True
-        view = [1] * len(shape)
-        view[self.dim] = shape[self.dim]
-        return along.view(view).expand(shape) & self.target.judged()
-
-    def describe(self) -> str:
-        if self.dim is None:
-            return f"all of {self.target.describe()}"
-        index = [":"] * (self.dim + 1)
-        index[self.dim] = _indices_text(self.indices)
-        return f"{self.target.describe()}[{', '.join(index)}]"
-
-
-def _narrowed(group: List[_Slabs], again: List[_Slabs]) -> List[_Slabs]:
-    """The slabs of ``group`` (one target) that the suspects ``again`` (of another pass)
-    still hold: the indices both suspect, dimension by dimension."""
-    ident = group[0].target.ident()
-    theirs = [s for s in again if s.target.ident() == ident]
-    if any(s.dim is None for s in theirs):
-        return group  # all of it unread there too
-    kept = []
-    for slabs in group:
-        indices = set().union(*(set(s.indices) for s in theirs if s.dim == slabs.dim))
-        common = [i for i in slabs.indices if i in indices]
-        if common:
-            kept.append(_Slabs(slabs.target, slabs.dim, common))
-    return kept
-
-
-def _indices_text(indices: Sequence[int]) -> str:
-    """``3``, ``8:16`` for a run, ``[1, 4, 6]`` otherwise."""
-    if len(indices) == 1:
-        return str(indices[0])
-    if list(indices) == list(range(indices[0], indices[-1] + 1)):
-        return f"{indices[0]}:{indices[-1] + 1}"
-    return str(list(indices))
-
-
-class _CoverageWatch(Watch):
-    """Note the convolutions and poolings whose windows leave the end of their input unread
-    (its size minus the window is no multiple of the stride)."""
-
-    def __init__(self, modules: ModuleTracker) -> None:
-        super().__init__(modules)
-        self.dropping: List[str] = []
-
-    def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        windows = _windows(func, args, kwargs)
-        if windows is not None:
-            sizes, kernel, stride, padding, dilation = windows
-            for size, k, s, p, d in zip(sizes, kernel, stride, padding, dilation):
-                span = size + 2 * p - d * (k - 1) - 1
-                if span >= 0 and span % s:
-                    self.dropping.append(
-                        f"{op_name(func)} in {self.modules.current()}, at "
-                        f"{user_code_location()}, leaves the last {span % s} of {size} "
-                        f"positions of its input unread (stride {s}, window {d * (k - 1) + 1})"
-                    )
-                    break
-        return func(*args, **kwargs)
-
-
-_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation")
-_MAX = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
-_AVERAGE = ("input", "kernel_size", "stride", "padding", "ceil_mode")
-_POOLINGS: Dict[Any, Tuple[int, Tuple[str, ...]]] = {
-    F.max_pool1d: (1, _MAX),
-    F.max_pool2d: (2, _MAX),
-    F.max_pool3d: (3, _MAX),
-    F.avg_pool1d: (1, _AVERAGE),
-    F.avg_pool2d: (2, _AVERAGE),
-    F.avg_pool3d: (3, _AVERAGE),
-}
-
-
-def _tuple(value: Any, n: int) -> Tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) for v in value) if len(value) == n else (int(value[0]),) * n
-    return (int(value),) * n
-
-
-def _windows(
-    func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> Optional[Tuple[Tuple[int, ...], ...]]:
-    """(sizes, kernel, stride, padding, dilation) of a convolution or pooling call over its
-    spatial dimensions, or None for another call (or one that covers its input: 'same')."""
-    try:
-        if func in _CONVOLUTIONS:
-            n = _CONVOLUTIONS[func]
-            bound = dict(zip(_CONVOLUTION_ARGUMENTS, args), **kwargs)
-            padding = bound.get("padding", 0)
-            if isinstance(padding, str):
-                if padding == "same":
-                    return None
-                padding = 0
-            kernel = tuple(bound["weight"].shape[2:])
-            stride, dilation = bound.get("stride", 1), bound.get("dilation", 1)
-        elif func in _POOLINGS:
-            n, names = _POOLINGS[func]
-            bound = dict(zip(names, args), **kwargs)
-            if bound.get("ceil_mode", False):
-                return None
-            kernel = _tuple(bound["kernel_size"], n)
-            stride = bound.get("stride") or kernel
-            padding, dilation = bound.get("padding", 0), bound.get("dilation", 1)
-        else:
-            return None
-        sizes = tuple(bound["input"].shape[-n:])
-        return sizes, kernel, _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-        return None
-
-
 class _Judge:
     """Changes elements of self.inputs and compares the outputs of one model (the model under
     test, or a copy whose zero parameters are random): exactly, under the seeds that tell a
@@ -229,25 +80,25 @@ class _Judge:
         self.seeds = test._seeds_for_values(model)
         self.bases = {seed: test._outputs(model, test.inputs, seed) for seed in self.seeds}
 
-    def changes(self, changes: List[Tuple[_Target, torch.Tensor]]) -> Optional[bool]:
+    def changes(self, changes: List[Tuple[Target, torch.Tensor]]) -> Optional[bool]:
         """Whether changing the elements ``changes`` (target, mask) changes some output, under
         any seed and any way of changing them; None when there is nothing to change (empty
         tensors). A model that raises on the changed values reads them."""
-        changes = [(target, mask) for target, mask in changes if _changeable(target.tensor)]
+        changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
         if not changes:
             return None
-        for way in _ways(changes):
-            inputs = self.test._changed_inputs(changes, way)
+        for way in ways(changes):
+            inputs = self.test._inputs_with_changes(changes, way)
             for seed in self.seeds:
                 try:
                     outputs = self.test._outputs(self.model, inputs, seed)
                 except Exception:  # the model checks the values: it reads them
                     return True
-                if not _same_outputs(outputs, self.bases[seed]):
+                if not same_outputs(outputs, self.bases[seed]):
                     return True
         return False
 
-    def reads_whole(self, group: List[_Slabs]) -> Optional[bool]:
+    def reads_whole(self, group: List[Slabs]) -> Optional[bool]:
         """Whether the model reads an input (its targets ``group``) in eval mode, or else in
         training mode (targets that only a loss reads); None when it has no element."""
         changes = [(slabs.target, slabs.target.judged()) for slabs in group]
@@ -255,9 +106,9 @@ class _Judge:
         if changed is not False:
             return changed
         test = self.test
-        changes = [(target, mask) for target, mask in changes if _changeable(target.tensor)]
-        for way in _ways(changes):
-            inputs = test._changed_inputs(changes, way)
+        changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
+        for way in ways(changes):
+            inputs = test._inputs_with_changes(changes, way)
             copy = test._copy_model() if self.model is test.model else self.model
             trained = test._outputs(copy, test.inputs, test.seed, training=True)
             copy = test._copy_model() if self.model is test.model else self.model
@@ -265,11 +116,11 @@ class _Judge:
                 again = test._outputs(copy, inputs, test.seed, training=True)
             except Exception:  # the model checks the values: it reads them
                 return True
-            if not _same_outputs(trained, again):
+            if not same_outputs(trained, again):
                 return True
         return False
 
-    def unread_slabs(self, group: List[_Slabs]) -> List[_Slabs]:
+    def unread_slabs(self, group: List[Slabs]) -> List[Slabs]:
         """The slabs of one target (``group``) that change no output: all of them at once
         first, then one group of indices at a time, then one index at a time (at most
         _SLABS_BY_VALUE of them; beyond, a skipped part)."""
@@ -298,10 +149,10 @@ class _Judge:
             alone = [
                 index
                 for index in slabs.indices
-                if self.changes([(target, _Slabs(target, slabs.dim, [index]).mask())]) is False
+                if self.changes([(target, Slabs(target, slabs.dim, [index]).mask())]) is False
             ]
             if alone:
-                unread.append(_Slabs(target, slabs.dim, alone))
+                unread.append(Slabs(target, slabs.dim, alone))
         return unread
 
 
@@ -314,7 +165,7 @@ class _Judges:
 
     def __iter__(self) -> Iterator[_Judge]:
         yield _Judge(self.test, self.test.model)
-        if _has_zero_parameters(self.test.model):
+        if has_zero_parameters(self.test.model):
             yield _Judge(self.test, self.test._with_zero_parameters_made_random())
 
 
@@ -362,22 +213,22 @@ class InputUse(Dependence):
             self._judge_by_values(suspects)
 
     # -- what is judged ----------------------------------------------------------------------
-    def _targets(self) -> List[_Target]:
+    def _targets(self) -> List[Target]:
         """Every tensor of self.inputs that carries the batch, but those that are not judged
         (unbatched_inputs, unread_inputs, the padding mask)."""
         skip = (*self._unprobed_inputs(), *self.unread_inputs)
         targets = [
-            _Target(key, tensor, batched=True, excluded=self._padded_elements(tensor))
+            Target(key, tensor, batched=True, excluded=self._padded_elements(tensor))
             for key, tensor in batched_entries(self.inputs, skip)
             if not tensor.is_complex()
         ]
         for key, samples in sample_lists(self.inputs, skip):
             for index, item in enumerate(samples):
                 for path, tensor in named_tensors(item, prefix=""):
-                    targets.append(_Target(key, tensor, False, sample=index, within=path))
+                    targets.append(Target(key, tensor, False, sample=index, within=path))
         return targets
 
-    def _read_by_gradient(self, model: nn.Module, targets: List[_Target]) -> List[_Target]:
+    def _read_by_gradient(self, model: nn.Module, targets: List[Target]) -> List[Target]:
         """The targets with what an eval-mode pass over the probes and one backward pass
         from every floating-point output show them read."""
         output, probes = self._probe(model, required=False)
@@ -391,7 +242,7 @@ class InputUse(Dependence):
         for target in targets:
             read, somewhere = None, False
             for probe, grad in zip(probes, grads):
-                if not _probe_of(probe, target):
+                if not probe_of(probe, target):
                     continue
                 nonzero = (
                     torch.zeros(probe.tensor.shape, dtype=torch.bool)
@@ -399,11 +250,11 @@ class InputUse(Dependence):
                     else grad.ne(0) & grad.isfinite()
                 )
                 somewhere = somewhere or bool(nonzero.any())
-                found = _elements(probe, nonzero, target.tensor)
+                found = elements(probe, nonzero, target.tensor)
                 if found is not None:
                     read = found if read is None else read | found
             judged.append(
-                _Target(
+                Target(
                     target.key,
                     target.tensor,
                     target.batched,
@@ -416,17 +267,17 @@ class InputUse(Dependence):
             )
         return judged
 
-    def _suspects(self, judged: List[_Target]) -> List[_Slabs]:
+    def _suspects(self, judged: List[Target]) -> List[Slabs]:
         """What the gradients leave suspected unread: whole inputs that no output depends on
         (and those no gradient could judge), and the indices along a dimension that no output
         depends on in any sample."""
-        found: List[_Slabs] = []
-        by_key: Dict[Key, List[_Target]] = {}
+        found: List[Slabs] = []
+        by_key: Dict[Key, List[Target]] = {}
         for target in judged:
             by_key.setdefault(target.key, []).append(target)
         for group in by_key.values():
             if not any(t.read_somewhere for t in group):
-                found.extend(_Slabs(t, None, []) for t in group)  # judged as a whole
+                found.extend(Slabs(t, None, []) for t in group)  # judged as a whole
                 continue
             for target in group:
                 if target.read is None:
@@ -440,7 +291,7 @@ class InputUse(Dependence):
                     whole = (moved | ~judged_along).all(1) & judged_along.any(1)
                     indices = [int(i) for i in whole.nonzero().flatten()]
                     if indices:
-                        found.append(_Slabs(target, dim, indices))
+                        found.append(Slabs(target, dim, indices))
         return found
 
     # -- design: zero-initialised parameters -------------------------------------------------
@@ -462,13 +313,13 @@ class InputUse(Dependence):
         return copy
 
     # -- by values ---------------------------------------------------------------------------
-    def _judge_by_values(self, suspects: List[_Slabs]) -> None:
+    def _judge_by_values(self, suspects: List[Slabs]) -> None:
         """Change the suspected elements and compare the outputs, on the model; then, for
         what that leaves unread, on a copy whose zero parameters are made random (its
         gradients first); fail on the elements that change no output (but for designs,
         skipped parts that name them)."""
-        wholes: Dict[Key, List[_Slabs]] = {}
-        parts: Dict[Tuple[Key, Optional[int], str], List[_Slabs]] = {}
+        wholes: Dict[Key, List[Slabs]] = {}
+        parts: Dict[Tuple[Key, Optional[int], str], List[Slabs]] = {}
         for slabs in suspects:
             if slabs.dim is None:
                 wholes.setdefault(slabs.target.key, []).append(slabs)
@@ -482,7 +333,7 @@ class InputUse(Dependence):
                 parts = {
                     ident: narrowed
                     for ident, group in parts.items()
-                    if (narrowed := _narrowed(group, again))
+                    if (narrowed := narrow(group, again))
                 }
             else:
                 integers_only = not any(
@@ -529,22 +380,22 @@ class InputUse(Dependence):
         with torch.no_grad():
             return list(named_tensors(self._forward(model, inputs, training=training, seed=seed)))
 
-    def _changed_inputs(self, changes: List[Tuple[_Target, torch.Tensor]], way: str) -> Any:
+    def _inputs_with_changes(self, changes: List[Tuple[Target, torch.Tensor]], way: str) -> Any:
         """self.inputs with the elements ``changes`` changed ``way``."""
         new: Dict[Key, Any] = {}
         for target, mask in changes:
-            value = _changed(target.tensor, mask, way, self.seed)
+            value = change_elements(target.tensor, mask, way, self.seed)
             if target.batched:
                 new[target.key] = value
                 continue
             samples = list(new.get(target.key, dict(input_entries(self.inputs))[target.key]))
             samples[target.sample or 0] = map_tensors(
-                _swap(target.tensor, value), samples[target.sample or 0]
+                swap(target.tensor, value), samples[target.sample or 0]
             )
             new[target.key] = samples
         return replace_entries(self.inputs, new)
 
-    def _never_read_message(self, group: List[_Slabs]) -> str:
+    def _never_read_message(self, group: List[Slabs]) -> str:
         name = describe_input(group[0].target.key)
         return (
             f"{name} is not read: no output depends on it in eval mode or in training mode "
@@ -556,7 +407,7 @@ class InputUse(Dependence):
         )
 
     # -- designs that leave elements unread ------------------------------------------------
-    def _designed(self, slabs: _Slabs) -> bool:
+    def _designed(self, slabs: Slabs) -> bool:
         """Whether a design explains the unread slabs: then report them as a skipped part
         that names it."""
         reason = self._masked_reason(slabs) or self._strided_reason(slabs)
@@ -565,7 +416,7 @@ class InputUse(Dependence):
         self._skip_part(slabs.describe(), f"{slabs.describe()} is read by no output: {reason}")
         return True
 
-    def _masked_reason(self, slabs: _Slabs) -> str:
+    def _masked_reason(self, slabs: Slabs) -> str:
         """Positions that another input (a mask) marks with one value in every sample, where
         no element of the input that the mask marks so is read: padding, by the look of it."""
         target, dim = slabs.target, slabs.dim
@@ -591,7 +442,7 @@ class InputUse(Dependence):
                 )
         return ""
 
-    def _strided_reason(self, slabs: _Slabs) -> str:
+    def _strided_reason(self, slabs: Slabs) -> str:
         """The last indices of a dimension, left unread by a strided convolution or pooling
         whose windows do not reach the end of its input."""
         dim, indices = slabs.dim, slabs.indices
@@ -600,7 +451,7 @@ class InputUse(Dependence):
         size = slabs.target.tensor.shape[dim]
         if list(indices) != list(range(size - len(indices), size)):
             return ""
-        with torch.no_grad(), watching(self.model, _CoverageWatch) as watch:
+        with torch.no_grad(), watching(self.model, CoverageWatch) as watch:
             self._forward(self.model, self.inputs)
         if not watch.dropping:
             return ""
@@ -611,7 +462,7 @@ class InputUse(Dependence):
             "checked"
         )
 
-    def _unread_message(self, reported: List[_Slabs]) -> str:
+    def _unread_message(self, reported: List[Slabs]) -> str:
         first = reported[0]
         more = (
             f" Also read by no output: {listed([s.describe() for s in reported[1:]])}."
@@ -629,91 +480,3 @@ class InputUse(Dependence):
             "the input out. If the model ignores these elements by design, list the input in "
             "self.unread_inputs."
         )
-
-
-def _probe_of(probe: Probe, target: _Target) -> bool:
-    if probe.key != target.key:
-        return False
-    if target.batched:
-        return probe.sample is None
-    return probe.sample == target.sample and probe.within == target.within
-
-
-def _elements(probe: Probe, nonzero: torch.Tensor, tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    """Where ``tensor`` is read, from the non-zero gradient ``nonzero`` of its probe: the leaf
-    itself for a float input, the ids whose embeddings get a gradient for token ids; None
-    when the leaf does not tell elements apart (a bag of embeddings)."""
-    if not probe.embedded:
-        return nonzero if nonzero.shape == tensor.shape else None
-    if probe.positions is None:
-        return None
-    lead = probe.positions.dim()
-    per_id = nonzero.reshape(*nonzero.shape[:lead], -1).any(-1) if nonzero.dim() > lead else nonzero
-    read = torch.zeros(tensor.numel(), dtype=torch.bool)
-    read[probe.positions[per_id].flatten()] = True
-    return read.view(tensor.shape)
-
-
-def _has_zero_parameters(model: nn.Module) -> bool:
-    return any(
-        p.requires_grad and p.is_floating_point() and bool((p == 0).any())
-        for p in model.parameters()
-    )
-
-
-def _swap(old: torch.Tensor, new: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that gives ``new`` for ``old`` and any other tensor as it is."""
-    return lambda tensor: new if tensor is old else tensor
-
-
-def _changeable(tensor: torch.Tensor) -> bool:
-    """Whether a tensor has elements to change."""
-    return tensor.numel() > 0
-
-
-def _ways(changes: List[Tuple[_Target, torch.Tensor]]) -> List[str]:
-    """How the elements can be changed: to other values of the input (for every input), and
-    far up and down (floats)."""
-    tensors = [target.tensor for target, _ in changes]
-    ways = ["others"]
-    if all(t.is_floating_point() for t in tensors):
-        ways += ["up", "down"]
-    return ways
-
-
-def _changed(tensor: torch.Tensor, mask: torch.Tensor, way: str, seed: int) -> torch.Tensor:
-    """``tensor`` with the elements where ``mask`` is True changed: to other values of the
-    tensor ("others": a random permutation of its values, for ids another id it holds, for an
-    integer tensor of one value v, v - 1 or 1 for 0), or by a large step up or down
-    (floats)."""
-    if tensor.dtype == torch.bool:
-        return torch.where(mask, ~tensor, tensor)
-    generator = torch.Generator().manual_seed(derived_seed(seed, 7907))
-    if tensor.is_floating_point():
-        if way == "others":
-            flat = tensor.detach().flatten()
-            other = flat[torch.randperm(flat.numel(), generator=generator)].view(tensor.shape)
-        else:
-            step = 1 + 2 * float(tensor.detach().double().std()) if tensor.numel() > 1 else 1.0
-            other = tensor.detach() + (step if way == "up" else -step)
-        return torch.where(mask, other.to(tensor.dtype), tensor.detach())
-    pool = torch.unique(tensor)
-    if pool.numel() == 1:  # a single value v: v - 1, or 1 for 0 (a mask of ones, zero type ids)
-        value = int(pool[0])
-        return torch.where(
-            mask, torch.full_like(tensor, value - 1 if value > 0 else value + 1), tensor
-        )
-    index = torch.searchsorted(pool, tensor.contiguous()).clamp(max=pool.numel() - 1)
-    offset = torch.randint(1, pool.numel(), tensor.shape, generator=generator)
-    return torch.where(mask, pool[(index + offset) % pool.numel()].to(tensor.dtype), tensor)
-
-
-def _same_outputs(
-    first: List[Tuple[str, torch.Tensor]], second: List[Tuple[str, torch.Tensor]]
-) -> bool:
-    """Exactly the same tensors at the same paths (NaN equal to NaN)."""
-    from ..core.compare import same
-
-    if [path for path, _ in first] != [path for path, _ in second]:
-        return False
-    return all(same(a, b) for (_, a), (_, b) in zip(first, second))
