@@ -10,7 +10,9 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
 - ``sequence/``: test_causality, test_padding_invariance
 
-``contract.py`` holds the options every model check reads and how the checks call the model.
+``contract.py`` holds the options every model check reads and how the checks call the model;
+``passes.py`` shares the passes several checks need (``_eval_pass``, ``_training_pass``,
+``_shared_pass``) between the checks of a test class.
 """
 
 from __future__ import annotations
