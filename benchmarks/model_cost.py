@@ -7,7 +7,8 @@ The unit is one training-mode forward and backward pass of the model on its inpu
 default loss of the checks), timed with the checks' thread setting (``num_threads``, one
 thread) as the median of several passes after a warm-up. Each check's cost is its wall time
 with ``setUp`` left out (the time ``setUp`` itself takes is measured and subtracted), divided
-by the unit; the figures are medians over the runs, and the total is the sum of the medians.
+by the unit measured just before the run; the figures are medians over the runs (the total:
+the median of the runs' totals).
 
 Models (needs the zoo extra: timm, transformers):
 
@@ -161,11 +162,16 @@ def main(arguments: List[str]) -> int:
     for name in options.models.split(","):
         build, make_inputs, _ = MODELS[name]
         torch.manual_seed(0)
-        seconds = unit(build(), make_inputs())
+        yardstick = build()
         for setup in options.setups.split(","):
             per_check: Dict[str, List[float]] = {}
+            totals: List[float] = []
+            units: List[float] = []
             outcomes: Dict[str, str] = {}
             for _ in range(options.repeats):
+                # the unit measured again before each run: the machine's speed drifts
+                seconds = unit(yardstick, make_inputs())
+                units.append(seconds)
                 set_up_times: Dict[str, float] = {}
                 case = case_for(name, setup, set_up_times)
                 result = _Timed(set_up_times)
@@ -177,17 +183,17 @@ def main(arguments: List[str]) -> int:
                 for check, spent in result.times.items():
                     per_check.setdefault(check, []).append(spent / seconds)
                     outcomes[check] = "skip" if check in skipped else "ok"
+                totals.append(sum(result.times.values()) / seconds)
             print(
                 f"\n{name}, model {'built once' if setup == 'once' else 'built per check'} "
-                f"(unit: one forward+backward = {seconds * 1000:.0f} ms, "
-                f"medians of {options.repeats})"
+                f"(unit: one forward+backward, median {statistics.median(units) * 1000:.0f} ms; "
+                f"medians of {options.repeats} runs)"
             )
-            total = 0.0
-            for check, units in per_check.items():
-                median = statistics.median(units)
-                total += median
-                print(f"  {check:40s} {median:6.2f}  {outcomes[check]}")
-            print(f"  {'total':40s} {total:6.2f}")
+            for check, values in per_check.items():
+                print(f"  {check:40s} {statistics.median(values):6.2f}  {outcomes[check]}")
+            total = statistics.median(totals)
+            runs = ", ".join(f"{value:.2f}" for value in totals)
+            print(f"  {'total':40s} {total:6.2f}  (runs: {runs})")
             worst = max(worst, total)
     print(f"\nlargest total: {worst:.2f} forward+backward passes")
     return 0

@@ -266,11 +266,14 @@ class ModelContract(CheckMixin):
             + (f" {hint}." if (hint := self._positional_list_hint()) else "")
         )
 
-    def _copy_model(self, device: Optional[str] = None) -> nn.Module:
-        """A deep copy of self.model, moved to ``device`` if given (the checks that train or
-        move the model use one)."""
+    def _copy_model(
+        self, device: Optional[str] = None, dtype: Optional[torch.dtype] = None
+    ) -> nn.Module:
+        """A deep copy of self.model, moved to ``device`` and converted to ``dtype`` if given
+        (the checks that train, move or convert the model use one); on ``meta`` or in another
+        dtype, made so without a copy of the weights first."""
         try:
-            copied = copy_module(self.model, device)
+            copied = copy_module(self.model, device, dtype)
         except Exception as exc:
             raise ContractError(
                 f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
@@ -278,7 +281,9 @@ class ModelContract(CheckMixin):
                 "left as it was. Keep open files, locks, generators and other uncopyable "
                 "objects out of the model's attributes."
             ) from exc
-        return copied if device is None else copied.to(device)
+        if device is not None:
+            copied = copied.to(device)
+        return copied if dtype is None else copied.to(dtype)
 
     def _output(self, output: Any) -> torch.Tensor:
         """The checked output tensor (chosen by output_key)."""
@@ -342,9 +347,14 @@ class ModelContract(CheckMixin):
         return output, grads
 
     def _training_step(
-        self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
+        self,
+        model: nn.Module,
+        trainable: Sequence[Tuple[str, nn.Parameter]],
+        step: int = 0,
+        after_forward: Optional[Callable[[], None]] = None,
     ) -> Tuple[Any, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
-        """Output, loss and parameter gradients of one training-mode forward and backward pass.
+        """Output, loss and parameter gradients of one training-mode forward and backward pass
+        (``after_forward()`` called between the two).
 
         ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
         fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
@@ -357,6 +367,8 @@ class ModelContract(CheckMixin):
             output = self._forward(
                 model, self.inputs, training=True, seed=derived_seed(self.seed, step)
             )
+            if after_forward is not None:
+                after_forward()
             loss = self._loss(output)
             if not trainable or not loss.requires_grad:
                 return output, loss, [None] * len(trainable)

@@ -53,6 +53,7 @@ __all__ = [
     "SHARING",
     "GradientSummary",
     "TrainingPass",
+    "finite_and_nonzero",
     "fingerprint",
     "forget_passes",
     "shared_pass",
@@ -278,10 +279,11 @@ def fingerprint(*values: Any) -> Tuple[Any, List[Any]]:
 # -- the cache ----------------------------------------------------------------------------
 @dataclass
 class _Entry:
+    """The passes of one test class: by name, the key of the state each was computed from
+    and its result."""
+
     owner: "weakref.ReferenceType[type]"
-    key: Any
-    kept: List[Any]
-    results: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    results: Dict[str, Tuple[Any, List[Any], Any]] = dataclasses.field(default_factory=dict)
 
 
 _ENTRIES: List[_Entry] = []
@@ -292,22 +294,23 @@ def forget_passes() -> None:
     _ENTRIES.clear()
 
 
-def _entry(owner: type, key: Any) -> Optional[_Entry]:
+def _entry(owner: type) -> Optional[_Entry]:
     for entry in _ENTRIES:
-        if entry.owner() is owner and entry.key == key:
+        if entry.owner() is owner:
             return entry
     return None
 
 
 def _store(owner: type, key: Any, kept: List[Any], name: str, result: Any) -> None:
-    entry = _entry(owner, key)
+    """Keep ``result``, computed from the state ``key``, as the pass ``name`` of ``owner``
+    (replacing the one it had); keep the passes of the KEEP classes used last."""
+    entry = _entry(owner)
     if entry is None:
-        # one state per class: a new state of the class replaces its old one
-        _ENTRIES[:] = [e for e in _ENTRIES if e.owner() is not None and e.owner() is not owner]
-        entry = _Entry(weakref.ref(owner), key, kept)
-        _ENTRIES.append(entry)
-        del _ENTRIES[:-KEEP]
-    entry.results[name] = result
+        entry = _Entry(weakref.ref(owner))
+    _ENTRIES[:] = [e for e in _ENTRIES if e.owner() is not None and e is not entry]
+    _ENTRIES.append(entry)
+    del _ENTRIES[:-KEEP]
+    entry.results[name] = (key, kept, result)
 
 
 def _copy(result: T) -> T:
@@ -329,10 +332,11 @@ def shared_pass(
     if not SHARING:
         return compute()
     key, kept = fingerprint(*state)
-    if not recompute:
-        entry = _entry(owner, key)
-        if entry is not None and name in entry.results:
-            found: T = _copy(entry.results[name])
+    entry = _entry(owner)
+    if not recompute and entry is not None and name in entry.results:
+        stored_key, _, stored = entry.results[name]
+        if stored_key == key:
+            found: T = _copy(stored)
             return found
     result = compute()
     after, _ = fingerprint(*state)
@@ -350,8 +354,15 @@ class GradientSummary:
     connected: bool
     #: Whether every value of the gradient is finite.
     finite: bool
-    #: Whether a value of the gradient is not zero.
+    #: Whether a value of the gradient is not zero (and every value finite).
     nonzero: bool
+
+    @staticmethod
+    def of(grad: Optional[torch.Tensor]) -> "GradientSummary":
+        if grad is None:
+            return GradientSummary(False, True, False)
+        finite, nonzero = finite_and_nonzero(grad)
+        return GradientSummary(True, finite, finite and nonzero)
 
 
 @dataclass(frozen=True)
@@ -372,19 +383,11 @@ class TrainingPass:
         names: Sequence[str],
         grads: Sequence[Optional[torch.Tensor]],
     ) -> "TrainingPass":
-        summaries = []
-        for grad in grads:
-            if grad is None:
-                summaries.append(GradientSummary(False, True, False))
-                continue
-            values = stored_values(grad)
-            finite = bool(torch.isfinite(values).all())
-            summaries.append(GradientSummary(True, finite, finite and bool(values.ne(0).any())))
         return TrainingPass(
             output=map_tensors(lambda t: t.detach(), output),
             loss=None if loss is None else loss.detach(),
             names=tuple(names),
-            gradients=tuple(summaries),
+            gradients=tuple(GradientSummary.of(grad) for grad in grads),
         )
 
 
@@ -392,3 +395,17 @@ def stored_values(tensor: torch.Tensor) -> torch.Tensor:
     """The values a tensor stores: of a sparse gradient (nn.Embedding(sparse=True)), its
     non-zero entries, on which elementwise tests such as ``ne`` have no kernel."""
     return tensor.coalesce().values() if tensor.is_sparse else tensor
+
+
+def finite_and_nonzero(tensor: torch.Tensor) -> Tuple[bool, bool]:
+    """Whether every value of ``tensor`` is finite, and whether one is not zero, read from
+    its least and greatest value (one pass over it, nothing as large allocated; NaN makes
+    both NaN)."""
+    values = stored_values(tensor)
+    if values.numel() == 0:
+        return True, False
+    if values.is_complex() or not values.is_floating_point():
+        return bool(torch.isfinite(values).all()), bool(values.ne(0).any())
+    least, greatest = torch.aminmax(values)
+    finite = bool(torch.isfinite(least)) and bool(torch.isfinite(greatest))
+    return finite, bool(least != 0) or bool(greatest != 0)
