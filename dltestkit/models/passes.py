@@ -9,7 +9,8 @@ through a small cache, keyed by
   strings, containers, plain objects such as a config, hooks and functions by their code and
   the values they close over), every parameter's and buffer's name, shape, dtype, device and
   ``requires_grad``, and their values: every element of a tensor of up to ``SAMPLE``
-  elements, an evenly spread sample of ``SAMPLE`` elements of a larger one;
+  elements; of a larger one, ``SAMPLE`` elements in 64 runs spread evenly over it, and two
+  elements of every row (the first, and one in a column that moves on from row to row);
 - every element of every tensor of the inputs, and their structure;
 - what else the pass depends on (``loss_fn``), the seed, and the global settings a pass can
   depend on (default dtype, threads, grad mode, deterministic algorithms, autocast).
@@ -25,7 +26,9 @@ computed from. Every caller gets its own copy of the result's tensors.
 What the key cannot see is state outside the model and inputs (a global variable the
 forward pass reads) and, in a tensor of more than ``SAMPLE`` elements, a change of elements
 outside the sample between two instances of the model: a ``setUp`` that builds a different
-model for one check of a class only by changing a few elements of a large weight.
+model for one check of a class only by changing a few elements of a large weight (a whole
+row is seen). Reading every element of every weight at every check would cost about a tenth
+of a forward pass of a convolutional network, each time.
 ``SHARING = False`` (or the environment variable ``DLTESTKIT_SHARED_PASSES=0``) turns sharing
 off: every check then computes every pass itself.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import gc
 import os
 import types
 import unittest
@@ -83,14 +87,20 @@ _HOOKS = tuple(sorted(_MODULE_STATE - {"_parameters", "_buffers", "_modules", "t
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements, flat: all of them, or SAMPLE of them in 64 runs spread evenly."""
+    """The tensor's elements, flat: all of them, or a sample of them (see ``SAMPLE``)."""
     flat = tensor.detach()
     flat = flat.view(-1) if flat.is_contiguous() else flat.reshape(-1)
     count = flat.numel()
     if count <= SAMPLE:
         return flat
     run = SAMPLE // 64
-    return flat.as_strided((64, run), ((count - run) // 63, 1), flat.storage_offset()).reshape(-1)
+    parts = [flat.as_strided((64, run), ((count - run) // 63, 1), flat.storage_offset())]
+    rows = tensor.shape[0] if tensor.dim() > 1 else 1
+    if rows > 1:  # two elements of every row: the first, and one in a column that moves on
+        grid = flat.view(rows, count // rows)
+        index = torch.arange(rows, device=flat.device)
+        parts += [grid[:, 0], grid[index, (index * 7919 + 1) % grid.shape[1]]]
+    return torch.cat([part.reshape(-1) for part in parts])
 
 
 def _crc(tensors: List[torch.Tensor]) -> int:
@@ -271,7 +281,13 @@ def fingerprint(*values: Any) -> Tuple[Any, List[Any]]:
     """The key of a state (the model, the inputs, what else a pass depends on), and the
     objects keyed by identity, which the cache keeps alive so that their ids stay theirs."""
     describe = _Fingerprint()
-    described = tuple(describe(value) for value in values)
+    collecting = gc.isenabled()
+    gc.disable()  # the many small tuples would set off collections of every object there is
+    try:
+        described = tuple(describe(value) for value in values)
+    finally:
+        if collecting:
+            gc.enable()
     values_crc = tuple((kind, _crc(samples)) for kind, samples in describe.samples.items())
     return (_settings(), described, values_crc), describe.kept
 
