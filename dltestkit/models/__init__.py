@@ -14,7 +14,9 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``input_use.py``: test_all_inputs_used (``input_parts.py``: the parts of inputs it judges)
 - ``sequence/``: test_causality, test_padding_invariance
 
-``contract.py`` holds the options every model check reads and how the checks call the model.
+``contract.py`` holds the options every model check reads and how the checks call the model;
+``passes.py`` shares the passes several checks need (``_eval_pass``, ``_training_pass``,
+``_shared_pass``) between the checks of a test class.
 """
 
 from __future__ import annotations

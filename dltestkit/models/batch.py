@@ -101,10 +101,31 @@ class BatchIndependence(Dependence):
                 others = [other for other in range(batch) if other != index]
                 return (checked[others] * weights[0][others]).sum()
 
-        traced = bool(probes) and self._connected(checked, probes)
+        # Where the other samples' outputs depend on each sample's probes: for every sample
+        # at once, in one batched backward pass when it can run; whether the checked output
+        # is computed from the probes at all is told by the same gradients.
+        every: Optional[List[List[torch.Tensor]]] = None
+        if not probes or not checked.requires_grad:
+            traced = False
+        else:
+            masks = 1 - torch.eye(batch, dtype=checked.dtype)
+            if per_sample:
+                masked = masks
+            else:
+                shape = (batch, batch) + (1,) * (checked.dim() - 1)
+                masked = masks.view(shape) * weights[0].unsqueeze(0)
+            batched = self._batched_dependence(checked, masked, probes)
+            if batched is None:
+                traced = self._connected(checked, probes)
+            else:
+                traced, every = batched
         if traced:
             for index in range(batch):
-                depends = self._dependence(others_output(index), probes)
+                depends = (
+                    every[index]
+                    if every is not None
+                    else self._dependence(others_output(index), probes)
+                )
                 for probe, where in zip(probes, depends):
                     if probe.depends(where, index):
                         if not per_sample:
@@ -161,8 +182,8 @@ class BatchIndependence(Dependence):
         outputs it has for self.inputs), the part for sample ``i`` is skipped, saying so,
         unless independent_of_batch_shapes is set."""
         batch = self._batch_size()
+        together = self._eval_pass()
         with torch.no_grad():
-            together = self._forward(self.model, self.inputs)
             alone = [self._forward(self.model, self._inputs_of([i] * batch)) for i in range(batch)]
         per_sample = self._per_sample(together, batch)
         for sample, copies in enumerate(alone):

@@ -4,11 +4,15 @@ Every model check goes through the helpers here: ``_forward`` calls the model on
 ``self.inputs`` in the one way the contract defines, ``_output`` picks the checked output,
 ``_loss`` makes the default loss from every floating-point output, ``_gradients`` runs one
 training step's forward and backward pass on a copy.
+
+Passes that several checks need are shared between them (``passes.py``): ``_eval_pass`` (the
+seeded eval-mode outputs of ``self.model``), ``_training_pass`` (what the first training step
+of a copy shows), and any other through ``_shared_pass``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Collection, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Collection, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from ..core.seeds import derived_seed
 from ..core.settings import Settings
 from ..core.validators import is_callable, is_instance, is_keys, optional
 from .copies import copy_module, describe_mode, gradients_set_aside, mode
+from .passes import TrainingPass, shared_pass
 from .tensors import (
     Key,
     batch_entries,
@@ -36,6 +41,8 @@ from .tensors import (
 )
 
 __all__ = ["ModelContract"]
+
+T = TypeVar("T")
 
 
 def _copies(inputs: Any) -> Any:
@@ -328,11 +335,14 @@ class ModelContract(CheckMixin):
             + (f" {hint}." if (hint := self._positional_list_hint()) else "")
         )
 
-    def _copy_model(self, device: Optional[str] = None) -> nn.Module:
-        """A deep copy of self.model, moved to ``device`` if given (the checks that train or
-        move the model use one)."""
+    def _copy_model(
+        self, device: Optional[str] = None, dtype: Optional[torch.dtype] = None
+    ) -> nn.Module:
+        """A deep copy of self.model, moved to ``device`` and converted to ``dtype`` if given
+        (the checks that train, move or convert the model use one); on ``meta`` or in another
+        dtype, made so without a copy of the weights first."""
         try:
-            copied = copy_module(self.model, device)
+            copied = copy_module(self.model, device, dtype)
         except Exception as exc:
             raise ContractError(
                 f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "
@@ -340,7 +350,9 @@ class ModelContract(CheckMixin):
                 "left as it was. Keep open files, locks, generators and other uncopyable "
                 "objects out of the model's attributes."
             ) from exc
-        return copied if device is None else copied.to(device)
+        if device is not None:
+            copied = copied.to(device)
+        return copied if dtype is None else copied.to(dtype)
 
     def _output(self, output: Any) -> torch.Tensor:
         """The checked output tensor (chosen by output_key)."""
@@ -402,7 +414,20 @@ class ModelContract(CheckMixin):
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
     ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode forward and backward pass.
+        """Output and parameter gradients of one training-mode forward and backward pass
+        (``_training_step``)."""
+        output, _, grads = self._training_step(model, trainable, step)
+        return output, grads
+
+    def _training_step(
+        self,
+        model: nn.Module,
+        trainable: Sequence[Tuple[str, nn.Parameter]],
+        step: int = 0,
+        after_forward: Optional[Callable[[], None]] = None,
+    ) -> Tuple[Any, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """Output, loss and parameter gradients of one training-mode forward and backward pass
+        (``after_forward()`` called between the two).
 
         ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
         fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
@@ -415,9 +440,49 @@ class ModelContract(CheckMixin):
             output = self._forward(
                 model, self.inputs, training=True, seed=derived_seed(self.seed, step)
             )
+            if after_forward is not None:
+                after_forward()
             loss = self._loss(output)
             if not trainable or not loss.requires_grad:
-                return output, [None] * len(trainable)
+                return output, loss, [None] * len(trainable)
             torch.manual_seed(derived_seed(self.seed, step))
             torch.autograd.backward(loss)
-        return output, [parameter.grad for _, parameter in trainable]
+        return output, loss, [parameter.grad for _, parameter in trainable]
+
+    # -- passes shared by the checks of a test class (passes.py) ------------------------------
+    def _shared_pass(
+        self, name: str, compute: Callable[[], T], *depends_on: Any, recompute: bool = False
+    ) -> T:
+        """``compute()``, a pass over self.model and self.inputs that the checks of a test
+        class share: computed once per state of the model and the inputs (and of
+        ``depends_on``: the options it reads besides model and inputs, e.g. loss_fn), each
+        caller getting its own copy of the result's tensors. ``name`` tells passes apart;
+        ``recompute``: compute it anyway (a check that needs what the pass leaves behind, such
+        as the trained copy) and share the result. See passes.py for what the key holds."""
+        return shared_pass(
+            type(self), name, (self.model, self.inputs, self.seed, *depends_on), compute, recompute
+        )
+
+    def _eval_pass(self) -> Any:
+        """self.model's eval-mode outputs on self.inputs under self.seed, without gradients:
+        what ``self._forward(self.model, self.inputs)`` gives under ``torch.no_grad()``,
+        shared by the checks."""
+
+        def compute() -> Any:
+            with torch.no_grad():
+                return self._forward(self.model, self.inputs)
+
+        return self._shared_pass("eval", compute)
+
+    def _training_pass(self) -> TrainingPass:
+        """What the first training step shows: one training-mode forward and backward pass of
+        a copy of self.model on self.inputs (the loss from loss_fn or ``_loss``, the seed
+        ``derived_seed(self.seed, 0)``), its output, loss and each trainable parameter's
+        gradient (reached, finite, non-zero), shared by the checks."""
+        return self._shared_pass("training", self._first_training_step, self.loss_fn)
+
+    def _first_training_step(self) -> TrainingPass:
+        model = self._copy_model()
+        trainable = self._trainable(model)
+        output, loss, grads = self._training_step(model, trainable)
+        return TrainingPass.of(output, loss, [name for name, _ in trainable], grads)

@@ -51,22 +51,62 @@ def _outermost_script_modules(module: nn.Module) -> Iterator[torch.jit.ScriptMod
             yield from _outermost_script_modules(child)
 
 
-def copy_module(model: nn.Module, device: Optional[str] = None) -> nn.Module:
+def copy_module(
+    model: nn.Module, device: Optional[str] = None, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
     """A deep copy of ``model``; its TorchScript modules are loaded onto ``device`` if given.
 
     TorchScript modules (``torch.jit.script``, ``torch.jit.trace``) are copied through
     ``torch.jit.save``/``load``: ``copy.deepcopy`` gives them parameters that are no leaf
     tensors (no optimiser takes them, ``.to()`` refuses them). The parameters of a loaded
     TorchScript module are plain tensors, which ``.to("meta")`` refuses, so they are loaded
-    onto the device the copy is meant for; move the copy there afterwards as usual."""
+    onto the device the copy is meant for; move the copy there afterwards as usual.
+
+    For ``device="meta"``, the parameters and buffers are made on ``meta`` directly, and
+    for a floating-point ``dtype`` the floating-point ones in that dtype, rather than copied
+    first and converted after (as ``.to()`` would convert them, one by one): the copy costs
+    no copy of the weights. Move or convert the copy afterwards as usual (``.to()``), so
+    that a model's own ``_apply`` does what else it does."""
     if isinstance(model, torch.jit.ScriptModule):
         return _copy_script_module(model, device)
     memo: Dict[int, Any] = {
         id(scripted): _copy_script_module(scripted, device)
         for scripted in _outermost_script_modules(model)
     }
+    if not memo and (device == "meta" or dtype is not None):
+        memo.update(_converted_tensors(model, device, dtype))
     copied: nn.Module = copy.deepcopy(model, memo)
     return copied
+
+
+def _converted_tensors(
+    model: nn.Module, device: Optional[str], dtype: Optional[torch.dtype]
+) -> Dict[int, Any]:
+    """For ``copy.deepcopy``'s memo: the model's parameters and buffers (plain tensors)
+    made on ``meta`` (if ``device`` is) and, if floating-point, in ``dtype`` (if given)."""
+    memo: Dict[int, Any] = {}
+
+    def converted(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            return None
+        to = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if device == "meta":
+            return torch.empty_like(tensor, device="meta", dtype=to)
+        if to == tensor.dtype:
+            return None  # copied as it is
+        return tensor.detach().to(to)
+
+    for parameter in model.parameters():
+        if type(parameter) is nn.Parameter and id(parameter) not in memo:
+            made = converted(parameter)
+            if made is not None:
+                memo[id(parameter)] = nn.Parameter(made, requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        if type(buffer) is torch.Tensor and id(buffer) not in memo:
+            made = converted(buffer)
+            if made is not None:
+                memo[id(buffer)] = made
+    return memo
 
 
 def describe_mode(training: bool) -> str:

@@ -5,6 +5,7 @@ them. Batch independence, causality and padding invariance are built on it."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Collection, List, Optional, Sequence, Tuple
 
 import torch
@@ -120,7 +121,42 @@ class Dependence(ModelContract):
         dependence and counts as False."""
         if not value.requires_grad:
             return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
-        grads = self._probe_gradients(value, probes)
+        return self._nonzero(self._probe_gradients(value, probes), probes)
+
+    def _batched_dependence(
+        self, value: torch.Tensor, grad_outputs: torch.Tensor, probes: Sequence[Probe]
+    ) -> Optional[Tuple[bool, List[List[torch.Tensor]]]]:
+        """For each row ``r`` of ``grad_outputs``: where ``(value * r).sum()`` depends on each
+        probe (as ``_dependence`` says), from one backward pass batched over the rows
+        (``torch.autograd.grad(..., is_grads_batched=True)``) instead of one pass per row;
+        first, whether ``value`` is computed from any probe (``_connected``). None when the
+        batched pass cannot run (an operation without a batching rule, an autograd.Function
+        without one, reentrant gradient checkpointing): make one pass per row then."""
+        if not value.requires_grad:
+            return None
+        try:
+            with warnings.catch_warnings():  # (a batching rule missing: slower, still right)
+                warnings.simplefilter("ignore")
+                grads = torch.autograd.grad(
+                    value,
+                    [p.tensor for p in probes],
+                    grad_outputs=grad_outputs,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        except Exception:
+            return None
+        return any(grad is not None for grad in grads), [
+            self._nonzero([None if grad is None else grad[row] for grad in grads], probes)
+            for row in range(len(grad_outputs))
+        ]
+
+    @staticmethod
+    def _nonzero(
+        grads: Sequence[Optional[torch.Tensor]], probes: Sequence[Probe]
+    ) -> List[torch.Tensor]:
+        """Where each probe's gradient ``grads`` shows a dependence (see ``_dependence``)."""
         return [
             torch.zeros_like(p.tensor, dtype=torch.bool) if g is None else g.ne(0) & g.isfinite()
             for p, g in zip(probes, grads)

@@ -44,8 +44,8 @@ class EvalDeterminism(ModelContract):
         ``torch.multinomial``, ``torch.distributions``) is a design (a VAE that samples its
         latent code) and skips naming the operation, unless ``deterministic_eval`` is True.
         """
+        first = self._eval_pass()
         with torch.no_grad():
-            first = self._forward(self.model, self.inputs)
             second = self._forward(self.model, self.inputs, seed=derived_seed(self.seed, 1))
         differing = first_difference(first, second)
         if differing is None:

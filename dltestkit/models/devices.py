@@ -15,7 +15,13 @@ from ..core.seeds import derived_seed
 from ..core.validators import is_names, is_number, optional
 from .contract import ModelContract
 from .copies import describe_mode
-from .meta import MetaCannotRun, ReplayMismatch, available_accelerators, watch_meta_forward
+from .meta import (
+    MetaCannotRun,
+    NeedsCpuRun,
+    ReplayMismatch,
+    available_accelerators,
+    watch_meta_forward,
+)
 
 __all__ = ["DeviceMoving"]
 
@@ -51,10 +57,10 @@ class DeviceMoving(ModelContract):
         without device= (position ids, noise), unregistered tensor attributes, layers in a
         plain list, outputs left on the CPU; found on the meta device, without a GPU.
         """
-        on_cpu, on_meta = self._copy_model(), self._copy_model("meta")
+        on_meta = self._copy_model("meta")
         unchecked: Dict[str, str] = {}  # mode: why it could not be checked
         for training in (False, True):  # eval first: only training mode updates BatchNorm
-            why = self._check_meta(on_cpu, on_meta, training)
+            why = self._check_meta(on_meta, training)
             if why is not None:
                 unchecked[describe_mode(training)] = why
         if len(unchecked) == 2:
@@ -91,19 +97,29 @@ class DeviceMoving(ModelContract):
             with self.subTest(device=device):
                 self._check_accelerator(device)
 
-    def _check_meta(self, on_cpu: nn.Module, on_meta: nn.Module, training: bool) -> Optional[str]:
-        """Run ``on_meta`` (a copy moved to meta) watched, replaying ``on_cpu``'s data reads.
+    def _check_meta(self, on_meta: nn.Module, training: bool) -> Optional[str]:
+        """Run ``on_meta`` (a copy moved to meta) watched; when it reaches a step that needs
+        the data (``.item()``, ``nonzero()``, an operation without a meta kernel), run a
+        fresh meta copy again, replaying the data reads of the model run on the CPU (a copy
+        in training mode, which updates BatchNorm's statistics).
 
         Fails on a device bug; returns why this mode could not be checked on meta, or None."""
         mode = describe_mode(training)
         inputs = self._on("meta")
         problem_text: Optional[str] = None
         try:
-            output, problem = watch_meta_forward(
-                lambda: self._forward(on_cpu, self.inputs, training),
-                lambda _: self._forward(on_meta, inputs, training),
-                on_meta,
-            )
+            try:
+                output, problem = watch_meta_forward(
+                    None, lambda _: self._forward(on_meta, inputs, training), on_meta
+                )
+            except NeedsCpuRun:
+                on_cpu = self._copy_model() if training else self.model
+                on_meta = self._copy_model("meta")
+                output, problem = watch_meta_forward(
+                    lambda: self._forward(on_cpu, self.inputs, training),
+                    lambda _: self._forward(on_meta, inputs, training),
+                    on_meta,
+                )
         except ReplayMismatch as exc:
             return f"the forward pass takes another path on the meta device than on the CPU ({exc})"
         except MetaCannotRun as exc:

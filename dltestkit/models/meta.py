@@ -32,6 +32,7 @@ from ..core.watch import (
 __all__ = [
     "DeviceProblem",
     "MetaCannotRun",
+    "NeedsCpuRun",
     "ReplayMismatch",
     "available_accelerators",
     "watch_meta_forward",
@@ -242,14 +243,18 @@ class DeviceWatch(Watch):
     tensors of the shapes the CPU run returned, so the rest of the forward pass is watched
     too; where that is impossible, the operation is noted as the failure."""
 
-    def __init__(self, modules: ModuleTracker, recorder: Recorder) -> None:
+    def __init__(self, modules: ModuleTracker, recorder: Optional[Recorder]) -> None:
         super().__init__(modules)
-        self.log = recorder.log
+        #: without a recorder (no CPU run yet), a step that needs what the CPU run returned
+        #: stops the meta run (``NeedsCpuRun``), to be run again with one
+        self.recorded = recorder is not None
+        self.needs_cpu_run = False
+        self.log = recorder.log if recorder is not None else []
         # what each operation returned in the CPU run, by name, in the order of its calls
         # (by name, not by position: the first run of a process makes one-time calls of its
         # own, torch.device among them)
         self.results: Dict[str, List[Tuple[Optional[List[Any]], bool]]] = {}
-        for name, shapes, single in recorder.results:
+        for name, shapes, single in recorder.results if recorder is not None else ():
             self.results.setdefault(name, []).append((shapes, single))
         self.calls: Dict[str, int] = {}
         self.position = 0
@@ -271,7 +276,13 @@ class DeviceWatch(Watch):
         made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
         return made[0] if single else tuple(made)
 
+    def _need_cpu_run(self) -> None:
+        self.needs_cpu_run = True
+        raise NeedsCpuRun
+
     def _replay(self, func: Any) -> Any:
+        if not self.recorded:
+            self._need_cpu_run()
         name = op_name(func)
         if self.position >= len(self.log) or self.log[self.position][0] != name:
             seen = self.log[self.position][0] if self.position < len(self.log) else "nothing"
@@ -312,11 +323,15 @@ class DeviceWatch(Watch):
                 "use .cpu().numpy())"
             )
         if _reads_data(func):
+            if not self.recorded and not (on_meta and (name != "to" or _to_cpu(args, kwargs))):
+                return func(*args, **kwargs)  # what the CPU run returned is not needed
             recorded = self._replay(func)
             if name == "to" and not (on_meta and _to_cpu(args, kwargs)):
                 return func(*args, **kwargs)
             return recorded if on_meta else func(*args, **kwargs)
         if _shape_from_data(func, args, kwargs):
+            if not self.recorded and not on_meta:
+                return func(*args, **kwargs)
             recorded = self._replay(func)
             if not on_meta:
                 return func(*args, **kwargs)
@@ -324,11 +339,13 @@ class DeviceWatch(Watch):
             return made[0] if len(made) == 1 else tuple(made)
         try:
             return func(*args, **kwargs)
-        except _Stop:
+        except (_Stop, NeedsCpuRun):
             raise
         except Exception as exc:
             if raised_by(exc, self._failure):
                 raise
+            if on_meta and not self.recorded:
+                self._need_cpu_run()  # the CPU run's results may stand in
             if on_meta:
                 stand_in = self._stand_in(index, func, args)
                 if stand_in is not _NONE:
@@ -340,6 +357,11 @@ class DeviceWatch(Watch):
 
 class _Stop(Exception):
     """Raised to stop a watched forward pass at the first problem."""
+
+
+class NeedsCpuRun(BaseException):
+    """Raised to stop a meta run made without a CPU run at a step that needs what the CPU run
+    returned (a BaseException, so that the model's own ``except Exception`` lets it pass)."""
 
 
 _NONE = object()
@@ -355,19 +377,32 @@ class MetaCannotRun(RuntimeError):
 
 
 def watch_meta_forward(
-    run_cpu: Callable[[], Any], run_meta: Callable[[ModuleTracker], Any], model: nn.Module
+    run_cpu: Optional[Callable[[], Any]],
+    run_meta: Callable[[ModuleTracker], Any],
+    model: nn.Module,
 ) -> Tuple[Any, Optional[DeviceProblem]]:
     """Run ``run_cpu()`` recording, then ``run_meta(...)`` on ``model`` (the meta copy)
-    watching; return the meta output and the first device problem (output None then)."""
-    recorder = Recorder()
-    with recorder:
-        run_cpu()
+    watching; return the meta output and the first device problem (output None then).
+
+    Without ``run_cpu``, the meta run goes without what a CPU run returned: at the first
+    step that needs it (a data-dependent step, an operation without a meta kernel) it stops
+    and ``NeedsCpuRun`` is raised, so that the caller runs both on fresh copies. A model
+    without such steps (most convolutional networks) is checked without any CPU run."""
+    recorder = None
+    if run_cpu is not None:
+        recorder = Recorder()
+        with recorder:
+            run_cpu()
     modules = ModuleTracker(model)
     watch = DeviceWatch(modules, recorder)
     try:
         with watch:
-            return run_meta(modules), None
-    except Exception as exc:  # _Stop, or what wraps it (TorchScript's interpreter: a RuntimeError)
+            output = run_meta(modules)
+    except BaseException as exc:  # _Stop, or what wraps it (TorchScript: a RuntimeError)
+        if watch.needs_cpu_run:
+            raise NeedsCpuRun from None
+        if not isinstance(exc, Exception):
+            raise
         if watch.problem is not None:
             return None, watch.problem
         failed = watch.failure(exc)
@@ -376,3 +411,8 @@ def watch_meta_forward(
         raise
     finally:
         modules.remove()
+    if watch.needs_cpu_run:  # stopped, but the model went on (it caught the exception)
+        raise NeedsCpuRun
+    if watch.problem is not None:  # (the same)
+        return None, watch.problem
+    return output, None

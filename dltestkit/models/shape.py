@@ -72,8 +72,7 @@ class OutputShape(ModelContract):
                 f"self.inputs is a {type(self.inputs).__name__}; set "
                 "self.expected_output_shape to enable this check"
             )
-        with torch.no_grad():
-            base = self._forward(self.model, self.inputs)
+        base = self._eval_pass()
         per_sample = self._per_sample(base, batch)
         if per_sample:
             self._assert_one_per_sample(base, batch, expected, resized=False)

@@ -4,7 +4,7 @@ steps on a copy of the model show."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Collection, Dict
+from typing import Any, Collection, Dict, List, Optional
 
 import torch
 
@@ -14,11 +14,16 @@ from ..core.paths import floating_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_names
 from .contract import ModelContract
+from .passes import GradientSummary, TrainingPass
 
 __all__ = ["Training"]
 
 #: How many optimisation steps test_all_parameters_updated trains a copy for, at most.
 PARAMETER_STEPS = 3
+#: How far a step moves each element of a parameter (Adam's first step at its default rate).
+STEP_SIZE = 1e-3
+#: How many elements of a parameter a step updates at a time (the memory it needs besides).
+_CHUNK = 1 << 16
 
 
 class Training(ModelContract):
@@ -37,41 +42,79 @@ class Training(ModelContract):
         Catches layers that never train: unused, cut off by .detach(), gated off by a factor
         that stays zero, or overwritten by forward; zero-initialised gates (ReZero, LoRA,
         zero-init BatchNorm) are no false alarm.
+
+        Each step moves every parameter that has a gradient by Adam's first step (the
+        learning rate against the sign of the gradient), without an optimizer's state, which
+        would take twice the model's memory; the value before a step is kept in the memory
+        of the gradient that made it, so that the check needs the copy and one set of
+        gradients besides the model.
         """
-        model = self._copy_model()
-        trainable = self._trainable(model)
+        state: Dict[str, Any] = {}
+
+        def first_step() -> TrainingPass:
+            state["model"] = model = self._copy_model()
+            state["trainable"] = trainable = self._trainable(model)
+            output, loss, grads = self._training_step(model, trainable)
+            state["grads"] = grads
+            return TrainingPass.of(output, loss, [name for name, _ in trainable], grads)
+
+        # (the first step is the training pass the other checks share)
+        first = self._shared_pass("training", first_step, self.loss_fn, recompute=True)
+        summaries = first.gradients
+        model, trainable = state["model"], state["trainable"]
+        grads: List[Optional[torch.Tensor]] = state.pop("grads")
         if not trainable:
             self.fail(self._no_trainable_parameter())
         connected = [False] * len(trainable)
         nonzero = [False] * len(trainable)
         problems: Dict[str, str] = {}
-        optimizer = torch.optim.Adam([p for _, p in trainable], lr=1e-3)
-        steps = 0
-        for steps in range(1, PARAMETER_STEPS + 1):
-            _, grads = self._gradients(model, trainable, step=steps - 1)
-            for position, ((name, parameter), grad) in enumerate(zip(trainable, grads)):
-                # a sparse gradient (nn.Embedding(sparse=True)) densified: Adam takes no other
-                parameter.grad = grad.to_dense() if grad is not None and grad.is_sparse else grad
-                if grad is None:
+        before: Dict[int, torch.Tensor] = {}  # the values a step moved, before it
+
+        def undone() -> None:
+            """After the forward pass that follows a step: a parameter the step moved that
+            is back at its value before the step was overwritten by that forward pass."""
+            for position, value in before.items():
+                name, parameter = trainable[position]
+                if torch.equal(parameter.detach(), value):
+                    problems.setdefault(
+                        name,
+                        "the optimisation step is undone by the next forward pass, which "
+                        "overwrites the value (through .data, or in place under "
+                        "torch.no_grad())",
+                    )
+            before.clear()
+
+        steps = 1
+        while True:
+            for position, ((name, _), summary) in enumerate(zip(trainable, summaries)):
+                if not summary.connected:
                     continue
                 connected[position] = True
-                values = _stored_values(grad)
-                if not torch.isfinite(values).all():
+                if not summary.finite:
                     problems.setdefault(name, "gradient contains NaN or Inf")
-                elif values.ne(0).any():
+                elif summary.nonzero:
                     nonzero[position] = True
-            if problems:  # what trains after a NaN step says nothing
+            if any(text == "gradient contains NaN or Inf" for text in problems.values()):
                 self.fail(self._untrained_message(problems, len(trainable)))
-            stepped_from = [p.detach().clone() for _, p in trainable]
-            optimizer.step()  # a zero-initialised gate opens here, so its inputs train next
-            if all(nonzero[i] or self._allowed(name) for i, (name, _) in enumerate(trainable)):
+            # a zero-initialised gate opens here, so its inputs train next
+            for position, (_, parameter) in enumerate(trainable):
+                moved_from = _step(parameter, grads[position])
+                if moved_from is not None:
+                    before[position] = moved_from
+            del grads
+            if steps == PARAMETER_STEPS or all(
+                nonzero[i] or self._allowed(name) for i, (name, _) in enumerate(trainable)
+            ):
                 break
+            _, _, grads = self._training_step(model, trainable, step=steps, after_forward=undone)
+            summaries = tuple(GradientSummary.of(grad) for grad in grads)
+            steps += 1
         # One more forward pass: an update that forward undoes never trains anything.
-        stepped_to = [p.detach().clone() for _, p in trainable]
         with torch.no_grad():
             self._forward(model, self.inputs, training=True, seed=derived_seed(self.seed, steps))
-        for position, (name, parameter) in enumerate(trainable):
-            if self._allowed(name):
+        undone()
+        for position, (name, _) in enumerate(trainable):
+            if self._allowed(name) or name in problems:
                 continue
             if not connected[position]:
                 problems[name] = (
@@ -87,14 +130,9 @@ class Training(ModelContract):
                     "gate or scale, a mask, a ReLU that is dead for the whole "
                     "batch)"
                 )
-            elif not torch.equal(stepped_to[position], stepped_from[position]) and torch.equal(
-                parameter.detach(), stepped_from[position]
-            ):
-                problems[name] = (
-                    "the optimisation step is undone by the next forward pass, "
-                    "which overwrites the value (through .data, or in place "
-                    "under torch.no_grad())"
-                )
+        problems = {
+            name: problems[name] for name, _ in trainable if name in problems
+        }  # in the model's order
         if problems:
             self.fail(self._untrained_message(problems, len(trainable)))
 
@@ -102,8 +140,9 @@ class Training(ModelContract):
     def _untrained_message(problems: Dict[str, str], trainable: int) -> str:
         return (
             f"{len(problems)} of {trainable} trainable parameters would not be trained "
-            f"(a copy of the model was trained for up to {PARAMETER_STEPS} Adam steps on "
-            "self.inputs):\n  "
+            f"(a copy of the model was trained for up to {PARAMETER_STEPS} steps on "
+            f"self.inputs, each moving every parameter by Adam's first step, {STEP_SIZE} "
+            "against the sign of its gradient):\n  "
             + "\n  ".join(f"{name}: {text}" for name, text in problems.items())
             + "\nParameters behind a zero-initialised gate (ReZero, layer scale, LoRA's B, "
             "a zero-init BatchNorm weight) get their first gradient once the gate has "
@@ -119,12 +158,10 @@ class Training(ModelContract):
         Catches NaN or Inf in the outputs or in any gradient (a log or sqrt at or below
         zero, an overflowing exp).
         """
-        model = self._copy_model()
-        trainable = self._trainable(model)
-        output, grads = self._gradients(model, trainable)
+        first = self._training_pass()
         bad_outputs = [
             f"{path} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-            for path, t in floating_tensors(output)
+            for path, t in floating_tensors(first.output)
             if not torch.isfinite(t).all()
         ]
         if bad_outputs:
@@ -135,8 +172,8 @@ class Training(ModelContract):
             )
         bad_grads = [
             name
-            for (name, _), grad in zip(trainable, grads)
-            if grad is not None and not torch.isfinite(_stored_values(grad)).all()
+            for name, gradient in zip(first.names, first.gradients)
+            if gradient.connected and not gradient.finite
         ]
         if bad_grads:
             self.fail(
@@ -159,7 +196,28 @@ class Training(ModelContract):
         )
 
 
-def _stored_values(tensor: torch.Tensor) -> torch.Tensor:
-    """The values a tensor stores: of a sparse gradient (nn.Embedding(sparse=True)), its
-    non-zero entries, on which elementwise tests such as ``ne`` have no kernel."""
-    return tensor.coalesce().values() if tensor.is_sparse else tensor
+def _step(parameter: torch.Tensor, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Move ``parameter`` in place by Adam's first step (``STEP_SIZE`` against the sign of
+    ``grad``); return its value before the step, kept in ``grad``'s memory, if it moved (None
+    without a gradient or when the step changed nothing)."""
+    if grad is None:
+        return None
+    grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
+    value = parameter.detach()
+    with torch.no_grad():
+        if not (value.is_contiguous() and grad.is_contiguous()):
+            previous = value.clone()
+            value.add_(grad.sign_(), alpha=-STEP_SIZE)
+            moved = not torch.equal(value, previous)
+            grad.copy_(previous)
+        else:  # a part at a time: no copy of a large parameter, and the part stays in cache
+            moved = False
+            flat_value, flat_grad = value.view(-1), grad.view(-1)
+            for start in range(0, flat_value.numel(), _CHUNK):
+                new, kept = flat_value[start : start + _CHUNK], flat_grad[start : start + _CHUNK]
+                previous = new.clone()
+                new.add_(kept.sign_(), alpha=-STEP_SIZE)
+                moved = moved or not torch.equal(new, previous)
+                kept.copy_(previous)
+    parameter.grad = None
+    return grad if moved else None

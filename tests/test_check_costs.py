@@ -1,0 +1,186 @@
+"""What the model checks do to cost less, and that each keeps its verdicts: the round trip's
+fresh model built without its random initialisation (built in full before anything is
+reported), the dtype check on two samples (on all of them when that does not pass), the device
+check's meta run without a CPU run until a step needs the data, the batch check's dependence
+from one batched backward pass (one pass per sample where that cannot run: reentrant gradient
+checkpointing, tested with the batch check)."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+import torch.nn.functional as F
+from checkrunner import CheckTestCase
+from test_model_checks import FEATURES, SHAPE, AutoEncoder, HardWiredBatch, model_case
+from torch import nn
+
+
+class SeedsItselfThenDraws(AutoEncoder):
+    """Correct: it seeds torch in __init__, after its layers are initialised, and draws a
+    fixed projection that is not in the state dict (the same in every instance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1234)
+        self.register_buffer("projection", torch.randn(SHAPE), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.projection)
+
+
+class SeedsItselfFirst(AutoEncoder):
+    """Correct: it seeds torch before its layers are initialised, then draws a projection
+    that is not in the state dict (the same in every instance, because the layers' random
+    initialisation drew the same numbers before it)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(1234)
+        super().__init__()
+        self.register_buffer("projection", torch.randn(SHAPE), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.projection)
+
+
+class KeepsItsInitialWeights(AutoEncoder):
+    """Broken: a copy of the initial weights, outside the state dict, is used in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        initial = self.decoder[0].weight.detach().clone()
+        self.register_buffer("initial", initial, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.initial.sum()
+
+
+class RoundTrip(CheckTestCase):
+    def test_a_model_that_seeds_itself_passes(self) -> None:
+        for model_type in (SeedsItselfThenDraws, SeedsItselfFirst):
+            with self.subTest(model_type.__name__):
+                case = model_case(model_type, make_model=model_type)
+                self.assertPasses(case, "test_state_dict_round_trip")
+
+    def test_state_made_from_the_initial_weights_is_still_found(self) -> None:
+        self.assertFailsWith(
+            model_case(KeepsItsInitialWeights, make_model=KeepsItsInitialWeights),
+            "test_state_dict_round_trip",
+            "part of the model's state is not in its state dict",
+            "initial (buffer with persistent=False)",
+        )
+
+
+class OnlyForFour(AutoEncoder):
+    """Runs at a batch of 4 only, and makes a float32 tensor in forward (a dtype bug)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return HardWiredBatch.forward(self, x) + torch.ones(SHAPE)
+
+
+class DtypeMoving(CheckTestCase):
+    def test_a_model_that_runs_at_one_batch_size_only_is_checked_on_it(self) -> None:
+        self.assertPasses(model_case(HardWiredBatch), "test_dtype_moving")
+        self.assertFailsWith(
+            model_case(OnlyForFour),
+            "test_dtype_moving",
+            "returns output (torch.float32, made by torch.ones without dtype=",
+        )
+
+
+class ReadsTheDataThenMixesDevices(AutoEncoder):
+    """A device bug after a step that reads the data (the meta run needs the CPU run's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 10).any()):  # reads the data
+            x = x / 10
+        return super().forward(x) + torch.ones(SHAPE)  # made on the CPU
+
+
+class MixesDevicesThenReadsTheData(AutoEncoder):
+    """A device bug before any step that reads the data (found without a CPU run)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x) + torch.ones(SHAPE)  # made on the CPU
+        return out / 10 if bool((out > 10).any()) else out
+
+
+class ReadsTheData(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 2.0 if x.abs().max().item() > 1 else 1.0
+        return super().forward(x) * scale
+
+
+class DeviceMoving(CheckTestCase):
+    def test_a_model_that_reads_its_data_passes(self) -> None:
+        self.assertPasses(model_case(ReadsTheData), "test_device_moving")
+
+    def test_a_device_bug_is_found_before_and_after_a_step_that_reads_the_data(self) -> None:
+        for model_type in (ReadsTheDataThenMixesDevices, MixesDevicesThenReadsTheData):
+            with self.subTest(model_type.__name__):
+                self.assertFailsWith(
+                    model_case(model_type),
+                    "test_device_moving",
+                    "does not move to another device as a whole",
+                    "Tensor.add combines a CPU tensor of shape (1, 4, 4)",
+                )
+
+
+class RollBatch(torch.autograd.Function):
+    """Rolls the batch by one sample, with a backward pass of its own (which the batched
+    backward pass runs through vmap's fallback)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.roll(1, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor]:
+        return (grad.roll(-1, 0),)
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor]:
+        return (grad * 2,)
+
+
+class MixesThroughAFunction(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        return self.decoder(hidden + 0.1 * RollBatch.apply(hidden))
+
+
+class ScalesThroughAFunction(AutoEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(Scale.apply(self.encoder(x)))
+
+
+class BatchIndependence(CheckTestCase):
+    def test_an_autograd_function_of_the_models_own(self) -> None:
+        self.assertPasses(model_case(ScalesThroughAFunction), "test_batch_independence")
+        self.assertFailsWith(
+            model_case(MixesThroughAFunction),
+            "test_batch_independence",
+            "gets a gradient from the outputs of the other samples of the batch",
+        )
+
+    def test_mixing_by_a_view_is_found_in_the_batched_pass(self) -> None:
+        class ViewMixes(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = nn.Linear(FEATURES, FEATURES)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                flat = self.linear(x.flatten(1))
+                return F.relu(flat.t().reshape(flat.shape)).view(x.shape)
+
+        self.assertFailsWith(
+            model_case(ViewMixes),
+            "test_batch_independence",
+            "sample 0's self.inputs gets a gradient from the outputs of the other samples",
+        )
