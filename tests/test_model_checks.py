@@ -476,6 +476,7 @@ CHECKS = sorted(
         "test_dtype_moving",
         "test_eval_deterministic",
         "test_finite_outputs_and_gradients",
+        "test_inputs_unchanged",
         "test_output_shape",
         "test_running_statistics",
         "test_state_dict_round_trip",
@@ -523,7 +524,7 @@ class CorrectModels(CheckTestCase):
             with self.subTest(check=name):
                 self.assertPasses(case, name, allowed_skips=[NO_GPU, NO_RUNNING_STATISTICS])
 
-    def test_the_checks_contribute_twelve_tests(self) -> None:
+    def test_the_checks_contribute_thirteen_tests(self) -> None:
         case = model_case(AutoEncoder)
         self.assertEqual(unittest.TestLoader().getTestCaseNames(case), CHECKS)
         self.assertEqual(sorted(checks_of(case)), CHECKS)

@@ -183,7 +183,7 @@ class Checks(CheckTestCase):
     def test_every_model_check_is_included(self) -> None:
         names = sorted(checks_of(sequence_case(Attention)))
         self.assertIn("test_batch_independence", names)
-        self.assertEqual(len(names), 14)
+        self.assertEqual(len(names), 15)
         self.assertEqual(unittest.TestLoader().getTestCaseNames(sequence_case(Attention)), names)
 
     def test_correct_sequence_models_pass_every_check(self) -> None:
@@ -227,6 +227,7 @@ _ALL_MODEL = {
     "test_device_moving_on_gpu",
     "test_train_matches_eval",
     "test_all_inputs_used",
+    "test_inputs_unchanged",
 }  # test_running_statistics skips: no BatchNorm
 _RUNS = {  # the checks that run (the others skip: no make_model, causal False, no mask)
     "bidirectional attention": _ALL_MODEL | {"test_padding_invariance"},

@@ -278,7 +278,7 @@ class ModeAgreement(ModelContract):
         structure (a dict of losses in training).
         """
         copy = self._copy_model()  # before the eval pass can change any state
-        evaluated = self._eval_pass()
+        evaluated = self._observed_eval_pass()
         trained, watch = self._eval_equivalent_training_pass(copy)
         compared = self._compare(trained.output, evaluated.output)
         if compared is None:
@@ -310,7 +310,7 @@ class ModeAgreement(ModelContract):
         )
 
     # -- the passes ------------------------------------------------------------------------
-    def _eval_pass(self) -> _Pass:
+    def _observed_eval_pass(self) -> _Pass:
         """The eval-mode pass over self.inputs (seeded, gradients enabled, so that the same
         kernels run as in training: no fast path of nn.TransformerEncoder)."""
         record = _Pass(None)
