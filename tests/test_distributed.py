@@ -164,6 +164,12 @@ class RunDistributed(unittest.TestCase):
             run_distributed(hangs_on_rank_zero, 2, timeout=3)
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn("rank 0 of 2: did not finish within 3 s: it hung", str(caught.exception))
+        # with where it hung: the stack of the rank's thread when it was stopped
+        self.assertRegex(
+            str(caught.exception),
+            r"where it was then \(most recent call first\):\n  File .*test_distributed.py"
+            r"\", line \d+ in hangs_on_rank_zero",
+        )
 
     def test_a_result_that_cannot_be_pickled_is_an_error(self) -> None:
         # Every rank fails the same way; whichever reports first comes first.
@@ -537,11 +543,11 @@ class DDPGradients(CheckTestCase):
 
     def test_it_combines_with_the_other_model_mixins(self) -> None:
         alone = checks_of(ddp_case(AutoEncoder))
-        self.assertEqual(alone, ("test_ddp_gradients",))
+        self.assertEqual(alone, ("test_ddp_gradients", "test_fsdp_gradients"))
         with_model = ddp_case(AutoEncoder, mixins=(DistributedModelTests, ModelTests))
-        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_model)), 10)
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_model)), 11)
         with_sequence = ddp_case(AutoEncoder, mixins=(DistributedModelTests, SequenceModelTests))
-        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_sequence)), 12)
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_sequence)), 13)
 
     def test_no_rank_outlives_a_failing_check(self) -> None:
         before = child_pids()

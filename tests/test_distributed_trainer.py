@@ -549,7 +549,7 @@ class SkippedPartUnderRunners(unittest.TestCase):
         return completed.stdout + completed.stderr
 
     def test_unittest_reports_the_check_ok_and_the_part_skipped(self) -> None:
-        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp")
+        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp.TestDDP.test_ddp_training")
         self.assertRegex(
             output,
             r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\) \(part='one process'\)"
@@ -561,7 +561,15 @@ class SkippedPartUnderRunners(unittest.TestCase):
         self.assertIn("OK (skipped=1)", output)
 
     def test_pytest_reports_the_check_passed_and_the_part_skipped(self) -> None:
-        output = self.run_in_temp_dir("-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider")
+        output = self.run_in_temp_dir(
+            "-m",
+            "pytest",
+            "-v",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "test_ddp.py::TestDDP::test_ddp_training",
+        )
         self.assertIn("test_ddp.py::TestDDP::test_ddp_training PASSED", output)
         self.assertIn("SUBSKIPPED(part='one process') [1] ", output)
         self.assertRegex(output, r"1 passed, 1 skipped, 4 subtests passed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -391,6 +392,20 @@ class EpochNotSaved(ShardedTrainer):
         self.epoch = epoch  # what a fresh trainer starts with: 0
 
 
+class DiesOnRankOne(ShardedTrainer):
+    def train(self, epochs: int) -> None:
+        if self.rank == 1 and self.epoch == 1:
+            os._exit(3)  # killed, say, by the out-of-memory killer
+        super().train(epochs)
+
+
+class HangsOnRankOne(ShardedTrainer):
+    def train(self, epochs: int) -> None:
+        if self.rank == 1 and self.epoch == 1:
+            time.sleep(600)
+        super().train(epochs)
+
+
 class DDPTrainer(ShardedTrainer):
     """Data parallel, full checkpoints written by rank 0 with torch.save: resumable on any
     number of ranks."""
@@ -464,7 +479,27 @@ def outcome_of(case: type, check: str) -> Dict[str, List[str]]:
     return found
 
 
+def left_in(folder: str) -> list:
+    """What is left in a temporary folder, but the cache folder importing torch._dynamo makes
+    (torchinductor_<user>: torch's own, made once and reused, by any process that shards)."""
+    return [name for name in os.listdir(folder) if not name.startswith("torchinductor_")]
+
+
+def shared_memory() -> set:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
 class PartsTestCase(CheckTestCase):
+    def assertLeavesNothing(self, case: type, check: str, *fragments: str) -> None:
+        """The check fails with ``fragments``, and leaves no process, file or shared memory."""
+        before, segments = child_pids(), shared_memory()
+        with tempfile.TemporaryDirectory() as folder:
+            with mock.patch.object(tempfile, "tempdir", folder):
+                self.assertFailsWith(case, check, *fragments)
+            self.assertEqual(left_in(folder), [], "a checkpoint or log folder was left")
+        self.assertEqual(child_pids() - before, set(), "a rank outlived the check")
+        self.assertEqual(shared_memory() - segments, set(), "a shared-memory segment was left")
+
     def assertOnlyPartFails(self, case: type, check: str, part: str, *fragments: str) -> None:
         found = outcome_of(case, check)
         failed = {name for name in found if name not in ("skipped", "check")}
@@ -508,6 +543,26 @@ class FSDPTraining(PartsTestCase):
             "fully_shard keeps each rank's own shard of what it built (unlike "
             "DistributedDataParallel it broadcasts nothing)",
         )
+
+    def test_a_rank_that_dies_ends_the_check_with_what_happened_leaving_nothing(self) -> None:
+        self.assertLeavesNothing(
+            trainer_case(DiesOnRankOne),
+            "test_fsdp_training",
+            "training with make_trainer(rank, world_size) on 2 processes failed: rank 1: the "
+            "process died (exit code 3) without a result",
+            "rank 0 of 2: Traceback",
+        )
+
+    @pytest.mark.slow
+    def test_a_rank_that_hangs_ends_the_check_within_its_timeout_leaving_nothing(self) -> None:
+        started = time.monotonic()
+        self.assertLeavesNothing(
+            trainer_case(HangsOnRankOne, distributed_timeout=8),
+            "test_fsdp_training",
+            "training with make_trainer(rank, world_size) on 2 processes failed: rank 0:",
+            "rank 1 of 2: stopped after another rank failed",
+        )
+        self.assertLess(time.monotonic() - started, 20)
 
     @pytest.mark.slow
     def test_an_initialisation_on_the_shards_is_not_judged_on_the_cpu(self) -> None:
@@ -601,13 +656,14 @@ class ResumeAcrossWorldSizes(PartsTestCase):
             )
 
     def test_a_checkpoint_only_as_many_ranks_can_load_fails_leaving_nothing_behind(self) -> None:
-        before = child_pids()
+        before, segments = child_pids(), shared_memory()
         with tempfile.TemporaryDirectory() as folder:
             with mock.patch.object(tempfile, "tempdir", folder):
                 case = trainer_case(FilePerRank, resume_world_sizes=[(1, 2)])
                 found = outcome_of(case, "test_resume_across_world_sizes")
-            self.assertEqual(os.listdir(folder), [], "a checkpoint or log folder was left")
+            self.assertEqual(left_in(folder), [], "a checkpoint or log folder was left")
         self.assertEqual(child_pids() - before, set(), "a rank outlived the check")
+        self.assertEqual(shared_memory() - segments, set(), "a shared-memory segment was left")
         text = "\n".join(found.get("1 -> 2", []))
         self.assertIn(
             "training resumed on 2 ranks from the checkpoint that 1 rank saved failed: rank ",

@@ -27,24 +27,30 @@ How the ranks start and leave, so that no rank fails because of another's timing
   the group and leaves, at most ``_HOLD`` seconds: a peer still inside a collective that the
   rank never reached then fails at once, instead of at the timeout;
 - each rank leads a process group of its own (its DataLoader workers belong to it), which is
-  killed once the rank has ended, and a rank whose caller disappears kills itself.
+  killed once the rank has ended, and a rank whose caller disappears kills itself;
+- a rank still running when it is stopped (hung, or waiting for a rank that failed) is asked
+  first for the Python stack of its threads (``faulthandler``, on a signal), which the error
+  shows: where it hung.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import multiprocessing
 import os
 import pickle
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
 from multiprocessing import connection
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import torch
@@ -60,6 +66,10 @@ _GRACE = 3.0
 _HOLD = 2.0
 #: Seconds a rank that reported gets to leave before it is killed.
 _LEAVE = 2.0
+#: Seconds a rank that is stopped gets to write the stacks of its threads.
+_STACK_WAIT = 1.0
+#: The signal on which a rank writes the stacks of its threads (where there is one).
+_STACK_SIGNAL = getattr(signal, "SIGUSR1", None)
 #: The line of a traceback that names the exception ("RuntimeError: ...").
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)"
@@ -100,7 +110,11 @@ class DistributedError(RuntimeError):
         collective because their peers had left (a collective only some ranks call); None
         otherwise."""
         waiting = [rank for rank, text in self.failures.items() if _PEER_GONE.search(text)]
-        others = [r for r, text in self.failures.items() if r not in waiting and text != _STOPPED]
+        others = [
+            r
+            for r, text in self.failures.items()
+            if r not in waiting and not text.startswith(_STOPPED)
+        ]
         if not self.returned or not waiting or others:
             return None
         return (
@@ -173,10 +187,12 @@ def _rank_main(
     args: Sequence[Any],
     sender: Any,
     control: Any,
+    stack_path: Optional[str] = None,
 ) -> None:
     """The body of each rank's process."""
     try:
         _watch_parent(_lead_own_group())
+        _write_stacks_on_signal(stack_path)
         interface = _loopback_interface()
         if interface is not None:
             os.environ["GLOO_SOCKET_IFNAME"] = interface
@@ -209,6 +225,69 @@ def _rank_main(
         os._exit(0)
 
 
+def _write_stacks_on_signal(path: Optional[str]) -> None:
+    """Write the Python stacks of this process's threads to ``path`` on _STACK_SIGNAL (also
+    while a thread is inside a C call, such as a collective that waits)."""
+    if path is None or _STACK_SIGNAL is None:
+        return
+    stacks = open(path, "w")  # noqa: SIM115 - open for as long as the process lives
+    faulthandler.register(_STACK_SIGNAL, file=stacks, all_threads=True)
+
+
+def _stacks(ranks: Sequence["_Rank"]) -> Dict[int, str]:
+    """Ask each of ``ranks`` still running for the stacks of its threads; what they wrote, by
+    rank (its main thread's stack, without dltestkit's own threads)."""
+    asked = []
+    for each in ranks:
+        if _STACK_SIGNAL is None or each.stack_path is None or each.has_ended():
+            continue
+        with contextlib.suppress(OSError):
+            os.kill(each.process.pid, _STACK_SIGNAL)
+            asked.append(each)
+    found: Dict[int, str] = {}
+    deadline = time.monotonic() + _STACK_WAIT
+    for each in asked:
+        text, size = "", -1
+        while time.monotonic() < deadline:  # until what it writes stops growing
+            time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                text = Path(each.stack_path or "").read_text()
+            if text and len(text) == size:
+                break
+            size = len(text)
+        threads = [
+            _own_frames(block)
+            for block in text.strip().split("\n\n")
+            if block.strip() and not _is_watch_thread(block)
+        ]
+        threads = [thread for thread in threads if thread]
+        if len(threads) == 1:  # the main thread's frames, without the thread's header
+            found[each.rank] = "\n".join(threads[0].splitlines()[1:])
+        elif threads:
+            found[each.rank] = "\n".join(threads)
+    return found
+
+
+def _own_frames(block: str) -> str:
+    """A thread's stack as faulthandler wrote it (its header, then the frames, the most
+    recent first), without the frames that started the rank (_rank_main and below it)."""
+    lines = block.strip().splitlines()
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line.rstrip().endswith(" in _rank_main") and os.path.basename(__file__) in line:
+            break
+        kept.append(line)
+    return "\n".join(kept) if len(kept) > 1 else ""
+
+
+def _is_watch_thread(block: str) -> bool:
+    """Whether a thread's stack is that of the thread that watches the caller (_watch_parent)."""
+    return any(
+        line.rstrip().endswith(" in watch") and os.path.basename(__file__) in line
+        for line in block.splitlines()
+    )
+
+
 def _wait_for_release(control: Any) -> None:
     """Wait until the caller says every rank reported (or one failed), at most _HOLD s."""
     with contextlib.suppress(OSError, EOFError):
@@ -233,10 +312,19 @@ class _Rank:
     """A rank's process as the caller sees it: the process, the end of the pipe its result
     comes through, and the end of the pipe the caller tells it things through."""
 
-    def __init__(self, process: Any, receiver: Connection, control: Connection) -> None:
+    def __init__(
+        self,
+        process: Any,
+        receiver: Connection,
+        control: Connection,
+        rank: int = 0,
+        stack_path: Optional[str] = None,
+    ) -> None:
         self.process = process
         self.receiver = receiver
         self.control = control
+        self.rank = rank
+        self.stack_path = stack_path  # where it writes its threads' stacks when asked
         self.ended = False
 
     def tell(self, message: Any) -> None:
@@ -315,12 +403,14 @@ def run_distributed(
         for rank in range(world_size):
             receiver, sender = context.Pipe(duplex=False)
             listener, control = context.Pipe(duplex=False)
+            handle, stack_path = tempfile.mkstemp(prefix=f"dltestkit-rank-{rank}-", suffix=".txt")
+            os.close(handle)
             process = context.Process(
                 target=_rank_main,
                 name=f"dltestkit-rank-{rank}",
-                args=(function, rank, world_size, timeout, args, sender, listener),
+                args=(function, rank, world_size, timeout, args, sender, listener, stack_path),
             )
-            ranks.append(_Rank(process, receiver, control))
+            ranks.append(_Rank(process, receiver, control, rank, stack_path))
             try:
                 process.start()
             finally:
@@ -347,6 +437,9 @@ def run_distributed(
         for each in ranks:
             each.receiver.close()
             each.control.close()
+            if each.stack_path is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(each.stack_path)
         del store
     if failures:
         raise DistributedError(failures, world_size, returned=sorted(results))
@@ -407,14 +500,17 @@ def _collect(ranks: List[_Rank], timeout: float) -> Tuple[Dict[int, Any], Dict[i
     # The cause first: a rank whose peer disappeared failed because of another rank.
     failed.sort(key=lambda failure: (bool(_PEER_GONE.search(failure[2])), failure[0]))
     failures = {rank: text for _, rank, text in failed}
+    another_failed = bool(failures)
     for rank in pending.values():
         failures[rank] = (
             f"did not finish within {timeout:g} s: it hung (for example in a "
             "collective that not every rank reaches)"
-            if not failures
+            if not another_failed
             else _STOPPED
         )
     hung = set(pending.values())
+    for rank, stack in _stacks([ranks[rank] for rank in sorted(hung)]).items():
+        failures[rank] += f"; where it was then (most recent call first):\n{stack}"
     _stop([ranks[rank] for rank in hung], 0.0)  # killed at once
     _stop([each for rank, each in enumerate(ranks) if rank not in hung], _LEAVE)
     return results, failures

@@ -145,9 +145,10 @@ class ResumeAcrossWorldSizes(DistributedTraining):
     def _no_checkpointing(self, trainer: Any) -> Optional[str]:
         """The method a trainer lacks to save or load checkpoints, when the test class left
         their names at the defaults (a trainer that does not checkpoint); None otherwise."""
+        chosen = set(self._user_names())
         for option_name in ("save_checkpoint_method", "load_checkpoint_method"):
             name = getattr(self, option_name)
-            if not callable(getattr(trainer, name, None)) and not self._is_set(option_name):
+            if not callable(getattr(trainer, name, None)) and option_name not in chosen:
                 return f"{name}(path) ({option_name})"
         return None
 
@@ -190,7 +191,7 @@ class ResumeAcrossWorldSizes(DistributedTraining):
         runs: Dict[int, Dict[str, Any]] = {}
         for size in sorted({n for pair in pairs for n in pair}):
             path = paths.get(size, str(folder / f"unused-{size}"))
-            ranks = self._launch(_uninterrupted_rank, path, world_size=size)
+            ranks = self._launch(_uninterrupted_rank, self, path, world_size=size)
             if "no_checkpointing" in ranks[0]:
                 self.skipTest(
                     f"the trainer has no method {ranks[0]['no_checkpointing']}: it saves no "
@@ -224,7 +225,9 @@ class ResumeAcrossWorldSizes(DistributedTraining):
                 f"loaded by another number of ranks than saved it. {_ADVICE}\n{error}"
             )
 
-        resumed = self._launch(_resumed_rank, path, saved_on, world_size=loaded_on, explain=explain)
+        resumed = self._launch(
+            _resumed_rank, self, path, saved_on, world_size=loaded_on, explain=explain
+        )
         saving = runs[saved_on]["ranks"][0]
         differences = self._loaded_differences(saving["saved"], resumed[0]["loaded"])
         data = self._data_difference(runs[loaded_on]["ranks"], resumed, loaded_on)

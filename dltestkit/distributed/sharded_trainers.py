@@ -78,14 +78,14 @@ class ShardedTraining(DistributedTraining):
         self._get_or_skip("make_trainer")
         self._check_factory_arguments(rank=0, world_size=self.world_size)
         prepare_parent()
-        ranks = self._launch(_train_rank, True)
+        ranks = self._launch(_train_rank, self, True)
         if not ranks[0]["sharded"]:
             self.skipTest(
                 "the model of make_trainer(rank, world_size) holds no sharded parameter (no "
                 "DTensor): the trainer does not shard it with fully_shard; test_ddp_training "
                 "checks data-parallel training"
             )
-        [single] = self._launch(_train_rank, None, world_size=1)
+        [single] = self._launch(_train_rank, self, None, world_size=1)
         with self.subTest(part="start"):
             self._start_like_one_process(ranks, single)
         with self.subTest(part="optimizer"):

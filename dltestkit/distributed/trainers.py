@@ -100,11 +100,28 @@ def _state(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     gathered whole (a collective: every rank calls it at the same point)."""
     module = _unwrapped(model)
     names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    state = gathered(dict(module.state_dict()))
+    if sharded_names(module):
+        # Not state_dict(): fully_shard's state-dict hooks put the sharded parameters back in
+        # place, which breaks a forward pass that is running (the start is taken in one).
+        state = gathered(
+            {**dict(module.named_parameters(remove_duplicate=False)), **_buffers(module)}
+        )
+    else:
+        state = gathered(dict(module.state_dict()))
     return {
         "parameters": {name: value for name, value in state.items() if name in names},
         "buffers": {name: value for name, value in state.items() if name not in names},
     }
+
+
+def _buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's persistent buffers (those its state dict holds), by name."""
+    found = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
 
 
 def _local_shards(model: nn.Module) -> Dict[str, Tuple[int, torch.Tensor]]:
@@ -287,10 +304,10 @@ class DistributedTraining(DistributedOptions, TrainerContract):
         world_size: Optional[int] = None,
         explain: Optional[Callable[[DistributedError], NoReturn]] = None,
     ) -> List[Any]:
-        """Run ``function(rank, world_size, self, *args)`` on the ranks (fork only: the trainers
-        are built there with self.make_trainer); a ContractError met in a rank is raised as
-        such, any other failure is given to ``explain``, or fails the check with the ranks'
-        tracebacks."""
+        """Run ``function(rank, world_size, *args)`` on the ranks (fork only: the trainers are
+        built there with self.make_trainer, the test handed to them in ``args``); a
+        ContractError met in a rank is raised as such, any other failure is given to
+        ``explain``, or fails the check with the ranks' tracebacks."""
         check = self._testMethodName
         if _start_method() != "fork":
             self.skipTest(
@@ -300,7 +317,7 @@ class DistributedTraining(DistributedOptions, TrainerContract):
         size = self.world_size if world_size is None else world_size
         self._temp_root = str(self.make_temp_dir())  # make_temp_dir() in the ranks goes here
         try:
-            return self._run_ranks(function, self, *args, world_size=size)
+            return self._run_ranks(function, *args, world_size=size)
         except DistributedError as error:
             if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
                 raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
@@ -509,7 +526,7 @@ class DDPTraining(DistributedTraining):
         """
         self._get_or_skip("make_trainer")
         self._check_factory_arguments(rank=0, world_size=self.world_size)
-        ranks = self._launch(_train_rank, False)
+        ranks = self._launch(_train_rank, self, False)
         if ranks[0]["sharded"]:
             self.skipTest(
                 f"the model's parameters are sharded ({len(ranks[0]['sharded'])} DTensors, "
