@@ -69,4 +69,3 @@ class TestVAETrainerFSDP(DistributedTrainerTests, unittest.TestCase):
             )
 
         self.make_trainer = make_trainer
-
