@@ -679,7 +679,7 @@ class ResumeAcrossWorldSizes(PartsTestCase):
         for part in ("2 -> 1",):
             self.assertIn(
                 "data position: in the epoch after resuming, rank 0 of 1 loaded other samples "
-                "than an uninterrupted run on 1 loads in its second epoch",
+                "than an uninterrupted run on 1 rank loads in its second epoch",
                 "\n".join(found.get(part, [])),
                 found,
             )

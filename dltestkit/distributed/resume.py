@@ -21,6 +21,7 @@ from ..core.options import UNSET, option
 from ..core.seeds import derived_seed, make_deterministic
 from ..trainers.state import difference
 from .launch import DistributedError
+from .rank_warnings import recorded
 from .sharding import gathered, prepare_parent
 from .trainers import DistributedTraining, _state
 
@@ -80,7 +81,16 @@ def _epoch(test: "ResumeAcrossWorldSizes", trainer: Any, recorder: Any) -> Optio
 def _uninterrupted_rank(
     rank: int, world_size: int, test: "ResumeAcrossWorldSizes", path: str
 ) -> Dict[str, Any]:
-    """Two epochs, with the trainer's checkpoint saved to ``path`` after the first."""
+    """Two epochs, with the trainer's checkpoint saved to ``path`` after the first; the
+    warnings raised in ``"warnings"``."""
+    with recorded() as caught:
+        result = _uninterrupted(rank, world_size, test, path)
+    return {**result, "warnings": caught}
+
+
+def _uninterrupted(
+    rank: int, world_size: int, test: "ResumeAcrossWorldSizes", path: str
+) -> Dict[str, Any]:
     make_deterministic(test.seed)
     trainer = test._make_rank_trainer(rank, world_size)
     try:
@@ -100,7 +110,16 @@ def _uninterrupted_rank(
 def _resumed_rank(
     rank: int, world_size: int, test: "ResumeAcrossWorldSizes", path: str, saved_on: int
 ) -> Dict[str, Any]:
-    """A trainer built under another seed that loads ``path`` and trains one epoch."""
+    """A trainer built under another seed that loads ``path`` and trains one epoch; the
+    warnings raised in ``"warnings"``."""
+    with recorded() as caught:
+        result = _resumed(rank, world_size, test, path, saved_on)
+    return {**result, "warnings": caught}
+
+
+def _resumed(
+    rank: int, world_size: int, test: "ResumeAcrossWorldSizes", path: str, saved_on: int
+) -> Dict[str, Any]:
     make_deterministic(derived_seed(test.seed, 1))
     trainer = test._make_rank_trainer(rank, world_size)
     try:
@@ -124,6 +143,10 @@ def _close(test: "ResumeAcrossWorldSizes", trainer: Any) -> None:
     close = getattr(getattr(trainer, test.writer_attribute or "", None), "close", None)
     if callable(close):
         close()
+
+
+def _ranks(count: int) -> str:
+    return f"{count} {'rank' if count == 1 else 'ranks'}"
 
 
 class CheckpointLoadError(RuntimeError):
@@ -214,10 +237,8 @@ class ResumeAcrossWorldSizes(DistributedTraining):
     def _resume_pair(
         self, saved_on: int, loaded_on: int, path: str, runs: Dict[int, Dict[str, Any]]
     ) -> None:
-        where = (
-            f"resumed on {loaded_on} {'rank' if loaded_on == 1 else 'ranks'} from the "
-            f"checkpoint that {saved_on} {'rank' if saved_on == 1 else 'ranks'} saved"
-        )
+        saving, loading = _ranks(saved_on), _ranks(loaded_on)
+        where = f"resumed on {loading} from the checkpoint that {saving} saved"
 
         def explain(error: DistributedError) -> NoReturn:
             self.fail(
@@ -228,20 +249,20 @@ class ResumeAcrossWorldSizes(DistributedTraining):
         resumed = self._launch(
             _resumed_rank, self, path, saved_on, world_size=loaded_on, explain=explain
         )
-        saving = runs[saved_on]["ranks"][0]
-        differences = self._loaded_differences(saving["saved"], resumed[0]["loaded"])
+        saved = runs[saved_on]["ranks"][0]
+        differences = self._loaded_differences(saved["saved"], resumed[0]["loaded"])
         data = self._data_difference(runs[loaded_on]["ranks"], resumed, loaded_on)
         if data:
             differences.append(data)
-        end = self._end_difference(saving["end"], resumed[0]["end"], saved_on)
+        end = self._end_difference(saved["end"], resumed[0]["end"], saved_on)
         if end:
             differences.append(end)
         if not differences:
             return
         self.fail(
             f"a run {where} differs from an uninterrupted one. Trained 1 epoch on "
-            f"{saved_on}, then trainer.{self.save_checkpoint_method}(path) on every rank; "
-            f"on {loaded_on}, fresh trainers from make_trainer(rank, world_size={loaded_on})"
+            f"{saving}, then trainer.{self.save_checkpoint_method}(path) on every rank; "
+            f"on {loading}, fresh trainers from make_trainer(rank, world_size={loaded_on})"
             f" with trainer.{self.load_checkpoint_method}(path) and 1 more epoch:\n  - "
             + "\n  - ".join(differences)
             + f"\n{_ADVICE}"
@@ -272,8 +293,8 @@ class ResumeAcrossWorldSizes(DistributedTraining):
                         f"optimizer state: the resumed trainer's optimizer has no state, the "
                         f"one that saved the checkpoint had {', '.join(keys)} for {len(state)} "
                         "parameters: the checkpoint leaves the optimizer state out, or loading "
-                        "does not restore it (Adam's moments are lost, so its first steps are "
-                        "too large)"
+                        "does not restore it (Adam's moments or SGD's momentum are lost, so the "
+                        "steps after resuming differ)"
                     )
                 else:
                     where = "".join(f"[{key!r}]" for key in missing.path)
@@ -303,7 +324,8 @@ class ResumeAcrossWorldSizes(DistributedTraining):
             restarted = got == first
             return (
                 f"data position: in the epoch after resuming, rank {rank} of {loaded_on} loaded "
-                f"other samples than an uninterrupted run on {loaded_on} loads in its second "
+                f"other samples than an uninterrupted run on {_ranks(loaded_on)} loads in its "
+                "second "
                 f"epoch (from position {position}: "
                 f"{listed([str(x) for x in got[position : position + 3]], 3)} where "
                 f"{listed([str(x) for x in expected[position : position + 3]], 3)})"
@@ -329,6 +351,6 @@ class ResumeAcrossWorldSizes(DistributedTraining):
             return None
         return (
             f"weights after the resumed epoch: {self.model_attribute}.{found.path[0]} differs "
-            f"from the uninterrupted run on {saved_on} ({found.detail}; "
+            f"from the uninterrupted run on {_ranks(saved_on)} ({found.detail}; "
             f"single_process_tolerance={tolerance})"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
+import os
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, NoReturn, Optional, Tuple
 
@@ -28,6 +28,7 @@ from ..models.tensors import call_model
 from .launch import DistributedError
 from .models import DataParallelModel, _Plan, _set_modes, _sgd_steps
 from .options import is_tolerance
+from .rank_warnings import recorded, show_once
 from .sharding import (
     default_units,
     fsdp_unavailable,
@@ -45,6 +46,8 @@ __all__ = ["ShardedGradients"]
 _MIXED = "mixed torch.Tensor and DTensor"
 #: How the explanation of a difference in the gradients begins when nothing explains it.
 _UNEXPLAINED = "A sample's output depends on the other samples of its batch"
+#: Where fully_shard's own warnings come from.
+_FSDP = f"distributed{os.sep}fsdp{os.sep}"
 #: What fully_shard says about a parameter two units share.
 _SHARED = "already managed by another FSDP group"
 
@@ -79,10 +82,9 @@ class _ShardedStep:
 
 def _fsdp_rank(rank: int, world_size: int, step: _ShardedStep) -> Dict[str, Any]:
     """One rank of test_fsdp_gradients: the model sharded, on its shard of the batch; its two
-    steps (``"steps"``) and what fully_shard warned about (``"warnings"``: for a failure's
-    message, and not printed by every rank of every passing check)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    steps (``"steps"``) and the warnings raised (``"warnings"``: shown once by the caller,
+    not by every rank)."""
+    with recorded() as caught:
         model = copy.deepcopy(step.model)
         _set_modes(model, step.local_statistics)
         model = replace_sync_batchnorm(model)  # SyncBatchNorm refuses the CPU
@@ -97,12 +99,7 @@ def _fsdp_rank(rank: int, world_size: int, step: _ShardedStep) -> Dict[str, Any]
             derived_seed(step.seed, 10 * rank),
             gather=True,
         )
-    fsdp = [
-        str(warning.message)
-        for warning in caught
-        if "/fsdp/" in warning.filename.replace("\\", "/")
-    ]
-    return {"steps": steps, "warnings": list(dict.fromkeys(fsdp))}
+    return {"steps": steps, "warnings": caught}
 
 
 class ShardedGradients(DataParallelModel):
@@ -204,13 +201,17 @@ class ShardedGradients(DataParallelModel):
             ranks = self._run_ranks(_fsdp_rank, step)
         except DistributedError as error:
             self._explain_sharding_failure(error, plan.model, units, watch)
+        show_once(ranks[0]["warnings"])
         found = self._first_difference([rank["steps"] for rank in ranks], expected, plan, units)
         if found is not None:
             # What fully_shard warned about (a unit's output that is a view, which an in-place
             # operation detaches from the gradient's all-gather) can explain a difference the
             # check has no other explanation for.
             unexplained = not plan.training and _UNEXPLAINED in found
-            warned = ranks[0]["warnings"] if unexplained else []
+            fsdp = [
+                message for message, _, filename, _ in ranks[0]["warnings"] if _FSDP in filename
+            ]
+            warned = fsdp if unexplained else []
             self.fail(
                 found + "".join(f"\nfully_shard warned in the ranks: {text}" for text in warned)
             )
@@ -246,7 +247,7 @@ class ShardedGradients(DataParallelModel):
                     "parameters only while its forward runs; elsewhere the parameter is the "
                     f"rank's shard (a DTensor). Leave {first.unit} out of the units (its "
                     "parameters then belong to the enclosing one), or use the parameter only "
-                    f"inside {first.unit}'s forward. The error: {error.first_line()}"
+                    f"inside the forward of {first.unit}. The error: {error.first_line()}"
                 )
         if _SHARED in text:
             self.fail(

@@ -38,6 +38,7 @@ from ..trainers.logs import call_arguments
 from ..trainers.state import difference
 from .launch import DistributedError, _start_method
 from .options import DistributedOptions, is_tolerance
+from .rank_warnings import recorded, show_once
 from .sharding import gathered, is_sharded, sharded_names
 
 __all__ = ["DDPTraining", "DistributedTraining"]
@@ -206,7 +207,16 @@ def _train_rank(
 ) -> Dict[str, Any]:
     """One rank of a distributed trainer check: build, observe and train this rank's trainer.
     When ``sharded`` is True or False and the model's parameters are not, or are, sharded
-    (DTensors), it returns at once what it found, without training."""
+    (DTensors), it returns at once what it found, without training. The warnings raised come
+    back in ``"warnings"``."""
+    with recorded() as caught:
+        result = _observe_rank(rank, world_size, test, sharded)
+    return {**result, "warnings": caught}
+
+
+def _observe_rank(
+    rank: int, world_size: int, test: "DistributedTraining", sharded: Optional[bool]
+) -> Dict[str, Any]:
     trainer = test._make_rank_trainer(rank, world_size)
     found = sharded_names(_unwrapped(test._model(trainer)))
     if sharded is not None and bool(found) != sharded:
@@ -317,7 +327,7 @@ class DistributedTraining(DistributedOptions, TrainerContract):
         size = self.world_size if world_size is None else world_size
         self._temp_root = str(self.make_temp_dir())  # make_temp_dir() in the ranks goes here
         try:
-            return self._run_ranks(function, *args, world_size=size)
+            results = self._run_ranks(function, *args, world_size=size)
         except DistributedError as error:
             if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
                 raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
@@ -329,6 +339,10 @@ class DistributedTraining(DistributedOptions, TrainerContract):
             )
         finally:
             self._temp_root = None
+        for result in results:
+            if isinstance(result, dict):
+                show_once(result.pop("warnings", ()))
+        return results
 
     def _first_difference(
         self, ranks: Sequence[Dict[str, Any]], when: str, kind: str
