@@ -4,7 +4,7 @@
                       batch_size=128, device="cpu", log_dir="runs/mnist")
     with trainer:
         trainer.train(epochs=10)
-        trainer.save_checkpoint("runs/mnist/checkpoint.pt")
+        trainer.save_checkpoint("runs/mnist/checkpoint")  # a folder
 
 Resuming is exact: ``load_checkpoint`` restores the weights, the optimizer state
 (Adam's moments), the epoch and step counters, the seed that shuffles the training
