@@ -81,6 +81,25 @@ class FixedDtypeScale(AutoEncoder):
         return self.decoder(self.encoder(x) @ self.scale)
 
 
+class SamplesInEval(AutoEncoder):
+    """Adds noise in every mode, as a VAE that samples at evaluation does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x)
+        return self.decoder(hidden + torch.randn_like(hidden))
+
+
+class ScalarTemperature(AutoEncoder):
+    """A scalar parameter (CLIP's logit_scale), which fully_shard refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.temperature
+
+
 def tokens() -> torch.Tensor:
     return torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))
 
@@ -183,6 +202,32 @@ class FSDPGradients(CheckTestCase):
             "training the model sharded with fully_shard on 2 ranks (units: encoder, decoder)"
             " failed: rank",
             "expected m1 and m2 to have the same dtype",
+        )
+
+    def test_a_model_sampling_in_eval_mode_skips_saying_why(self) -> None:
+        for check in ("test_ddp_gradients", "test_fsdp_gradients"):
+            with self.subTest(check):
+                self.assertSkipsWith(
+                    model_case(SamplesInEval),
+                    check,
+                    f"the model draws random numbers in eval mode, which {check} compares in: "
+                    "its floating-point output 0 changes with the seed",
+                )
+
+    def test_a_model_fully_shard_refuses_skips_unless_it_is_declared_sharded(self) -> None:
+        self.assertSkipsWith(
+            model_case(ScalarTemperature),
+            "test_fsdp_gradients",
+            "fully_shard cannot train the model with the default units (encoder, decoder) on 2 "
+            "ranks: rank ",
+            "fully_shard doesn't support scalar parameters",
+            "set self.fsdp_units to the modules it wraps: the check then fails on this",
+        )
+        self.assertFailsWith(
+            model_case(ScalarTemperature, fsdp_units=["encoder"]),
+            "test_fsdp_gradients",
+            "training the model sharded with fully_shard on 2 ranks (units: encoder) failed",
+            "fully_shard doesn't support scalar parameters",
         )
 
     def test_units_that_match_nothing_are_a_contract_error(self) -> None:
