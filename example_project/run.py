@@ -4,9 +4,15 @@
     python run.py --generate-data --epochs 1     # offline: generated MNIST-format data
     tensorboard --logdir runs
 
-Distributed data parallel training on several processes (CPU: gloo; GPUs: nccl):
+Distributed training on several processes (CPU: gloo; GPUs: nccl), data parallel (DDP,
+the default) or fully sharded (FSDP2), checkpointed with torch.distributed.checkpoint and
+resumed on any number of processes:
 
     torchrun --standalone --nproc_per_node 2 run.py --generate-data --epochs 1
+    torchrun --standalone --nproc_per_node 2 run.py --generate-data --strategy fsdp \
+        --epochs 1 --log-dir runs/fsdp
+    torchrun --standalone --nproc_per_node 1 run.py --strategy fsdp --epochs 2 \
+        --log-dir runs/fsdp --resume runs/fsdp/checkpoint
 
 Data is read from ``<data-root>/MNIST/raw/`` (default: the ``data`` folder
 beside this file). Get it with ``--download`` (real MNIST, needs internet) or
@@ -30,7 +36,7 @@ from dataset import MNISTNotFoundError, MyMNIST
 from mnist_files import has_mnist, write_mnist
 from model import CNNVAE, MLPVAE
 from tqdm import tqdm
-from trainer import Trainer
+from trainer import Trainer, shard_vae
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"mlp": MLPVAE, "cnn": CNNVAE}
@@ -87,6 +93,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="train,test sizes for --generate-data (default: 60000,10000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="with several processes: data parallel (ddp, each holds every weight) or fully "
+        "sharded (fsdp, each holds a shard of the weights and optimizer state); default: ddp",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="a checkpoint folder to resume from (saved on any number of processes); "
+        "--epochs counts the epochs trained before it too",
+    )
     args = parser.parse_args(argv)
     text = args.generate_sizes
     try:
@@ -202,8 +222,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
         dist.broadcast_object_list(names, src=0)
         log_dir = Path(names[0])
     model = MODELS[args.model](input_shape=INPUT_SHAPE, bottleneck_dim=args.bottleneck_dim)
+    if args.strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
+        shard_vae(model.to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = log_dir / "checkpoint.pt"
+    checkpoint = log_dir / "checkpoint"  # a folder (torch.distributed.checkpoint)
 
     with Trainer(
         model,
@@ -217,7 +239,11 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
         image_every=args.image_every,
     ) as trainer:
         test_loss = None
-        for epoch in range(args.epochs):
+        if args.resume is not None:
+            trainer.load_checkpoint(args.resume)
+            if rank == 0:
+                print(f"Resumed from {args.resume} after epoch {trainer.epoch}")
+        for epoch in range(trainer.epoch, args.epochs):
             with tqdm(
                 total=len(trainer.train_loader),
                 desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -242,7 +268,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
     if rank != 0:
         return 0
     final = "n/a" if test_loss is None else f"{test_loss:.4f}"
-    world = f" x {dist.get_world_size()} processes" if dist.is_initialized() else ""
+    world = (
+        f" x {dist.get_world_size()} processes ({args.strategy})" if dist.is_initialized() else ""
+    )
     print(
         f"Trained {args.model} for {args.epochs} epochs on {device}{world}: "
         f"final test loss {final}; "

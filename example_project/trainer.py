@@ -4,19 +4,27 @@
                       batch_size=128, device="cpu", log_dir="runs/mnist")
     with trainer:
         trainer.train(epochs=10)
-        trainer.save_checkpoint("runs/mnist/checkpoint.pt")
+        trainer.save_checkpoint("runs/mnist/checkpoint")  # a folder
 
 Resuming is exact: ``load_checkpoint`` restores the weights, the optimizer state
 (Adam's moments), the epoch and step counters, the seed that shuffles the training
 data (with the epoch), and torch's global random state that the VAE's sampling draws
 from. A trainer built the same way that loads the checkpoint and trains on gives the
-weights and the logs of an uninterrupted run.
+weights and the logs of an uninterrupted run. Checkpoints are written with
+``torch.distributed.checkpoint`` (DCP, a folder): each rank writes its own shards, and
+any number of processes can load them, so a run saved on two processes resumes on one.
 
-Distributed data parallel training: built in a process that joined a
-``torch.distributed`` process group (``torchrun``, see run.py), the trainer wraps
-the model in ``DistributedDataParallel``, gives each rank its shard of the training
-data with ``DistributedSampler`` (reshuffled every epoch), and only rank 0 logs and
-writes checkpoints. ``batch_size`` is per process.
+Distributed training: built in a process that joined a ``torch.distributed`` process
+group (``torchrun``, see run.py), the trainer gives each rank its shard of the training
+data with ``DistributedSampler`` (reshuffled every epoch), and only rank 0 logs. The
+model trains with ``DistributedDataParallel`` (each rank holds all the weights), or
+fully sharded (FSDP2: each rank holds a shard of the weights and of the optimizer
+state) when it was sharded with ``shard_vae`` before its optimizer was built::
+
+    shard_vae(model)                                       # before the optimizer
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+``batch_size`` is per process.
 
 Loss per batch: ``recon_loss + kl_weight * kl_div_loss``, where
 ``recon_loss`` is the squared error summed over pixels and averaged over the
@@ -34,20 +42,52 @@ TensorBoard logs (``self.summary``):
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "shard_vae"]
 
 PathLike = Union[str, Path]
+
+
+def shard_vae(model: nn.Module) -> nn.Module:
+    """Shard ``model`` (a VAE) over the processes of the torch.distributed group with
+    ``fully_shard`` (FSDP2): the encoder and the decoder each a unit, the heads with the
+    model itself; ``forward_with_latent``, which training calls, gathers the weights as
+    ``forward`` does. Call it before building the optimizer (it replaces the parameters).
+    Outside torch.distributed, or in a group of one process, the model stays as it is."""
+    rank, world_size = process_group()
+    if world_size == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size,))
+    for part in (model.encoder, model.decoder):
+        fully_shard(part, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "forward_with_latent")
+    return model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # PyTorch before 2.6
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def process_group() -> Tuple[int, int]:
@@ -106,8 +146,12 @@ class Trainer:
         self.device = torch.device(device)
         self.rank, self.world_size = process_group()
         self.model = model.to(self.device)
-        step: nn.Module = _WithLatent(self.model)
-        if self.world_size > 1:  # broadcasts rank 0's weights, then averages the gradients
+        self.sharded = _is_sharded(self.model)  # by shard_vae: FSDP; otherwise DDP
+        step: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        step = _WithLatent(self.model)
+        if self.sharded:  # forward_with_latent gathers the shards, backward reduce-scatters
+            step = self.model.forward_with_latent  # type: ignore[assignment]
+        elif self.world_size > 1:  # broadcasts rank 0's weights, then averages the gradients
             step = DistributedDataParallel(
                 step, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -181,12 +225,8 @@ class Trainer:
                     callback(losses)
             test_loss = self.eval()
             self._log("test/loss", test_loss, self.epoch)
-            if (
-                self.summary is not None
-                and self.image_every
-                and (self.epoch + 1) % self.image_every == 0
-            ):
-                self.log_reconstructions()
+            if self.image_every and (self.epoch + 1) % self.image_every == 0:
+                self.log_reconstructions()  # every rank: a sharded forward is a collective
             self.epoch += 1
         return test_loss
 
@@ -236,7 +276,9 @@ class Trainer:
         return total / count
 
     def log_reconstructions(self) -> None:
-        """Log a grid of test images (top row) and their reconstructions (bottom row)."""
+        """Log a grid of test images (top row) and their reconstructions (bottom row).
+        Called on every rank (the forward pass of a sharded model gathers its weights from
+        all of them); rank 0 writes the image."""
         if self._image_batch is None:
             self._image_batch = self._inputs(next(iter(self.test_loader)))[: self.num_images]
         x = self._image_batch
@@ -248,50 +290,56 @@ class Trainer:
         finally:
             self.model.train(was_training)
         images = torch.cat([x, recon]).float().add(1.0).div(2.0).clamp(0.0, 1.0).cpu()
-        assert self.summary is not None, "rank 0 logs"
+        if self.summary is None:  # only rank 0 logs
+            return
         self.summary.add_image(
             "test/reconstructions", make_grid(images, nrow=x.shape[0]), self.epoch
         )
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: PathLike) -> None:
-        """Write everything training depends on, loadable with ``weights_only=True``:
-        model and optimizer state, epoch and step, the data-order seed and every rank's
-        global random states (CPU, and the GPU's when training on one). Called on every
-        rank; rank 0 writes the file."""
+        """Write everything training depends on to the folder ``path``, with
+        torch.distributed.checkpoint: model and optimizer state (each rank its shards when the
+        model is sharded), epoch and step, the data-order seed and every rank's global random
+        states (CPU, and the GPU's when training on one). Called on every rank; any number of
+        processes can load it."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        every_rank = _gather(rng)
-        if self.rank == 0:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch,
-                "step": self.global_step,
-                "data_seed": self.data_seed,
-                "rng": every_rank,
-            }
-            torch.save(checkpoint, path)
-        if self.world_size > 1:
-            dist.barrier()  # the file is complete before any rank may load it
+        every_rank = io.BytesIO()
+        torch.save(_gather(rng), every_rank)
+        every_rank.seek(0)
+        state = {**self._state(), "rng": every_rank}
+        dcp.save(state, checkpoint_id=str(path), no_dist=self.world_size == 1)
 
     def load_checkpoint(self, path: PathLike) -> None:
-        """Restore what ``save_checkpoint`` wrote (this changes torch's global random state,
-        as resuming must). Called on every rank."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.epoch = int(checkpoint["epoch"])
-        self.global_step = int(checkpoint["step"])
-        self.data_seed = self.sampler.seed = int(checkpoint["data_seed"])
-        states = checkpoint["rng"]
+        """Restore what ``save_checkpoint`` wrote, on any number of processes (this changes
+        torch's global random state, as resuming must). Called on every rank."""
+        state = {**self._state(), "rng": io.BytesIO()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=self.world_size == 1)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        self.epoch = int(state["trainer"]["epoch"])
+        self.global_step = int(state["trainer"]["step"])
+        self.data_seed = self.sampler.seed = int(state["trainer"]["data_seed"])
+        state["rng"].seek(0)
+        states = torch.load(state["rng"], weights_only=True)
         rng = states[self.rank] if self.rank < len(states) else states[0]
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def _state(self) -> Dict[str, Any]:
+        """The state save_checkpoint writes and load_checkpoint fills in (but the random
+        states): the model's and the optimizer's state dicts (sharded when the model is),
+        and the trainer's counters."""
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        counters = {"epoch": self.epoch, "step": self.global_step, "data_seed": self.data_seed}
+        return {"model": model, "optimizer": optimizer, "trainer": counters}
 
     # ----------------------------------------------------------------- cleanup
     def close(self) -> None:

@@ -14,6 +14,7 @@ import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import pytest
 import torch
 import torch.distributed as dist
 from checkrunner import CheckTestCase
@@ -549,7 +550,7 @@ class SkippedPartUnderRunners(unittest.TestCase):
         return completed.stdout + completed.stderr
 
     def test_unittest_reports_the_check_ok_and_the_part_skipped(self) -> None:
-        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp")
+        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp.TestDDP.test_ddp_training")
         self.assertRegex(
             output,
             r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\) \(part='one process'\)"
@@ -561,10 +562,18 @@ class SkippedPartUnderRunners(unittest.TestCase):
         self.assertIn("OK (skipped=1)", output)
 
     def test_pytest_reports_the_check_passed_and_the_part_skipped(self) -> None:
-        output = self.run_in_temp_dir("-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider")
+        output = self.run_in_temp_dir(
+            "-m",
+            "pytest",
+            "-v",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "test_ddp.py::TestDDP::test_ddp_training",
+        )
         self.assertIn("test_ddp.py::TestDDP::test_ddp_training PASSED", output)
         self.assertIn("SUBSKIPPED(part='one process') [1] ", output)
-        self.assertRegex(output, r"1 passed, 1 skipped, 4 subtests passed")
+        self.assertRegex(output, r"1 passed, 1 skipped, (\d+ warnings?, )?4 subtests passed")
 
 
 if __name__ == "__main__":
@@ -572,7 +581,8 @@ if __name__ == "__main__":
 
 
 class ExampleUnderTorchrun(unittest.TestCase):
-    def test_run_py_trains_with_ddp_on_two_cpu_processes(self) -> None:
+    def torchrun(self, folder: str, processes: int, *arguments: str) -> str:
+        """run.py under torchrun on ``processes`` CPU processes, in ``folder``; its output."""
         missing = [
             name
             for name in ("torchvision", "tensorboard", "tqdm")
@@ -581,40 +591,87 @@ class ExampleUnderTorchrun(unittest.TestCase):
         if missing or shutil.which("torchrun") is None:
             self.skipTest(f"needs the example extra and torchrun (missing: {missing})")
         run_py = Path(__file__).resolve().parent.parent / "example_project" / "run.py"
+        completed = subprocess.run(
+            [
+                shutil.which("torchrun") or "torchrun",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+                str(run_py),
+                "--num-workers",
+                "0",
+                "--data-root",
+                f"{folder}/data",
+                *arguments,
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
+        return completed.stdout
+
+    def test_run_py_trains_with_ddp_on_two_cpu_processes(self) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            completed = subprocess.run(
-                [
-                    shutil.which("torchrun") or "torchrun",
-                    "--standalone",
-                    "--nproc_per_node",
-                    "2",
-                    str(run_py),
-                    "--generate-data",
-                    "--generate-sizes",
-                    "64,32",
-                    "--epochs",
-                    "2",
-                    "--batch-size",
-                    "16",
-                    "--num-workers",
-                    "0",
-                    "--data-root",
-                    f"{folder}/data",
-                    "--log-dir",
-                    f"{folder}/runs",
-                ],
-                cwd=folder,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            output = self.torchrun(
+                folder,
+                2,
+                "--generate-data",
+                "--generate-sizes",
+                "64,32",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--log-dir",
+                f"{folder}/runs",
             )
-            self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
-            self.assertIn("Trained mlp for 2 epochs on cpu x 2 processes", completed.stdout)
-            self.assertEqual(completed.stdout.count("Trained"), 1, "only rank 0 reports")
-            self.assertTrue((Path(folder) / "runs" / "checkpoint.pt").exists())
+            self.assertIn("Trained mlp for 2 epochs on cpu x 2 processes (ddp)", output)
+            self.assertEqual(output.count("Trained"), 1, "only rank 0 reports")
+            self.assertTrue((Path(folder) / "runs" / "checkpoint" / ".metadata").exists())
             self.assertEqual(
                 len(list((Path(folder) / "runs").glob("events.out.tfevents*"))),
                 1,
                 "only rank 0 logs",
             )
+
+    @pytest.mark.slow
+    def test_run_py_trains_sharded_and_resumes_on_one_process(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            output = self.torchrun(
+                folder,
+                2,
+                "--generate-data",
+                "--generate-sizes",
+                "64,32",
+                "--strategy",
+                "fsdp",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--log-dir",
+                f"{folder}/sharded",
+            )
+            self.assertIn("Trained mlp for 1 epochs on cpu x 2 processes (fsdp)", output)
+            shards = sorted(p.name for p in (Path(folder) / "sharded" / "checkpoint").iterdir())
+            self.assertEqual(shards, [".metadata", "__0_0.distcp", "__1_0.distcp"])
+            output = self.torchrun(
+                folder,
+                1,
+                "--strategy",
+                "fsdp",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--log-dir",
+                f"{folder}/resumed",
+                "--resume",
+                f"{folder}/sharded/checkpoint",
+            )
+            self.assertIn("Resumed from", output)
+            self.assertIn("after epoch 1", output)
+            self.assertIn("Trained mlp for 2 epochs on cpu:", output)

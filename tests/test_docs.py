@@ -317,7 +317,9 @@ class ExampleProjectCommands(unittest.TestCase):
 
     def test_the_documented_run_py_commands_parse(self) -> None:
         text = (DOCS / "example-project.md").read_text(encoding="utf-8")
-        commands = re.findall(r"^python example_project/run\.py(.*?)(?:[ \t]+#.*)?$", text, re.M)
+        commands = re.findall(
+            r"^(?:python|torchrun[^\n]*?) example_project/run\.py(.*?)(?:[ \t]+#.*)?$", text, re.M
+        )
         self.assertTrue(commands, "docs/example-project.md shows no run.py command")
         run = self.import_run_py()
         for command in commands:

@@ -114,7 +114,8 @@ def static_reads(mixin: type, check: str) -> Set[str]:
         reads |= visitor.reads
         if not function.__module__.startswith("dltestkit"):
             continue
-        pending += [(method, alias, None) for method in visitor.methods] if alias == "self" else []
+        # a method called on the test, under whichever name a function gave it
+        pending += [(method, "self", None) for method in visitor.methods]
         for called in visitor.functions:
             found = getattr(owner, called, None)
             if inspect.isfunction(found) and found.__module__.startswith("dltestkit"):

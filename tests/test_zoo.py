@@ -15,11 +15,12 @@ import importlib.util
 import unittest
 from typing import Any, Callable, Dict, Tuple
 
+import pytest
 import torch
 from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case
 from torch import nn
 
-from dltestkit import ModelTests, SequenceModelTests
+from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
 from dltestkit.core.contract import checks_of
 
 MISSING = [
@@ -663,6 +664,10 @@ ZOO: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {
 }
 
 
+#: The attributes of a zoo case the distributed model checks read.
+DISTRIBUTED = ("model", "inputs", "unbatched_inputs", "loss_fn")
+
+
 def zoo_case(mixin: type, attributes: Dict[str, Any]) -> type:
     def set_up(self: Any) -> None:
         for name, value in attributes.items():
@@ -694,6 +699,28 @@ class RealModels(CheckTestCase):
             with self.subTest(label):
                 case = zoo_case(mixin, dict(attributes, accelerators=["cpu"]))
                 self.assertPasses(case, "test_device_moving_on_gpu", allowed_skips=())
+
+    @pytest.mark.slow
+    def test_fsdp_gradients_pass_on_every_model(self) -> None:
+        # BatchNorm's per-rank statistics declared, as for DDP (the ResNets)
+        for label, (_, attributes, _) in ZOO.items():
+            kept = {key: value for key, value in attributes.items() if key in DISTRIBUTED}
+            case = zoo_case(DistributedModelTests, dict(kept, local_batch_statistics=["*"]))
+            with self.subTest(label):
+                self.assertPasses(case, "test_fsdp_gradients", allowed_skips=())
+
+    @pytest.mark.slow
+    def test_fsdp_gradients_pass_under_a_bfloat16_policy(self) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for label, (_, attributes, _) in ZOO.items():
+            if not label.startswith(("transformers", "timm ViT", "nn.")):
+                continue
+            kept = {key: value for key, value in attributes.items() if key in DISTRIBUTED}
+            case = zoo_case(DistributedModelTests, dict(kept, fsdp_mixed_precision=policy))
+            with self.subTest(label):
+                self.assertPasses(case, "test_fsdp_gradients", allowed_skips=())
 
     def test_token_ids_no_probe_follows_are_compared_by_value(self) -> None:
         attributes = dict(model=ClampsItsIds, inputs=lambda: token_batch(left_padding=True))

@@ -38,6 +38,7 @@ import unittest
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case
@@ -59,7 +60,7 @@ from test_zoo import (
 )
 from torch import nn
 
-from dltestkit import ModelTests, SequenceModelTests
+from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
 from dltestkit.core.contract import checks_of
 
 NEEDS = f"needs {', '.join(MISSING)}: pip install -e '.[zoo]'"
@@ -1382,6 +1383,22 @@ class DesignZoo(CheckTestCase):
     def test_detection_models_pass(self) -> None:
         # issue 20's table: the contract refused a list of images and of target dicts
         self.assertEveryCheckPasses(DETECTION)
+
+    @pytest.mark.slow
+    def test_fsdp_gradients_pass_or_say_why_not_on_every_component(self) -> None:
+        # BatchNorm's per-rank statistics declared, as for DDP; sampling models and models
+        # fully_shard cannot train with the default units (CLIP's scalar logit_scale, sparse
+        # gradients, Mixtral's router logits recorded by module hooks) skip saying so
+        allowed = (
+            "the model draws random numbers in eval mode",
+            "fully_shard cannot train the model with the default units",
+        )
+        kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
+        for label, (_, attributes, _) in DESIGN_ZOO.items():
+            chosen = {key: value for key, value in attributes.items() if key in kept}
+            case = design_case(DistributedModelTests, dict(chosen, local_batch_statistics=["*"]))
+            with self.subTest(label):
+                self.assertPasses(case, "test_fsdp_gradients", allowed_skips=allowed)
 
     @extended
     def test_every_check_passes_on_the_extended_components(self) -> None:

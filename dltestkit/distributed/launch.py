@@ -117,7 +117,11 @@ class DistributedError(RuntimeError):
         collective because their peers had left (a collective only some ranks call); None
         otherwise."""
         waiting = [rank for rank, text in self.failures.items() if _PEER_GONE.search(text)]
-        others = [r for r, text in self.failures.items() if r not in waiting and text != _STOPPED]
+        others = [
+            r
+            for r, text in self.failures.items()
+            if r not in waiting and not text.startswith(_STOPPED)
+        ]
         if not self.returned or not waiting or others:
             return None
         return (

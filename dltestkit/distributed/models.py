@@ -1,10 +1,12 @@
-"""DistributedModelTests: checks of distributed data parallel training, on CPU processes.
+"""test_ddp_gradients, and what the model checks of data-parallel training share.
 
 The bugs of DistributedDataParallel (DDP) training show up only with several processes: a
 loss averaged over the wrong number of samples, layers that normalise each rank's shard with
 its own statistics, parameters that get no gradient (DDP fails on the next step). These checks
 run the real ``torch.distributed`` with the gloo backend on ``world_size`` CPU processes
-(``dltestkit.run_distributed``), so they need no GPU and no cluster.
+(``dltestkit.run_distributed``), so they need no GPU and no cluster. ``DataParallelModel`` holds
+what the DDP and the FSDP check (``sharded_models.py``) share: the shards of the batch, the
+loss, one process's two steps to compare with, and why they differ.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from ..models.contract import ModelContract
 from ..models.tensors import batched_entries, call_model, replace_entries
 from .launch import DistributedError
 from .options import DistributedOptions
+from .sharding import gathered
 from .syncbn import replace_sync_batchnorm
 
-__all__ = ["DistributedModelTests"]
+__all__ = ["DDPGradients", "DataParallelModel"]
 
 #: The normalisation layers that use the statistics of their batch in training mode.
 BATCH_STATISTICS = (
@@ -65,8 +68,14 @@ def _to_double(tensor: torch.Tensor) -> torch.Tensor:
 
 def _set_modes(model: nn.Module, local_statistics: Collection[str]) -> List[str]:
     """Eval mode, but batch-normalisation layers in training mode (they are what differs
-    under DDP), except those in ``local_statistics``; returns the latter's names."""
+    under DDP), except those in ``local_statistics``; returns the latter's names. The
+    observers of quantisation-aware training stop observing: their ranges are statistics of
+    each rank's batch, as a BatchNorm's are, which DDP does not share either."""
     model.eval()
+    for module in model.modules():
+        stop = getattr(module, "disable_observer", None)
+        if callable(stop) and hasattr(module, "observer_enabled"):  # a FakeQuantize
+            stop()
     training = []
     for name, module in model.named_modules():
         if isinstance(module, BATCH_STATISTICS) and not any(
@@ -99,13 +108,16 @@ def _sgd_steps(
     loss_fn: Any,
     seed: int,
     parameters: Optional[Sequence[Tuple[str, nn.Parameter]]] = None,
-) -> List[Dict[str, Optional[torch.Tensor]]]:
-    """Two SGD steps of ``model`` (maybe DDP-wrapped) on ``inputs`` (``batch`` samples); the
-    gradients of each step, by parameter name."""
+    gather: bool = False,
+) -> List[Dict[str, Any]]:
+    """Two SGD steps of ``model`` (maybe DDP-wrapped or sharded) on ``inputs`` (``batch``
+    samples); of each step, the gradients by parameter name (``"grads"``), the loss
+    (``"loss"``) and, with ``gather`` (sharded parameters, gathered whole), the weights after
+    it (``"weights"``)."""
     named = list(parameters if parameters is not None else model.named_parameters())
     named = [(name, p) for name, p in named if p.requires_grad]
     optimizer = torch.optim.SGD([p for _, p in named], lr=0.01)
-    seen = []
+    seen: List[Dict[str, Any]] = []
     for step in range(2):
         torch.manual_seed(derived_seed(seed, step))
         optimizer.zero_grad(set_to_none=True)
@@ -116,14 +128,19 @@ def _sgd_steps(
             else _batch_loss(output, weights, batch_dims, batch)
         )
         loss.backward()
-        seen.append(
-            {name: None if p.grad is None else p.grad.detach().clone() for name, p in named}
-        )
+        grads = {name: None if p.grad is None else gathered(p.grad) for name, p in named}
         optimizer.step()
+        seen.append(
+            {
+                "grads": grads,
+                "loss": float(loss.detach().float()),
+                "weights": {name: gathered(p) for name, p in named} if gather else {},
+            }
+        )
     return seen
 
 
-def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optional[torch.Tensor]]]:
+def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Any]]:
     """One rank of test_ddp_gradients: the model in DDP, on its shard of the batch."""
     model = copy.deepcopy(step.model)
     _set_modes(model, step.local_statistics)
@@ -143,38 +160,49 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Optiona
     )
 
 
-class DistributedModelTests(DistributedOptions, ModelContract):
-    """Checks that a model trains the same with DistributedDataParallel on several processes
-    as in one process on the whole batch.
+@dataclass
+class _Plan:
+    """What a comparison of data-parallel training with one process needs: the model to train
+    (the branches that only training mode uses frozen, in float64 when ``double``), the shards
+    of the batch, the loss weights (of the whole batch and of each rank's shard) and the batch
+    dimensions of the outputs, the batch-normalisation layers in training mode (``training``),
+    the parameters unused in forward (``unused``), and one process's two steps."""
 
-    It reads the ``ModelTests`` contract (``model``, ``inputs``, ...) and combines with
-    ``ModelTests`` or ``SequenceModelTests``: ``class TestX(DistributedModelTests, ModelTests,
-    unittest.TestCase)``. Used alone, it runs its own check only (e.g. in a separate CI job).
-    """
+    model: nn.Module
+    inputs: Any
+    shards: List[Any]
+    full: List[torch.Tensor]
+    per_rank: List[List[torch.Tensor]]
+    dims: List[Optional[int]]
+    training: List[str]
+    unused: List[str]
+    one_process: List[Dict[str, Any]]
+    double: bool
+
+
+class DataParallelModel(DistributedOptions, ModelContract):
+    """What the checks of data-parallel training share (DDP's and FSDP's): the model's shards
+    of the batch, the loss, one process's training to compare with, why they differ."""
 
     _suite: ClassVar[str] = "DistributedModelTests"
     local_batch_statistics: Collection[str] = option((), is_names, example='["backbone.*"]')
     """Names or glob patterns of the batch-normalisation layers that may normalise each rank's shard
     on its own.
 
-    With DDP each rank's BatchNorm uses the statistics of its own shard; `nn.SyncBatchNorm` shares
-    them (it passes: the check runs it on CPU processes as it runs on GPUs). List the layers for
-    which per-rank statistics are intended; the check then compares with them in eval mode."""
-    find_unused_parameters: bool = option(False, is_bool, example="True")
-    """The find_unused_parameters argument the model is wrapped in DistributedDataParallel with.
-
-    Set it as your training code does; False, DDP's default, fails on parameters that get no
-    gradient."""
+    With DDP or FSDP each rank's BatchNorm uses the statistics of its own shard; `nn.SyncBatchNorm`
+    shares them (it passes: the checks run it on CPU processes as it runs on GPUs). List the layers
+    for which per-rank statistics are intended; the checks then compare with them in eval mode."""
     ddp_rtol: float = option(1e-4, is_number, example="1e-3")
-    """The relative tolerance comparing DDP's gradients with one process's.
+    """The relative tolerance comparing DDP's gradients (and FSDP's, in float32) with one process's.
 
     Averaging over ranks adds the samples' contributions in another order than one process does, so
     float32 gradients agree to about 1e-6 of their size, a deep network's to about 1e-5 after a
-    step; the bugs this check finds change them by percents."""
+    step; the bugs these checks find change them by percents."""
     ddp_atol: float = option(1e-5, is_number, example="1e-4")
-    """The absolute tolerance comparing DDP's gradients with one process's."""
+    """The absolute tolerance comparing DDP's gradients (and FSDP's, in float32) with one
+    process's."""
 
-    def _shards(self, inputs: Any) -> List[Any]:
+    def _shards(self, inputs: Any, check: str) -> List[Any]:
         """``inputs`` (self.inputs, maybe in float64) split into world_size equal, contiguous
         shards of the batch."""
         batch, ranks = self._batch_size(), self.world_size
@@ -182,7 +210,7 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             raise self._contract_error(
                 "inputs",
                 f"holds {batch} samples, which {ranks} ranks cannot share equally; "
-                f"test_ddp_gradients needs a multiple of world_size ({ranks}), e.g. "
+                f"{check} needs a multiple of world_size ({ranks}), e.g. "
                 f"{ranks * max(1, batch // ranks)}",
             )
         entries = batched_entries(inputs, self.unbatched_inputs)
@@ -230,6 +258,138 @@ class DistributedModelTests(DistributedOptions, ModelContract):
             inputs = map_tensors(_to_double, inputs)
         return reference, [n for n in in_training if n not in synced], synced, inputs
 
+    def _plan(self, check: str) -> _Plan:
+        """Prepare the comparison of ``check`` (see _Plan)."""
+        self._refuse_sample_lists(check)
+        reference, training, synced, inputs = self._reference(double=False)
+        shards = self._shards(inputs, check)
+        double = bool(synced)
+        if double:
+            # SyncBatchNorm normalises over all ranks' samples, a few values per channel in
+            # a small batch: that amplifies float32 rounding (the ranks sum in another order
+            # than one process) beyond the tolerances. Both sides compute in float64 then;
+            # in float32 if the model cannot.
+            try:
+                reference, training, synced, inputs = self._reference(double=True)
+                shards = self._shards(inputs, check)
+                outputs, dims = self._batch_dims(reference, inputs, shards[0])
+            except Exception:
+                double = False
+                reference, training, synced, inputs = self._reference(double=False)
+                shards = self._shards(inputs, check)
+        if not double:
+            outputs, dims = self._batch_dims(reference, inputs, shards[0])
+        self._skip_if_random(reference, inputs, outputs, check)
+        if self.loss_fn is None and not any(d is not None for d in dims):
+            raise self._contract_error(
+                "loss_fn",
+                "is unset and no floating-point output has a batch dimension to "
+                "average over; set self.loss_fn to the mean loss over the batch",
+            )
+        full = self._weights(outputs)
+        ranks = self.world_size
+        per_rank = [
+            [w.chunk(ranks, dim)[rank] if dim is not None else w for w, dim in zip(full, dims)]
+            for rank in range(ranks)
+        ]
+        one_process = _sgd_steps(
+            reference, inputs, full, dims, self._batch_size(), self.loss_fn, self.seed, gather=True
+        )
+        unused = {name for name, grad in one_process[0]["grads"].items() if grad is None}
+        in_training = self._copy_model()
+        _, grads = self._gradients(in_training, self._trainable(in_training))
+        used_in_training = {
+            name for (name, _), grad in zip(self._trainable(in_training), grads) if grad is not None
+        }
+        # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
+        # is frozen for the comparison: distributed training runs it in training mode, where
+        # it is used.
+        frozen = unused & used_in_training
+        model = self._copy_model().double() if double else self._copy_model()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter.requires_grad and name not in frozen)
+        return _Plan(
+            model,
+            inputs,
+            shards,
+            full,
+            per_rank,
+            dims,
+            training,
+            [name for name in one_process[0]["grads"] if name in unused and name not in frozen],
+            one_process,
+            double,
+        )
+
+    def _skip_if_random(
+        self, reference: nn.Module, inputs: Any, outputs: List[torch.Tensor], check: str
+    ) -> None:
+        """Skip when the model's outputs, in the modes compared, change with the random seed:
+        each rank draws other random numbers than one process does."""
+        with torch.no_grad():
+            other = self._forward(reference, inputs, seed=derived_seed(self.seed, 7))
+        for index, (tensor, again) in enumerate(zip(outputs, floating_tensors(other))):
+            if not torch.equal(tensor, again[1]):
+                difference = float((tensor.double() - again[1].double()).abs().max())
+                self.skipTest(
+                    f"the model draws random numbers in eval mode, which {check} compares in: "
+                    "its floating-point output "
+                    f"{index} changes with the seed (max difference {difference:.3g}), as a "
+                    "VAE's sampling or a random mask does; the ranks draw other numbers than "
+                    "one process, so the gradients cannot be compared (test_eval_deterministic "
+                    "says which operation draws them)"
+                )
+
+    def _cause(
+        self,
+        ddp: Dict[str, Any],
+        single: Dict[str, Any],
+        training: List[str],
+        strategy: str = "DDP",
+    ) -> str:
+        """Why the gradients of data-parallel training (``strategy``: "DDP" or "FSDP")
+        differ from one process's, judged from how they differ."""
+        ratios = {
+            float((d.double() * s.double()).sum() / s.double().square().sum())
+            for name, s in single.items()
+            if s is not None
+            and (d := ddp.get(name)) is not None
+            and float(s.double().square().sum()) > 0
+        }
+        constant = len({round(r, 3) for r in ratios}) == 1
+        if constant and ratios and abs(next(iter(ratios)) - 1.0) > 1e-3:
+            factor = next(iter(ratios))
+            return (
+                f"Every gradient is {factor:.3g} times the single-process one: the output or "
+                "the loss depends on the batch size (a sum over the batch where a mean "
+                f"belongs, or a division by the batch size); {strategy} averages the ranks' "
+                "gradients, which matches one process only for a mean over the samples."
+            )
+        if training:
+            return (
+                f"The model normalises with batch statistics ({', '.join(training)}): "
+                f"under {strategy} each rank uses the statistics of its own shard. Convert the "
+                "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
+                f"wrapping the model in {strategy} (it normalises with the statistics of all "
+                "ranks' batches; in training it needs GPUs, this check runs it on the CPU), or "
+                "list them in self.local_batch_statistics if per-rank statistics are intended."
+            )
+        return (
+            "A sample's output depends on the other samples of its batch (see "
+            "test_batch_independence), or the loss is not a mean over the samples."
+        )
+
+
+class DDPGradients(DataParallelModel):
+    """test_ddp_gradients: DistributedDataParallel on several processes trains a model as one
+    process does on the whole batch."""
+
+    find_unused_parameters: bool = option(False, is_bool, example="True")
+    """The find_unused_parameters argument the model is wrapped in DistributedDataParallel with.
+
+    Set it as your training code does; False, DDP's default, fails on parameters that get no
+    gradient."""
+
     @check(
         reads=(
             "model",
@@ -252,57 +412,12 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         fails on the next step), outputs or losses that depend on the batch size; two steps,
         each rank on its shard of the batch, with the real torch.distributed (gloo).
         """
-        self._refuse_sample_lists("test_ddp_gradients")
-        reference, training, synced, inputs = self._reference(double=False)
-        shards = self._shards(inputs)
-        double = bool(synced)
-        if double:
-            # SyncBatchNorm normalises over all ranks' samples, a few values per channel in
-            # a small batch: that amplifies float32 rounding (the ranks sum in another order
-            # than one process) beyond the tolerances. Both sides compute in float64 then;
-            # in float32 if the model cannot.
-            try:
-                reference, training, synced, inputs = self._reference(double=True)
-                shards = self._shards(inputs)
-                outputs, dims = self._batch_dims(reference, inputs, shards[0])
-            except Exception:
-                double = False
-                reference, training, synced, inputs = self._reference(double=False)
-                shards = self._shards(inputs)
-        if not double:
-            outputs, dims = self._batch_dims(reference, inputs, shards[0])
-        if self.loss_fn is None and not any(d is not None for d in dims):
-            raise self._contract_error(
-                "loss_fn",
-                "is unset and no floating-point output has a batch dimension to "
-                "average over; set self.loss_fn to the mean loss over the batch",
-            )
-        full = self._weights(outputs)
-        ranks = self.world_size
-        per_rank = [
-            [w.chunk(ranks, dim)[rank] if dim is not None else w for w, dim in zip(full, dims)]
-            for rank in range(ranks)
-        ]
-        one_process = _sgd_steps(
-            reference, inputs, full, dims, self._batch_size(), self.loss_fn, self.seed
-        )
-        unused = {name for name, grad in one_process[0].items() if grad is None}
-        in_training = self._copy_model()
-        _, grads = self._gradients(in_training, self._trainable(in_training))
-        used_in_training = {
-            name for (name, _), grad in zip(self._trainable(in_training), grads) if grad is not None
-        }
-        # A branch that only training mode uses (a VAE's log-sigma head feeds the sampling)
-        # is frozen for the comparison: DDP training runs it in training mode, where it is used.
-        frozen = unused & used_in_training
-        model = self._copy_model().double() if double else self._copy_model()
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(parameter.requires_grad and name not in frozen)
+        plan = self._plan("test_ddp_gradients")
         step = _Step(
-            model,
-            shards,
-            per_rank,
-            dims,
+            plan.model,
+            plan.shards,
+            plan.per_rank,
+            plan.dims,
             self._batch_size(),
             self.local_batch_statistics,
             self.find_unused_parameters,
@@ -312,12 +427,10 @@ class DistributedModelTests(DistributedOptions, ModelContract):
         try:
             results = self._run_ranks(_ddp_rank, step)
         except DistributedError as error:
-            self._explain_failure(
-                error, [name for name in one_process[0] if name in unused and name not in frozen]
-            )
+            self._explain_failure(error, plan.unused)
         for rank, steps in enumerate(results):
-            for number, (ddp, single) in enumerate(zip(steps, one_process), 1):
-                self._compare(ddp, single, rank, number, training)
+            for number, (ddp, single) in enumerate(zip(steps, plan.one_process), 1):
+                self._compare(ddp["grads"], single["grads"], rank, number, plan.training)
 
     def _explain_failure(self, error: DistributedError, unused: List[str]) -> None:
         text = str(error)
@@ -352,34 +465,3 @@ class DistributedModelTests(DistributedOptions, ModelContract):
                     f"differs from the gradient of one process on the whole batch. {cause}\n"
                     f"{mismatch}"
                 )
-
-    def _cause(self, ddp: Dict[str, Any], single: Dict[str, Any], training: List[str]) -> str:
-        ratios = {
-            float((d.double() * s.double()).sum() / s.double().square().sum())
-            for name, s in single.items()
-            if s is not None
-            and (d := ddp.get(name)) is not None
-            and float(s.double().square().sum()) > 0
-        }
-        constant = len({round(r, 3) for r in ratios}) == 1
-        if constant and ratios and abs(next(iter(ratios)) - 1.0) > 1e-3:
-            factor = next(iter(ratios))
-            return (
-                f"Every gradient is {factor:.3g} times the single-process one: the output or "
-                "the loss depends on the batch size (a sum over the batch where a mean "
-                "belongs, or a division by the batch size); DDP averages the ranks' "
-                "gradients, which matches one process only for a mean over the samples."
-            )
-        if training:
-            return (
-                f"The model normalises with batch statistics ({', '.join(training)}): "
-                "under DDP each rank uses the statistics of its own shard. Convert the "
-                "layers with torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before "
-                "wrapping the model in DDP (it normalises with the statistics of all ranks' "
-                "batches; in training it needs GPUs, this check runs it on the CPU), or list "
-                "them in self.local_batch_statistics if per-rank statistics are intended."
-            )
-        return (
-            "A sample's output depends on the other samples of its batch (see "
-            "test_batch_independence), or the loss is not a mean over the samples."
-        )

@@ -9,7 +9,7 @@ from ..core.options import option
 from ..core.validators import is_number, is_positive_int
 from .launch import run_distributed
 
-__all__ = ["DistributedOptions"]
+__all__ = ["DistributedOptions", "is_tolerance"]
 
 
 def _is_world_size(value: Any) -> Optional[str]:
@@ -22,6 +22,17 @@ def _is_timeout(value: Any) -> Optional[str]:
     if is_number(value) is None and value > 0:
         return None
     return f"is {value!r}, not a positive number of seconds"
+
+
+def is_tolerance(value: Any) -> Optional[str]:
+    """An (rtol, atol) pair of non-negative numbers."""
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return None
+    return f"is {value!r}, not an (rtol, atol) pair of non-negative numbers"
 
 
 class DistributedOptions(CheckMixin):
@@ -42,7 +53,12 @@ class DistributedOptions(CheckMixin):
     A rank still running then is stopped and reported, with the others' tracebacks; a check never
     hangs."""
 
-    def _run_ranks(self, function: Any, *args: Any) -> List[Any]:
+    def _run_ranks(self, function: Any, *args: Any, world_size: Optional[int] = None) -> List[Any]:
+        """``run_distributed(function, world_size, *args)``: on ``world_size`` ranks (by default
+        self.world_size), within distributed_timeout."""
         return run_distributed(
-            function, self.world_size, *args, timeout=float(self.distributed_timeout)
+            function,
+            self.world_size if world_size is None else world_size,
+            *args,
+            timeout=float(self.distributed_timeout),
         )

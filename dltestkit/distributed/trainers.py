@@ -1,9 +1,11 @@
-"""DistributedTrainerTests: a trainer's distributed data parallel training, on CPU processes.
+"""test_ddp_training, and what the distributed trainer checks share.
 
-The check builds one trainer per rank with ``make_trainer(rank=rank, world_size=world_size)``
-inside ``world_size`` gloo processes (``dltestkit.launch.run_distributed``), trains each for
-two epochs and compares what the ranks did: the weights they start and end with, the samples
-each loaded in each epoch, and what they logged.
+The checks build one trainer per rank with ``make_trainer(rank=rank, world_size=world_size)``
+inside ``world_size`` gloo processes (``dltestkit.launch.run_distributed``), train each for
+two epochs and compare what the ranks did: the weights they start and end with (sharded
+parameters gathered whole), the samples each loaded in each epoch, and what they logged.
+``DistributedTraining`` holds what test_ddp_training, test_fsdp_training
+(``sharded_trainers.py``) and test_resume_across_world_sizes (``resume.py``) share.
 """
 
 from __future__ import annotations
@@ -11,7 +13,18 @@ from __future__ import annotations
 import collections
 import operator
 import re
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+)
 from unittest import mock
 
 import torch
@@ -25,24 +38,16 @@ from ..trainers.contract import TrainerContract
 from ..trainers.logs import call_arguments
 from ..trainers.state import difference
 from .launch import DistributedError, _start_method
-from .options import DistributedOptions
+from .options import DistributedOptions, is_tolerance
+from .rank_warnings import recorded, show_once
+from .sharding import gathered, is_sharded, sharded_names
 
-__all__ = ["DistributedTrainerTests"]
+__all__ = ["DDPTraining", "DistributedTraining"]
 
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
 #: A call that refused the rank or world_size keyword argument.
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
-
-
-def _is_tolerance(value: Any) -> Optional[str]:
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        return None
-    return f"is {value!r}, not an (rtol, atol) pair of non-negative numbers"
 
 
 class _RecordingSampler:
@@ -95,14 +100,45 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _state(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
-    """The model's parameters and its (persistent) buffers, copied, each by name."""
+    """The model's parameters and its (persistent) buffers, copied, each by name; sharded ones
+    gathered whole (a collective: every rank calls it at the same point)."""
     module = _unwrapped(model)
     names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    state = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+    if sharded_names(module):
+        # Not state_dict(): fully_shard's state-dict hooks put the sharded parameters back in
+        # place, which breaks a forward pass that is running (the start is taken in one).
+        state = gathered(
+            {**dict(module.named_parameters(remove_duplicate=False)), **_buffers(module)}
+        )
+    else:
+        state = gathered(dict(module.state_dict()))
     return {
         "parameters": {name: value for name, value in state.items() if name in names},
         "buffers": {name: value for name, value in state.items() if name not in names},
     }
+
+
+def _buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's persistent buffers (those its state dict holds), by name."""
+    found = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
+
+
+def _local_shards(model: nn.Module) -> Dict[str, Tuple[int, torch.Tensor]]:
+    """This rank's shard of each parameter sharded along one dimension, with the dimension."""
+    from torch.distributed.tensor import Shard
+
+    found = {}
+    for name, parameter in _unwrapped(model).named_parameters():
+        placements: Any = getattr(parameter, "placements", ())
+        if is_sharded(parameter) and len(placements) == 1 and isinstance(placements[0], Shard):
+            local = parameter.to_local().detach().cpu().clone()  # type: ignore[attr-defined]
+            found[name] = (int(placements[0].dim), local)
+    return found
 
 
 class _TrainingStart:
@@ -115,6 +151,7 @@ class _TrainingStart:
         self.members = {id(module) for module in _unwrapped(model).modules()}
         self.model = model
         self.state = _state(model)
+        self.shards = _local_shards(model)
         self.seen = False
         self.handle = nn.modules.module.register_module_forward_pre_hook(self._note)
 
@@ -123,6 +160,7 @@ class _TrainingStart:
             self.seen = True
             self.handle.remove()
             self.state = _state(self.model)
+            self.shards = _local_shards(self.model)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -146,16 +184,60 @@ def _train_epochs(trainer: Any, writer: Any) -> List[Tuple[Any, Any]]:
             close()
 
 
-def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> Dict[str, Any]:
-    """One rank of test_ddp_training: build, observe and train this rank's trainer."""
+def _optimizer_coverage(test: "DistributedTraining", trainer: Any) -> Dict[str, Any]:
+    """Which of the model's trainable parameters the trainer's optimizer holds: the names of
+    those it does not (``"missing"``; None without an optimizer), how many it does
+    (``"held"``), and how many tensors it holds that are no parameter of the model
+    (``"stale"``: the parameters fully_shard replaced, when it was built before)."""
+    optimizer = test._optimizer(trainer)
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return {"missing": None, "held": 0, "stale": 0}
+    held = [p for group in groups for p in group.get("params", [])]
+    ids = {id(p) for p in held}
+    named = list(_unwrapped(test._model(trainer)).named_parameters())
+    model = {id(p) for _, p in named}
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+    return {
+        "missing": [name for name, p in trainable if id(p) not in ids],
+        "held": sum(1 for _, p in trainable if id(p) in ids),
+        "stale": sum(1 for p in held if id(p) not in model),
+    }
+
+
+def _train_rank(
+    rank: int, world_size: int, test: "DistributedTraining", sharded: Optional[bool] = None
+) -> Dict[str, Any]:
+    """One rank of a distributed trainer check: build, observe and train this rank's trainer.
+    When ``sharded`` is True or False and the model's parameters are not, or are, sharded
+    (DTensors), it returns at once what it found, without training. The warnings raised come
+    back in ``"warnings"``."""
+    with recorded() as caught:
+        result = _observe_rank(rank, world_size, test, sharded)
+    return {**result, "warnings": caught}
+
+
+def _observe_rank(
+    rank: int, world_size: int, test: "DistributedTraining", sharded: Optional[bool]
+) -> Dict[str, Any]:
     trainer = test._make_rank_trainer(rank, world_size)
+    found = sharded_names(_unwrapped(test._model(trainer)))
+    if sharded is not None and bool(found) != sharded:
+        return {"sharded": found}
     recorder = test._record_samples(trainer)
     start = _TrainingStart(test._model(trainer))
     try:
         logged = _train_epochs(trainer, getattr(trainer, test.writer_attribute or "", None))
     finally:
         start.remove()
-    result = {"start": start.state, "end": _state(test._model(trainer)), "logged": logged}
+    result = {
+        "sharded": found,
+        "start": start.state,
+        "start_shards": start.shards,
+        "end": _state(test._model(trainer)),
+        "logged": logged,
+        **_optimizer_coverage(test, trainer),
+    }
     if recorder is None:
         return {**result, "epochs": None}
     return {
@@ -169,15 +251,9 @@ def _train_rank(rank: int, world_size: int, test: "DistributedTrainerTests") -> 
     }
 
 
-class DistributedTrainerTests(DistributedOptions, TrainerContract):
-    """Checks a trainer's distributed data parallel training on ``world_size`` processes.
-
-    ``make_trainer(rank=rank, world_size=world_size)`` is called in each process after it
-    joined the gloo process group; the trainer it returns shards its training data (e.g.
-    with ``DistributedSampler``), synchronises gradients (e.g. with
-    ``DistributedDataParallel``) and logs from rank 0 only. It combines with
-    ``TrainerTests``, which calls the same ``make_trainer`` with no arguments.
-    """
+class DistributedTraining(DistributedOptions, TrainerContract):
+    """What the distributed trainer checks share: the trainers built in the ranks, the samples
+    they load, and the comparisons of what the ranks did."""
 
     _suite: ClassVar[str] = "DistributedTrainerTests"
     train_loader_attribute: str = option("train_loader", is_str, example='"loader"')
@@ -186,7 +262,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
     The check watches which samples its sampler hands out on each rank."""
     single_process_tolerance: Optional[Tuple[float, float]] = option(
         UNSET,
-        optional(_is_tolerance),
+        optional(is_tolerance),
         example="(1e-4, 1e-6)",
         default_text="unset: the distributed result is not compared with one process",
     )
@@ -230,7 +306,7 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
         if not isinstance(loader, DataLoader):
             raise ContractError(
                 f"trainer.{self.train_loader_attribute} (train_loader_attribute) is "
-                f"{type(loader).__name__}, not a DataLoader; test_ddp_training watches the "
+                f"{type(loader).__name__}, not a DataLoader; {self._testMethodName} watches the "
                 "indices of the samples it loads. Set self.train_loader_attribute to the "
                 "name of the trainer's training DataLoader."
             )
@@ -249,71 +325,42 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
             object.__setattr__(loader, "sampler", recorder)
         return recorder
 
-    # -- the check --------------------------------------------------------------------------
-    @check(
-        reads=(
-            "make_trainer",
-            "model_attribute",
-            "writer_attribute",
-            "train_loader_attribute",
-            "single_process_tolerance",
-            "world_size",
-            "distributed_timeout",
-        )
-    )
-    def test_ddp_training(self) -> None:
-        """Check that a distributed trainer's ranks start and end alike, share data, log once.
-
-        Catches the bugs of distributed data parallel training: ranks that start from
-        different weights (seeded differently, nothing broadcast), gradients that are not
-        averaged, every rank training on all the data (no DistributedSampler), the same data
-        order every epoch (set_epoch not called), scalars logged by every rank; with two
-        epochs in world_size real gloo processes.
-        """
-        self._get_or_skip("make_trainer")
-        self._check_factory_arguments(rank=0, world_size=self.world_size)
+    def _launch(
+        self,
+        function: Any,
+        *args: Any,
+        world_size: Optional[int] = None,
+        explain: Optional[Callable[[DistributedError], NoReturn]] = None,
+    ) -> List[Any]:
+        """Run ``function(rank, world_size, *args)`` on the ranks (fork only: the trainers are
+        built there with self.make_trainer, the test handed to them in ``args``); a
+        ContractError met in a rank is raised as such, any other failure is given to
+        ``explain``, or fails the check with the ranks' tracebacks."""
+        check = self._testMethodName
         if _start_method() != "fork":
             self.skipTest(
-                "test_ddp_training builds the trainers inside the ranks with "
+                f"{check} builds the trainers inside the ranks with "
                 "self.make_trainer, which needs the fork start method (Linux, macOS)"
             )
+        size = self.world_size if world_size is None else world_size
         self._temp_root = str(self.make_temp_dir())  # make_temp_dir() in the ranks goes here
         try:
-            ranks = self._run_ranks(_train_rank, self)
+            results = self._run_ranks(function, *args, world_size=size)
         except DistributedError as error:
             if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
                 raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
+            if explain is not None:
+                explain(error)
             self.fail(
-                f"training with make_trainer(rank, world_size) on {self.world_size} "
-                f"processes failed: {error.first_line()}\n{error}"
+                f"training with make_trainer(rank, world_size) on {size} "
+                f"{'process' if size == 1 else 'processes'} failed: {error.first_line()}\n{error}"
             )
         finally:
             self._temp_root = None
-        with self.subTest(part="start"):
-            self._same_start(ranks)
-        with self.subTest(part="end"):
-            if self._first_difference(ranks, "start", "parameters"):
-                self.skipTest(
-                    "the ranks start from different weights already (see the "
-                    "'start' subtest), so they cannot end alike"
-                )
-            self._same_end(ranks)
-        with self.subTest(part="data"):
-            if ranks[0]["epochs"] is None:
-                self.skipTest(
-                    f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
-                    "samples have no indices: which rank loaded which sample is not checked"
-                )
-            self._check_samples(ranks)
-        with self.subTest(part="logging"):
-            self._check_logging(ranks)
-        with self.subTest(part="one process"):
-            if self._failed_subtests:
-                self.skipTest(
-                    "the ranks' training already went wrong (see the subtests "
-                    "above); it is not compared with one process"
-                )
-            self._check_single_process(ranks[0]["end"])
+        for result in results:
+            if isinstance(result, dict):
+                show_once(result.pop("warnings", ()))
+        return results
 
     def _first_difference(
         self, ranks: Sequence[Dict[str, Any]], when: str, kind: str
@@ -364,6 +411,14 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "DistributedDataParallel wrapper (call ddp_model(x), not the module inside "
                 "it), and give every rank the same optimizer and learning-rate schedule."
             )
+
+    def _data_part(self, ranks: Sequence[Dict[str, Any]]) -> None:
+        if ranks[0]["epochs"] is None:
+            self.skipTest(
+                f"trainer.{self.train_loader_attribute} loads an IterableDataset, whose "
+                "samples have no indices: which rank loaded which sample is not checked"
+            )
+        self._check_samples(ranks)
 
     def _check_samples(self, ranks: Sequence[Dict[str, Any]]) -> None:
         size, world = ranks[0]["size"], self.world_size
@@ -441,7 +496,15 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "averaging what the ranks measured if needed (torch.distributed.all_reduce)."
             )
 
-    def _check_single_process(self, distributed: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    def _check_single_process(
+        self,
+        distributed: Dict[str, Dict[str, torch.Tensor]],
+        single: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        strategy: str = "DDP",
+    ) -> None:
+        """Compare the end of the distributed training with that of one process on the whole
+        data: ``single`` (from a rank of its own), or make_trainer(rank=0, world_size=1) trained
+        here."""
         tolerance = self.single_process_tolerance
         if not self._is_set("single_process_tolerance") or tolerance is None:
             self.skipTest(
@@ -450,17 +513,75 @@ class DistributedTrainerTests(DistributedOptions, TrainerContract):
                 "check ran); set it, e.g. self.single_process_tolerance = (1e-4, 1e-6), for "
                 "a trainer whose loss is a mean over the batch, to compare them"
             )
-        trainer = self._make_rank_trainer(0, 1)
-        _train_epochs(trainer, getattr(trainer, self.writer_attribute or "", None))
+        if single is None:
+            trainer = self._make_rank_trainer(0, 1)
+            _train_epochs(trainer, getattr(trainer, self.writer_attribute or "", None))
+            single = _state(self._model(trainer))
         rtol, atol = tolerance
-        found = difference(_state(self._model(trainer)), distributed, rtol, atol)
+        found = difference(single, distributed, rtol, atol)
         if found is not None:
             self.fail(
                 f"after {EPOCHS} epochs on {self.world_size} processes the weights differ from "
                 f"those of one process on the whole data ({'.'.join(map(str, found.path[1:]))} "
                 f"{found.detail}; single_process_tolerance={tolerance}). With the same "
-                "batches, DDP's averaged gradients equal one process's only when the loss is a "
-                "mean over the batch (not a sum, which makes every rank's step world_size "
-                "times too small), the model uses no batch statistics, and the learning rate "
-                "is not scaled differently."
+                f"batches, {strategy}'s averaged gradients equal one process's only when the "
+                "loss is a mean over the batch (not a sum, which makes every rank's step "
+                "world_size times too small), the model uses no batch statistics, and the "
+                "learning rate is not scaled differently."
             )
+
+
+class DDPTraining(DistributedTraining):
+    """test_ddp_training: a trainer's distributed data parallel training on ``world_size``
+    processes."""
+
+    @check(
+        reads=(
+            "make_trainer",
+            "model_attribute",
+            "optimizer_attribute",
+            "writer_attribute",
+            "train_loader_attribute",
+            "single_process_tolerance",
+            "world_size",
+            "distributed_timeout",
+        )
+    )
+    def test_ddp_training(self) -> None:
+        """Check that a distributed trainer's ranks start and end alike, share data, log once.
+
+        Catches the bugs of distributed data parallel training: ranks that start from
+        different weights (seeded differently, nothing broadcast), gradients that are not
+        averaged, every rank training on all the data (no DistributedSampler), the same data
+        order every epoch (set_epoch not called), scalars logged by every rank; with two
+        epochs in world_size real gloo processes.
+        """
+        self._get_or_skip("make_trainer")
+        self._check_factory_arguments(rank=0, world_size=self.world_size)
+        ranks = self._launch(_train_rank, self, False)
+        if ranks[0]["sharded"]:
+            self.skipTest(
+                f"the model's parameters are sharded ({len(ranks[0]['sharded'])} DTensors, "
+                f"e.g. {ranks[0]['sharded'][0]}): the trainer shards its model with "
+                "fully_shard (FSDP), which test_fsdp_training checks"
+            )
+        with self.subTest(part="start"):
+            self._same_start(ranks)
+        with self.subTest(part="end"):
+            if self._first_difference(ranks, "start", "parameters"):
+                self.skipTest(
+                    "the ranks start from different weights already (see the "
+                    "'start' subtest), so they cannot end alike"
+                )
+            self._same_end(ranks)
+        with self.subTest(part="data"):
+            self._data_part(ranks)
+        with self.subTest(part="logging"):
+            self._check_logging(ranks)
+        with self.subTest(part="one process"):
+            if self._failed_subtests:
+                self.skipTest(
+                    "the ranks' training already went wrong (see the subtests "
+                    "above); it is not compared with one process"
+                )
+            self._check_single_process(ranks[0]["end"])

@@ -57,6 +57,10 @@ class TrainerContract(CheckMixin):
     """The name of the trainer's attribute holding its optimizer.
 
     `None`: no single optimizer (a GAN's two); no optimizer state is compared."""
+    save_checkpoint_method: str = option("save_checkpoint", is_str, example='"save"')
+    """The name of the trainer's method that saves a checkpoint to a path."""
+    load_checkpoint_method: str = option("load_checkpoint", is_str, example='"load"')
+    """The name of the trainer's method that restores a checkpoint from a path."""
     writer_attribute: Optional[str] = option("summary", optional(is_str), example='"writer"')
     """The name of the trainer's SummaryWriter attribute.
 
@@ -153,6 +157,17 @@ class TrainerContract(CheckMixin):
             )
         optimizer = getattr(trainer, self.optimizer_attribute)
         return optimizer if callable(getattr(optimizer, "state_dict", None)) else None
+
+    def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
+        name = getattr(self, option)
+        method = getattr(trainer, name, None)
+        if not callable(method):
+            raise ContractError(
+                f"the trainer ({type(trainer).__name__}) has no method {name}(path) "
+                f"({option}); {self._testMethodName} saves and loads checkpoints with it. Set "
+                f"self.{option} to the name of the trainer's method."
+            )
+        return method  # type: ignore[no-any-return]
 
     def _eval_loss(self, trainer: Any) -> float:
         """trainer.eval() as a float; a ContractError naming what it returned otherwise."""

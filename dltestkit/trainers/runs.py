@@ -7,12 +7,12 @@ options only they read and the comparison of runs.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, ClassVar, Collection, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, ClassVar, Collection, Dict, List, NamedTuple, Sequence, Tuple
 
 from ..core.contract import check
 from ..core.messages import by_count, listed
-from ..core.options import ContractError, option
-from ..core.validators import is_names, is_non_negative_number, is_str
+from ..core.options import option
+from ..core.validators import is_names, is_non_negative_number
 from .contract import TrainerContract
 from .logs import Scalar, describe_scalar, first_log_difference, same_scalar
 from .state import attributes, cloned, difference, generators, global_states, numbers
@@ -31,10 +31,6 @@ class RunChecks(TrainerContract):
     """TrainerTests' checks that compare several runs of a trainer."""
 
     _suite: ClassVar[str] = "TrainerTests"
-    save_checkpoint_method: str = option("save_checkpoint", is_str, example='"save"')
-    """The name of the trainer's method that saves a checkpoint to a path."""
-    load_checkpoint_method: str = option("load_checkpoint", is_str, example='"load"')
-    """The name of the trainer's method that restores a checkpoint from a path."""
     nondeterministic_scalars: Collection[str] = option(
         (), is_names, example='["time/*", "throughput"]'
     )
@@ -48,17 +44,6 @@ class RunChecks(TrainerContract):
     bitwise reproducible."""
     resume_atol: float = option(0.0, is_non_negative_number, example="1e-7")
     """The absolute tolerance comparing a resumed run with an uninterrupted one."""
-
-    def _method(self, trainer: Any, option: str) -> Callable[..., Any]:
-        name = getattr(self, option)
-        method = getattr(trainer, name, None)
-        if not callable(method):
-            raise ContractError(
-                f"the trainer ({type(trainer).__name__}) has no method {name}(path) "
-                f"({option}); test_resume saves and loads checkpoints with it. Set "
-                f"self.{option} to the name of the trainer's method."
-            )
-        return method  # type: ignore[no-any-return]
 
     def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
         """Whether two logged scalars agree (always, for nondeterministic_scalars)."""

@@ -6,7 +6,7 @@ import torch
 from dataset import MyMNIST
 from model import MLPVAE
 from torch.utils.data import Subset
-from trainer import Trainer
+from trainer import Trainer, shard_vae
 
 from dltestkit import DistributedTrainerTests, TrainerTests
 
@@ -45,3 +45,27 @@ class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
         # the pixels) is about the images' mean squared norm.
         images = torch.stack([image for image, _ in data])
         self.expected_initial_loss = images.pow(2).sum(dim=(1, 2, 3)).mean().item()
+
+
+class TestVAETrainerFSDP(DistributedTrainerTests, unittest.TestCase):
+    """The same trainer with its VAE sharded over the processes with fully_shard (FSDP2):
+    test_fsdp_training and test_resume_across_world_sizes (test_ddp_training skips)."""
+
+    def setUp(self):
+        data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+
+        def make_trainer(rank=0, world_size=1):
+            model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+            shard_vae(model)  # before the optimizer, which must hold the sharded parameters
+            return Trainer(
+                model,
+                train_data=data,
+                test_data=data,
+                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                batch_size=4 // world_size,
+                device="cpu",
+                log_dir=self.make_temp_dir(),
+                num_workers=0,
+            )
+
+        self.make_trainer = make_trainer
