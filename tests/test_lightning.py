@@ -62,13 +62,16 @@ class WithoutRandomState(LightningAdapter):
 
 
 def lightning_case(adapter: Any = None, module: Any = Classifier, **attributes: Any) -> type:
-    def make_trainer(self: Any) -> Any:
+    def make_trainer(self: Any, accumulation_steps: int = 1, precision: str = "32") -> Any:
+        """Batches of 4 (as accumulation_steps micro-batches), in float32 or bfloat16."""
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         return (adapter or LightningAdapter)(
             module(),
-            DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
+            DataLoader(DATA, batch_size=4 // accumulation_steps, shuffle=True, generator=generator),
             DataLoader(DATA, batch_size=8),
             log_dir=self.make_temp_dir(),
+            accumulate_grad_batches=accumulation_steps,
+            precision="bf16-mixed" if precision == "bf16" else "32-true",
         )
 
     def set_up(self: Any) -> None:
@@ -83,12 +86,25 @@ def lightning_case(adapter: Any = None, module: Any = Classifier, **attributes: 
     return make_case(TrainerTests, set_up, make_trainer=make_trainer)
 
 
+#: What the adapter's make_trainer above does not take, which the checks that need it name.
+NOT_TAKEN = "make_trainer does not take the keyword argument"
+
+
 class Lightning(CheckTestCase):
-    def test_every_check_passes_but_the_kl_check_which_skips(self) -> None:
+    def test_every_check_passes_but_the_kl_and_compile_checks_which_skip(self) -> None:
         for name in unittest.TestLoader().getTestCaseNames(lightning_case()):
             with self.subTest(name):
                 if name == "test_kl_divergence":
                     self.assertSkipsWith(lightning_case(), name, "applies to VAEs only")
+                elif name == "test_compiled_training":
+                    # the adapter fits a new pl.Trainer in every train(): a compiled step
+                    # would recompile for each
+                    self.assertSkipsWith(lightning_case(), name, f"{NOT_TAKEN} compile_backend")
+                elif name == "test_mixed_precision":
+                    # Lightning's GradScaler comes with float16 autocast ("16-mixed")
+                    self.assertPasses(
+                        lightning_case(), name, allowed_skips=[f"{NOT_TAKEN} grad_scale"]
+                    )
                 else:
                     self.assertPasses(lightning_case(), name)
 

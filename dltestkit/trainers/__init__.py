@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from .accumulation import GradientAccumulation
+from .compiled import CompiledTraining
 from .evaluation import EvalLeavesModelUnchanged
 from .frozen import FrozenParameters
+from .graphs import RetainedGraphs
 from .initial_loss import InitialLoss
 from .logging import Logging
 from .overfit import OverfitOneBatch
+from .precision import MixedPrecision
 from .runs import RunChecks
 from .vae import VAEChecks
 
@@ -35,6 +39,10 @@ class TrainerTests(
     EvalLeavesModelUnchanged,
     InitialLoss,
     FrozenParameters,
+    GradientAccumulation,
+    RetainedGraphs,
+    MixedPrecision,
+    CompiledTraining,
     VAEChecks,
 ):
     """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,

@@ -69,6 +69,25 @@ class TrainerContract(CheckMixin):
         self._check_factory_arguments(**arguments)
         return make_trainer(**arguments)
 
+    def _refused(self, **arguments: Any) -> Optional[str]:
+        """Why make_trainer cannot take these keyword arguments (for a skip that names them),
+        or None when its signature takes them (or cannot be read)."""
+        try:
+            signature = inspect.signature(self.make_trainer)
+        except (TypeError, ValueError):
+            return None
+        try:
+            signature.bind(**arguments)
+        except TypeError:
+            refused = [
+                name
+                for name in arguments
+                if name not in signature.parameters
+                and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            ] or list(arguments)
+            return f"make_trainer does not take the keyword argument {listed(refused)}"
+        return None
+
     def _check_factory_arguments(self, **arguments: Any) -> None:
         """A ContractError when make_trainer's signature does not take ``arguments``."""
         try:
@@ -190,11 +209,12 @@ class TrainerContract(CheckMixin):
         super()._prepare()
         self._made: List[Any] = []
 
-    def _new_trainer(self, seed: int) -> Any:
-        """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
+    def _new_trainer(self, seed: int, **keywords: Any) -> Any:
+        """A trainer from make_trainer(**keywords), built with every global RNG seeded with
+        ``seed``."""
         self._get_or_skip("make_trainer")
         make_deterministic(seed)
-        trainer = self._call_make_trainer()
+        trainer = self._call_make_trainer(**keywords)
         if is_trainer(trainer):
             raise self._contract_error(
                 "make_trainer",
