@@ -15,7 +15,10 @@ the graph depends on), until torch gives up at its recompile limit and runs unco
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+
+import torch
 
 from ..core.contract import check
 from ..core.messages import listed
@@ -26,6 +29,7 @@ from .recording import recording
 
 __all__ = ["CompiledTraining"]
 
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 #: The epochs trained: the third must compile nothing.
 EPOCHS = 3
 #: Backends that run the graphs as eager PyTorch does, drawing the same random numbers.
@@ -53,15 +57,39 @@ def _failures() -> Dict[Any, List[str]]:
 
 
 def _where(code: Any) -> str:
-    return f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"
+    """A compiled function, as messages name it: ``forward (model.py:12)``; empty for one of
+    torch's own (dynamo's wrapper of a compiled method), whose guards say where they are."""
+    path = os.path.abspath(code.co_filename)
+    if path.startswith(_TORCH_DIR):
+        return ""
+    return f"{code.co_name} ({os.path.basename(path)}:{code.co_firstlineno})"
+
+
+def _latest(reasons: List[str]) -> str:
+    """Of a recompile's guard failures, the one of the latest cache entry ("0/3: ..."): the
+    guard on the value the compiled code saw last."""
+
+    def entry(reason: str) -> int:
+        head = reason.partition(": ")[0]
+        number = head.rpartition("/")[2]
+        return int(number) if number.isdigit() else -1
+
+    return max(reversed(reasons), key=entry)
 
 
 def _reason(text: str) -> str:
-    """A guard failure's first line, without the frame numbering ("0/1: ")."""
+    """A guard failure as messages show it: the guard that failed, then where its value is
+    read (``self.p == 0.1, read at dropout.py:73 in forward: return F.dropout(...)``)."""
     line = text.strip().splitlines()[0] if text.strip() else text
     head, _, rest = line.partition(": ")
-    line = rest if head.replace("/", "").isdigit() else line
-    return " ".join(line.split())
+    if head.replace("/", "").isdigit():
+        line = rest
+    guard, _, after = line.partition(" # ")
+    source, _, location = after.rpartition(" # ")
+    guard, source, location = (" ".join(part.split()) for part in (guard, source, location))
+    if not location:
+        return guard
+    return f"{guard}, read at {location}" + (f": {source}" if source else "")
 
 
 class CompiledTraining(TrainerContract):
@@ -154,7 +182,7 @@ class CompiledTraining(TrainerContract):
             return
         culprits = new[-1] or {code: every[code] for code in at_limit}
         lines = [
-            f"{_where(code)}: {listed([_reason(r) for r in reasons[-2:]], 2)}"
+            (f"{_where(code)}: " if _where(code) else "") + _reason(_latest(reasons))
             for code, reasons in culprits.items()
         ]
         self.fail(

@@ -14,10 +14,10 @@ passes and the trainer's own code, where a VAE may sample). It replaces
   the middle of their range, Bernoulli draws (``torch.bernoulli``, ``Tensor.bernoulli_``) by
   their probability.
 
-Other draws made while gradients are enabled inside a module's forward (``torch.multinomial``,
-``torch.randint``, ...) are left as they are and noted, so that a check can say it could not
-compare. The data order (``torch.randperm`` in a sampler, outside any forward) is left alone:
-both runs draw it alike.
+Other draws (``torch.multinomial``, ``torch.randint``, ...) are left as they are and noted, so
+that a check can say it could not compare. The data order is left alone and not noted: both
+runs draw it alike (``torch.randperm``, a draw from a generator of its own, the seed a sampler
+draws with ``Tensor.random_``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.watch import called_by_a_kernel, op_name, user_code_location
@@ -88,7 +87,6 @@ class ExpectedRandomness(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.depth = 0  # the module forwards running
         self.left: List[str] = []
 
     def __torch_function__(
@@ -102,6 +100,15 @@ class ExpectedRandomness(TorchFunctionMode):
         if called_by_a_kernel():
             return func(*args, **kwargs)
         return self.replaced(func, args, kwargs)
+
+    @staticmethod
+    def _data_order(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        """Whether a draw is the data order's: a permutation, a draw from a generator of its
+        own, or a seed drawn into a single number (a sampler's)."""
+        if name == "randperm" or kwargs.get("generator") is not None:
+            return True
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        return name == "random_" and tensor is not None and tensor.dim() == 0
 
     def replaced(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name = getattr(func, "__name__", "")
@@ -151,7 +158,7 @@ class ExpectedRandomness(TorchFunctionMode):
             p = _argument(args, kwargs, 1, "p")
             p = 0.5 if p is None else p
             return args[0].copy_(p) if isinstance(p, torch.Tensor) else args[0].fill_(p)
-        if name in _OTHER_DRAWS and self.depth and torch.is_grad_enabled():
+        if name in _OTHER_DRAWS and not self._data_order(name, args, kwargs):
             self.left.append(f"{op_name(func)} at {user_code_location()}")
         return func(*args, **kwargs)
 
@@ -159,16 +166,5 @@ class ExpectedRandomness(TorchFunctionMode):
 @contextlib.contextmanager
 def expected_randomness() -> Iterator[ExpectedRandomness]:
     """Run with random draws replaced by their expected value (see the module)."""
-    mode = ExpectedRandomness()
-
-    def enter(*_: Any) -> None:
-        mode.depth += 1
-
-    def leave(*_: Any) -> None:
-        mode.depth = max(0, mode.depth - 1)
-
-    with contextlib.ExitStack() as stack:
-        stack.callback(nn.modules.module.register_module_forward_pre_hook(enter).remove)
-        stack.callback(nn.modules.module.register_module_forward_hook(leave).remove)
-        stack.enter_context(mode)
+    with ExpectedRandomness() as mode:
         yield mode

@@ -37,8 +37,7 @@ class Step:
 
     #: the backward calls since the step before (or since the run began)
     backwards: int
-    #: each parameter's gradient as the optimizer used it (unscaled, for a fused optimizer that
-    #: a GradScaler hands the scaled gradients and the scale)
+    #: each parameter's gradient as the optimizer used it (unscaled by a GradScaler)
     gradients: Dict[str, torch.Tensor]
     #: the learning rate of each parameter group
     learning_rates: Tuple[float, ...]
@@ -132,15 +131,13 @@ def recording(
         # backward inside step(), after its pre-hooks. The step leaves the gradients alone.
         if not ours(optimizer):
             return
-        # a GradScaler hands a fused optimizer the scaled gradients and the scale
-        grad_scale = getattr(optimizer, "grad_scale", None)
-        gradients = {}
-        for name, p in parameters.items():
-            if p.grad is not None:
-                gradient = p.grad.detach().double()
-                if isinstance(grad_scale, torch.Tensor):
-                    gradient = gradient / grad_scale.double().to(gradient.device)
-                gradients[name] = gradient.cpu()
+        # (a fused optimizer that a GradScaler handed the scaled gradients and the scale
+        # has unscaled them in place by now)
+        gradients = {
+            name: p.grad.detach().double().cpu()
+            for name, p in parameters.items()
+            if p.grad is not None
+        }
         weights = {name: p.detach().double().cpu().clone() for name, p in parameters.items()}
         record.steps.append(Step(since_step[0], gradients, _learning_rates(optimizer), weights))
         since_step[0] = 0
