@@ -189,9 +189,9 @@ class MixedPrecision(CheckTestCase):
                 "optimizer.step() instead of scaler.step(optimizer)",
             ),
             st.NeverUpdatesTheScaler: (
-                "the trainer's GradScaler raised in the second optimizer step (RuntimeError: "
-                "step() has already been called since the last update().)",
-                "Call scaler.update() after every scaler.step(optimizer).",
+                "the trainer's GradScaler raised in two epochs of training (RuntimeError: "
+                "step() has already been called since the last update().): scaler.update() is "
+                "not called after scaler.step(optimizer)",
             ),
         }
         for trainer_type, fragments in mistakes.items():

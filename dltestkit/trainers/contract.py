@@ -50,7 +50,11 @@ class TrainerContract(CheckMixin):
     (test_eval_leaves_model_unchanged only when eval() switches a mode, to train a trainer that no
     eval() came before), the distributed checks `make_trainer(rank=rank, world_size=world_size)` in
     each process: a function taking `rank=0, world_size=1`, assigned in setUp (which calls it for
-    `self.trainer` too), serves both."""
+    `self.trainer` too), serves both. The checks of the training stack call it with one more
+    keyword argument each, and skip when it does not take it: `accumulation_steps=k`
+    (test_gradient_accumulation), `grad_scale=s` and `precision="bf16"` or `"32"`
+    (test_mixed_precision), `compile_backend=b` (test_compiled_training); see the trainers
+    page."""
     model_attribute: str = option("model", is_str, example='"net"')
     """The name of the trainer's attribute holding its model (an nn.Module)."""
     optimizer_attribute: Optional[str] = option("optimizer", optional(is_str), example='"opt"')

@@ -144,12 +144,18 @@ class MixedPrecision(TrainerContract):
         runs = [self._scaled_run(scale) for scale in SCALES]
         if any(error for _, error in runs):
             error = next(error for _, error in runs if error)
+            cause = (
+                "scaler.unscale_(optimizer) is called twice before scaler.update() (once per "
+                "micro-batch, or again after the step), or update() is never called"
+                if "unscale_()" in str(error)
+                else "scaler.update() is not called after scaler.step(optimizer), so the scale "
+                "never adapts (after an overflow every step is skipped for good) and the "
+                "scaler refuses a second step"
+            )
             self.fail(
-                "the trainer's GradScaler raised in the second optimizer step "
-                f"(RuntimeError: {error}): scaler.update() is not called after "
-                "scaler.step(optimizer), so the scale never adapts (after an overflow every "
-                "step is skipped for good) and the scaler refuses a second step. Call "
-                "scaler.update() after every scaler.step(optimizer)."
+                "the trainer's GradScaler raised in two epochs of training (RuntimeError: "
+                f"{error}): {cause}. Per optimizer step, call scaler.unscale_(optimizer) at "
+                "most once (before clipping), then scaler.step(optimizer) and scaler.update()."
             )
         (low, _), (high, _) = runs
         if torch.float16 in low.autocast | high.autocast:
