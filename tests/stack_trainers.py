@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -205,7 +206,9 @@ class ZeroesEveryMicroBatch(StackTrainer):
 class SchedulerEveryMicroBatch(StackTrainer):
     def backward(self, loss: torch.Tensor) -> None:
         super().backward(loss)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def train(self, epochs: int) -> None:
         for _ in range(epochs):

@@ -128,6 +128,18 @@ class GradientAccumulation(CheckTestCase):
             "accumulation_steps=1",
         )
 
+    def test_a_keyword_passed_on_to_a_trainer_that_refuses_it_skips_naming_it(self) -> None:
+        def set_up(self: Any) -> None:
+            self.make_trainer = lambda **keywords: st.LanguageModelTrainer(**keywords)
+            self.trainer = self.make_trainer()
+
+        outcome = run_check(make_case(TrainerTests, set_up), PRECISION)
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertIn(
+            "make_trainer does not take the keyword argument grad_scale: it raised TypeError",
+            "\n".join(outcome.skips),
+        )
+
     def test_accumulation_steps_must_be_two_or_more(self) -> None:
         self.assertErrorsWith(
             stack_case(st.StackTrainer, accumulation_steps=1),
