@@ -289,6 +289,23 @@ class CompiledTraining(CheckTestCase):
         )
 
 
+class ExpectedRandomness(unittest.TestCase):
+    def test_noise_is_at_its_mean_and_an_initialisation_left_random(self) -> None:
+        import torch
+
+        from dltestkit.trainers.expectation import expected_randomness
+
+        torch.manual_seed(0)
+        lazy = torch.nn.LazyLinear(16)  # initialised (under no_grad) at its first forward pass
+        with expected_randomness():
+            lazy(torch.ones(2, 8))
+            normal = torch.empty(3).normal_(1.0)
+            uniform = torch.empty(3).uniform_(2.0, 4.0)
+        self.assertTrue(torch.equal(normal, torch.full((3,), 1.0)))
+        self.assertTrue(torch.equal(uniform, torch.full((3,), 3.0)))
+        self.assertEqual(lazy.weight.unique().numel(), lazy.weight.numel())
+
+
 @pytest.mark.slow
 class Slow(CheckTestCase):
     """The default backend, other seeds, and models of timm, torchvision and transformers in

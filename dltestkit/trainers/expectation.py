@@ -12,7 +12,8 @@ passes and the trainer's own code, where a VAE may sample). It replaces
 - Gaussian noise (``torch.randn``, ``torch.randn_like``, ``torch.normal``, ``Tensor.normal_``)
   by its mean, uniform numbers (``torch.rand``, ``torch.rand_like``, ``Tensor.uniform_``) by
   the middle of their range, Bernoulli draws (``torch.bernoulli``, ``Tensor.bernoulli_``) by
-  their probability.
+  their probability. (``Tensor.normal_`` and ``Tensor.uniform_`` without gradients are an
+  initialisation, ``torch.nn.init``'s, and are left alone.)
 
 Other draws (``torch.multinomial``, ``torch.randint``, ...) are left as they are and noted, so
 that a check can say it could not compare. The data order is left alone and not noted: both
@@ -133,6 +134,8 @@ class ExpectedRandomness(TorchFunctionMode):
             return torch.zeros_like(*args, **kwargs)
         if func is torch.rand_like:
             return torch.zeros_like(*args, **_without(kwargs, "generator")).fill_(0.5)
+        if name in ("normal_", "uniform_") and not torch.is_grad_enabled():
+            return func(*args, **kwargs)  # an initialisation (torch.nn.init), not noise
         if name == "normal_":
             return args[0].fill_(_argument(args, kwargs, 1, "mean") or 0.0)
         if name == "uniform_":
