@@ -284,6 +284,21 @@ class KeepsLossesInALocalList(StackTrainer):
             self.step += 1
 
 
+class KeepsTheEpochsTrainingOutputs(StackTrainer):
+    """Keeps, for the epoch's training accuracy, the outputs of a second forward pass run
+    outside torch.no_grad(), reset every epoch: backward never runs through these graphs, so
+    each keeps its activations."""
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.epoch_outputs: List[torch.Tensor] = []
+            super().train(1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss)
+        self.epoch_outputs.append(self.forward(INPUTS[:4]))
+
+
 class KeepsTheLastLoss(StackTrainer):
     """Correct: keeps the last step's loss, whose graph is replaced every step."""
 

@@ -163,19 +163,52 @@ class RetainedGraphs(CheckTestCase):
             ),
             st.KeepsAListOfLosses: ("trainer.history['loss'][...]: 9 tensors with grad_fn",),
             st.EvaluatesWithGradients: ("trainer.evaluations[...]: 3 tensors with grad_fn",),
-            st.ResetsTheTotalEveryEpoch: (
+            st.KeepsTheEpochsTrainingOutputs: (
                 "within epoch 2, from step to step:",
-                "trainer.epoch_loss: a tensor with grad_fn=AddBackward0",
-            ),
-            st.KeepsLossesInALocalList: (
-                "within epoch 2, from step to step:",
-                "the local variable losses of train() (stack_trainers.py)[...]",
+                "trainer.epoch_outputs[...]: 3 tensors with grad_fn",
             ),
         }
         for trainer_type, fragments in mistakes.items():
+            for strict in (False, True):
+                with self.subTest(trainer_type.__name__, strict_graphs=strict):
+                    self.assertFailsWith(
+                        stack_case(trainer_type, strict_graphs=strict),
+                        GRAPHS,
+                        "the autograd graph the trainer keeps alive grows with training: ",
+                        *fragments,
+                        "accumulate loss.item() or loss.detach()",
+                    )
+
+    #: graphs that grow within an epoch, let go at its end, backward having freed what they saved
+    WITHIN_AN_EPOCH = {
+        st.ResetsTheTotalEveryEpoch: (
+            "within epoch 2, from step to step:",
+            "trainer.epoch_loss: a tensor with grad_fn=AddBackward0",
+        ),
+        st.KeepsLossesInALocalList: (
+            "within epoch 2, from step to step:",
+            "the local variable losses of train() (stack_trainers.py)[...]",
+        ),
+    }
+
+    def test_graphs_of_an_epoch_without_activations_skip_a_part_unless_strict(self) -> None:
+        for trainer_type, (how, holder) in self.WITHIN_AN_EPOCH.items():
+            with self.subTest(trainer_type.__name__):
+                self.assertSkipsWith(
+                    stack_case(trainer_type),
+                    GRAPHS,
+                    "the autograd graph the trainer keeps alive grows " + how,
+                    f"({holder.split(':')[0]} holds it)",
+                    "backward has freed the activations these graphs saved",
+                    "training_step_outputs",
+                    "set strict_graphs = True to make this a failure",
+                )
+
+    def test_graphs_of_an_epoch_without_activations_fail_when_strict(self) -> None:
+        for trainer_type, fragments in self.WITHIN_AN_EPOCH.items():
             with self.subTest(trainer_type.__name__):
                 self.assertFailsWith(
-                    stack_case(trainer_type),
+                    stack_case(trainer_type, strict_graphs=True),
                     GRAPHS,
                     "the autograd graph the trainer keeps alive grows with training: ",
                     *fragments,

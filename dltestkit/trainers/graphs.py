@@ -23,6 +23,8 @@ from torch import nn
 
 from ..core.contract import check
 from ..core.messages import by_count
+from ..core.options import option
+from ..core.validators import is_bool
 from .setup import SetUpTrainer
 
 __all__ = ["RetainedGraphs"]
@@ -68,6 +70,26 @@ def _nodes(tensors: List[torch.Tensor]) -> Set[Any]:
         seen.add(node)
         pending.extend(following for following, _ in getattr(node, "next_functions", ()))
     return seen
+
+
+def _holding(tensors: List[torch.Tensor]) -> int:
+    """How many of the nodes the tensors reach still hold a tensor they saved for backward
+    (an activation): backward frees them, a graph it never ran through keeps them."""
+    held = 0
+    for node in _nodes(tensors):
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    value = getattr(node, name)
+                except RuntimeError:  # freed by backward
+                    continue
+                if isinstance(value, torch.Tensor) or (
+                    isinstance(value, (list, tuple))
+                    and any(isinstance(v, torch.Tensor) for v in value)
+                ):
+                    held += 1
+                    break
+    return held
 
 
 def _children(obj: Any, path: str) -> Iterator[Tuple[Any, str]]:
@@ -148,8 +170,16 @@ class RetainedGraphs(SetUpTrainer):
     """The trainer keeps no growing autograd graph alive."""
 
     _suite: ClassVar[str] = "TrainerTests"
+    strict_graphs: bool = option(False, is_bool, example="True")
+    """Whether test_no_retained_graphs fails on graphs that grow within an epoch and are let go
+    at its end although backward has freed what they saved.
 
-    @check(reads=("trainer", "model_attribute", "writer_attribute"))
+    Such graphs hold their nodes only, not their activations: Lightning's documentation keeps an
+    epoch's losses in `training_step_outputs` this way. `False`: that part of the check is
+    skipped, naming what holds them. Graphs that still hold activations, and graphs that grow
+    from epoch to epoch, fail either way."""
+
+    @check(reads=("trainer", "model_attribute", "writer_attribute", "strict_graphs"))
     def test_no_retained_graphs(self) -> None:
         """Check that the autograd graph nodes the trainer keeps alive do not grow over
         several epochs and ``eval()`` calls, nor from step to step within an epoch.
@@ -179,14 +209,26 @@ class RetainedGraphs(SetUpTrainer):
             )
         for epoch, during in enumerate(steps[1:], start=2):
             counts = [c.total for c in during]
-            if len(counts) >= 3 and all(a < b for a, b in zip(counts, counts[1:])):
-                self._fail_growing(
-                    during[0],
-                    during[-1],
-                    f"within epoch {epoch}, from step to step: "
-                    f"{', '.join(map(str, counts))} graph nodes at its {len(counts)} optimizer "
-                    "steps",
-                )
+            if len(counts) < 3 or not all(a < b for a, b in zip(counts, counts[1:])):
+                continue
+            how = (
+                f"within epoch {epoch}, from step to step: {', '.join(map(str, counts))} graph "
+                f"nodes at its {len(counts)} optimizer steps"
+            )
+            grown = self._grown(during[0], during[-1])
+            held = sum(_holding(during[-1].tensors[place]) for place in grown)
+            if held or self.strict_graphs:
+                self._fail_growing(during[0], during[-1], how)
+            self._skip_part(
+                "within an epoch",
+                f"the autograd graph the trainer keeps alive grows {how} ({grown[0]} holds "
+                "it), and is let go when the epoch ends (the first epochs end with as many "
+                "nodes as the last); backward has freed the activations these graphs saved, so "
+                "they hold their nodes only, which Lightning's documentation does too "
+                "(training_step_outputs). Keep loss.detach() or loss.item() to hold none; set "
+                "strict_graphs = True to make this a failure",
+            )
+            return
 
     @contextlib.contextmanager
     def _at_every_step(self, trainer: Any, during: List[_Census]) -> Iterator[None]:
@@ -206,12 +248,17 @@ class RetainedGraphs(SetUpTrainer):
         finally:
             handle.remove()
 
-    def _fail_growing(self, before: _Census, after: _Census, how: str) -> None:
-        grown = [
+    @staticmethod
+    def _grown(before: _Census, after: _Census) -> List[str]:
+        """The places whose graphs grew, the largest first."""
+        return [
             place
             for place, count in sorted(after.by_place.items(), key=lambda item: -item[1])
             if count > before.by_place.get(place, 0)
         ]
+
+    def _fail_growing(self, before: _Census, after: _Census, how: str) -> None:
+        grown = self._grown(before, after)
         holders = []
         for place in grown[:5]:
             tensors = after.tensors[place]
