@@ -2,6 +2,7 @@
 
     python run.py --model cnn --epochs 10
     python run.py --generate-data --epochs 1     # offline: generated MNIST-format data
+    python run.py --accumulate 4 --precision bf16 --compile   # the training stack of today
     tensorboard --logdir runs
 
 Distributed training on several processes (CPU: gloo; GPUs: nccl), data parallel (DDP,
@@ -51,7 +52,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
     parser.add_argument(
-        "--batch-size", type=int, default=128, help="batch size per process (default: 128)"
+        "--batch-size",
+        type=int,
+        default=128,
+        help="batch size per process; with --accumulate k an optimizer step takes k batches "
+        "(default: 128)",
+    )
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="K",
+        help="accumulate the gradients of K batches for each optimizer step (default: 1)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["32", "bf16", "fp16"],
+        default="32",
+        help="32: float32; bf16 or fp16: autocast forward passes (fp16 with a GradScaler)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="train the model through torch.compile"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--bottleneck-dim", type=int, default=16, help="latent size (default: 16)")
@@ -108,6 +129,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--epochs counts the epochs trained before it too",
     )
     args = parser.parse_args(argv)
+    if args.accumulate < 1:
+        parser.error(f"--accumulate must be a positive count, got {args.accumulate}")
     text = args.generate_sizes
     try:
         args.generate_sizes = tuple(int(n) for n in text.split(","))
@@ -237,6 +260,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
         log_dir=log_dir,
         num_workers=args.num_workers,
         image_every=args.image_every,
+        accumulation_steps=args.accumulate,
+        precision=args.precision,
+        compile_backend="inductor" if args.compile else None,
     ) as trainer:
         test_loss = None
         if args.resume is not None:
@@ -245,7 +271,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int) -> int:
                 print(f"Resumed from {args.resume} after epoch {trainer.epoch}")
         for epoch in range(trainer.epoch, args.epochs):
             with tqdm(
-                total=len(trainer.train_loader),
+                total=-(-len(trainer.train_loader) // args.accumulate),  # optimizer steps
                 desc=f"epoch {epoch + 1}/{args.epochs}",
                 unit="batch",
                 disable=rank != 0,

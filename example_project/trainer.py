@@ -31,6 +31,18 @@ Loss per batch: ``recon_loss + kl_weight * kl_div_loss``, where
 batch, and ``kl_div_loss`` is KL(N(mu, sigma^2) || N(0, 1)) summed over the
 latent dimension and averaged over the batch.
 
+Gradient accumulation: with ``accumulation_steps=k`` an optimizer step takes k
+batches of the loader (a window; the last one of an epoch may be shorter). Each
+batch's losses are summed over its samples and divided by the samples of the
+whole window, so that the step is the step on one batch of all of them.
+
+Mixed precision: ``precision="bf16"`` (or ``"fp16"``) runs the model's forward
+passes under ``torch.autocast``; the losses are computed in float32 and the
+parameters and the optimizer stay in float32. ``"fp16"`` scales the loss with a
+``GradScaler`` (one can be passed in as ``grad_scaler``, also for the other
+precisions); it is unscaled before the step and saved in the checkpoints.
+``compile_backend`` trains the model through ``torch.compile``.
+
 TensorBoard logs (``self.summary``):
 
 - ``train/recon_loss``, ``train/kl_div_loss``, ``train/loss`` at every
@@ -42,9 +54,11 @@ TensorBoard logs (``self.summary``):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -59,6 +73,7 @@ from torchvision.utils import make_grid
 __all__ = ["Trainer", "shard_vae"]
 
 PathLike = Union[str, Path]
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def shard_vae(model: nn.Module) -> nn.Module:
@@ -126,6 +141,10 @@ class Trainer:
         kl_weight: weight of the KL term in the loss.
         num_images: how many test images the reconstruction grid shows.
         shuffle: shuffle the training data each epoch.
+        accumulation_steps: batches whose gradients are accumulated for each optimizer step.
+        precision: "32", or "bf16" / "fp16" for autocast forward passes.
+        grad_scaler: the GradScaler that scales the loss; by default one for "fp16" only.
+        compile_backend: when given, the model trains as ``torch.compile(..., backend=...)``.
     """
 
     def __init__(
@@ -142,7 +161,15 @@ class Trainer:
         kl_weight: float = 1.0,
         num_images: int = 8,
         shuffle: bool = True,
+        accumulation_steps: int = 1,
+        precision: str = "32",
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
+        compile_backend: Optional[Union[str, Callable[..., Any]]] = None,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision is {precision!r}, not one of {sorted(PRECISIONS)}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps is {accumulation_steps}, not a positive int")
         self.device = torch.device(device)
         self.rank, self.world_size = process_group()
         self.model = model.to(self.device)
@@ -155,8 +182,15 @@ class Trainer:
             step = DistributedDataParallel(
                 step, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if compile_backend is not None:
+            step = torch.compile(step, backend=compile_backend)
         self._step_model = step
         self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.precision = precision
+        if grad_scaler is None and precision == "fp16":
+            grad_scaler = torch.amp.GradScaler(self.device.type)
+        self.scaler = grad_scaler
         self.kl_weight = kl_weight
         self.image_every = image_every
         self.num_images = num_images
@@ -216,8 +250,8 @@ class Trainer:
         for _ in range(epochs):
             self.model.train()
             self.sampler.set_epoch(self.epoch)  # a new order every epoch
-            for batch in self.train_loader:
-                losses = self._train_step(self._inputs(batch))
+            for window in self._windows():
+                losses = self._train_step(window)
                 for name, value in losses.items():
                     self._log(f"train/{name}", value, self.global_step)
                 self.global_step += 1
@@ -235,19 +269,44 @@ class Trainer:
         if self.summary is not None:
             self.summary.add_scalar(tag, value, step)
 
-    def _train_step(self, x: torch.Tensor) -> Dict[str, float]:
+    def _windows(self) -> Iterator[List[torch.Tensor]]:
+        """The epoch's batches, ``accumulation_steps`` at a time (the last window may hold
+        fewer)."""
+        batches = iter(self.train_loader)
+        while True:
+            window = [self._inputs(b) for b in itertools.islice(batches, self.accumulation_steps)]
+            if not window:
+                return
+            yield window
+
+    def _autocast(self) -> Any:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _train_step(self, window: List[torch.Tensor]) -> Dict[str, float]:
+        """One optimizer step on a window of batches, accumulating their gradients: each
+        batch's losses summed over its samples and divided by the samples of the window."""
         self.optimizer.zero_grad(set_to_none=True)
-        recon, mu, log_sigma = self._step_model(x)
-        recon_loss = self.recon_loss(recon, x).mean()
-        kl_div_loss = self.kl_divergence(log_sigma, mu).mean()
-        loss = recon_loss + self.kl_weight * kl_div_loss
-        loss.backward()
-        self.optimizer.step()
-        return {
-            "recon_loss": recon_loss.item(),
-            "kl_div_loss": kl_div_loss.item(),
-            "loss": loss.item(),
-        }
+        count = sum(x.shape[0] for x in window)
+        losses = {"recon_loss": 0.0, "kl_div_loss": 0.0, "loss": 0.0}
+        for x in window:
+            with self._autocast():
+                recon, mu, log_sigma = self._step_model(x)
+            recon_loss = self.recon_loss(recon.float(), x).sum() / count
+            kl_div_loss = self.kl_divergence(log_sigma.float(), mu.float()).sum() / count
+            loss = recon_loss + self.kl_weight * kl_div_loss
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            losses["recon_loss"] += recon_loss.item()
+            losses["kl_div_loss"] += kl_div_loss.item()
+            losses["loss"] += loss.item()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # unscales first; skips a step that overflowed
+            self.scaler.update()
+        return losses
 
     def _inputs(self, batch: Any) -> torch.Tensor:
         """The images of a batch, on the trainer's device."""
@@ -267,7 +326,9 @@ class Trainer:
             with torch.no_grad():
                 for batch in self.test_loader:
                     x = self._inputs(batch)
-                    total += self.recon_loss(self.model(x), x).sum().item()
+                    with self._autocast():
+                        recon = self.model(x)
+                    total += self.recon_loss(recon.float(), x).sum().item()
                     count += x.shape[0]
         finally:
             self.model.train(was_training)
@@ -326,6 +387,8 @@ class Trainer:
         self.epoch = int(state["trainer"]["epoch"])
         self.global_step = int(state["trainer"]["step"])
         self.data_seed = self.sampler.seed = int(state["trainer"]["data_seed"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         state["rng"].seek(0)
         states = torch.load(state["rng"], weights_only=True)
         rng = states[self.rank] if self.rank < len(states) else states[0]
@@ -336,10 +399,13 @@ class Trainer:
     def _state(self) -> Dict[str, Any]:
         """The state save_checkpoint writes and load_checkpoint fills in (but the random
         states): the model's and the optimizer's state dicts (sharded when the model is),
-        and the trainer's counters."""
+        the trainer's counters and the GradScaler's state (its scale), if it has one."""
         model, optimizer = get_state_dict(self.model, self.optimizer)
         counters = {"epoch": self.epoch, "step": self.global_step, "data_seed": self.data_seed}
-        return {"model": model, "optimizer": optimizer, "trainer": counters}
+        state = {"model": model, "optimizer": optimizer, "trainer": counters}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     # ----------------------------------------------------------------- cleanup
     def close(self) -> None:

@@ -61,14 +61,25 @@ class WithoutRandomState(LightningAdapter):
         return []  # Lightning's checkpoints alone
 
 
-def lightning_case(adapter: Any = None, module: Any = Classifier, **attributes: Any) -> type:
-    def make_trainer(self: Any) -> Any:
+def lightning_case(
+    adapter: Any = None, module: Any = Classifier, batch_size: int = 4, **attributes: Any
+) -> type:
+    def make_trainer(self: Any, accumulation_steps: int = 1, precision: str = "32") -> Any:
+        """Batches of batch_size (as accumulation_steps micro-batches), in float32 or
+        bfloat16."""
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         return (adapter or LightningAdapter)(
             module(),
-            DataLoader(DATA, batch_size=4, shuffle=True, generator=generator),
+            DataLoader(
+                DATA,
+                batch_size=batch_size // accumulation_steps,
+                shuffle=True,
+                generator=generator,
+            ),
             DataLoader(DATA, batch_size=8),
             log_dir=self.make_temp_dir(),
+            accumulate_grad_batches=accumulation_steps,
+            precision="bf16-mixed" if precision == "bf16" else "32-true",
         )
 
     def set_up(self: Any) -> None:
@@ -83,12 +94,25 @@ def lightning_case(adapter: Any = None, module: Any = Classifier, **attributes: 
     return make_case(TrainerTests, set_up, make_trainer=make_trainer)
 
 
+#: What the adapter's make_trainer above does not take, which the checks that need it name.
+NOT_TAKEN = "make_trainer does not take the keyword argument"
+
+
 class Lightning(CheckTestCase):
-    def test_every_check_passes_but_the_kl_check_which_skips(self) -> None:
+    def test_every_check_passes_but_the_kl_and_compile_checks_which_skip(self) -> None:
         for name in unittest.TestLoader().getTestCaseNames(lightning_case()):
             with self.subTest(name):
                 if name == "test_kl_divergence":
                     self.assertSkipsWith(lightning_case(), name, "applies to VAEs only")
+                elif name == "test_compiled_training":
+                    # the adapter fits a new pl.Trainer in every train(): a compiled step
+                    # would recompile for each
+                    self.assertSkipsWith(lightning_case(), name, f"{NOT_TAKEN} compile_backend")
+                elif name == "test_mixed_precision":
+                    # Lightning's GradScaler comes with float16 autocast ("16-mixed")
+                    self.assertPasses(
+                        lightning_case(), name, allowed_skips=[f"{NOT_TAKEN} grad_scale"]
+                    )
                 else:
                     self.assertPasses(lightning_case(), name)
 
@@ -118,6 +142,38 @@ class Lightning(CheckTestCase):
                             type("Case", (case,), {"seed": seed}),
                             "test_eval_leaves_model_unchanged",
                         )
+
+    def test_the_documented_training_step_outputs_skip_a_part_unless_strict(self) -> None:
+        class KeepsTheEpochsLosses(Classifier):
+            """Lightning's documented way to an epoch's mean loss (four steps an epoch)."""
+
+            def __init__(self):
+                super().__init__()
+                self.training_step_outputs = []
+
+            def training_step(self, batch, batch_index):
+                loss = super().training_step(batch, batch_index)
+                self.training_step_outputs.append(loss)
+                return loss
+
+            def on_train_epoch_end(self):
+                self.log("train/epoch_loss", torch.stack(self.training_step_outputs).mean())
+                self.training_step_outputs.clear()
+
+        holds = "trainer.model.training_step_outputs[...]"
+        self.assertSkipsWith(
+            lightning_case(module=KeepsTheEpochsLosses, batch_size=2),
+            "test_no_retained_graphs",
+            "grows within epoch 2, from step to step:",
+            f"({holds} holds it)",
+            "set strict_graphs = True to make this a failure",
+        )
+        self.assertFailsWith(
+            lightning_case(module=KeepsTheEpochsLosses, batch_size=2, strict_graphs=True),
+            "test_no_retained_graphs",
+            "within epoch 2, from step to step:",
+            f"{holds}: 4 tensors with grad_fn",
+        )
 
     def test_an_adapter_without_a_model_attribute_is_told_so(self) -> None:
         class KeepsItAsModule(LightningAdapter):

@@ -27,15 +27,26 @@ from dltestkit.trainers.vae import kl_reference
 
 TAGS = ["train/recon_loss", "train/kl_div_loss", "train/loss", "test/loss"]
 CHECKS = [
+    "test_compiled_training",
     "test_eval_leaves_model_unchanged",
     "test_frozen_parameters",
+    "test_gradient_accumulation",
     "test_initial_loss",
     "test_kl_divergence",
     "test_logging",
+    "test_mixed_precision",
+    "test_no_retained_graphs",
     "test_overfit_one_batch",
     "test_reproducible",
     "test_resume",
 ]
+#: The checks of the training stack, which skip naming the keyword argument of make_trainer
+#: they need when it does not take it (tests/test_training_stack.py runs them)
+STACK = {
+    "test_compiled_training": "compile_backend",
+    "test_gradient_accumulation": "accumulation_steps",
+    "test_mixed_precision": "grad_scale",
+}
 
 
 class RecordingWriter:
@@ -638,6 +649,12 @@ class CorrectTrainers(CheckTestCase):
                     self.assertSkipsWith(
                         classifier_case(ClassifierTrainer), name, "applies to VAEs only"
                     )
+                elif name in STACK:
+                    self.assertSkipsWith(
+                        classifier_case(ClassifierTrainer),
+                        name,
+                        f"make_trainer does not take the keyword argument {STACK[name]}",
+                    )
                 else:
                     self.assertPasses(classifier_case(ClassifierTrainer), name)
 
@@ -739,7 +756,7 @@ class CorrectTrainers(CheckTestCase):
             with self.subTest(name):
                 self.assertPasses(case, name)
 
-    def test_the_checks_contribute_eight_tests(self) -> None:
+    def test_the_checks_contribute_twelve_tests(self) -> None:
         names = unittest.TestLoader().getTestCaseNames(trainer_case(TinyVAETrainer))
         self.assertEqual(names, CHECKS)
 

@@ -78,6 +78,8 @@ class LightningAdapter:
         log_dir: the folder of the TensorBoard logs and the checkpoints (a test gives it
             ``self.make_temp_dir()``).
         val_metric: the metric ``validation_step`` logs as the evaluation loss.
+        trainer_options: more arguments of every ``pl.Trainer`` it builds, for fitting and
+            validating: ``accumulate_grad_batches=k``, ``precision="bf16-mixed"``, ...
     """
 
     def __init__(
@@ -87,8 +89,10 @@ class LightningAdapter:
         val_loader: Any,
         log_dir: Union[str, Path],
         val_metric: str = "val/loss",
+        **trainer_options: Any,
     ) -> None:
         self.model = module
+        self.trainer_options = trainer_options
         self.train_loader, self.val_loader = train_loader, val_loader
         self.log_dir = str(log_dir)
         self.val_metric = val_metric
@@ -108,7 +112,7 @@ class LightningAdapter:
             enable_model_summary=False,
             num_sanity_val_steps=0,
             log_every_n_steps=1,
-            **options,
+            **{**self.trainer_options, **options},
         )
 
     def train(self, epochs: int) -> None:

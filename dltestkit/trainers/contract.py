@@ -50,7 +50,11 @@ class TrainerContract(CheckMixin):
     (test_eval_leaves_model_unchanged only when eval() switches a mode, to train a trainer that no
     eval() came before), the distributed checks `make_trainer(rank=rank, world_size=world_size)` in
     each process: a function taking `rank=0, world_size=1`, assigned in setUp (which calls it for
-    `self.trainer` too), serves both."""
+    `self.trainer` too), serves both. The checks of the training stack call it with one more
+    keyword argument each, and skip when it does not take it: `accumulation_steps=k`
+    (test_gradient_accumulation), `grad_scale=s` and `precision="bf16"` or `"32"`
+    (test_mixed_precision), `compile_backend=b` (test_compiled_training); see the trainers
+    page."""
     model_attribute: str = option("model", is_str, example='"net"')
     """The name of the trainer's attribute holding its model (an nn.Module)."""
     optimizer_attribute: Optional[str] = option("optimizer", optional(is_str), example='"opt"')
@@ -72,6 +76,25 @@ class TrainerContract(CheckMixin):
         make_trainer = self._get_or_skip("make_trainer")
         self._check_factory_arguments(**arguments)
         return make_trainer(**arguments)
+
+    def _refused(self, **arguments: Any) -> Optional[str]:
+        """Why make_trainer cannot take these keyword arguments (for a skip that names them),
+        or None when its signature takes them (or cannot be read)."""
+        try:
+            signature = inspect.signature(self.make_trainer)
+        except (TypeError, ValueError):
+            return None
+        try:
+            signature.bind(**arguments)
+        except TypeError:
+            refused = [
+                name
+                for name in arguments
+                if name not in signature.parameters
+                and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            ] or list(arguments)
+            return f"make_trainer does not take the keyword argument {listed(refused)}"
+        return None
 
     def _check_factory_arguments(self, **arguments: Any) -> None:
         """A ContractError when make_trainer's signature does not take ``arguments``."""
@@ -205,11 +228,21 @@ class TrainerContract(CheckMixin):
         super()._prepare()
         self._made: List[Any] = []
 
-    def _new_trainer(self, seed: int) -> Any:
-        """A trainer from make_trainer(), built with every global RNG seeded with ``seed``."""
+    def _new_trainer(self, seed: int, **keywords: Any) -> Any:
+        """A trainer from make_trainer(**keywords), built with every global RNG seeded with
+        ``seed``."""
         self._get_or_skip("make_trainer")
         make_deterministic(seed)
-        trainer = self._call_make_trainer()
+        try:
+            trainer = self._call_make_trainer(**keywords)
+        except TypeError as exc:  # make_trainer(**kwargs) handed on what the trainer refuses
+            refused = [name for name in keywords if f"keyword argument '{name}'" in str(exc)]
+            if not refused:
+                raise
+            self.skipTest(
+                f"make_trainer does not take the keyword argument {refused[0]}: it raised "
+                f"TypeError: {exc}"
+            )
         if is_trainer(trainer):
             raise self._contract_error(
                 "make_trainer",

@@ -14,25 +14,43 @@ from .mnist_data import mnist_root
 
 
 class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
+    compile_with = "eager"  # dynamo only: counts the recompiles in a fraction of a second
+
     def setUp(self):
         # Four fixed, un-augmented training images, used for training and testing.
         data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
 
-        def make_trainer(rank=0, world_size=1):
+        def make_trainer(
+            rank=0,
+            world_size=1,
+            accumulation_steps=1,
+            precision="32",
+            grad_scale=None,
+            compile_backend=None,
+        ):
             """A new trainer, built as self.trainer is. The checks that resume or repeat
             training call make_trainer(); the distributed check calls it in each of its
             processes with rank and world_size, where the Trainer trains with
-            DistributedDataParallel on its shard of the four images."""
+            DistributedDataParallel on its shard of the four images. The checks of the
+            training stack ask for gradient accumulation (the four images as
+            accumulation_steps batches per step), bfloat16 autocast, a GradScaler starting
+            at grad_scale, and the model compiled with compile_backend."""
             model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
             return Trainer(
                 model,
                 train_data=data,
                 test_data=data,
                 optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                batch_size=4 // world_size,
+                batch_size=4 // world_size // accumulation_steps,
                 device="cpu",
                 log_dir=self.make_temp_dir(),
                 num_workers=0,
+                accumulation_steps=accumulation_steps,
+                precision=precision,
+                grad_scaler=None
+                if grad_scale is None
+                else torch.amp.GradScaler("cpu", init_scale=grad_scale),
+                compile_backend=compile_backend,
             )
 
         self.make_trainer = make_trainer
