@@ -8,6 +8,8 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``determinism.py``: test_eval_deterministic (``randomness.py``: which draws, of which kind)
 - ``persistence.py``: test_state_dict_round_trip
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
+- ``reference.py``: test_reference_outputs (``core/references.py``: the reference files)
+- ``equivalence.py``: test_reference_model
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.
@@ -21,7 +23,9 @@ from .batch import BatchIndependence
 from .determinism import EvalDeterminism
 from .devices import DeviceMoving
 from .dtypes import DtypeMoving
+from .equivalence import ReferenceModel
 from .persistence import StateDictRoundTrip
+from .reference import ReferenceOutputs
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
@@ -38,6 +42,8 @@ class ModelTests(
     EvalDeterminism,
     StateDictRoundTrip,
     DtypeMoving,
+    ReferenceOutputs,
+    ReferenceModel,
 ):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 

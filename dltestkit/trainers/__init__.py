@@ -8,6 +8,7 @@ of checks), each in its module with the options only it reads.
 - ``initial_loss.py``: test_initial_loss
 - ``frozen.py``: test_frozen_parameters
 - ``vae.py``: test_kl_divergence, a VAE add-on ``TrainerTests`` includes
+- ``reference.py``: test_reference_losses (``core/references.py``: the reference files)
 
 ``contract.py`` holds the options every trainer check reads and how they reach the parts of a
 trainer; ``setup.py`` the trainer built in setUp.
@@ -22,6 +23,7 @@ from .frozen import FrozenParameters
 from .initial_loss import InitialLoss
 from .logging import Logging
 from .overfit import OverfitOneBatch
+from .reference import ReferenceLosses
 from .runs import RunChecks
 from .vae import VAEChecks
 
@@ -36,6 +38,7 @@ class TrainerTests(
     InitialLoss,
     FrozenParameters,
     VAEChecks,
+    ReferenceLosses,
 ):
     """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,
     reproducibility, evaluation that leaves the model alone, the loss at initialisation,

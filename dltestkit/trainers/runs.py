@@ -17,7 +17,7 @@ from .contract import TrainerContract
 from .logs import Scalar, describe_scalar, first_log_difference, same_scalar
 from .state import attributes, cloned, difference, generators, global_states, numbers
 
-__all__ = ["RunChecks"]
+__all__ = ["ComparedRuns", "RunChecks"]
 
 
 class _Run(NamedTuple):
@@ -27,7 +27,28 @@ class _Run(NamedTuple):
     logs: List[Scalar]
 
 
-class RunChecks(TrainerContract):
+class ComparedRuns(TrainerContract):
+    """What the checks that compare the scalars of two runs share (test_resume,
+    test_reproducible, test_reference_losses)."""
+
+    _suite: ClassVar[str] = "TrainerTests"
+    nondeterministic_scalars: Collection[str] = option(
+        (), is_names, example='["time/*", "throughput"]'
+    )
+    """Names or glob patterns of logged tags whose values legitimately differ between runs.
+
+    Timings, throughput, memory use: their values are not compared, their tags and steps are."""
+
+    def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
+        """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
+        if any(
+            fnmatch.fnmatchcase(str(a.tag), pattern) for pattern in self.nondeterministic_scalars
+        ):
+            return True
+        return same_scalar(a, b, rtol, atol)
+
+
+class RunChecks(ComparedRuns):
     """TrainerTests' checks that compare several runs of a trainer."""
 
     _suite: ClassVar[str] = "TrainerTests"
@@ -35,12 +56,6 @@ class RunChecks(TrainerContract):
     """The name of the trainer's method that saves a checkpoint to a path."""
     load_checkpoint_method: str = option("load_checkpoint", is_str, example='"load"')
     """The name of the trainer's method that restores a checkpoint from a path."""
-    nondeterministic_scalars: Collection[str] = option(
-        (), is_names, example='["time/*", "throughput"]'
-    )
-    """Names or glob patterns of logged tags whose values legitimately differ between runs.
-
-    Timings, throughput, memory use: their values are not compared, their tags and steps are."""
     resume_rtol: float = option(0.0, is_non_negative_number, example="1e-6")
     """The relative tolerance comparing a resumed run with an uninterrupted one.
 
@@ -59,14 +74,6 @@ class RunChecks(TrainerContract):
                 f"self.{option} to the name of the trainer's method."
             )
         return method  # type: ignore[no-any-return]
-
-    def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
-        """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
-        if any(
-            fnmatch.fnmatchcase(str(a.tag), pattern) for pattern in self.nondeterministic_scalars
-        ):
-            return True
-        return same_scalar(a, b, rtol, atol)
 
     @check(
         reads=(
