@@ -83,12 +83,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    os.environ[WRITE_VARIABLE] = "1"
     suite = unittest.TestSuite(_load(test_id) for test_id in arguments.tests)
     if suite.countTestCases() == 0:
         print("write-references: the tests given have no reference check", file=sys.stderr)
         return 2
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    before = os.environ.get(WRITE_VARIABLE)
+    os.environ[WRITE_VARIABLE] = "1"
+    try:
+        result = unittest.TextTestRunner(verbosity=2).run(suite)
+    finally:
+        if before is None:
+            del os.environ[WRITE_VARIABLE]
+        else:
+            os.environ[WRITE_VARIABLE] = before
     written = [reason for _, reason in result.skipped if reason.startswith("wrote the reference")]
     print(f"\n{len(written)} reference file(s) written:")
     for reason in written:

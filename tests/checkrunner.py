@@ -11,6 +11,12 @@ from typing import Any, Callable, Dict, List, Sequence
 SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
 #: The reason test_device_moving_on_gpu gives on CPU-only machines.
 NO_GPU = "no CUDA, MPS or other accelerator"
+#: The reasons the opt-in reference checks give until their option is set: always allowed by
+#: assertPasses (tests/test_zoo_references.py runs them on the zoos with the options set).
+UNSET_REFERENCES = (
+    "self.reference_file is not set",
+    "self.reference_model is not set",
+)
 
 
 @dataclass
@@ -43,9 +49,11 @@ class CheckTestCase(unittest.TestCase):
 
     def assertPasses(self, case: type, name: str, allowed_skips: Sequence[str] = (NO_GPU,)) -> None:
         """No failure, no error, no skip but those whose reason starts with one of
-        ``allowed_skips`` (by default test_device_moving_on_gpu's without a GPU)."""
+        ``allowed_skips`` (by default test_device_moving_on_gpu's without a GPU) or with one
+        of UNSET_REFERENCES."""
         outcome = run_check(case, name)
-        skips = [reason for reason in outcome.skips if not reason.startswith(tuple(allowed_skips))]
+        allowed = (*allowed_skips, *UNSET_REFERENCES)
+        skips = [reason for reason in outcome.skips if not reason.startswith(allowed)]
         self.assertEqual(
             (outcome.failures, outcome.errors, skips), ([], [], []), f"{name} should pass"
         )

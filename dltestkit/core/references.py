@@ -200,11 +200,26 @@ class Reference:
         return [self.tensors[f"{prefix}/{index}"] for index in range(count)]
 
     def versions(self) -> str:
-        """ "written by torch 2.5.1 (Linux x86_64 AVX2), read by torch 2.6.0 (...)"."""
+        """ "written by torch 2.5.1 on Linux x86_64 AVX2, read by torch 2.6.0 on ..."."""
         then, now = self.meta.get("written_by", {}), written_by()
         return (
-            f"written by torch {then.get('torch', '?')} ({then.get('machine', '?')}), "
-            f"read by torch {now['torch']} ({now['machine']})"
+            f"written by torch {then.get('torch', '?')} on {then.get('machine', '?')}, "
+            f"read by torch {now['torch']} on {now['machine']}"
+        )
+
+    def same_platform(self) -> bool:
+        """Whether the torch version and the machine that read it are those that wrote it."""
+        then, now = self.meta.get("written_by", {}), written_by()
+        return all(then.get(key) == now[key] for key in ("torch", "machine"))
+
+    def rounding_hint(self) -> str:
+        """For a reference read by another torch or machine than wrote it: what to do about
+        a difference of the size of rounding."""
+        if self.same_platform():
+            return ""
+        return (
+            " Another torch release or machine rounds differently: for a difference of that "
+            "size, raise reference_rtol and reference_atol, or rewrite the reference."
         )
 
 
@@ -449,6 +464,8 @@ def difference(
     ``atol`` counts relative to the greatest magnitude of ``expected`` too (for gradients,
     whose small entries are sums of large terms that cancel)."""
     actual = actual.detach().cpu()
+    actual = actual.to_dense() if actual.is_sparse else actual
+    expected = expected.to_dense() if expected.is_sparse else expected
     if actual.shape != expected.shape:
         return Difference(
             1, 1, problem=f"its shape is {tuple(actual.shape)}, {tuple(expected.shape)} in the "

@@ -16,7 +16,7 @@ from ..core.paths import named_tensors
 from ..core.seeds import derived_seed
 from .copies import copy_module
 from .randomness import watching_randomness
-from .reference import MODES, References
+from .reference import MODES, References, _dense
 
 __all__ = ["ReferenceModel"]
 
@@ -35,8 +35,8 @@ class ReferenceModel(References):
     reference_model: Union[nn.Module, Callable[..., nn.Module]] = option(
         UNSET, is_reference_model, example="lambda model: EagerAttentionModel.from_model(model)"
     )
-    """The implementation the model must compute the same as: a module that loads the model's state
-    dict, or a function of the model returning the reference with the model's weights.
+    """The implementation the model must compute the same as, a module that loads the model's state
+    dict or a function of the model returning the reference with the model's weights.
 
     A module (or what a function without arguments returns) whose state dict has the model's names
     and shapes gets the model's weights; a function taking the model (a copy of it) returns the
@@ -68,6 +68,8 @@ class ReferenceModel(References):
             built = copy_module(given)
         else:
             built = given(self._copy_model()) if _takes_model(given) else given()
+        if built is self.model:  # the checks leave the user's model alone
+            built = copy_module(built)
         if not isinstance(built, nn.Module):
             raise self._contract_error(
                 "reference_model", f"gave a {type(built).__name__}, not an nn.Module"
@@ -99,13 +101,15 @@ class ReferenceModel(References):
         for _, parameter in trainable:
             parameter.grad = None
         with torch.random.fork_rng(devices=[]):
-            output = self._forward(model, self.inputs, training, seed)
+            output = self._seeded_forward(model, self.inputs, training, seed)
             loss = self._loss(output)
             if loss.requires_grad:
                 torch.manual_seed(seed)
                 torch.autograd.backward(loss)
         outputs = [(path, t.detach()) for path, t in named_tensors(output)]
-        return outputs, [(name, p.grad) for name, p in trainable]
+        return outputs, [
+            (name, None if p.grad is None else _dense(p.grad)) for name, p in trainable
+        ]
 
     def _compare_with_reference(
         self, model: nn.Module, reference: nn.Module, training: bool
@@ -186,14 +190,14 @@ class ReferenceModel(References):
         """Skip the training part when the model draws random numbers in training: the two
         implementations may draw them in another order or shape under the same seed."""
         with torch.no_grad():
-            first = self._forward(model, self.inputs, True, self.seed)
-            again = self._forward(model, self.inputs, True, derived_seed(self.seed, 1))
+            first = self._seeded_forward(model, self.inputs, True, self.seed)
+            again = self._seeded_forward(model, self.inputs, True, derived_seed(self.seed, 1))
         if first_difference(first, again) is None:
             return
         with torch.no_grad(), watching_randomness(model) as mine:
-            self._forward(model, self.inputs, True, self.seed)
+            self._seeded_forward(model, self.inputs, True, self.seed)
         with torch.no_grad(), watching_randomness(reference) as other:
-            self._forward(reference, self.inputs, True, self.seed)
+            self._seeded_forward(reference, self.inputs, True, self.seed)
         self.skipTest(
             "in training mode the model draws random numbers ("
             + (_draws(mine.draws) or "operations dltestkit cannot see")

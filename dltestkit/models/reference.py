@@ -37,7 +37,7 @@ from ..core.references import (
     write_requested,
     written_message,
 )
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
 from ..core.validators import is_bool, is_choice, is_non_negative_number, is_path, optional
 from .contract import ModelContract
 
@@ -62,6 +62,16 @@ class References(ModelContract):
     `None`: by each tensor's dtype and device: 1e-5 for float32 on the CPU, 1e-7 for float64, 1e-4
     for float16, 1e-3 for bfloat16. For gradients, it grows by the relative tolerance times the
     gradient's largest magnitude (a small entry of a gradient is a sum of large terms)."""
+
+    def _seeded_forward(
+        self, model: nn.Module, inputs: Any, training: bool, seed: Optional[int] = None
+    ) -> Any:
+        """_forward with Python's, NumPy's and torch's generators seeded (wav2vec2 masks its
+        features with NumPy's in training), restored afterwards."""
+        seed = self.seed if seed is None else seed
+        with preserved_global_state():
+            make_deterministic(seed)
+            return self._forward(model, inputs, training, seed)
 
     def _reference_tolerance(self, tensor: torch.Tensor) -> Tuple[float, float]:
         rtol, atol = tolerance(tensor.dtype, tensor.device)
@@ -101,8 +111,8 @@ class ReferenceOutputs(References):
     reference_file: Union[str, "os.PathLike[str]"] = option(
         UNSET, is_path, example='"references/my_model.safetensors"'
     )
-    """The reference file of test_reference_outputs: the model's weights, inputs and outputs, stored
-    once and compared from then on.
+    """The reference file of test_reference_outputs, which holds the model's weights, inputs and
+    outputs, written once and compared from then on.
 
     A relative path is taken from the folder of the test's file. Written by `python -m dltestkit
     write-references <test id>` (or any run with `DLTESTKIT_WRITE_REFERENCES=1`), never in CI; see
@@ -187,8 +197,10 @@ class ReferenceOutputs(References):
         for mode in MODES:
             training = mode == "training"
             with torch.no_grad():
-                first = self._forward(model.fresh(), inputs, training, seed)
-                second = self._forward(model.fresh(), inputs, training, derived_seed(seed, 1))
+                first = self._seeded_forward(model.fresh(), inputs, training, seed)
+                second = self._seeded_forward(
+                    model.fresh(), inputs, training, derived_seed(seed, 1)
+                )
             random = first_difference(first, second) is not None
             meta["modes"][mode] = "random" if random else "deterministic"
             outputs = list(named_tensors(first))
@@ -221,7 +233,7 @@ class ReferenceOutputs(References):
         if not bad:
             return
         with torch.no_grad():
-            own = self._forward(self.model, self.inputs, mode == "training")
+            own = self._seeded_forward(self.model, self.inputs, mode == "training")
         if all(t.isfinite().all() for _, t in named_tensors(own) if t.is_floating_point()):
             self.fail(
                 f"with weights drawn from each parameter's mean and standard deviation "
@@ -286,7 +298,7 @@ class ReferenceOutputs(References):
             self._skip_random_reference(reference, f"{mode}-mode outputs", streams)
         seed = int(reference.meta["seed"])
         with torch.no_grad():
-            output = self._forward(model.fresh(), inputs, mode == "training", seed)
+            output = self._seeded_forward(model.fresh(), inputs, mode == "training", seed)
         actual = list(named_tensors(output))
         self._compare_with_file(
             reference, actual, expected, f"in {mode} mode", loaded, just_written
@@ -320,7 +332,7 @@ class ReferenceOutputs(References):
         for parameter in copy.parameters():
             parameter.grad = None
         with torch.random.fork_rng(devices=[]):
-            output = self._forward(copy, inputs, mode == "training", seed)
+            output = self._seeded_forward(copy, inputs, mode == "training", seed)
             if self.loss_fn is not None:
                 loss = self.loss_fn(output)
             else:
@@ -334,7 +346,7 @@ class ReferenceOutputs(References):
                 torch.manual_seed(seed)
                 torch.autograd.backward(loss)
         return [
-            (name, p.grad.detach().clone())
+            (name, _dense(p.grad).detach().clone())
             for name, p in copy.named_parameters()
             if p.grad is not None
         ]
@@ -389,17 +401,15 @@ class ReferenceOutputs(References):
             " self.model's own weights differ from the reference's (another seed, another "
             "torch release's initialisation or a changed setUp), which is no matter: the "
             "comparison runs on the reference's."
-            if loaded
+            if loaded and not reference.meta.get("drawn")
             else ""
         )
         return (
             "The model ran with the reference's weights, on its inputs and under its seed, so "
             f"its code now computes something else than when the reference was written "
-            f"({reference.versions()}).{weights} If the change is intended, rewrite the "
-            f"reference and commit it:\n    {write_command(self)}\nIf not, look for the change "
-            "in the model's code since the reference was committed. Between torch releases, "
-            "kernels round differently: raise reference_rtol and reference_atol for a "
-            "difference of that size."
+            f"({reference.versions()}).{weights}{reference.rounding_hint()} If the change is "
+            f"intended, rewrite the reference and commit it:\n    {write_command(self)}\nIf "
+            "not, look for the change in the model's code since the reference was committed."
         )
 
 
@@ -415,6 +425,11 @@ class _Fresh:
         with torch.no_grad():
             self.model.load_state_dict(self.state)
         return self.model
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) as a dense tensor."""
+    return tensor.to_dense() if tensor.is_sparse else tensor
 
 
 def _group_dict(reference: Reference, prefix: str) -> Dict[str, torch.Tensor]:

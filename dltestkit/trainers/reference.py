@@ -85,8 +85,8 @@ class ReferenceLosses(ComparedRuns):
     reference_file: Union[str, "os.PathLike[str]"] = option(
         UNSET, is_path, example='"references/trainer.safetensors"'
     )
-    """The reference file of test_reference_losses: the model's initial weights, the first batch,
-    and what one epoch of training logs and eval() returns, stored once and compared from then on.
+    """The reference file of test_reference_losses, which holds the model's initial weights, the
+    first batch, and what one epoch of training logs and eval() returns.
 
     A relative path is taken from the folder of the test's file. Written by `python -m dltestkit
     write-references <test id>` (or any run with `DLTESTKIT_WRITE_REFERENCES=1`), never in CI; see
@@ -288,8 +288,9 @@ class ReferenceLosses(ComparedRuns):
             f"one epoch of a fresh trainer from make_trainer(), started from the weights of the "
             f"reference {name}, does not compute what the reference holds: {problem}. The data "
             f"and the weights are the reference's, so the training step now computes something "
-            f"else than when the reference was written ({reference.versions()}).{weights} If "
-            f"the change is intended, rewrite the reference and commit it:\n    "
+            f"else than when the reference was written ({reference.versions()}).{weights}"
+            f"{reference.rounding_hint()} If the change is intended, rewrite the reference and "
+            f"commit it:\n    "
             f"{write_command(self)}\nIf not, look for the change in the loss, the optimizer and "
             "the training loop since the reference was committed."
         )
