@@ -193,6 +193,15 @@ class ReferenceOutputs(CheckTestCase):
                 "rewrite the reference and commit it:\n    python -m dltestkit write-references",
             )
 
+    def test_seeds_at_the_ends_of_the_range_write_and_read(self) -> None:
+        for seed in (2**64 - 1, -1):
+            with self.subTest(seed=seed):
+                case = model_case(Net, f"seed{seed}.safetensors", reference_gradients=True)
+                case.seed = seed
+                self.write(case)
+                with reading():
+                    self.assertPasses(case, self.CHECK)
+
     def test_never_written_in_ci(self) -> None:
         with environment(DLTESTKIT_WRITE_REFERENCES="1", CI="true"):
             self.assertFailsWith(
@@ -314,6 +323,31 @@ class ReferenceOutputs(CheckTestCase):
             self.assertFailsWith(
                 model_case(Net, "damaged.safetensors"), self.CHECK, "cannot be read"
             )
+
+    def test_the_checks_leave_the_model_its_modes_and_its_inputs_as_they_were(self) -> None:
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 3))
+        model[1].train(False)
+        inputs = torch.randn(4, 6)
+        saved = [inputs.clone(), {k: v.clone() for k, v in model.state_dict().items()}]
+        modes = [m.training for m in model.modules()]
+
+        def set_up(self: Any) -> None:
+            self.model, self.inputs = model, inputs
+            self.reference_file = str(FOLDER / "unchanged.safetensors")
+            self.reference_gradients = True
+            self.reference_weights = "drawn"
+            self.reference_model = lambda: model
+
+        case = make_case(ModelTests, set_up)
+        self.write(case)
+        with reading():
+            self.assertPasses(case, self.CHECK)
+        self.assertPasses(case, "test_reference_model")
+        self.assertEqual([m.training for m in model.modules()], modes)
+        for key, value in model.state_dict().items():
+            self.assertTrue(torch.equal(value, saved[1][key]), key)
+        self.assertTrue(all(p.grad is None for p in model.parameters()))
+        self.assertTrue(torch.equal(inputs, saved[0]))
 
     def test_it_skips_naming_the_option_when_no_file_is_set(self) -> None:
         self.assertSkipsWith(

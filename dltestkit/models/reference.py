@@ -233,7 +233,7 @@ class ReferenceOutputs(References):
         if not bad:
             return
         with torch.no_grad():
-            own = self._seeded_forward(self.model, self.inputs, mode == "training")
+            own = self._seeded_forward(self._copy_model(), self.inputs, mode == "training")
         if all(t.isfinite().all() for _, t in named_tensors(own) if t.is_floating_point()):
             self.fail(
                 f"with weights drawn from each parameter's mean and standard deviation "

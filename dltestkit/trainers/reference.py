@@ -50,6 +50,7 @@ class _Run(NamedTuple):
     loss: float
     batch: List[torch.Tensor]
     dtype: torch.dtype
+    device: torch.device
     loaded: bool
 
 
@@ -171,8 +172,8 @@ class ReferenceLosses(ComparedRuns):
         with _first_input(model) as batch:
             scalars = self._train(trainer, 1)
         loss = self._eval_loss(trainer)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return _Run(scalars, loss, batch, dtype, loaded)
+        first = next((p for p in model.parameters() if p.is_floating_point()), torch.zeros(()))
+        return _Run(scalars, loss, batch, first.dtype, first.device, loaded)
 
     def _write_reference_losses(self, path: Path) -> None:
         refusal = ci_refusal(self)
@@ -210,8 +211,10 @@ class ReferenceLosses(ComparedRuns):
         self.skipTest(written_message(path, size))
 
     # -- comparing ---------------------------------------------------------------------------
-    def _reference_tolerances(self, dtype: torch.dtype) -> Tuple[float, float]:
-        rtol, atol = tolerance(dtype)
+    def _reference_tolerances(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> Tuple[float, float]:
+        rtol, atol = tolerance(dtype, device)
         return (
             rtol if self.reference_rtol is None else float(self.reference_rtol),
             atol if self.reference_atol is None else float(self.reference_atol),
@@ -252,7 +255,8 @@ class ReferenceLosses(ComparedRuns):
                 f"{name} was written ({reference.versions()}), so the losses cannot be compared. "
                 f"Rewrite the reference on this installation: {write_command(self)}"
             )
-        rtol, atol = self._reference_tolerances(getattr(torch, str(meta.get("dtype", "float32"))))
+        dtype = getattr(torch, str(meta.get("dtype", "float32")))
+        rtol, atol = self._reference_tolerances(dtype, run.device)
         expected = [
             Scalar(entry["tag"], float(value), entry["step"])
             for entry, value in zip(meta["scalars"], reference.tensors["values"].tolist())
