@@ -539,9 +539,9 @@ class DDPGradients(CheckTestCase):
         alone = checks_of(ddp_case(AutoEncoder))
         self.assertEqual(alone, ("test_ddp_gradients",))
         with_model = ddp_case(AutoEncoder, mixins=(DistributedModelTests, ModelTests))
-        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_model)), 10)
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_model)), 12)
         with_sequence = ddp_case(AutoEncoder, mixins=(DistributedModelTests, SequenceModelTests))
-        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_sequence)), 12)
+        self.assertEqual(len(unittest.TestLoader().getTestCaseNames(with_sequence)), 14)
 
     def test_no_rank_outlives_a_failing_check(self) -> None:
         before = child_pids()

@@ -476,6 +476,8 @@ CHECKS = sorted(
         "test_eval_deterministic",
         "test_finite_outputs_and_gradients",
         "test_output_shape",
+        "test_reference_model",
+        "test_reference_outputs",
         "test_state_dict_round_trip",
     ]
 )

@@ -183,7 +183,7 @@ class Checks(CheckTestCase):
     def test_every_model_check_is_included(self) -> None:
         names = sorted(checks_of(sequence_case(Attention)))
         self.assertIn("test_batch_independence", names)
-        self.assertEqual(len(names), 11)
+        self.assertEqual(len(names), 13)
         self.assertEqual(unittest.TestLoader().getTestCaseNames(sequence_case(Attention)), names)
 
     def test_correct_sequence_models_pass_every_check(self) -> None:

@@ -33,6 +33,7 @@ CHECKS = [
     "test_kl_divergence",
     "test_logging",
     "test_overfit_one_batch",
+    "test_reference_losses",
     "test_reproducible",
     "test_resume",
 ]
