@@ -14,6 +14,13 @@ NO_GPU = "no CUDA, MPS or other accelerator"
 #: The reason test_running_statistics gives for a model without running statistics.
 NO_RUNNING_STATISTICS = "no normalisation in eval mode is handed running statistics"
 
+#: The reasons the opt-in reference checks give until their option is set: always allowed by
+#: assertPasses (tests/test_zoo_references.py runs them on the zoos with the options set).
+UNSET_REFERENCES = (
+    "self.reference_file is not set",
+    "self.reference_model is not set",
+)
+
 
 @dataclass
 class Outcome:
@@ -45,9 +52,11 @@ class CheckTestCase(unittest.TestCase):
 
     def assertPasses(self, case: type, name: str, allowed_skips: Sequence[str] = (NO_GPU,)) -> None:
         """No failure, no error, no skip but those whose reason starts with one of
-        ``allowed_skips`` (by default test_device_moving_on_gpu's without a GPU)."""
+        ``allowed_skips`` (by default test_device_moving_on_gpu's without a GPU) or with one
+        of UNSET_REFERENCES."""
         outcome = run_check(case, name)
-        skips = [reason for reason in outcome.skips if not reason.startswith(tuple(allowed_skips))]
+        allowed = (*allowed_skips, *UNSET_REFERENCES)
+        skips = [reason for reason in outcome.skips if not reason.startswith(allowed)]
         self.assertEqual(
             (outcome.failures, outcome.errors, skips), ([], [], []), f"{name} should pass"
         )

@@ -20,7 +20,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case, run_check
+from checkrunner import (
+    NO_GPU,
+    NO_RUNNING_STATISTICS,
+    UNSET_REFERENCES,
+    CheckTestCase,
+    make_case,
+    run_check,
+)
 from torch import nn
 
 from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
@@ -431,7 +438,8 @@ def detection_case(model: Callable[[], nn.Module], masks: bool = False) -> type:
 
 class PlatformCase(CheckTestCase):
     def assertPassesOnPlatform(self, case: type) -> None:
-        """Every check passes; the only skips are a GPU's and the platform's (PLATFORM_SKIPS)."""
+        """Every check passes; the only skips are a GPU's, the platform's (PLATFORM_SKIPS) and
+        the opt-in reference checks' until their option is set (UNSET_REFERENCES)."""
         for name in checks_of(case):
             with self.subTest(check=name):
                 outcome = run_check(case, name)
@@ -440,7 +448,8 @@ class PlatformCase(CheckTestCase):
                 unexpected = [
                     reason
                     for reason in outcome.skips
-                    if not reason.startswith(NO_GPU) and not any(a in reason for a in allowed)
+                    if not reason.startswith((NO_GPU, *UNSET_REFERENCES))
+                    and not any(a in reason for a in allowed)
                 ]
                 self.assertEqual(unexpected, [])
 

@@ -478,6 +478,8 @@ CHECKS = sorted(
         "test_finite_outputs_and_gradients",
         "test_inputs_unchanged",
         "test_output_shape",
+        "test_reference_model",
+        "test_reference_outputs",
         "test_running_statistics",
         "test_state_dict_round_trip",
         "test_train_matches_eval",

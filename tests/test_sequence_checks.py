@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from checkrunner import CheckTestCase, make_case
 from torch import nn
 
-from dltestkit import SequenceModelTests
+from dltestkit import ModelTests, SequenceModelTests
 from dltestkit.core.contract import checks_of
 
 BATCH, LENGTH, VOCAB, WIDTH = 4, 6, 20, 8
@@ -183,7 +183,10 @@ class Checks(CheckTestCase):
     def test_every_model_check_is_included(self) -> None:
         names = sorted(checks_of(sequence_case(Attention)))
         self.assertIn("test_batch_independence", names)
-        self.assertEqual(len(names), 15)
+        model_checks = unittest.TestLoader().getTestCaseNames(ModelTests)
+        self.assertEqual(
+            names, sorted([*model_checks, "test_causality", "test_padding_invariance"])
+        )
         self.assertEqual(unittest.TestLoader().getTestCaseNames(sequence_case(Attention)), names)
 
     def test_correct_sequence_models_pass_every_check(self) -> None:

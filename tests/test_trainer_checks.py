@@ -37,6 +37,7 @@ CHECKS = [
     "test_mixed_precision",
     "test_no_retained_graphs",
     "test_overfit_one_batch",
+    "test_reference_losses",
     "test_reproducible",
     "test_resume",
 ]

@@ -4,6 +4,7 @@ an int in [-2**63, 2**64 - 1]")."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, Optional
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Validator",
     "is_bool",
     "is_callable",
+    "is_choice",
     "is_fraction",
     "is_instance",
     "is_key",
@@ -18,6 +20,7 @@ __all__ = [
     "is_names",
     "is_non_negative_number",
     "is_number",
+    "is_path",
     "is_plain_int",
     "is_positive_int",
     "is_positive_number",
@@ -97,12 +100,30 @@ def is_callable(value: Any) -> Optional[str]:
     return None if callable(value) else f"is a {type(value).__name__}, not callable"
 
 
+def is_path(value: Any) -> Optional[str]:
+    """A non-empty str or os.PathLike (a pathlib.Path)."""
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return None
+    return f"is {value!r}, not a path (a str or pathlib.Path)"
+
+
 def is_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else f"is {value!r}, not True or False"
 
 
 def is_str(value: Any) -> Optional[str]:
     return None if isinstance(value, str) else f"is {value!r}, not a str"
+
+
+def is_choice(*choices: Any) -> Validator:
+    """One of ``choices``."""
+
+    def validate(value: Any) -> Optional[str]:
+        if any(value == choice and type(value) is type(choice) for choice in choices):
+            return None
+        return f"is {value!r}, not one of {', '.join(map(repr, choices))}"
+
+    return validate
 
 
 def is_key(value: Any) -> Optional[str]:

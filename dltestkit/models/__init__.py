@@ -12,6 +12,8 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``modes.py``: test_train_matches_eval
 - ``statistics.py``: test_running_statistics
 - ``input_use.py``: test_all_inputs_used (``input_parts.py``: the parts of inputs it judges)
+- ``reference.py``: test_reference_outputs (``core/references.py``: the reference files)
+- ``equivalence.py``: test_reference_model
 - ``sequence/``: test_causality, test_padding_invariance
 
 ``contract.py`` holds the options every model check reads and how the checks call the model;
@@ -27,10 +29,12 @@ from .batch import BatchIndependence
 from .determinism import EvalDeterminism
 from .devices import DeviceMoving
 from .dtypes import DtypeMoving
+from .equivalence import ReferenceModel
 from .input_use import InputUse
 from .inputs import InputsUnchanged
 from .modes import ModeAgreement
 from .persistence import StateDictRoundTrip
+from .reference import ReferenceOutputs
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
@@ -52,6 +56,8 @@ class ModelTests(
     ModeAgreement,
     RunningStatistics,
     InputUse,
+    ReferenceOutputs,
+    ReferenceModel,
 ):
     """Checks for a model (an ``nn.Module``) on one batch of inputs.
 

@@ -13,6 +13,7 @@ of checks), each in its module with the options only it reads.
 - ``precision.py``: test_mixed_precision
 - ``compiled.py``: test_compiled_training
 - ``vae.py``: test_kl_divergence, a VAE add-on ``TrainerTests`` includes
+- ``reference.py``: test_reference_losses (``core/references.py``: the reference files)
 
 ``contract.py`` holds the options every trainer check reads and how they reach the parts of a
 trainer; ``setup.py`` the trainer built in setUp.
@@ -31,6 +32,7 @@ from .initial_loss import InitialLoss
 from .logging import Logging
 from .overfit import OverfitOneBatch
 from .precision import MixedPrecision
+from .reference import ReferenceLosses
 from .runs import RunChecks
 from .vae import VAEChecks
 
@@ -49,6 +51,7 @@ class TrainerTests(
     MixedPrecision,
     CompiledTraining,
     VAEChecks,
+    ReferenceLosses,
 ):
     """Checks for a trainer: logging, overfitting one batch, resuming from a checkpoint,
     reproducibility, evaluation that leaves the model alone, the loss at initialisation,

@@ -17,7 +17,7 @@ from .contract import TrainerContract
 from .logs import Scalar, describe_scalar, first_log_difference, same_scalar
 from .state import attributes, cloned, difference, generators, global_states, numbers
 
-__all__ = ["RunChecks"]
+__all__ = ["ComparedRuns", "RunChecks"]
 
 
 class _Run(NamedTuple):
@@ -27,8 +27,9 @@ class _Run(NamedTuple):
     logs: List[Scalar]
 
 
-class RunChecks(TrainerContract):
-    """TrainerTests' checks that compare several runs of a trainer."""
+class ComparedRuns(TrainerContract):
+    """What the checks that compare the scalars of two runs share (test_resume,
+    test_reproducible, test_reference_losses)."""
 
     _suite: ClassVar[str] = "TrainerTests"
     nondeterministic_scalars: Collection[str] = option(
@@ -37,13 +38,6 @@ class RunChecks(TrainerContract):
     """Names or glob patterns of logged tags whose values legitimately differ between runs.
 
     Timings, throughput, memory use: their values are not compared, their tags and steps are."""
-    resume_rtol: float = option(0.0, is_non_negative_number, example="1e-6")
-    """The relative tolerance comparing a resumed run with an uninterrupted one.
-
-    0: exact, as the same computation is on a CPU. Raise it on hardware whose kernels are not
-    bitwise reproducible."""
-    resume_atol: float = option(0.0, is_non_negative_number, example="1e-7")
-    """The absolute tolerance comparing a resumed run with an uninterrupted one."""
 
     def _same_value(self, a: Scalar, b: Scalar, rtol: float, atol: float) -> bool:
         """Whether two logged scalars agree (always, for nondeterministic_scalars)."""
@@ -52,6 +46,19 @@ class RunChecks(TrainerContract):
         ):
             return True
         return same_scalar(a, b, rtol, atol)
+
+
+class RunChecks(ComparedRuns):
+    """TrainerTests' checks that compare several runs of a trainer."""
+
+    _suite: ClassVar[str] = "TrainerTests"
+    resume_rtol: float = option(0.0, is_non_negative_number, example="1e-6")
+    """The relative tolerance comparing a resumed run with an uninterrupted one.
+
+    0: exact, as the same computation is on a CPU. Raise it on hardware whose kernels are not
+    bitwise reproducible."""
+    resume_atol: float = option(0.0, is_non_negative_number, example="1e-7")
+    """The absolute tolerance comparing a resumed run with an uninterrupted one."""
 
     @check(
         reads=(

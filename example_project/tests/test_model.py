@@ -21,6 +21,10 @@ class TestMLPVAE(DistributedModelTests, ModelTests, unittest.TestCase):
         self.model = mlp_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
         self.make_model = mlp_vae  # a fresh model of the same architecture
+        # inputs and outputs stored beside this file (python -m dltestkit write-references);
+        # the weights drawn from each parameter's mean and std, which keeps the file small
+        self.reference_file = "references/mlp_vae.safetensors"
+        self.reference_weights = "drawn"
 
 
 class TestCNNVAE(DistributedModelTests, ModelTests, unittest.TestCase):
@@ -28,3 +32,5 @@ class TestCNNVAE(DistributedModelTests, ModelTests, unittest.TestCase):
         self.model = cnn_vae()
         self.inputs = torch.randn(4, 1, 32, 32)
         self.make_model = cnn_vae
+        self.reference_file = "references/cnn_vae.safetensors"
+        self.reference_weights = "drawn"

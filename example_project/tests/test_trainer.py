@@ -59,6 +59,8 @@ class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
         self.kl_divergence = self.trainer.kl_divergence
         self.overfit_epochs = 100
         self.overfit_max_loss = 30.0
+        self.reference_file = "references/vae_trainer.safetensors"  # the first epoch's losses
+        self.reference_weights = "drawn"
         # An untrained decoder outputs about 0, so the first loss (squared error summed over
         # the pixels) is about the images' mean squared norm.
         images = torch.stack([image for image, _ in data])

@@ -1,0 +1,39 @@
+"""benchmarks/mutation_benchmark.py runs end to end (a few mutants of two models, once).
+
+Marked slow: `python -m pytest tests` leaves it out, `python -m pytest tests -m slow` runs it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "mutation_benchmark.py"
+
+
+@pytest.mark.slow
+class MutationBenchmark(unittest.TestCase):
+    def test_it_reports_kill_rates_per_model_and_operator_and_the_survivors(self) -> None:
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--models", "qwen2,lstm", "--workers", "1"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr[-3000:])
+        output = completed.stdout
+        self.assertRegex(output, r"8 mutants sampled from qwen2 \d+, lstm \d+ mutation sites")
+        self.assertRegex(output, r"8 mutants in [\d.]+ min; left out: .*non-equivalent mutants")
+        for heading in ("per model", "per operator"):
+            self.assertRegex(output, rf"{heading} +default checks +\+ reference")
+        self.assertRegex(output, r"  all +\d+/\d+ .*%")
+        self.assertIn("surviving the default checks", output)
+        self.assertRegex(output, r"reference file sizes: qwen2 [\d.]+ KiB, lstm [\d.]+ KiB")
+
+
+if __name__ == "__main__":
+    unittest.main()
