@@ -39,6 +39,8 @@ PAGES: Dict[str, str] = {
     "TrainerTests": "trainers",
     "DistributedModelTests": "distributed",
     "DistributedTrainerTests": "distributed",
+    "TrainingStackTests": "training-stack",
+    "ExportTests": "training-stack",
 }
 
 Mixin = Type[CheckMixin]

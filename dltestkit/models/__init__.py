@@ -9,6 +9,8 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``persistence.py``: test_state_dict_round_trip
 - ``dtypes.py``: test_dtype_moving (``dtype_watch.py``: where tensors of other dtypes come from)
 - ``sequence/``: test_causality, test_padding_invariance
+- ``stack/``: the opt-in ``TrainingStackTests`` (test_compile, test_memory_layouts,
+  test_autocast, test_activation_checkpointing) and ``ExportTests`` (test_export)
 
 ``contract.py`` holds the options every model check reads and how the checks call the model.
 """
@@ -25,9 +27,10 @@ from .persistence import StateDictRoundTrip
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
+from .stack import ExportTests, TrainingStackTests
 from .training import Training
 
-__all__ = ["ModelTests", "SequenceModelTests"]
+__all__ = ["ExportTests", "ModelTests", "SequenceModelTests", "TrainingStackTests"]
 
 
 class ModelTests(
