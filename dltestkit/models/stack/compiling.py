@@ -15,7 +15,13 @@ from ...core.options import ContractError, option
 from ...core.validators import is_bool, is_str
 from ...core.watch import raising_user_line
 from ..copies import describe_mode
-from .contract import StackContract, describe_draws, differences, gradient_differences
+from .contract import (
+    StackContract,
+    describe_draws,
+    differences,
+    gradient_differences,
+    without_fast_path,
+)
 
 __all__ = ["Compile"]
 
@@ -90,9 +96,9 @@ def _skipped_frames(before: Dict[str, int]) -> List[str]:
 
 def _guard_failures(before: Dict[Any, int]) -> List[str]:
     """The guards that failed since ``before`` (how many each compiled frame had then): what
-    made torch.compile compile again, in one line each. Of each frame, only the latest
-    compilation's are kept (the earlier ones, for the other mode or the first batch size,
-    fail too, as they should)."""
+    made torch.compile compile again, one each, with the code and line that made the guard.
+    Of each frame, only the latest compilation's are kept (the earlier ones, for the other
+    mode or the first batch size, fail too, as they should)."""
     from torch._dynamo.utils import guard_failures
 
     found = []
@@ -101,8 +107,12 @@ def _guard_failures(before: Dict[Any, int]) -> List[str]:
         for reason in reasons[before.get(code, 0) :]:
             numbered = re.match(r"^\d+/(\d+): ", reason)
             entry = int(numbered.group(1)) if numbered else 0
-            text = reason.split("(HINT")[0].split("\nUser stack trace")[0]
-            latest[entry] = " ".join(text[numbered.end() if numbered else 0 :].split())
+            text = reason[numbered.end() if numbered else 0 :]
+            text = " ".join(text.split("(HINT")[0].split("\nUser stack trace")[0].split())
+            guard, *notes = [part.strip() for part in text.split(" # ")]
+            made = [note for note in notes if note]
+            where = f" (`{made[0]}`, at {made[-1].rsplit('/', 1)[-1]})" if len(made) > 1 else ""
+            latest[entry] = guard + where
         if latest:
             found.append(latest[max(latest)])
     return list(dict.fromkeys(found))
@@ -166,7 +176,7 @@ class Compile(StackContract):
         eager_model, compiled_model = self._copy_model(), self._copy_model()
         compiled = torch.compile(compiled_model, backend=graphs)
         tolerance = self._tolerance(self.model)
-        with self._compile_config():
+        with self._compile_config(), without_fast_path():
             self._compile_training(eager_model, compiled_model, compiled, tolerance)
             sizes = self._compile_eval(eager_model, compiled_model, compiled, tolerance)
             if graphs.count == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Tuple
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.compare import mismatch, same, summary
+from ...core.compare import largest_difference, mismatch, same
 from ...core.options import option
 from ...core.paths import floating_tensors, map_tensors, named_tensors
 from ...core.seeds import derived_seed, preserved_global_state
@@ -38,6 +39,7 @@ __all__ = [
     "gradient_differences",
     "model_dtype",
     "recording_module_outputs",
+    "without_fast_path",
 ]
 
 
@@ -50,6 +52,25 @@ def all_generators_seeded(seed: int) -> Iterator[None]:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def without_fast_path() -> Iterator[None]:
+    """nn.MultiheadAttention's and nn.TransformerEncoder's fast path off while the block runs,
+    and restored after. The fast path (eval mode, no gradient) returns nested tensors, zeros at
+    the padded positions, where a compiled or exported graph, which does not take it, computes
+    values: the eager reference runs without it too."""
+    mha = getattr(torch.backends, "mha", None)
+    getter = getattr(mha, "get_fastpath_enabled", None)
+    if mha is None or getter is None:
+        yield
+        return
+    before = bool(getter())
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -135,14 +156,15 @@ def _scale(tensors: List[torch.Tensor]) -> float:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float, scale: float) -> Optional[str]:
-    report = mismatch(
-        a.detach().double(), b.detach().double(), rtol=tolerance, atol=tolerance * scale
-    )
-    return (
-        summary(report).replace("torch.testing.assert_close's tolerances", "the tolerance")
-        if (report)
-        else None
-    )
+    """None when ``a`` is within ``tolerance`` of ``b`` (elementwise, and relative to
+    ``scale``), else how many values differ and by how much."""
+    a, b = a.detach().double(), b.detach().double()
+    report = mismatch(a, b, rtol=tolerance, atol=tolerance * scale)
+    if report is None:
+        return None
+    counted = re.search(r"Mismatched elements: (\d+) / (\d+)", report)
+    count = f"{counted.group(1)} of {counted.group(2)} values" if counted else "values"
+    return f"{count} differ beyond the tolerance, by up to {largest_difference(a, b)}"
 
 
 @dataclass

@@ -213,8 +213,9 @@ class MemoryLayouts(StackContract):
             self.skipTest(
                 f"with {what}, {operation} raises on an input itself{at}: "
                 f"{exception_text(exc).rstrip('.')}. The model needs its inputs contiguous, as a "
-                f"DataLoader makes them; to take any layout, {advice}. Set "
-                "strict_layouts = True to make this a failure."
+                "DataLoader makes them, which is a requirement rather than a bug; to take any "
+                f"layout: {advice}. The other layouts were checked; set strict_layouts = True "
+                "to make this a failure."
             )
         given = (
             "an input"
