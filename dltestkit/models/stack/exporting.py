@@ -11,10 +11,11 @@ import torch
 
 from ...core.contract import check
 from ...core.messages import exception_text, listed
-from ...core.options import ContractError
+from ...core.options import ContractError, option
+from ...core.validators import is_bool
 from ...core.watch import raising_user_line
 from ..tensors import batch_entries, describe_batched, sample_lists
-from .contract import StackContract, describe_draws, differences
+from .contract import StackContract, describe_draws, differences, without_fast_path
 
 __all__ = ["Export"]
 
@@ -90,7 +91,17 @@ class Export(StackContract):
 
     _suite: ClassVar[str] = "ExportTests"
 
-    @check(reads=("model", "inputs", "unbatched_inputs", "stack_tolerance"))
+    strict_export: bool = option(False, is_bool, example="True")
+    """Whether a model that torch.export cannot trace fails test_export.
+
+    `False`: control flow on a tensor's values (`if mask.any():`, a mixture of experts that
+    skips an expert without tokens), an output torch.export cannot take apart (transformers'
+    caches) or an operation it does not support make test_export skip, naming the line: such a
+    model is correct, and can be exported only once rewritten (torch.cond, torch.where) or
+    called otherwise (`use_cache=False`). A batch size fixed by the model's code, or a program
+    that computes otherwise, fails either way."""
+
+    @check(reads=("model", "inputs", "unbatched_inputs", "stack_tolerance", "strict_export"))
     def test_export(self) -> None:
         """Check that torch.export with a dynamic batch dimension gives eager's outputs at
         another batch size, and after the program is saved and loaded.
@@ -134,12 +145,13 @@ class Export(StackContract):
             self._export_failed(exc, model, args, kwargs, shapes)
         tolerance = self._tolerance(self.model)
         exported = program.module()
-        for size in (batch, batch + 1):
-            self._export_compare(exported, size, "the exported program", tolerance)
         path = self.make_temp_dir() / "model.pt2"
         save(program, str(path))
         loaded = load(str(path)).module()
-        self._export_compare(loaded, batch + 1, "the program saved and loaded", tolerance)
+        with without_fast_path():
+            for size in (batch, batch + 1):
+                self._export_compare(exported, size, "the exported program", tolerance)
+            self._export_compare(loaded, batch + 1, "the program saved and loaded", tolerance)
 
     def _export_compare(self, runner: Any, size: int, what: str, tolerance: float) -> None:
         inputs = self._resized_inputs(size)
@@ -197,12 +209,11 @@ class Export(StackContract):
                 "(x.shape[0], torch.zeros_like, x.new_zeros(x.shape[0], ...))."
             )
         if "data-dependent" in text or type(exc).__name__ == "GuardOnDataDependentSymNode":
-            self.fail(
+            self._export_untraceable(
                 f"torch.export cannot trace the model: its control flow depends on the values "
                 f"of a tensor{at} ({exception_text(exc)}). A Python if or loop on a tensor's "
-                "values takes one branch when traced; express it with torch.where or "
-                "torch.cond, or, if the model is not meant to be exported, do not combine "
-                "ExportTests with its test class."
+                "values takes one branch when traced; to export the model, express it with "
+                "torch.where or torch.cond"
             )
         hint = (
             " The model returns an object torch.export cannot take apart into tensors "
@@ -212,8 +223,20 @@ class Export(StackContract):
             if "register a pytree" in text or "not a known type" in text
             else ""
         )
-        self.fail(
+        self._export_untraceable(
             f"torch.export raises on the model{at}: {exception_text(exc)}.{hint} The model "
-            "cannot be exported as it is called; if it is not meant to be, do not combine "
-            "ExportTests with its test class."
+            "cannot be exported as it is called"
+        )
+
+    def _export_untraceable(self, finding: str) -> NoReturn:
+        """Skip, or with strict_export fail, for a model that torch.export cannot trace but
+        that runs: a design of a correct model as often as a bug."""
+        if self.strict_export:
+            self.fail(
+                f"{finding}. strict_export = True: the model is meant to be exported; if it "
+                "is not, do not combine ExportTests with its test class."
+            )
+        self.skipTest(
+            f"{finding}. The model runs in eager PyTorch, so this is a limit of tracing rather "
+            "than a bug; set strict_export = True to make this a failure."
         )
