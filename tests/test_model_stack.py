@@ -10,7 +10,7 @@ tests/test_model_stack_zoo.py.
 from __future__ import annotations
 
 import unittest
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 from checkrunner import CheckTestCase, make_case
@@ -387,6 +387,24 @@ class Autocast(CheckTestCase):
             case(TrainingStackTests, lambda: MaskedAttention("own"), masked_tokens),
             "test_autocast",
         )
+
+    def test_a_mask_value_typed_in_a_doctest_or_notebook_fails_with_its_line(self) -> None:
+        source = (
+            "class Typed(MaskedAttention):\n"
+            "    def forward(self, x, mask):\n"
+            "        scores = self.query(x) @ self.key(x).transpose(1, 2)\n"
+            "        scores = scores.masked_fill(~mask[:, None, :], -3.4e38)\n"
+            "        return self.out(scores.softmax(-1) @ x)\n"
+        )
+        for filename in ("<doctest page[0]>", "<ipython-input-3-1a2b>"):
+            namespace: Dict[str, Any] = {"MaskedAttention": MaskedAttention}
+            exec(compile(source, filename, "exec"), namespace)
+            self.assertFailsWith(
+                case(TrainingStackTests, namespace["Typed"], masked_tokens),
+                "test_autocast",
+                f"Tensor.masked_fill in Typed raises, at {filename}:4 in forward",
+                "torch.finfo(x.dtype).min",
+            )
 
     def test_an_indexed_add_of_another_dtype_fails(self) -> None:
         self.assertFailsWith(

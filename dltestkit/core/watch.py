@@ -112,15 +112,21 @@ def user_code_location() -> str:
     return "an unknown place"
 
 
+#: The file names Python gives code typed in: a doctest's examples, a notebook's cells.
+_TYPED_IN = ("<doctest ", "<ipython-input-")
+
+
 def raising_user_line(exc: BaseException) -> Optional[str]:
     """``file:line in function: `code``` of the innermost frame of ``exc``'s traceback that
     is outside torch and dltestkit (the line of the model's code that made the call that
     raised), or None when every frame is torch's or dltestkit's. Code that torch generates
-    (FX graphs, ``<eval_with_key>``) counts as torch's."""
+    (FX graphs, ``<eval_with_key>``) counts as torch's; code typed in a doctest or a notebook
+    cell (``<doctest ...>``, ``<ipython-input-...>``) as the user's."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename.startswith("<"):
+        typed = frame.filename.startswith(_TYPED_IN)
+        if frame.filename.startswith("<") and not typed:
             continue
-        path = os.path.abspath(frame.filename)
+        path = frame.filename if typed else os.path.abspath(frame.filename)
         inside = (os.path.join(_TORCH_DIR, ""), os.path.join(_OWN_DIR, ""))
         if path.startswith(inside) or "unittest" in path:
             continue
