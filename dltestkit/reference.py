@@ -39,8 +39,8 @@ PAGES: Dict[str, str] = {
     "TrainerTests": "trainers",
     "DistributedModelTests": "distributed",
     "DistributedTrainerTests": "distributed",
-    "TrainingStackTests": "training-stack",
-    "ExportTests": "training-stack",
+    "TrainingStackTests": "model-stack",
+    "ExportTests": "model-stack",
 }
 
 Mixin = Type[CheckMixin]

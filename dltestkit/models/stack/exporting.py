@@ -107,9 +107,9 @@ class Export(StackContract):
         another batch size, and after the program is saved and loaded.
 
         Catches a model that cannot be exported for any batch size: a hard-coded batch size
-        (torch.zeros(4, ...), .reshape(4, -1)), a branch on the batch size, Python control
-        flow on tensor values, named with their line; and an exported program that computes
-        something else than the model, or that a save and a load change.
+        (torch.zeros(4, ...), .reshape(4, -1)), a branch on the batch size, named with their
+        line; an exported program that computes something else than the model, or that a
+        save and a load change; and, with strict_export, Python control flow on tensor values.
 
         In eval mode: ``torch.export.export`` with the first dimension of every batched input
         a dynamic ``Dim("batch")``, then the program's module run at the batch size it was
