@@ -122,7 +122,10 @@ class NaiveNorm(nn.Module):
 
 
 class Normed(nn.Module):
-    """A linear layer, an offset and a normalisation (nn.LayerNorm unless given)."""
+    """A linear layer, an offset and a normalisation (nn.LayerNorm unless given). The offset
+    makes E[x²] - E[x]² cancel in bfloat16 while nn.LayerNorm stays within the tolerance, on
+    64 rows, at every seed from 0 to 9 (at an offset of 50, bfloat16's spacing of 0.25 there
+    takes nn.LayerNorm itself beyond it at most seeds)."""
 
     def __init__(self, norm: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
         super().__init__()
@@ -131,7 +134,7 @@ class Normed(nn.Module):
         self.out = nn.Linear(64, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(self.inp(x) + 50.0))
+        return self.out(self.norm(self.inp(x) + 16.0))
 
 
 class MaskedAttention(nn.Module):
@@ -267,6 +270,10 @@ def features() -> torch.Tensor:
     return torch.randn(BATCH, 8)
 
 
+def rows() -> torch.Tensor:
+    return torch.randn(64, 16)
+
+
 def images() -> torch.Tensor:
     return torch.randn(BATCH, 3, 8, 8)
 
@@ -346,13 +353,11 @@ class MemoryLayouts(CheckTestCase):
 # -- test_autocast ---------------------------------------------------------------------------
 class Autocast(CheckTestCase):
     def test_a_correct_model_with_layer_norm_passes(self) -> None:
-        self.assertPasses(
-            case(TrainingStackTests, Normed, lambda: torch.randn(4, 16)), "test_autocast"
-        )
+        self.assertPasses(case(TrainingStackTests, Normed, rows), "test_autocast")
 
     def test_a_variance_that_cancels_to_nan_names_the_operation_and_the_module(self) -> None:
         self.assertFailsWith(
-            case(TrainingStackTests, lambda: Normed(NaiveNorm), lambda: torch.randn(4, 16)),
+            case(TrainingStackTests, lambda: Normed(NaiveNorm), rows),
             "test_autocast",
             "under torch.autocast('cpu', dtype=torch.bfloat16), one training step gives NaN or "
             "Inf where float32 gives finite values: output",
@@ -367,7 +372,7 @@ class Autocast(CheckTestCase):
             case(
                 TrainingStackTests,
                 lambda: Normed(lambda n: NaiveNorm(n, clamp=True)),
-                lambda: torch.randn(4, 16),
+                rows,
             ),
             "test_autocast",
             "one training step is farther from float32's than rounding to torch.bfloat16 explains",
