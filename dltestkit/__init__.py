@@ -17,7 +17,7 @@ from .distributed import (
     DistributedTrainerTests,
     run_distributed,
 )
-from .models import ModelTests, SequenceModelTests
+from .models import ExportTests, ModelTests, SequenceModelTests, TrainingStackTests
 from .trainers import TrainerTests
 
 __all__ = [
@@ -26,9 +26,11 @@ __all__ = [
     "DistributedError",
     "DistributedModelTests",
     "DistributedTrainerTests",
+    "ExportTests",
     "ModelTests",
     "SequenceModelTests",
     "TrainerTests",
+    "TrainingStackTests",
     "make_deterministic",
     "run_distributed",
 ]

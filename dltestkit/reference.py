@@ -39,6 +39,8 @@ PAGES: Dict[str, str] = {
     "TrainerTests": "trainers",
     "DistributedModelTests": "distributed",
     "DistributedTrainerTests": "distributed",
+    "TrainingStackTests": "model-stack",
+    "ExportTests": "model-stack",
 }
 
 Mixin = Type[CheckMixin]

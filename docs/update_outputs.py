@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import io
+import linecache
 import re
 import sys
 import textwrap
@@ -62,7 +63,15 @@ def wrap(output: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(code: str, namespace: Dict[str, Any], where: str) -> str:
+#: The file name the doctest builder gives a snippet (its group, "default", and its one example);
+#: messages that quote the user's line name it.
+SNIPPET = "<doctest default[0]>"
+
+
+def run(code: str, namespace: Dict[str, Any], where: str = SNIPPET) -> str:
+    """Run a snippet, its source readable as the doctest builder makes it (torch.compile's and
+    torch.export's reports quote the line); what it printed."""
+    linecache.cache[where] = (len(code), None, code.splitlines(keepends=True), where)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, where, "exec"), namespace)
@@ -85,7 +94,7 @@ def update(page: Path) -> int:
         kind, body = block.group(1), block.group(2)
         line = text.count("\n", 0, block.start()) + 1
         if kind == "testcode":
-            printed = run(body, namespace, f"{page.name}:{line}")
+            printed = run(body, namespace)
         elif kind == "testoutput" and not checker.check_output(
             body, printed, conf.doctest_default_flags
         ):

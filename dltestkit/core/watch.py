@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
@@ -28,6 +29,7 @@ __all__ = [
     "called_by_a_kernel",
     "op_name",
     "raised_by",
+    "raising_user_line",
     "tensors_in",
     "user_code_location",
     "watching",
@@ -108,6 +110,29 @@ def user_code_location() -> str:
         inside = os.path.relpath(innermost_torch.f_code.co_filename, os.path.dirname(_TORCH_DIR))
         return f"{inside}:{innermost_torch.f_lineno} in {innermost_torch.f_code.co_name}"
     return "an unknown place"
+
+
+#: The file names Python gives code typed in: a doctest's examples, a notebook's cells.
+_TYPED_IN = ("<doctest ", "<ipython-input-")
+
+
+def raising_user_line(exc: BaseException) -> Optional[str]:
+    """``file:line in function: `code``` of the innermost frame of ``exc``'s traceback that
+    is outside torch and dltestkit (the line of the model's code that made the call that
+    raised), or None when every frame is torch's or dltestkit's. Code that torch generates
+    (FX graphs, ``<eval_with_key>``) counts as torch's; code typed in a doctest or a notebook
+    cell (``<doctest ...>``, ``<ipython-input-...>``) as the user's."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        typed = frame.filename.startswith(_TYPED_IN)
+        if frame.filename.startswith("<") and not typed:
+            continue
+        path = frame.filename if typed else os.path.abspath(frame.filename)
+        inside = (os.path.join(_TORCH_DIR, ""), os.path.join(_OWN_DIR, ""))
+        if path.startswith(inside) or "unittest" in path:
+            continue
+        code = f": `{frame.line.strip()}`" if frame.line and frame.line.strip() else ""
+        return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}{code}"
+    return None
 
 
 class ModuleTracker:

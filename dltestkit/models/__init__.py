@@ -15,6 +15,8 @@ per check (or pair of checks), each in its module with the options only it reads
 - ``reference.py``: test_reference_outputs (``core/references.py``: the reference files)
 - ``equivalence.py``: test_reference_model
 - ``sequence/``: test_causality, test_padding_invariance
+- ``stack/``: the opt-in ``TrainingStackTests`` (test_compile, test_memory_layouts,
+  test_autocast, test_activation_checkpointing) and ``ExportTests`` (test_export)
 
 ``contract.py`` holds the options every model check reads and how the checks call the model;
 ``passes.py`` shares the passes several checks need (``_eval_pass``, ``_training_pass``,
@@ -38,10 +40,11 @@ from .reference import ReferenceOutputs
 from .sequence.causality import Causality
 from .sequence.padding import PaddingInvariance
 from .shape import OutputShape
+from .stack import ExportTests, TrainingStackTests
 from .statistics import RunningStatistics
 from .training import Training
 
-__all__ = ["ModelTests", "SequenceModelTests"]
+__all__ = ["ExportTests", "ModelTests", "SequenceModelTests", "TrainingStackTests"]
 
 
 class ModelTests(

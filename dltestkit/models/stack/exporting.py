@@ -1,0 +1,242 @@
+"""test_export: torch.export with a dynamic batch dimension gives eager's outputs at another
+batch size, and again after the program is saved and loaded."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, ClassVar, Dict, List, NoReturn, Tuple
+
+import torch
+
+from ...core.contract import check
+from ...core.messages import exception_text, listed
+from ...core.options import ContractError, option
+from ...core.validators import is_bool
+from ...core.watch import raising_user_line
+from ..tensors import batch_entries, describe_batched, sample_lists
+from .contract import StackContract, describe_draws, differences, without_fast_path
+
+__all__ = ["Export"]
+
+
+def _arguments(inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """``self.inputs`` as the positional and keyword arguments of the call."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _spec(value: Any, batch: Any) -> Any:
+    """The dynamic shape of an argument: its first dimension ``batch`` for a tensor with one
+    (None for anything else), through lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return {0: batch} if batch is not None and value.dim() > 0 else None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_spec(item, batch) for item in value)
+    if isinstance(value, dict):
+        return {key: _spec(item, batch) for key, item in value.items()}
+    return None
+
+
+def _specialisations(model: torch.nn.Module, args: Any, kwargs: Any, shapes: Any) -> List[str]:
+    """Where the traced code specialises the batch dimension: each guard that
+    ``torch.export.draft_export`` reports, with the line of the model's code that added it."""
+    from torch._logging.structured import INTERN_TABLE
+    from torch.export import draft_export
+
+    try:
+        program = draft_export(model, args, kwargs, dynamic_shapes=shapes)
+    except Exception:
+        return []
+    filenames = {number: name for name, number in INTERN_TABLE.items()}
+    torch_dir = os.path.join(os.path.dirname(torch.__file__), "")
+    found = []
+    report = getattr(program, "_report", None)
+    for failure in getattr(report, "failures", []):
+        data = failure.data if isinstance(failure.data, dict) else {}
+        expression = data.get("expr")
+        stack = data.get("user_stack") or []
+        frames = [
+            frame
+            for frame in stack
+            if not str(filenames.get(frame.get("filename"), "")).startswith(torch_dir)
+        ]
+        if expression is None or not frames:
+            continue
+        frame = frames[-1]
+        path = os.path.basename(str(filenames.get(frame.get("filename"), "?")))
+        code = f": `{frame['loc'].strip()}`" if frame.get("loc") else ""
+        named = _readable(str(expression), data.get("symbol_to_sources") or {})
+        found.append(f"{named}, at {path}:{frame.get('line')} in {frame.get('name')}{code}")
+    return list(dict.fromkeys(found))
+
+
+def _readable(expression: str, symbols: Dict[str, str]) -> str:
+    """A guard as Python reads it: ``Eq(s77, 4)`` with s77 from ``L['x'].size()[0]`` is
+    ``x.shape[0] == 4``."""
+    for symbol, source in symbols.items():
+        source = re.sub(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.shape[\2]", str(source))
+        expression = re.sub(rf"\b{re.escape(str(symbol))}\b", source, expression)
+    for name, operator in (("Eq", "=="), ("Ne", "!=")):
+        expression = re.sub(rf"^{name}\((.*), (.*)\)$", rf"\1 {operator} \2", expression)
+    return expression
+
+
+class Export(StackContract):
+    """torch.export gives a program that runs at any batch size and survives a save and a
+    load."""
+
+    _suite: ClassVar[str] = "ExportTests"
+
+    strict_export: bool = option(False, is_bool, example="True")
+    """Whether a model that torch.export cannot trace fails test_export.
+
+    `False`: control flow on a tensor's values (`if mask.any():`, a mixture of experts that
+    skips an expert without tokens), an output torch.export cannot take apart (transformers'
+    caches) or an operation it does not support make test_export skip, naming the line: such a
+    model is correct, and can be exported only once rewritten (torch.cond, torch.where) or
+    called otherwise (`use_cache=False`). A batch size fixed by the model's code, or a program
+    that computes otherwise, fails either way."""
+
+    @check(reads=("model", "inputs", "unbatched_inputs", "stack_tolerance", "strict_export"))
+    def test_export(self) -> None:
+        """Check that torch.export with a dynamic batch dimension gives eager's outputs at
+        another batch size, and after the program is saved and loaded.
+
+        Catches a model that cannot be exported for any batch size: a hard-coded batch size
+        (torch.zeros(4, ...), .reshape(4, -1)), a branch on the batch size, named with their
+        line; an exported program that computes something else than the model, or that a
+        save and a load change; and, with strict_export, Python control flow on tensor values.
+
+        In eval mode: ``torch.export.export`` with the first dimension of every batched input
+        a dynamic ``Dim("batch")``, then the program's module run at the batch size it was
+        exported with and at one more, and the program saved with ``torch.export.save`` and
+        loaded with ``torch.export.load`` run at one more; each compared with the model.
+        """
+        from torch.export import Dim, export, load, save
+
+        lists = sample_lists(self.inputs, self.unbatched_inputs)
+        if lists:
+            self.skipTest(
+                f"self.inputs holds {', '.join(describe_batched(k, v) for k, v in lists)}: "
+                "torch.export takes the length of a list as a constant, so a list of samples "
+                "cannot have a dynamic batch size"
+            )
+        batch = max(2, self._batch_size())  # a batch of 1 is specialised by torch.export
+        example = self._resized_inputs(batch)
+        args, kwargs = _arguments(example)
+        batched = {
+            0 if key is None else key for key, _ in batch_entries(example, self.unbatched_inputs)
+        }
+        dim = Dim("batch")
+        entries: Dict[Any, Any] = {}
+        for key, value in kwargs.items() if kwargs else enumerate(args):
+            entries[key] = _spec(value, dim if key in batched else None)
+        shapes: Any = entries if kwargs else tuple(entries[i] for i in range(len(args)))
+        model = self._copy_model().eval()
+        try:
+            program = export(model, args, kwargs, dynamic_shapes=shapes)
+        except ContractError:
+            raise
+        except Exception as exc:  # AssertionError too: torch's own, no failure of the check
+            self._export_failed(exc, model, args, kwargs, shapes)
+        tolerance = self._tolerance(self.model)
+        exported = program.module()
+        path = self.make_temp_dir() / "model.pt2"
+        save(program, str(path))
+        loaded = load(str(path)).module()
+        with without_fast_path():
+            for size in (batch, batch + 1):
+                self._export_compare(exported, size, "the exported program", tolerance)
+            self._export_compare(loaded, batch + 1, "the program saved and loaded", tolerance)
+
+    def _export_compare(self, runner: Any, size: int, what: str, tolerance: float) -> None:
+        inputs = self._resized_inputs(size)
+        expected = self._fresh_run(inputs, training=False)
+        try:
+            actual = self._forward_only(torch.nn.Module(), inputs, training=False, call=runner)
+        except ContractError:
+            raise
+        except Exception as exc:  # AssertionError too: the program's guards raise it
+            line = raising_user_line(exc)
+            self.fail(
+                f"{what} raises at batch size {size}, where the model runs: "
+                f"{exception_text(exc)}" + (f", at {line}" if line else "") + ". The program "
+                "was exported with a dynamic batch dimension; report it to PyTorch if the "
+                "model's code is not at fault."
+            )
+        found = differences(actual, expected, tolerance)
+        if not found:
+            return
+        draws = self._random_draws(inputs, training=False)
+        if draws is not None:
+            self.skipTest(
+                f"{what} gives other outputs than the model at batch size {size}: "
+                f"{listed(found)}; the model draws random numbers in eval mode "
+                f"({describe_draws(draws)}), which the program does not draw alike, so "
+                "they cannot be compared"
+            )
+        self.fail(
+            f"{what} gives other outputs than the model at batch size {size} (eval mode, same "
+            f"seed): {listed(found)}. The traced program computes something else than the "
+            "model: look for state read in forward that the trace takes as a constant (a "
+            "Python attribute, a global), code that takes another path when traced "
+            "(torch.compiler.is_compiling()), or a custom operator whose fake (meta) kernel "
+            "does not match it."
+        )
+
+    def _export_failed(
+        self, exc: Exception, model: Any, args: Any, kwargs: Any, shapes: Any
+    ) -> NoReturn:
+        text = str(exc)
+        line = raising_user_line(exc)
+        at = f", at {line}" if line else ""
+        if "Constraints violated" in text or "specialized it to be a constant" in text:
+            guards = _specialisations(model, args, kwargs, shapes)
+            found = (
+                ": " + "; ".join(guards)
+                if guards
+                else " (run torch.export.draft_export to see where)"
+            )
+            self.fail(
+                "torch.export cannot make the batch dimension dynamic: the model's code fixes "
+                f"or bounds the batch size{found}. A hard-coded batch size (torch.zeros(4, ...), "
+                ".reshape(4, -1), a state of a fixed batch size) or a branch on the batch size "
+                "makes the program work for one batch size only; take sizes from the inputs "
+                "(x.shape[0], torch.zeros_like, x.new_zeros(x.shape[0], ...))."
+            )
+        if "data-dependent" in text or type(exc).__name__ == "GuardOnDataDependentSymNode":
+            self._export_untraceable(
+                f"torch.export cannot trace the model: its control flow depends on the values "
+                f"of a tensor{at} ({exception_text(exc)}). A Python if or loop on a tensor's "
+                "values takes one branch when traced; to export the model, express it with "
+                "torch.where or torch.cond"
+            )
+        hint = (
+            " The model returns an object torch.export cannot take apart into tensors "
+            "(transformers' caches: pass use_cache=False in self.inputs if the exported "
+            "model needs none; else register the type with "
+            "torch.utils._pytree.register_pytree_node)."
+            if "register a pytree" in text or "not a known type" in text
+            else ""
+        )
+        self._export_untraceable(
+            f"torch.export raises on the model{at}: {exception_text(exc)}.{hint} The model "
+            "cannot be exported as it is called"
+        )
+
+    def _export_untraceable(self, finding: str) -> NoReturn:
+        """Skip, or with strict_export fail, for a model that torch.export cannot trace but
+        that runs: a design of a correct model as often as a bug."""
+        if self.strict_export:
+            self.fail(
+                f"{finding}. strict_export = True: the model is meant to be exported; if it "
+                "is not, do not combine ExportTests with its test class."
+            )
+        self.skipTest(
+            f"{finding}. The model runs in eager PyTorch, so this is a limit of tracing rather "
+            "than a bug; set strict_export = True to make this a failure."
+        )
