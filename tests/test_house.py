@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import graphlib
 import inspect
+import itertools
 import textwrap
 import unittest
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import dltestkit
 from dltestkit import reference
 from dltestkit.core.contract import CheckMixin
+from dltestkit.data.contract import DatasetContract
+from dltestkit.models.contract import ModelContract
+from dltestkit.trainers.contract import TrainerContract
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -95,12 +99,28 @@ class House(unittest.TestCase):
             self.assertIn(f">{wing}</text>", svg)
 
 
+_CONTRACTS = (ModelContract, TrainerContract, DatasetContract)
+
+
 def _suites() -> list:
-    return [
+    """The public mixins, and every combination of two that a test class can make (an
+    add-on with the suite it adds to: DistributedModelTests with ModelTests, ...)."""
+    public = [
         value
         for value in vars(dltestkit).values()
         if isinstance(value, type) and issubclass(value, CheckMixin)
     ]
+    combined = []
+    for first, second in itertools.combinations(public, 2):
+        if issubclass(first, second) or issubclass(second, first):
+            continue
+        if not any(issubclass(first, c) and issubclass(second, c) for c in _CONTRACTS):
+            continue  # a model's and a trainer's suite are not one test class
+        try:
+            combined.append(type(f"{first.__name__}+{second.__name__}", (first, second), {}))
+        except TypeError:  # no consistent method resolution order: not combinable
+            continue
+    return public + combined
 
 
 _BOOKKEEPING = {"_own_options", "_suite"}  # set per suite by the declaring machinery

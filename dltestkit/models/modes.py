@@ -280,12 +280,12 @@ class ModeAgreement(ModelContract):
         copy = self._copy_model()  # before the eval pass can change any state
         evaluated = self._observed_eval_pass()
         trained, watch = self._eval_equivalent_training_pass(copy)
-        compared = self._compare(trained.output, evaluated.output)
+        compared = self._compare_modes(trained.output, evaluated.output)
         if compared is None:
             return
         if any(not draw.dropout for draw in watch.draws):  # sampling: compare its mean too
             mean, _ = self._eval_equivalent_training_pass(self._copy_model(), MeanSamplingWatch)
-            if self._compare(mean.output, evaluated.output) is None:
+            if self._compare_modes(mean.output, evaluated.output) is None:
                 return
         path, difference = compared
         lead = (
@@ -330,7 +330,7 @@ class ModeAgreement(ModelContract):
         return record, watch
 
     # -- comparing ---------------------------------------------------------------------------
-    def _compare(self, trained: Any, evaluated: Any) -> Optional[Tuple[str, str]]:
+    def _compare_modes(self, trained: Any, evaluated: Any) -> Optional[Tuple[str, str]]:
         """The first output that differs between the modes, and how; None if none does.
         Skips when the two passes return no output in common."""
         mine = dict(named_tensors(trained))

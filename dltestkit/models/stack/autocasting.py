@@ -137,8 +137,8 @@ class Autocast(StackContract):
                 "computations only, so it would change nothing; test_dtype_moving checks a "
                 "model moved to another dtype"
             )
-        exact = self._run(self._copy_model(), self.inputs, training=True, float_loss=True)
-        rounded = self._run(
+        exact = self._step_run(self._copy_model(), self.inputs, training=True, float_loss=True)
+        rounded = self._step_run(
             self._autocast_rounded_model(dtype),
             map_tensors(lambda t: _rounded(t, dtype), self.inputs),
             training=True,
@@ -192,7 +192,7 @@ class Autocast(StackContract):
 
     def _autocast_run(self, model: nn.Module, dtype: torch.dtype) -> Run:
         try:
-            return self._run(
+            return self._step_run(
                 model,
                 self.inputs,
                 training=True,
@@ -213,7 +213,7 @@ class Autocast(StackContract):
         failed = None
         with watching_dtypes(dtype, model) as watch:
             try:
-                self._run(
+                self._step_run(
                     model,
                     self.inputs,
                     training=True,

@@ -118,9 +118,9 @@ class ActivationCheckpointing(StackContract):
             )
         tolerance = self._tolerance(self.model)
         with _counting_forward_calls(without) as plain_calls:
-            reference = self._run(without, self.inputs, training=True)
+            reference = self._step_run(without, self.inputs, training=True)
         with _counting_forward_calls(with_it) as calls:
-            result = self._run(with_it, self.inputs, training=True)
+            result = self._step_run(with_it, self.inputs, training=True)
         if calls[0] <= plain_calls[0]:
             self.skipTest(
                 f"with {name}, no submodule ran forward again during the backward pass: "

@@ -230,9 +230,9 @@ class Compile(StackContract):
         self, eager_model: nn.Module, compiled_model: nn.Module, compiled: Any, tolerance: float
     ) -> None:
         with self.subTest(mode="training"):
-            eager = self._run(eager_model, self.inputs, training=True)
+            eager = self._step_run(eager_model, self.inputs, training=True)
             result = self._compiled_run(
-                lambda: self._run(compiled_model, self.inputs, training=True, call=compiled),
+                lambda: self._step_run(compiled_model, self.inputs, training=True, call=compiled),
                 "in training mode",
             )
             found = differences(result.output, eager.output, tolerance)

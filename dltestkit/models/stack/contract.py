@@ -228,7 +228,7 @@ class StackContract(ModelContract):
             return float(self.stack_tolerance)
         return math.sqrt(torch.finfo(model_dtype(model)).eps)
 
-    def _run(
+    def _step_run(
         self,
         model: nn.Module,
         inputs: Any,

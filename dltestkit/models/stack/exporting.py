@@ -3,6 +3,7 @@ batch size, and again after the program is saved and loaded."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, ClassVar, Dict, List, NoReturn, Tuple
@@ -47,10 +48,15 @@ def _specialisations(model: torch.nn.Module, args: Any, kwargs: Any, shapes: Any
     from torch._logging.structured import INTERN_TABLE
     from torch.export import draft_export
 
+    quiet = logging.getLogger("torch.export._draft_export")  # its report goes in the message
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         program = draft_export(model, args, kwargs, dynamic_shapes=shapes)
     except Exception:
         return []
+    finally:
+        quiet.setLevel(level)
     filenames = {number: name for name, number in INTERN_TABLE.items()}
     torch_dir = os.path.join(os.path.dirname(torch.__file__), "")
     found = []

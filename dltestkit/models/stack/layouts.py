@@ -135,7 +135,7 @@ class MemoryLayouts(StackContract):
             )
 
     def _layout_run(self, model: nn.Module, inputs: Any) -> Run:
-        return self._run(model, self._input_leaves_of(inputs), training=False)
+        return self._step_run(model, self._input_leaves_of(inputs), training=False)
 
     def _layout_compare(
         self,
@@ -193,7 +193,7 @@ class MemoryLayouts(StackContract):
         leaves = self._input_leaves_of(inputs)
         with watching(model, _FailureWatch) as watch:
             try:
-                self._run(model, leaves, training=False)
+                self._step_run(model, leaves, training=False)
             except Exception as again:
                 failed = watch.failure(again)
             else:
