@@ -50,7 +50,23 @@ def _copies(inputs: Any) -> Any:
     that changes its inputs in place changes a copy, and every call sees the inputs of setUp
     (test_inputs_unchanged names such a model). Tensor subclasses are passed as they are."""
     with torch._C.DisableTorchFunction():
-        return map_tensors(lambda t: t.clone() if type(t) is torch.Tensor else t, inputs)
+        return map_tensors(lambda t: _copy(t) if type(t) is torch.Tensor else t, inputs)
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its strides, also where they are not dense (a slice, a
+    transposed view): code that reads the layout (``.view()``, ``is_contiguous()``) sees the
+    caller's. clone() makes such a tensor contiguous; overlapping strides (an expanded
+    tensor) cannot be written, and are cloned."""
+    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.clone()
+    copied = torch.empty_strided(
+        tensor.size(), tensor.stride(), dtype=tensor.dtype, device=tensor.device
+    )
+    try:
+        return copied.copy_(tensor)
+    except RuntimeError:  # overlapping memory
+        return tensor.clone()
 
 
 def _is_inputs(value: Any) -> Optional[str]:

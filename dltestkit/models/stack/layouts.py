@@ -191,6 +191,13 @@ class MemoryLayouts(StackContract):
         when the model raised on one of its inputs itself (it needs them contiguous)."""
         model = self._layout_model(memory_format)
         leaves = self._input_leaves_of(inputs)
+        inputs_memory = {_storage(t) for _, t in named_tensors(leaves)}
+
+        def received(module: nn.Module, args: Any, kwargs: Any) -> None:
+            # the model is called on copies of the inputs (in their layout): their memory too
+            inputs_memory.update(_storage(t) for t in tensors_in(args) + tensors_in(kwargs))
+
+        handle = model.register_forward_pre_hook(received, with_kwargs=True)
         with watching(model, _FailureWatch) as watch:
             try:
                 self._step_run(model, leaves, training=False)
@@ -198,10 +205,11 @@ class MemoryLayouts(StackContract):
                 failed = watch.failure(again)
             else:
                 failed = None
+            finally:
+                handle.remove()
         line = raising_user_line(exc)
         at = f", at {line}" if line else ""
         operation = f"{failed.operation} in {failed.where}" if failed else "the model"
-        inputs_memory = {_storage(t) for _, t in named_tensors(leaves)}
         of_an_input = failed is not None and any(s in inputs_memory for s in watch.storages)
         advice = (
             ".view() needs a tensor whose memory is laid out as the view says; use .reshape() "
