@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import unittest
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -683,8 +683,16 @@ class RealModels(CheckTestCase):
 
         transformers.logging.set_verbosity_error()
 
-    def test_every_check_passes_on_every_model(self) -> None:
-        for label, (mixin, attributes, skips) in ZOO.items():
+    # the zoo in two halves, which pytest -n 2 runs side by side
+    def test_every_check_passes_on_the_first_half_of_the_models(self) -> None:
+        self._every_check_passes(list(ZOO)[: len(ZOO) // 2])
+
+    def test_every_check_passes_on_the_second_half_of_the_models(self) -> None:
+        self._every_check_passes(list(ZOO)[len(ZOO) // 2 :])
+
+    def _every_check_passes(self, labels: List[str]) -> None:
+        for label in labels:
+            mixin, attributes, skips = ZOO[label]
             case = zoo_case(mixin, attributes)
             allowed = [NO_GPU, *skips]
             if not has_running_statistics(attributes["model"]()):

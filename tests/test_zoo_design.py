@@ -91,8 +91,8 @@ _BUILT: Dict[Callable[[], nn.Module], nn.Module] = {}
 def shared(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     """``build``, called once per process: the checks copy the model before they train,
     move or convert it and restore every submodule's mode, so the model a setUp builds can
-    serve every check (test_every_check_passes_on_every_component verifies that its state
-    dict is unchanged). Models with state that changes in eval mode are not shared."""
+    serve every check (the test_every_check_passes_on_every_component_* tests verify that its
+    state dict is unchanged). Models with state that changes in eval mode are not shared."""
 
     def get() -> nn.Module:
         if build not in _BUILT:
@@ -1353,6 +1353,13 @@ def quiet_transformers() -> None:
 
 
 @unittest.skipIf(MISSING, NEEDS)
+def _third(zoo: Dict[str, Any], part: int) -> Dict[str, Any]:
+    """The ``part``-th of three slices of ``zoo``, in its order."""
+    labels = list(zoo)
+    size = -(-len(labels) // 3)
+    return {label: zoo[label] for label in labels[part * size : (part + 1) * size]}
+
+
 class DesignZoo(CheckTestCase):
     """Every default check on every component: passes, or skips for an allowed reason."""
 
@@ -1377,8 +1384,20 @@ class DesignZoo(CheckTestCase):
                     for name, tensor in before.items():
                         torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
 
-    def test_every_check_passes_on_every_component(self) -> None:
-        self.assertEveryCheckPasses(DESIGN_ZOO)
+    # the zoo in three parts, which pytest -n 2 runs side by side
+    def test_every_check_passes_on_every_component_first_third(self) -> None:
+        self.assertEveryCheckPasses(_third(DESIGN_ZOO, 0))
+
+    def test_every_check_passes_on_every_component_second_third(self) -> None:
+        self.assertEveryCheckPasses(_third(DESIGN_ZOO, 1))
+
+    def test_every_check_passes_on_every_component_last_third(self) -> None:
+        self.assertEveryCheckPasses(_third(DESIGN_ZOO, 2))
+
+    def test_the_thirds_hold_the_whole_zoo(self) -> None:
+        self.assertEqual(
+            [label for part in range(3) for label in _third(DESIGN_ZOO, part)], list(DESIGN_ZOO)
+        )
 
     def test_detection_models_pass(self) -> None:
         # issue 20's table: the contract refused a list of images and of target dicts
