@@ -604,8 +604,12 @@ class FSDPTraining(PartsTestCase):
         self.assertLeavesNothing(
             trainer_case(HangsOnRankOne, distributed_timeout=8),
             "test_fsdp_training",
-            "training with make_trainer(rank, world_size) on 2 processes failed: rank 0:",
-            "rank 1 of 2: stopped after another rank failed",
+            # the rank that hung first, with its line; the one that waited for it told apart
+            "training with make_trainer(rank, world_size) on 2 processes failed: rank 1: did "
+            "not finish within 8 s: it hung at test_fsdp.py:",
+            "in train (time.sleep(600))",
+            "rank 0 of 2: stopped after 8 s while it waited in the collective",
+            "it waited for rank 1, which hung (not hung itself)",
         )
         self.assertLess(time.monotonic() - started, 20)
 
