@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Collection, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.compare import same
 from ..core.contract import CheckMixin
 from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
@@ -285,16 +286,22 @@ class ModelContract(CheckMixin):
             raise ContractError(str(exc)) from None
 
     def _forward(
-        self, model: nn.Module, inputs: Any, training: bool = False, seed: Optional[int] = None
+        self,
+        model: nn.Module,
+        inputs: Any,
+        training: bool = False,
+        seed: Optional[int] = None,
+        copied: bool = False,
     ) -> Any:
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
-        unless given) and restored after; every submodule's mode is restored too."""
+        unless given) and restored after; every submodule's mode is restored too. ``copied``:
+        ``inputs`` are copies already (``_copies``), passed as they are."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
-                    output = call_model(model, _copies(inputs))
+                    output = call_model(model, inputs if copied else _copies(inputs))
                 except Exception as exc:
                     if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
                         exc._dltestkit_noted = True  # type: ignore[attr-defined]
@@ -484,9 +491,29 @@ class ModelContract(CheckMixin):
         what ``self._forward(self.model, self.inputs)`` gives under ``torch.no_grad()``,
         shared by the checks."""
 
-        def compute() -> Any:
+        return self._eval_pass_and_changed_inputs()[0]
+
+    def _eval_pass_and_changed_inputs(self) -> Tuple[Any, Tuple[str, ...]]:
+        """The eval pass (``_eval_pass``), and the paths (as ``named_tensors(inputs,
+        prefix="")`` names them) of the copies of the inputs' plain (strided
+        ``torch.Tensor``) tensors that it changed in place: test_inputs_unchanged reads them
+        instead of a pass of its own."""
+
+        def compute() -> Tuple[Any, Tuple[str, ...]]:
             with torch.no_grad():
-                return self._forward(self.model, self.inputs)
+                copies = _copies(self.inputs)
+                before = {
+                    path: t.clone()
+                    for path, t in named_tensors(copies, prefix="")
+                    if type(t) is torch.Tensor and t.layout == torch.strided
+                }
+                output = self._forward(self.model, copies, copied=True)
+                changed = tuple(
+                    path
+                    for path, t in named_tensors(copies, prefix="")
+                    if path in before and not same(t, before[path])
+                )
+            return output, changed
 
         return self._shared_pass("eval", compute)
 
