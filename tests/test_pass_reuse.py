@@ -1,9 +1,9 @@
-"""Passes the model checks no longer run twice: test_inputs_unchanged reads the eval pass the
-checks share (the copies of the inputs it was handed) instead of an eval pass of its own, and
-runs a watched pass only to name a change; test_all_inputs_used compares with the shared eval
-pass and runs the passes of a judge (its seeds, its outputs) only when they are needed.
-Every verdict stays: a change of the inputs is still found and named, also after another check
-computed the eval pass."""
+"""Passes the model checks no longer run twice: test_inputs_unchanged reads the eval pass and the
+first training step the checks share (the copies of the inputs they were handed) instead of
+passes of its own, and runs a watched pass only to name a change; test_all_inputs_used compares
+with the shared eval pass and runs the passes of a judge (its seeds, its outputs) only when they
+are needed. Every verdict stays: a change of the inputs is still found and named, also after
+another check computed the passes."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ class CentresInEvalOnly(Noted):
         return super().forward(x)
 
 
+class CentresInTrainingOnly(Noted):
+    """Broken: in training mode, forward centres the caller's batch in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x -= x.mean(dim=1, keepdim=True)
+        return super().forward(x)
+
+
 class GatedFeatures(Noted):
     """Correct: features 2 and 3 pass through a zero-initialised gate (ReZero), so that
     neither their gradients nor their values show them read until the gate trains."""
@@ -67,14 +76,17 @@ def inputs() -> torch.Tensor:
     return torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
 
 
-def eval_pass_first(model: type) -> type:
-    """A ModelTests class whose test_first takes the shared eval pass."""
+def eval_pass_first(model: type, training: bool = False) -> type:
+    """A ModelTests class whose test_first takes the shared eval pass (and the training pass
+    too if ``training``)."""
 
     def set_up(self: Any) -> None:
         self.model, self.inputs = model(), inputs()
 
     def take(self: Any) -> None:
         self._eval_pass()
+        if training:
+            self._training_pass()
 
     return make_case(ModelTests, set_up, test_first=take)
 
@@ -95,6 +107,19 @@ class InputsUnchangedReadsTheEvalPass(CheckTestCase):
     def test_no_eval_pass_of_its_own_when_the_eval_pass_is_shared(self) -> None:
         ran = passes_of(eval_pass_first(Noted), "test_inputs_unchanged")
         self.assertEqual([(training, grad) for _, training, grad in ran], [(True, True)])
+
+    def test_no_pass_of_its_own_when_the_training_pass_is_shared_too(self) -> None:
+        self.assertEqual(passes_of(eval_pass_first(Noted, True), "test_inputs_unchanged"), [])
+
+    def test_a_change_in_training_is_found_after_another_check_ran_the_passes(self) -> None:
+        case = eval_pass_first(CentresInTrainingOnly, True)
+        case("test_first").run(unittest.TestResult())
+        self.assertFailsWith(
+            case,
+            "test_inputs_unchanged",
+            "the model's forward changes its input self.inputs in place in training mode: "
+            "Tensor.sub_ in CentresInTrainingOnly",
+        )
 
     def test_a_change_is_found_and_named_after_another_check_ran_the_eval_pass(self) -> None:
         case = eval_pass_first(CentresInEvalOnly)
