@@ -2,8 +2,9 @@
 first training step the checks share (the copies of the inputs they were handed) instead of
 passes of its own, and runs a watched pass only to name a change; test_all_inputs_used compares
 with the shared eval pass and runs the passes of a judge (its seeds, its outputs) only when they
-are needed. Every verdict stays: a change of the inputs is still found and named, also after
-another check computed the passes."""
+are needed; test_train_matches_eval compares with the shared eval pass first, and runs an eval
+pass of its own only to judge a difference. Every verdict stays: a change of the inputs is
+still found and named, also after another check computed the passes."""
 
 from __future__ import annotations
 
@@ -181,4 +182,27 @@ class InputsUsedRunsWhatItNeeds(CheckTestCase):
             case,
             "test_all_inputs_used",
             "self.inputs[:, 2:4] is read by no output (dimension 1, in every sample)",
+        )
+
+
+class ScaledInTrainingOnly(Noted):
+    """Broken: training mode doubles the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * (2.0 if self.training else 1.0)
+
+
+class TrainMatchesEvalReadsTheEvalPass(CheckTestCase):
+    def test_no_eval_pass_of_its_own_when_the_modes_agree(self) -> None:
+        ran = passes_of(eval_pass_first(Noted), "test_train_matches_eval")
+        self.assertEqual([(training, grad) for _, training, grad in ran], [(True, True)])
+
+    def test_a_difference_is_judged_on_its_own_eval_pass(self) -> None:
+        case = eval_pass_first(ScaledInTrainingOnly)
+        case("test_first").run(unittest.TestResult())
+        self.assertFailsWith(
+            case,
+            "test_train_matches_eval",
+            "output differs between training and eval mode (",
+            "nothing in the training pass explains it",
         )
