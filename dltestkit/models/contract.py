@@ -12,11 +12,23 @@ of a copy shows), and any other through ``_shared_pass``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Collection, List, Optional, Sequence, Tuple, TypeVar
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Collection,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
 
 import torch
 from torch import nn
 
+from ..core.compare import same
 from ..core.contract import CheckMixin
 from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
@@ -67,6 +79,27 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
         return copied.copy_(tensor)
     except RuntimeError:  # overlapping memory
         return tensor.clone()
+
+
+def _plain_values(copies: Any) -> Dict[str, torch.Tensor]:
+    """The values of the plain (strided ``torch.Tensor``) tensors of ``copies`` (made by
+    ``_copies``), by path (as ``named_tensors(copies, prefix="")`` names them)."""
+    with torch.no_grad():
+        return {
+            path: t.detach().clone()
+            for path, t in named_tensors(copies, prefix="")
+            if type(t) is torch.Tensor and t.layout == torch.strided
+        }
+
+
+def _changed_copies(copies: Any, before: Dict[str, torch.Tensor]) -> Tuple[str, ...]:
+    """The paths of the tensors of ``copies`` whose values differ from ``before``
+    (``_plain_values``): the copies of the inputs that a pass changed in place."""
+    return tuple(
+        path
+        for path, t in named_tensors(copies, prefix="")
+        if path in before and not same(t.detach(), before[path])
+    )
 
 
 def _is_inputs(value: Any) -> Optional[str]:
@@ -285,16 +318,22 @@ class ModelContract(CheckMixin):
             raise ContractError(str(exc)) from None
 
     def _forward(
-        self, model: nn.Module, inputs: Any, training: bool = False, seed: Optional[int] = None
+        self,
+        model: nn.Module,
+        inputs: Any,
+        training: bool = False,
+        seed: Optional[int] = None,
+        copied: bool = False,
     ) -> Any:
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
-        unless given) and restored after; every submodule's mode is restored too."""
+        unless given) and restored after; every submodule's mode is restored too. ``copied``:
+        ``inputs`` are copies already (``_copies``), passed as they are."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
-                    output = call_model(model, _copies(inputs))
+                    output = call_model(model, inputs if copied else _copies(inputs))
                 except Exception as exc:
                     if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
                         exc._dltestkit_noted = True  # type: ignore[attr-defined]
@@ -441,9 +480,11 @@ class ModelContract(CheckMixin):
         trainable: Sequence[Tuple[str, nn.Parameter]],
         step: int = 0,
         after_forward: Optional[Callable[[], None]] = None,
+        changed_inputs: Optional[List[str]] = None,
     ) -> Tuple[Any, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
         """Output, loss and parameter gradients of one training-mode forward and backward pass
-        (``after_forward()`` called between the two).
+        (``after_forward()`` called between the two). ``changed_inputs``: a list to extend
+        with the copies of the inputs the pass changed (``_changed_copies``).
 
         ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
         fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
@@ -453,16 +494,21 @@ class ModelContract(CheckMixin):
             parameter.grad = None
         kept = gradients_set_aside(self._input_leaves())
         with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
+            copies = _copies(self.inputs)
+            before = _plain_values(copies) if changed_inputs is not None else {}
             output = self._forward(
-                model, self.inputs, training=True, seed=derived_seed(self.seed, step)
+                model, copies, training=True, seed=derived_seed(self.seed, step), copied=True
             )
             if after_forward is not None:
                 after_forward()
             loss = self._loss(output)
-            if not trainable or not loss.requires_grad:
-                return output, loss, [None] * len(trainable)
-            torch.manual_seed(derived_seed(self.seed, step))
-            torch.autograd.backward(loss)
+            if trainable and loss.requires_grad:
+                torch.manual_seed(derived_seed(self.seed, step))
+                torch.autograd.backward(loss)
+            if changed_inputs is not None:
+                changed_inputs.extend(_changed_copies(copies, before))
+        if not trainable or not loss.requires_grad:
+            return output, loss, [None] * len(trainable)
         return output, loss, [parameter.grad for _, parameter in trainable]
 
     # -- passes shared by the checks of a test class (passes.py) ------------------------------
@@ -484,9 +530,20 @@ class ModelContract(CheckMixin):
         what ``self._forward(self.model, self.inputs)`` gives under ``torch.no_grad()``,
         shared by the checks."""
 
-        def compute() -> Any:
+        return self._eval_pass_and_changed_inputs()[0]
+
+    def _eval_pass_and_changed_inputs(self) -> Tuple[Any, Tuple[str, ...]]:
+        """The eval pass (``_eval_pass``), and the paths (as ``named_tensors(inputs,
+        prefix="")`` names them) of the copies of the inputs' plain (strided
+        ``torch.Tensor``) tensors that it changed in place: test_inputs_unchanged reads them
+        instead of a pass of its own."""
+
+        def compute() -> Tuple[Any, Tuple[str, ...]]:
             with torch.no_grad():
-                return self._forward(self.model, self.inputs)
+                copies = _copies(self.inputs)
+                before = _plain_values(copies)
+                output = self._forward(self.model, copies, copied=True)
+            return output, _changed_copies(copies, before)
 
         return self._shared_pass("eval", compute)
 
@@ -500,5 +557,6 @@ class ModelContract(CheckMixin):
     def _first_training_step(self) -> TrainingPass:
         model = self._copy_model()
         trainable = self._trainable(model)
-        output, loss, grads = self._training_step(model, trainable)
-        return TrainingPass.of(output, loss, [name for name, _ in trainable], grads)
+        changed: List[str] = []
+        output, loss, grads = self._training_step(model, trainable, changed_inputs=changed)
+        return TrainingPass.of(output, loss, [name for name, _ in trainable], grads, changed)

@@ -77,8 +77,30 @@ class _Judge:
     def __init__(self, test: "InputUse", model: nn.Module) -> None:
         self.test = test
         self.model = model
-        self.seeds = test._seeds_for_values(model)
-        self.bases = {seed: test._outputs(model, test.inputs, seed) for seed in self.seeds}
+        self._seeds: Optional[List[int]] = None
+        self._bases: Optional[Dict[int, List[Tuple[str, torch.Tensor]]]] = None
+
+    @property
+    def seeds(self) -> List[int]:
+        """The seeds the outputs are compared under (worked out when first needed: a judge
+        whose suspects its gradients clear runs no pass for them)."""
+        if self._seeds is None:
+            self._seeds = self.test._seeds_for_values(self.model)
+        return self._seeds
+
+    @property
+    def bases(self) -> Dict[int, List[Tuple[str, torch.Tensor]]]:
+        """The outputs for self.inputs under each seed (under the check's seed, on the model
+        under test, the eval pass the checks share)."""
+        if self._bases is None:
+            test = self.test
+            self._bases = {
+                seed: list(named_tensors(test._eval_pass()))
+                if self.model is test.model and seed == test.seed
+                else test._outputs(self.model, test.inputs, seed)
+                for seed in self.seeds
+            }
+        return self._bases
 
     def changes(self, changes: List[Tuple[Target, torch.Tensor]]) -> Optional[bool]:
         """Whether changing the elements ``changes`` (target, mask) changes some output, under

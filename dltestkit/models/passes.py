@@ -391,6 +391,9 @@ class TrainingPass:
     #: The trainable parameters (``requires_grad``), by name, in the model's order.
     names: Tuple[str, ...]
     gradients: Tuple[GradientSummary, ...]
+    #: The plain tensors of the copies of the inputs that the pass changed in place, by path
+    #: (as ``named_tensors(inputs, prefix="")`` names them).
+    changed_inputs: Tuple[str, ...] = ()
 
     @staticmethod
     def of(
@@ -398,12 +401,14 @@ class TrainingPass:
         loss: Optional[torch.Tensor],
         names: Sequence[str],
         grads: Sequence[Optional[torch.Tensor]],
+        changed_inputs: Sequence[str] = (),
     ) -> "TrainingPass":
         return TrainingPass(
             output=map_tensors(lambda t: t.detach(), output),
             loss=None if loss is None else loss.detach(),
             names=tuple(names),
             gradients=tuple(GradientSummary.of(grad) for grad in grads),
+            changed_inputs=tuple(changed_inputs),
         )
 
 

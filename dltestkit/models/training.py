@@ -54,9 +54,10 @@ class Training(ModelContract):
         def first_step() -> TrainingPass:
             state["model"] = model = self._copy_model()
             state["trainable"] = trainable = self._trainable(model)
-            output, loss, grads = self._training_step(model, trainable)
+            changed: List[str] = []
+            output, loss, grads = self._training_step(model, trainable, changed_inputs=changed)
             state["grads"] = grads
-            return TrainingPass.of(output, loss, [name for name, _ in trainable], grads)
+            return TrainingPass.of(output, loss, [name for name, _ in trainable], grads, changed)
 
         # (the first step is the training pass the other checks share)
         first = self._shared_pass("training", first_step, self.loss_fn, recompute=True)
