@@ -47,6 +47,7 @@ class Benchmark(unittest.TestCase):
         timed = re.findall(r"^test_\w+\.Test\w+\.test_\w+ +\d+\.\d\d$", output, re.M)
         self.assertEqual(int(total.group(1)), len(timed))  # a line per test of the suite
         self.assertRegex(output, r"ratio total / floor: \d+\.\d\d")
+        self.assertRegex(output, r"importing the example's dataset module .* \d+\.\d\d s")
         for split, size in (("train", 300), ("test", 100)):
             self.assertIn(
                 f"loads per sample, split '{split}': min 1, max 2 over {size} samples", output

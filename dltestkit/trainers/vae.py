@@ -31,19 +31,17 @@ KL_ARGUMENTS: Dict[Tuple[str, str], str] = {
 def kl_reference(mu: np.ndarray, log_sigma: np.ndarray, points: int = 4001) -> np.ndarray:
     """KL(N(mu, sigma^2) || N(0, 1)) per element, by numerical integration.
 
-    Integrates ``p(x) (log p(x) - log q(x))`` with Simpson's rule over ``mu +- 12
-    sigma`` using ``scipy.stats.norm`` densities; independent of the closed form. scipy is
-    imported here, not with dltestkit: it takes about a second to import.
+    Integrates ``p(x) (log p(x) - log q(x))`` with the trapezoidal rule over ``mu +- 12
+    sigma``, with ``torch.distributions.Normal`` log-densities in float64; independent of
+    the closed form. The integrand is smooth and vanishes at both ends, where the rule
+    converges exponentially: the result agrees with the closed form to about 1e-12.
     """
-    from scipy import integrate, stats
-
-    mu = np.asarray(mu, dtype=np.float64)[..., None]
-    sigma = np.exp(np.asarray(log_sigma, dtype=np.float64))[..., None]
-    t = np.linspace(-12.0, 12.0, points)
-    x = mu + sigma * t
-    p = stats.norm(mu, sigma)
-    integrand = p.pdf(x) * (p.logpdf(x) - stats.norm.logpdf(x))
-    result: np.ndarray = integrate.simpson(integrand, x=x, axis=-1)
+    mu_ = torch.as_tensor(np.asarray(mu, dtype=np.float64))[..., None]
+    sigma = torch.as_tensor(np.asarray(log_sigma, dtype=np.float64)).exp()[..., None]
+    x = mu_ + sigma * torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
+    log_p = torch.distributions.Normal(mu_, sigma).log_prob(x)  # type: ignore[no-untyped-call]
+    log_q = torch.distributions.Normal(0.0, 1.0).log_prob(x)  # type: ignore[no-untyped-call]
+    result: np.ndarray = torch.trapezoid(log_p.exp() * (log_p - log_q), x, dim=-1).numpy()
     return result
 
 

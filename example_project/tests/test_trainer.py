@@ -16,9 +16,13 @@ from .mnist_data import mnist_root
 class TestVAETrainer(DistributedTrainerTests, TrainerTests, unittest.TestCase):
     compile_with = "eager"  # dynamo only: counts the recompiles in a fraction of a second
 
+    @classmethod
+    def setUpClass(cls):
+        # Four fixed, un-augmented training images, used for training and testing (read once).
+        cls.data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+
     def setUp(self):
-        # Four fixed, un-augmented training images, used for training and testing.
-        data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+        data = self.data
 
         def make_trainer(
             rank=0,
@@ -71,8 +75,12 @@ class TestVAETrainerFSDP(DistributedTrainerTests, unittest.TestCase):
     """The same trainer with its VAE sharded over the processes with fully_shard (FSDP2):
     test_fsdp_training and test_resume_across_world_sizes (test_ddp_training skips)."""
 
+    @classmethod
+    def setUpClass(cls):
+        cls.data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+
     def setUp(self):
-        data = Subset(MyMNIST(mnist_root(), augment=False).train_data, range(4))
+        data = self.data
 
         def make_trainer(rank=0, world_size=1):
             model = MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
