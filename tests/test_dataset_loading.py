@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 from unittest import mock
 
+import pytest
 import torch
 from checkrunner import CheckTestCase, make_case, run_check
 from test_dataset_checks import (
@@ -715,6 +716,7 @@ class StartMethods(unittest.TestCase):
         )
         self.assertIn("FAILED (failures=2, skipped=", output)
 
+    @pytest.mark.slow  # (.ci/run's slow step) a fresh interpreter per worker: ~10 s
     def test_every_check_works_with_spawned_workers(self) -> None:
         output = run_unittest("test_spawned.py", SPAWNED)
         self.assertIn("Ran 12 tests", output)

@@ -16,6 +16,7 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from checkrunner import CheckTestCase
@@ -579,6 +580,7 @@ PARALLEL_MODULE = textwrap.dedent("""
 
 
 class ParallelRunners(unittest.TestCase):
+    @pytest.mark.slow  # (.ci/run's slow step) a pytest -n 2 run of its own: ~10 s
     def test_distributed_checks_of_several_classes_run_side_by_side_under_xdist(self) -> None:
         try:
             import xdist  # noqa: F401

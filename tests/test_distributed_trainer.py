@@ -613,6 +613,7 @@ class ExampleUnderTorchrun(unittest.TestCase):
         self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
         return completed.stdout
 
+    @pytest.mark.slow  # (.ci/run's slow step) torchrun and the example's imports: ~8 s
     def test_run_py_trains_with_ddp_on_two_cpu_processes(self) -> None:
         with tempfile.TemporaryDirectory() as folder:
             output = self.torchrun(

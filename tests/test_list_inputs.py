@@ -456,6 +456,7 @@ class PlatformCase(CheckTestCase):
 
 @unittest.skipUnless(HAS_TORCHVISION, "needs torchvision: pip install -e '.[zoo]'")
 class TorchvisionModels(PlatformCase):
+    @pytest.mark.slow  # (.ci/run's slow step) the same model as test_zoo_design's detection run
     def test_fasterrcnn_mobilenet(self) -> None:
         self.assertPassesOnPlatform(detection_case(fasterrcnn_mobilenet))
 
