@@ -200,6 +200,7 @@ class RunDistributed(unittest.TestCase):
         self.assertIsNone(caught.exception.diagnosis())
         self.assertEqual(caught.exception.returned, [])
 
+    @pytest.mark.slow  # (.ci/run's slow step) a stress run: 20 runs of 4 ranks, ~8 s
     def test_many_short_runs_on_four_ranks_never_trip_over_one_another(self) -> None:
         # Ranks that join the group or leave it at different moments once made about one
         # run in twenty fail ("Connection closed by peer", a hung store connection).
