@@ -24,13 +24,12 @@ draws with ``Tensor.random_``).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from ..core.watch import called_by_a_kernel, op_name, user_code_location
+from ..core.watch import Watch, op_name, user_code_location
 
 __all__ = ["ExpectedRandomness", "expected_randomness"]
 
@@ -82,25 +81,13 @@ def _argument(args: Tuple[Any, ...], kwargs: Dict[str, Any], position: int, name
     return args[position] if position < len(args) else kwargs.get(name)
 
 
-class ExpectedRandomness(TorchFunctionMode):
+class ExpectedRandomness(Watch):
     """Replace random draws by their expected value (see the module); note the draws that a
     forward pass makes and that are not replaced."""
 
     def __init__(self) -> None:
         super().__init__()
         self.left: List[str] = []
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: Tuple[Any, ...] = (),
-        kwargs: Optional[Dict[str, Any]] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if called_by_a_kernel():
-            return func(*args, **kwargs)
-        return self.replaced(func, args, kwargs)
 
     @staticmethod
     def _data_order(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
@@ -111,7 +98,7 @@ class ExpectedRandomness(TorchFunctionMode):
         tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
         return name == "random_" and tensor is not None and tensor.dim() == 0
 
-    def replaced(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name = getattr(func, "__name__", "")
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
