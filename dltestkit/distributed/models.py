@@ -48,8 +48,9 @@ _UNUSED_ERROR = "Expected to have finished reduction in the prior iteration"
 
 
 @dataclass
-class _Step:
-    """What the DDP comparison needs in every rank (picklable, for the spawn start method)."""
+class _RankStep:
+    """What a comparison of distributed steps with one process's needs in every rank
+    (picklable, for the spawn start method)."""
 
     model: nn.Module
     shards: List[Any]
@@ -57,9 +58,15 @@ class _Step:
     batch_dims: List[Optional[int]]
     batch: int
     local_statistics: Collection[str]
-    find_unused_parameters: bool
     loss_fn: Any
     seed: int
+
+
+@dataclass
+class _Step(_RankStep):
+    """What the DDP comparison needs in every rank."""
+
+    find_unused_parameters: bool
 
 
 def _to_double(tensor: torch.Tensor) -> torch.Tensor:
@@ -420,9 +427,9 @@ class DDPGradients(DataParallelModel):
             plan.dims,
             self._batch_size(),
             self.local_batch_statistics,
-            self.find_unused_parameters,
             self.loss_fn,
             self.seed,
+            self.find_unused_parameters,
         )
         try:
             results = self._run_ranks(_ddp_rank, step)

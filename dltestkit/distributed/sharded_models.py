@@ -26,7 +26,7 @@ from ..core.seeds import derived_seed
 from ..core.validators import is_names, optional
 from ..models.tensors import call_model
 from .launch import DistributedError
-from .models import DataParallelModel, _Plan, _set_modes, _sgd_steps
+from .models import DataParallelModel, _Plan, _RankStep, _set_modes, _sgd_steps
 from .options import is_tolerance
 from .rank_warnings import recorded, show_once
 from .sharding import (
@@ -65,17 +65,9 @@ def _is_policy(value: Any) -> Optional[str]:
 
 
 @dataclass
-class _ShardedStep:
-    """What the FSDP comparison needs in every rank (picklable, for the spawn start method)."""
+class _ShardedStep(_RankStep):
+    """What the FSDP comparison needs in every rank."""
 
-    model: nn.Module
-    shards: List[Any]
-    weights: List[List[torch.Tensor]]
-    batch_dims: List[Optional[int]]
-    batch: int
-    local_statistics: Collection[str]
-    loss_fn: Any
-    seed: int
     units: List[str]
     mp_policy: Any
 
