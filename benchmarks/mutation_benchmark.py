@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import unittest
+import unittest.mock
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +62,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from dltestkit.core.references import CI_VARIABLES, WRITE_VARIABLE  # noqa: E402
 
 BATCH, LENGTH, VOCAB = 4, 8, 100
 
@@ -656,14 +659,16 @@ def _prepared(target_key: str) -> Dict[str, Any]:
         model = _seeded_model(target)
         folder = tempfile.mkdtemp(prefix="mutation-benchmark-")
         reference = os.path.join(folder, f"{target_key}.safetensors")
-        os.environ["DLTESTKIT_WRITE_REFERENCES"] = "1"
-        try:
+        # The benchmark's references are temporary files of its own, written also where a CI
+        # variable is set (which stops the writing of the references users commit).
+        variables = dict.fromkeys(CI_VARIABLES, "")
+        variables[WRITE_VARIABLE] = "1"
+        with unittest.mock.patch.dict(os.environ, variables):
             result = unittest.TestResult()
             test_class(target_key, reference)("test_reference_outputs").run(result)
-        finally:
-            del os.environ["DLTESTKIT_WRITE_REFERENCES"]
         if result.failures or result.errors or not os.path.exists(reference):
-            raise RuntimeError(f"the reference of {target_key} was not written: {result.errors}")
+            problems = result.failures + result.errors + result.skipped
+            raise RuntimeError(f"the reference of {target_key} was not written: {problems}")
         state = {k: v.clone() for k, v in model.state_dict().items()}  # before BatchNorm updates
         _CACHE[target_key] = {
             "state": state,
