@@ -65,6 +65,15 @@ class GatedFeatures(Noted):
         return self.linear(torch.cat([x[:, :2], self.gate * x[:, 2:]], dim=1))
 
 
+class RoundsTwoFeatures(Noted):
+    """Correct: features 2 and 3 are rounded, so that no gradient reaches them, but their
+    values are read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        CALLS.append((id(self), self.training, torch.is_grad_enabled()))
+        return self.linear(torch.cat([x[:, :2], torch.round(4 * x[:, 2:])], dim=1))
+
+
 class ReadsTwoFeatures(Noted):
     """Broken: features 2 and 3 are never read."""
 
@@ -162,6 +171,11 @@ class InputsUsedRunsWhatItNeeds(CheckTestCase):
             [(training, grad) for model, training, grad in CALLS if model in copies],
             [(False, True)],
         )
+        # the copy's gradients show the gated features read: no value pass on the model
+        self.assertEqual(
+            [(training, grad) for model, training, grad in CALLS if model == id(test.model)],
+            [(False, True)],
+        )
 
     def test_the_shared_eval_pass_is_the_judges_base(self) -> None:
         counts = []
@@ -169,7 +183,8 @@ class InputsUsedRunsWhatItNeeds(CheckTestCase):
         try:
             for shared in (True, False):
                 passes.SHARING = shared
-                ran = passes_of(eval_pass_first(GatedFeatures), "test_all_inputs_used", True)
+                case = eval_pass_first(RoundsTwoFeatures)
+                ran = passes_of(case, "test_all_inputs_used", True)
                 counts.append(sum(1 for _, training, grad in ran if not training and not grad))
         finally:
             passes.SHARING = sharing

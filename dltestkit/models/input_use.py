@@ -26,7 +26,7 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -178,19 +178,6 @@ class _Judge:
         return unread
 
 
-class _Judges:
-    """The judge of the model under test, then, if the model has trainable parameters that
-    are exactly zero, of a copy whose zero parameters are random (made when first needed)."""
-
-    def __init__(self, test: "InputUse") -> None:
-        self.test = test
-
-    def __iter__(self) -> Iterator[_Judge]:
-        yield _Judge(self.test, self.test.model)
-        if has_zero_parameters(self.test.model):
-            yield _Judge(self.test, self.test._with_zero_parameters_made_random())
-
-
 class InputUse(Dependence):
     """Every element of the inputs is read."""
 
@@ -230,6 +217,7 @@ class InputUse(Dependence):
                 "no input is judged: every batched input is in unbatched_inputs or "
                 "unread_inputs (or is the padding mask)"
             )
+        self._eval_draws: Dict[int, bool] = {}  # id of a model: whether eval mode draws
         suspects = self._suspects(self._read_by_gradient(self.model, targets))
         if suspects:
             self._judge_by_values(suspects)
@@ -253,7 +241,9 @@ class InputUse(Dependence):
     def _read_by_gradient(self, model: nn.Module, targets: List[Target]) -> List[Target]:
         """The targets with what an eval-mode pass over the probes and one backward pass
         from every floating-point output show them read."""
-        output, probes = self._probe(model, required=False)
+        with watching(model, RandomnessWatch) as watch:
+            output, probes = self._probe(model, required=False)
+        self._eval_draws[id(model)] = bool(watch.draws)
         tensors = [t for _, t in floating_tensors(output) if t.requires_grad]
         grads: List[Optional[torch.Tensor]] = [None] * len(probes)
         if tensors and probes:
@@ -336,10 +326,10 @@ class InputUse(Dependence):
 
     # -- by values ---------------------------------------------------------------------------
     def _judge_by_values(self, suspects: List[Slabs]) -> None:
-        """Change the suspected elements and compare the outputs, on the model; then, for
-        what that leaves unread, on a copy whose zero parameters are made random (its
-        gradients first); fail on the elements that change no output (but for designs,
-        skipped parts that name them)."""
+        """Judge the suspects: if the model has zero parameters, by the gradients of a copy
+        whose zero parameters are made random; then, for what that leaves unread, change the
+        suspected elements and compare the outputs, on the model, then on that copy; fail on
+        the elements that change no output (but for designs, skipped parts that name them)."""
         wholes: Dict[Key, List[Slabs]] = {}
         parts: Dict[Tuple[Key, Optional[int], str], List[Slabs]] = {}
         for slabs in suspects:
@@ -347,20 +337,29 @@ class InputUse(Dependence):
                 wholes.setdefault(slabs.target.key, []).append(slabs)
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
-        integers_only = False
-        for index, judge in enumerate(_Judges(self)):
-            if index:  # another model: what its gradients show read is read
-                again = self._suspects(self._read_by_gradient(judge.model, self._targets()))
-                wholes = {k: g for k, g in wholes.items() if any(s.target.key == k for s in again)}
-                parts = {
-                    ident: narrowed
-                    for ident, group in parts.items()
-                    if (narrowed := narrow(group, again))
-                }
-            else:
-                integers_only = not any(
-                    t.is_floating_point() for _, t in judge.bases[judge.seeds[0]]
-                )
+        original = _Judge(self, self.model)
+        randomised: Optional[_Judge] = None
+        if any(slabs.target.read is not None for slabs in suspects) and has_zero_parameters(
+            self.model
+        ):
+            # What the gradients of a copy whose zero parameters are random show read is read
+            # as soon as the zero parameters train: one pass, where judging by values takes
+            # several (a zero-initialised residual branch leaves whole rows suspected).
+            randomised = _Judge(self, self._with_zero_parameters_made_random())
+            again = self._suspects(self._read_by_gradient(randomised.model, self._targets()))
+            wholes = {k: g for k, g in wholes.items() if any(s.target.key == k for s in again)}
+            parts = {
+                ident: narrowed
+                for ident, group in parts.items()
+                if (narrowed := narrow(group, again))
+            }
+        for judge in (original, randomised):
+            if not wholes and not parts:
+                return
+            if judge is None:
+                if not has_zero_parameters(self.model):
+                    break
+                judge = _Judge(self, self._with_zero_parameters_made_random())
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
                     del wholes[key]
@@ -368,8 +367,9 @@ class InputUse(Dependence):
                 parts[ident] = judge.unread_slabs(group)
                 if not parts[ident]:
                     del parts[ident]
-            if not wholes and not parts:
-                return
+        if not wholes and not parts:
+            return
+        integers_only = not any(t.is_floating_point() for _, t in original.bases[original.seeds[0]])
         found = [describe_input(key) for key in wholes] + [
             slabs.describe() for group in parts.values() for slabs in group
         ]
@@ -389,10 +389,9 @@ class InputUse(Dependence):
 
     def _seeds_for_values(self, model: nn.Module) -> List[int]:
         """The seed of the check, and two more when eval mode draws random numbers (which
-        elements a randomly masking model reads changes with the seed)."""
-        with torch.no_grad(), watching(model, RandomnessWatch) as watch:
-            self._forward(model, self.inputs)
-        if not watch.draws:
+        elements a randomly masking model reads changes with the seed), as seen in its
+        gradient pass."""
+        if not self._eval_draws.get(id(model), False):
             return [self.seed]
         return [self.seed, derived_seed(self.seed, 1), derived_seed(self.seed, 2)]
 
