@@ -119,6 +119,25 @@ class ZeroInitialisedHint(nn.Module):
         return self.head((self.main(x) + self.hint(hint)).mean((2, 3)))
 
 
+class MasksFeaturesAtRandom(nn.Module):
+    """Correct: reads a random three quarters of the features, in eval mode too (a masked
+    autoencoder's encoder), through a layer whose bias starts at zero. Under the checks' seed
+    it leaves features 1 and 7 unread in every sample, and feature 7 under the second seed
+    too; the third reads it. With ``bug``, it never reads the last feature."""
+
+    def __init__(self, bug: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 4)
+        nn.init.zeros_(self.linear.bias)
+        self.bug = bug
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(x.shape[-1]) < 0.75
+        if self.bug:
+            keep[-1] = False
+        return self.linear(x * keep)
+
+
 class LabelsInTraining(nn.Module):
     """Reads its labels for a loss in training mode only."""
 
@@ -200,6 +219,9 @@ class InputsUsed(CheckTestCase):
             "a hint behind a zero-initialised layer": case(
                 ZeroInitialisedHint, lambda: (images(), torch.randn(4, 1, 8, 8))
             ),
+            "features masked at random, behind a bias that starts at zero": case(
+                MasksFeaturesAtRandom, features
+            ),
             "labels read in training only": case(
                 LabelsInTraining, lambda: (features(), torch.tensor([0, 1, 2, 1]))
             ),
@@ -231,6 +253,13 @@ class InputsUsed(CheckTestCase):
             case(lambda: RGBNet(bug=True), images),
             USED,
             "self.inputs[:, 2] is read by no output (dimension 1, in every sample)",
+        )
+
+    def test_a_feature_never_read_by_a_model_that_masks_at_random_fails(self) -> None:
+        self.assertFailsWith(
+            case(lambda: MasksFeaturesAtRandom(bug=True), features),
+            USED,
+            "self.inputs[:, 15] is read by no output (dimension 1, in every sample)",
         )
 
     def test_a_token_position_cut_off_fails(self) -> None:

@@ -17,10 +17,15 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Exactly equal, in shape, dtype and every value; NaN where the other is NaN."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    if a.is_floating_point() or a.is_complex():
-        nan_a, nan_b = a.isnan(), b.isnan()
-        return bool(torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b]))
-    return bool(torch.equal(a, b))
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    nan_a = a.isnan()
+    if not bool(nan_a.any()):  # then torch.equal was the whole answer
+        return False
+    nan_b = b.isnan()
+    return bool(torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b]))
 
 
 def mismatch(

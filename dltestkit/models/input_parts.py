@@ -8,7 +8,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..core.seeds import derived_seed
 from ..core.watch import ModuleTracker, Watch, op_name, user_code_location
@@ -76,22 +75,6 @@ class Slabs:
         index = [":"] * (self.dim + 1)
         index[self.dim] = indices_text(self.indices)
         return f"{self.target.describe()}[{', '.join(index)}]"
-
-
-def narrow(group: List[Slabs], again: List[Slabs]) -> List[Slabs]:
-    """The slabs of ``group`` (one target) that the suspects ``again`` (of another pass)
-    still hold: the indices both suspect, dimension by dimension."""
-    ident = group[0].target.ident()
-    theirs = [s for s in again if s.target.ident() == ident]
-    if any(s.dim is None for s in theirs):
-        return group  # all of it unread there too
-    kept = []
-    for slabs in group:
-        indices = set().union(*(set(s.indices) for s in theirs if s.dim == slabs.dim))
-        common = [i for i in slabs.indices if i in indices]
-        if common:
-            kept.append(Slabs(slabs.target, slabs.dim, common))
-    return kept
 
 
 def indices_text(indices: Sequence[int]) -> str:
@@ -200,13 +183,6 @@ def elements(probe: Probe, nonzero: torch.Tensor, tensor: torch.Tensor) -> Optio
     read = torch.zeros(tensor.numel(), dtype=torch.bool)
     read[probe.positions[per_id].flatten()] = True
     return read.view(tensor.shape)
-
-
-def has_zero_parameters(model: nn.Module) -> bool:
-    return any(
-        p.requires_grad and p.is_floating_point() and bool((p == 0).any())
-        for p in model.parameters()
-    )
 
 
 def swap(old: torch.Tensor, new: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -2,18 +2,18 @@
 
 Exactly, by gradients, where an input can be differentiated (floats, and token ids through
 their embeddings): one eval-mode pass over the probes of the inputs, and one backward pass
-from every floating-point output weighted at random. An element whose gradient is exactly
-zero is no proof that it is unread (max-pooling, a ReLU that is off, a gate that starts at
-zero), so only structure is suspected: a whole input, or an index along one dimension (a
-channel, a feature, a position) that no output depends on in any sample. The suspects are
-then judged by what can be observed:
+from every floating-point output weighted at random. Behind a parameter that is exactly zero
+(ReZero, LoRA's B, a zero-initialised head or bias, a padding embedding), an input is read as
+soon as the parameter trains, so a model with such parameters has this pass run on a copy
+whose zero parameters are made small and random (it shows read all that the model's own pass
+would, and what lies behind them). An element whose gradient is exactly zero is no proof
+that it is unread (max-pooling, a ReLU that is off), so only structure is suspected: a whole
+input, or an index along one dimension (a channel, a feature, a position) that no output
+depends on in any sample. The suspects are then judged by what can be observed:
 
-- behind a zero-initialised parameter (ReZero, LoRA's B, a zero-initialised head), an input
-  is read as soon as the parameter trains: a copy whose zero parameters are made small and
-  random shows it (one more pass);
-- by values: the suspected elements are changed (to other values of the input, and far up
-  and down) and the outputs compared exactly; under other seeds too when the model draws
-  random numbers in eval mode (random masking);
+- by values, on the model, then on the copy: the suspected elements are changed (to other
+  values of the input, and far up and down) and the outputs compared exactly; under other
+  seeds too when the model draws random numbers in eval mode (random masking);
 - an input that eval mode does not read may be read in training only (targets that only a
   loss reads);
 - an end of a dimension left unread by a strided convolution or pooling (a size the strides
@@ -26,7 +26,7 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,8 +46,6 @@ from .input_parts import (
     change_elements,
     changeable,
     elements,
-    has_zero_parameters,
-    narrow,
     probe_of,
     same_outputs,
     swap,
@@ -78,29 +76,33 @@ class _Judge:
         self.test = test
         self.model = model
         self._seeds: Optional[List[int]] = None
-        self._bases: Optional[Dict[int, List[Tuple[str, torch.Tensor]]]] = None
+        self._bases: Dict[int, List[Tuple[str, torch.Tensor]]] = {}
 
     @property
     def seeds(self) -> List[int]:
-        """The seeds the outputs are compared under (worked out when first needed: a judge
-        whose suspects its gradients clear runs no pass for them)."""
+        """The seeds the outputs are compared under: the check's, and two more when the model
+        draws random numbers in eval mode (seen in a watched pass, run only when a change
+        makes no difference under the check's seed)."""
         if self._seeds is None:
-            self._seeds = self.test._seeds_for_values(self.model)
+            self._seeds = self.test._seeds_for_values(self.test._draws_in_eval(self.model))
         return self._seeds
 
-    @property
-    def bases(self) -> Dict[int, List[Tuple[str, torch.Tensor]]]:
-        """The outputs for self.inputs under each seed (under the check's seed, on the model
+    def _compared_seeds(self) -> Iterator[int]:
+        """The check's seed, then the others (worked out only when asked for)."""
+        yield self.test.seed
+        yield from self.seeds[1:]
+
+    def base(self, seed: int) -> List[Tuple[str, torch.Tensor]]:
+        """The outputs for self.inputs under ``seed`` (under the check's seed, on the model
         under test, the eval pass the checks share)."""
-        if self._bases is None:
+        if seed not in self._bases:
             test = self.test
-            self._bases = {
-                seed: list(named_tensors(test._eval_pass()))
+            self._bases[seed] = (
+                list(named_tensors(test._eval_pass()))
                 if self.model is test.model and seed == test.seed
                 else test._outputs(self.model, test.inputs, seed)
-                for seed in self.seeds
-            }
-        return self._bases
+            )
+        return self._bases[seed]
 
     def changes(self, changes: List[Tuple[Target, torch.Tensor]]) -> Optional[bool]:
         """Whether changing the elements ``changes`` (target, mask) changes some output, under
@@ -111,12 +113,12 @@ class _Judge:
             return None
         for way in ways(changes):
             inputs = self.test._inputs_with_changes(changes, way)
-            for seed in self.seeds:
+            for seed in self._compared_seeds():
                 try:
                     outputs = self.test._outputs(self.model, inputs, seed)
                 except Exception:  # the model checks the values: it reads them
                     return True
-                if not same_outputs(outputs, self.bases[seed]):
+                if not same_outputs(outputs, self.base(seed)):
                     return True
         return False
 
@@ -217,10 +219,15 @@ class InputUse(Dependence):
                 "no input is judged: every batched input is in unbatched_inputs or "
                 "unread_inputs (or is the padding mask)"
             )
-        self._eval_draws: Dict[int, bool] = {}  # id of a model: whether eval mode draws
-        suspects = self._suspects(self._read_by_gradient(self.model, targets))
+        # A model with trainable parameters that are exactly zero (a ReZero gate, LoRA's B, a
+        # zero-initialised head or bias, a padding embedding) reads what lies behind them as
+        # soon as they train: its gradients are taken on a copy whose zero parameters are
+        # small random numbers (what the model's own gradients show read, the copy's show too).
+        randomised = self._with_zero_parameters_made_random()
+        probed = self.model if randomised is None else randomised
+        suspects = self._suspects(self._read_by_gradient(probed, targets))
         if suspects:
-            self._judge_by_values(suspects)
+            self._judge_by_values(suspects, randomised)
 
     # -- what is judged ----------------------------------------------------------------------
     def _targets(self) -> List[Target]:
@@ -241,9 +248,7 @@ class InputUse(Dependence):
     def _read_by_gradient(self, model: nn.Module, targets: List[Target]) -> List[Target]:
         """The targets with what an eval-mode pass over the probes and one backward pass
         from every floating-point output show them read."""
-        with watching(model, RandomnessWatch) as watch:
-            output, probes = self._probe(model, required=False)
-        self._eval_draws[id(model)] = bool(watch.draws)
+        output, probes = self._probe(model, required=False)
         tensors = [t for _, t in floating_tensors(output) if t.requires_grad]
         grads: List[Optional[torch.Tensor]] = [None] * len(probes)
         if tensors and probes:
@@ -307,29 +312,35 @@ class InputUse(Dependence):
         return found
 
     # -- design: zero-initialised parameters -------------------------------------------------
-    def _with_zero_parameters_made_random(self) -> nn.Module:
+    def _with_zero_parameters_made_random(self) -> Optional[nn.Module]:
         """A copy of the model whose trainable parameters that are exactly zero (a ReZero
-        gate, LoRA's B, a zero-initialised head) are small random numbers: an input behind
-        such a parameter is read as soon as it trains."""
+        gate, LoRA's B, a zero-initialised head) are small random numbers, an input behind
+        such a parameter being read as soon as it trains; None if the model has none."""
+        zeros = {
+            name: zero
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad
+            and parameter.is_floating_point()
+            and bool((zero := parameter == 0).any())
+        }
+        if not zeros:
+            return None
         copy = self._copy_model()
         generator = torch.Generator().manual_seed(derived_seed(self.seed, 4099))
         with torch.no_grad():
-            for parameter in copy.parameters():
-                if parameter.requires_grad and parameter.is_floating_point():
-                    zero = parameter == 0
-                    if zero.any():
-                        noise = torch.randn(
-                            parameter.shape, generator=generator, dtype=torch.float64
-                        )
-                        parameter[zero] = (0.1 * noise).to(parameter.dtype)[zero]
+            for name, parameter in copy.named_parameters():
+                if name in zeros:
+                    count = int(zeros[name].sum())
+                    noise = torch.randn(count, generator=generator, dtype=torch.float64)
+                    parameter[zeros[name]] = (0.1 * noise).to(parameter.dtype)
         return copy
 
     # -- by values ---------------------------------------------------------------------------
-    def _judge_by_values(self, suspects: List[Slabs]) -> None:
-        """Judge the suspects: if the model has zero parameters, by the gradients of a copy
-        whose zero parameters are made random; then, for what that leaves unread, change the
-        suspected elements and compare the outputs, on the model, then on that copy; fail on
-        the elements that change no output (but for designs, skipped parts that name them)."""
+    def _judge_by_values(self, suspects: List[Slabs], randomised: Optional[nn.Module]) -> None:
+        """Change the suspected elements and compare the outputs, on the model, then, for
+        what that leaves unread, on ``randomised`` (the copy whose zero parameters are random,
+        if the model has any); fail on the elements that change no output (but for designs,
+        skipped parts that name them)."""
         wholes: Dict[Key, List[Slabs]] = {}
         parts: Dict[Tuple[Key, Optional[int], str], List[Slabs]] = {}
         for slabs in suspects:
@@ -338,28 +349,12 @@ class InputUse(Dependence):
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
         original = _Judge(self, self.model)
-        randomised: Optional[_Judge] = None
-        if any(slabs.target.read is not None for slabs in suspects) and has_zero_parameters(
-            self.model
-        ):
-            # What the gradients of a copy whose zero parameters are random show read is read
-            # as soon as the zero parameters train: one pass, where judging by values takes
-            # several (a zero-initialised residual branch leaves whole rows suspected).
-            randomised = _Judge(self, self._with_zero_parameters_made_random())
-            again = self._suspects(self._read_by_gradient(randomised.model, self._targets()))
-            wholes = {k: g for k, g in wholes.items() if any(s.target.key == k for s in again)}
-            parts = {
-                ident: narrowed
-                for ident, group in parts.items()
-                if (narrowed := narrow(group, again))
-            }
-        for judge in (original, randomised):
+        for model in (self.model, randomised):
             if not wholes and not parts:
                 return
-            if judge is None:
-                if not has_zero_parameters(self.model):
-                    break
-                judge = _Judge(self, self._with_zero_parameters_made_random())
+            if model is None:
+                break
+            judge = original if model is self.model else _Judge(self, model)
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
                     del wholes[key]
@@ -369,7 +364,7 @@ class InputUse(Dependence):
                     del parts[ident]
         if not wholes and not parts:
             return
-        integers_only = not any(t.is_floating_point() for _, t in original.bases[original.seeds[0]])
+        integers_only = not any(t.is_floating_point() for _, t in original.base(self.seed))
         found = [describe_input(key) for key in wholes] + [
             slabs.describe() for group in parts.values() for slabs in group
         ]
@@ -387,13 +382,18 @@ class InputUse(Dependence):
         if reported:
             self.fail(self._unread_message(reported))
 
-    def _seeds_for_values(self, model: nn.Module) -> List[int]:
+    def _seeds_for_values(self, draws: bool) -> List[int]:
         """The seed of the check, and two more when eval mode draws random numbers (which
-        elements a randomly masking model reads changes with the seed), as seen in its
-        gradient pass."""
-        if not self._eval_draws.get(id(model), False):
+        elements a randomly masking model reads changes with the seed)."""
+        if not draws:
             return [self.seed]
         return [self.seed, derived_seed(self.seed, 1), derived_seed(self.seed, 2)]
+
+    def _draws_in_eval(self, model: nn.Module) -> bool:
+        """Whether an eval-mode pass of ``model`` over self.inputs draws random numbers."""
+        with torch.no_grad(), watching(model, RandomnessWatch) as watch:
+            self._forward(model, self.inputs)
+        return bool(watch.draws)
 
     def _outputs(
         self, model: nn.Module, inputs: Any, seed: int, training: bool = False
