@@ -159,12 +159,13 @@ def list_case(
     model: Callable[[], nn.Module],
     inputs: Callable[[], Any] = lambda: (images(), targets()),
     mixin: type = ModelTests,
+    make_model: Optional[Callable[[], nn.Module]] = None,
     **attributes: Any,
 ) -> type:
     def set_up(self: Any) -> None:
         self.model = model()
         self.inputs = inputs()
-        self.make_model = model
+        self.make_model = make_model or model
         for name, value in attributes.items():
             setattr(self, name, value)
 
@@ -432,8 +433,13 @@ def lraspp() -> nn.Module:
     )
 
 
-def detection_case(model: Callable[[], nn.Module], masks: bool = False) -> type:
-    return list_case(model, lambda: detection_inputs(masks))
+def detection_case(model: Callable[[], nn.Module], masks: bool = False, once: bool = False) -> type:
+    """The detection model ``model`` builds, on detection inputs; built in every setUp, or
+    ``once`` and assigned in every setUp (``make_model`` builds a fresh one either way)."""
+    if not once:
+        return list_case(model, lambda: detection_inputs(masks))
+    built = model()
+    return list_case(lambda: built, lambda: detection_inputs(masks), make_model=model)
 
 
 class PlatformCase(CheckTestCase):
@@ -490,16 +496,19 @@ class TorchvisionModels(PlatformCase):
 @unittest.skipUnless(HAS_TORCHVISION, "needs torchvision: pip install -e '.[zoo]'")
 class TorchvisionLargerModels(PlatformCase):
     """SSDlite (its fixed 320x320 resize) and the detection models with a ResNet-50 backbone
-    (40M parameters): a minute and a half together."""
+    (40M parameters), each built once and assigned in every setUp, the other way users write
+    it (the models above are built in every setUp): about a minute together. (Built in every
+    setUp, they share no pass between the checks: the first forward pass of each sets
+    attributes of its RoI pooling, a change of state that the shared passes refuse.)"""
 
     def test_ssdlite(self) -> None:  # resizes every image to 320x320
-        self.assertPassesOnPlatform(detection_case(ssdlite))
+        self.assertPassesOnPlatform(detection_case(ssdlite, once=True))
 
     def test_fasterrcnn_resnet50(self) -> None:
-        self.assertPassesOnPlatform(detection_case(fasterrcnn_resnet50))
+        self.assertPassesOnPlatform(detection_case(fasterrcnn_resnet50, once=True))
 
     def test_retinanet_resnet50(self) -> None:
-        self.assertPassesOnPlatform(detection_case(retinanet_resnet50))
+        self.assertPassesOnPlatform(detection_case(retinanet_resnet50, once=True))
 
     def test_maskrcnn_resnet50(self) -> None:
-        self.assertPassesOnPlatform(detection_case(maskrcnn_resnet50, masks=True))
+        self.assertPassesOnPlatform(detection_case(maskrcnn_resnet50, masks=True, once=True))
