@@ -3,8 +3,11 @@ first training step the checks share (the copies of the inputs they were handed)
 passes of its own, and runs a watched pass only to name a change; test_all_inputs_used compares
 with the shared eval pass and runs the passes of a judge (its seeds, its outputs) only when they
 are needed; test_train_matches_eval compares with the shared eval pass first, and runs an eval
-pass of its own only to judge a difference. Every verdict stays: a change of the inputs is
-still found and named, also after another check computed the passes."""
+pass of its own only to judge a difference, and none at all when the first training step's
+outputs agree with it; test_running_statistics reads the first training step's forward pass.
+Every verdict stays: a change of the inputs is still found and named, also after another check
+computed the passes (test_training_modes.py runs the training-mode checks' verdicts both ways).
+"""
 
 from __future__ import annotations
 
@@ -205,10 +208,43 @@ class ScaledInTrainingOnly(Noted):
         return super().forward(x) * (2.0 if self.training else 1.0)
 
 
+class Normalised(Noted):
+    """A small correct model with BatchNorm, that notes its passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
 class TrainMatchesEvalReadsTheEvalPass(CheckTestCase):
     def test_no_eval_pass_of_its_own_when_the_modes_agree(self) -> None:
         ran = passes_of(eval_pass_first(Noted), "test_train_matches_eval")
         self.assertEqual([(training, grad) for _, training, grad in ran], [(True, True)])
+
+    def test_no_pass_at_all_after_the_first_training_step_when_the_modes_agree(self) -> None:
+        ran = passes_of(eval_pass_first(Noted, training=True), "test_train_matches_eval")
+        self.assertEqual(ran, [])
+
+    def test_batch_statistics_get_the_passes_of_the_check_after_the_training_step(self) -> None:
+        # (training mode normalises with the batch's statistics: the outputs of the modes
+        # differ, so the check runs its training pass with the running statistics)
+        ran = passes_of(eval_pass_first(Normalised, training=True), "test_train_matches_eval")
+        self.assertEqual([(training, grad) for _, training, grad in ran], [(True, True)])
+
+
+class RunningStatisticsReadsTheTrainingStep(CheckTestCase):
+    def test_only_its_watched_eval_pass_after_the_first_training_step(self) -> None:
+        ran = passes_of(eval_pass_first(Normalised, training=True), "test_running_statistics")
+        self.assertEqual([(training, grad) for _, training, grad in ran], [(False, False)])
+
+    def test_a_training_pass_of_its_own_without_it(self) -> None:
+        ran = passes_of(eval_pass_first(Normalised), "test_running_statistics")
+        self.assertEqual(
+            [(training, grad) for _, training, grad in ran], [(False, False), (True, False)]
+        )
 
     def test_a_difference_is_judged_on_its_own_eval_pass(self) -> None:
         case = eval_pass_first(ScaledInTrainingOnly)

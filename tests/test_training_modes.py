@@ -22,14 +22,38 @@ STATISTICS = "test_running_statistics"
 ZOO = all(importlib.util.find_spec(name) for name in ("torchvision", "transformers"))
 
 
+#: Whether the test classes' setUp runs the passes the checks share first (the eval pass and
+#: the first training step), as the checks that run before these ones in a class do.
+SHARED_FIRST = False
+
+
 def case(build: Callable[[], nn.Module], inputs: Any = None, **attributes: Any) -> type:
     def set_up(self: Any) -> None:
         self.model = build()
         self.inputs = torch.randn(4, 1, 4, 4) if inputs is None else inputs()
         for name, value in attributes.items():
             setattr(self, name, value)
+        if SHARED_FIRST:
+            self._eval_pass()
+            self._training_pass()
 
     return make_case(ModelTests, set_up)
+
+
+class AfterTheSharedPasses(CheckTestCase):
+    """Runs the tests of the class it is mixed into with the shared passes computed first:
+    test_running_statistics then reads the first training step's forward pass, and
+    test_train_matches_eval compares its outputs with the eval pass first."""
+
+    def setUp(self) -> None:
+        global SHARED_FIRST
+        SHARED_FIRST = True
+
+        def reset() -> None:
+            global SHARED_FIRST
+            SHARED_FIRST = False
+
+        self.addCleanup(reset)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -359,6 +383,14 @@ class RunningStatistics(CheckTestCase):
         self.assertSkipsWith(
             case(lambda: frozen, images), STATISTICS, "no normalisation in eval mode is handed"
         )
+
+
+class TrainEvalMatchAfterTheSharedPasses(AfterTheSharedPasses, TrainEvalMatch):
+    """TrainEvalMatch's verdicts, the shared passes computed first."""
+
+
+class RunningStatisticsAfterTheSharedPasses(AfterTheSharedPasses, RunningStatistics):
+    """RunningStatistics' verdicts, the shared passes computed first."""
 
 
 if __name__ == "__main__":

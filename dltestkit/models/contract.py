@@ -12,12 +12,12 @@ of a copy shows), and any other through ``_shared_pass``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import (
     Any,
     Callable,
     ClassVar,
     Collection,
-    Dict,
     List,
     Optional,
     Sequence,
@@ -28,7 +28,6 @@ from typing import (
 import torch
 from torch import nn
 
-from ..core.compare import same
 from ..core.contract import CheckMixin
 from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
@@ -36,8 +35,17 @@ from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed
 from ..core.settings import Settings
 from ..core.validators import is_callable, is_instance, is_keys, optional
-from .copies import copy_module, describe_mode, gradients_set_aside, mode
-from .passes import TrainingPass, shared_pass
+from .copies import (
+    changed_copies,
+    copy_module,
+    describe_mode,
+    gradients_set_aside,
+    input_copies,
+    mode,
+    plain_values,
+)
+from .norm_calls import ForwardObservation, TrainingForward
+from .passes import TrainingPass, shared_pass, stored_pass
 from .tensors import (
     Key,
     batch_entries,
@@ -55,51 +63,6 @@ from .tensors import (
 __all__ = ["ModelContract"]
 
 T = TypeVar("T")
-
-
-def _copies(inputs: Any) -> Any:
-    """``inputs`` with each plain tensor cloned (out of sight of the checks' watches): a model
-    that changes its inputs in place changes a copy, and every call sees the inputs of setUp
-    (test_inputs_unchanged names such a model). Tensor subclasses are passed as they are."""
-    with torch._C.DisableTorchFunction():
-        return map_tensors(lambda t: _copy(t) if type(t) is torch.Tensor else t, inputs)
-
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` with its strides, also where they are not dense (a slice, a
-    transposed view): code that reads the layout (``.view()``, ``is_contiguous()``) sees the
-    caller's. clone() makes such a tensor contiguous; overlapping strides (an expanded
-    tensor) cannot be written, and are cloned."""
-    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor.clone()
-    copied = torch.empty_strided(
-        tensor.size(), tensor.stride(), dtype=tensor.dtype, device=tensor.device
-    )
-    try:
-        return copied.copy_(tensor)
-    except RuntimeError:  # overlapping memory
-        return tensor.clone()
-
-
-def _plain_values(copies: Any) -> Dict[str, torch.Tensor]:
-    """The values of the plain (strided ``torch.Tensor``) tensors of ``copies`` (made by
-    ``_copies``), by path (as ``named_tensors(copies, prefix="")`` names them)."""
-    with torch.no_grad():
-        return {
-            path: t.detach().clone()
-            for path, t in named_tensors(copies, prefix="")
-            if type(t) is torch.Tensor and t.layout == torch.strided
-        }
-
-
-def _changed_copies(copies: Any, before: Dict[str, torch.Tensor]) -> Tuple[str, ...]:
-    """The paths of the tensors of ``copies`` whose values differ from ``before``
-    (``_plain_values``): the copies of the inputs that a pass changed in place."""
-    return tuple(
-        path
-        for path, t in named_tensors(copies, prefix="")
-        if path in before and not same(t.detach(), before[path])
-    )
 
 
 def _is_inputs(value: Any) -> Optional[str]:
@@ -327,13 +290,13 @@ class ModelContract(CheckMixin):
     ) -> Any:
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
         unless given) and restored after; every submodule's mode is restored too. ``copied``:
-        ``inputs`` are copies already (``_copies``), passed as they are."""
+        ``inputs`` are copies already (``input_copies``), passed as they are."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
-                    output = call_model(model, inputs if copied else _copies(inputs))
+                    output = call_model(model, inputs if copied else input_copies(inputs))
                 except Exception as exc:
                     if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
                         exc._dltestkit_noted = True  # type: ignore[attr-defined]
@@ -481,10 +444,12 @@ class ModelContract(CheckMixin):
         step: int = 0,
         after_forward: Optional[Callable[[], None]] = None,
         changed_inputs: Optional[List[str]] = None,
+        observed: Optional[List[TrainingForward]] = None,
     ) -> Tuple[Any, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
         """Output, loss and parameter gradients of one training-mode forward and backward pass
         (``after_forward()`` called between the two). ``changed_inputs``: a list to extend
-        with the copies of the inputs the pass changed (``_changed_copies``).
+        with the copies of the inputs the pass changed (``changed_copies``); ``observed``:
+        a list to append what the forward pass showed to (norm_calls.TrainingForward).
 
         ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
         fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
@@ -494,11 +459,15 @@ class ModelContract(CheckMixin):
             parameter.grad = None
         kept = gradients_set_aside(self._input_leaves())
         with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
-            copies = _copies(self.inputs)
-            before = _plain_values(copies) if changed_inputs is not None else {}
-            output = self._forward(
-                model, copies, training=True, seed=derived_seed(self.seed, step), copied=True
-            )
+            copies = input_copies(self.inputs)
+            before = plain_values(copies) if changed_inputs is not None else {}
+            observation = ForwardObservation(model) if observed is not None else None
+            with observation if observation is not None else contextlib.nullcontext():
+                output = self._forward(
+                    model, copies, training=True, seed=derived_seed(self.seed, step), copied=True
+                )
+            if observation is not None and observed is not None:
+                observed.append(observation.result(output))
             if after_forward is not None:
                 after_forward()
             loss = self._loss(output)
@@ -506,7 +475,7 @@ class ModelContract(CheckMixin):
                 torch.manual_seed(derived_seed(self.seed, step))
                 torch.autograd.backward(loss)
             if changed_inputs is not None:
-                changed_inputs.extend(_changed_copies(copies, before))
+                changed_inputs.extend(changed_copies(copies, before))
         if not trainable or not loss.requires_grad:
             return output, loss, [None] * len(trainable)
         return output, loss, [parameter.grad for _, parameter in trainable]
@@ -525,6 +494,36 @@ class ModelContract(CheckMixin):
             type(self), name, (self.model, self.inputs, self.seed, *depends_on), compute, recompute
         )
 
+    def _shared_training_pass(
+        self, compute: Callable[[], TrainingPass], recompute: bool = False
+    ) -> TrainingPass:
+        """The first training step the checks share (``_shared_pass`` "training", which
+        depends on loss_fn too), what its forward pass showed shared on its own, without
+        loss_fn (``_training_forward``)."""
+        state = (self.model, self.inputs, self.seed)
+        return shared_pass(
+            type(self),
+            "training",
+            (*state, self.loss_fn),
+            compute,
+            recompute,
+            ("training forward", state, lambda done: done.forward),
+        )
+
+    def _training_forward(self) -> Optional[TrainingForward]:
+        """What the forward pass of the first training step showed, if a check of the class
+        ran that step on this model and these inputs (nothing is computed here)."""
+        found: Optional[TrainingForward] = stored_pass(
+            type(self), "training forward", (self.model, self.inputs, self.seed)
+        )
+        return found
+
+    def _stored_eval_pass(self) -> Optional[Any]:
+        """The eval pass the checks share (``_eval_pass``), if a check of the class ran it
+        on this model and these inputs (nothing is computed here)."""
+        found = stored_pass(type(self), "eval", (self.model, self.inputs, self.seed))
+        return None if found is None else found[0]
+
     def _eval_pass(self) -> Any:
         """self.model's eval-mode outputs on self.inputs under self.seed, without gradients:
         what ``self._forward(self.model, self.inputs)`` gives under ``torch.no_grad()``,
@@ -540,10 +539,10 @@ class ModelContract(CheckMixin):
 
         def compute() -> Tuple[Any, Tuple[str, ...]]:
             with torch.no_grad():
-                copies = _copies(self.inputs)
-                before = _plain_values(copies)
+                copies = input_copies(self.inputs)
+                before = plain_values(copies)
                 output = self._forward(self.model, copies, copied=True)
-            return output, _changed_copies(copies, before)
+            return output, changed_copies(copies, before)
 
         return self._shared_pass("eval", compute)
 
@@ -552,11 +551,22 @@ class ModelContract(CheckMixin):
         a copy of self.model on self.inputs (the loss from loss_fn or ``_loss``, the seed
         ``derived_seed(self.seed, 0)``), its output, loss and each trainable parameter's
         gradient (reached, finite, non-zero), shared by the checks."""
-        return self._shared_pass("training", self._first_training_step, self.loss_fn)
+        return self._shared_training_pass(self._first_training_step)
 
     def _first_training_step(self) -> TrainingPass:
         model = self._copy_model()
-        trainable = self._trainable(model)
+        first, _ = self._first_step_on(model, self._trainable(model))
+        return first
+
+    def _first_step_on(
+        self, model: nn.Module, trainable: List[Tuple[str, nn.Parameter]]
+    ) -> Tuple[TrainingPass, List[Optional[torch.Tensor]]]:
+        """The first training step on ``model`` (a copy), as the checks share it, and the
+        parameters' gradients."""
         changed: List[str] = []
-        output, loss, grads = self._training_step(model, trainable, changed_inputs=changed)
-        return TrainingPass.of(output, loss, [name for name, _ in trainable], grads, changed)
+        observed: List[TrainingForward] = []
+        output, loss, grads = self._training_step(
+            model, trainable, changed_inputs=changed, observed=observed
+        )
+        names = [name for name, _ in trainable]
+        return TrainingPass.of(output, loss, names, grads, changed, observed[0]), grads

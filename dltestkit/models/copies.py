@@ -1,5 +1,6 @@
 """Copies of a model that the checks train, move or convert, and the train/eval mode they
-run it in, restored afterwards."""
+run it in, restored afterwards; copies of the inputs the model is called on, and which of
+them a pass changed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ import contextlib
 import copy
 import io
 import warnings
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["copy_module", "describe_mode", "gradients_set_aside", "mode"]
+from ..core.compare import same
+from ..core.paths import map_tensors, named_tensors
+
+__all__ = [
+    "changed_copies",
+    "copy_module",
+    "describe_mode",
+    "gradients_set_aside",
+    "input_copies",
+    "mode",
+    "plain_values",
+]
 
 
 @contextlib.contextmanager
@@ -125,3 +137,48 @@ def gradients_set_aside(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     finally:
         for tensor, grad in saved:
             tensor.grad = grad
+
+
+def input_copies(inputs: Any) -> Any:
+    """``inputs`` with each plain tensor cloned (out of sight of the checks' watches): a model
+    that changes its inputs in place changes a copy, and every call sees the inputs of setUp
+    (test_inputs_unchanged names such a model). Tensor subclasses are passed as they are."""
+    with torch._C.DisableTorchFunction():
+        return map_tensors(lambda t: _strided_copy(t) if type(t) is torch.Tensor else t, inputs)
+
+
+def _strided_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its strides, also where they are not dense (a slice, a
+    transposed view): code that reads the layout (``.view()``, ``is_contiguous()``) sees the
+    caller's. clone() makes such a tensor contiguous; overlapping strides (an expanded
+    tensor) cannot be written, and are cloned."""
+    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.clone()
+    copied = torch.empty_strided(
+        tensor.size(), tensor.stride(), dtype=tensor.dtype, device=tensor.device
+    )
+    try:
+        return copied.copy_(tensor)
+    except RuntimeError:  # overlapping memory
+        return tensor.clone()
+
+
+def plain_values(copies: Any) -> Dict[str, torch.Tensor]:
+    """The values of the plain (strided ``torch.Tensor``) tensors of ``copies`` (made by
+    ``input_copies``), by path (as ``named_tensors(copies, prefix="")`` names them)."""
+    with torch.no_grad():
+        return {
+            path: t.detach().clone()
+            for path, t in named_tensors(copies, prefix="")
+            if type(t) is torch.Tensor and t.layout == torch.strided
+        }
+
+
+def changed_copies(copies: Any, before: Dict[str, torch.Tensor]) -> Tuple[str, ...]:
+    """The paths of the tensors of ``copies`` whose values differ from ``before``
+    (``plain_values``): the copies of the inputs that a pass changed in place."""
+    return tuple(
+        path
+        for path, t in named_tensors(copies, prefix="")
+        if path in before and not same(t.detach(), before[path])
+    )

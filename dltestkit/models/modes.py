@@ -33,18 +33,11 @@ from ..core.messages import listed
 from ..core.paths import named_tensors
 from ..core.watch import ModuleTracker, op_name, user_code_location, watching
 from .contract import ModelContract
+from .norm_calls import NORM_DEFAULTS, NORMS
 from .randomness import _ABSENT, _DROPOUTS, _RRELU, RandomDraw, RandomnessWatch, _argument
 
 __all__ = ["ModeAgreement"]
 
-# The normalisation functions: (position and keyword of the running mean, of the flag that
-# selects batch statistics)
-_NORMS: Dict[Any, Tuple[int, str, int, str]] = {
-    F.batch_norm: (1, "running_mean", 5, "training"),
-    torch.batch_norm: (3, "running_mean", 5, "training"),
-    F.instance_norm: (1, "running_mean", 5, "use_input_stats"),
-    torch.instance_norm: (3, "running_mean", 5, "use_input_stats"),
-}
 # Attention with dropout inside: (position of dropout_p, of the training flag if any)
 _ATTENTION: Dict[Any, Tuple[int, Optional[int]]] = {
     F.scaled_dot_product_attention: (4, None),
@@ -52,8 +45,6 @@ _ATTENTION: Dict[Any, Tuple[int, Optional[int]]] = {
 }
 # Recurrent layers, whose dropout between layers is on in training (torch._VF.lstm, ...)
 _RECURRENT = frozenset({torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu})
-# The flag's default when not passed (F.instance_norm uses the input's statistics by default).
-_NORM_DEFAULTS = {F.batch_norm: False, F.instance_norm: True}
 
 
 def _replaced(
@@ -124,10 +115,10 @@ class EvalEquivalentWatch(RandomnessWatch):
                 self._neutralise("dropout", func, exact=True)
                 args, kwargs = _replaced(args, kwargs, at + 1, "train", False)
                 return func(*args, **kwargs)
-        elif func in _NORMS:
-            stats_at, stats, flag_at, flag = _NORMS[func]
+        elif func in NORMS:
+            stats_at, stats, flag_at, flag = NORMS[func]
             on = _argument(args, kwargs, flag_at, flag)
-            batch = _NORM_DEFAULTS.get(func, False) if on is _ABSENT else bool(on)
+            batch = NORM_DEFAULTS.get(func, False) if on is _ABSENT else bool(on)
             if batch and _argument(args, kwargs, stats_at, stats) not in (None, _ABSENT):
                 self._neutralise("batch statistics", func, exact=True)
                 args, kwargs = _replaced(args, kwargs, flag_at, flag, False)
@@ -277,6 +268,18 @@ class ModeAgreement(ModelContract):
         from, a buffer changed in training only (spectral normalisation), outputs of another
         structure (a dict of losses in training).
         """
+        # The first training step's outputs and the shared eval pass, if checks ran them
+        # already: equal, and drawn without random numbers (which the two passes could draw
+        # alike: dropout on in both modes), they show all this check would (batch statistics
+        # and the like leave them so only where they change nothing), with no pass of its own.
+        forward, evaluated = self._training_forward(), self._stored_eval_pass()
+        if (
+            forward is not None
+            and forward.draws == 0
+            and evaluated is not None
+            and self._compare_modes(forward.output, evaluated, skip=False) is None
+        ):
+            return
         copy = self._copy_model()  # before the eval pass can change any state
         shared = self._eval_pass()
         trained, watch = self._eval_equivalent_training_pass(copy)

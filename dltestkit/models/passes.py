@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..core.paths import map_tensors
+from .norm_calls import TrainingForward
 
 __all__ = [
     "SAMPLE",
@@ -61,6 +62,7 @@ __all__ = [
     "fingerprint",
     "forget_passes",
     "shared_pass",
+    "stored_pass",
 ]
 
 T = TypeVar("T")
@@ -341,10 +343,13 @@ def shared_pass(
     state: Sequence[Any],
     compute: Callable[[], T],
     recompute: bool = False,
+    part: Optional[Tuple[str, Sequence[Any], Callable[[T], Any]]] = None,
 ) -> T:
     """``compute()``, or the result it gave for the same ``owner`` (the test class), ``name``
     and ``state`` (the model, the inputs, what else it depends on). ``recompute``: compute
-    it anyway, and share the result."""
+    it anyway, and share the result. ``part``: (name, state, take), a part of the result that
+    depends on less (``state``, a part of ``state``), shared under its own name when the
+    result is computed: ``stored_pass`` finds it without what the rest depends on."""
     if not SHARING:
         return compute()
     key, kept = fingerprint(*state)
@@ -358,7 +363,21 @@ def shared_pass(
     after, _ = fingerprint(*state)
     if after == key:  # the pass left the state as it found it
         _store(owner, key, kept, name, _copy(result))
+        if part is not None and (taken := part[2](result)) is not None:
+            part_key, part_kept = fingerprint(*part[1])
+            _store(owner, part_key, part_kept, part[0], _copy(taken))
     return result
+
+
+def stored_pass(owner: type, name: str, state: Sequence[Any]) -> Optional[Any]:
+    """The result of the pass (or part of a pass) ``name`` that a check of ``owner`` computed
+    for ``state``, if one did (a copy); None otherwise: nothing is computed."""
+    entry = _entry(owner) if SHARING else None
+    if entry is None or name not in entry.results:
+        return None
+    stored_key, _, stored = entry.results[name]
+    key, _ = fingerprint(*state)
+    return _copy(stored) if stored_key == key else None
 
 
 # -- what the first training step shows ------------------------------------------------------
@@ -394,6 +413,9 @@ class TrainingPass:
     #: The plain tensors of the copies of the inputs that the pass changed in place, by path
     #: (as ``named_tensors(inputs, prefix="")`` names them).
     changed_inputs: Tuple[str, ...] = ()
+    #: What its forward pass showed (normalisation, modes, buffers changed), which depends
+    #: on no loss: shared on its own as the part "training forward".
+    forward: Optional[TrainingForward] = None
 
     @staticmethod
     def of(
@@ -402,6 +424,7 @@ class TrainingPass:
         names: Sequence[str],
         grads: Sequence[Optional[torch.Tensor]],
         changed_inputs: Sequence[str] = (),
+        forward: Optional[TrainingForward] = None,
     ) -> "TrainingPass":
         return TrainingPass(
             output=map_tensors(lambda t: t.detach(), output),
@@ -409,6 +432,7 @@ class TrainingPass:
             names=tuple(names),
             gradients=tuple(GradientSummary.of(grad) for grad in grads),
             changed_inputs=tuple(changed_inputs),
+            forward=forward,
         )
 
 

@@ -17,82 +17,21 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from ..core.contract import check
 from ..core.messages import listed
 from ..core.options import option
 from ..core.validators import is_names
-from ..core.watch import ModuleTracker, Watch, op_name, user_code_location, watching
+from ..core.watch import watching
 from .contract import ModelContract
 from .copies import mode
-from .modes import _NORM_DEFAULTS, _NORMS, _scripted
-from .randomness import _ABSENT, _argument
+from .modes import _scripted
+from .norm_calls import ForwardObservation, NormCall, NormWatch, TrainingForward, buffer_names
 
 __all__ = ["RunningStatistics"]
-
-
-@dataclass
-class _NormCall:
-    """One call of a normalisation function that was handed running statistics (or not)."""
-
-    operation: str
-    module: str
-    location: str
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    batch_statistics: bool
-    momentum: Any
-    affine: Tuple[Optional[torch.Tensor], ...]
-
-    def describe(self) -> str:
-        return f"{self.operation} in {self.module}, at {self.location}"
-
-
-def _present(value: Any) -> Optional[torch.Tensor]:
-    return value if isinstance(value, torch.Tensor) else None
-
-
-class _NormWatch(Watch):
-    """Note every call of a normalisation function that can use running statistics."""
-
-    def __init__(self, modules: ModuleTracker) -> None:
-        super().__init__(modules)
-        self.calls: List[_NormCall] = []
-
-    def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if func in _NORMS:
-            stats_at, _, flag_at, flag = _NORMS[func]
-            functional = func in _NORM_DEFAULTS  # F.batch_norm, F.instance_norm
-            on = _argument(args, kwargs, flag_at, flag)
-            self.calls.append(
-                _NormCall(
-                    op_name(func),
-                    self.modules.current(),
-                    user_code_location(),
-                    _present(_argument(args, kwargs, stats_at, "running_mean")),
-                    _present(_argument(args, kwargs, stats_at + 1, "running_var")),
-                    _NORM_DEFAULTS.get(func, False) if on is _ABSENT else bool(on),
-                    _argument(args, kwargs, 6, "momentum"),
-                    tuple(
-                        _present(_argument(args, kwargs, at, name))
-                        for at, name in (
-                            ((3, "weight"), (4, "bias"))
-                            if functional
-                            else ((1, "weight"), (2, "bias"))
-                        )
-                    ),
-                )
-            )
-        return func(*args, **kwargs)
-
-
-def _buffer_names(model: nn.Module) -> Dict[int, str]:
-    """The name of each buffer of ``model``, by the tensor's id."""
-    return {id(buffer): name for name, buffer in model.named_buffers()}
 
 
 @dataclass
@@ -101,7 +40,7 @@ class _Statistics:
 
     names: Tuple[str, ...]
     module: str  # the name of the module that owns them
-    call: _NormCall
+    call: NormCall
 
 
 class RunningStatistics(ModelContract):
@@ -140,7 +79,8 @@ class RunningStatistics(ModelContract):
                     else ""
                 )
             )
-        calls, training, changed = self._statistics_training_pass(self._copy_model())
+        forward = self._statistics_training_pass()
+        calls, training, changed = forward.norm_calls, dict(forward.modes), forward.changed_buffers
         checked, frozen = [], []
         for stats in used:
             why = self._frozen_by_design(stats, training)
@@ -169,38 +109,29 @@ class RunningStatistics(ModelContract):
     def _statistics_used_in_eval(self) -> List[_Statistics]:
         """The running statistics that normalisation is handed in eval mode, from a watched
         eval-mode pass over self.inputs (without gradients)."""
-        names = _buffer_names(self.model)
-        with torch.no_grad(), watching(self.model, _NormWatch) as watch:
+        names = buffer_names(self.model)
+        with torch.no_grad(), watching(self.model, lambda m: NormWatch(m, names)) as watch:
             self._forward(self.model, self.inputs)
         found: Dict[Tuple[str, ...], _Statistics] = {}
         for call in watch.calls:
-            tensors = [t for t in (call.running_mean, call.running_var) if t is not None]
-            known = tuple(names[id(t)] for t in tensors if id(t) in names)
+            known = call.statistics
             if not known:
                 continue  # not buffers of the model
             module = known[0].rsplit(".", 1)[0] if "." in known[0] else ""
             found.setdefault(known, _Statistics(known, module, call))
         return list(found.values())
 
-    def _statistics_training_pass(
-        self, model: nn.Module
-    ) -> Tuple[List[Tuple[_NormCall, Tuple[str, ...]]], Dict[str, bool], List[str]]:
-        """A watched training-mode pass over self.inputs on ``model`` (a copy): each call with
-        the names of the buffers it was handed, the mode of every module during the pass, and
-        the buffers the pass changed."""
-        names = _buffer_names(model)
-        before = {name: b.detach().clone() for name, b in model.named_buffers()}
+    def _statistics_training_pass(self) -> TrainingForward:
+        """What the training-mode pass over self.inputs of the first training step showed,
+        if a check ran that step already; else a watched training-mode pass of a copy."""
+        shared = self._training_forward()
+        if shared is not None:
+            return shared
+        model = self._copy_model()
         with torch.no_grad(), mode(model, training=True):
-            training = {name: module.training for name, module in model.named_modules()}
-            with watching(model, _NormWatch) as watch:
-                self._forward(model, self.inputs, training=True)
-        after = dict(model.named_buffers())
-        changed = [name for name, b in before.items() if not torch.equal(after[name], b)]
-        calls = [
-            (call, tuple(names.get(id(t), "") for t in (call.running_mean, call.running_var)))
-            for call in watch.calls
-        ]
-        return calls, training, changed
+            with ForwardObservation(model) as observation:
+                output = self._forward(model, self.inputs, training=True)
+        return observation.result(output)
 
     # -- judging -----------------------------------------------------------------------------
     def _frozen_by_design(self, stats: _Statistics, training: Dict[str, bool]) -> str:
@@ -209,24 +140,23 @@ class RunningStatistics(ModelContract):
             return "listed in frozen_norm_layers"
         if not training.get(stats.module, True):
             return "kept in eval mode when the model is in training mode"
-        affine = [t for t in stats.call.affine if t is not None]
-        if affine and not any(t.requires_grad for t in affine):
+        if stats.call.affine_frozen:
             return "its weight and bias do not train"
         return ""
 
     def _problem(
         self,
         stats: _Statistics,
-        calls: List[Tuple[_NormCall, Tuple[str, ...]]],
-        changed: List[str],
+        calls: Sequence[NormCall],
+        changed: Sequence[str],
     ) -> str:
         """What is wrong with the statistics ``stats`` in the training pass, or ""."""
-        mine = [call for call, names in calls if set(stats.names) & set(names)]
+        mine = [call for call in calls if set(stats.names) & set(call.statistics)]
         short = ", ".join(name.rsplit(".", 1)[-1] for name in stats.names)
         if not mine:
             unhanded = [
                 call
-                for call, _ in calls
+                for call in calls
                 if call.running_mean is None and call.module == stats.call.module
             ]
             if unhanded:

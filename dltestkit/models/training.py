@@ -54,13 +54,11 @@ class Training(ModelContract):
         def first_step() -> TrainingPass:
             state["model"] = model = self._copy_model()
             state["trainable"] = trainable = self._trainable(model)
-            changed: List[str] = []
-            output, loss, grads = self._training_step(model, trainable, changed_inputs=changed)
-            state["grads"] = grads
-            return TrainingPass.of(output, loss, [name for name, _ in trainable], grads, changed)
+            first, state["grads"] = self._first_step_on(model, trainable)
+            return first
 
         # (the first step is the training pass the other checks share)
-        first = self._shared_pass("training", first_step, self.loss_fn, recompute=True)
+        first = self._shared_training_pass(first_step, recompute=True)
         summaries = first.gradients
         model, trainable = state["model"], state["trainable"]
         grads: List[Optional[torch.Tensor]] = state.pop("grads")
