@@ -4,6 +4,7 @@ test_resume_across_world_sizes on correct components and on one bug each."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -531,7 +532,61 @@ def left_in(folder: str) -> list:
 
 
 def shared_memory() -> set:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    """The files in /dev/shm that no running process maps or holds open: what processes that
+    ended left behind. (A segment another process of the machine uses while the check runs,
+    a semaphore of a test beside this one, is not counted.)"""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    used = inodes_in_use()
+    left = set()
+    for entry in os.scandir("/dev/shm"):
+        try:
+            if entry.inode() not in used:
+                left.add(entry.name)
+        except OSError:  # removed meanwhile
+            continue
+    return left
+
+
+def inodes_in_use() -> set:
+    """The inodes of the files in /dev/shm that a running process maps or holds open (a file
+    there can be mapped under the name it was made with: glibc's semaphores are)."""
+    device = os.stat("/dev/shm").st_dev
+    used = set()
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            for line in (process / "maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                    major, minor = (int(part, 16) for part in fields[3].split(":"))
+                    if os.makedev(major, minor) == device:
+                        used.add(int(fields[4]))
+            for descriptor in (process / "fd").iterdir():
+                found = os.stat(descriptor)
+                if found.st_dev == device:
+                    used.add(found.st_ino)
+        except OSError:  # the process or the descriptor ended, or is not ours to read
+            continue
+    return used
+
+
+@unittest.skipUnless(os.path.isdir("/dev/shm") and os.path.isdir("/proc/self/fd"), "Linux")
+class SharedMemoryLeftovers(unittest.TestCase):
+    """shared_memory(), which the checks for leftovers read, sees a segment nobody holds and
+    not one that a running process maps or holds open."""
+
+    def test_an_orphan_is_seen_and_a_segment_in_use_is_not(self) -> None:
+        before = shared_memory()
+        name = f"dltestkit-test-{os.getpid()}"
+        path = os.path.join("/dev/shm", name)
+        open(path, "w").close()
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(shared_memory() - before, {name})
+        with open(path):
+            self.assertEqual(shared_memory() - before, set())
+        lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, mapped
+        self.assertEqual(shared_memory() - before, {name})
+        del lock
 
 
 class PartsTestCase(CheckTestCase):
