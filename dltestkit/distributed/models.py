@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
@@ -60,6 +60,9 @@ class _RankStep:
     local_statistics: Collection[str]
     loss_fn: Any
     seed: int
+
+
+S = TypeVar("S", bound=_RankStep)
 
 
 @dataclass
@@ -265,6 +268,21 @@ class DataParallelModel(DistributedOptions, ModelContract):
             inputs = map_tensors(_to_double, inputs)
         return reference, [n for n in in_training if n not in synced], synced, inputs
 
+    def _rank_step(self, plan: _Plan, kind: Type[S], *own: Any) -> S:
+        """``kind`` (a _RankStep) for ``plan``: the fields every comparison needs, then
+        ``own``, the fields of its kind."""
+        return kind(
+            plan.model,
+            plan.shards,
+            plan.per_rank,
+            plan.dims,
+            self._batch_size(),
+            self.local_batch_statistics,
+            self.loss_fn,
+            self.seed,
+            *own,
+        )
+
     def _plan(self, check: str) -> _Plan:
         """Prepare the comparison of ``check`` (see _Plan)."""
         self._refuse_sample_lists(check)
@@ -420,17 +438,7 @@ class DDPGradients(DataParallelModel):
         each rank on its shard of the batch, with the real torch.distributed (gloo).
         """
         plan = self._plan("test_ddp_gradients")
-        step = _Step(
-            plan.model,
-            plan.shards,
-            plan.per_rank,
-            plan.dims,
-            self._batch_size(),
-            self.local_batch_statistics,
-            self.loss_fn,
-            self.seed,
-            self.find_unused_parameters,
-        )
+        step = self._rank_step(plan, _Step, self.find_unused_parameters)
         try:
             results = self._run_ranks(_ddp_rank, step)
         except DistributedError as error:

@@ -168,18 +168,7 @@ class ShardedGradients(DataParallelModel):
         _set_modes(watched, self.local_batch_statistics)
         watch = watch_parameters(watched, lambda: call_model(watched, plan.inputs))
         units = self._units(plan.model, watch)
-        step = _ShardedStep(
-            plan.model,
-            plan.shards,
-            plan.per_rank,
-            plan.dims,
-            self._batch_size(),
-            self.local_batch_statistics,
-            self.loss_fn,
-            self.seed,
-            units,
-            self.fsdp_mixed_precision,
-        )
+        step = self._rank_step(plan, _ShardedStep, units, self.fsdp_mixed_precision)
         prepare_parent()
         try:
             if self.fsdp_mixed_precision is not None:
