@@ -349,12 +349,10 @@ class InputUse(Dependence):
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
         original = _Judge(self, self.model)
-        for model in (self.model, randomised):
+        judges = [original] if randomised is None else [original, _Judge(self, randomised)]
+        for judge in judges:
             if not wholes and not parts:
                 return
-            if model is None:
-                break
-            judge = original if model is self.model else _Judge(self, model)
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
                     del wholes[key]

@@ -140,7 +140,7 @@ class ForwardObservation:
         self.modes = tuple((name, module.training) for name, module in model.named_modules())
         self._before = {name: b.detach().clone() for name, b in model.named_buffers()}
         self._stack = contextlib.ExitStack()
-        self.watch = NormWatch(ModuleTracker(), {})
+        self.watch: Optional[NormWatch] = None
 
     def __enter__(self) -> "ForwardObservation":
         names = buffer_names(self.model)
@@ -160,6 +160,7 @@ class ForwardObservation:
             for name, value in self._before.items()
             if name in after and not torch.equal(after[name], value)
         )
+        assert self.watch is not None, "result() of an observation that was not entered"
         return TrainingForward(
             map_tensors(lambda t: t.detach(), output),
             tuple(self.watch.calls),
