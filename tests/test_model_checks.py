@@ -1202,6 +1202,77 @@ class BatchIndependence(CheckTestCase):
                 )
         self.assertPasses(model_case(lambda: BatchNormUnderNoGrad()), "test_batch_independence")
 
+    def test_a_backward_pass_that_is_not_linear_is_no_false_alarm(self) -> None:
+        """Gradients clipped inside backward (not linear in the gradient handed to it): the
+        screen of two backward passes sees a difference, and the exact comparison of every
+        sample's gradients passes the model; the same clipping with samples mixed fails."""
+
+        class ClipsGradients(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+                return grad.clamp(-1e-3, 1e-3)
+
+        class Clipped(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(ClipsGradients.apply(x))
+
+        class ClippedAndMixed(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(ClipsGradients.apply(x).roll(1, 0))
+
+        self.assertPasses(model_case(Clipped), "test_batch_independence")
+        self.assertFailsWith(
+            model_case(ClippedAndMixed),
+            "test_batch_independence",
+            "gets a gradient from the outputs of the other samples of the batch",
+        )
+
+    def test_values_leaked_into_one_sample_or_through_a_maximum_one_sample_holds_fail(
+        self,
+    ) -> None:
+        """Once the gradients show no mixing, the values are compared for copies of samples 0
+        and 1, whose other positions screen the other samples: a leak into the last sample
+        only is found (the copies of sample 0 do not repeat its output at position 3, and
+        copies of sample 3 show the leak), and a division by the batch's largest value,
+        which copies of sample 0 leave unchanged when sample 0 holds it, by the copies of
+        sample 1."""
+
+        class LeaksIntoTheLast(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return torch.cat([out[:-1], out[-1:] + out[:1].detach()])
+
+        class DividesByTheBatchMaximum(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x / x.abs().max().detach())
+
+        def largest_in_sample_0() -> torch.Tensor:
+            x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+            x[0, 0, 0, 0] = 10.0
+            return x
+
+        self.assertFailsWith(
+            model_case(LeaksIntoTheLast),
+            "test_batch_independence",
+            "sample 3's output changes with the other samples of the batch: for a batch of 4 "
+            "copies of sample 3 it differs from the output for self.inputs",
+            "although no gradient flows between the samples",
+        )
+        self.assertFailsWith(
+            model_case(DividesByTheBatchMaximum, inputs=largest_in_sample_0),
+            "test_batch_independence",
+            "sample 1's output changes with the other samples of the batch: for a batch of 4 "
+            "copies of sample 1 it differs from the output for self.inputs",
+            "although no gradient flows between the samples",
+        )
+        self.assertPasses(
+            model_case(AutoEncoder, inputs=largest_in_sample_0), "test_batch_independence"
+        )
+
     def test_every_output_whose_first_dimension_is_the_batch_is_compared(self) -> None:
         class LeaksIntoASecondOutput(AutoEncoder):
             def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -2041,6 +2112,39 @@ class Speed(unittest.TestCase):
                 calls.clear()
                 run_check(model_case(counting(base)), "test_all_parameters_updated")
                 self.assertEqual(len(calls), steps + 1)  # + the pass that checks for undoing
+
+    def test_batch_independence_takes_two_backward_passes_and_two_batches_of_copies(
+        self,
+    ) -> None:
+        """For a model that does not mix its samples, whatever the batch size: two backward
+        passes (the screen, not one per sample) and two batches of copies (of samples 0 and
+        1, not one per sample); a model that mixes them still fails (BatchIndependence)."""
+        counts = {"forward": 0, "backward": 0}
+
+        class Counted(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+                counts["backward"] += 1
+                return grad
+
+        class CountsItsPasses(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                counts["forward"] += 1
+                return super().forward(Counted.apply(x))
+
+        for batch in (4, 8):
+            with self.subTest(batch=batch):
+                counts.update(forward=0, backward=0)
+                case = model_case(
+                    CountsItsPasses, inputs=lambda batch=batch: torch.randn(batch, *SHAPE)
+                )
+                self.assertEqual(run_check(case, "test_batch_independence").failures, [])
+                # the probed pass, the shared eval pass, two batches of copies
+                self.assertEqual(counts, {"forward": 4, "backward": 2})
 
 
 if __name__ == "__main__":

@@ -101,12 +101,23 @@ class BatchIndependence(Dependence):
                 others = [other for other in range(batch) if other != index]
                 return (checked[others] * weights[0][others]).sum()
 
-        # Where the other samples' outputs depend on each sample's probes: for every sample
-        # at once, in one batched backward pass when it can run; whether the checked output
-        # is computed from the probes at all is told by the same gradients.
+        # Where the other samples' outputs depend on each sample's probes: first a screen of
+        # two backward passes, which shows most models independent exactly; where it cannot,
+        # for every sample at once, in one batched backward pass when it can run. Whether the
+        # checked output is computed from the probes at all is told by the same gradients.
         every: Optional[List[List[torch.Tensor]]] = None
+        screened = (
+            self._screened_independence(
+                checked, torch.ones_like(checked) if per_sample else weights[0], probes
+            )
+            if probes and checked.requires_grad
+            else None
+        )
+        independent = screened is not None and screened[1]
         if not probes or not checked.requires_grad:
             traced = False
+        elif screened is not None and screened[1]:
+            traced = screened[0]
         else:
             masks = 1 - torch.eye(batch, dtype=checked.dtype)
             if per_sample:
@@ -119,7 +130,7 @@ class BatchIndependence(Dependence):
                 traced = self._connected(checked, probes)
             else:
                 traced, every = batched
-        if traced:
+        if traced and not independent:
             for index in range(batch):
                 depends = (
                     every[index]
@@ -169,12 +180,21 @@ class BatchIndependence(Dependence):
         )
 
     def _compare_with_copies(self, probes: List[Probe], traced: bool) -> None:
-        """The value part of test_batch_independence: for each sample ``i``, the outputs at
-        ``i`` for a batch of ``batch`` copies of sample ``i`` (same batch size, so the same
-        kernels) must be those for self.inputs (within the dtype's default tolerance).
+        """The value part of test_batch_independence: for a sample ``i``, every output of a
+        batch of ``batch`` copies of sample ``i`` (same batch size, so the same kernels) must
+        be sample ``i``'s output for self.inputs (within the dtype's default tolerance).
         Compared: the checked output and every other floating-point output whose first
         dimension behaves as the batch (equal rows for a batch of copies); for an output that
         is one element per sample, every tensor of sample ``i``'s element, with its shape.
+
+        ``traced`` (the gradient comparison ran and passed, so only mixing through values
+        without gradient is left to find): the copies of samples 0 and 1 are compared, and
+        their other positions screen the other samples: a sample whose output they do not
+        repeat at its position (a leak into that sample, or random numbers drawn per
+        position, which differ there by design) gets its own copies compared. A statistic
+        over the batch that copies of one sample leave unchanged (a global maximum that sample
+        holds) cannot be so for two. Not ``traced``: every sample's copies (the outputs of all
+        are needed to tell an output that ignores the inputs).
 
         Copies of sample ``i`` also change the shapes of the other samples of a list of
         samples of different shapes: when only that explains a difference (the same batch
@@ -183,21 +203,37 @@ class BatchIndependence(Dependence):
         unless independent_of_batch_shapes is set."""
         batch = self._batch_size()
         together = self._eval_pass()
-        with torch.no_grad():
-            alone = [self._forward(self.model, self._inputs_of([i] * batch)) for i in range(batch)]
         per_sample = self._per_sample(together, batch)
-        for sample, copies in enumerate(alone):
+
+        def copies_of(sample: int) -> Any:
+            with torch.no_grad():
+                return self._forward(self.model, self._inputs_of([sample] * batch))
+
+        def compare(sample: int, copies: Any) -> None:
             what = f"a batch of {batch} copies of sample {sample}"
             pairs = self._pairs(together, copies, sample, per_sample, what)
             found = _first_mismatch(pairs, cut=not per_sample)
-            if found is None:
-                continue
+            if found is None or self._shapes_explain(together, sample, per_sample, pairs, found):
+                return
             path, values, report, checked = found
-            if self._shapes_explain(together, sample, per_sample, pairs, found):
-                continue
             self._fail_batch_dependent(
                 together, sample, path, values, report, probes, traced, checked
             )
+
+        samples = list(range(min(2, batch) if traced else batch))
+        alone = [copies_of(sample) for sample in samples]
+        suspects: List[int] = []  # other samples whose outputs the copies do not repeat
+        for sample, copies in zip(samples, alone):
+            compare(sample, copies)
+            for position in range(batch) if traced else ():
+                if position in samples or position in suspects:
+                    continue
+                what = f"position {position} of a batch of {batch} copies of sample {sample}"
+                pairs = self._pairs(together, copies, sample, per_sample, what, position)
+                if _first_mismatch(pairs, cut=not per_sample) is not None:
+                    suspects.append(position)
+        for sample in suspects:  # (random numbers drawn per position also differ there)
+            compare(sample, copies_of(sample))
         if not traced:  # (batch statistics make copies give the same output: checked first)
             outputs: List[_Checked] = [
                 self._sample_outputs(copies) if per_sample else self._output(copies)
@@ -206,11 +242,19 @@ class BatchIndependence(Dependence):
             self._fail_if_ignored(together, probes, outputs)
 
     def _pairs(
-        self, together: Any, other: Any, sample: int, per_sample: bool, what: str
+        self,
+        together: Any,
+        other: Any,
+        sample: int,
+        per_sample: bool,
+        what: str,
+        position: Optional[int] = None,
     ) -> List[_Pair]:
         """The outputs of sample ``sample`` to compare, for self.inputs (``together``) and for
-        another batch (``other``, described by ``what``): (path, for self.inputs, for the
-        other batch, whether it is the checked output), the checked output first."""
+        another batch (``other``, described by ``what``, at ``position``, by default the
+        sample's own): (path, for self.inputs, for the other batch, whether it is the checked
+        output), the checked output first."""
+        at = sample if position is None else position
         batch = self._batch_size()
         if per_sample:
             if not isinstance(other, list) or len(other) != batch:
@@ -227,9 +271,9 @@ class BatchIndependence(Dependence):
                 else list(named_tensors(together[sample], prefix, passed_over))
             )
             theirs = (
-                {named[0][0]: self._sample_outputs([other[sample]])[0]}
+                {named[0][0]: self._sample_outputs([other[at]])[0]}
                 if self.output_key is not None
-                else dict(named_tensors(other[sample], prefix, passed_over))
+                else dict(named_tensors(other[at], prefix, passed_over))
             )
             if sorted(theirs) != sorted(path for path, _ in named):
                 self.fail(
@@ -252,9 +296,9 @@ class BatchIndependence(Dependence):
             pairs = []
             for path, mine in named:
                 found = outputs.get(path)
-                if _comparable(mine, found, batch, sample, mine is checked):
+                if _comparable(mine, found, batch, at, mine is checked):
                     assert found is not None
-                    pairs.append((path, mine[sample], found[sample], mine is checked))
+                    pairs.append((path, mine[sample], found[at], mine is checked))
         return sorted(pairs, key=lambda pair: not pair[3])
 
     def _shapes_explain(

@@ -18,6 +18,11 @@ from .tensors import Key, batched_entries, call_model, describe_input, sample_li
 
 __all__ = ["Dependence"]
 
+#: The screen for mixed samples scales sample ``j``'s outputs by ``2**j``: for batches up to this
+#: size, in dtypes whose exponent range keeps such gradients far from overflow.
+_SCREEN_MAX_BATCH = 32
+_SCREEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
 
 class Dependence(ModelContract):
     """The helpers of the checks that ask whether an output depends on an input."""
@@ -122,6 +127,55 @@ class Dependence(ModelContract):
         if not value.requires_grad:
             return [torch.zeros_like(p.tensor, dtype=torch.bool) for p in probes]
         return self._nonzero(self._probe_gradients(value, probes), probes)
+
+    def _screened_independence(
+        self, value: torch.Tensor, weights: torch.Tensor, probes: Sequence[Probe]
+    ) -> Optional[Tuple[bool, bool]]:
+        """Whether ``value`` (batch first) is computed from any probe, and whether the samples
+        are certainly not mixed, from two backward passes instead of one per sample: the
+        gradients of ``(value * weights).sum()`` and of the same with sample ``j``'s rows
+        scaled by ``2**j``. A backward pass is linear in the gradient it is handed and
+        scaling by a power of two is exact, so where no other sample's output depends on
+        sample ``i``'s input, the second gradient is exactly ``2**i`` times the first at
+        sample ``i``'s elements, bit for bit; a difference anywhere (a dependence, or a
+        backward pass that is not linear) leaves the judgement to the exact comparison
+        (``_batched_dependence``): (connected, False). None when the screen cannot run (a
+        batch over _SCREEN_MAX_BATCH, another dtype, reentrant gradient checkpointing)."""
+        batch = value.shape[0]
+        dtypes = {value.dtype, *(p.tensor.dtype for p in probes)}
+        if batch > _SCREEN_MAX_BATCH or not dtypes <= set(_SCREEN_DTYPES):
+            return None
+        scale = torch.pow(2.0, torch.arange(batch, dtype=torch.float64))
+        rows = scale.to(value.dtype).view((batch,) + (1,) * (value.dim() - 1))
+        leaves = [p.tensor for p in probes]
+        grads: List[List[Optional[torch.Tensor]]] = []
+        try:
+            for out in (weights, weights * rows):
+                grads.append(
+                    list(
+                        torch.autograd.grad(
+                            value, leaves, grad_outputs=out, retain_graph=True, allow_unused=True
+                        )
+                    )
+                )
+        except RuntimeError:
+            return None
+        first, second = grads
+        connected = any(grad is not None for grad in first)
+        for probe, plain, scaled in zip(probes, first, second):
+            if plain is None or scaled is None:
+                if plain is not scaled:
+                    return connected, False
+                continue
+            if probe.sample is not None:
+                factor = scale[probe.sample].to(plain.dtype)
+            elif plain.dim() and plain.shape[0] == batch:
+                factor = scale.to(plain.dtype).view((batch,) + (1,) * (plain.dim() - 1))
+            else:
+                return connected, False
+            if not torch.equal(scaled, plain * factor):
+                return connected, False
+        return connected, True
 
     def _batched_dependence(
         self, value: torch.Tensor, grad_outputs: torch.Tensor, probes: Sequence[Probe]
