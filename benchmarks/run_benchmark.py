@@ -1,6 +1,7 @@
 """Benchmark the example suite on full-size MNIST-format data.
 
     python benchmarks/run_benchmark.py [--repeats 3] [--sizes 60000,10000] [--cache DIR]
+                                       [--only NAME ...]
 
 1. Generates full-size MNIST-format files once into a cache folder (reused later).
 2. Measures the floor: one pass over both splits through the example's transforms
@@ -9,7 +10,8 @@
    and prints each test's median duration, the median total and total / floor. As for the
    floor, the example's dataset module (torch and torchvision) is imported before the clock
    starts (its import time is printed apart); dltestkit and the test modules are imported on
-   the clock.
+   the clock. ``--only``: the tests whose id contains one of the names given (e.g.
+   ``--only test_dataset`` for the data checks), the ratio being that of those tests.
 4. Counts how often the dataset checks load each sample (a counting wrapper around
    every split, in shared memory so that worker processes count too).
 Peak memory (the test process and its largest worker) is reported as well.
@@ -87,14 +89,29 @@ def peak_memory_mb() -> Dict[str, float]:
     return {"process_mb": self_kb / 1024, "largest_worker_mb": child_kb / 1024}
 
 
-def run_suite() -> Dict[str, Any]:
+def selected(suite: unittest.TestSuite, only: List[str]) -> unittest.TestSuite:
+    """The tests of ``suite`` whose id contains one of ``only`` (all of them without any)."""
+    if not only:
+        return suite
+    found = unittest.TestSuite()
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            found.addTests(selected(item, only))
+        elif any(name in item.id() for name in only):
+            found.addTest(item)
+    return found
+
+
+def run_suite(only: List[str]) -> Dict[str, Any]:
     # what floor_seconds imports before its clock starts: torch and torchvision
     importing = time.perf_counter()
     import dataset  # noqa: F401
 
     imports = time.perf_counter() - importing
     started = time.perf_counter()
-    suite = unittest.defaultTestLoader.discover(str(PROJECT), top_level_dir=str(PROJECT))
+    suite = selected(
+        unittest.defaultTestLoader.discover(str(PROJECT), top_level_dir=str(PROJECT)), only
+    )
     result = TimingResult()
     suite.run(result)
     total = time.perf_counter() - started
@@ -149,15 +166,15 @@ def count_loads() -> Dict[str, Dict[str, int]]:
     }
 
 
-def child(mode: str) -> None:
-    output = run_suite() if mode == "suite" else count_loads()
+def child(mode: str, only: List[str]) -> None:
+    output = run_suite(only) if mode == "suite" else count_loads()
     print("BENCHMARK-RESULT " + json.dumps(output))
 
 
-def in_child(mode: str, root: Path) -> Any:
+def in_child(mode: str, root: Path, only: List[str]) -> Any:
     env = {**os.environ, "DLTESTKIT_MNIST_ROOT": str(root)}
     completed = subprocess.run(
-        [sys.executable, __file__, "--child", mode],
+        [sys.executable, __file__, "--child", mode, *(["--only", *only] if only else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -175,10 +192,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="60000,10000", help="train,test images")
     parser.add_argument("--cache", type=Path, help="data folder (default: ~/.cache/dltestkit)")
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="NAME", help="only the tests whose id has NAME"
+    )
     parser.add_argument("--child", choices=["suite", "count"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.only)
         return
     cache = args.cache or default_cache(args.sizes)
     prepare_data(cache, args.sizes)
@@ -188,11 +208,11 @@ def main() -> None:
     runs: List[Dict[str, Any]] = []
     for _ in range(args.repeats):
         floors.append(floor_seconds(cache))
-        runs.append(in_child("suite", cache))
+        runs.append(in_child("suite", cache, args.only))
     for run in runs:
         if not run["ok"]:
             raise SystemExit("the example suite failed:\n" + "\n".join(run["problems"]))
-    counts = in_child("count", cache)
+    counts = in_child("count", cache, args.only)
 
     floor = statistics.median(floors)
     totals = [run["total"] for run in runs]

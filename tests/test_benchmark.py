@@ -32,6 +32,11 @@ class Benchmark(unittest.TestCase):
                     "300,100",
                     "--cache",
                     cache,
+                    # the data checks (whose loads are counted) and one trainer check: the
+                    # whole example suite runs in CI's first step already
+                    "--only",
+                    "test_dataset",
+                    "test_overfit_one_batch",
                 ],
                 capture_output=True,
                 text=True,
@@ -45,7 +50,11 @@ class Benchmark(unittest.TestCase):
         total = re.search(r"suite total \((\d+) tests\) +\d+\.\d\d", output)
         assert total is not None, output
         timed = re.findall(r"^test_\w+\.Test\w+\.test_\w+ +\d+\.\d\d$", output, re.M)
-        self.assertEqual(int(total.group(1)), len(timed))  # a line per test of the suite
+        self.assertEqual(int(total.group(1)), len(timed))  # a line per test run
+        # --only: the dataset checks and the one trainer check, nothing else
+        self.assertTrue(all(t.startswith(("test_dataset.", "test_trainer.")) for t in timed))
+        self.assertEqual(sum(t.startswith("test_trainer.") for t in timed), 1, timed)
+        self.assertGreater(len(timed), 4, timed)
         self.assertRegex(output, r"ratio total / floor: \d+\.\d\d")
         self.assertRegex(output, r"importing the example's dataset module .* \d+\.\d\d s")
         for split, size in (("train", 300), ("test", 100)):
