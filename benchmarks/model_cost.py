@@ -1,6 +1,6 @@
 """What each ModelTests check costs, in forward+backward passes of the model it checks.
 
-    python benchmarks/model_cost.py                          # both models, both setUps, 3 runs
+    python benchmarks/model_cost.py                          # every model, both setUps, 3 runs
     python benchmarks/model_cost.py --models resnet50 --setups once --repeats 5
 
 The unit is one training-mode forward and backward pass of the model on its inputs (the
@@ -8,14 +8,20 @@ default loss of the checks), timed with the checks' thread setting (``num_thread
 thread) as the median of several passes after a warm-up. Each check's cost is its wall time
 with ``setUp`` left out (the time ``setUp`` itself takes is measured and subtracted), divided
 by the unit measured just before the run; the figures are medians over the runs (the total:
-the median of the runs' totals). The seeded eval pass that most checks share is a row of its
-own, run first: whichever check needed it first would otherwise be charged with it.
+the median of the runs' totals), after one run that is not counted (``--warmups``): the first
+run in a process also pays what PyTorch does once (the kernels it sets up for each new shape,
+the modules it imports on first use). The seeded eval pass that most checks share is a row of
+its own, run first: whichever check needed it first would otherwise be charged with it.
 
 Models (needs the zoo extra: timm, transformers):
 
 - ``resnet50``: timm's ``resnet50`` (``pretrained=False``) on 4 x 3 x 64 x 64 images;
 - ``llama``: a transformers ``LlamaForCausalLM`` of 4 layers (hidden size 256, vocabulary
-  2,000) on 4 x 32 token ids with an attention mask.
+  2,000) on 4 x 32 token ids with an attention mask: a pass so short (about 40 ms here) that
+  the checks' work that does not grow with the model's arithmetic (copying the module tree,
+  the watched passes on ``meta``, PyTorch's dispatch) weighs several passes;
+- ``llama-wide``: the same of 8 layers (hidden size 512, vocabulary 8,000) on 4 x 128 token
+  ids, whose pass (about 0.85 s here) lets that work weigh as it does on real models.
 
 ``--setups``: ``once`` builds the model once and every ``setUp`` assigns it (the checks can
 share their passes by identity); ``per-check`` builds it in every ``setUp``, as most test
@@ -75,18 +81,42 @@ def llama() -> nn.Module:
     )
 
 
+def llama_wide() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8000,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
 def images() -> Any:
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def tokens() -> Any:
-    ids = torch.randint(3, 2000, (4, 32), generator=torch.Generator().manual_seed(0))
+def tokens(vocabulary: int = 2000, length: int = 32) -> Any:
+    ids = torch.randint(3, vocabulary, (4, length), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def wide_tokens() -> Any:
+    return tokens(8000, 128)
 
 
 MODELS: Dict[str, Spec] = {
     "resnet50": (resnet50, images, {"expected_output_shape": (4, 1000)}),
     "llama": (llama, tokens, {"expected_output_shape": (4, 32, 2000)}),
+    "llama-wide": (llama_wide, wide_tokens, {"expected_output_shape": (4, 128, 8000)}),
 }
 
 
@@ -163,6 +193,7 @@ def main(arguments: List[str]) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--setups", default="once,per-check")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmups", type=int, default=1, help="runs before, not counted")
     options = parser.parse_args(arguments)
     warnings.filterwarnings("ignore")
     try:
@@ -181,6 +212,10 @@ def main(arguments: List[str]) -> int:
             totals: List[float] = []
             units: List[float] = []
             outcomes: Dict[str, str] = {}
+            for _ in range(options.warmups):
+                unittest.defaultTestLoader.loadTestsFromTestCase(case_for(name, setup, {})).run(
+                    unittest.TestResult()
+                )
             for _ in range(options.repeats):
                 # the unit measured again before each run: the machine's speed drifts
                 seconds = unit(yardstick, make_inputs())
