@@ -258,6 +258,29 @@ class HandMadeModels(CheckTestCase):
         same = list_case(PadsToTheLargest, lambda: (images(SAME_SIZES),))
         self.assertPasses(same, "test_batch_independence")
 
+    def test_outputs_drawn_per_position_are_judged_on_each_samples_own_copies(self) -> None:
+        """A sample's element holds one of two keys, chosen by a random number drawn per
+        position of the batch (a sampling model, by design): where the copies of samples 0
+        and 1 do not repeat another sample's element at its position, that sample is judged
+        on copies of its own, which draw as self.inputs did there; no false alarm."""
+        drawn: List[List[str]] = []  # the keys of every eval-mode pass, by position
+
+        class DrawsItsOutputKeys(ImageListModel):
+            def forward(self, images: Images, targets: Optional[Targets] = None) -> Any:
+                outputs = super().forward(images, targets)
+                if self.training:
+                    return outputs
+                for output in outputs:
+                    key = "low" if float(torch.rand(())) < 0.5 else "high"
+                    output[key] = output["scores"] * 2
+                drawn.append([next(k for k in ("low", "high") if k in o) for o in outputs])
+                return outputs
+
+        case = list_case(DrawsItsOutputKeys, lambda: (images(SAME_SIZES),))
+        self.assertPasses(case, "test_batch_independence")
+        # (the positions drew other keys: the screen did meet elements it could not compare)
+        self.assertTrue(any(len(set(keys)) > 1 for keys in drawn), drawn)
+
     def test_padding_that_cannot_be_told_from_mixing_is_a_skipped_part(self) -> None:
         case = list_case(PadsImagesInTheUnitRange, lambda: (images(),))
         outcome = run_check(case, "test_batch_independence")
