@@ -62,18 +62,24 @@ def resnet50() -> nn.Module:
     return timm.create_model("resnet50", pretrained=False)
 
 
-def llama() -> nn.Module:
+def llama(
+    layers: int = 4,
+    width: int = 256,
+    intermediate: int = 512,
+    vocabulary: int = 2000,
+    positions: int = 64,
+) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=2000,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
+            vocab_size=vocabulary,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
             num_attention_heads=8,
             num_key_value_heads=4,
-            max_position_embeddings=64,
+            max_position_embeddings=positions,
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
@@ -82,22 +88,7 @@ def llama() -> nn.Module:
 
 
 def llama_wide() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=8000,
-            hidden_size=512,
-            intermediate_size=1376,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    )
+    return llama(layers=8, width=512, intermediate=1376, vocabulary=8000, positions=256)
 
 
 def images() -> Any:
