@@ -106,6 +106,7 @@ class BatchIndependence(Dependence):
         # for every sample at once, in one batched backward pass when it can run. Whether the
         # checked output is computed from the probes at all is told by the same gradients.
         every: Optional[List[List[torch.Tensor]]] = None
+        independent = False
         screened = (
             self._screened_independence(
                 checked, torch.ones_like(checked) if per_sample else weights[0], probes
@@ -113,11 +114,10 @@ class BatchIndependence(Dependence):
             if probes and checked.requires_grad
             else None
         )
-        independent = screened is not None and screened[1]
         if not probes or not checked.requires_grad:
             traced = False
         elif screened is not None and screened[1]:
-            traced = screened[0]
+            traced, independent = screened[0], True
         else:
             masks = 1 - torch.eye(batch, dtype=checked.dtype)
             if per_sample:
