@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unittest
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -291,6 +291,22 @@ def _no_float64(x: torch.Tensor) -> torch.Tensor:
 
 
 _LIBRARY.impl("no_float64", _no_float64, "CPU")
+
+
+def passes_through(backward: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """An autograd function whose forward returns (a copy of) its input and whose backward
+    hands ``backward(grad)`` back: a hook into every backward pass through it."""
+
+    class PassesThrough(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return backward(grad)
+
+    return PassesThrough
 
 
 class NoMetaKernel(AutoEncoder):
@@ -1207,14 +1223,7 @@ class BatchIndependence(CheckTestCase):
         screen of two backward passes sees a difference, and the exact comparison of every
         sample's gradients passes the model; the same clipping with samples mixed fails."""
 
-        class ClipsGradients(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-                return x.clone()
-
-            @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-                return grad.clamp(-1e-3, 1e-3)
+        ClipsGradients = passes_through(lambda grad: grad.clamp(-1e-3, 1e-3))
 
         class Clipped(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -2127,15 +2136,11 @@ class Speed(unittest.TestCase):
         1, not one per sample); a model that mixes them still fails (BatchIndependence)."""
         counts = {"forward": 0, "backward": 0}
 
-        class Counted(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-                return x.clone()
+        def counted(grad: torch.Tensor) -> torch.Tensor:
+            counts["backward"] += 1
+            return grad
 
-            @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-                counts["backward"] += 1
-                return grad
+        Counted = passes_through(counted)
 
         class CountsItsPasses(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
