@@ -1,9 +1,10 @@
 """What the model checks do to cost less, and that each keeps its verdicts: the round trip's
 fresh model built without its random initialisation (built in full before anything is
-reported), the dtype check on two samples (on all of them when that does not pass), the device
-check's meta run without a CPU run until a step needs the data, the batch check's dependence
-from one batched backward pass (one pass per sample where that cannot run: reentrant gradient
-checkpointing, tested with the batch check)."""
+reported), the shape check's other batch sizes kept small (1 and 2), the dtype check on two
+samples (on all of them when that does not pass), the device check's meta run without a CPU
+run until a step needs the data, the batch check's dependence from one batched backward pass
+(one pass per sample where that cannot run: reentrant gradient checkpointing, tested with the
+batch check)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Tuple
 
 import torch
 import torch.nn.functional as F
-from checkrunner import CheckTestCase
+from checkrunner import CheckTestCase, run_check
 from test_model_checks import FEATURES, SHAPE, AutoEncoder, HardWiredBatch, model_case
 from torch import nn
 
@@ -69,6 +70,38 @@ class RoundTrip(CheckTestCase):
             "part of the model's state is not in its state dict",
             "initial (buffer with persistent=False)",
         )
+
+
+class CountsBatchSizes(AutoEncoder):
+    """Correct; records the batch size of every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape[0])
+        return super().forward(x)
+
+
+class OutputShape(CheckTestCase):
+    def test_the_other_batch_sizes_are_the_two_smallest(self) -> None:
+        for batch, others in ((4, [1, 2]), (2, [1, 3]), (1, [2])):
+            with self.subTest(batch=batch):
+                model = CountsBatchSizes()
+                case = model_case(
+                    lambda model=model: model,
+                    inputs=lambda batch=batch: torch.randn(batch, *SHAPE),
+                )
+                self.assertPasses(case, "test_output_shape")
+                self.assertEqual(model.seen, [batch, *others])  # the shared eval pass first
+
+    def test_a_batch_size_hard_wired_for_the_inputs_fails_at_each_other_size(self) -> None:
+        outcome = run_check(model_case(HardWiredBatch), "test_output_shape")
+        self.assertEqual(len(outcome.failures), 2, outcome.failures)
+        self.assertIn("at batch size 1 the model raises RuntimeError", outcome.failures[0])
+        self.assertIn("at batch size 2 the model raises RuntimeError", outcome.failures[1])
+        self.assertIn("hard-coded batch size", outcome.failures[1])
 
 
 class OnlyForFour(AutoEncoder):

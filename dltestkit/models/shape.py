@@ -95,7 +95,9 @@ class OutputShape(ModelContract):
             "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
             "squeeze(dim))."
         )
-        for size in dict.fromkeys((1, batch + 1)):
+        # 1 (a squeeze() that drops the batch dimension) and the smallest other size (any
+        # hard-coded batch size fails there): small batches, cheap passes
+        for size in [size for size in (1, 3 if batch == 2 else 2) if size != batch]:
             with self.subTest(batch_size=size):
                 try:
                     with torch.no_grad():
