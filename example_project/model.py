@@ -85,8 +85,9 @@ class MLPVAE(VAE):
         decoder = nn.Sequential(
             _mlp([bottleneck_dim, *reversed(hidden)]),
             nn.Linear(hidden[0], num_inputs),
-            nn.Tanh(),
             nn.Unflatten(1, input_shape),
+            nn.Tanh(),  # last: its output is a tensor of its own, not a view (FSDP2 warns of
+            # a view returned by a sharded module, which an in-place op would cut off)
         )
         super().__init__(encoder, decoder, hidden[-1], bottleneck_dim)
         self.input_shape = input_shape
@@ -117,7 +118,10 @@ class CNNVAE(VAE):
                 nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1),
                 nn.LeakyReLU(0.2),
             ]
-        encoder = nn.Sequential(*encoder_layers, nn.Flatten())
+        # flattened before the last activation, whose output is then a tensor of its own, not
+        # a view (FSDP2 warns of a view returned by a sharded module)
+        encoder_layers.insert(-1, nn.Flatten())
+        encoder = nn.Sequential(*encoder_layers)
 
         decoder_layers: list = [
             nn.Linear(bottleneck_dim, feature_dim),
