@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from checkrunner import CheckTestCase, make_case
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
@@ -123,7 +123,8 @@ class MasksFeaturesAtRandom(nn.Module):
     """Correct: reads a random three quarters of the features, in eval mode too (a masked
     autoencoder's encoder), through a layer whose bias starts at zero. Under the checks' seed
     it leaves features 1 and 7 unread in every sample, and feature 7 under the second seed
-    too; the third reads it. With ``bug``, it never reads the last feature."""
+    too; the third reads it (under seed 3, feature 9 is read under none of the first three
+    seeds). With ``bug``, it never reads the last feature."""
 
     def __init__(self, bug: bool = False) -> None:
         super().__init__()
@@ -135,6 +136,21 @@ class MasksFeaturesAtRandom(nn.Module):
         keep = torch.rand(x.shape[-1]) < 0.75
         if self.bug:
             keep[-1] = False
+        return self.linear(x * keep)
+
+
+class ReadsSomeFeaturesRarely(nn.Module):
+    """Correct: reads features 8 to 15 always and each of features 0 to 7 in a random tenth of
+    its passes, in eval mode too. Under most seeds, one of the rare ones stays unread under
+    all of the check's seeds, and the later seeds that the others took show it could be
+    chance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.cat([torch.rand(8) < 0.1, torch.ones(8, dtype=torch.bool)])
         return self.linear(x * keep)
 
 
@@ -261,6 +277,26 @@ class InputsUsed(CheckTestCase):
             USED,
             "self.inputs[:, 15] is read by no output (dimension 1, in every sample)",
         )
+
+    def test_features_read_rarely_at_random_are_not_judged_where_chance_explains_it(
+        self,
+    ) -> None:
+        skipped = []
+        for seed in (0, 14, 44):  # under 14 and 44, a rare one is read under none of 24 seeds
+            with self.subTest(seed=seed):
+                seeded = type("Seeded", (case(ReadsSomeFeaturesRarely, features),), {"seed": seed})
+                outcome = run_check(seeded, USED)
+                self.assertEqual((outcome.failures, outcome.errors), ([], []))
+                skipped += outcome.skips
+        self.assertTrue(skipped)
+        self.assertIn(
+            "is read by no output under any of 24 seeds, but the model reads at random in eval "
+            "mode (torch.rand compared with a threshold (a mask) in ReadsSomeFeaturesRarely, at "
+            "test_inputs_used.py:",
+            skipped[0],
+        )
+        self.assertIn("indices it left unread under the check's seed were read under", skipped[0])
+        self.assertIn("not judged. To have them judged, make what eval mode reads", skipped[0])
 
     def test_a_token_position_cut_off_fails(self) -> None:
         self.assertFailsWith(

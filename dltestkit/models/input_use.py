@@ -51,7 +51,7 @@ from .input_parts import (
     swap,
     ways,
 )
-from .randomness import RandomnessWatch
+from .randomness import RandomDraw, RandomnessWatch, describe_draws
 from .tensors import (
     Key,
     batched_entries,
@@ -66,6 +66,16 @@ __all__ = ["InputUse"]
 #: Slabs judged one by one by values, at most, for one input (beyond: a skipped part).
 _SLABS_BY_VALUE = 16
 
+#: The seeds the outputs are compared under when the model draws random numbers in eval mode
+#: (the check's and the others), each tried only while a change has made no difference: an
+#: element such a model reads at random is unread under all of them by chance alone only if it
+#: is read very rarely, which the elements read under a later seed than the check's measure.
+_RANDOM_SEEDS = 24
+
+#: The chance below which elements unread under every seed are reported as unread, for a
+#: model that reads at random; above it, they are a skipped part.
+_CHANCE = 1e-4
+
 
 class _Judge:
     """Changes elements of self.inputs and compares the outputs of one model (the model under
@@ -77,14 +87,20 @@ class _Judge:
         self.model = model
         self._seeds: Optional[List[int]] = None
         self._bases: Dict[int, List[Tuple[str, torch.Tensor]]] = {}
+        #: What an eval-mode pass draws random numbers with (watched when seeds are asked for).
+        self.draws: List[RandomDraw] = []
+        #: For each index read under another seed than the check's (judged alone): how many
+        #: seeds after the check's it took to be read. Evidence of reading at random.
+        self.read_after: List[int] = []
 
     @property
     def seeds(self) -> List[int]:
-        """The seeds the outputs are compared under: the check's, and two more when the model
-        draws random numbers in eval mode (seen in a watched pass, run only when a change
-        makes no difference under the check's seed)."""
+        """The seeds the outputs are compared under: the check's, and _RANDOM_SEEDS - 1 more
+        when the model draws random numbers in eval mode (seen in a watched pass, run only
+        when a change makes no difference under the check's seed)."""
         if self._seeds is None:
-            self._seeds = self.test._seeds_for_values(self.test._draws_in_eval(self.model))
+            self.draws = self.test._draws_in_eval(self.model)
+            self._seeds = self.test._seeds_for_values(bool(self.draws))
         return self._seeds
 
     def _compared_seeds(self) -> Iterator[int]:
@@ -104,21 +120,26 @@ class _Judge:
             )
         return self._bases[seed]
 
-    def changes(self, changes: List[Tuple[Target, torch.Tensor]]) -> Optional[bool]:
+    def changes(
+        self, changes: List[Tuple[Target, torch.Tensor]], alone: bool = False
+    ) -> Optional[bool]:
         """Whether changing the elements ``changes`` (target, mask) changes some output, under
         any seed and any way of changing them; None when there is nothing to change (empty
-        tensors). A model that raises on the changed values reads them."""
+        tensors). A model that raises on the changed values reads them. ``alone``: one index,
+        whose seeds until it is read are noted (``read_after``)."""
         changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
         if not changes:
             return None
         for way in ways(changes):
             inputs = self.test._inputs_with_changes(changes, way)
-            for seed in self._compared_seeds():
+            for tried, seed in enumerate(self._compared_seeds()):
                 try:
                     outputs = self.test._outputs(self.model, inputs, seed)
                 except Exception:  # the model checks the values: it reads them
                     return True
                 if not same_outputs(outputs, self.base(seed)):
+                    if alone and tried:
+                        self.read_after.append(tried)
                     return True
         return False
 
@@ -173,7 +194,8 @@ class _Judge:
             alone = [
                 index
                 for index in slabs.indices
-                if self.changes([(target, Slabs(target, slabs.dim, [index]).mask())]) is False
+                if self.changes([(target, Slabs(target, slabs.dim, [index]).mask())], alone=True)
+                is False
             ]
             if alone:
                 unread.append(Slabs(target, slabs.dim, alone))
@@ -377,21 +399,53 @@ class InputUse(Dependence):
             self.fail(self._never_read_message(group))
         unread = [slabs for group in parts.values() for slabs in group]
         reported = [slabs for slabs in unread if not self._designed(slabs)]
-        if reported:
+        if reported and not self._unread_by_chance(judges, reported):
             self.fail(self._unread_message(reported))
 
     def _seeds_for_values(self, draws: bool) -> List[int]:
-        """The seed of the check, and two more when eval mode draws random numbers (which
-        elements a randomly masking model reads changes with the seed)."""
+        """The seed of the check, and _RANDOM_SEEDS - 1 more when eval mode draws random
+        numbers (which elements a randomly masking model reads changes with the seed)."""
         if not draws:
             return [self.seed]
-        return [self.seed, derived_seed(self.seed, 1), derived_seed(self.seed, 2)]
+        return [self.seed, *(derived_seed(self.seed, i) for i in range(1, _RANDOM_SEEDS))]
 
-    def _draws_in_eval(self, model: nn.Module) -> bool:
-        """Whether an eval-mode pass of ``model`` over self.inputs draws random numbers."""
+    def _draws_in_eval(self, model: nn.Module) -> List[RandomDraw]:
+        """The random draws of an eval-mode pass of ``model`` over self.inputs."""
         with torch.no_grad(), watching(model, RandomnessWatch) as watch:
             self._forward(model, self.inputs)
-        return bool(watch.draws)
+        return list(watch.draws)
+
+    def _unread_by_chance(self, judges: List[_Judge], reported: List[Slabs]) -> bool:
+        """For a model that reads at random (indices unread under the check's seed were read
+        under a later one): whether chance explains ``reported``, unread under every seed;
+        if so they are a skipped part that says how likely that was. Without that evidence,
+        an index that no seed shows read is unread."""
+        judge = judges[-1]
+        tries = [tried for each in judges for tried in each.read_after]
+        if not tries or not judge.draws:
+            return False
+        seeds = len(judge.seeds)
+        # the chance that an index read at random is read under one more seed, from the
+        # seeds that the indices read later took, estimated low (one more seed counted as
+        # unread), and that one of the reported stays unread under all but the check's
+        rate = len(tries) / (sum(tries) + 1)
+        count = sum(len(slabs.indices) for slabs in reported)
+        chance = min(1.0, count * (1 - rate) ** (seeds - 1))
+        if chance < _CHANCE:
+            return False
+        for slabs in reported:
+            self._skip_part(
+                slabs.describe(),
+                f"{slabs.describe()} is read by no output under any of {seeds} seeds, but the "
+                f"model reads at random in eval mode ({describe_draws(judge.draws)}): "
+                f"{len(tries)} indices it left unread under the check's seed were read under "
+                f"a later seed, after {sum(tries) / len(tries):.1f} more on average, so "
+                f"indices read that rarely stay unread under all {seeds} with a chance of "
+                f"about {chance:.1g}: not judged. To have them judged, make what eval mode "
+                "reads deterministic (the masking switched off in eval mode, or its mask "
+                "passed in as an input).",
+            )
+        return True
 
     def _outputs(
         self, model: nn.Module, inputs: Any, seed: int, training: bool = False

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.watch import ModuleTracker, Watch, op_name, tensors_in, user_code_location, watching
 
-__all__ = ["RandomDraw", "RandomnessWatch", "watching_randomness"]
+__all__ = ["RandomDraw", "RandomnessWatch", "describe_draws", "watching_randomness"]
 
 # The dropout functions: (position of p, position and keyword of the training flag, its default)
 _DROPOUTS: Dict[Any, Tuple[int, int, str, bool]] = {
@@ -111,6 +111,15 @@ class RandomDraw:
 
     def describe(self) -> str:
         return f"{self.operation} in {self.module}, at {self.location}"
+
+
+def describe_draws(draws: List[RandomDraw]) -> str:
+    """The first few operations that drew random numbers, each once, for a message."""
+    unique = list(dict.fromkeys(draw.describe() for draw in draws))
+    if not unique:
+        return "no operation dltestkit can see (TorchScript code, a C++ extension)"
+    more = f" and {len(unique) - 3} more" if len(unique) > 3 else ""
+    return "; ".join(unique[:3]) + more
 
 
 class RandomnessWatch(Watch):

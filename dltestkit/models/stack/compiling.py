@@ -15,9 +15,9 @@ from ...core.options import ContractError, option
 from ...core.validators import is_bool, is_str
 from ...core.watch import raising_user_line
 from ..copies import describe_mode
+from ..randomness import describe_draws
 from .contract import (
     StackContract,
-    describe_draws,
     differences,
     gradient_differences,
     without_fast_path,

@@ -325,12 +325,3 @@ class StackContract(ModelContract):
 
     def _kept_input_gradients(self) -> ContextManager[None]:
         return gradients_set_aside(self._input_leaves())
-
-
-def describe_draws(draws: List[RandomDraw]) -> str:
-    """The first few operations that drew random numbers, each once, for a message."""
-    unique = list(dict.fromkeys(draw.describe() for draw in draws))
-    if not unique:
-        return "no operation dltestkit can see (TorchScript code, a C++ extension)"
-    more = f" and {len(unique) - 3} more" if len(unique) > 3 else ""
-    return "; ".join(unique[:3]) + more

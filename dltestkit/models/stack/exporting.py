@@ -15,8 +15,9 @@ from ...core.messages import exception_text, listed
 from ...core.options import ContractError, option
 from ...core.validators import is_bool
 from ...core.watch import raising_user_line
+from ..randomness import describe_draws
 from ..tensors import batch_entries, describe_batched, sample_lists
-from .contract import StackContract, describe_draws, differences, without_fast_path
+from .contract import StackContract, differences, without_fast_path
 
 __all__ = ["Export"]
 
