@@ -154,6 +154,21 @@ class ReadsSomeFeaturesRarely(nn.Module):
         return self.linear(x * keep)
 
 
+class NoisyWithoutFeature15(nn.Module):
+    """Broken: never reads the last feature; draws random numbers in eval mode too (noise on
+    its outputs, as a VAE samples), which change nothing of what it reads. Counts its passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(15, 4)
+        self.passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        out = self.linear(x[:, :15])
+        return out + 0.1 * torch.randn_like(out)
+
+
 class LabelsInTraining(nn.Module):
     """Reads its labels for a loss in training mode only."""
 
@@ -297,6 +312,19 @@ class InputsUsed(CheckTestCase):
         )
         self.assertIn("indices it left unread under the check's seed were read under", skipped[0])
         self.assertIn("not judged. To have them judged, make what eval mode reads", skipped[0])
+
+    def test_a_model_that_samples_without_reading_at_random_is_judged_under_three_seeds(
+        self,
+    ) -> None:
+        model = NoisyWithoutFeature15()
+        self.assertFailsWith(
+            case(lambda: model, features),
+            USED,
+            "self.inputs[:, 15] is read by no output (dimension 1, in every sample)",
+        )
+        # the gradient pass, the eval pass, the watched pass, then per seed the base and
+        # three ways of changing feature 15: 3 seeds make 15 passes, 24 would make 99
+        self.assertEqual(model.passes, 15)
 
     def test_a_token_position_cut_off_fails(self) -> None:
         self.assertFailsWith(

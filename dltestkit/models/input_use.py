@@ -72,6 +72,11 @@ _SLABS_BY_VALUE = 16
 #: is read very rarely, which the elements read under a later seed than the check's measure.
 _RANDOM_SEEDS = 24
 
+#: Of those, the seeds compared under until an index has been seen read at random (read
+#: under a later seed than the check's): a model that draws random numbers for another reason
+#: (a VAE's sampling, dropout kept on) reads the same elements under every seed.
+_SEEDS_BEFORE_EVIDENCE = 3
+
 #: The chance below which elements unread under every seed are reported as unread, for a
 #: model that reads at random; above it, they are a skipped part.
 _CHANCE = 1e-4
@@ -92,6 +97,8 @@ class _Judge:
         #: For each index read under another seed than the check's (judged alone): how many
         #: seeds after the check's it took to be read. Evidence of reading at random.
         self.read_after: List[int] = []
+        #: Whether every seed is compared under (set once reading at random was seen).
+        self.every_seed = False
 
     @property
     def seeds(self) -> List[int]:
@@ -104,9 +111,13 @@ class _Judge:
         return self._seeds
 
     def _compared_seeds(self) -> Iterator[int]:
-        """The check's seed, then the others (worked out only when asked for)."""
+        """The check's seed, then the others (worked out only when asked for): beyond the
+        first _SEEDS_BEFORE_EVIDENCE, only once an index has been seen read at random."""
         yield self.test.seed
-        yield from self.seeds[1:]
+        for position, seed in enumerate(self.seeds[1:], start=1):
+            if position >= _SEEDS_BEFORE_EVIDENCE and not (self.every_seed or self.read_after):
+                return
+            yield seed
 
     def base(self, seed: int) -> List[Tuple[str, torch.Tensor]]:
         """The outputs for self.inputs under ``seed`` (under the check's seed, on the model
@@ -399,7 +410,9 @@ class InputUse(Dependence):
             self.fail(self._never_read_message(group))
         unread = [slabs for group in parts.values() for slabs in group]
         reported = [slabs for slabs in unread if not self._designed(slabs)]
-        if reported and not self._unread_by_chance(judges, reported):
+        if reported:
+            reported = self._unexplained_by_chance(judges, reported)
+        if reported:
             self.fail(self._unread_message(reported))
 
     def _seeds_for_values(self, draws: bool) -> List[int]:
@@ -415,25 +428,42 @@ class InputUse(Dependence):
             self._forward(model, self.inputs)
         return list(watch.draws)
 
-    def _unread_by_chance(self, judges: List[_Judge], reported: List[Slabs]) -> bool:
-        """For a model that reads at random (indices unread under the check's seed were read
-        under a later one): whether chance explains ``reported``, unread under every seed;
-        if so they are a skipped part that says how likely that was. Without that evidence,
-        an index that no seed shows read is unread."""
+    def _unexplained_by_chance(self, judges: List[_Judge], reported: List[Slabs]) -> List[Slabs]:
+        """What of ``reported`` (unread under every seed compared) is unread. For a model
+        that reads at random (indices unread under the check's seed were read under a later
+        one), the reported indices are judged again under every seed (some were judged before
+        that was seen, under the first seeds only), and those still unread are a skipped part
+        when chance explains them, which says how likely that was. Without that evidence, an
+        index that no seed shows read is unread."""
         judge = judges[-1]
+        if not judge.draws or not any(each.read_after for each in judges):
+            return reported
+        judge.every_seed = True
+        still = []
+        for slabs in reported:
+            if slabs.dim is None:
+                still.append(slabs)
+                continue
+            target, dim = slabs.target, slabs.dim
+            unread = [
+                index
+                for index in slabs.indices
+                if judge.changes([(target, Slabs(target, dim, [index]).mask())], alone=True)
+                is False
+            ]
+            if unread:
+                still.append(Slabs(target, dim, unread))
         tries = [tried for each in judges for tried in each.read_after]
-        if not tries or not judge.draws:
-            return False
         seeds = len(judge.seeds)
         # the chance that an index read at random is read under one more seed, from the
         # seeds that the indices read later took, estimated low (one more seed counted as
-        # unread), and that one of the reported stays unread under all but the check's
+        # unread), and that one of those left stays unread under all but the check's
         rate = len(tries) / (sum(tries) + 1)
-        count = sum(len(slabs.indices) for slabs in reported)
+        count = sum(len(slabs.indices) for slabs in still)
         chance = min(1.0, count * (1 - rate) ** (seeds - 1))
-        if chance < _CHANCE:
-            return False
-        for slabs in reported:
+        if not still or chance < _CHANCE:
+            return still
+        for slabs in still:
             self._skip_part(
                 slabs.describe(),
                 f"{slabs.describe()} is read by no output under any of {seeds} seeds, but the "
@@ -445,7 +475,7 @@ class InputUse(Dependence):
                 "reads deterministic (the masking switched off in eval mode, or its mask "
                 "passed in as an input).",
             )
-        return True
+        return []
 
     def _outputs(
         self, model: nn.Module, inputs: Any, seed: int, training: bool = False
