@@ -1665,6 +1665,43 @@ class EvalDeterministic(CheckTestCase):
             "DropPathAlwaysOn, at test_model_checks.py:",
         )
 
+    def test_a_drop_path_drawn_alike_under_the_first_two_seeds_still_fails(self) -> None:
+        class DropPathAlwaysOn(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.8)  # ignores self.training
+                return super().forward(x * keep / 0.8)
+
+        # under seeds 14 and 15, the four samples draw the same mask
+        seeded = type("Seeded", (model_case(DropPathAlwaysOn),), {"seed": 14})
+        self.assertFailsWith(
+            seeded,
+            "test_eval_deterministic",
+            "the model draws a dropout mask at evaluation: Tensor.bernoulli_ in "
+            "DropPathAlwaysOn, at test_model_checks.py:",
+        )
+
+    def test_a_model_that_draws_without_using_the_draws_passes(self) -> None:
+        class DrawsAndIgnores(AutoEncoder):
+            passes = 0
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                DrawsAndIgnores.passes += 1
+                torch.rand(3)  # drawn, never used
+                return super().forward(x)
+
+        self.assertPasses(model_case(DrawsAndIgnores), "test_eval_deterministic")
+        self.assertEqual(DrawsAndIgnores.passes, 8)  # the shared eval pass and 7 seeds more
+
+        class Counts(AutoEncoder):
+            passes = 0
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                Counts.passes += 1
+                return super().forward(x)
+
+        self.assertPasses(model_case(Counts), "test_eval_deterministic")
+        self.assertEqual(Counts.passes, 2)  # drawing nothing: one pass besides the shared one
+
     def test_a_hand_made_mask_that_ignores_eval_mode_fails(self) -> None:
         class MaskAlwaysOn(AutoEncoder):
             def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -287,12 +287,15 @@ class ModelContract(CheckMixin):
         training: bool = False,
         seed: Optional[int] = None,
         copied: bool = False,
+        drew: Optional[List[bool]] = None,
     ) -> Any:
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
         unless given) and restored after; every submodule's mode is restored too. ``copied``:
-        ``inputs`` are copies already (``input_copies``), passed as they are."""
+        ``inputs`` are copies already (``input_copies``), passed as they are. ``drew``: a list
+        to append whether the call drew from torch's CPU generator (its state moved)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
+            seeded = torch.get_rng_state() if drew is not None else None
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
@@ -304,6 +307,8 @@ class ModelContract(CheckMixin):
                     raise
                 finally:
                     self._note_settings(model, settings)
+            if seeded is not None and drew is not None:
+                drew.append(not torch.equal(torch.get_rng_state(), seeded))
         if output is None:
             self.fail(self._none_returned(training))
         return output
