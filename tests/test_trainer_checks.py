@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from checkrunner import CheckTestCase, make_case, run_check
+from checkrunner import NO_GPU, CheckTestCase, make_case, run_check
 from torch import nn
 from torch.nn import functional as F
 
@@ -657,7 +657,9 @@ class CorrectTrainers(CheckTestCase):
                         f"make_trainer does not take the keyword argument {STACK[name]}",
                     )
                 else:
-                    self.assertPasses(classifier_case(ClassifierTrainer), name)
+                    # (under some seeds the first batch's loss is put down to the batch)
+                    allowed = (NO_GPU, PUT_DOWN_TO_THE_BATCH)
+                    self.assertPasses(classifier_case(ClassifierTrainer), name, allowed)
 
     def test_the_vae_passes_its_checks(self) -> None:
         for name in [
@@ -1667,6 +1669,10 @@ class EvalLeavesModelUnchanged(CheckTestCase):
         )
 
 
+#: How a first training loss within initial_batch_factor of eval()'s is reported: skipped.
+PUT_DOWN_TO_THE_BATCH = "The first training loss trainer.train(1) logged as"
+
+
 class InitialLoss(CheckTestCase):
     def test_a_loss_summed_over_the_batch_fails_with_the_ratio(self) -> None:
         self.assertFailsWith(
@@ -1689,14 +1695,36 @@ class InitialLoss(CheckTestCase):
             "which multiplies the learning rate by the batch size",
             "set initial_loss_tag to the tag that logs it, or to None",
         )
-        # Summed over batches of 4: about 4 times the expected value, whatever the seed.
+        # Summed over batches of 4: 4 times the expected value, times what one batch's loss at
+        # initialisation differs by from the mean (0.73 to 1.41 times over 300 seeds).
         ratio = re.search(r"\(([0-9.]+) times the expected value\)", text)
         assert ratio is not None, text
-        self.assertAlmostEqual(float(ratio.group(1)), 4.0, delta=1.0)
+        self.assertTrue(2.9 < float(ratio.group(1)) < 5.7, text)
         # eval() averages: its loss is within the tolerance of log(4), whatever the seed.
         returned = re.search(r"although trainer\.eval\(\) returned ([0-9.]+):", text)
         assert returned is not None, text
         self.assertAlmostEqual(float(returned.group(1)), math.log(4), delta=0.25 * math.log(4))
+
+    def test_a_first_batch_off_by_less_than_the_factor_is_put_down_to_the_batch(self) -> None:
+        """Under seed 20, the correct classifier's first batch of 4 has a loss 1.32 times
+        log(4), outside the 25 % tolerance, while eval() returns 1.41."""
+        seeded = type("Seeded", (classifier_case(ClassifierTrainer),), {"seed": 20})
+        self.assertSkipsWith(
+            seeded,
+            "test_initial_loss",
+            "The first training loss trainer.train(1) logged as 'train/loss' was 1.83496, "
+            "outside the tolerance of expected_initial_loss (1.38629, rtol=0.25, atol=0.0) "
+            "(1.32 times the expected value), but within a factor of 2.0 "
+            "(initial_batch_factor) of the 1.40749 that trainer.eval() returned",
+            "Not judged; lower initial_batch_factor (1: strict) to judge it.",
+        )
+        strict = type("Strict", (seeded,), {"initial_batch_factor": 1})
+        self.assertFailsWith(
+            strict,
+            "test_initial_loss",
+            "The first training loss trainer.train(1) logged as 'train/loss' (initial_loss_tag) "
+            "was 1.83496, expected about 1.38629",
+        )
 
     def test_the_training_loss_is_read_from_initial_loss_tag(self) -> None:
         self.assertFailsWith(
@@ -1705,7 +1733,9 @@ class InitialLoss(CheckTestCase):
             "The first training loss trainer.train(1) logged as 'loss/train' (initial_loss_tag)",
         )
         self.assertPasses(
-            classifier_case(LogsTheLossAs, initial_loss_tag="loss/train"), "test_initial_loss"
+            classifier_case(LogsTheLossAs, initial_loss_tag="loss/train"),
+            "test_initial_loss",
+            (PUT_DOWN_TO_THE_BATCH,),
         )
         # The default tag, train/loss, is compared only when the trainer logs it.
         self.assertPasses(classifier_case(SumsUnderItsOwnTag), "test_initial_loss")

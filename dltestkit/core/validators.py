@@ -13,6 +13,7 @@ __all__ = [
     "is_bool",
     "is_callable",
     "is_choice",
+    "is_factor",
     "is_fraction",
     "is_instance",
     "is_key",
@@ -88,6 +89,12 @@ def is_positive_number(value: Any) -> Optional[str]:
     if is_number(value) is None and value > 0:
         return None
     return f"is {value!r}, not a positive number"
+
+
+def is_factor(value: Any) -> Optional[str]:
+    if is_number(value) is None and value >= 1:
+        return None
+    return f"is {value!r}, not a number of at least 1"
 
 
 def is_fraction(value: Any) -> Optional[str]:
