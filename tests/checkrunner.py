@@ -11,6 +11,9 @@ from typing import Any, Callable, Dict, List, Sequence
 SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
 #: The reason test_device_moving_on_gpu gives on CPU-only machines.
 NO_GPU = "no CUDA, MPS or other accelerator"
+#: How test_initial_loss reports a first training loss within initial_batch_factor of eval()'s
+#: (a correct trainer's first batch, under some seeds): skipped.
+PUT_DOWN_TO_THE_BATCH = "The first training loss trainer.train(1) logged as"
 #: The reason test_running_statistics gives for a model without running statistics.
 NO_RUNNING_STATISTICS = "no normalisation in eval mode is handed running statistics"
 

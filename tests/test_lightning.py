@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from checkrunner import CheckTestCase, make_case, run_check
+from checkrunner import NO_GPU, PUT_DOWN_TO_THE_BATCH, CheckTestCase, make_case, run_check
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -114,7 +114,9 @@ class Lightning(CheckTestCase):
                         lightning_case(), name, allowed_skips=[f"{NOT_TAKEN} grad_scale"]
                     )
                 else:
-                    self.assertPasses(lightning_case(), name)
+                    # (under some seeds the first batch's loss is put down to the batch)
+                    allowed = (NO_GPU, PUT_DOWN_TO_THE_BATCH)
+                    self.assertPasses(lightning_case(), name, allowed)
 
     def test_lightning_checkpoints_alone_lose_the_data_order_and_random_state(self) -> None:
         self.assertFailsWith(

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from checkrunner import NO_GPU, CheckTestCase, make_case, run_check
+from checkrunner import NO_GPU, PUT_DOWN_TO_THE_BATCH, CheckTestCase, make_case, run_check
 from torch import nn
 from torch.nn import functional as F
 
@@ -1667,10 +1667,6 @@ class EvalLeavesModelUnchanged(CheckTestCase):
             self.check,
             "ContractError: self.eval_restores_mode set in Case.setUp is 'yes', not True or False",
         )
-
-
-#: How a first training loss within initial_batch_factor of eval()'s is reported: skipped.
-PUT_DOWN_TO_THE_BATCH = "The first training loss trainer.train(1) logged as"
 
 
 class InitialLoss(CheckTestCase):
