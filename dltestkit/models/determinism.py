@@ -51,23 +51,19 @@ class EvalDeterminism(ModelContract):
         latent code) and skips naming the operation, unless ``deterministic_eval`` is True.
         """
         first = self._eval_pass()
-        drew: List[bool] = []
-        with torch.no_grad():
-            second = self._forward(
-                self.model, self.inputs, seed=derived_seed(self.seed, 1), drew=drew
-            )
-        differing = first_difference(first, second)
         # A model that draws random numbers in eval mode may draw alike under two seeds (a
         # mask over a few samples: 4 samples kept with p = 0.8 are kept alike one time in
-        # five): then more seeds, until one gives other outputs.
-        offset = 2
-        while differing is None and drew[-1] and offset < _SEEDS_WHILE_DRAWING:
+        # five): while the first pass under another seed drew, more seeds, until one gives
+        # other outputs.
+        drew: List[bool] = []
+        for offset in range(1, _SEEDS_WHILE_DRAWING):
             with torch.no_grad():
                 second = self._forward(
-                    self.model, self.inputs, seed=derived_seed(self.seed, offset)
+                    self.model, self.inputs, seed=derived_seed(self.seed, offset), drew=drew
                 )
             differing = first_difference(first, second)
-            offset += 1
+            if differing is not None or not drew[0]:
+                break
         if differing is None:
             return
         path, largest = differing

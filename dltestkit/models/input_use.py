@@ -202,15 +202,20 @@ class _Judge:
                     f"which of them are read was not worked out (more than {_SLABS_BY_VALUE})",
                 )
                 continue
-            alone = [
-                index
-                for index in slabs.indices
-                if self.changes([(target, Slabs(target, slabs.dim, [index]).mask())], alone=True)
-                is False
-            ]
+            alone = self.unread_indices(slabs)
             if alone:
                 unread.append(Slabs(target, slabs.dim, alone))
         return unread
+
+    def unread_indices(self, slabs: Slabs) -> List[int]:
+        """The indices of ``slabs`` (along a dimension) that change no output, each changed
+        alone (its seeds until it is read noted: ``read_after``)."""
+        target, dim = slabs.target, slabs.dim
+        return [
+            index
+            for index in slabs.indices
+            if self.changes([(target, Slabs(target, dim, [index]).mask())], alone=True) is False
+        ]
 
 
 class InputUse(Dependence):
@@ -444,15 +449,9 @@ class InputUse(Dependence):
             if slabs.dim is None:
                 still.append(slabs)
                 continue
-            target, dim = slabs.target, slabs.dim
-            unread = [
-                index
-                for index in slabs.indices
-                if judge.changes([(target, Slabs(target, dim, [index]).mask())], alone=True)
-                is False
-            ]
+            unread = judge.unread_indices(slabs)
             if unread:
-                still.append(Slabs(target, dim, unread))
+                still.append(Slabs(slabs.target, slabs.dim, unread))
         tries = [tried for each in judges for tried in each.read_after]
         seeds = len(judge.seeds)
         # the chance that an index read at random is read under one more seed, from the
