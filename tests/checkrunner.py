@@ -39,6 +39,12 @@ def make_case(mixin: type, set_up: Callable[[Any], None], **class_attributes: An
     return type("Case", (mixin, unittest.TestCase), attributes)
 
 
+def with_class_attributes(case: type, **attributes: Any) -> type:
+    """A subclass of the test class ``case`` with class ``attributes`` (a seed pinned, an
+    option set in the class body)."""
+    return type(case.__name__, (case,), attributes)
+
+
 def run_check(case: type, name: str) -> Outcome:
     result = unittest.TestResult()
     case(name).run(result)

@@ -27,6 +27,7 @@ from checkrunner import (
     CheckTestCase,
     make_case,
     run_check,
+    with_class_attributes,
 )
 from torch import nn
 
@@ -278,8 +279,8 @@ class HandMadeModels(CheckTestCase):
 
         # under a seed whose draws differ from position to position (not so under every seed:
         # under 3, all four positions draw "low")
-        case = type(
-            "Seeded", (list_case(DrawsItsOutputKeys, lambda: (images(SAME_SIZES),)),), {"seed": 0}
+        case = with_class_attributes(
+            list_case(DrawsItsOutputKeys, lambda: (images(SAME_SIZES),)), seed=0
         )
         self.assertPasses(case, "test_batch_independence")
         # (the positions drew other keys: the screen did meet elements it could not compare)

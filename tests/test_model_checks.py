@@ -9,7 +9,14 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case, run_check
+from checkrunner import (
+    NO_GPU,
+    NO_RUNNING_STATISTICS,
+    CheckTestCase,
+    make_case,
+    run_check,
+    with_class_attributes,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1639,7 +1646,7 @@ class EvalDeterministic(CheckTestCase):
             "test_eval_deterministic",
             "output[0] changes with the random seed in eval mode",
             "the model samples at evaluation: torch.randn_like in VAE, at "
-            "test_model_checks.py:46 in noise",
+            "test_model_checks.py:53 in noise",
             "set deterministic_eval = True to make this a failure",
         )
 
@@ -1649,7 +1656,7 @@ class EvalDeterministic(CheckTestCase):
             "test_eval_deterministic",
             "output[0] changes with the random seed in eval mode",
             "the model samples at evaluation (torch.randn_like in VAE, at "
-            "test_model_checks.py:46 in noise), and self.deterministic_eval is True",
+            "test_model_checks.py:53 in noise), and self.deterministic_eval is True",
         )
 
     def test_a_drop_path_that_ignores_eval_mode_fails(self) -> None:
@@ -1672,7 +1679,7 @@ class EvalDeterministic(CheckTestCase):
                 return super().forward(x * keep / 0.8)
 
         # under seeds 14 and 15, the four samples draw the same mask
-        seeded = type("Seeded", (model_case(DropPathAlwaysOn),), {"seed": 14})
+        seeded = with_class_attributes(model_case(DropPathAlwaysOn), seed=14)
         self.assertFailsWith(
             seeded,
             "test_eval_deterministic",

@@ -18,7 +18,14 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from checkrunner import NO_GPU, PUT_DOWN_TO_THE_BATCH, CheckTestCase, make_case, run_check
+from checkrunner import (
+    NO_GPU,
+    PUT_DOWN_TO_THE_BATCH,
+    CheckTestCase,
+    make_case,
+    run_check,
+    with_class_attributes,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -1704,7 +1711,7 @@ class InitialLoss(CheckTestCase):
     def test_a_first_batch_off_by_less_than_the_factor_is_put_down_to_the_batch(self) -> None:
         """Under seed 20, the correct classifier's first batch of 4 has a loss 1.32 times
         log(4), outside the 25 % tolerance, while eval() returns 1.41."""
-        seeded = type("Seeded", (classifier_case(ClassifierTrainer),), {"seed": 20})
+        seeded = with_class_attributes(classifier_case(ClassifierTrainer), seed=20)
         self.assertSkipsWith(
             seeded,
             "test_initial_loss",
@@ -1714,7 +1721,7 @@ class InitialLoss(CheckTestCase):
             "(initial_batch_factor) of the 1.40749 that trainer.eval() returned",
             "Not judged; lower initial_batch_factor (1: strict) to judge it.",
         )
-        strict = type("Strict", (seeded,), {"initial_batch_factor": 1})
+        strict = with_class_attributes(seeded, initial_batch_factor=1)
         self.assertFailsWith(
             strict,
             "test_initial_loss",
