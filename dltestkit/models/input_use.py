@@ -354,12 +354,10 @@ class InputUse(Dependence):
         """A copy of the model whose trainable parameters that are exactly zero (a ReZero
         gate, LoRA's B, a zero-initialised head) are small random numbers, an input behind
         such a parameter being read as soon as it trains; None if the model has none."""
-        zeros = {
-            name: zero
+        zeros = {  # (all(): whether every element is non-zero, without a mask of each)
+            name: parameter == 0
             for name, parameter in self.model.named_parameters()
-            if parameter.requires_grad
-            and parameter.is_floating_point()
-            and bool((zero := parameter == 0).any())
+            if parameter.requires_grad and parameter.is_floating_point() and not parameter.all()
         }
         if not zeros:
             return None
