@@ -178,6 +178,26 @@ class InputsUsedRunsWhatItNeeds(CheckTestCase):
         )
         self.assertEqual([call for call in CALLS if call[0] == id(test.model)], [])
 
+    def test_the_gated_copy_shares_the_models_other_parameters_and_changes_none(self) -> None:
+        used: List[Tuple[nn.Module, torch.Tensor]] = []  # (module called, its weight)
+
+        class Recorded(GatedFeatures):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                used.append((self, self.linear.weight))
+                return super().forward(x)
+
+        case = eval_pass_first(Recorded)
+        test = case("test_all_inputs_used")
+        result = unittest.TestResult()
+        test.run(result)
+        self.assertEqual(result.errors + result.failures, [])
+        # the copy whose gate is random was called with the model's own weight, and the
+        # model was left as it was (its gate zero)
+        on_copies = [weight for module, weight in used if module is not test.model]
+        self.assertTrue(on_copies)
+        self.assertTrue(all(weight is test.model.linear.weight for weight in on_copies))
+        self.assertTrue(torch.equal(test.model.gate, torch.zeros(())))
+
     def test_the_shared_eval_pass_is_the_judges_base(self) -> None:
         counts = []
         sharing = passes.SHARING

@@ -18,6 +18,7 @@ from typing import (
     Callable,
     ClassVar,
     Collection,
+    Dict,
     List,
     Optional,
     Sequence,
@@ -359,13 +360,17 @@ class ModelContract(CheckMixin):
         )
 
     def _copy_model(
-        self, device: Optional[str] = None, dtype: Optional[torch.dtype] = None
+        self,
+        device: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        given: Optional[Dict[int, Any]] = None,
     ) -> nn.Module:
         """A deep copy of self.model, moved to ``device`` and converted to ``dtype`` if given
         (the checks that train, move or convert the model use one); on ``meta`` or in another
-        dtype, made so without a copy of the weights first."""
+        dtype, made so without a copy of the weights first. ``given``: objects the copy holds
+        instead of the model's (``copy_module``)."""
         try:
-            copied = copy_module(self.model, device, dtype)
+            copied = copy_module(self.model, device, dtype, given)
         except Exception as exc:
             raise ContractError(
                 f"self.model cannot be deep-copied ({type(exc).__name__}: {exc}); the checks "

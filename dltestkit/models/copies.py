@@ -64,7 +64,10 @@ def _outermost_script_modules(module: nn.Module) -> Iterator[torch.jit.ScriptMod
 
 
 def copy_module(
-    model: nn.Module, device: Optional[str] = None, dtype: Optional[torch.dtype] = None
+    model: nn.Module,
+    device: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    given: Optional[Dict[int, Any]] = None,
 ) -> nn.Module:
     """A deep copy of ``model``; its TorchScript modules are loaded onto ``device`` if given.
 
@@ -78,7 +81,10 @@ def copy_module(
     for a floating-point ``dtype`` the floating-point ones in that dtype, rather than copied
     first and converted after (as ``.to()`` would convert them, one by one): the copy costs
     no copy of the weights. Move or convert the copy afterwards as usual (``.to()``), so
-    that a model's own ``_apply`` does what else it does."""
+    that a model's own ``_apply`` does what else it does.
+
+    ``given``: what the copy holds instead of some of the model's objects (by ``id``, as
+    ``copy.deepcopy``'s memo takes them), e.g. the model's own parameters, shared."""
     if isinstance(model, torch.jit.ScriptModule):
         return _copy_script_module(model, device)
     memo: Dict[int, Any] = {
@@ -87,6 +93,7 @@ def copy_module(
     }
     if not memo and (device == "meta" or dtype is not None):
         memo.update(_converted_tensors(model, device, dtype))
+    memo.update(given or {})
     copied: nn.Module = copy.deepcopy(model, memo)
     return copied
 

@@ -26,6 +26,7 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_keys
 from ..core.watch import watching
+from .copies import copy_module
 from .dependence import Dependence
 from .input_parts import (
     CoverageWatch,
@@ -165,16 +167,21 @@ class _Judge:
         changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
         for way in ways(changes):
             inputs = test._inputs_with_changes(changes, way)
-            copy = test._copy_model() if self.model is test.model else self.model
-            trained = test._outputs(copy, test.inputs, test.seed, training=True)
-            copy = test._copy_model() if self.model is test.model else self.model
+            trained = test._outputs(self.fresh(), test.inputs, test.seed, training=True)
             try:
-                again = test._outputs(copy, inputs, test.seed, training=True)
+                again = test._outputs(self.fresh(), inputs, test.seed, training=True)
             except Exception:  # the model checks the values: it reads them
                 return True
             if not same_outputs(trained, again):
                 return True
         return False
+
+    def fresh(self) -> nn.Module:
+        """A copy of the judged model of its own, for a training-mode pass (which changes
+        state: BatchNorm's statistics), its parameters copied too."""
+        if self.model is self.test.model:
+            return self.test._copy_model()
+        return copy_module(self.model)
 
     def unread_slabs(self, group: List[Slabs]) -> List[Slabs]:
         """The slabs of one target (``group``) that change no output: all of them at once
@@ -353,7 +360,11 @@ class InputUse(Dependence):
     def _with_zero_parameters_made_random(self) -> Optional[nn.Module]:
         """A copy of the model whose trainable parameters that are exactly zero (a ReZero
         gate, LoRA's B, a zero-initialised head) are small random numbers, an input behind
-        such a parameter being read as soon as it trains; None if the model has none."""
+        such a parameter being read as soon as it trains; None if the model has none.
+
+        Its other parameters are the model's own, shared (not copied: a large model's
+        weights would cost more than a pass); the copy is only run in eval mode, which
+        changes no parameter, and _Judge.fresh copies it in full for a training pass."""
         zeros = {  # (all(): whether every element is non-zero, without a mask of each)
             name: parameter == 0
             for name, parameter in self.model.named_parameters()
@@ -361,15 +372,19 @@ class InputUse(Dependence):
         }
         if not zeros:
             return None
-        copy = self._copy_model()
         generator = torch.Generator().manual_seed(derived_seed(self.seed, 4099))
+        given: Dict[int, Any] = {}
         with torch.no_grad():
-            for name, parameter in copy.named_parameters():
-                if name in zeros:
-                    count = int(zeros[name].sum())
-                    noise = torch.randn(count, generator=generator, dtype=torch.float64)
-                    parameter[zeros[name]] = (0.1 * noise).to(parameter.dtype)
-        return copy
+            for name, parameter in self.model.named_parameters():
+                if name not in zeros:
+                    given[id(parameter)] = parameter
+                    continue
+                made = copy.deepcopy(parameter)
+                count = int(zeros[name].sum())
+                noise = torch.randn(count, generator=generator, dtype=torch.float64)
+                made[zeros[name]] = (0.1 * noise).to(made.dtype)
+                given[id(parameter)] = made
+        return self._copy_model(given=given)
 
     # -- by values ---------------------------------------------------------------------------
     def _judge_by_values(self, suspects: List[Slabs], randomised: Optional[nn.Module]) -> None:
