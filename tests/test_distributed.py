@@ -396,6 +396,35 @@ def resnet_sync_batchnorm() -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4))
 
 
+class CancelsInFloat32(nn.Linear):
+    """Correct: a linear layer whose first feature is 1e8 in one sample and -1e8 in another
+    (cancelling_inputs), so that float32 drops the other samples' contributions to its mean
+    gradient (0.5) in one way in one process (0.25) and in another when each rank sums its
+    half of the batch (0)."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 1)
+
+
+def cancelling_inputs() -> torch.Tensor:
+    return torch.tensor([[1e8, 1.0], [1.0, 3.0], [-1e8, 2.0], [1.0, -1.0]])
+
+
+def mean_output(output: torch.Tensor) -> torch.Tensor:
+    return output.mean()
+
+
+def in_float32(case: type) -> type:
+    """``case`` with the data-parallel comparisons made in float32, as they were made before
+    they were made in float64."""
+
+    def _plan(self: Any, check: str, in_float64: bool = True) -> Any:
+        return super(compared, self)._plan(check, in_float64=False)
+
+    compared = type("InFloat32", (case,), {"_plan": _plan})
+    return compared
+
+
 def ddp_case(
     model_type: Any, inputs: Any = None, mixins: tuple = (DistributedModelTests,), **attributes: Any
 ) -> type:
@@ -430,6 +459,16 @@ class DDPGradients(CheckTestCase):
         for label, case in cases.items():
             with self.subTest(label):
                 self.assertPasses(case, "test_ddp_gradients")
+
+    def test_float32_rounding_is_no_failure_the_comparison_runs_in_float64(self) -> None:
+        case = ddp_case(CancelsInFloat32, cancelling_inputs, loss_fn=mean_output)
+        self.assertPasses(case, "test_ddp_gradients")
+        # compared in float32, the same correct model fails: float64 is what passes it
+        self.assertFailsWith(
+            in_float32(case),
+            "test_ddp_gradients",
+            "at step 1 the gradient of weight that DistributedDataParallel gives rank 0",
+        )
 
     def test_batch_statistics_fail_suggesting_sync_batchnorm(self) -> None:
         self.assertFailsWith(

@@ -17,7 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from checkrunner import SEED, CheckTestCase
-from test_distributed import child_pids
+from test_distributed import (
+    CancelsInFloat32,
+    cancelling_inputs,
+    child_pids,
+    in_float32,
+    mean_output,
+)
 from test_model_checks import SHAPE, AutoEncoder, CentresOverBatch, WithBatchNorm
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -146,6 +152,16 @@ class FSDPGradients(CheckTestCase):
         for label, case in cases.items():
             with self.subTest(label):
                 self.assertPasses(case, "test_fsdp_gradients")
+
+    def test_float32_rounding_is_no_failure_the_comparison_runs_in_float64(self) -> None:
+        case = model_case(CancelsInFloat32, cancelling_inputs, loss_fn=mean_output)
+        self.assertPasses(case, "test_fsdp_gradients")
+        # compared in float32, the same correct model fails: float64 is what passes it
+        self.assertFailsWith(
+            in_float32(case),
+            "test_fsdp_gradients",
+            "at step 1 the gradient of weight (in the model (CancelsInFloat32), of the root unit",
+        )
 
     def test_batch_statistics_fail_naming_the_module(self) -> None:
         self.assertFailsWith(

@@ -163,7 +163,8 @@ class ShardedGradients(DataParallelModel):
         unavailable = fsdp_unavailable()
         if unavailable:
             self.skipTest(f"test_fsdp_gradients {unavailable}")
-        plan = self._plan("test_fsdp_gradients")
+        # (in float32 under a mixed-precision policy: compared with one rank under it)
+        plan = self._plan("test_fsdp_gradients", in_float64=self.fsdp_mixed_precision is None)
         watched = copy.deepcopy(plan.model)
         _set_modes(watched, self.local_batch_statistics)
         watch = watch_parameters(watched, lambda: call_model(watched, plan.inputs))
