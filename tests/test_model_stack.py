@@ -9,6 +9,7 @@ tests/test_model_stack_zoo.py.
 
 from __future__ import annotations
 
+import math
 import unittest
 from typing import Any, Callable, Dict, Tuple
 
@@ -609,3 +610,52 @@ class Export(CheckTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Comparisons(unittest.TestCase):
+    """The comparisons of two runs, whose first look is in the tensors' own dtype: only values
+    well within the tolerance are settled there, the rest in float64."""
+
+    def test_within_and_beyond_the_tolerance(self) -> None:
+        from dltestkit.models.stack.contract import differences, gradient_differences
+
+        expected = torch.linspace(1.0, 2.0, 10_000)
+        tolerance = 1e-3
+        # the bound: the tolerance relative to each value and to the largest value (2)
+        bound = tolerance * expected.abs() + tolerance * 2.0
+        for factor, close in ((0.25, True), (0.75, True), (0.99, True), (1.01, False)):
+            actual = expected + factor * bound
+            with self.subTest(factor=factor):
+                self.assertEqual(differences(actual, expected, tolerance) == [], close)
+                self.assertEqual(
+                    gradient_differences([("w", actual)], [("w", expected)], tolerance) == [],
+                    close,
+                )
+
+    def test_nan_where_both_have_it_and_infinities(self) -> None:
+        from dltestkit.models.stack.contract import differences
+
+        expected = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+        self.assertEqual(differences(expected.clone(), expected, 1e-3), [])
+        found = differences(torch.tensor([1.0, 0.0, float("inf"), 2.0]), expected, 1e-3)
+        self.assertEqual(len(found), 1)
+        self.assertIn("1 of 4 values differ beyond the tolerance", found[0])
+
+    def test_the_scale_is_the_largest_finite_value(self) -> None:
+        from dltestkit.models.stack.contract import _scale
+
+        self.assertEqual(_scale([torch.tensor([-3.0, 2.0]), torch.tensor([1.0])]), 3.0)
+        self.assertEqual(_scale([torch.tensor([float("inf"), -2.5, float("nan")])]), 2.5)
+        self.assertEqual(_scale([torch.tensor([float("nan")]), torch.empty(0)]), 0.0)
+
+    def test_autocasts_distance_ignores_what_float32_leaves_non_finite(self) -> None:
+        from dltestkit.models.stack.autocasting import _distance
+
+        exact = torch.tensor([1.0, 2.0, float("inf"), 3.0])
+        rounded = torch.tensor([1.0, 2.0, float("inf"), 3.0 + 1e-3])
+        self.assertIsNone(_distance(exact.clone(), rounded, exact, 2.0**-8))
+        far = torch.tensor([1.0, 2.5, 0.0, 3.0])
+        distance = _distance(far, rounded, exact, 2.0**-8)
+        self.assertIsNotNone(distance)
+        assert distance is not None
+        torch.testing.assert_close(distance[0], 0.5 / math.sqrt(14.0))

@@ -49,8 +49,12 @@ def _is_low_precision(value: Any) -> Optional[str]:
     return f"is {value!r}, not torch.bfloat16 or torch.float16"
 
 
-def _norm(tensor: torch.Tensor, finite: torch.Tensor) -> float:
-    return float(tensor.detach().double()[finite].norm())
+def _norm(tensor: torch.Tensor, finite: Optional[torch.Tensor]) -> float:
+    """The norm of ``tensor`` (in float64) where ``finite`` is True (everywhere if None)."""
+    values = tensor.detach().double()
+    if finite is not None:  # (zeros elsewhere, rather than a copy of the rest)
+        values = torch.where(finite, values, 0.0)
+    return float(torch.linalg.vector_norm(values))
 
 
 def _distance(
@@ -59,9 +63,10 @@ def _distance(
     """How far ``low`` (autocast's) is from ``exact`` (float32's), relative to its size, and
     how far it may be: RATIO times as far as ``rounded`` (float32 with the weights and inputs
     rounded) is, and at least FLOOR machine epsilons; None when within that."""
-    finite = torch.isfinite(exact)
-    if low.shape != exact.shape or not finite.any():
+    is_finite = torch.isfinite(exact)
+    if low.shape != exact.shape or not is_finite.any():
         return None
+    finite = None if bool(is_finite.all()) else is_finite
     exact64 = exact.double()
     size = _norm(exact64, finite)
     off = _norm(low.double() - exact64, finite)
