@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import unittest
 from typing import Any, Callable, Dict, Tuple
+from unittest import mock
 
 import torch
-from checkrunner import CheckTestCase, make_case
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -587,6 +588,75 @@ class Export(CheckTestCase):
             "`if x.shape[0] > 4:`",
         )
 
+    def test_input_guards_that_torch_generates_broken_are_left_out_naming_the_bug(self) -> None:
+        from torch.export import ExportedProgram
+
+        module = ExportedProgram.module
+
+        def broken_guards(program: Any, check_guards: bool = True) -> Any:
+            """As torch 2.14 gives some programs: guard code compiled from a string, named _,
+            that still names L[...] (pytorch/pytorch#172903)."""
+            made = module(program, check_guards=False)
+            if not check_guards:
+                return made
+            namespace: Dict[str, Any] = {}
+            exec("def _(*args):\n    return L['x'].size()[0] >= 2\n", namespace)
+
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                namespace["_"](*args)
+                return made(*args, **kwargs)
+
+            return guarded
+
+        with mock.patch.object(ExportedProgram, "module", broken_guards):
+            outcome = run_check(case(ExportTests, MLP, features), "test_export")
+            # a model the program computes wrongly still fails without the guards
+            self.assertFailsWith(
+                case(ExportTests, OtherPathWhenCompiled, features),
+                "test_export",
+                "the exported program gives other outputs than the model",
+            )
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 2)  # the exported program, and saved and loaded
+        for reason in outcome.skips:
+            self.assertIn("(ExportedProgram.module()'s guards) raises NameError", reason)
+            self.assertIn("pytorch/pytorch#172903", reason)
+            self.assertIn("was run without it (module(check_guards=False))", reason)
+
+    def test_a_program_that_raises_once_saved_and_loaded_skips_unless_strict(self) -> None:
+        import torch.export
+
+        load = torch.export.load
+
+        class Reloaded:
+            """A loaded program whose module raises, as a quantisation observer's in-place
+            resize does in the storage torch.export.load gives."""
+
+            def __init__(self, path: str) -> None:
+                self.program = load(path)
+
+            def module(self, check_guards: bool = True) -> Callable[..., Any]:
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    raise RuntimeError("Trying to resize storage that is not resizable")
+
+                return run
+
+        with mock.patch("torch.export.load", Reloaded):
+            self.assertSkipsWith(
+                case(ExportTests, MLP, features),
+                "test_export",
+                "the program saved and loaded raises at batch size 5: RuntimeError: Trying to "
+                "resize storage that is not resizable",
+                "where the same program before torch.export.save ran at that batch size and "
+                "gave the model's outputs",
+                "set strict_export = True to make this a failure",
+            )
+            self.assertFailsWith(
+                case(ExportTests, MLP, features, strict_export=True),
+                "test_export",
+                "strict_export = True: the model is meant to be exported, saved and loaded",
+            )
+
     def test_control_flow_on_values_skips_with_its_line_unless_strict(self) -> None:
         message = (
             "torch.export cannot trace the model: its control flow depends on the values of "
@@ -606,10 +676,6 @@ class Export(CheckTestCase):
             "`if x.sum() > 0:`",
             "strict_export = True: the model is meant to be exported",
         )
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class Comparisons(unittest.TestCase):
@@ -659,3 +725,7 @@ class Comparisons(unittest.TestCase):
         self.assertIsNotNone(distance)
         assert distance is not None
         torch.testing.assert_close(distance[0], 0.5 / math.sqrt(14.0))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -51,9 +51,14 @@ NOTHING_COMPILED = "compiled no graph of the model"
 CONTIGUOUS_INPUTS = "raises on an input itself"
 USE_CACHE = "pass use_cache=False in self.inputs"
 CONTROL_FLOW = "its control flow depends on the values of a tensor"
+RANDOM_DRAWS = "which the compiled model does not draw alike"
+#: torch 2.14's guards of some exported programs name L[...] (pytorch/pytorch#172903)
+GUARDS_BUG = "the check of the input shapes that torch.export adds"
 GENERAL = {
     "test_memory_layouts": (NO_IMAGES,),
     "test_activation_checkpointing": (NO_SWITCH,),
+    # decoders called with their default use_cache=True return a cache object
+    "test_export": (GUARDS_BUG, USE_CACHE),
 }
 
 #: Per component and check: the skips it may have, each for its reason.
@@ -63,17 +68,21 @@ SKIPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "nn.GRU": {"test_compile": (NOTHING_COMPILED,)},
     "weight tying (GRU language model)": {"test_compile": (NOTHING_COMPILED,)},
     # graph breaks: listed, the results compared
-    "nn.LSTM packed with CPU lengths, padding mask": {"test_compile": (GRAPH_BREAKS,)},
+    "nn.LSTM packed with CPU lengths, padding mask": {
+        "test_compile": (GRAPH_BREAKS,),
+        # pack_padded_sequence's CPU lengths: torch.export cannot trace torch.zeros(lengths)
+        "test_export": ("torch.export raises on the model, at test_zoo.py",),
+    },
     "torchvision ViT, zero-initialised head": {"test_compile": (GRAPH_BREAKS,)},
     "transformers BERT, reentrant gradient checkpointing": {"test_compile": (GRAPH_BREAKS,)},
-    "transformers GPT-2, called with labels (float32 loss)": {
-        "test_compile": (GRAPH_BREAKS,),
-        "test_export": (USE_CACHE,),
+    "transformers GPT-2, called with labels (float32 loss)": {"test_compile": (GRAPH_BREAKS,)},
+    # their time masks (NumPy) and LayerDrop in training mode, around graph breaks: the
+    # compiled model draws otherwise, which the check names (then eval mode is compared)
+    "transformers wav2vec2, raw audio": {"test_compile": (GRAPH_BREAKS, RANDOM_DRAWS)},
+    "transformers HuBERT, raw audio": {"test_compile": (GRAPH_BREAKS, RANDOM_DRAWS)},
+    "transformers Mixtral, called with labels and output_router_logits (aux loss)": {
+        "test_compile": (GRAPH_BREAKS,)
     },
-    # decoders called with their default use_cache=True return a cache object
-    "transformers GPT-2, causal LM, left padding, position_ids": {"test_export": (USE_CACHE,)},
-    "transformers wav2vec2, raw audio": {"test_compile": (GRAPH_BREAKS,)},
-    "transformers HuBERT, raw audio": {"test_compile": (GRAPH_BREAKS,)},
     "hand-written top-2 MoE layer with a load-balancing loss": {
         "test_compile": (NOTHING_COMPILED, GRAPH_BREAKS),
         # `if token.numel() == 0: continue`, an expert without tokens skipped
@@ -83,15 +92,14 @@ SKIPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "test_compile": (NOTHING_COMPILED, GRAPH_BREAKS),
         # fused_moving_avg_obs_fake_quant takes float32 only, inside torch's own code
         "test_autocast": ("torch.fused_moving_avg_obs_fake_quant",),
+        # its observers resize their buffers in place, which torch.export.load's storage refuses
+        "test_export": ("the program saved and loaded raises at batch size",),
     },
     # models that need contiguous inputs: a .view() of an input
     "PyTorch examples/vae VAE (samples in both modes)": {
         "test_memory_layouts": (CONTIGUOUS_INPUTS,)
     },
-    "transformers T5, labels only": {
-        "test_memory_layouts": (CONTIGUOUS_INPUTS,),
-        "test_export": (USE_CACHE,),
-    },
+    "transformers T5, labels only": {"test_memory_layouts": (CONTIGUOUS_INPUTS,)},
     "transformers BART, labels only": {"test_memory_layouts": (CONTIGUOUS_INPUTS,)},
     # torchvision's detection models: lists of images of several sizes
     "torchvision Faster R-CNN MobileNetV3 320 FPN, images and targets": {

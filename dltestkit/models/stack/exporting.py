@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, ClassVar, Dict, List, NoReturn, Tuple
+import traceback
+from typing import Any, ClassVar, Dict, List, NoReturn, Set, Tuple
 
 import torch
 
 from ...core.contract import check
 from ...core.messages import exception_text, listed
 from ...core.options import ContractError, option
+from ...core.paths import named_tensors
 from ...core.validators import is_bool
 from ...core.watch import raising_user_line
 from ..randomness import describe_draws
@@ -29,18 +31,6 @@ def _arguments(inputs: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     return (inputs,), {}
-
-
-def _spec(value: Any, batch: Any) -> Any:
-    """The dynamic shape of an argument: its first dimension ``batch`` for a tensor with one
-    (None for anything else), through lists, tuples and dicts."""
-    if isinstance(value, torch.Tensor):
-        return {0: batch} if batch is not None and value.dim() > 0 else None
-    if isinstance(value, (list, tuple)):
-        return type(value)(_spec(item, batch) for item in value)
-    if isinstance(value, dict):
-        return {key: _spec(item, batch) for key, item in value.items()}
-    return None
 
 
 def _specialisations(model: torch.nn.Module, args: Any, kwargs: Any, shapes: Any) -> List[str]:
@@ -123,7 +113,7 @@ class Export(StackContract):
         exported with and at one more, and the program saved with ``torch.export.save`` and
         loaded with ``torch.export.load`` run at one more; each compared with the model.
         """
-        from torch.export import Dim, export, load, save
+        from torch.export import Dim, ShapesCollection, export, load, save
 
         lists = sample_lists(self.inputs, self.unbatched_inputs)
         if lists:
@@ -139,11 +129,16 @@ class Export(StackContract):
             0 if key is None else key for key, _ in batch_entries(example, self.unbatched_inputs)
         }
         dim = Dim("batch")
-        entries: Dict[Any, Any] = {}
+        # the batched tensors, wherever forward's signature takes them (also *args, **kwargs:
+        # PEFT's wrappers), their first dimension dynamic
+        collected = ShapesCollection()  # type: ignore[no-untyped-call]
         for key, value in kwargs.items() if kwargs else enumerate(args):
-            entries[key] = _spec(value, dim if key in batched else None)
-        shapes: Any = entries if kwargs else tuple(entries[i] for i in range(len(args)))
+            if key in batched:
+                for _, tensor in named_tensors(value):
+                    if tensor.dim() > 0:
+                        collected[tensor] = {0: dim}
         model = self._copy_model().eval()
+        shapes: Any = collected.dynamic_shapes(model, args, kwargs)  # type: ignore[no-untyped-call]
         try:
             program = export(model, args, kwargs, dynamic_shapes=shapes)
         except ContractError:
@@ -151,29 +146,71 @@ class Export(StackContract):
         except Exception as exc:  # AssertionError too: torch's own, no failure of the check
             self._export_failed(exc, model, args, kwargs, shapes)
         tolerance = self._tolerance(self.model)
-        exported = program.module()
         path = self.make_temp_dir() / "model.pt2"
         save(program, str(path))
-        loaded = load(str(path)).module()
+        loaded = load(str(path))
+        unguarded: Set[str] = set()  # the programs whose guards raise (a bug of PyTorch)
         with without_fast_path():
             for size in (batch, batch + 1):
-                self._export_compare(exported, size, "the exported program", tolerance)
-            self._export_compare(loaded, batch + 1, "the program saved and loaded", tolerance)
+                self._export_compare(program, size, "the exported program", tolerance, unguarded)
+            self._export_compare(
+                loaded, batch + 1, "the program saved and loaded", tolerance, unguarded, True
+            )
 
-    def _export_compare(self, runner: Any, size: int, what: str, tolerance: float) -> None:
+    def _export_compare(
+        self,
+        program: Any,
+        size: int,
+        what: str,
+        tolerance: float,
+        unguarded: Set[str],
+        reloaded: bool = False,
+    ) -> None:
+        """Compare ``program`` (an ExportedProgram) at batch size ``size`` with the model.
+        ``unguarded``: the programs (``what``) run without their input guards, which raise a
+        bug of PyTorch; one found here is added. ``reloaded``: the program saved and loaded,
+        which ran at this size before the save."""
         inputs = self._resized_inputs(size)
         expected = self._fresh_run(inputs, training=False)
         try:
-            actual = self._forward_only(torch.nn.Module(), inputs, training=False, call=runner)
+            try:
+                actual = self._forward_only(
+                    torch.nn.Module(),
+                    inputs,
+                    training=False,
+                    call=program.module(check_guards=what not in unguarded),
+                )
+            except NameError as exc:
+                if not _in_generated_guards(exc):
+                    raise
+                # (the guards only assert the input shapes the program takes, which these are)
+                unguarded.add(what)
+                self._skip_part(
+                    f"input guards of {what}",
+                    f"the check of the input shapes that torch.export adds to {what} "
+                    f"(ExportedProgram.module()'s guards) raises {exception_text(exc)}: a bug "
+                    "of PyTorch (its generated code left naming L[...], pytorch/pytorch#172903), "
+                    f"not of the model; {what} was run without it (module(check_guards=False))",
+                )
+                actual = self._forward_only(
+                    torch.nn.Module(),
+                    inputs,
+                    training=False,
+                    call=program.module(check_guards=False),
+                )
         except ContractError:
             raise
         except Exception as exc:  # AssertionError too: the program's guards raise it
             line = raising_user_line(exc)
+            at = f", at {line}" if line else ""
+            if reloaded:  # (the program before the save ran at this size: see test_export)
+                self._reloaded_raises(
+                    f"{what} raises at batch size {size}: {exception_text(exc)}{at}"
+                )
             self.fail(
                 f"{what} raises at batch size {size}, where the model runs: "
-                f"{exception_text(exc)}" + (f", at {line}" if line else "") + ". The program "
-                "was exported with a dynamic batch dimension; report it to PyTorch if the "
-                "model's code is not at fault."
+                f"{exception_text(exc)}{at}. The program was exported with a dynamic batch "
+                "dimension; report it to PyTorch if the model's code is not at fault."
             )
         found = differences(actual, expected, tolerance)
         if not found:
@@ -235,6 +272,25 @@ class Export(StackContract):
             "cannot be exported as it is called"
         )
 
+    def _reloaded_raises(self, finding: str) -> NoReturn:
+        """Skip, or with strict_export fail, for a program that raises once saved and loaded,
+        where the same program ran before the save: torch.export's saving changed it."""
+        finding = (
+            f"{finding}, where the same program before torch.export.save ran at that batch size "
+            "and gave the model's outputs: saving and loading changed it (a buffer that the "
+            "program resizes in place, as quantisation observers do, in storage that "
+            "torch.export.load does not let grow, is one known cause)"
+        )
+        if self.strict_export:
+            self.fail(
+                f"{finding}. strict_export = True: the model is meant to be exported, saved "
+                "and loaded; report it to PyTorch if the model's code is not at fault."
+            )
+        self.skipTest(
+            f"{finding}. A limit of torch.export's saving and loading rather than a bug of the "
+            "model's code; set strict_export = True to make this a failure."
+        )
+
     def _export_untraceable(self, finding: str) -> NoReturn:
         """Skip, or with strict_export fail, for a model that torch.export cannot trace but
         that runs: a design of a correct model as often as a bug."""
@@ -247,3 +303,10 @@ class Export(StackContract):
             f"{finding}. The model runs in eager PyTorch, so this is a limit of tracing rather "
             "than a bug; set strict_export = True to make this a failure."
         )
+
+
+def _in_generated_guards(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in the function that ``ExportedProgram.module()`` generates
+    to check the input shapes (code compiled from a string, named ``_``)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename == "<string>" and frames[-1].name == "_"
