@@ -163,8 +163,12 @@ class ShardedGradients(DataParallelModel):
         unavailable = fsdp_unavailable()
         if unavailable:
             self.skipTest(f"test_fsdp_gradients {unavailable}")
-        # (in float32 under a mixed-precision policy: compared with one rank under it)
-        plan = self._plan("test_fsdp_gradients", in_float64=self.fsdp_mixed_precision is None)
+        if self.fsdp_mixed_precision is not None:  # compared with one rank under the policy
+            self._fsdp_gradients(self._plan("test_fsdp_gradients", double=False))
+        else:
+            self._judged_in_float64("test_fsdp_gradients", self._fsdp_gradients)
+
+    def _fsdp_gradients(self, plan: _Plan) -> None:
         watched = copy.deepcopy(plan.model)
         _set_modes(watched, self.local_batch_statistics)
         watch = watch_parameters(watched, lambda: call_model(watched, plan.inputs))
