@@ -258,20 +258,19 @@ class DataParallelModel(DistributedOptions, ModelContract):
             dims.append(changed[0] if ok else None)
         return full, dims
 
-    def _reference(self, double: bool) -> Tuple[nn.Module, List[str], List[str], Any]:
+    def _reference(self, double: bool) -> Tuple[nn.Module, List[str], Any]:
         """A copy of the model in the modes of the comparison, in float64 if ``double``; the
         names of its batch-normalisation layers in training mode that use their own batch's
-        statistics and of those that are SyncBatchNorm; self.inputs, in float64 if
-        ``double``."""
+        statistics (not SyncBatchNorm); self.inputs, in float64 if ``double``."""
         reference = self._copy_model()
         modules = dict(reference.named_modules())
         in_training = _set_modes(reference, self.local_batch_statistics)
-        synced = [name for name in in_training if isinstance(modules[name], nn.SyncBatchNorm)]
+        local = [name for name in in_training if not isinstance(modules[name], nn.SyncBatchNorm)]
         inputs = self.inputs
         if double:
             reference.double()
             inputs = map_tensors(_to_double, inputs)
-        return reference, [n for n in in_training if n not in synced], synced, inputs
+        return reference, local, inputs
 
     def _rank_step(self, plan: _Plan, kind: Type[S], *own: Any) -> S:
         """``kind`` (a _RankStep) for ``plan``: the fields every comparison needs, then
@@ -296,14 +295,17 @@ class DataParallelModel(DistributedOptions, ModelContract):
         self._refuse_sample_lists(check)
         if double is None:
             double = any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules())
-        if double:
-            try:
-                return self._plan_in(check, double=True)
-            except (unittest.SkipTest, ContractError):
-                raise
-            except Exception:
-                pass
-        return self._plan_in(check, double=False)
+        in_float64 = self._plan_in_float64(check) if double else None
+        return in_float64 or self._plan_in(check, double=False)
+
+    def _plan_in_float64(self, check: str) -> Optional[_Plan]:
+        """The comparison of ``check`` in float64; None when the model cannot run so."""
+        try:
+            return self._plan_in(check, double=True)
+        except (unittest.SkipTest, ContractError):
+            raise
+        except Exception:  # an operation without a float64 kernel, a fixed dtype
+            return None
 
     def _judged_in_float64(self, check: str, compare: Callable[[_Plan], None]) -> None:
         """``compare(plan)`` (which fails on a difference) in float32, and, when that fails,
@@ -317,19 +319,14 @@ class DataParallelModel(DistributedOptions, ModelContract):
         plan = self._plan(check)
         try:
             compare(plan)
-        except self.failureException as failure:
-            if plan.double:
+        except self.failureException:
+            again = None if plan.double else self._plan_in_float64(check)
+            if again is None:  # float64 already, or the model cannot run so: the failure stands
                 raise
-            try:
-                again = self._plan_in(check, double=True)
-            except (unittest.SkipTest, ContractError):
-                raise
-            except Exception:  # the model cannot run in float64: float32's failure stands
-                raise failure from None
             compare(again)
 
     def _plan_in(self, check: str, double: bool) -> _Plan:
-        reference, training, _, inputs = self._reference(double)
+        reference, training, inputs = self._reference(double)
         shards = self._shards(inputs, check)
         outputs, dims = self._batch_dims(reference, inputs, shards[0])
         self._skip_if_random(reference, inputs, outputs, check)

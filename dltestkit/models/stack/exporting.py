@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import traceback
-from typing import Any, ClassVar, Dict, List, NoReturn, Set, Tuple
+from typing import Any, ClassVar, Dict, List, NoReturn, Tuple
 
 import torch
 
@@ -149,12 +149,14 @@ class Export(StackContract):
         path = self.make_temp_dir() / "model.pt2"
         save(program, str(path))
         loaded = load(str(path))
-        unguarded: Set[str] = set()  # the programs whose guards raise (a bug of PyTorch)
+        # what each program is run as: its module(), until its guards raise a bug of PyTorch
+        modules = {"the exported program": program.module()}
+        modules["the program saved and loaded"] = loaded.module()
         with without_fast_path():
             for size in (batch, batch + 1):
-                self._export_compare(program, size, "the exported program", tolerance, unguarded)
+                self._export_compare(program, size, "the exported program", tolerance, modules)
             self._export_compare(
-                loaded, batch + 1, "the program saved and loaded", tolerance, unguarded, True
+                loaded, batch + 1, "the program saved and loaded", tolerance, modules, True
             )
 
     def _export_compare(
@@ -163,28 +165,25 @@ class Export(StackContract):
         size: int,
         what: str,
         tolerance: float,
-        unguarded: Set[str],
+        modules: Dict[str, Any],
         reloaded: bool = False,
     ) -> None:
-        """Compare ``program`` (an ExportedProgram) at batch size ``size`` with the model.
-        ``unguarded``: the programs (``what``) run without their input guards, which raise a
-        bug of PyTorch; one found here is added. ``reloaded``: the program saved and loaded,
-        which ran at this size before the save."""
+        """Compare ``program`` (an ExportedProgram), run as ``modules[what]``, at batch size
+        ``size`` with the model; when the input guards of that module raise a bug of PyTorch,
+        it is replaced by the program's module without them. ``reloaded``: the program saved
+        and loaded, which ran at this size before the save."""
         inputs = self._resized_inputs(size)
         expected = self._fresh_run(inputs, training=False)
         try:
             try:
                 actual = self._forward_only(
-                    torch.nn.Module(),
-                    inputs,
-                    training=False,
-                    call=program.module(check_guards=what not in unguarded),
+                    torch.nn.Module(), inputs, training=False, call=modules[what]
                 )
             except NameError as exc:
                 if not _in_generated_guards(exc):
                     raise
                 # (the guards only assert the input shapes the program takes, which these are)
-                unguarded.add(what)
+                modules[what] = program.module(check_guards=False)
                 self._skip_part(
                     f"input guards of {what}",
                     f"the check of the input shapes that torch.export adds to {what} "
@@ -193,10 +192,7 @@ class Export(StackContract):
                     f"not of the model; {what} was run without it (module(check_guards=False))",
                 )
                 actual = self._forward_only(
-                    torch.nn.Module(),
-                    inputs,
-                    training=False,
-                    call=program.module(check_guards=False),
+                    torch.nn.Module(), inputs, training=False, call=modules[what]
                 )
         except ContractError:
             raise
