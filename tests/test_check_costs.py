@@ -1,14 +1,14 @@
 """What the model checks do to cost less, and that each keeps its verdicts: the round trip's
 fresh model built without its random initialisation (built in full before anything is
-reported), the shape check's other batch sizes kept small (1 and 2), the dtype check on two
-samples (on all of them when that does not pass), the device check's meta run without a CPU
-run until a step needs the data, the batch check's dependence from one batched backward pass
-(one pass per sample where that cannot run: reentrant gradient checkpointing, tested with the
-batch check)."""
+reported), the shape check's other batch sizes kept small (1 and 2), the dtype check on one
+sample in eval mode and two in training mode (on all of them when that does not pass), the
+device check's meta run without a CPU run until a step needs the data, the batch check's
+dependence from one batched backward pass (one pass per sample where that cannot run:
+reentrant gradient checkpointing, tested with the batch check)."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,25 @@ class OnlyForFour(AutoEncoder):
 
 
 class DtypeMoving(CheckTestCase):
+    def test_eval_mode_runs_one_sample_and_training_mode_two(self) -> None:
+        seen: List[Tuple[torch.dtype, bool, int]] = []
+
+        class Recorded(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                seen.append((x.dtype, self.training, len(x)))
+                return super().forward(x)
+
+        self.assertPasses(model_case(Recorded), "test_dtype_moving")
+        self.assertEqual(
+            [pass_ for pass_ in seen if pass_[0] != torch.float32],
+            [
+                (torch.bfloat16, False, 1),
+                (torch.bfloat16, True, 2),
+                (torch.float64, False, 1),
+                (torch.float64, True, 2),
+            ],
+        )
+
     def test_a_model_that_runs_at_one_batch_size_only_is_checked_on_it(self) -> None:
         self.assertPasses(model_case(HardWiredBatch), "test_dtype_moving")
         self.assertFailsWith(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unittest
-from typing import Any, Dict, NoReturn, Optional, Sequence
+from typing import Any, Dict, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,26 +68,29 @@ class DtypeMoving(ModelContract):
             self.skipTest(f"no dtype could be checked. {' '.join(unrunnable)}")
 
     def _check_dtype(self, dtype: torch.dtype) -> None:
-        """Check ``dtype`` on two samples of self.inputs (where a dtype comes from does not
-        depend on the batch, and a float64 pass costs several float32 ones); on all of them
-        when that does not pass, so that what is reported is what self.inputs shows, but for
-        an operation the platform has no ``dtype`` kernel for, which no batch has either."""
+        """Check ``dtype`` on one sample of self.inputs in eval mode and two in training mode
+        (where a dtype comes from does not depend on the batch, a float64 or bfloat16 pass
+        on the CPU costs several float32 ones, and batch statistics need two samples); on all
+        of them when that does not pass, so that what is reported is what self.inputs shows,
+        but for an operation the platform has no ``dtype`` kernel for, which no batch has
+        either."""
         if self._batch_size() > 2:
             try:
-                self._check_dtype_on(dtype, self._inputs_of([0, 1]))
+                self._check_dtype_on(dtype, (self._inputs_of([0]), self._inputs_of([0, 1])))
                 return
             except _CannotRun:
                 raise
             except Exception:  # a failure, a skip or an error: see it on self.inputs
                 pass
-        self._check_dtype_on(dtype, self.inputs)
+        self._check_dtype_on(dtype, (self.inputs, self.inputs))
 
-    def _check_dtype_on(self, dtype: torch.dtype, given: Any) -> None:
+    def _check_dtype_on(self, dtype: torch.dtype, by_mode: Tuple[Any, Any]) -> None:
+        """Check ``dtype`` with the inputs ``by_mode`` gives for eval and for training mode."""
         moved = self._copy_model(dtype=dtype)
-        inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, given)
         constants: Dict[str, str] = {}  # outputs made beside the computation, by mode
-        for training in (False, True):
+        for training, given in zip((False, True), by_mode):
             mode = describe_mode(training)
+            inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, given)
             with watching_dtypes(dtype, moved) as watch:
                 try:
                     with torch.no_grad():
