@@ -519,6 +519,22 @@ def torchvision_efficientnet() -> nn.Module:
     return EfficientNet(stages, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10)
 
 
+def torchvision_densenet() -> nn.Module:
+    """torchvision's DenseNet, small, with memory_efficient=True: each dense layer's
+    BatchNorm, ReLU and convolution run under torch.utils.checkpoint when its inputs need a
+    gradient, so a backward pass runs them again, reading the layers' modes then."""
+    from torchvision.models import DenseNet
+
+    return DenseNet(
+        growth_rate=8,
+        block_config=(2, 2),
+        num_init_features=16,
+        bn_size=2,
+        memory_efficient=True,
+        num_classes=10,
+    )
+
+
 class BatchNormNet(nn.Module):
     """Convolutions with BatchNorm2d, a hidden layer with BatchNorm1d."""
 
@@ -1103,6 +1119,9 @@ DESIGN_ZOO: Dict[str, Case] = {
         torchvision_efficientnet
     ),
     "BatchNorm2d and BatchNorm1d CNN": image_classifier(BatchNormNet),
+    "torchvision DenseNet, memory-efficient (checkpointed BatchNorm)": image_classifier(
+        torchvision_densenet
+    ),
     "transformers ViTMAE (random masking in every mode)": (
         ModelTests,
         dict(
@@ -1591,6 +1610,22 @@ class DesignFalseAlarms(CheckTestCase):
             "the model computes differently in training mode by design: ",
             "NumPy's global generator (np.random) drawn from in training only",
         )
+
+    def test_gradients_through_checkpointed_batch_norm_are_taken_in_eval_mode(self) -> None:
+        # torch.utils.checkpoint runs a memory-efficient DenseNet layer again during the
+        # backward pass: taken after the eval-mode pass had put the model back in training
+        # mode, it raised (other saved tensors) and updated the user's running statistics
+        model = torchvision_densenet()
+        before = {name: t.clone() for name, t in model.state_dict().items()}
+        case = design_case(
+            ModelTests,
+            dict(model=lambda: model, inputs=images, expected_output_shape=(BATCH, 10)),
+        )
+        for name in ("test_batch_independence", "test_all_inputs_used"):
+            with self.subTest(name):
+                self.assertPasses(case, name)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
 
     def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:
         self.assertCheckSkipsWith(

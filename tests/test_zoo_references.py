@@ -29,11 +29,12 @@ from test_zoo_design import DESIGN_ZOO, DETECTION, quiet_transformers
 Case = Tuple[type, Dict[str, Any], Tuple[str, ...]]
 EXTENDED = bool(os.environ.get("DLTESTKIT_ZOO_EXTENDED"))
 #: The default run: one or two of each family (a sampling VAE, random masking, BatchNorm, MoE,
-#: encoder-decoder, LoRA, detection, PyTorch's sequence layers).
+#: encoder-decoder, LoRA, detection, PyTorch's sequence layers, gradient checkpointing).
 SAMPLE = (
     "PyTorch examples/vae VAE (samples in both modes)",
     "transformers ViTMAE (random masking in every mode)",
     "BatchNorm2d and BatchNorm1d CNN",
+    "torchvision DenseNet, memory-efficient (checkpointed BatchNorm)",
     "spectral-norm GAN discriminator",
     "transformers T5, encoder-decoder",
     "nn.TransformerEncoder, causal mask",

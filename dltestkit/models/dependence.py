@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Collection, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -79,6 +79,24 @@ class Dependence(ModelContract):
             )
         )
 
+    @contextlib.contextmanager
+    def _as_probed(self, probes: Sequence[Probe]) -> Iterator[List[nn.Module]]:
+        """The state the probes' forward pass ran in, for a backward pass through it: the
+        probed models in eval mode and torch's generator seeded with self.seed (restored
+        after). Gradient checkpointing runs the checkpointed forward again during the
+        backward pass, reading the modes then: in training mode, BatchNorm would update the
+        model's running statistics and save other tensors than the forward pass did (which
+        torch.utils.checkpoint refuses). Yields the models."""
+        models = {id(p.model): p.model for p in probes if p.model is not None} or {
+            id(self.model): self.model
+        }
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(mode(model, training=False))
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(self.seed)
+            yield list(models.values())
+
     def _probe_gradients(
         self, value: torch.Tensor, probes: Sequence[Probe]
     ) -> List[Optional[torch.Tensor]]:
@@ -86,24 +104,22 @@ class Dependence(ModelContract):
 
         torch.autograd.grad, or, for a model with reentrant gradient checkpointing
         (``use_reentrant=True``, which refuses autograd.grad), ``value.backward()`` reading the
-        probes' ``.grad``: in eval mode, as the probes were made, with the gradients that the
-        backward pass leaves on the model's parameters taken away again."""
+        probes' ``.grad``, with the gradients that the backward pass leaves on the model's
+        parameters taken away again; either in the state the probes were made in
+        (``_as_probed``)."""
         leaves = [p.tensor for p in probes]
         try:
-            return list(torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True))
+            with self._as_probed(probes):
+                return list(
+                    torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
+                )
         except RuntimeError as exc:
             if "use_reentrant=True" not in str(exc):
                 raise
-        models = {id(p.model): p.model for p in probes if p.model is not None} or {
-            id(self.model): self.model
-        }
         with contextlib.ExitStack() as stack:
-            for model in models.values():
-                stack.enter_context(mode(model, training=False))
+            for model in stack.enter_context(self._as_probed(probes)):
                 stack.enter_context(gradients_set_aside(model.parameters()))
             stack.enter_context(gradients_set_aside(self._input_leaves()))
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-            torch.manual_seed(self.seed)
             for leaf in leaves:
                 leaf.grad = None
             torch.autograd.backward(value, retain_graph=True)
@@ -150,14 +166,19 @@ class Dependence(ModelContract):
         leaves = [p.tensor for p in probes]
         grads: List[List[Optional[torch.Tensor]]] = []
         try:
-            for out in (weights, weights * rows):
-                grads.append(
-                    list(
-                        torch.autograd.grad(
-                            value, leaves, grad_outputs=out, retain_graph=True, allow_unused=True
+            with self._as_probed(probes):
+                for out in (weights, weights * rows):
+                    grads.append(
+                        list(
+                            torch.autograd.grad(
+                                value,
+                                leaves,
+                                grad_outputs=out,
+                                retain_graph=True,
+                                allow_unused=True,
+                            )
                         )
                     )
-                )
         except RuntimeError:
             return None
         first, second = grads
@@ -189,8 +210,8 @@ class Dependence(ModelContract):
         if not value.requires_grad:
             return None
         try:
-            with warnings.catch_warnings():  # (a batching rule missing: slower, still right)
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(), self._as_probed(probes):
+                warnings.simplefilter("ignore")  # (a batching rule missing: slower, still right)
                 grads = torch.autograd.grad(
                     value,
                     [p.tensor for p in probes],

@@ -15,6 +15,7 @@ from ..core.options import UNSET, option
 from ..core.paths import named_tensors
 from ..core.seeds import derived_seed
 from .copies import copy_module
+from .copies import mode as set_mode
 from .randomness import watching_randomness
 from .reference import MODES, References, _dense
 
@@ -100,7 +101,9 @@ class ReferenceModel(References):
         trainable = self._trainable(model)
         for _, parameter in trainable:
             parameter.grad = None
-        with torch.random.fork_rng(devices=[]):
+        # the mode held over the backward pass too: gradient checkpointing runs the forward
+        # again there, reading the modes
+        with torch.random.fork_rng(devices=[]), set_mode(model, training=training):
             output = self._seeded_forward(model, self.inputs, training, seed)
             loss = self._loss(output)
             if loss.requires_grad:

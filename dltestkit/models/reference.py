@@ -40,6 +40,7 @@ from ..core.references import (
 from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
 from ..core.validators import is_bool, is_choice, is_non_negative_number, is_path, optional
 from .contract import ModelContract
+from .copies import mode as set_mode
 
 __all__ = ["ReferenceOutputs", "References"]
 
@@ -331,7 +332,9 @@ class ReferenceOutputs(References):
         copy = model.fresh()
         for parameter in copy.parameters():
             parameter.grad = None
-        with torch.random.fork_rng(devices=[]):
+        # the mode held over the backward pass too: gradient checkpointing runs the forward
+        # again there, reading the modes
+        with torch.random.fork_rng(devices=[]), set_mode(copy, training=mode == "training"):
             output = self._seeded_forward(copy, inputs, mode == "training", seed)
             if self.loss_fn is not None:
                 loss = self.loss_fn(output)
