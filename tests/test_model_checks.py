@@ -820,6 +820,51 @@ class DeviceMoving(CheckTestCase):
             "on the model's device, in rnn (GRU)",
         )
 
+    def test_an_unused_empty_argument_of_multi_head_attention_passes(self) -> None:
+        # transformers' WavLM hands F.multi_head_attention_forward torch.empty([0]) as the
+        # in_proj_weight it ignores when given separate projections; it runs on GPUs
+        class SeparateProjections(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+                self.out = nn.Linear(8, 8)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                seq_first = x.transpose(0, 1)
+                output, _ = F.multi_head_attention_forward(
+                    seq_first, seq_first, seq_first, 8, 2,
+                    torch.empty([0]),  # no device=: unused
+                    torch.cat((self.q.bias, self.k.bias, self.v.bias)),
+                    None, None, False, 0.0, self.out.weight, self.out.bias,
+                    training=self.training, need_weights=False,
+                    use_separate_proj_weight=True,
+                    q_proj_weight=self.q.weight,
+                    k_proj_weight=self.k.weight,
+                    v_proj_weight=self.v.weight,
+                )  # fmt: skip
+                return output.transpose(0, 1)
+
+        def inputs() -> torch.Tensor:
+            return torch.randn(4, 5, 8)
+
+        self.assertPasses(
+            model_case(SeparateProjections, inputs=inputs), "test_device_moving", allowed_skips=()
+        )
+
+    def test_an_empty_tensor_made_on_the_cpu_and_combined_fails(self) -> None:
+        class EmptyAccumulator(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                gathered = torch.cat([torch.empty(0), out.flatten()])  # no device=
+                return gathered.view_as(out)
+
+        self.assertFailsWith(
+            model_case(EmptyAccumulator),
+            "test_device_moving",
+            "torch.cat combines a CPU tensor of shape (0,) (torch.float32) with tensors on the "
+            "model's device",
+        )
+
     def test_ctc_loss_with_its_targets_and_lengths_on_the_cpu_passes(self) -> None:
         # cuDNN's CTC wants them there; the lengths made without device= are fine too
         self.assertPasses(model_case(CTCModel, inputs=ctc_inputs), "test_device_moving")

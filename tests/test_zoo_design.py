@@ -4,9 +4,10 @@ Issue 20's zoo: models that are correct although they do what a check looks for 
 VAE that samples at evaluation (PyTorch's ``examples/vae``), contrastive models whose logits
 compare every sample with every other (CLIP), mixtures of experts (Mixtral, Qwen2-MoE, a
 hand-written top-k layer), state-space models (Mamba, Mamba2), segmentation models, audio
-encoders (wav2vec2, HuBERT, Whisper), encoder-decoders (BART, Whisper), vision models with
+encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper), vision models with
 stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision MobileNetV3,
-EfficientNet), BatchNorm, PEFT adapters, a diffusion UNet, ViTMAE (random masking in every
+EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
+DenseNet), PEFT adapters, a diffusion UNet, ViTMAE (random masking in every
 mode), a GAN generator and a spectral-norm discriminator, a Gumbel-softmax bottleneck, a
 policy that samples its actions, quantisation-aware training, weight tying, a frozen
 backbone under ``torch.no_grad()``, sparse embeddings, an STFT front end, FNet (FFT mixing),
@@ -380,6 +381,14 @@ def hubert() -> nn.Module:
     from transformers import HubertConfig, HubertModel
 
     return HubertModel(audio_config(HubertConfig))
+
+
+def wavlm() -> nn.Module:
+    """WavLM: its attention calls F.multi_head_attention_forward with separate projections
+    and an unused empty in_proj_weight made on the CPU."""
+    from transformers import WavLMConfig, WavLMModel
+
+    return WavLMModel(audio_config(WavLMConfig))
 
 
 def raw_audio() -> Dict[str, torch.Tensor]:
@@ -1074,6 +1083,16 @@ DESIGN_ZOO: Dict[str, Case] = {
             inputs=raw_audio,
             expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
             make_model=wav2vec2,
+        ),
+        (SPEC_AUGMENT,),
+    ),
+    "transformers WavLM, raw audio": (
+        ModelTests,
+        dict(
+            model=shared(wavlm),
+            inputs=raw_audio,
+            expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
+            make_model=wavlm,
         ),
         (SPEC_AUGMENT,),
     ),
