@@ -185,6 +185,34 @@ class GlobalSettingsAreRestored(CheckTestCase):
         self.assertLess(text.index("global settings changed"), text.index("ran with seed="))
         self.assertTrue(torch.is_grad_enabled())
 
+    def test_torch_noting_its_cache_folder_is_no_setting_of_the_model(self) -> None:
+        # torch._dynamo's first import (which an operation of forward may make lazily) sets
+        # TORCHINDUCTOR_CACHE_DIR: torch's own, neither reported nor taken back
+        class FirstUseOfDynamo(TurnsGradOff):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                cache_dir()  # what that import does
+                return super().forward(x)
+
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+        def restore() -> None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            if saved is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+        self.addCleanup(restore)
+        text = self.assertFailsWith(
+            small_case(model=FirstUseOfDynamo),
+            "test_all_parameters_updated",
+            "global settings changed while the check ran, which may explain this: grad mode "
+            "turned off (torch.set_grad_enabled(False)), by the forward of FirstUseOfDynamo.",
+        )
+        self.assertNotIn("TORCHINDUCTOR_CACHE_DIR", text)
+        self.assertIn("TORCHINDUCTOR_CACHE_DIR", os.environ)
+
     def test_checks_run_with_grad_mode_on_when_set_up_turned_it_off(self) -> None:
         def no_grad(model: Any) -> Any:
             def set_up(self: Any) -> None:

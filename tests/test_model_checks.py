@@ -269,6 +269,24 @@ class PositionIdsOnTheCPU(TokenModel):
         return self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
 
 
+class PositionsWhereTheWeightsAre(TokenModel):
+    """Position ids made where the weights are, or with device=None while they are on meta
+    (as transformers' LongT5 makes its relative positions): on the CPU on meta only."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.positions.weight
+        device = weight.device if weight.device.type != "meta" else None
+        return self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=device))
+
+
+class PositionsWhereTheWeightsAreThenNoise(PositionsWhereTheWeightsAre):
+    """The same, and noise made without device= after it: a device bug."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        embedded = super().embed(ids)
+        return embedded + torch.randn(embedded.shape)
+
+
 class NumpyInForward(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = float(x.abs().max().detach().numpy())  # fails for a tensor on a GPU
@@ -791,8 +809,29 @@ class DeviceMoving(CheckTestCase):
             token_case(PositionIdsOnTheCPU),
             "test_device_moving",
             "F.embedding combines a CPU tensor of shape (5,) (torch.int64)",
+            "made by torch.arange without device= in PositionIdsOnTheCPU, at test_model_checks.py:",
             "in positions (Embedding)",
             "in embed",
+        )
+
+    def test_a_device_chosen_as_none_on_meta_skips_naming_it(self) -> None:
+        # device=None passed explicitly: the model's own choice, which a GPU does not see
+        self.assertSkipsWith(
+            token_case(PositionsWhereTheWeightsAre),
+            "test_device_moving",
+            "in eval and training mode, F.embedding combines a CPU tensor of shape (5,) "
+            "(torch.int64) with tensors on the model's device, made by torch.arange given "
+            "device=None in PositionsWhereTheWeightsAre, at test_model_checks.py:",
+            "a device the model chose (device=None passed explicitly",
+            "the rest of the forward pass moved as a whole",
+        )
+
+    def test_a_device_bug_after_a_device_chosen_as_none_fails(self) -> None:
+        self.assertFailsWith(
+            token_case(PositionsWhereTheWeightsAreThenNoise),
+            "test_device_moving",
+            "Tensor.add combines a CPU tensor of shape (4, 5, 6) (torch.float32) with tensors "
+            "on the model's device, made by torch.randn without device=",
         )
 
     def test_packed_sequences_keep_their_lengths_on_the_cpu_as_they_must(self) -> None:
@@ -817,7 +856,9 @@ class DeviceMoving(CheckTestCase):
             model_case(lambda: InitialStateOnTheCPU("gru"), inputs=sorted_tokens),
             "test_device_moving",
             "torch.gru combines a CPU tensor of shape (2, 4, 6) (torch.float32) with tensors "
-            "on the model's device, in rnn (GRU)",
+            "on the model's device, made by torch.zeros without device= in "
+            "InitialStateOnTheCPU, at test_model_checks.py:",
+            "in initial_state, in rnn (GRU)",
         )
 
     def test_an_unused_empty_argument_of_multi_head_attention_passes(self) -> None:

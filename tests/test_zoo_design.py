@@ -4,14 +4,14 @@ Issue 20's zoo: models that are correct although they do what a check looks for 
 VAE that samples at evaluation (PyTorch's ``examples/vae``), contrastive models whose logits
 compare every sample with every other (CLIP), mixtures of experts (Mixtral, Qwen2-MoE, a
 hand-written top-k layer), state-space models (Mamba, Mamba2), segmentation models, audio
-encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper), vision models with
-stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision MobileNetV3,
-EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
-DenseNet), PEFT adapters, a diffusion UNet, ViTMAE (random masking in every
-mode), a GAN generator and a spectral-norm discriminator, a Gumbel-softmax bottleneck, a
-policy that samples its actions, quantisation-aware training, weight tying, a frozen
-backbone under ``torch.no_grad()``, sparse embeddings, an STFT front end, FNet (FFT mixing),
-logits upcast to float32, a tabular model and a LightningModule.
+encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper, LongT5),
+vision models with stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision
+MobileNetV3, EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
+DenseNet), PEFT adapters, a diffusion UNet, ViTMAE (random masking in every mode), a GAN
+generator and a spectral-norm discriminator, a Gumbel-softmax bottleneck, a policy that
+samples its actions, quantisation-aware training, weight tying, a frozen backbone under
+``torch.no_grad()``, sparse embeddings, an STFT front end, FNet (FFT mixing), logits upcast
+to float32, a tabular model and a LightningModule.
 
 Each setUp is what a user following docs/models.md, docs/sequence-models.md and
 docs/howto-real-models.md writes; every model is built offline from a small configuration
@@ -76,6 +76,9 @@ GROUPED_MM = "torch._grouped_mm in model.layers.0.mlp.experts"
 #: test_train_matches_eval on transformers' audio encoders: SpecAugment draws its masks from
 #: NumPy's generator in training only, LayerDrop compares torch.rand with its rate.
 SPEC_AUGMENT = differs_in_training("output.last_hidden_state")
+#: test_device_moving on a model that makes a tensor with device=None when its weights are on
+#: meta (LongT5's relative positions): its own choice, which a GPU does not see.
+DEVICE_CHOSEN_FOR_META = "in eval and training mode, F.embedding combines a CPU tensor"
 #: test_running_statistics on a model whose train() keeps every BatchNorm in eval mode.
 FROZEN_NORMALISATION = "every normalisation layer with running statistics is frozen by design"
 
@@ -460,6 +463,29 @@ def bart() -> nn.Module:
     from transformers import BartModel
 
     return BartModel(bart_config())
+
+
+def long_t5() -> nn.Module:
+    """LongT5 with transient-global attention, whose relative positions are made with
+    device=None when its weights are on meta (on the CPU then), on the weights' device else."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    return LongT5ForConditionalGeneration(
+        LongT5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=4,
+            local_radius=2,
+            global_block_size=4,
+            encoder_attention_type="transient-global",
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def bart_lm() -> nn.Module:
@@ -1129,6 +1155,20 @@ DESIGN_ZOO: Dict[str, Case] = {
         ),
         (NO_MASK,),
     ),
+    "transformers LongT5, transient-global attention": (
+        SequenceModelTests,
+        dict(
+            model=shared(long_t5),
+            inputs=lambda: {**token_batch(), "decoder_input_ids": token_batch()["input_ids"]},
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            output_key="logits",
+            make_model=long_t5,
+            sequence_dim=1,
+            causal=True,
+            sequence_inputs=["decoder_input_ids"],
+        ),
+        (NO_MASK, DEVICE_CHOSEN_FOR_META),
+    ),
     # vision
     "timm Swin (stochastic depth 0.1)": image_classifier(timm_swin),
     "timm EfficientNet (stochastic depth 0.2)": image_classifier(timm_efficientnet),
@@ -1645,6 +1685,15 @@ class DesignFalseAlarms(CheckTestCase):
                 self.assertPasses(case, name)
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+
+    def test_a_device_chosen_for_meta_by_long_t5_skips_naming_it(self) -> None:
+        self.assertCheckSkipsWith(
+            "transformers LongT5, transient-global attention",
+            "test_device_moving",
+            "made by torch.arange given device=None",
+            "at modeling_longt5.py:",
+            "a device the model chose (device=None passed explicitly",
+        )
 
     def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:
         self.assertCheckSkipsWith(

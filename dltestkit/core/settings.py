@@ -1,6 +1,6 @@
 """The global settings a model, a trainer or a setUp can change, and which the checks put back:
 PyTorch's default dtype, grad mode, deterministic algorithms, anomaly detection and float32
-matmul precision, the environment variables and the working directory.
+matmul precision, the environment variables (but those torch sets itself) and the working directory.
 
 ``Settings.capture()`` notes them, ``restore()`` puts them back, ``changes()`` says in words
 which differ from another capture ("grad mode turned off (torch.set_grad_enabled(False))").
@@ -16,6 +16,22 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 __all__ = ["Settings"]
+
+#: Environment variables torch sets itself on first use, not settings of the user's code: the
+#: first import of torch._dynamo (which a torch operation may do lazily) notes its cache
+#: folder in TORCHINDUCTOR_CACHE_DIR; inductor notes Triton's paths.
+_TORCH_OWN = frozenset(
+    {
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "TRITON_PTXAS_PATH",
+        "TRITON_LIBDEVICE_PATH",
+    }
+)
+
+
+def _environ() -> Dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in _TORCH_OWN}
 
 
 def _cwd() -> Optional[str]:
@@ -52,7 +68,7 @@ class Settings:
             ),
             anomaly=(torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
             matmul_precision=torch.get_float32_matmul_precision(),
-            environ=dict(os.environ),
+            environ=_environ(),
             cwd=_cwd(),
         )
 

@@ -14,12 +14,14 @@ Device bugs are found without a GPU by running a copy of the model on the ``meta
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..core.paths import map_tensors
 from ..core.watch import (
     FailedOperation,
     ModuleTracker,
@@ -157,9 +159,22 @@ class DeviceProblem:
     what: str
     where: str
     location: str
+    #: False: the CPU tensor was made with ``device=None`` passed explicitly, a device the
+    #: model chose (code that picks none while its weights are on ``meta``), which a GPU
+    #: may not see; the rest of the pass was watched with the tensor moved to ``meta``
+    certain: bool = True
 
     def describe(self) -> str:
         return f"{self.what}, in {self.where}, at {self.location}"
+
+
+@dataclass(frozen=True)
+class _CpuOrigin:
+    """Where a CPU tensor of a meta run was made."""
+
+    text: str
+    #: made with ``device=None`` passed explicitly
+    chosen: bool
 
 
 class ReplayMismatch(RuntimeError):
@@ -260,7 +275,12 @@ class DeviceWatch(Watch):
         self.calls: Dict[str, int] = {}
         self.position = 0
         self.problem: Optional[DeviceProblem] = None
+        #: the first CPU tensor made with device=None explicitly that met the model's
+        #: (moved to meta, so that the rest of the pass is watched)
+        self.chosen: Optional[DeviceProblem] = None
         self.stood_in: List[str] = []  # the operations whose results came from the CPU run
+        #: where the CPU tensors this run made were made, by id
+        self._origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", _CpuOrigin]] = {}
 
     def _stand_in(self, index: int, func: Any, args: Tuple[Any, ...]) -> Any:
         """Meta tensors standing in for the result of the ``index``-th call of ``func`` (the
@@ -297,6 +317,29 @@ class DeviceWatch(Watch):
         self.problem = DeviceProblem(what, self.modules.current(), user_code_location())
         raise _Stop
 
+    def _origin(self, tensor: torch.Tensor) -> Optional[_CpuOrigin]:
+        found = self._origins.get(id(tensor))
+        return found[1] if found is not None and found[0]() is tensor else None
+
+    def _note_origins(
+        self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], result: Any
+    ) -> None:
+        """Note where the CPU tensors ``result`` holds were made: by this call if it was
+        handed no tensor (a factory), else where the CPU tensors it was handed were."""
+        made = [t for t in tensors_in(result) if t.device.type == "cpu"]
+        if not made:
+            return
+        given = tensors_in(args) + tensors_in(kwargs)
+        if given:
+            origin = next((o for o in map(self._origin, given) if o is not None), None)
+        else:
+            chosen = "device" in kwargs and kwargs["device"] is None
+            how = "given device=None" if chosen else "without device="
+            origin = _CpuOrigin(f"{op_name(func)} {how} {self.where()}", chosen)
+        if origin is not None:
+            for tensor in made:
+                self._origins[id(tensor)] = (weakref.ref(tensor), origin)
+
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name_of_call = op_name(func)
         index = self.calls.get(name_of_call, 0)
@@ -320,10 +363,22 @@ class DeviceWatch(Watch):
                 and not any(t is a for a in allowed)
             ]
             if stray:
-                self._stop(
+                origins = [self._origin(t) for t in stray]
+                made_by = f", made by {origins[0].text}" if origins[0] is not None else ""
+                what = (
                     f"{op_name(func)} combines a CPU tensor of shape "
                     f"{tuple(stray[0].shape)} ({stray[0].dtype}) with tensors on the "
-                    "model's device"
+                    f"model's device{made_by}"
+                )
+                if not all(origin is not None and origin.chosen for origin in origins):
+                    self._stop(what)
+                if self.chosen is None:
+                    self.chosen = DeviceProblem(
+                        what, self.modules.current(), user_code_location(), certain=False
+                    )
+                moved = {id(t) for t in stray}
+                args, kwargs = map_tensors(
+                    lambda t: t.to("meta") if id(t) in moved else t, (args, kwargs)
                 )
         if name in ("numpy", "__array__") and on_meta:
             how = "Tensor.numpy()" if name == "numpy" else "np.asarray(tensor)"
@@ -347,7 +402,10 @@ class DeviceWatch(Watch):
             made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in recorded]
             return made[0] if len(made) == 1 else tuple(made)
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if not on_meta:
+                self._note_origins(func, args, kwargs, result)
+            return result
         except (_Stop, NeedsCpuRun):
             raise
         except Exception as exc:
@@ -391,7 +449,9 @@ def watch_meta_forward(
     model: nn.Module,
 ) -> Tuple[Any, Optional[DeviceProblem]]:
     """Run ``run_cpu()`` recording, then ``run_meta(...)`` on ``model`` (the meta copy)
-    watching; return the meta output and the first device problem (output None then).
+    watching; return the meta output and the first device problem (output None then), or
+    the output and a problem that is not ``certain`` (a CPU tensor the model made with
+    ``device=None`` passed explicitly, the rest of the pass watched), or None.
 
     Without ``run_cpu``, the meta run goes without what a CPU run returned: at the first
     step that needs it (a data-dependent step, an operation without a meta kernel) it stops
@@ -424,4 +484,4 @@ def watch_meta_forward(
         raise NeedsCpuRun
     if watch.problem is not None:  # (the same)
         return None, watch.problem
-    return output, None
+    return output, watch.chosen
