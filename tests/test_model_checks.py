@@ -392,6 +392,40 @@ class DoubleZeroGate(ZeroGate):
         return self.decoder(hidden + self.gate * self.second_gate * self.branch(hidden))
 
 
+class PatchAttention(nn.Module):
+    """Self-attention over the patches of an image: over a single position for an image no
+    larger than one patch (softmax over one element: no gradient reaches query and key)."""
+
+    def __init__(self, patch: int = 4) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Conv2d(3, 8, patch, stride=patch)
+        self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (batch, positions, 8)
+        scores = self.query(tokens) @ self.key(tokens).transpose(1, 2) / 8**0.5
+        return (scores.softmax(dim=-1) @ self.value(tokens)).mean(1)
+
+
+class AttentionBesideAFrozenGate(nn.Module):
+    """Attention over a single position, and beside it a branch gated off by a frozen zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = PatchAttention()
+        self.branch = nn.Linear(8, 8)
+        self.gate = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.attention(x)
+        return hidden + self.gate * self.branch(hidden)
+
+
+def small_images() -> torch.Tensor:
+    return torch.randn(4, 3, 4, 4)  # one patch of 4 x 4
+
+
 class OverwritesAWeight(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -1574,6 +1608,39 @@ class ParametersUpdated(CheckTestCase):
             "gate: gradient exactly zero",
             "second_gate: gradient exactly zero",
         )
+
+    def test_zero_gradients_of_attention_over_a_single_position_skip_naming_it(self) -> None:
+        # timm's LeViT and transformers' MobileViT on small images: their last stage attends
+        # over one position, so query, key and attention biases get no gradient at that size
+        self.assertPasses(
+            model_case(PatchAttention, inputs=small_images),
+            "test_all_parameters_updated",
+            allowed_skips=("exactly zero gradients at the size of self.inputs",),
+        )
+        self.assertSkipsWith(
+            model_case(PatchAttention, inputs=small_images),
+            "test_all_parameters_updated",
+            "exactly zero gradients at the size of self.inputs, in every step, of 4 parameters "
+            "of modules that make a call whose input gets none at that size: Tensor.softmax at "
+            "test_model_checks.py:",
+            "(a softmax over a dimension of size 1 (dim=-1) is constant), in PatchAttention, "
+            "for query.weight, query.bias, key.weight, key.bias.",
+            "check them with inputs large enough",
+        )
+        self.assertPasses(  # on an image of four patches, they train
+            model_case(PatchAttention, inputs=lambda: torch.randn(4, 3, 8, 8)),
+            "test_all_parameters_updated",
+            allowed_skips=(),
+        )
+
+    def test_a_frozen_gate_beside_a_degenerate_attention_still_fails(self) -> None:
+        text = self.assertFailsWith(
+            model_case(AttentionBesideAFrozenGate, inputs=small_images),
+            "test_all_parameters_updated",
+            "2 of 10 trainable parameters would not be trained",
+            "branch.weight: gradient exactly zero in each of 3 steps",
+        )
+        self.assertNotIn("attention.query.weight:", text)
 
     def test_a_weight_that_forward_overwrites_fails(self) -> None:
         self.assertFailsWith(

@@ -79,6 +79,9 @@ SPEC_AUGMENT = differs_in_training("output.last_hidden_state")
 #: test_device_moving on a model that makes a tensor with device=None when its weights are on
 #: meta (LongT5's relative positions): its own choice, which a GPU does not see.
 DEVICE_CHOSEN_FOR_META = "in eval and training mode, F.embedding combines a CPU tensor"
+#: test_all_parameters_updated on a model whose attention runs over a single position at the
+#: size of its inputs (softmax over one element): query, key and attention biases get none.
+ONE_POSITION = "exactly zero gradients at the size of self.inputs"
 #: test_running_statistics on a model whose train() keeps every BatchNorm in eval mode.
 FROZEN_NORMALISATION = "every normalisation layer with running statistics is frozen by design"
 
@@ -552,6 +555,12 @@ def torchvision_efficientnet() -> nn.Module:
         MBConvConfig(6, 5, 2, 24, 40, 2),
     ]
     return EfficientNet(stages, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10)
+
+
+def timm_levit() -> nn.Module:
+    import timm
+
+    return timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=10)
 
 
 def torchvision_densenet() -> nn.Module:
@@ -1178,6 +1187,16 @@ DESIGN_ZOO: Dict[str, Case] = {
         torchvision_efficientnet
     ),
     "BatchNorm2d and BatchNorm1d CNN": image_classifier(BatchNormNet),
+    "timm LeViT on 64 x 64 images (its last stage attends over one position)": (
+        ModelTests,
+        dict(
+            model=shared(timm_levit),
+            inputs=lambda: torch.randn(BATCH, 3, 64, 64),
+            expected_output_shape=(BATCH, 10),
+            make_model=timm_levit,
+        ),
+        (ONE_POSITION,),
+    ),
     "torchvision DenseNet, memory-efficient (checkpointed BatchNorm)": image_classifier(
         torchvision_densenet
     ),
@@ -1693,6 +1712,16 @@ class DesignFalseAlarms(CheckTestCase):
             "made by torch.arange given device=None",
             "at modeling_longt5.py:",
             "a device the model chose (device=None passed explicitly",
+        )
+
+    def test_attention_over_one_position_at_a_small_input_skips_naming_it(self) -> None:
+        self.assertCheckSkipsWith(
+            "timm LeViT on 64 x 64 images (its last stage attends over one position)",
+            "test_all_parameters_updated",
+            "exactly zero gradients at the size of self.inputs",
+            "Tensor.softmax at levit.py:",
+            "(a softmax over a dimension of size 1 (dim=-1) is constant)",
+            "attn.attention_biases",
         )
 
     def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:

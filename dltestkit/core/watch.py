@@ -141,26 +141,33 @@ class ModuleTracker:
 
     def __init__(self, model: Optional[nn.Module] = None) -> None:
         self.stack: List[str] = []
+        self._names: List[str] = []
         self._handles: List[Any] = []
         for name, module in model.named_modules() if model is not None else ():
             if isinstance(module, torch.jit.ScriptModule):
                 continue
             label = f"{name} ({type(module).__name__})" if name else type(model).__name__
-            self._handles.append(module.register_forward_pre_hook(self._enter(label)))
+            self._handles.append(module.register_forward_pre_hook(self._enter(label, name)))
             self._handles.append(module.register_forward_hook(self._leave))
 
-    def _enter(self, label: str) -> Callable[..., None]:
+    def _enter(self, label: str, name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
             self.stack.append(label)
+            self._names.append(name)
 
         return hook
 
     def _leave(self, *_: Any) -> None:  # a forward hook that returns None keeps the output
         if self.stack:
             self.stack.pop()
+            self._names.pop()
 
     def current(self) -> str:
         return self.stack[-1] if self.stack else "forward"
+
+    def current_name(self) -> str:
+        """The running submodule's name in the model ("" for the model itself)."""
+        return self._names[-1] if self._names else ""
 
     def remove(self) -> None:
         for handle in self._handles:

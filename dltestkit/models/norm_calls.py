@@ -1,7 +1,8 @@
 """What a training-mode forward pass shows of its normalisation with running statistics: each
 call of ``F.batch_norm`` and ``F.instance_norm`` (and ``torch.batch_norm``,
 ``torch.instance_norm``) with the names of the buffers it was handed, every submodule's mode,
-and the buffers the pass changed; and whether it drew random numbers. The first training
+and the buffers the pass changed; whether it drew random numbers; and which calls are
+degenerate at the size of their input (a softmax over one element). The first training
 step the checks share notes it (plain data, kept with the shared pass), so that
 test_running_statistics needs no training pass of its own, and test_train_matches_eval none
 where the modes agree; the layers are found by what they do, not by their type."""
@@ -21,6 +22,7 @@ from ..core.watch import ModuleTracker, op_name, user_code_location, watching
 from .randomness import _ABSENT, RandomnessWatch, _argument
 
 __all__ = [
+    "Degenerate",
     "NORMS",
     "NORM_DEFAULTS",
     "ForwardObservation",
@@ -40,6 +42,74 @@ NORMS: Dict[Any, Tuple[int, str, int, str]] = {
 }
 #: The flag's default when not passed (F.instance_norm uses the input's statistics by default).
 NORM_DEFAULTS = {F.batch_norm: False, F.instance_norm: True}
+
+_SOFTMAXES = frozenset(
+    {
+        F.softmax,
+        F.log_softmax,
+        torch.softmax,
+        torch.log_softmax,
+        torch.Tensor.softmax,
+        torch.Tensor.log_softmax,
+    }
+)
+
+
+def _size(value: Any) -> int:
+    """How many elements a shape (an int or a sequence of ints) holds."""
+    if isinstance(value, int):
+        return value
+    count = 1
+    for size in value:
+        count *= int(size)
+    return count
+
+
+def degenerate(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
+    """What makes a call degenerate at the size of its input, so that its input gets an
+    exactly zero gradient however the parameters are (a softmax over one element is 1, a
+    normalisation over one element gives its bias); None for any other call."""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor) or first.numel() == 0:
+        return None
+    if func in _SOFTMAXES:
+        dim = _argument(args, kwargs, 1, "dim")
+        if isinstance(dim, int) and first.dim() > 0 and first.shape[dim] == 1:
+            return f"a softmax over a dimension of size 1 (dim={dim}) is constant"
+    elif func is F.scaled_dot_product_attention:
+        key = _argument(args, kwargs, 1, "key")
+        if isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] == 1:
+            return "attention over a single key returns its value, whatever the query and key"
+    elif func is F.layer_norm:
+        shape = _argument(args, kwargs, 1, "normalized_shape")
+        if shape is not _ABSENT and _size(shape) == 1:
+            return "a layer norm over a single element gives its bias"
+    elif func is F.group_norm:
+        groups = _argument(args, kwargs, 1, "num_groups")
+        if isinstance(groups, int) and first.dim() > 1 and first[0].numel() == groups:
+            return "a group norm over a single element per group gives its bias"
+    return None
+
+
+@dataclass(frozen=True)
+class Degenerate:
+    """A call of the training pass that is degenerate at the size of its input (its input
+    gets an exactly zero gradient): what, the operation, the module (label and name), where."""
+
+    what: str
+    operation: str
+    module: str
+    name: str
+    location: str
+
+    def describe(self) -> str:
+        return f"{self.operation} in {self.module}, at {self.location} ({self.what})"
+
+    def explains(self, parameter: str) -> bool:
+        """Whether a zero gradient of ``parameter`` may come from this call: the parameter
+        belongs to the module that made the call or to one inside it (an attention module's
+        query and key projections)."""
+        return not self.name or parameter.startswith(self.name + ".")
 
 
 @dataclass(frozen=True)
@@ -83,8 +153,20 @@ class NormWatch(RandomnessWatch):
         super().__init__(modules)
         self.buffers = buffers
         self.calls: List[NormCall] = []
+        self.degenerate: List[Degenerate] = []
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        what = degenerate(func, args, kwargs)
+        if what is not None:
+            self.degenerate.append(
+                Degenerate(
+                    what,
+                    op_name(func),
+                    self.modules.current(),
+                    self.modules.current_name(),
+                    user_code_location(),
+                )
+            )
         if func in NORMS:
             stats_at, _, flag_at, flag = NORMS[func]
             functional = func in NORM_DEFAULTS  # F.batch_norm, F.instance_norm
@@ -128,6 +210,8 @@ class TrainingForward:
     modes: Tuple[Tuple[str, bool], ...]
     changed_buffers: Tuple[str, ...]
     draws: int
+    #: calls degenerate at the inputs' size (a softmax over one element)
+    degenerate: Tuple[Degenerate, ...] = ()
 
 
 class ForwardObservation:
@@ -167,4 +251,5 @@ class ForwardObservation:
             self.modes,
             changed,
             len(self.watch.draws),
+            tuple(self.watch.degenerate),
         )

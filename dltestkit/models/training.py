@@ -4,16 +4,18 @@ steps on a copy of the model show."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Collection, Dict, List, Optional
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 
 from ..core.contract import check
+from ..core.messages import listed
 from ..core.options import option
 from ..core.paths import floating_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_names
 from .contract import ModelContract
+from .norm_calls import Degenerate, TrainingForward
 from .passes import GradientSummary, TrainingPass
 
 __all__ = ["Training"]
@@ -41,7 +43,8 @@ class Training(ModelContract):
 
         Catches layers that never train: unused, cut off by .detach(), gated off by a factor
         that stays zero, or overwritten by forward; zero-initialised gates (ReZero, LoRA,
-        zero-init BatchNorm) are no false alarm.
+        zero-init BatchNorm) are no false alarm, nor is attention over a single position at a
+        small input (a skipped part naming the call).
 
         Each step moves every parameter that has a gradient by Adam's first step (the
         learning rate against the sign of the gradient), without an optimizer's state, which
@@ -127,13 +130,55 @@ class Training(ModelContract):
                     f"gradient exactly zero in each of {steps} steps: gated off "
                     "by something that stays zero (a frozen zero-initialised "
                     "gate or scale, a mask, a ReLU that is dead for the whole "
-                    "batch)"
+                    "batch, or a computation that cancels at the inputs' size: a "
+                    "pooling over a single position minus its input)"
                 )
         problems = {
             name: problems[name] for name, _ in trainable if name in problems
         }  # in the model's order
+        problems = self._degenerate_at_this_size(problems, first.forward)
         if problems:
             self.fail(self._untrained_message(problems, len(trainable)))
+
+    def _degenerate_at_this_size(
+        self, problems: Dict[str, str], forward: Optional[TrainingForward]
+    ) -> Dict[str, str]:
+        """The problems but the exactly zero gradients that a call degenerate at the inputs'
+        size may explain (a softmax over a single attention position, in the parameter's
+        module or one around it), which are reported as a skipped part naming the call: at a
+        larger input they may train, and whether they would cannot be told at this one."""
+        calls = forward.degenerate if forward is not None else ()
+        explained: Dict[str, Degenerate] = {}
+        for name, text in problems.items():
+            found = next((call for call in calls if call.explains(name)), None)
+            if found is not None and text.startswith("gradient exactly zero"):
+                explained[name] = found
+        if explained:
+            # one entry per line of code: a stage of several blocks makes the same call
+            by_line: Dict[Tuple[str, str, str], Tuple[List[str], List[str]]] = {}
+            for name, call in explained.items():
+                modules, names = by_line.setdefault(
+                    (call.operation, call.location, call.what), ([], [])
+                )
+                if call.module not in modules:
+                    modules.append(call.module)
+                names.append(name)
+            self._skip_part(
+                "zero gradients at this input size",
+                "exactly zero gradients at the size of self.inputs, in every step, of "
+                f"{len(explained)} parameters of modules that make a call whose input gets "
+                "none at that size: "
+                + "; ".join(
+                    f"{operation} at {location} ({what}), in {listed(modules, 2)}, for "
+                    f"{listed(names, 4)}"
+                    for (operation, location, what), (modules, names) in by_line.items()
+                )
+                + ". At a larger input they may train (a softmax over one attention position "
+                "is 1 whatever the query and key), so this is not judged; check them with "
+                "inputs large enough for every stage of the model. If the size-1 dimension is "
+                "not meant (a softmax over the wrong dimension), that is the bug.",
+            )
+        return {name: text for name, text in problems.items() if name not in explained}
 
     @staticmethod
     def _untrained_message(problems: Dict[str, str], trainable: int) -> str:
