@@ -1982,7 +1982,45 @@ class StateDictRoundTrip(CheckTestCase):
         )
 
 
+class CachedBias(AutoEncoder):
+    """Caches its bias per device in a dict at evaluation, as transformers' LeViT caches its
+    attention biases: a model evaluated once and then moved to bfloat16 uses the stale
+    float32 cache, which .to() does not convert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(SHAPE))
+        self.cache: Dict[str, torch.Tensor] = {}
+
+    def bias(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.shift * 2
+        if str(device) not in self.cache:
+            self.cache[str(device)] = self.shift * 2
+        return self.cache[str(device)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + self.bias(x.device))
+
+
+def evaluated_once() -> nn.Module:
+    model = CachedBias()
+    with torch.no_grad():
+        model.eval()(torch.randn(2, *SHAPE))
+    return model.train()
+
+
 class DtypeMoving(CheckTestCase):
+    def test_a_stale_cache_of_the_model_is_named(self) -> None:
+        self.assertFailsWith(
+            model_case(evaluated_once, moved_dtypes=[torch.bfloat16]),
+            "test_dtype_moving",
+            "combines a torch.bfloat16 tensor with a torch.float32 tensor of shape (1, 4, 4)",
+            "That tensor was not made by the forward pass: the model keeps it in "
+            "cache['cpu'] of CachedBias, which is no parameter or buffer, so "
+            ".to(torch.bfloat16) did not convert it",
+        )
+
     def test_a_tensor_made_in_float32_fails_naming_where(self) -> None:
         self.assertFailsWith(
             model_case(NoiseOfFixedDtype),

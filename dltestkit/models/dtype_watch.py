@@ -70,6 +70,8 @@ class DtypeWatch(Watch):
         self.first_mix: Optional[str] = None
         #: the first combination with a tensor that was not made by a deliberate cast
         self.first_undeliberate_mix: Optional[str] = None
+        #: that tensor, when this pass did not make it (state kept on the model: a cache)
+        self._unmade: Optional["weakref.ref[torch.Tensor]"] = None
 
     def origin(self, tensor: torch.Tensor) -> Optional[Origin]:
         found = self.origins.get(id(tensor))
@@ -96,7 +98,26 @@ class DtypeWatch(Watch):
                 self.first_mix = text
             if self.first_undeliberate_mix is None and not (source and source.deliberate):
                 self.first_undeliberate_mix = text
+                if source is None:
+                    self._unmade = weakref.ref(other)
                 return
+
+    def kept_on(self, model: nn.Module) -> Optional[str]:
+        """Where ``model`` keeps the tensor of the first mix worth reporting, when the pass did
+        not make it: an attribute of a submodule that is no parameter or buffer (a cache),
+        which ``.to()`` does not convert, named with the module's class; None if not found."""
+        tensor = self._unmade() if self._unmade is not None else None
+        if tensor is None:
+            return None
+        for name, module in model.named_modules():
+            for attribute, value in vars(module).items():
+                if attribute in ("_parameters", "_buffers", "_modules"):
+                    continue
+                path = _path_to(tensor, value, attribute)
+                if path is not None:
+                    where = f"{name}.{path}" if name else path
+                    return f"{where} of {type(module).__name__}"
+        return None
 
     def _origin_of_result(
         self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], made: torch.Tensor
@@ -148,6 +169,37 @@ class DtypeWatch(Watch):
                 for tensor in made:
                     self.origins[id(tensor)] = (weakref.ref(tensor), origin)
         return result
+
+
+def _path_to(tensor: torch.Tensor, value: Any, path: str, depth: int = 2) -> Optional[str]:
+    """``path`` extended to where ``value`` (an attribute, or a dict, list or tuple in one, up
+    to ``depth`` levels) holds ``tensor`` or a tensor sharing its memory; None if it does not."""
+    if isinstance(value, torch.Tensor):
+        return path if value is tensor or _shares_memory(value, tensor) else None
+    if depth == 0:
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    for key, item in items:
+        found = _path_to(tensor, item, f"{path}[{key!r}]", depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two strided tensors with data (not on meta) share their memory (one is a view
+    of the other, a slice of a cache)."""
+    if a.device != b.device or a.device.type == "meta" or a.layout != torch.strided:
+        return False
+    try:
+        pointer = a.untyped_storage().data_ptr()
+        return pointer != 0 and pointer == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return False
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import unittest
 from typing import Any, Dict, NoReturn, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from ..core.contract import check
 from ..core.messages import error_text
@@ -96,7 +97,7 @@ class DtypeMoving(ModelContract):
                     with torch.no_grad():
                         output = self._forward(moved, inputs, training)
                 except Exception as exc:
-                    self._dtype_error(exc, watch, dtype, training, given)
+                    self._dtype_error(exc, watch, dtype, training, given, moved)
             wrong = []
             for path, tensor in floating_tensors(output):
                 if tensor.dtype == dtype:
@@ -121,7 +122,7 @@ class DtypeMoving(ModelContract):
                     f"{path} ({tensor.dtype}{', made by ' + origin.text if origin else ''})"
                 )
             if wrong:
-                found = f" First mix of dtypes: {watch.mix()}." if watch.mix() else ""
+                found = _mix_text(watch, moved, dtype)
                 self.fail(
                     f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
                     f"mode.{found} {_DTYPE_ADVICE}"
@@ -143,6 +144,7 @@ class DtypeMoving(ModelContract):
         dtype: torch.dtype,
         training: bool,
         given: Any,
+        moved: nn.Module,
     ) -> NoReturn:
         """Report an exception of the moved copy for what it is: an operation without a kernel
         for ``dtype`` (skip), a mix of dtypes (fail), or an error of the model's own (fail,
@@ -170,8 +172,7 @@ class DtypeMoving(ModelContract):
                 "model; the other dtypes and checks ran"
             )
         lead = f"a copy moved with .to({dtype}) raises in {mode} mode: {type(exc).__name__}: "
-        first_mix = watch.mix()
-        mix = f" First mix of dtypes: {first_mix}." if first_mix else ""
+        mix = _mix_text(watch, moved, dtype)
         if failed is None:
             self.fail(
                 f"{lead}{text.strip()}, raised by the model's own code, not by a torch "
@@ -182,6 +183,24 @@ class DtypeMoving(ModelContract):
             f"{lead}{text.strip()}, in {failed.describe()}, given "
             f"{' and '.join(map(str, failed.dtypes))} tensors.{mix} {_DTYPE_ADVICE}"
         )
+
+
+def _mix_text(watch: DtypeWatch, moved: nn.Module, dtype: torch.dtype) -> str:
+    """The first mix of dtypes worth reporting, for a message, and where the model keeps its
+    tensor of another dtype when the pass did not make it (a cache that .to() missed)."""
+    first = watch.mix()
+    if not first:
+        return ""
+    kept = watch.kept_on(moved)
+    where = (
+        f" That tensor was not made by the forward pass: the model keeps it in {kept}, "
+        f"which is no parameter or buffer, so .to({dtype}) did not convert it (a cache filled "
+        "before the model was moved); register it with self.register_buffer(name, tensor, "
+        "persistent=False), or rebuild the cache when the dtype or device changes."
+        if kept
+        else ""
+    )
+    return f" First mix of dtypes: {first}.{where}"
 
 
 _DTYPE_ADVICE = (
