@@ -426,6 +426,20 @@ def small_images() -> torch.Tensor:
     return torch.randn(4, 3, 4, 4)  # one patch of 4 x 4
 
 
+class StateResetInPlace(AutoEncoder):
+    """At evaluation, keeps a state it resets in place after use (as transformers' RWKV
+    updates its state cache): no gradient can be taken through the eval-mode pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training:
+            return out * out
+        state = out.clone()
+        result = state * state
+        state.zero_()  # needed by the backward pass of the product
+        return result
+
+
 class OverwritesAWeight(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -1176,6 +1190,37 @@ class DeviceMoving(CheckTestCase):
 
 
 class BatchIndependence(CheckTestCase):
+    def test_an_eval_pass_without_gradients_is_judged_by_values(self) -> None:
+        for name, how in (
+            ("test_batch_independence", "the samples were compared by values only"),
+            ("test_all_inputs_used", "each input was judged as a whole, by values"),
+        ):
+            with self.subTest(name):
+                self.assertSkipsWith(
+                    model_case(StateResetInPlace),
+                    name,
+                    "no gradient can be taken through the model's eval-mode forward pass, "
+                    "which changes in place a tensor its backward pass needs",
+                    "modified by an inplace operation",
+                    how,
+                )
+                self.assertPasses(
+                    model_case(StateResetInPlace),
+                    name,
+                    allowed_skips=("no gradient can be taken through",),
+                )
+
+        class MixesSamples(StateResetInPlace):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out - out.mean(0, keepdim=True)  # statistics over the batch
+
+        self.assertFailsWith(
+            model_case(MixesSamples),
+            "test_batch_independence",
+            "sample 0's output changes with the other samples of the batch",
+        )
+
     def test_batch_mixing_bugs_fail(self) -> None:
         cases = {
             "reshape used as transpose": model_case(

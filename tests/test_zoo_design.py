@@ -3,7 +3,7 @@
 Issue 20's zoo: models that are correct although they do what a check looks for in a bug. A
 VAE that samples at evaluation (PyTorch's ``examples/vae``), contrastive models whose logits
 compare every sample with every other (CLIP), mixtures of experts (Mixtral, Qwen2-MoE, a
-hand-written top-k layer), state-space models (Mamba, Mamba2), segmentation models, audio
+hand-written top-k layer), state-space models (Mamba, Mamba2), RWKV, segmentation models, audio
 encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper, LongT5),
 vision models with stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision
 MobileNetV3, EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
@@ -82,6 +82,9 @@ DEVICE_CHOSEN_FOR_META = "in eval and training mode, F.embedding combines a CPU 
 #: test_all_parameters_updated on a model whose attention runs over a single position at the
 #: size of its inputs (softmax over one element): query, key and attention biases get none.
 ONE_POSITION = "exactly zero gradients at the size of self.inputs"
+#: The gradient parts of the dependence checks on a model whose eval-mode pass cannot be
+#: differentiated (RWKV updates its state in place): judged by values, a skipped part says so.
+GRADIENTS_REFUSED = "no gradient can be taken through the model's eval-mode forward pass"
 #: test_running_statistics on a model whose train() keeps every BatchNorm in eval mode.
 FROZEN_NORMALISATION = "every normalisation layer with running statistics is frozen by design"
 
@@ -292,6 +295,23 @@ def mamba() -> nn.Module:
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
+        )
+    )
+
+
+def rwkv() -> nn.Module:
+    """RWKV: at evaluation it updates its recurrent state in place, so no gradient can be
+    taken through an eval-mode pass."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    return RwkvForCausalLM(
+        RwkvConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            attention_hidden_size=32,
+            intermediate_size=64,
+            context_length=64,
         )
     )
 
@@ -1352,6 +1372,27 @@ DESIGN_ZOO: Dict[str, Case] = {
         ),
         (),
     ),
+    "transformers RWKV, causal LM (its state updated in place at evaluation)": (
+        SequenceModelTests,
+        dict(
+            model=shared(rwkv),
+            inputs=lambda: {"input_ids": token_batch()["input_ids"]},
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            output_key="logits",
+            make_model=rwkv,
+            sequence_dim=1,
+            causal=True,
+        ),
+        (
+            NO_MASK,
+            GRADIENTS_REFUSED,
+            # its recurrent state kept in float32 on purpose, beside the computation
+            "a copy moved with .to(torch.bfloat16) returns output.state[2] (torch.float32, "
+            "made by torch.zeros with a fixed dtype",
+            "a copy moved with .to(torch.float64) returns output.state[2] (torch.float32, "
+            "made by torch.zeros with a fixed dtype",
+        ),
+    ),
 }
 
 if importlib.util.find_spec("pytorch_lightning"):  # the dev extra installs it
@@ -1508,6 +1549,7 @@ class DesignZoo(CheckTestCase):
         allowed = (
             "the model draws random numbers in eval mode",
             "fully_shard cannot train the model with the default units",
+            "the comparison trains the model in eval mode (its dropout off",  # RWKV
         )
         kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
         for label, (_, attributes, _) in DESIGN_ZOO.items():
@@ -1723,6 +1765,16 @@ class DesignFalseAlarms(CheckTestCase):
             "(a softmax over a dimension of size 1 (dim=-1) is constant)",
             "attn.attention_biases",
         )
+
+    def test_rwkv_whose_eval_pass_has_no_gradients_is_judged_by_values(self) -> None:
+        label = "transformers RWKV, causal LM (its state updated in place at evaluation)"
+        for check, how in (
+            ("test_batch_independence", "compared by values only"),
+            ("test_all_inputs_used", "judged as a whole, by values"),
+            ("test_causality", "causality was judged by values only"),
+        ):
+            with self.subTest(check):
+                self.assertCheckSkipsWith(label, check, GRADIENTS_REFUSED, how)
 
     def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:
         self.assertCheckSkipsWith(

@@ -12,7 +12,7 @@ from ..core.messages import sized
 from ..core.options import option
 from ..core.paths import map_tensors, named_tensors
 from ..core.validators import is_bool
-from .dependence import Dependence
+from .dependence import Dependence, GradientsRefused
 from .probes import Probe
 from .tensors import Key, batch_entries, describe_input, replace_entries, sample_lists
 
@@ -106,49 +106,54 @@ class BatchIndependence(Dependence):
         # for every sample at once, in one batched backward pass when it can run. Whether the
         # checked output is computed from the probes at all is told by the same gradients.
         every: Optional[List[List[torch.Tensor]]] = None
-        independent = False
-        screened = (
-            self._screened_independence(
-                checked, torch.ones_like(checked) if per_sample else weights[0], probes
-            )
-            if probes and checked.requires_grad
-            else None
-        )
-        if not probes or not checked.requires_grad:
-            traced = False
-        elif screened is not None and screened[1]:
-            traced, independent = screened[0], True
-        else:
-            masks = 1 - torch.eye(batch, dtype=checked.dtype)
-            if per_sample:
-                masked = masks
-            else:
-                shape = (batch, batch) + (1,) * (checked.dim() - 1)
-                masked = masks.view(shape) * weights[0].unsqueeze(0)
-            batched = self._batched_dependence(checked, masked, probes)
-            if batched is None:
-                traced = self._connected(checked, probes)
-            else:
-                traced, every = batched
-        if traced and not independent:
-            for index in range(batch):
-                depends = (
-                    every[index]
-                    if every is not None
-                    else self._dependence(others_output(index), probes)
+        independent = traced = False
+        try:
+            screened = (
+                self._screened_independence(
+                    checked, torch.ones_like(checked) if per_sample else weights[0], probes
                 )
-                for probe, where in zip(probes, depends):
-                    if probe.depends(where, index):
-                        if not per_sample:
-                            self._skip_if_pairwise(output, checked, weights[0], probes, index)
-                        self.fail(
-                            f"sample {index}'s {probe.describe()} gets a gradient from the "
-                            "outputs of the other samples of the batch (its own output masked "
-                            "out): the model mixes samples. Look for a reshape/view used "
-                            "instead of a transpose/permute, softmax/normalisation over dim 0, "
-                            "statistics over the batch, or BatchNorm with "
-                            "track_running_stats=False."
-                        )
+                if probes and checked.requires_grad
+                else None
+            )
+            if not probes or not checked.requires_grad:
+                traced = False
+            elif screened is not None and screened[1]:
+                traced, independent = screened[0], True
+            else:
+                masks = 1 - torch.eye(batch, dtype=checked.dtype)
+                if per_sample:
+                    masked = masks
+                else:
+                    shape = (batch, batch) + (1,) * (checked.dim() - 1)
+                    masked = masks.view(shape) * weights[0].unsqueeze(0)
+                batched = self._batched_dependence(checked, masked, probes)
+                if batched is None:
+                    traced = self._connected(checked, probes)
+                else:
+                    traced, every = batched
+            if traced and not independent:
+                for index in range(batch):
+                    depends = (
+                        every[index]
+                        if every is not None
+                        else self._dependence(others_output(index), probes)
+                    )
+                    for probe, where in zip(probes, depends):
+                        if probe.depends(where, index):
+                            if not per_sample:
+                                self._skip_if_pairwise(output, checked, weights[0], probes, index)
+                            self.fail(
+                                f"sample {index}'s {probe.describe()} gets a gradient from the "
+                                "outputs of the other samples of the batch (its own output masked "
+                                "out): the model mixes samples. Look for a reshape/view used "
+                                "instead of a transpose/permute, softmax/normalisation over dim 0, "
+                                "statistics over the batch, or BatchNorm with "
+                                "track_running_stats=False."
+                            )
+        except GradientsRefused as exc:  # the values decide, on every sample
+            self._refused_gradients = str(exc)
+            self._skip_part("gradients", f"{exc}; the samples were compared by values only")
+            probes, traced = [], False
         self._compare_with_copies(probes, traced)
 
     def _skip_if_pairwise(

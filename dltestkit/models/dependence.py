@@ -16,7 +16,14 @@ from .copies import gradients_set_aside, mode
 from .probes import Probe, probe_forward
 from .tensors import Key, batched_entries, call_model, describe_input, sample_lists
 
-__all__ = ["Dependence"]
+__all__ = ["Dependence", "GradientsRefused"]
+
+
+class GradientsRefused(RuntimeError):
+    """No gradient can be taken through the eval-mode pass: its forward changed in place a
+    tensor that the backward pass needs (a state cache updated in place at evaluation, as
+    transformers' RWKV does). The checks then compare values only, saying why."""
+
 
 #: The screen for mixed samples scales sample ``j``'s outputs by ``2**j``: for batches up to this
 #: size, in dtypes whose exponent range keeps such gradients far from overflow.
@@ -56,7 +63,10 @@ class Dependence(ModelContract):
         return output, probes
 
     def _unprobed_reason(self) -> str:
-        """Why no input of self.inputs could be probed."""
+        """Why no input of self.inputs could be probed (or its gradients not be taken)."""
+        refused: Optional[str] = getattr(self, "_refused_gradients", None)
+        if refused:
+            return refused
         integers = [
             describe_input(key)
             for key, t in batched_entries(self.inputs, self._unprobed_inputs())
@@ -114,6 +124,13 @@ class Dependence(ModelContract):
                     torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
                 )
         except RuntimeError as exc:
+            if "modified by an inplace operation" in str(exc):
+                raise GradientsRefused(
+                    "no gradient can be taken through the model's eval-mode forward pass, "
+                    "which changes in place a tensor its backward pass needs (a state cache "
+                    "updated at evaluation, as transformers' RWKV updates its state): "
+                    f"{str(exc).splitlines()[0].split('. Hint')[0]}"
+                ) from exc
             if "use_reentrant=True" not in str(exc):
                 raise
         with contextlib.ExitStack() as stack:

@@ -40,7 +40,7 @@ from ..core.seeds import derived_seed
 from ..core.validators import is_keys
 from ..core.watch import watching
 from .copies import copy_module
-from .dependence import Dependence
+from .dependence import Dependence, GradientsRefused
 from .input_parts import (
     CoverageWatch,
     Slabs,
@@ -299,7 +299,10 @@ class InputUse(Dependence):
         if tensors and probes:
             weights = self._weights(tensors)
             value = torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
-            grads = self._probe_gradients(value, probes)
+            try:
+                grads = self._probe_gradients(value, probes)
+            except GradientsRefused as exc:  # every input is judged as a whole, by values
+                self._skip_part("gradients", f"{exc}; each input was judged as a whole, by values")
         judged = []
         for target in targets:
             read, somewhere = None, False

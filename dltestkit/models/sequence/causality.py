@@ -9,6 +9,7 @@ import torch
 from ...core.contract import check
 from ...core.options import option
 from ...core.validators import is_bool
+from ..dependence import GradientsRefused
 from ..probes import Probe
 from ..tensors import Key, describe_input
 from .contract import _NO_GRADIENT, SEQUENCE, SequenceContract, output_difference
@@ -65,9 +66,14 @@ class Causality(SequenceContract):
         real = self._real_positions(length)
         entries = self._sequence_entries(self.inputs, length)
         probes = self._positional_probes(probes, entries, length)
-        suspects, blind = (
-            self._causality_by_gradient(checked, probes, real) if probes else (None, None)
-        )
+        suspects: Optional[List[int]] = None
+        blind: Optional[List[int]] = None
+        try:
+            if probes:
+                suspects, blind = self._causality_by_gradient(checked, probes, real)
+        except GradientsRefused as exc:  # the values decide, at every position
+            self._refused_gradients = str(exc)
+            self._skip_part("gradients", f"{exc}; causality was judged by values only")
         self._causality_by_values(entries, real, length, suspects, blind)
 
     def _future_message(

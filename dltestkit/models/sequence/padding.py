@@ -9,6 +9,7 @@ import torch
 
 from ...core.contract import check
 from ...core.options import ContractError
+from ..dependence import GradientsRefused
 from ..probes import Probe
 from ..tensors import Key, batched_entries, describe_input, input_entries, replace_entries
 from .contract import _NO_GRADIENT, SEQUENCE, SequenceContract, output_difference
@@ -137,8 +138,13 @@ class PaddingInvariance(SequenceContract):
             )
         positional = checked.dim() > dim and checked.shape[dim] == length
         probes = self._positional_probes(probes, entries, length)
-        if probes:
-            self._padding_by_gradient(checked, probes, padding, positional)
+        try:
+            if probes:
+                self._padding_by_gradient(checked, probes, padding, positional)
+        except GradientsRefused as exc:  # the values decide
+            self._refused_gradients = str(exc)
+            self._skip_part("gradients", f"{exc}; the padding was judged by values only")
+            probes = []
         base = self._run(padding.inputs)
         replaced = self._padding_by_values(base, entries, padding, positional, bool(probes))
         if padding.made_on == "left":  # compare where a causal model's padding can go
