@@ -51,6 +51,58 @@ class CountsItsCalls(MLP):
         return super().forward(x) / self.calls
 
 
+class RescalesOnceForEval(MLP):
+    """Flips a Python attribute on its first call in eval mode (transformers' RWKV rescales
+    its layers so): one compilation more, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rescaled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training == self.rescaled:
+            self.rescaled = not self.training
+        return super().forward(x) * (0.5 if self.rescaled else 1.0)
+
+
+class CNNResettingAState(nn.Module):
+    """At evaluation, resets in place a state its backward pass needs (as RWKV updates its
+    state cache): no gradient through an eval-mode pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x).flatten(1)
+        if self.training:
+            return out * out
+        state = out.clone()
+        result = state * state
+        state.zero_()
+        return result
+
+
+class CheckpointedBatchNorm(nn.Module):
+    """A convolution and BatchNorm under torch.utils.checkpoint in training (as a
+    memory-efficient DenseNet): eager PyTorch updates the statistics again when the backward
+    pass recomputes them, a compiled graph does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)).relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training
+        hidden = checkpoint(self.block, x, use_reentrant=False) if training else self.block(x)
+        return self.head(hidden.mean((2, 3)))
+
+
 class OtherPathWhenCompiled(MLP):
     """Leaves the activation out when compiled."""
 
@@ -309,6 +361,15 @@ class MemoryLayouts(CheckTestCase):
     def test_a_correct_convolutional_model_passes(self) -> None:
         self.assertPasses(case(TrainingStackTests, CNN, images), "test_memory_layouts")
 
+    def test_a_model_without_eval_mode_gradients_skips_saying_why(self) -> None:
+        self.assertSkipsWith(
+            case(TrainingStackTests, CNNResettingAState, images),
+            "test_memory_layouts",
+            "the comparison runs the model in eval mode (its dropout off), and no gradient "
+            "can be taken through the model's eval-mode forward pass",
+            "modified by an inplace operation",
+        )
+
     def test_a_view_after_a_convolution_fails_with_its_line(self) -> None:
         self.assertFailsWith(
             case(TrainingStackTests, ViewAfterConv, images),
@@ -517,6 +578,29 @@ class Compile(CheckTestCase):
             "compiling it for 4 and 5",
             "What changed, as torch.compile saw it: self.calls ==",
             "test_model_stack.py",
+        )
+
+    def test_a_state_changed_once_recompiles_once_and_passes(self) -> None:
+        self.assertSkipsWith(
+            case(TrainingStackTests, RescalesOnceForEval, features),
+            "test_compile",
+            "torch.compile compiled the model again at a third batch size (6), once: not at "
+            "a fourth (7), so it does not compile at every batch.",
+            "What changed, as torch.compile saw it: self.rescaled == False",
+        )
+
+    def test_statistics_that_eager_checkpointing_updates_twice_are_no_failure(self) -> None:
+        self.assertSkipsWith(
+            case(TrainingStackTests, CheckpointedBatchNorm, images),
+            "test_compile",
+            "in the training step, eager PyTorch updated the running statistics of 1 layers "
+            "more often than the compiled model (their num_batches_tracked: norm): gradient "
+            "checkpointing runs those layers' forward again in the backward pass",
+        )
+        self.assertPasses(
+            case(TrainingStackTests, CheckpointedBatchNorm, images),
+            "test_compile",
+            allowed_skips=("in the training step, eager PyTorch updated",),
         )
 
     def test_another_path_when_compiled_fails(self) -> None:

@@ -19,9 +19,24 @@ __all__ = [
     "forget",
     "kind",
     "listed",
+    "no_eval_gradients",
     "short",
     "sized",
 ]
+
+
+def no_eval_gradients(exc: BaseException) -> Optional[str]:
+    """For autograd's error about a tensor its backward pass needs that the forward pass
+    changed in place, why no gradient can be taken through an eval-mode pass, in words
+    (with the error's first line); None for any other exception."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "modified by an inplace operation" not in text:
+        return None
+    return (
+        "no gradient can be taken through the model's eval-mode forward pass, which changes "
+        "in place a tensor its backward pass needs (a state cache updated at evaluation, as "
+        f"transformers' RWKV updates its state): {text.splitlines()[0].split('. Hint')[0]}"
+    )
 
 
 def listed(names: Sequence[str], limit: int = 3) -> str:

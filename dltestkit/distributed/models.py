@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.contract import check
+from ..core.messages import no_eval_gradients
 from ..core.options import ContractError, option
 from ..core.paths import floating_tensors, map_tensors
 from ..core.seeds import derived_seed
@@ -354,14 +355,12 @@ class DataParallelModel(DistributedOptions, ModelContract):
                 gather=True,
             )
         except RuntimeError as exc:
-            if "modified by an inplace operation" not in str(exc):
+            refused = no_eval_gradients(exc)
+            if refused is None:
                 raise
             self.skipTest(
                 "the comparison trains the model in eval mode (its dropout off, so that the "
-                "ranks and one process compute alike), and no gradient can be taken through "
-                "its eval-mode forward pass, which changes in place a tensor its backward "
-                "pass needs (a state cache updated at evaluation, as transformers' RWKV "
-                f"updates its state): {str(exc).splitlines()[0].split('. Hint')[0]}"
+                f"ranks and one process compute alike), and {refused}"
             )
         unused = {name for name, grad in one_process[0]["grads"].items() if grad is None}
         in_training = self._copy_model()

@@ -11,6 +11,7 @@ from typing import Any, Collection, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..core.messages import no_eval_gradients
 from .contract import ModelContract
 from .copies import gradients_set_aside, mode
 from .probes import Probe, probe_forward
@@ -124,13 +125,9 @@ class Dependence(ModelContract):
                     torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
                 )
         except RuntimeError as exc:
-            if "modified by an inplace operation" in str(exc):
-                raise GradientsRefused(
-                    "no gradient can be taken through the model's eval-mode forward pass, "
-                    "which changes in place a tensor its backward pass needs (a state cache "
-                    "updated at evaluation, as transformers' RWKV updates its state): "
-                    f"{str(exc).splitlines()[0].split('. Hint')[0]}"
-                ) from exc
+            refused = no_eval_gradients(exc)
+            if refused is not None:
+                raise GradientsRefused(refused) from exc
             if "use_reentrant=True" not in str(exc):
                 raise
         with contextlib.ExitStack() as stack:
