@@ -1207,16 +1207,6 @@ DESIGN_ZOO: Dict[str, Case] = {
         torchvision_efficientnet
     ),
     "BatchNorm2d and BatchNorm1d CNN": image_classifier(BatchNormNet),
-    "timm LeViT on 64 x 64 images (its last stage attends over one position)": (
-        ModelTests,
-        dict(
-            model=shared(timm_levit),
-            inputs=lambda: torch.randn(BATCH, 3, 64, 64),
-            expected_output_shape=(BATCH, 10),
-            make_model=timm_levit,
-        ),
-        (ONE_POSITION,),
-    ),
     "torchvision DenseNet, memory-efficient (checkpointed BatchNorm)": image_classifier(
         torchvision_densenet
     ),
@@ -1402,6 +1392,16 @@ if importlib.util.find_spec("pytorch_lightning"):  # the dev extra installs it
 #: DESIGN_ZOO: LRASPP for segmentation, MobileNetV3 as its backbone, Whisper's encoder, BART
 #: and T5 with labels in tests/test_zoo.py); run with DLTESTKIT_ZOO_EXTENDED=1.
 EXTENDED: Dict[str, Case] = {
+    "timm LeViT on 64 x 64 images (its last stage attends over one position)": (
+        ModelTests,
+        dict(
+            model=shared(timm_levit),
+            inputs=lambda: torch.randn(BATCH, 3, 64, 64),
+            expected_output_shape=(BATCH, 10),
+            make_model=timm_levit,
+        ),
+        (ONE_POSITION,),
+    ),
     "torchvision DeepLabV3 MobileNetV3": (
         ModelTests,
         dict(
@@ -1757,8 +1757,12 @@ class DesignFalseAlarms(CheckTestCase):
         )
 
     def test_attention_over_one_position_at_a_small_input_skips_naming_it(self) -> None:
-        self.assertCheckSkipsWith(
-            "timm LeViT on 64 x 64 images (its last stage attends over one position)",
+        # (every check on it: in the extended zoo)
+        mixin, attributes, _ = EXTENDED[
+            "timm LeViT on 64 x 64 images (its last stage attends over one position)"
+        ]
+        self.assertSkipsWith(
+            design_case(mixin, attributes),
             "test_all_parameters_updated",
             "exactly zero gradients at the size of self.inputs",
             "Tensor.softmax at levit.py:",
