@@ -403,9 +403,6 @@ class DeviceWatch(Watch):
             return made[0] if len(made) == 1 else tuple(made)
         try:
             result = func(*args, **kwargs)
-            if not on_meta:
-                self._note_origins(func, args, kwargs, result)
-            return result
         except (_Stop, NeedsCpuRun):
             raise
         except Exception as exc:
@@ -420,6 +417,9 @@ class DeviceWatch(Watch):
                     return stand_in
             self.note_failure(func, exc, tensors)
             raise
+        if not on_meta:
+            self._note_origins(func, args, kwargs, result)
+        return result
 
 
 class _Stop(Exception):
