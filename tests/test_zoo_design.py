@@ -983,6 +983,21 @@ def causal_lm(build: Callable[[], nn.Module], skips: Tuple[str, ...] = ()) -> Ca
     )
 
 
+def audio_encoder(build: Callable[[], nn.Module]) -> Case:
+    """A transformers speech encoder on raw audio: SpecAugment and LayerDrop make its
+    training mode differ by design."""
+    return (
+        ModelTests,
+        dict(
+            model=shared(build),
+            inputs=raw_audio,
+            expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
+            make_model=build,
+        ),
+        (SPEC_AUGMENT,),
+    )
+
+
 def image_classifier(build: Callable[[], nn.Module]) -> Case:
     return (
         ModelTests,
@@ -1131,26 +1146,8 @@ DESIGN_ZOO: Dict[str, Case] = {
         (),
     ),
     # audio
-    "transformers wav2vec2, raw audio": (
-        ModelTests,
-        dict(
-            model=shared(wav2vec2),
-            inputs=raw_audio,
-            expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
-            make_model=wav2vec2,
-        ),
-        (SPEC_AUGMENT,),
-    ),
-    "transformers WavLM, raw audio": (
-        ModelTests,
-        dict(
-            model=shared(wavlm),
-            inputs=raw_audio,
-            expected_output_shape=(BATCH, AUDIO_FRAMES, 32),
-            make_model=wavlm,
-        ),
-        (SPEC_AUGMENT,),
-    ),
+    "transformers wav2vec2, raw audio": audio_encoder(wav2vec2),
+    "transformers WavLM, raw audio": audio_encoder(wavlm),
     "transformers HuBERT, raw audio": (
         ModelTests,
         dict(
@@ -1390,7 +1387,8 @@ if importlib.util.find_spec("pytorch_lightning"):  # the dev extra installs it
 
 #: Correct components left out of the default run to keep it short (their families are in
 #: DESIGN_ZOO: LRASPP for segmentation, MobileNetV3 as its backbone, Whisper's encoder, BART
-#: and T5 with labels in tests/test_zoo.py); run with DLTESTKIT_ZOO_EXTENDED=1.
+#: and T5 with labels in tests/test_zoo.py; LeViT's attention over one position has a test of
+#: its own in DesignFalseAlarms); run with DLTESTKIT_ZOO_EXTENDED=1.
 EXTENDED: Dict[str, Case] = {
     "timm LeViT on 64 x 64 images (its last stage attends over one position)": (
         ModelTests,
