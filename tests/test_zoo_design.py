@@ -3,15 +3,15 @@
 Issue 20's zoo: models that are correct although they do what a check looks for in a bug. A
 VAE that samples at evaluation (PyTorch's ``examples/vae``), contrastive models whose logits
 compare every sample with every other (CLIP), mixtures of experts (Mixtral, Qwen2-MoE, a
-hand-written top-k layer), state-space models (Mamba, Mamba2), RWKV, segmentation models, audio
-encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper, LongT5),
+hand-written top-k layer), state-space models (Mamba, Mamba2), RWKV, segmentation models,
+audio encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper, LongT5),
 vision models with stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision
 MobileNetV3, EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
-DenseNet), PEFT adapters, a diffusion UNet, ViTMAE (random masking in every mode), a GAN
-generator and a spectral-norm discriminator, a Gumbel-softmax bottleneck, a policy that
-samples its actions, quantisation-aware training, weight tying, a frozen backbone under
-``torch.no_grad()``, sparse embeddings, an STFT front end, FNet (FFT mixing), logits upcast
-to float32, a tabular model and a LightningModule.
+DenseNet), PEFT adapters, a diffusion UNet (and diffusers' conditional UNet), ViTMAE (random
+masking in every mode), a GAN generator and a spectral-norm discriminator, a Gumbel-softmax
+bottleneck, a policy that samples its actions, quantisation-aware training, weight tying, a
+frozen backbone under ``torch.no_grad()``, sparse embeddings, an STFT front end, FNet (FFT
+mixing), logits upcast to float32, a tabular model and a LightningModule.
 
 Each setUp is what a user following docs/models.md, docs/sequence-models.md and
 docs/howto-real-models.md writes; every model is built offline from a small configuration
@@ -1384,6 +1384,46 @@ DESIGN_ZOO: Dict[str, Case] = {
 
 if importlib.util.find_spec("pytorch_lightning"):  # the dev extra installs it
     DESIGN_ZOO["PyTorch Lightning LightningModule"] = image_classifier(lightning_module)
+
+
+def diffusers_unet() -> nn.Module:
+    """diffusers' conditional UNet, small: timestep embeddings, GroupNorm, cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+
+
+def latents_and_text() -> Dict[str, torch.Tensor]:
+    return {
+        "sample": torch.randn(BATCH, 4, 16, 16),
+        "timestep": torch.tensor([1, 10, 100, 500]),
+        "encoder_hidden_states": torch.randn(BATCH, 5, 12),
+    }
+
+
+if importlib.util.find_spec("diffusers"):  # the dev extra installs it
+    DESIGN_ZOO["diffusers UNet2DConditionModel (timesteps, cross-attention)"] = (
+        ModelTests,
+        dict(
+            model=shared(diffusers_unet),
+            inputs=latents_and_text,
+            output_key="sample",
+            expected_output_shape=(BATCH, 4, 16, 16),
+            make_model=diffusers_unet,
+        ),
+        (),
+    )
 
 #: Correct components left out of the default run to keep it short (their families are in
 #: DESIGN_ZOO: LRASPP for segmentation, MobileNetV3 as its backbone, Whisper's encoder, BART

@@ -21,17 +21,15 @@ __all__ = ["ActivationCheckpointing"]
 Switch = Tuple[str, Callable[[nn.Module, bool], None]]
 
 
-def _transformers_switch(model: nn.Module) -> Optional[Switch]:
-    """transformers' switch (``activation_checkpointing_enable``, formerly
-    ``gradient_checkpointing_enable``), of the model or of the first submodule that has one
-    (the model inside a wrapper)."""
+def _method_switch(
+    model: nn.Module, supported: str, pairs: Tuple[Tuple[str, str], ...]
+) -> Optional[Switch]:
+    """A switch made of a pair of methods (enable, disable) of the model or of the first
+    submodule whose attribute ``supported`` is true (the model inside a wrapper)."""
     for path, module in model.named_modules():
-        if not getattr(module, "supports_gradient_checkpointing", False):
+        if not getattr(module, supported, False):
             continue
-        for enable, disable in (
-            ("activation_checkpointing_enable", "activation_checkpointing_disable"),
-            ("gradient_checkpointing_enable", "gradient_checkpointing_disable"),
-        ):
+        for enable, disable in pairs:
             if callable(getattr(module, enable, None)) and callable(getattr(module, disable, None)):
 
                 def switch(
@@ -45,6 +43,28 @@ def _transformers_switch(model: nn.Module) -> Optional[Switch]:
                 owner = f"{path} ({type(module).__name__})" if path else type(module).__name__
                 return f"{owner}.{enable}()", switch
     return None
+
+
+def _transformers_switch(model: nn.Module) -> Optional[Switch]:
+    """transformers' switch (``activation_checkpointing_enable``, formerly
+    ``gradient_checkpointing_enable``)."""
+    return _method_switch(
+        model,
+        "supports_gradient_checkpointing",
+        (
+            ("activation_checkpointing_enable", "activation_checkpointing_disable"),
+            ("gradient_checkpointing_enable", "gradient_checkpointing_disable"),
+        ),
+    )
+
+
+def _diffusers_switch(model: nn.Module) -> Optional[Switch]:
+    """diffusers' switch (``enable_gradient_checkpointing``) of its models (``ModelMixin``)."""
+    return _method_switch(
+        model,
+        "_supports_gradient_checkpointing",
+        (("enable_gradient_checkpointing", "disable_gradient_checkpointing"),),
+    )
 
 
 def _timm_switch(model: nn.Module) -> Optional[Switch]:
@@ -86,8 +106,9 @@ class ActivationCheckpointing(StackContract):
     it is given (a copy of self.model).
 
     `None`: transformers' `activation_checkpointing_enable()` (`gradient_checkpointing_enable()`
-    before transformers 5) and timm's `set_grad_checkpointing()` are found on the model; without
-    them, test_activation_checkpointing skips."""
+    before transformers 5), diffusers' `enable_gradient_checkpointing()` and timm's
+    `set_grad_checkpointing()` are found on the model; without them,
+    test_activation_checkpointing skips."""
 
     @check(reads=("model", "inputs", "loss_fn", "stack_tolerance", "checkpointing_switch"))
     def test_activation_checkpointing(self) -> None:
@@ -144,12 +165,17 @@ class ActivationCheckpointing(StackContract):
         if self.checkpointing_switch is not None:
             user = self.checkpointing_switch
             return "self.checkpointing_switch", lambda model, on: user(model, on)
-        found = _transformers_switch(self.model) or _timm_switch(self.model)
+        found = (
+            _transformers_switch(self.model)
+            or _diffusers_switch(self.model)
+            or _timm_switch(self.model)
+        )
         if found is None:
             self.skipTest(
                 f"{type(self.model).__name__} has no switch for activation checkpointing that "
-                "dltestkit knows (transformers' activation_checkpointing_enable(), timm's "
-                "set_grad_checkpointing()); set checkpointing_switch to the function that "
-                "switches it on and off (lambda model, on: ...) to enable this check"
+                "dltestkit knows (transformers' activation_checkpointing_enable(), diffusers' "
+                "enable_gradient_checkpointing(), timm's set_grad_checkpointing()); set "
+                "checkpointing_switch to the function that switches it on and off (lambda "
+                "model, on: ...) to enable this check"
             )
         return found
