@@ -555,25 +555,9 @@ class ActivationCheckpointing(CheckTestCase):
 
     @unittest.skipUnless(importlib.util.find_spec("diffusers"), "needs diffusers (the zoo extra)")
     def test_a_diffusers_model_is_switched_with_enable_gradient_checkpointing(self) -> None:
-        def unet() -> nn.Module:
-            from diffusers import UNet2DModel
+        from test_zoo_design import diffusers_unet, latents_and_text
 
-            return UNet2DModel(
-                sample_size=8,
-                in_channels=3,
-                out_channels=3,
-                layers_per_block=1,
-                block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=4,
-                attention_head_dim=4,
-            )
-
-        def noisy_images() -> Dict[str, torch.Tensor]:
-            return {"sample": torch.randn(BATCH, 3, 8, 8), "timestep": torch.tensor([1, 5, 9, 13])}
-
-        unet_case = case(TrainingStackTests, unet, noisy_images, output_key="sample")
+        unet_case = case(TrainingStackTests, diffusers_unet, latents_and_text, output_key="sample")
         self.assertPasses(unet_case, "test_activation_checkpointing", allowed_skips=())
 
     def test_a_switch_that_checkpoints_nothing_skips(self) -> None:
