@@ -14,9 +14,10 @@ import inspect
 import os
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "FailedOperation",
     "ModuleTracker",
+    "TensorNotes",
     "Watch",
     "called_by_a_kernel",
     "op_name",
@@ -201,6 +203,28 @@ def raised_by(exc: BaseException, failure: Optional[FailedOperation]) -> bool:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return False
+
+
+N = TypeVar("N")
+
+
+class TensorNotes(Generic[N]):
+    """A note about each of some tensors, kept by the tensor's identity for as long as it lives
+    (a dead tensor's id may be reused by a new one, which then has no note)."""
+
+    def __init__(self) -> None:
+        self._notes: Dict[int, Tuple["weakref.ref[torch.Tensor]", N]] = {}
+
+    def __setitem__(self, tensor: torch.Tensor, note: N) -> None:
+        self._notes[id(tensor)] = (weakref.ref(tensor), note)
+
+    def get(self, tensor: torch.Tensor) -> Optional[N]:
+        found = self._notes.get(id(tensor))
+        return found[1] if found is not None and found[0]() is tensor else None
+
+    def pop(self, tensor: torch.Tensor) -> Optional[N]:
+        found = self._notes.pop(id(tensor), None)
+        return found[1] if found is not None and found[0]() is tensor else None
 
 
 class Watch(TorchFunctionMode):

@@ -12,7 +12,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core.watch import ModuleTracker, Watch, op_name, tensors_in, user_code_location, watching
+from ..core.watch import (
+    ModuleTracker,
+    TensorNotes,
+    Watch,
+    op_name,
+    tensors_in,
+    user_code_location,
+    watching,
+)
 
 __all__ = ["DtypeWatch", "Origin", "watching_dtypes"]
 
@@ -66,7 +74,7 @@ class DtypeWatch(Watch):
     def __init__(self, target: torch.dtype, modules: ModuleTracker) -> None:
         super().__init__(modules)
         self.target = target
-        self.origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", Origin]] = {}
+        self.origins: TensorNotes[Origin] = TensorNotes()
         self.first_mix: Optional[str] = None
         #: the first combination with a tensor that was not made by a deliberate cast
         self.first_undeliberate_mix: Optional[str] = None
@@ -74,8 +82,7 @@ class DtypeWatch(Watch):
         self._unmade: Optional["weakref.ref[torch.Tensor]"] = None
 
     def origin(self, tensor: torch.Tensor) -> Optional[Origin]:
-        found = self.origins.get(id(tensor))
-        return found[1] if found is not None and found[0]() is tensor else None
+        return self.origins.get(tensor)
 
     def mix(self) -> Optional[str]:
         """The first mix of dtypes worth reporting: one with a tensor that no deliberate cast
@@ -167,7 +174,7 @@ class DtypeWatch(Watch):
             origin = self._origin_of_result(func, args, kwargs, made[0])
             if origin is not None:
                 for tensor in made:
-                    self.origins[id(tensor)] = (weakref.ref(tensor), origin)
+                    self.origins[tensor] = origin
         return result
 
 

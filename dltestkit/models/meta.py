@@ -14,7 +14,6 @@ Device bugs are found without a GPU by running a copy of the model on the ``meta
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +24,7 @@ from ..core.paths import map_tensors
 from ..core.watch import (
     FailedOperation,
     ModuleTracker,
+    TensorNotes,
     Watch,
     op_name,
     raised_by,
@@ -279,8 +279,8 @@ class DeviceWatch(Watch):
         #: (moved to meta, so that the rest of the pass is watched)
         self.chosen: Optional[DeviceProblem] = None
         self.stood_in: List[str] = []  # the operations whose results came from the CPU run
-        #: where the CPU tensors this run made were made, by id
-        self._origins: Dict[int, Tuple["weakref.ref[torch.Tensor]", _CpuOrigin]] = {}
+        #: where the CPU tensors this run made were made
+        self._origins: TensorNotes[_CpuOrigin] = TensorNotes()
 
     def _stand_in(self, index: int, func: Any, args: Tuple[Any, ...]) -> Any:
         """Meta tensors standing in for the result of the ``index``-th call of ``func`` (the
@@ -317,10 +317,6 @@ class DeviceWatch(Watch):
         self.problem = DeviceProblem(what, self.modules.current(), user_code_location())
         raise _Stop
 
-    def _origin(self, tensor: torch.Tensor) -> Optional[_CpuOrigin]:
-        found = self._origins.get(id(tensor))
-        return found[1] if found is not None and found[0]() is tensor else None
-
     def _note_origins(
         self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], result: Any
     ) -> None:
@@ -331,14 +327,14 @@ class DeviceWatch(Watch):
             return
         given = tensors_in(args) + tensors_in(kwargs)
         if given:
-            origin = next((o for o in map(self._origin, given) if o is not None), None)
+            origin = next((o for o in map(self._origins.get, given) if o is not None), None)
         else:
             chosen = "device" in kwargs and kwargs["device"] is None
             how = "given device=None" if chosen else "without device="
             origin = _CpuOrigin(f"{op_name(func)} {how} {self.where()}", chosen)
         if origin is not None:
             for tensor in made:
-                self._origins[id(tensor)] = (weakref.ref(tensor), origin)
+                self._origins[tensor] = origin
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name_of_call = op_name(func)
@@ -363,7 +359,7 @@ class DeviceWatch(Watch):
                 and not any(t is a for a in allowed)
             ]
             if stray:
-                origins = [self._origin(t) for t in stray]
+                origins = [self._origins.get(t) for t in stray]
                 made_by = f", made by {origins[0].text}" if origins[0] is not None else ""
                 what = (
                     f"{op_name(func)} combines a CPU tensor of shape "

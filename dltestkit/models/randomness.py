@@ -18,7 +18,6 @@ numbers, seen with a ``TorchFunctionMode``:
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -26,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.watch import ModuleTracker, Watch, op_name, tensors_in, user_code_location, watching
+from ..core.watch import (
+    ModuleTracker,
+    TensorNotes,
+    Watch,
+    op_name,
+    tensors_in,
+    user_code_location,
+    watching,
+)
 
 __all__ = ["RandomDraw", "RandomnessWatch", "describe_draws", "watching_randomness"]
 
@@ -128,7 +135,8 @@ class RandomnessWatch(Watch):
     def __init__(self, modules: ModuleTracker) -> None:
         super().__init__(modules)
         self.draws: List[RandomDraw] = []
-        self._uniform: Dict[int, Tuple["weakref.ref[torch.Tensor]", int]] = {}
+        #: the position in draws of the uniform draw that made a tensor
+        self._uniform: TensorNotes[int] = TensorNotes()
 
     def _note(self, operation: str, dropout: bool) -> None:
         self.draws.append(
@@ -164,10 +172,10 @@ class RandomnessWatch(Watch):
             self._note(op_name(func), dropout=kind)
         if name in _COMPARISONS:
             for tensor in tensors_in(args):
-                found = self._uniform.pop(id(tensor), None)
-                if found is not None and found[0]() is tensor:
-                    draw = self.draws[found[1]]
-                    self.draws[found[1]] = RandomDraw(
+                found = self._uniform.pop(tensor)
+                if found is not None:
+                    draw = self.draws[found]
+                    self.draws[found] = RandomDraw(
                         f"{draw.operation} compared with a threshold (a mask)",
                         dropout=True,
                         module=draw.module,
@@ -176,7 +184,7 @@ class RandomnessWatch(Watch):
         result = func(*args, **kwargs)
         if name in _UNIFORM and isinstance(result, torch.Tensor):
             self._note(op_name(func), dropout=False)
-            self._uniform[id(result)] = (weakref.ref(result), len(self.draws) - 1)
+            self._uniform[result] = len(self.draws) - 1
         return result
 
     def sampling(self) -> List[RandomDraw]:
