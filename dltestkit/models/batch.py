@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -101,60 +101,71 @@ class BatchIndependence(Dependence):
                 others = [other for other in range(batch) if other != index]
                 return (checked[others] * weights[0][others]).sum()
 
-        # Where the other samples' outputs depend on each sample's probes: first a screen of
-        # two backward passes, which shows most models independent exactly; where it cannot,
-        # for every sample at once, in one batched backward pass when it can run. Whether the
-        # checked output is computed from the probes at all is told by the same gradients.
-        every: Optional[List[List[torch.Tensor]]] = None
-        independent = traced = False
+        # Where the other samples' outputs depend on each sample's probes, by gradients; where
+        # none can be taken through the eval-mode pass, the values decide, on every sample.
         try:
-            screened = (
-                self._screened_independence(
-                    checked, torch.ones_like(checked) if per_sample else weights[0], probes
-                )
-                if probes and checked.requires_grad
-                else None
+            traced = self._independent_by_gradient(
+                output, checked, weights, per_sample, probes, others_output
             )
-            if not probes or not checked.requires_grad:
-                traced = False
-            elif screened is not None and screened[1]:
-                traced, independent = screened[0], True
-            else:
-                masks = 1 - torch.eye(batch, dtype=checked.dtype)
-                if per_sample:
-                    masked = masks
-                else:
-                    shape = (batch, batch) + (1,) * (checked.dim() - 1)
-                    masked = masks.view(shape) * weights[0].unsqueeze(0)
-                batched = self._batched_dependence(checked, masked, probes)
-                if batched is None:
-                    traced = self._connected(checked, probes)
-                else:
-                    traced, every = batched
-            if traced and not independent:
-                for index in range(batch):
-                    depends = (
-                        every[index]
-                        if every is not None
-                        else self._dependence(others_output(index), probes)
-                    )
-                    for probe, where in zip(probes, depends):
-                        if probe.depends(where, index):
-                            if not per_sample:
-                                self._skip_if_pairwise(output, checked, weights[0], probes, index)
-                            self.fail(
-                                f"sample {index}'s {probe.describe()} gets a gradient from the "
-                                "outputs of the other samples of the batch (its own output masked "
-                                "out): the model mixes samples. Look for a reshape/view used "
-                                "instead of a transpose/permute, softmax/normalisation over dim 0, "
-                                "statistics over the batch, or BatchNorm with "
-                                "track_running_stats=False."
-                            )
-        except GradientsRefused as exc:  # the values decide, on every sample
-            self._refused_gradients = str(exc)
-            self._skip_part("gradients", f"{exc}; the samples were compared by values only")
+        except GradientsRefused as exc:
+            self._judged_by_values(exc, "the samples were compared by values only")
             probes, traced = [], False
         self._compare_with_copies(probes, traced)
+
+    def _independent_by_gradient(
+        self,
+        output: Any,
+        checked: torch.Tensor,
+        weights: List[torch.Tensor],
+        per_sample: bool,
+        probes: List[Probe],
+        others_output: Callable[[int], torch.Tensor],
+    ) -> bool:
+        """Fail where the other samples' outputs depend on a sample's probes, by gradients:
+        first a screen of two backward passes, which shows most models independent exactly;
+        where it cannot, for every sample at once, in one batched backward pass when it can
+        run. Return whether the checked output is computed from the probes at all (traced),
+        which the same gradients tell."""
+        batch = self._batch_size()
+        if not probes or not checked.requires_grad:
+            return False
+        every: Optional[List[List[torch.Tensor]]] = None
+        screened = self._screened_independence(
+            checked, torch.ones_like(checked) if per_sample else weights[0], probes
+        )
+        if screened is not None and screened[1]:
+            return screened[0]  # independent
+        masks = 1 - torch.eye(batch, dtype=checked.dtype)
+        if per_sample:
+            masked = masks
+        else:
+            shape = (batch, batch) + (1,) * (checked.dim() - 1)
+            masked = masks.view(shape) * weights[0].unsqueeze(0)
+        batched = self._batched_dependence(checked, masked, probes)
+        if batched is None:
+            traced = self._connected(checked, probes)
+        else:
+            traced, every = batched
+        if not traced:
+            return False
+        for index in range(batch):
+            depends = (
+                every[index]
+                if every is not None
+                else self._dependence(others_output(index), probes)
+            )
+            for probe, where in zip(probes, depends):
+                if probe.depends(where, index):
+                    if not per_sample:
+                        self._skip_if_pairwise(output, checked, weights[0], probes, index)
+                    self.fail(
+                        f"sample {index}'s {probe.describe()} gets a gradient from the outputs "
+                        "of the other samples of the batch (its own output masked out): the "
+                        "model mixes samples. Look for a reshape/view used instead of a "
+                        "transpose/permute, softmax/normalisation over dim 0, statistics over "
+                        "the batch, or BatchNorm with track_running_stats=False."
+                    )
+        return True
 
     def _skip_if_pairwise(
         self,

@@ -90,6 +90,12 @@ class Dependence(ModelContract):
             )
         )
 
+    def _judged_by_values(self, refused: GradientsRefused, how: str) -> None:
+        """Note that no gradient can be taken (``refused``, which _unprobed_reason then gives)
+        and report the gradient part of the check as skipped, ``how`` the values judge."""
+        self._refused_gradients = str(refused)
+        self._skip_part("gradients", f"{refused}; {how}")
+
     @contextlib.contextmanager
     def _as_probed(self, probes: Sequence[Probe]) -> Iterator[List[nn.Module]]:
         """The state the probes' forward pass ran in, for a backward pass through it: the

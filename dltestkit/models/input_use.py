@@ -302,7 +302,7 @@ class InputUse(Dependence):
             try:
                 grads = self._probe_gradients(value, probes)
             except GradientsRefused as exc:  # every input is judged as a whole, by values
-                self._skip_part("gradients", f"{exc}; each input was judged as a whole, by values")
+                self._judged_by_values(exc, "each input was judged as a whole, by values")
         judged = []
         for target in targets:
             read, somewhere = None, False

@@ -72,8 +72,7 @@ class Causality(SequenceContract):
             if probes:
                 suspects, blind = self._causality_by_gradient(checked, probes, real)
         except GradientsRefused as exc:  # the values decide, at every position
-            self._refused_gradients = str(exc)
-            self._skip_part("gradients", f"{exc}; causality was judged by values only")
+            self._judged_by_values(exc, "causality was judged by values only")
         self._causality_by_values(entries, real, length, suspects, blind)
 
     def _future_message(

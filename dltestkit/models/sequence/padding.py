@@ -142,8 +142,7 @@ class PaddingInvariance(SequenceContract):
             if probes:
                 self._padding_by_gradient(checked, probes, padding, positional)
         except GradientsRefused as exc:  # the values decide
-            self._refused_gradients = str(exc)
-            self._skip_part("gradients", f"{exc}; the padding was judged by values only")
+            self._judged_by_values(exc, "the padding was judged by values only")
             probes = []
         base = self._run(padding.inputs)
         replaced = self._padding_by_values(base, entries, padding, positional, bool(probes))
