@@ -10,6 +10,7 @@ where the modes agree; the layers are found by what they do, not by their type."
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -57,12 +58,7 @@ _SOFTMAXES = frozenset(
 
 def _size(value: Any) -> int:
     """How many elements a shape (an int or a sequence of ints) holds."""
-    if isinstance(value, int):
-        return value
-    count = 1
-    for size in value:
-        count *= int(size)
-    return count
+    return value if isinstance(value, int) else math.prod(int(size) for size in value)
 
 
 def degenerate(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
@@ -94,16 +90,14 @@ def degenerate(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Opti
 @dataclass(frozen=True)
 class Degenerate:
     """A call of the training pass that is degenerate at the size of its input (its input
-    gets an exactly zero gradient): what, the operation, the module (label and name), where."""
+    gets an exactly zero gradient): what, the operation, the module (label and name), where
+    (the line of the model's code)."""
 
     what: str
     operation: str
     module: str
     name: str
     location: str
-
-    def describe(self) -> str:
-        return f"{self.operation} in {self.module}, at {self.location} ({self.what})"
 
     def explains(self, parameter: str) -> bool:
         """Whether a zero gradient of ``parameter`` may come from this call: the parameter

@@ -251,18 +251,18 @@ class Compile(StackContract):
         state, and say so in a skipped part. Statistics that differ otherwise are left as they
         are, for the eval comparison to show."""
         compiled_buffers = dict(compiled_model.named_buffers())
-        recounted = []
-        for name, buffer in eager_model.named_buffers():
-            if not name.endswith("num_batches_tracked") or name not in compiled_buffers:
-                continue
-            if int(buffer) > int(compiled_buffers[name]):
-                recounted.append(name.rsplit(".", 1)[0] if "." in name else "")
+        recounted = [
+            name.rpartition(".")[0]  # the layer
+            for name, buffer in eager_model.named_buffers()
+            if name.endswith("num_batches_tracked")
+            and name in compiled_buffers
+            and int(buffer) > int(compiled_buffers[name])
+        ]
         if not recounted:
             return
         with torch.no_grad():
             for name, buffer in eager_model.named_buffers():
-                owner = name.rsplit(".", 1)[0] if "." in name else ""
-                if owner in recounted and name in compiled_buffers:
+                if name.rpartition(".")[0] in recounted and name in compiled_buffers:
                     compiled_buffers[name].copy_(buffer)
         self._skip_part(
             "running statistics",
@@ -270,9 +270,9 @@ class Compile(StackContract):
             f"{len(recounted)} layers more often than the compiled model (their "
             f"num_batches_tracked: {listed(recounted, 3)}): gradient checkpointing runs "
             "those layers' forward again in the backward pass, which updates them a second "
-            "time in eager PyTorch only. The compiled model's "
-            "statistics were set to eager's before the eval comparison; how often a training "
-            "step updates them was not compared.",
+            "time in eager PyTorch only. The compiled model's statistics were set to eager's "
+            "before the eval comparison; how often a training step updates them was not "
+            "compared.",
         )
 
     def _compile_eval(
