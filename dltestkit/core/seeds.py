@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Any, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["derived_seed", "make_deterministic", "preserved_global_state"]
+__all__ = [
+    "TORCH_GENERATOR",
+    "derived_seed",
+    "generator_states",
+    "generators_drawn",
+    "make_deterministic",
+    "preserved_global_state",
+]
+
+#: How generators_drawn names torch's CPU generator.
+TORCH_GENERATOR = "torch's CPU generator"
 
 
 def derived_seed(seed: int, offset: int) -> int:
@@ -17,6 +27,26 @@ def derived_seed(seed: int, offset: int) -> int:
     ``torch.manual_seed`` accepts: ``seed + offset`` wrapped into [0, 2**64), which is how
     torch reads a negative seed too (``seed = 2**64 - 1`` with offset 1 gives 0)."""
     return (seed + offset) % 2**64
+
+
+def generator_states() -> Tuple[Any, Any, Any]:
+    """The states of the global generators a pass can draw from: torch's CPU generator,
+    NumPy's and Python's (``generators_drawn`` tells which moved since)."""
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def generators_drawn(before: Tuple[Any, Any, Any]) -> List[str]:
+    """The global generators whose state moved since ``before`` (``generator_states()``)."""
+    torch_state, numpy_state, python_state = before
+    drawn = []
+    if not torch.equal(torch.get_rng_state(), torch_state):
+        drawn.append(TORCH_GENERATOR)
+    numpy_now: Any = np.random.get_state()
+    if numpy_now[2] != numpy_state[2] or not np.array_equal(numpy_now[1], numpy_state[1]):
+        drawn.append("NumPy's global generator (np.random)")
+    if random.getstate() != python_state:
+        drawn.append("Python's global generator (random)")
+    return drawn
 
 
 def make_deterministic(seed: int) -> None:

@@ -33,7 +33,7 @@ from ..core.contract import CheckMixin
 from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, generator_states, generators_drawn
 from ..core.settings import Settings
 from ..core.validators import is_callable, is_instance, is_keys, optional
 from .copies import (
@@ -245,6 +245,19 @@ class ModelContract(CheckMixin):
             },
         )
 
+    def _on_few_samples(self, run: Callable[[Any], T], count: int = 1) -> T:
+        """``run(inputs)`` on the first ``count`` samples of self.inputs, for a pass that only
+        observes what the model calls (which does not depend on the batch): cheaper, where
+        self.inputs holds more; on self.inputs itself where it does not, or where the pass on
+        fewer samples raises (a layer that needs more than one sample), so that whatever is
+        reported is what self.inputs shows."""
+        if self._batch_size() > count:
+            try:
+                return run(self._inputs_of(range(count)))
+            except Exception:  # (self.inputs show it, if it is the model's)
+                pass
+        return run(self.inputs)
+
     def _resized_inputs(self, size: int) -> Any:
         """self.inputs with ``size`` samples (repeating samples if needed)."""
         return self._inputs_of([i % self._batch_size() for i in range(size)])
@@ -293,10 +306,11 @@ class ModelContract(CheckMixin):
         """``model`` called on ``inputs`` in the given mode, with the RNG seeded (``self.seed``
         unless given) and restored after; every submodule's mode is restored too. ``copied``:
         ``inputs`` are copies already (``input_copies``), passed as they are. ``drew``: a list
-        to append whether the call drew from torch's CPU generator (its state moved)."""
+        to append whether the call drew from a global generator (torch's CPU generator,
+        NumPy's or Python's: its state moved)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
-            seeded = torch.get_rng_state() if drew is not None else None
+            seeded = generator_states() if drew is not None else None
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
@@ -309,7 +323,7 @@ class ModelContract(CheckMixin):
                 finally:
                     self._note_settings(model, settings)
             if seeded is not None and drew is not None:
-                drew.append(not torch.equal(torch.get_rng_state(), seeded))
+                drew.append(bool(generators_drawn(seeded)))
         if output is None:
             self.fail(self._none_returned(training))
         return output

@@ -69,19 +69,24 @@ class DtypeMoving(ModelContract):
             self.skipTest(f"no dtype could be checked. {' '.join(unrunnable)}")
 
     def _check_dtype(self, dtype: torch.dtype) -> None:
-        """Check ``dtype`` on one sample of self.inputs in eval mode and two in training mode
-        (where a dtype comes from does not depend on the batch, a float64 or bfloat16 pass
-        on the CPU costs several float32 ones, and batch statistics need two samples); on all
-        of them when that does not pass, so that what is reported is what self.inputs shows,
-        but for an operation the platform has no ``dtype`` kernel for, which no batch has
-        either."""
-        if self._batch_size() > 2:
+        """Check ``dtype`` on one sample of self.inputs in each mode (where a dtype comes
+        from does not depend on the batch, and a float64 or bfloat16 pass on the CPU costs
+        several float32 ones), with two in training mode where one does not pass (batch
+        statistics of a single value); on all of them when that does not pass either, so
+        that what is reported is what self.inputs shows, but for an operation the platform
+        has no ``dtype`` kernel for, which no batch has either."""
+        batch = self._batch_size()
+        for training_samples in (1, 2):
+            if batch <= training_samples:
+                break
             try:
-                self._check_dtype_on(dtype, (self._inputs_of([0]), self._inputs_of([0, 1])))
+                self._check_dtype_on(
+                    dtype, (self._inputs_of([0]), self._inputs_of(range(training_samples)))
+                )
                 return
             except _CannotRun:
                 raise
-            except Exception:  # a failure, a skip or an error: see it on self.inputs
+            except Exception:  # a failure, a skip or an error: see it on more samples
                 pass
         self._check_dtype_on(dtype, (self.inputs, self.inputs))
 

@@ -17,12 +17,10 @@ skip, naming what was seen.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +29,7 @@ from ..core.compare import mismatch, summary
 from ..core.contract import check
 from ..core.messages import listed
 from ..core.paths import named_tensors
+from ..core.seeds import TORCH_GENERATOR, generator_states, generators_drawn
 from ..core.watch import ModuleTracker, op_name, user_code_location, watching
 from .contract import ModelContract
 from .norm_calls import NORM_DEFAULTS, NORMS
@@ -191,7 +190,7 @@ def _observed(model: nn.Module, record: _Pass) -> Iterator[None]:
     """Note the buffers of ``model`` that the block changes, and whether it draws from
     NumPy's or Python's global generator."""
     before = {name: b.detach().clone() for name, b in model.named_buffers()}
-    numpy_state, python_state = np.random.get_state(), random.getstate()
+    generators = generator_states()
     yield
     after = dict(model.named_buffers())
     record.changed = [
@@ -200,12 +199,7 @@ def _observed(model: nn.Module, record: _Pass) -> Iterator[None]:
         if name.rsplit(".", 1)[-1] != "num_batches_tracked"  # counts calls; changes nothing
         and (name not in after or not _same(after[name], value))
     ]
-    numpy_now: Any = np.random.get_state()
-    numpy_before: Any = numpy_state
-    if numpy_now[2] != numpy_before[2] or not np.array_equal(numpy_now[1], numpy_before[1]):
-        record.generators.append("NumPy's global generator (np.random)")
-    if random.getstate() != python_state:
-        record.generators.append("Python's global generator (random)")
+    record.generators += [g for g in generators_drawn(generators) if g != TORCH_GENERATOR]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -95,9 +95,10 @@ class OutputShape(ModelContract):
             "batch size or a squeeze() in forward (use x.shape[0], nn.Flatten/nn.Unflatten, "
             "squeeze(dim))."
         )
-        # 1 (a squeeze() that drops the batch dimension) and the smallest other size (any
-        # hard-coded batch size fails there): small batches, cheap passes
-        for size in [size for size in (1, 3 if batch == 2 else 2) if size != batch]:
+        # 1: a squeeze() that drops the batch dimension fails there, and so does any batch
+        # size hard-coded for self.inputs (broadcast to it or reshaped to it, it gives another
+        # shape, or raises); the cheapest pass. 2 where self.inputs holds 1 sample.
+        for size in (1 if batch > 1 else 2,):
             with self.subTest(batch_size=size):
                 try:
                     with torch.no_grad():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Collection, Dict, List, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -55,7 +55,7 @@ class RunningStatistics(ModelContract):
     frozen by design without being listed; list the others (a layer called with `momentum=0` on
     purpose)."""
 
-    @check(reads=("model", "inputs", "frozen_norm_layers"))
+    @check(reads=("model", "inputs", "unbatched_inputs", "frozen_norm_layers"))
     def test_running_statistics(self) -> None:
         """Check that normalisation layers with running statistics use the batch's statistics
         in training mode and update their running statistics there.
@@ -108,10 +108,16 @@ class RunningStatistics(ModelContract):
     # -- the passes ------------------------------------------------------------------------
     def _statistics_used_in_eval(self) -> List[_Statistics]:
         """The running statistics that normalisation is handed in eval mode, from a watched
-        eval-mode pass over self.inputs (without gradients)."""
+        eval-mode pass (without gradients) over one sample of self.inputs: which tensors a
+        normalisation is handed does not depend on the batch."""
         names = buffer_names(self.model)
-        with torch.no_grad(), watching(self.model, lambda m: NormWatch(m, names)) as watch:
-            self._forward(self.model, self.inputs)
+
+        def watched(inputs: Any) -> NormWatch:
+            with torch.no_grad(), watching(self.model, lambda m: NormWatch(m, names)) as watch:
+                self._forward(self.model, inputs)
+            return watch
+
+        watch = self._on_few_samples(watched)
         found: Dict[Tuple[str, ...], _Statistics] = {}
         for call in watch.calls:
             known = call.statistics

@@ -37,7 +37,7 @@ class Training(ModelContract):
     """Names or glob patterns of parameters that may legitimately stay untrained."""
 
     # -- training ----------------------------------------------------------------------------
-    @check(reads=("model", "inputs", "loss_fn", "allowed_unchanged_parameters"))
+    @check(reads=("model", "inputs", "unbatched_inputs", "loss_fn", "allowed_unchanged_parameters"))
     def test_all_parameters_updated(self) -> None:
         """Check that every trainable parameter gets a gradient and changes within a few steps.
 
@@ -111,9 +111,15 @@ class Training(ModelContract):
             _, _, grads = self._training_step(model, trainable, step=steps, after_forward=undone)
             summaries = tuple(GradientSummary.of(grad) for grad in grads)
             steps += 1
-        # One more forward pass: an update that forward undoes never trains anything.
+        # One more forward pass: an update that forward undoes never trains anything (on two
+        # samples: whether forward overwrites a parameter does not depend on the batch).
         with torch.no_grad():
-            self._forward(model, self.inputs, training=True, seed=derived_seed(self.seed, steps))
+            self._on_few_samples(
+                lambda inputs: self._forward(
+                    model, inputs, training=True, seed=derived_seed(self.seed, steps)
+                ),
+                count=2,
+            )
         undone()
         for position, (name, _) in enumerate(trainable):
             if self._allowed(name) or name in problems:
