@@ -23,6 +23,9 @@ from test_model_checks import (
 )
 from torch import nn
 
+from dltestkit.core.paths import map_tensors
+from dltestkit.models.meta import _meta_result
+
 
 class SeedsItselfThenDraws(AutoEncoder):
     """Correct: it seeds torch in __init__, after its layers are initialised, and draws a
@@ -305,3 +308,47 @@ class PassesThatOnlyObserve(CheckTestCase):
         self.assertPasses(model_case(Recorded), "test_all_parameters_updated")
         self.assertEqual(seen[-1], (True, False, 2))
         self.assertTrue(all(size == 4 for _, grad, size in seen if grad))
+
+
+class MetaStandIns(CheckTestCase):
+    """On meta, normalisation and attention, whose meta kernels cost a millisecond a call,
+    are stood in for by empty tensors of their results' shape, after their arguments'
+    devices are judged."""
+
+    def test_their_results_have_the_shape_dtype_and_gradient_of_the_real_ones(self) -> None:
+        x = torch.randn(2, 4, 5, 5, device="meta", requires_grad=True)
+        weight = torch.ones(4, device="meta")
+        query, key = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8)
+        value = torch.randn(2, 3, 9, 6)
+        cases = [
+            (F.batch_norm, (x, weight, weight, weight, weight, True)),
+            (F.layer_norm, (x, (5,))),
+            (F.group_norm, (x, 2)),
+            (F.scaled_dot_product_attention, (query, key, value)),
+        ]
+        for func, args in cases:
+            with self.subTest(func.__name__):
+                real = func(*args)
+                on_meta = map_tensors(lambda t: t.to("meta"), args)
+                made = _meta_result(func, on_meta, {})
+                self.assertEqual((made.shape, made.dtype), (real.shape, real.dtype))
+                self.assertEqual(made.requires_grad, real.requires_grad)
+                self.assertFalse(made.requires_grad and made.is_leaf)  # in-place ops pass
+        self.assertIsNone(_meta_result(F.layer_norm, (torch.randn(2, 5), (5,)), {}))  # on CPU
+
+    def test_statistics_left_on_the_cpu_are_still_caught(self) -> None:
+        class StatisticsOnTheCpu(AutoEncoder):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mean = torch.zeros(8)  # not a buffer: stays on the CPU
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                hidden = self.encoder(x)
+                hidden = F.batch_norm(hidden, self.mean, torch.ones_like(self.mean))
+                return self.decoder(hidden)
+
+        self.assertFailsWith(
+            model_case(StatisticsOnTheCpu),
+            "test_device_moving",
+            "batch_norm combines a CPU tensor of shape (8,)",
+        )

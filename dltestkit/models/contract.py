@@ -524,14 +524,13 @@ class ModelContract(CheckMixin):
         """The first training step the checks share (``_shared_pass`` "training", which
         depends on loss_fn too), what its forward pass showed shared on its own, without
         loss_fn (``_training_forward``)."""
-        state = (self.model, self.inputs, self.seed)
         return shared_pass(
             type(self),
             "training",
-            (*state, self.loss_fn),
+            (self.model, self.inputs, self.seed, self.loss_fn),
             compute,
             recompute,
-            ("training forward", state, lambda done: done.forward),
+            ("training forward", lambda done: done.forward),
         )
 
     def _training_forward(self) -> Optional[TrainingForward]:

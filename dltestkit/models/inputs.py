@@ -13,6 +13,7 @@ from ..core.paths import map_tensors, named_tensors
 from ..core.watch import Watch, op_name, watching
 from .contract import ModelContract
 from .copies import describe_mode, mode
+from .passes import same_state
 from .tensors import call_model, describe_input
 
 __all__ = ["InputsUnchanged"]
@@ -58,8 +59,11 @@ class InputsUnchanged(ModelContract):
         activation or dropout applied to an input, x.to(device) or x.float() that returns
         the input itself before an in-place operation; named with the input and the line.
         """
-        for training in (False, True):
-            if self._unchanged_by_shared_pass(training):
+        with same_state():  # (the shared passes' lookups: one fingerprint of the model)
+            in_eval = self._unchanged_by_shared_pass(False)
+            in_training = in_eval and self._unchanged_by_shared_pass(True)
+        for training, unchanged in ((False, in_eval), (True, in_training)):
+            if unchanged:
                 continue
             found = self._changed_inputs(training)
             if found:

@@ -33,6 +33,7 @@ from ..core.seeds import TORCH_GENERATOR, generator_states, generators_drawn
 from ..core.watch import ModuleTracker, op_name, user_code_location, watching
 from .contract import ModelContract
 from .norm_calls import NORM_DEFAULTS, NORMS
+from .passes import same_state
 from .randomness import _ABSENT, _DROPOUTS, _RRELU, RandomDraw, RandomnessWatch, _argument
 
 __all__ = ["ModeAgreement"]
@@ -266,7 +267,8 @@ class ModeAgreement(ModelContract):
         # already: equal, and drawn without random numbers (which the two passes could draw
         # alike: dropout on in both modes), they show all this check would (batch statistics
         # and the like leave them so only where they change nothing), with no pass of its own.
-        forward, evaluated = self._training_forward(), self._stored_eval_pass()
+        with same_state():  # (one fingerprint for both)
+            forward, evaluated = self._training_forward(), self._stored_eval_pass()
         if (
             forward is not None
             and forward.draws == 0

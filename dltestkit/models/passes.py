@@ -35,6 +35,7 @@ off: every check then computes every pass itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -45,7 +46,7 @@ import unittest
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ __all__ = [
     "finite_and_nonzero",
     "fingerprint",
     "forget_passes",
+    "same_state",
     "shared_pass",
     "stored_pass",
 ]
@@ -88,13 +90,14 @@ _MODULE_STATE = frozenset(vars(nn.Module()))
 _HOOKS = tuple(sorted(_MODULE_STATE - {"_parameters", "_buffers", "_modules", "training"}))
 
 
-def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements, flat: all of them, or a sample of them (see ``SAMPLE``)."""
+def _sample(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """The tensor's elements, as parts to be joined flat: all of them, or a sample of them
+    (see ``SAMPLE``)."""
+    count = tensor.numel()
+    if count <= SAMPLE:
+        return [tensor]  # (flattened when joined)
     flat = tensor.detach()
     flat = flat.view(-1) if flat.is_contiguous() else flat.reshape(-1)
-    count = flat.numel()
-    if count <= SAMPLE:
-        return flat
     run = SAMPLE // 64
     parts = [flat.as_strided((64, run), ((count - run) // 63, 1), flat.storage_offset())]
     rows = tensor.shape[0] if tensor.dim() > 1 else 1
@@ -102,12 +105,13 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
         grid = flat.view(rows, count // rows)
         index = torch.arange(rows, device=flat.device)
         parts += [grid[:, 0], grid[index, (index * 7919 + 1) % grid.shape[1]]]
-    return torch.cat([part.reshape(-1) for part in parts])
+    return parts
 
 
 def _crc(tensors: List[torch.Tensor]) -> int:
     """A CRC-32 of the bytes of the tensors, one after the other."""
-    joined = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    with torch.no_grad():
+        joined = torch.cat([t.reshape(-1) for t in tensors]).cpu()
     if joined.dtype == torch.bool:
         joined = joined.to(torch.uint8)
     return zlib.crc32(joined.view(torch.uint8).numpy().data)
@@ -141,7 +145,7 @@ class _Fingerprint:
             or tensor.is_nested
         ):
             return (*meta, tensor.layout, self.identity(tensor), tensor._version)
-        self.samples.setdefault((tensor.dtype, tensor.device), []).append(_sample(tensor))
+        self.samples.setdefault((tensor.dtype, tensor.device), []).extend(_sample(tensor))
         return meta
 
     def identity(self, value: Any) -> Any:
@@ -337,22 +341,62 @@ def _copy(result: T) -> T:
     return copied
 
 
+#: Within ``same_state()``: the keys computed, by the identities of the values keyed.
+_MEMO: Optional[Dict[Tuple[int, ...], Tuple[Any, List[Any], List[Any]]]] = None
+
+
+@contextlib.contextmanager
+def same_state() -> Iterator[None]:
+    """Within the block, each state is fingerprinted once: for a check that looks up several
+    passes with nothing run in between (a pass computed in the block forgets what was
+    kept, since it ran the model)."""
+    global _MEMO
+    outer, _MEMO = _MEMO, {}
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
+def _fingerprint_once(values: Sequence[Any]) -> Tuple[Any, List[Any]]:
+    """``fingerprint(*values)``, kept within ``same_state()`` (with the values, so that
+    their identities stay theirs)."""
+    if _MEMO is None:
+        return fingerprint(*values)
+    ids = tuple(id(value) for value in values)
+    if ids not in _MEMO:
+        key, kept = fingerprint(*values)
+        _MEMO[ids] = (key, kept, list(values))
+    key, kept, _ = _MEMO[ids]
+    return key, kept
+
+
+def _key(state: Sequence[Any]) -> Tuple[Any, List[Any]]:
+    """The key of ``state``: the model, the inputs and the seed (its first three values)
+    are fingerprinted together, what else the pass depends on apart, so that passes that
+    depend on more (loss_fn) share the fingerprint of the model's state."""
+    head, rest = _fingerprint_once(state[:3]), _fingerprint_once(state[3:])
+    return (head[0], rest[0]), head[1] + rest[1]
+
+
 def shared_pass(
     owner: type,
     name: str,
     state: Sequence[Any],
     compute: Callable[[], T],
     recompute: bool = False,
-    part: Optional[Tuple[str, Sequence[Any], Callable[[T], Any]]] = None,
+    part: Optional[Tuple[str, Callable[[T], Any]]] = None,
 ) -> T:
     """``compute()``, or the result it gave for the same ``owner`` (the test class), ``name``
-    and ``state`` (the model, the inputs, what else it depends on). ``recompute``: compute
-    it anyway, and share the result. ``part``: (name, state, take), a part of the result that
-    depends on less (``state``, a part of ``state``), shared under its own name when the
-    result is computed: ``stored_pass`` finds it without what the rest depends on."""
+    and ``state`` (the model, the inputs, the seed, what else it depends on). ``recompute``:
+    compute it anyway, and share the result. ``part``: (name, take), a part of the result
+    that depends only on the model, the inputs and the seed (the first three values of
+    ``state``), shared under its own name when the result is computed: ``stored_pass``
+    finds it for those three, without what the rest depends on."""
+    global _MEMO
     if not SHARING:
         return compute()
-    key, kept = fingerprint(*state)
+    key, kept = _key(state)
     entry = _entry(owner)
     if not recompute and entry is not None and name in entry.results:
         stored_key, _, stored = entry.results[name]
@@ -360,12 +404,16 @@ def shared_pass(
             found: T = _copy(stored)
             return found
     result = compute()
-    after, _ = fingerprint(*state)
+    if _MEMO is not None:
+        _MEMO = {}  # (the model ran)
+    after, _ = _key(state)
     if after == key:  # the pass left the state as it found it
         _store(owner, key, kept, name, _copy(result))
-        if part is not None and (taken := part[2](result)) is not None:
-            part_key, part_kept = fingerprint(*part[1])
-            _store(owner, part_key, part_kept, part[0], _copy(taken))
+        if part is not None and (taken := part[1](result)) is not None:
+            # keyed as its state alone is: the model's state (the first three values, the
+            # same as the pass's), and nothing else
+            nothing, _ = _fingerprint_once(())
+            _store(owner, (key[0], nothing), kept, part[0], _copy(taken))
     return result
 
 
@@ -376,7 +424,7 @@ def stored_pass(owner: type, name: str, state: Sequence[Any]) -> Optional[Any]:
     if entry is None or name not in entry.results:
         return None
     stored_key, _, stored = entry.results[name]
-    key, _ = fingerprint(*state)
+    key, _ = _key(state)
     return _copy(stored) if stored_key == key else None
 
 
