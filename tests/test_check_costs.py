@@ -297,18 +297,6 @@ class PassesThatOnlyObserve(CheckTestCase):
         self.assertPasses(model_case(lambda: model), "test_running_statistics")
         self.assertEqual(model.seen[0], (False, False, 4))
 
-    def test_the_pass_after_the_last_step_runs_two_samples(self) -> None:
-        seen: List[Tuple[bool, bool, int]] = []
-
-        class Recorded(RecordsPasses):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                seen.append((self.training, torch.is_grad_enabled(), x.shape[0]))
-                return super().forward(x)
-
-        self.assertPasses(model_case(Recorded), "test_all_parameters_updated")
-        self.assertEqual(seen[-1], (True, False, 2))
-        self.assertTrue(all(size == 4 for _, grad, size in seen if grad))
-
 
 class MetaStandIns(CheckTestCase):
     """On meta, normalisation and attention, whose meta kernels cost a millisecond a call,
@@ -351,4 +339,52 @@ class MetaStandIns(CheckTestCase):
             model_case(StatisticsOnTheCpu),
             "test_device_moving",
             "batch_norm combines a CPU tensor of shape (8,)",
+        )
+
+
+class ParameterWrites(CheckTestCase):
+    """test_all_parameters_updated keeps the values before each step, and runs a forward pass
+    after the last, only for a model whose first forward pass writes a parameter."""
+
+    def test_a_model_that_writes_no_parameter_runs_no_pass_after_the_last_step(self) -> None:
+        model = CountsBatchSizes()
+        self.assertPasses(model_case(lambda: model), "test_all_parameters_updated")
+        self.assertEqual(model.seen, [])  # (the steps train copies)
+
+        seen: List[Tuple[bool, bool, int]] = []
+
+        class Recorded(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                seen.append((self.training, torch.is_grad_enabled(), x.shape[0]))
+                return super().forward(x)
+
+        self.assertPasses(model_case(Recorded), "test_all_parameters_updated")
+        self.assertEqual(seen, [(True, True, 4)])
+
+    def test_a_model_that_writes_a_parameter_is_looked_at_after_the_last_step(self) -> None:
+        seen: List[Tuple[bool, bool, int]] = []
+
+        class ClampsAWeight(AutoEncoder):
+            """Correct: keeps a weight within [-1, 1] (weight clipping), which the step
+            moves within."""
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                seen.append((self.training, torch.is_grad_enabled(), x.shape[0]))
+                with torch.no_grad():
+                    self.decoder[0].weight.clamp_(-1, 1)
+                return super().forward(x)
+
+        self.assertPasses(model_case(ClampsAWeight), "test_all_parameters_updated")
+        self.assertEqual(seen, [(True, True, 4), (True, False, 2)])
+
+    def test_a_weight_replaced_through_data_is_seen_written(self) -> None:
+        class ResetsThroughData(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                self.decoder[0].bias.data = torch.full_like(self.decoder[0].bias, 0.5)
+                return super().forward(x)
+
+        self.assertFailsWith(
+            model_case(ResetsThroughData),
+            "test_all_parameters_updated",
+            "decoder.0.bias: the optimisation step is undone by the next forward pass",
         )

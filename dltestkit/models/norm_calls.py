@@ -206,6 +206,8 @@ class TrainingForward:
     draws: int
     #: calls degenerate at the inputs' size (a softmax over one element)
     degenerate: Tuple[Degenerate, ...] = ()
+    #: the parameters the pass wrote (in place, through .data, or replaced)
+    written_parameters: Tuple[str, ...] = ()
 
 
 class ForwardObservation:
@@ -217,6 +219,7 @@ class ForwardObservation:
         self.model = model
         self.modes = tuple((name, module.training) for name, module in model.named_modules())
         self._before = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self._parameters = {name: _written(p) for name, p in model.named_parameters()}
         self._stack = contextlib.ExitStack()
         self.watch: Optional[NormWatch] = None
 
@@ -246,4 +249,16 @@ class ForwardObservation:
             changed,
             len(self.watch.draws),
             tuple(self.watch.degenerate),
+            tuple(
+                name
+                for name, parameter in self.model.named_parameters()
+                if self._parameters.get(name) != _written(parameter)
+            ),
         )
+
+
+def _written(parameter: torch.Tensor) -> Tuple[int, int, int]:
+    """What changes when a parameter is written: its version (in place), where its data
+    lies (``.data =``), and which tensor it is (replaced)."""
+    where = parameter.data_ptr() if parameter.layout == torch.strided else 0
+    return parameter._version, where, id(parameter)

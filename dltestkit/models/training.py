@@ -48,9 +48,10 @@ class Training(ModelContract):
 
         Each step moves every parameter that has a gradient by Adam's first step (the
         learning rate against the sign of the gradient), without an optimizer's state, which
-        would take twice the model's memory; the value before a step is kept in the memory
-        of the gradient that made it, so that the check needs the copy and one set of
-        gradients besides the model.
+        would take twice the model's memory. Where the first forward pass writes a parameter
+        (in place, through .data), the value before a step is kept in the memory of the
+        gradient that made it, so that the check needs the copy and one set of gradients
+        besides the model, and a forward pass after the last step shows whether it undoes it.
         """
         state: Dict[str, Any] = {}
 
@@ -86,6 +87,9 @@ class Training(ModelContract):
                     )
             before.clear()
 
+        # A forward pass that writes no parameter (the first step's shows it, as most do)
+        # cannot undo a step: the values before each step are kept only for one that does.
+        watched = first.forward is None or bool(first.forward.written_parameters)
         steps = 1
         while True:
             for position, ((name, _), summary) in enumerate(zip(trainable, summaries)):
@@ -100,7 +104,7 @@ class Training(ModelContract):
                 self.fail(self._untrained_message(problems, len(trainable)))
             # a zero-initialised gate opens here, so its inputs train next
             for position, (_, parameter) in enumerate(trainable):
-                moved_from = _step(parameter, grads[position])
+                moved_from = _step(parameter, grads[position], keep=watched)
                 if moved_from is not None:
                     before[position] = moved_from
             del grads
@@ -113,14 +117,15 @@ class Training(ModelContract):
             steps += 1
         # One more forward pass: an update that forward undoes never trains anything (on two
         # samples: whether forward overwrites a parameter does not depend on the batch).
-        with torch.no_grad():
-            self._on_few_samples(
-                lambda inputs: self._forward(
-                    model, inputs, training=True, seed=derived_seed(self.seed, steps)
-                ),
-                count=2,
-            )
-        undone()
+        if watched:
+            with torch.no_grad():
+                self._on_few_samples(
+                    lambda inputs: self._forward(
+                        model, inputs, training=True, seed=derived_seed(self.seed, steps)
+                    ),
+                    count=2,
+                )
+            undone()
         for position, (name, _) in enumerate(trainable):
             if self._allowed(name) or name in problems:
                 continue
@@ -246,16 +251,20 @@ class Training(ModelContract):
         )
 
 
-def _step(parameter: torch.Tensor, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _step(
+    parameter: torch.Tensor, grad: Optional[torch.Tensor], keep: bool = True
+) -> Optional[torch.Tensor]:
     """Move ``parameter`` in place by Adam's first step (``STEP_SIZE`` against the sign of
-    ``grad``); return its value before the step, kept in ``grad``'s memory, if it moved (None
-    without a gradient or when the step changed nothing)."""
+    ``grad``); with ``keep``, return its value before the step, kept in ``grad``'s memory, if
+    it moved (None without a gradient or when the step changed nothing); None without."""
     if grad is None:
         return None
     grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
     value = parameter.detach()
     with torch.no_grad():
-        if not (value.is_contiguous() and grad.is_contiguous()):
+        if not keep:
+            value.add_(grad.sign_(), alpha=-STEP_SIZE)
+        elif not (value.is_contiguous() and grad.is_contiguous()):
             previous = value.clone()
             value.add_(grad.sign_(), alpha=-STEP_SIZE)
             moved = not torch.equal(value, previous)
@@ -270,4 +279,4 @@ def _step(parameter: torch.Tensor, grad: Optional[torch.Tensor]) -> Optional[tor
                 moved = moved or not torch.equal(new, previous)
                 kept.copy_(previous)
     parameter.grad = None
-    return grad if moved else None
+    return grad if keep and moved else None
