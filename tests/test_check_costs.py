@@ -388,3 +388,41 @@ class ParameterWrites(CheckTestCase):
             "test_all_parameters_updated",
             "decoder.0.bias: the optimisation step is undone by the next forward pass",
         )
+
+
+class TrainingCopies(CheckTestCase):
+    """test_train_matches_eval's training-mode pass runs on a copy that holds the model's own
+    parameters where the first training step showed that forward writes none."""
+
+    def test_the_weights_are_shared_once_a_training_step_showed_no_write(self) -> None:
+        seen: List[int] = []
+
+        class RecordsItsWeight(WithBatchNorm):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if self.training and torch.is_grad_enabled():
+                    seen.append(self.decoder[0].weight.data_ptr())
+                return super().forward(x)
+
+        model = RecordsItsWeight()
+        case = model_case(lambda: model)
+        self.assertPasses(case, "test_train_matches_eval")  # alone: a copy in full
+        self.assertNotEqual(seen[-1], model.decoder[0].weight.data_ptr())
+        self.assertPasses(case, "test_finite_outputs_and_gradients")  # the training step
+        self.assertPasses(case, "test_train_matches_eval")
+        self.assertEqual(seen[-1], model.decoder[0].weight.data_ptr())
+
+    def test_a_model_whose_forward_writes_a_weight_is_left_as_it_was(self) -> None:
+        class ClampsInTraining(WithBatchNorm):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if self.training:
+                    with torch.no_grad():
+                        self.decoder[0].weight.mul_(0.5)  # written in every training pass
+                return super().forward(x)
+
+        model = ClampsInTraining()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        case = model_case(lambda: model)
+        run_check(case, "test_finite_outputs_and_gradients")
+        run_check(case, "test_train_matches_eval")
+        for name, parameter in model.named_parameters():
+            self.assertTrue(torch.equal(parameter, before[name]), name)

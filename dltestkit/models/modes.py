@@ -32,7 +32,7 @@ from ..core.paths import named_tensors
 from ..core.seeds import TORCH_GENERATOR, generator_states, generators_drawn
 from ..core.watch import ModuleTracker, op_name, user_code_location, watching
 from .contract import ModelContract
-from .norm_calls import NORM_DEFAULTS, NORMS
+from .norm_calls import NORM_DEFAULTS, NORMS, TrainingForward
 from .passes import same_state
 from .randomness import _ABSENT, _DROPOUTS, _RRELU, RandomDraw, RandomnessWatch, _argument
 
@@ -276,7 +276,7 @@ class ModeAgreement(ModelContract):
             and self._compare_modes(forward.output, evaluated, skip=False) is None
         ):
             return
-        copy = self._copy_model()  # before the eval pass can change any state
+        copy = self._training_copy(forward)  # before the eval pass can change any state
         shared = self._eval_pass()
         trained, watch = self._eval_equivalent_training_pass(copy)
         # First against the eval pass the checks share (without gradients): outputs that
@@ -289,7 +289,9 @@ class ModeAgreement(ModelContract):
         if compared is None:
             return
         if any(not draw.dropout for draw in watch.draws):  # sampling: compare its mean too
-            mean, _ = self._eval_equivalent_training_pass(self._copy_model(), MeanSamplingWatch)
+            mean, _ = self._eval_equivalent_training_pass(
+                self._training_copy(forward), MeanSamplingWatch
+            )
             if self._compare_modes(mean.output, evaluated.output) is None:
                 return
         path, difference = compared
@@ -315,6 +317,14 @@ class ModeAgreement(ModelContract):
         )
 
     # -- the passes ------------------------------------------------------------------------
+    def _training_copy(self, seen: Optional[TrainingForward]) -> nn.Module:
+        """A copy of self.model for a training-mode forward pass without a step: holding the
+        model's own parameters, shared (no copy of the weights), where the first training
+        step's forward pass (``seen``) wrote none; in full otherwise, or without it."""
+        if seen is None or seen.written_parameters:
+            return self._copy_model()
+        return self._copy_model(given={id(p): p for p in self.model.parameters()})
+
     def _observed_eval_pass(self) -> _Pass:
         """The eval-mode pass over self.inputs (seeded, gradients enabled, so that the same
         kernels run as in training: no fast path of nn.TransformerEncoder)."""
