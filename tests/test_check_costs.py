@@ -24,7 +24,7 @@ from test_model_checks import (
 from torch import nn
 
 from dltestkit.core.paths import map_tensors
-from dltestkit.models.meta import _meta_result
+from dltestkit.models.meta_results import meta_result as _meta_result
 
 
 class SeedsItselfThenDraws(AutoEncoder):
@@ -323,6 +323,42 @@ class MetaStandIns(CheckTestCase):
                 self.assertEqual(made.requires_grad, real.requires_grad)
                 self.assertFalse(made.requires_grad and made.is_leaf)  # in-place ops pass
         self.assertIsNone(_meta_result(F.layer_norm, (torch.randn(2, 5), (5,)), {}))  # on CPU
+
+    def test_element_wise_results_have_the_shape_and_dtype_of_the_real_ones(self) -> None:
+        a, row = torch.randn(4, 3, 5), torch.randn(5)
+        half, scalar = torch.randn(4, 1, 5).half(), torch.tensor(2.0, dtype=torch.float64)
+        cases = [
+            (torch.Tensor.mul, (a, row), {}),
+            (torch.Tensor.add, (row, a), {"alpha": 2}),
+            (torch.sub, (a, 3), {}),
+            (torch.Tensor.div, (half, a), {}),
+            (torch.Tensor.mul, (half, scalar), {}),  # a 0-dim tensor does not promote
+            (torch.Tensor.pow, (a, 2), {}),
+            (torch.pow, (a, row), {}),
+            (torch.Tensor.neg, (half,), {}),
+            (torch.rsqrt, (a,), {}),
+            (torch.Tensor.mean, (a, -1), {"keepdim": True}),
+            (torch.Tensor.mean, (a, (0, 2)), {}),
+            (torch.mean, (a,), {}),
+        ]
+        for func, args, kwargs in cases:
+            with self.subTest(f"{func.__name__}{[getattr(x, 'shape', x) for x in args]}"):
+                real = func(*args, **kwargs)
+                made = _meta_result(func, map_tensors(lambda t: t.to("meta"), args), kwargs)
+                self.assertEqual((made.shape, made.dtype), (real.shape, real.dtype))
+        # what it does not know runs the meta kernel: integers, out=, dtype=, rounding_mode=
+        ints = torch.ones(4, 5, dtype=torch.long, device="meta")
+        on_meta = a.to("meta")
+        for func, args, kwargs in [
+            (torch.Tensor.add, (ints, ints), {}),
+            (torch.Tensor.mul, (on_meta, ints), {}),
+            (torch.add, (on_meta, on_meta), {"out": torch.empty_like(on_meta)}),
+            (torch.Tensor.mean, (on_meta, -1), {"dtype": torch.float64}),
+            (torch.Tensor.div, (on_meta, 2), {"rounding_mode": "floor"}),
+            (torch.Tensor.mean, (on_meta, (1, -2)), {}),
+        ]:
+            with self.subTest(f"{func.__name__} {kwargs}"):
+                self.assertIsNone(_meta_result(func, args, kwargs))
 
     def test_statistics_left_on_the_cpu_are_still_caught(self) -> None:
         class StatisticsOnTheCpu(AutoEncoder):

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.paths import map_tensors
@@ -32,6 +31,7 @@ from ..core.watch import (
     tensors_in,
     user_code_location,
 )
+from .meta_results import meta_result
 
 __all__ = [
     "DeviceProblem",
@@ -219,44 +219,6 @@ def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -
     return name in _SHAPE_FROM_DATA or _is_bool_indexing(func, args)
 
 
-# Operations whose result has the shape, dtype and device of their input, and whose meta
-# kernels are Python decompositions that cost a millisecond a call (training-mode
-# batch_norm: more than a CPU convolution of a small image): on meta, an empty tensor of
-# that shape stands in. What the device check looks at, the devices of the arguments, is
-# judged before the call.
-_NORMS = frozenset(
-    {
-        getattr(module, name)
-        for module in (torch, F)
-        for name in ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm")
-        if hasattr(module, name)
-    }
-)
-
-
-def _meta_result(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    """An empty meta tensor of the shape and dtype of ``func``'s result (a normalisation,
-    or scaled dot-product attention), where every tensor argument is on meta; None
-    otherwise."""
-    if func in _NORMS:
-        first = args[0] if args else kwargs.get("input")
-        made = torch.empty_like(first) if isinstance(first, torch.Tensor) else None
-    elif func is F.scaled_dot_product_attention:
-        named = dict(zip(("query", "key", "value"), args), **kwargs)
-        query, value = named.get("query"), named.get("value")
-        if not (isinstance(query, torch.Tensor) and isinstance(value, torch.Tensor)):
-            return None
-        made = query.new_empty((*query.shape[:-1], value.shape[-1]))
-    else:
-        return None
-    tensors = tensors_in(args) + tensors_in(kwargs)
-    if made is None or not all(t.is_meta for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        made = made.requires_grad_().clone()  # not a leaf, as the result (in-place ops pass)
-    return made
-
-
 def _shapes(result: Any) -> Optional[List[Tuple[torch.Size, torch.dtype]]]:
     """The shapes and dtypes of a result that is a tensor or a tuple or list of tensors."""
     if isinstance(result, torch.Tensor):
@@ -422,7 +384,7 @@ class DeviceWatch(Watch):
                 "use .cpu().numpy())"
             )
         if on_meta:
-            made = _meta_result(func, args, kwargs)
+            made = meta_result(func, args, kwargs)
             if made is not None:
                 return made
         if _reads_data(func):
