@@ -159,9 +159,7 @@ class InputsUnchangedReadsTheEvalPass(CheckTestCase):
 
 
 class InputsUsedRunsWhatItNeeds(CheckTestCase):
-    def test_a_gated_model_has_one_pass_with_gradients_on_the_gated_copy_and_no_other(
-        self,
-    ) -> None:
+    def test_a_gated_model_has_the_probed_pass_and_one_pass_on_the_gated_copy(self) -> None:
         case = eval_pass_first(GatedFeatures)
         case("test_first").run(unittest.TestResult())
         CALLS.clear()
@@ -171,12 +169,50 @@ class InputsUsedRunsWhatItNeeds(CheckTestCase):
         self.assertEqual(result.errors + result.failures, [])
         copies = {call[0] for call in CALLS} - {id(test.model)}
         self.assertEqual(len(copies), 1)  # the copy whose gate is made random
-        # its probe pass (eval mode, with gradients) shows every feature read: no value pass
+        # the probed pass the checks share (eval mode, with gradients) leaves the gated
+        # features suspected; the copy's shows them read: no value pass
+        self.assertEqual(
+            [(training, grad) for model, training, grad in CALLS if model == id(test.model)],
+            [(False, True)],
+        )
         self.assertEqual(
             [(training, grad) for model, training, grad in CALLS if model in copies],
             [(False, True)],
         )
-        self.assertEqual([call for call in CALLS if call[0] == id(test.model)], [])
+
+    def test_suspects_no_gradient_can_judge_need_no_pass_with_gradients_on_the_copy(
+        self,
+    ) -> None:
+        class GatedWithAMask(Noted):
+            """Correct: reads every feature through its linear layer and the integer mask
+            (which no gradient reaches) by values; a zero-initialised gate besides."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.gate = nn.Parameter(torch.zeros(()))
+
+            def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+                return super().forward(x) * mask.unsqueeze(-1) + self.gate * x[:, :3]
+
+        def set_up(self: Any) -> None:
+            self.model = GatedWithAMask()
+            self.inputs = (inputs(), torch.tensor([1, 0, 1, 1]))
+            self.expected_output_shape = (4, 3)
+
+        ran = passes_of(
+            make_case(ModelTests, set_up, test_first=lambda self: None), "test_all_inputs_used"
+        )
+        self.assertEqual([(training, grad) for _, training, grad in ran if grad], [(False, True)])
+
+    def test_a_model_the_probed_pass_shows_read_needs_no_copy(self) -> None:
+        case = eval_pass_first(Noted)
+        case("test_batch_independence").run(unittest.TestResult())  # (the probed pass)
+        CALLS.clear()
+        test = case("test_all_inputs_used")
+        result = unittest.TestResult()
+        test.run(result)
+        self.assertEqual(result.errors + result.failures, [])
+        self.assertEqual(CALLS, [])  # no pass of its own
 
     def test_the_gated_copy_shares_the_models_other_parameters_and_changes_none(self) -> None:
         used: List[Tuple[nn.Module, torch.Tensor]] = []  # (module called, its weight)

@@ -72,44 +72,29 @@ class BatchIndependence(Dependence):
                 "inputs",
                 f"holds {batch} sample; test_batch_independence needs at least 2 (4 is plenty)",
             )
-        output, probes = self._probe(self.model, required=False)
-        per_sample = self._per_sample(output, batch)
-        if per_sample:
-            rows = self._sample_outputs(output)
-            if len(rows) != batch:
-                self.fail(
-                    f"the model returns a list of {len(rows)} elements for the {batch} samples "
-                    "of self.inputs, not one element per sample (a list returned for a list "
-                    "of samples is one element per sample); see test_output_shape"
-                )
-            weights = self._weights(rows)
-            checked = torch.stack([(r * w).sum().double() for r, w in zip(rows, weights)])
-
-            def others_output(index: int) -> torch.Tensor:
-                return torch.cat([checked[:index], checked[index + 1 :]]).sum()
-
-        else:
-            checked = self._output(output)
-            if checked.dim() == 0 or checked.shape[0] != batch:
-                self.fail(
-                    f"the checked output has shape {tuple(checked.shape)}, whose first "
-                    f"dimension is not the batch size {batch}.{self._output_hint(output)}"
-                )
-            weights = self._weights([checked])
-
-            def others_output(index: int) -> torch.Tensor:
-                others = [other for other in range(batch) if other != index]
-                return (checked[others] * weights[0][others]).sum()
-
-        # Where the other samples' outputs depend on each sample's probes, by gradients; where
-        # none can be taken through the eval-mode pass, the values decide, on every sample.
-        try:
-            traced = self._independent_by_gradient(
-                output, checked, weights, per_sample, probes, others_output
-            )
-        except GradientsRefused as exc:
-            self._judged_by_values(exc, "the samples were compared by values only")
+        # Where the other samples' outputs depend on each sample's probes, by gradients: the
+        # screen of the probed pass the checks share shows most models independent exactly;
+        # where it cannot, this check's own pass compares them exactly; where no gradient can
+        # be taken through the eval-mode pass, the values decide, on every sample.
+        shared = self._probed_pass()
+        self._checked_output(shared.output)  # (its shape, reported as the check's own pass would)
+        probes: List[Probe]
+        if shared.refused is not None:
+            refused = GradientsRefused(shared.refused)
+            self._judged_by_values(refused, "the samples were compared by values only")
             probes, traced = [], False
+        elif shared.screen is not None and shared.screen[1]:
+            probes, traced = list(shared.probes), shared.screen[0]
+        else:
+            output, probes = self._probe(self.model, required=False)
+            per_sample, checked, weights, others_output = self._checked_output(output)
+            try:
+                traced = self._independent_by_gradient(
+                    output, checked, weights, per_sample, probes, others_output
+                )
+            except GradientsRefused as exc:
+                self._judged_by_values(exc, "the samples were compared by values only")
+                probes, traced = [], False
         self._compare_with_copies(probes, traced)
 
     def _independent_by_gradient(

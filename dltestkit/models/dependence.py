@@ -5,19 +5,24 @@ them. Batch independence, causality and padding invariance are built on it."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import warnings
-from typing import Any, Collection, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..core.messages import no_eval_gradients
+from ..core.paths import floating_tensors, map_tensors
+from ..core.seeds import derived_seed
 from .contract import ModelContract
 from .copies import gradients_set_aside, mode
 from .probes import Probe, probe_forward
 from .tensors import Key, batched_entries, call_model, describe_input, sample_lists
 
-__all__ = ["Dependence", "GradientsRefused"]
+__all__ = ["Dependence", "GradientsRefused", "ProbedPass"]
 
 
 class GradientsRefused(RuntimeError):
@@ -30,6 +35,23 @@ class GradientsRefused(RuntimeError):
 #: size, in dtypes whose exponent range keeps such gradients far from overflow.
 _SCREEN_MAX_BATCH = 32
 _SCREEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ProbedPass:
+    """What the eval-mode pass over the probes showed (``Dependence._probed_pass``)."""
+
+    #: the outputs, detached
+    output: Any
+    #: the probes, their tensors detached and without their model (what they describe)
+    probes: Tuple[Probe, ...]
+    #: d (every floating-point output, weighted) / d probe (None: not computed from it);
+    #: None when no gradient was taken
+    read: Optional[Tuple[Optional[torch.Tensor], ...]]
+    #: the screen for mixed samples of the checked output: (connected, certainly not mixed)
+    screen: Optional[Tuple[bool, bool]]
+    #: why no gradient can be taken through the pass (GradientsRefused), if none can
+    refused: Optional[str] = None
 
 
 class Dependence(ModelContract):
@@ -114,6 +136,126 @@ class Dependence(ModelContract):
             torch.manual_seed(self.seed)
             yield list(models.values())
 
+    def _with_zero_parameters_made_random(self) -> Optional[nn.Module]:
+        """A copy of the model whose trainable parameters that are exactly zero (a ReZero
+        gate, LoRA's B, a zero-initialised head) are small random numbers, an input behind
+        such a parameter being read as soon as it trains; None if the model has none.
+
+        Its other parameters are the model's own, shared (not copied: a large model's
+        weights would cost more than a pass); the copy is only run in eval mode, which
+        changes no parameter, and _Judge.fresh copies it in full for a training pass."""
+        zeros = {  # (all(): whether every element is non-zero, without a mask of each)
+            name: parameter == 0
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and parameter.is_floating_point() and not parameter.all()
+        }
+        if not zeros:
+            return None
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, 4099))
+        given: Dict[int, Any] = {}
+        with torch.no_grad():
+            for name, parameter in self.model.named_parameters():
+                if name not in zeros:
+                    given[id(parameter)] = parameter
+                    continue
+                made = copy.deepcopy(parameter)
+                count = int(zeros[name].sum())
+                noise = torch.randn(count, generator=generator, dtype=torch.float64)
+                made[zeros[name]] = (0.1 * noise).to(made.dtype)
+                given[id(parameter)] = made
+        return self._copy_model(given=given)
+
+    def _probed_pass(self) -> "ProbedPass":
+        """The eval-mode pass over the probes of self.model (``_probe``) that
+        test_all_inputs_used and test_batch_independence share, and what its gradients show:
+        the gradient of every floating-point output weighted at random (``_weights``) with
+        respect to each probe, and the screen for mixed samples of the checked output
+        (``_screened_independence``; its first gradient is that one where the checked output
+        is the only floating-point output). Computed once per state of the model and inputs."""
+
+        def compute() -> ProbedPass:
+            output, probes = self._probe(self.model, required=False)
+            tensors = [t for _, t in floating_tensors(output) if t.requires_grad]
+            read: Optional[List[Optional[torch.Tensor]]] = None
+            screen, refused = None, None
+            try:
+                if tensors and probes:
+                    weights = self._weights(tensors)
+                    value = torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
+                    read = self._probe_gradients(value, probes)
+                    screen = self._shared_screen(output, tensors, probes, read)
+            except GradientsRefused as exc:
+                refused = str(exc)
+            return ProbedPass(
+                map_tensors(lambda t: t.detach(), output),
+                tuple(dataclasses.replace(p, tensor=p.tensor.detach(), model=None) for p in probes),
+                None if read is None else tuple(read),
+                screen,
+                refused,
+            )
+
+        return self._shared_pass("probed", compute, tuple(self._unprobed_inputs()), self.output_key)
+
+    def _shared_screen(
+        self,
+        output: Any,
+        tensors: List[torch.Tensor],
+        probes: Sequence[Probe],
+        read: Sequence[Optional[torch.Tensor]],
+    ) -> Optional[Tuple[bool, bool]]:
+        """test_batch_independence's screen of the checked output (a tensor, batch first),
+        or None where it has no such output (a list per sample; then it runs its own)."""
+        batch = self._batch_size()
+        if self._per_sample(output, batch):
+            return None
+        try:
+            checked = self._output(output)
+        except Exception:  # (test_batch_independence reports it)
+            return None
+        if checked.dim() == 0 or checked.shape[0] != batch or not checked.requires_grad:
+            return None
+        weights = self._weights([checked])[0]
+        alone = len(tensors) == 1 and tensors[0] is checked  # then read is the first gradient
+        return self._screened_independence(checked, weights, probes, read if alone else None)
+
+    def _checked_output(
+        self, output: Any
+    ) -> Tuple[bool, torch.Tensor, List[torch.Tensor], Callable[[int], torch.Tensor]]:
+        """What the gradients compare, from the eval-mode ``output``: whether it is one
+        element per sample, the checked output (for one element per sample, each sample's
+        weighted sum), its random weights, and the sum of the outputs of all samples but
+        one. Fails where it is not one output per sample."""
+        batch = self._batch_size()
+        per_sample = self._per_sample(output, batch)
+        if per_sample:
+            rows = self._sample_outputs(output)
+            if len(rows) != batch:
+                self.fail(
+                    f"the model returns a list of {len(rows)} elements for the {batch} samples "
+                    "of self.inputs, not one element per sample (a list returned for a list "
+                    "of samples is one element per sample); see test_output_shape"
+                )
+            weights = self._weights(rows)
+            checked = torch.stack([(r * w).sum().double() for r, w in zip(rows, weights)])
+
+            def others_output(index: int) -> torch.Tensor:
+                return torch.cat([checked[:index], checked[index + 1 :]]).sum()
+
+        else:
+            checked = self._output(output)
+            if checked.dim() == 0 or checked.shape[0] != batch:
+                self.fail(
+                    f"the checked output has shape {tuple(checked.shape)}, whose first "
+                    f"dimension is not the batch size {batch}.{self._output_hint(output)}"
+                )
+            weights = self._weights([checked])
+
+            def others_output(index: int) -> torch.Tensor:
+                others = [other for other in range(batch) if other != index]
+                return (checked[others] * weights[0][others]).sum()
+
+        return per_sample, checked, weights, others_output
+
     def _probe_gradients(
         self, value: torch.Tensor, probes: Sequence[Probe]
     ) -> List[Optional[torch.Tensor]]:
@@ -165,7 +307,11 @@ class Dependence(ModelContract):
         return self._nonzero(self._probe_gradients(value, probes), probes)
 
     def _screened_independence(
-        self, value: torch.Tensor, weights: torch.Tensor, probes: Sequence[Probe]
+        self,
+        value: torch.Tensor,
+        weights: torch.Tensor,
+        probes: Sequence[Probe],
+        first: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> Optional[Tuple[bool, bool]]:
         """Whether ``value`` (batch first) is computed from any probe, and whether the samples
         are certainly not mixed, from two backward passes instead of one per sample: the
@@ -176,7 +322,8 @@ class Dependence(ModelContract):
         sample ``i``'s elements, bit for bit; a difference anywhere (a dependence, or a
         backward pass that is not linear) leaves the judgement to the exact comparison
         (``_batched_dependence``): (connected, False). None when the screen cannot run (a
-        batch over _SCREEN_MAX_BATCH, another dtype, reentrant gradient checkpointing)."""
+        batch over _SCREEN_MAX_BATCH, another dtype, reentrant gradient checkpointing).
+        ``first``: the gradients of ``(value * weights).sum()``, taken already."""
         batch = value.shape[0]
         dtypes = {value.dtype, *(p.tensor.dtype for p in probes)}
         if batch > _SCREEN_MAX_BATCH or not dtypes <= set(_SCREEN_DTYPES):
@@ -184,10 +331,10 @@ class Dependence(ModelContract):
         scale = torch.pow(2.0, torch.arange(batch, dtype=torch.float64))
         rows = scale.to(value.dtype).view((batch,) + (1,) * (value.dim() - 1))
         leaves = [p.tensor for p in probes]
-        grads: List[List[Optional[torch.Tensor]]] = []
+        grads: List[List[Optional[torch.Tensor]]] = [] if first is None else [list(first)]
         try:
             with self._as_probed(probes):
-                for out in (weights, weights * rows):
+                for out in (weights, weights * rows)[len(grads) :]:
                     grads.append(
                         list(
                             torch.autograd.grad(

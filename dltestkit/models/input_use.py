@@ -2,11 +2,12 @@
 
 Exactly, by gradients, where an input can be differentiated (floats, and token ids through
 their embeddings): one eval-mode pass over the probes of the inputs, and one backward pass
-from every floating-point output weighted at random. Behind a parameter that is exactly zero
-(ReZero, LoRA's B, a zero-initialised head or bias, a padding embedding), an input is read as
-soon as the parameter trains, so a model with such parameters has this pass run on a copy
-whose zero parameters are made small and random (it shows read all that the model's own pass
-would, and what lies behind them). An element whose gradient is exactly zero is no proof
+from every floating-point output weighted at random (the probed pass test_batch_independence
+shares). Behind a parameter that is exactly zero (ReZero, LoRA's B, a zero-initialised head
+or bias, a padding embedding), an input is read as soon as the parameter trains, so what the
+model's pass leaves suspected is looked at again in the same pass on a copy whose zero
+parameters are made small and random (it shows read all that the model's own pass would, and
+what lies behind them). An element whose gradient is exactly zero is no proof
 that it is unread (max-pooling, a ReLU that is off), so only structure is suspected: a whole
 input, or an index along one dimension (a channel, a feature, a position) that no output
 depends on in any sample. The suspects are then judged by what can be observed:
@@ -26,8 +27,7 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from .input_parts import (
     swap,
     ways,
 )
+from .probes import Probe
 from .randomness import RandomDraw, RandomnessWatch, describe_draws
 from .tensors import (
     Key,
@@ -243,7 +244,16 @@ class InputUse(Dependence):
                 "unread_inputs", f"names {unknown}, which self.inputs does not have (it has {keys})"
             )
 
-    @check(reads=("model", "inputs", "unbatched_inputs", "unread_inputs"))
+    @check(
+        reads=(
+            "model",
+            "inputs",
+            "unbatched_inputs",
+            "unread_inputs",
+            "output_key",
+            "cross_sample_outputs",
+        )
+    )
     def test_all_inputs_used(self) -> None:
         """Check that every element of the inputs influences some output.
 
@@ -264,13 +274,21 @@ class InputUse(Dependence):
                 "no input is judged: every batched input is in unbatched_inputs or "
                 "unread_inputs (or is the padding mask)"
             )
-        # A model with trainable parameters that are exactly zero (a ReZero gate, LoRA's B, a
-        # zero-initialised head or bias, a padding embedding) reads what lies behind them as
-        # soon as they train: its gradients are taken on a copy whose zero parameters are
-        # small random numbers (what the model's own gradients show read, the copy's show too).
-        randomised = self._with_zero_parameters_made_random()
-        probed = self.model if randomised is None else randomised
-        suspects = self._suspects(self._read_by_gradient(probed, targets))
+        # First the gradients of the probed pass the checks share. A model with trainable
+        # parameters that are exactly zero (a ReZero gate, LoRA's B, a zero-initialised head or
+        # bias, a padding embedding) reads what lies behind them as soon as they train: what
+        # the model's gradients leave suspected is looked at again on a copy whose zero
+        # parameters are small random numbers (what the model reads, the copy reads too).
+        shared = self._probed_pass()
+        if shared.refused is not None:  # every input is judged as a whole, by values
+            refused = GradientsRefused(shared.refused)
+            self._judged_by_values(refused, "each input was judged as a whole, by values")
+        read = shared.read or (None,) * len(shared.probes)
+        suspects = self._suspects(self._judged(shared.probes, read, targets))
+        randomised = self._with_zero_parameters_made_random() if suspects else None
+        probed = [s for s in suspects if any(probe_of(p, s.target) for p in shared.probes)]
+        if randomised is not None and probed:  # (the copy's gradients judge probed ones only)
+            suspects = self._suspects(self._read_by_gradient(randomised, targets))
         if suspects:
             self._judge_by_values(suspects, randomised)
 
@@ -303,6 +321,15 @@ class InputUse(Dependence):
                 grads = self._probe_gradients(value, probes)
             except GradientsRefused as exc:  # every input is judged as a whole, by values
                 self._judged_by_values(exc, "each input was judged as a whole, by values")
+        return self._judged(probes, grads, targets)
+
+    def _judged(
+        self,
+        probes: Sequence[Probe],
+        grads: Sequence[Optional[torch.Tensor]],
+        targets: List[Target],
+    ) -> List[Target]:
+        """The targets with what the gradients ``grads`` (of an output, by probe) show read."""
         judged = []
         for target in targets:
             read, somewhere = None, False
@@ -358,36 +385,6 @@ class InputUse(Dependence):
                     if indices:
                         found.append(Slabs(target, dim, indices))
         return found
-
-    # -- design: zero-initialised parameters -------------------------------------------------
-    def _with_zero_parameters_made_random(self) -> Optional[nn.Module]:
-        """A copy of the model whose trainable parameters that are exactly zero (a ReZero
-        gate, LoRA's B, a zero-initialised head) are small random numbers, an input behind
-        such a parameter being read as soon as it trains; None if the model has none.
-
-        Its other parameters are the model's own, shared (not copied: a large model's
-        weights would cost more than a pass); the copy is only run in eval mode, which
-        changes no parameter, and _Judge.fresh copies it in full for a training pass."""
-        zeros = {  # (all(): whether every element is non-zero, without a mask of each)
-            name: parameter == 0
-            for name, parameter in self.model.named_parameters()
-            if parameter.requires_grad and parameter.is_floating_point() and not parameter.all()
-        }
-        if not zeros:
-            return None
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, 4099))
-        given: Dict[int, Any] = {}
-        with torch.no_grad():
-            for name, parameter in self.model.named_parameters():
-                if name not in zeros:
-                    given[id(parameter)] = parameter
-                    continue
-                made = copy.deepcopy(parameter)
-                count = int(zeros[name].sum())
-                noise = torch.randn(count, generator=generator, dtype=torch.float64)
-                made[zeros[name]] = (0.1 * noise).to(made.dtype)
-                given[id(parameter)] = made
-        return self._copy_model(given=given)
 
     # -- by values ---------------------------------------------------------------------------
     def _judge_by_values(self, suspects: List[Slabs], randomised: Optional[nn.Module]) -> None:
