@@ -428,6 +428,10 @@ class ModelContract(CheckMixin):
                 "the model output has no floating-point tensor to take "
                 "gradients of; set self.loss_fn"
             )
+        return self._weighted_sum(tensors)
+
+    def _weighted_sum(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tensors, each weighted at random (``_weights``), summed into one value."""
         weights = self._weights(tensors)
         return torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
 

@@ -179,10 +179,8 @@ class Dependence(ModelContract):
             read: Optional[List[Optional[torch.Tensor]]] = None
             screen, refused = None, None
             try:
-                if tensors and probes:
-                    weights = self._weights(tensors)
-                    value = torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
-                    read = self._probe_gradients(value, probes)
+                read = self._read_gradients(tensors, probes)
+                if read is not None:
                     screen = self._shared_screen(output, tensors, probes, read)
             except GradientsRefused as exc:
                 refused = str(exc)
@@ -195,6 +193,15 @@ class Dependence(ModelContract):
             )
 
         return self._shared_pass("probed", compute, tuple(self._unprobed_inputs()), self.output_key)
+
+    def _read_gradients(
+        self, tensors: Sequence[torch.Tensor], probes: Sequence[Probe]
+    ) -> Optional[List[Optional[torch.Tensor]]]:
+        """d (``tensors``, the outputs, weighted at random and summed) / d probe for every
+        probe (``_probe_gradients``); None without any output or probe."""
+        if not tensors or not probes:
+            return None
+        return self._probe_gradients(self._weighted_sum(tensors), probes)
 
     def _shared_screen(
         self,

@@ -313,15 +313,12 @@ class InputUse(Dependence):
         from every floating-point output show them read."""
         output, probes = self._probe(model, required=False)
         tensors = [t for _, t in floating_tensors(output) if t.requires_grad]
-        grads: List[Optional[torch.Tensor]] = [None] * len(probes)
-        if tensors and probes:
-            weights = self._weights(tensors)
-            value = torch.stack([(t * w).sum() for t, w in zip(tensors, weights)]).sum()
-            try:
-                grads = self._probe_gradients(value, probes)
-            except GradientsRefused as exc:  # every input is judged as a whole, by values
-                self._judged_by_values(exc, "each input was judged as a whole, by values")
-        return self._judged(probes, grads, targets)
+        grads: Optional[List[Optional[torch.Tensor]]] = None
+        try:
+            grads = self._read_gradients(tensors, probes)
+        except GradientsRefused as exc:  # every input is judged as a whole, by values
+            self._judged_by_values(exc, "each input was judged as a whole, by values")
+        return self._judged(probes, grads or [None] * len(probes), targets)
 
     def _judged(
         self,
