@@ -83,7 +83,7 @@ def meta_result(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any
 def _binary(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
     if len(args) > 2 or set(kwargs) - _BINARY_KEYWORDS:
         return None
-    first = args[0] if args else kwargs.get("input")
+    first = args[0] if args else None  # (input= is not among the keywords taken)
     second = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
     if not isinstance(first, torch.Tensor):
         return None
@@ -102,7 +102,7 @@ def _binary(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Ten
 def _mean(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
     if set(kwargs) - {"dim", "keepdim"} or len(args) > 3:
         return None
-    first = args[0]
+    first = args[0] if args else None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     if not isinstance(first, torch.Tensor) or not isinstance(keepdim, bool):
