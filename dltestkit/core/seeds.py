@@ -69,9 +69,7 @@ def _mps_available() -> bool:
 @contextlib.contextmanager
 def preserved_global_state() -> Iterator[None]:
     """Restore the Python, NumPy and torch RNG states and the cuDNN flags on exit."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
+    torch_state, numpy_state, python_state = generator_states()
     cuda_initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     cuda_states = torch.cuda.get_rng_state_all() if cuda_initialized else None
     mps_state = torch.mps.get_rng_state() if _mps_available() else None
