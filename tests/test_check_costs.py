@@ -462,3 +462,55 @@ class TrainingCopies(CheckTestCase):
         run_check(case, "test_train_matches_eval")
         for name, parameter in model.named_parameters():
             self.assertTrue(torch.equal(parameter, before[name]), name)
+
+
+class GatedMask(nn.Module):
+    """Features, and a mask read only through a gate that starts at zero (its flag ``read``:
+    False, a mask accepted and never used)."""
+
+    def __init__(self, read: bool = True, gate: float = 0.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        self.gate = nn.Parameter(torch.full((1,), gate))
+        self.read = read
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        return out + self.gate * mask.float() if self.read else out
+
+
+class ZeroParameterCopies(CheckTestCase):
+    """test_all_inputs_used makes the copy whose zero parameters are random only once the
+    model leaves an input unread (here a mask, which no gradient reaches)."""
+
+    def count_copies(self, model: Any, name: str = "test_all_inputs_used") -> Tuple[Any, int]:
+        from unittest import mock
+
+        from dltestkit.models.dependence import Dependence
+
+        made = Dependence._with_zero_parameters_made_random
+        inputs = lambda: {  # noqa: E731
+            "x": torch.randn(4, *SHAPE),
+            "mask": torch.randint(0, 2, (4, FEATURES)),
+        }
+        with mock.patch.object(
+            Dependence, "_with_zero_parameters_made_random", autospec=True, side_effect=made
+        ) as spy:
+            outcome = run_check(model_case(model, inputs=inputs), name)
+        return outcome, spy.call_count
+
+    def test_no_copy_where_the_model_reads_the_suspect(self) -> None:
+        outcome, copies = self.count_copies(lambda: GatedMask(gate=1.0))
+        self.assertEqual((outcome.failures, outcome.errors, outcome.skips), ([], [], []))
+        self.assertEqual(copies, 0)
+
+    def test_the_copy_judges_an_input_read_behind_a_zero_parameter(self) -> None:
+        outcome, copies = self.count_copies(GatedMask)
+        self.assertEqual((outcome.failures, outcome.errors, outcome.skips), ([], [], []))
+        self.assertEqual(copies, 1)
+
+    def test_an_input_the_copy_does_not_read_either_fails(self) -> None:
+        outcome, copies = self.count_copies(lambda: GatedMask(read=False))
+        self.assertEqual(copies, 1)
+        self.assertEqual(len(outcome.failures), 1)
+        self.assertIn("inputs['mask'] is not read", outcome.failures[0])

@@ -27,7 +27,7 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -83,6 +83,7 @@ _SEEDS_BEFORE_EVIDENCE = 3
 #: The chance below which elements unread under every seed are reported as unread, for a
 #: model that reads at random; above it, they are a skipped part.
 _CHANCE = 1e-4
+Made = Callable[[], Optional[nn.Module]]  # a copy of the model, made when needed
 
 
 class _Judge:
@@ -285,12 +286,12 @@ class InputUse(Dependence):
             self._judged_by_values(refused, "each input was judged as a whole, by values")
         read = shared.read or (None,) * len(shared.probes)
         suspects = self._suspects(self._judged(shared.probes, read, targets))
-        randomised = self._with_zero_parameters_made_random() if suspects else None
-        probed = [s for s in suspects if any(probe_of(p, s.target) for p in shared.probes)]
-        if randomised is not None and probed:  # (the copy's gradients judge probed ones only)
+        probed = any(probe_of(p, s.target) for s in suspects for p in shared.probes)
+        randomised = self._with_zero_parameters_made_random() if probed else None
+        if randomised is not None:  # (the copy's gradients judge probed ones only)
             suspects = self._suspects(self._read_by_gradient(randomised, targets))
-        if suspects:
-            self._judge_by_values(suspects, randomised)
+        if suspects:  # (the copy made only once the model leaves something unread)
+            self._judge_by_values(suspects, (lambda: randomised) if probed else None)
 
     # -- what is judged ----------------------------------------------------------------------
     def _targets(self) -> List[Target]:
@@ -384,11 +385,10 @@ class InputUse(Dependence):
         return found
 
     # -- by values ---------------------------------------------------------------------------
-    def _judge_by_values(self, suspects: List[Slabs], randomised: Optional[nn.Module]) -> None:
-        """Change the suspected elements and compare the outputs, on the model, then, for
-        what that leaves unread, on ``randomised`` (the copy whose zero parameters are random,
-        if the model has any); fail on the elements that change no output (but for designs,
-        skipped parts that name them)."""
+    def _judge_by_values(self, suspects: List[Slabs], randomised: Optional[Made] = None) -> None:
+        """Change the suspected elements and compare the outputs, on the model, then, for what
+        that leaves unread, on its copy with random zero parameters if it has any (made then,
+        or ``randomised()``); fail on the elements that change no output (but designs)."""
         wholes: Dict[Key, List[Slabs]] = {}
         parts: Dict[Tuple[Key, Optional[int], str], List[Slabs]] = {}
         for slabs in suspects:
@@ -397,10 +397,16 @@ class InputUse(Dependence):
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
         original = _Judge(self, self.model)
-        judges = [original] if randomised is None else [original, _Judge(self, randomised)]
-        for judge in judges:
+        judges = [original]
+        for judge in (original, None):
             if not wholes and not parts:
                 return
+            if judge is None:  # what the model leaves unread, on the copy, if there is one
+                copied = (randomised or self._with_zero_parameters_made_random)()
+                if copied is None:
+                    break
+                judge = _Judge(self, copied)
+                judges.append(judge)
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
                     del wholes[key]
