@@ -3,13 +3,13 @@ dtype an operation gives, for the watched meta runs of ``test_device_moving``.
 
 Many of PyTorch's meta kernels are Python decompositions: a training-mode ``batch_norm`` costs
 about a millisecond a call, more than a CPU convolution of a small image, and an element-wise
-product of two tensors about 0.1 ms, so that a small transformer's pass on ``meta`` costs more
-than on the CPU. What the device check looks at, the devices of the arguments, is judged
+product of two tensors, a concatenation, a linear layer or even ``torch.empty_like`` about 0.1
+ms, so that a small transformer's pass on ``meta`` costs more than on the CPU. What the device check looks at, the devices of the arguments, is judged
 before the call; the result only has to have the shape and dtype (and layout, where the
 operation keeps its input's) the operation gives. Made only where every tensor argument is a
-floating-point tensor on ``meta`` and the arguments are of the forms whose result is known
-(no ``out=``, no ``dtype=``, reductions over given dimensions); anything else runs the meta
-kernel as before."""
+tensor on ``meta`` (floating-point, for the arithmetic) and the arguments are of the forms
+whose result is known (no ``out=``, no ``dtype=``, reductions over given dimensions, shapes
+that fit: where they do not, the kernel says so); anything else runs the meta kernel."""
 
 from __future__ import annotations
 
@@ -44,6 +44,36 @@ _BINARY = frozenset(
 _BINARY_KEYWORDS = frozenset({"other", "exponent", "alpha"})
 #: Means over given dimensions (or all).
 _MEANS = frozenset({torch.mean, torch.Tensor.mean})
+#: Concatenations, and linear layers.
+_CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_LINEAR = frozenset({torch.nn.functional.linear, torch._C._nn.linear})
+
+
+def _like(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(tensor)`` on meta, made by ``torch.empty_strided`` with the strides
+    of ``tensor`` where it is dense (empty_like keeps them then): empty_like's meta kernel is a
+    Python decomposition that costs more than the CPU kernel of a small element-wise product."""
+    if tensor.is_contiguous():
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    expected = 1  # dense: each stride, smallest first, the product of the sizes below it
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return torch.empty_like(tensor)
+        expected *= size
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+
+
+def _broadcast(first: Sequence[int], second: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """The shape two shapes broadcast to; None if they do not (the kernel then says so)."""
+    rank = max(len(first), len(second))
+    shape = []
+    for a, b in zip(
+        (1,) * (rank - len(first)) + tuple(first), (1,) * (rank - len(second)) + tuple(second)
+    ):
+        if a != b and 1 not in (a, b):
+            return None
+        shape.append(b if a == 1 else a)
+    return tuple(shape)
 
 
 def meta_result(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
@@ -54,17 +84,21 @@ def meta_result(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any
     if not tensors or not all(t.is_meta for t in tensors):
         return None
     first = args[0] if args else kwargs.get("input")
-    elementwise = func in _UNARY or func in _BINARY or func in _MEANS
-    if elementwise and not all(t.is_floating_point() for t in tensors):
+    computed = func in _UNARY or func in _BINARY or func in _MEANS or func in _LINEAR
+    if computed and not all(t.is_floating_point() for t in tensors):
         return None
     if func in _NORMS:
-        made = torch.empty_like(first) if isinstance(first, torch.Tensor) else None
+        made = _like(first) if isinstance(first, torch.Tensor) else None
     elif func in _UNARY:
-        made = torch.empty_like(args[0]) if len(args) == 1 and not kwargs else None
+        made = _like(args[0]) if len(args) == 1 and not kwargs else None
     elif func in _BINARY:
         made = _binary(args, kwargs)
     elif func in _MEANS:
         made = _mean(args, kwargs)
+    elif func in _CATS:
+        made = _cat(args, kwargs)
+    elif func in _LINEAR:
+        made = _linear(args, kwargs)
     elif func is F.scaled_dot_product_attention:
         named = dict(zip(("query", "key", "value"), args), **kwargs)
         query, value = named.get("query"), named.get("value")
@@ -88,15 +122,72 @@ def _binary(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Ten
     if not isinstance(first, torch.Tensor):
         return None
     if isinstance(second, torch.Tensor):
-        shape = torch.broadcast_shapes(first.shape, second.shape)  # type: ignore[no-untyped-call]
+        shape = _broadcast(first.shape, second.shape)
     elif isinstance(second, (int, float)) and not isinstance(second, bool):
-        shape = first.shape
+        shape = tuple(first.shape)
     else:
         return None
+    if shape is None:
+        return None
     dtype = torch.result_type(first, second)
-    if shape == first.shape and dtype == first.dtype:
-        return torch.empty_like(first)  # (its layout, as the element-wise kernels keep it)
+    if shape == tuple(first.shape) and dtype == first.dtype:
+        return _like(first)  # (its layout, as the element-wise kernels keep it)
     return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _cat(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """torch.cat of tensors of one dtype and rank (no out=), none in the channels-last
+    layout (whose concatenation keeps it): the result is contiguous."""
+    if len(args) > 2 or set(kwargs) - {"dim"}:
+        return None
+    tensors = args[0] if args else None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dtype == tensors[0].dtype for t in tensors):
+        return None
+    # tensors of shape (0,) are left out, as cat does (transformers starts caches with them)
+    tensors = [t for t in tensors if t.shape != (0,)] or tensors
+    first = tensors[0]
+    rank = first.dim()
+    if (
+        not all(
+            t.dim() == rank
+            and not (
+                rank == 4
+                and t.is_contiguous(memory_format=torch.channels_last)
+                and not t.is_contiguous()
+            )
+            for t in tensors
+        )
+        or not -rank <= dim < rank
+    ):
+        return None
+    dim %= rank
+    if any(
+        t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :]
+        for t in tensors
+    ):
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+def _linear(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """F.linear(input, weight, bias) of one dtype, a 2-D weight and a 1-D bias that fit."""
+    named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+    if len(args) > 3 or set(named) - {"input", "weight", "bias"}:
+        return None
+    x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return None
+    fits = weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+    if bias is not None:
+        fits = fits and isinstance(bias, torch.Tensor) and tuple(bias.shape) == (weight.shape[0],)
+    if not fits or any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
+        return None
+    return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device="meta")
 
 
 def _mean(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
