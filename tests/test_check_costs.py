@@ -195,6 +195,21 @@ class DeviceMoving(CheckTestCase):
     def test_a_model_that_reads_its_data_passes(self) -> None:
         self.assertPasses(model_case(ReadsTheData), "test_device_moving")
 
+    def test_training_mode_goes_straight_to_the_cpu_run_that_eval_mode_needed(self) -> None:
+        calls: List[Tuple[str, bool]] = []
+
+        class CountsItsCalls(ReadsTheData):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                calls.append((x.device.type, self.training))
+                return super().forward(x)
+
+        self.assertPasses(model_case(CountsItsCalls), "test_device_moving")
+        # eval: a meta run that stops at .item(), the CPU run, its replay; training: those two
+        self.assertEqual(
+            calls,
+            [("meta", False), ("cpu", False), ("meta", False), ("cpu", True), ("meta", True)],
+        )
+
     def test_a_device_bug_is_found_before_and_after_a_step_that_reads_the_data(self) -> None:
         for model_type in (ReadsTheDataThenMixesDevices, MixesDevicesThenReadsTheData):
             with self.subTest(model_type.__name__):
@@ -346,6 +361,28 @@ class MetaStandIns(CheckTestCase):
                 real = func(*args, **kwargs)
                 made = _meta_result(func, map_tensors(lambda t: t.to("meta"), args), kwargs)
                 self.assertEqual((made.shape, made.dtype), (real.shape, real.dtype))
+        # concatenations (a (0,) tensor left out, as cat does) and linear layers
+        empty, weight, bias = torch.randn(0), torch.randn(7, 5), torch.randn(7)
+        for func, args, kwargs in [
+            (torch.cat, ((a, a[:, :1]),), {"dim": 1}),
+            (torch.cat, ([empty, a.transpose(0, 1)],), {"dim": -1}),
+            (F.linear, (a, weight, bias), {}),
+            (F.linear, (a,), {"weight": weight}),
+        ]:
+            with self.subTest(f"{func.__name__}"):
+                real = func(*args, **kwargs)
+                on_meta_args, on_meta_kwargs = map_tensors(lambda t: t.to("meta"), (args, kwargs))
+                made = _meta_result(func, on_meta_args, on_meta_kwargs)
+                self.assertEqual((made.shape, made.dtype), (real.shape, real.dtype))
+        # the layout of the input where the result keeps it: permuted, channels-last, sliced
+        for x in (
+            torch.randn(4, 3, 5, 6).transpose(1, 2),
+            torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+            torch.randn(4, 6)[:, :3],
+        ):
+            with self.subTest(f"layout {x.stride()}"):
+                made = _meta_result(torch.Tensor.neg, (x.to("meta"),), {})
+                self.assertEqual(made.stride(), torch.neg(x).stride())
         # what it does not know runs the meta kernel: integers, out=, dtype=, rounding_mode=
         ints = torch.ones(4, 5, dtype=torch.long, device="meta")
         on_meta = a.to("meta")
@@ -356,6 +393,11 @@ class MetaStandIns(CheckTestCase):
             (torch.Tensor.mean, (on_meta, -1), {"dtype": torch.float64}),
             (torch.Tensor.div, (on_meta, 2), {"rounding_mode": "floor"}),
             (torch.Tensor.mean, (on_meta, (1, -2)), {}),
+            (torch.Tensor.mul, (on_meta, on_meta[:2]), {}),  # no broadcast: the kernel says so
+            (torch.cat, ((on_meta, on_meta.double()),), {}),  # promoted
+            (torch.cat, ((on_meta, on_meta[:, :2]),), {}),  # sizes that differ
+            (F.linear, (on_meta, torch.ones(2, 4, device="meta")), {}),  # does not fit
+            (F.linear, (on_meta, torch.ones(2, 5, device="meta").double()), {}),
         ]:
             with self.subTest(f"{func.__name__} {kwargs}"):
                 self.assertIsNone(_meta_result(func, args, kwargs))

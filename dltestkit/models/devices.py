@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -57,10 +57,10 @@ class DeviceMoving(ModelContract):
         without device= (position ids, noise), unregistered tensor attributes, layers in a
         plain list, outputs left on the CPU; found on the meta device, without a GPU.
         """
-        on_meta = self._copy_model("meta")
+        on_meta: Optional[nn.Module] = self._copy_model("meta")
         unchecked: Dict[str, str] = {}  # mode: why it could not be checked
         for training in (False, True):  # eval first: only training mode updates BatchNorm
-            why = self._check_meta(on_meta, training)
+            why, on_meta = self._check_meta(on_meta, training)
             if why is not None:
                 unchecked[describe_mode(training)] = why
         if len(unchecked) == 2:
@@ -97,60 +97,72 @@ class DeviceMoving(ModelContract):
             with self.subTest(device=device):
                 self._check_accelerator(device)
 
-    def _check_meta(self, on_meta: nn.Module, training: bool) -> Optional[str]:
+    def _check_meta(
+        self, on_meta: Optional[nn.Module], training: bool
+    ) -> Tuple[Optional[str], Optional[nn.Module]]:
         """Run ``on_meta`` (a copy moved to meta) watched; when it reaches a step that needs
-        the data (``.item()``, ``nonzero()``, an operation without a meta kernel), run a
-        fresh meta copy again, replaying the data reads of the model run on the CPU (a copy
-        in training mode, which updates BatchNorm's statistics).
+        the data (``.item()``, ``nonzero()``, an operation without a meta kernel), or at once
+        if ``on_meta`` is None (the other mode needed it), run a fresh meta copy, replaying the
+        data reads of the model run on the CPU (a copy in training mode, which updates
+        BatchNorm's statistics).
 
-        Fails on a device bug; returns why this mode could not be checked on meta, or None."""
+        Fails on a device bug; returns why this mode could not be checked on meta, or None,
+        and the copy for the next mode (None once a CPU run was needed)."""
         mode = describe_mode(training)
         inputs = self._on("meta")
         problem_text: Optional[str] = None
         try:
             try:
+                if on_meta is None:
+                    raise NeedsCpuRun
+                unrecorded = on_meta
                 output, problem = watch_meta_forward(
-                    None, lambda _: self._forward(on_meta, inputs, training), on_meta
+                    None, lambda _: self._forward(unrecorded, inputs, training), unrecorded
                 )
             except NeedsCpuRun:
                 on_cpu = self._copy_model() if training else self.model
-                on_meta = self._copy_model("meta")
+                replayed = self._copy_model("meta")
+                on_meta = None
                 output, problem = watch_meta_forward(
                     lambda: self._forward(on_cpu, self.inputs, training),
-                    lambda _: self._forward(on_meta, inputs, training),
-                    on_meta,
+                    lambda _: self._forward(replayed, inputs, training),
+                    replayed,
                 )
         except ReplayMismatch as exc:
-            return f"the forward pass takes another path on the meta device than on the CPU ({exc})"
+            why = f"the forward pass takes another path on the meta device than on the CPU ({exc})"
+            return why, on_meta
         except MetaCannotRun as exc:
             cause = exc.failed.exception
             text = error_text(cause)
-            return (
+            why = (
                 f"the model uses an operation the meta device cannot run, "
                 f"{exc.failed.describe()} ({type(cause).__name__}: "
                 f"{text.splitlines()[0] if text else ''})"
             )
+            return why, on_meta
         except Exception as exc:
             text = error_text(exc)
             if isinstance(exc, RuntimeError) and any(s in text for s in _DEVICE_MIXING):
                 problem_text = f"its forward combines a tensor left on the CPU ({text})"
             elif isinstance(exc, NotImplementedError) or "meta" in text.lower():
-                return (
+                why = (
                     "the model uses an operation the meta device cannot run "
                     f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
                 )
+                return why, on_meta
             else:
                 raise
         else:
             if problem is None or not problem.certain:
                 self._assert_outputs_on(output, "meta", mode)
             if problem is not None and not problem.certain:
-                return (
+                why = (
                     f"{problem.describe()}: a device the model chose (device=None passed "
                     "explicitly, as code does that picks no device while its weights are on "
                     "meta: transformers' LongT5), which cannot be judged on meta; the rest of "
                     "the forward pass moved as a whole"
                 )
+                return why, on_meta
             if problem is not None:
                 problem_text = problem.describe()
         if problem_text is not None:
@@ -162,7 +174,7 @@ class DeviceMoving(ModelContract):
                 "registered (self.register_buffer), layers kept in a plain Python list "
                 "(nn.ModuleList). The same code fails on a GPU."
             )
-        return None
+        return None, on_meta
 
     def _assert_outputs_on(self, output: Any, device: str, mode: str) -> None:
         """Every output tensor of the model's copy on ``device`` is on ``device``."""
