@@ -232,6 +232,15 @@ def _shapes(result: Any) -> Optional[List[Tuple[torch.Size, torch.dtype]]]:
     return None
 
 
+def _key(func: Any) -> Any:
+    """The operation ``func`` as a key (itself; its name if it cannot be hashed)."""
+    try:
+        hash(func)
+    except TypeError:
+        return op_name(func)
+    return func
+
+
 class Recorder(Watch):
     """Run on the CPU, noting what each data-dependent step returned, and the shapes and
     dtypes of what every operation returned."""
@@ -239,11 +248,11 @@ class Recorder(Watch):
     def __init__(self) -> None:
         super().__init__()
         self.log: List[Tuple[str, Any]] = []
-        self.results: List[Tuple[str, Optional[List[Tuple[torch.Size, torch.dtype]]], bool]] = []
+        self.results: List[Tuple[Any, Optional[List[Tuple[torch.Size, torch.dtype]]], bool]] = []
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         result = func(*args, **kwargs)
-        self.results.append((op_name(func), _shapes(result), isinstance(result, torch.Tensor)))
+        self.results.append((_key(func), _shapes(result), isinstance(result, torch.Tensor)))
         if _reads_data(func):
             self.log.append(
                 (op_name(func), result.clone() if isinstance(result, torch.Tensor) else result)
@@ -267,13 +276,13 @@ class DeviceWatch(Watch):
         self.recorded = recorder is not None
         self.needs_cpu_run = False
         self.log = recorder.log if recorder is not None else []
-        # what each operation returned in the CPU run, by name, in the order of its calls
-        # (by name, not by position: the first run of a process makes one-time calls of its
-        # own, torch.device among them)
-        self.results: Dict[str, List[Tuple[Optional[List[Any]], bool]]] = {}
-        for name, shapes, single in recorder.results if recorder is not None else ():
-            self.results.setdefault(name, []).append((shapes, single))
-        self.calls: Dict[str, int] = {}
+        # what each operation returned in the CPU run, by operation, in the order of its
+        # calls (by operation, not by position: the first run of a process makes one-time
+        # calls of its own, torch.device among them)
+        self.results: Dict[Any, List[Tuple[Optional[List[Any]], bool]]] = {}
+        for key, shapes, single in recorder.results if recorder is not None else ():
+            self.results.setdefault(key, []).append((shapes, single))
+        self.calls: Dict[Any, int] = {}
         self.position = 0
         self.problem: Optional[DeviceProblem] = None
         #: the first CPU tensor made with device=None explicitly that met the model's
@@ -287,7 +296,7 @@ class DeviceWatch(Watch):
         """Meta tensors standing in for the result of the ``index``-th call of ``func`` (the
         CPU run's shapes), or ``_NONE`` if the CPU run made fewer such calls or its call
         returned no tensors."""
-        calls = self.results.get(op_name(func), [])
+        calls = self.results.get(_key(func), [])
         if index >= len(calls):
             return _NONE
         shapes, single = calls[index]
@@ -338,9 +347,9 @@ class DeviceWatch(Watch):
                 self._origins[tensor] = origin
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        name_of_call = op_name(func)
-        index = self.calls.get(name_of_call, 0)
-        self.calls[name_of_call] = index + 1
+        key = _key(func)
+        index = self.calls.get(key, 0)
+        self.calls[key] = index + 1
         tensors = tensors_in(args) + tensors_in(kwargs)
         on_meta = any(t.is_meta for t in tensors)
         name = getattr(func, "__name__", "")
