@@ -18,7 +18,7 @@ from test_model_checks import AutoEncoder, WithBatchNorm, model_case
 
 from dltestkit import DatasetTests, ModelTests, TrainerTests, make_deterministic
 from dltestkit.core.contract import checks_of
-from dltestkit.core.seeds import derived_seed
+from dltestkit.core.seeds import derived_seed, seed_torch
 
 
 class Contract(CheckTestCase):
@@ -283,6 +283,19 @@ class Seeding(CheckTestCase):
         self.assertEqual(draws[0], draws[1])
         self.assertTrue(torch.backends.cudnn.deterministic)
         self.assertFalse(torch.backends.cudnn.benchmark)
+
+    def test_seed_torch_seeds_as_torch_manual_seed_does(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            expected = torch.rand(4)
+            seed_torch(7)
+            self.assertTrue(torch.equal(torch.rand(4), expected))
+            # where an accelerator could run, torch.manual_seed seeds it too
+            for present in (False, True):
+                with mock.patch.object(torch.cuda, "is_available", return_value=present):
+                    with mock.patch.object(torch, "manual_seed", wraps=torch.manual_seed) as full:
+                        seed_torch(7)
+                self.assertEqual(full.call_count, int(present), f"accelerator: {present}")
 
 
 class Threads(CheckTestCase):

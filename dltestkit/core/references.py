@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .compare import same
+from .seeds import seed_torch
 
 __all__ = [
     "CI_VARIABLES",
@@ -371,7 +372,7 @@ def random_streams() -> Dict[str, torch.Tensor]:
     equal on two installations when their random streams are (the same seed gives the same
     dropout masks, noise, permutations). The global generator is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        seed_torch(0)
         return {
             "rand": torch.rand(64),
             "randn_short": torch.randn(8),

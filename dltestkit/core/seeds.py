@@ -16,6 +16,7 @@ __all__ = [
     "generators_drawn",
     "make_deterministic",
     "preserved_global_state",
+    "seed_torch",
 ]
 
 #: How generators_drawn names torch's CPU generator.
@@ -27,6 +28,30 @@ def derived_seed(seed: int, offset: int) -> int:
     ``torch.manual_seed`` accepts: ``seed + offset`` wrapped into [0, 2**64), which is how
     torch reads a negative seed too (``seed = 2**64 - 1`` with offset 1 gives 0)."""
     return (seed + offset) % 2**64
+
+
+def _accelerator_present() -> bool:
+    """Whether an accelerator torch.manual_seed seeds could run here (CUDA, MPS, XPU, MTIA,
+    a backend of a plug-in)."""
+    mtia = getattr(torch, "mtia", None)
+    return (
+        torch.cuda.is_available()
+        or _mps_available()
+        or torch.xpu.is_available()
+        or (mtia is not None and mtia.is_available())
+        or torch._C._get_privateuse1_backend_name() != "privateuseone"
+    )
+
+
+def seed_torch(seed: int) -> None:
+    """``torch.manual_seed(seed)``: torch's CPU generator, and every accelerator's where there
+    is one. Without one, the CPU generator only: there, torch.manual_seed queues a seeding for
+    each accelerator backend that could start later, formatting the call stack for each
+    (0.15 ms a call, and the checks seed every pass)."""
+    if _accelerator_present():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def generator_states() -> Tuple[Any, Any, Any]:
@@ -57,7 +82,7 @@ def make_deterministic(seed: int) -> None:
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    seed_torch(seed)  # every GPU's too
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 

@@ -25,7 +25,7 @@ from ..core.contract import check
 from ..core.messages import no_eval_gradients
 from ..core.options import ContractError, option
 from ..core.paths import floating_tensors, map_tensors
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, seed_torch
 from ..core.validators import is_bool, is_names, is_number
 from ..models.contract import ModelContract
 from ..models.tensors import batched_entries, call_model, replace_entries
@@ -132,7 +132,7 @@ def _sgd_steps(
     optimizer = torch.optim.SGD([p for _, p in named], lr=0.01)
     seen: List[Dict[str, Any]] = []
     for step in range(2):
-        torch.manual_seed(derived_seed(seed, step))
+        seed_torch(derived_seed(seed, step))
         optimizer.zero_grad(set_to_none=True)
         output = call_model(model, inputs)
         loss = (

@@ -33,7 +33,7 @@ from ..core.contract import CheckMixin
 from ..core.messages import listed
 from ..core.options import REQUIRED, ContractError, option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
-from ..core.seeds import derived_seed, generator_states, generators_drawn
+from ..core.seeds import derived_seed, generator_states, generators_drawn, seed_torch
 from ..core.settings import Settings
 from ..core.validators import is_callable, is_instance, is_keys, optional
 from .copies import (
@@ -309,7 +309,7 @@ class ModelContract(CheckMixin):
         to append whether the call drew from a global generator (torch's CPU generator,
         NumPy's or Python's: its state moved)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed if seed is None else seed)
+            seed_torch(self.seed if seed is None else seed)
             seeded = generator_states() if drew is not None else None
             with mode(model, training=training):
                 settings = Settings.capture()
@@ -500,7 +500,7 @@ class ModelContract(CheckMixin):
                 after_forward()
             loss = self._loss(output)
             if trainable and loss.requires_grad:
-                torch.manual_seed(derived_seed(self.seed, step))
+                seed_torch(derived_seed(self.seed, step))
                 torch.autograd.backward(loss)
             if changed_inputs is not None:
                 changed_inputs.extend(changed_copies(copies, before))

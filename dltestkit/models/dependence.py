@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.messages import no_eval_gradients
 from ..core.paths import floating_tensors, map_tensors
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, seed_torch
 from .contract import ModelContract
 from .copies import gradients_set_aside, mode
 from .probes import Probe, probe_forward
@@ -72,7 +72,7 @@ class Dependence(ModelContract):
         """Eval-mode output and probes of ``model`` on ``inputs`` (default: self.inputs).
         Without any probe the check skips, unless ``required`` is False."""
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)
             output, probes = probe_forward(
                 lambda batch: call_model(model, batch),
                 self.inputs if inputs is None else inputs,
@@ -133,7 +133,7 @@ class Dependence(ModelContract):
             for model in models.values():
                 stack.enter_context(mode(model, training=False))
             stack.enter_context(torch.random.fork_rng(devices=[]))
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)
             yield list(models.values())
 
     def _with_zero_parameters_made_random(self) -> Optional[nn.Module]:

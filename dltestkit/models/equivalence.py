@@ -13,7 +13,7 @@ from ..core.compare import first_difference
 from ..core.contract import check
 from ..core.options import UNSET, option
 from ..core.paths import named_tensors
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, seed_torch
 from .copies import copy_module
 from .copies import mode as set_mode
 from .randomness import watching_randomness
@@ -107,7 +107,7 @@ class ReferenceModel(References):
             output = self._seeded_forward(model, self.inputs, training, seed)
             loss = self._loss(output)
             if loss.requires_grad:
-                torch.manual_seed(seed)
+                seed_torch(seed)
                 torch.autograd.backward(loss)
         outputs = [(path, t.detach()) for path, t in named_tensors(output)]
         return outputs, [

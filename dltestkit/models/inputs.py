@@ -10,6 +10,7 @@ import torch
 from ..core.compare import largest_difference, same
 from ..core.contract import check
 from ..core.paths import map_tensors, named_tensors
+from ..core.seeds import seed_torch
 from ..core.watch import Watch, op_name, watching
 from .contract import ModelContract
 from .copies import describe_mode, mode
@@ -106,7 +107,7 @@ class InputsUnchanged(ModelContract):
         watched = list(named_tensors(inputs, prefix=""))
         model = self._copy_model() if training else self.model
         with torch.random.fork_rng(devices=[]), mode(model, training=training):
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)
             with (
                 torch.set_grad_enabled(training),
                 watching(model, lambda modules: _InPlaceWatch(watched, modules)) as watch,

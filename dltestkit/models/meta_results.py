@@ -4,9 +4,10 @@ dtype an operation gives, for the watched meta runs of ``test_device_moving``.
 Many of PyTorch's meta kernels are Python decompositions: a training-mode ``batch_norm`` costs
 about a millisecond a call, more than a CPU convolution of a small image, and an element-wise
 product of two tensors, a concatenation, a linear layer or even ``torch.empty_like`` about 0.1
-ms, so that a small transformer's pass on ``meta`` costs more than on the CPU. What the device check looks at, the devices of the arguments, is judged
-before the call; the result only has to have the shape and dtype (and layout, where the
-operation keeps its input's) the operation gives. Made only where every tensor argument is a
+ms, so that a small transformer's pass on ``meta`` costs more than on the CPU. What the device
+check looks at, the devices of the arguments, is judged before the call; the result only has
+to have the shape and dtype (and layout, where the operation keeps its input's) the operation
+gives. Made only where every tensor argument is a
 tensor on ``meta`` (floating-point, for the arithmetic) and the arguments are of the forms
 whose result is known (no ``out=``, no ``dtype=``, reductions over given dimensions, shapes
 that fit: where they do not, the kernel says so); anything else runs the meta kernel."""

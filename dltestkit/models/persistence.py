@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.contract import check
 from ..core.options import UNSET, option
 from ..core.paths import named_tensors
-from ..core.seeds import derived_seed
+from ..core.seeds import derived_seed, seed_torch
 from ..core.validators import is_callable
 from .contract import ModelContract
 
@@ -83,7 +83,7 @@ class StateDictRoundTrip(ModelContract):
         built again in full before anything is reported."""
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
             # another seed: state missing from the state dict shows up
-            torch.manual_seed(derived_seed(self.seed, 1))
+            seed_torch(derived_seed(self.seed, 1))
             if skip_init:
                 stack.enter_context(_SkipParameterInit())
             fresh = make_model()

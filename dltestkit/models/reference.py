@@ -37,7 +37,7 @@ from ..core.references import (
     write_requested,
     written_message,
 )
-from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
+from ..core.seeds import derived_seed, make_deterministic, preserved_global_state, seed_torch
 from ..core.validators import is_bool, is_choice, is_non_negative_number, is_path, optional
 from .contract import ModelContract
 from .copies import mode as set_mode
@@ -346,7 +346,7 @@ class ReferenceOutputs(References):
                     torch.zeros(()),
                 )
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                torch.manual_seed(seed)
+                seed_torch(seed)
                 torch.autograd.backward(loss)
         return [
             (name, _dense(p.grad).detach().clone())

@@ -22,7 +22,7 @@ import torch
 from ...core.compare import mismatch, summary
 from ...core.messages import listed
 from ...core.options import REQUIRED, UNSET, ContractError, option
-from ...core.seeds import derived_seed
+from ...core.seeds import derived_seed, seed_torch
 from ...core.validators import is_bool, is_key, is_keys, is_positive_int
 from ..copies import mode
 from ..dependence import Dependence
@@ -223,7 +223,7 @@ class SequenceContract(Dependence):
         """Eval-mode output, checked output and probes of self.model on ``inputs``; unlike
         ``_probe`` it does not skip without probes (the value comparisons need none)."""
         with mode(self.model, training=False), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)
             output, probes = probe_forward(
                 lambda batch: call_model(self.model, batch),
                 inputs,

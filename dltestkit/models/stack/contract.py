@@ -24,7 +24,7 @@ from ...core.compare import largest_difference, mismatch, same
 from ...core.messages import no_eval_gradients
 from ...core.options import option
 from ...core.paths import floating_tensors, map_tensors, named_tensors
-from ...core.seeds import derived_seed, preserved_global_state
+from ...core.seeds import derived_seed, preserved_global_state, seed_torch
 from ...core.validators import is_positive_number, optional
 from ..contract import ModelContract
 from ..copies import gradients_set_aside, mode
@@ -51,7 +51,7 @@ def all_generators_seeded(seed: int) -> Iterator[None]:
     with preserved_global_state():
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_torch(seed)
         yield
 
 
@@ -287,7 +287,7 @@ class StackContract(ModelContract):
             )
             loss = self._loss(loss_input)
             if loss.requires_grad:
-                torch.manual_seed(seed)  # reentrant checkpointing reruns forward here
+                seed_torch(seed)  # reentrant checkpointing reruns forward here
                 try:
                     torch.autograd.backward(loss)
                 except RuntimeError as exc:
