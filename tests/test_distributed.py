@@ -251,6 +251,10 @@ class NoProcessLeftBehind(unittest.TestCase):
             time.sleep(0.2)  # the files are written
             os.kill(os.getpid(), signal.SIGINT)
 
+        # Ctrl-C's KeyboardInterrupt, even where SIGINT is ignored (a shell that runs the tests
+        # in the background ignores it for them)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGINT, previous)
         threading.Thread(target=interrupt_once_the_workers_run, daemon=True).start()
         started = time.monotonic()
         with self.assertRaises(KeyboardInterrupt):

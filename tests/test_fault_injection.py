@@ -149,6 +149,13 @@ def shared_memory_of(pids: Set[int]) -> List[str]:
     ]
 
 
+def _sigint_at_default() -> None:
+    """In the test process started: SIGINT at its default action, which its Python turns into
+    KeyboardInterrupt. A shell that runs the tests in the background leaves SIGINT ignored,
+    and Python keeps an ignored SIGINT so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
 class SignalsToARunningCheck(unittest.TestCase):
     def run_and_signal(
@@ -182,6 +189,7 @@ class SignalsToARunningCheck(unittest.TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_sigint_at_default,
         )
         try:
             deadline = time.monotonic() + 60
