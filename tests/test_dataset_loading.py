@@ -498,26 +498,42 @@ def steady(seconds: float = 10.0) -> Tuple[List[int], int]:
 
 @unittest.skipUnless(Path("/proc/self/fd").exists(), "counts processes and files with /proc")
 class NothingLeaks(CheckTestCase):
+    # (in two tests, which pytest -n 2 runs side by side: each half has a check that blocks)
     def test_failing_checks_leave_no_worker_process_and_no_open_file(self) -> None:
-        cases = [
-            (splits_case(Images(augment=True), FailsInWorkers()), "test_data_loading"),
-            (splits_case(Images(augment=True), TooLong()), "test_value_range"),
-            (splits_case(Images(augment=True), LastImageCropped(seed=5)), "test_sample_shape"),
-            (
-                splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=1),
-                "test_data_loading",
-            ),
-            (stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2)), "test_data_loading"),
-            (stream_case(SizedStream(seed=1), FailsInWorker(seed=2)), "test_value_range"),
-            (
-                splits_case(Images(), Images(seed=5), worker_init_fn=broken_init),
-                "test_data_loading",
-            ),
-            (
-                splits_case(Images(augment=True), BlocksEverywhere(seed=5), loader_timeout=1),
-                "test_data_loading",
-            ),
-        ]
+        self.assertNothingLeftBy(
+            [
+                (splits_case(Images(augment=True), FailsInWorkers()), "test_data_loading"),
+                (splits_case(Images(augment=True), TooLong()), "test_value_range"),
+                (splits_case(Images(augment=True), LastImageCropped(seed=5)), "test_sample_shape"),
+                (
+                    splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=1),
+                    "test_data_loading",
+                ),
+            ]
+        )
+
+    def test_failing_checks_on_streams_and_broken_workers_leave_nothing_open(self) -> None:
+        self.assertNothingLeftBy(
+            [
+                (
+                    stream_case(SizedStream(seed=1), RepeatedInEveryWorker(seed=2)),
+                    "test_data_loading",
+                ),
+                (stream_case(SizedStream(seed=1), FailsInWorker(seed=2)), "test_value_range"),
+                (
+                    splits_case(Images(), Images(seed=5), worker_init_fn=broken_init),
+                    "test_data_loading",
+                ),
+                (
+                    splits_case(Images(augment=True), BlocksEverywhere(seed=5), loader_timeout=1),
+                    "test_data_loading",
+                ),
+            ]
+        )
+
+    def assertNothingLeftBy(self, cases: List[Tuple[type, str]]) -> None:
+        """Each check of ``cases`` (case, check) fails or skips, leaving no DataLoader
+        iterator, process or open file."""
         run_check(splits_case(Images(), Images()), "test_value_range")  # torch's lazy set-up
         gc.collect()
         before = steady()
