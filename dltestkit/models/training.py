@@ -262,8 +262,9 @@ def _step(
     grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
     value = parameter.detach()
     with torch.no_grad():
-        if not keep:
+        if not keep:  # (nothing to return: whether it moved is not needed)
             value.add_(grad.sign_(), alpha=-STEP_SIZE)
+            moved = False
         elif not (value.is_contiguous() and grad.is_contiguous()):
             previous = value.clone()
             value.add_(grad.sign_(), alpha=-STEP_SIZE)
@@ -279,4 +280,4 @@ def _step(
                 moved = moved or not torch.equal(new, previous)
                 kept.copy_(previous)
     parameter.grad = None
-    return grad if keep and moved else None
+    return grad if moved else None
