@@ -8,7 +8,7 @@ reentrant gradient checkpointing, tested with the batch check)."""
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,10 @@ from test_model_checks import (
     model_case,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dltestkit.core.paths import map_tensors
+from dltestkit.models.dtype_watch import watching_dtypes
 from dltestkit.models.meta_results import meta_result as _meta_result
 
 
@@ -120,6 +122,20 @@ class OnlyForFour(AutoEncoder):
         return HardWiredBatch.forward(self, x) + torch.ones(SHAPE)
 
 
+class _KernelDtypes(TorchDispatchMode):
+    """The dtypes of the floating-point tensors the product and convolution kernels get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.products: Set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "convolution"):
+            flat = [*args, *(kwargs or {}).values()]
+            self.products.update(t.dtype for t in flat if isinstance(t, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
 class DtypeMoving(CheckTestCase):
     def test_each_mode_runs_one_sample(self) -> None:
         seen: List[Tuple[torch.dtype, bool, int]] = []
@@ -158,6 +174,41 @@ class DtypeMoving(CheckTestCase):
             [(torch.float64, False, 1), (torch.float64, True, 1)]
             + [(torch.float64, False, 1), (torch.float64, True, 2)],
         )
+
+    def test_bfloat16_products_and_convolutions_are_computed_in_float32(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+
+        def bf16(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).bfloat16()
+
+        x, weight, bias = bf16(3, 16), bf16(5, 16), bf16(5)
+        image, kernel = bf16(1, 4, 9, 9), bf16(6, 4, 3, 3)
+        cases = [
+            (F.linear, (x, weight, bias)),
+            (torch.matmul, (x, weight.t())),
+            (torch.einsum, ("ij,kj->ik", [x, weight])),
+            (F.conv2d, (image, kernel)),
+        ]
+        model = nn.Linear(16, 5).bfloat16()
+        for func, args in cases:
+            with self.subTest(func.__name__):
+                with watching_dtypes(torch.bfloat16, model):
+                    with torch.no_grad(), _KernelDtypes() as no_grad:
+                        watched = func(*args)
+                    with _KernelDtypes() as with_grad:  # a pass with gradients: as it is
+                        real = func(*args)
+                self.assertEqual((watched.dtype, watched.shape), (real.dtype, real.shape))
+                torch.testing.assert_close(watched, real)  # within bfloat16's tolerance
+                self.assertEqual(no_grad.products, {torch.float32})
+                self.assertEqual(with_grad.products, {torch.bfloat16})
+        # another dtype among the arguments goes to the real kernel, which raises
+        with self.assertRaises(RuntimeError) as outside:
+            F.linear(x, weight.float())
+        with watching_dtypes(torch.bfloat16, model) as watch, torch.no_grad():
+            with self.assertRaises(RuntimeError) as inside:
+                F.linear(x, weight.float())
+        self.assertEqual(str(inside.exception), str(outside.exception))
+        self.assertIsNotNone(watch.failure(inside.exception))
 
     def test_a_model_that_runs_at_one_batch_size_only_is_checked_on_it(self) -> None:
         self.assertPasses(model_case(HardWiredBatch), "test_dtype_moving")
