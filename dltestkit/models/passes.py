@@ -92,20 +92,30 @@ _HOOKS = tuple(sorted(_MODULE_STATE - {"_parameters", "_buffers", "_modules", "t
 
 def _sample(tensor: torch.Tensor) -> List[torch.Tensor]:
     """The tensor's elements, as parts to be joined flat: all of them, or a sample of them
-    (see ``SAMPLE``)."""
+    (see ``SAMPLE``, and ``_sampled_positions`` for which)."""
     count = tensor.numel()
     if count <= SAMPLE:
         return [tensor]  # (flattened when joined)
     flat = tensor.detach()
     flat = flat.view(-1) if flat.is_contiguous() else flat.reshape(-1)
-    run = SAMPLE // 64
-    parts = [flat.as_strided((64, run), ((count - run) // 63, 1), flat.storage_offset())]
     rows = tensor.shape[0] if tensor.dim() > 1 else 1
-    if rows > 1:  # two elements of every row: the first, and one in a column that moves on
-        grid = flat.view(rows, count // rows)
-        index = torch.arange(rows, device=flat.device)
-        parts += [grid[:, 0], grid[index, (index * 7919 + 1) % grid.shape[1]]]
-    return parts
+    return [flat.take(_sampled_positions(count, rows, flat.device))]
+
+
+@functools.lru_cache(maxsize=512)
+def _sampled_positions(count: int, rows: int, device: torch.device) -> torch.Tensor:
+    """The positions in a flat tensor of ``count`` elements (``rows`` rows) that its sample
+    holds: 64 runs of ``SAMPLE // 64`` elements spread evenly over it, and where it has
+    rows, two elements of every row (the first, and one in a column that moves on), so that
+    a change to one row (an embedding's) shows. Kept per shape: one ``take`` per tensor."""
+    run = SAMPLE // 64
+    runs = torch.arange(64).unsqueeze(1) * ((count - run) // 63) + torch.arange(run)
+    parts = [runs.reshape(-1)]
+    if rows > 1:
+        columns = count // rows
+        index = torch.arange(rows)
+        parts += [index * columns, index * columns + (index * 7919 + 1) % columns]
+    return torch.cat(parts).to(device)
 
 
 def _crc(tensors: List[torch.Tensor]) -> int:
