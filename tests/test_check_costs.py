@@ -8,6 +8,7 @@ reentrant gradient checkpointing, tested with the batch check)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any, List, Set, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dltestkit.core.paths import map_tensors
+from dltestkit.models.copies import copy_module
 from dltestkit.models.dtype_watch import watching_dtypes
 from dltestkit.models.meta_results import meta_result as _meta_result
 
@@ -607,3 +609,96 @@ class ZeroParameterCopies(CheckTestCase):
         self.assertEqual(copies, 1)
         self.assertEqual(len(outcome.failures), 1)
         self.assertIn("inputs['mask'] is not read", outcome.failures[0])
+
+
+class _SharesALayer(nn.Module):
+    """A layer reached twice (tied weights), a hook bound to the model, an attribute that
+    refers back to a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.again = self.first
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.chosen = [self.layers[0]]
+        self.register_buffer("steps", torch.zeros(()), persistent=False)
+        self.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.steps += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.chosen[0](self.again(self.first(x))))
+
+
+class ModuleCopies(CheckTestCase):
+    """copy_module copies the module tree itself (copy.deepcopy's generic steps cost most of
+    a copy whose weights are made beforehand): the copy must be what copy.deepcopy makes."""
+
+    def assertCopiedAsDeepcopy(self, model: nn.Module, **how: Any) -> None:
+        copied, reference = copy_module(model, **how), copy.deepcopy(model)
+        originals = {id(t) for t in [*model.parameters(), *model.buffers()]}
+        pairs = zip(
+            model.named_modules(remove_duplicate=False),
+            copied.named_modules(remove_duplicate=False),
+            reference.named_modules(remove_duplicate=False),
+        )
+        for (name, original), (_, made), (_, expected) in pairs:
+            with self.subTest(module=name):
+                self.assertIs(type(made), type(expected))
+                self.assertIsNot(made, original)
+                self.assertEqual(made.__dict__.keys(), expected.__dict__.keys())
+                for key, value in vars(made).items():  # containers: copies of their own
+                    if isinstance(value, (dict, list, set)):
+                        self.assertIsNot(value, vars(original)[key], key)
+        # the same sharing: what one object held twice, the copy holds twice
+        identities = [id(m) for _, m in copied.named_modules(remove_duplicate=False)]
+        expected_ids = [id(m) for _, m in reference.named_modules(remove_duplicate=False)]
+        self.assertEqual(
+            [identities.index(i) for i in identities], [expected_ids.index(i) for i in expected_ids]
+        )
+        for (name, tensor), (_, expected) in zip(
+            copied.state_dict(keep_vars=True).items(), reference.state_dict(keep_vars=True).items()
+        ):
+            self.assertNotIn(id(tensor), originals, name)
+            self.assertEqual(
+                (type(tensor), tensor.requires_grad), (type(expected), expected.requires_grad)
+            )
+            if how.get("device") != "meta":
+                self.assertTrue(torch.equal(tensor.to(expected.dtype), expected), name)
+
+    def test_copies_are_what_deepcopy_makes(self) -> None:
+        from transformers import BertConfig, BertModel
+
+        bert = BertModel(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=16,
+            )
+        )
+        encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)
+        parametrized = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))  # copies itself
+        for label, model in [
+            ("tied layers, hooks", _SharesALayer()),
+            ("BERT", bert),
+            ("nn.TransformerEncoder", encoder),
+            ("parametrized", nn.Sequential(parametrized, nn.ReLU())),
+        ]:
+            for how in ({}, {"device": "meta"}, {"dtype": torch.float64}):
+                with self.subTest(label, **how):
+                    self.assertCopiedAsDeepcopy(model, **how)
+
+    def test_the_copy_runs_as_the_model_does_with_its_own_hooks_and_state(self) -> None:
+        model = _SharesALayer()
+        copied = copy_module(model)
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(copied(x), model(x))
+        self.assertEqual((float(copied.steps), float(model.steps)), (1.0, 1.0))
+        copied(x)
+        self.assertEqual((float(copied.steps), float(model.steps)), (2.0, 1.0))  # its own hook
+        self.assertIs(copied.again, copied.first)
+        self.assertIs(copied.chosen[0], copied.layers[0])

@@ -8,7 +8,8 @@ import contextlib
 import copy
 import io
 import warnings
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -94,7 +95,56 @@ def copy_module(
     if not memo and (device == "meta" or dtype is not None):
         memo.update(_converted_tensors(model, device, dtype))
     memo.update(given or {})
-    copied: nn.Module = copy.deepcopy(model, memo)
+    copied: nn.Module = _deepcopy_module(model, memo)
+    return copied
+
+
+#: The methods by which ``copy.deepcopy`` copies an ``nn.Module``; a class that defines any of
+#: them otherwise (or ``__deepcopy__``, or ``__slots__``) is copied by ``copy.deepcopy``.
+_COPYING = ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+_EMPTY_KINDS = (dict, OrderedDict, set)
+
+
+def _copies_as_modules_do(cls: type) -> bool:
+    return (
+        not hasattr(cls, "__deepcopy__")
+        and all(getattr(cls, name) is getattr(nn.Module, name) for name in _COPYING)
+        and not any("__slots__" in vars(base) for base in cls.__mro__)
+    )
+
+
+def _deepcopy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, done for the module tree as ``copy.deepcopy`` does it
+    (``cls.__new__``, the deep-copied ``__getstate__()`` given to ``__setstate__``, the copy
+    in ``memo`` before its state is copied), without ``copy.deepcopy``'s generic steps for
+    each module and each of its empty hook dictionaries, which cost most of the copy of a
+    large module tree whose weights are made beforehand (on meta, in another dtype)."""
+    found = memo.get(id(module))
+    if found is not None:
+        return cast(nn.Module, found)
+    cls = type(module)
+    if not _copies_as_modules_do(cls):
+        return copy.deepcopy(module, memo)
+    copied = cls.__new__(cls)
+    memo[id(module)] = copied
+    memo.setdefault(id(memo), []).append(module)  # kept alive, as copy.deepcopy does
+    state = {}
+    for name, value in cast(Any, module).__getstate__().items():
+        kind = type(value)
+        if name == "_modules" and kind in _EMPTY_KINDS:
+            state[name] = kind(
+                (key, None if child is None else _deepcopy_module(child, memo))
+                for key, child in value.items()
+            )
+        elif kind in _EMPTY_KINDS and not value:
+            made = memo.get(id(value))
+            if made is None:
+                made = memo[id(value)] = kind()
+                memo[id(memo)].append(value)
+            state[name] = made
+        else:
+            state[name] = copy.deepcopy(value, memo)
+    cast(Any, copied).__setstate__(state)
     return copied
 
 
