@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dltestkit.core.paths import map_tensors
 from dltestkit.models.copies import copy_module
 from dltestkit.models.dtype_watch import watching_dtypes
+from dltestkit.models.meta import Recorder
 from dltestkit.models.meta_results import meta_result as _meta_result
 
 
@@ -262,6 +263,22 @@ class DeviceMoving(CheckTestCase):
             calls,
             [("meta", False), ("cpu", False), ("meta", False), ("cpu", True), ("meta", True)],
         )
+
+    def test_the_cpu_run_keeps_only_the_results_a_meta_run_can_replay(self) -> None:
+        class MovesAndCasts(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                y = super().forward(x).to(torch.float64).to(x.dtype)  # kept on its device
+                return y + y.to("cpu").mean().item()  # moved to the CPU, then read
+
+        model = MovesAndCasts()
+        with Recorder() as recorder:
+            model(torch.randn(2, *SHAPE[1:]))
+        kept = [(name, type(value).__name__) for name, value in recorder.log]
+        self.assertEqual(
+            kept,
+            [("Tensor.to", "NoneType")] * 2 + [("Tensor.to", "Tensor"), ("Tensor.item", "float")],
+        )
+        self.assertPasses(model_case(MovesAndCasts), "test_device_moving")  # replayed
 
     def test_a_device_bug_is_found_before_and_after_a_step_that_reads_the_data(self) -> None:
         for model_type in (ReadsTheDataThenMixesDevices, MixesDevicesThenReadsTheData):

@@ -54,11 +54,17 @@ def tensors_in(obj: Any) -> List[torch.Tensor]:
     """Every tensor in nested arguments (tuples, lists, dicts)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in tensors_in(item)]
     if isinstance(obj, dict):
-        return [t for item in obj.values() for t in tensors_in(item)]
-    return []
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return []
+    found: List[torch.Tensor] = []
+    for item in obj:  # (the watches call this at every operation: no call per number)
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple, dict)):
+            found.extend(tensors_in(item))
+    return found
 
 
 def op_name(func: Any) -> str:

@@ -254,9 +254,13 @@ class Recorder(Watch):
         result = func(*args, **kwargs)
         self.results.append((_key(func), _shapes(result), isinstance(result, torch.Tensor)))
         if _reads_data(func):
-            self.log.append(
-                (op_name(func), result.clone() if isinstance(result, torch.Tensor) else result)
-            )
+            # (a .to() without a CPU device among its arguments, .to(torch.float32), moves
+            # to no CPU on meta either: its result is never replayed, only its place noted)
+            value = result
+            if isinstance(result, torch.Tensor):
+                moves = getattr(func, "__name__", "") != "to" or _to_cpu(args, kwargs)
+                value = result.clone() if moves else None
+            self.log.append((op_name(func), value))
         elif _shape_from_data(func, args, kwargs):
             self.log.append((op_name(func), [(t.shape, t.dtype) for t in tensors_in(result)]))
         return result
