@@ -10,6 +10,7 @@ tracked, so that messages can name the submodule whose forward made a call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import sys
@@ -91,6 +92,13 @@ def called_by_a_kernel() -> bool:
     return frame is not None and frame.f_code.co_filename.startswith(_KERNEL_FILES)
 
 
+@functools.lru_cache(maxsize=4096)
+def _absolute(path: str) -> str:
+    """``os.path.abspath(path)``, kept: the dtype watch asks for it at every tensor it notes,
+    for each frame of the stack (a code file's relative name is resolved once)."""
+    return os.path.abspath(path)
+
+
 def user_code_location() -> str:
     """``file:line in function`` of the innermost frame outside torch and dltestkit.
 
@@ -103,7 +111,7 @@ def user_code_location() -> str:
     inside_own = True  # the watch's own frames come first
     innermost_torch: Optional[FrameType] = None
     while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
+        path = _absolute(frame.f_code.co_filename)
         own = path.startswith(_OWN_DIR)
         if own and not inside_own:  # back at the call of the model: no user frame between
             break
