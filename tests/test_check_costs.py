@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dltestkit.core.paths import map_tensors
+from dltestkit.core.watch import watching
 from dltestkit.models.copies import copy_module
-from dltestkit.models.dtype_watch import watching_dtypes
+from dltestkit.models.dtype_watch import DtypeWatch, watching_dtypes
 from dltestkit.models.meta import Recorder
 from dltestkit.models.meta_results import meta_result as _meta_result
 
@@ -719,3 +720,44 @@ class ModuleCopies(CheckTestCase):
         self.assertEqual((float(copied.steps), float(model.steps)), (2.0, 1.0))  # its own hook
         self.assertIs(copied.again, copied.first)
         self.assertIs(copied.chosen[0], copied.layers[0])
+
+
+class CopiesUnderAWatch(CheckTestCase):
+    """What the checks copy while a watch runs (the dtype check judging an error copies and
+    runs the model again) is not watched: copy.deepcopy hands every tensor its memo of all
+    that was copied, which a watch walked at every tensor (3.7 s for EfficientNet-B0's dtype
+    check, whose one-sample training pass raises in BatchNorm)."""
+
+    def test_a_deepcopy_under_a_watch_is_not_handled(self) -> None:
+        seen: List[str] = []
+
+        class Seen(DtypeWatch):
+            def handle(self, func: Any, args: Any, kwargs: Any) -> Any:
+                seen.append(getattr(func, "__name__", ""))
+                return super().handle(func, args, kwargs)
+
+        model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        with watching(model, lambda modules: Seen(torch.float64, modules)):
+            copied = copy.deepcopy(model)
+            model(torch.randn(2, 3))
+        self.assertNotIn("__deepcopy__", seen)
+        self.assertIn("linear", seen)  # the forward pass is watched
+        self.assertTrue(torch.equal(copied[0].weight, model[0].weight))
+
+    def test_the_dtype_check_judges_an_error_unwatched(self) -> None:
+        calls: List[str] = []
+
+        class OneSampleFails(WithBatchNorm):  # BatchNorm over features: no batch of one
+            def __init__(self) -> None:
+                super().__init__()
+                self.norm = nn.BatchNorm1d(FEATURES)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                calls.append(f"{x.dtype} {len(x)} {torch.overrides._get_current_function_mode()}")
+                return super().forward(self.norm(x.flatten(1)).view_as(x))
+
+        self.assertPasses(model_case(OneSampleFails), "test_dtype_moving")
+        # the float32 run that judged the one-sample error ran with no watch
+        judged = [c for c in calls if c.startswith("torch.float32 1 ")]
+        self.assertTrue(judged)
+        self.assertTrue(all(c.endswith(" None") for c in judged), judged)

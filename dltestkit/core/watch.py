@@ -241,6 +241,12 @@ class TensorNotes(Generic[N]):
         return found[1] if found is not None and found[0]() is tensor else None
 
 
+#: A tensor's copying (copy.deepcopy, pickling), passed through unwatched: its arguments
+#: include deepcopy's memo of everything copied so far, which a watch would walk at every
+#: tensor, and it is the checks' own work, not the model's computation.
+_COPYING = (torch.Tensor.__deepcopy__, torch.Tensor.__reduce_ex__, torch.Tensor.__setstate__)
+
+
 class Watch(TorchFunctionMode):
     """Base of the watches: ``handle`` sees each torch call of the forward pass, but for the
     calls torch's own operator implementations make; ``where`` says where a call is."""
@@ -258,7 +264,7 @@ class Watch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if called_by_a_kernel():
+        if func in _COPYING or called_by_a_kernel():  # (a tuple: no hashing)
             return func(*args, **kwargs)
         return self.handle(func, args, kwargs)
 

@@ -97,12 +97,15 @@ class DtypeMoving(ModelContract):
         for training, given in zip((False, True), by_mode):
             mode = describe_mode(training)
             inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, given)
+            raised: Optional[Exception] = None
             with watching_dtypes(dtype, moved) as watch:
                 try:
                     with torch.no_grad():
                         output = self._forward(moved, inputs, training)
                 except Exception as exc:
-                    self._dtype_error(exc, watch, dtype, training, given, moved)
+                    raised = exc
+            if raised is not None:  # judged unwatched (it copies and runs the model again)
+                self._dtype_error(raised, watch, dtype, training, given, moved)
             wrong = []
             for path, tensor in floating_tensors(output):
                 if tensor.dtype == dtype:
