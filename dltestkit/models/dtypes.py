@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unittest
-from typing import Any, Dict, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -69,72 +69,38 @@ class DtypeMoving(ModelContract):
             self.skipTest(f"no dtype could be checked. {' '.join(unrunnable)}")
 
     def _check_dtype(self, dtype: torch.dtype) -> None:
-        """Check ``dtype`` on one sample of self.inputs in each mode (where a dtype comes
-        from does not depend on the batch, and a float64 or bfloat16 pass on the CPU costs
-        several float32 ones), with two in training mode where one does not pass (batch
-        statistics of a single value); on all of them when that does not pass either, so
-        that what is reported is what self.inputs shows, but for an operation the platform
-        has no ``dtype`` kernel for, which no batch has either."""
+        """Check ``dtype`` in each mode on one sample of self.inputs (where a dtype comes from
+        does not depend on the batch, and a float64 or bfloat16 pass on the CPU costs several
+        float32 ones), in training mode on two where one does not pass (batch statistics of
+        a single value); on all of them when that does not pass either, so that what is
+        reported is what self.inputs shows. A training pass on fewer samples that raises is
+        not judged (that takes a float32 copy and its pass) but tried on more samples,
+        unless it lacks a ``dtype`` kernel, which no batch has either. One copy serves every
+        pass but one after a pass that failed, which gets a fresh copy."""
         batch = self._batch_size()
-        for training_samples in (1, 2):
-            if batch <= training_samples:
-                break
-            try:
-                self._check_dtype_on(
-                    dtype, (self._inputs_of([0]), self._inputs_of(range(training_samples)))
-                )
-                return
-            except _CannotRun:
-                raise
-            except Exception:  # a failure, a skip or an error: see it on more samples
-                pass
-        self._check_dtype_on(dtype, (self.inputs, self.inputs))
-
-    def _check_dtype_on(self, dtype: torch.dtype, by_mode: Tuple[Any, Any]) -> None:
-        """Check ``dtype`` with the inputs ``by_mode`` gives for eval and for training mode."""
-        moved = self._copy_model(dtype=dtype)
-        constants: Dict[str, str] = {}  # outputs made beside the computation, by mode
-        for training, given in zip((False, True), by_mode):
-            mode = describe_mode(training)
-            inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, given)
-            raised: Optional[Exception] = None
-            with watching_dtypes(dtype, moved) as watch:
+        moved: Optional[nn.Module] = None
+        constants: Dict[str, str] = {}  # outputs made beside the computation
+        for training in (False, True):
+            counts = [n for n in ((1, 2) if training else (1,)) if n < batch]
+            for count in [*counts, batch]:
+                if moved is None:
+                    moved = self._copy_model(dtype=dtype)
+                given = self.inputs if count == batch else self._inputs_of(range(count))
+                seen: Dict[str, str] = {}
                 try:
-                    with torch.no_grad():
-                        output = self._forward(moved, inputs, training)
-                except Exception as exc:
-                    raised = exc
-            if raised is not None:  # judged unwatched (it copies and runs the model again)
-                self._dtype_error(raised, watch, dtype, training, given, moved)
-            wrong = []
-            for path, tensor in floating_tensors(output):
-                if tensor.dtype == dtype:
+                    # (in training mode, batch statistics of a single value are what fails on
+                    # fewer samples: such an error is tried on more before it is judged)
+                    judged = count == batch or not training
+                    self._check_pass(dtype, moved, training, given, seen, judged)
+                except _CannotRun:
+                    raise
+                except Exception:
+                    if count == batch:
+                        raise
+                    moved = None  # a pass that failed may have left its copy half-changed
                     continue
-                if tensor.dim() == 0 and tensor.dtype == torch.float32:  # a loss, on purpose
-                    if not torch.isfinite(tensor):
-                        self.fail(
-                            f"a copy moved with .to({dtype}) returns {path} = {float(tensor)} "
-                            f"in {mode} mode: a scalar (a loss) may be computed in float32, "
-                            f"but it must be finite. Look for values that overflow {dtype} "
-                            "before the cast to float32 (exp, large logits), or compute them "
-                            "in float32 too."
-                        )
-                    continue
-                origin = watch.origin(tensor)
-                if origin is not None and origin.deliberate:
-                    continue  # an explicit cast (logits.float()): a choice of precision
-                if origin is not None and not origin.mixed and not self.strict_output_dtypes:
-                    constants.setdefault(path, f"{path} ({tensor.dtype}, made by {origin.text})")
-                    continue
-                wrong.append(
-                    f"{path} ({tensor.dtype}{', made by ' + origin.text if origin else ''})"
-                )
-            if wrong:
-                found = _mix_text(watch, moved, dtype)
-                self.fail(
-                    f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
-                    f"mode.{found} {_DTYPE_ADVICE}"
-                )
+                constants.update(seen)
+                break
         if constants:
             self.skipTest(
                 f"a copy moved with .to({dtype}) returns {', '.join(constants.values())}: "
@@ -143,6 +109,60 @@ class DtypeMoving(ModelContract):
                 "promotes nothing the model computes; everything else has the moved dtype. "
                 "Set strict_output_dtypes = True to make such an output a failure (create it "
                 "with dtype=x.dtype to pass then)."
+            )
+
+    def _check_pass(
+        self,
+        dtype: torch.dtype,
+        moved: nn.Module,
+        training: bool,
+        given: Any,
+        constants: Dict[str, str],
+        judged: bool,
+    ) -> None:
+        """Check one pass of ``moved`` (converted to ``dtype``) on ``given`` in one mode,
+        noting in ``constants`` the outputs made with a fixed dtype beside the computation.
+        An exception is judged (``_dtype_error``) if ``judged``, or if it looks like a
+        missing kernel; raised as it is otherwise."""
+        mode = describe_mode(training)
+        inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, given)
+        raised: Optional[Exception] = None
+        with watching_dtypes(dtype, moved) as watch:
+            try:
+                with torch.no_grad():
+                    output = self._forward(moved, inputs, training)
+            except Exception as exc:
+                raised = exc
+        if raised is not None:  # judged unwatched (it copies and runs the model again)
+            if judged or _no_kernel(raised):
+                self._dtype_error(raised, watch, dtype, training, given, moved)
+            raise raised
+        wrong = []
+        for path, tensor in floating_tensors(output):
+            if tensor.dtype == dtype:
+                continue
+            if tensor.dim() == 0 and tensor.dtype == torch.float32:  # a loss, on purpose
+                if not torch.isfinite(tensor):
+                    self.fail(
+                        f"a copy moved with .to({dtype}) returns {path} = {float(tensor)} "
+                        f"in {mode} mode: a scalar (a loss) may be computed in float32, "
+                        f"but it must be finite. Look for values that overflow {dtype} "
+                        "before the cast to float32 (exp, large logits), or compute them "
+                        "in float32 too."
+                    )
+                continue
+            origin = watch.origin(tensor)
+            if origin is not None and origin.deliberate:
+                continue  # an explicit cast (logits.float()): a choice of precision
+            if origin is not None and not origin.mixed and not self.strict_output_dtypes:
+                constants.setdefault(path, f"{path} ({tensor.dtype}, made by {origin.text})")
+                continue
+            wrong.append(f"{path} ({tensor.dtype}{', made by ' + origin.text if origin else ''})")
+        if wrong:
+            found = _mix_text(watch, moved, dtype)
+            self.fail(
+                f"a copy moved with .to({dtype}) returns {', '.join(wrong)} in {mode} "
+                f"mode.{found} {_DTYPE_ADVICE}"
             )
 
     def _dtype_error(
@@ -166,7 +186,7 @@ class DtypeMoving(ModelContract):
                 self._forward(self._copy_model(), given, training)
         except Exception:
             raise exc from None
-        if isinstance(exc, NotImplementedError) or "not implemented for" in text:
+        if _no_kernel(exc):
             where = f" ({failed.describe()})" if failed is not None else ""
             raise _CannotRun(
                 f"an operation of the model{where} has no {dtype} kernel on the CPU "
@@ -218,6 +238,11 @@ _DTYPE_ADVICE = (
     "from the inputs (torch.randn_like(x), x.new_tensor([...]), dtype=x.dtype) and cast back "
     "with .to(x.dtype) before combining. Explicit casts of a result (logits.float()) are fine."
 )
+
+
+def _no_kernel(exc: Exception) -> bool:
+    """Whether ``exc`` says that an operation has no kernel (for a dtype)."""
+    return isinstance(exc, NotImplementedError) or "not implemented for" in error_text(exc)
 
 
 class _CannotRun(unittest.SkipTest):
