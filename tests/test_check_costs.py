@@ -187,6 +187,26 @@ class DtypeMoving(CheckTestCase):
             ],
         )
 
+    def test_the_pass_on_all_samples_after_a_failure_runs_on_a_fresh_copy(self) -> None:
+        class Reentrant(AutoEncoder):  # correct: a pass that raised leaves its guard set
+            def __init__(self) -> None:
+                super().__init__()
+                self.norm = nn.BatchNorm1d(FEATURES)
+                self.running = False
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if self.running:
+                    raise RuntimeError("forward called again while it runs")
+                self.running = True
+                out = super().forward(self.norm(x.flatten(1)).view_as(x))
+                self.running = False
+                return out
+
+        # the one-sample training pass raises in BatchNorm, leaving the guard set; on its
+        # copy, the two-sample pass raises at the guard; the pass on all four, whose
+        # outcome is reported, runs on a fresh copy
+        self.assertPasses(model_case(Reentrant), "test_dtype_moving")
+
     def test_bfloat16_products_and_convolutions_are_computed_in_float32(self) -> None:
         generator = torch.Generator().manual_seed(0)
 

@@ -76,14 +76,16 @@ class DtypeMoving(ModelContract):
         reported is what self.inputs shows. A training pass on fewer samples that raises is
         not judged (that takes a float32 copy and its pass) but tried on more samples,
         unless it lacks a ``dtype`` kernel, which no batch has either. One copy serves every
-        pass but one after a pass that failed, which gets a fresh copy."""
+        pass but the one on all samples after a failure, which gets a fresh copy."""
         batch = self._batch_size()
         moved: Optional[nn.Module] = None
+        failed = False  # a pass on fewer samples failed (it may have left its copy changed)
         constants: Dict[str, str] = {}  # outputs made beside the computation
         for training in (False, True):
             counts = [n for n in ((1, 2) if training else (1,)) if n < batch]
             for count in [*counts, batch]:
-                if moved is None:
+                if moved is None or (count == batch and failed):
+                    # (the pass whose failure is reported runs on a copy no failed pass ran on)
                     moved = self._copy_model(dtype=dtype)
                 given = self.inputs if count == batch else self._inputs_of(range(count))
                 seen: Dict[str, str] = {}
@@ -97,7 +99,7 @@ class DtypeMoving(ModelContract):
                 except Exception:
                     if count == batch:
                         raise
-                    moved = None  # a pass that failed may have left its copy half-changed
+                    failed = True
                     continue
                 constants.update(seen)
                 break
