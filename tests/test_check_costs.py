@@ -438,6 +438,50 @@ class MetaStandIns(CheckTestCase):
                 self.assertFalse(made.requires_grad and made.is_leaf)  # in-place ops pass
         self.assertIsNone(_meta_result(F.layer_norm, (torch.randn(2, 5), (5,)), {}))  # on CPU
 
+    def test_activations_have_the_shape_dtype_and_layout_of_the_real_ones(self) -> None:
+        image = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
+        half = torch.randn(3, 7).bfloat16()
+        cases = [
+            (F.hardswish, (image,), {}),
+            (F.hardsigmoid, (half,), {}),
+            (F.relu, (image,), {}),
+            (F.relu6, (half,), {"inplace": False}),
+            (F.gelu, (half,), {"approximate": "tanh"}),
+            (F.leaky_relu, (image, 0.2), {}),
+            (F.hardtanh, (image,), {"min_val": -2.0, "max_val": 2.0}),
+            (F.elu, (half,), {"alpha": 0.5}),
+            (F.log_softmax, (half,), {"dim": -1}),
+            (F.dropout, (image, 0.5, False), {}),
+            (torch.clamp, (image,), {"min": 0.0}),
+            (torch.Tensor.clamp, (half, -1, 1), {}),
+            (torch.erf, (half,), {}),
+            (torch.Tensor.square, (image,), {}),
+        ]
+        for func, args, kwargs in cases:
+            with self.subTest(func.__name__):
+                real = func(*args, **kwargs)
+                on_meta = map_tensors(lambda t: t.to("meta"), args)
+                made = _meta_result(func, on_meta, kwargs)
+                self.assertIsNotNone(made)
+                self.assertEqual(
+                    (made.shape, made.dtype, made.stride()), (real.shape, real.dtype, real.stride())
+                )
+        # in place: the input itself, as the operation returns it; a leaf that requires grad
+        # (which the kernel refuses to change in place), a tensor bound, a dtype=, or
+        # arguments the function does not take: the kernel runs
+        x = torch.randn(3, 4, device="meta")
+        self.assertIs(_meta_result(F.hardswish, (x,), {"inplace": True}), x)
+        self.assertIs(_meta_result(F.leaky_relu, (x, 0.1, True), {}), x)
+        leaf = torch.randn(3, 4, device="meta", requires_grad=True)
+        for func, args, kwargs in [
+            (F.relu, (leaf,), {"inplace": True}),
+            (torch.clamp, (x,), {"min": torch.zeros(4, device="meta")}),
+            (F.log_softmax, (x,), {"dim": 1, "dtype": torch.float64}),
+            (F.relu, (x,), {"slope": 2}),
+        ]:
+            with self.subTest(f"{func.__name__} {kwargs}"):
+                self.assertIsNone(_meta_result(func, args, kwargs))
+
     def test_element_wise_results_have_the_shape_and_dtype_of_the_real_ones(self) -> None:
         a, row = torch.randn(4, 3, 5), torch.randn(5)
         half, scalar = torch.randn(4, 1, 5).half(), torch.tensor(2.0, dtype=torch.float64)
