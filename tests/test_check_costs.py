@@ -816,6 +816,27 @@ class CopiesUnderAWatch(CheckTestCase):
         self.assertIn("linear", seen)  # the forward pass is watched
         self.assertTrue(torch.equal(copied[0].weight, model[0].weight))
 
+    def test_metadata_reads_are_not_handled(self) -> None:
+        seen: List[str] = []
+
+        class Seen(DtypeWatch):
+            def handle(self, func: Any, args: Any, kwargs: Any) -> Any:
+                seen.append(f"{getattr(getattr(func, '__self__', None), '__name__', '')}")
+                return super().handle(func, args, kwargs)
+
+        class ReadsItsShape(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                rows, columns = x.shape
+                return x.T.reshape(columns, rows).to(x.device, x.dtype)
+
+        model = ReadsItsShape()
+        with watching(model, lambda modules: Seen(torch.float64, modules)):
+            model(torch.randn(2, 3))
+        self.assertNotIn("shape", seen)
+        self.assertNotIn("device", seen)
+        self.assertNotIn("dtype", seen)
+        self.assertIn("T", seen)  # a tensor: watched
+
     def test_the_dtype_check_judges_an_error_unwatched(self) -> None:
         calls: List[str] = []
 

@@ -18,7 +18,7 @@ import traceback
 import weakref
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -241,6 +241,23 @@ class TensorNotes(Generic[N]):
         return found[1] if found is not None and found[0]() is tensor else None
 
 
+#: The attributes of a tensor that say what it is, not what it holds, and are no tensor:
+#: reading one (``x.shape``, ``x.device``) is no operation a watch judges.
+METADATA = frozenset(
+    ("shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout", "names")
+    + ("is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested", "_version", "itemsize")
+    + ("nbytes", "output_nr", "is_mkldnn", "is_xpu", "is_mps")
+)
+
+
+def reads_metadata(func: Any, names: FrozenSet[str] = METADATA) -> bool:
+    """Whether ``func`` reads one of the attributes ``names`` of a tensor (``Tensor.shape``'s
+    ``__get__``, as torch hands it to a ``TorchFunctionMode``)."""
+    if getattr(func, "__name__", "") != "__get__":
+        return False
+    return getattr(getattr(func, "__self__", None), "__name__", "") in names
+
+
 #: A tensor's copying (copy.deepcopy, pickling), passed through unwatched: its arguments
 #: include deepcopy's memo of everything copied so far, which a watch would walk at every
 #: tensor, and it is the checks' own work, not the model's computation.
@@ -264,7 +281,7 @@ class Watch(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _COPYING or called_by_a_kernel():  # (a tuple: no hashing)
+        if func in _COPYING or reads_metadata(func) or called_by_a_kernel():  # (no hashing)
             return func(*args, **kwargs)
         return self.handle(func, args, kwargs)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..core.watch import tensors_in, user_code_location
+from ..core.watch import METADATA, reads_metadata, tensors_in, user_code_location
 
 __all__ = [
     "Misuse",
@@ -127,19 +127,14 @@ class Misuse(NamedTuple):
 
 
 #: The tensor attributes that say what a tensor is, not what it holds: reading them is no use
-#: of the values (.T, .data, .real are).
-_METADATA = frozenset(
-    ("shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout", "names")
-    + ("is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested", "_version", "grad")
-    + ("itemsize", "nbytes", "output_nr", "_base", "is_mkldnn", "is_xpu", "is_mps")
-)
+#: of the values (.T, .data, .real are); its gradient and its base, which a parameter's use
+#: does not read either, included.
+_METADATA = METADATA | {"grad", "_base"}
 
 
 def _metadata(func: Any) -> bool:
     """Whether ``func`` reads an attribute of a tensor that says what it is (its shape, ...)."""
-    if getattr(func, "__name__", "") != "__get__":
-        return False
-    return getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA
+    return reads_metadata(func, _METADATA)
 
 
 class _ParameterWatch(TorchFunctionMode):
