@@ -396,17 +396,16 @@ class InputUse(Dependence):
                 wholes.setdefault(slabs.target.key, []).append(slabs)
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
-        original = _Judge(self, self.model)
-        judges = [original]
-        for judge in (original, None):
+        judges: List[_Judge] = []
+        make_copy = randomised or self._with_zero_parameters_made_random
+        for made in (lambda: self.model, make_copy):  # then, for what it leaves unread, a copy
             if not wholes and not parts:
                 return
-            if judge is None:  # what the model leaves unread, on the copy, if there is one
-                copied = (randomised or self._with_zero_parameters_made_random)()
-                if copied is None:
-                    break
-                judge = _Judge(self, copied)
-                judges.append(judge)
+            model = made()
+            if model is None:
+                break
+            judge = _Judge(self, model)
+            judges.append(judge)
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
                     del wholes[key]
@@ -416,7 +415,7 @@ class InputUse(Dependence):
                     del parts[ident]
         if not wholes and not parts:
             return
-        integers_only = not any(t.is_floating_point() for _, t in original.base(self.seed))
+        integers_only = not any(t.is_floating_point() for _, t in judges[0].base(self.seed))
         found = [describe_input(key) for key in wholes] + [
             slabs.describe() for group in parts.values() for slabs in group
         ]
