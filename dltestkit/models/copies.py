@@ -101,14 +101,15 @@ def copy_module(
 
 #: The methods by which ``copy.deepcopy`` copies an ``nn.Module``; a class that defines any of
 #: them otherwise (or ``__deepcopy__``, or ``__slots__``) is copied by ``copy.deepcopy``.
-_COPYING = ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
-_EMPTY_KINDS = (dict, OrderedDict, set)
+_COPY_METHODS = ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+#: The containers of a module's state copied here: its children, and its empty hook ones.
+_CONTAINERS = (dict, OrderedDict, set)
 
 
 def _copies_as_modules_do(cls: type) -> bool:
     return (
         not hasattr(cls, "__deepcopy__")
-        and all(getattr(cls, name) is getattr(nn.Module, name) for name in _COPYING)
+        and all(getattr(cls, name) is getattr(nn.Module, name) for name in _COPY_METHODS)
         and not any("__slots__" in vars(base) for base in cls.__mro__)
     )
 
@@ -131,12 +132,12 @@ def _deepcopy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     state = {}
     for name, value in cast(Any, module).__getstate__().items():
         kind = type(value)
-        if name == "_modules" and kind in _EMPTY_KINDS:
+        if name == "_modules" and kind in _CONTAINERS:
             state[name] = kind(
                 (key, None if child is None else _deepcopy_module(child, memo))
                 for key, child in value.items()
             )
-        elif kind in _EMPTY_KINDS and not value:
+        elif kind in _CONTAINERS and not value:
             made = memo.get(id(value))
             if made is None:
                 made = memo[id(value)] = kind()

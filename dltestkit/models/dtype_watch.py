@@ -241,7 +241,7 @@ class DtypeWatch(Watch):
 
 
 def _float32(value: Any) -> Any:
-    """``value`` with its bfloat16 tensors (at the top, or in a list or tuple) in float32."""
+    """``value`` with its tensors (at the top, or in a list, tuple or dict) in float32."""
     if isinstance(value, torch.Tensor):
         return value.float()
     if type(value) in (list, tuple):
