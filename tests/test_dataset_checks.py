@@ -940,6 +940,16 @@ class DataLoading(CheckTestCase):
             case, "test_value_range", "(a worker timed out); see test_data_loading"
         )
 
+    def test_a_blocked_worker_is_killed_at_once_not_waited_for(self) -> None:
+        # the DataLoader's own shutdown waits 5 s for a worker before it terminates it; the
+        # scan kills the blocked one when the timeout has shown it blocked (torch told first,
+        # so that its death raises nothing later)
+        case = splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=0.5)
+        started = time.monotonic()
+        self.assertFailsWith(case, "test_data_loading", "no batch arrived within")
+        self.assertLess(time.monotonic() - started, 4.5)
+        time.sleep(0.2)  # the killed worker's SIGCHLD is handled now, raising nothing
+
 
 def broken_init(worker_id: int) -> None:
     raise ValueError("no shard for this worker")

@@ -112,8 +112,15 @@ class _WatchedWorker:
 
 
 def _kill_workers(iterator: Any) -> None:
-    """Kill the DataLoader's workers at once (after an interrupt: a blocked worker is not
-    waited for, as the DataLoader's shutdown would, 5 s each)."""
+    """Kill the DataLoader's workers at once (after an interrupt or a timeout: a blocked
+    worker is not waited for, as the DataLoader's shutdown would, 5 s each). Their pids are
+    taken from torch's watch first, as the DataLoader's shutdown does, so that the workers'
+    deaths raise no error in whatever runs when they are seen."""
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+        _remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
     for worker in getattr(iterator, "_workers", ()):
         with contextlib.suppress(Exception):
             worker.kill()
@@ -360,6 +367,8 @@ class SplitState:
                     except Exception as exc:
                         self._loader_failed(scan, exc, batches)
                         forget(exc)
+                        if scan.timed_out:  # a blocked worker: not waited for 5 s on shutdown
+                            _kill_workers(iterator)
                         break
                     batches += 1
                     scan.add(report)
