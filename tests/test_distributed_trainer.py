@@ -4,6 +4,7 @@ torch.distributed (gloo) processes."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -550,15 +551,25 @@ class SkippedPartUnderRunners(unittest.TestCase):
         return completed.stdout + completed.stderr
 
     def test_unittest_reports_the_check_ok_and_the_part_skipped(self) -> None:
-        output = self.run_in_temp_dir("-m", "unittest", "-v", "test_ddp.TestDDP.test_ddp_training")
+        # unittest's own runner, as `python -m unittest -v` runs it, in this process
+        class TestDDP(DistributedTrainerTests, unittest.TestCase):
+            def setUp(self) -> None:
+                self.data = data()
+
+            def make_trainer(self, rank: int = 0, world_size: int = 1) -> ClassifierTrainer:
+                return ClassifierTrainer(self.data, rank, world_size)
+
+        stream = io.StringIO()
+        runner = unittest.TextTestRunner(stream=stream, verbosity=2)
+        runner.run(unittest.TestSuite([TestDDP("test_ddp_training")]))
+        output = stream.getvalue()
+        name = r"test_ddp_training \(test_distributed_trainer\..*TestDDP.test_ddp_training\)"
         self.assertRegex(
             output,
-            r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\) \(part='one process'\)"
+            name + r" \(part='one process'\)"
             r"\n.*\.\.\. skipped 'self.single_process_tolerance is not set",
         )
-        self.assertRegex(
-            output, r"test_ddp_training \(test_ddp.TestDDP.test_ddp_training\)\n.* \.\.\. ok\n"
-        )
+        self.assertRegex(output, name + r"\n.* \.\.\. ok\n")
         self.assertIn("OK (skipped=1)", output)
 
     def test_pytest_reports_the_check_passed_and_the_part_skipped(self) -> None:
