@@ -252,7 +252,18 @@ class DtypeMoving(CheckTestCase):
 
 
 class ReadsTheDataThenMixesDevices(AutoEncoder):
-    """A device bug after a step that reads the data (the meta run needs the CPU run's)."""
+    """A device bug after a step that reads what the weights give (the meta run needs the
+    CPU run's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if bool((out > 10).any()):  # reads the data
+            out = out / 10
+        return out + torch.ones(SHAPE)  # made on the CPU
+
+
+class ReadsTheInputsThenMixesDevices(AutoEncoder):
+    """A device bug after a step that reads what the inputs alone give (their CPU twins)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((x > 10).any()):  # reads the data
@@ -269,9 +280,32 @@ class MixesDevicesThenReadsTheData(AutoEncoder):
 
 
 class ReadsTheData(AutoEncoder):
+    """Reads a value the weights give: the meta run needs the CPU run's."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = 2.0 if x.abs().max().item() > 1 else 1.0
+        out = super().forward(x)
+        scale = 2.0 if out.abs().max().item() > 1 else 1.0
+        return out * scale
+
+
+class ReadsTheInputs(AutoEncoder):
+    """Reads values the inputs alone give (as transformers' padding_mask.all() does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positive = (x > 0).to(torch.int64)  # a mask made from the inputs
+        shift = torch.arange(x.shape[-1], device=x.device)
+        scale = 2.0 if (positive.sum() + shift.max()).item() > 1 else 1.0
         return super().forward(x) * scale
+
+
+def counting_calls(model_type: type, calls: List[Tuple[str, bool]]) -> type:
+    """``model_type`` noting each call's device and mode in ``calls``."""
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls.append((x.device.type, self.training))
+        return model_type.forward(self, x)
+
+    return type(model_type.__name__, (model_type,), {"forward": forward})
 
 
 class DeviceMoving(CheckTestCase):
@@ -280,18 +314,38 @@ class DeviceMoving(CheckTestCase):
 
     def test_training_mode_goes_straight_to_the_cpu_run_that_eval_mode_needed(self) -> None:
         calls: List[Tuple[str, bool]] = []
-
-        class CountsItsCalls(ReadsTheData):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                calls.append((x.device.type, self.training))
-                return super().forward(x)
-
-        self.assertPasses(model_case(CountsItsCalls), "test_device_moving")
+        self.assertPasses(model_case(counting_calls(ReadsTheData, calls)), "test_device_moving")
         # eval: a meta run that stops at .item(), the CPU run, its replay; training: those two
         self.assertEqual(
             calls,
             [("meta", False), ("cpu", False), ("meta", False), ("cpu", True), ("meta", True)],
         )
+
+    def test_a_read_of_what_the_inputs_alone_give_needs_no_cpu_run(self) -> None:
+        calls: List[Tuple[str, bool]] = []
+        self.assertPasses(model_case(counting_calls(ReadsTheInputs, calls)), "test_device_moving")
+        self.assertEqual(calls, [("meta", False), ("meta", True)])
+
+    def test_what_the_twins_cannot_follow_needs_the_cpu_run(self) -> None:
+        class DrawsThenReads(AutoEncoder):  # a random draw: not the one the model makes
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                noisy = x + torch.rand_like(x)
+                return super().forward(x) * (2.0 if noisy.max().item() > 1 else 1.0)
+
+        class ChangedByAWeightThenReads(AutoEncoder):  # changed in place by a weight's value
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                shifted = x.clone()
+                shifted.add_(next(self.parameters()).sum())
+                return super().forward(x) * (2.0 if shifted.max().item() > 1 else 1.0)
+
+        for model_type in (DrawsThenReads, ChangedByAWeightThenReads):
+            with self.subTest(model_type.__name__):
+                calls: List[Tuple[str, bool]] = []
+                state = torch.random.get_rng_state()
+                case = model_case(counting_calls(model_type, calls))
+                self.assertPasses(case, "test_device_moving")
+                self.assertIn(("cpu", False), calls)
+                self.assertTrue(torch.equal(state, torch.random.get_rng_state()))
 
     def test_the_cpu_run_keeps_only_the_results_a_meta_run_can_replay(self) -> None:
         class MovesAndCasts(AutoEncoder):
@@ -310,7 +364,11 @@ class DeviceMoving(CheckTestCase):
         self.assertPasses(model_case(MovesAndCasts), "test_device_moving")  # replayed
 
     def test_a_device_bug_is_found_before_and_after_a_step_that_reads_the_data(self) -> None:
-        for model_type in (ReadsTheDataThenMixesDevices, MixesDevicesThenReadsTheData):
+        for model_type in (
+            ReadsTheDataThenMixesDevices,
+            ReadsTheInputsThenMixesDevices,
+            MixesDevicesThenReadsTheData,
+        ):
             with self.subTest(model_type.__name__):
                 self.assertFailsWith(
                     model_case(model_type),

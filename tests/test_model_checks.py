@@ -295,9 +295,11 @@ class NumpyInForward(AutoEncoder):
 
 class DeviceDependentPath(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float() where the CPU run reads the data, .item() where the meta run does
-        scale = float(x.abs().max()) if x.device.type == "cpu" else x.abs().max().item()
-        return super().forward(x / scale)
+        # float() where the CPU run reads the data, .item() where the meta run does (of what
+        # the weights give: the meta run needs the CPU run's)
+        y = super().forward(x)
+        scale = float(y.abs().max()) if y.device.type == "cpu" else y.abs().max().item()
+        return y / scale
 
 
 _LIBRARY = torch.library.Library("dltestkit_tests", "DEF")

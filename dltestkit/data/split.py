@@ -117,7 +117,9 @@ def _kill_workers(iterator: Any) -> None:
     taken from torch's watch first, as the DataLoader's shutdown does, so that the workers'
     deaths raise no error in whatever runs when they are seen."""
     if getattr(iterator, "_worker_pids_set", False):
-        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+        from torch.utils.data._utils.signal_handling import (  # type: ignore[attr-defined]
+            _remove_worker_pids,
+        )
 
         _remove_worker_pids(id(iterator))
         iterator._worker_pids_set = False

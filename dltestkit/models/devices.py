@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .meta import (
     available_accelerators,
     watch_meta_forward,
 )
+from .twins import Twins
 
 __all__ = ["DeviceMoving"]
 
@@ -109,23 +110,33 @@ class DeviceMoving(ModelContract):
         Fails on a device bug; returns why this mode could not be checked on meta, or None,
         and the copy for the next mode (None once a CPU run was needed)."""
         mode = describe_mode(training)
-        inputs = self._on("meta")
+        pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []  # each meta input, its values
+
+        def to_meta(tensor: torch.Tensor) -> torch.Tensor:
+            made = tensor.to("meta")
+            pairs.append((made, tensor.detach().clone()))
+            return made
+
+        inputs = map_tensors(to_meta, self.inputs)
         problem_text: Optional[str] = None
         try:
             try:
                 if on_meta is None:
                     raise NeedsCpuRun
                 unrecorded = on_meta
-                output, problem = watch_meta_forward(
-                    None, lambda _: self._forward(unrecorded, inputs, training), unrecorded
+                output, problem = watch_meta_forward(  # (the inputs made for this run)
+                    None,
+                    lambda _: self._forward(unrecorded, inputs, training, copied=True),
+                    unrecorded,
+                    Twins(pairs),
                 )
             except NeedsCpuRun:
                 on_cpu = self._copy_model() if training else self.model
-                replayed = self._copy_model("meta")
+                replayed, fresh = self._copy_model("meta"), self._on("meta")
                 on_meta = None
                 output, problem = watch_meta_forward(
                     lambda: self._forward(on_cpu, self.inputs, training),
-                    lambda _: self._forward(replayed, inputs, training),
+                    lambda _: self._forward(replayed, fresh, training),
                     replayed,
                 )
         except ReplayMismatch as exc:

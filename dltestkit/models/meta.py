@@ -32,6 +32,7 @@ from ..core.watch import (
     user_code_location,
 )
 from .meta_results import meta_result
+from .twins import Twins
 
 __all__ = [
     "DeviceProblem",
@@ -273,11 +274,15 @@ class DeviceWatch(Watch):
     tensors of the shapes the CPU run returned, so the rest of the forward pass is watched
     too; where that is impossible, the operation is noted as the failure."""
 
-    def __init__(self, modules: ModuleTracker, recorder: Optional[Recorder]) -> None:
+    def __init__(
+        self, modules: ModuleTracker, recorder: Optional[Recorder], twins: Optional[Twins] = None
+    ) -> None:
         super().__init__(modules)
         #: without a recorder (no CPU run yet), a step that needs what the CPU run returned
-        #: stops the meta run (``NeedsCpuRun``), to be run again with one
+        #: stops the meta run (``NeedsCpuRun``), to be run again with one, unless the CPU
+        #: twins of the tensors computed from the inputs alone give it
         self.recorded = recorder is not None
+        self.twins = twins if recorder is None else None
         self.needs_cpu_run = False
         self.log = recorder.log if recorder is not None else []
         # what each operation returned in the CPU run, by operation, in the order of its
@@ -351,6 +356,27 @@ class DeviceWatch(Watch):
                 self._origins[tensor] = origin
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        twins = self.twins
+        if twins is None or not twins.active:
+            return self._handle(func, args, kwargs)
+        name = getattr(func, "__name__", "")
+        if name not in ("numpy", "__array__") and any(
+            t.is_meta for t in tensors_in(args) + tensors_in(kwargs)
+        ):
+            if _reads_data(func) and (name != "to" or _to_cpu(args, kwargs)):
+                done, value = twins.value(func, args, kwargs)
+                if done:
+                    return value
+            elif _shape_from_data(func, args, kwargs):
+                made = twins.shaped_like(func, args, kwargs)
+                if made is not None:
+                    return made
+        arguments = twins.arguments(func, args, kwargs)
+        result = self._handle(func, args, kwargs)
+        twins.follow(func, args, kwargs, arguments, result)
+        return result
+
+    def _handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         key = _key(func)
         index = self.calls.get(key, 0)
         self.calls[key] = index + 1
@@ -461,6 +487,7 @@ def watch_meta_forward(
     run_cpu: Optional[Callable[[], Any]],
     run_meta: Callable[[ModuleTracker], Any],
     model: nn.Module,
+    twins: Optional[Twins] = None,
 ) -> Tuple[Any, Optional[DeviceProblem]]:
     """Run ``run_cpu()`` recording, then ``run_meta(...)`` on ``model`` (the meta copy)
     watching; return the meta output and the first device problem (output None then), or
@@ -469,15 +496,17 @@ def watch_meta_forward(
 
     Without ``run_cpu``, the meta run goes without what a CPU run returned: at the first
     step that needs it (a data-dependent step, an operation without a meta kernel) it stops
-    and ``NeedsCpuRun`` is raised, so that the caller runs both on fresh copies. A model
-    without such steps (most convolutional networks) is checked without any CPU run."""
+    and ``NeedsCpuRun`` is raised, so that the caller runs both on fresh copies, unless
+    ``twins`` (of the meta inputs) give the values it reads. A model without such steps (most
+    convolutional networks), or whose steps read only what it computes from the inputs alone
+    (transformers' ``padding_mask.all()``), is checked without any CPU run."""
     recorder = None
     if run_cpu is not None:
         recorder = Recorder()
         with recorder:
             run_cpu()
     modules = ModuleTracker(model)
-    watch = DeviceWatch(modules, recorder)
+    watch = DeviceWatch(modules, recorder, twins)
     try:
         with watch:
             output = run_meta(modules)
