@@ -326,6 +326,22 @@ class DeviceMoving(CheckTestCase):
         self.assertPasses(model_case(counting_calls(ReadsTheInputs, calls)), "test_device_moving")
         self.assertEqual(calls, [("meta", False), ("meta", True)])
 
+    def test_the_twins_change_neither_the_inputs_nor_the_model(self) -> None:
+        # a forward pass that edits its input in place before reading it: the edit is
+        # repeated on the check's own copy of the inputs, never on self.inputs
+        class EditsItsInputThenReads(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x.clamp_(-1, 1)
+                return super().forward(x) * (2.0 if x.abs().max().item() > 0.5 else 1.0)
+
+        inputs = torch.randn(4, *SHAPE) * 3
+        kept = inputs.clone()
+        calls: List[Tuple[str, bool]] = []
+        case = model_case(counting_calls(EditsItsInputThenReads, calls), inputs=lambda: inputs)
+        self.assertPasses(case, "test_device_moving")
+        self.assertEqual(calls, [("meta", False), ("meta", True)])
+        self.assertTrue(torch.equal(inputs, kept))
+
     def test_what_the_twins_cannot_follow_needs_the_cpu_run(self) -> None:
         class DrawsThenReads(AutoEncoder):  # a random draw: not the one the model makes
             def forward(self, x: torch.Tensor) -> torch.Tensor:
