@@ -546,6 +546,28 @@ class NothingLeaks(CheckTestCase):
             self.assertEqual(live_loader_iterators(), [], f"{name} kept a DataLoader iterator")
             self.assertEqual(settled(before), before, f"{name} left processes or files open")
 
+    @pytest.mark.slow  # (.ci/run's slow step) the DataLoader's shutdown waits 5 s
+    def test_where_torchs_watch_of_the_workers_cannot_be_cleared_they_are_not_killed(
+        self,
+    ) -> None:
+        # a timed-out scan kills its blocked worker only once torch no longer watches it (else
+        # its death raises in whatever runs then, keeping the iterator alive): where that
+        # cannot be done, the DataLoader's own shutdown ends the worker
+        from torch.utils.data._utils import signal_handling
+
+        original, refusals = signal_handling._remove_worker_pids, []
+
+        def refused(key: int) -> None:  # to dltestkit, not to the DataLoader's shutdown
+            if sys._getframe(1).f_globals.get("__name__") == split_state.__name__:
+                refusals.append(key)
+                raise AttributeError("another torch")
+            original(key)
+
+        blocked = splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=0.5)
+        with mock.patch.object(signal_handling, "_remove_worker_pids", refused):
+            self.assertNothingLeftBy([(blocked, "test_data_loading")])
+        self.assertEqual(len(refusals), 1)
+
     def test_no_stray_traceback_is_printed_later_from_a_worker(self) -> None:
         module = textwrap.dedent("""
             import gc

@@ -111,18 +111,23 @@ class _WatchedWorker:
             self.then(worker_id)
 
 
-def _kill_workers(iterator: Any) -> None:
+def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
     """Kill the DataLoader's workers at once (after an interrupt or a timeout: a blocked
     worker is not waited for, as the DataLoader's shutdown would, 5 s each). Their pids are
     taken from torch's watch first, as the DataLoader's shutdown does, so that the workers'
-    deaths raise no error in whatever runs when they are seen."""
-    if getattr(iterator, "_worker_pids_set", False):
-        from torch.utils.data._utils.signal_handling import (  # type: ignore[attr-defined]
-            _remove_worker_pids,
-        )
+    deaths raise no error in whatever runs when they are seen; where that cannot be done
+    (another torch), only an interrupt kills them, and the shutdown ends them otherwise."""
+    try:
+        if getattr(iterator, "_worker_pids_set", False):
+            from torch.utils.data._utils.signal_handling import (  # type: ignore[attr-defined]
+                _remove_worker_pids,
+            )
 
-        _remove_worker_pids(id(iterator))
-        iterator._worker_pids_set = False
+            _remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+    except Exception:
+        if not interrupted:
+            return
     for worker in getattr(iterator, "_workers", ()):
         with contextlib.suppress(Exception):
             worker.kill()
@@ -392,7 +397,7 @@ class SplitState:
                         said = True
                         self._say_it_is_slow(scan, limit)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a check: no waiting
-                _kill_workers(iterator)
+                _kill_workers(iterator, interrupted=True)
                 raise
             except Exception as exc:  # iter(loader) failed: the workers did not start
                 if iterator is not None:
