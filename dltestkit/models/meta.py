@@ -220,6 +220,13 @@ def _shape_from_data(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -
     return name in _SHAPE_FROM_DATA or _is_bool_indexing(func, args)
 
 
+def _on_meta(shapes: List[Tuple[torch.Size, torch.dtype]], single: bool) -> Any:
+    """Empty meta tensors of ``shapes`` (and dtypes): the one tensor if ``single``, else a
+    tuple of them."""
+    made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
+    return made[0] if single else tuple(made)
+
+
 def _shapes(result: Any) -> Optional[List[Tuple[torch.Size, torch.dtype]]]:
     """The shapes and dtypes of a result that is a tensor or a tuple or list of tensors."""
     if isinstance(result, torch.Tensor):
@@ -313,8 +320,7 @@ class DeviceWatch(Watch):
             return _NONE
         if getattr(func, "__name__", "").endswith("_") and args and single:
             return args[0]  # an in-place operation returns what it changed
-        made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
-        return made[0] if single else tuple(made)
+        return _on_meta(shapes, single)
 
     def _need_cpu_run(self) -> None:
         self.needs_cpu_run = True
@@ -368,8 +374,11 @@ class DeviceWatch(Watch):
                 if done:
                     return value
             elif _shape_from_data(func, args, kwargs):
-                made = twins.shaped_like(func, args, kwargs)
-                if made is not None:
+                done, values = twins.repeated(func, args, kwargs)
+                shapes = _shapes(values) if done else None
+                if shapes is not None:
+                    made = _on_meta(shapes, isinstance(values, torch.Tensor))
+                    twins.note(made, values)
                     return made
         arguments = twins.arguments(func, args, kwargs)
         result = self._handle(func, args, kwargs)
@@ -439,8 +448,7 @@ class DeviceWatch(Watch):
             recorded = self._replay(func)
             if not on_meta:
                 return func(*args, **kwargs)
-            made = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in recorded]
-            return made[0] if len(made) == 1 else tuple(made)
+            return _on_meta(recorded, len(recorded) == 1)
         try:
             result = func(*args, **kwargs)
         except (_Stop, NeedsCpuRun):

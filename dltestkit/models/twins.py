@@ -153,32 +153,19 @@ class Twins:
             self._twins = TensorNotes()
             self.active = False
 
-    def shaped_like(
+    def repeated(
         self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Optional[Any]:
-        """For a call whose results' shapes depend on values (``nonzero()``, boolean
-        indexing) of meta tensors with twins: meta tensors of the shapes the call gives on
-        the twins (noted as their twins), or None where there are none."""
+    ) -> Tuple[bool, Any]:
+        """``(True, result)`` of the call repeated on the twins, or ``(False, None)`` where
+        it cannot be (``arguments``) or did not run alike (``call``)."""
         arguments = self.arguments(func, args, kwargs)
         if arguments is None:
-            return None
-        done, values = self.call(func, arguments)
-        found = tensors_in(values) if done else []
-        if not found or (not isinstance(values, torch.Tensor) and len(found) != len(values)):
-            return None
-        made = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in found]
-        result = made[0] if isinstance(values, torch.Tensor) else tuple(made)
-        self.note(result, values)
-        return result
+            return False, None
+        return self.call(func, arguments)
 
     def value(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         """``(True, what the call returns)`` for a call that reads values (``.item()``,
         ``bool(x)``, ``.cpu()``) of meta tensors with twins, from the twins (a tensor it
         returns is a copy of its own); ``(False, None)`` where there are none."""
-        arguments = self.arguments(func, args, kwargs)
-        if arguments is None:
-            return False, None
-        done, values = self.call(func, arguments)
-        if not done:
-            return False, None
-        return True, map_tensors(torch.Tensor.clone, values)
+        done, values = self.repeated(func, args, kwargs)
+        return (True, map_tensors(torch.Tensor.clone, values)) if done else (False, None)
