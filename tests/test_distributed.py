@@ -23,6 +23,7 @@ from checkrunner import CheckTestCase
 from test_model_checks import (
     SHAPE,
     AutoEncoder,
+    BackwardInTrainingOnly,
     CentresOverBatch,
     DeadLayer,
     TokenModel,
@@ -462,6 +463,18 @@ class DDPGradients(CheckTestCase):
         for label, case in cases.items():
             with self.subTest(label):
                 self.assertPasses(case, "test_ddp_gradients")
+
+    def test_a_backward_pass_that_refuses_eval_mode_skips_naming_its_line(self) -> None:
+        # (the comparison trains in eval mode, so that dropout does not differ between ranks)
+        self.assertSkipsWith(
+            ddp_case(BackwardInTrainingOnly),
+            "test_ddp_gradients",
+            "the comparison trains the model in eval mode (its dropout off, so that the ranks "
+            "and one process compute alike), and no gradient can be taken through the "
+            "model's eval-mode forward pass: the model's own backward code raises "
+            "AssertionError: make sure to use model.train() to train this model, at "
+            "test_model_checks.py:",
+        )
 
     def test_float32_rounding_is_no_failure_the_comparison_runs_in_float64(self) -> None:
         case = ddp_case(CancelsInFloat32, cancelling_inputs, loss_fn=mean_output)

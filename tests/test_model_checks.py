@@ -442,6 +442,29 @@ class StateResetInPlace(AutoEncoder):
         return result
 
 
+class _TrainingOnlyBackward(torch.autograd.Function):
+    """The identity, whose backward pass refuses to run for a module in eval mode (as the
+    reversible layers of transformers' Reformer assert)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, training: bool) -> torch.Tensor:
+        ctx.training = training
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        assert ctx.training, "make sure to use model.train() to train this model"
+        return grad, None
+
+
+class BackwardInTrainingOnly(AutoEncoder):
+    """A model whose backward pass runs in training mode only: no gradient can be taken
+    through its eval-mode pass, by design."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TrainingOnlyBackward.apply(super().forward(x), self.training)
+
+
 class OverwritesAWeight(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -1222,6 +1245,66 @@ class BatchIndependence(CheckTestCase):
             "test_batch_independence",
             "sample 0's output changes with the other samples of the batch",
         )
+
+    def test_a_backward_pass_that_refuses_eval_mode_is_judged_by_values(self) -> None:
+        for name, how in (
+            ("test_batch_independence", "the samples were compared by values only"),
+            ("test_all_inputs_used", "each input was judged as a whole, by values"),
+        ):
+            with self.subTest(name):
+                self.assertSkipsWith(
+                    model_case(BackwardInTrainingOnly),
+                    name,
+                    "no gradient can be taken through the model's eval-mode forward pass: "
+                    "the model's own backward code raises AssertionError: make sure to use "
+                    "model.train() to train this model, at test_model_checks.py:",
+                    "in backward: `assert ctx.training",
+                    how,
+                )
+                self.assertPasses(
+                    model_case(BackwardInTrainingOnly),
+                    name,
+                    allowed_skips=("no gradient can be taken through",),
+                )
+
+        class MixesSamples(BackwardInTrainingOnly):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out - out.mean(0, keepdim=True)  # statistics over the batch
+
+        class IgnoresItsInput(BackwardInTrainingOnly):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(torch.zeros_like(x))
+
+        self.assertFailsWith(
+            model_case(MixesSamples),
+            "test_batch_independence",
+            "sample 0's output changes with the other samples of the batch",
+        )
+        self.assertFailsWith(
+            model_case(IgnoresItsInput), "test_all_inputs_used", "self.inputs is not read"
+        )
+
+    def test_an_error_of_torch_alone_in_the_eval_mode_backward_pass_is_not_explained_away(
+        self,
+    ) -> None:
+        class WrongGradientShape(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+                return grad[:1]  # torch's engine refuses the shape, after this returns
+
+        class BadBackward(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return WrongGradientShape.apply(super().forward(x))
+
+        outcome = run_check(model_case(BadBackward), "test_batch_independence")
+        self.assertEqual(outcome.skips, [])
+        self.assertTrue(outcome.errors or outcome.failures)
+        self.assertIn("invalid gradient", "\n".join(outcome.errors + outcome.failures))
 
     def test_batch_mixing_bugs_fail(self) -> None:
         cases = {

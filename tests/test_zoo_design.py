@@ -3,7 +3,8 @@
 Issue 20's zoo: models that are correct although they do what a check looks for in a bug. A
 VAE that samples at evaluation (PyTorch's ``examples/vae``), contrastive models whose logits
 compare every sample with every other (CLIP), mixtures of experts (Mixtral, Qwen2-MoE, a
-hand-written top-k layer), state-space models (Mamba, Mamba2), RWKV, segmentation models,
+hand-written top-k layer), state-space models (Mamba, Mamba2), RWKV, Reformer (reversible
+layers whose backward pass runs in training mode only), segmentation models,
 audio encoders (wav2vec2, WavLM, HuBERT, Whisper), encoder-decoders (BART, Whisper, LongT5),
 vision models with stochastic depth (timm Swin, EfficientNet, ConvNeXt, ViT; torchvision
 MobileNetV3, EfficientNet), BatchNorm (also under gradient checkpointing: a memory-efficient
@@ -49,6 +50,7 @@ from test_zoo import (
     MISSING,
     NO_MAKE_MODEL,
     NO_MASK,
+    NOT_CAUSAL,
     VOCAB,
     bert_config,
     differs_in_training,
@@ -486,6 +488,30 @@ def bart() -> nn.Module:
     from transformers import BartModel
 
     return BartModel(bart_config())
+
+
+def reformer() -> nn.Module:
+    """Reformer: reversible layers, whose backward pass asserts that the model is in
+    training mode, and LSH attention, which draws random rotations in every mode."""
+    from transformers import ReformerConfig, ReformerModel
+
+    return ReformerModel(
+        ReformerConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_attention_heads=2,
+            attention_head_size=16,
+            feed_forward_size=64,
+            attn_layers=["local", "lsh"],
+            axial_pos_shape=[2, 4],
+            axial_pos_embds_dim=[16, 16],
+            max_position_embeddings=LENGTH,
+            local_attn_chunk_length=4,
+            lsh_attn_chunk_length=4,
+            num_buckets=2,
+            pad_token_id=0,
+        )
+    )
 
 
 def long_t5() -> nn.Module:
@@ -1195,6 +1221,23 @@ DESIGN_ZOO: Dict[str, Case] = {
         ),
         (NO_MASK, DEVICE_CHOSEN_FOR_META),
     ),
+    "transformers Reformer, reversible layers and LSH attention": (
+        SequenceModelTests,
+        dict(
+            model=shared(reformer),
+            inputs=token_batch,
+            expected_output_shape=(BATCH, LENGTH, 2 * 32),  # its two reversible streams
+            output_key="last_hidden_state",
+            make_model=reformer,
+            sequence_dim=1,
+            padding_mask="attention_mask",
+        ),
+        (
+            NOT_CAUSAL,
+            GRADIENTS_REFUSED,
+            samples_at_evaluation("output.last_hidden_state"),
+        ),
+    ),
     # vision
     "timm Swin (stochastic depth 0.1)": image_classifier(timm_swin),
     "timm EfficientNet (stochastic depth 0.2)": image_classifier(timm_efficientnet),
@@ -1817,6 +1860,24 @@ class DesignFalseAlarms(CheckTestCase):
         ):
             with self.subTest(check):
                 self.assertCheckSkipsWith(label, check, GRADIENTS_REFUSED, how)
+
+    def test_reformer_whose_backward_pass_refuses_eval_mode_is_judged_by_values(self) -> None:
+        label = "transformers Reformer, reversible layers and LSH attention"
+        for check, how in (
+            ("test_batch_independence", "compared by values only"),
+            ("test_all_inputs_used", "judged as a whole, by values"),
+            ("test_padding_invariance", "by values"),
+        ):
+            with self.subTest(check):
+                self.assertCheckSkipsWith(
+                    label,
+                    check,
+                    GRADIENTS_REFUSED,
+                    "the model's own backward code raises AssertionError: If you want to "
+                    "train `ReformerModel`",
+                    "at modeling_reformer.py:",
+                    how,
+                )
 
     def test_batch_norm_kept_in_eval_mode_is_frozen_by_design(self) -> None:
         self.assertCheckSkipsWith(

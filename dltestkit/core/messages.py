@@ -9,6 +9,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .watch import raising_user_line
+
 __all__ = [
     "article",
     "by_count",
@@ -25,17 +27,41 @@ __all__ = [
 ]
 
 
+_AUTOGRAD_DIR = os.path.join(os.path.dirname(torch.__file__), "autograd", "")
+
+
+def _through_autograd(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside a backward pass (its traceback passes through
+    torch.autograd's backward or grad), not in a forward pass."""
+    return any(
+        frame.filename.startswith(_AUTOGRAD_DIR) and frame.name in ("backward", "grad")
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
+
+
 def no_eval_gradients(exc: BaseException) -> Optional[str]:
-    """For autograd's error about a tensor its backward pass needs that the forward pass
-    changed in place, why no gradient can be taken through an eval-mode pass, in words
-    (with the error's first line); None for any other exception."""
+    """For an exception of the backward pass of an eval-mode forward pass, why no gradient
+    can be taken through that pass, in words: autograd's error about a tensor the backward
+    pass needs that the forward pass changed in place (with the error's first line), or an
+    exception raised by the model's own code in the backward pass (a custom autograd
+    Function that runs in training mode only, as the reversible layers of transformers'
+    Reformer assert; with the exception and the model's line). None for any other
+    exception: one raised by torch or dltestkit alone, or outside the backward pass."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or "modified by an inplace operation" not in text:
+    if isinstance(exc, RuntimeError) and "modified by an inplace operation" in text:
+        return (
+            "no gradient can be taken through the model's eval-mode forward pass, which "
+            "changes in place a tensor its backward pass needs (a state cache updated at "
+            "evaluation, as transformers' RWKV updates its state): "
+            f"{text.splitlines()[0].split('. Hint')[0]}"
+        )
+    line = raising_user_line(exc)
+    if line is None or not _through_autograd(exc):
         return None
     return (
-        "no gradient can be taken through the model's eval-mode forward pass, which changes "
-        "in place a tensor its backward pass needs (a state cache updated at evaluation, as "
-        f"transformers' RWKV updates its state): {text.splitlines()[0].split('. Hint')[0]}"
+        "no gradient can be taken through the model's eval-mode forward pass: the model's own "
+        f"backward code raises {exception_text(exc)}, at {line} (a custom autograd Function "
+        "that runs in training mode only, as the reversible layers of transformers' Reformer)"
     )
 
 

@@ -354,7 +354,7 @@ class DataParallelModel(DistributedOptions, ModelContract):
                 self.seed,
                 gather=True,
             )
-        except RuntimeError as exc:
+        except Exception as exc:
             refused = no_eval_gradients(exc)
             if refused is None:
                 raise

@@ -28,7 +28,17 @@ __all__ = ["Dependence", "GradientsRefused", "ProbedPass"]
 class GradientsRefused(RuntimeError):
     """No gradient can be taken through the eval-mode pass: its forward changed in place a
     tensor that the backward pass needs (a state cache updated in place at evaluation, as
-    transformers' RWKV does). The checks then compare values only, saying why."""
+    transformers' RWKV does), or the model's own backward code refuses to run in eval mode
+    (transformers' Reformer). The checks then compare values only, saying why."""
+
+
+def _raise_refused(exc: Exception) -> None:
+    """Raise GradientsRefused where ``no_eval_gradients`` explains ``exc`` (an exception of
+    the backward pass of an eval-mode pass), else ``exc`` itself."""
+    refused = no_eval_gradients(exc)
+    if refused is None:
+        raise exc
+    raise GradientsRefused(refused) from exc
 
 
 #: The screen for mixed samples scales sample ``j``'s outputs by ``2**j``: for batches up to this
@@ -279,19 +289,19 @@ class Dependence(ModelContract):
                 return list(
                     torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
                 )
-        except RuntimeError as exc:
-            refused = no_eval_gradients(exc)
-            if refused is not None:
-                raise GradientsRefused(refused) from exc
-            if "use_reentrant=True" not in str(exc):
-                raise
+        except Exception as exc:
+            if not (isinstance(exc, RuntimeError) and "use_reentrant=True" in str(exc)):
+                _raise_refused(exc)
         with contextlib.ExitStack() as stack:
             for model in stack.enter_context(self._as_probed(probes)):
                 stack.enter_context(gradients_set_aside(model.parameters()))
             stack.enter_context(gradients_set_aside(self._input_leaves()))
             for leaf in leaves:
                 leaf.grad = None
-            torch.autograd.backward(value, retain_graph=True)
+            try:
+                torch.autograd.backward(value, retain_graph=True)
+            except Exception as exc:
+                _raise_refused(exc)
             grads = [leaf.grad for leaf in leaves]
             for leaf in leaves:
                 leaf.grad = None
