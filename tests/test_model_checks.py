@@ -787,6 +787,41 @@ class OutputShape(CheckTestCase):
             "at batch size 1 the output has shape (5,), expected (1, 5)",
         )
 
+    def test_without_a_declared_shape_a_classifier_is_no_failure_its_batch_size_still_checked(
+        self,
+    ) -> None:
+        # the inputs' shape is what an autoencoder returns, not a classifier: not a bug
+        outcome = run_check(model_case(Classifier), "test_output_shape")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1)
+        for fragment in (
+            "self.expected_output_shape is not set, and the output has shape (4, 5) for "
+            "self.inputs, not the inputs' shape (4, 1, 4, 4)",
+            "Set self.expected_output_shape to the shape the model must return",
+            "the other batch size was checked against the output's own shape",
+        ):
+            self.assertIn(fragment, outcome.skips[0])
+        # ... and a squeeze that drops the batch dimension at batch size 1 still fails
+        self.assertFailsWith(
+            model_case(Squeezes),
+            "test_output_shape",
+            "at batch size 1 the output has shape (5,), expected (1, 5)",
+        )
+        self.assertPasses(model_case(Classifier, expected_output_shape=(4, 5)), "test_output_shape")
+
+    def test_without_a_declared_shape_an_output_that_is_not_batch_first_skips(self) -> None:
+        class ReturnsTheMean(Classifier):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x).mean(0)
+
+        self.assertSkipsWith(
+            model_case(ReturnsTheMean),
+            "test_output_shape",
+            "self.expected_output_shape is not set, and the output has shape (5,)",
+            "the output's first dimension is not the batch size (4), so no other batch size "
+            "was checked either",
+        )
+
     def test_a_wrong_expected_shape_fails_once_without_the_batch_size_hint(self) -> None:
         case = model_case(AutoEncoder, expected_output_shape=(4, 16))
         text = self.assertFailsWith(

@@ -22,8 +22,9 @@ class OutputShape(ModelContract):
         UNSET,
         is_shape,
         example="(4, 10)",
-        default_text="the shape of `inputs` when it is a tensor; otherwise unset: "
-        "`test_output_shape` skips",
+        default_text="unset: for a tensor `inputs`, an output of the inputs' shape (an "
+        "autoencoder's) passes, another shape skips that part (the other batch size is "
+        "still checked); for other `inputs`, `test_output_shape` skips",
     )
     """The shape of the checked output for self.inputs.
 
@@ -63,7 +64,8 @@ class OutputShape(ModelContract):
         """
         batch = self._batch_size()
         expected: Optional[Tuple[int, ...]] = None
-        if self._is_set("expected_output_shape"):
+        declared = self._is_set("expected_output_shape")
+        if declared:
             expected = tuple(self.expected_output_shape)
         elif isinstance(self.inputs, torch.Tensor):
             expected = tuple(self.inputs.shape)
@@ -84,6 +86,8 @@ class OutputShape(ModelContract):
                     "self.expected_output_shape to enable this check"
                 )
             checked = self._output(base)
+            if tuple(checked.shape) != expected and not declared:
+                expected = self._undeclared_shape(tuple(checked.shape), expected)
             if tuple(checked.shape) != expected:
                 self.fail(
                     f"the output has shape {tuple(checked.shape)} for self.inputs (batch size "
@@ -122,6 +126,33 @@ class OutputShape(ModelContract):
                     f"at batch size {size} the output has shape "
                     f"{tuple(output.shape)}, expected {wanted}. {hint}"
                 )
+
+    def _undeclared_shape(
+        self, shape: Tuple[int, ...], inputs_shape: Tuple[int, ...]
+    ) -> Tuple[int, ...]:
+        """Without expected_output_shape, for an output whose shape is not the inputs'
+        (which the check expects then, as an autoencoder's): the shape to check the other
+        batch size with, the output's own, saying in a skipped part that the shape itself
+        was not checked; a skip of the check where the output is not batch first."""
+        batch = self._batch_size()
+        seen = (
+            f"self.expected_output_shape is not set, and the output has shape {shape} for "
+            f"self.inputs, not the inputs' shape {inputs_shape}, which the check expects then "
+            "(as an autoencoder's output has): a classifier's or any other output's shape is "
+            "yours to declare. Set self.expected_output_shape to the shape the model must "
+            "return for self.inputs (it starts with the batch size) to check it"
+        )
+        if not shape or shape[0] != batch:
+            self.skipTest(
+                f"{seen}; the output's first dimension is not the batch size ({batch}), so "
+                "no other batch size was checked either"
+            )
+        self._skip_part(
+            "shape",
+            f"{seen}; the other batch size was checked against the output's own shape, "
+            "with its batch dimension changed",
+        )
+        return shape
 
     def _skip_if_pairwise_shape(
         self, shape: Tuple[int, ...], expected: Tuple[int, ...], size: int
