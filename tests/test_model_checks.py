@@ -424,6 +424,26 @@ class AttentionBesideAFrozenGate(nn.Module):
         return hidden + self.gate * self.branch(hidden)
 
 
+class PoolingMixer(nn.Module):
+    """PoolFormer's token mixer, a pooling minus its input, after a stem that shrinks the
+    image 4 times: on an image of 4 x 4, a pooling over a single position, which cancels, so
+    the mixer's norm and scale get exactly zero gradients; on a larger image they train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.GroupNorm(1, 8)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.scale = nn.Parameter(torch.full((8, 1, 1), 0.1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(x)
+        x = x + self.scale * (self.pool(y) - y)
+        return self.head(torch.tanh(x).mean((2, 3)))
+
+
 def small_images() -> torch.Tensor:
     return torch.randn(4, 3, 4, 4)  # one patch of 4 x 4
 
@@ -1796,6 +1816,45 @@ class ParametersUpdated(CheckTestCase):
             model_case(PatchAttention, inputs=lambda: torch.randn(4, 3, 8, 8)),
             "test_all_parameters_updated",
             allowed_skips=(),
+        )
+
+    def test_zero_gradients_that_images_twice_as_large_do_not_have_skip_naming_both_sizes(
+        self,
+    ) -> None:
+        # timm's PoolFormer on 32 x 32 images: its last stage pools over one position
+        self.assertSkipsWith(
+            model_case(PoolingMixer, inputs=small_images),
+            "test_all_parameters_updated",
+            "exactly zero gradients at the size of self.inputs (images of 4 x 4), in every "
+            "step, of 3 parameters (scale, norm.weight, norm.bias), which get gradients on "
+            "images twice as large (8 x 8)",
+            "check them with inputs large enough for every stage of the model",
+        )
+        self.assertPasses(
+            model_case(PoolingMixer, inputs=small_images),
+            "test_all_parameters_updated",
+            allowed_skips=("exactly zero gradients at the size of self.inputs",),
+        )
+
+        class FrozenGateAfterPooling(PoolingMixer):  # a gate that stays zero at any size
+            def __init__(self) -> None:
+                super().__init__()
+                self.scale.requires_grad_(False).zero_()
+
+        self.assertFailsWith(
+            model_case(FrozenGateAfterPooling, inputs=lambda: torch.randn(4, 3, 8, 8)),
+            "test_all_parameters_updated",
+            "norm.weight: gradient exactly zero in each of 3 steps",
+        )
+
+        class MadeForOneSize(PoolingMixer):  # raises on the larger images: the failure stands
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return super().forward(x.view(4, 3, 4, 4))
+
+        self.assertFailsWith(
+            model_case(MadeForOneSize, inputs=small_images),
+            "test_all_parameters_updated",
+            "norm.weight: gradient exactly zero in each of 3 steps",
         )
 
     def test_a_frozen_gate_beside_a_degenerate_attention_still_fails(self) -> None:

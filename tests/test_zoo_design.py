@@ -84,6 +84,9 @@ DEVICE_CHOSEN_FOR_META = "in eval and training mode, F.embedding combines a CPU 
 #: test_all_parameters_updated on a model whose attention runs over a single position at the
 #: size of its inputs (softmax over one element): query, key and attention biases get none.
 ONE_POSITION = "exactly zero gradients at the size of self.inputs"
+#: test_all_parameters_updated on a model whose computation cancels at the size of its inputs
+#: (PoolFormer's pooling minus its input, over a single position) but not on larger images.
+CANCELS_AT_THIS_SIZE = "exactly zero gradients at the size of self.inputs (images of"
 #: The gradient parts of the dependence checks on a model whose eval-mode pass cannot be
 #: differentiated (RWKV updates its state in place): judged by values, a skipped part says so.
 GRADIENTS_REFUSED = "no gradient can be taken through the model's eval-mode forward pass"
@@ -607,6 +610,12 @@ def timm_levit() -> nn.Module:
     import timm
 
     return timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=10)
+
+
+def timm_poolformer() -> nn.Module:
+    import timm
+
+    return timm.create_model("poolformer_s12", pretrained=False, num_classes=10)
 
 
 def torchvision_densenet() -> nn.Module:
@@ -1483,6 +1492,10 @@ EXTENDED: Dict[str, Case] = {
         ),
         (ONE_POSITION,),
     ),
+    "timm PoolFormer on 32 x 32 images (its last stage pools over one position)": (
+        *image_classifier(timm_poolformer)[:2],
+        (CANCELS_AT_THIS_SIZE,),
+    ),
     "torchvision DeepLabV3 MobileNetV3": (
         ModelTests,
         dict(
@@ -1849,6 +1862,19 @@ class DesignFalseAlarms(CheckTestCase):
             "Tensor.softmax at levit.py:",
             "(a softmax over a dimension of size 1 (dim=-1) is constant)",
             "attn.attention_biases",
+        )
+
+    def test_a_pooling_that_cancels_over_one_position_skips_naming_both_sizes(self) -> None:
+        # (every check on it: in the extended zoo)
+        mixin, attributes, _ = EXTENDED[
+            "timm PoolFormer on 32 x 32 images (its last stage pools over one position)"
+        ]
+        self.assertSkipsWith(
+            design_case(mixin, attributes),
+            "test_all_parameters_updated",
+            CANCELS_AT_THIS_SIZE + " 32 x 32), in every step, of 6 parameters",
+            "stages.3.blocks.0.norm1.weight",
+            "which get gradients on images twice as large (64 x 64)",
         )
 
     def test_rwkv_whose_eval_pass_has_no_gradients_is_judged_by_values(self) -> None:

@@ -460,8 +460,7 @@ class ModelContract(CheckMixin):
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
     ) -> Tuple[Any, List[Optional[torch.Tensor]]]:
-        """Output and parameter gradients of one training-mode forward and backward pass
-        (``_training_step``)."""
+        """Output and parameter gradients of one training pass (``_training_step``)."""
         output, _, grads = self._training_step(model, trainable, step)
         return output, grads
 
@@ -473,11 +472,13 @@ class ModelContract(CheckMixin):
         after_forward: Optional[Callable[[], None]] = None,
         changed_inputs: Optional[List[str]] = None,
         observed: Optional[List[TrainingForward]] = None,
+        inputs: Any = None,
     ) -> Tuple[Any, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
         """Output, loss and parameter gradients of one training-mode forward and backward pass
         (``after_forward()`` called between the two). ``changed_inputs``: a list to extend
         with the copies of the inputs the pass changed (``changed_copies``); ``observed``:
-        a list to append what the forward pass showed to (norm_calls.TrainingForward).
+        a list to append what the forward pass showed to (norm_calls.TrainingForward);
+        ``inputs``: other inputs than self.inputs.
 
         ``model`` is the checks' own copy: its ``.grad`` are cleared, then ``loss.backward()``
         fills them (reentrant gradient checkpointing, ``use_reentrant=True``, supports
@@ -487,7 +488,7 @@ class ModelContract(CheckMixin):
             parameter.grad = None
         kept = gradients_set_aside(self._input_leaves())
         with torch.random.fork_rng(devices=[]), mode(model, training=True), kept:
-            copies = input_copies(self.inputs)
+            copies = input_copies(self.inputs if inputs is None else inputs)
             before = plain_values(copies) if changed_inputs is not None else {}
             observation = ForwardObservation(model) if observed is not None else None
             with observation if observation is not None else contextlib.nullcontext():

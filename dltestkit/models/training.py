@@ -7,11 +7,12 @@ import fnmatch
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..core.contract import check
 from ..core.messages import listed
 from ..core.options import option
-from ..core.paths import floating_tensors
+from ..core.paths import floating_tensors, map_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_names
 from .contract import ModelContract
@@ -148,6 +149,7 @@ class Training(ModelContract):
             name: problems[name] for name, _ in trainable if name in problems
         }  # in the model's order
         problems = self._degenerate_at_this_size(problems, first.forward)
+        problems = self._cancelling_at_this_size(problems)
         if problems:
             self.fail(self._untrained_message(problems, len(trainable)))
 
@@ -190,6 +192,64 @@ class Training(ModelContract):
                 "not meant (a softmax over the wrong dimension), that is the bug.",
             )
         return {name: text for name, text in problems.items() if name not in explained}
+
+    def _cancelling_at_this_size(self, problems: Dict[str, str]) -> Dict[str, str]:
+        """The problems but the exactly zero gradients that one training pass on images
+        twice as large shows non-zero: the model computes something that cancels at the
+        inputs' size (PoolFormer's token mixer, a pooling minus its input, over the single
+        position of its last stage), reported as a skipped part naming both sizes. Only for
+        inputs with images (``_larger_images``) and a model that runs on the larger ones."""
+        zero = [name for name, text in problems.items() if text.startswith("gradient exactly")]
+        larger = self._larger_images() if zero else None
+        if larger is None:
+            return problems
+        model = self._copy_model()
+        trainable = self._trainable(model)
+        try:
+            _, _, grads = self._training_step(model, trainable, inputs=larger[0])
+        except Exception:  # (a model made for one image size: the failure stands)
+            return problems
+        trains = [
+            name
+            for (name, _), grad in zip(trainable, grads)
+            if name in zero and grad is not None and bool(torch.nan_to_num(grad).ne(0).any())
+        ]
+        if trains:
+            self._skip_part(
+                "zero gradients at this input size",
+                f"exactly zero gradients at the size of self.inputs ({larger[1]}), in every "
+                f"step, of {len(trains)} parameters ({listed(trains, 4)}), which get "
+                f"gradients on images twice as large ({larger[2]}): the model computes "
+                "something that cancels at this size (a pooling over a single position "
+                "minus its input, as PoolFormer's token mixer in a stage that the images "
+                "have shrunk to one position), so this is not judged; check them with inputs "
+                "large enough for every stage of the model.",
+            )
+        return {name: text for name, text in problems.items() if name not in trains}
+
+    def _larger_images(self) -> Optional[Tuple[Any, str, str]]:
+        """self.inputs with every image (a floating-point tensor of 4 or 5 dimensions,
+        batch first) interpolated to twice its height and width (and depth), with the sizes
+        before and after in words; None where self.inputs holds no image."""
+        batch, sizes = self._batch_size(), []
+
+        def grown(tensor: torch.Tensor) -> torch.Tensor:
+            if not (tensor.is_floating_point() and tensor.dim() in (4, 5) and len(tensor) == batch):
+                return tensor
+            larger = F.interpolate(
+                tensor.detach(),
+                scale_factor=2.0,
+                mode="bilinear" if tensor.dim() == 4 else "trilinear",
+                align_corners=False,
+            )
+            sizes.append((tensor.shape[2:], larger.shape[2:]))
+            return larger.requires_grad_(tensor.requires_grad)
+
+        inputs = map_tensors(grown, self.inputs)
+        if not sizes:
+            return None
+        before, after = (" x ".join(map(str, shape)) for shape in sizes[0])
+        return inputs, f"images of {before}", after
 
     @staticmethod
     def _untrained_message(problems: Dict[str, str], trainable: int) -> str:
