@@ -95,6 +95,24 @@ class MaskAcceptedNotApplied(Attention):
         return super().forward(input_ids)  # the mask is dropped on the way
 
 
+class ConvolvesOverPadding(Attention):
+    """Attention masked as it should be, then a convolution over the positions that reads
+    the padded ones (as transformers' ConvBERT's span convolution does)."""
+
+    def __init__(self, zero_padding_first: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(WIDTH, WIDTH, 3, padding=1)
+        self.zero_padding_first = zero_padding_first
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        hidden = super().forward(input_ids, attention_mask)
+        if self.zero_padding_first and attention_mask is not None:
+            hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden + self.conv(hidden.transpose(1, 2)).transpose(1, 2)
+
+
 class InvertedMask(Attention):
     def keep(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return attention_mask == 0  # treats 1 as padding
@@ -505,6 +523,23 @@ class PaddingInvariance(CheckTestCase):
             "test_padding_invariance",
             "sample 0: its output depends on self.inputs[0] at padded positions [4, 5]",
             "pooling",
+        )
+
+    def test_a_convolution_that_reads_the_padded_positions_fails(self) -> None:
+        self.assertFailsWith(
+            sequence_case(ConvolvesOverPadding, padding_mask="attention_mask"),
+            "test_padding_invariance",
+            "sample 0: its output at real position 3 depends on self.inputs['input_ids'] "
+            "(through its embedding) at padded positions [4]",
+            "a convolution or a recurrence over the positions that reads the padded ones "
+            "(zero them first; a causal model never reads right padding)",
+        )
+        self.assertPasses(
+            sequence_case(
+                lambda: ConvolvesOverPadding(zero_padding_first=True),
+                padding_mask="attention_mask",
+            ),
+            "test_padding_invariance",
         )
 
     def test_an_inverted_mask_fails(self) -> None:

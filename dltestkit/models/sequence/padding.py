@@ -19,8 +19,10 @@ __all__ = ["PaddingInvariance"]
 _LEAK_CAUSES = (
     "Usual causes: an attention mask that is accepted but not applied (passed to the wrong "
     "argument, or dropped on the way to the attention layers), pooling (mean, sum, max) over "
-    "all positions instead of the real ones, a mask with inverted meaning (set "
-    "self.padded_value = True if True marks padding in this mask)."
+    "all positions instead of the real ones, a convolution or a recurrence over the positions "
+    "that reads the padded ones (zero them first; a causal model never reads right padding), "
+    "a mask with inverted meaning (set self.padded_value = True if True marks padding in this "
+    "mask)."
 )
 
 
