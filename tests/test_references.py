@@ -116,6 +116,32 @@ class NumpyMasked(Net):
         return super().forward(x)
 
 
+class Reseeds(Net):
+    """Draws its dropout after torch.seed() in training mode (as the reversible layers of
+    transformers' Reformer do): no seed fixes its training-mode outputs."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.5)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.training:
+            torch.seed()
+        return super().forward(x)
+
+
+_CALLS = [0]
+
+
+class CountsCallsGlobally(Net):
+    """Adds how often it has been called, kept in a module-level list: state that changes
+    from call to call, outside the model (a copy does not reset it)."""
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        _CALLS[0] += 1
+        out = super().forward(x)
+        return {"logits": out["logits"] + _CALLS[0], "hidden": out["hidden"]}
+
+
 class PositiveScale(nn.Module):
     """Scales whose square roots are taken: negative values give NaN."""
 
@@ -278,6 +304,37 @@ class ReferenceOutputs(CheckTestCase):
             outcome.skips[0],
         )
 
+    def test_a_mode_that_reseeds_torch_has_no_reference_and_says_why(self) -> None:
+        unseeded = (
+            "in training mode two fresh copies of the model give other outputs under one seed"
+        )
+        with writing():
+            outcome = run_check(model_case(Reseeds, "reseeds.safetensors"), self.CHECK)
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertIn(unseeded, outcome.skips[0])
+        self.assertIn("torch.seed(), which reseeds from the operating system", outcome.skips[0])
+        self.assertIn("eval mode was written", outcome.skips[0])
+        self.assertTrue(outcome.skips[-1].startswith("wrote the reference"))
+        with reading():
+            self.assertPasses(
+                model_case(Reseeds, "reseeds.safetensors"), self.CHECK, allowed_skips=(unseeded,)
+            )
+            # eval mode is still compared: another activation fails
+            self.assertFailsWith(
+                model_case(lambda: Relu(dropout=0.5), "reseeds.safetensors"),
+                self.CHECK,
+                "output['logits'] in eval mode differs",
+            )
+
+    def test_outputs_that_change_from_call_to_call_without_a_reseeding_fail(self) -> None:
+        with writing():
+            self.assertFailsWith(
+                model_case(CountsCallsGlobally, "counts.safetensors"),
+                self.CHECK,
+                "The reference was just written, and the model run again on its weights and "
+                "inputs under the same seed computes something else",
+            )
+
     def test_numpy_randomness_is_seeded_too(self) -> None:
         self.write(model_case(NumpyMasked, "numpy.safetensors", reference_gradients=True))
         with reading():
@@ -393,6 +450,28 @@ class ReferenceModel(CheckTestCase):
         fused = lambda: ManualAttention(fused=True)  # noqa: E731
         self.assertPasses(attention_case(fused, ManualAttention()), self.CHECK)
         self.assertPasses(attention_case(fused, lambda: ManualAttention()), self.CHECK)
+
+    def test_a_model_whose_eval_backward_refuses_compares_its_eval_outputs_only(self) -> None:
+        from test_model_checks import SHAPE, BackwardInTrainingOnly
+
+        def case(reference: Any) -> type:
+            return attention_case(
+                BackwardInTrainingOnly, reference, inputs=lambda: torch.randn(4, *SHAPE)
+            )
+
+        refused = (
+            "test_reference_model compares the gradients in eval mode too, and no gradient "
+            "can be taken through the model's eval-mode forward pass: the model's own "
+            "backward code raises AssertionError"
+        )
+        self.assertSkipsWith(case(BackwardInTrainingOnly()), self.CHECK, refused)
+        self.assertPasses(case(BackwardInTrainingOnly()), self.CHECK, allowed_skips=(refused,))
+
+        class Doubled(BackwardInTrainingOnly):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return 2 * super().forward(x)
+
+        self.assertFailsWith(case(Doubled()), self.CHECK, "in eval mode, output differs")
 
     def test_another_scale_fails_naming_the_output(self) -> None:
         self.assertFailsWith(

@@ -14,6 +14,7 @@ from ..core.contract import check
 from ..core.options import UNSET, option
 from ..core.paths import named_tensors
 from ..core.seeds import derived_seed, seed_torch
+from .backward import compared_backward
 from .copies import copy_module
 from .copies import mode as set_mode
 from .randomness import watching_randomness
@@ -108,7 +109,9 @@ class ReferenceModel(References):
             loss = self._loss(output)
             if loss.requires_grad:
                 seed_torch(seed)
-                torch.autograd.backward(loss)
+                comparison = "test_reference_model compares the gradients in eval mode too"
+                if not compared_backward(self, loss, training, comparison):
+                    trainable = []
         outputs = [(path, t.detach()) for path, t in named_tensors(output)]
         return outputs, [
             (name, None if p.grad is None else _dense(p.grad)) for name, p in trainable

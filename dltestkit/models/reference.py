@@ -39,6 +39,7 @@ from ..core.references import (
 )
 from ..core.seeds import derived_seed, make_deterministic, preserved_global_state, seed_torch
 from ..core.validators import is_bool, is_choice, is_non_negative_number, is_path, optional
+from .backward import compared_backward
 from .contract import ModelContract
 from .copies import mode as set_mode
 
@@ -204,14 +205,21 @@ class ReferenceOutputs(References):
                 )
             random = first_difference(first, second) is not None
             meta["modes"][mode] = "random" if random else "deterministic"
+            if random and self._unseeded(model, inputs, mode, seed, first):
+                meta["modes"][mode], meta["outputs"][mode] = "unseeded", []
+                continue
             outputs = list(named_tensors(first))
             if drawn:
                 self._refuse_degenerate_weights(outputs, mode)
             meta["outputs"][mode] = [name for name, _ in outputs]
             tensors.update(pack(mode, [t for _, t in outputs], meta))
         if self.reference_gradients:
-            mode = "eval" if meta["modes"]["training"] == "random" else "training"
-            gradients = self._reference_gradients(model, inputs, mode, seed)
+            mode = "eval" if meta["modes"]["training"] != "deterministic" else "training"
+            gradients = (
+                []
+                if meta["modes"][mode] == "unseeded"
+                else self._reference_gradients(model, inputs, mode, seed)
+            )
             meta["gradients"] = {"mode": mode, "names": [name for name, _ in gradients]}
             tensors.update(pack("gradients", [g for _, g in gradients], meta))
         tensors.update({f"random/{name}": t for name, t in random_streams().items()})
@@ -220,10 +228,29 @@ class ReferenceOutputs(References):
         written = read(path)
         inputs, fresh, loaded = self._reference_setting(written)
         for mode in MODES:
-            self._compare_reference_mode(written, fresh, inputs, mode, None, loaded, True)
-        if "gradients" in meta:
+            if meta["modes"][mode] == "unseeded":
+                self._skip_part(f"{mode} outputs", _unseeded_reason(mode, "was written"))
+            else:
+                self._compare_reference_mode(written, fresh, inputs, mode, None, loaded, True)
+        if "gradients" in meta and meta["modes"][meta["gradients"]["mode"]] != "unseeded":
             self._compare_reference_gradients(written, fresh, inputs, None, loaded, True)
         self.skipTest(written_message(path, size))
+
+    def _unseeded(self, model: "_Fresh", inputs: Any, mode: str, seed: int, first: Any) -> bool:
+        """Whether the model reseeds torch's generator in ``mode`` (torch.seed(): its initial
+        seed is another at the end of the forward pass) and a fresh copy run again under
+        ``seed`` gives other outputs than ``first``: the model draws random numbers that the
+        seed does not fix. Such a mode has no reference, which the comparison after writing
+        says in a skipped part. (Outputs that differ without a reseeding are left to that
+        comparison, which fails: state that changes from call to call.)"""
+        copy, seeds = model.fresh(), []
+        handle = copy.register_forward_hook(lambda *_: seeds.append(torch.initial_seed()))
+        try:
+            with torch.no_grad():
+                again = self._seeded_forward(copy, inputs, mode == "training", seed)
+        finally:
+            handle.remove()
+        return seeds != [seed] and first_difference(first, again) is not None
 
     def _refuse_degenerate_weights(
         self, outputs: List[Tuple[str, torch.Tensor]], mode: str
@@ -293,6 +320,8 @@ class ReferenceOutputs(References):
         loaded: bool,
         just_written: bool = False,
     ) -> None:
+        if reference.meta["modes"][mode] == "unseeded":
+            self.skipTest(_unseeded_reason(mode, "was compared"))
         expected = list(zip(reference.meta["outputs"][mode], reference.group(mode)))
         random = reference.meta["modes"][mode] == "random"
         if random and streams:
@@ -316,6 +345,8 @@ class ReferenceOutputs(References):
     ) -> None:
         described = reference.meta["gradients"]
         mode = described["mode"]
+        if reference.meta["modes"][mode] == "unseeded":
+            self.skipTest(_unseeded_reason(mode, "was compared"))
         if reference.meta["modes"][mode] == "random" and streams:
             self._skip_random_reference(reference, "gradients", streams)
         expected = list(zip(described["names"], reference.group("gradients")))
@@ -347,7 +378,12 @@ class ReferenceOutputs(References):
                 )
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 seed_torch(seed)
-                torch.autograd.backward(loss)
+                comparison = (
+                    "the gradients of the reference file are taken in eval mode (the model "
+                    "draws random numbers in training mode)"
+                )
+                if not compared_backward(self, loss, mode == "training", comparison):
+                    return []
         return [
             (name, _dense(p.grad).detach().clone())
             for name, p in copy.named_parameters()
@@ -462,3 +498,15 @@ def _state_changes(own: Dict[str, Any], stored: Dict[str, torch.Tensor]) -> str:
 
 def _names(names: List[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _unseeded_reason(mode: str, other: str) -> str:
+    """Why a mode of the model has no reference: its random numbers are not fixed by a seed."""
+    kept = "eval" if mode == "training" else "training"
+    return (
+        f"in {mode} mode two fresh copies of the model give other outputs under one seed: "
+        "the model draws random numbers that the seed does not fix (torch.seed(), which "
+        "reseeds from the operating system, as the reversible layers of transformers' "
+        f"Reformer do in training mode; a generator seeded from the clock), so its {mode}-mode "
+        f"outputs and gradients have no reference; {kept} mode {other}"
+    )

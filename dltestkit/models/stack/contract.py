@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from ...core.compare import largest_difference, mismatch, same
-from ...core.messages import no_eval_gradients
 from ...core.options import option
 from ...core.paths import floating_tensors, map_tensors, named_tensors
 from ...core.seeds import derived_seed, preserved_global_state, seed_torch
 from ...core.validators import is_positive_number, optional
+from ..backward import compared_backward
 from ..contract import ModelContract
 from ..copies import gradients_set_aside, mode
 from ..randomness import RandomDraw, watching_randomness
@@ -288,30 +288,13 @@ class StackContract(ModelContract):
             loss = self._loss(loss_input)
             if loss.requires_grad:
                 seed_torch(seed)  # reentrant checkpointing reruns forward here
-                try:
-                    torch.autograd.backward(loss)
-                except Exception as exc:
-                    refused = None if training else no_eval_gradients(exc)
-                    if refused is None:
-                        raise
-                    self._gradients_refused(refused)
+                comparison = "the comparison runs the model in eval mode (its dropout off)"
+                if not compared_backward(self, loss, training, comparison):
                     return Run(output, [], [])
         return Run(
             output,
             [(name, _dense(p.grad)) for name, p in trainable],
             [(path, t.grad) for path, t in leaves],
-        )
-
-    def _gradients_refused(self, refused: str) -> None:
-        """Where no gradient can be taken through an eval-mode pass (``refused``: why), say
-        once that only the outputs are compared (the runs then hold no gradient)."""
-        if getattr(self, "_said_gradients_refused", False):
-            return
-        self._said_gradients_refused = True
-        self._skip_part(
-            "gradients",
-            f"the comparison runs the model in eval mode (its dropout off), and {refused}; "
-            "the outputs were compared, the gradients not",
         )
 
     def _forward_only(
