@@ -365,6 +365,26 @@ class MemoryLayouts(CheckTestCase):
     def test_a_correct_convolutional_model_passes(self) -> None:
         self.assertPasses(case(TrainingStackTests, CNN, images), "test_memory_layouts")
 
+    def test_a_strided_1x1_convolution_over_few_channels_runs_without_crashing(self) -> None:
+        # timm's RepVGG stem: oneDNN's backward pass of it in channels_last, on one thread,
+        # corrupts the process's memory in torch 2.14 (a double free); the check runs
+        # PyTorch's own kernels, and leaves oneDNN as it found it
+        class StridedStem(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stem = nn.Conv2d(3, 3, 1, stride=2, bias=False)
+                self.head = nn.Linear(3, 5)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.head(self.stem(x).mean((2, 3)))
+
+        self.assertTrue(torch.backends.mkldnn.enabled)
+        self.assertPasses(
+            case(TrainingStackTests, StridedStem, lambda: torch.randn(4, 3, 32, 32)),
+            "test_memory_layouts",
+        )
+        self.assertTrue(torch.backends.mkldnn.enabled)
+
     def test_a_model_without_eval_mode_gradients_compares_the_outputs_saying_why(self) -> None:
         self.assertSkipsWith(
             case(TrainingStackTests, CNNResettingAState, images),

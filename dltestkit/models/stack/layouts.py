@@ -101,6 +101,18 @@ class MemoryLayouts(StackContract):
         with ``model.to(memory_format=torch.channels_last)``, the layout in which
         convolutions run fastest.
         """
+        # PyTorch's own CPU kernels rather than oneDNN's, for every run: oneDNN's backward
+        # pass of a strided 1x1 convolution over few channels in channels_last corrupts the
+        # process's memory on one thread in torch 2.14 (timm's RepVGG stem: a crash, not a
+        # result); the layouts are the model's to get right, whichever kernels run them
+        backend: Any = torch.backends.mkldnn  # (its flags() would warn about TF32 on GPUs)
+        onednn, backend.enabled = backend.enabled, False
+        try:
+            self._compare_layouts()
+        finally:
+            backend.enabled = onednn
+
+    def _compare_layouts(self) -> None:
         contiguous = map_tensors(lambda t: t.contiguous(), self.inputs)
         reference = self._layout_run(self._copy_model(), contiguous)
         tolerance = self._tolerance(self.model)
