@@ -21,6 +21,9 @@ the ones each case lists. Each false alarm of the issue, and each one found here
 a test of its own (``DesignFalseAlarms``). torchvision's detection models, which take a list
 of images and a list of target dicts, are a separate group (``DETECTION``).
 
+The extended part adds ``ARCHITECTURES``: some forty more transformers, timm and torchvision
+architectures, built by their libraries from small configurations.
+
 Run it on several seeds with ``python tests/test_zoo_design.py --seeds 0 1 2`` (each seed
 is a pytest run with ``DLTESTKIT_TEST_SEED`` set, which tests/checkrunner.py reads); add
 ``--extended`` (or set ``DLTESTKIT_ZOO_EXTENDED=1``) for the slower part: more components
@@ -1537,6 +1540,243 @@ EXTENDED: Dict[str, Case] = {
         (NO_MAKE_MODEL, NO_MASK),
     ),
 }
+
+
+# -- more architectures, each as its library builds it from a small configuration ------------
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_DECODER = dict(_SMALL, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1)
+
+
+def _transformers(kind: str, auto: str, **config: Any) -> Callable[[], nn.Module]:
+    """A transformers model of ``kind`` (an AutoConfig name) built by ``auto`` (the name of
+    an Auto class) with random weights from a small configuration."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        made = transformers.AutoConfig.for_model(kind, vocab_size=VOCAB, pad_token_id=0, **config)
+        model: nn.Module = getattr(transformers, auto).from_config(made)
+        return model
+
+    build.__name__ = kind.replace("-", "_")
+    return build
+
+
+def library_decoder(
+    kind: str,
+    positions: bool = True,
+    left: bool = True,
+    skips: Tuple[str, ...] = (),
+    **config: Any,
+) -> Case:
+    """A decoder as transformers builds it, on a left-padded batch with position_ids (as
+    generate passes them), or without them for a model that takes no positions (ALiBi, or
+    none), or right-padded for one whose recurrence carries left padding into the real
+    tokens (a causal model never reads right padding)."""
+    build = _transformers(kind, "AutoModelForCausalLM", **config)
+
+    def inputs() -> Dict[str, torch.Tensor]:
+        batch = token_batch(left_padding=left)
+        return with_position_ids(batch) if positions else batch
+
+    attributes = dict(
+        model=shared(build),
+        inputs=inputs,
+        expected_output_shape=(BATCH, LENGTH, VOCAB),
+        output_key="logits",
+        make_model=build,
+        sequence_dim=1,
+        causal=True,
+        padding_mask="attention_mask",
+    )
+    return (SequenceModelTests, attributes, skips)
+
+
+def library_encoder(kind: str, unused: Sequence[str] = (), **config: Any) -> Case:
+    """An encoder as transformers builds it, on a right-padded batch; ``unused``: the
+    parameters of branches these inputs do not take (listed as allowed)."""
+    build = _transformers(kind, "AutoModel", **config)
+    attributes = dict(
+        model=shared(build),
+        inputs=token_batch,
+        expected_output_shape=(BATCH, LENGTH, 32),
+        output_key="last_hidden_state",
+        make_model=build,
+        sequence_dim=1,
+        padding_mask="attention_mask",
+        allowed_unchanged_parameters=list(unused),
+    )
+    return (SequenceModelTests, attributes, (NOT_CAUSAL,))
+
+
+def vision(build: Callable[[], nn.Module], size: int = 32, skips: Tuple[str, ...] = ()) -> Case:
+    mixin, attributes, _ = image_classifier(build)
+    return mixin, dict(attributes, inputs=lambda: torch.randn(BATCH, 3, size, size)), skips
+
+
+def grouped_mm(experts: str) -> str:
+    """test_dtype_moving on experts run as one torch._grouped_mm, which has no float64
+    kernel on the CPU."""
+    return f"torch._grouped_mm in {experts}"
+
+
+def _timm(name: str, **options: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **options)
+
+    build.__name__ = name
+    return build
+
+
+def _torchvision(name: str, **options: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        model: nn.Module = getattr(torchvision.models, name)(
+            weights=None, num_classes=10, **options
+        )
+        return model
+
+    build.__name__ = name
+    return build
+
+
+#: The extended zoo's architectures found correct by a sweep of every check (three seeds):
+#: decoders with sliding windows, soft-capping, partial rotary, ALiBi, parallel attention,
+#: mixtures of experts and Mamba layers, recurrent blocks; encoders with relative, disentangled
+#: and sparse attention; vision models without normalisation, re-parameterisable branches,
+#: MLP mixing and auxiliary heads in training mode. (True findings of that sweep stay out:
+#: ConvBERT's span convolution and Nystromformer, which raises with an attention mask.)
+ARCHITECTURES: Dict[str, Case] = {
+    **{
+        f"transformers {kind} (causal LM)": library_decoder(kind, **_DECODER, **extra)
+        for kind, extra in {
+            "mistral": dict(sliding_window=4),
+            "qwen2": {},
+            "gemma": dict(head_dim=8),
+            "gemma2": dict(
+                head_dim=8,
+                sliding_window=4,
+                final_logit_softcapping=30.0,
+                attn_logit_softcapping=50.0,
+            ),
+            "phi3": {},
+            "stablelm": {},
+            "starcoder2": {},
+            "olmo": {},
+            "olmo2": {},
+            "cohere": {},
+            "granite": {},
+            "glm": dict(head_dim=8),
+            "gpt_neox": {},
+            "phi": {},
+        }.items()
+    },
+    "transformers granitemoe (causal LM)": library_decoder(
+        "granitemoe",
+        skips=(grouped_mm("model.layers.0.block_sparse_moe.experts"),),
+        **_DECODER,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "transformers opt (causal LM)": library_decoder(
+        "opt",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    ),
+    "transformers falcon (causal LM)": library_decoder(
+        "falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    ),
+    "transformers gptj (causal LM)": library_decoder(
+        "gptj", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64
+    ),
+    "transformers codegen (causal LM)": library_decoder(
+        "codegen", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64
+    ),
+    "transformers gpt_bigcode (causal LM)": library_decoder(
+        "gpt_bigcode", n_embd=32, n_layer=2, n_head=4, n_positions=64
+    ),
+    # ALiBi from the attention mask; Jamba's attention has no positions (its Mamba layers
+    # give them): position_ids would be an input they never read
+    "transformers bloom (causal LM, ALiBi)": library_decoder(
+        "bloom", positions=False, hidden_size=32, n_layer=2, n_head=4
+    ),
+    "transformers jamba (causal LM, Mamba and experts)": library_decoder(
+        "jamba",
+        positions=False,
+        skips=(grouped_mm("model.layers.1.feed_forward.experts"),),
+        **_DECODER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        use_mamba_kernels=False,
+        mamba_d_state=4,
+        mamba_expand=2,
+    ),
+    # its recurrent blocks run over every position: left padding would reach the real tokens
+    "transformers recurrent_gemma (causal LM, right padding)": library_decoder(
+        "recurrent_gemma",
+        left=False,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        head_dim=8,
+        lru_width=32,
+        attention_window_size=4,
+    ),
+    **{
+        f"transformers {kind} (encoder)": library_encoder(kind, **_SMALL, **extra)
+        for kind, extra in {
+            "albert": dict(embedding_size=16),
+            "electra": dict(embedding_size=32),
+            "deberta": {},
+            "deberta-v2": {},
+            "mpnet": {},
+            "modernbert": {},
+            "big_bird": dict(attention_type="block_sparse", block_size=2, num_random_blocks=1),
+        }.items()
+    },
+    # their global attention (Longformer) and segment biases (XLNet) are for inputs these
+    # batches do not have (global_attention_mask, token_type_ids)
+    "transformers longformer (encoder)": library_encoder(
+        "longformer",
+        unused=["encoder.layer.*.attention.self.*_global.*"],
+        **_SMALL,
+        attention_window=4,
+    ),
+    "transformers xlnet (encoder)": library_encoder(
+        "xlnet",
+        unused=["mask_emb", "layer.*.rel_attn.r_s_bias", "layer.*.rel_attn.seg_embed"],
+        d_model=32,
+        n_layer=2,
+        n_head=4,
+        d_inner=64,
+    ),
+    "timm NF-ResNet (no normalisation layers)": vision(_timm("nf_resnet26")),
+    "timm RepVGG (re-parameterisable branches)": vision(_timm("repvgg_a0")),
+    "timm MLP-Mixer": vision(_timm("mixer_s16_224", img_size=32, drop_path_rate=0.1)),
+    "timm ResNeSt (split attention)": vision(_timm("resnest14d")),
+    # its auxiliary classifiers' logits join the output in training mode only
+    "torchvision GoogLeNet (auxiliary logits in training mode)": vision(
+        _torchvision("googlenet", aux_logits=True, init_weights=False),
+        size=64,
+        skips=(
+            "the model returns other outputs in training mode (output[0], output[1], output[2])",
+        ),
+    ),
+    "torchvision ShuffleNetV2": vision(_torchvision("shufflenet_v2_x0_5")),
+}
+EXTENDED.update(ARCHITECTURES)
 
 #: torchvision's detection models: a list of images and a list of target dicts in, a list of
 #: dicts (eval) or a dict of losses (training) out. Made a supported calling convention by
