@@ -326,6 +326,12 @@ class ReferenceOutputs(CheckTestCase):
                 "output['logits'] in eval mode differs",
             )
 
+    def test_a_scripted_model_with_dropout_writes_and_passes(self) -> None:
+        scripted = lambda: torch.jit.script(Net(dropout=0.5))  # noqa: E731
+        self.write(model_case(scripted, "scripted.safetensors"))
+        with reading():
+            self.assertPasses(model_case(scripted, "scripted.safetensors"), self.CHECK)
+
     def test_outputs_that_change_from_call_to_call_without_a_reseeding_fail(self) -> None:
         with writing():
             self.assertFailsWith(
