@@ -878,6 +878,26 @@ class OutputShape(CheckTestCase):
         self.assertIn("use a dict for keyword arguments", outcome.errors[0])
         self.assertNotIn("hard-coded", outcome.errors[0])
 
+    def test_every_check_on_a_model_that_raises_says_how_it_was_called(self) -> None:
+        class RaisesOnItsInputs(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                raise ValueError("the size of tensor a (4) must match the size of tensor b (8)")
+
+        # (the checks that call the model their own way too: through the probes of the
+        # inputs, or watching them for changes)
+        for name in (
+            "test_all_inputs_used",
+            "test_batch_independence",
+            "test_inputs_unchanged",
+            "test_output_shape",
+        ):
+            with self.subTest(name):
+                outcome = run_check(model_case(RaisesOnItsInputs), name)
+                self.assertEqual(len(outcome.errors), 1, outcome.failures)
+                self.assertIn("ValueError: the size of tensor a (4)", outcome.errors[0])
+                self.assertIn("[dltestkit] raised by the model in ", outcome.errors[0])
+                self.assertIn("called as model(inputs)", outcome.errors[0])
+
     def test_a_dict_output_without_output_key_names_what_was_checked(self) -> None:
         case = token_case(TokenModel, expected_output_shape=(4, 3))
         self.assertFailsWith(

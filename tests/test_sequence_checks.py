@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from checkrunner import CheckTestCase, make_case
+from checkrunner import CheckTestCase, make_case, run_check
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
@@ -541,6 +541,25 @@ class PaddingInvariance(CheckTestCase):
             ),
             "test_padding_invariance",
         )
+
+    def test_a_model_that_raises_says_how_it_was_called(self) -> None:
+        class Raises(Attention):
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+                raise ValueError("the mask does not fit")
+
+        for name in ("test_padding_invariance", "test_causality"):
+            with self.subTest(name):
+                outcome = run_check(
+                    sequence_case(Raises, padding_mask="attention_mask", causal=True), name
+                )
+                self.assertEqual(len(outcome.errors), 1, outcome.failures)
+                self.assertIn("ValueError: the mask does not fit", outcome.errors[0])
+                self.assertIn(
+                    "[dltestkit] raised by the model in eval mode, called as model(**inputs)",
+                    outcome.errors[0],
+                )
 
     def test_an_inverted_mask_fails(self) -> None:
         self.assertFailsWith(

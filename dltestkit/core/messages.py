@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import traceback
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -22,9 +23,23 @@ __all__ = [
     "kind",
     "listed",
     "no_eval_gradients",
+    "noted",
     "short",
     "sized",
 ]
+
+
+@contextlib.contextmanager
+def noted(note: Callable[[], str]) -> Iterator[None]:
+    """An exception raised inside gets ``note()`` added under its message (on Python 3.11 and
+    later), once: the innermost ``noted`` around it says how the model was called."""
+    try:
+        yield
+    except Exception as exc:
+        if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
+            exc._dltestkit_noted = True  # type: ignore[attr-defined]
+            exc.add_note(note())
+        raise
 
 
 _AUTOGRAD_DIR = os.path.join(os.path.dirname(torch.__file__), "autograd", "")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.contract import CheckMixin
-from ..core.messages import listed
+from ..core.messages import listed, noted
 from ..core.options import REQUIRED, ContractError, option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed, generator_states, generators_drawn, seed_torch
@@ -314,12 +314,8 @@ class ModelContract(CheckMixin):
             with mode(model, training=training):
                 settings = Settings.capture()
                 try:
-                    output = call_model(model, inputs if copied else input_copies(inputs))
-                except Exception as exc:
-                    if hasattr(exc, "add_note") and not getattr(exc, "_dltestkit_noted", False):
-                        exc._dltestkit_noted = True  # type: ignore[attr-defined]
-                        exc.add_note(self._call_note(inputs, training))
-                    raise
+                    with noted(lambda: self._call_note(inputs, training)):
+                        output = call_model(model, inputs if copied else input_copies(inputs))
                 finally:
                     self._note_settings(model, settings)
             if seeded is not None and drew is not None:

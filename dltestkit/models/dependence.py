@@ -14,7 +14,7 @@ from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Se
 import torch
 from torch import nn
 
-from ..core.messages import no_eval_gradients
+from ..core.messages import no_eval_gradients, noted
 from ..core.paths import floating_tensors, map_tensors
 from ..core.seeds import derived_seed, seed_torch
 from .contract import ModelContract
@@ -81,14 +81,16 @@ class Dependence(ModelContract):
     ) -> Tuple[Any, List[Probe]]:
         """Eval-mode output and probes of ``model`` on ``inputs`` (default: self.inputs).
         Without any probe the check skips, unless ``required`` is False."""
+        called = self.inputs if inputs is None else inputs
         with mode(model, training=False), torch.random.fork_rng(devices=[]):
             seed_torch(self.seed)
-            output, probes = probe_forward(
-                lambda batch: call_model(model, batch),
-                self.inputs if inputs is None else inputs,
-                self._batch_size(),
-                self._unprobed_inputs(),
-            )
+            with noted(lambda: self._call_note(called, False)):
+                output, probes = probe_forward(
+                    lambda batch: call_model(model, batch),
+                    called,
+                    self._batch_size(),
+                    self._unprobed_inputs(),
+                )
         for probe in probes:
             probe.model = model
         if not probes and required:

@@ -9,6 +9,7 @@ import torch
 
 from ..core.compare import largest_difference, same
 from ..core.contract import check
+from ..core.messages import noted
 from ..core.paths import map_tensors, named_tensors
 from ..core.seeds import seed_torch
 from ..core.watch import Watch, op_name, watching
@@ -112,7 +113,8 @@ class InputsUnchanged(ModelContract):
                 torch.set_grad_enabled(training),
                 watching(model, lambda modules: _InPlaceWatch(watched, modules)) as watch,
             ):
-                call_model(model, inputs)
+                with noted(lambda: self._call_note(self.inputs, training)):
+                    call_model(model, inputs)
         found = []
         for (path, old), (_, new) in zip(before, watched):
             if not same(new, old):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 
 from ...core.compare import mismatch, summary
-from ...core.messages import listed
+from ...core.messages import listed, noted
 from ...core.options import REQUIRED, UNSET, ContractError, option
 from ...core.seeds import derived_seed, seed_torch
 from ...core.validators import is_bool, is_key, is_keys, is_positive_int
@@ -224,12 +224,13 @@ class SequenceContract(Dependence):
         ``_probe`` it does not skip without probes (the value comparisons need none)."""
         with mode(self.model, training=False), torch.random.fork_rng(devices=[]):
             seed_torch(self.seed)
-            output, probes = probe_forward(
-                lambda batch: call_model(self.model, batch),
-                inputs,
-                self._batch_size(),
-                self._unprobed_inputs(),
-            )
+            with noted(lambda: self._call_note(inputs, False)):
+                output, probes = probe_forward(
+                    lambda batch: call_model(self.model, batch),
+                    inputs,
+                    self._batch_size(),
+                    self._unprobed_inputs(),
+                )
         return output, self._output(output), probes
 
     def _run(self, inputs: Any) -> torch.Tensor:
