@@ -485,6 +485,17 @@ class BackwardInTrainingOnly(AutoEncoder):
         return _TrainingOnlyBackward.apply(super().forward(x), self.training)
 
 
+def _mixes_samples(base: type) -> type:
+    """``base`` with its outputs centred over the batch: statistics over the samples."""
+
+    class MixesSamples(base):  # type: ignore[valid-type,misc]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return out - out.mean(0, keepdim=True)
+
+    return MixesSamples
+
+
 class OverwritesAWeight(AutoEncoder):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -1290,72 +1301,47 @@ class DeviceMoving(CheckTestCase):
 
 
 class BatchIndependence(CheckTestCase):
-    def test_an_eval_pass_without_gradients_is_judged_by_values(self) -> None:
+    def assertJudgedByValues(self, model_type: type, *refused: str) -> None:
+        """The dependence checks pass on ``model_type``, whose eval-mode pass cannot be
+        differentiated, comparing values, and say why in a skipped part (``refused``)."""
         for name, how in (
             ("test_batch_independence", "the samples were compared by values only"),
             ("test_all_inputs_used", "each input was judged as a whole, by values"),
         ):
             with self.subTest(name):
-                self.assertSkipsWith(
-                    model_case(StateResetInPlace),
-                    name,
-                    "no gradient can be taken through the model's eval-mode forward pass, "
-                    "which changes in place a tensor its backward pass needs",
-                    "modified by an inplace operation",
-                    how,
-                )
+                self.assertSkipsWith(model_case(model_type), name, *refused, how)
                 self.assertPasses(
-                    model_case(StateResetInPlace),
+                    model_case(model_type),
                     name,
                     allowed_skips=("no gradient can be taken through",),
                 )
-
-        class MixesSamples(StateResetInPlace):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out = super().forward(x)
-                return out - out.mean(0, keepdim=True)  # statistics over the batch
-
         self.assertFailsWith(
-            model_case(MixesSamples),
+            model_case(_mixes_samples(model_type)),
             "test_batch_independence",
             "sample 0's output changes with the other samples of the batch",
         )
 
-    def test_a_backward_pass_that_refuses_eval_mode_is_judged_by_values(self) -> None:
-        for name, how in (
-            ("test_batch_independence", "the samples were compared by values only"),
-            ("test_all_inputs_used", "each input was judged as a whole, by values"),
-        ):
-            with self.subTest(name):
-                self.assertSkipsWith(
-                    model_case(BackwardInTrainingOnly),
-                    name,
-                    "no gradient can be taken through the model's eval-mode forward pass: "
-                    "the model's own backward code raises AssertionError: make sure to use "
-                    "model.train() to train this model, at test_model_checks.py:",
-                    "in backward: `assert ctx.training",
-                    how,
-                )
-                self.assertPasses(
-                    model_case(BackwardInTrainingOnly),
-                    name,
-                    allowed_skips=("no gradient can be taken through",),
-                )
+    def test_an_eval_pass_without_gradients_is_judged_by_values(self) -> None:
+        self.assertJudgedByValues(
+            StateResetInPlace,
+            "no gradient can be taken through the model's eval-mode forward pass, "
+            "which changes in place a tensor its backward pass needs",
+            "modified by an inplace operation",
+        )
 
-        class MixesSamples(BackwardInTrainingOnly):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out = super().forward(x)
-                return out - out.mean(0, keepdim=True)  # statistics over the batch
+    def test_a_backward_pass_that_refuses_eval_mode_is_judged_by_values(self) -> None:
+        self.assertJudgedByValues(
+            BackwardInTrainingOnly,
+            "no gradient can be taken through the model's eval-mode forward pass: "
+            "the model's own backward code raises AssertionError: make sure to use "
+            "model.train() to train this model, at test_model_checks.py:",
+            "in backward: `assert ctx.training",
+        )
 
         class IgnoresItsInput(BackwardInTrainingOnly):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return super().forward(torch.zeros_like(x))
 
-        self.assertFailsWith(
-            model_case(MixesSamples),
-            "test_batch_independence",
-            "sample 0's output changes with the other samples of the batch",
-        )
         self.assertFailsWith(
             model_case(IgnoresItsInput), "test_all_inputs_used", "self.inputs is not read"
         )

@@ -25,6 +25,8 @@ __all__ = ["Training"]
 PARAMETER_STEPS = 3
 #: How far a step moves each element of a parameter (Adam's first step at its default rate).
 STEP_SIZE = 1e-3
+#: How a parameter whose gradient stayed exactly zero is reported (and found again).
+_GATED = "gradient exactly zero"
 #: How many elements of a parameter a step updates at a time (the memory it needs besides).
 _CHUNK = 1 << 16
 
@@ -139,7 +141,7 @@ class Training(ModelContract):
                 )
             elif not nonzero[position]:
                 problems[name] = (
-                    f"gradient exactly zero in each of {steps} steps: gated off "
+                    f"{_GATED} in each of {steps} steps: gated off "
                     "by something that stays zero (a frozen zero-initialised "
                     "gate or scale, a mask, a ReLU that is dead for the whole "
                     "batch, or a computation that cancels at the inputs' size: a "
@@ -164,7 +166,7 @@ class Training(ModelContract):
         explained: Dict[str, Degenerate] = {}
         for name, text in problems.items():
             found = next((call for call in calls if call.explains(name)), None)
-            if found is not None and text.startswith("gradient exactly zero"):
+            if found is not None and text.startswith(_GATED):
                 explained[name] = found
         if explained:
             # one entry per line of code: a stage of several blocks makes the same call
@@ -199,7 +201,7 @@ class Training(ModelContract):
         inputs' size (PoolFormer's token mixer, a pooling minus its input, over the single
         position of its last stage), reported as a skipped part naming both sizes. Only for
         inputs with images (``_larger_images``) and a model that runs on the larger ones."""
-        zero = [name for name, text in problems.items() if text.startswith("gradient exactly")]
+        zero = [name for name, text in problems.items() if text.startswith(_GATED)]
         larger = self._larger_images() if zero else None
         if larger is None:
             return problems

@@ -20,17 +20,15 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 
 from ...core.compare import mismatch, summary
-from ...core.messages import listed, noted
+from ...core.messages import listed
 from ...core.options import REQUIRED, UNSET, ContractError, option
-from ...core.seeds import derived_seed, seed_torch
+from ...core.seeds import derived_seed
 from ...core.validators import is_bool, is_key, is_keys, is_positive_int
-from ..copies import mode
 from ..dependence import Dependence
-from ..probes import Probe, probe_forward
+from ..probes import Probe
 from ..tensors import (
     Key,
     batched_entries,
-    call_model,
     describe_input,
     input_entries,
     replace_entries,
@@ -220,17 +218,9 @@ class SequenceContract(Dependence):
 
     # -- what the checks look at -----------------------------------------------------------
     def _sequence_probe(self, inputs: Any) -> Tuple[Any, torch.Tensor, List[Probe]]:
-        """Eval-mode output, checked output and probes of self.model on ``inputs``; unlike
-        ``_probe`` it does not skip without probes (the value comparisons need none)."""
-        with mode(self.model, training=False), torch.random.fork_rng(devices=[]):
-            seed_torch(self.seed)
-            with noted(lambda: self._call_note(inputs, False)):
-                output, probes = probe_forward(
-                    lambda batch: call_model(self.model, batch),
-                    inputs,
-                    self._batch_size(),
-                    self._unprobed_inputs(),
-                )
+        """Eval-mode output, checked output and probes of self.model on ``inputs`` (``_probe``,
+        which does not skip here without probes: the value comparisons need none)."""
+        output, probes = self._probe(self.model, inputs, required=False)
         return output, self._output(output), probes
 
     def _run(self, inputs: Any) -> torch.Tensor:
