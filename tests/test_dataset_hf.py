@@ -6,6 +6,7 @@ an undeclared augmentation and splits cut from the same rows fail with their mes
 
 from __future__ import annotations
 
+import importlib.util
 import unittest
 from typing import Any, Dict, List
 
@@ -16,12 +17,11 @@ from test_dataset_pipelines import PassesEveryCheck
 
 from dltestkit import DatasetTests
 
-try:
-    import datasets
-except ImportError:  # pragma: no cover - in the dev extra
-    datasets = None
-
-needs_datasets = unittest.skipIf(datasets is None, "needs the datasets package (the dev extra)")
+# (imported in the tests only: importing datasets, with pyarrow and pandas, takes a second and
+# makes every process the tests fork larger)
+needs_datasets = unittest.skipIf(
+    importlib.util.find_spec("datasets") is None, "needs the datasets package (the dev extra)"
+)
 
 
 def images(count: int, seed: int) -> Dict[str, List[Any]]:
@@ -68,8 +68,15 @@ def image_case(splits: Any, **attributes: Any) -> type:
 @needs_datasets
 class HuggingFaceDatasets(PassesEveryCheck):
     def setUp(self) -> None:
-        datasets.disable_progress_bars()
-        self.addCleanup(datasets.enable_progress_bars)
+        from datasets.utils.logging import (
+            disable_progress_bar,
+            enable_progress_bar,
+            is_progress_bar_enabled,
+        )
+
+        if is_progress_bar_enabled():
+            disable_progress_bar()
+            self.addCleanup(enable_progress_bar)
 
     def test_arrow_tables_transforms_and_streams_pass(self) -> None:
         from datasets import Array3D, ClassLabel, Dataset, Features
