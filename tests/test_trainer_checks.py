@@ -628,6 +628,29 @@ class SwitchedOffBranch(ClassifierTrainer):
         return WithBranch()
 
 
+class ConvBiasBeforeBatchNorm(ClassifierTrainer):
+    """Correct: a beginner's CNN, nn.Conv2d with its default bias right before BatchNorm2d,
+    trained with SGD at a small learning rate. BatchNorm subtracts the batch mean, so in training
+    mode the conv bias has a gradient of rounding size, too small to change it."""
+
+    def make_model(self) -> nn.Module:
+        class CNN(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Sequential(
+                    nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+                )
+                self.head = nn.Linear(8, 4)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.head(self.body(x.view(-1, 1, 2, 4).repeat(1, 1, 2, 1)).flatten(1))
+
+        return CNN()
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.9)
+
+
 class LoRAHead(ClassifierTrainer):
     """One step per epoch; the head is B @ A with B zero-initialised, so A gets its first
     gradient in the second step."""
@@ -1842,6 +1865,19 @@ class FrozenParameters(CheckTestCase):
             "branch.weight, branch.bias: unchanged although trainable and in "
             "the optimizer: a zero gradient",
         )
+
+    def test_a_bias_that_batch_normalisation_cancels_is_no_failure(self) -> None:
+        # issue 20's rule: the conv bias of the most common CNN cannot train (BatchNorm
+        # cancels it), by design; SwitchedOffBranch, which neither mode uses, still fails
+        outcome = run_check(classifier_case(ConvBiasBeforeBatchNorm), self.check)
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1, outcome.skips)
+        for fragment in (
+            "body.0.bias did not change in 3 epochs of training, and the model's training-mode "
+            "output does not depend on it (its eval-mode output does)",
+            "give that layer bias=False",
+        ):
+            self.assertIn(fragment, outcome.skips[0])
 
     def test_a_pattern_matching_no_parameter_is_a_contract_error(self) -> None:
         case = classifier_case(FrozenFeatures, frozen_parameters=["backbone.*"])

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "TORCH_GENERATOR",
+    "all_generators_seeded",
     "derived_seed",
     "generator_states",
     "generators_drawn",
@@ -110,3 +111,14 @@ def preserved_global_state() -> Iterator[None]:
         if mps_state is not None:
             torch.mps.set_rng_state(mps_state)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+
+
+@contextlib.contextmanager
+def all_generators_seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's generators seeded with ``seed``, and restored after (a
+    model may draw from any of them: transformers' wav2vec2 masks spans with NumPy)."""
+    with preserved_global_state():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        seed_torch(seed)
+        yield

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
-from typing import Any, Collection, Dict, List, Optional
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from torch import nn
 from ..core.contract import check
 from ..core.messages import by_count, listed
 from ..core.options import option
+from ..core.paths import floating_tensors, map_tensors
+from ..core.seeds import all_generators_seeded
 from ..core.validators import is_names
 from .setup import SetUpTrainer
 
@@ -19,6 +23,32 @@ __all__ = ["FrozenParameters"]
 #: The most epochs test_frozen_parameters trains: one, unless a parameter behind a
 #: zero-initialised gate (LoRA's A, ReZero) can only change once the gate has trained.
 FROZEN_EPOCHS = 3
+
+#: By how much (relative to the largest output) test_frozen_parameters lets a training-mode
+#: output differ when it changes an unchanged parameter and still calls the output independent
+#: of it: rounding, far above float32's (a normalisation subtracting a shifted mean), far below
+#: what a parameter the output uses changes when moved by its own magnitude plus one.
+INDEPENDENT = 1e-4
+
+#: The training call that the trainer made last: the model's positional and keyword arguments.
+_Call = Tuple[Tuple[Any, ...], Dict[str, Any]]
+
+
+@contextlib.contextmanager
+def last_training_call(model: nn.Module) -> Iterator[List[_Call]]:
+    """The arguments of the model's last forward call in training mode with gradients, while
+    the block runs (a list holding it once there is one)."""
+    calls: List[_Call] = []
+
+    def note(module: nn.Module, args: Any, kwargs: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            calls[:] = [(tuple(args), dict(kwargs))]
+
+    handle = model.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 class FrozenParameters(SetUpTrainer):
@@ -69,19 +99,16 @@ class FrozenParameters(SetUpTrainer):
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         epochs = 0
         changed: Dict[str, bool] = {}
-        while epochs < FROZEN_EPOCHS:
-            self.trainer.train(1)
-            epochs += 1
-            model = self._model(self.trainer)
-            changed = {
-                name: not torch.equal(p.detach(), before[name])
-                for name, p in model.named_parameters()
-                if name in before
-            }
-            if any(changed.get(name) for name in frozen) or all(
-                changed[name] for name in changed if name not in frozen
-            ):
-                break
+        with last_training_call(model) as calls:
+            while epochs < FROZEN_EPOCHS:
+                self.trainer.train(1)
+                epochs += 1
+                changed = self._changed(before)
+                if any(changed.get(name) for name in frozen) or all(
+                    changed[name] for name in changed if name not in frozen
+                ):
+                    break
+        model = self._model(self.trainer)
         parameters = dict(model.named_parameters())
         optimizer = self._optimizer(self.trainer)
         reasons: Dict[str, List[str]] = {}  # what is wrong -> the parameters it is wrong for
@@ -93,6 +120,32 @@ class FrozenParameters(SetUpTrainer):
             else:
                 continue
             reasons.setdefault(reason, []).append(name)
+        stuck = reasons.pop(_STUCK, [])
+        if stuck and calls:
+            # Used in eval mode, but cancelled in training mode: a normalisation over the
+            # batch subtracts it (eval mode's running mean does not). One that neither mode's
+            # output uses (multiplied by a zero) stays a failure.
+            cancelled = [
+                name
+                for name in stuck
+                if self._output_ignores(model, name, calls[0], training=True)
+                and not self._output_ignores(model, name, calls[0], training=False)
+            ]
+            if cancelled:
+                self._skip_part(
+                    "parameters cancelled in training mode",
+                    f"{listed(cancelled, 4)} did not change in {epochs} epochs of training, "
+                    "and the model's training-mode output does not depend on "
+                    f"{'it' if len(cancelled) == 1 else 'them'} (its eval-mode output does): "
+                    "changed by their own magnitude plus one, on the last training batch, no "
+                    f"training-mode output moved by more than {INDEPENDENT:g} of its largest "
+                    "value, so their gradient is zero but for rounding, and no trainer can "
+                    "train them. A bias right before a normalisation over the batch (BatchNorm "
+                    "in training mode) is cancelled by it: give that layer bias=False.",
+                )
+            stuck = [name for name in stuck if name not in cancelled]
+        if stuck:
+            reasons[_STUCK] = stuck
         if reasons:
             count = sum(len(group) for group in reasons.values())
             self.fail(
@@ -153,9 +206,50 @@ class FrozenParameters(SetUpTrainer):
                 "(unused in forward, or cut off by .detach()); "
                 "ModelTests.test_all_parameters_updated says where"
             )
-        return (
-            "unchanged although trainable and in the optimizer: a zero gradient (gated off "
-            "by something that stays zero, a dead ReLU), a learning rate of 0, or no "
-            "optimizer step in the epoch (gradients accumulated over more batches than it "
-            "has)"
-        )
+        return _STUCK
+
+    def _changed(self, before: Dict[str, torch.Tensor]) -> Dict[str, bool]:
+        """Which of the parameters in ``before`` the model holds changed."""
+        return {
+            name: not torch.equal(p.detach(), before[name])
+            for name, p in self._model(self.trainer).named_parameters()
+            if name in before
+        }
+
+    def _output_ignores(self, model: nn.Module, name: str, call: _Call, training: bool) -> bool:
+        """Whether the output of ``model`` in training or eval mode on the arguments of
+        ``call`` stays the same (within INDEPENDENT of its largest value) when the parameter
+        ``name`` is moved by its own magnitude plus one; on copies, under one seed (dropout's
+        masks alike)."""
+        args, kwargs = call
+        outputs = []
+        for moved in (False, True):
+            twin = copy.deepcopy(model).train(training)
+            with torch.no_grad(), all_generators_seeded(self.seed):
+                if moved:
+                    parameter = dict(twin.named_parameters())[name]
+                    step = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0))
+                    parameter.add_(step.to(parameter) * (parameter.abs().max() + 1))
+                copied = map_tensors(lambda t: t.detach().clone(), (args, kwargs))
+                outputs.append(floating_tensors(twin(*copied[0], **copied[1])))
+        (plain, moved_outputs) = outputs
+        if not plain or [path for path, _ in plain] != [path for path, _ in moved_outputs]:
+            return False
+        for (_, a), (_, b) in zip(plain, moved_outputs):
+            if a.shape != b.shape:
+                return False
+            scale = float(a.detach().abs().max()) if a.numel() else 0.0
+            try:
+                torch.testing.assert_close(b, a, rtol=0.0, atol=INDEPENDENT * max(scale, 1e-12))
+            except AssertionError:
+                return False
+        return True
+
+
+#: Why a trainable parameter in the optimizer, with a gradient, did not change.
+_STUCK = (
+    "unchanged although trainable and in the optimizer: a zero gradient (gated off "
+    "by something that stays zero, a dead ReLU), a learning rate of 0, or no "
+    "optimizer step in the epoch (gradients accumulated over more batches than it "
+    "has)"
+)

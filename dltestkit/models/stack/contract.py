@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from ...core.compare import largest_difference, mismatch, same
 from ...core.options import option
 from ...core.paths import floating_tensors, map_tensors, named_tensors
-from ...core.seeds import derived_seed, preserved_global_state, seed_torch
+from ...core.seeds import all_generators_seeded, derived_seed, seed_torch
 from ...core.validators import is_positive_number, optional
 from ..backward import compared_backward
 from ..contract import ModelContract
@@ -42,17 +40,6 @@ __all__ = [
     "recording_module_outputs",
     "without_fast_path",
 ]
-
-
-@contextlib.contextmanager
-def all_generators_seeded(seed: int) -> Iterator[None]:
-    """Python's, NumPy's and torch's generators seeded with ``seed``, and restored after (a
-    model may draw from any of them: transformers' wav2vec2 masks spans with NumPy)."""
-    with preserved_global_state():
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        seed_torch(seed)
-        yield
 
 
 @contextlib.contextmanager
