@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 from checkrunner import SEED, make_case
-from test_dataset_pipelines import PassesEveryCheck
+from test_dataset_pipelines import DICT_IMAGES, PassesEveryCheck
 
 from dltestkit import DatasetTests
 
@@ -54,15 +54,7 @@ def image_case(splits: Any, **attributes: Any) -> type:
     def set_up(self: Any) -> None:
         self.splits = splits()
 
-    options = dict(
-        input_key="pixel_values",
-        target_key="label",
-        num_classes=3,
-        sample_shape=(3, 4, 4),
-        value_range=(0.0, 1.0),
-        batch_size=8,
-    )
-    return make_case(DatasetTests, set_up, **{**options, **attributes})
+    return make_case(DatasetTests, set_up, **{**DICT_IMAGES, **attributes})
 
 
 @needs_datasets

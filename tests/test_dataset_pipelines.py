@@ -130,6 +130,17 @@ class TorchvisionDatasets(PassesEveryCheck):
 
 
 # -- other kinds of samples -------------------------------------------------------------
+#: The options of Hugging Face-style samples {"pixel_values": 3x4x4 in [0, 1], "label": 0..2}.
+DICT_IMAGES: Dict[str, Any] = dict(
+    input_key="pixel_values",
+    target_key="label",
+    num_classes=3,
+    sample_shape=(3, 4, 4),
+    value_range=(0.0, 1.0),
+    batch_size=8,
+)
+
+
 class DictSamples(Dataset):
     """Hugging Face-style samples: {"pixel_values": tensor, "label": int}."""
 
@@ -184,12 +195,7 @@ class OtherSamples(PassesEveryCheck):
         case = make_case(
             DatasetTests,
             lambda self: setattr(self, "splits", {"train": DictSamples(1), "test": DictSamples(2)}),
-            input_key="pixel_values",
-            target_key="label",
-            num_classes=3,
-            sample_shape=(3, 4, 4),
-            value_range=(0.0, 1.0),
-            batch_size=8,
+            **DICT_IMAGES,
         )
         self.assertAllPass(case, {})
 
