@@ -118,6 +118,23 @@ class Lightning(CheckTestCase):
                     allowed = (NO_GPU, PUT_DOWN_TO_THE_BATCH)
                     self.assertPasses(lightning_case(), name, allowed)
 
+    def test_a_bias_that_batch_normalisation_cancels_is_no_failure_under_sgd(self) -> None:
+        # training_step calls self.net, not the module itself, and Lightning clears the
+        # gradients after each step: the Linear bias before BatchNorm1d, which SGD at a small
+        # learning rate leaves unchanged, is judged on the Sequential that holds it
+        class SGDClassifier(Classifier):
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.001, momentum=0.9)
+
+        outcome = run_check(lightning_case(module=SGDClassifier), "test_frozen_parameters")
+        self.assertEqual((outcome.failures, outcome.errors), ([], []))
+        self.assertEqual(len(outcome.skips), 1, outcome.skips)
+        self.assertIn(
+            "net.0.bias did not change in 3 epochs of training, and the training-mode output of "
+            "the module that holds it does not depend on it (its eval-mode output does)",
+            outcome.skips[0],
+        )
+
     def test_lightning_checkpoints_alone_lose_the_data_order_and_random_state(self) -> None:
         self.assertFailsWith(
             lightning_case(WithoutRandomState),

@@ -651,6 +651,22 @@ class ConvBiasBeforeBatchNorm(ClassifierTrainer):
         return torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.9)
 
 
+class EvalOnlyBranch(ClassifierTrainer):
+    """A branch added in eval mode only: it never trains, but changes what eval() measures."""
+
+    def make_model(self) -> nn.Module:
+        class WithBranch(Net):
+            def __init__(self) -> None:
+                super().__init__()
+                self.branch = nn.Linear(8, 4)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = super().forward(x)
+                return out if self.training else out + self.branch(x)
+
+        return WithBranch()
+
+
 class LoRAHead(ClassifierTrainer):
     """One step per epoch; the head is B @ A with B zero-initialised, so A gets its first
     gradient in the second step."""
@@ -1851,11 +1867,21 @@ class FrozenParameters(CheckTestCase):
             "the optimizer was built before the layer was unfrozen",
         )
 
+    def test_a_branch_used_in_eval_mode_only_fails(self) -> None:
+        # its training-mode output ignores it and its eval-mode output does not, as for a bias
+        # that BatchNorm cancels; but no backward pass computes a gradient for it
+        self.assertFailsWith(
+            classifier_case(EvalOnlyBranch),
+            self.check,
+            "branch.weight, branch.bias: unchanged, without a gradient in training: not "
+            "connected to the loss",
+        )
+
     def test_an_unused_layer_fails(self) -> None:
         self.assertFailsWith(
             classifier_case(UnusedLayer),
             self.check,
-            "auxiliary.weight, auxiliary.bias: unchanged, without a gradient after training",
+            "auxiliary.weight, auxiliary.bias: unchanged, without a gradient in training",
         )
 
     def test_a_layer_with_zero_gradients_fails(self) -> None:
@@ -1873,8 +1899,8 @@ class FrozenParameters(CheckTestCase):
         self.assertEqual((outcome.failures, outcome.errors), ([], []))
         self.assertEqual(len(outcome.skips), 1, outcome.skips)
         for fragment in (
-            "body.0.bias did not change in 3 epochs of training, and the model's training-mode "
-            "output does not depend on it (its eval-mode output does)",
+            "body.0.bias did not change in 3 epochs of training, and the training-mode output "
+            "of the module that holds it does not depend on it (its eval-mode output does)",
             "give that layer bias=False",
         ):
             self.assertIn(fragment, outcome.skips[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -30,25 +30,47 @@ FROZEN_EPOCHS = 3
 #: what a parameter the output uses changes when moved by its own magnitude plus one.
 INDEPENDENT = 1e-4
 
-#: The training call that the trainer made last: the model's positional and keyword arguments.
+#: A module's call: its positional and keyword arguments.
 _Call = Tuple[Tuple[Any, ...], Dict[str, Any]]
 
 
 @contextlib.contextmanager
-def last_training_call(model: nn.Module) -> Iterator[List[_Call]]:
-    """The arguments of the model's last forward call in training mode with gradients, while
-    the block runs (a list holding it once there is one)."""
-    calls: List[_Call] = []
+def watched_training(model: nn.Module) -> Iterator[Tuple[Dict[str, _Call], Set[str]]]:
+    """While the block runs: the arguments of the last forward call in training mode with
+    gradients of the model and of each of its modules (by name, "" for the model), and the
+    names of the parameters that a backward pass computed a gradient for (whatever the trainer
+    does with it after)."""
+    calls: Dict[str, _Call] = {}
+    computed: Set[str] = set()
 
-    def note(module: nn.Module, args: Any, kwargs: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            calls[:] = [(tuple(args), dict(kwargs))]
+    def noting(name: str) -> Any:
+        def note(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if module.training and torch.is_grad_enabled():
+                calls[name] = (tuple(args), dict(kwargs))
 
-    handle = model.register_forward_pre_hook(note, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+        return note
+
+    def computing(name: str) -> Any:
+        def hook(gradient: torch.Tensor) -> None:
+            computed.add(name)
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name, module in model.named_modules():
+            handle = module.register_forward_pre_hook(noting(name), with_kwargs=True)
+            stack.callback(handle.remove)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                stack.callback(parameter.register_hook(computing(name)).remove)  # type: ignore[no-untyped-call]
+        yield calls, computed
+
+
+def enclosing(parameter: str) -> List[str]:
+    """The names of the modules that hold the parameter ``parameter``, from the one that
+    holds it directly (excluded) up to the model ("")."""
+    parts = parameter.split(".")[:-1]
+    return [".".join(parts[:depth]) for depth in range(len(parts) - 1, -1, -1)]
 
 
 class FrozenParameters(SetUpTrainer):
@@ -99,7 +121,7 @@ class FrozenParameters(SetUpTrainer):
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         epochs = 0
         changed: Dict[str, bool] = {}
-        with last_training_call(model) as calls:
+        with watched_training(model) as (calls, computed):
             while epochs < FROZEN_EPOCHS:
                 self.trainer.train(1)
                 epochs += 1
@@ -116,26 +138,21 @@ class FrozenParameters(SetUpTrainer):
             if name in frozen and changed.get(name):
                 reason = self._frozen_but_changed(parameters[name], optimizer)
             elif name not in frozen and not changed.get(name, True):
-                reason = self._trainable_but_unchanged(parameters[name], optimizer)
+                reason = self._trainable_but_unchanged(
+                    parameters[name], optimizer, name in computed
+                )
             else:
                 continue
             reasons.setdefault(reason, []).append(name)
         stuck = reasons.pop(_STUCK, [])
-        if stuck and calls:
-            # Used in eval mode, but cancelled in training mode: a normalisation over the
-            # batch subtracts it (eval mode's running mean does not). One that neither mode's
-            # output uses (multiplied by a zero) stays a failure.
-            cancelled = [
-                name
-                for name in stuck
-                if self._output_ignores(model, name, calls[0], training=True)
-                and not self._output_ignores(model, name, calls[0], training=False)
-            ]
+        if stuck:
+            cancelled = [name for name in stuck if self._cancelled(model, name, calls)]
             if cancelled:
                 self._skip_part(
                     "parameters cancelled in training mode",
                     f"{listed(cancelled, 4)} did not change in {epochs} epochs of training, "
-                    "and the model's training-mode output does not depend on "
+                    "and the training-mode output of the module that holds "
+                    f"{'it' if len(cancelled) == 1 else 'them'} does not depend on "
                     f"{'it' if len(cancelled) == 1 else 'them'} (its eval-mode output does): "
                     "changed by their own magnitude plus one, on the last training batch, no "
                     f"training-mode output moved by more than {INDEPENDENT:g} of its largest "
@@ -187,7 +204,11 @@ class FrozenParameters(SetUpTrainer):
             f"optimizer updates it{moved}"
         )
 
-    def _trainable_but_unchanged(self, parameter: nn.Parameter, optimizer: Any) -> str:
+    def _trainable_but_unchanged(
+        self, parameter: nn.Parameter, optimizer: Any, computed: bool
+    ) -> str:
+        """Why a trainable parameter did not change; ``computed``: whether a backward pass
+        computed a gradient for it in the training."""
         if not parameter.requires_grad:
             return (
                 "unchanged, with requires_grad=False: frozen by accident (unfreeze with "
@@ -200,9 +221,9 @@ class FrozenParameters(SetUpTrainer):
                 "a gradient but no update: the optimizer was built before the layer was "
                 "unfrozen, or from a filtered parameter list"
             )
-        if parameter.grad is None:
+        if parameter.grad is None and not computed:
             return (
-                "unchanged, without a gradient after training: not connected to the loss "
+                "unchanged, without a gradient in training: not connected to the loss "
                 "(unused in forward, or cut off by .detach()); "
                 "ModelTests.test_all_parameters_updated says where"
             )
@@ -215,6 +236,21 @@ class FrozenParameters(SetUpTrainer):
             for name, p in self._model(self.trainer).named_parameters()
             if name in before
         }
+
+    def _cancelled(self, model: nn.Module, name: str, calls: Dict[str, _Call]) -> bool:
+        """Whether the parameter ``name`` is used in eval mode but cancelled in training mode
+        (a normalisation over the batch subtracts it, where eval mode's running mean does
+        not): judged on the innermost module that holds it, above the one that holds it
+        directly, whose training-mode output, on its last training call, does not depend on
+        it. One that neither mode uses there (multiplied by a zero) is not."""
+        modules = dict(model.named_modules())
+        for holder in enclosing(name):
+            if holder not in calls:
+                continue
+            module, local = modules[holder], name[len(holder) + 1 :] if holder else name
+            if self._output_ignores(module, local, calls[holder], training=True):
+                return not self._output_ignores(module, local, calls[holder], training=False)
+        return False
 
     def _output_ignores(self, model: nn.Module, name: str, call: _Call, training: bool) -> bool:
         """Whether the output of ``model`` in training or eval mode on the arguments of
