@@ -613,19 +613,29 @@ class UnusedLayer(ClassifierTrainer):
         return model
 
 
+class WithBranch(Net):
+    """Net with an auxiliary branch, which ``combine`` adds to its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Linear(8, 4)
+
+    def combine(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(super().forward(x), self.branch(x))
+
+
 class SwitchedOffBranch(ClassifierTrainer):
     """An auxiliary branch whose weight in the output is 0."""
 
     def make_model(self) -> nn.Module:
-        class WithBranch(Net):
-            def __init__(self) -> None:
-                super().__init__()
-                self.branch = nn.Linear(8, 4)
+        class Switched(WithBranch):
+            def combine(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+                return out + 0.0 * branch
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return super().forward(x) + 0.0 * self.branch(x)
-
-        return WithBranch()
+        return Switched()
 
 
 class ConvBiasBeforeBatchNorm(ClassifierTrainer):
@@ -655,16 +665,11 @@ class EvalOnlyBranch(ClassifierTrainer):
     """A branch added in eval mode only: it never trains, but changes what eval() measures."""
 
     def make_model(self) -> nn.Module:
-        class WithBranch(Net):
-            def __init__(self) -> None:
-                super().__init__()
-                self.branch = nn.Linear(8, 4)
+        class EvalOnly(WithBranch):
+            def combine(self, out: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+                return out if self.training else out + branch
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out = super().forward(x)
-                return out if self.training else out + self.branch(x)
-
-        return WithBranch()
+        return EvalOnly()
 
 
 class LoRAHead(ClassifierTrainer):
