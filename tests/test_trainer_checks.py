@@ -1910,6 +1910,19 @@ class FrozenParameters(CheckTestCase):
         ):
             self.assertIn(fragment, outcome.skips[0])
 
+    def test_a_scripted_model_is_checked(self) -> None:
+        # a ScriptModule takes no forward hooks: trained and judged all the same
+        class Scripted(ClassifierTrainer):
+            def make_model(self) -> nn.Module:
+                return torch.jit.script(Net())
+
+        self.assertPasses(classifier_case(Scripted), self.check)
+        self.assertFailsWith(
+            classifier_case(Scripted, frozen_parameters=["head.*"]),
+            self.check,
+            "head.weight, head.bias: listed in frozen_parameters but changed",
+        )
+
     def test_a_pattern_matching_no_parameter_is_a_contract_error(self) -> None:
         case = classifier_case(FrozenFeatures, frozen_parameters=["backbone.*"])
         self.assertErrorsWith(

@@ -58,7 +58,10 @@ def watched_training(model: nn.Module) -> Iterator[Tuple[Dict[str, _Call], Set[s
 
     with contextlib.ExitStack() as stack:
         for name, module in model.named_modules():
-            handle = module.register_forward_pre_hook(noting(name), with_kwargs=True)
+            try:
+                handle = module.register_forward_pre_hook(noting(name), with_kwargs=True)
+            except RuntimeError:  # a ScriptModule takes no hooks: its calls are not kept
+                continue
             stack.callback(handle.remove)
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
