@@ -642,6 +642,32 @@ class PaddingInvariance(CheckTestCase):
             "test_padding_invariance",
         )
 
+    def test_in_bfloat16_positions_from_column_zero_still_fail_and_correct_ones_pass(
+        self,
+    ) -> None:
+        # half precision compares with an absolute tolerance scaled to the largest output:
+        # rounding that differs with the length passes, a shifted position does not
+        def left_padded() -> Dict[str, torch.Tensor]:
+            inputs = token_inputs(padding=False)
+            inputs["attention_mask"][0, :3] = 0
+            return inputs
+
+        def case(from_mask: bool) -> type:
+            return sequence_case(
+                lambda: PositionsLM(from_mask=from_mask).to(torch.bfloat16),
+                left_padded,
+                causal=True,
+                padding_mask="attention_mask",
+            )
+
+        self.assertFailsWith(
+            case(from_mask=False),
+            "test_padding_invariance",
+            "sample 0: its outputs at its real positions [3, 4, 5] change with the padding",
+            "The padding is on the left",
+        )
+        self.assertPasses(case(from_mask=True), "test_padding_invariance")
+
     def test_padding_made_by_the_check_is_compared_on_the_right_for_a_causal_model(self) -> None:
         # on the left to find leaks (a causal model's padding can only leak there), on the right
         # to compare with each sample alone: the user did not say where the padding goes

@@ -731,6 +731,26 @@ class RealModels(CheckTestCase):
             with self.subTest(label):
                 self.assertPasses(case, "test_fsdp_gradients", allowed_skips=())
 
+    def test_padding_invariance_passes_in_bfloat16(self) -> None:
+        # the same computation at another length rounds otherwise: in bfloat16 that reached
+        # 6e-4 on logits near zero, far above assert_close's default atol of 1e-5
+        labels = [
+            "transformers GPT-2, causal LM, left padding, position_ids",
+            "transformers Llama, causal LM, left padding, position_ids",
+            "transformers Llama, causal LM, left padding, rotary positions from column 0",
+            "transformers T5, encoder padding",
+        ]
+        for label in labels:
+            mixin, attributes, _ = ZOO[label]
+            model, inputs = attributes["model"], attributes["inputs"]
+            halved = dict(attributes, model=lambda model=model: model().to(torch.bfloat16))
+            halved["inputs"] = lambda inputs=inputs: {
+                key: value.to(torch.bfloat16) if value.is_floating_point() else value
+                for key, value in inputs().items()
+            }
+            with self.subTest(label):
+                self.assertPasses(zoo_case(mixin, halved), "test_padding_invariance")
+
     def test_token_ids_no_probe_follows_are_compared_by_value(self) -> None:
         attributes = dict(model=ClampsItsIds, inputs=lambda: token_batch(left_padding=True))
         self.assertPasses(zoo_case(ModelTests, attributes), "test_batch_independence")
