@@ -751,6 +751,39 @@ class RealModels(CheckTestCase):
             with self.subTest(label):
                 self.assertPasses(zoo_case(mixin, halved), "test_padding_invariance")
 
+    def test_a_mask_token_used_only_with_a_pretraining_mask_is_named_with_that_cause(
+        self,
+    ) -> None:
+        # DINOv2 holds a mask token that only a bool_masked_pos input uses: without it, no
+        # gradient (and DDP without find_unused_parameters stops); named, and allowed by name
+        from transformers import Dinov2Config, Dinov2Model
+
+        def dinov2() -> nn.Module:
+            config = Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=32,
+                patch_size=8,
+            )
+            return Dinov2Model(config)
+
+        attributes = dict(
+            model=dinov2,
+            inputs=lambda: {"pixel_values": torch.rand(4, 3, 32, 32)},
+            output_key="last_hidden_state",
+        )
+        self.assertFailsWith(
+            zoo_case(ModelTests, attributes),
+            "test_all_parameters_updated",
+            "embeddings.mask_token: no gradient in 3 step(s): dead, not connected to the loss "
+            "(unused in forward, or used only with an input that self.inputs leaves out, as a "
+            "mask token with a pretraining mask;",
+        )
+        allowed = dict(attributes, allowed_unchanged_parameters=["embeddings.mask_token"])
+        self.assertPasses(zoo_case(ModelTests, allowed), "test_all_parameters_updated")
+
     def test_token_ids_no_probe_follows_are_compared_by_value(self) -> None:
         attributes = dict(model=ClampsItsIds, inputs=lambda: token_batch(left_padding=True))
         self.assertPasses(zoo_case(ModelTests, attributes), "test_batch_independence")

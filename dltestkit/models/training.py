@@ -135,8 +135,9 @@ class Training(ModelContract):
             if not connected[position]:
                 problems[name] = (
                     f"no gradient in {steps} step(s): dead, not connected to the "
-                    "loss (unused in forward, cut off by "
-                    ".detach()/.data/torch.no_grad(), or in a reentrant checkpoint whose "
+                    "loss (unused in forward, or used only with an input that self.inputs "
+                    "leaves out, as a mask token with a pretraining mask; cut off by "
+                    ".detach()/.data/torch.no_grad(); or in a reentrant checkpoint whose "
                     "input needs no gradient)"
                 )
             elif not nonzero[position]:
