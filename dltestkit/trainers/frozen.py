@@ -10,6 +10,7 @@ from typing import Any, Collection, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
+from ..core.compare import mismatch
 from ..core.contract import check
 from ..core.messages import by_count, listed
 from ..core.options import option
@@ -279,15 +280,15 @@ class FrozenParameters(SetUpTrainer):
         (plain, moved_outputs) = outputs
         if not plain or [path for path, _ in plain] != [path for path, _ in moved_outputs]:
             return False
-        for (_, a), (_, b) in zip(plain, moved_outputs):
-            if a.shape != b.shape:
-                return False
-            scale = float(a.detach().abs().max()) if a.numel() else 0.0
-            try:
-                torch.testing.assert_close(b, a, rtol=0.0, atol=INDEPENDENT * max(scale, 1e-12))
-            except AssertionError:
-                return False
-        return True
+        return all(
+            mismatch(b, a, rtol=0.0, atol=INDEPENDENT * max(_largest(a), 1e-12)) is None
+            for (_, a), (_, b) in zip(plain, moved_outputs)
+        )
+
+
+def _largest(tensor: torch.Tensor) -> float:
+    """The largest magnitude in ``tensor`` (0 when it is empty)."""
+    return float(tensor.detach().abs().max()) if tensor.numel() else 0.0
 
 
 #: Why a trainable parameter in the optimizer, with a gradient, did not change.
