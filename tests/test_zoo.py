@@ -22,6 +22,7 @@ from torch import nn
 
 from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
 from dltestkit.core.contract import checks_of
+from dltestkit.core.paths import map_tensors
 
 MISSING = [
     name
@@ -219,19 +220,22 @@ def llama() -> nn.Module:
     )
 
 
+#: The sizes of the zoos' tiny vision transformers of transformers (ViT, DINOv2, ViTMAE, CLIP's
+#: vision tower): 32 x 32 images in 16 patches, 2 layers of width 32.
+TINY_VIT: Dict[str, int] = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
+
+
 def hf_vit() -> nn.Module:
     from transformers import ViTConfig, ViTModel
 
-    return ViTModel(
-        ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
-    )
+    return ViTModel(ViTConfig(**TINY_VIT))
 
 
 def lora_bert() -> nn.Module:
@@ -744,10 +748,9 @@ class RealModels(CheckTestCase):
             mixin, attributes, _ = ZOO[label]
             model, inputs = attributes["model"], attributes["inputs"]
             halved = dict(attributes, model=lambda model=model: model().to(torch.bfloat16))
-            halved["inputs"] = lambda inputs=inputs: {
-                key: value.to(torch.bfloat16) if value.is_floating_point() else value
-                for key, value in inputs().items()
-            }
+            halved["inputs"] = lambda inputs=inputs: map_tensors(
+                lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, inputs()
+            )
             with self.subTest(label):
                 self.assertPasses(zoo_case(mixin, halved), "test_padding_invariance")
 
@@ -759,15 +762,7 @@ class RealModels(CheckTestCase):
         from transformers import Dinov2Config, Dinov2Model
 
         def dinov2() -> nn.Module:
-            config = Dinov2Config(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                image_size=32,
-                patch_size=8,
-            )
-            return Dinov2Model(config)
+            return Dinov2Model(Dinov2Config(**TINY_VIT))
 
         attributes = dict(
             model=dinov2,

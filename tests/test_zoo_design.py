@@ -54,6 +54,7 @@ from test_zoo import (
     NO_MAKE_MODEL,
     NO_MASK,
     NOT_CAUSAL,
+    TINY_VIT,
     VOCAB,
     bert_config,
     differs_in_training,
@@ -189,14 +190,7 @@ def clip() -> nn.Module:
         bos_token_id=0,
         eos_token_id=2,
     )
-    vision = CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
+    vision = CLIPVisionConfig(**TINY_VIT)
     config = CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
     )
@@ -665,16 +659,7 @@ def vitmae() -> nn.Module:
     """ViTMAE: masks a random 75% of the patches in every forward pass (eval too), by design."""
     from transformers import ViTMAEConfig, ViTMAEModel
 
-    return ViTMAEModel(
-        ViTMAEConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
-    )
+    return ViTMAEModel(ViTMAEConfig(**TINY_VIT))
 
 
 # -- adapters -------------------------------------------------------------------------------
