@@ -28,6 +28,10 @@ How the ranks start and leave, so that no rank fails because of another's timing
   rank never reached then fails at once, instead of at the timeout;
 - each rank leads a process group of its own (its DataLoader workers belong to it), which is
   killed once the rank has ended, and a rank whose caller disappears kills itself;
+- each rank carries the environment variables torchrun gives its processes (``RANK``,
+  ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_RUN_ID``,
+  ...), and none of the caller's Accelerate state: code that finds its rank as under torchrun
+  (Accelerate, Lightning, ``transformers.Trainer``) finds the group;
 - each rank keeps its temporary files (multiprocessing's ``pymp-*`` folders, those of its
   DataLoader workers, its own) in a folder that the caller removes once the ranks have ended,
   also when they were killed;
@@ -48,6 +52,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -222,6 +227,8 @@ def _rank_main(
         if not control.poll(timeout):
             raise TimeoutError(f"the ranks were not all started within {timeout:g} s")
         port = int(control.recv())
+        os.environ.update(_launcher_environment(rank, world_size, port))
+        _forget_accelerate_state()
         wait = datetime.timedelta(seconds=timeout + _COLLECTIVE_MARGIN)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait
@@ -244,6 +251,47 @@ def _rank_main(
         # abort at exit in gloo's threads ("terminate called without an active exception").
         # The caller kills what is left of this rank's process group (DataLoader workers).
         os._exit(0)
+
+
+def _launcher_environment(rank: int, world_size: int, port: int) -> Dict[str, str]:
+    """The environment variables torchrun gives each process it starts (one node), with the
+    store's address: code that learns its rank from them (Accelerate's ``Accelerator``,
+    Lightning's ``Trainer``, ``transformers.Trainer``, ``init_process_group("env://")``)
+    finds the group as under torchrun. ``OMP_NUM_THREADS`` is set to 1 where it is unset, as
+    torchrun does for several processes on one machine."""
+    environment = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": "default",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_RUN_ID": "dltestkit",
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }
+    if "OMP_NUM_THREADS" not in os.environ:
+        environment["OMP_NUM_THREADS"] = "1"
+    return environment
+
+
+def _forget_accelerate_state() -> None:
+    """Clear what Accelerate keeps once per process (its states share one dict each, filled
+    by the first ``Accelerator``): a rank forked from a caller that built an Accelerator
+    (a ``setUp`` that makes a trainer) would otherwise inherit the caller's one-process
+    state, and its own Accelerator would not see the group, as a process started by
+    torchrun does."""
+    state = sys.modules.get("accelerate.state")
+    for name in ("PartialState", "AcceleratorState", "GradientState"):
+        shared = getattr(getattr(state, name, None), "_shared_state", None)
+        if isinstance(shared, dict):
+            shared.clear()
 
 
 def _wait_for_release(control: Any) -> None:

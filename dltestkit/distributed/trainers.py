@@ -47,6 +47,8 @@ __all__ = ["DDPTraining", "DistributedTraining"]
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
 #: A call that refused the rank or world_size keyword argument.
+#: What init_process_group raises in a process that has joined a group.
+_JOINED_TWICE = "trying to initialize the default process group twice"
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
 
 
@@ -310,6 +312,11 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                 "indices of the samples it loads. Set self.train_loader_attribute to the "
                 "name of the trainer's training DataLoader."
             )
+        # Accelerate's prepared loader passes for a DataLoader (its __class__ says so) but
+        # iterates the DataLoader it wraps, whose indices are the ones to watch.
+        inner = vars(loader).get("base_dataloader")
+        while isinstance(inner, DataLoader):
+            loader, inner = inner, vars(inner).get("base_dataloader")
         if isinstance(loader.dataset, IterableDataset):
             return None
         size = len(loader.dataset)  # type: ignore[arg-type]
@@ -349,6 +356,15 @@ class DistributedTraining(DistributedOptions, TrainerContract):
         except DistributedError as error:
             if "ContractError: " in error.first_line():  # a setUp problem, met in a rank
                 raise ContractError(error.first_line().split("ContractError: ", 1)[1]) from None
+            if _JOINED_TWICE in str(error):
+                raise self._contract_error(
+                    "make_trainer",
+                    "calls torch.distributed.init_process_group in a process that has joined "
+                    f"the group already ({error.first_line()}). {check} calls make_trainer(rank, "
+                    "world_size) in processes that joined it, as torchrun's processes have once "
+                    "your script called init_process_group: join it where your script starts, "
+                    "or only where torch.distributed.is_initialized() is False",
+                ) from None
             if explain is not None:
                 explain(error)
             self.fail(

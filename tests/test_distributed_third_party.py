@@ -1,0 +1,304 @@
+"""Distributed training built on third-party libraries: the ranks carry torchrun's
+environment, so that Accelerate's ``Accelerator``, Lightning's ``Trainer`` and
+``transformers.Trainer`` find the process group as under torchrun; DistributedTrainerTests on
+Accelerate trainers, whose prepared DataLoader the checks watch through."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import unittest
+from typing import Any, Dict, List, Tuple
+
+import torch
+from checkrunner import CheckTestCase
+from test_distributed_trainer import data, ddp_trainer_case, outcome_of
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dltestkit import run_distributed
+
+try:
+    import accelerate  # noqa: F401
+
+    MISSING = False
+except ImportError:  # the dev extra installs it
+    MISSING = True
+
+GLOBAL_BATCH = 8
+
+
+class AccelerateTrainer:
+    """A classifier trained with Accelerate, done right: ``prepare`` wraps the model in DDP and
+    shards the data; the seedable sampler gives one process the batches that the ranks share
+    out (so that its training equals theirs); ``save_state`` and ``load_state`` checkpoint,
+    and every epoch sets the data order's epoch (its own count, which a resumed run restores;
+    the prepared loader's count of its passes starts again at 0)."""
+
+    prepared = ("net", "optimizer", "train_loader")
+
+    def __init__(self, dataset: Any, rank: int = 0, world_size: int = 1) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        set_seed(0)
+        self.accelerator = Accelerator(
+            cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+        )
+        self.model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.net: Any = self.model
+        self.optimizer: Any = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.train_loader: Any = DataLoader(
+            dataset, batch_size=GLOBAL_BATCH // world_size, shuffle=True
+        )
+        pieces = {"net": self.net, "optimizer": self.optimizer, "train_loader": self.train_loader}
+        chosen = [pieces[name] for name in self.prepared]
+        for name, piece in zip(self.prepared, self.accelerator.prepare(*chosen)):
+            setattr(self, name, piece)
+        self.summary = None
+        self.epoch = 0
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.set_epoch()
+            for x, y in self.train_loader:
+                self.optimizer.zero_grad()
+                self.accelerator.backward(nn.functional.cross_entropy(self.net(x), y))
+                self.optimizer.step()
+            self.epoch += 1
+
+    def set_epoch(self) -> None:
+        self.train_loader.set_epoch(self.epoch)
+
+    def eval(self) -> float:
+        return 0.0
+
+    def save_checkpoint(self, path: str) -> None:
+        self.accelerator.save_state(path)
+        if self.accelerator.is_main_process:
+            torch.save({"epoch": self.epoch}, os.path.join(path, "epoch.pt"))
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: str) -> None:
+        self.accelerator.load_state(path)
+        self.epoch = torch.load(os.path.join(path, "epoch.pt"))["epoch"]
+
+
+class LoaderNotPrepared(AccelerateTrainer):
+    """The DataLoader is left out of ``prepare``: every rank trains on the whole data."""
+
+    prepared = ("net", "optimizer")
+
+    def set_epoch(self) -> None:  # a plain DataLoader has no epoch to set
+        pass
+
+
+class ModelNotPrepared(AccelerateTrainer):
+    """The model is left out of ``prepare``: no DDP, each rank's gradients its own."""
+
+    prepared = ("optimizer", "train_loader")
+
+
+class EpochNotRestored(AccelerateTrainer):
+    """Leaves the data order's epoch to the prepared loader, which counts its own passes: a
+    resumed run shuffles as the first epoch did."""
+
+    def set_epoch(self) -> None:
+        pass
+
+
+class Pairs(torch.utils.data.Dataset):
+    """32 samples as dicts, as transformers.Trainer takes them."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.x = torch.randn(32, 6, generator=generator)
+        self.y = torch.randint(0, 3, (32,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def lightning_fit(rank: int, world_size: int) -> Tuple[str, str, int, List[float]]:
+    """One epoch of Lightning's Trainer with strategy="ddp" on this rank: the strategy, the
+    cluster environment, the batches this rank trained on, the weights."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = Classifier()
+            self.batches = 0
+
+        def training_step(self, batch: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
+            self.batches += 1
+            return self.classifier(**batch)["loss"]
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(rank)  # DDP gives every rank rank 0's weights
+    module = Module()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(Pairs(), batch_size=4, shuffle=True))
+    environment = type(trainer.strategy.cluster_environment).__name__  # type: ignore[attr-defined]
+    weights = module.classifier.net.weight.flatten().tolist()
+    return type(trainer.strategy).__name__, environment, module.batches, weights
+
+
+def transformers_train(rank: int, world_size: int) -> Tuple[int, str, int, List[float]]:
+    """One epoch of transformers.Trainer on this rank: its world size, how it wrapped the
+    model, the batches per epoch, the weights."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = Classifier()
+    with tempfile.TemporaryDirectory() as folder:
+        arguments = TrainingArguments(
+            output_dir=folder,
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            num_train_epochs=1,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            ddp_find_unused_parameters=False,
+        )
+        trainer = Trainer(model=model, args=arguments, train_dataset=Pairs())
+        trainer.train()
+        wrapper = type(trainer.model_wrapped).__name__
+        batches = len(trainer.get_train_dataloader())
+    return arguments.world_size, wrapper, batches, model.net.weight.flatten().tolist()
+
+
+class JoinsTheGroupItself(AccelerateTrainer):
+    """Calls init_process_group in its constructor, as a script started by torchrun may."""
+
+    def __init__(self, dataset: Any, rank: int = 0, world_size: int = 1) -> None:
+        if world_size > 1:
+            torch.distributed.init_process_group("gloo")
+        super().__init__(dataset, rank, world_size)
+
+
+def torchrun_environment(rank: int, world_size: int) -> Dict[str, str]:
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+    found = {name: os.environ.get(name, "") for name in names}
+    found["launched"] = str(torch.distributed.is_torchelastic_launched())
+    return found
+
+
+class TorchrunEnvironment(unittest.TestCase):
+    def test_each_rank_has_torchruns_variables_and_the_caller_none_of_them(self) -> None:
+        before = dict(os.environ)
+        found = run_distributed(torchrun_environment, 2)
+        self.assertEqual(
+            found,
+            [
+                {
+                    "RANK": str(rank),
+                    "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": "2",
+                    "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "launched": "True",
+                }
+                for rank in range(2)
+            ],
+        )
+        self.assertEqual(dict(os.environ), before)
+
+    @unittest.skipIf(MISSING, "needs accelerate (the dev extra)")
+    def test_lightning_and_transformers_trainers_train_data_parallel_over_the_ranks(
+        self,
+    ) -> None:
+        # (without torchrun's variables Lightning starts processes of its own, running this
+        # process's command line again, and names its LightningEnvironment)
+        import pytorch_lightning  # noqa: F401  (imported once here, not in every rank)
+        import transformers.trainer  # noqa: F401
+
+        first, second = run_distributed(lightning_fit, 2)
+        self.assertEqual(first[:3], ("DDPStrategy", "TorchElasticEnvironment", 4))
+        self.assertEqual(first, second)  # the same weights: the gradients were averaged
+        first, second = run_distributed(transformers_train, 2)
+        self.assertEqual(first[:3], (2, "DistributedDataParallel", 4))
+        self.assertEqual(first, second)
+
+
+@unittest.skipIf(MISSING, "needs accelerate (the dev extra)")
+class AccelerateTrainers(CheckTestCase):
+    def test_a_correct_trainer_passes_every_part_and_resumes_on_another_number_of_ranks(
+        self,
+    ) -> None:
+        case = ddp_trainer_case(AccelerateTrainer, single_process_tolerance=(1e-5, 1e-6))
+        self.assertPasses(case, "test_ddp_training")
+        self.assertPasses(case, "test_resume_across_world_sizes")
+
+    def test_a_loader_left_out_of_prepare_fails_in_the_data_part(self) -> None:
+        found = outcome_of(ddp_trainer_case(LoaderNotPrepared))
+        self.assertEqual(set(found) - {"skipped"}, {"data", "check"}, found)
+        self.assertIn(
+            "in epoch 0 the 2 ranks together did not load each of the "
+            f"{len(data())} training samples once",
+            found["data"][0],
+        )
+        self.assertIn("gives every rank the whole dataset", found["data"][0])
+
+    def test_a_model_left_out_of_prepare_fails_at_the_end(self) -> None:
+        found = outcome_of(ddp_trainer_case(ModelNotPrepared))
+        self.assertEqual(set(found) - {"skipped"}, {"end", "check"}, found)
+        self.assertIn(
+            "after 2 epochs rank 1 has other weights than rank 0 (0.weight Mismatched elements",
+            found["end"][0],
+        )
+        self.assertIn("the ranks' gradients are not averaged", found["end"][0])
+
+    def test_a_trainer_that_joins_the_group_itself_is_told_where_to_join_it(self) -> None:
+        self.assertErrorsWith(
+            ddp_trainer_case(JoinsTheGroupItself),
+            "test_ddp_training",
+            "ContractError: self.make_trainer (a method of Case) calls "
+            "torch.distributed.init_process_group in a process that has joined the group "
+            "already (rank ",  # (whichever rank came first)
+            ": ValueError: trying to initialize the default process group twice!). "
+            "test_ddp_training calls make_trainer(rank, world_size) in processes that joined it",
+            "only where torch.distributed.is_initialized() is False",
+        )
+
+    def test_an_epoch_not_restored_fails_to_resume_naming_the_data_position(self) -> None:
+        case = ddp_trainer_case(EpochNotRestored, single_process_tolerance=(1e-5, 1e-6))
+        self.assertFailsWith(
+            case,
+            "test_resume_across_world_sizes",
+            "a run resumed on 1 rank from the checkpoint that 2 ranks saved differs from an "
+            "uninterrupted one",
+            "- data position: in the epoch after resuming, rank 0 of 1 loaded other samples "
+            "than an uninterrupted run on 1 rank loads in its second epoch",
+            "the first epoch's order again: the epoch is not restored",
+        )
+
+
+if __name__ == "__main__":
+    unittest.main()
