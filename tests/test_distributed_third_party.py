@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from checkrunner import CheckTestCase
-from test_distributed_trainer import data, ddp_trainer_case, outcome_of
+from test_distributed_trainer import ClassifierTrainer, data, ddp_trainer_case, outcome_of
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -203,6 +203,17 @@ class JoinsTheGroupItself(AccelerateTrainer):
         super().__init__(dataset, rank, world_size)
 
 
+class FSDP1Trainer(ClassifierTrainer):
+    """Shards its model with FullyShardedDataParallel (FSDP1), which needs a GPU."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if self.world_size > 1:
+            self.model = FullyShardedDataParallel(model, use_orig_params=True)
+        return self.model
+
+
 def torchrun_environment(rank: int, world_size: int) -> Dict[str, str]:
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
     found = {name: os.environ.get(name, "") for name in names}
@@ -245,6 +256,22 @@ class TorchrunEnvironment(unittest.TestCase):
         first, second = run_distributed(transformers_train, 2)
         self.assertEqual(first[:3], (2, "DistributedDataParallel", 4))
         self.assertEqual(first, second)
+
+
+class FSDP1(CheckTestCase):
+    @unittest.skipIf(torch.cuda.is_available(), "FSDP1 runs where there is a GPU")
+    def test_a_trainer_sharding_with_fsdp1_skips_on_the_cpu_naming_the_line(self) -> None:
+        for check in ("test_ddp_training", "test_fsdp_training"):
+            with self.subTest(check):
+                self.assertSkipsWith(
+                    ddp_trainer_case(FSDP1Trainer),
+                    check,
+                    f"{check} cannot run this trainer on the CPU processes it starts: "
+                    "FullyShardedDataParallel (FSDP1) refuses a machine without a GPU (rank ",
+                    "RuntimeError: FSDP needs a non-CPU accelerator device",
+                    "in wrap (self.model = FullyShardedDataParallel(model, use_orig_params=True))"
+                    ". Nothing was compared. fully_shard (FSDP2) runs on the CPU",
+                )
 
 
 @unittest.skipIf(MISSING, "needs accelerate (the dev extra)")

@@ -14,13 +14,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Frame", "Stack", "hang_report", "read_stack"]
+__all__ = ["Frame", "Stack", "hang_report", "raising_user_frame", "read_stack"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"])
 _THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)")
 _FRAME = re.compile(r'^\s+File "(?P<path>.*)", line (?P<line>\d+) in (?P<function>.*)$')
+#: A frame of a Python traceback (its text, as a rank hands it back).
+_TRACEBACK_FRAME = re.compile(
+    r'^\s+File "(?P<path>.*)", line (?P<line>\d+), in (?P<function>.*)$', re.M
+)
 #: What a thread waiting for a lock runs (threading's, logging's), or a line that takes one.
 _LOCK_FUNCTIONS = {"acquire", "wait", "__enter__", "_acquireLock", "_wait_for_tstate_lock"}
 _LOCK_LINE = re.compile(r"lock|acquire|Condition|Semaphore", re.IGNORECASE)
@@ -83,6 +87,16 @@ class Stack:
         return frame is not None and (
             frame.function in _LOCK_FUNCTIONS or bool(_LOCK_LINE.search(frame.source()))
         )
+
+
+def raising_user_frame(traceback_text: str) -> Optional[Frame]:
+    """The innermost frame of the user's code in a traceback's text (the line of theirs
+    that led to the exception), or None."""
+    frames = [
+        Frame(found["path"], int(found["line"]), found["function"])
+        for found in _TRACEBACK_FRAME.finditer(traceback_text)
+    ]
+    return next((frame for frame in reversed(frames) if frame.in_user_code), None)
 
 
 def read_stack(path: str) -> Optional[Stack]:

@@ -41,12 +41,15 @@ from .launch import DistributedError, _start_method
 from .options import DistributedOptions, is_tolerance
 from .rank_warnings import recorded, show_once
 from .sharding import gathered, is_sharded, sharded_names
+from .stacks import raising_user_frame
 
 __all__ = ["DDPTraining", "DistributedTraining"]
 
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
 #: A call that refused the rank or world_size keyword argument.
+#: What FullyShardedDataParallel (FSDP1) raises on a machine without a GPU.
+_NEEDS_A_GPU = "FSDP needs a non-CPU accelerator device"
 #: What init_process_group raises in a process that has joined a group.
 _JOINED_TWICE = "trying to initialize the default process group twice"
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
@@ -365,6 +368,16 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                     "your script called init_process_group: join it where your script starts, "
                     "or only where torch.distributed.is_initialized() is False",
                 ) from None
+            if _NEEDS_A_GPU in str(error):
+                frame = raising_user_frame(str(error))
+                self.skipTest(
+                    f"{check} cannot run this trainer on the CPU processes it starts: "
+                    "FullyShardedDataParallel (FSDP1) refuses a machine without a GPU "
+                    f"({error.first_line()})"
+                    + (f", at {frame.described()}" if frame else "")
+                    + ". Nothing was compared. fully_shard (FSDP2) runs on the CPU, and "
+                    "test_fsdp_training checks a trainer that shards with it."
+                )
             if explain is not None:
                 explain(error)
             self.fail(
