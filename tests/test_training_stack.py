@@ -318,7 +318,7 @@ class CompiledTraining(CheckTestCase):
             stack_case(st.IgnoresTheCompileBackend, compile_with="eager"),
             COMPILED,
             "ContractError: self.make_trainer set in Case.setUp built with "
-            "compile_backend=<a torch.compile backend> a trainer that compiled nothing",
+            "compile_backend='eager' a trainer that compiled nothing",
         )
 
 

@@ -216,7 +216,8 @@ class GradientAccumulation(TrainerContract):
                 f"of its window (steps after {listed([str(a) for a in actual])} micro-batches, "
                 f"where {listed([str(e) for e in expected])} make the whole batches): a step "
                 "before the last micro-batch of the window, usually `if step % k == 0` with "
-                "step counted from 0 where `(step + 1) % k == 0` was meant"
+                "step counted from 0 where `(step + 1) % k == 0` was meant, or, with "
+                "Accelerate, a micro-batch trained outside `with accelerator.accumulate(model)`"
             )
         if actual == expected[:-1] and expected[-1] < k:
             return _Finding(

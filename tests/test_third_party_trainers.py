@@ -1,18 +1,22 @@
-"""Distributed training built on third-party libraries: the ranks carry torchrun's
+"""Trainers built on third-party libraries. Distributed: the ranks carry torchrun's
 environment, so that Accelerate's ``Accelerator``, Lightning's ``Trainer`` and
 ``transformers.Trainer`` find the process group as under torchrun; DistributedTrainerTests on
-Accelerate trainers, whose prepared DataLoader the checks watch through."""
+Accelerate trainers, whose prepared DataLoader the checks watch through. One process:
+TrainerTests' training-stack checks on an Accelerate trainer that accumulates with
+``accelerator.accumulate``, autocasts with ``mixed_precision="bf16"`` and compiles with its
+``TorchDynamoPlugin`` (which takes a backend's name)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import unittest
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from checkrunner import CheckTestCase
 from test_distributed_trainer import ClassifierTrainer, data, ddp_trainer_case, outcome_of
+from test_training_stack import stack_case
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -258,6 +262,68 @@ class TorchrunEnvironment(unittest.TestCase):
         self.assertEqual(first, second)
 
 
+class StackTrainer:
+    """An Accelerate trainer whose make_trainer keywords set Accelerate's own switches:
+    gradient_accumulation_steps (with ``accelerator.accumulate``), mixed_precision and a
+    TorchDynamoPlugin; a fresh Accelerate state each time (it is one per process)."""
+
+    def __init__(
+        self,
+        accumulation_steps: int = 1,
+        precision: str = "32",
+        compile_backend: Optional[str] = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import TorchDynamoPlugin, set_seed
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        set_seed(0)
+        plugin = None if compile_backend is None else TorchDynamoPlugin(backend=compile_backend)
+        self.accelerator = Accelerator(
+            cpu=True,
+            gradient_accumulation_steps=accumulation_steps,
+            mixed_precision="bf16" if precision == "bf16" else "no",
+            dynamo_plugin=plugin,
+        )
+        self.model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        dataset = data()
+        loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // accumulation_steps)
+        self.net, self.optimizer, self.train_loader = self.accelerator.prepare(
+            self.model, optimizer, loader
+        )
+        self.validation = dataset.tensors
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.net.train()
+            for x, y in self.train_loader:
+                with self.accelerator.accumulate(self.net):
+                    self.micro_batch(x, y)
+
+    def micro_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.accelerator.backward(nn.functional.cross_entropy(self.net(x), y))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def eval(self) -> float:
+        x, y = self.validation
+        with torch.no_grad():
+            return nn.functional.cross_entropy(self.net(x).float(), y).item()
+
+
+class AccumulatesOutsideItsContext(StackTrainer):
+    """Leaves out ``accelerator.accumulate``: Accelerate divides each loss by the number of
+    steps all the same, and the optimizer steps after every micro-batch."""
+
+    def train(self, epochs: int) -> None:
+        for _ in range(epochs):
+            self.net.train()
+            for x, y in self.train_loader:
+                self.micro_batch(x, y)
+
+
 class FSDP1(CheckTestCase):
     @unittest.skipIf(torch.cuda.is_available(), "FSDP1 runs where there is a GPU")
     def test_a_trainer_sharding_with_fsdp1_skips_on_the_cpu_naming_the_line(self) -> None:
@@ -301,6 +367,26 @@ class AccelerateTrainers(CheckTestCase):
             found["end"][0],
         )
         self.assertIn("the ranks' gradients are not averaged", found["end"][0])
+
+    def test_accumulation_mixed_precision_and_compiling_by_accelerates_switches_pass(
+        self,
+    ) -> None:
+        case = stack_case(StackTrainer, writer_attribute=None)
+        for check in ("test_gradient_accumulation", "test_compiled_training"):
+            self.assertPasses(case, check)
+        self.assertPasses(
+            case,
+            "test_mixed_precision",
+            allowed_skips=["make_trainer does not take the keyword argument grad_scale"],
+        )
+
+    def test_accumulation_outside_accelerates_context_fails(self) -> None:
+        self.assertFailsWith(
+            stack_case(AccumulatesOutsideItsContext, writer_attribute=None),
+            "test_gradient_accumulation",
+            "the first optimizer step came after 1 of the 2 micro-batches of its window",
+            "with Accelerate, a micro-batch trained outside `with accelerator.accumulate(model)`",
+        )
 
     def test_a_trainer_that_joins_the_group_itself_is_told_where_to_join_it(self) -> None:
         self.assertErrorsWith(
