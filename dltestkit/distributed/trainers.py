@@ -11,14 +11,12 @@ parameters gathered whole), the samples each loaded in each epoch, and what they
 from __future__ import annotations
 
 import collections
-import operator
 import re
 from typing import (
     Any,
     Callable,
     ClassVar,
     Dict,
-    Iterator,
     List,
     NoReturn,
     Optional,
@@ -29,7 +27,7 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from ..core.contract import check
 from ..core.options import UNSET, ContractError, option
@@ -40,6 +38,7 @@ from ..trainers.state import difference
 from .launch import DistributedError, _start_method
 from .options import DistributedOptions, is_tolerance
 from .rank_warnings import recorded, show_once
+from .samples import RecordingSampler, watch_indices
 from .sharding import gathered, is_sharded, sharded_names
 from .stacks import raising_user_frame
 
@@ -53,45 +52,6 @@ _NEEDS_A_GPU = "FSDP needs a non-CPU accelerator device"
 #: What init_process_group raises in a process that has joined a group.
 _JOINED_TWICE = "trying to initialize the default process group twice"
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
-
-
-class _RecordingSampler:
-    """Takes the place of what hands out a DataLoader's indices (its sampler, or its batch
-    sampler, which hands out lists of indices) and notes the indices, one list per pass
-    (epoch); everything else is the sampler's."""
-
-    def __init__(self, sampler: Any, dataset_size: int, batches: bool) -> None:
-        self.sampler = sampler
-        self.dataset_size = dataset_size
-        self.batches = batches  # whether the sampler hands out batches of indices
-        self.epochs: List[List[Any]] = []
-        self.largest_batch = 1
-
-    def __iter__(self) -> Iterator[Any]:
-        seen: List[Any] = []
-        self.epochs.append(seen)
-        for item in self.sampler:
-            if self.batches:
-                batch = [_index(index) for index in item]
-                seen.extend(batch)
-                self.largest_batch = max(self.largest_batch, len(batch))
-            else:
-                seen.append(_index(item))
-            yield item
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sampler, name)
-
-
-def _index(index: Any) -> Any:
-    """A sample's index as an int (from a tensor or NumPy number too); other keys as they are."""
-    try:
-        return operator.index(index)
-    except TypeError:
-        return index
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -304,7 +264,7 @@ class DistributedTraining(DistributedOptions, TrainerContract):
             )
         return trainer
 
-    def _record_samples(self, trainer: Any) -> Optional[_RecordingSampler]:
+    def _record_samples(self, trainer: Any) -> Optional[RecordingSampler]:
         """Put a recorder where the training DataLoader gets its indices from; None for a
         loader of an IterableDataset, whose samples have no indices."""
         loader = getattr(trainer, self.train_loader_attribute, None)
@@ -315,25 +275,7 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                 "indices of the samples it loads. Set self.train_loader_attribute to the "
                 "name of the trainer's training DataLoader."
             )
-        # Accelerate's prepared loader passes for a DataLoader (its __class__ says so) but
-        # iterates the DataLoader it wraps, whose indices are the ones to watch.
-        inner = vars(loader).get("base_dataloader")
-        while isinstance(inner, DataLoader):
-            loader, inner = inner, vars(inner).get("base_dataloader")
-        if isinstance(loader.dataset, IterableDataset):
-            return None
-        size = len(loader.dataset)  # type: ignore[arg-type]
-        batches = loader.batch_sampler
-        if type(batches) is BatchSampler:  # batch_size=...: the sampler's indices, in batches
-            recorder = _RecordingSampler(batches.sampler, size, batches=False)
-            batches.sampler = recorder
-        elif batches is not None:  # batch_sampler=...: the lists of indices it hands out
-            recorder = _RecordingSampler(batches, size, batches=True)
-            object.__setattr__(loader, "batch_sampler", recorder)  # DataLoader forbids it
-        else:  # batch_size=None: one sample at a time
-            recorder = _RecordingSampler(loader.sampler, size, batches=False)
-            object.__setattr__(loader, "sampler", recorder)
-        return recorder
+        return watch_indices(loader)
 
     def _launch(
         self,
