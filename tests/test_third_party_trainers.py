@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from checkrunner import CheckTestCase
 from test_distributed_trainer import ClassifierTrainer, data, ddp_trainer_case, outcome_of
+from test_fsdp import ShardedTrainer
+from test_fsdp import trainer_case as fsdp_trainer_case
 from test_training_stack import stack_case
 from torch import nn
 from torch.utils.data import DataLoader
@@ -218,6 +220,25 @@ class FSDP1Trainer(ClassifierTrainer):
         return self.model
 
 
+class OffloadsToPinnedMemory(ShardedTrainer):
+    """fully_shard with CPUOffloadPolicy(), which pins its CPU copies by default: CUDA's."""
+
+    pin_memory = True
+
+    def shard(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        if self.world_size > 1:
+            offload = CPUOffloadPolicy(pin_memory=self.pin_memory)
+            mesh = init_device_mesh("cpu", (self.world_size,))
+            fully_shard(self.model, mesh=mesh, offload_policy=offload)
+
+
+class OffloadsToPlainMemory(OffloadsToPinnedMemory):
+    pin_memory = False
+
+
 def torchrun_environment(rank: int, world_size: int) -> Dict[str, str]:
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
     found = {name: os.environ.get(name, "") for name in names}
@@ -338,6 +359,24 @@ class FSDP1(CheckTestCase):
                     "in wrap (self.model = FullyShardedDataParallel(model, use_orig_params=True))"
                     ". Nothing was compared. fully_shard (FSDP2) runs on the CPU",
                 )
+
+    @unittest.skipIf(torch.cuda.is_available(), "pinned memory is there with a GPU")
+    def test_an_offload_to_pinned_memory_skips_on_the_cpu_and_one_to_plain_memory_runs(
+        self,
+    ) -> None:
+        self.assertSkipsWith(
+            fsdp_trainer_case(OffloadsToPinnedMemory),
+            "test_fsdp_training",
+            "test_fsdp_training cannot run this trainer on the CPU processes it starts: it "
+            "asks for CUDA (a CUDA device, or pinned memory, as fully_shard's "
+            "CPUOffloadPolicy() pins by default), which this machine does not have (rank ",
+            "RuntimeError: Found no NVIDIA driver on your system",
+            "in shard (fully_shard(self.model, mesh=mesh, offload_policy=offload))",
+        )
+        self.assertPasses(
+            fsdp_trainer_case(OffloadsToPlainMemory, single_process_tolerance=(1e-5, 1e-6)),
+            "test_fsdp_training",
+        )
 
 
 @unittest.skipIf(MISSING, "needs accelerate (the dev extra)")

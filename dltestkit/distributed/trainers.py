@@ -47,8 +47,24 @@ __all__ = ["DDPTraining", "DistributedTraining"]
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
 #: A call that refused the rank or world_size keyword argument.
-#: What FullyShardedDataParallel (FSDP1) raises on a machine without a GPU.
-_NEEDS_A_GPU = "FSDP needs a non-CPU accelerator device"
+_CUDA = (
+    "it asks for CUDA (a CUDA device, or pinned memory, as fully_shard's CPUOffloadPolicy() "
+    "pins by default), which this machine does not have",
+    "A trainer that takes its device from torch.cuda.is_available() (and "
+    "CPUOffloadPolicy(pin_memory=False) where there is no GPU) runs here.",
+)
+#: What a trainer meets on a machine without a GPU when it needs one: what it needs, and
+#: what runs here instead.
+_NEEDS_A_GPU = {
+    "FSDP needs a non-CPU accelerator device": (
+        "FullyShardedDataParallel (FSDP1) refuses a machine without a GPU",
+        "fully_shard (FSDP2) runs on the CPU, and test_fsdp_training checks a trainer that "
+        "shards with it.",
+    ),
+    "Found no NVIDIA driver on your system": _CUDA,
+    "Torch not compiled with CUDA enabled": _CUDA,
+    "No CUDA GPUs are available": _CUDA,
+}
 #: What init_process_group raises in a process that has joined a group.
 _JOINED_TWICE = "trying to initialize the default process group twice"
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
@@ -310,15 +326,14 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                     "your script called init_process_group: join it where your script starts, "
                     "or only where torch.distributed.is_initialized() is False",
                 ) from None
-            if _NEEDS_A_GPU in str(error):
+            needs = next((why for seen, why in _NEEDS_A_GPU.items() if seen in str(error)), None)
+            if needs is not None:
                 frame = raising_user_frame(str(error))
                 self.skipTest(
                     f"{check} cannot run this trainer on the CPU processes it starts: "
-                    "FullyShardedDataParallel (FSDP1) refuses a machine without a GPU "
-                    f"({error.first_line()})"
+                    f"{needs[0]} ({error.first_line()})"
                     + (f", at {frame.described()}" if frame else "")
-                    + ". Nothing was compared. fully_shard (FSDP2) runs on the CPU, and "
-                    "test_fsdp_training checks a trainer that shards with it."
+                    + f". Nothing was compared. {needs[1]}"
                 )
             if explain is not None:
                 explain(error)
