@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import shutil
+import tempfile
 import unittest
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,42 @@ class Lightning(CheckTestCase):
             "within epoch 2, from step to step:",
             f"{holds}: 4 tensors with grad_fn",
         )
+
+    def test_with_the_runs_length_one_epoch_at_a_time_trains_as_one_fit(self) -> None:
+        from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+        class Averaging(LightningAdapter):  # SWA starts and ends from max_epochs
+            def callbacks(self) -> list:
+                averaging = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+                return [*super().callbacks(), averaging]
+
+        def weights(epochs: list, **options: Any) -> torch.Tensor:
+            folder = tempfile.mkdtemp(prefix="dltestkit-lightning-")
+            self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+            torch.manual_seed(0)
+            order = torch.Generator().manual_seed(1)
+            adapter = Averaging(
+                Classifier(),
+                DataLoader(DATA, batch_size=4, shuffle=True, generator=order),
+                DataLoader(DATA, batch_size=8),
+                log_dir=folder,
+                **options,
+            )
+            for count in epochs:
+                adapter.train(count)
+            return torch.cat([p.detach().flatten() for p in adapter.model.parameters()])
+
+        start = weights([])
+        whole = weights([3])
+        self.assertFalse(torch.equal(whole, start))
+        self.assertTrue(torch.equal(weights([1, 1, 1], max_epochs=3), whole))
+        # without it, fits of 1 and 2 epochs end before SWA starts, and SWA hands the model
+        # its average, never updated: the weights it started with
+        self.assertTrue(torch.equal(weights([1, 1, 1]), start))
+        case = lightning_case(lambda *a, **k: Averaging(*a, max_epochs=3, **k))
+        for name in ("test_frozen_parameters", "test_resume"):
+            with self.subTest(name):
+                self.assertPasses(case, name)
 
     def test_an_adapter_without_a_model_attribute_is_told_so(self) -> None:
         class KeepsItAsModule(LightningAdapter):

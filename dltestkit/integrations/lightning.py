@@ -66,6 +66,17 @@ class RandomState(pl.Callback):
         torch.set_rng_state(state_dict["torch"])
 
 
+class _StopAfter(pl.Callback):
+    """Ends the fit after the epoch that brings it to ``epochs`` epochs in all."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 class LightningAdapter:
     """A LightningModule and its data loaders as TrainerTests sees a trainer. On the CPU,
     without progress bar or model summary; the logs and checkpoints go to ``log_dir`` only.
@@ -78,6 +89,12 @@ class LightningAdapter:
         log_dir: the folder of the TensorBoard logs and the checkpoints (a test gives it
             ``self.make_temp_dir()``).
         val_metric: the metric ``validation_step`` logs as the evaluation loss.
+        max_epochs: the length of the run your ``pl.Trainer(max_epochs=...)`` is set up for,
+            which every fit is given (each stops after the epochs ``train`` asks for), so that
+            callbacks and schedulers that read it see your run's: ``StochasticWeightAveraging``
+            (which starts and ends its average from it), a scheduler sized by
+            ``trainer.estimated_stepping_batches``. None: each fit's ``max_epochs`` is the
+            number of epochs trained so far.
         trainer_options: more arguments of every ``pl.Trainer`` it builds, for fitting and
             validating: ``accumulate_grad_batches=k``, ``precision="bf16-mixed"``, ...
     """
@@ -89,6 +106,7 @@ class LightningAdapter:
         val_loader: Any,
         log_dir: Union[str, Path],
         val_metric: str = "val/loss",
+        max_epochs: Optional[int] = None,
         **trainer_options: Any,
     ) -> None:
         self.model = module
@@ -96,6 +114,7 @@ class LightningAdapter:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.log_dir = str(log_dir)
         self.val_metric = val_metric
+        self.max_epochs = max_epochs
         self.logger = TensorBoardLogger(self.log_dir, name="", version="", default_hp_metric=False)
         self.summary = self.logger.experiment  # the SummaryWriter Lightning logs to
         self.optimizer: Optional[Any] = None  # fit() builds it
@@ -118,11 +137,14 @@ class LightningAdapter:
     def train(self, epochs: int) -> None:
         """Train ``epochs`` more epochs: a new ``fit`` that resumes from the checkpoint the
         previous one left, as a resumed run would (Lightning builds a new optimizer in every
-        ``fit``)."""
+        ``fit``), and that ends after them (given ``max_epochs``: a fit of the whole run,
+        stopped)."""
         self.epochs += epochs
         with quiet():
             trainer = self.lightning_trainer(
-                max_epochs=self.epochs, logger=self.logger, callbacks=self.callbacks()
+                max_epochs=max(self.max_epochs or 0, self.epochs),
+                logger=self.logger,
+                callbacks=[*self.callbacks(), _StopAfter(self.epochs)],
             )
             trainer.fit(
                 self.model,
