@@ -20,9 +20,9 @@ from test_fsdp import ShardedTrainer
 from test_fsdp import trainer_case as fsdp_trainer_case
 from test_training_stack import stack_case
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from dltestkit import run_distributed
+from dltestkit import DistributedTrainerTests, run_distributed
 
 try:
     import accelerate  # noqa: F401
@@ -239,6 +239,65 @@ class OffloadsToPlainMemory(OffloadsToPinnedMemory):
     pin_memory = False
 
 
+def lightning_classifier() -> Any:
+    """A LightningModule without batch statistics or dropout, trained with SGD on a mean loss:
+    its data-parallel training equals one process's."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = Classifier()
+
+        def training_step(self, batch: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
+            loss = self.classifier(**batch)["loss"]
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch: Dict[str, torch.Tensor], index: int) -> None:
+            self.log("val/loss", self.classifier(**batch)["loss"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module()
+
+
+def lightning_ddp_case(own_sampler: bool) -> type:
+    """DistributedTrainerTests on the LightningAdapter with strategy="ddp" on world_size
+    devices: with a DistributedSampler of the test's (and use_distributed_sampler=False), or
+    with the one Lightning makes."""
+    from dltestkit.integrations.lightning import LightningAdapter
+
+    def make_trainer(self: Any, rank: int = 0, world_size: int = 1) -> Any:
+        torch.manual_seed(0)
+        if own_sampler:
+            sampler = DistributedSampler(Pairs(), num_replicas=world_size, rank=rank, seed=3)
+            loader = DataLoader(Pairs(), batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
+            options = {"use_distributed_sampler": False}
+        else:
+            order = torch.Generator().manual_seed(3)
+            loader = DataLoader(
+                Pairs(), batch_size=GLOBAL_BATCH // world_size, shuffle=True, generator=order
+            )
+            options = {}
+        return LightningAdapter(
+            lightning_classifier(),
+            loader,
+            DataLoader(Pairs(), batch_size=GLOBAL_BATCH),
+            log_dir=self.make_temp_dir(),
+            devices=world_size,
+            strategy="ddp" if world_size > 1 else "auto",
+            **options,
+        )
+
+    return type(
+        "Case",
+        (DistributedTrainerTests, unittest.TestCase),
+        {"make_trainer": make_trainer, "single_process_tolerance": (1e-5, 1e-6), "seed": 0},
+    )
+
+
 def torchrun_environment(rank: int, world_size: int) -> Dict[str, str]:
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
     found = {name: os.environ.get(name, "") for name in names}
@@ -343,6 +402,27 @@ class AccumulatesOutsideItsContext(StackTrainer):
             self.net.train()
             for x, y in self.train_loader:
                 self.micro_batch(x, y)
+
+
+class LightningDDP(CheckTestCase):
+    def test_the_adapter_with_a_distributed_sampler_passes_and_resumes(self) -> None:
+        case = lightning_ddp_case(own_sampler=True)
+        for check in ("test_ddp_training", "test_resume_across_world_sizes"):
+            with self.subTest(check):
+                self.assertPasses(case, check)
+
+    def test_the_sampler_lightning_makes_is_out_of_sight_and_the_message_says_so(self) -> None:
+        found = outcome_of(lightning_ddp_case(own_sampler=False))
+        self.assertEqual(set(found) - {"skipped"}, {"data", "check"}, found)
+        self.assertIn(
+            "in epoch 0 rank 0 drew no sample from trainer.train_loader: ", found["data"][0]
+        )
+        self.assertIn(
+            "Lightning's Trainer on several devices makes one with a DistributedSampler: give "
+            "the DataLoader a DistributedSampler(dataset, num_replicas=world_size, rank=rank) "
+            "and the Trainer use_distributed_sampler=False",
+            found["data"][0],
+        )
 
 
 class FSDP1(CheckTestCase):

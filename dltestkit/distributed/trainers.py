@@ -415,8 +415,12 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                     self.fail(
                         f"in epoch {epoch} rank {rank} drew no sample from "
                         f"trainer.{self.train_loader_attribute}: train(1) does not "
-                        "iterate that DataLoader (set self.train_loader_attribute), or "
-                        "makes a new one each epoch."
+                        "iterate that DataLoader (set self.train_loader_attribute), makes "
+                        "a new one each epoch, or hands the data to code that makes a "
+                        "DataLoader of its own (Lightning's Trainer on several devices makes "
+                        "one with a DistributedSampler: give the DataLoader a "
+                        "DistributedSampler(dataset, num_replicas=world_size, rank=rank) and "
+                        "the Trainer use_distributed_sampler=False)."
                     )
                 for index in result["epochs"][epoch]:
                     seen[index].append(rank)

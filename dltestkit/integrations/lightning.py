@@ -53,16 +53,20 @@ def quiet() -> Iterator[None]:
 class RandomState(pl.Callback):
     """Puts the state of the generator that shuffles the training data and torch's global
     random state (which dropout draws from) into Lightning's checkpoints, which leave them
-    out: without it a resumed run sees another data order and other dropout masks."""
+    out: without it a resumed run sees another data order and other dropout masks. A loader
+    without a generator of its own (one whose sampler orders the data by its seed and epoch,
+    as DistributedSampler does) has only torch's random state saved."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: Optional[torch.Generator]) -> None:
         self.generator = generator
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"data_order": self.generator.get_state(), "torch": torch.get_rng_state()}
+        order = None if self.generator is None else self.generator.get_state()
+        return {"data_order": order, "torch": torch.get_rng_state()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.generator.set_state(state_dict["data_order"])
+        if self.generator is not None and state_dict["data_order"] is not None:
+            self.generator.set_state(state_dict["data_order"])
         torch.set_rng_state(state_dict["torch"])
 
 
@@ -120,19 +124,20 @@ class LightningAdapter:
         self.optimizer: Optional[Any] = None  # fit() builds it
         self.epochs = 0
         self.last_checkpoint: Optional[str] = None  # the next fit() resumes from it
+        self._checkpoints: Optional[str] = None  # the folder of last_checkpoint
 
     def lightning_trainer(self, **options: Any) -> pl.Trainer:
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=self.log_dir,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            **{**self.trainer_options, **options},
-        )
+        defaults: Dict[str, Any] = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": self.log_dir,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+        }
+        return pl.Trainer(**{**defaults, **self.trainer_options, **options})
 
     def train(self, epochs: int) -> None:
         """Train ``epochs`` more epochs: a new ``fit`` that resumes from the checkpoint the
@@ -154,8 +159,20 @@ class LightningAdapter:
                 weights_only=True,
             )
             self.optimizer = trainer.optimizers[0]
-            self.last_checkpoint = f"{self.log_dir}/last.ckpt"
-            trainer.save_checkpoint(self.last_checkpoint)
+            self.last_checkpoint = f"{self._checkpoint_folder()}/last.ckpt"
+            trainer.save_checkpoint(self.last_checkpoint)  # by rank 0; then all wait for it
+
+    def _checkpoint_folder(self) -> str:
+        """Where the fits leave their checkpoints: ``log_dir``, or, on several ranks joined in
+        a process group (distributed training), rank 0's, where Lightning writes them and
+        every rank resumes from (each rank may have been given a folder of its own)."""
+        if self._checkpoints is None:
+            folder = [self.log_dir]
+            distributed = torch.distributed
+            if distributed.is_available() and distributed.is_initialized():
+                distributed.broadcast_object_list(folder, src=0)
+            self._checkpoints = folder[0]
+        return self._checkpoints
 
     def callbacks(self) -> List[pl.Callback]:
         return [RandomState(self.train_loader.generator)]
