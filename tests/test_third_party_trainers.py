@@ -138,9 +138,9 @@ class Classifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def lightning_fit(rank: int, world_size: int) -> Tuple[str, str, int, List[float]]:
-    """One epoch of Lightning's Trainer with strategy="ddp" on this rank: the strategy, the
-    cluster environment, the batches this rank trained on, the weights."""
+def lightning_classifier() -> Any:
+    """A LightningModule without batch statistics or dropout, trained with SGD on a mean loss:
+    its data-parallel training equals one process's. It counts the batches it trains on."""
     import pytorch_lightning as pl
 
     class Module(pl.LightningModule):
@@ -151,13 +151,26 @@ def lightning_fit(rank: int, world_size: int) -> Tuple[str, str, int, List[float
 
         def training_step(self, batch: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
             self.batches += 1
-            return self.classifier(**batch)["loss"]
+            loss = self.classifier(**batch)["loss"]
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch: Dict[str, torch.Tensor], index: int) -> None:
+            self.log("val/loss", self.classifier(**batch)["loss"])
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    return Module()
+
+
+def lightning_fit(rank: int, world_size: int) -> Tuple[str, str, int, List[float]]:
+    """One epoch of Lightning's Trainer with strategy="ddp" on this rank: the strategy, the
+    cluster environment, the batches this rank trained on, the weights."""
+    import pytorch_lightning as pl
+
     torch.manual_seed(rank)  # DDP gives every rank rank 0's weights
-    module = Module()
+    module = lightning_classifier()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
@@ -237,30 +250,6 @@ class OffloadsToPinnedMemory(ShardedTrainer):
 
 class OffloadsToPlainMemory(OffloadsToPinnedMemory):
     pin_memory = False
-
-
-def lightning_classifier() -> Any:
-    """A LightningModule without batch statistics or dropout, trained with SGD on a mean loss:
-    its data-parallel training equals one process's."""
-    import pytorch_lightning as pl
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.classifier = Classifier()
-
-        def training_step(self, batch: Dict[str, torch.Tensor], index: int) -> torch.Tensor:
-            loss = self.classifier(**batch)["loss"]
-            self.log("train/loss", loss)
-            return loss
-
-        def validation_step(self, batch: Dict[str, torch.Tensor], index: int) -> None:
-            self.log("val/loss", self.classifier(**batch)["loss"])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    return Module()
 
 
 def lightning_ddp_case(own_sampler: bool) -> type:

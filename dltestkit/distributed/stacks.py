@@ -96,7 +96,7 @@ def raising_user_frame(traceback_text: str) -> Optional[Frame]:
         Frame(found["path"], int(found["line"]), found["function"])
         for found in _TRACEBACK_FRAME.finditer(traceback_text)
     ]
-    return next((frame for frame in reversed(frames) if frame.in_user_code), None)
+    return Stack(tuple(reversed(frames))).user_frame  # a traceback lists the innermost last
 
 
 def read_stack(path: str) -> Optional[Stack]:

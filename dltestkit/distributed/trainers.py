@@ -46,7 +46,7 @@ __all__ = ["DDPTraining", "DistributedTraining"]
 
 #: The epochs each rank trains: two, to see the data order change between epochs.
 EPOCHS = 2
-#: A call that refused the rank or world_size keyword argument.
+#: Why a trainer that asks for CUDA cannot run here, and what runs here instead.
 _CUDA = (
     "it asks for CUDA (a CUDA device, or pinned memory, as fully_shard's CPUOffloadPolicy() "
     "pins by default), which this machine does not have",
@@ -67,6 +67,7 @@ _NEEDS_A_GPU = {
 }
 #: What init_process_group raises in a process that has joined a group.
 _JOINED_TWICE = "trying to initialize the default process group twice"
+#: A call that refused the rank or world_size keyword argument.
 _REFUSED_ARGUMENT = re.compile(r"unexpected keyword argument '(rank|world_size)'")
 
 
