@@ -394,6 +394,37 @@ class SyncAndLocalBatchNorm(WithSyncBatchNorm):
         self.decoder = nn.Sequential(self.decoder[0], nn.BatchNorm1d(16), self.decoder[1])
 
 
+class RenormalisedEmbedding(nn.Module):
+    """Token ids in, through nn.Embedding(max_norm=1), whose forward renormalises in place
+    the rows of its weight that the batch looks up: under DDP each rank those of its shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 6, max_norm=1.0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(1))
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))
+
+
+class ClampedScale(AutoEncoder):
+    """Clamps its scale in place in every forward, alike whatever the batch: DDP's ranks stay
+    equal; fully_shard loses the change with the gathered copy of the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.clamp_(max=2.0)
+        return super().forward(x) * self.scale
+
+
 def resnet_sync_batchnorm() -> nn.Module:
     """torchvision's ResNet with one BasicBlock per stage (ResNet-18 has two), SyncBatchNorm."""
     from torchvision.models.resnet import BasicBlock, ResNet
@@ -459,6 +490,7 @@ class DDPGradients(CheckTestCase):
             "SyncBatchNorm, four ranks": ddp_case(
                 WithSyncBatchNorm, lambda: torch.randn(8, *SHAPE), world_size=4
             ),
+            "a parameter clamped in place in forward, alike on every rank": ddp_case(ClampedScale),
         }
         for label, case in cases.items():
             with self.subTest(label):
@@ -581,6 +613,20 @@ class DDPGradients(CheckTestCase):
             "set self.loss_fn to the mean loss over the batch",
         )
         self.assertPasses(ddp_case(ReturnsItsLoss, loss_fn=lambda loss: loss), "test_ddp_gradients")
+
+    def test_a_weight_changed_in_place_by_each_ranks_batch_fails_naming_the_change(self) -> None:
+        # the gradients agree; the ranks' copies of the weight drift apart, which only a
+        # comparison of the ranks' weights shows
+        self.assertFailsWith(
+            ddp_case(RenormalisedEmbedding, token_ids),
+            "test_ddp_gradients",
+            "after 2 steps the ranks' copies of embedding.weight differ, although "
+            "DistributedDataParallel gave every rank the same gradients",
+            "The model's forward changes embedding.weight in place (F.embedding, at "
+            "test_distributed.py:",
+            "nn.Embedding(max_norm=...) does so",
+            "But under DDP, each rank changes it by its own shard of the batch",
+        )
 
     def test_a_batch_the_ranks_cannot_share_equally_is_a_contract_error(self) -> None:
         self.assertErrorsWith(

@@ -19,10 +19,13 @@ import torch.distributed as dist
 from checkrunner import SEED, CheckTestCase
 from test_distributed import (
     CancelsInFloat32,
+    ClampedScale,
+    RenormalisedEmbedding,
     cancelling_inputs,
     child_pids,
     in_float32,
     mean_output,
+    token_ids,
 )
 from test_model_checks import SHAPE, AutoEncoder, CentresOverBatch, WithBatchNorm
 from torch import nn
@@ -161,6 +164,24 @@ class FSDPGradients(CheckTestCase):
             in_float32(case),
             "test_fsdp_gradients",
             "at step 1 the gradient of weight (in the model (CancelsInFloat32), of the root unit",
+        )
+
+    def test_parameters_changed_in_place_in_forward_fail_naming_the_change(self) -> None:
+        # fully_shard changes the gathered copy, which it frees: the shards keep the old values
+        self.assertFailsWith(
+            model_case(ClampedScale),
+            "test_fsdp_gradients",
+            "at step 1 the updated weight of scale (in the model (ClampedScale), of the root "
+            "unit (the model itself)) that fully_shard gives on 2 ranks",
+            "The model's forward changes scale in place (Tensor.clamp_, at test_distributed.py:",
+            "But under fully_shard, forward runs on a gathered copy of the parameters",
+        )
+        self.assertFailsWith(
+            model_case(RenormalisedEmbedding, token_ids),
+            "test_fsdp_gradients",
+            "the updated weight of embedding.weight",
+            "The model's forward changes embedding.weight in place (F.embedding, at",
+            "nn.Embedding(max_norm=...) does so",
         )
 
     def test_batch_statistics_fail_naming_the_module(self) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.contract import check
-from ..core.messages import no_eval_gradients
+from ..core.messages import listed, no_eval_gradients
 from ..core.options import ContractError, option
 from ..core.paths import floating_tensors, map_tensors
 from ..core.seeds import derived_seed, seed_torch
@@ -31,7 +31,7 @@ from ..models.contract import ModelContract
 from ..models.tensors import batched_entries, call_model, replace_entries
 from .launch import DistributedError
 from .options import DistributedOptions
-from .sharding import gathered
+from .sharding import changed_in_forward, gathered, watch_parameters
 from .syncbn import replace_sync_batchnorm
 
 __all__ = ["DDPGradients", "DataParallelModel"]
@@ -141,7 +141,7 @@ def _sgd_steps(
             else _batch_loss(output, weights, batch_dims, batch)
         )
         loss.backward()
-        grads = {name: None if p.grad is None else gathered(p.grad) for name, p in named}
+        grads = {name: None if p.grad is None else _dense(gathered(p.grad)) for name, p in named}
         optimizer.step()
         seen.append(
             {
@@ -153,15 +153,23 @@ def _sgd_steps(
     return seen
 
 
-def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Any]]:
-    """One rank of test_ddp_gradients: the model in DDP, on its shard of the batch."""
+def _dense(gradient: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.EmbeddingBag(sparse=True)) as the dense tensor it stands for:
+    DDP's all-reduce lists its entries otherwise than one process's backward does."""
+    return gradient.to_dense() if gradient.is_sparse else gradient
+
+
+def _ddp_rank(rank: int, world_size: int, step: _Step) -> Dict[str, Any]:
+    """One rank of test_ddp_gradients: the model in DDP, on its shard of the batch; its two
+    steps, and the parameters whose values differ between the ranks after them."""
     model = copy.deepcopy(step.model)
     _set_modes(model, step.local_statistics)
     model = replace_sync_batchnorm(model)  # DDP refuses SyncBatchNorm on the CPU
     wrapped = nn.parallel.DistributedDataParallel(
         model, find_unused_parameters=step.find_unused_parameters
     )
-    return _sgd_steps(
+    named = list(model.named_parameters())
+    steps = _sgd_steps(
         wrapped,
         step.shards[rank],
         step.weights[rank],
@@ -169,8 +177,37 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> List[Dict[str, Any]]:
         step.batch // world_size,
         step.loss_fn,
         derived_seed(step.seed, 10 * rank),
-        parameters=list(model.named_parameters()),
+        parameters=named,
     )
+    return {"steps": steps, "diverged": _diverged([(n, p) for n, p in named if p.requires_grad])}
+
+
+def _diverged(named: Sequence[Tuple[str, torch.Tensor]]) -> List[str]:
+    """The parameters whose values differ between the ranks (a collective: each rank's
+    values against the greatest and the least of all ranks, exactly; NaN counts as equal to
+    NaN). DDP keeps the ranks' copies equal only by giving them equal gradients."""
+    import torch.distributed as dist
+
+    diverged = []
+    by_dtype: Dict[torch.dtype, List[Tuple[str, torch.Tensor]]] = {}
+    for name, parameter in named:
+        if parameter.is_floating_point():
+            by_dtype.setdefault(parameter.dtype, []).append((name, parameter))
+    for group in by_dtype.values():
+        flat = torch.cat([p.detach().reshape(-1) for _, p in group])
+        if flat.dtype not in (torch.float32, torch.float64):  # what gloo reduces for sure
+            flat = flat.float()
+        greatest = torch.where(flat.isnan(), float("inf"), flat)
+        least = greatest.clone()
+        dist.all_reduce(greatest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        differs = greatest != least
+        start = 0
+        for name, parameter in group:
+            if bool(differs[start : start + parameter.numel()].any()):
+                diverged.append(name)
+            start += parameter.numel()
+    return diverged
 
 
 @dataclass
@@ -476,8 +513,10 @@ class DDPGradients(DataParallelModel):
 
         Catches what makes data-parallel training differ from one process: layers that use
         batch statistics (BatchNorm without SyncBatchNorm), parameters unused in forward (DDP
-        fails on the next step), outputs or losses that depend on the batch size; two steps,
-        each rank on its shard of the batch, with the real torch.distributed (gloo).
+        fails on the next step), outputs or losses that depend on the batch size, parameters
+        that forward changes in place by the batch (nn.Embedding's max_norm), which makes the
+        ranks' weights drift apart; two steps, each rank on its shard of the batch, with the
+        real torch.distributed (gloo).
         """
         self._judged_in_float64("test_ddp_gradients", self._ddp_gradients)
 
@@ -487,9 +526,22 @@ class DDPGradients(DataParallelModel):
             results = self._run_ranks(_ddp_rank, step)
         except DistributedError as error:
             self._explain_failure(error, plan.unused)
-        for rank, steps in enumerate(results):
-            for number, (ddp, single) in enumerate(zip(steps, plan.one_process), 1):
+        for rank, result in enumerate(results):
+            for number, (ddp, single) in enumerate(zip(result["steps"], plan.one_process), 1):
                 self._compare(ddp["grads"], single["grads"], rank, number, plan.training)
+        diverged = results[0]["diverged"]
+        if diverged:
+            watched = copy.deepcopy(plan.model)
+            _set_modes(watched, self.local_batch_statistics)
+            changed = watch_parameters(watched, lambda: call_model(watched, plan.inputs)).changed
+            self.fail(
+                f"after {len(plan.one_process)} steps the ranks' copies of "
+                f"{listed(diverged, 3)} differ, although DistributedDataParallel gave every "
+                "rank the same gradients: something changes the weights on each rank by what "
+                "that rank saw, which DDP does not synchronise, so the ranks' models drift "
+                "apart and train otherwise than one process. "
+                + changed_in_forward(changed, fsdp=False)
+            )
 
     def _explain_failure(self, error: DistributedError, unused: List[str]) -> None:
         text = str(error)

@@ -30,6 +30,7 @@ from .models import DataParallelModel, _Plan, _RankStep, _set_modes, _sgd_steps
 from .options import is_tolerance
 from .rank_warnings import recorded, show_once
 from .sharding import (
+    changed_in_forward,
     default_units,
     fsdp_unavailable,
     misuses,
@@ -158,7 +159,8 @@ class ShardedGradients(DataParallelModel):
         Catches what makes fully sharded training differ from one process: layers that use
         batch statistics, outputs or losses that depend on the batch size, samples mixed across
         the batch, units whose parameters are used outside their forward (where they are
-        shards), tied weights split across units, and, with a mixed-precision policy,
+        shards), tied weights split across units, parameters that forward changes in place
+        (a change fully_shard loses with the gathered copy), and, with a mixed-precision policy,
         computations that break or drift in it; two steps, each rank on its shard of the batch,
         the module whose gradients differ named.
         """
@@ -190,7 +192,9 @@ class ShardedGradients(DataParallelModel):
         except DistributedError as error:
             self._explain_sharding_failure(error, plan.model, units, watch)
         show_once(ranks[0]["warnings"])
-        found = self._first_difference([rank["steps"] for rank in ranks], expected, plan, units)
+        found = self._first_difference(
+            [rank["steps"] for rank in ranks], expected, plan, units, watch.changed
+        )
         if found is not None:
             # What fully_shard warned about (a unit's output that is a view, which an in-place
             # operation detaches from the gradient's all-gather) can explain a difference the
@@ -269,9 +273,11 @@ class ShardedGradients(DataParallelModel):
         expected: List[Dict[str, Any]],
         plan: _Plan,
         units: List[str],
+        changed: Dict[str, str],
     ) -> Optional[str]:
         """What differs first between the sharded steps and ``expected`` (one process's),
-        said for a failure; None when nothing does."""
+        said for a failure; None when nothing does. ``changed``: the parameters forward
+        changes in place (a cause of weights that differ)."""
         mixed = self.fsdp_mixed_precision is not None
         reference = (
             "one rank under the same mixed-precision policy on the whole batch"
@@ -289,7 +295,10 @@ class ShardedGradients(DataParallelModel):
                     mismatch = self._mismatch(other, value)
                     if mismatch is None:
                         continue
-                    cause = self._cause(got["grads"], single["grads"], plan.training, "FSDP")
+                    if changed and (kind == "weights" or name in changed):
+                        cause = changed_in_forward(changed, fsdp=True)
+                    else:
+                        cause = self._cause(got["grads"], single["grads"], plan.training, "FSDP")
                     loss = sum(r[number]["loss"] for r in results) / len(results)
                     return (
                         f"{what} the {'gradient' if kind == 'grads' else 'updated weight'} of "

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..core.watch import METADATA, reads_metadata, tensors_in, user_code_location
+from ..core.watch import METADATA, op_name, reads_metadata, tensors_in, user_code_location
 
 __all__ = [
     "Misuse",
+    "changed_in_forward",
     "default_units",
     "fsdp_unavailable",
     "gathered",
@@ -139,7 +140,8 @@ def _metadata(func: Any) -> bool:
 
 class _ParameterWatch(TorchFunctionMode):
     """Notes, for every torch call that takes a parameter, which modules' forwards were
-    running (by name), and how often each module's forward ran."""
+    running (by name), how often each module's forward ran, and which parameters a call
+    changed in place."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -148,6 +150,9 @@ class _ParameterWatch(TorchFunctionMode):
         self.owners = {id(p): name for name, p in model.named_parameters()}
         #: each parameter's uses: (the modules running, the innermost one, the line)
         self.uses: Dict[str, List[Tuple[Tuple[str, ...], str, str]]] = {}
+        #: the parameters the pass changed in place: the operation and the line, the first
+        #: time (Embedding's max_norm renormalises the rows it looks up)
+        self.changed: Dict[str, str] = {}
         self.handles: List[Any] = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
@@ -168,15 +173,22 @@ class _ParameterWatch(TorchFunctionMode):
         self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if not _metadata(func):
-            for tensor in tensors_in(args) + tensors_in(kwargs):
-                name = self.owners.get(id(tensor))
-                if name is not None:
-                    uses = self.uses.setdefault(name, [])
-                    if len(uses) < 64:
-                        innermost = self.stack[-1] if self.stack else ""
-                        uses.append((tuple(self.stack), innermost, user_code_location()))
-        return func(*args, **kwargs)
+        if _metadata(func):
+            return func(*args, **kwargs)
+        owned = []
+        for tensor in tensors_in(args) + tensors_in(kwargs):
+            name = self.owners.get(id(tensor))
+            if name is not None:
+                owned.append((name, tensor, tensor._version))
+                uses = self.uses.setdefault(name, [])
+                if len(uses) < 64:
+                    innermost = self.stack[-1] if self.stack else ""
+                    uses.append((tuple(self.stack), innermost, user_code_location()))
+        result = func(*args, **kwargs)
+        for name, tensor, version in owned:
+            if tensor._version != version and name not in self.changed:
+                self.changed[name] = f"{op_name(func)}, at {user_code_location()}"
+        return result
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -192,6 +204,37 @@ def watch_parameters(model: nn.Module, run: Any) -> _ParameterWatch:
     finally:
         watch.remove()
     return watch
+
+
+def changed_in_forward(changed: Dict[str, str], fsdp: bool) -> str:
+    """Why a model whose forward changes parameters in place (``changed``, from
+    ``watch_parameters``) trains otherwise under DDP or (``fsdp``) fully_shard."""
+    if not changed:
+        return (
+            "Look for a parameter changed in forward or in a hook (through .data, or under "
+            "torch.no_grad())."
+        )
+    name, how = next(iter(changed.items()))
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    embedding = (
+        " nn.Embedding(max_norm=...) does so: it renormalises, in place, the rows of its weight "
+        "that the batch looks up."
+        if how.startswith(("F.embedding", "torch.embedding_renorm_"))
+        else ""
+    )
+    why = (
+        "under fully_shard, forward runs on a gathered copy of the parameters that is freed "
+        "afterwards, so the change never reaches the rank's shard, whereas one process keeps it"
+        if fsdp
+        else "under DDP, each rank changes it by its own shard of the batch, whereas one "
+        "process changes it by the whole batch"
+    )
+    return (
+        f"The model's forward changes {name}{more} in place ({how}).{embedding} But {why}. "
+        "Leave the parameters unchanged in forward (compute the changed values into a new "
+        "tensor), or make the change in the training step, after optimizer.step(), alike on "
+        "every rank."
+    )
 
 
 def _inside(name: str, unit: str) -> bool:
