@@ -1861,6 +1861,20 @@ class DesignZoo(CheckTestCase):
         self.assertEveryCheckPasses(DETECTION)
 
     @pytest.mark.slow
+    def test_ddp_gradients_pass_or_say_why_not_on_every_component(self) -> None:
+        # sparse gradients (fastText) compared dense; sampling models skip saying so
+        allowed = (
+            "the model draws random numbers in eval mode",
+            "the comparison trains the model in eval mode (its dropout off",  # RWKV
+        )
+        kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
+        for label, (_, attributes, _) in DESIGN_ZOO.items():
+            chosen = {key: value for key, value in attributes.items() if key in kept}
+            case = design_case(DistributedModelTests, dict(chosen, local_batch_statistics=["*"]))
+            with self.subTest(label):
+                self.assertPasses(case, "test_ddp_gradients", allowed_skips=allowed)
+
+    @pytest.mark.slow
     def test_fsdp_gradients_pass_or_say_why_not_on_every_component(self) -> None:
         # BatchNorm's per-rank statistics declared, as for DDP; sampling models and models
         # fully_shard cannot train with the default units (CLIP's scalar logit_scale, sparse
