@@ -116,6 +116,16 @@ class OtherPathWhenCompiled(MLP):
         return super().forward(x)
 
 
+class RaisesWhenCompiled(MLP):
+    """When compiled, factorises a matrix that is not positive-definite: traced on fake
+    tensors, it raises only when the compiled graph runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            x = x + torch.linalg.cholesky(-torch.eye(x.shape[-1]))[0]
+        return super().forward(x)
+
+
 class Prints(MLP):
     """Prints in forward: a graph break."""
 
@@ -659,6 +669,17 @@ class Compile(CheckTestCase):
             "torch.compile(model, backend='aot_eager') gives other results than the eager "
             "model in eval mode, under the same seed: output",
             "torch.compiler.is_compiling()",
+        )
+
+    def test_an_error_in_the_compiled_graph_names_the_line_it_was_traced_from(self) -> None:
+        # the frames around the graph name only the compiled function's first line
+        self.assertFailsWith(
+            case(TrainingStackTests, RaisesWhenCompiled, features),
+            "test_compile",
+            "torch.compile(model, backend='aot_eager') raises in training mode, where the "
+            "eager model runs:",
+            "at test_model_stack.py:",
+            " in forward: `x = x + torch.linalg.cholesky(-torch.eye(x.shape[-1]))[0]`",
         )
 
     def test_graph_breaks_are_listed_and_fail_with_compile_fullgraph(self) -> None:

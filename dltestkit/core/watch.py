@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import linecache
 import os
+import re
 import sys
-import traceback
 import weakref
 from dataclasses import dataclass
 from types import FrameType
@@ -136,18 +137,59 @@ def raising_user_line(exc: BaseException) -> Optional[str]:
     """``file:line in function: `code``` of the innermost frame of ``exc``'s traceback that
     is outside torch and dltestkit (the line of the model's code that made the call that
     raised), or None when every frame is torch's or dltestkit's. Code that torch generates
-    (FX graphs, ``<eval_with_key>``) counts as torch's; code typed in a doctest or a notebook
-    cell (``<doctest ...>``, ``<ipython-input-...>``) as the user's."""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        typed = frame.filename.startswith(_TYPED_IN)
-        if frame.filename.startswith("<") and not typed:
+    (FX graphs, ``<eval_with_key>``) counts as torch's, but the operation of such a graph that
+    raised names the line of the model it was traced from (what torch.compile keeps of each
+    operation), found before the frames around the graph; code typed in a doctest or a
+    notebook cell (``<doctest ...>``, ``<ipython-input-...>``) as the user's."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    for frame, lineno in reversed(frames):
+        filename = frame.f_code.co_filename
+        typed = filename.startswith(_TYPED_IN)
+        if filename.startswith("<") and not typed:
+            traced = _traced_from(frame, lineno)
+            if traced is not None:
+                return traced
             continue
-        path = frame.filename if typed else os.path.abspath(frame.filename)
-        inside = (os.path.join(_TORCH_DIR, ""), os.path.join(_OWN_DIR, ""))
-        if path.startswith(inside) or "unittest" in path:
-            continue
-        code = f": `{frame.line.strip()}`" if frame.line and frame.line.strip() else ""
-        return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}{code}"
+        line = _user_line(filename, lineno, frame.f_code.co_name, typed)
+        if line is not None:
+            return line
+    return None
+
+
+def _user_line(filename: str, lineno: int, function: str, typed: bool = False) -> Optional[str]:
+    """``file:line in function: `code``` for a line outside torch and dltestkit, else None."""
+    path = filename if typed else os.path.abspath(filename)
+    inside = (os.path.join(_TORCH_DIR, ""), os.path.join(_OWN_DIR, ""))
+    if path.startswith(inside) or "unittest" in path:
+        return None
+    text = linecache.getline(filename, lineno).strip()
+    code = f": `{text}`" if text else ""
+    return f"{os.path.basename(path)}:{lineno} in {function}{code}"
+
+
+_STACK_ENTRY = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def _traced_from(frame: FrameType, lineno: int) -> Optional[str]:
+    """For a frame of an FX graph's generated code (a graph torch.compile traced): the line of
+    the model's code that the graph's operation at ``lineno`` was traced from, from the stack
+    trace torch keeps of it; None when there is none."""
+    graph_module = frame.f_locals.get("self")
+    graph = getattr(graph_module, "graph", None)
+    statement = linecache.getline(frame.f_code.co_filename, lineno).strip()
+    if graph is None or " = " not in statement:
+        return None
+    targets = {name.strip() for name in statement.split(" = ")[0].split(",")}
+    for node in graph.nodes:
+        if node.name in targets:
+            found = None
+            for entry in _STACK_ENTRY.finditer(node.meta.get("stack_trace") or ""):
+                found = _user_line(entry.group(1), int(entry.group(2)), entry.group(3)) or found
+            return found
     return None
 
 
