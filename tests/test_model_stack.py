@@ -116,6 +116,21 @@ class OtherPathWhenCompiled(MLP):
         return super().forward(x)
 
 
+class WithAnAuxiliaryOutput(MLP):
+    """Returns an auxiliary output besides the main one; the loss uses the main one only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.auxiliary = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x), self.auxiliary(x)
+
+
+def main_output_loss(output: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return output[0].square().mean()
+
+
 class RaisesWhenCompiled(MLP):
     """When compiled, factorises a matrix that is not positive-definite: traced on fake
     tensors, it raises only when the compiled graph runs."""
@@ -670,6 +685,19 @@ class Compile(CheckTestCase):
             "model in eval mode, under the same seed: output",
             "torch.compiler.is_compiling()",
         )
+
+    def test_zero_gradients_where_eager_gives_none_are_no_failure(self) -> None:
+        # the compiled backward computes the gradients of an output the loss leaves out from
+        # zeros (transformers' DPT: its backbone's last layernorm); eager leaves them None
+        with_auxiliary = case(
+            TrainingStackTests, WithAnAuxiliaryOutput, features, loss_fn=main_output_loss
+        )
+        said = (
+            "torch.compile gives 2 parameters a gradient of zeros where eager PyTorch gives "
+            "none (auxiliary.weight, auxiliary.bias)"
+        )
+        self.assertSkipsWith(with_auxiliary, "test_compile", said, "weight decay, momentum")
+        self.assertPasses(with_auxiliary, "test_compile", allowed_skips=(said,))
 
     def test_an_error_in_the_compiled_graph_names_the_line_it_was_traced_from(self) -> None:
         # the frames around the graph name only the compiled function's first line
