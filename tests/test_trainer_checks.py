@@ -28,6 +28,7 @@ from checkrunner import (
 )
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from dltestkit import TrainerTests
 from dltestkit.trainers.vae import kl_reference
@@ -391,6 +392,46 @@ class ScheduleInAnIterator(ClassifierTrainer):
             for group in self.optimizer.param_groups:
                 group["lr"] = next(self.rates)
             super().train(1)
+
+
+class PersistentWorkers(ClassifierTrainer):
+    """Shuffles with a DataLoader whose two workers persist across epochs, the sampler
+    drawing from the trainer's generator (DataLoader(shuffle=True, generator=...)), whose
+    state the checkpoint holds. Not exactly resumable: the persistent iterator drew its
+    workers' seed from that generator once, a fresh loader draws it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loader = DataLoader(
+            TensorDataset(torch.arange(len(INPUTS))),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            num_workers=2,
+            persistent_workers=True,
+        )
+
+    def train(self, epochs: int) -> None:
+        batches = iter([batch for (batch,) in self.loader] for _ in range(epochs))
+        self.order = lambda: torch.cat(next(batches))  # type: ignore[method-assign]
+        super().train(epochs)
+
+
+class PersistentWorkersOwnSamplerGenerator(PersistentWorkers):
+    """As the failure on PersistentWorkers advises: the sampler draws from the trainer's
+    generator, the DataLoader's workers' seed from one of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        indices = TensorDataset(torch.arange(len(INPUTS)))
+        self.loader = DataLoader(
+            indices,
+            batch_size=self.batch_size,
+            sampler=RandomSampler(indices, generator=self.generator),
+            generator=torch.Generator(),
+            num_workers=2,
+            persistent_workers=True,
+        )
 
 
 class ConfiguredRateOnLoad(ClassifierTrainer):
@@ -1133,6 +1174,17 @@ class Resume(CheckTestCase):
         self.assertResumeFails(
             ScheduleInAnIterator,
             "so the difference comes from state kept elsewhere: a schedule held in an iterator",
+        )
+
+    def test_a_loader_with_persistent_workers_is_named_as_the_likely_cause(self) -> None:
+        self.assertResumeFails(
+            PersistentWorkers,
+            "so the difference comes from state kept elsewhere",
+            " Likely here: trainer.loader is a DataLoader with persistent_workers=True.",
+            "Give the sampler a generator of its own",
+        )
+        self.assertPasses(
+            classifier_case(PersistentWorkersOwnSamplerGenerator), "test_resume", (NO_GPU,)
         )
 
     def test_a_state_dict_that_raises_is_named_as_not_compared(self) -> None:

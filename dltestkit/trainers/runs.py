@@ -20,6 +20,30 @@ from .state import attributes, cloned, difference, generators, global_states, nu
 __all__ = ["ComparedRuns", "RunChecks"]
 
 
+def _persistent_loaders(trainer: Any) -> str:
+    """What the trainer's DataLoaders with persistent workers change about a resumed run
+    (the likely cause of a difference that nothing restored explains), or ""."""
+    from torch.utils.data import DataLoader
+
+    found = [
+        name
+        for name, value in vars(trainer).items()
+        if isinstance(value, DataLoader) and value.persistent_workers and value.num_workers > 0
+    ]
+    if not found:
+        return ""
+    return (
+        f" Likely here: trainer.{found[0]} is a DataLoader with persistent_workers=True. In the "
+        "uninterrupted run its iterator, made once, drew the seed of its workers once, from "
+        "the loader's generator (the global one when it has none); the fresh trainer's loader "
+        "draws it again in its first epoch, after what the checkpoint restored, so what is "
+        "drawn next (the shuffle order, dropout) differs. Give the sampler a generator of its "
+        "own (sampler=RandomSampler(dataset, generator=g), with g's state in the checkpoint) "
+        "and the DataLoader another (generator=torch.Generator()), which then draws nothing "
+        "that training uses."
+    )
+
+
 class _Run(NamedTuple):
     """A trainer the check built, and what it logged."""
 
@@ -124,6 +148,7 @@ class RunChecks(ComparedRuns):
                 "its random generators and the global random states, so the difference comes "
                 "from state kept elsewhere: a schedule held in an iterator or a closure, a "
                 "module-level variable, a data iterator kept across epochs."
+                + _persistent_loaders(resumed.trainer)
             )
             + "".join(
                 f"\nNot compared: {call} raised {error}."
