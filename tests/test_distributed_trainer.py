@@ -122,6 +122,26 @@ class GradientsNotAveraged(ClassifierTrainer):
         return model  # no DDP: every rank trains on its own
 
 
+class FeatureEmbedding(nn.Module):
+    """Each sample's strongest feature looked up in nn.Embedding(max_norm=1), which
+    renormalises in place the rows its batch looks up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(FEATURES, 8, max_norm=1.0)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(x.argmax(dim=1)))
+
+
+class RenormalisesByItsBatch(ClassifierTrainer):
+    """DDP done right, but each rank renormalises the embedding rows of its own batch."""
+
+    def build_model(self) -> nn.Module:
+        return FeatureEmbedding()
+
+
 class NoDistributedSampler(ClassifierTrainer):
     def make_sampler(self, data: TensorDataset) -> Any:
         return torch.utils.data.RandomSampler(data)
@@ -390,6 +410,17 @@ class DDPTraining(CheckTestCase):
             "end",
             "after 2 epochs rank 1 has other weights than rank 0",
             "the ranks' gradients are not averaged",
+        )
+
+    def test_weights_changed_in_place_by_each_ranks_batch_fail_naming_that_cause_too(
+        self,
+    ) -> None:
+        self.assertOnlySubtestFails(
+            ddp_trainer_case(RenormalisesByItsBatch),
+            "end",
+            "after 2 epochs rank 1 has other weights than rank 0 (embedding.weight",
+            "the model's forward changes a parameter in place by each rank's batch, as "
+            "nn.Embedding(max_norm=...) does",
         )
 
     def test_every_rank_training_on_all_the_data_fails(self) -> None:

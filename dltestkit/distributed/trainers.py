@@ -396,7 +396,10 @@ class DistributedTraining(DistributedOptions, TrainerContract):
                 f"after {EPOCHS} epochs rank {rank} has other weights than rank 0 ({what}): "
                 "the ranks' gradients are not averaged. Train through the "
                 "DistributedDataParallel wrapper (call ddp_model(x), not the module inside "
-                "it), and give every rank the same optimizer and learning-rate schedule."
+                "it), and give every rank the same optimizer and learning-rate schedule. (Or "
+                "the model's forward changes a parameter in place by each rank's batch, as "
+                "nn.Embedding(max_norm=...) does: DistributedModelTests' test_ddp_gradients "
+                "names the parameter and the line.)"
             )
 
     def _data_part(self, ranks: Sequence[Dict[str, Any]]) -> None:
