@@ -243,6 +243,7 @@ class Compile(StackContract):
     def _compile_training(
         self, eager_model: nn.Module, compiled_model: nn.Module, compiled: Any, tolerance: float
     ) -> None:
+        zeroed: List[str] = []  # (a failure in the subtest goes on after it)
         with self.subTest(mode="training"):
             eager = self._step_run(eager_model, self.inputs, training=True)
             result = self._compiled_run(
