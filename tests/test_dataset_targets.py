@@ -195,6 +195,14 @@ class RepeatedDetection(COCOLike):
         return image, target
 
 
+class SingleClassFloatLabels(COCOLike):
+    """Every object of class 1, its label a float: vectors of 1.0, one per object."""
+
+    def __getitem__(self, index: int) -> Any:
+        image, target = super().__getitem__(index)
+        return image, {**target, "labels": torch.ones(len(target["labels"]))}
+
+
 def detection_collate(batch: List[Any]) -> Tuple[Any, ...]:
     """torchvision's detection references' collate: a tuple of images, a tuple of targets."""
     return tuple(zip(*batch))
@@ -229,6 +237,47 @@ def coco_case(**attributes: Any) -> type:
     )
 
 
+# -- multi-label classification ------------------------------------------------------------
+LABELS = 5
+
+
+class MultiLabel(Dataset):
+    """Images with several of 5 attributes each, as a multi-hot float32 vector (what
+    BCEWithLogitsLoss takes), ``dtype`` torch.bool or another floating-point type for
+    other datasets; ``labels`` (the vectors' length) for a broken one."""
+
+    def __init__(
+        self, size: int = 100, seed: int = 0, dtype: Any = torch.float32, labels: int = LABELS
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(size, *SHAPE, generator=generator)
+        self.targets = (torch.rand(size, labels, generator=generator) < 0.4).to(dtype)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.images[index], self.targets[index]
+
+
+def multi_label_case(seed: int = 0, **attributes: Any) -> type:
+    def set_up(self: Any) -> None:
+        self.splits = {
+            "train": MultiLabel(seed=seed),
+            "val": MultiLabel(size=40, seed=seed + 10, dtype=torch.bool),
+            "test": MultiLabel(size=40, seed=seed + 20, dtype=torch.float16),
+        }
+
+    options: Dict[str, Any] = {
+        "sample_shape": SHAPE,
+        "value_range": (0.0, 1.0),
+        "num_classes": LABELS,
+        "batch_size": 16,
+        **attributes,
+    }
+    return make_case(DatasetTests, set_up, **options)
+
+
 # -- the tests ---------------------------------------------------------------------------
 class PassEveryCheck(CheckTestCase):
     def assertEveryCheckPasses(self, make: Any) -> None:
@@ -243,6 +292,10 @@ class PassEveryCheck(CheckTestCase):
 
     def test_torchvision_detection_samples_with_images_without_boxes(self) -> None:
         self.assertEveryCheckPasses(coco_case)
+
+    def test_multi_label_targets_of_0s_and_1s(self) -> None:
+        # float32, bool and float16 vectors, one value per class (BCEWithLogitsLoss's)
+        self.assertEveryCheckPasses(multi_label_case)
 
     def test_detection_samples_collated_by_a_lambda(self) -> None:
         case = coco_case(collate_fn=lambda batch: tuple(zip(*batch)))
@@ -429,6 +482,31 @@ class DetectionTargets(CheckTestCase):
             "is a float32 tensor of shape (0,).",
         )
 
+    def test_float_labels_of_a_single_class_fail_though_they_are_0s_and_1s(self) -> None:
+        # one object per image, its label 1.0: not num_classes values, so no multi-hot labels
+        case = detection_case(
+            SingleClassFloatLabels(objects=1),
+            COCOLike(size=40, seed=1),
+            augmented_splits=set(),
+        )
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'train': 100 targets are floating-point or bool vectors of 0s and 1s whose "
+            "length is not num_classes=4 ((1,) at index 0",
+            "Convert class indices stored as floats to integers (torch.int64)",
+        )
+        # with images without objects too: counted with the empty float targets
+        case = detection_case(
+            SingleClassFloatLabels(), COCOLike(size=40, seed=1), augmented_splits=set()
+        )
+        self.assertFailsWith(
+            case,
+            "test_labels",
+            "split 'train': 100 targets are not integer class indices; the target of index 0 "
+            "is a float32 tensor of shape (0,).",
+        )
+
     def test_an_image_repeated_with_other_boxes_fails(self) -> None:
         case = detection_case(COCOLike(transform=augmentation()), RepeatedDetection(seed=1))
         self.assertFailsWith(
@@ -436,6 +514,49 @@ class DetectionTargets(CheckTestCase):
             "test_labels",
             "split 'val': 1 samples have the same input as an earlier sample but another "
             "target, e.g. index 2 and index 6 (targets of shape (2,) that differ)",
+        )
+
+
+class MultiLabelTargets(CheckTestCase):
+    def test_vectors_of_another_length_than_num_classes_fail(self) -> None:
+        self.assertFailsWith(
+            multi_label_case(num_classes=6),
+            "test_labels",
+            "split 'train': 100 targets are floating-point or bool vectors of 0s and 1s whose "
+            "length is not num_classes=6 ((5,) at index 0",
+            "or set self.num_classes to the vectors' length if they are multi-hot labels",
+        )
+
+    def test_a_class_never_marked_is_a_skipped_part_unless_unused_classes_is_set(self) -> None:
+        class WithoutClass4(MultiLabel):
+            def __getitem__(self, index: int) -> Any:
+                image, target = super().__getitem__(index)
+                return image, torch.cat([target[:4], torch.zeros(1)])
+
+        def set_up(self: Any) -> None:
+            self.splits = {"train": WithoutClass4()}
+
+        options = {"num_classes": LABELS, "batch_size": 16}
+        said = "its targets are multi-hot vectors of 5 classes"
+        self.assertSkipsWith(make_case(DatasetTests, set_up, **options), "test_labels", said)
+        strict = make_case(DatasetTests, set_up, **options, unused_classes=())
+        self.assertFailsWith(strict, "test_labels", "no sample holding class 4 among its 100")
+
+    def test_soft_labels_are_no_class_indices(self) -> None:
+        class Smoothed(MultiLabel):
+            def __getitem__(self, index: int) -> Any:
+                image, target = super().__getitem__(index)
+                return image, target * 0.9 + 0.02
+
+        def set_up(self: Any) -> None:
+            self.splits = {"train": Smoothed()}
+
+        self.assertFailsWith(
+            make_case(DatasetTests, set_up, num_classes=LABELS, batch_size=16),
+            "test_labels",
+            "targets are not integer class indices; the target of index 0 is a float32 tensor "
+            "of shape (5,)",
+            "or, for multi-label targets, vectors of 0s and 1s, one per class",
         )
 
 

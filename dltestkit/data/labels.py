@@ -3,7 +3,7 @@ equal inputs have equal targets."""
 
 from __future__ import annotations
 
-from typing import Any, Collection, FrozenSet, Optional, Sequence
+from typing import Any, Collection, Dict, FrozenSet, Optional, Sequence, Tuple
 
 from ..core.contract import check
 from ..core.options import UNSET, option
@@ -13,6 +13,7 @@ from .contract import LOADING, DatasetContract, round_up
 from .positions import SHOWN, Position, listed, where
 from .samples import as_key, path_text
 from .scan import Registered, Scan
+from .statistics import Tally
 from .targets import Target
 
 __all__ = ["Labels"]
@@ -93,7 +94,8 @@ class Labels(DatasetContract):
         Catches labels numbered from 1, a wrong num_classes, label-map values that are no
         class (255 borders without ignore_index), a class lost by filtering, float or
         one-element targets the loss rejects, inputs and targets paired wrongly so that the
-        same input has different labels.
+        same input has different labels. Multi-label targets, vectors of 0s and 1s with one
+        value per class, are checked as the classes they mark.
         """
         classes = self._get_or_skip("num_classes")
         for name in self.splits:
@@ -125,7 +127,7 @@ class Labels(DatasetContract):
         for name in self.splits:
             with self.subTest(split=name):
                 scan = self._loaded(name).scan
-                self._check_target_types(name, scan)
+                self._check_target_types(name, scan, classes)
                 self._check_target_shapes(name, scan)
                 self._check_label_range(name, scan, classes)
                 self._check_class_presence(name, scan, classes)
@@ -135,22 +137,43 @@ class Labels(DatasetContract):
         value = self.ignore_index
         return frozenset([value] if isinstance(value, int) else value)
 
-    def _check_target_types(self, name: str, scan: Scan) -> None:
+    def _check_target_types(self, name: str, scan: Scan, classes: int) -> None:
+        # vectors of 0s and 1s of another length than num_classes are no multi-hot labels
+        wrong = {shape: seen for shape, seen in scan.multi_hot.items() if shape != (classes,)}
         if scan.target_problems:
             position, what = scan.target_problems.first[0]
+            count = scan.target_problems.count + sum(seen.count for seen in wrong.values())
             self.fail(
-                f"split {name!r}: {scan.target_problems.count} targets are not integer "
+                f"split {name!r}: {count} targets are not integer "
                 f"class indices; the target of {where(position)} is {what}. Classification "
                 "losses need integer class indices (an int, or an integer tensor: one index "
-                "per sample, per pixel or per object); convert the labels in the dataset, "
-                "or leave self.num_classes unset if the targets are not class labels."
+                "per sample, per pixel or per object), or, for multi-label targets, vectors "
+                "of 0s and 1s, one per class; convert the labels in the dataset, or leave "
+                "self.num_classes unset if the targets are not class labels."
             )
+        if wrong:
+            self._multi_hot_of_another_length(name, classes, wrong)
         if scan.unlabelled:
             self.fail(
                 f"split {name!r}: {scan.unlabelled.count} samples have no element "
                 f"{self.target_key!r} (self.target_key), unlike the first samples: "
                 f"{listed(scan.unlabelled)}."
             )
+
+    def _multi_hot_of_another_length(
+        self, name: str, classes: int, wrong: Dict[Tuple[int, ...], Tally[Position]]
+    ) -> None:
+        """Vectors of 0s and 1s are multi-hot labels only with one value per class."""
+        count = sum(seen.count for seen in wrong.values())
+        shapes = "; ".join(f"{shape} at {listed(seen)}" for shape, seen in list(wrong.items())[:3])
+        self.fail(
+            f"split {name!r}: {count} targets are floating-point or bool vectors of 0s and 1s "
+            f"whose length is not num_classes={classes} ({shapes}): neither multi-hot labels "
+            "(one value per class, for BCEWithLogitsLoss) nor integer class indices, which "
+            "classification losses and torchvision's detection models need. Convert class "
+            "indices stored as floats to integers (torch.int64) in the dataset, or set "
+            "self.num_classes to the vectors' length if they are multi-hot labels."
+        )
 
     def _check_target_shapes(self, name: str, scan: Scan) -> None:
         """target_shape when set; else one-element targets, judged from the batches."""
@@ -336,6 +359,8 @@ def _conflict(first: Registered, position: Position, target: Target) -> str:
 def _target_kinds(scan: Scan) -> str:
     """What the targets of a split are, for messages: "label maps of shape (8, 8)"."""
     shapes = list(scan.target_shapes)
+    if scan.multi_hot and list(scan.multi_hot) == shapes == [shapes[0]]:
+        return f"multi-hot vectors of {shapes[0][0]} classes"
     if all(len(shape) == 1 for shape in shapes):
         lengths = sorted(shape[0] for shape in shapes)
         size = (

@@ -143,7 +143,9 @@ class Scan(Statistics):
     labelled: int = 0
     #: the shapes of the targets: shape -> the samples with it
     target_shapes: Tallies[Tuple[int, ...], Position] = field(default_factory=Tallies)
-    #: the first one-element target (shape (1,)), and where
+    #: the shapes of the multi-hot targets (vectors of 0s and 1s): shape -> the samples
+    multi_hot: Tallies[Tuple[int, ...], Position] = field(default_factory=Tallies)
+    #: the first one-element target (shape (1,)) of class indices, and where
     one_element: Optional[Tuple[Position, Target]] = None
     #: the first batch of several samples whose targets collate_fn put in one tensor:
     #: (samples, the tensor's shape)
@@ -222,7 +224,9 @@ class Scan(Statistics):
             self.elements[value] += elements
             self.first_with_label.setdefault(value, position)
         self.target_shapes.add(target.shape, position)
-        if target.shape == (1,) and self.one_element is None:
+        if target.multi_hot:
+            self.multi_hot.add(target.shape, position)
+        elif target.shape == (1,) and self.one_element is None:
             self.one_element = (position, target)
 
     def _register(

@@ -1,5 +1,6 @@
 """The target of a sample, picked by ``target_key``: an integer class target of any shape (a
-label, a label map, per-object labels), element by element."""
+label, a label map, per-object labels), element by element, or a multi-hot vector (0s and 1s,
+one per class) as the classes it marks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .samples import _follow, _is_numeric_list, _numpy_to_tensor, as_key, digest
 
 __all__ = [
     "MISSING",
+    "MULTI_HOT",
     "TARGET_KEYS",
     "Target",
     "as_target",
@@ -48,6 +50,9 @@ def labels_inside(sample: Any, key: Any) -> Any:
 #: pick_target's result for a sample without a target at self.target_key.
 MISSING = "missing"
 
+#: How Target.dtype begins for a vector of 0s and 1s, one per class (multi-label targets).
+MULTI_HOT = "multi-hot"
+
 
 #: How many distinct values of a target Target.text shows.
 _VALUES_SHOWN = 8
@@ -73,16 +78,25 @@ class Target:
         return self.key if not self.shape and isinstance(self.key, int) else None
 
     @property
+    def multi_hot(self) -> bool:
+        """Whether the target is a vector of 0s and 1s (its ``values``: the classes it marks)."""
+        return self.dtype.startswith(MULTI_HOT)
+
+    @property
     def text(self) -> str:
         """The target as messages show it: "target 3", "a target of shape (8, 8) with
-        values 0, 3, 255"."""
+        values 0, 3, 255", "a multi-hot target of shape (5,) with classes 0, 3"."""
         if not self.shape:
             return f"target {self.key}"
+        what = "a multi-hot target" if self.multi_hot else "a target"
+        if not self.values and self.multi_hot:
+            return f"a multi-hot target of shape {self.shape} with no class"
         if not self.values:
             return f"an empty target of shape {self.shape}"
         shown = ", ".join(str(value) for value, _ in self.values[:_VALUES_SHOWN])
         more = ", ..." if len(self.values) > _VALUES_SHOWN else ""
-        return f"a target of shape {self.shape} with values {shown}{more}"
+        named = "classes" if self.multi_hot else "values"
+        return f"{what} of shape {self.shape} with {named} {shown}{more}"
 
     def described(self) -> str:
         """What the target is: "an int64 tensor of shape (1,) (3)"."""
@@ -142,6 +156,9 @@ def class_target(value: Any) -> Tuple[Optional[Target], Optional[str]]:
             return None, f"{kind(value)} that torch.as_tensor cannot convert ({problem})"
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).replace("torch.", "")
+        hot = _multi_hot(value, dtype)
+        if hot is not None:
+            return hot, None
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             shown = f" ({value.item()!r})" if value.numel() == 1 else ""
             what = f"{article(dtype)} {dtype} tensor of shape {tuple(value.shape)}{shown}"
@@ -160,6 +177,21 @@ def class_target(value: Any) -> Tuple[Optional[Target], Optional[str]]:
     if fields is not None and not isinstance(value, str):
         return None, f"{kind(value)} with elements {[k for k, _ in fields]}"
     return None, "None" if value is None else f"{kind(value)} ({value!r:.40})"
+
+
+def _multi_hot(value: torch.Tensor, dtype: str) -> Optional[Target]:
+    """A floating-point or bool vector of 0s and 1s (the multi-label targets of
+    BCEWithLogitsLoss, a one-hot label) as the classes it marks; None for other tensors.
+    test_labels requires its length to be num_classes."""
+    if not (value.is_floating_point() or value.dtype == torch.bool):
+        return None
+    if value.dim() != 1 or not value.numel() or not bool(((value == 0) | (value == 1)).all()):
+        return None
+    classes = value.nonzero().flatten().tolist()
+    shape = tuple(value.shape)
+    return Target(
+        (digest(value), shape), shape, tuple((c, 1) for c in classes), f"{MULTI_HOT} {dtype}"
+    )
 
 
 def _value_counts(tensor: torch.Tensor) -> Tuple[Tuple[int, int], ...]:
