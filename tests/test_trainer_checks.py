@@ -8,6 +8,7 @@ subclasses one of them and has one bug.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import re
 import tempfile
@@ -1183,6 +1184,10 @@ class Resume(CheckTestCase):
             " Likely here: trainer.loader is a DataLoader with persistent_workers=True.",
             "Give the sampler a generator of its own",
         )
+        # the workers of the trainers the check made are stopped with it, not left to the
+        # garbage collector (PersistentWorkers is in a reference cycle), which stops each
+        # only after torch's 5 s timeout, in whichever test runs then
+        self.assertEqual(multiprocessing.active_children(), [])
         self.assertPasses(
             classifier_case(PersistentWorkersOwnSamplerGenerator), "test_resume", (NO_GPU,)
         )

@@ -260,7 +260,22 @@ class TrainerContract(CheckMixin):
                 )
         self._made.append(trainer)
         self._close_writer(trainer)
+        self.addCleanup(_stop_loader_workers, trainer)
         return trainer
 
     def _other_seed(self) -> int:
         return derived_seed(self.seed, 1)
+
+
+def _stop_loader_workers(trainer: Any) -> None:
+    """Stop the worker processes of the trainer's DataLoaders with persistent workers (those
+    among its attributes), once the check is done with it: left to the garbage collector (a
+    trainer in a reference cycle), such a loader stops each worker only after torch's 5 s
+    timeout, in whichever test runs then."""
+    from torch.utils.data import DataLoader
+
+    for value in list(getattr(trainer, "__dict__", {}).values()):
+        if isinstance(value, DataLoader) and value.persistent_workers:
+            shutdown = getattr(getattr(value, "_iterator", None), "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
