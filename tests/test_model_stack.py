@@ -131,6 +131,14 @@ def main_output_loss(output: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return output[0].square().mean()
 
 
+def cumulative_batchnorm() -> nn.Module:
+    """BatchNorm with a cumulative average (momentum=None), whose training forward reads
+    num_batches_tracked into a Python float: torch.compile compiles nothing there."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU(), nn.Flatten()
+    )
+
+
 class RaisesWhenCompiled(MLP):
     """When compiled, factorises a matrix that is not positive-definite: traced on fake
     tensors, it raises only when the compiled graph runs."""
@@ -684,6 +692,25 @@ class Compile(CheckTestCase):
             "torch.compile(model, backend='aot_eager') gives other results than the eager "
             "model in eval mode, under the same seed: output",
             "torch.compiler.is_compiling()",
+        )
+
+    def test_a_mode_in_which_nothing_compiles_is_a_skipped_part_naming_the_break(self) -> None:
+        # the break reaches no backend (no graph was compiled in training mode): only
+        # Dynamo's counters name it; eval mode compiles and is compared
+        cumulative = case(TrainingStackTests, cumulative_batchnorm, images)
+        nothing = (
+            "torch.compile(model, backend='aot_eager') compiled no graph of the model in "
+            "training mode, leaving all of it to eager PyTorch: Unsupported Tensor.item() call"
+        )
+        self.assertSkipsWith(cumulative, "test_compile", nothing, "nothing was compared in")
+        self.assertSkipsWith(
+            cumulative, "test_compile", "torch.compile breaks the model's graph 1 time"
+        )
+        self.assertFailsWith(
+            case(TrainingStackTests, cumulative_batchnorm, images, compile_fullgraph=True),
+            "test_compile",
+            nothing,
+            "self.compile_fullgraph is True: the model must compile.",
         )
 
     def test_zero_gradients_where_eager_gives_none_are_no_failure(self) -> None:
