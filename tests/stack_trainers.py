@@ -565,6 +565,28 @@ class IgnoresTheCompileBackend(StackTrainer):
         super().__init__(*args, **kwargs)
 
 
+def cumulative_net() -> nn.Module:
+    """Logits normalised by BatchNorm with a cumulative average (momentum=None), whose
+    training forward reads num_batches_tracked into a Python float: torch.compile leaves
+    the whole Sequential to eager PyTorch in training mode."""
+    return nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4, momentum=None))
+
+
+class TrainsWhatCompilesNothing(StackTrainer):
+    """Correct: trains torch.compile(model, backend) as asked, evaluates the model as it is;
+    torch.compile compiles no graph of this model in training mode."""
+
+    def make_model(self) -> nn.Module:
+        return cumulative_net()
+
+    def eval(self) -> float:
+        forward, self.forward = self.forward, self.model
+        try:
+            return super().eval()
+        finally:
+            self.forward = forward
+
+
 class AnnealsDropout(StackTrainer):
     """Raises the dropout probability every epoch: a compiled model recompiles every epoch."""
 

@@ -313,6 +313,16 @@ class CompiledTraining(CheckTestCase):
             "backward call 2's loss is",
         )
 
+    def test_a_model_torch_compile_compiles_nothing_of_skips(self) -> None:
+        # the trainer did compile its model (Dynamo saw its frames): no contract error
+        self.assertSkipsWith(
+            stack_case(st.TrainsWhatCompilesNothing, compile_with="eager"),
+            COMPILED,
+            "the trainer built with compile_backend='eager' ran torch.compile, which compiled "
+            "no graph of its model in 3 epochs, leaving all of it to eager PyTorch (graph "
+            "breaks: Unsupported Tensor.item() call",
+        )
+
     def test_a_trainer_that_ignores_the_backend_is_a_contract_error(self) -> None:
         self.assertErrorsWith(
             stack_case(st.IgnoresTheCompileBackend, compile_with="eager"),
