@@ -713,23 +713,23 @@ class RealModels(CheckTestCase):
                 case = zoo_case(mixin, dict(attributes, accelerators=["cpu"]))
                 self.assertPasses(case, "test_device_moving_on_gpu", allowed_skips=())
 
+    def assertDataParallelPasses(self, check: str) -> None:
+        """``check`` of DistributedModelTests on every model, BatchNorm's per-rank statistics
+        declared (the ResNets)."""
+        for label, (_, attributes, _) in ZOO.items():
+            kept = {key: value for key, value in attributes.items() if key in DISTRIBUTED}
+            case = zoo_case(DistributedModelTests, dict(kept, local_batch_statistics=["*"]))
+            with self.subTest(label):
+                self.assertPasses(case, check, allowed_skips=())
+
     @pytest.mark.slow
     def test_ddp_gradients_pass_on_every_model(self) -> None:
         # the ranks' weights compared too: no model of the zoo changes them per rank
-        for label, (_, attributes, _) in ZOO.items():
-            kept = {key: value for key, value in attributes.items() if key in DISTRIBUTED}
-            case = zoo_case(DistributedModelTests, dict(kept, local_batch_statistics=["*"]))
-            with self.subTest(label):
-                self.assertPasses(case, "test_ddp_gradients", allowed_skips=())
+        self.assertDataParallelPasses("test_ddp_gradients")
 
     @pytest.mark.slow
     def test_fsdp_gradients_pass_on_every_model(self) -> None:
-        # BatchNorm's per-rank statistics declared, as for DDP (the ResNets)
-        for label, (_, attributes, _) in ZOO.items():
-            kept = {key: value for key, value in attributes.items() if key in DISTRIBUTED}
-            case = zoo_case(DistributedModelTests, dict(kept, local_batch_statistics=["*"]))
-            with self.subTest(label):
-                self.assertPasses(case, "test_fsdp_gradients", allowed_skips=())
+        self.assertDataParallelPasses("test_fsdp_gradients")
 
     @pytest.mark.slow
     def test_fsdp_gradients_pass_under_a_bfloat16_policy(self) -> None:

@@ -1860,36 +1860,40 @@ class DesignZoo(CheckTestCase):
         # issue 20's table: the contract refused a list of images and of target dicts
         self.assertEveryCheckPasses(DETECTION)
 
+    def assertDataParallelPasses(self, check: str, allowed: Sequence[str]) -> None:
+        """``check`` of DistributedModelTests on every component, BatchNorm's per-rank
+        statistics declared, as the zoo's users would."""
+        kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
+        for label, (_, attributes, _) in DESIGN_ZOO.items():
+            chosen = {key: value for key, value in attributes.items() if key in kept}
+            case = design_case(DistributedModelTests, dict(chosen, local_batch_statistics=["*"]))
+            with self.subTest(label):
+                self.assertPasses(case, check, allowed_skips=allowed)
+
     @pytest.mark.slow
     def test_ddp_gradients_pass_or_say_why_not_on_every_component(self) -> None:
         # sparse gradients (fastText) compared dense; sampling models skip saying so
-        allowed = (
-            "the model draws random numbers in eval mode",
-            "the comparison trains the model in eval mode (its dropout off",  # RWKV
+        self.assertDataParallelPasses(
+            "test_ddp_gradients",
+            (
+                "the model draws random numbers in eval mode",
+                "the comparison trains the model in eval mode (its dropout off",  # RWKV
+            ),
         )
-        kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
-        for label, (_, attributes, _) in DESIGN_ZOO.items():
-            chosen = {key: value for key, value in attributes.items() if key in kept}
-            case = design_case(DistributedModelTests, dict(chosen, local_batch_statistics=["*"]))
-            with self.subTest(label):
-                self.assertPasses(case, "test_ddp_gradients", allowed_skips=allowed)
 
     @pytest.mark.slow
     def test_fsdp_gradients_pass_or_say_why_not_on_every_component(self) -> None:
-        # BatchNorm's per-rank statistics declared, as for DDP; sampling models and models
-        # fully_shard cannot train with the default units (CLIP's scalar logit_scale, sparse
-        # gradients, Mixtral's router logits recorded by module hooks) skip saying so
-        allowed = (
-            "the model draws random numbers in eval mode",
-            "fully_shard cannot train the model with the default units",
-            "the comparison trains the model in eval mode (its dropout off",  # RWKV
+        # sampling models and models fully_shard cannot train with the default units (CLIP's
+        # scalar logit_scale, sparse gradients, Mixtral's router logits recorded by module
+        # hooks) skip saying so
+        self.assertDataParallelPasses(
+            "test_fsdp_gradients",
+            (
+                "the model draws random numbers in eval mode",
+                "fully_shard cannot train the model with the default units",
+                "the comparison trains the model in eval mode (its dropout off",  # RWKV
+            ),
         )
-        kept = ("model", "inputs", "unbatched_inputs", "loss_fn")
-        for label, (_, attributes, _) in DESIGN_ZOO.items():
-            chosen = {key: value for key, value in attributes.items() if key in kept}
-            case = design_case(DistributedModelTests, dict(chosen, local_batch_statistics=["*"]))
-            with self.subTest(label):
-                self.assertPasses(case, "test_fsdp_gradients", allowed_skips=allowed)
 
     @extended
     def test_every_check_passes_on_the_extended_components(self) -> None:
