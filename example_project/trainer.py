@@ -10,7 +10,8 @@ Resuming is exact: ``load_checkpoint`` restores the weights, the optimizer state
 (Adam's moments), the epoch and step counters, the seed that shuffles the training
 data (with the epoch), and torch's global random state that the VAE's sampling draws
 from. A trainer built the same way that loads the checkpoint and trains on gives the
-weights and the logs of an uninterrupted run. Checkpoints are written with
+weights and the logs of an uninterrupted run, with DataLoader workers too (augmentation in
+the workers aside: their random streams are in no checkpoint). Checkpoints are written with
 ``torch.distributed.checkpoint`` (DCP, a folder): each rank writes its own shards, and
 any number of processes can load them, so a run saved on two processes resumes on one.
 
@@ -196,17 +197,22 @@ class Trainer:
         self.num_images = num_images
         self.log_dir = Path(log_dir)
         self.summary = SummaryWriter(str(self.log_dir)) if self.rank == 0 else None
-        loader_options: Dict[str, Any] = dict(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=self.device.type == "cuda",
-        )
         # The data order is decided by a seed and the epoch: DistributedSampler shuffles
         # with both (and shards the data when there are several processes). The seed comes
         # from torch's global RNG, so torch.manual_seed makes the whole run reproducible; it
         # must be the same on every rank, and it is checkpointed.
         self.data_seed = _from_rank_zero(int(torch.randint(2**62, ()).item()))
+        loader_options: Dict[str, Any] = dict(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+            # The loaders draw their workers' seed from a generator of their own, not from
+            # torch's global one, which the VAE samples from: a resumed run makes its
+            # loaders anew, where an uninterrupted one made them once (persistent workers),
+            # and a draw from the global generator would shift every sample after it.
+            generator=torch.Generator().manual_seed(self.data_seed),
+        )
         self.sampler = DistributedSampler(
             train_data,
             num_replicas=self.world_size,

@@ -7,6 +7,7 @@ subclasses one of them and has one bug.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import tempfile
 import time
 import unittest
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -891,6 +893,45 @@ class CorrectTrainers(CheckTestCase):
                 run_check(classifier_case(trainer_type), name)
                 self.assertTrue(torch.is_grad_enabled())
                 self.assertTrue(torch.equal(torch.get_rng_state(), state))
+
+
+def example_project_module(name: str) -> Any:
+    """example_project/<name>.py, loaded by path (its module names are too common)."""
+    path = Path(__file__).resolve().parents[1] / "example_project" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dltestkit_example_project_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ExampleTrainerWithWorkers(CheckTestCase):
+    def test_the_example_trainer_resumes_exactly_with_persistent_loader_workers(self) -> None:
+        # its loaders draw their workers' seed from a generator of their own: from torch's
+        # global one, which the VAE samples from, a resumed run failed test_resume
+        trainer, model = example_project_module("trainer"), example_project_module("model")
+        images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        data = TensorDataset(images, torch.zeros(4, dtype=torch.int64))
+
+        def set_up(self: Any) -> None:
+            def make_trainer() -> Any:
+                vae = model.MLPVAE(input_shape=(1, 32, 32), bottleneck_dim=16)
+                return trainer.Trainer(
+                    vae,
+                    train_data=data,
+                    test_data=data,
+                    optimizer=torch.optim.Adam(vae.parameters(), lr=1e-3),
+                    batch_size=2,
+                    device="cpu",
+                    log_dir=self.make_temp_dir(),
+                    num_workers=2,
+                )
+
+            self.make_trainer = make_trainer
+            self.trainer = make_trainer()
+            self.addCleanup(self.trainer.close)
+
+        self.assertPasses(make_case(TrainerTests, set_up), "test_resume")
 
 
 class KLReference(unittest.TestCase):
