@@ -196,6 +196,19 @@ class Frozen(nn.Module):
         return self.head(h)
 
 
+class FrozenZeroGate(nn.Module):
+    """Features 8:16 reach the output only through a branch scaled by a frozen zero (a buffer,
+    as FrozenBatchNorm2d holds a zero-initialised BatchNorm weight): never read, ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("gate", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x[:, :8])) + self.gate * self.b(x[:, 8:]))
+
+
 class Strided(nn.Module):
     """A stride-2 convolution without padding over 8 pixels: the last row and column are in
     no window, by design."""
@@ -284,6 +297,15 @@ class InputsUsed(CheckTestCase):
             case(lambda: RGBNet(bug=True), images),
             USED,
             "self.inputs[:, 2] is read by no output (dimension 1, in every sample)",
+        )
+
+    def test_a_branch_behind_a_frozen_zero_fails_naming_that_cause(self) -> None:
+        self.assertFailsWith(
+            case(FrozenZeroGate, features),
+            USED,
+            "self.inputs[:, 8:16] is read by no output (dimension 1, in every sample)",
+            "a branch multiplied by a zero that never trains (a frozen normalisation whose "
+            "weight is zero",
         )
 
     def test_a_feature_never_read_by_a_model_that_masks_at_random_fails(self) -> None:

@@ -594,6 +594,9 @@ class InputUse(Dependence):
             f"changes no output.{more} Usual causes: a slice reused where another was meant "
             "(x[:, :8] twice instead of x[:, 8:16]), a channel, column or position dropped by "
             "a wrong index or a cut (ids[:, 1:], x[..., :-1]), a reshape that leaves part of "
-            "the input out. If the model ignores these elements by design, list the input in "
+            "the input out, a branch multiplied by a zero that never trains (a frozen "
+            "normalisation whose weight is zero: timm's zero-initialised residual BatchNorm "
+            "frozen into FrozenBatchNorm2d, as DETR's backbone without pretrained weights). If "
+            "the model ignores these elements by design, list the input in "
             "self.unread_inputs."
         )
