@@ -580,14 +580,9 @@ class InputUse(Dependence):
         )
 
     def _unread_message(self, reported: List[Slabs]) -> str:
-        first = reported[0]
-        more = (
-            f" Also read by no output: {listed([s.describe() for s in reported[1:]])}."
-            if len(reported) > 1
-            else ""
-        )
-        dim = first.dim
-        what = "" if dim is None else f" (dimension {dim}, in every sample)"
+        first, others = reported[0], [s.describe() for s in reported[1:]]
+        more = f" Also read by no output: {listed(others)}." if others else ""
+        what = "" if first.dim is None else f" (dimension {first.dim}, in every sample)"
         return (
             f"{first.describe()} is read by no output{what}: no gradient reaches it from any "
             "output, and changing it (to other values of the input, far up and far down) "
@@ -597,6 +592,5 @@ class InputUse(Dependence):
             "the input out, a branch multiplied by a zero that never trains (a frozen "
             "normalisation whose weight is zero: timm's zero-initialised residual BatchNorm "
             "frozen into FrozenBatchNorm2d, as DETR's backbone without pretrained weights). If "
-            "the model ignores these elements by design, list the input in "
-            "self.unread_inputs."
+            "the model ignores these elements by design, list the input in self.unread_inputs."
         )
