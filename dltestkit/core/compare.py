@@ -4,13 +4,24 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, overload
 
 import torch
 
 from .paths import named_tensors
 
-__all__ = ["first_difference", "largest_difference", "mismatch", "same", "summary"]
+__all__ = ["dense", "first_difference", "largest_difference", "mismatch", "same", "summary"]
+
+
+@overload
+def dense(tensor: torch.Tensor) -> torch.Tensor: ...
+@overload
+def dense(tensor: None) -> None: ...
+def dense(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A sparse tensor (the gradient of nn.Embedding(sparse=True)) as the dense tensor it
+    stands for, to compare it by its values (two sparse tensors of the same values may list
+    their entries otherwise); other tensors, and None, as they are."""
+    return tensor.to_dense() if tensor is not None and tensor.is_sparse else tensor
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

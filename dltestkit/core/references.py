@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from .compare import same
+from .compare import dense, same
 from .seeds import seed_torch
 
 __all__ = [
@@ -465,8 +465,7 @@ def difference(
     ``atol`` counts relative to the greatest magnitude of ``expected`` too (for gradients,
     whose small entries are sums of large terms that cancel)."""
     actual = actual.detach().cpu()
-    actual = actual.to_dense() if actual.is_sparse else actual
-    expected = expected.to_dense() if expected.is_sparse else expected
+    actual, expected = dense(actual), dense(expected)
     if actual.shape != expected.shape:
         return Difference(
             1, 1, problem=f"its shape is {tuple(actual.shape)}, {tuple(expected.shape)} in the "

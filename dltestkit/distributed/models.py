@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tu
 import torch
 from torch import nn
 
+from ..core.compare import dense
 from ..core.contract import check
 from ..core.messages import listed, no_eval_gradients
 from ..core.options import ContractError, option
@@ -141,7 +142,7 @@ def _sgd_steps(
             else _batch_loss(output, weights, batch_dims, batch)
         )
         loss.backward()
-        grads = {name: None if p.grad is None else _dense(gathered(p.grad)) for name, p in named}
+        grads = {name: None if p.grad is None else dense(gathered(p.grad)) for name, p in named}
         optimizer.step()
         seen.append(
             {
@@ -151,12 +152,6 @@ def _sgd_steps(
             }
         )
     return seen
-
-
-def _dense(gradient: torch.Tensor) -> torch.Tensor:
-    """A sparse gradient (nn.EmbeddingBag(sparse=True)) as the dense tensor it stands for:
-    DDP's all-reduce lists its entries otherwise than one process's backward does."""
-    return gradient.to_dense() if gradient.is_sparse else gradient
 
 
 def _ddp_rank(rank: int, world_size: int, step: _Step) -> Dict[str, Any]:

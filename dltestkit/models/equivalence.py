@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.compare import first_difference
+from ..core.compare import dense, first_difference
 from ..core.contract import check
 from ..core.options import UNSET, option
 from ..core.paths import named_tensors
@@ -18,7 +18,7 @@ from .backward import compared_backward
 from .copies import copy_module
 from .copies import mode as set_mode
 from .randomness import watching_randomness
-from .reference import MODES, References, _dense
+from .reference import MODES, References
 
 __all__ = ["ReferenceModel"]
 
@@ -113,9 +113,7 @@ class ReferenceModel(References):
                 if not compared_backward(self, loss, training, comparison):
                     trainable = []
         outputs = [(path, t.detach()) for path, t in named_tensors(output)]
-        return outputs, [
-            (name, None if p.grad is None else _dense(p.grad)) for name, p in trainable
-        ]
+        return outputs, [(name, dense(p.grad)) for name, p in trainable]
 
     def _compare_with_reference(
         self, model: nn.Module, reference: nn.Module, training: bool

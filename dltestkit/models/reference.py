@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.compare import first_difference
+from ..core.compare import dense, first_difference
 from ..core.contract import check
 from ..core.options import UNSET, option
 from ..core.paths import map_tensors, named_tensors
@@ -386,7 +386,7 @@ class ReferenceOutputs(References):
                 if not compared_backward(self, loss, mode == "training", comparison):
                     return []
         return [
-            (name, _dense(p.grad).detach().clone())
+            (name, dense(p.grad).detach().clone())
             for name, p in copy.named_parameters()
             if p.grad is not None
         ]
@@ -465,11 +465,6 @@ class _Fresh:
         with torch.no_grad():
             self.model.load_state_dict(self.state)
         return self.model
-
-
-def _dense(tensor: torch.Tensor) -> torch.Tensor:
-    """A sparse gradient (nn.Embedding(sparse=True)) as a dense tensor."""
-    return tensor.to_dense() if tensor.is_sparse else tensor
 
 
 def _group_dict(reference: Reference, prefix: str) -> Dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.compare import dense
 from ..core.contract import check
 from ..core.messages import listed
 from ..core.options import option
@@ -322,7 +323,7 @@ def _step(
     it moved (None without a gradient or when the step changed nothing); None without."""
     if grad is None:
         return None
-    grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
+    grad = dense(grad)  # nn.Embedding(sparse=True)
     value = parameter.detach()
     with torch.no_grad():
         if not keep:  # (nothing to return: whether it moved is not needed)

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List
 import torch
 from torch import nn
 
-from ...core.compare import largest_difference, mismatch, same
+from ...core.compare import dense, largest_difference, mismatch, same
 from ...core.options import option
 from ...core.paths import floating_tensors, map_tensors, named_tensors
 from ...core.seeds import all_generators_seeded, derived_seed, seed_torch
@@ -67,10 +67,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
-
-
-def _dense(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return tensor.to_dense() if tensor is not None and tensor.is_sparse else tensor
 
 
 @dataclass
@@ -122,7 +118,7 @@ def gradient_differences(
     scale = _scale([g for _, g in expected if g is not None])
     found = []
     for (name, a), (_, b) in zip(actual, expected):
-        a, b = _dense(a), _dense(b)
+        a, b = dense(a), dense(b)
         if (a is None) != (b is None):
             found.append(f"{what} {name} is {'missing' if a is None else 'present'} only here")
         elif a is not None and b is not None:
@@ -280,7 +276,7 @@ class StackContract(ModelContract):
                     return Run(output, [], [])
         return Run(
             output,
-            [(name, _dense(p.grad)) for name, p in trainable],
+            [(name, dense(p.grad)) for name, p in trainable],
             [(path, t.grad) for path, t in leaves],
         )
 
