@@ -19,6 +19,7 @@ from ..core.options import UNSET, ContractError, option
 from ..core.seeds import derived_seed, make_deterministic
 from ..core.validators import is_callable, is_str, optional
 from .logs import Scalar, as_number, call_arguments
+from .state import persistent_loaders
 
 __all__ = ["TrainerContract", "is_trainer"]
 
@@ -272,10 +273,7 @@ def _stop_loader_workers(trainer: Any) -> None:
     among its attributes), once the check is done with it: left to the garbage collector (a
     trainer in a reference cycle), such a loader stops each worker only after torch's 5 s
     timeout, in whichever test runs then."""
-    from torch.utils.data import DataLoader
-
-    for value in list(getattr(trainer, "__dict__", {}).values()):
-        if isinstance(value, DataLoader) and value.persistent_workers:
-            shutdown = getattr(getattr(value, "_iterator", None), "_shutdown_workers", None)
-            if callable(shutdown):
-                shutdown()
+    for loader in persistent_loaders(trainer).values():
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()

@@ -15,7 +15,15 @@ from ..core.options import option
 from ..core.validators import is_names, is_non_negative_number
 from .contract import TrainerContract
 from .logs import Scalar, describe_scalar, first_log_difference, same_scalar
-from .state import attributes, cloned, difference, generators, global_states, numbers
+from .state import (
+    attributes,
+    cloned,
+    difference,
+    generators,
+    global_states,
+    numbers,
+    persistent_loaders,
+)
 
 __all__ = ["ComparedRuns", "RunChecks"]
 
@@ -23,13 +31,7 @@ __all__ = ["ComparedRuns", "RunChecks"]
 def _persistent_loaders(trainer: Any) -> str:
     """What the trainer's DataLoaders with persistent workers change about a resumed run
     (the likely cause of a difference that nothing restored explains), or ""."""
-    from torch.utils.data import DataLoader
-
-    found = [
-        name
-        for name, value in vars(trainer).items()
-        if isinstance(value, DataLoader) and value.persistent_workers and value.num_workers > 0
-    ]
+    found = list(persistent_loaders(trainer))
     if not found:
         return ""
     return (

@@ -25,6 +25,7 @@ __all__ = [
     "generators",
     "global_states",
     "numbers",
+    "persistent_loaders",
     "plain",
 ]
 
@@ -128,6 +129,17 @@ def attributes(value: Any) -> Dict[str, Any]:
         return dict(vars(value))
     except TypeError:  # no __dict__
         return {}
+
+
+def persistent_loaders(trainer: Any) -> Dict[str, Any]:
+    """The trainer's DataLoaders with persistent workers (among its attributes), by name."""
+    from torch.utils.data import DataLoader
+
+    return {
+        name: value
+        for name, value in attributes(trainer).items()
+        if isinstance(value, DataLoader) and value.persistent_workers
+    }
 
 
 def generators(trainer: Any) -> Dict[str, Any]:
