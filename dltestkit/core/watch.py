@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "TRACEBACK_FRAME",
     "FailedOperation",
     "ModuleTracker",
     "TensorNotes",
@@ -171,7 +172,11 @@ def _user_line(filename: str, lineno: int, function: str, typed: bool = False) -
     return f"{os.path.basename(path)}:{lineno} in {function}{code}"
 
 
-_STACK_ENTRY = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+#: A frame of a Python traceback's text (a rank's traceback, the stack trace torch.compile
+#: keeps of each graph node).
+TRACEBACK_FRAME = re.compile(
+    r'^\s+File "(?P<path>.*)", line (?P<line>\d+), in (?P<function>.*)$', re.M
+)
 
 
 def _traced_from(frame: FrameType, lineno: int) -> Optional[str]:
@@ -187,8 +192,9 @@ def _traced_from(frame: FrameType, lineno: int) -> Optional[str]:
     for node in graph.nodes:
         if node.name in targets:
             found = None
-            for entry in _STACK_ENTRY.finditer(node.meta.get("stack_trace") or ""):
-                found = _user_line(entry.group(1), int(entry.group(2)), entry.group(3)) or found
+            for entry in TRACEBACK_FRAME.finditer(node.meta.get("stack_trace") or ""):
+                where = (entry["path"], int(entry["line"]), entry["function"])
+                found = _user_line(*where) or found
             return found
     return None
 

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.watch import TRACEBACK_FRAME
+
 __all__ = ["Frame", "Stack", "hang_report", "raising_user_frame", "read_stack"]
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -21,10 +23,6 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"])
 _THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)")
 _FRAME = re.compile(r'^\s+File "(?P<path>.*)", line (?P<line>\d+) in (?P<function>.*)$')
-#: A frame of a Python traceback (its text, as a rank hands it back).
-_TRACEBACK_FRAME = re.compile(
-    r'^\s+File "(?P<path>.*)", line (?P<line>\d+), in (?P<function>.*)$', re.M
-)
 #: What a thread waiting for a lock runs (threading's, logging's), or a line that takes one.
 _LOCK_FUNCTIONS = {"acquire", "wait", "__enter__", "_acquireLock", "_wait_for_tstate_lock"}
 _LOCK_LINE = re.compile(r"lock|acquire|Condition|Semaphore", re.IGNORECASE)
@@ -94,7 +92,7 @@ def raising_user_frame(traceback_text: str) -> Optional[Frame]:
     that led to the exception), or None."""
     frames = [
         Frame(found["path"], int(found["line"]), found["function"])
-        for found in _TRACEBACK_FRAME.finditer(traceback_text)
+        for found in TRACEBACK_FRAME.finditer(traceback_text)
     ]
     return Stack(tuple(reversed(frames))).user_frame  # a traceback lists the innermost last
 
