@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import unittest
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
 #: Every check runs with this seed; CI and the determinism runs vary it.
@@ -93,3 +95,13 @@ class CheckTestCase(unittest.TestCase):
         for fragment in fragments:
             self.assertIn(fragment, text)
         return text
+
+
+def example_project_module(name: str) -> Any:
+    """example_project/<name>.py, loaded by path (its module names are too common)."""
+    path = Path(__file__).resolve().parents[1] / "example_project" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dltestkit_example_project_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

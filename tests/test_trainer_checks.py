@@ -7,7 +7,6 @@ subclasses one of them and has one bug.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import multiprocessing
 import os
@@ -16,7 +15,6 @@ import tempfile
 import time
 import unittest
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -25,6 +23,7 @@ from checkrunner import (
     NO_GPU,
     PUT_DOWN_TO_THE_BATCH,
     CheckTestCase,
+    example_project_module,
     make_case,
     run_check,
     with_class_attributes,
@@ -893,16 +892,6 @@ class CorrectTrainers(CheckTestCase):
                 run_check(classifier_case(trainer_type), name)
                 self.assertTrue(torch.is_grad_enabled())
                 self.assertTrue(torch.equal(torch.get_rng_state(), state))
-
-
-def example_project_module(name: str) -> Any:
-    """example_project/<name>.py, loaded by path (its module names are too common)."""
-    path = Path(__file__).resolve().parents[1] / "example_project" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"dltestkit_example_project_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class ExampleTrainerWithWorkers(CheckTestCase):

@@ -46,7 +46,13 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case
+from checkrunner import (
+    NO_GPU,
+    NO_RUNNING_STATISTICS,
+    CheckTestCase,
+    example_project_module,
+    make_case,
+)
 from test_zoo import (
     BATCH,
     LENGTH,
@@ -71,7 +77,6 @@ from dltestkit import DistributedModelTests, ModelTests, SequenceModelTests
 from dltestkit.core.contract import checks_of
 
 NEEDS = f"needs {', '.join(MISSING)}: pip install -e '.[zoo]'"
-EXAMPLE_PROJECT = Path(__file__).resolve().parents[1] / "example_project"
 #: test_batch_independence on a model whose eval-mode outputs change from call to call.
 CHANGES_BETWEEN_CALLS = "two eval-mode passes over self.inputs give different outputs"
 #: test_batch_independence on a checked output that is a similarity matrix.
@@ -156,13 +161,7 @@ class ExamplesVAE(nn.Module):
 
 def example_project_model() -> Any:
     """example_project/model.py, loaded by path (its module name, ``model``, is too common)."""
-    spec = importlib.util.spec_from_file_location(
-        "dltestkit_example_project_model", EXAMPLE_PROJECT / "model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_project_module("model")
 
 
 def mlp_vae() -> nn.Module:
