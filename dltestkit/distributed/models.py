@@ -179,8 +179,9 @@ def _ddp_rank(rank: int, world_size: int, step: _Step) -> Dict[str, Any]:
 
 def _diverged(named: Sequence[Tuple[str, torch.Tensor]]) -> List[str]:
     """The parameters whose values differ between the ranks (a collective: each rank's
-    values against the greatest and the least of all ranks, exactly; NaN counts as equal to
-    NaN). DDP keeps the ranks' copies equal only by giving them equal gradients."""
+    values against the greatest and the least of all ranks, exactly; NaN is counted as +inf,
+    so that NaN on every rank agrees). DDP keeps the ranks' copies equal only by giving them
+    equal gradients."""
     import torch.distributed as dist
 
     diverged = []
