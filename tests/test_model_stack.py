@@ -338,6 +338,23 @@ class BranchesOnBatchSize(Linear):
         return -self.linear(x)
 
 
+class AnotherPathForLargeBatches(Linear):
+    """Takes another path from 64 samples on that computes the same, as diffusers' upsampling
+    does (a copy made contiguous around a bug of a kernel at large batches)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= 64:
+            x = x.contiguous()
+        return self.linear(x)
+
+
+class AddsTwoInputsAndAFixedState(Linear):
+    """Two batched inputs added (torch relates their batch sizes), then a state of 4 rows."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.linear(x + y) + torch.zeros(4, 4)
+
+
 class BranchesOnValues(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 0:
@@ -865,6 +882,40 @@ class Export(CheckTestCase):
                 "test_export",
                 "strict_export = True: the model is meant to be exported, saved and loaded",
             )
+
+    def test_a_branch_for_large_batches_is_exported_within_its_bound_unless_strict(self) -> None:
+        said = (
+            "torch.export makes the batch dimension dynamic only for batch sizes at most 63: "
+            "the model's code branches on the batch size (x.shape[0] < 64, at "
+            "test_model_stack.py:"
+        )
+        large = case(ExportTests, AnotherPathForLargeBatches, features)
+        self.assertSkipsWith(
+            large,
+            "test_export",
+            said,
+            "`if x.shape[0] >= 64:`), and the program takes one branch; it was exported for "
+            "those batch sizes and gave the model's outputs there",
+            "set strict_export = True to make this a failure",
+        )
+        self.assertPasses(large, "test_export", allowed_skips=(said,))
+        self.assertFailsWith(
+            case(ExportTests, AnotherPathForLargeBatches, features, strict_export=True),
+            "test_export",
+            said,
+            "strict_export = True: the exported program must take every batch size",
+        )
+
+    def test_only_the_guards_that_fix_the_batch_size_are_named(self) -> None:
+        # torch relates the batch sizes of x and y (x + y): true at every batch size, unnamed
+        message = self.assertFailsWith(
+            case(ExportTests, AddsTwoInputsAndAFixedState, lambda: (features(), features())),
+            "test_export",
+            "the model's code fixes or bounds the batch size: ",
+            "== 4, at test_model_stack.py",
+            "`return self.linear(x + y) + torch.zeros(4, 4)`",
+        )
+        self.assertEqual(message.count(", at test_model_stack.py"), 1, message)
 
     def test_control_flow_on_values_skips_with_its_line_unless_strict(self) -> None:
         message = (
