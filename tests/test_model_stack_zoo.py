@@ -64,7 +64,12 @@ GENERAL = {
 #: Per component and check: the skips it may have, each for its reason.
 SKIPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     # torch.compile leaves nn.LSTM and nn.GRU to eager PyTorch; prepare_qat's observers too
-    "nn.LSTM tagger": {"test_compile": (NOTHING_COMPILED,)},
+    "nn.LSTM tagger": {
+        "test_compile": (NOTHING_COMPILED,),
+        # oneDNN's bfloat16 LSTM has no primitive on some CPUs ("could not create a primitive
+        # descriptor for the LSTM forward propagation primitive")
+        "test_autocast": ("a limit of the platform, not a bug of the model",),
+    },
     "nn.GRU": {"test_compile": (NOTHING_COMPILED,)},
     "weight tying (GRU language model)": {"test_compile": (NOTHING_COMPILED,)},
     # graph breaks: listed, the results compared
@@ -80,6 +85,20 @@ SKIPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     # compiled model draws otherwise, which the check names (then eval mode is compared)
     "transformers wav2vec2, raw audio": {"test_compile": (GRAPH_BREAKS, RANDOM_DRAWS)},
     "transformers HuBERT, raw audio": {"test_compile": (GRAPH_BREAKS, RANDOM_DRAWS)},
+    "transformers WavLM, raw audio": {"test_compile": (GRAPH_BREAKS, RANDOM_DRAWS)},
+    # `logger.warning(` and an iterator over a dict's keys in forward
+    "transformers big_bird (encoder)": {"test_compile": (GRAPH_BREAKS,)},
+    # checkpointed BatchNorm runs again in the backward pass, updating its statistics twice in
+    # eager PyTorch only: set equal before the eval comparison, the count not compared
+    "torchvision DenseNet, memory-efficient (checkpointed BatchNorm)": {
+        "test_compile": ("runs those layers' forward again in the backward pass",),
+    },
+    # its layers rescaled on the first eval call (one compilation more); its state updated in
+    # place at evaluation, so no eval-mode gradient
+    "transformers RWKV, causal LM (its state updated in place at evaluation)": {
+        "test_compile": ("compiled the model again at a third batch size (6), once",),
+        "test_memory_layouts": ("no gradient can be taken through the model's eval-mode",),
+    },
     "transformers Mixtral, called with labels and output_router_logits (aux loss)": {
         "test_compile": (GRAPH_BREAKS,)
     },
