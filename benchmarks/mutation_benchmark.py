@@ -41,8 +41,10 @@ import copy
 import importlib
 import inspect
 import json
+import multiprocessing.util
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -658,6 +660,11 @@ def _prepared(target_key: str) -> Dict[str, Any]:
         target = TARGETS[target_key]
         model = _seeded_model(target)
         folder = tempfile.mkdtemp(prefix="mutation-benchmark-")
+        # removed when this process ends, a worker of the pool included (which ends with
+        # os._exit, after multiprocessing's finalizers but without atexit's)
+        multiprocessing.util.Finalize(
+            None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True}, exitpriority=0
+        )
         reference = os.path.join(folder, f"{target_key}.safetensors")
         # The benchmark's references are temporary files of its own, written also where a CI
         # variable is set (which stops the writing of the references users commit).

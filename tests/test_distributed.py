@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,12 +275,15 @@ class NoProcessLeftBehind(unittest.TestCase):
 
             run_distributed(hang, 2, timeout=600)
         """)
+        # the killed caller cannot remove its folder of rank tracebacks: made in one of ours
+        temp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, temp, True)
         caller = subprocess.Popen(
             [sys.executable, "-c", script],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": temp},
         )
         try:
             assert caller.stdout is not None

@@ -650,7 +650,8 @@ class ExampleUnderTorchrun(unittest.TestCase):
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            # (torchrun's own folders, torchelastic_*, in the test's folder, removed with it)
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": folder},
         )
         self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
         return completed.stdout
