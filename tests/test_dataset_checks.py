@@ -7,6 +7,10 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -744,6 +748,32 @@ class DataLoading(CheckTestCase):
             "indices 144 to 159",  # among those named (which vary: the pipe may break first)
             "(a worker process exited: a crash in native code",
         )
+
+    def test_workers_that_die_or_are_killed_leave_no_folder(self) -> None:
+        # a fresh interpreter, its temporary files in a folder of ours: multiprocessing's
+        # folder of each forked worker (pymp-*) stays where the worker dies or is killed,
+        # unless the workers share their parent's, which the parent removes at its end
+        script = textwrap.dedent("""
+            from checkrunner import run_check
+            from test_dataset_checks import BlocksInWorkers, DiesInWorkers, Images, splits_case
+
+            for case in (
+                splits_case(Images(augment=True), DiesInWorkers()),
+                splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=0.5),
+            ):
+                assert run_check(case, "test_data_loading").failures
+        """)
+        with tempfile.TemporaryDirectory() as temp:
+            completed = subprocess.run(
+                [sys.executable, "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=os.path.dirname(__file__),
+                env={**os.environ, "TMPDIR": temp, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+            self.assertEqual(completed.returncode, 0, completed.stderr)
+            self.assertEqual(os.listdir(temp), [])
 
     def test_a_sample_that_fails_only_in_workers_says_it_loads_in_the_main_process(self) -> None:
         case = splits_case(Images(augment=True), FailsInWorkersAt0(seed=5))

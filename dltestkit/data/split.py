@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import multiprocessing.util
 import operator
 import re
 import time
@@ -342,6 +343,11 @@ class SplitState:
             dataset, sampler = self.dataset, None
         else:
             dataset, sampler = Indexed(self.dataset), self.indices
+        if loading.num_workers:
+            # forked workers then share this process's folder of multiprocessing's files
+            # (pymp-*, removed when this process ends) instead of each making its own, which a
+            # worker that is killed (blocked past loader_timeout) or dies would leave behind
+            multiprocessing.util.get_temp_dir()
         loader = DataLoader(
             dataset,
             batch_size=loading.batch_size,
