@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import multiprocessing.util
+import multiprocessing
 import operator
 import re
+import shutil
+import tempfile
 import time
 import warnings
 import weakref
@@ -96,6 +98,27 @@ def cheaper(count: int, seconds: float) -> str:
         f"{rate:,.0f} samples/s seen) to scan a seeded random subset of each split, or a "
         "stream's first samples; see the docs' page on large datasets."
     )
+
+
+@contextlib.contextmanager
+def _workers_folder(workers: int) -> Iterator[None]:
+    """A folder for multiprocessing's files (its listeners' sockets) that the scan's forked
+    workers share, removed when the scan ends, interrupted or not: each would otherwise make
+    one of its own (pymp-*), which a worker killed past loader_timeout, or one that dies,
+    leaves behind. Nothing changes where this process has such a folder already (the workers
+    share it), or without workers."""
+    config = getattr(multiprocessing.current_process(), "_config", None)
+    if not workers or not isinstance(config, dict) or config.get("tempdir"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="dltestkit-workers-")
+    config["tempdir"] = folder
+    try:
+        yield
+    finally:
+        if config.get("tempdir") == folder:
+            del config["tempdir"]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _WatchedWorker:
@@ -330,6 +353,10 @@ class SplitState:
         return self._scan
 
     def _run_scan(self) -> Scan:
+        with _workers_folder(self.loading.num_workers):
+            return self._scan_with_loader()
+
+    def _scan_with_loader(self) -> Scan:
         loading = self.loading
         inspection = Inspection(
             loading.input_key,
@@ -343,11 +370,6 @@ class SplitState:
             dataset, sampler = self.dataset, None
         else:
             dataset, sampler = Indexed(self.dataset), self.indices
-        if loading.num_workers:
-            # forked workers then share this process's folder of multiprocessing's files
-            # (pymp-*, removed when this process ends) instead of each making its own, which a
-            # worker that is killed (blocked past loader_timeout) or dies would leave behind
-            multiprocessing.util.get_temp_dir()
         loader = DataLoader(
             dataset,
             batch_size=loading.batch_size,
