@@ -7,7 +7,7 @@ from typing import Any, ClassVar, List, Optional
 from ..core.contract import CheckMixin
 from ..core.options import option
 from ..core.validators import is_number, is_positive_int
-from .launch import run_distributed
+from .launch import _start_method, run_distributed
 
 __all__ = ["DistributedOptions", "is_tolerance"]
 
@@ -56,6 +56,10 @@ class DistributedOptions(CheckMixin):
     def _run_ranks(self, function: Any, *args: Any, world_size: Optional[int] = None) -> List[Any]:
         """``run_distributed(function, world_size, *args)``: on ``world_size`` ranks (by default
         self.world_size), within distributed_timeout."""
+        if _start_method() == "fork":
+            # DistributedDataParallel and fully_shard import torch._dynamo when first built (3
+            # to 6 s on 2 cores): imported here, once, rather than in every rank of every run
+            import torch._dynamo  # noqa: F401
         return run_distributed(
             function,
             self.world_size if world_size is None else world_size,
