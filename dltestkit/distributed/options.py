@@ -8,6 +8,7 @@ from ..core.contract import CheckMixin
 from ..core.options import option
 from ..core.validators import is_number, is_positive_int
 from .launch import _start_method, run_distributed
+from .sharding import prepare_parent
 
 __all__ = ["DistributedOptions", "is_tolerance"]
 
@@ -57,9 +58,9 @@ class DistributedOptions(CheckMixin):
         """``run_distributed(function, world_size, *args)``: on ``world_size`` ranks (by default
         self.world_size), within distributed_timeout."""
         if _start_method() == "fork":
-            # DistributedDataParallel and fully_shard import torch._dynamo when first built (3
-            # to 6 s on 2 cores): imported here, once, rather than in every rank of every run
-            import torch._dynamo  # noqa: F401
+            # imported here, once, rather than in every rank of every run: DDP and fully_shard
+            # import torch._dynamo when first built (3 to 6 s on 2 cores)
+            prepare_parent()
         return run_distributed(
             function,
             self.world_size if world_size is None else world_size,

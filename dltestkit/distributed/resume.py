@@ -22,7 +22,7 @@ from ..core.seeds import derived_seed, make_deterministic
 from ..trainers.state import difference
 from .launch import DistributedError
 from .rank_warnings import recorded
-from .sharding import gathered, prepare_parent
+from .sharding import gathered
 from .trainers import DistributedTraining, _state
 
 __all__ = ["ResumeAcrossWorldSizes"]
@@ -208,7 +208,6 @@ class ResumeAcrossWorldSizes(DistributedTraining):
         pairs = self._pairs()
         for size in {n for pair in pairs for n in pair}:
             self._check_factory_arguments(rank=0, world_size=size)
-        prepare_parent()
         folder = self.make_temp_dir()
         paths = {size: str(folder / f"checkpoint-on-{size}") for size, _ in pairs}
         runs: Dict[int, Dict[str, Any]] = {}

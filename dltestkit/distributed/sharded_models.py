@@ -34,7 +34,6 @@ from .sharding import (
     default_units,
     fsdp_unavailable,
     misuses,
-    prepare_parent,
     shard,
     units_matching,
     watch_parameters,
@@ -178,7 +177,6 @@ class ShardedGradients(DataParallelModel):
         watch = watch_parameters(watched, lambda: call_model(watched, plan.inputs))
         units = self._units(plan.model, watch)
         step = self._rank_step(plan, _ShardedStep, units, self.fsdp_mixed_precision)
-        prepare_parent()
         try:
             if self.fsdp_mixed_precision is not None:
                 # One step: after it the ranks' rounding has moved the weights a little from

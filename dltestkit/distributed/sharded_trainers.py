@@ -18,7 +18,7 @@ import torch
 from ..core.contract import check
 from ..core.messages import listed
 from ..trainers.state import difference
-from .sharding import fsdp_unavailable, prepare_parent
+from .sharding import fsdp_unavailable
 from .trainers import DistributedTraining, _train_rank
 
 __all__ = ["ShardedTraining"]
@@ -77,7 +77,6 @@ class ShardedTraining(DistributedTraining):
             self.skipTest(f"test_fsdp_training {unavailable}")
         self._get_or_skip("make_trainer")
         self._check_factory_arguments(rank=0, world_size=self.world_size)
-        prepare_parent()
         ranks = self._launch(_train_rank, self, True)
         if not ranks[0]["sharded"]:
             self.skipTest(

@@ -13,7 +13,9 @@ way).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import importlib
 from typing import Any, Collection, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -50,15 +52,23 @@ def fsdp_unavailable() -> Optional[str]:
     return None
 
 
+_FIRST_USE_IMPORTS = (
+    "torch._dynamo",
+    "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint.state_dict",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor",
+)
+
+
 def prepare_parent() -> None:
-    """Import in the calling process what ``fully_shard`` and ``DTensor`` import on first use
-    (``torch._dynamo``, a second or more), and torch.distributed.checkpoint: ranks forked from
-    it then start with them imported, instead of importing them each."""
-    import torch._dynamo  # noqa: F401
-    import torch.distributed.checkpoint  # noqa: F401
-    import torch.distributed.checkpoint.state_dict  # noqa: F401
-    import torch.distributed.fsdp  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
+    """Import in the calling process what ``DistributedDataParallel``, ``fully_shard`` and
+    ``DTensor`` import on first use (``torch._dynamo``, seconds), and
+    torch.distributed.checkpoint: ranks forked from it then start with them imported, instead
+    of importing them each. (Those an older torch lacks are left out.)"""
+    for name in _FIRST_USE_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def is_sharded(value: Any) -> bool:
