@@ -15,7 +15,7 @@ import time
 import unittest
 from multiprocessing import resource_tracker
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Tuple
 
 import pytest
 import torch
@@ -709,6 +709,102 @@ class ParallelRunners(unittest.TestCase):
         self.assertIn(
             f"{3 * per_class} passed", completed.stdout, completed.stdout + completed.stderr
         )
+
+
+# The head of a script run in a fresh interpreter: an import hook, which the forked ranks
+# inherit, writes to the file named by its argument each rank that imports torch._dynamo
+# itself (as DistributedDataParallel does when first built).
+NOTE_RANK_IMPORTS = textwrap.dedent("""
+    import os
+    import sys
+
+    PARENT, NOTES = os.getpid(), sys.argv[1]
+
+
+    class NoteDynamoImports:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch._dynamo" and os.getpid() != PARENT:
+                with open(NOTES, "a") as notes:
+                    notes.write(f"{os.getpid()}\\n")
+            return None
+
+
+    sys.meta_path.insert(0, NoteDynamoImports())
+
+    import torch
+    from torch import nn
+    from dltestkit import run_distributed
+
+    assert "torch._dynamo" not in sys.modules
+""")
+
+TWO_RUNS = textwrap.dedent("""
+    def train(rank, world_size):
+        model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+        model(torch.randn(3, 4)).sum().backward()
+        return rank
+
+
+    for run in ("first", "second"):
+        assert run_distributed(train, 2) == [0, 1]
+        count = len(open(NOTES).read().split()) if os.path.exists(NOTES) else 0
+        print(f"{run} run: {count}")
+""")
+
+A_TRAINER_CHECK = textwrap.dedent("""
+    import unittest
+
+    from test_distributed_trainer import ClassifierTrainer, data
+    from dltestkit import DistributedTrainerTests
+
+
+    class TestDDP(DistributedTrainerTests, unittest.TestCase):
+        def setUp(self):
+            self.data = data()
+
+        def make_trainer(self, rank=0, world_size=1):
+            return ClassifierTrainer(self.data, rank, world_size)
+
+
+    result = unittest.TextTestRunner().run(TestDDP("test_ddp_training"))
+    print("passed" if result.wasSuccessful() else "failed")
+""")
+
+
+class RanksImportOnce(unittest.TestCase):
+    """DistributedDataParallel imports torch._dynamo when first built (3 to 6 s on 2 cores): in
+    every rank of every run when the ranks are forked from a process that has not imported it."""
+
+    def run_script(self, body: str) -> Tuple[str, List[str]]:
+        """NOTE_RANK_IMPORTS and ``body`` run in a fresh interpreter: its output, and the
+        ranks that imported torch._dynamo."""
+        here = Path(__file__).resolve().parent
+        with tempfile.TemporaryDirectory() as folder:
+            script, notes = Path(folder, "script.py"), Path(folder, "notes")
+            script.write_text(NOTE_RANK_IMPORTS + body)
+            completed = subprocess.run(
+                [sys.executable, str(script), str(notes)],
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])},
+            )
+            ranks = notes.read_text().split() if notes.exists() else []
+        return completed.stdout + completed.stderr, ranks
+
+    @pytest.mark.slow  # (.ci/run's slow step) a fresh interpreter: ~12 s
+    def test_what_the_ranks_of_a_run_imported_is_imported_before_the_next(self) -> None:
+        output, ranks = self.run_script(TWO_RUNS)
+        # (the ranks of the first run import it, each; none of the second's does)
+        self.assertIn("first run: 2\nsecond run: 2\n", output)
+        self.assertEqual(len(ranks), 2)
+
+    @pytest.mark.slow  # (.ci/run's slow step) a fresh interpreter: ~10 s
+    def test_the_ranks_of_a_check_do_not_import_torch_dynamo_again(self) -> None:
+        output, ranks = self.run_script(A_TRAINER_CHECK)
+        self.assertIn("passed", output)
+        self.assertEqual(ranks, [], "ranks that imported torch._dynamo themselves")
 
 
 if __name__ == "__main__":

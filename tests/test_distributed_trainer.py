@@ -618,68 +618,6 @@ class SkippedPartUnderRunners(unittest.TestCase):
         self.assertRegex(output, r"1 passed, 1 skipped, (\d+ warnings?, )?4 subtests passed")
 
 
-# Run in a fresh interpreter: an import hook, inherited by the forked ranks, notes each process
-# other than this one that imports torch._dynamo (as DistributedDataParallel does when built).
-IMPORTS_MODULE = textwrap.dedent("""
-    import os
-    import sys
-    import unittest
-
-    PARENT, NOTES = os.getpid(), sys.argv[1]
-
-
-    class NoteDynamoImports:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch._dynamo" and os.getpid() != PARENT:
-                with open(NOTES, "a") as notes:
-                    notes.write(f"{os.getpid()}\\n")
-            return None
-
-
-    sys.meta_path.insert(0, NoteDynamoImports())
-
-    from test_distributed_trainer import ClassifierTrainer, data
-    from dltestkit import DistributedTrainerTests
-
-    assert "torch._dynamo" not in sys.modules
-
-
-    class TestDDP(DistributedTrainerTests, unittest.TestCase):
-        def setUp(self):
-            self.data = data()
-
-        def make_trainer(self, rank=0, world_size=1):
-            return ClassifierTrainer(self.data, rank, world_size)
-
-
-    result = unittest.TextTestRunner().run(TestDDP("test_ddp_training"))
-    print("passed" if result.wasSuccessful() else "failed")
-""")
-
-
-class RanksImportOnce(unittest.TestCase):
-    @pytest.mark.slow  # (.ci/run's slow step) a fresh interpreter: ~10 s
-    def test_the_ranks_of_a_check_do_not_import_torch_dynamo_again(self) -> None:
-        # DDP imports torch._dynamo when built, 3 to 6 s on 2 cores: in every rank of every
-        # run when the ranks are forked from a process that has not imported it
-        here = Path(__file__).resolve().parent
-        with tempfile.TemporaryDirectory() as folder:
-            script, notes = Path(folder, "check.py"), Path(folder, "notes")
-            script.write_text(IMPORTS_MODULE)
-            completed = subprocess.run(
-                [sys.executable, str(script), str(notes)],
-                cwd=folder,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])},
-            )
-            output = completed.stdout + completed.stderr
-            self.assertIn("passed", completed.stdout, output)
-            ranks = notes.read_text().split() if notes.exists() else []
-        self.assertEqual(ranks, [], "ranks that imported torch._dynamo themselves")
-
-
 if __name__ == "__main__":
     unittest.main()
 

@@ -37,7 +37,10 @@ How the ranks start and leave, so that no rank fails because of another's timing
   also when they were killed;
 - a rank that has not finished when ``timeout`` has passed writes where it is (its Python
   stack, with ``faulthandler``) before it is stopped: the report names the rank that hung in
-  its own code, and the ranks that waited inside torch for it (a collective).
+  its own code, and the ranks that waited inside torch for it (a collective);
+- what the ranks of a run imported on first use among a few of torch's modules (``torch._dynamo``,
+  which ``DistributedDataParallel`` and ``fully_shard`` import when first built: seconds), the
+  caller imports before it forks the ranks of its next run, which then start with it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -65,6 +67,15 @@ import torch
 import torch.distributed as dist
 
 from ..core.processes import watch_parent
+from .rank_setup import (
+    FIRST_USE_IMPORTS,
+    IMPORTED_BY_RANKS,
+    forget_accelerate_state,
+    import_for_ranks,
+    launcher_environment,
+    loopback_interface,
+    private_temp,
+)
 from .stacks import Stack, hang_report, read_stack
 
 __all__ = ["DistributedError", "run_distributed"]
@@ -152,11 +163,6 @@ def _ranks(ranks: Sequence[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {list(ranks)}"
 
 
-def _loopback_interface() -> Optional[str]:
-    names = {name for _, name in socket.if_nameindex()}
-    return next((name for name in ("lo", "lo0") if name in names), None)
-
-
 def _start_method() -> str:
     """fork where it exists and CUDA is not initialised in this process (no pickling, no
     re-import: ranks start in a tenth of a second); spawn elsewhere."""
@@ -174,18 +180,6 @@ def _lead_own_group() -> bool:
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     return os.getpgrp() == os.getpid()
-
-
-def _private_temp(folder: str) -> None:
-    """Keep this process's temporary files, and its children's, in ``folder``:
-    multiprocessing's ``pymp-*`` folders (made by a DataLoader worker that sends tensors)
-    included, which a killed process cannot remove."""
-    os.makedirs(folder, exist_ok=True)
-    tempfile.tempdir = folder
-    os.environ["TMPDIR"] = folder  # for children that start Python anew (spawn)
-    config = getattr(multiprocessing.current_process(), "_config", None)
-    if isinstance(config, dict):  # the caller's pymp folder, inherited: make one here
-        config.pop("tempdir", None)
 
 
 #: The file each rank writes its stack to when asked (kept open: faulthandler writes to it).
@@ -217,9 +211,9 @@ def _rank_main(
     """The body of each rank's process."""
     try:
         watch_parent(_lead_own_group())
-        _private_temp(os.path.join(folder, f"rank-{rank}"))
+        private_temp(os.path.join(folder, f"rank-{rank}"))
         _stack_on_request(os.path.join(folder, f"rank-{rank}.stack"))
-        interface = _loopback_interface()
+        interface = loopback_interface()
         if interface is not None:
             os.environ["GLOO_SOCKET_IFNAME"] = interface
         torch.set_num_threads(1)  # world_size processes share the cores
@@ -227,16 +221,19 @@ def _rank_main(
         if not control.poll(timeout):
             raise TimeoutError(f"the ranks were not all started within {timeout:g} s")
         port = int(control.recv())
-        os.environ.update(_launcher_environment(rank, world_size, port))
-        _forget_accelerate_state()
+        os.environ.update(launcher_environment(rank, world_size, port))
+        forget_accelerate_state()
         wait = datetime.timedelta(seconds=timeout + _COLLECTIVE_MARGIN)
         store = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1", port, world_size + 1, is_master=False, timeout=wait
         )
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=wait)
+        inherited = {name for name in FIRST_USE_IMPORTS if name in sys.modules}
         try:
             dist.barrier()  # every rank has joined before any may go on (and leave)
-            _send(sender, "result", function(rank, world_size, *args))
+            result = function(rank, world_size, *args)
+            imported = [n for n in FIRST_USE_IMPORTS if n in sys.modules and n not in inherited]
+            _send(sender, "result", (result, imported))
         except BaseException:  # SystemExit and KeyboardInterrupt included
             # Reported before the group is destroyed: the other ranks' errors (a peer that
             # disappeared) follow it, and the caller names the cause first.
@@ -251,47 +248,6 @@ def _rank_main(
         # abort at exit in gloo's threads ("terminate called without an active exception").
         # The caller kills what is left of this rank's process group (DataLoader workers).
         os._exit(0)
-
-
-def _launcher_environment(rank: int, world_size: int, port: int) -> Dict[str, str]:
-    """The environment variables torchrun gives each process it starts (one node), with the
-    store's address: code that learns its rank from them (Accelerate's ``Accelerator``,
-    Lightning's ``Trainer``, ``transformers.Trainer``, ``init_process_group("env://")``)
-    finds the group as under torchrun. ``OMP_NUM_THREADS`` is set to 1 where it is unset, as
-    torchrun does for several processes on one machine."""
-    environment = {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "GROUP_RANK": "0",
-        "ROLE_RANK": str(rank),
-        "ROLE_NAME": "default",
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(world_size),
-        "GROUP_WORLD_SIZE": "1",
-        "ROLE_WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "TORCHELASTIC_RESTART_COUNT": "0",
-        "TORCHELASTIC_MAX_RESTARTS": "0",
-        "TORCHELASTIC_RUN_ID": "dltestkit",
-        "TORCHELASTIC_USE_AGENT_STORE": "False",
-    }
-    if "OMP_NUM_THREADS" not in os.environ:
-        environment["OMP_NUM_THREADS"] = "1"
-    return environment
-
-
-def _forget_accelerate_state() -> None:
-    """Clear what Accelerate keeps once per process (its states share one dict each, filled
-    by the first ``Accelerator``): a rank forked from a caller that built an Accelerator
-    (a ``setUp`` that makes a trainer) would otherwise inherit the caller's one-process
-    state, and its own Accelerator would not see the group, as a process started by
-    torchrun does."""
-    state = sys.modules.get("accelerate.state")
-    for name in ("PartialState", "AcceleratorState", "GradientState"):
-        shared = getattr(getattr(state, name, None), "_shared_state", None)
-        if isinstance(shared, dict):
-            shared.clear()
 
 
 def _wait_for_release(control: Any) -> None:
@@ -395,6 +351,8 @@ def run_distributed(
     """
     _check_arguments(world_size, timeout, start_method)
     method = start_method or _start_method()
+    if method == "fork":
+        import_for_ranks(sorted(IMPORTED_BY_RANKS))
     context: Any = multiprocessing.get_context(method)
     ranks: List[_Rank] = []
     store: Any = None
@@ -511,7 +469,8 @@ def _collect(
                 )
             stamp, kind, value = message
             if kind == "result":
-                results[rank] = value
+                results[rank], imported = value
+                IMPORTED_BY_RANKS.update(imported)
             else:
                 failed.append((stamp, rank, value))
                 if len(failed) == 1:  # the ranks that wait for the others may leave now

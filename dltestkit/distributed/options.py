@@ -8,7 +8,7 @@ from ..core.contract import CheckMixin
 from ..core.options import option
 from ..core.validators import is_number, is_positive_int
 from .launch import _start_method, run_distributed
-from .sharding import prepare_parent
+from .rank_setup import import_for_ranks
 
 __all__ = ["DistributedOptions", "is_tolerance"]
 
@@ -60,7 +60,7 @@ class DistributedOptions(CheckMixin):
         if _start_method() == "fork":
             # imported here, once, rather than in every rank of every run: DDP and fully_shard
             # import torch._dynamo when first built (3 to 6 s on 2 cores)
-            prepare_parent()
+            import_for_ranks()
         return run_distributed(
             function,
             self.world_size if world_size is None else world_size,

@@ -13,9 +13,7 @@ way).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import importlib
 from typing import Any, Collection, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -31,7 +29,6 @@ __all__ = [
     "fsdp_unavailable",
     "gathered",
     "is_sharded",
-    "prepare_parent",
     "shard",
     "sharded_names",
     "units_matching",
@@ -50,25 +47,6 @@ def fsdp_unavailable() -> Optional[str]:
             f"{torch.__version__})"
         )
     return None
-
-
-_FIRST_USE_IMPORTS = (
-    "torch._dynamo",
-    "torch.distributed.checkpoint",
-    "torch.distributed.checkpoint.state_dict",
-    "torch.distributed.fsdp",
-    "torch.distributed.tensor",
-)
-
-
-def prepare_parent() -> None:
-    """Import in the calling process what ``DistributedDataParallel``, ``fully_shard`` and
-    ``DTensor`` import on first use (``torch._dynamo``, seconds), and
-    torch.distributed.checkpoint: ranks forked from it then start with them imported, instead
-    of importing them each. (Those an older torch lacks are left out.)"""
-    for name in _FIRST_USE_IMPORTS:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
 
 
 def is_sharded(value: Any) -> bool:
