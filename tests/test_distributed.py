@@ -16,6 +16,7 @@ import unittest
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, List, Tuple
+from unittest import mock
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ from dltestkit import (
     run_distributed,
 )
 from dltestkit.core.contract import checks_of
+from dltestkit.distributed.rank_setup import import_for_ranks
 
 
 # -- functions run on every rank (module level: picklable for the spawn start method) -------
@@ -792,6 +794,13 @@ class RanksImportOnce(unittest.TestCase):
             )
             ranks = notes.read_text().split() if notes.exists() else []
         return completed.stdout + completed.stderr, ranks
+
+    def test_a_module_that_cannot_be_imported_here_is_left_out(self) -> None:
+        # (an older torch lacks torch.distributed.tensor; one on a Python it does not support
+        # raises RuntimeError on importing torch._dynamo)
+        import_for_ranks(["dltestkit_no_such_module"])
+        with mock.patch("importlib.import_module", side_effect=RuntimeError("not supported")):
+            import_for_ranks(["torch._dynamo"])
 
     @pytest.mark.slow  # (.ci/run's slow step) a fresh interpreter: ~12 s
     def test_what_the_ranks_of_a_run_imported_is_imported_before_the_next(self) -> None:

@@ -39,9 +39,10 @@ IMPORTED_BY_RANKS: Set[str] = set()
 
 def import_for_ranks(names: Sequence[str] = FIRST_USE_IMPORTS) -> None:
     """Import ``names`` in this process, before it forks ranks that would import them each;
-    those this torch lacks are left out."""
+    those this torch lacks, or cannot import here, are left out (a rank that needs one meets
+    the error itself)."""
     for name in names:
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
 
 
