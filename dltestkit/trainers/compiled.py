@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 
 from ..core.contract import check
+from ..core.graph_breaks import counted_breaks
 from ..core.messages import listed
 from ..core.options import option
 from ..core.validators import is_non_negative_number, is_str
@@ -52,14 +53,6 @@ def _frames_seen() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["frames"]["total"])
-
-
-def _break_kinds() -> List[str]:
-    """The first line of each graph break Dynamo counted since it was last reset."""
-    from torch._dynamo.utils import counters
-
-    kinds = [message.strip().split("\n")[0] for message in counters["graph_break"]]
-    return list(dict.fromkeys(kinds))
 
 
 def _failures() -> Dict[Any, List[str]]:
@@ -172,7 +165,7 @@ class CompiledTraining(TrainerContract):
         if not sum(graphs) and _frames_seen() > frames:
             # torch.compile ran on the model, and left it all to eager PyTorch (an nn.GRU, a
             # .item() that ends every frame): nothing compiled, no bug of the trainer
-            breaks = _break_kinds()
+            breaks = counted_breaks({}, [])
             self.skipTest(
                 f"the trainer built with compile_backend={self.compile_with!r} ran "
                 f"torch.compile, which compiled no graph of its model in {EPOCHS} epochs, "

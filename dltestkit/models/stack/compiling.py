@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...core.contract import check
+from ...core.graph_breaks import counted_breaks, reason_text
 from ...core.messages import exception_text, listed
 from ...core.options import ContractError, option
 from ...core.validators import is_bool, is_str
@@ -56,19 +57,8 @@ class _Graphs:
                 where = (
                     f", at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}{code}"
                 )
-            found.append(_reason_text(reason.reason) + where)
+            found.append(reason_text(reason.reason) + where)
         return list(dict.fromkeys(found))
-
-
-def _reason_text(message: str) -> str:
-    """A graph break's kind and explanation from Dynamo's message, in one line."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    kind = lines[0] if lines else "graph break"
-    explanation = next(
-        (line[len("Explanation:") :].strip() for line in lines if line.startswith("Explanation:")),
-        "",
-    )
-    return f"{kind} ({explanation})" if explanation else kind
 
 
 _FRAME_SKIPPED = re.compile(r"frame skipped: (\S+) \((\S+) line (\d+)\)")
@@ -91,24 +81,7 @@ def _skipped_frames(before: Dict[str, int]) -> List[str]:
             if skipped
             else ""
         )
-        found.append(_reason_text(first) + where)
-    return list(dict.fromkeys(found))
-
-
-def _counted_breaks(before: Dict[str, int], listed_already: List[str]) -> List[str]:
-    """The graph breaks Dynamo counted since ``before`` (its counters of graph breaks then)
-    that ``listed_already`` does not hold: a break in a frame of which no graph was
-    compiled (Tensor.item() in BatchNorm(momentum=None)'s training forward) reaches no
-    backend, so only Dynamo's counters name it (without its line)."""
-    from torch._dynamo.utils import counters
-
-    found = []
-    for message, count in counters["graph_break"].items():
-        text = _reason_text(message)
-        if count > before.get(message, 0) and not any(
-            entry.startswith(text) for entry in listed_already
-        ):
-            found.append(text)
+        found.append(reason_text(first) + where)
     return list(dict.fromkeys(found))
 
 
@@ -215,11 +188,11 @@ class Compile(StackContract):
             if graphs.count == 0:
                 self._compile_nothing(_skipped_frames(unsupported_before))
             if trained == 0:
-                self._compile_nothing(_counted_breaks(breaks_before, []), mode="training")
+                self._compile_nothing(counted_breaks(breaks_before, []), mode="training")
             if sizes is not None:
                 self._compile_third_batch_size(compiled_model, compiled, graphs, sizes)
         breaks = graphs.breaks() + _skipped_frames(unsupported_before)
-        self._compile_graph_breaks(breaks + _counted_breaks(breaks_before, breaks))
+        self._compile_graph_breaks(breaks + counted_breaks(breaks_before, breaks))
 
     # -- the backend ------------------------------------------------------------------------
     def _compile_backend(self) -> Any:
