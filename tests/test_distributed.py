@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from checkrunner import CheckTestCase
+from test_distributed_trainer import MODULE as DDP_TRAINER_MODULE
 from test_model_checks import (
     SHAPE,
     AutoEncoder,
@@ -753,21 +754,8 @@ TWO_RUNS = textwrap.dedent("""
         print(f"{run} run: {count}")
 """)
 
-A_TRAINER_CHECK = textwrap.dedent("""
-    import unittest
-
-    from test_distributed_trainer import ClassifierTrainer, data
-    from dltestkit import DistributedTrainerTests
-
-
-    class TestDDP(DistributedTrainerTests, unittest.TestCase):
-        def setUp(self):
-            self.data = data()
-
-        def make_trainer(self, rank=0, world_size=1):
-            return ClassifierTrainer(self.data, rank, world_size)
-
-
+# test_distributed_trainer's DDP trainer case (TestDDP), run by unittest
+A_TRAINER_CHECK = DDP_TRAINER_MODULE + textwrap.dedent("""
     result = unittest.TextTestRunner().run(TestDDP("test_ddp_training"))
     print("passed" if result.wasSuccessful() else "failed")
 """)
