@@ -25,6 +25,10 @@ benchmark runs
 - separately, the reference checks as docs/references.md sets them up: ``test_reference_outputs``
   against a reference file written from the original model (``reference_gradients = True``).
 
+With ``--pytest-torch`` (pytest-torch installed), it also runs pytest-torch's four default checks
+(benchmarks/compare_pytest_torch.py: the inference contract, invariance, a checkpoint round trip,
+finite gradients) on each mutant, leaving out those that already fail on the original model.
+
 A mutant is *killed* by a set of checks when one of them fails or errors. It prints the kill rate
 per model and per operator (default checks; default and reference checks together), which check
 killed how many, and the mutants that survive. Models: T5, Qwen2, DistilBERT (transformers, eager
@@ -38,6 +42,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import importlib
 import inspect
 import json
@@ -608,6 +613,10 @@ class Outcome:
     status: str  # "killed" or "survived"; or why left out: build, crash, timeout, equivalent
     killed_by: str = ""
     reference: str = ""  # the reference checks' verdict: "killed" or "survived"
+    #: pytest-torch's default checks' verdict ("killed" or "survived"; "" when not run), and
+    #: the first of them that failed
+    pytest_torch: str = ""
+    pytest_torch_by: str = ""
     seconds: float = 0.0
     detail: str = ""
     #: the largest change of an output or gradient, relative to its largest magnitude
@@ -654,8 +663,15 @@ def _verdict(case: type, check: str) -> Optional[str]:
 _CACHE: Dict[str, Dict[str, Any]] = {}
 
 
-def _prepared(target_key: str) -> Dict[str, Any]:
-    """The original's passes and reference file, made once per process."""
+def _pytest_torch_verdicts(target: Target) -> Dict[str, Tuple[str, str]]:
+    from compare_pytest_torch import pytest_torch_verdicts
+
+    return pytest_torch_verdicts(lambda: _seeded_model(target), target.inputs, seed=0)
+
+
+def _prepared(target_key: str, with_pytest_torch: bool = False) -> Dict[str, Any]:
+    """The original's passes and reference file, made once per process (and the pytest-torch
+    checks that pass on it)."""
     if target_key not in _CACHE:
         target = TARGETS[target_key]
         model = _seeded_model(target)
@@ -683,14 +699,19 @@ def _prepared(target_key: str) -> Dict[str, Any]:
             "reference": reference,
             "reference_size": os.path.getsize(reference),
         }
+    if with_pytest_torch and "pytest_torch" not in _CACHE[target_key]:
+        verdicts = _pytest_torch_verdicts(TARGETS[target_key])
+        _CACHE[target_key]["pytest_torch"] = [
+            name for name, (status, _) in verdicts.items() if status == "pass"
+        ]
     return _CACHE[target_key]
 
 
-def run_mutant(site: Site, check_timeout: int = 240) -> Outcome:
+def run_mutant(site: Site, check_timeout: int = 240, with_pytest_torch: bool = False) -> Outcome:
     """Build, compare and check one mutant."""
     started = time.perf_counter()
     target = TARGETS[site.target]
-    prepared = _prepared(site.target)
+    prepared = _prepared(site.target, with_pytest_torch)
     outcome = Outcome(site, "")
     try:
         mutant = Mutant(site)
@@ -733,6 +754,15 @@ def run_mutant(site: Site, check_timeout: int = 240) -> Outcome:
                 test_class(site.target, prepared["reference"]), "test_reference_outputs"
             )
             outcome.reference = "killed" if problem is not None else "survived"
+            if with_pytest_torch:
+                verdicts = _pytest_torch_verdicts(target)
+                failed = [
+                    name
+                    for name in prepared["pytest_torch"]  # those that pass on the original
+                    if verdicts[name][0] != "pass"
+                ]
+                outcome.pytest_torch = "killed" if failed else "survived"
+                outcome.pytest_torch_by = failed[0] if failed else ""
         except _Timeout:
             outcome.status = "timeout"
         finally:
@@ -775,18 +805,24 @@ def report(outcomes: List[Outcome], available: Dict[str, int], seconds: float) -
           + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items()))
           + f"; {len(counted)} non-equivalent mutants that run")  # fmt: skip
 
+    compared = any(o.pytest_torch for o in counted)
+
+    def rates(group: List[Outcome]) -> str:
+        default = sum(o.status == "killed" for o in group)
+        both = sum(o.status == "killed" or o.reference == "killed" for o in group)
+        text = f"{_rate(default, len(group))}   {_rate(both, len(group))}"
+        if compared:
+            text += f"   {_rate(sum(o.pytest_torch == 'killed' for o in group), len(group))}"
+        return text
+
     def table(title: str, key: Callable[[Outcome], str], order: Sequence[str]) -> None:
-        print(f"\n{title:<52} {'default checks':>15}   {'+ reference':>15}")
+        extra = f"   {'pytest-torch':>15}" if compared else ""
+        print(f"\n{title:<52} {'default checks':>15}   {'+ reference':>15}{extra}")
         for name in order:
             group = [o for o in counted if key(o) == name]
-            if not group:
-                continue
-            default = sum(o.status == "killed" for o in group)
-            both = sum(o.status == "killed" or o.reference == "killed" for o in group)
-            print(f"  {name:<50} {_rate(default, len(group))}   {_rate(both, len(group))}")
-        default = sum(o.status == "killed" for o in counted)
-        both = sum(o.status == "killed" or o.reference == "killed" for o in counted)
-        print(f"  {'all':<50} {_rate(default, len(counted))}   {_rate(both, len(counted))}")
+            if group:
+                print(f"  {name:<50} {rates(group)}")
+        print(f"  {'all':<50} {rates(counted)}")
 
     table("per model", lambda o: TARGETS[o.site.target].label,
           [t.label for t in TARGETS.values()])  # fmt: skip
@@ -794,6 +830,16 @@ def report(outcomes: List[Outcome], available: Dict[str, int], seconds: float) -
     print("\nkilled first by")
     for check, count in Counter(o.killed_by for o in counted if o.killed_by).most_common():
         print(f"  {check:<40} {count}")
+    if compared:
+        print("\npytest-torch: killed first by")
+        for check, count in Counter(
+            o.pytest_torch_by for o in counted if o.pytest_torch_by
+        ).most_common():
+            print(f"  {check:<40} {count}")
+        print(
+            "  killed by pytest-torch and not by the default checks:",
+            sum(o.pytest_torch == "killed" and o.status == "survived" for o in counted),
+        )
     print("\nkilled by the reference checks only:",
           sum(o.status == "survived" and o.reference == "killed" for o in counted))  # fmt: skip
     survivors = [o for o in counted if o.status == "survived"]
@@ -825,11 +871,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", help="write every outcome to this file")
+    parser.add_argument(
+        "--pytest-torch",
+        action="store_true",
+        help="also run pytest-torch's default checks on each mutant (pip install pytest-torch)",
+    )
     arguments = parser.parse_args(argv)
     keys = [key.strip() for key in arguments.models.split(",") if key.strip()]
     unknown = [key for key in keys if key not in TARGETS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(TARGETS)}")
+    if arguments.pytest_torch:
+        try:
+            import pytest_torch  # noqa: F401
+        except ImportError:
+            parser.error("--pytest-torch: pytest-torch is not installed (pip install pytest-torch)")
+    check = functools.partial(run_mutant, with_pytest_torch=arguments.pytest_torch)
     _worker_init()
     started = time.perf_counter()
     sites, available = sample(keys, 4 if arguments.quick else arguments.per_model, arguments.seed)
@@ -839,12 +896,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if arguments.workers > 1:
         context = __import__("multiprocessing").get_context("spawn")
         with ProcessPoolExecutor(arguments.workers, context, initializer=_worker_init) as pool:
-            for outcome in pool.map(run_mutant, sites, chunksize=1):
+            for outcome in pool.map(check, sites, chunksize=1):
                 outcomes.append(outcome)
                 _progress(outcome, len(outcomes), len(sites))
     else:
         for site in sites:
-            outcomes.append(run_mutant(site))
+            outcomes.append(check(site))
             _progress(outcomes[-1], len(outcomes), len(sites))
     results = report(outcomes, available, time.perf_counter() - started)
     sizes = {key: _prepared(key)["reference_size"] for key in keys}
@@ -852,6 +909,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "\nreference file sizes: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items())
     )
     results["reference_sizes"] = sizes
+    if arguments.pytest_torch:
+        from compare_pytest_torch import PYTEST_TORCH_CHECKS
+
+        left_out = {
+            key: [c for c in PYTEST_TORCH_CHECKS if c not in _prepared(key, True)["pytest_torch"]]
+            for key in keys
+        }
+        print(
+            "pytest-torch checks left out (they fail on the original model): "
+            + (", ".join(f"{k} {' '.join(v)}" for k, v in left_out.items() if v) or "none")
+        )
+        results["pytest_torch_left_out"] = left_out
     if arguments.json:
         Path(arguments.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
@@ -861,6 +930,8 @@ def _progress(outcome: Outcome, done: int, total: int) -> None:
     verdict = outcome.status + (f" by {outcome.killed_by}" if outcome.killed_by else "")
     if outcome.reference:
         verdict += f"; reference: {outcome.reference}"
+    if outcome.pytest_torch:
+        verdict += f"; pytest-torch: {outcome.pytest_torch} {outcome.pytest_torch_by}".rstrip()
     print(f"[{done}/{total}] {outcome.site.target} {outcome.site.operator} "
           f"{outcome.site.function}:{outcome.site.line}: {verdict} ({outcome.seconds:.1f} s)",
           flush=True)  # fmt: skip
