@@ -382,6 +382,25 @@ class ZeroGate(AutoEncoder):
         return self.decoder(hidden + self.gate * self.branch(hidden))
 
 
+class NoRegisterTokens(AutoEncoder):
+    """Register tokens (DINOv2, DINOv3) joined to the sequence, none of them in this
+    configuration: a parameter of no element."""
+
+    def __init__(self, registers: int = 0) -> None:
+        super().__init__()
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(x).unsqueeze(1)
+        tokens = torch.cat([self.register_tokens.expand(len(x), -1, -1), hidden], 1)
+        return self.decoder(tokens.mean(1))
+
+
+class UnreadRegisterTokens(NoRegisterTokens):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
 class DoubleZeroGate(ZeroGate):
     """Two zero gates in a row: each blocks the other's gradient, so neither ever trains."""
 
@@ -1784,6 +1803,15 @@ class ParametersUpdated(CheckTestCase):
 
     def test_a_zero_initialised_gate_is_no_false_alarm(self) -> None:
         self.assertPasses(model_case(ZeroGate), "test_all_parameters_updated")
+
+    def test_a_parameter_of_no_element_is_no_false_alarm(self) -> None:
+        self.assertPasses(model_case(NoRegisterTokens), "test_all_parameters_updated")
+        self.assertFailsWith(  # two register tokens, never read: dead
+            model_case(lambda: UnreadRegisterTokens(registers=2)),
+            "test_all_parameters_updated",
+            "1 of 5 trainable parameters would not be trained",
+            "register_tokens: no gradient in 3 step(s): dead",
+        )
 
     def test_a_gate_that_stays_zero_is_reported_as_gated_not_dead(self) -> None:
         text = self.assertFailsWith(

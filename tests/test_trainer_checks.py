@@ -735,6 +735,23 @@ class LoRAHead(ClassifierTrainer):
         return Low()
 
 
+class NoRegisterTokens(ClassifierTrainer):
+    """Register tokens joined to the features, none of them in this configuration (DINOv3's
+    default): a parameter of no element, which training cannot change."""
+
+    def make_model(self) -> nn.Module:
+        class WithRegisters(Net):
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_tokens = nn.Parameter(torch.zeros(0, 32))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                features = self.dropout(F.relu(self.features(x)))
+                return self.head(features + self.register_tokens.sum(0))
+
+        return WithRegisters()
+
+
 # -- the tests ------------------------------------------------------------------------------
 class CorrectTrainers(CheckTestCase):
     def test_every_check_passes_on_the_classifier_but_the_kl_check_which_skips(self) -> None:
@@ -789,6 +806,9 @@ class CorrectTrainers(CheckTestCase):
 
     def test_a_parameter_behind_a_zero_initialised_gate_is_no_false_alarm(self) -> None:
         self.assertPasses(classifier_case(LoRAHead), "test_frozen_parameters")
+
+    def test_a_parameter_of_no_element_is_no_false_alarm(self) -> None:
+        self.assertPasses(classifier_case(NoRegisterTokens), "test_frozen_parameters")
 
     def test_a_trainer_without_writer_passes_resume_and_reproducibility(self) -> None:
         class Silent(ClassifierTrainer):

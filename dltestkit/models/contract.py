@@ -451,7 +451,12 @@ class ModelContract(CheckMixin):
         return [t for _, t in named_tensors(self.inputs) if t.requires_grad and t.is_leaf]
 
     def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        """The parameters that train: those that need a gradient and hold a value (a
+        parameter of no element, as DINOv3's register tokens when there are none, has nothing
+        to train or compare)."""
+        return [
+            (name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()
+        ]
 
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0

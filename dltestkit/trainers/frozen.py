@@ -122,7 +122,9 @@ class FrozenParameters(SetUpTrainer):
             for name in names
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
         }
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        before = {  # (a parameter of no element cannot change)
+            name: p.detach().clone() for name, p in model.named_parameters() if p.numel()
+        }
         epochs = 0
         changed: Dict[str, bool] = {}
         with watched_training(model) as (calls, computed):
