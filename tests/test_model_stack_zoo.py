@@ -30,7 +30,13 @@ from typing import Any, Dict, Iterable, Sequence, Tuple
 import pytest
 from checkrunner import NO_GPU, CheckTestCase, make_case, run_check
 from test_zoo import MISSING, ZOO
-from test_zoo_design import DESIGN_ZOO, DETECTION, EXTENDED, quiet_transformers
+from test_zoo_design import (
+    DESIGN_ZOO,
+    DETECTION,
+    EXTENDED,
+    NEWER_ARCHITECTURES,
+    quiet_transformers,
+)
 
 from dltestkit import ExportTests, TrainingStackTests
 
@@ -267,6 +273,10 @@ class StackOnTheZoo(CheckTestCase):
     @unittest.skipUnless(os.environ.get("DLTESTKIT_ZOO_EXTENDED"), "set DLTESTKIT_ZOO_EXTENDED=1")
     def test_every_component_of_the_zoo(self) -> None:
         self.assertVerdicts(components(ZOO, DESIGN_ZOO, EXTENDED), CHECKS)
+
+    @unittest.skipUnless(os.environ.get("DLTESTKIT_ZOO_EXTENDED"), "set DLTESTKIT_ZOO_EXTENDED=1")
+    def test_the_newer_architectures(self) -> None:
+        self.assertVerdicts(components(NEWER_ARCHITECTURES), CHECKS)  # (20 minutes)
 
     @unittest.skipUnless(os.environ.get("DLTESTKIT_ZOO_EXTENDED"), "set DLTESTKIT_ZOO_EXTENDED=1")
     def test_the_detection_models(self) -> None:

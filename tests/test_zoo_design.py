@@ -1668,7 +1668,7 @@ _VIT = dict(_SMALL, image_size=32, patch_size=8)
 #: global response normalisation (ConvNeXt V2), focal modulation, mobile and hybrid designs.
 #: Its one false alarm, a parameter of no element (DINOv3's register tokens when there are
 #: none), is fixed; DINO's mask token, read only with a pretraining mask, is listed unused. The
-#: extended part runs the default checks on them (the stack checks, opt-in, are not recorded).
+#: extended part runs the default checks on them, and test_model_stack_zoo's the stack checks.
 NEWER_ARCHITECTURES: Dict[str, Case] = {
     **{
         f"transformers {kind} (causal LM)": library_decoder(kind, **{**_DECODER, **extra})
