@@ -451,12 +451,9 @@ class ModelContract(CheckMixin):
         return [t for _, t in named_tensors(self.inputs) if t.requires_grad and t.is_leaf]
 
     def _trainable(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-        """The parameters that train: those that need a gradient and hold a value (a
-        parameter of no element, as DINOv3's register tokens when there are none, has nothing
-        to train or compare)."""
-        return [
-            (name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()
-        ]
+        """The parameters that need a gradient and hold a value (one of no element, as
+        DINOv3's register tokens when there are none, has nothing to train or compare)."""
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()]
 
     def _gradients(
         self, model: nn.Module, trainable: Sequence[Tuple[str, nn.Parameter]], step: int = 0
