@@ -1662,6 +1662,7 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2)
 #: (stochastic depth, DINOv3's jittered rotary positions): a skip that names them.
 STOCHASTIC_DEPTH = differs_in_training("output.last_hidden_state")
 _VIT = dict(_SMALL, image_size=32, patch_size=8)
+_STAGES = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])  # four stages of one block
 #: A later sweep (three seeds) of newer families: decoders with QK normalisation, multi-head
 #: latent attention (DeepSeek-V3), hybrid convolution layers (LFM2), ternary weights (BitNet);
 #: vision backbones with register tokens (DINOv2, DINOv3), post-norm windows (Swin V2),
@@ -1764,21 +1765,11 @@ NEWER_ARCHITECTURES: Dict[str, Case] = {
         window_size=4,
     ),
     "transformers convnextv2 (vision)": library_vision(
-        "convnextv2",
-        (64, 1, 1),
-        skips=(STOCHASTIC_DEPTH,),
-        hidden_sizes=[8, 16, 32, 64],
-        depths=[1, 1, 1, 1],
-        drop_path_rate=0.1,
+        "convnextv2", (64, 1, 1), skips=(STOCHASTIC_DEPTH,), **_STAGES, drop_path_rate=0.1
     ),
     # its last stage attends over one position at 32 x 32
     "transformers pvt_v2 (vision)": library_vision(
-        "pvt_v2",
-        (64, 1, 1),
-        skips=(ONE_POSITION,),
-        hidden_sizes=[8, 16, 32, 64],
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[1, 1, 2, 2],
+        "pvt_v2", (64, 1, 1), skips=(ONE_POSITION,), **_STAGES, num_attention_heads=[1, 1, 2, 2]
     ),
     # (stochastic depth 0.1 by default)
     "transformers focalnet (vision)": library_vision(
