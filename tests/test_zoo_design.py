@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from checkrunner import (
     NO_GPU,
     NO_RUNNING_STATISTICS,
+    SEED,
     CheckTestCase,
     example_project_module,
     make_case,
@@ -120,7 +121,11 @@ def shared(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
     def get() -> nn.Module:
         if build not in _BUILT:
-            _BUILT[build] = build()
+            # under the test seed, wherever it is first asked for (a setUp is seeded, a test's
+            # body is not): weights that do not depend on the tests run before it
+            with torch.random.fork_rng():
+                torch.manual_seed(SEED)
+                _BUILT[build] = build()
         return _BUILT[build]
 
     get.__name__ = f"shared({getattr(build, '__name__', 'build')})"
