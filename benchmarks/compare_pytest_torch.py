@@ -30,7 +30,6 @@ import io
 import json
 import sys
 import time
-import unittest
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -43,8 +42,6 @@ for folder in (ROOT, ROOT / "tests"):
 
 import torch  # noqa: E402
 
-#: pytest-torch's zero-code tolerance (``TOLERANCE`` in pytest_torch/zero_code_tests.py)
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 PYTEST_TORCH_CHECKS = ("contract", "invariance", "checkpoint", "gradients")
 
 
@@ -58,22 +55,6 @@ def first_line(exc: BaseException) -> str:
         index = lines.index(failing[0])
         return " ".join(lines[index : index + 2])[:300]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def _loss(output: Any) -> torch.Tensor:
-    """pytest-torch's zero-code loss: the sum of the means of the floating outputs."""
-    from pytest_torch.utils import flatten
-
-    terms = [
-        leaf.float().mean()
-        for _, leaf in flatten(output)
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad
-    ]
-    if not terms:
-        raise AssertionError(
-            "the model returned no floating-point output that depends on its parameters"
-        )
-    return torch.stack(terms).sum()
 
 
 def _is_text(inputs: Any) -> bool:
@@ -105,6 +86,9 @@ def pytest_torch_verdicts(
     )
     from pytest_torch.training import assert_gradients_finite
     from pytest_torch.utils import call_model
+
+    # the zero-code run's own tolerance (1e-4) and loss (the sum of the floating outputs' means)
+    from pytest_torch.zero_code_tests import TOLERANCE, _loss
 
     torch.manual_seed(seed)
     model = build().eval()
@@ -165,26 +149,22 @@ def pytest_torch_verdicts(
 def dltestkit_verdicts(mixin: type, attributes: Dict[str, Any], seed: int) -> Dict[str, str]:
     """dltestkit's default checks with the zoo's setUp: check -> status ("pass", "skip",
     "fail" or "error"), as unittest reports them."""
-    from checkrunner import make_case
+    from checkrunner import run_check
+    from test_zoo_design import design_case
 
     from dltestkit.core.contract import checks_of
 
-    def set_up(self: Any) -> None:
-        for name, value in attributes.items():
-            setattr(self, name, value() if name in ("model", "inputs") else value)
-
-    case = make_case(mixin, set_up, seed=seed)
+    case = design_case(mixin, attributes, seed=seed)
     verdicts: Dict[str, str] = {}
     for name in checks_of(case):
         if name.startswith("test_reference_") or name.endswith("_on_gpu"):
             continue  # a reference file, a GPU: neither is part of this comparison
-        result = unittest.TestResult()
-        case(name).run(result)
-        if result.failures:
+        outcome = run_check(case, name)
+        if outcome.failures:
             verdicts[name] = "fail"
-        elif result.errors:
+        elif outcome.errors:
             verdicts[name] = "error"
-        elif result.skipped:
+        elif outcome.skips:
             verdicts[name] = "skip"
         else:
             verdicts[name] = "pass"
