@@ -7,7 +7,11 @@ import os
 import unittest
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
 
 #: Every check runs with this seed; CI and the determinism runs vary it.
 SEED = int(os.environ.get("DLTESTKIT_TEST_SEED", "0"))
@@ -33,6 +37,15 @@ class Outcome:
     errors: List[str] = field(default_factory=list)
     skips: List[str] = field(default_factory=list)
     ran: int = 0
+
+
+def built_under_seed(build: Callable[[], T]) -> T:
+    """``build()`` under the test seed, as in a setUp (which the checks seed), the global
+    generator left as it was: for a component built outside a setUp (once for several checks),
+    whose weights would otherwise depend on what the tests before it in the process drew."""
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        return build()
 
 
 def make_case(mixin: type, set_up: Callable[[Any], None], **class_attributes: Any) -> type:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from checkrunner import (
     NO_GPU,
     NO_RUNNING_STATISTICS,
-    SEED,
     UNSET_REFERENCES,
     CheckTestCase,
+    built_under_seed,
     make_case,
     run_check,
     with_class_attributes,
@@ -482,11 +482,7 @@ def detection_case(model: Callable[[], nn.Module], masks: bool = False, once: bo
     ``once`` and assigned in every setUp (``make_model`` builds a fresh one either way)."""
     if not once:
         return list_case(model, lambda: detection_inputs(masks))
-    # seeded as a setUp is (its weights otherwise came from whatever the tests before it in
-    # the process drew, so that the skips depended on the order the tests ran in)
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        built = model()
+    built = built_under_seed(model)  # (unseeded, its skips depended on the tests run before)
     return list_case(lambda: built, lambda: detection_inputs(masks), make_model=model)
 
 

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from checkrunner import (
     NO_GPU,
     NO_RUNNING_STATISTICS,
-    SEED,
     CheckTestCase,
+    built_under_seed,
     example_project_module,
     make_case,
 )
@@ -120,12 +120,8 @@ def shared(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     state dict is unchanged). Models with state that changes in eval mode are not shared."""
 
     def get() -> nn.Module:
-        if build not in _BUILT:
-            # under the test seed, wherever it is first asked for (a setUp is seeded, a test's
-            # body is not): weights that do not depend on the tests run before it
-            with torch.random.fork_rng():
-                torch.manual_seed(SEED)
-                _BUILT[build] = build()
+        if build not in _BUILT:  # (first asked for in a setUp, or in a test's body)
+            _BUILT[build] = built_under_seed(build)
         return _BUILT[build]
 
     get.__name__ = f"shared({getattr(build, '__name__', 'build')})"
@@ -1536,6 +1532,10 @@ _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interm
 _DECODER = dict(_SMALL, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1)
 
 
+#: The vocabulary of the token batches (test_zoo.token_batch), for a token model's configuration.
+_TOKENS = dict(vocab_size=VOCAB, pad_token_id=0)
+
+
 def _transformers(kind: str, auto: str, **config: Any) -> Callable[[], nn.Module]:
     """A transformers model of ``kind`` (an AutoConfig name) built by ``auto`` (the name of
     an Auto class) with random weights from a small configuration."""
@@ -1543,7 +1543,7 @@ def _transformers(kind: str, auto: str, **config: Any) -> Callable[[], nn.Module
     def build() -> nn.Module:
         import transformers
 
-        made = transformers.AutoConfig.for_model(kind, vocab_size=VOCAB, pad_token_id=0, **config)
+        made = transformers.AutoConfig.for_model(kind, **config)
         model: nn.Module = getattr(transformers, auto).from_config(made)
         return model
 
@@ -1562,7 +1562,7 @@ def library_decoder(
     generate passes them), or without them for a model that takes no positions (ALiBi, or
     none), or right-padded for one whose recurrence carries left padding into the real
     tokens (a causal model never reads right padding)."""
-    build = _transformers(kind, "AutoModelForCausalLM", **config)
+    build = _transformers(kind, "AutoModelForCausalLM", **_TOKENS, **config)
 
     def inputs() -> Dict[str, torch.Tensor]:
         batch = token_batch(left_padding=left)
@@ -1584,7 +1584,7 @@ def library_decoder(
 def library_encoder(kind: str, unused: Sequence[str] = (), **config: Any) -> Case:
     """An encoder as transformers builds it, on a right-padded batch; ``unused``: the
     parameters of branches these inputs do not take (listed as allowed)."""
-    build = _transformers(kind, "AutoModel", **config)
+    build = _transformers(kind, "AutoModel", **_TOKENS, **config)
     attributes = dict(
         model=shared(build),
         inputs=token_batch,
@@ -1614,14 +1614,7 @@ def library_vision(
     ``pixel_values``, its ``last_hidden_state`` of ``shape``; ``unused``: parameters these
     inputs do not reach (a mask token for a pretraining mask)."""
 
-    def build() -> nn.Module:
-        import transformers
-
-        made = transformers.AutoConfig.for_model(kind, **config)
-        model: nn.Module = transformers.AutoModel.from_config(made)
-        return model
-
-    build.__name__ = kind
+    build = _transformers(kind, "AutoModel", **config)
     attributes = dict(
         model=shared(build),
         inputs=lambda: {"pixel_values": torch.randn(BATCH, 3, 32, 32)},
