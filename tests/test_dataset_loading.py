@@ -559,14 +559,17 @@ class NothingLeaks(CheckTestCase):
 
         def refused(key: int) -> None:  # to dltestkit, not to the DataLoader's shutdown
             if sys._getframe(1).f_globals.get("__name__") == split_state.__name__:
-                refusals.append(key)
+                refusals.append(sys._getframe(2).f_code.co_name)  # who asked
                 raise AttributeError("another torch")
             original(key)
 
         blocked = splits_case(Images(augment=True), BlocksInWorkers(seed=5), loader_timeout=0.5)
         with mock.patch.object(signal_handling, "_remove_worker_pids", refused):
             self.assertNothingLeftBy([(blocked, "test_data_loading")])
-        self.assertEqual(len(refusals), 1)
+        # refused when each scan starts (which then waits for its workers as torch does), and
+        # once where it would kill the blocked worker
+        self.assertEqual(refusals.count("_kill_workers"), 1, refusals)
+        self.assertIn("_scan_with_loader", refusals)
 
     def test_no_stray_traceback_is_printed_later_from_a_worker(self) -> None:
         module = textwrap.dedent("""

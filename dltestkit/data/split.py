@@ -10,6 +10,7 @@ import multiprocessing
 import operator
 import re
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -135,12 +136,10 @@ class _WatchedWorker:
             self.then(worker_id)
 
 
-def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
-    """Kill the DataLoader's workers at once (after an interrupt or a timeout: a blocked
-    worker is not waited for, as the DataLoader's shutdown would, 5 s each). Their pids are
-    taken from torch's watch first, as the DataLoader's shutdown does, so that the workers'
-    deaths raise no error in whatever runs when they are seen; where that cannot be done
-    (another torch), only an interrupt kills them, and the shutdown ends them otherwise."""
+def _unwatch(iterator: Any) -> bool:
+    """Take the DataLoader's workers out of torch's watch of its workers (its SIGCHLD
+    handler), as the DataLoader's shutdown does; whether that could be done (not with
+    another torch)."""
     try:
         if getattr(iterator, "_worker_pids_set", False):
             from torch.utils.data._utils.signal_handling import (  # type: ignore[attr-defined]
@@ -150,8 +149,18 @@ def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
             _remove_worker_pids(id(iterator))
             iterator._worker_pids_set = False
     except Exception:
-        if not interrupted:
-            return
+        return False
+    return True
+
+
+def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
+    """Kill the DataLoader's workers at once (after an interrupt or a timeout: a blocked
+    worker is not waited for, as the DataLoader's shutdown would, 5 s each). They are taken
+    out of torch's watch first, so that their deaths raise no error in whatever runs when
+    they are seen; where that cannot be done (another torch), only an interrupt kills them,
+    and the shutdown ends them otherwise."""
+    if not _unwatch(iterator) and not interrupted:
+        return
     for worker in getattr(iterator, "_workers", ()):
         with contextlib.suppress(Exception):
             worker.kill()
@@ -159,6 +168,70 @@ def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
 
 #: A worker that exited: "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
 _DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
+
+#: How long the scan's DataLoader waits for a batch before it looks at its workers (torch's own
+#: interval, without a timeout, is 5 s).
+_POLL = 0.1
+
+
+def _next_batch(iterator: Any, timeout: float) -> Any:
+    """The DataLoader's next batch, waited for at most ``timeout`` seconds.
+
+    The scan's workers are out of torch's SIGCHLD watch (``_unwatch``), which raises a
+    worker's death into whatever the main process runs at that moment: the scan's own code
+    (an error of dltestkit's instead of the check's failure), a file half made, or a
+    finaliser, where Python drops the error and the scan then waits out ``loader_timeout``
+    for a batch that will never come. The DataLoader waits ``_POLL`` seconds at a time
+    instead, and looks at its workers after each wait, so that a worker that died is
+    reported here, within ``_POLL`` seconds, with its pid and how it ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return next(iterator)
+        except (RuntimeError, EOFError, ConnectionError) as exc:
+            message = str(exc)
+            if message.startswith("DataLoader timed out"):
+                if time.monotonic() < deadline:
+                    forget(exc)
+                    continue
+                raise RuntimeError(f"DataLoader timed out after {timeout:g} seconds") from None
+            if isinstance(exc, RuntimeError) and not _DEAD_WORKER.search(message):
+                raise  # the dataset's own error, raised again from its worker
+            # a worker died (a pipe to it breaks when it dies while sending a batch; it is
+            # seen to have ended a moment later)
+            ended = _how_workers_ended(iterator, wait=1.0)
+            if not ended:
+                raise
+            pids = ", ".join(map(str, ended))
+            hows = set(ended.values())
+            how = (
+                hows.pop()
+                if len(hows) == 1
+                else (" (" + "; ".join(f"pid {pid}{how}" for pid, how in ended.items()) + ")")
+            )
+            raise RuntimeError(
+                f"DataLoader worker (pid(s) {pids}) exited unexpectedly{how}"
+            ) from exc
+
+
+def _how_workers_ended(iterator: Any, wait: float) -> Dict[int, str]:
+    """How each of the DataLoader's workers that ended with an error ended, by pid (" with
+    exit code 3", ", killed by SIGKILL"), waiting up to ``wait`` seconds for one to end."""
+    deadline = time.monotonic() + wait
+    while True:
+        ended = {}
+        for worker in getattr(iterator, "_workers", ()):
+            code = getattr(worker, "exitcode", None)
+            if not code:
+                continue
+            try:
+                how = f", killed by {signal.Signals(-code).name}" if code < 0 else ""
+            except ValueError:
+                how = ""
+            ended[worker.pid] = how or f" with exit code {code}"
+        if ended or time.monotonic() >= deadline:
+            return ended
+        time.sleep(0.01)
 
 
 class SplitState:
@@ -376,7 +449,7 @@ class SplitState:
             sampler=sampler,
             num_workers=loading.num_workers,
             collate_fn=Inspector(inspection),
-            timeout=loading.timeout,
+            timeout=min(loading.timeout, _POLL),
             worker_init_fn=_WatchedWorker(loading.worker_init_fn),
             multiprocessing_context=loading.multiprocessing_context,
             generator=torch.Generator().manual_seed(loading.seed),
@@ -393,9 +466,10 @@ class SplitState:
             warnings.filterwarnings("ignore", module=r"torch\.utils\.data\.dataloader")
             try:
                 iterator = iter(loader)
+                _unwatch(iterator)  # a worker that dies is found by _next_batch
                 while True:
                     try:
-                        report = next(iterator)
+                        report = _next_batch(iterator, loading.timeout)
                     except StopIteration:
                         scan.complete = True
                         break
