@@ -375,6 +375,15 @@ class DiesInWorkers(Images):
         return super().__getitem__(index)
 
 
+class KilledInWorkers(DiesInWorkers):
+    """A worker process is killed (by the out-of-memory killer, say) while loading index 150."""
+
+    def __getitem__(self, index: int) -> Any:
+        if index == 150 and get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(index)
+
+
 class Silence(Images):
     """Clips in [-1, 1] of which every fifth is all zeros (silence cut from the recordings),
     in every split, each labelled with its recording's class."""
@@ -748,6 +757,16 @@ class DataLoading(CheckTestCase):
             "one of the batches",
             "indices 144 to 159",  # among those named (which vary: the pipe may break first)
             "exited unexpectedly with exit code 3 (a worker process exited: a crash in native code",
+        )
+
+    def test_a_worker_that_is_killed_is_reported_with_the_signal(self) -> None:
+        case = splits_case(Images(augment=True), KilledInWorkers())
+        self.assertFailsWith(
+            case,
+            "test_data_loading",
+            "indices 144 to 159",
+            "exited unexpectedly, killed by SIGKILL (a worker process exited: ",
+            "the out-of-memory killer",
         )
 
     def test_a_worker_that_exits_is_found_by_the_scan_not_raised_into_it(self) -> None:
