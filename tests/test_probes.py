@@ -6,14 +6,16 @@ its first dimension as the samples, the sequence checks read aligned probes' pos
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from checkrunner import CheckTestCase, make_case
+from checkrunner import NO_GPU, NO_RUNNING_STATISTICS, CheckTestCase, make_case
 from torch import nn
 
 from dltestkit import ModelTests, SequenceModelTests
+from dltestkit.core.contract import checks_of
 from dltestkit.models.probes import Probe, probe_forward
 
 BATCH, LENGTH, VOCAB, WIDTH = 4, 6, 20, 8
@@ -30,12 +32,26 @@ def probe(forward: Callable[..., Any], inputs: Any) -> Tuple[Any, List[Probe]]:
 EMBEDDING = nn.Embedding(VOCAB, WIDTH)
 
 
-class Lookups(CheckTestCase):
+class ProbeTestCase(CheckTestCase):
+    def assertFollows(self, found: Probe, output: torch.Tensor) -> None:
+        """The model gets the probe's values, in a tensor of its own, which it may change in
+        place (autograd refuses that on a leaf that requires its gradient), and which passes
+        each value's gradient to the probe."""
+        self.assertTrue(torch.equal(output.detach(), found.tensor.detach()))
+        self.assertIsNot(output, found.tensor)
+        output.add_(1.0)
+        (grad,) = torch.autograd.grad(
+            (output * torch.arange(output.numel()).view_as(output)).sum(), found.tensor
+        )
+        self.assertTrue(torch.equal(grad, torch.arange(output.numel()).view_as(output).float()))
+
+
+class Lookups(ProbeTestCase):
     def test_the_input_itself_gives_an_aligned_probe(self) -> None:
         output, probes = probe(EMBEDDING, ids())
         self.assertEqual(len(probes), 1)
         self.assertTrue(probes[0].aligned)
-        self.assertIs(probes[0].tensor, output)
+        self.assertFollows(probes[0], output)
 
     def test_a_transposed_view_gives_an_aligned_probe_in_the_input_layout(self) -> None:
         tokens = ids()
@@ -86,12 +102,12 @@ class Lookups(CheckTestCase):
 BAG = nn.EmbeddingBag(VOCAB, WIDTH, mode="mean")
 
 
-class Bags(CheckTestCase):
+class Bags(ProbeTestCase):
     def test_a_bag_per_sample_gives_a_probe_per_bag(self) -> None:
         output, probes = probe(BAG, ids())
         (found,) = probes
         self.assertFalse(found.aligned)
-        self.assertIs(found.tensor, output)
+        self.assertFollows(found, output)
         self.assertEqual(tuple(found.tensor.shape), (BATCH, WIDTH))
 
     def test_flat_ids_with_offsets_give_a_probe_when_each_bag_is_one_sample(self) -> None:
@@ -191,6 +207,40 @@ class ThroughTheChecks(CheckTestCase):
             "sample 0's self.inputs (through its embedding) gets a gradient from the outputs "
             "of the other samples",
         )
+
+    def test_embeddings_changed_in_place_by_the_model_pass_every_check(self) -> None:
+        # BLIP's text embeddings, like BERT's in older code, add positions with +=; the
+        # probes' leaves, given to the model as they were, made four checks raise "a leaf
+        # Variable that requires grad is being used in an in-place operation"
+        class InPlace(nn.Module):
+            def __init__(self, transposed: bool = False) -> None:
+                super().__init__()
+                self.tokens, self.positions = (
+                    nn.Embedding(VOCAB, WIDTH),
+                    nn.Embedding(LENGTH, WIDTH),
+                )
+                self.bag, self.head = nn.EmbeddingBag(VOCAB, WIDTH), nn.Linear(WIDTH, 5)
+                self.transposed = transposed
+
+            def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+                embedded = self.tokens(tokens.t() if self.transposed else tokens)
+                if self.transposed:
+                    embedded = embedded.transpose(0, 1)
+                embedded += self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+                pooled = self.bag(tokens)
+                pooled *= 2.0
+                return self.head(torch.tanh(embedded) + pooled[:, None])
+
+        for transposed in (False, True):
+            tested = case(
+                ModelTests,
+                functools.partial(InPlace, transposed),
+                expected_output_shape=(BATCH, LENGTH, 5),
+                make_model=functools.partial(InPlace, transposed),
+            )
+            for name in checks_of(tested):
+                with self.subTest(name, transposed=transposed):
+                    self.assertPasses(tested, name, allowed_skips=[NO_GPU, NO_RUNNING_STATISTICS])
 
     def test_embedding_bag_lookups_under_f_embedding_bag_are_followed(self) -> None:
         class Functional(BagClassifier):

@@ -900,6 +900,19 @@ class SpectrogramClassifier(nn.Module):
         return self.cnn(torch.log1p(spectrum).unsqueeze(1))
 
 
+def blip() -> nn.Module:
+    """BLIP captioning: a ViT and a BERT-style text decoder whose embeddings add their
+    positions in place (``embeddings += position_embeddings``)."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(tiny, vocab_size=VOCAB, max_position_embeddings=16, pad_token_id=0)
+    vision = dict(tiny, image_size=32, patch_size=8)
+    return BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
+
+
 def fnet() -> nn.Module:
     """FNet: token mixing by a 2-D FFT instead of attention."""
     from transformers import FNetConfig, FNetModel
@@ -1368,6 +1381,21 @@ DESIGN_ZOO: Dict[str, Case] = {
             make_model=SpectrogramClassifier,
         ),
         ("an operation of the model (torch.stft in SpectrogramClassifier",),
+    ),
+    "transformers BLIP captioning (image and text, positions added in place)": (
+        SequenceModelTests,
+        dict(
+            model=shared(blip),
+            inputs=lambda: {**token_batch(), "pixel_values": images()},
+            output_key="logits",
+            expected_output_shape=(BATCH, LENGTH, VOCAB),
+            make_model=blip,
+            sequence_dim=1,
+            sequence_inputs=["input_ids"],
+            padding_mask="attention_mask",
+            causal=True,
+        ),
+        (),
     ),
     "transformers FNet (FFT token mixing)": (
         ModelTests,

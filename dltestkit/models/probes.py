@@ -162,7 +162,7 @@ class _EmbeddingProbe(Watch):
                         Probe(key, leaf, embedded=True, aligned=True, positions=base)
                     )
                     identity = order == tuple(range(len(order)))
-                    return leaf if identity else leaf.permute(*order, *extra)
+                    return _in_place_safe(leaf if identity else leaf.permute(*order, *extra))
         batch_dim = next(
             (
                 dim
@@ -177,7 +177,7 @@ class _EmbeddingProbe(Watch):
         leaf = output.detach().movedim(batch_dim, 0).requires_grad_(True)
         where = positions.movedim(batch_dim, 0)
         self.probes.append(Probe(key, leaf, embedded=True, aligned=False, positions=where))
-        return leaf.movedim(0, batch_dim)
+        return _in_place_safe(leaf.movedim(0, batch_dim))
 
     def _bag(self, indices: Any, offsets: Any, include_last: bool, output: Any) -> Any:
         """A leaf for an embedding-bag lookup ``output`` (one row per bag) of a view of an
@@ -201,7 +201,7 @@ class _EmbeddingProbe(Watch):
             return output  # a bag mixes samples, or bags are in another order
         leaf = output.detach().requires_grad_(True)
         self.probes.append(Probe(key, leaf, embedded=True, aligned=False))
-        return leaf
+        return _in_place_safe(leaf)
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         output = func(*args, **kwargs)
@@ -231,6 +231,14 @@ class _EmbeddingProbe(Watch):
             )
             return (bag, *output[1:])
         return output
+
+
+def _in_place_safe(probed: torch.Tensor) -> torch.Tensor:
+    """What the model gets in place of an embedding's output: a copy of the probe's leaf (or of
+    a view of it), which the model may change in place, as it may the output it stands for
+    (BLIP's and other BERT-style embeddings add positions with ``+=``); autograd refuses that
+    on a leaf, or a view of one, that requires its gradient."""
+    return probed.clone()
 
 
 def _differentiated(tensor: Any) -> bool:
