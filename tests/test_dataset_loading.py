@@ -43,7 +43,7 @@ from test_dataset_pipelines import FailsInWorker, RepeatedInEveryWorker, SizedSt
 from torch.utils.data import Dataset, get_worker_info
 
 from dltestkit import DatasetTests
-from dltestkit.data import inspect, pickling, scan
+from dltestkit.data import inspect, pickling, scan, workers
 from dltestkit.data import split as split_state
 
 
@@ -558,7 +558,7 @@ class NothingLeaks(CheckTestCase):
         original, refusals = signal_handling._remove_worker_pids, []
 
         def refused(key: int) -> None:  # to dltestkit, not to the DataLoader's shutdown
-            if sys._getframe(1).f_globals.get("__name__") == split_state.__name__:
+            if sys._getframe(1).f_globals.get("__name__") == workers.__name__:
                 refusals.append(sys._getframe(2).f_code.co_name)  # who asked
                 raise AttributeError("another torch")
             original(key)
@@ -568,7 +568,7 @@ class NothingLeaks(CheckTestCase):
             self.assertNothingLeftBy([(blocked, "test_data_loading")])
         # refused when each scan starts (which then waits for its workers as torch does), and
         # once where it would kill the blocked worker
-        self.assertEqual(refusals.count("_kill_workers"), 1, refusals)
+        self.assertEqual(refusals.count("kill_workers"), 1, refusals)
         self.assertIn("_scan_with_loader", refusals)
 
     def test_no_stray_traceback_is_printed_later_from_a_worker(self) -> None:

@@ -6,12 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import multiprocessing
 import operator
-import re
-import shutil
-import signal
-import tempfile
 import time
 import warnings
 import weakref
@@ -22,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..core.messages import exception_text, forget
-from ..core.processes import watch_parent
 from ..core.seeds import derived_seed, make_deterministic, preserved_global_state
 from .callables import callable_key
 from .inspect import Indexed, Inspection, Inspector
@@ -32,6 +26,15 @@ from .positions import Position, span
 from .samples import Input, InputProblem, LoadFailure, input_digest, is_constant, pick_input
 from .scan import LoadedSample, Scan, structure
 from .targets import MISSING, labels_inside, pick_target, target_key_of
+from .workers import (
+    DEAD_WORKER,
+    POLL,
+    WatchedWorker,
+    kill_workers,
+    next_batch,
+    unwatch,
+    workers_folder,
+)
 
 __all__ = [
     "Loading",
@@ -99,139 +102,6 @@ def cheaper(count: int, seconds: float) -> str:
         f"{rate:,.0f} samples/s seen) to scan a seeded random subset of each split, or a "
         "stream's first samples; see the docs' page on large datasets."
     )
-
-
-@contextlib.contextmanager
-def _workers_folder(workers: int) -> Iterator[None]:
-    """A folder for multiprocessing's files (its listeners' sockets) that the scan's forked
-    workers share, removed when the scan ends, interrupted or not: each would otherwise make
-    one of its own (pymp-*), which a worker killed past loader_timeout, or one that dies,
-    leaves behind. Nothing changes where this process has such a folder already (the workers
-    share it), or without workers."""
-    config = getattr(multiprocessing.current_process(), "_config", None)
-    if not workers or not isinstance(config, dict) or config.get("tempdir"):
-        yield
-        return
-    folder = tempfile.mkdtemp(prefix="dltestkit-workers-")
-    config["tempdir"] = folder
-    try:
-        yield
-    finally:
-        if config.get("tempdir") == folder:
-            del config["tempdir"]
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class _WatchedWorker:
-    """The worker_init_fn of the scan's workers: each watches the process that started it
-    and ends when that is gone (a test process killed while a worker is blocked in the
-    dataset's code leaves no worker behind), then runs the split's own worker_init_fn."""
-
-    def __init__(self, then: Optional[Callable[[int], None]]) -> None:
-        self.then = then
-
-    def __call__(self, worker_id: int) -> None:
-        watch_parent()
-        if self.then is not None:
-            self.then(worker_id)
-
-
-def _unwatch(iterator: Any) -> bool:
-    """Take the DataLoader's workers out of torch's watch of its workers (its SIGCHLD
-    handler), as the DataLoader's shutdown does; whether that could be done (not with
-    another torch)."""
-    try:
-        if getattr(iterator, "_worker_pids_set", False):
-            from torch.utils.data._utils.signal_handling import (  # type: ignore[attr-defined]
-                _remove_worker_pids,
-            )
-
-            _remove_worker_pids(id(iterator))
-            iterator._worker_pids_set = False
-    except Exception:
-        return False
-    return True
-
-
-def _kill_workers(iterator: Any, interrupted: bool = False) -> None:
-    """Kill the DataLoader's workers at once (after an interrupt or a timeout: a blocked
-    worker is not waited for, as the DataLoader's shutdown would, 5 s each). They are taken
-    out of torch's watch first, so that their deaths raise no error in whatever runs when
-    they are seen; where that cannot be done (another torch), only an interrupt kills them,
-    and the shutdown ends them otherwise."""
-    if not _unwatch(iterator) and not interrupted:
-        return
-    for worker in getattr(iterator, "_workers", ()):
-        with contextlib.suppress(Exception):
-            worker.kill()
-
-
-#: A worker that exited: "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
-_DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
-
-#: How long the scan's DataLoader waits for a batch before it looks at its workers (torch's own
-#: interval, without a timeout, is 5 s).
-_POLL = 0.1
-
-
-def _next_batch(iterator: Any, timeout: float) -> Any:
-    """The DataLoader's next batch, waited for at most ``timeout`` seconds.
-
-    The scan's workers are out of torch's SIGCHLD watch (``_unwatch``), which raises a
-    worker's death into whatever the main process runs at that moment: the scan's own code
-    (an error of dltestkit's instead of the check's failure), a file half made, or a
-    finaliser, where Python drops the error and the scan then waits out ``loader_timeout``
-    for a batch that will never come. The DataLoader waits ``_POLL`` seconds at a time
-    instead, and looks at its workers after each wait, so that a worker that died is
-    reported here, within ``_POLL`` seconds, with its pid and how it ended."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return next(iterator)
-        except (RuntimeError, EOFError, ConnectionError) as exc:
-            message = str(exc)
-            if message.startswith("DataLoader timed out"):
-                if time.monotonic() < deadline:
-                    forget(exc)
-                    continue
-                raise RuntimeError(f"DataLoader timed out after {timeout:g} seconds") from None
-            if isinstance(exc, RuntimeError) and not _DEAD_WORKER.search(message):
-                raise  # the dataset's own error, raised again from its worker
-            # a worker died (a pipe to it breaks when it dies while sending a batch; it is
-            # seen to have ended a moment later)
-            ended = _how_workers_ended(iterator, wait=1.0)
-            if not ended:
-                raise
-            pids = ", ".join(map(str, ended))
-            hows = set(ended.values())
-            how = (
-                hows.pop()
-                if len(hows) == 1
-                else (" (" + "; ".join(f"pid {pid}{how}" for pid, how in ended.items()) + ")")
-            )
-            raise RuntimeError(
-                f"DataLoader worker (pid(s) {pids}) exited unexpectedly{how}"
-            ) from exc
-
-
-def _how_workers_ended(iterator: Any, wait: float) -> Dict[int, str]:
-    """How each of the DataLoader's workers that ended with an error ended, by pid (" with
-    exit code 3", ", killed by SIGKILL"), waiting up to ``wait`` seconds for one to end."""
-    deadline = time.monotonic() + wait
-    while True:
-        ended = {}
-        for worker in getattr(iterator, "_workers", ()):
-            code = getattr(worker, "exitcode", None)
-            if not code:
-                continue
-            try:
-                how = f", killed by {signal.Signals(-code).name}" if code < 0 else ""
-            except ValueError:
-                how = ""
-            ended[worker.pid] = how or f" with exit code {code}"
-        if ended or time.monotonic() >= deadline:
-            return ended
-        time.sleep(0.01)
 
 
 class SplitState:
@@ -426,7 +296,7 @@ class SplitState:
         return self._scan
 
     def _run_scan(self) -> Scan:
-        with _workers_folder(self.loading.num_workers):
+        with workers_folder(self.loading.num_workers):
             return self._scan_with_loader()
 
     def _scan_with_loader(self) -> Scan:
@@ -449,8 +319,8 @@ class SplitState:
             sampler=sampler,
             num_workers=loading.num_workers,
             collate_fn=Inspector(inspection),
-            timeout=min(loading.timeout, _POLL),
-            worker_init_fn=_WatchedWorker(loading.worker_init_fn),
+            timeout=min(loading.timeout, POLL),
+            worker_init_fn=WatchedWorker(loading.worker_init_fn),
             multiprocessing_context=loading.multiprocessing_context,
             generator=torch.Generator().manual_seed(loading.seed),
         )
@@ -466,10 +336,10 @@ class SplitState:
             warnings.filterwarnings("ignore", module=r"torch\.utils\.data\.dataloader")
             try:
                 iterator = iter(loader)
-                _unwatch(iterator)  # a worker that dies is found by _next_batch
+                unwatch(iterator)  # a worker that dies is found by next_batch
                 while True:
                     try:
-                        report = _next_batch(iterator, loading.timeout)
+                        report = next_batch(iterator, loading.timeout)
                     except StopIteration:
                         scan.complete = True
                         break
@@ -477,7 +347,7 @@ class SplitState:
                         self._loader_failed(scan, exc, batches)
                         forget(exc)
                         if scan.timed_out:  # a blocked worker: not waited for 5 s on shutdown
-                            _kill_workers(iterator)
+                            kill_workers(iterator)
                         break
                     batches += 1
                     scan.add(report)
@@ -499,7 +369,7 @@ class SplitState:
                         said = True
                         self._say_it_is_slow(scan, limit)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a check: no waiting
-                _kill_workers(iterator, interrupted=True)
+                kill_workers(iterator, interrupted=True)
                 raise
             except Exception as exc:  # iter(loader) failed: the workers did not start
                 if iterator is not None:
@@ -552,7 +422,7 @@ class SplitState:
         def batch(number: int) -> str:
             return span(list(self.indices[number * size : (number + 1) * size]))
 
-        dead = _DEAD_WORKER.search(message)
+        dead = DEAD_WORKER.search(message)
         # a worker that exits while it sends a batch breaks the pipe instead
         if dead is None and not isinstance(exc, (ConnectionError, EOFError)):
             # the batch the DataLoader waited for: the oldest one its worker had not sent
