@@ -505,8 +505,64 @@ class MemoryLayouts(CheckTestCase):
         )
 
 
+class TopScoring(nn.Module):
+    """Keeps the two best-scored of 8 items, as a detector keeps its best queries or a router
+    its experts; ``precise=False`` scores them after a variance that cancels in bfloat16."""
+
+    def __init__(self, precise: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.norm = nn.Identity() if precise else NaiveNorm(16, clamp=True)
+        self.score = nn.Linear(16, 1, bias=False)
+        nn.init.ones_(self.score.weight)
+        self.head = nn.Linear(16, 4)
+        self.precise = precise
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        if not self.precise:
+            keys = self.norm(self.inp(keys) + 16.0)
+        top = self.score(keys).squeeze(-1).topk(2, dim=1)
+        chosen = values.gather(1, top.indices[..., None].expand(-1, -1, values.shape[-1]))
+        return (self.head(chosen) * top.values[..., None]).flatten(1)
+
+
+def near_ties() -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys that bfloat16 holds exactly, whose scores (sums of 16) differ by 1/32 near 64,
+    where bfloat16's spacing is 0.5; and values to choose."""
+    keys = torch.full((BATCH, 8, 16), 4.0)
+    keys[:, :, 0] += torch.arange(8) / 32
+    return keys, torch.randn(BATCH, 8, 16)
+
+
 # -- test_autocast ---------------------------------------------------------------------------
 class Autocast(CheckTestCase):
+    def test_a_choice_among_values_bfloat16_cannot_tell_apart_skips(self) -> None:
+        # RT-DETR's top-k queries, Informer's top-k queries: with random weights, bfloat16
+        # reorders scores that differ by less than it resolves, and all after differs
+        self.assertSkipsWith(
+            case(TrainingStackTests, TopScoring, near_ties),
+            "test_autocast",
+            "under torch.autocast('cpu', dtype=torch.bfloat16), Tensor.topk in TopScoring, at "
+            "test_model_stack.py:",
+            "chooses other elements than in float32 (8 of its 8 indices differ), among values "
+            "as close to float32's as rounding to torch.bfloat16 explains",
+            "output by",
+            "Set autocast_strict = True to make this a failure.",
+        )
+        self.assertFailsWith(
+            case(TrainingStackTests, TopScoring, near_ties, autocast_strict=True),
+            "test_autocast",
+            "one training step is farther from float32's than rounding to torch.bfloat16 explains",
+        )
+
+    def test_a_choice_among_values_that_lost_their_precision_before_fails(self) -> None:
+        self.assertFailsWith(
+            case(TrainingStackTests, lambda: TopScoring(precise=False), near_ties),
+            "test_autocast",
+            "one training step is farther from float32's than rounding to torch.bfloat16 explains",
+            "output by",
+        )
+
     def test_a_correct_model_with_layer_norm_passes(self) -> None:
         self.assertPasses(case(TrainingStackTests, Normed, rows), "test_autocast")
 
