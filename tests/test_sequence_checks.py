@@ -399,6 +399,29 @@ class CausalityByValues(CheckTestCase):
             "test_causality",
         )
 
+    def test_ids_read_by_other_samples_when_they_change_are_no_leak(self) -> None:
+        # BLIP-2: ids replaced at later positions (an image placeholder made text, text made
+        # a placeholder) shift which image features the next samples' placeholders get
+        for name in ("test_causality", "test_batch_independence"):
+            self.assertPasses(
+                sequence_case(
+                    Placeholders, with_images, causal=True, sequence_inputs=["input_ids"]
+                ),
+                name,
+            )
+        self.assertFailsWith(
+            sequence_case(
+                lambda: Placeholders(peeks=True),
+                with_images,
+                causal=True,
+                sequence_inputs=["input_ids"],
+            ),
+            "test_causality",
+            "the output at position 0 changes when self.inputs['input_ids'] at position 1, a "
+            "later position, is replaced by other ids of the batch",
+            "No gradient shows it",
+        )
+
     def test_a_float_input_that_leaks_without_a_gradient_is_found(self) -> None:
         class PeeksWithoutGradient(CausalConv):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -415,6 +438,38 @@ class CausalityByValues(CheckTestCase):
             "the output at position 0 changes when self.inputs at position 1, a later "
             "position, is replaced by values from other positions of the batch",
         )
+
+
+class Placeholders(nn.Module):
+    """Fills the placeholder ids (0) of the whole batch, in the order the batch holds them, with
+    the features of each sample's image, as BLIP-2 fills its image placeholders
+    (masked_scatter), then reads the tokens with a GRU; ``peeks``: and adds the next token's
+    embedding to each, a leak that only values show."""
+
+    def __init__(self, peeks: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.image = nn.Linear(5, 3 * WIDTH)
+        self.rnn = nn.GRU(WIDTH, WIDTH, batch_first=True)
+        self.out = nn.Linear(WIDTH, 4)
+        self.peeks = peeks
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        placeholders = input_ids == 0
+        features = self.image(images).reshape(-1, WIDTH)  # 3 per sample
+        missing = int(placeholders.sum()) - features.shape[0]  # (other ids: more or fewer)
+        features = torch.cat([features, features.new_zeros(max(missing, 0), WIDTH)])
+        tokens = self.embed(input_ids).masked_scatter(placeholders[..., None], features)
+        out = self.out(self.rnn(tokens)[0])
+        if self.peeks:
+            out = out + self.embed(torch.roll(input_ids, -1, dims=1))[..., :4]
+        return out
+
+
+def with_images() -> Dict[str, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    ids[:, :3] = 0  # each sample's 3 image placeholders, then its text
+    return {"input_ids": ids, "images": torch.randn(BATCH, 5)}
 
 
 class SeesPresent(CheckTestCase):
