@@ -744,6 +744,34 @@ class Compile(CheckTestCase):
             "What changed, as torch.compile saw it: self.rescaled == False",
         )
 
+    def test_a_compiled_training_step_that_raises_is_not_blamed_on_checkpointing(self) -> None:
+        # PatchTST: the compiled step raised before updating its BatchNorm statistics, which
+        # the check then ascribed to gradient checkpointing (the model has none)
+        from dltestkit.models.stack.compiling import Compile as CompileChecks
+
+        original = CompileChecks._compiled_run
+
+        def raises_in_training(self: Any, run: Callable[[], Any], where: str) -> Any:
+            if where == "in training mode":
+                raise RuntimeError("view size is not compatible with input tensor's size")
+            return original(self, run, where)
+
+        with mock.patch.object(CompileChecks, "_compiled_run", raises_in_training):
+            normed = case(
+                TrainingStackTests,
+                lambda: nn.Sequential(
+                    nn.Conv2d(3, 4, 3, padding=1),
+                    nn.BatchNorm2d(4),
+                    nn.Flatten(),
+                    nn.Linear(256, 2),
+                ),
+                images,
+            )
+            outcome = run_check(normed, "test_compile")
+        self.assertEqual(len(outcome.errors), 1, outcome)
+        self.assertIn("view size is not compatible", outcome.errors[0])
+        self.assertFalse([skip for skip in outcome.skips if "checkpointing" in skip], outcome)
+
     def test_statistics_that_eager_checkpointing_updates_twice_are_no_failure(self) -> None:
         self.assertSkipsWith(
             case(TrainingStackTests, CheckpointedBatchNorm, images),

@@ -181,9 +181,12 @@ class Compile(StackContract):
         compiled = torch.compile(compiled_model, backend=graphs)
         tolerance = self._tolerance(self.model)
         with self._compile_config(), without_fast_path():
-            self._compile_training(eager_model, compiled_model, compiled, tolerance)
+            ran = self._compile_training(eager_model, compiled_model, compiled, tolerance)
             trained = graphs.count
-            self._recomputed_statistics(eager_model, compiled_model)
+            if ran:
+                self._recomputed_statistics(eager_model, compiled_model)
+            else:  # (reported): eval mode is compared from eager's state
+                compiled_model.load_state_dict(eager_model.state_dict())
             sizes = self._compile_eval(eager_model, compiled_model, compiled, tolerance)
             if graphs.count == 0:
                 self._compile_nothing(_skipped_frames(unsupported_before))
@@ -237,14 +240,18 @@ class Compile(StackContract):
 
     def _compile_training(
         self, eager_model: nn.Module, compiled_model: nn.Module, compiled: Any, tolerance: float
-    ) -> None:
-        zeroed: List[str] = []  # (a failure in the subtest goes on after it)
+    ) -> bool:
+        """Compare a training step; whether the compiled one ran (a failure in the subtest,
+        reported there, goes on after it)."""
+        zeroed: List[str] = []
+        ran = False
         with self.subTest(mode="training"):
             eager = self._step_run(eager_model, self.inputs, training=True)
             result = self._compiled_run(
                 lambda: self._step_run(compiled_model, self.inputs, training=True, call=compiled),
                 "in training mode",
             )
+            ran = True
             zeroed = _zeros_for_none(result.gradients, eager.gradients)
             compiled_gradients = [
                 (name, None if name in zeroed else gradient) for name, gradient in result.gradients
@@ -264,6 +271,7 @@ class Compile(StackContract):
                 "these under plain SGD; an optimizer that changes a parameter whose gradient "
                 "is zero (weight decay, momentum) changes them under torch.compile only.",
             )
+        return ran
 
     def _recomputed_statistics(self, eager_model: nn.Module, compiled_model: nn.Module) -> None:
         """After the training step: where eager PyTorch updated normalisation statistics more
