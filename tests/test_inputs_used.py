@@ -374,6 +374,48 @@ class InputsUsed(CheckTestCase):
             "not have (it has [0, 1])",
         )
 
+    def test_a_part_unread_by_design_is_declared_and_the_rest_judged(self) -> None:
+        class Lagged(nn.Module):
+            """A series of 8 steps whose last 6 are predicted from, with time features read at
+            those 6 only (the first 2 serve the lags of the values): TimeSeriesTransformer."""
+
+            def __init__(self, skips: int = 0) -> None:
+                super().__init__()
+                self.head = nn.Linear(2, 1)
+                self.skips = skips  # (a bug: one more step of the features left unread)
+
+            def forward(self, values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+                lagged = torch.stack([values[:, 2:], values[:, :-2]], -1)  # (batch, 6, 2)
+                read = features[:, 2:].clone()
+                if self.skips:
+                    read[:, self.skips] = 0.0
+                return self.head(lagged + read).squeeze(-1)
+
+        def series() -> Dict[str, torch.Tensor]:
+            return {"values": torch.randn(4, 8), "features": torch.randn(4, 8, 2)}
+
+        history = {"features": (slice(None), slice(0, 2))}
+        self.assertFailsWith(
+            case(Lagged, series),
+            USED,
+            "self.inputs['features'][:, 0:2] is read by no output (dimension 1, in every sample)",
+            "or map it to the part it leaves unread",
+        )
+        self.assertPasses(case(Lagged, series, unread_inputs=history), USED)
+        self.assertFailsWith(
+            case(lambda: Lagged(skips=3), series, unread_inputs=history),
+            USED,
+            "self.inputs['features'][:, 5] is read by no output (dimension 1, in every sample)",
+        )
+        self.assertPasses(case(Lagged, series, unread_inputs={"features": None}), USED)
+        self.assertErrorsWith(
+            case(Lagged, series, unread_inputs={"features": (slice(None), 9)}),
+            USED,
+            ContractError.__name__,
+            "self.unread_inputs set in Case.setUp gives self.inputs['features'] the part "
+            "(slice(None, None, None), 9), which does not index a tensor of shape (4, 8, 2)",
+        )
+
     def test_designs_are_skipped_parts_that_name_them(self) -> None:
         self.assertSkipsWith(
             case(Strided, images),

@@ -158,6 +158,15 @@ def is_keys(value: Any) -> Optional[str]:
     return f"is {value!r}, not a list of indices or keys"
 
 
+def is_keys_or_parts(value: Any) -> Optional[str]:
+    """A collection of indices or keys, or a mapping of them to parts (indices of a tensor)."""
+    if isinstance(value, Mapping):
+        if all(is_key(key) is None and key is not None for key in value):
+            return None
+        return f"is {value!r}, not a dict of input keys or indices to the part of each"
+    return is_keys(value)
+
+
 def is_reasons(value: Any) -> Optional[str]:
     """A mapping of check names to non-empty reasons."""
     if isinstance(value, Mapping) and all(

@@ -27,7 +27,18 @@ position ids read through arithmetic) are judged as a whole, by values.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 from torch import nn
@@ -37,21 +48,18 @@ from ..core.messages import listed
 from ..core.options import option
 from ..core.paths import floating_tensors, map_tensors, named_tensors
 from ..core.seeds import derived_seed
-from ..core.validators import is_keys
+from ..core.validators import is_keys_or_parts
 from ..core.watch import watching
-from .copies import copy_module
 from .dependence import Dependence, GradientsRefused
+from .input_judge import Judge
 from .input_parts import (
     CoverageWatch,
     Slabs,
     Target,
     change_elements,
-    changeable,
     elements,
     probe_of,
-    same_outputs,
     swap,
-    ways,
 )
 from .probes import Probe
 from .randomness import RandomDraw, RandomnessWatch, describe_draws
@@ -66,19 +74,11 @@ from .tensors import (
 
 __all__ = ["InputUse"]
 
-#: Slabs judged one by one by values, at most, for one input (beyond: a skipped part).
-_SLABS_BY_VALUE = 16
-
 #: The seeds the outputs are compared under when the model draws random numbers in eval mode
 #: (the check's and the others), each tried only while a change has made no difference: an
 #: element such a model reads at random is unread under all of them by chance alone only if it
 #: is read very rarely, which the elements read under a later seed than the check's measure.
 _RANDOM_SEEDS = 24
-
-#: Of those, the seeds compared under until an index has been seen read at random (read
-#: under a later seed than the check's): a model that draws random numbers for another reason
-#: (a VAE's sampling, dropout kept on) reads the same elements under every seed.
-_SEEDS_BEFORE_EVIDENCE = 3
 
 #: The chance below which elements unread under every seed are reported as unread, for a
 #: model that reads at random; above it, they are a skipped part.
@@ -86,164 +86,59 @@ _CHANCE = 1e-4
 Made = Callable[[], Optional[nn.Module]]  # a copy of the model, made when needed
 
 
-class _Judge:
-    """Changes elements of self.inputs and compares the outputs of one model (the model under
-    test, or a copy whose zero parameters are random): exactly, under the seeds that tell a
-    model reading at random."""
-
-    def __init__(self, test: "InputUse", model: nn.Module) -> None:
-        self.test = test
-        self.model = model
-        self._seeds: Optional[List[int]] = None
-        self._bases: Dict[int, List[Tuple[str, torch.Tensor]]] = {}
-        #: What an eval-mode pass draws random numbers with (watched when seeds are asked for).
-        self.draws: List[RandomDraw] = []
-        #: For each index read under another seed than the check's (judged alone): how many
-        #: seeds after the check's it took to be read. Evidence of reading at random.
-        self.read_after: List[int] = []
-        #: Whether every seed is compared under (set once reading at random was seen).
-        self.every_seed = False
-
-    @property
-    def seeds(self) -> List[int]:
-        """The seeds the outputs are compared under: the check's, and _RANDOM_SEEDS - 1 more
-        when the model draws random numbers in eval mode (seen in a watched pass, run only
-        when a change makes no difference under the check's seed)."""
-        if self._seeds is None:
-            self.draws = self.test._draws_in_eval(self.model)
-            self._seeds = self.test._seeds_for_values(bool(self.draws))
-        return self._seeds
-
-    def _compared_seeds(self) -> Iterator[int]:
-        """The check's seed, then the others (worked out only when asked for): beyond the
-        first _SEEDS_BEFORE_EVIDENCE, only once an index has been seen read at random."""
-        yield self.test.seed
-        for position, seed in enumerate(self.seeds[1:], start=1):
-            if position >= _SEEDS_BEFORE_EVIDENCE and not (self.every_seed or self.read_after):
-                return
-            yield seed
-
-    def base(self, seed: int) -> List[Tuple[str, torch.Tensor]]:
-        """The outputs for self.inputs under ``seed`` (under the check's seed, on the model
-        under test, the eval pass the checks share)."""
-        if seed not in self._bases:
-            test = self.test
-            self._bases[seed] = (
-                list(named_tensors(test._eval_pass()))
-                if self.model is test.model and seed == test.seed
-                else test._outputs(self.model, test.inputs, seed)
-            )
-        return self._bases[seed]
-
-    def changes(
-        self, changes: List[Tuple[Target, torch.Tensor]], alone: bool = False
-    ) -> Optional[bool]:
-        """Whether changing the elements ``changes`` (target, mask) changes some output, under
-        any seed and any way of changing them; None when there is nothing to change (empty
-        tensors). A model that raises on the changed values reads them. ``alone``: one index,
-        whose seeds until it is read are noted (``read_after``)."""
-        changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
-        if not changes:
-            return None
-        for way in ways(changes):
-            inputs = self.test._inputs_with_changes(changes, way)
-            for tried, seed in enumerate(self._compared_seeds()):
-                try:
-                    outputs = self.test._outputs(self.model, inputs, seed)
-                except Exception:  # the model checks the values: it reads them
-                    return True
-                if not same_outputs(outputs, self.base(seed)):
-                    if alone and tried:
-                        self.read_after.append(tried)
-                    return True
-        return False
-
-    def reads_whole(self, group: List[Slabs]) -> Optional[bool]:
-        """Whether the model reads an input (its targets ``group``) in eval mode, or else in
-        training mode (targets that only a loss reads); None when it has no element."""
-        changes = [(slabs.target, slabs.target.judged()) for slabs in group]
-        changed = self.changes(changes)
-        if changed is not False:
-            return changed
-        test = self.test
-        changes = [(target, mask) for target, mask in changes if changeable(target.tensor)]
-        for way in ways(changes):
-            inputs = test._inputs_with_changes(changes, way)
-            trained = test._outputs(self.fresh(), test.inputs, test.seed, training=True)
-            try:
-                again = test._outputs(self.fresh(), inputs, test.seed, training=True)
-            except Exception:  # the model checks the values: it reads them
-                return True
-            if not same_outputs(trained, again):
-                return True
-        return False
-
-    def fresh(self) -> nn.Module:
-        """A copy of the judged model of its own, for a training-mode pass (which changes
-        state: BatchNorm's statistics), its parameters copied too."""
-        if self.model is self.test.model:
-            return self.test._copy_model()
-        return copy_module(self.model)
-
-    def unread_slabs(self, group: List[Slabs]) -> List[Slabs]:
-        """The slabs of one target (``group``) that change no output: all of them at once
-        first, then one group of indices at a time, then one index at a time (at most
-        _SLABS_BY_VALUE of them; beyond, a skipped part)."""
-        target = group[0].target
-        together = torch.zeros(target.tensor.shape, dtype=torch.bool)
-        for slabs in group:
-            together |= slabs.mask()
-        changed = self.changes([(target, together)])
-        if changed is None:
-            return []
-        if not changed:
-            return group
-        unread = []
-        for slabs in group:
-            if len(group) > 1 and self.changes([(target, slabs.mask())]) is False:
-                unread.append(slabs)
-                continue
-            if len(slabs.indices) > _SLABS_BY_VALUE:
-                self.test._skip_part(
-                    slabs.describe(),
-                    f"{slabs.describe()}: no output depends on these {len(slabs.indices)} "
-                    "indices through a gradient, but changing them changes the outputs; "
-                    f"which of them are read was not worked out (more than {_SLABS_BY_VALUE})",
-                )
-                continue
-            alone = self.unread_indices(slabs)
-            if alone:
-                unread.append(Slabs(target, slabs.dim, alone))
-        return unread
-
-    def unread_indices(self, slabs: Slabs) -> List[int]:
-        """The indices of ``slabs`` (along a dimension) that change no output, each changed
-        alone (its seeds until it is read noted: ``read_after``)."""
-        target, dim = slabs.target, slabs.dim
-        return [
-            index
-            for index in slabs.indices
-            if self.changes([(target, Slabs(target, dim, [index]).mask())], alone=True) is False
-        ]
+def _part_mask(tensor: torch.Tensor, part: Any) -> torch.Tensor:
+    """True at the elements of ``tensor`` that indexing it with ``part`` selects."""
+    mask = torch.zeros(tensor.shape, dtype=torch.bool)
+    mask[part] = True
+    return mask
 
 
 class InputUse(Dependence):
     """Every element of the inputs is read."""
 
-    unread_inputs: Collection[Key] = option((), is_keys, example='["token_type_ids"]')
-    """The keys or indices of inputs the model may leave unread by design.
+    unread_inputs: Union[Collection[Key], Mapping[Key, Any]] = option(
+        (), is_keys_or_parts, example='["token_type_ids"]'
+    )
+    """The inputs, or the parts of them, the model may leave unread by design.
 
-    `test_all_inputs_used` does not judge them: an argument accepted for compatibility and ignored,
-    a feature the model leaves out on purpose."""
+    `test_all_inputs_used` does not judge them: an argument accepted for compatibility and
+    ignored, a feature the model leaves out on purpose. A list names whole inputs (keys or
+    indices); a dict maps an input to the part it leaves unread, as an index of the input
+    tensor (batch first), or to `None` for all of it: `{"past_time_features": (slice(None),
+    slice(0, 7))}` for the first 7 positions of every sample, the history that a time-series
+    transformer reads for its lagged values only."""
 
     def _validate_combination(self) -> None:
         super()._validate_combination()
-        keys = [key for key, _ in input_entries(self.inputs)]
+        entries = dict(input_entries(self.inputs))
+        keys = list(entries)
         unknown = [key for key in self.unread_inputs if key not in keys]
         if unknown:
             raise self._contract_error(
                 "unread_inputs", f"names {unknown}, which self.inputs does not have (it has {keys})"
             )
+        for key, part in self._unread_parts().items():
+            tensor = entries[key]
+            if part is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise self._contract_error(
+                    "unread_inputs", f"gives a part of {describe_input(key)}, which is no tensor"
+                )
+            try:
+                _part_mask(tensor, part)
+            except (IndexError, TypeError, ValueError) as exc:
+                raise self._contract_error(
+                    "unread_inputs",
+                    f"gives {describe_input(key)} the part {part!r}, which does not index a "
+                    f"tensor of shape {tuple(tensor.shape)} ({exc})",
+                ) from None
+
+    def _unread_parts(self) -> Dict[Key, Any]:
+        """The inputs the model may leave unread, each with its part (None: all of it)."""
+        if isinstance(self.unread_inputs, Mapping):
+            return {key: None if part is ... else part for key, part in self.unread_inputs.items()}
+        return dict.fromkeys(self.unread_inputs)
 
     @check(
         reads=(
@@ -297,12 +192,17 @@ class InputUse(Dependence):
     def _targets(self) -> List[Target]:
         """Every tensor of self.inputs that carries the batch, but those that are not judged
         (unbatched_inputs, unread_inputs, the padding mask)."""
-        skip = (*self._unprobed_inputs(), *self.unread_inputs)
-        targets = [
-            Target(key, tensor, batched=True, excluded=self._padded_elements(tensor))
-            for key, tensor in batched_entries(self.inputs, skip)
-            if not tensor.is_complex()
-        ]
+        parts = self._unread_parts()
+        skip = (*self._unprobed_inputs(), *[key for key, part in parts.items() if part is None])
+        targets = []
+        for key, tensor in batched_entries(self.inputs, skip):
+            if tensor.is_complex():
+                continue
+            excluded = self._padded_elements(tensor)
+            if parts.get(key) is not None:  # a part left unread by design is not judged
+                declared = _part_mask(tensor, parts[key])
+                excluded = declared if excluded is None else excluded | declared
+            targets.append(Target(key, tensor, batched=True, excluded=excluded))
         for key, samples in sample_lists(self.inputs, skip):
             for index, item in enumerate(samples):
                 for path, tensor in named_tensors(item, prefix=""):
@@ -396,7 +296,7 @@ class InputUse(Dependence):
                 wholes.setdefault(slabs.target.key, []).append(slabs)
             else:
                 parts.setdefault(slabs.target.ident(), []).append(slabs)
-        judges: List[_Judge] = []
+        judges: List[Judge] = []
         make_copy = randomised or self._with_zero_parameters_made_random
         for made in (lambda: self.model, make_copy):  # then, for what it leaves unread, a copy
             if not wholes and not parts:
@@ -404,7 +304,7 @@ class InputUse(Dependence):
             model = made()
             if model is None:
                 break
-            judge = _Judge(self, model)
+            judge = Judge(self, model)
             judges.append(judge)
             for key, group in list(wholes.items()):
                 if judge.reads_whole(group) is not False:
@@ -448,7 +348,7 @@ class InputUse(Dependence):
             self._forward(model, self.inputs)
         return list(watch.draws)
 
-    def _unexplained_by_chance(self, judges: List[_Judge], reported: List[Slabs]) -> List[Slabs]:
+    def _unexplained_by_chance(self, judges: List[Judge], reported: List[Slabs]) -> List[Slabs]:
         """What of ``reported`` (unread under every seed compared) is unread. For a model
         that reads at random (indices unread under the check's seed were read under a later
         one), the reported indices are judged again under every seed (some were judged before
@@ -592,5 +492,6 @@ class InputUse(Dependence):
             "the input out, a branch multiplied by a zero that never trains (a frozen "
             "normalisation whose weight is zero: timm's zero-initialised residual BatchNorm "
             "frozen into FrozenBatchNorm2d, as DETR's backbone without pretrained weights). If "
-            "the model ignores these elements by design, list the input in self.unread_inputs."
+            "the model ignores these elements by design, list the input in self.unread_inputs, "
+            "or map it to the part it leaves unread ({'x': (slice(None), slice(0, 2))})."
         )
