@@ -512,14 +512,13 @@ class TopScoring(nn.Module):
     def __init__(self, precise: bool = True) -> None:
         super().__init__()
         self.inp = nn.Linear(16, 16)
-        self.norm = nn.Identity() if precise else NaiveNorm(16, clamp=True)
+        self.norm = None if precise else NaiveNorm(16, clamp=True)
         self.score = nn.Linear(16, 1, bias=False)
         nn.init.ones_(self.score.weight)
         self.head = nn.Linear(16, 4)
-        self.precise = precise
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        if not self.precise:
+        if self.norm is not None:
             keys = self.norm(self.inp(keys) + 16.0)
         top = self.score(keys).squeeze(-1).topk(2, dim=1)
         chosen = values.gather(1, top.indices[..., None].expand(-1, -1, values.shape[-1]))

@@ -120,7 +120,9 @@ def next_batch(iterator: Any, timeout: float) -> Any:
                     forget(exc)
                     continue
                 raise RuntimeError(f"DataLoader timed out after {timeout:g} seconds") from None
-            if isinstance(exc, RuntimeError) and not DEAD_WORKER.search(message):
+            if not DEAD_WORKER.search(message) and (
+                isinstance(exc, RuntimeError) or "Original Traceback" in message
+            ):
                 raise  # the dataset's own error, raised again from its worker
             # a worker died (a pipe to it breaks when it dies while sending a batch; it is
             # seen to have ended a moment later)

@@ -7,7 +7,17 @@ import contextlib
 import math
 import re
 import unittest
-from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    FrozenSet,
+    List,
+    NoReturn,
+    Optional,
+    Tuple,
+)
 
 import torch
 from torch import nn
@@ -104,19 +114,16 @@ class _RangeWatch(Watch):
         return result
 
 
-#: The torch calls that select among values by their order: the elements they choose change
-#: when rounding reorders values closer together than the dtype resolves.
-_SELECTIONS = frozenset(
-    getattr(owner, name)
-    for owner in (torch, torch.Tensor)
-    for name in ("topk", "sort", "argsort", "argmax", "argmin", "max", "min", "kthvalue")
-)
+def _torch_calls(*names: str) -> FrozenSet[Any]:
+    """The functions of torch and the methods of tensors of these names."""
+    return frozenset(getattr(owner, name) for owner in (torch, torch.Tensor) for name in names)
 
 
 #: The selections that give the values they choose as well as where they are.
-_EXTREMES = frozenset(
-    getattr(owner, name) for owner in (torch, torch.Tensor) for name in ("max", "min", "kthvalue")
-)
+_EXTREMES = _torch_calls("max", "min", "kthvalue")
+#: The torch calls that select among values by their order: the elements they choose change
+#: when rounding reorders values closer together than the dtype resolves.
+_SELECTIONS = _EXTREMES | _torch_calls("topk", "sort", "argsort", "argmax", "argmin")
 
 
 def _chosen(result: Any) -> Optional[torch.Tensor]:
@@ -367,7 +374,7 @@ class Autocast(StackContract):
                 self._forward_only(model, inputs, training=True, context=context)
             runs.append(watch.selections)
         eps = torch.finfo(dtype).eps
-        differing = []  # (where, indices that differ, indices), before any lost precision
+        differing = []  # (call, where, indices that differ, indices), before lost precision
         for (func, where, among, chosen), (_, _, rounded, _), (_, same, exact, expected) in zip(
             *runs
         ):
