@@ -422,6 +422,49 @@ class CausalityByValues(CheckTestCase):
             "No gradient shows it",
         )
 
+    def test_ids_counted_by_the_model_keep_their_places_when_it_refuses_another_count(
+        self,
+    ) -> None:
+        # LLaVA: other ids at later positions may change the number of image placeholders,
+        # which the model refuses; the placeholders, held equally often by every sample, then
+        # keep their places and the other ids are compared
+        def model(peeks: bool) -> Placeholders:
+            return Placeholders(peeks=peeks, counts=True)
+
+        case = sequence_case(
+            lambda: model(False), with_images, causal=True, sequence_inputs=["input_ids"]
+        )
+        self.assertPasses(case, "test_causality")  # compared: no part skipped
+        self.assertFailsWith(
+            sequence_case(
+                lambda: model(True), with_images, causal=True, sequence_inputs=["input_ids"]
+            ),
+            "test_causality",
+            "the output at position 2 changes when self.inputs['input_ids'] at position 3, a "
+            "later position, is replaced by other ids of the batch",
+        )
+
+    def test_a_model_that_refuses_every_replacement_is_a_skipped_part(self) -> None:
+        class RefusesOtherIds(Placeholders):
+            def forward(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+                if not torch.equal(input_ids[:, 3:].sort(dim=1).values, self.text):
+                    raise ValueError("unknown tokens")
+                return super().forward(input_ids, images)
+
+        inputs = with_images()
+
+        def refusing() -> Placeholders:
+            model = RefusesOtherIds()
+            model.text = inputs["input_ids"][:, 3:].sort(dim=1).values
+            return model
+
+        self.assertSkipsWith(
+            sequence_case(refusing, lambda: inputs, causal=True, sequence_inputs=["input_ids"]),
+            "test_causality",
+            "inputs at later positions replaced: not compared, the model raises ValueError on "
+            "the changed inputs (unknown tokens)",
+        )
+
     def test_a_float_input_that_leaks_without_a_gradient_is_found(self) -> None:
         class PeeksWithoutGradient(CausalConv):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,18 +487,22 @@ class Placeholders(nn.Module):
     """Fills the placeholder ids (0) of the whole batch, in the order the batch holds them, with
     the features of each sample's image, as BLIP-2 fills its image placeholders
     (masked_scatter), then reads the tokens with a GRU; ``peeks``: and adds the next token's
-    embedding to each, a leak that only values show."""
+    embedding to each, a leak that only values show; ``counts``: and refuses a sample without
+    exactly 3 placeholders, as LLaVA refuses image features that its placeholders do not match."""
 
-    def __init__(self, peeks: bool = False) -> None:
+    def __init__(self, peeks: bool = False, counts: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.image = nn.Linear(5, 3 * WIDTH)
         self.rnn = nn.GRU(WIDTH, WIDTH, batch_first=True)
         self.out = nn.Linear(WIDTH, 4)
         self.peeks = peeks
+        self.counts = counts
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         placeholders = input_ids == 0
+        if self.counts and not bool((placeholders.sum(dim=1) == 3).all()):
+            raise ValueError("Image features and image tokens do not match")
         features = self.image(images).reshape(-1, WIDTH)  # 3 per sample
         missing = int(placeholders.sum()) - features.shape[0]  # (other ids: more or fewer)
         features = torch.cat([features, features.new_zeros(max(missing, 0), WIDTH)])

@@ -1966,10 +1966,6 @@ EXTENDED.update(ARCHITECTURES)
 #: which their text models (of VOCAB + 1 tokens, _WITH_IMAGE_TOKEN) have.
 IMAGE_TOKEN = VOCAB
 _WITH_IMAGE_TOKEN = dict(vocab_size=VOCAB + 1, pad_token_id=0)
-#: test_causality on a multimodal model when the ids put at later positions change the number
-#: of its image placeholders: the model refuses a count that its image features do not match
-#: (LLaVA with a ValueError, BLIP-2 with masked_scatter's RuntimeError, on some seeds).
-IMAGE_TOKENS_REPLACED = "inputs at later positions replaced: not compared, the model raises "
 #: The hybrid decoders' sizes, their Mamba2 layers' included.
 _HYBRID = dict(_DECODER, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)
 #: DPT's and Depth Anything's neck and head: four ViT layers reassembled and fused.
@@ -2206,7 +2202,6 @@ def image_text_to_text(
         (placeholders + LENGTH, VOCAB + 1),
         causal,
         unused=unused,
-        skips=(IMAGE_TOKENS_REPLACED,) if causal else (),
     )
 
 

@@ -11,7 +11,7 @@ from ...core.options import option
 from ...core.validators import is_bool
 from ..dependence import GradientsRefused
 from ..probes import Probe
-from ..tensors import Key, describe_input
+from ..tensors import Key, describe_input, input_entries
 from .contract import _NO_GRADIENT, SEQUENCE, SequenceContract, output_difference
 
 __all__ = ["Causality"]
@@ -219,13 +219,47 @@ class Causality(SequenceContract):
         with sees_present True, check that the outputs depend on their own position (at the
         ``suspects`` the gradients found; everywhere without gradients, ``suspects`` None),
         and with sees_previous True, on the position before (at the ``blind`` positions the
-        gradients found; everywhere without gradients)."""
-        part = "inputs at later positions replaced"
+        gradients found; everywhere without gradients).
+
+        Where the model raises on some replaced inputs (a multimodal model given another
+        number of image placeholders), it is judged again with the ids that every sample
+        holds equally often kept in their places, if that changes anything: the positions
+        they hold are then not judged."""
         base = self._run(self.inputs)
-        others = {
-            key: self._other_values(tensor, real, salt)
-            for salt, (key, tensor) in enumerate(entries)
-        }
+
+        def drawn(keep_counted: bool) -> Dict[Key, torch.Tensor]:
+            return {
+                key: self._other_values(tensor, real, salt, keep_counted)
+                for salt, (key, tensor) in enumerate(entries)
+            }
+
+        others = drawn(False)
+        self._held_skips = []
+        try:
+            self._compare_replaced(base, entries, others, real, length, suspects, blind)
+        finally:
+            held, self._held_skips = self._held_skips, None
+        if not held:
+            return
+        kept = drawn(True)
+        if any(not torch.equal(kept[key], others[key]) for key in others):
+            self._compare_replaced(base, entries, kept, real, length, suspects, blind)
+        else:
+            self._skip_part(*held[0])
+
+    def _compare_replaced(
+        self,
+        base: torch.Tensor,
+        entries: Sequence[Tuple[Key, torch.Tensor]],
+        others: Dict[Key, torch.Tensor],
+        real: torch.Tensor,
+        length: int,
+        suspects: Optional[List[int]],
+        blind: Optional[List[int]],
+    ) -> None:
+        """_causality_by_values with the other values ``others``; it stops at the first
+        replaced inputs that the model raises on."""
+        part = "inputs at later positions replaced"
         positions = torch.arange(length)
         first = 1 if self.sees_present else 0
         for t in range(length - first):
@@ -294,6 +328,15 @@ class Causality(SequenceContract):
             if alone is not None:
                 self.fail(self._previous_message(alone, names, "present"))
 
+    def _replaced_at(self, others: Dict[Key, torch.Tensor], length: int) -> torch.Tensor:
+        """(batch, length): True at the positions where some input has another value."""
+        changed = torch.zeros(self._batch_size(), length, dtype=torch.bool)
+        for key, tensor in input_entries(self.inputs):
+            if key in others:
+                differs = (others[key] != tensor).movedim(self.sequence_dim, 1)
+                changed |= differs.reshape(*differs.shape[:2], -1).any(dim=2)
+        return changed
+
     def _sees_before(
         self,
         t: int,
@@ -308,7 +351,8 @@ class Causality(SequenceContract):
         input at t, "" if with none (an output that depends on no input); None when the
         model raised."""
         positions = torch.arange(base.shape[self.sequence_dim])
-        rows = real[:, t] & real[:, t - 1]
+        replaceable = self._replaced_at(others, len(positions))
+        rows = real[:, t] & real[:, t - 1] & replaceable[:, t - 1]
         where = rows[:, None] & (positions == t)
         if not where.any():
             return ""
@@ -360,7 +404,7 @@ class Causality(SequenceContract):
         """Whether the outputs at position t stay the same when the inputs at t are replaced,
         though they change when the earlier inputs are (None: the model raised)."""
         positions = torch.arange(base.shape[self.sequence_dim])
-        where = real & (positions == t)
+        where = real & self._replaced_at(others, len(positions)) & (positions == t)
         if t == 0 or not where.any():
             return False
         present = self._try_run(self._replaced(self.inputs, others, positions == t), part)
