@@ -1957,12 +1957,70 @@ class ParametersUpdated(CheckTestCase):
         )
 
 
+class MaskedLogits(AutoEncoder):
+    """Logits over 16 actions, the last ``masked`` of them (of the first ``samples`` samples)
+    set to -inf by the model's code (invalid actions, padded classes: a softmax or a sigmoid
+    makes them exactly 0); ``log_of_zero``: and a log of 0 added to the rest."""
+
+    def __init__(self, masked: int = 4, samples: int = 4, log_of_zero: bool = False) -> None:
+        super().__init__()
+        self.masked, self.samples, self.log_of_zero = masked, samples, log_of_zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x).flatten(1)
+        invalid = torch.zeros_like(logits, dtype=torch.bool)
+        invalid[: self.samples, logits.shape[1] - self.masked :] = True
+        if self.log_of_zero:
+            logits = logits + torch.log(torch.relu(logits) * 0)
+        return logits.masked_fill(invalid, float("-inf"))
+
+
+def _first_action(logits: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long))
+
+
 class Finite(CheckTestCase):
     def test_nan_in_part_of_the_output_fails(self) -> None:
         self.assertFailsWith(
             model_case(LogOfNegative),
             "test_finite_outputs_and_gradients",
             "outputs contain NaN or Inf: output (",
+            "The first operation that made them from finite values: torch.log in "
+            "LogOfNegative, at test_model_checks.py:",
+        )
+
+    def test_infinities_the_model_places_itself_pass(self) -> None:
+        # masked logits: -inf placed with masked_fill, the gradients finite
+        self.assertPasses(
+            model_case(MaskedLogits, loss_fn=_first_action), "test_finite_outputs_and_gradients"
+        )
+
+    def test_infinities_made_beside_placed_ones_fail_naming_the_operation(self) -> None:
+        self.assertFailsWith(
+            model_case(lambda: MaskedLogits(log_of_zero=True), loss_fn=_first_action),
+            "test_finite_outputs_and_gradients",
+            "outputs contain NaN or Inf",
+            "The first operation that made them from finite values: torch.log in "
+            "MaskedLogits, at test_model_checks.py:",
+            "(Inf)",
+        )
+
+    def test_a_softmax_over_a_row_masked_everywhere_fails(self) -> None:
+        class Probabilities(MaskedLogits):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(super().forward(x), dim=1)
+
+        self.assertPasses(
+            model_case(Probabilities, loss_fn=lambda p: p[:, 0].mean()),
+            "test_finite_outputs_and_gradients",
+        )
+        self.assertFailsWith(
+            model_case(lambda: Probabilities(masked=16, samples=1), loss_fn=lambda p: p.sum()),
+            "test_finite_outputs_and_gradients",
+            "outputs contain NaN or Inf: output (16 of 64 values)",
+            "The first operation that made them from finite values: torch.softmax in "
+            "Probabilities, at test_model_checks.py:",
+            "(NaN)",
         )
 
     def test_nan_only_in_gradients_fails_naming_parameters(self) -> None:

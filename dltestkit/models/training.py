@@ -16,7 +16,9 @@ from ..core.options import option
 from ..core.paths import floating_tensors, map_tensors
 from ..core.seeds import derived_seed
 from ..core.validators import is_names
+from ..core.watch import watching
 from .contract import ModelContract
+from .infinities import InfinityWatch
 from .norm_calls import Degenerate, TrainingForward
 from .passes import GradientSummary, TrainingPass
 
@@ -275,7 +277,9 @@ class Training(ModelContract):
         """Check that the outputs and every parameter's gradient contain no NaN or Inf.
 
         Catches NaN or Inf in the outputs or in any gradient (a log or sqrt at or below
-        zero, an overflowing exp).
+        zero, an overflowing exp), naming the operation that made them. Infinities that the
+        model's code places itself (``masked_fill(mask, float("-inf"))``: masked logits) are
+        a design, not a failure, where no operation makes any from finite values.
         """
         first = self._training_pass()
         bad_outputs = [
@@ -284,11 +288,19 @@ class Training(ModelContract):
             if not torch.isfinite(t).all()
         ]
         if bad_outputs:
-            self.fail(
-                f"the model's outputs contain NaN or Inf: {', '.join(bad_outputs)}. Look "
-                "for log/sqrt/division of values that can be zero or negative, or exp "
-                "overflow."
-            )
+            seen = self._non_finite_origins()
+            if seen.made or not seen.placed or self._has_nan(first.output):
+                made = (
+                    f" The first operation that made them from finite values: "
+                    f"{seen.made[0].describe()} ({seen.made[0].what})."
+                    if seen.made
+                    else ""
+                )
+                self.fail(
+                    f"the model's outputs contain NaN or Inf: {', '.join(bad_outputs)}.{made} "
+                    "Look for log/sqrt/division of values that can be zero or negative, or "
+                    "exp overflow."
+                )
         bad_grads = [
             name
             for name, gradient in zip(first.names, first.gradients)
@@ -300,6 +312,18 @@ class Training(ModelContract):
                 "the outputs are finite. Look for sqrt/log/pow at zero or division by "
                 "a small number in forward."
             )
+
+    @staticmethod
+    def _has_nan(output: Any) -> bool:
+        return any(bool(torch.isnan(t).any()) for _, t in floating_tensors(output))
+
+    def _non_finite_origins(self) -> InfinityWatch:
+        """The training pass's forward again (a copy of the model, the same seed), watched
+        for the operations that make non-finite values or place infinities."""
+        model = self._copy_model()
+        with torch.no_grad(), watching(model, InfinityWatch) as watch:
+            self._forward(model, self.inputs, training=True, seed=derived_seed(self.seed, 0))
+        return watch
 
     def _allowed(self, name: str) -> bool:
         return any(

@@ -32,10 +32,10 @@ from ...core.watch import (
     Watch,
     op_name,
     raising_user_line,
-    tensors_in,
     watching,
 )
 from ..dtype_watch import watching_dtypes
+from ..infinities import InfinityWatch
 from .contract import ModuleOutputs, Run, StackContract, model_dtype, recording_module_outputs
 
 __all__ = ["Autocast"]
@@ -94,24 +94,6 @@ def _non_finite(low: torch.Tensor, exact: torch.Tensor) -> bool:
 
 def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype).to(tensor.dtype) if tensor.dtype == torch.float32 else tensor
-
-
-class _RangeWatch(Watch):
-    """Note the first torch call that makes NaN or Inf of finite tensors."""
-
-    def __init__(self, modules: ModuleTracker) -> None:
-        super().__init__(modules)
-        self.first: Optional[str] = None
-
-    def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        result = func(*args, **kwargs)
-        if self.first is None:
-            made = [t for t in tensors_in(result) if t.is_floating_point()]
-            if made and not all(bool(torch.isfinite(t).all()) for t in made):
-                given = [t for t in tensors_in(args) + tensors_in(kwargs) if t.is_floating_point()]
-                if all(bool(torch.isfinite(t).all()) for t in given):
-                    self.first = f"{op_name(func)} {self.where()}"
-        return result
 
 
 def _torch_calls(*names: str) -> FrozenSet[Any]:
@@ -327,12 +309,15 @@ class Autocast(StackContract):
             dtype, lambda low, rounded, exact: _non_finite(low, exact)
         )
         model = self._copy_model()
-        with watching(model, _RangeWatch) as watch:
+        with watching(model, InfinityWatch) as watch:
             context = self._autocast_context(dtype)
             self._forward_only(model, self.inputs, training=True, context=context)
         where = ""
-        if watch.first is not None:
-            where += f" The first operation that makes NaN or Inf of finite values: {watch.first}."
+        if watch.made:
+            where += (
+                " The first operation that makes NaN or Inf of finite values: "
+                f"{watch.made[0].describe()}."
+            )
         if first is not None:
             where += (
                 " The first submodule whose output holds NaN or Inf where float32's does "
