@@ -4,6 +4,7 @@ BatchNorm) and fail, with their message, on broken ones, real models among them.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import types
 import unittest
@@ -178,6 +179,27 @@ class LossesInTraining(nn.Module):
         return scores
 
 
+class AuxiliaryLogits(nn.Module):
+    """torchvision's Inception v3 and GoogLeNet: in training mode, a named tuple of the logits
+    and an auxiliary classifier's logits (of the same shape); in eval mode, the logits alone.
+    ``scaled_in_eval``: and the logits doubled in eval mode only (a bug)."""
+
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux_logits"])
+
+    def __init__(self, scaled_in_eval: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head, self.aux = nn.Sequential(nn.Dropout(0.3), nn.Linear(8, 3)), nn.Linear(8, 3)
+        self.scaled_in_eval = scaled_in_eval
+
+    def forward(self, x: torch.Tensor) -> Any:
+        hidden = self.body(x)
+        logits = self.head(hidden)
+        if self.training:
+            return self.Outputs(logits, self.aux(hidden))
+        return logits * 2 if self.scaled_in_eval else logits
+
+
 def spectral_norm() -> nn.Module:
     """Power iteration in training mode only, updating its buffers (correct). Its weights are
     drawn under a seed of their own: the 15 power iterations made when the layer is built
@@ -224,6 +246,16 @@ class TrainEvalMatch(CheckTestCase):
         for build, fragment in designs.items():
             with self.subTest(getattr(build, "__name__", "")):
                 self.assertSkipsWith(case(build), TRAIN_EVAL, fragment)
+
+    def test_auxiliary_logits_in_training_are_compared_with_eval_modes_logits(self) -> None:
+        self.assertPasses(case(AuxiliaryLogits), TRAIN_EVAL)  # compared: no skip
+        self.assertSkipsWith(
+            case(lambda: AuxiliaryLogits(scaled_in_eval=True)),
+            TRAIN_EVAL,
+            "the model returns other outputs in training mode (output[0], output[1]) than in "
+            "eval mode (output); none of output[0], output[1], of its shape, equals it, and "
+            "which of them eval mode returns is not known",
+        )
 
     @unittest.skipUnless(ZOO, "needs torchvision and transformers")
     def test_a_bert_layer_whose_attention_is_off_in_eval_mode_fails(self) -> None:

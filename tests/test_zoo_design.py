@@ -1948,13 +1948,10 @@ ARCHITECTURES: Dict[str, Case] = {
     "timm RepVGG (re-parameterisable branches)": vision(_timm("repvgg_a0")),
     "timm MLP-Mixer": vision(_timm("mixer_s16_224", img_size=32, drop_path_rate=0.1)),
     "timm ResNeSt (split attention)": vision(_timm("resnest14d")),
-    # its auxiliary classifiers' logits join the output in training mode only
+    # its auxiliary classifiers' logits join the output in training mode only: its logits,
+    # output[0] in training, are compared with eval mode's
     "torchvision GoogLeNet (auxiliary logits in training mode)": vision(
-        _torchvision("googlenet", aux_logits=True, init_weights=False),
-        size=64,
-        skips=(
-            "the model returns other outputs in training mode (output[0], output[1], output[2])",
-        ),
+        _torchvision("googlenet", aux_logits=True, init_weights=False), size=64
     ),
     "torchvision ShuffleNetV2": vision(_torchvision("shufflenet_v2_x0_5")),
 }
