@@ -429,7 +429,17 @@ class InputsUsed(CheckTestCase):
             USED,
             "self.inputs['input_ids'][:, 4:6] is read by no output: "
             "self.inputs['attention_mask'] is 0 there in every sample, and no element where "
-            "it is so is read (padding, by the look of it)",
+            "it is so is read: padding, or positions whose values the model replaces",
+            "declare them in unread_inputs ({'input_ids': (slice(None), slice(4, 6))}), and "
+            "this part is no longer reported; SequenceModelTests with padding_mask set",
+        )
+        self.assertPasses(  # as the message says
+            case(
+                PooledAtFirstToken,
+                padded_to_max_length,
+                unread_inputs={"input_ids": (slice(None), slice(4, 6))},
+            ),
+            USED,
         )
         self.assertSkipsWith(
             case(Alarm, features),

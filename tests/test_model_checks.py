@@ -749,7 +749,9 @@ class Inputs(CheckTestCase):
             "ContractError",
             "whose first dimensions differ",
             "self.inputs['src_mask'] (6, 6)",
-            "self.unbatched_inputs",
+            "list the ones that are the same for every sample (a (seq, seq) mask) in "
+            "self.unbatched_inputs. Inputs packed across the samples",
+            "test the model through a wrapper that takes them batch first",
         )
         self.assertPasses(
             model_case(layer, inputs=inputs, unbatched_inputs=["src_mask"]),
@@ -2529,6 +2531,22 @@ class DtypeMoving(CheckTestCase):
             "test_dtype_moving",
             "a copy moved with .to(torch.bfloat16) raises in eval mode",
             "made by torch.ones with a fixed dtype",
+        )
+
+    def test_a_fill_value_of_the_moved_dtype_in_a_float32_factory_fails(self) -> None:
+        # Kosmos-2's causal mask: torch.full(..., torch.finfo(dtype).min) without dtype=
+        class MaskFilledWithTheDtypesMinimum(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                mask = torch.full((4, 4), torch.finfo(x.dtype).min)
+                return super().forward(x) + mask.mean() * 0
+
+        self.assertFailsWith(
+            model_case(MaskFilledWithTheDtypesMinimum, moved_dtypes=[torch.float64]),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.float64) raises in eval mode: RuntimeError: value "
+            "cannot be converted to type float without overflow, in torch.full in "
+            "MaskFilledWithTheDtypesMinimum, at test_model_checks.py:",
+            ", given no floating-point tensor.",
         )
 
     def test_float64_is_checked_too(self) -> None:

@@ -157,6 +157,15 @@ class ModelContract(CheckMixin):
             )
         if len({batch_length(value) for _, value in entries}) > 1:
             lists = bool(sample_lists(self.inputs, self.unbatched_inputs))
+            hint = self._positional_list_hint()
+            packed = (
+                ""
+                if hint
+                else ". Inputs packed across the samples (the patches of every image in one "
+                "tensor, as Qwen2-VL's processor gives them) cannot be cut by sample: test "
+                "the model through a wrapper that takes them batch first, one row per "
+                "sample, and packs them itself"
+            )
             raise self._contract_error(
                 "inputs",
                 (
@@ -167,10 +176,10 @@ class ModelContract(CheckMixin):
                     "in self.unbatched_inputs"
                     if lists
                     else f"holds tensors whose first dimensions differ: {sizes}. Every "
-                    "tensor carries the batch dimension first; list the ones that do not "
-                    "(a (seq, seq) mask) in self.unbatched_inputs"
+                    "tensor carries the batch dimension first; list the ones that are the "
+                    f"same for every sample (a (seq, seq) mask) in self.unbatched_inputs{packed}"
                 )
-                + (f". {hint}" if (hint := self._positional_list_hint()) else ""),
+                + (f". {hint}" if hint else ""),
             )
 
     def _refuse_meta(self) -> None:

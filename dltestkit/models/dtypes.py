@@ -209,10 +209,12 @@ class DtypeMoving(ModelContract):
                 f"operation.{mix} A model moved with .to({dtype}) must run in {dtype}; if it "
                 "supports only some dtypes, set self.moved_dtypes to those."
             )
-        self.fail(
-            f"{lead}{text.strip()}, in {failed.describe()}, given "
-            f"{' and '.join(map(str, failed.dtypes))} tensors.{mix} {_DTYPE_ADVICE}"
+        given = (
+            f", given {' and '.join(map(str, failed.dtypes))} tensors"
+            if failed.dtypes
+            else ", given no floating-point tensor"
         )
+        self.fail(f"{lead}{text.strip()}, in {failed.describe()}{given}.{mix} {_DTYPE_ADVICE}")
 
 
 def _mix_text(watch: DtypeWatch, moved: nn.Module, dtype: torch.dtype) -> str:

@@ -451,11 +451,19 @@ class InputUse(Dependence):
                 *mask.shape, *[1] * (target.tensor.dim() - dim - 1)
             )
             if bool((mask != values[0]).any()) and not bool((target.read & marked).any()):
+                padding = (
+                    ""
+                    if getattr(self, "padding_mask", None) is not None
+                    else "; SequenceModelTests with padding_mask set leaves padding out of "
+                    "this check and checks it with test_padding_invariance"
+                )
                 return (
                     f"{describe_input(key)} is {values[0].item()!r} there in every sample, and "
-                    "no element where it is so is read (padding, by the look of it), which a "
-                    "model ignores by design. SequenceModelTests with padding_mask set leaves "
-                    "padding out of this check and checks it with test_padding_invariance"
+                    "no element where it is so is read: padding, or positions whose values the "
+                    "model replaces (image placeholders that it fills with image features), "
+                    "by the look of it, which a model leaves unread by design. Where they "
+                    "are, declare them in unread_inputs"
+                    f"{_part_example(slabs)}, and this part is no longer reported{padding}"
                 )
         return ""
 
@@ -495,3 +503,15 @@ class InputUse(Dependence):
             "the model ignores these elements by design, list the input in self.unread_inputs, "
             "or map it to the part it leaves unread ({'x': (slice(None), slice(0, 2))})."
         )
+
+
+def _part_example(slabs: Slabs) -> str:
+    """unread_inputs' entry for the unread slabs, as the setUp would write it (in brackets,
+    after a space), for an input with a key or index."""
+    if slabs.target.key is None:
+        return ""
+    index = ["slice(None)"] * (slabs.dim or 0)
+    first, last = slabs.indices[0], slabs.indices[-1]
+    contiguous = list(slabs.indices) == list(range(first, last + 1))
+    index.append(f"slice({first}, {last + 1})" if contiguous else repr(list(slabs.indices)))
+    return f" ({{{slabs.target.key!r}: ({', '.join(index)})}})"
