@@ -278,7 +278,7 @@ class Training(ModelContract):
 
         Catches NaN or Inf in the outputs or in any gradient (a log or sqrt at or below
         zero, an overflowing exp), naming the operation that made them. Infinities that the
-        model's code places itself (``masked_fill(mask, float("-inf"))``: masked logits) are
+        model's code places itself (masked_fill(mask, float("-inf")): masked logits) are
         a design, not a failure, where no operation makes any from finite values.
         """
         first = self._training_pass()
