@@ -2533,6 +2533,40 @@ class DtypeMoving(CheckTestCase):
             "made by torch.ones with a fixed dtype",
         )
 
+    def test_scores_copied_into_a_tensor_of_a_fixed_dtype_fail(self) -> None:
+        # Grounding DINO pads its logits: torch.full(..., -inf) without dtype=, then
+        # new_output[..., :n] = output, which rounds a float64 model's scores to float32
+        class PaddedScores(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                scores = super().forward(x).flatten(1)
+                padded = torch.full((x.shape[0], 20), float("-inf"))
+                padded[:, :16] = scores
+                return padded
+
+        self.assertFailsWith(
+            model_case(PaddedScores, moved_dtypes=[torch.float64]),
+            "test_dtype_moving",
+            "a copy moved with .to(torch.float64) returns output (torch.float32, made by "
+            "torch.full without dtype= in PaddedScores, at test_model_checks.py:",
+            "Tensor.__setitem__ in PaddedScores, at test_model_checks.py:",
+        )
+
+    def test_a_state_kept_in_a_dtype_chosen_for_it_is_no_failure(self) -> None:
+        # RWKV keeps its recurrent state in torch.zeros(..., dtype=torch.float32) by choice
+        class StateInFloat32(AutoEncoder):
+            def forward(self, x: torch.Tensor) -> Any:
+                hidden = self.encoder(x)
+                state = torch.zeros(x.shape[0], 8, dtype=torch.float32)
+                state[:] = hidden
+                return self.decoder(hidden), state
+
+        self.assertSkipsWith(
+            model_case(StateInFloat32, moved_dtypes=[torch.float64]),
+            "test_dtype_moving",
+            "returns output[1] (torch.float32, made by torch.zeros with a fixed dtype in "
+            "StateInFloat32",
+        )
+
     def test_a_fill_value_of_the_moved_dtype_in_a_float32_factory_fails(self) -> None:
         # Kosmos-2's causal mask: torch.full(..., torch.finfo(dtype).min) without dtype=
         class MaskFilledWithTheDtypesMinimum(AutoEncoder):

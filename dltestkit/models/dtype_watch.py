@@ -93,6 +93,10 @@ class Origin:
     #: computed from a tensor of the model's dtype: the tensor was combined with the model's
     #: computation (promoted it), rather than made beside it (a constant mask)
     mixed: bool = False
+    #: made by a factory given its dtype (torch.zeros(..., dtype=torch.float32)): tensors of
+    #: the model's dtype written into it in place are kept in that precision by choice (a
+    #: recurrent state kept in float32), not rounded by mistake
+    chosen: bool = False
 
 
 class DtypeWatch(Watch):
@@ -174,7 +178,8 @@ class DtypeWatch(Watch):
             )
         if name in _FACTORIES or name in _CASTS:
             how = "with a fixed dtype" if "dtype" in kwargs or name in _CASTS else "without dtype="
-            return Origin(f"{op_name(func)} {how} {where}", deliberate=False)
+            chosen = name in _FACTORIES and kwargs.get("dtype") is not None
+            return Origin(f"{op_name(func)} {how} {where}", deliberate=False, chosen=chosen)
         # a view or a result of such tensors: it comes from the same place, and from a
         # deliberate cast only if every tensor of another dtype it comes from does
         found = [origin for origin in map(self.origin, floats) if origin is not None]
@@ -184,7 +189,7 @@ class DtypeWatch(Watch):
         )
         if origin is None or origin.mixed == mixed:
             return origin
-        return Origin(origin.text, origin.deliberate, mixed)
+        return Origin(origin.text, origin.deliberate, mixed, origin.chosen)
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name = getattr(func, "__name__", "")
@@ -197,6 +202,7 @@ class DtypeWatch(Watch):
         except BaseException as exc:
             self.note_failure(func, exc, tensors)
             raise
+        self._note_written(name, args, floats)
         made = [t for t in tensors_in(result) if t.is_floating_point() and t.dtype != self.target]
         if made:
             origin = self._origin_of_result(func, args, kwargs, made[0])
@@ -204,6 +210,19 @@ class DtypeWatch(Watch):
                 for tensor in made:
                     self.origins[tensor] = origin
         return result
+
+    def _note_written(self, name: str, args: Tuple[Any, ...], floats: List[torch.Tensor]) -> None:
+        """An in-place call (``out[..., :n] = scores``, ``out.copy_(scores)``) that writes
+        tensors of the model's dtype into a tensor of another one made without a dtype chosen
+        for it: that tensor now holds what the model computes, rounded to its dtype (mixed)."""
+        written = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if not name.endswith("_") or written is None or written.dtype == self.target:
+            return
+        origin = self.origin(written)
+        if origin is None or origin.mixed or origin.chosen:
+            return
+        if any(t.dtype == self.target and t.dim() > 0 for t in floats if t is not written):
+            self.origins[written] = Origin(origin.text, origin.deliberate, True)
 
     def _call(
         self,
