@@ -54,6 +54,7 @@ from .tensors import (
     call_model,
     describe_batched,
     describe_input,
+    differing_batches,
     input_entries,
     replace_entries,
     sample_lists,
@@ -157,29 +158,8 @@ class ModelContract(CheckMixin):
             )
         if len({batch_length(value) for _, value in entries}) > 1:
             lists = bool(sample_lists(self.inputs, self.unbatched_inputs))
-            hint = self._positional_list_hint()
-            packed = (
-                ""
-                if hint
-                else ". Inputs packed across the samples (the patches of every image in one "
-                "tensor, as Qwen2-VL's processor gives them) cannot be cut by sample: test "
-                "the model through a wrapper that takes them batch first, one row per "
-                "sample, and packs them itself"
-            )
             raise self._contract_error(
-                "inputs",
-                (
-                    f"holds arguments whose numbers of samples differ: {sizes}. A tensor "
-                    "carries the batch as its first dimension, a list of tensors or dicts "
-                    "as its length, and all must agree; list the arguments that are not "
-                    "batched (a (seq, seq) mask, a list that is not one item per sample) "
-                    "in self.unbatched_inputs"
-                    if lists
-                    else f"holds tensors whose first dimensions differ: {sizes}. Every "
-                    "tensor carries the batch dimension first; list the ones that are the "
-                    f"same for every sample (a (seq, seq) mask) in self.unbatched_inputs{packed}"
-                )
-                + (f". {hint}" if hint else ""),
+                "inputs", differing_batches(sizes, lists, self._positional_list_hint())
             )
 
     def _refuse_meta(self) -> None:

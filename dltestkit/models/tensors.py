@@ -173,3 +173,29 @@ def replace_entries(inputs: Any, new: Dict[Key, Any]) -> Any:
 def describe_input(key: Key) -> str:
     """How an argument is named in messages: self.inputs, self.inputs[1], self.inputs['ids']."""
     return "self.inputs" if key is None else f"self.inputs[{key!r}]"
+
+
+def differing_batches(sizes: str, lists: bool, hint: str) -> str:
+    """The contract error for inputs whose numbers of samples differ (``sizes``: each one's),
+    with lists of samples among them (``lists``), and the hint for a positional list."""
+    if lists:
+        problem = (
+            f"holds arguments whose numbers of samples differ: {sizes}. A tensor carries the "
+            "batch as its first dimension, a list of tensors or dicts as its length, and all "
+            "must agree; list the arguments that are not batched (a (seq, seq) mask, a list "
+            "that is not one item per sample) in self.unbatched_inputs"
+        )
+    else:
+        problem = (
+            f"holds tensors whose first dimensions differ: {sizes}. Every tensor carries the "
+            "batch dimension first; list the ones that are the same for every sample (a (seq, "
+            "seq) mask) in self.unbatched_inputs"
+        )
+        if not hint:
+            problem += (
+                ". Inputs packed across the samples (the patches of every image in one tensor, "
+                "as Qwen2-VL's processor gives them) cannot be cut by sample: test the model "
+                "through a wrapper that takes them batch first, one row per sample, and packs "
+                "them itself"
+            )
+    return problem + (f". {hint}" if hint else "")
