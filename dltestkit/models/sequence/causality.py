@@ -308,9 +308,10 @@ class Causality(SequenceContract):
             self.fail(f"{message} The outputs at position {at}: {difference}.")
         names = [describe_input(key) for key, _ in entries]
         part = "the inputs at each position replaced"
+        replaceable = self._replaced_at(others, length)  # (positions kept are not judged)
         if self.sees_present:
             for t in suspects if suspects is not None else range(1, length):
-                ignores = self._ignores_present(t, base, others, real, part)
+                ignores = self._ignores_present(t, base, others, real & replaceable, part)
                 if ignores is None:
                     return
                 if ignores:
@@ -318,7 +319,7 @@ class Causality(SequenceContract):
         if self.sees_previous:
             alone = None  # the first position whose output sees its own input only
             for t in blind if blind is not None else range(1, length):
-                sees = self._sees_before(t, base, others, real, part)
+                sees = self._sees_before(t, base, others, real, replaceable, part)
                 if sees is None:
                     return
                 if sees == "earlier":  # the more telling case: fail at once
@@ -343,15 +344,16 @@ class Causality(SequenceContract):
         base: torch.Tensor,
         others: Dict[Key, torch.Tensor],
         real: torch.Tensor,
+        replaceable: torch.Tensor,
         part: str,
     ) -> Optional[str]:
         """Whether the outputs at position t stay the same when the inputs at t - 1 are
-        replaced: "" if they change (or cannot be judged: t - 1 padded everywhere t is real),
+        replaced: "" if they change (or cannot be judged: t - 1 padded, or kept as it is in
+        ``others``, where t is real),
         "earlier" if they change with the inputs before t - 1, "present" if only with the
         input at t, "" if with none (an output that depends on no input); None when the
         model raised."""
         positions = torch.arange(base.shape[self.sequence_dim])
-        replaceable = self._replaced_at(others, len(positions))
         rows = real[:, t] & real[:, t - 1] & replaceable[:, t - 1]
         where = rows[:, None] & (positions == t)
         if not where.any():
@@ -404,7 +406,7 @@ class Causality(SequenceContract):
         """Whether the outputs at position t stay the same when the inputs at t are replaced,
         though they change when the earlier inputs are (None: the model raised)."""
         positions = torch.arange(base.shape[self.sequence_dim])
-        where = real & self._replaced_at(others, len(positions)) & (positions == t)
+        where = real & (positions == t)
         if t == 0 or not where.any():
             return False
         present = self._try_run(self._replaced(self.inputs, others, positions == t), part)

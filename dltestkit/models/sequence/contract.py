@@ -335,14 +335,15 @@ class SequenceContract(Dependence):
         pool = torch.unique(self._at(ids, real)) if real.any() else torch.unique(ids)
         if pool.numel() < 2:
             pool = torch.unique(ids)
-        kept = self._counted_ids(ids, real) if keep_counted else pool[:0]
-        pool = pool[~torch.isin(pool, kept)]
+        kept = self._counted_ids(ids, real) if keep_counted else None
+        if kept is not None:
+            pool = pool[~torch.isin(pool, kept)]
         if pool.numel() < 2:
             return tensor.clone()
         index = torch.searchsorted(pool, ids.contiguous()).clamp(max=pool.numel() - 1)
         offset = torch.randint(1, pool.numel(), tensor.shape, generator=generator)
         others: torch.Tensor = pool[(index + offset) % pool.numel()].to(tensor.dtype)
-        return torch.where(torch.isin(ids, kept), tensor, others)
+        return others if kept is None else torch.where(torch.isin(ids, kept), tensor, others)
 
     def _counted_ids(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """The ids that every sample of the batch holds equally often at its real positions
