@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -189,7 +189,7 @@ class DtypeWatch(Watch):
         )
         if origin is None or origin.mixed == mixed:
             return origin
-        return Origin(origin.text, origin.deliberate, mixed, origin.chosen)
+        return replace(origin, mixed=mixed)
 
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         name = getattr(func, "__name__", "")
@@ -222,7 +222,7 @@ class DtypeWatch(Watch):
         if origin is None or origin.mixed or origin.chosen:
             return
         if any(t.dtype == self.target and t.dim() > 0 for t in floats if t is not written):
-            self.origins[written] = Origin(origin.text, origin.deliberate, True)
+            self.origins[written] = replace(origin, mixed=True)
 
     def _call(
         self,

@@ -11,23 +11,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..core.watch import ModuleTracker, Watch, op_name, tensors_in, user_code_location
+from ..core.watch import ModuleTracker, Watch, op_name, tensors_in
 
 __all__ = ["InfinityWatch", "NonFinite"]
 
 
 @dataclass(frozen=True)
 class NonFinite:
-    """An operation that made non-finite values: ``what`` (``"NaN"``, ``"Inf"``), the
-    operation, the submodule running and the line of the model's code."""
+    """An operation that made non-finite values: ``what`` (``"NaN"``, ``"Inf"``), and the
+    operation with the submodule running and the line of the model's code."""
 
     what: str
-    operation: str
-    module: str
-    line: str
-
-    def describe(self) -> str:
-        return f"{self.operation} in {self.module}, at {self.line}"
+    where: str
 
 
 def _constants(value: Any) -> Iterator[float]:
@@ -50,14 +45,6 @@ def _has(tensors: List[torch.Tensor], test: Any) -> bool:
     return any(bool(test(t).any()) for t in tensors if t.numel())
 
 
-def _is_infinite(t: torch.Tensor) -> torch.Tensor:
-    return torch.isinf(t)
-
-
-def _is_nan(t: torch.Tensor) -> torch.Tensor:
-    return torch.isnan(t)
-
-
 class InfinityWatch(Watch):
     """Watches each torch call of a forward pass: a call whose result holds NaN though none
     of its arguments does, or an infinity though none of its arguments is infinite (no tensor
@@ -73,20 +60,20 @@ class InfinityWatch(Watch):
     def handle(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         arguments = _floating((args, kwargs))
         constants = list(_constants((args, kwargs)))
-        infinite_in = _has(arguments, _is_infinite) or any(math.isinf(c) for c in constants)
-        nan_in = _has(arguments, _is_nan) or any(math.isnan(c) for c in constants)
+        infinite_in = _has(arguments, torch.isinf) or any(math.isinf(c) for c in constants)
+        nan_in = _has(arguments, torch.isnan) or any(math.isnan(c) for c in constants)
         out = func(*args, **kwargs)
         name = op_name(func)
         changed = name.endswith("_")  # in place (__setitem__ too)
         results = _floating(out) + (arguments[:1] if changed else [])
-        if _has(results, _is_nan) and not nan_in:
+        if _has(results, torch.isnan) and not nan_in:
             self._note(self.made, "NaN", name)
-        elif _has(results, _is_infinite) and not infinite_in:
+        elif _has(results, torch.isinf) and not infinite_in:
             self._note(self.made, "Inf", name)
-        elif _has(results, _is_infinite) and any(math.isinf(c) for c in constants):
+        elif _has(results, torch.isinf) and any(math.isinf(c) for c in constants):
             self._note(self.placed, "Inf", name)
         return out
 
     def _note(self, where: List[NonFinite], what: str, name: str) -> None:
         if len(where) < 3:
-            where.append(NonFinite(what, name, self.modules.current(), user_code_location()))
+            where.append(NonFinite(what, f"{name} {self.where()}"))

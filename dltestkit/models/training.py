@@ -292,7 +292,7 @@ class Training(ModelContract):
             if seen.made or not seen.placed or self._has_nan(first.output):
                 made = (
                     f" The first operation that made them from finite values: "
-                    f"{seen.made[0].describe()} ({seen.made[0].what})."
+                    f"{seen.made[0].where} ({seen.made[0].what})."
                     if seen.made
                     else ""
                 )

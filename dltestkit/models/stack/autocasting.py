@@ -316,7 +316,7 @@ class Autocast(StackContract):
         if watch.made:
             where += (
                 " The first operation that makes NaN or Inf of finite values: "
-                f"{watch.made[0].describe()}."
+                f"{watch.made[0].where}."
             )
         if first is not None:
             where += (
